@@ -1,0 +1,234 @@
+"""The error hierarchy of servecore (DESIGN §8).
+
+Two families, as in h11 and h2: a :class:`CommandError` means *you asked for something
+invalid* and the state is exactly as it was; every other :class:`ServecoreError` means
+*the world failed* (a disk, a process, a network). Each error keeps the offending values
+as attributes so that programs need not parse messages.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "BackendExists",
+    "BackendInUse",
+    "BackendNotFound",
+    "BackendStartError",
+    "BackpressureError",
+    "CheckpointCorrupt",
+    "CheckpointError",
+    "CheckpointVersionError",
+    "CommandError",
+    "EndpointExists",
+    "EndpointNotFound",
+    "InvalidConfig",
+    "InvalidRoute",
+    "InvalidTarget",
+    "InvalidTraffic",
+    "NoReplicaError",
+    "ReplicaDiedError",
+    "RouteConflict",
+    "ServecoreError",
+    "StoreLocked",
+]
+
+
+class ServecoreError(Exception):
+    """Root of every error servecore raises on purpose."""
+
+
+class CommandError(ServecoreError, ValueError):
+    """The caller asked for something invalid; the state is unchanged."""
+
+
+class EndpointExists(CommandError):
+    """An endpoint of that name already exists with a different definition."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(
+            f"endpoint {name!r} already exists with a different route or methods; "
+            f"delete it first or choose another name"
+        )
+
+
+class EndpointNotFound(CommandError):
+    """The command names an endpoint that does not exist."""
+
+    def __init__(self, name: str, known: tuple[str, ...] = ()) -> None:
+        self.name = name
+        self.known = known
+        hint = f"known endpoints: {', '.join(map(repr, known))}" if known else "none exist yet"
+        super().__init__(f"endpoint {name!r} does not exist ({hint}); create it first")
+
+
+class RouteConflict(CommandError):
+    """The HTTP route is already served by another endpoint."""
+
+    def __init__(self, route: str, endpoint: str, owner: str) -> None:
+        self.route = route
+        self.endpoint = endpoint
+        self.owner = owner
+        super().__init__(
+            f"route {route!r} for endpoint {endpoint!r} is already served by endpoint "
+            f"{owner!r}; pick another route or delete {owner!r} first"
+        )
+
+
+class InvalidRoute(CommandError):
+    """The route or the HTTP methods of an endpoint are malformed."""
+
+    def __init__(self, endpoint: str, field: str, value: Any, why: str) -> None:
+        self.endpoint = endpoint
+        self.field = field
+        self.value = value
+        super().__init__(f"endpoint {endpoint!r}: {field}={value!r} is invalid: {why}")
+
+
+class BackendExists(CommandError):
+    """A backend of that tag already exists with a different definition."""
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+        super().__init__(
+            f"backend {tag!r} already exists with a different target, arguments or config; "
+            f"use set_backend_config to change its config, or delete it first"
+        )
+
+
+class BackendNotFound(CommandError):
+    """The command names a backend that does not exist."""
+
+    def __init__(self, tag: str, known: tuple[str, ...] = ()) -> None:
+        self.tag = tag
+        self.known = known
+        hint = f"known backends: {', '.join(map(repr, known))}" if known else "none exist yet"
+        super().__init__(f"backend {tag!r} does not exist ({hint}); create it first")
+
+
+class BackendInUse(CommandError):
+    """The backend still receives traffic or shadow traffic from an endpoint."""
+
+    def __init__(self, tag: str, endpoints: tuple[str, ...]) -> None:
+        self.tag = tag
+        self.endpoints = endpoints
+        names = ", ".join(map(repr, endpoints))
+        super().__init__(
+            f"backend {tag!r} is used by endpoint(s) {names} and cannot be deleted; "
+            f"set its traffic weight and shadow proportion to 0 there first"
+        )
+
+
+class InvalidTraffic(CommandError):
+    """Traffic weights or a shadow proportion are out of range."""
+
+    def __init__(self, endpoint: str, value: Any, why: str) -> None:
+        self.endpoint = endpoint
+        self.value = value
+        super().__init__(f"traffic for endpoint {endpoint!r} is invalid: {why} (got {value!r})")
+
+
+class InvalidConfig(CommandError):
+    """A backend config field (or argument) has a bad value."""
+
+    def __init__(self, field: str, value: Any, why: str, backend: str | None = None) -> None:
+        self.field = field
+        self.value = value
+        self.backend = backend
+        where = f"backend {backend!r}: " if backend else ""
+        super().__init__(f"{where}{field}={value!r} is invalid: {why}")
+
+
+class InvalidTarget(CommandError):
+    """The target cannot be named by an import path that survives a crash."""
+
+    def __init__(self, target: Any, why: str, backend: str | None = None) -> None:
+        self.target = target
+        self.backend = backend
+        where = f"backend {backend!r}: " if backend else ""
+        super().__init__(
+            f"{where}target {target!r} is invalid: {why}; pass 'package.module:attribute' "
+            f"naming a module-level class or function"
+        )
+
+
+class CheckpointError(ServecoreError):
+    """Saving a checkpoint failed: the command was not applied and no effect ran."""
+
+
+class CheckpointCorrupt(ServecoreError):
+    """A checkpoint exists but cannot be read (bad checksum, torn write, bad JSON)."""
+
+    def __init__(self, where: str, why: str) -> None:
+        self.where = where
+        super().__init__(
+            f"checkpoint at {where} is corrupt: {why}; restore it from a backup or move it "
+            f"away to start empty (servecore never reads a corrupt checkpoint as empty)"
+        )
+
+
+class CheckpointVersionError(ServecoreError):
+    """The checkpoint was written by a newer or unknown format version."""
+
+    def __init__(self, where: str, found: Any, supported: int) -> None:
+        self.where = where
+        self.found = found
+        self.supported = supported
+        super().__init__(
+            f"checkpoint at {where} has format version {found!r}, but this servecore reads "
+            f"versions up to {supported}; upgrade servecore to read it"
+        )
+
+
+class StoreLocked(ServecoreError):
+    """Another controller holds this store open."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        super().__init__(
+            f"checkpoint store {where} is held by another controller; close that controller "
+            f"first (two controllers on one store would split the brain)"
+        )
+
+
+class BackendStartError(ServecoreError):
+    """A backend's replicas could not start; the backend stays registered as FAILED."""
+
+    def __init__(self, tag: str, reason: str) -> None:
+        self.tag = tag
+        self.reason = reason
+        super().__init__(
+            f"backend {tag!r} could not start its replicas: {reason}; fix the code or config "
+            f"(set_backend_config retries) or delete the backend"
+        )
+
+
+class ReplicaDiedError(ServecoreError):
+    """The replica serving a query died before answering."""
+
+    def __init__(self, tag: str, reason: str = "") -> None:
+        self.tag = tag
+        self.reason = reason
+        super().__init__(f"replica {tag!r} died while serving the query: {reason or 'unknown'}")
+
+
+class BackpressureError(ServecoreError):
+    """Too many queries are already waiting for a backend's replicas."""
+
+    def __init__(self, backend: str, queued: int, limit: int) -> None:
+        self.backend = backend
+        self.queued = queued
+        self.limit = limit
+        super().__init__(
+            f"backend {backend!r} has {queued} queries waiting (limit {limit}); retry later, "
+            f"add replicas or raise max_concurrent_queries"
+        )
+
+
+class NoReplicaError(ServecoreError):
+    """An endpoint has no traffic or no running replica to serve a query."""
+
+    def __init__(self, endpoint: str, why: str) -> None:
+        self.endpoint = endpoint
+        super().__init__(f"endpoint {endpoint!r} cannot serve the query: {why}")

@@ -1,0 +1,130 @@
+"""A deterministic in-memory runtime with fault injection.
+
+Its replicas live in the runtime object, not in a controller, so they outlive a
+simulated controller crash exactly as subprocess or Ray replicas outlive a real one:
+open a new controller on the same runtime and store to "restart".
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from servecore._core import Event, ReplicaDied, StartReplica
+from servecore._errors import ReplicaDiedError
+from servecore.runtimes import Query, Report
+from servecore.testing._faults import CrashPlan
+
+__all__ = ["InMemoryRuntime"]
+
+
+class InMemoryRuntime:
+    """A runtime whose replicas are records in memory. For tests, not for serving.
+
+    Fault injection:
+
+    * :meth:`fail_starts` makes starts of a backend fail (``times`` times, or always);
+    * :meth:`kill` kills a live replica and reports ``ReplicaDied``;
+    * ``crash_plan`` (a :class:`CrashPlan`) crashes the controller before or after any
+      start or stop.
+
+    ``call`` imports the target on first use and runs it in-process, so the router can
+    be tested against it too.
+    """
+
+    def __init__(self, crash_plan: CrashPlan | None = None) -> None:
+        self.crash_plan = crash_plan or CrashPlan()
+        #: tag -> the effect that started it, for every replica alive now.
+        self.live: dict[str, StartReplica] = {}
+        #: Every tag ever started, in order (to check tags are never reused).
+        self.started: list[str] = []
+        #: Every tag ever stopped, in order.
+        self.stopped: list[str] = []
+        self._failures: dict[str, tuple[str, int | None]] = {}
+        self._instances: dict[str, Any] = {}
+        self._report: Report | None = None
+        self.namespace: str | None = None
+        self.opened = 0
+
+    # -- fault injection ------------------------------------------------------------------
+
+    def fail_starts(
+        self, backend: str, reason: str = "injected failure", times: int | None = None
+    ) -> None:
+        """Make the next ``times`` starts of ``backend`` fail (every one if ``None``)."""
+        self._failures[backend] = (reason, times)
+
+    def heal(self, backend: str) -> None:
+        """Let starts of ``backend`` succeed again."""
+        self._failures.pop(backend, None)
+
+    def kill(self, tag: str, reason: str = "killed by the test") -> None:
+        """Kill a live replica and report its death, as a crashed process would."""
+        if self.live.pop(tag, None) is not None:
+            self._instances.pop(tag, None)
+            if self._report is not None:
+                self._report(ReplicaDied(tag=tag, reason=reason))
+
+    # -- the Runtime protocol -------------------------------------------------------------
+
+    async def open(self, *, namespace: str, report: Report) -> None:
+        self.namespace = namespace
+        self._report = report
+        self.opened += 1
+
+    async def close(self) -> None:
+        self._report = None
+
+    async def start_replica(self, effect: StartReplica) -> None:
+        self.crash_plan.point(f"before start {effect.tag}")
+        await trio.lowlevel.checkpoint()
+        if effect.tag in self.live:
+            return
+        failure = self._failures.get(effect.backend)
+        if failure is not None:
+            reason, times = failure
+            if times is not None:
+                if times <= 1:
+                    del self._failures[effect.backend]
+                else:
+                    self._failures[effect.backend] = (reason, times - 1)
+            raise RuntimeError(reason)
+        self.live[effect.tag] = effect
+        self.started.append(effect.tag)
+        self.crash_plan.point(f"after start {effect.tag}")
+
+    async def stop_replica(self, tag: str, timeout_s: float) -> None:
+        self.crash_plan.point(f"before stop {tag}")
+        await trio.lowlevel.checkpoint()
+        if self.live.pop(tag, None) is not None:
+            self._instances.pop(tag, None)
+            self.stopped.append(tag)
+        self.crash_plan.point(f"after stop {tag}")
+
+    async def list_replicas(self) -> frozenset[str]:
+        return frozenset(self.live)
+
+    async def call(self, tag: str, batch: Sequence[Query]) -> list[Any]:
+        effect = self.live.get(tag)
+        if effect is None:
+            raise ReplicaDiedError(tag, "not alive in the in-memory runtime")
+        instance = self._instances.get(tag)
+        if instance is None:
+            module, _, attr = effect.target.partition(":")
+            obj: Any = importlib.import_module(module)
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+            instance = (
+                obj(*effect.init_args, **effect.init_kwargs) if isinstance(obj, type) else obj
+            )
+            self._instances[tag] = instance
+        await trio.lowlevel.checkpoint()
+        return [instance(*q.args, **q.kwargs) for q in batch]
+
+    def report(self, event: Event) -> None:
+        """Report any event to the attached controller (for tests of odd orderings)."""
+        if self._report is not None:
+            self._report(event)
