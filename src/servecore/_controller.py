@@ -48,6 +48,7 @@ from servecore._core import (
 )
 from servecore._errors import BackendStartError, CheckpointError
 from servecore.runtimes import Runtime, resolve_runtime
+from servecore.router import Handle, Router  # issue 3: serving queries
 from servecore.stores import Store, as_store
 
 __all__ = ["Controller", "open_controller"]
@@ -309,6 +310,42 @@ class Controller:
     async def settle(self) -> None:
         """Wait until replacements of dead replicas (background work) have settled."""
         await self._background.settled.wait()
+
+    # -- serving queries: the router and handles (issue 3) ---------------------------------
+    # One self-contained block: the router is just another listener of this controller's
+    # routing table, created on first use in the controller's nursery.
+
+    _router: Router | None = None
+
+    @property
+    def router(self) -> Router:
+        """The router behind this controller's handles (made on first use)."""
+        if self._router is None:
+            return self.use_router(Router(self.runtime))
+        return self._router
+
+    def use_router(self, router: Router) -> Router:
+        """Serve handles through ``router``, e.g. one with a seeded random source::
+
+            ctl.use_router(servecore.Router(ctl.runtime, rng=random.Random(42)))
+
+        Call it before the first :meth:`get_handle`; a controller has one router.
+        """
+        if self._router is not None:
+            raise RuntimeError("this controller already has a router; call use_router first")
+        router.start(self._nursery)
+        self.add_table_listener(router.update)
+        self._router = router
+        return router
+
+    def get_handle(self, endpoint: str) -> Handle:
+        """A handle sending queries to ``endpoint``::
+
+            result = await ctl.get_handle("echo").call({"text": "hi"})
+
+        The endpoint is looked up on each call, so a handle may be made before it exists.
+        """
+        return self.router.handle(endpoint)
 
 
 def _describe(exc: BaseException) -> str:

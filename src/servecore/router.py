@@ -1,0 +1,516 @@
+"""The router: where a query goes, when, and with whom (DESIGN §5).
+
+The router is fed only by ``UpdateRouter`` tables (it is a table listener of the
+controller) and sends queries through the runtime's ``call(tag, batch)``. Everything
+runs on the controller's trio thread, so no locks are needed. For each query:
+
+1. **Backend** -- chosen by the endpoint's traffic weights with the injected
+   ``random.Random`` (seed it for a reproducible split). An endpoint with one backend
+   draws no random number. Each shadow backend then gets a copy with its proportion's
+   probability; a copy's result and error are dropped, and it never delays the caller.
+2. **Replica** -- the RUNNING replica with the fewest outstanding queries (ties go round
+   robin). A replica takes at most ``max_concurrent_queries`` at once; a query that finds
+   every replica full waits in the backend's FIFO queue, and past
+   ``max_queued_queries`` waiting queries (default :data:`DEFAULT_MAX_QUEUED_QUERIES`)
+   the call fails at once with :class:`~servecore.BackpressureError`.
+3. **Batching** -- for a backend with ``max_batch_size`` set, queries queue up and are
+   sent as one ``call(tag, batch)``. As in Ray Serve's original router, each replica
+   runs one batch at a time: a free replica takes up to
+   ``min(max_batch_size, max_concurrent_queries)`` waiting queries, as soon as that many
+   wait or the oldest has waited ``batch_wait_timeout_s``. Under load batches grow by
+   themselves while the replica is busy. Each query to a batching backend takes exactly
+   one positional argument (see :mod:`servecore._batch`).
+
+Failing fast: a query to an endpoint with no traffic, or to a backend with no RUNNING
+replica, raises :class:`~servecore.NoReplicaError` at once (and so do queued queries
+when the last replica leaves the table); an unknown endpoint raises
+:class:`~servecore.EndpointNotFound`. A replica removed from the table receives no new
+query, while the queries it already has run to the end (the runtime drains it). A
+replica that answers with :class:`~servecore.ReplicaDiedError` is skipped at once,
+before the controller's new table arrives; the query is not retried, since it may have
+run.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import logging
+import math
+import random
+from collections import deque
+from typing import Any
+
+import trio
+
+from servecore._batch import batch_argument
+from servecore._core import BackendRoute, Endpoint, RoutingTable
+from servecore._errors import (
+    BackpressureError,
+    EndpointNotFound,
+    NoReplicaError,
+    ReplicaDiedError,
+)
+from servecore.runtimes._protocol import Query, Runtime
+
+__all__ = ["DEFAULT_MAX_QUEUED_QUERIES", "Handle", "Router"]
+
+log = logging.getLogger("servecore.router")
+
+#: Queries that may wait per backend (for a free replica, or to be batched) before
+#: :class:`~servecore.BackpressureError`. Generous enough for bursts of a few hundred
+#: callers, small enough that an overloaded backend pushes back within a few batches.
+DEFAULT_MAX_QUEUED_QUERIES = 256
+
+
+class _Waiter:
+    """A query waiting in a backend's queue, for a replica slot or for its batch."""
+
+    __slots__ = (
+        "arrival",
+        "batched",
+        "dispatched",
+        "done",
+        "endpoint",
+        "error",
+        "event",
+        "query",
+        "result",
+        "tag",
+    )
+
+    def __init__(self, endpoint: str, query: Query, *, batched: bool, arrival: float) -> None:
+        self.endpoint = endpoint
+        self.query = query
+        self.batched = batched
+        self.arrival = arrival
+        self.event = trio.Event()
+        self.done = False  # its caller gave up, or it was answered
+        self.dispatched = False  # (batched) sent in a batch
+        self.tag: str | None = None  # (not batched) the replica slot it was handed, counted
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def finish(self, result: Any = None, error: BaseException | None = None) -> None:
+        if not self.done:
+            self.done = True
+            self.result = result
+            self.error = error
+        self.event.set()
+
+
+class _Backend:
+    """Per-backend routing state: live replicas, their load, and the wait queue."""
+
+    def __init__(self, route: BackendRoute) -> None:
+        self.tag = route.tag
+        self.route = route
+        self.live: list[str] = list(route.replicas)
+        self.outstanding: dict[str, int] = dict.fromkeys(route.replicas, 0)
+        self.dead: set[str] = set()  # answered ReplicaDiedError; skipped until the table drops them
+        self.waiting: deque[_Waiter] = deque()
+        self.n_waiting = 0
+        self._turn = itertools.count()
+
+    def set_route(self, route: BackendRoute) -> None:
+        self.route = route
+        self.dead &= set(route.replicas)
+        self.live = [t for t in route.replicas if t not in self.dead]
+        old = self.outstanding
+        self.outstanding = {t: n for t, n in old.items() if n > 0}
+        for t in self.live:
+            self.outstanding.setdefault(t, 0)
+
+    def pick(self, limit: int) -> str | None:
+        """The live replica with the fewest outstanding queries below ``limit``."""
+        live = self.live
+        n = len(live)
+        if n == 1:
+            only = live[0]
+            return only if self.outstanding[only] < limit else None
+        best: str | None = None
+        best_load = limit
+        start = next(self._turn) % n if n else 0
+        outstanding = self.outstanding
+        for i in range(n):
+            tag = live[(start + i) % n]
+            load = outstanding[tag]
+            if load < best_load:
+                best, best_load = tag, load
+                if load == 0:
+                    break
+        return best
+
+    def mark_dead(self, tag: str) -> None:
+        if tag in self.live:
+            self.dead.add(tag)
+            self.live.remove(tag)
+
+
+class _EndpointRoute:
+    """An endpoint's traffic split, prepared for drawing."""
+
+    __slots__ = ("cumulative", "endpoint", "shadows", "tags")
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        items = sorted(endpoint.traffic.items())
+        self.tags = tuple(tag for tag, _ in items)
+        self.cumulative = list(itertools.accumulate(w for _, w in items))
+        self.shadows = tuple(sorted(endpoint.shadow.items()))
+
+    def choose(self, rng: random.Random) -> str:
+        if len(self.tags) == 1:
+            return self.tags[0]
+        i = bisect.bisect_right(self.cumulative, rng.random() * self.cumulative[-1])
+        return self.tags[min(i, len(self.tags) - 1)]
+
+
+def _no_replica_why(b: _Backend) -> str:
+    return (
+        f"backend {b.tag!r} has no running replica (num_replicas is 0, or its replicas "
+        f"are starting or being replaced); retry once it has one"
+    )
+
+
+class Router:
+    """Routes queries to replicas through a runtime; fed by the controller's tables.
+
+    The controller makes one on first :meth:`~servecore.Controller.get_handle`; to
+    inject a seeded random source or another queue bound, give it your own first::
+
+        ctl.use_router(Router(ctl.runtime, rng=random.Random(42), max_queued_queries=64))
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        rng: random.Random | None = None,
+        max_queued_queries: int = DEFAULT_MAX_QUEUED_QUERIES,
+    ) -> None:
+        if isinstance(max_queued_queries, bool) or not isinstance(max_queued_queries, int):
+            raise TypeError(f"max_queued_queries={max_queued_queries!r} must be an integer")
+        if max_queued_queries < 0:
+            raise ValueError(f"max_queued_queries={max_queued_queries!r} must be >= 0")
+        self.runtime = runtime
+        self.rng = rng if rng is not None else random.Random()
+        self.max_queued_queries = max_queued_queries
+        self._endpoints: dict[str, _EndpointRoute] = {}
+        self._backends: dict[str, _Backend] = {}
+        self._nursery: trio.Nursery | None = None
+        self._closed = False
+        #: Shadow copies sent, and how many of them failed (their errors are dropped).
+        self.shadow_sent = 0
+        self.shadow_failed = 0
+
+    # -- wiring ---------------------------------------------------------------------------
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Run batches and shadow copies in ``nursery``; when it is cancelled (the
+        controller closes), every waiting query fails instead of hanging."""
+        self._nursery = nursery
+        nursery.start_soon(self._watch_close)
+
+    async def _watch_close(self) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Fail every waiting query and refuse new ones."""
+        self._closed = True
+        for b in self._backends.values():
+            self._fail_waiting(b, "the controller is closed")
+
+    def update(self, table: RoutingTable) -> None:
+        """Adopt a routing table (the controller calls this on every ``UpdateRouter``)."""
+        endpoints: dict[str, _EndpointRoute] = {}
+        for name, ep in table.endpoints.items():
+            old = self._endpoints.get(name)
+            endpoints[name] = old if old is not None and old.endpoint is ep else _EndpointRoute(ep)
+        self._endpoints = endpoints
+        backends: dict[str, _Backend] = {}
+        for tag, route in table.backends.items():
+            b = self._backends.get(tag)
+            if b is None:
+                b = _Backend(route)
+            elif b.route is not route:
+                b.set_route(route)
+            backends[tag] = b
+        for tag, b in self._backends.items():
+            if tag not in backends:
+                b.live = []
+                self._fail_waiting(b, f"backend {tag!r} was deleted")
+        self._backends = backends
+        for b in backends.values():
+            if b.n_waiting:
+                if b.live:
+                    self._pump(b)
+                else:
+                    self._fail_waiting(b, _no_replica_why(b))
+
+    def handle(self, endpoint: str) -> Handle:
+        """A :class:`Handle` for ``endpoint`` (the endpoint is looked up per call)."""
+        return Handle(self, endpoint)
+
+    # -- queries --------------------------------------------------------------------------
+
+    async def call(self, endpoint: str, query: Query) -> Any:
+        """Send one query to ``endpoint``; return its result or raise its error."""
+        ep = self._endpoints.get(endpoint)
+        if ep is None:
+            raise EndpointNotFound(endpoint, tuple(sorted(self._endpoints)))
+        if not ep.tags:
+            raise NoReplicaError(
+                endpoint, "it has no traffic; call set_traffic to send it to a backend"
+            )
+        tag = ep.choose(self.rng)
+        for shadow_tag, proportion in ep.shadows:
+            if proportion >= 1.0 or self.rng.random() < proportion:
+                self._send_shadow(endpoint, shadow_tag, query)
+        return await self._query(endpoint, self._backends[tag], query)
+
+    async def _query(self, endpoint: str, b: _Backend, query: Query) -> Any:
+        if self._closed:
+            raise NoReplicaError(endpoint, "the controller is closed")
+        if b.route.max_batch_size is not None:
+            return await self._query_batched(endpoint, b, query)
+        tag = None if b.n_waiting else b.pick(b.route.max_concurrent_queries)
+        if tag is None:
+            tag = await self._wait_for_slot(endpoint, b, query)  # its slot comes counted
+        else:
+            b.outstanding[tag] += 1
+        try:
+            results = await self.runtime.call(tag, (query,))
+        except ReplicaDiedError as exc:
+            if exc.tag == tag:
+                self._lost_replica(b, tag)
+            raise
+        finally:
+            self._release(b, tag, 1)
+        return results[0]
+
+    async def _wait_for_slot(self, endpoint: str, b: _Backend, query: Query) -> str:
+        self._admit(endpoint, b)
+        w = _Waiter(endpoint, query, batched=False, arrival=0.0)
+        b.waiting.append(w)
+        b.n_waiting += 1
+        try:
+            await w.event.wait()
+        except BaseException:
+            if w.tag is not None:
+                self._release(b, w.tag, 1)  # handed a slot it will not use
+            elif not w.done:
+                w.done = True
+                b.n_waiting -= 1
+            raise
+        if w.error is not None:
+            raise w.error
+        assert w.tag is not None
+        return w.tag
+
+    async def _query_batched(self, endpoint: str, b: _Backend, query: Query) -> Any:
+        batch_argument(query, f"endpoint {endpoint!r}")  # reject a bad shape up front
+        self._admit(endpoint, b)
+        w = _Waiter(endpoint, query, batched=True, arrival=trio.current_time())
+        b.waiting.append(w)
+        b.n_waiting += 1
+        try:
+            self._pump(b)
+            if not w.event.is_set():
+                # Wait for a full batch, but no longer than the batch window: then this
+                # query's own task sends whatever has gathered (no timer task needed).
+                with trio.move_on_at(w.arrival + b.route.batch_wait_timeout_s):
+                    await w.event.wait()
+                if not w.dispatched and not w.done:
+                    self._pump(b)
+                await w.event.wait()
+        except BaseException:
+            if not w.done:
+                w.done = True
+                if not w.dispatched:
+                    b.n_waiting -= 1
+            raise
+        if w.error is not None:
+            raise w.error
+        return w.result
+
+    def _admit(self, endpoint: str, b: _Backend) -> None:
+        if not b.live:
+            raise NoReplicaError(endpoint, _no_replica_why(b))
+        if b.n_waiting >= self.max_queued_queries:
+            raise BackpressureError(b.tag, b.n_waiting, self.max_queued_queries)
+
+    # -- dispatch -------------------------------------------------------------------------
+
+    def _release(self, b: _Backend, tag: str, n: int) -> None:
+        left = b.outstanding.get(tag, 0) - n
+        if left > 0 or tag in b.live:
+            b.outstanding[tag] = left
+        else:
+            b.outstanding.pop(tag, None)
+        if b.n_waiting:
+            self._pump(b)
+
+    def _lost_replica(self, b: _Backend, tag: str) -> None:
+        b.mark_dead(tag)
+        if not b.live and b.n_waiting:
+            self._fail_waiting(b, _no_replica_why(b))
+
+    def _fail_waiting(self, b: _Backend, why: str) -> None:
+        """Fail every query still queued on ``b`` with :class:`NoReplicaError`."""
+        while b.waiting:
+            w = b.waiting.popleft()
+            if not w.done:
+                w.finish(error=NoReplicaError(w.endpoint, why))
+        b.n_waiting = 0
+
+    def _pump(self, b: _Backend) -> None:
+        """Hand free replicas to the queries at the head of ``b``'s queue."""
+        waiting = b.waiting
+        route = b.route
+        while waiting:
+            head = waiting[0]
+            if head.done:
+                waiting.popleft()
+                continue
+            if not head.batched:
+                tag = b.pick(route.max_concurrent_queries)
+                if tag is None:
+                    return
+                waiting.popleft()
+                b.n_waiting -= 1
+                head.tag = tag
+                b.outstanding[tag] += 1
+                head.finish()
+                continue
+            tag = b.pick(1)  # a batching replica runs one batch at a time
+            if tag is None:
+                return
+            size = max(1, min(route.max_batch_size or 1, route.max_concurrent_queries))
+            if b.n_waiting < size and trio.current_time() < (
+                head.arrival + route.batch_wait_timeout_s
+            ):
+                return  # the head's own task comes back when its window closes
+            batch: list[_Waiter] = []
+            while waiting and len(batch) < size:
+                w = waiting[0]
+                if w.done:
+                    waiting.popleft()
+                    continue
+                if not w.batched:
+                    break
+                waiting.popleft()
+                w.dispatched = True
+                batch.append(w)
+            b.n_waiting -= len(batch)
+            b.outstanding[tag] += len(batch)
+            self._spawn_batch(b, tag, batch)
+
+    def _spawn_batch(self, b: _Backend, tag: str, batch: list[_Waiter]) -> None:
+        try:
+            if self._nursery is None:
+                raise RuntimeError("the router was not started")
+            self._nursery.start_soon(self._run_batch, b, tag, batch)
+        except RuntimeError:
+            for w in batch:
+                w.finish(error=NoReplicaError(w.endpoint, "the controller is closed"))
+            b.outstanding[tag] -= len(batch)
+
+    async def _run_batch(self, b: _Backend, tag: str, batch: list[_Waiter]) -> None:
+        try:
+            results = await self.runtime.call(tag, [w.query for w in batch])
+        except BaseException as exc:
+            if isinstance(exc, ReplicaDiedError) and exc.tag == tag:
+                self._lost_replica(b, tag)
+            for w in batch:
+                if isinstance(exc, trio.Cancelled):
+                    w.finish(error=NoReplicaError(w.endpoint, "the controller closed mid-batch"))
+                else:
+                    w.finish(error=exc)
+            self._release(b, tag, len(batch))
+            if isinstance(exc, Exception):
+                return
+            raise
+        if len(results) != len(batch):
+            error = RuntimeError(
+                f"runtime returned {len(results)} results for a batch of {len(batch)} "
+                f"on replica {tag!r}"
+            )
+            for w in batch:
+                w.finish(error=error)
+        else:
+            for w, result in zip(batch, results, strict=True):
+                w.finish(result=result)
+        self._release(b, tag, len(batch))
+
+    # -- shadow traffic -------------------------------------------------------------------
+
+    def _send_shadow(self, endpoint: str, tag: str, query: Query) -> None:
+        b = self._backends.get(tag)
+        if b is None or self._nursery is None or self._closed:
+            return
+        self.shadow_sent += 1
+        try:
+            self._nursery.start_soon(self._shadow, endpoint, b, query)
+        except RuntimeError:
+            self.shadow_failed += 1
+
+    async def _shadow(self, endpoint: str, b: _Backend, query: Query) -> None:
+        try:
+            await self._query(endpoint, b, query)
+        except Exception as exc:
+            # A shadow's result and error never reach the caller, by definition.
+            self.shadow_failed += 1
+            log.debug("shadow copy to backend %r failed: %r", b.tag, exc)
+
+
+class Handle:
+    """Sends queries to one endpoint: ``await ctl.get_handle("echo").call("hi")``.
+
+    ``call(*args, **kwargs)`` passes every argument to the target untouched, so handle
+    options never clash with user keywords; set them with :meth:`options`, which
+    returns a new handle::
+
+        fast = ctl.get_handle("echo").options(timeout_s=0.5)
+        await fast.call("hi")   # raises TimeoutError after 0.5 s in all
+
+    A user exception is raised as itself; a dead replica gives
+    :class:`~servecore.ReplicaDiedError`; no traffic or no running replica gives
+    :class:`~servecore.NoReplicaError` at once; a full queue gives
+    :class:`~servecore.BackpressureError`.
+    """
+
+    __slots__ = ("_router", "endpoint", "timeout_s")
+
+    def __init__(self, router: Router, endpoint: str, *, timeout_s: float | None = None) -> None:
+        if timeout_s is not None and (
+            isinstance(timeout_s, bool)
+            or not isinstance(timeout_s, (int, float))
+            or math.isnan(timeout_s)
+            or timeout_s < 0
+        ):
+            raise ValueError(f"timeout_s={timeout_s!r} must be None or a number of seconds >= 0")
+        self._router = router
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+
+    def options(self, *, timeout_s: float | None = None) -> Handle:
+        """A copy of this handle with ``timeout_s`` (None: wait as long as it takes)."""
+        return Handle(self._router, self.endpoint, timeout_s=timeout_s)
+
+    async def call(self, *args: Any, **kwargs: Any) -> Any:
+        """Run one query on the endpoint and return its result."""
+        query = Query(args=args, kwargs=kwargs)
+        if self.timeout_s is None:
+            return await self._router.call(self.endpoint, query)
+        with trio.move_on_after(self.timeout_s):
+            return await self._router.call(self.endpoint, query)
+        raise TimeoutError(
+            f"query to endpoint {self.endpoint!r} got no answer within {self.timeout_s}s"
+        )
+
+    def __repr__(self) -> str:
+        return f"Handle(endpoint={self.endpoint!r}, timeout_s={self.timeout_s!r})"

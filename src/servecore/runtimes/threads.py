@@ -1,0 +1,345 @@
+"""The ``threads`` runtime: replicas are objects in the host process (DESIGN §6).
+
+Each replica is the user's object -- the target class instantiated with its
+``init_args``/``init_kwargs``, or a plain function -- owned by a worker thread of its
+own. The worker builds the object (so a constructor runs on the thread that will serve
+it), then serves one batch at a time in arrival order. One slow replica never stalls
+another, and the trio thread never runs user code.
+
+How a replica dies (threads cannot be killed, so death is decided, not observed):
+
+* **Health check.** If the object has a ``check_health()`` method, the worker calls it
+  between queries, at most every ``health_check_period_s`` (and while idle). If it
+  raises, the replica is dead.
+* **Crash.** If user code lets a ``BaseException`` that is not an ``Exception`` escape
+  (``SystemExit``, ``KeyboardInterrupt``), the worker ends and the replica is dead, as
+  a process would be.
+* **kill(tag).** An operator (or a test) may declare a replica dead.
+
+On death every query still waiting on that replica fails at once with
+:class:`~servecore.ReplicaDiedError` -- including one whose user code is still
+running, which is left to finish on its abandoned thread with its result dropped --
+and ``ReplicaDied`` is reported to the controller, which replaces the replica.
+
+Stopping is graceful: the replica takes no new query, finishes those already queued
+on it, and is abandoned (its queued queries fail with ``ReplicaDiedError``) if that
+takes longer than ``timeout_s``. If the object has ``user_config`` set in its backend
+config and a ``reconfigure(user_config)`` method, that is called once after
+construction. The threads runtime knows no ``runtime_options``; any key is rejected.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import outcome
+import trio
+
+from servecore._batch import import_target, instantiate, is_batch, make_runner
+from servecore._core import ReplicaDied, StartReplica
+from servecore._errors import InvalidConfig, ReplicaDiedError
+from servecore.runtimes._protocol import Query, Report
+
+__all__ = ["ThreadRuntime"]
+
+log = logging.getLogger("servecore.runtimes.threads")
+
+#: Options this runtime accepts in ``BackendConfig.runtime_options``: none.
+KNOWN_RUNTIME_OPTIONS: frozenset[str] = frozenset()
+
+
+class _Job:
+    """One batch on its way through a replica, and the trio task waiting for it."""
+
+    __slots__ = ("batch", "done", "task")
+
+    def __init__(self, batch: Sequence[Query], task: trio.lowlevel.Task) -> None:
+        self.batch = batch
+        self.task = task
+        # Set (on the trio thread only) once the waiting task was woken or gave up.
+        self.done = False
+
+
+_CHECK_HEALTH = object()  # sentinel: the idle wait ran out, time for a health check
+
+
+class _Replica:
+    """A replica's record. Fields marked (trio) are touched on the trio thread only."""
+
+    def __init__(self, effect: StartReplica) -> None:
+        self.effect = effect
+        self.tag = effect.tag
+        self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.jobs: set[_Job] = set()  # (trio) undelivered jobs
+        self.ready = trio.Event()  # (trio) construction finished, either way
+        self.start_error: BaseException | None = None  # (trio)
+        self.finished = trio.Event()  # (trio) the worker thread has returned
+        self.accepting = False  # (trio) takes new queries
+        self.stopping = False  # (trio) a stop was asked for: its death is not news
+        # Read by the worker thread; written once, on the trio thread.
+        self.dead = False
+        self.thread: threading.Thread | None = None
+
+
+class ThreadRuntime:
+    """Replicas as objects in this process, each served by its own worker thread.
+
+    ``health_check_period_s`` is how often a replica's optional ``check_health()`` runs
+    (between queries, on the replica's own thread). Give it through the controller::
+
+        servecore.open_controller(runtime="threads",
+                                  runtime_options={"health_check_period_s": 1.0})
+    """
+
+    def __init__(self, *, health_check_period_s: float = 10.0) -> None:
+        if not health_check_period_s > 0:
+            raise ValueError(
+                f"health_check_period_s={health_check_period_s!r} must be a number > 0"
+            )
+        self.health_check_period_s = float(health_check_period_s)
+        self._replicas: dict[str, _Replica] = {}
+        self._report: Report | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self.namespace: str | None = None
+
+    # -- the Runtime protocol -------------------------------------------------------------
+
+    async def open(self, *, namespace: str, report: Report) -> None:
+        """Attach to a controller; deaths are reported to ``report`` on this trio thread."""
+        self.namespace = namespace
+        self._report = report
+        self._token = trio.lowlevel.current_trio_token()
+
+    async def close(self) -> None:
+        """Stop every replica (each drains within its backend's graceful timeout)."""
+        self._report = None
+        async with trio.open_nursery() as nursery:
+            for rep in list(self._replicas.values()):
+                nursery.start_soon(
+                    self.stop_replica, rep.tag, rep.effect.config.graceful_shutdown_timeout_s
+                )
+
+    async def start_replica(self, effect: StartReplica) -> None:
+        """Build the replica on its own thread; return when it is ready to serve.
+
+        Idempotent by tag. A constructor (or import) failure is raised as the user's own
+        exception; unknown ``runtime_options`` and ``max_batch_size`` on a target not
+        marked ``@servecore.batch`` raise :class:`~servecore.InvalidConfig`.
+        """
+        unknown = sorted(set(effect.config.runtime_options) - KNOWN_RUNTIME_OPTIONS)
+        if unknown:
+            raise InvalidConfig(
+                "runtime_options",
+                effect.config.runtime_options,
+                f"the threads runtime knows no runtime options "
+                f"(known: {sorted(KNOWN_RUNTIME_OPTIONS) or 'none'}); remove {unknown}",
+                backend=effect.backend,
+            )
+        rep = self._replicas.get(effect.tag)
+        if rep is not None and (rep.dead or rep.start_error is not None):
+            del self._replicas[effect.tag]  # a failed or dead attempt: start afresh
+            rep = None
+        if rep is None:
+            if self._token is None:
+                raise RuntimeError("ThreadRuntime.start_replica() called before open()")
+            rep = self._replicas[effect.tag] = _Replica(effect)
+            rep.thread = threading.Thread(
+                target=self._serve,
+                args=(rep, self._token),
+                name=f"servecore-replica-{effect.tag}",
+                daemon=True,  # a stuck user call must not keep the host alive
+            )
+            rep.thread.start()
+        await rep.ready.wait()
+        if rep.start_error is not None:
+            raise rep.start_error
+        if rep.dead:
+            raise ReplicaDiedError(rep.tag, "it died as it started")
+
+    async def stop_replica(self, tag: str, timeout_s: float) -> None:
+        """Take no new query, drain those queued, then stop; abandon after ``timeout_s``."""
+        rep = self._replicas.get(tag)
+        if rep is None:
+            return
+        if not rep.stopping:
+            rep.stopping = True
+            rep.accepting = False
+            rep.inbox.put(None)  # after every query already queued: FIFO drains them
+        with trio.move_on_after(timeout_s):
+            await rep.finished.wait()
+        if not rep.finished.is_set():
+            log.warning(
+                "replica %s did not drain within %ss; abandoning its thread", tag, timeout_s
+            )
+            self._fail(rep, f"stopped: it did not finish its queries within {timeout_s}s")
+        if self._replicas.get(tag) is rep:
+            del self._replicas[tag]
+
+    async def list_replicas(self) -> frozenset[str]:
+        """Tags of replicas started here and not yet dead or stopped."""
+        return frozenset(
+            tag
+            for tag, rep in self._replicas.items()
+            if not rep.dead and rep.start_error is None and rep.ready.is_set()
+        )
+
+    async def call(self, tag: str, batch: Sequence[Query]) -> list[Any]:
+        """Run ``batch`` on replica ``tag``'s thread; one result per query, in order."""
+        rep = self._replicas.get(tag)
+        if rep is None or not rep.accepting:
+            why = "it is stopping" if rep is not None and rep.stopping else "it is not alive"
+            raise ReplicaDiedError(tag, f"the threads runtime cannot serve it: {why}")
+        job = _Job(batch, trio.lowlevel.current_task())
+        rep.jobs.add(job)
+        rep.inbox.put(job)
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            # The caller gave up (timeout or cancel). The worker skips the job if it has
+            # not begun; otherwise its result is dropped when it arrives.
+            job.done = True
+            rep.jobs.discard(job)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        result: list[Any] = await trio.lowlevel.wait_task_rescheduled(abort)
+        return result
+
+    # -- operations -----------------------------------------------------------------------
+
+    def kill(self, tag: str, reason: str = "killed") -> None:
+        """Declare replica ``tag`` dead now (call on the trio thread).
+
+        Its waiting queries fail with :class:`~servecore.ReplicaDiedError` at once, and
+        ``ReplicaDied`` is reported so the controller replaces it. User code already
+        running finishes on the abandoned thread; its result is dropped.
+        """
+        rep = self._replicas.get(tag)
+        if rep is not None and not rep.dead:
+            self._died(rep, reason)
+
+    # -- trio-thread side -----------------------------------------------------------------
+
+    def _deliver(self, rep: _Replica, job: _Job, result: outcome.Outcome[Any]) -> None:
+        if job.done:
+            return
+        job.done = True
+        rep.jobs.discard(job)
+        trio.lowlevel.reschedule(job.task, result)
+
+    def _fail(self, rep: _Replica, reason: str) -> None:
+        rep.dead = True
+        rep.accepting = False
+        rep.inbox.put(None)  # wake an idle worker so its thread ends
+        for job in list(rep.jobs):
+            self._deliver(rep, job, outcome.Error(ReplicaDiedError(rep.tag, reason)))
+
+    def _died(self, rep: _Replica, reason: str) -> None:
+        if rep.dead:
+            return
+        news = not rep.stopping
+        self._fail(rep, reason)
+        if self._replicas.get(rep.tag) is rep and not rep.stopping:
+            del self._replicas[rep.tag]
+        if news and rep.ready.is_set() and self._report is not None:
+            log.warning("replica %s died: %s", rep.tag, reason)
+            self._report(ReplicaDied(tag=rep.tag, reason=reason))
+
+    def _on_started(self, rep: _Replica, error: BaseException | None) -> None:
+        rep.start_error = error
+        rep.accepting = error is None and not rep.stopping and not rep.dead
+        rep.ready.set()
+
+    def _on_finished(self, rep: _Replica, death: str | None) -> None:
+        if death is not None:
+            self._died(rep, death)
+        if not rep.ready.is_set():
+            rep.ready.set()
+        rep.finished.set()
+
+    # -- worker-thread side ---------------------------------------------------------------
+
+    def _serve(self, rep: _Replica, token: trio.lowlevel.TrioToken) -> None:
+        """The body of a replica's thread: build the object, then serve its inbox."""
+
+        def post(fn: Callable[..., object], *args: Any) -> None:
+            try:  # noqa: SIM105 - the hot path; contextlib.suppress costs more
+                token.run_sync_soon(fn, *args)
+            except trio.RunFinishedError:
+                pass  # the controller's trio run is over; nobody is waiting
+
+        death: str | None = None
+        try:
+            effect = rep.effect
+            try:
+                obj = instantiate(
+                    import_target(effect.target), effect.init_args, effect.init_kwargs
+                )
+                if effect.config.max_batch_size is not None and not is_batch(obj):
+                    raise InvalidConfig(
+                        "max_batch_size",
+                        effect.config.max_batch_size,
+                        f"target {effect.target} is not marked @servecore.batch, so it "
+                        f"cannot take batches; mark it or leave max_batch_size unset",
+                        backend=effect.backend,
+                    )
+                reconfigure = getattr(obj, "reconfigure", None)
+                if effect.config.user_config is not None and callable(reconfigure):
+                    reconfigure(effect.config.user_config)
+                run = make_runner(obj, effect.target)
+                check = getattr(obj, "check_health", None)
+                check_health: Callable[[], object] | None = check if callable(check) else None
+            except Exception as exc:
+                post(self._on_started, rep, exc)
+                return
+            except BaseException as exc:
+                # SystemExit & co. must not unwind the controller's trio thread.
+                error = RuntimeError(f"{type(exc).__name__} escaped the constructor: {exc}")
+                post(self._on_started, rep, error)
+                return
+            post(self._on_started, rep, None)
+            death = self._serve_inbox(rep, run, check_health, post)
+        finally:
+            post(self._on_finished, rep, death)
+
+    def _serve_inbox(
+        self,
+        rep: _Replica,
+        run: Callable[[Sequence[Query]], list[Any]],
+        check_health: Callable[[], object] | None,
+        post: Callable[..., None],
+    ) -> str | None:
+        """Serve jobs until the stop sentinel; return why the replica died, if it did."""
+        get = rep.inbox.get
+        period = self.health_check_period_s
+        next_check = time.monotonic() + period
+        while True:
+            if check_health is None:
+                job = get()
+            else:
+                try:
+                    job = get(timeout=max(0.0, next_check - time.monotonic()))
+                except queue.Empty:
+                    job = _CHECK_HEALTH
+                if job is not None and time.monotonic() >= next_check:
+                    try:
+                        check_health()
+                    except BaseException as exc:
+                        return f"health check failed: {type(exc).__name__}: {exc}"
+                    next_check = time.monotonic() + period
+                if job is _CHECK_HEALTH:
+                    continue
+            if job is None or rep.dead:
+                return None
+            if job.done:
+                continue  # its caller gave up before it began
+            try:
+                result: outcome.Outcome[Any] = outcome.Value(run(job.batch))
+            except Exception as exc:
+                result = outcome.Error(exc)
+            except BaseException as exc:
+                return f"{type(exc).__name__} escaped the user code: {exc}"
+            post(self._deliver, rep, job, result)
