@@ -2,17 +2,51 @@
 
 Like ``trio.testing`` and ``zarr.testing``, this is a public promise: the fakes, the
 Hypothesis strategies and the crash-consistency checks here are what servecore's own
-tests use, and anyone can run them against their own runtime or store.
+tests use, and anyone can run them against their own runtime or store:
+
+* :class:`InMemoryRuntime` — a deterministic runtime whose replicas outlive a simulated
+  controller crash, with fault injection (fail starts, kill replicas);
+* :class:`FaultyStore` — fails, tears or crashes saves;
+* :class:`CrashPlan` / :class:`SimulatedCrash` — numbered crash points before and after
+  every save, start and stop;
+* :class:`CrashWorld`, :func:`enumerate_crashes` — crash at *every* point of a script;
+* :class:`CrashConsistencyMachine` — the Hypothesis stateful machine checking the five
+  properties against a :class:`ReferenceModel`;
+* :func:`check_runtime` — conformance checks for any runtime;
+* :mod:`servecore.testing.strategies` — Hypothesis strategies for commands and events.
 """
 
+from servecore.testing._conformance import check_runtime
+from servecore.testing._crash import (
+    CrashingRuntime,
+    CrashWorld,
+    Kill,
+    Outcome,
+    check_all_or_nothing,
+    corrupt,
+    enumerate_crashes,
+)
 from servecore.testing._faults import CrashPlan, SimulatedCrash
+from servecore.testing._machine import CrashConsistencyMachine
+from servecore.testing._model import ReferenceModel, desired
 from servecore.testing._runtime import InMemoryRuntime
 from servecore.testing._store import FaultyStore, StoreFault
 
 __all__ = [
+    "CrashConsistencyMachine",
     "CrashPlan",
+    "CrashWorld",
+    "CrashingRuntime",
     "FaultyStore",
     "InMemoryRuntime",
+    "Kill",
+    "Outcome",
+    "ReferenceModel",
     "SimulatedCrash",
     "StoreFault",
+    "check_all_or_nothing",
+    "check_runtime",
+    "corrupt",
+    "desired",
+    "enumerate_crashes",
 ]

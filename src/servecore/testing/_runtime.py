@@ -21,6 +21,15 @@ from servecore.testing._faults import CrashPlan
 __all__ = ["InMemoryRuntime"]
 
 
+def _instantiate(effect: StartReplica) -> Any:
+    """Import the target by path; construct it if it is a class (errors propagate)."""
+    module, _, attr = effect.target.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj(*effect.init_args, **effect.init_kwargs) if isinstance(obj, type) else obj
+
+
 class InMemoryRuntime:
     """A runtime whose replicas are records in memory. For tests, not for serving.
 
@@ -31,8 +40,8 @@ class InMemoryRuntime:
     * ``crash_plan`` (a :class:`CrashPlan`) crashes the controller before or after any
       start or stop.
 
-    ``call`` imports the target on first use and runs it in-process, so the router can
-    be tested against it too.
+    A start imports the target and constructs it in-process (a failing constructor
+    fails the start); ``call`` runs it, so the router can be tested against it too.
     """
 
     def __init__(self, crash_plan: CrashPlan | None = None) -> None:
@@ -83,6 +92,12 @@ class InMemoryRuntime:
         await trio.lowlevel.checkpoint()
         if effect.tag in self.live:
             return
+        unknown = sorted(effect.config.runtime_options)
+        if unknown:
+            raise ValueError(
+                f"replica {effect.tag}: the in-memory runtime takes no runtime_options, "
+                f"got {unknown}"
+            )
         failure = self._failures.get(effect.backend)
         if failure is not None:
             reason, times = failure
@@ -92,6 +107,7 @@ class InMemoryRuntime:
                 else:
                     self._failures[effect.backend] = (reason, times - 1)
             raise RuntimeError(reason)
+        self._instances[effect.tag] = _instantiate(effect)
         self.live[effect.tag] = effect
         self.started.append(effect.tag)
         self.crash_plan.point(f"after start {effect.tag}")
@@ -111,16 +127,7 @@ class InMemoryRuntime:
         effect = self.live.get(tag)
         if effect is None:
             raise ReplicaDiedError(tag, "not alive in the in-memory runtime")
-        instance = self._instances.get(tag)
-        if instance is None:
-            module, _, attr = effect.target.partition(":")
-            obj: Any = importlib.import_module(module)
-            for part in attr.split("."):
-                obj = getattr(obj, part)
-            instance = (
-                obj(*effect.init_args, **effect.init_kwargs) if isinstance(obj, type) else obj
-            )
-            self._instances[tag] = instance
+        instance = self._instances[tag]
         await trio.lowlevel.checkpoint()
         return [instance(*q.args, **q.kwargs) for q in batch]
 

@@ -1,0 +1,360 @@
+"""Crash a controller at every effect boundary and check what recovery makes of it.
+
+A :class:`CrashWorld` is what survives a controller: a store and a runtime. Each
+:meth:`CrashWorld.run` opens a controller on them (which recovers), performs one action
+(a command, or killing a replica), waits for it to settle and closes it, optionally
+crashing at crash point ``k``. Crash points are numbered by a :class:`CrashPlan`:
+before and after every save, and before and after every replica start and stop, during
+recovery as well as during the action. :meth:`CrashWorld.count_points` runs the same
+action on an in-memory copy of the world to learn how many points there are, so a test
+can visit each one (:func:`enumerate_crashes`), never hoping a random crash fires.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+import trio
+
+from servecore._checkpoint import VERSION
+from servecore._controller import Controller, open_controller
+from servecore._core import (
+    BackendStatus,
+    Command,
+    ReplicaStatus,
+    StartReplica,
+    State,
+    replica_number,
+    validate_state,
+)
+from servecore._errors import (
+    BackendStartError,
+    CheckpointCorrupt,
+    CheckpointError,
+    CheckpointVersionError,
+    CommandError,
+)
+from servecore.runtimes import Query, Report, Runtime
+from servecore.stores import MemoryStore, Store
+from servecore.testing._faults import CrashPlan, SimulatedCrash
+from servecore.testing._model import ReferenceModel, desired
+from servecore.testing._runtime import InMemoryRuntime
+from servecore.testing._store import FaultyStore
+
+__all__ = [
+    "CrashWorld",
+    "CrashingRuntime",
+    "Kill",
+    "Outcome",
+    "check_all_or_nothing",
+    "corrupt",
+    "enumerate_crashes",
+]
+
+_EXPECTED_ERRORS = (
+    CommandError,
+    BackendStartError,
+    CheckpointError,
+    CheckpointCorrupt,
+    CheckpointVersionError,
+)
+
+
+@attrs.frozen
+class Kill:
+    """An action: kill replica ``tag`` behind the controller's back."""
+
+    tag: str
+
+
+Action = Command | Kill | None
+
+
+@attrs.frozen
+class Outcome:
+    """What one :meth:`CrashWorld.run` gave.
+
+    ``crashed`` is the crash point label if the controller crashed; ``error`` the
+    expected error the action (or opening) raised; ``state`` the controller's state at
+    the end (``None`` after a crash or a failed open); ``points`` the crash points seen.
+    """
+
+    state: State | None
+    error: BaseException | None
+    crashed: str | None
+    points: int
+    table_unchanged: bool = True
+
+
+class CrashingRuntime:
+    """Wraps any runtime: adds crash points around starts and stops, and a log.
+
+    ``log`` lists ``("start", tag)`` and ``("stop", tag)`` for every operation that
+    completed, ``("kill", tag)`` for kills through :meth:`kill`.
+    """
+
+    def __init__(
+        self,
+        inner: Runtime,
+        plan: CrashPlan,
+        kill: Callable[[str], Any] | None = None,
+    ) -> None:
+        self.inner = inner
+        self.plan = plan
+        self.log: list[tuple[str, str]] = []
+        self._kill = kill
+
+    async def open(self, *, namespace: str, report: Report) -> None:
+        await self.inner.open(namespace=namespace, report=report)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def start_replica(self, effect: StartReplica) -> None:
+        self.plan.point(f"before start {effect.tag}")
+        await self.inner.start_replica(effect)
+        self.log.append(("start", effect.tag))
+        self.plan.point(f"after start {effect.tag}")
+
+    async def stop_replica(self, tag: str, timeout_s: float) -> None:
+        self.plan.point(f"before stop {tag}")
+        await self.inner.stop_replica(tag, timeout_s)
+        self.log.append(("stop", tag))
+        self.plan.point(f"after stop {tag}")
+
+    async def list_replicas(self) -> frozenset[str]:
+        return await self.inner.list_replicas()
+
+    async def call(self, tag: str, batch: Sequence[Query]) -> list[Any]:
+        return await self.inner.call(tag, batch)
+
+    def kill(self, tag: str) -> None:
+        """Kill ``tag`` with the kill hook (or the in-memory runtime's own ``kill``)."""
+        killer = self._kill or getattr(self.inner, "kill", None)
+        if killer is None:
+            raise TypeError("this runtime offers no way to kill a replica; pass kill=")
+        self.log.append(("kill", tag))
+        killer(tag)
+
+
+class CrashWorld:
+    """A store and a runtime that outlive every controller opened on them.
+
+    ``store`` defaults to a :class:`~servecore.MemoryStore`; ``runtime`` to a new
+    :class:`InMemoryRuntime`. Both are wrapped to add crash points.
+    """
+
+    def __init__(
+        self,
+        store: Store | None = None,
+        runtime: Runtime | None = None,
+        *,
+        kill: Callable[[str], Any] | None = None,
+        name: str = "crash-world",
+    ) -> None:
+        self.plan = CrashPlan()
+        self.store = FaultyStore(store if store is not None else MemoryStore(), self.plan)
+        self.inner_runtime = runtime if runtime is not None else InMemoryRuntime()
+        self.runtime = CrashingRuntime(self.inner_runtime, self.plan, kill)
+        self.name = name
+        self.highest_counter = 0
+
+    # -- running ------------------------------------------------------------------------
+
+    def run(
+        self,
+        action: Action = None,
+        *,
+        crash_at: int | None = None,
+        prepare: Callable[[Controller], Any] | None = None,
+    ) -> Outcome:
+        """Open a controller, do ``action``, settle, close; crash at ``crash_at``.
+
+        ``prepare(ctl)`` runs after recovery, just before the action (e.g. to make the
+        action's save fail).
+        """
+        self.plan.arm(crash_at)  # restarts the count too
+        box: dict[str, Any] = {}
+
+        async def session() -> None:
+            async with open_controller(
+                runtime=self.runtime, store=self.store, name=self.name
+            ) as ctl:
+                await ctl.settle()
+                box["table"] = ctl.routing_table
+                if prepare is not None:
+                    prepare(ctl)
+                try:
+                    if isinstance(action, Kill):
+                        if action.tag in await self.runtime.list_replicas():
+                            self.runtime.kill(action.tag)
+                    elif action is not None:
+                        await ctl.submit(action)
+                except _EXPECTED_ERRORS as exc:
+                    box["error"] = exc
+                await ctl.settle()
+                box["state"] = ctl.state
+                box["unchanged"] = ctl.routing_table is box["table"]
+
+        try:
+            trio.run(session)
+        except SimulatedCrash as crash:
+            return Outcome(state=None, error=None, crashed=crash.label, points=self.plan.count)
+        except _EXPECTED_ERRORS as exc:  # opening failed: corrupt or too-new checkpoint
+            return Outcome(state=None, error=exc, crashed=None, points=self.plan.count)
+        state = box["state"]
+        self.highest_counter = max(self.highest_counter, state.replica_counter)
+        return Outcome(
+            state=state,
+            error=box.get("error"),
+            crashed=None,
+            points=self.plan.count,
+            table_unchanged=box["unchanged"],
+        )
+
+    def clone(self) -> CrashWorld:
+        """An in-memory copy: same checkpoint bytes, same live tags, same faults."""
+        copy = InMemoryRuntime()
+        inner = self.inner_runtime
+        live = trio.run(inner.list_replicas)
+        for tag in live:
+            effect = getattr(inner, "live", {}).get(tag)
+            copy.live[tag] = effect if effect is not None else _placeholder(tag)
+        copy._failures = dict(getattr(inner, "_failures", {}))
+        return CrashWorld(store=MemoryStore(self.store.load()), runtime=copy, name=self.name)
+
+    def count_points(self, action: Action = None) -> int:
+        """How many crash points ``action`` passes (recovery included), on a copy."""
+        return self.clone().run(action).points
+
+    # -- checks -------------------------------------------------------------------------
+
+    def live(self) -> frozenset[str]:
+        return trio.run(self.runtime.list_replicas)
+
+    def check_settled(self, state: State) -> None:
+        """DESIGN §7 properties 2 and 3 on a settled state; raises AssertionError."""
+        validate_state(state)
+        running = {t for t, r in state.replicas.items() if r.status is ReplicaStatus.RUNNING}
+        others = {t: r.status for t, r in state.replicas.items() if t not in running}
+        assert not others, f"not settled: {others}"
+        live = self.live()
+        assert live == running, f"live {sorted(live)} != RUNNING {sorted(running)}"
+        table = state.routing_table()
+        for tag, b in state.backends.items():
+            mine = {t for t in running if state.replicas[t].backend == tag}
+            assert set(table.backends[tag].replicas) == mine, f"table of {tag} names non-RUNNING"
+            if b.status is BackendStatus.FAILED:
+                assert len(mine) <= b.config.num_replicas
+            else:
+                assert len(mine) == b.config.num_replicas, f"{tag}: {len(mine)} running"
+        self.check_no_reuse(state)
+
+    def check_no_reuse(self, state: State) -> None:
+        """Property 2: no tag starts again once stopped or killed; the counter never
+        goes back."""
+        retired: set[str] = set()
+        for op, tag in self.runtime.log:
+            if op == "start":
+                assert tag not in retired, f"replica tag {tag} reused after it was retired"
+            else:
+                retired.add(tag)
+        assert state.replica_counter >= self.highest_counter, "replica counter went back"
+        for tag in self.live():
+            assert replica_number(tag) < state.replica_counter, f"{tag} >= counter"
+
+
+def _placeholder(tag: str) -> StartReplica:
+    from servecore._core import BackendConfig
+
+    backend = tag.rsplit("#", 1)[0]
+    return StartReplica(
+        tag=tag, backend=backend, target="x:y", init_args=(), init_kwargs={}, config=BackendConfig()
+    )
+
+
+def enumerate_crashes(
+    make_world: Callable[[], CrashWorld],
+    script: Sequence[Command | Kill],
+    *,
+    crash_step: int | None = None,
+) -> int:
+    """Run ``script`` on fresh worlds, crashing at *every* crash point of every step.
+
+    For each step ``i`` (or only ``crash_step``) and each crash point ``k`` of it, a
+    fresh world replays the steps before ``i``, crashes step ``i`` at ``k``, recovers,
+    and checks: the recovered state is the acknowledged commands plus all or nothing of
+    the one in flight (property 1), no tag is reused (2), and the live replicas are
+    exactly the RUNNING ones with each backend at ``num_replicas`` (3). Returns how
+    many crashes were checked.
+    """
+    checked = 0
+    steps = range(len(script)) if crash_step is None else [crash_step]
+    for i in steps:
+        probe = make_world()
+        model = ReferenceModel()
+        for action in script[:i]:
+            _apply_ok(probe, model, action)
+        total = probe.count_points(script[i])
+        for k in range(total):
+            world = make_world()
+            model = ReferenceModel()
+            for action in script[:i]:
+                _apply_ok(world, model, action)
+            outcome = world.run(script[i], crash_at=k)
+            assert outcome.crashed is not None, f"step {i}: crash point {k} did not fire"
+            recovered = world.run(None)
+            assert recovered.error is None and recovered.state is not None, recovered
+            check_all_or_nothing(model, script[i], recovered.state)
+            world.check_settled(recovered.state)
+            checked += 1
+    return checked
+
+
+def _apply_ok(world: CrashWorld, model: ReferenceModel, action: Command | Kill) -> None:
+    outcome = world.run(action)
+    assert outcome.crashed is None and outcome.state is not None, outcome
+    if not isinstance(action, Kill):
+        expected = model.expected_error(action)
+        if expected is None:
+            model.apply(action)
+    assert desired(outcome.state) == model.desired()
+
+
+def check_all_or_nothing(model: ReferenceModel, action: Action, state: State) -> bool:
+    """Property 1: ``state`` equals ``model`` or ``model`` plus ``action``. Applies the
+    action to ``model`` if it landed; returns whether it did."""
+    got = desired(state)
+    if got == model.desired():
+        return False
+    if isinstance(action, Kill) or action is None or model.expected_error(action) is not None:
+        raise AssertionError(f"state changed without an acknowledged command: {got}")
+    after = model.copy()
+    after.apply(action)
+    assert got == after.desired(), f"half-applied command {action}: {got} vs {after.desired()}"
+    model.apply(action)
+    return True
+
+
+def corrupt(store: FaultyStore, how: str) -> bytes | None:
+    """Damage the checkpoint in ``store`` (``"torn"``, ``"garbage"``, ``"checksum"``,
+    ``"too-new"``); return the good bytes so the caller can restore them."""
+    good = store.inner.load()
+    if good is None:
+        return None
+    if how == "torn":
+        bad = good[: len(good) // 2]
+    elif how == "garbage":
+        bad = b"\x00\xffnot json"
+    else:
+        envelope = json.loads(good)
+        if how == "checksum":
+            envelope["state"]["replica_counter"] += 1
+        else:
+            envelope["version"] = VERSION + 1
+        bad = json.dumps(envelope).encode()
+    store.inner.save(bad)
+    return good

@@ -1,0 +1,230 @@
+"""The stateful crash-consistency machine (DESIGN §7), for Hypothesis.
+
+Subclass :class:`CrashConsistencyMachine` and override :meth:`make_store` (and, for a
+runtime author, :meth:`make_runtime` and :meth:`kill`) to run it against your own
+store or runtime::
+
+    class SQLiteCrashes(CrashConsistencyMachine):
+        def make_store(self):
+            return servecore.SQLiteStore(self.tmp / "state.db")
+
+    TestSQLiteCrashes = SQLiteCrashes.TestCase
+
+Every rule opens a controller on the same store and runtime (so every rule also
+recovers), does one thing and checks the five properties against a
+:class:`ReferenceModel`. Crash rules first count the crash points of what they are
+about to do on a copy of the world, then draw one of them, so every drawn crash fires.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from servecore._core import Command, CreateEndpoint
+from servecore._errors import (
+    BackendStartError,
+    CheckpointCorrupt,
+    CheckpointError,
+    CheckpointVersionError,
+)
+from servecore.runtimes import Runtime
+from servecore.stores import MemoryStore, Store
+from servecore.testing._crash import CrashWorld, Kill, Outcome, check_all_or_nothing, corrupt
+from servecore.testing._model import ReferenceModel, desired
+from servecore.testing._runtime import InMemoryRuntime
+from servecore.testing.strategies import BACKEND_TAGS, commands
+
+__all__ = ["CrashConsistencyMachine"]
+
+#: A command that always changes the state, so that its save can be torn.
+_PROBE = CreateEndpoint(name="torn-save-probe")
+
+
+class CrashConsistencyMachine(RuleBasedStateMachine):
+    """Crash a controller anywhere; check it always recovers to what was acknowledged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tmp = Path(tempfile.mkdtemp(prefix="servecore-crash-"))
+        self.world = CrashWorld(self.make_store(), self.make_runtime(), kill=self.kill_hook())
+        self.model = ReferenceModel()
+        self.last: Outcome | None = None
+        self.backup: tuple[bytes | None, ReferenceModel] | None = None
+
+    # -- what subclasses override -------------------------------------------------------
+
+    def make_store(self) -> Store:
+        """A fresh, empty store (``self.tmp`` is a private directory)."""
+        return MemoryStore()
+
+    def make_runtime(self) -> Runtime:
+        """The runtime under test; its replicas must outlive a controller."""
+        return InMemoryRuntime()
+
+    def kill_hook(self) -> Any:
+        """A callable killing a replica by tag, or ``None`` for the runtime's own."""
+        return None
+
+    def teardown(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _settled(self, outcome: Outcome) -> None:
+        assert outcome.crashed is None, outcome
+        assert outcome.state is not None, f"controller did not open: {outcome.error!r}"
+        self.world.check_settled(outcome.state)
+        assert desired(outcome.state) == self.model.desired(), (
+            desired(outcome.state),
+            self.model.desired(),
+        )
+        self.last = outcome
+
+    def _expect(self, cmd: Command, outcome: Outcome) -> None:
+        expected = self.model.expected_error(cmd)
+        if expected is not None:
+            assert isinstance(outcome.error, expected), (cmd, expected, outcome.error)
+        else:
+            assert outcome.error is None or isinstance(outcome.error, BackendStartError), (
+                cmd,
+                outcome.error,
+            )
+            self.model.apply(cmd)
+
+    # -- rules --------------------------------------------------------------------------
+
+    @initialize()
+    def open_empty(self) -> None:
+        self._settled(self.world.run(None))
+
+    @rule(cmd=commands())
+    def command(self, cmd: Command) -> None:
+        """A command on a healthy controller: applied exactly, or rejected unchanged."""
+        outcome = self.world.run(cmd)
+        self._expect(cmd, outcome)
+        self._settled(outcome)
+
+    @rule(cmd=commands(), data=st.data())
+    def command_with_crash(self, cmd: Command, data: st.DataObject) -> None:
+        """Crash at one enumerated point of (recovery +) the command, then recover."""
+        total = self.world.count_points(cmd)
+        k = data.draw(st.integers(0, total - 1), label="crash point")
+        outcome = self.world.run(cmd, crash_at=k)
+        assert outcome.crashed is not None, f"crash point {k} of {total} did not fire"
+        recovered = self.world.run(None)
+        assert recovered.state is not None, recovered
+        check_all_or_nothing(self.model, cmd, recovered.state)
+        self._settled(recovered)
+
+    @rule(cmd=commands())
+    def command_with_failed_save(self, cmd: Command) -> None:
+        """Property 4: a failed save leaves the state unchanged and runs no effect."""
+        before = list(self.world.runtime.log)
+        outcome = self.world.run(cmd, prepare=lambda _ctl: self.world.store.fail_next(1))
+        self.world.store.fail_next(0)
+        expected = self.model.expected_error(cmd)
+        if expected is not None:
+            assert isinstance(outcome.error, expected), (cmd, outcome.error)
+        elif isinstance(outcome.error, CheckpointError):
+            assert self.world.runtime.log == before, "an effect ran after a failed save"
+            assert outcome.table_unchanged, "the router saw a state that was never saved"
+        else:
+            # A restated command is a no-op: nothing to save, nothing to fail.
+            assert outcome.error is None, outcome.error
+            assert self.world.runtime.log == before
+            self.model.apply(cmd)
+        self._settled(outcome)
+
+    @precondition(lambda self: self.last is not None and bool(self.last.state.replicas))
+    @rule(data=st.data())
+    def kill_replica(self, data: st.DataObject) -> None:
+        """A replica dies while the controller runs: it is replaced."""
+        assert self.last is not None and self.last.state is not None
+        tag = data.draw(st.sampled_from(sorted(self.last.state.replicas)), label="victim")
+        self._settled(self.world.run(Kill(tag)))
+
+    @precondition(lambda self: self.last is not None and bool(self.last.state.replicas))
+    @rule(data=st.data())
+    def kill_replica_with_crash(self, data: st.DataObject) -> None:
+        """A replica dies, and the controller crashes while replacing it."""
+        assert self.last is not None and self.last.state is not None
+        tag = data.draw(st.sampled_from(sorted(self.last.state.replicas)), label="victim")
+        total = self.world.count_points(Kill(tag))
+        k = data.draw(st.integers(0, total - 1), label="crash point")
+        assert self.world.run(Kill(tag), crash_at=k).crashed is not None
+        recovered = self.world.run(None)
+        assert recovered.state is not None
+        self._settled(recovered)
+
+    @rule(tag=st.sampled_from(BACKEND_TAGS), times=st.sampled_from([1, 2, None]))
+    def fail_starts(self, tag: str, times: int | None) -> None:
+        """Starts of a backend fail ``times`` times (always if ``None``)."""
+        runtime = self.world.inner_runtime
+        if isinstance(runtime, InMemoryRuntime):
+            runtime.fail_starts(tag, f"injected failure of {tag}", times)
+
+    @rule(tag=st.sampled_from(BACKEND_TAGS))
+    def heal(self, tag: str) -> None:
+        runtime = self.world.inner_runtime
+        if isinstance(runtime, InMemoryRuntime):
+            runtime.heal(tag)
+
+    @rule(how=st.sampled_from(["torn", "garbage", "checksum", "too-new", "torn-save"]))
+    def corrupt_checkpoint(self, how: str) -> None:
+        """Property 5: a corrupt or too-new checkpoint raises; never read as empty."""
+        store = self.world.store
+        before = list(self.world.runtime.log)
+        if how == "torn-save":
+            good = store.inner.load()
+            outcome = self.world.run(_PROBE, prepare=lambda _ctl: store.tear_next())
+            if not isinstance(outcome.error, CheckpointError):
+                return  # nothing was saved (no-op command): nothing to tear
+        else:
+            good = corrupt(store, how)
+        if good is None:
+            return
+        reopened = self.world.run(None)
+        wanted = CheckpointVersionError if how == "too-new" else CheckpointCorrupt
+        assert isinstance(reopened.error, wanted), reopened
+        assert reopened.state is None
+        assert self.world.runtime.log == before, "a replica was touched on a bad checkpoint"
+        store.inner.save(good)
+
+    @rule()
+    def snapshot_checkpoint(self) -> None:
+        """Remember the checkpoint as it is now (to restore it later, as from a backup)."""
+        self.backup = (self.world.store.inner.load(), self.model.copy())
+
+    @precondition(lambda self: getattr(self, "backup", None) is not None)
+    @rule()
+    def restore_old_checkpoint(self) -> None:
+        """Roll the store back to an older checkpoint. Replicas started since then are
+        orphans: recovery must stop them, and never mint their tags again."""
+        assert self.backup is not None
+        data, model = self.backup
+        if data is None:
+            return
+        live_before = self.world.live()
+        self.world.store.inner.save(data)
+        self.model = model.copy()
+        # Tags retired after the backup may be minted again: the old checkpoint cannot
+        # know them. Live ones must not be: recovery bumps the counter past them.
+        self.world.runtime.log.clear()
+        self.world.highest_counter = 0
+        outcome = self.world.run(None)
+        self._settled(outcome)
+        assert outcome.state is not None
+        for tag in live_before:
+            alive = tag in outcome.state.replicas
+            assert alive or tag not in self.world.live(), f"orphan {tag} left running"
+
+    @invariant()
+    def counter_never_goes_back(self) -> None:
+        if self.last is not None and self.last.state is not None:
+            assert self.last.state.replica_counter >= self.world.highest_counter
