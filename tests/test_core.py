@@ -264,11 +264,6 @@ def test_invalid_methods_are_rejected(methods: Any) -> None:
     assert_rejected(State(), lambda: CreateEndpoint(name="api", methods=methods), InvalidRoute)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: InvalidRoute for bad methods names the endpoint as '?' (the _methods "
-    "converter cannot see the name), so the message does not name the object at fault",
-)
 def test_invalid_methods_error_names_the_endpoint() -> None:
     assert_rejected(
         State(), lambda: CreateEndpoint(name="api", methods=("FETCH",)), InvalidRoute, "'api'"
@@ -859,12 +854,6 @@ def test_start_failures_must_be_consecutive() -> None:
     assert len(starts(t.effects)) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a ReplicaStarted for a backend already FAILED resets start_failures to 0 "
-    "and clears last_error but leaves status FAILED, which breaks validate_state "
-    "(FAILED needs start_failures >= MAX_START_FAILURES) and loses the last error",
-)
 def test_late_success_of_a_failed_backend_keeps_the_state_valid() -> None:
     # Two slots: one start stays in flight while the other slot burns the budget.
     state = apply(State(), backend("a", 2))

@@ -461,19 +461,17 @@ def _route(_inst: CreateEndpoint, _attr: Any, value: Any) -> None:
 _HTTP_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
 
-def _methods(value: Any) -> tuple[str, ...]:
-    if isinstance(value, str) or not isinstance(value, Iterable):
-        value = (value,)
-    out = []
-    for m in value:
+def _methods(endpoint: str, value: Any) -> tuple[str, ...]:
+    items = (value,) if isinstance(value, str) or not isinstance(value, Iterable) else value
+    out: list[str] = []
+    for m in items:
         if not isinstance(m, str) or m.upper() not in _HTTP_METHODS:
-            raise InvalidRoute(
-                "?", "methods", value, f"{m!r} is not one of {sorted(_HTTP_METHODS)}"
-            )
+            why = f"{m!r} is not one of {sorted(_HTTP_METHODS)}"
+            raise InvalidRoute(endpoint, "methods", value, why)
         if m.upper() not in out:
             out.append(m.upper())
     if not out:
-        raise InvalidRoute("?", "methods", value, "needs at least one HTTP method")
+        raise InvalidRoute(endpoint, "methods", value, "needs at least one HTTP method")
     return tuple(out)
 
 
@@ -488,7 +486,11 @@ class CreateEndpoint:
 
     name: str = attrs.field(validator=_name("endpoint"))
     route: str | None = attrs.field(default=None, validator=_route)
-    methods: tuple[str, ...] = attrs.field(default=("GET",), converter=_methods)
+    methods: tuple[str, ...] = ("GET",)
+
+    def __attrs_post_init__(self) -> None:
+        # Validated here, not by a converter, so the error can name the endpoint.
+        object.__setattr__(self, "methods", _methods(self.name, self.methods))
 
 
 @attrs.frozen(kw_only=True)
@@ -952,7 +954,8 @@ def _replica_started(state: State, ev: ReplicaStarted) -> Transition:
     tx = _Tx(state)
     tx.mark_running(r)
     b = tx.backends[r.backend]
-    if b.start_failures or b.last_error is not None:
+    # A late success does not lift FAILED: only a config change does (DESIGN §2).
+    if b.status is not BackendStatus.FAILED and (b.start_failures or b.last_error is not None):
         tx.put_backend(attrs.evolve(b, start_failures=0, last_error=None))
     tx.reconcile(r.backend)
     return tx.finish()
