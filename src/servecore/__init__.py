@@ -6,6 +6,7 @@ state through a checkpoint store *before* any effect runs, then lets a runtime c
 effects out. See the README for a tour.
 """
 
+from servecore._batch import BatchSizeError, batch
 from servecore._controller import Controller, open_controller
 from servecore._core import (
     MAX_START_FAILURES,
@@ -63,6 +64,8 @@ from servecore._errors import (
     ServecoreError,
     StoreLocked,
 )
+from servecore._sync import SyncController, SyncHandle, start
+from servecore.router import Handle, Router
 from servecore.runtimes import Query, Runtime
 from servecore.stores import CallbackStore, FileStore, MemoryStore, SQLiteStore, Store
 
@@ -77,6 +80,7 @@ __all__ = [
     "BackendStartError",
     "BackendStatus",
     "BackpressureError",
+    "BatchSizeError",
     "CallbackStore",
     "CheckpointCorrupt",
     "CheckpointError",
@@ -94,6 +98,7 @@ __all__ = [
     "EndpointNotFound",
     "Event",
     "FileStore",
+    "Handle",
     "InvalidConfig",
     "InvalidRoute",
     "InvalidTarget",
@@ -111,6 +116,7 @@ __all__ = [
     "ReplicaStatus",
     "ReplicaStopped",
     "RouteConflict",
+    "Router",
     "RoutingTable",
     "Runtime",
     "SQLiteStore",
@@ -123,9 +129,13 @@ __all__ = [
     "StopReplica",
     "Store",
     "StoreLocked",
+    "SyncController",
+    "SyncHandle",
     "Transition",
     "UpdateRouter",
+    "batch",
     "open_controller",
+    "start",
     "step",
     "validate_state",
 ]

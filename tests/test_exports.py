@@ -1,0 +1,90 @@
+"""The public surface and the layering rule (DESIGN §1), pinned."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import servecore
+import servecore.testing
+
+SRC = Path(servecore.__file__).parent
+
+PUBLIC = {
+    # core values, commands, events, effects
+    "State", "Transition", "step", "validate_state", "MAX_START_FAILURES",
+    "Endpoint", "Backend", "Replica", "BackendConfig", "BackendRoute", "RoutingTable",
+    "ReplicaStatus", "BackendStatus", "Command", "Event", "Effect", "Message",
+    "CreateEndpoint", "DeleteEndpoint", "CreateBackend", "DeleteBackend",
+    "SetBackendConfig", "SetTraffic", "SetShadowTraffic",
+    "ReplicaStarted", "ReplicaStartFailed", "ReplicaStopped", "ReplicaDied", "Recover",
+    "StartReplica", "StopReplica", "UpdateRouter",
+    # shell
+    "open_controller", "Controller", "start", "SyncController", "SyncHandle",
+    "Router", "Handle", "batch", "Query", "Runtime",
+    "Store", "MemoryStore", "FileStore", "SQLiteStore", "CallbackStore",
+    # errors
+    "ServecoreError", "CommandError", "EndpointExists", "EndpointNotFound",
+    "RouteConflict", "InvalidRoute", "BackendExists", "BackendNotFound", "BackendInUse",
+    "InvalidTraffic", "InvalidConfig", "InvalidTarget", "CheckpointError",
+    "CheckpointCorrupt", "CheckpointVersionError", "StoreLocked", "BackendStartError",
+    "ReplicaDiedError", "BackpressureError", "NoReplicaError", "BatchSizeError",
+}  # fmt: skip
+
+
+def test_public_names_are_exported_and_documented() -> None:
+    assert set(servecore.__all__) == PUBLIC
+    for name in servecore.__all__:
+        obj = getattr(servecore, name)
+        if callable(obj) and not isinstance(obj, int):
+            assert getattr(obj, "__doc__", None), f"servecore.{name} has no docstring"
+
+
+def test_testing_kit_names_resolve() -> None:
+    for name in servecore.testing.__all__:
+        assert getattr(servecore.testing, name) is not None
+
+
+def test_errors_form_two_families() -> None:
+    command_errors = {
+        "EndpointExists", "EndpointNotFound", "RouteConflict", "InvalidRoute",
+        "BackendExists", "BackendNotFound", "BackendInUse", "InvalidTraffic",
+        "InvalidConfig", "InvalidTarget",
+    }  # fmt: skip
+    for name in PUBLIC:
+        obj = getattr(servecore, name)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            assert issubclass(obj, servecore.ServecoreError), name
+            is_command = issubclass(obj, servecore.CommandError)
+            assert is_command == (name in command_errors | {"CommandError"}), name
+    assert issubclass(servecore.CommandError, ValueError)
+
+
+def _imports(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+    return found
+
+
+def test_the_core_imports_no_shell_no_clock_no_randomness() -> None:
+    forbidden = ("trio", "time", "random", "os", "socket", "servecore.")
+    allowed_servecore = {"servecore._errors"}
+    for module in ("_core.py", "_errors.py"):
+        for name in _imports(SRC / module):
+            if name in allowed_servecore:
+                continue
+            assert not name.startswith(forbidden) and name not in {"os", "time", "random"}, (
+                f"{module} imports {name}"
+            )
+
+
+def test_importing_servecore_does_not_import_ray() -> None:
+    code = "import sys, servecore, servecore.testing; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
