@@ -318,15 +318,21 @@ class Router:
         b.waiting.append(w)
         b.n_waiting += 1
         try:
-            self._pump(b)
-            if not w.event.is_set():
+            tag = self._pump(b, own=w)
+            if tag is not None:
+                # A batch of just this query: run it in this task, like an unbatched one.
+                return await self._run_own(b, tag, query)
+            deadline = w.arrival + b.route.batch_wait_timeout_s
+            if not w.dispatched and not w.done and deadline > trio.current_time():
                 # Wait for a full batch, but no longer than the batch window: then this
                 # query's own task sends whatever has gathered (no timer task needed).
-                with trio.move_on_at(w.arrival + b.route.batch_wait_timeout_s):
+                with trio.move_on_at(deadline):
                     await w.event.wait()
                 if not w.dispatched and not w.done:
-                    self._pump(b)
-                await w.event.wait()
+                    tag = self._pump(b, own=w)
+                    if tag is not None:
+                        return await self._run_own(b, tag, query)
+            await w.event.wait()
         except BaseException:
             if not w.done:
                 w.done = True
@@ -336,6 +342,17 @@ class Router:
         if w.error is not None:
             raise w.error
         return w.result
+
+    async def _run_own(self, b: _Backend, tag: str, query: Query) -> Any:
+        try:
+            results = await self.runtime.call(tag, (query,))
+        except ReplicaDiedError as exc:
+            if exc.tag == tag:
+                self._lost_replica(b, tag)
+            raise
+        finally:
+            self._release(b, tag, 1)
+        return results[0]
 
     def _admit(self, endpoint: str, b: _Backend) -> None:
         if not b.live:
@@ -367,8 +384,12 @@ class Router:
                 w.finish(error=NoReplicaError(w.endpoint, why))
         b.n_waiting = 0
 
-    def _pump(self, b: _Backend) -> None:
-        """Hand free replicas to the queries at the head of ``b``'s queue."""
+    def _pump(self, b: _Backend, own: _Waiter | None = None) -> str | None:
+        """Hand free replicas to the queries at the head of ``b``'s queue.
+
+        If the batch formed is just ``own`` (the calling task's query), it is not sent:
+        its replica tag is returned, slot counted, for the caller to run it itself.
+        """
         waiting = b.waiting
         route = b.route
         while waiting:
@@ -379,7 +400,7 @@ class Router:
             if not head.batched:
                 tag = b.pick(route.max_concurrent_queries)
                 if tag is None:
-                    return
+                    return None
                 waiting.popleft()
                 b.n_waiting -= 1
                 head.tag = tag
@@ -388,12 +409,12 @@ class Router:
                 continue
             tag = b.pick(1)  # a batching replica runs one batch at a time
             if tag is None:
-                return
+                return None
             size = max(1, min(route.max_batch_size or 1, route.max_concurrent_queries))
             if b.n_waiting < size and trio.current_time() < (
                 head.arrival + route.batch_wait_timeout_s
             ):
-                return  # the head's own task comes back when its window closes
+                return None  # the head's own task comes back when its window closes
             batch: list[_Waiter] = []
             while waiting and len(batch) < size:
                 w = waiting[0]
@@ -407,7 +428,11 @@ class Router:
                 batch.append(w)
             b.n_waiting -= len(batch)
             b.outstanding[tag] += len(batch)
+            if len(batch) == 1 and batch[0] is own:
+                own.done = True
+                return tag
             self._spawn_batch(b, tag, batch)
+        return None
 
     def _spawn_batch(self, b: _Backend, tag: str, batch: list[_Waiter]) -> None:
         try:

@@ -31,7 +31,9 @@ construction. The threads runtime knows no ``runtime_options``; any key is rejec
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -53,16 +55,67 @@ log = logging.getLogger("servecore.runtimes.threads")
 KNOWN_RUNTIME_OPTIONS: frozenset[str] = frozenset()
 
 
+#: At most this many wakers (file descriptors) per runtime; calls beyond that many in
+#: flight at once are woken through ``run_sync_soon`` instead (a little slower).
+MAX_WAKERS = 128
+
+
+class _Waker:
+    """A file descriptor that wakes the one trio task waiting to read it.
+
+    Why not ``token.run_sync_soon(reschedule, ...)``: that wakes trio's run-sync-soon
+    task, which then reschedules the caller -- two scheduler passes. A readable fd
+    reschedules the waiting task straight from the I/O manager, which nearly halves the
+    round trip. Wakers are pooled and only reused once no thread can still signal them.
+    """
+
+    __slots__ = ("_read", "_write", "fileno")
+
+    def __init__(self) -> None:
+        if hasattr(os, "eventfd"):  # Linux
+            self.fileno = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._read: socket.socket | None = None
+            self._write: socket.socket | None = None
+        else:
+            self._read, self._write = socket.socketpair()
+            self._read.setblocking(False)
+            self._write.setblocking(False)
+            self.fileno = self._read.fileno()
+
+    def signal(self) -> None:
+        """Make it readable (any thread)."""
+        if self._write is None:
+            os.eventfd_write(self.fileno, 1)
+        else:
+            self._write.send(b"\0")
+
+    def drain(self) -> None:
+        """Make it unreadable again (the trio thread, once woken)."""
+        try:
+            if self._read is None:
+                os.eventfd_read(self.fileno)
+            else:
+                self._read.recv(4096)
+        except BlockingIOError:
+            pass
+
+
 class _Job:
-    """One batch on its way through a replica, and the trio task waiting for it."""
+    """One batch on its way through a replica, and how to wake whoever waits for it."""
 
-    __slots__ = ("batch", "done", "task")
+    __slots__ = ("batch", "by_trio", "done", "finished", "outcome", "task", "waker")
 
-    def __init__(self, batch: Sequence[Query], task: trio.lowlevel.Task) -> None:
+    def __init__(self, batch: Sequence[Query], waker: _Waker | None) -> None:
         self.batch = batch
-        self.task = task
-        # Set (on the trio thread only) once the waiting task was woken or gave up.
+        self.waker = waker
+        self.task: trio.lowlevel.Task | None = None  # woken by reschedule when no waker
+        self.outcome: outcome.Outcome[Any] | None = None
+        # (trio) the caller was answered or gave up; the worker skips it if not begun.
         self.done = False
+        # (trio) the trio side signalled the waker (a death), so the worker might too.
+        self.by_trio = False
+        # (worker) the worker will not touch this job (nor signal its waker) again.
+        self.finished = False
 
 
 _CHECK_HEALTH = object()  # sentinel: the idle wait ran out, time for a health check
@@ -106,6 +159,9 @@ class ThreadRuntime:
         self._report: Report | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self.namespace: str | None = None
+        self._wakers: list[_Waker] = []  # (trio) clean, ready to reuse
+        self._dirty: list[_Job] = []  # (trio) jobs whose waker a worker may still signal
+        self._n_wakers = 0
 
     # -- the Runtime protocol -------------------------------------------------------------
 
@@ -194,19 +250,58 @@ class ThreadRuntime:
         if rep is None or not rep.accepting:
             why = "it is stopping" if rep is not None and rep.stopping else "it is not alive"
             raise ReplicaDiedError(tag, f"the threads runtime cannot serve it: {why}")
-        job = _Job(batch, trio.lowlevel.current_task())
+        waker = self._wakers.pop() if self._wakers else self._new_waker()
+        job = _Job(batch, waker)
         rep.jobs.add(job)
+        if waker is None:
+            job.task = trio.lowlevel.current_task()
+            rep.inbox.put(job)
+
+            def abort(_: Any) -> trio.lowlevel.Abort:
+                # The caller gave up (timeout or cancel). The worker skips the job if it
+                # has not begun; otherwise its result is dropped when it arrives.
+                job.done = True
+                rep.jobs.discard(job)
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            result: list[Any] = await trio.lowlevel.wait_task_rescheduled(abort)
+            return result
         rep.inbox.put(job)
-
-        def abort(_: Any) -> trio.lowlevel.Abort:
-            # The caller gave up (timeout or cancel). The worker skips the job if it has
-            # not begun; otherwise its result is dropped when it arrives.
-            job.done = True
+        try:
+            await trio.lowlevel.wait_readable(waker.fileno)
+        except BaseException:
+            job.done = True  # the caller gave up; its result, if any, is dropped
             rep.jobs.discard(job)
-            return trio.lowlevel.Abort.SUCCEEDED
+            self._dirty.append(job)
+            raise
+        job.done = True
+        rep.jobs.discard(job)
+        waker.drain()
+        if job.by_trio:
+            self._dirty.append(job)  # the worker may still signal it
+        else:
+            self._wakers.append(waker)
+        assert job.outcome is not None
+        answer: list[Any] = job.outcome.unwrap()
+        return answer
 
-        result: list[Any] = await trio.lowlevel.wait_task_rescheduled(abort)
-        return result
+    def _new_waker(self) -> _Waker | None:
+        if self._dirty:
+            # Reclaim the wakers no worker can signal any more.
+            still: list[_Job] = []
+            for job in self._dirty:
+                if job.finished and job.waker is not None:
+                    job.waker.drain()
+                    self._wakers.append(job.waker)
+                else:
+                    still.append(job)
+            self._dirty = still
+            if self._wakers:
+                return self._wakers.pop()
+        if self._n_wakers >= MAX_WAKERS:
+            return None
+        self._n_wakers += 1
+        return _Waker()
 
     # -- operations -----------------------------------------------------------------------
 
@@ -223,19 +318,29 @@ class ThreadRuntime:
 
     # -- trio-thread side -----------------------------------------------------------------
 
-    def _deliver(self, rep: _Replica, job: _Job, result: outcome.Outcome[Any]) -> None:
-        if job.done:
+    def _deliver(self, rep: _Replica, job: _Job) -> None:
+        """Wake a caller that waits without a waker (posted by the worker)."""
+        if job.done or job.task is None:
             return
         job.done = True
         rep.jobs.discard(job)
-        trio.lowlevel.reschedule(job.task, result)
+        assert job.outcome is not None
+        trio.lowlevel.reschedule(job.task, job.outcome)
 
     def _fail(self, rep: _Replica, reason: str) -> None:
         rep.dead = True
         rep.accepting = False
         rep.inbox.put(None)  # wake an idle worker so its thread ends
         for job in list(rep.jobs):
-            self._deliver(rep, job, outcome.Error(ReplicaDiedError(rep.tag, reason)))
+            if job.done:
+                continue
+            job.outcome = outcome.Error(ReplicaDiedError(rep.tag, reason))
+            if job.waker is not None:
+                job.by_trio = True
+                job.waker.signal()
+            else:
+                self._deliver(rep, job)
+        rep.jobs.clear()
 
     def _died(self, rep: _Replica, reason: str) -> None:
         if rep.dead:
@@ -303,6 +408,15 @@ class ThreadRuntime:
             post(self._on_started, rep, None)
             death = self._serve_inbox(rep, run, check_health, post)
         finally:
+            # Queries left behind are failed by the trio side; this thread will not
+            # signal their wakers, so those may be reused.
+            while True:
+                try:
+                    left = rep.inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(left, _Job):
+                    left.finished = True
             post(self._on_finished, rep, death)
 
     def _serve_inbox(
@@ -328,18 +442,30 @@ class ThreadRuntime:
                     try:
                         check_health()
                     except BaseException as exc:
+                        if isinstance(job, _Job):
+                            job.finished = True
                         return f"health check failed: {type(exc).__name__}: {exc}"
                     next_check = time.monotonic() + period
                 if job is _CHECK_HEALTH:
                     continue
-            if job is None or rep.dead:
+            if job is None:
                 return None
-            if job.done:
-                continue  # its caller gave up before it began
+            if rep.dead or job.done:
+                job.finished = True  # its caller gave up (or was failed) before it began
+                if rep.dead:
+                    return None
+                continue
             try:
-                result: outcome.Outcome[Any] = outcome.Value(run(job.batch))
+                job.outcome = outcome.Value(run(job.batch))
             except Exception as exc:
-                result = outcome.Error(exc)
+                job.outcome = outcome.Error(exc)
             except BaseException as exc:
+                job.finished = True
                 return f"{type(exc).__name__} escaped the user code: {exc}"
-            post(self._deliver, rep, job, result)
+            waker = job.waker
+            if waker is not None:
+                waker.signal()
+                job.finished = True  # after the signal: now its waker may be reused
+            else:
+                job.finished = True
+                post(self._deliver, rep, job)
