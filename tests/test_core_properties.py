@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from servecore import (
     BackendConfig,
-    BackendStatus,
     CommandError,
     CreateBackend,
     CreateEndpoint,
@@ -154,48 +154,37 @@ def _starting(state: State) -> list[str]:
     return sorted(t for t, r in state.replicas.items() if r.status is ReplicaStatus.STARTING)
 
 
-def _has_failed_backend(state: State) -> bool:
-    return any(b.status is BackendStatus.FAILED for b in state.backends.values())
-
-
 _KINDS = ("command", "command", "event", "event", "fail a start", "settle")
 
 
 @st.composite
-def reachable_states(draw: st.DrawFn, max_steps: int = 20, avoid_failed: bool = False) -> State:
-    """A state reached from ``State()`` by commands, events, failed starts and settling.
-
-    ``avoid_failed`` discards every step that would leave a backend FAILED.
-    """
+def reachable_states(draw: st.DrawFn, max_steps: int = 20) -> State:
+    """A state reached from ``State()`` by commands, events, failed starts and settling."""
     state = State()
     for _ in range(draw(st.integers(0, max_steps))):
         kind = draw(st.sampled_from(_KINDS))
         if kind == "settle":
-            new = _settle(state)
-        else:
-            if kind == "fail a start":
-                starting = _starting(state)
-                if not starting:
-                    continue
-                message: Message = ReplicaStartFailed(
-                    tag=draw(st.sampled_from(starting)), reason="boom"
-                )
-            else:
-                message = draw(commands() if kind == "command" else events(state))
-            try:
-                new = step(state, message).state
-            except CommandError:
+            state = _settle(state)
+            continue
+        if kind == "fail a start":
+            starting = _starting(state)
+            if not starting:
                 continue
-        if not (avoid_failed and _has_failed_backend(new)):
-            state = new
+            message: Message = ReplicaStartFailed(
+                tag=draw(st.sampled_from(starting)), reason="boom"
+            )
+        else:
+            message = draw(commands() if kind == "command" else events(state))
+        try:
+            state = step(state, message).state
+        except CommandError:
+            continue
     return state
 
 
-def pairs(avoid_failed: bool = False) -> st.SearchStrategy[tuple[State, Message]]:
+def pairs() -> st.SearchStrategy[tuple[State, Message]]:
     """(reachable state, any message) pairs."""
-    return reachable_states(avoid_failed=avoid_failed).flatmap(
-        lambda state: st.tuples(st.just(state), messages(state))
-    )
+    return reachable_states().flatmap(lambda state: st.tuples(st.just(state), messages(state)))
 
 
 def _late_start_of_a_failed_backend() -> tuple[State, Message]:
@@ -215,7 +204,7 @@ def _late_start_of_a_failed_backend() -> tuple[State, Message]:
 def _as_sets(table: RoutingTable) -> tuple[dict[str, Any], dict[str, Any]]:
     """A routing table with each backend's replica tuple taken as a set."""
     backends = {
-        tag: (frozenset(route.replicas), len(route.replicas), route.max_batch_size)
+        tag: attrs.evolve(route, replicas=tuple(sorted(route.replicas)))
         for tag, route in table.backends.items()
     }
     return dict(table.endpoints), backends
@@ -298,17 +287,9 @@ def _rejects_or_keeps_invariants(state: State, message: Message) -> None:
     check_transition(state, message, t)
 
 
-@example(_late_start_of_a_failed_backend())
+@example(_late_start_of_a_failed_backend())  # once a bug; rare for random search
 @given(pairs())
 def test_step_rejects_or_keeps_invariants(pair: tuple[State, Message]) -> None:
-    _rejects_or_keeps_invariants(*pair)
-
-
-@given(pairs(avoid_failed=True))
-def test_step_rejects_or_keeps_invariants_from_states_without_failed_backends(
-    pair: tuple[State, Message],
-) -> None:
-    """The same property, from states the known FAILED bug cannot reach."""
     _rejects_or_keeps_invariants(*pair)
 
 
@@ -362,10 +343,6 @@ def test_checkpoint_round_trip(state: State, seq: int) -> None:
     assert restored == state and restored_seq == seq
     assert _as_sets(restored.routing_table()) == _as_sets(state.routing_table())
     assert encode(restored, seq) == data
-    try:
-        validate_state(state)
-    except AssertionError:
-        return  # an invalid state is test_step_rejects_or_keeps_invariants' business
     validate_state(restored)
 
 
