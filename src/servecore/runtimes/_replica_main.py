@@ -38,7 +38,6 @@ controller state, which is checkpointed as JSON. A malformed frame closes the co
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import os
 import pickle
@@ -197,25 +196,50 @@ class _Terminate(Exception):
     """Raised in the main thread by the SIGTERM handler to leave the accept loop."""
 
 
-def _load_target(target: str, init_args: list[Any], init_kwargs: dict[str, Any]) -> Any:
-    """Import ``"pkg.mod:attr.path"``; a class is instantiated, anything else is used as is."""
-    module_name, _, attr = target.partition(":")
-    obj: Any = importlib.import_module(module_name)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    if isinstance(obj, type):
-        return obj(*init_args, **init_kwargs)
-    return obj
+def _build(spec: dict[str, Any]) -> Callable[[list[tuple[Any, Any]]], list[Any]]:
+    """Import and construct the target exactly as the threads runtime does, and return
+    ``run(batch)`` taking ``(args, kwargs)`` pairs.
+
+    servecore itself is imported here, not at the top of the file: only after the
+    record is written, and inside the start's error handling.
+    """
+    from servecore._batch import import_target, instantiate, is_batch, make_runner
+    from servecore._errors import InvalidConfig
+    from servecore.runtimes._protocol import Query
+
+    obj = instantiate(import_target(spec["target"]), spec["init_args"], spec["init_kwargs"])
+    if spec["max_batch_size"] is not None and not is_batch(obj):
+        raise InvalidConfig(
+            "max_batch_size",
+            spec["max_batch_size"],
+            f"target {spec['target']} is not marked @servecore.batch, so it cannot take "
+            f"batches; mark it or leave max_batch_size unset",
+            backend=spec["backend"],
+        )
+    reconfigure = getattr(obj, "reconfigure", None)
+    if spec["user_config"] is not None and callable(reconfigure):
+        reconfigure(spec["user_config"])
+    runner = make_runner(obj, spec["target"])
+
+    def run(batch: list[tuple[Any, Any]]) -> list[Any]:
+        return runner([Query(args=args, kwargs=kwargs) for args, kwargs in batch])
+
+    return run
 
 
 class _Server:
     """Serves one constructed target on a listening socket until SIGTERM."""
 
     def __init__(
-        self, *, target: Callable[..., Any], listener: socket.socket, files: ReplicaFiles,
-        tag: str, concurrency: int,
-    ) -> None:  # fmt: skip
-        self.target = target
+        self,
+        *,
+        run: Callable[[list[tuple[Any, Any]]], list[Any]],
+        listener: socket.socket,
+        files: ReplicaFiles,
+        tag: str,
+        concurrency: int,
+    ) -> None:
+        self.run = run
         self.listener = listener
         self.files = files
         self.tag = tag
@@ -340,12 +364,17 @@ class _Connection:
             self._reply(GONE, request_id, dumps("the replica is stopping"))
             return
         try:
-            batch = pickle.loads(body)
-            target = server.target
-            results = [target(*args, **kwargs) for args, kwargs in batch]
-        except BaseException as exc:
+            results = server.run(pickle.loads(body))
+        except Exception as exc:
             self._reply(ERROR, request_id, dumps(error_info(exc)))
             return
+        except BaseException as exc:
+            # SystemExit & co. escaping user code end the replica, as they would end
+            # the thread of a threads-runtime replica: the host reports it dead.
+            reason = f"{type(exc).__name__} escaped the user code: {exc}"
+            self._reply(GONE, request_id, dumps(reason))
+            print(f"replica {server.tag} ends: {reason}", file=sys.stderr, flush=True)
+            os._exit(70)
         try:
             out = dumps(results)
         except Exception as exc:
@@ -403,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         # Import the user's code the way the host would have.
         extra = [p for p in spec["sys_path"] if p not in sys.path]
         sys.path[:0] = extra
-        target = _load_target(spec["target"], spec["init_args"], spec["init_kwargs"])
+        run = _build(spec)
         dir_fd = os.open(files.directory, os.O_RDONLY | os.O_DIRECTORY)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         with contextlib.suppress(FileNotFoundError):
@@ -422,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     _send_status(status, OK, dumps({"pid": os.getpid(), "create_time": record["create_time"]}))
     print(f"replica {tag} (pid {os.getpid()}) serving {spec['target']}", flush=True)
     _Server(
-        target=target,
+        run=run,
         listener=listener,
         files=files,
         tag=tag,

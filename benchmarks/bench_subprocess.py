@@ -1,0 +1,303 @@
+"""Round trips and start time of the subprocess runtime, beside raw baselines.
+
+Rows, all measured in the same run:
+
+* ``raw unix-socket echo`` -- a trio host sends a length-prefixed frame over a Unix
+  socket to a child Python process that echoes it back from a plain blocking loop: the
+  floor any out-of-process replica pays. The target is ``runtime.call`` within 2x.
+* ``runtime.call`` -- ``SubprocessRuntime.call`` on one replica of a trivial target
+  (``bench_targets:echo``): pickling, framing, the replica's threads, the host's reader.
+* ``handle.call`` -- the same through a controller, the router and a handle.
+
+Latency is sequential (one query at a time; p50/p99 of single round trips).
+Throughput is sequential too (``seq qps``), and with ``CONCURRENCY`` queries in flight
+(``conc qps``): pipelined frames for the raw echo, concurrent tasks otherwise.
+
+Start time: ``python -c pass`` (spawn and exit), ``python -c "import servecore"``, and
+``start_replica`` of a fresh replica (spawn, import, construct, connect), each the
+median of ``starts`` runs.
+
+Results print as a table and go to ``benchmarks/results/bench_subprocess.json``.
+Run: ``.venv/bin/python benchmarks/bench_subprocess.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+HERE = Path(__file__).resolve().parent
+# Replicas import targets with the host's sys.path, so this is enough for them too.
+sys.path.insert(0, str(HERE))
+
+import servecore  # noqa: E402
+from servecore import BackendConfig, StartReplica  # noqa: E402
+from servecore.runtimes import Query  # noqa: E402
+from servecore.runtimes.subprocess import SubprocessRuntime  # noqa: E402
+
+CONCURRENCY = 8
+
+#: The raw echo child: accept one connection, echo length-prefixed frames back.
+ECHO_SERVER = r"""
+import socket, struct, sys
+listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+listener.bind(sys.argv[1])
+listener.listen(1)
+print("ready", flush=True)
+conn, _ = listener.accept()
+rfile = conn.makefile("rb")
+while True:
+    header = rfile.read(4)
+    if len(header) < 4:
+        break
+    body = rfile.read(struct.unpack("!I", header)[0])
+    conn.sendall(header + body)
+"""
+
+
+class Settings:
+    """How many queries and starts each measurement runs."""
+
+    def __init__(self, quick: bool) -> None:
+        self.warmup = 200 if quick else 500
+        self.latency_n = 1000 if quick else 5000
+        self.throughput_n = 2000 if quick else 10000
+        self.starts = 3 if quick else 7
+
+
+def _percentile(sorted_ns: list[int], q: float) -> float:
+    return sorted_ns[min(len(sorted_ns) - 1, int(len(sorted_ns) * q))] / 1000
+
+
+def _row(name: str, latencies_ns: list[int], seq_qps: float, conc_qps: float) -> dict[str, Any]:
+    lat = sorted(latencies_ns)
+    return {
+        "name": name,
+        "p50_us": statistics.median(lat) / 1000,
+        "p99_us": _percentile(lat, 0.99),
+        "seq_qps": seq_qps,
+        "conc_qps": conc_qps,
+    }
+
+
+async def _sequential(fn: Any, warmup: int, n: int) -> tuple[list[int], float]:
+    for i in range(warmup):
+        await fn(i)
+    latencies: list[int] = []
+    clock = time.perf_counter_ns
+    start = clock()
+    for i in range(n):
+        t0 = clock()
+        await fn(i)
+        latencies.append(clock() - t0)
+    return latencies, n / ((clock() - start) / 1e9)
+
+
+async def _concurrent(fn: Any, n: int, concurrency: int) -> float:
+    per_task = n // concurrency
+
+    async def worker() -> None:
+        for i in range(per_task):
+            await fn(i)
+
+    start = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for _ in range(concurrency):
+            nursery.start_soon(worker)
+    return per_task * concurrency / (time.perf_counter() - start)
+
+
+# -- raw echo -------------------------------------------------------------------------
+
+
+class _RawClient:
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buffer = bytearray()
+
+    async def read_frame(self) -> bytes:
+        while True:
+            if len(self.buffer) >= 4:
+                end = 4 + int.from_bytes(self.buffer[:4], "big")
+                if len(self.buffer) >= end:
+                    body = bytes(self.buffer[4:end])
+                    del self.buffer[:end]
+                    return body
+            data = await self.stream.receive_some(1 << 16)
+            if not data:
+                raise EOFError("echo server closed")
+            self.buffer += data
+
+    async def echo(self, i: int) -> None:
+        body = str(i).encode()
+        await self.stream.send_all(len(body).to_bytes(4, "big") + body)
+        await self.read_frame()
+
+
+async def bench_raw(settings: Settings, workdir: Path) -> dict[str, Any]:
+    path = str(workdir / "echo.sock")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ECHO_SERVER, path], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        await trio.to_thread.run_sync(proc.stdout.readline)
+        stream = await trio.open_unix_socket(path)
+        client = _RawClient(stream)
+        latencies, seq_qps = await _sequential(client.echo, settings.warmup, settings.latency_n)
+
+        # Pipelined: keep CONCURRENCY frames in flight on the one connection.
+        n = settings.throughput_n
+        window = trio.Semaphore(CONCURRENCY)
+        start = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+
+            async def reader() -> None:
+                for _ in range(n):
+                    await client.read_frame()
+                    window.release()
+
+            nursery.start_soon(reader)
+            for i in range(n):
+                await window.acquire()
+                body = str(i).encode()
+                await stream.send_all(len(body).to_bytes(4, "big") + body)
+        conc_qps = n / (time.perf_counter() - start)
+        await stream.aclose()
+        return _row("raw unix-socket echo", latencies, seq_qps, conc_qps)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# -- the runtime ----------------------------------------------------------------------
+
+
+def _effect(tag: str) -> StartReplica:
+    return StartReplica(
+        tag=tag,
+        backend=tag.split("#")[0],
+        target="bench_targets:echo",
+        init_args=(),
+        init_kwargs={},
+        config=BackendConfig(max_concurrent_queries=CONCURRENCY),
+    )
+
+
+async def bench_runtime(settings: Settings, workdir: Path) -> list[dict[str, Any]]:
+    runtime = SubprocessRuntime(workdir / "runtime")
+    await runtime.open(namespace="bench", report=lambda event: None)
+    try:
+        await runtime.start_replica(_effect("echo#1"))
+
+        async def call(i: int) -> None:
+            await runtime.call("echo#1", [Query(args=(i,))])
+
+        latencies, seq_qps = await _sequential(call, settings.warmup, settings.latency_n)
+        conc_qps = await _concurrent(call, settings.throughput_n, CONCURRENCY)
+        rows = [_row("runtime.call", latencies, seq_qps, conc_qps)]
+
+        starts: list[float] = []
+        for n in range(settings.starts):
+            tag = f"fresh#{n}"
+            t0 = time.perf_counter()
+            await runtime.start_replica(_effect(tag))
+            starts.append(time.perf_counter() - t0)
+            await runtime.stop_replica(tag, 5.0)
+        await runtime.stop_replica("echo#1", 5.0)
+        rows.append({"name": "start_replica", "start_ms": statistics.median(starts) * 1000})
+        return rows
+    finally:
+        await runtime.close()
+
+
+async def bench_handle(settings: Settings, workdir: Path) -> dict[str, Any]:
+    runtime = SubprocessRuntime(workdir / "runtime-handle")
+    async with servecore.open_controller(runtime=runtime, name="bench-handle") as ctl:
+        await ctl.create_backend("echo", "bench_targets:echo", max_concurrent_queries=CONCURRENCY)
+        await ctl.create_endpoint("echo")
+        await ctl.set_traffic("echo", {"echo": 1.0})
+        handle = ctl.get_handle("echo")
+
+        async def call(i: int) -> None:
+            await handle.call(i)
+
+        latencies, seq_qps = await _sequential(call, settings.warmup, settings.latency_n)
+        conc_qps = await _concurrent(call, settings.throughput_n, CONCURRENCY)
+        await ctl.delete_endpoint("echo")
+        await ctl.delete_backend("echo")
+    return _row("handle.call", latencies, seq_qps, conc_qps)
+
+
+async def bench_spawn(settings: Settings, code: str) -> float:
+    times: list[float] = []
+    for _ in range(settings.starts):
+        t0 = time.perf_counter()
+        await trio.run_process([sys.executable, "-c", code])
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
+async def main(quick: bool) -> dict[str, Any]:
+    settings = Settings(quick)
+    with tempfile.TemporaryDirectory(prefix="bench-subprocess-") as tmp:
+        workdir = Path(tmp)
+        raw = await bench_raw(settings, workdir)
+        runtime_rows = await bench_runtime(settings, workdir)
+        handle = await bench_handle(settings, workdir)
+    bare_ms = await bench_spawn(settings, "pass")
+    import_ms = await bench_spawn(settings, "import servecore")
+    round_trips = [raw, runtime_rows[0], handle]
+    for row in round_trips:
+        row["p50_vs_raw"] = row["p50_us"] / raw["p50_us"]
+    return {
+        "benchmark": "bench_subprocess",
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "concurrency": CONCURRENCY,
+        "round_trips": round_trips,
+        "start_ms": {
+            "python -c pass": bare_ms,
+            "python -c 'import servecore'": import_ms,
+            "start_replica": runtime_rows[1]["start_ms"],
+        },
+    }
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print(
+        f"{'round trip':<24}{'p50 us':>9}{'p99 us':>9}{'seq qps':>10}{'conc qps':>10}{'p50/raw':>9}"
+    )
+    for row in result["round_trips"]:
+        print(
+            f"{row['name']:<24}{row['p50_us']:>9.1f}{row['p99_us']:>9.1f}"
+            f"{row['seq_qps']:>10.0f}{row['conc_qps']:>10.0f}{row['p50_vs_raw']:>8.2f}x"
+        )
+    print()
+    print(f"{'start':<32}{'median ms':>10}")
+    for name, ms in result["start_ms"].items():
+        print(f"{name:<32}{ms:>10.1f}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer queries and starts")
+    args = parser.parse_args()
+    result = trio.run(main, args.quick)
+    print_table(result)
+    out = HERE / "results" / "bench_subprocess.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {out}")
