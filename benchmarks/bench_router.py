@@ -96,14 +96,14 @@ def bench_threadpool(s: Settings) -> dict[str, Any]:
             pool.submit(echo, i).result()
             lat.append(time.perf_counter_ns() - t0)
         in_flight: collections.deque[concurrent.futures.Future[Any]] = collections.deque()
-        t0 = time.perf_counter()
+        began = time.perf_counter()
         for i in range(s.throughput_n):
             in_flight.append(pool.submit(echo, i))
             if len(in_flight) >= CONCURRENCY:
                 in_flight.popleft().result()
         while in_flight:
             in_flight.popleft().result()
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - began
     return _row("bare ThreadPoolExecutor", lat, s.throughput_n, seconds)
 
 
@@ -228,12 +228,12 @@ def _servecore_sync(runtime: str | Runtime, label: str, s: Settings) -> dict[str
             threading.Thread(target=client, args=(s.throughput_n // CONCURRENCY,))
             for _ in range(CONCURRENCY)
         ]
-        t0 = time.perf_counter()
+        began = time.perf_counter()
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - began
     done = (s.throughput_n // CONCURRENCY) * CONCURRENCY
     return _row(f"{label}: SyncHandle.call (host threads)", lat, done, seconds)
 
@@ -274,8 +274,10 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         r["p50_vs_threadpool"] = r["p50_us"] / baseline
     print(_table(rows, baseline))
-    print(f"({time.perf_counter() - began:.0f} s; {os.cpu_count()} CPUs; "
-          f"concurrency {CONCURRENCY}, {BATCH_CONCURRENCY} with batching)")
+    print(
+        f"({time.perf_counter() - began:.0f} s; {os.cpu_count()} CPUs; "
+        f"concurrency {CONCURRENCY}, {BATCH_CONCURRENCY} with batching)"
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
