@@ -715,6 +715,23 @@ class SubprocessRuntime:
             raise ReplicaDiedError(tag, f"no live replica with this tag in {self!r}")
         return await replica.call(batch)
 
+    # -- operations -----------------------------------------------------------------------
+
+    def pid(self, tag: str) -> int | None:
+        """The process id of replica ``tag`` if it is connected here, else ``None``."""
+        replica = self._replicas.get(tag)
+        return None if replica is None or replica.dead else replica.process.pid
+
+    def kill(self, tag: str, signum: int = signal.SIGKILL) -> None:
+        """Send ``signum`` (SIGKILL by default) to replica ``tag``'s process.
+
+        Its death is then observed, not declared: the watcher reports ``ReplicaDied``
+        and fails the calls in flight, exactly as for a crash.
+        """
+        replica = self._replicas.get(tag)
+        if replica is not None and not replica.dead:
+            replica.process.signal(signum)
+
     # -- helpers --------------------------------------------------------------------------
 
     def _require_open(self) -> Path:

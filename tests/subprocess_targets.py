@@ -1,0 +1,101 @@
+"""Targets for the subprocess runtime tests, imported by path (``subprocess_targets:...``)
+in replica processes; ``tests/`` is on the host's ``sys.path``, which replicas inherit."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+import servecore
+
+
+class Echo:
+    """Returns its argument; ``"pid"`` answers the replica's process id."""
+
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix
+
+    def __call__(self, value: Any = None) -> Any:
+        if value == "pid":
+            return os.getpid()
+        return f"{self.prefix}{value}"
+
+
+class Slow:
+    """Sleeps ``seconds`` per call; ``started`` counts calls begun (for drain tests)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+    def __call__(self, seconds: float) -> str:
+        time.sleep(seconds)
+        return f"slept {seconds}"
+
+
+class SlowInit:
+    """A constructor that takes ``seconds``."""
+
+    def __init__(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    def __call__(self) -> str:
+        return "ready"
+
+
+class Configurable:
+    """Keeps the ``user_config`` given to ``reconfigure``."""
+
+    def __init__(self) -> None:
+        self.config: Any = None
+
+    def reconfigure(self, config: Any) -> None:
+        self.config = config
+
+    def __call__(self) -> Any:
+        return self.config
+
+
+def read_env(name: str) -> str | None:
+    """The replica's environment variable ``name``."""
+    return os.environ.get(name)
+
+
+class CustomError(Exception):
+    """An importable exception type with extra state."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"custom failure {code}")
+        self.code = code
+
+
+def raise_custom(code: int) -> None:
+    """Raise :class:`CustomError`."""
+    raise CustomError(code)
+
+
+def raise_local() -> None:
+    """Raise an exception whose class cannot be imported (or pickled) by the host."""
+
+    class LocalError(Exception):
+        pass
+
+    raise LocalError("from a class defined in a function")
+
+
+def unpicklable_result() -> Any:
+    """Return something pickle refuses."""
+    return threading.Lock()
+
+
+def exit_process() -> None:
+    """Let ``SystemExit`` escape the user code: the replica ends, as a thread would."""
+    sys.exit(3)
+
+
+@servecore.batch
+def lengths(items: list[str]) -> list[int]:
+    """A batch target: one length per item."""
+    return [len(item) for item in items]
