@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import targets
-from servecore._errors import EndpointExists, NoReplicaError, StoreLocked
+from servecore._errors import EndpointExists, NoReplicaError, ReplicaDiedError, StoreLocked
 from servecore._sync import SyncController, start
 from servecore.router import Router
 from servecore.runtimes.threads import ThreadRuntime
@@ -124,3 +124,42 @@ def test_restart_from_a_checkpoint(tmp_path: Path) -> None:
         assert set(c.state.backends) == {"n"}
         assert len(c.routing_table.backends["n"].replicas) == 2
         assert c.get_handle("e").call(5) == ("n", 5)
+
+
+def test_sync_handles_take_every_path(ctl: SyncController) -> None:
+    """Direct to a free replica, or through trio: queued, batched, shadowed, dead."""
+    ctl.create_backend("one", targets.Identity, max_concurrent_queries=1)
+    ctl.create_backend("copy", targets.Recorder, init_args=["sync-shadow"])
+    ctl.create_backend(
+        "b",
+        targets.BatchRecorder,
+        init_args=["sync-batches"],
+        max_batch_size=4,
+        batch_wait_timeout_s=0.02,
+    )
+    ctl.create_backend("m", targets.Mortal)
+    for name, backend in (("one", "one"), ("b", "b"), ("m", "m")):
+        ctl.create_endpoint(name)
+        ctl.set_traffic(name, {backend: 1.0})
+    ctl.set_shadow_traffic("one", "copy", 1.0)
+
+    one, batched = ctl.get_handle("one"), ctl.get_handle("b")
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        # One slot, eight threads: most queries queue in trio behind the direct ones.
+        assert [v for _, v in pool.map(one.call, range(80))] == list(range(80))
+        assert list(pool.map(batched.call, range(40))) == [2 * i for i in range(40)]
+    sizes = targets.BATCH_SIZES["sync-batches"]
+    assert sum(sizes) == 40 and max(sizes) <= 4
+
+    deadline = threading.Event()
+    for _ in range(1000):  # shadow copies are sent without delaying the caller
+        if len(targets.records("sync-shadow")) == 80:
+            break
+        deadline.wait(0.01)
+    assert sorted(targets.records("sync-shadow")) == list(range(80))
+
+    with pytest.raises(ReplicaDiedError, match="SystemExit"):
+        ctl.get_handle("m").call("exit")
+    ctl.update_backend_config("one", num_replicas=0)
+    with pytest.raises(NoReplicaError, match="no running replica"):
+        one.call(1)

@@ -10,10 +10,11 @@ until the async one returns, and raises what it raises::
         ctl.set_traffic("echo", {"echo": 1.0})
         print(ctl.get_handle("echo").call({"text": "hi"}))
 
-Handles are thread-safe: any host thread may call them at the same time (each call
-crosses into the trio thread with ``trio.from_thread.run``). Do not call these blocking
-methods from the controller's own trio thread (inside an async callback); they raise
-``RuntimeError`` there rather than deadlock.
+Handles are thread-safe: any host thread may call them at the same time. A query that
+finds a free replica of the threads runtime goes from the calling thread straight to
+the replica's thread; anything else crosses into trio with ``trio.from_thread.run``.
+Do not call these blocking methods from the controller's own trio thread (inside an
+async callback); they raise ``RuntimeError`` there rather than deadlock.
 """
 
 from __future__ import annotations
@@ -62,8 +63,12 @@ class SyncHandle:
         return SyncHandle(self._handle.options(timeout_s=timeout_s), self._token)
 
     def call(self, *args: Any, **kwargs: Any) -> Any:
-        """Run one query on the endpoint from any thread; block for its result."""
-        return _enter(self._token, functools.partial(self._handle.call, *args, **kwargs))
+        """Run one query on the endpoint from any thread; block for its result.
+
+        With the threads runtime, a query that finds a free replica goes straight from
+        this thread to the replica's thread, without a detour through trio.
+        """
+        return self._handle.call_blocking(*args, **kwargs)
 
     def __repr__(self) -> str:
         return f"SyncHandle(endpoint={self.endpoint!r}, timeout_s={self._handle.timeout_s!r})"

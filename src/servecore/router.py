@@ -34,11 +34,14 @@ run.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
 import logging
 import math
 import random
+import threading
 from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
@@ -100,11 +103,17 @@ class _Waiter:
 
 
 class _Backend:
-    """Per-backend routing state: live replicas, their load, and the wait queue."""
+    """Per-backend routing state: live replicas, their load, and the wait queue.
+
+    The wait queue is touched on the trio thread only. The replicas and their load are
+    also used by host threads calling synchronous handles directly
+    (:meth:`Router.call_blocking`), so they change only under ``lock``.
+    """
 
     def __init__(self, route: BackendRoute) -> None:
         self.tag = route.tag
         self.route = route
+        self.lock = threading.Lock()
         self.live: list[str] = list(route.replicas)
         self.outstanding: dict[str, int] = dict.fromkeys(route.replicas, 0)
         self.dead: set[str] = set()  # answered ReplicaDiedError; skipped until the table drops them
@@ -112,14 +121,36 @@ class _Backend:
         self.n_waiting = 0
         self._turn = itertools.count()
 
-    def set_route(self, route: BackendRoute) -> None:
-        self.route = route
-        self.dead &= set(route.replicas)
-        self.live = [t for t in route.replicas if t not in self.dead]
-        old = self.outstanding
-        self.outstanding = {t: n for t, n in old.items() if n > 0}
-        for t in self.live:
-            self.outstanding.setdefault(t, 0)
+    def set_route(self, route: BackendRoute | None) -> None:
+        """Adopt the backend's new route (None: the backend is gone)."""
+        with self.lock:
+            if route is None:
+                self.live = []
+                return
+            self.route = route
+            self.dead &= set(route.replicas)
+            self.live = [t for t in route.replicas if t not in self.dead]
+            old = self.outstanding
+            self.outstanding = {t: n for t, n in old.items() if n > 0}
+            for t in self.live:
+                self.outstanding.setdefault(t, 0)
+
+    def acquire(self, limit: int) -> str | None:
+        """Pick a replica below ``limit`` outstanding queries and count one more on it."""
+        with self.lock:
+            tag = self.pick(limit)
+            if tag is not None:
+                self.outstanding[tag] += 1
+            return tag
+
+    def add(self, tag: str, n: int) -> None:
+        """Count ``n`` more queries on ``tag`` (negative: fewer)."""
+        with self.lock:
+            left = self.outstanding.get(tag, 0) + n
+            if left > 0 or tag in self.live:
+                self.outstanding[tag] = left
+            else:
+                self.outstanding.pop(tag, None)
 
     def pick(self, limit: int) -> str | None:
         """The live replica with the fewest outstanding queries below ``limit``."""
@@ -142,9 +173,10 @@ class _Backend:
         return best
 
     def mark_dead(self, tag: str) -> None:
-        if tag in self.live:
-            self.dead.add(tag)
-            self.live.remove(tag)
+        with self.lock:
+            if tag in self.live:
+                self.dead.add(tag)
+                self.live = [t for t in self.live if t != tag]
 
 
 class _EndpointRoute:
@@ -199,6 +231,12 @@ class Router:
         self._endpoints: dict[str, _EndpointRoute] = {}
         self._backends: dict[str, _Backend] = {}
         self._nursery: trio.Nursery | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._trio_thread: int | None = None
+        # A runtime may run queries for host threads without trio (optional extension).
+        self._direct: Callable[[str, Sequence[Query], float | None], list[Any]] | None = getattr(
+            runtime, "call_blocking", None
+        )
         self._closed = False
         #: Shadow copies sent, and how many of them failed (their errors are dropped).
         self.shadow_sent = 0
@@ -210,6 +248,8 @@ class Router:
         """Run batches and shadow copies in ``nursery``; when it is cancelled (the
         controller closes), every waiting query fails instead of hanging."""
         self._nursery = nursery
+        self._token = trio.lowlevel.current_trio_token()
+        self._trio_thread = threading.get_ident()
         nursery.start_soon(self._watch_close)
 
     async def _watch_close(self) -> None:
@@ -241,7 +281,7 @@ class Router:
             backends[tag] = b
         for tag, b in self._backends.items():
             if tag not in backends:
-                b.live = []
+                b.set_route(None)
                 self._fail_waiting(b, f"backend {tag!r} was deleted")
         self._backends = backends
         for b in backends.values():
@@ -256,6 +296,24 @@ class Router:
         return Handle(self, endpoint)
 
     # -- queries --------------------------------------------------------------------------
+
+    async def call_timed(
+        self, endpoint: str, query: Query, timeout_s: float | None, backend: str | None = None
+    ) -> Any:
+        """:meth:`call` with a timeout (``TimeoutError``); ``backend`` if already chosen."""
+        if timeout_s is None:
+            return await self._call_on(endpoint, query, backend)
+        with trio.move_on_after(timeout_s):
+            return await self._call_on(endpoint, query, backend)
+        raise TimeoutError(f"query to endpoint {endpoint!r} got no answer within {timeout_s}s")
+
+    async def _call_on(self, endpoint: str, query: Query, backend: str | None) -> Any:
+        if backend is None:
+            return await self.call(endpoint, query)
+        b = self._backends.get(backend)
+        if b is None:
+            raise NoReplicaError(endpoint, f"backend {backend!r} was deleted")
+        return await self._query(endpoint, b, query)
 
     async def call(self, endpoint: str, query: Query) -> Any:
         """Send one query to ``endpoint``; return its result or raise its error."""
@@ -277,11 +335,9 @@ class Router:
             raise NoReplicaError(endpoint, "the controller is closed")
         if b.route.max_batch_size is not None:
             return await self._query_batched(endpoint, b, query)
-        tag = None if b.n_waiting else b.pick(b.route.max_concurrent_queries)
+        tag = None if b.n_waiting else b.acquire(b.route.max_concurrent_queries)
         if tag is None:
             tag = await self._wait_for_slot(endpoint, b, query)  # its slot comes counted
-        else:
-            b.outstanding[tag] += 1
         try:
             results = await self.runtime.call(tag, (query,))
         except ReplicaDiedError as exc:
@@ -363,11 +419,7 @@ class Router:
     # -- dispatch -------------------------------------------------------------------------
 
     def _release(self, b: _Backend, tag: str, n: int) -> None:
-        left = b.outstanding.get(tag, 0) - n
-        if left > 0 or tag in b.live:
-            b.outstanding[tag] = left
-        else:
-            b.outstanding.pop(tag, None)
+        b.add(tag, -n)
         if b.n_waiting:
             self._pump(b)
 
@@ -398,16 +450,17 @@ class Router:
                 waiting.popleft()
                 continue
             if not head.batched:
-                tag = b.pick(route.max_concurrent_queries)
+                tag = b.acquire(route.max_concurrent_queries)
                 if tag is None:
                     return None
                 waiting.popleft()
                 b.n_waiting -= 1
                 head.tag = tag
-                b.outstanding[tag] += 1
                 head.finish()
                 continue
-            tag = b.pick(1)  # a batching replica runs one batch at a time
+            # A batching replica runs one batch at a time. (Host threads never call a
+            # batching backend directly, so picking without the lock is safe here.)
+            tag = b.pick(1)
             if tag is None:
                 return None
             size = max(1, min(route.max_batch_size or 1, route.max_concurrent_queries))
@@ -427,7 +480,7 @@ class Router:
                 w.dispatched = True
                 batch.append(w)
             b.n_waiting -= len(batch)
-            b.outstanding[tag] += len(batch)
+            b.add(tag, len(batch))
             if len(batch) == 1 and batch[0] is own:
                 own.done = True
                 return tag
@@ -442,7 +495,7 @@ class Router:
         except RuntimeError:
             for w in batch:
                 w.finish(error=NoReplicaError(w.endpoint, "the controller is closed"))
-            b.outstanding[tag] -= len(batch)
+            b.add(tag, -len(batch))
 
     async def _run_batch(self, b: _Backend, tag: str, batch: list[_Waiter]) -> None:
         try:
@@ -470,6 +523,56 @@ class Router:
             for w, result in zip(batch, results, strict=True):
                 w.finish(result=result)
         self._release(b, tag, len(batch))
+
+    # -- host threads ---------------------------------------------------------------------
+
+    def call_blocking(self, endpoint: str, query: Query, timeout_s: float | None = None) -> Any:
+        """Send one query from a host thread (never the trio thread), blocking.
+
+        When the runtime offers ``call_blocking(tag, batch, timeout_s)`` (the threads
+        runtime does) and the chosen backend has a free replica, no queue and no
+        batching, the query goes from this thread straight to the replica, as with a
+        thread pool; trio only hears about it if there is work to hand on (shadow
+        copies, queued queries, a dead replica). Otherwise it enters trio and takes the
+        ordinary path. The choice of backend is made once either way.
+        """
+        token = self._token
+        if token is None:
+            raise RuntimeError("the router was not started; use it through a controller")
+        if threading.get_ident() == self._trio_thread:
+            raise RuntimeError("call_blocking() would block trio; use 'await handle.call()'")
+        ep = self._endpoints.get(endpoint)
+        direct = self._direct
+        if direct is None or ep is None or not ep.tags or self._closed:
+            return _from_thread(token, self.call_timed, endpoint, query, timeout_s)
+        tag = ep.choose(self.rng)
+        for shadow_tag, proportion in ep.shadows:
+            if proportion >= 1.0 or self.rng.random() < proportion:
+                _post(token, self._send_shadow, endpoint, shadow_tag, query)
+        b = self._backends.get(tag)
+        rtag = None
+        if b is not None and b.route.max_batch_size is None and not b.n_waiting:
+            rtag = b.acquire(b.route.max_concurrent_queries)
+        if b is None or rtag is None:
+            return _from_thread(token, self.call_timed, endpoint, query, timeout_s, tag)
+        try:
+            return direct(rtag, (query,), timeout_s)[0]
+        except ReplicaDiedError as exc:
+            if exc.tag == rtag:
+                _post(token, self._lost_replica, b, rtag)
+            raise
+        except TimeoutError:
+            raise TimeoutError(
+                f"query to endpoint {endpoint!r} got no answer within {timeout_s}s"
+            ) from None
+        finally:
+            b.add(rtag, -1)
+            if b.n_waiting:
+                _post(token, self._pump_waiting, b)
+
+    def _pump_waiting(self, b: _Backend) -> None:
+        if b.n_waiting:
+            self._pump(b)
 
     # -- shadow traffic -------------------------------------------------------------------
 
@@ -526,16 +629,42 @@ class Handle:
         """A copy of this handle with ``timeout_s`` (None: wait as long as it takes)."""
         return Handle(self._router, self.endpoint, timeout_s=timeout_s)
 
+    @property
+    def router(self) -> Router:
+        """The router this handle sends through."""
+        return self._router
+
     async def call(self, *args: Any, **kwargs: Any) -> Any:
         """Run one query on the endpoint and return its result."""
         query = Query(args=args, kwargs=kwargs)
         if self.timeout_s is None:
             return await self._router.call(self.endpoint, query)
-        with trio.move_on_after(self.timeout_s):
-            return await self._router.call(self.endpoint, query)
-        raise TimeoutError(
-            f"query to endpoint {self.endpoint!r} got no answer within {self.timeout_s}s"
+        return await self._router.call_timed(self.endpoint, query, self.timeout_s)
+
+    def call_blocking(self, *args: Any, **kwargs: Any) -> Any:
+        """Run one query from a host thread (not the trio thread), blocking for the result.
+
+        Thread-safe; what :class:`~servecore.SyncHandle` uses.
+        """
+        return self._router.call_blocking(
+            self.endpoint, Query(args=args, kwargs=kwargs), self.timeout_s
         )
 
     def __repr__(self) -> str:
         return f"Handle(endpoint={self.endpoint!r}, timeout_s={self.timeout_s!r})"
+
+
+def _post(token: trio.lowlevel.TrioToken, fn: Callable[..., object], *args: Any) -> None:
+    """Run ``fn(*args)`` on the trio thread soon, unless trio has already finished."""
+    with contextlib.suppress(trio.RunFinishedError):
+        token.run_sync_soon(fn, *args)
+
+
+def _from_thread(
+    token: trio.lowlevel.TrioToken, afn: Callable[..., Awaitable[Any]], *args: Any
+) -> Any:
+    """Run ``await afn(*args)`` in trio from a host thread and block for it."""
+    try:
+        return trio.from_thread.run(afn, *args, trio_token=token)
+    except trio.RunFinishedError:
+        raise RuntimeError("the servecore controller is closed") from None

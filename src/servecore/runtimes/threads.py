@@ -103,12 +103,13 @@ class _Waker:
 class _Job:
     """One batch on its way through a replica, and how to wake whoever waits for it."""
 
-    __slots__ = ("batch", "by_trio", "done", "finished", "outcome", "task", "waker")
+    __slots__ = ("batch", "by_trio", "done", "finished", "lock", "outcome", "task", "waker")
 
     def __init__(self, batch: Sequence[Query], waker: _Waker | None) -> None:
         self.batch = batch
         self.waker = waker
         self.task: trio.lowlevel.Task | None = None  # woken by reschedule when no waker
+        self.lock: threading.Lock | None = None  # held while a host thread waits (blocking)
         self.outcome: outcome.Outcome[Any] | None = None
         # (trio) the caller was answered or gave up; the worker skips it if not begun.
         self.done = False
@@ -132,7 +133,10 @@ class _Replica:
         self.ready = trio.Event()  # (trio) construction finished, either way
         self.start_error: BaseException | None = None  # (trio)
         self.finished = trio.Event()  # (trio) the worker thread has returned
-        self.accepting = False  # (trio) takes new queries
+        # Takes new queries. Written on the trio thread under admit_lock, so that a host
+        # thread's check-and-enqueue (call_blocking) never slips in behind a stop.
+        self.accepting = False
+        self.admit_lock = threading.Lock()
         self.stopping = False  # (trio) a stop was asked for: its death is not news
         # Read by the worker thread; written once, on the trio thread.
         self.dead = False
@@ -224,8 +228,9 @@ class ThreadRuntime:
             return
         if not rep.stopping:
             rep.stopping = True
-            rep.accepting = False
-            rep.inbox.put(None)  # after every query already queued: FIFO drains them
+            with rep.admit_lock:
+                rep.accepting = False
+                rep.inbox.put(None)  # after every query already queued: FIFO drains them
         with trio.move_on_after(timeout_s):
             await rep.finished.wait()
         if not rep.finished.is_set():
@@ -303,6 +308,38 @@ class ThreadRuntime:
         self._n_wakers += 1
         return _Waker()
 
+    def call_blocking(
+        self, tag: str, batch: Sequence[Query], timeout_s: float | None = None
+    ) -> list[Any]:
+        """Run ``batch`` on replica ``tag`` from a host thread (not the trio thread),
+        blocking until it is done: the round trip of a thread pool, without trio.
+
+        An optional extension of the Runtime protocol: the router uses it to serve
+        synchronous handles directly. Raises ``TimeoutError`` after ``timeout_s``.
+        """
+        rep = self._replicas.get(tag)
+        lock = threading.Lock()
+        lock.acquire()
+        job = _Job(batch, None)
+        job.lock = lock
+        if rep is None:
+            raise ReplicaDiedError(tag, "the threads runtime cannot serve it: it is not alive")
+        with rep.admit_lock:
+            if not rep.accepting:
+                why = "it is stopping" if rep.stopping else "it is not alive"
+                raise ReplicaDiedError(tag, f"the threads runtime cannot serve it: {why}")
+            rep.jobs.add(job)
+            rep.inbox.put(job)
+        if not lock.acquire(timeout=-1 if timeout_s is None else timeout_s):
+            job.done = True  # the worker skips it if it has not begun
+            rep.jobs.discard(job)
+            raise TimeoutError(f"replica {tag!r} gave no answer within {timeout_s}s")
+        job.done = True
+        rep.jobs.discard(job)
+        assert job.outcome is not None
+        answer: list[Any] = job.outcome.unwrap()
+        return answer
+
     # -- operations -----------------------------------------------------------------------
 
     def kill(self, tag: str, reason: str = "killed") -> None:
@@ -328,9 +365,10 @@ class ThreadRuntime:
         trio.lowlevel.reschedule(job.task, job.outcome)
 
     def _fail(self, rep: _Replica, reason: str) -> None:
-        rep.dead = True
-        rep.accepting = False
-        rep.inbox.put(None)  # wake an idle worker so its thread ends
+        with rep.admit_lock:
+            rep.dead = True
+            rep.accepting = False
+            rep.inbox.put(None)  # wake an idle worker so its thread ends
         for job in list(rep.jobs):
             if job.done:
                 continue
@@ -338,6 +376,9 @@ class ThreadRuntime:
             if job.waker is not None:
                 job.by_trio = True
                 job.waker.signal()
+            elif job.lock is not None:
+                job.by_trio = True
+                _unlock(job.lock)
             else:
                 self._deliver(rep, job)
         rep.jobs.clear()
@@ -355,7 +396,8 @@ class ThreadRuntime:
 
     def _on_started(self, rep: _Replica, error: BaseException | None) -> None:
         rep.start_error = error
-        rep.accepting = error is None and not rep.stopping and not rep.dead
+        with rep.admit_lock:
+            rep.accepting = error is None and not rep.stopping and not rep.dead
         rep.ready.set()
 
     def _on_finished(self, rep: _Replica, death: str | None) -> None:
@@ -466,6 +508,17 @@ class ThreadRuntime:
             if waker is not None:
                 waker.signal()
                 job.finished = True  # after the signal: now its waker may be reused
+            elif job.lock is not None:
+                job.finished = True
+                _unlock(job.lock)
             else:
                 job.finished = True
                 post(self._deliver, rep, job)
+
+
+def _unlock(lock: threading.Lock) -> None:
+    """Wake the host thread waiting on ``lock`` (a death and a late answer may both try)."""
+    try:  # noqa: SIM105 - the hot path; contextlib.suppress costs more
+        lock.release()
+    except RuntimeError:
+        pass
