@@ -47,8 +47,8 @@ from servecore._core import (
     step,
 )
 from servecore._errors import BackendStartError, CheckpointError
-from servecore.runtimes import Runtime, resolve_runtime
 from servecore.router import Handle, Router  # issue 3: serving queries
+from servecore.runtimes import Runtime, resolve_runtime
 from servecore.stores import Store, as_store
 
 __all__ = ["Controller", "open_controller"]
