@@ -356,3 +356,24 @@ async def test_close_stops_every_replica() -> None:
     assert await runtime.list_replicas() == frozenset()
     with pytest.raises(ReplicaDiedError):
         await runtime.call("a#0", [q(1)])
+
+
+async def test_call_blocking_from_a_host_thread(rt: Opened) -> None:
+    """The optional extension sync handles use: no trio on the way."""
+    gate = targets.Gate.named("blocking")
+    await rt.runtime.start_replica(effect("hb#0", targets.Named, "hb"))
+    await rt.runtime.start_replica(effect("hg#0", targets.Gated, "blocking"))
+    call = rt.runtime.call_blocking
+    assert await trio.to_thread.run_sync(call, "hb#0", [q(1)]) == [("hb", 1)]
+    with pytest.raises(targets.CustomError):
+        await rt.runtime.start_replica(effect("hr#0", targets.Raiser))
+        await trio.to_thread.run_sync(call, "hr#0", [q(1)])
+    try:
+        with pytest.raises(TimeoutError, match="'hg#0' gave no answer"):
+            await trio.to_thread.run_sync(call, "hg#0", [q(1)], 0.01)
+    finally:
+        gate.release.set()
+    await rt.runtime.stop_replica("hb#0", 1.0)
+    # A replica that takes no queries runs nothing and says so with None.
+    assert await trio.to_thread.run_sync(call, "hb#0", [q(2)]) is None
+    assert await trio.to_thread.run_sync(call, "never#0", [q(2)]) is None

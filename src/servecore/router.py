@@ -234,9 +234,8 @@ class Router:
         self._token: trio.lowlevel.TrioToken | None = None
         self._trio_thread: int | None = None
         # A runtime may run queries for host threads without trio (optional extension).
-        self._direct: Callable[[str, Sequence[Query], float | None], list[Any]] | None = getattr(
-            runtime, "call_blocking", None
-        )
+        self._direct: Callable[[str, Sequence[Query], float | None], list[Any] | None] | None
+        self._direct = getattr(runtime, "call_blocking", None)
         self._closed = False
         #: Shadow copies sent, and how many of them failed (their errors are dropped).
         self.shadow_sent = 0
@@ -533,8 +532,9 @@ class Router:
         runtime does) and the chosen backend has a free replica, no queue and no
         batching, the query goes from this thread straight to the replica, as with a
         thread pool; trio only hears about it if there is work to hand on (shadow
-        copies, queued queries, a dead replica). Otherwise it enters trio and takes the
-        ordinary path. The choice of backend is made once either way.
+        copies, queued queries, a dead replica). Otherwise -- or if the runtime answers
+        ``None``, meaning the replica took nothing because it is going away -- it enters
+        trio and takes the ordinary path. The backend is chosen once either way.
         """
         token = self._token
         if token is None:
@@ -556,7 +556,7 @@ class Router:
         if b is None or rtag is None:
             return _from_thread(token, self.call_timed, endpoint, query, timeout_s, tag)
         try:
-            return direct(rtag, (query,), timeout_s)[0]
+            results = direct(rtag, (query,), timeout_s)
         except ReplicaDiedError as exc:
             if exc.tag == rtag:
                 _post(token, self._lost_replica, b, rtag)
@@ -569,6 +569,9 @@ class Router:
             b.add(rtag, -1)
             if b.n_waiting:
                 _post(token, self._pump_waiting, b)
+        if results is None:  # the replica is leaving the table: route again, in trio
+            return _from_thread(token, self.call_timed, endpoint, query, timeout_s, tag)
+        return results[0]
 
     def _pump_waiting(self, b: _Backend) -> None:
         if b.n_waiting:

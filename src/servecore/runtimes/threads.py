@@ -310,24 +310,26 @@ class ThreadRuntime:
 
     def call_blocking(
         self, tag: str, batch: Sequence[Query], timeout_s: float | None = None
-    ) -> list[Any]:
+    ) -> list[Any] | None:
         """Run ``batch`` on replica ``tag`` from a host thread (not the trio thread),
         blocking until it is done: the round trip of a thread pool, without trio.
 
-        An optional extension of the Runtime protocol: the router uses it to serve
-        synchronous handles directly. Raises ``TimeoutError`` after ``timeout_s``.
+        An optional extension of the Runtime protocol, which the router uses to serve
+        synchronous handles directly. Returns ``None`` without running anything if the
+        replica takes no queries (any more), so the caller may route the query again;
+        raises ``TimeoutError`` after ``timeout_s``, and ``ReplicaDiedError`` if the
+        replica dies with the query.
         """
         rep = self._replicas.get(tag)
+        if rep is None:
+            return None
         lock = threading.Lock()
         lock.acquire()
         job = _Job(batch, None)
         job.lock = lock
-        if rep is None:
-            raise ReplicaDiedError(tag, "the threads runtime cannot serve it: it is not alive")
         with rep.admit_lock:
             if not rep.accepting:
-                why = "it is stopping" if rep.stopping else "it is not alive"
-                raise ReplicaDiedError(tag, f"the threads runtime cannot serve it: {why}")
+                return None
             rep.jobs.add(job)
             rep.inbox.put(job)
         if not lock.acquire(timeout=-1 if timeout_s is None else timeout_s):
