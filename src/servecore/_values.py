@@ -1,0 +1,317 @@
+"""Values of the pure core: configs, endpoints, backends, replicas, the routing table.
+
+The rules of :mod:`servecore._core` hold here too: no I/O, no clock, no randomness, no
+imports from the shell. Every value is a frozen, keyword-only attrs class validated at
+construction, so a bad value cannot exist; validation errors are the typed
+:class:`~servecore.CommandError` subclasses, naming the field and the value.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import attrs
+from immutables import Map
+
+from servecore._errors import (
+    InvalidConfig,
+    InvalidTarget,
+)
+
+__all__ = [
+    "EMPTY",
+    "WEIGHT_TOLERANCE",
+    "Backend",
+    "BackendConfig",
+    "BackendRoute",
+    "BackendStatus",
+    "Endpoint",
+    "Replica",
+    "ReplicaStatus",
+    "RoutingTable",
+    "replica_number",
+    "target_path",
+]
+
+#: Tolerance on "traffic weights sum to 1".
+WEIGHT_TOLERANCE = 1e-6
+
+EMPTY: Map[Any, Any] = Map()
+
+# ---------------------------------------------------------------------------------------
+# Small validators. Each raises the typed CommandError naming the field and value.
+
+
+def _json_value(value: Any, field: str) -> Any:
+    """Return ``value`` in the exact shape a JSON round trip gives back.
+
+    A checkpoint is JSON, and recovery must rebuild a state *equal* to the one saved,
+    so tuples become lists and mappings become dicts with string keys here, once.
+    """
+    if value is None or isinstance(value, (bool, str, int)):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidConfig(field, value, "must be a finite number (checkpoints are JSON)")
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v, f"{field}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise InvalidConfig(field, value, f"key {k!r} is not a string (JSON)")
+            out[k] = _json_value(v, f"{field}[{k!r}]")
+        return out
+    raise InvalidConfig(
+        field, value, f"{type(value).__name__} is not JSON-serializable; pass plain data"
+    )
+
+
+def _json_object(field: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise InvalidConfig(field, value, "must be a mapping with string keys")
+    result: dict[str, Any] = _json_value(value, field)
+    return result
+
+
+def _int_at_least(field: str, low: int, *, optional: bool = False) -> Callable[..., None]:
+    def check(_inst: Any, _attr: Any, value: Any) -> None:
+        if optional and value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidConfig(field, value, f"must be an integer >= {low}")
+        if value < low:
+            raise InvalidConfig(field, value, f"must be >= {low}")
+
+    return check
+
+
+def _seconds(field: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidConfig(field, value, "must be a number of seconds >= 0")
+    if not math.isfinite(value) or value < 0:
+        raise InvalidConfig(field, value, "must be a finite number of seconds >= 0")
+    return float(value)
+
+
+def _batch_wait(value: Any) -> float:
+    return _seconds("batch_wait_timeout_s", value)
+
+
+def _shutdown_timeout(value: Any) -> float:
+    return _seconds("graceful_shutdown_timeout_s", value)
+
+
+def _user_config(value: Any) -> Any:
+    return _json_value(value, "user_config")
+
+
+def _runtime_options(value: Any) -> dict[str, Any]:
+    return _json_object("runtime_options", value)
+
+
+def _init_args(value: Any) -> tuple[Any, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise InvalidConfig("init_args", value, "must be a tuple or list of arguments")
+    return tuple(_json_value(list(value), "init_args"))
+
+
+def _init_kwargs(value: Any) -> dict[str, Any]:
+    return _json_object("init_kwargs", value)
+
+
+_NAME = re.compile(r"^[^\s#/][^\s#]*$")
+
+
+def _name(kind: str) -> Callable[..., None]:
+    def check(_inst: Any, _attr: Any, value: Any) -> None:
+        if not isinstance(value, str) or not _NAME.match(value):
+            raise InvalidConfig(
+                f"{kind} name",
+                value,
+                "must be a non-empty string without whitespace or '#' that does not start with '/'",
+            )
+
+    return check
+
+
+_IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
+def target_path(target: Any) -> str:
+    """Return the import path ``"package.module:attribute"`` of ``target``.
+
+    ``target`` may already be such a string, or the module-level class or function
+    itself. Anything that cannot be imported again after a crash (a lambda, a closure,
+    an object of ``__main__``) raises :class:`~servecore.InvalidTarget` naming why.
+    """
+    if isinstance(target, str):
+        if not _IMPORT_PATH.match(target):
+            raise InvalidTarget(target, "not of the form 'package.module:attribute'")
+        return target
+    module = getattr(target, "__module__", None)
+    qualname = getattr(target, "__qualname__", None)
+    if not isinstance(module, str) or not isinstance(qualname, str):
+        raise InvalidTarget(target, "it has no __module__/__qualname__ to import it by")
+    if module == "__main__":
+        raise InvalidTarget(target, "it lives in __main__, which a restarted process cannot import")
+    if "<lambda>" in qualname:
+        raise InvalidTarget(target, "a lambda has no name to import it by")
+    if "<locals>" in qualname:
+        raise InvalidTarget(target, "it is defined inside a function (a closure)")
+    found: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    if found is not target:
+        raise InvalidTarget(target, f"{module}:{qualname} does not name this object")
+    return f"{module}:{qualname}"
+
+
+# ---------------------------------------------------------------------------------------
+# Values held by the state.
+
+
+class ReplicaStatus(enum.Enum):
+    """Where a replica is in its life: starting, serving, or being stopped."""
+
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    STOPPING = "STOPPING"
+
+
+class BackendStatus(enum.Enum):
+    """``UPDATING`` while replicas are short, ``HEALTHY`` when all run, ``FAILED`` when
+    starts kept failing (no more starts until the config changes)."""
+
+    UPDATING = "UPDATING"
+    HEALTHY = "HEALTHY"
+    FAILED = "FAILED"
+
+
+@attrs.frozen(kw_only=True)
+class BackendConfig:
+    """How a backend runs: its scale, batching, concurrency and runtime options.
+
+    Every field is validated here, so an invalid config cannot exist::
+
+        BackendConfig(num_replicas=2, max_batch_size=8, batch_wait_timeout_s=0.01)
+
+    ``num_replicas=0`` parks a backend without deleting it. ``runtime_options`` is
+    passed untouched to the runtime (e.g. Ray's ``num_cpus``); the runtime rejects keys
+    it does not know.
+    """
+
+    num_replicas: int = attrs.field(default=1, validator=_int_at_least("num_replicas", 0))
+    max_batch_size: int | None = attrs.field(
+        default=None, validator=_int_at_least("max_batch_size", 1, optional=True)
+    )
+    batch_wait_timeout_s: float = attrs.field(default=0.0, converter=_batch_wait)
+    max_concurrent_queries: int = attrs.field(
+        default=8, validator=_int_at_least("max_concurrent_queries", 1)
+    )
+    graceful_shutdown_timeout_s: float = attrs.field(default=5.0, converter=_shutdown_timeout)
+    user_config: Any = attrs.field(default=None, converter=_user_config)
+    runtime_options: dict[str, Any] = attrs.field(factory=dict, converter=_runtime_options)
+
+    def evolve(self, **changes: Any) -> BackendConfig:
+        """Return a copy with ``changes`` applied; unknown field names raise
+        :class:`~servecore.InvalidConfig` listing the known ones."""
+        known = {a.name for a in attrs.fields(BackendConfig)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise InvalidConfig(
+                unknown[0], changes[unknown[0]], f"unknown config key; known: {sorted(known)}"
+            )
+        return attrs.evolve(self, **changes)
+
+
+def _traffic_map(value: Any) -> Map[str, float]:
+    # Permissive on purpose: SetTraffic validates the result and names the endpoint.
+    if isinstance(value, Map):
+        return value
+    return Map(value) if isinstance(value, Mapping) else value
+
+
+@attrs.frozen(kw_only=True)
+class Endpoint:
+    """A named entry point: optional HTTP route, methods, traffic split and shadows."""
+
+    name: str
+    route: str | None = None
+    methods: tuple[str, ...] = ("GET",)
+    traffic: Map[str, float] = attrs.field(default=EMPTY, converter=_traffic_map)
+    shadow: Map[str, float] = attrs.field(default=EMPTY, converter=_traffic_map)
+
+
+@attrs.frozen(kw_only=True)
+class Backend:
+    """A registered piece of user code with its config and health."""
+
+    tag: str
+    target: str
+    init_args: tuple[Any, ...] = ()
+    init_kwargs: dict[str, Any] = attrs.field(factory=dict)
+    config: BackendConfig = attrs.field(factory=BackendConfig)
+    status: BackendStatus = BackendStatus.UPDATING
+    #: Consecutive failed starts; reset by a start that succeeds or a config change.
+    start_failures: int = 0
+    #: The replica's own error from the last failed start, if any.
+    last_error: str | None = None
+
+    def same_definition(self, other: Backend) -> bool:
+        return (self.target, self.init_args, self.init_kwargs, self.config) == (
+            other.target,
+            other.init_args,
+            other.init_kwargs,
+            other.config,
+        )
+
+
+@attrs.frozen(kw_only=True)
+class Replica:
+    """One running copy of a backend, named by a tag that is never reused."""
+
+    tag: str
+    backend: str
+    status: ReplicaStatus = ReplicaStatus.STARTING
+
+
+def replica_number(tag: str) -> int:
+    """The counter value ``n`` a replica tag ``"{backend}#{n}"`` was minted from."""
+    return int(tag.rsplit("#", 1)[1])
+
+
+@attrs.frozen(kw_only=True)
+class BackendRoute:
+    """What the router needs of a backend: its RUNNING replicas and query settings."""
+
+    tag: str
+    replicas: tuple[str, ...] = ()
+    max_batch_size: int | None = None
+    batch_wait_timeout_s: float = 0.0
+    max_concurrent_queries: int = 8
+
+    @classmethod
+    def of(cls, backend: Backend, replicas: tuple[str, ...] = ()) -> BackendRoute:
+        c = backend.config
+        return cls(
+            tag=backend.tag,
+            replicas=replicas,
+            max_batch_size=c.max_batch_size,
+            batch_wait_timeout_s=c.batch_wait_timeout_s,
+            max_concurrent_queries=c.max_concurrent_queries,
+        )
+
+
+@attrs.frozen(kw_only=True)
+class RoutingTable:
+    """The whole table the router works from. Immutable, so re-sending it is safe."""
+
+    endpoints: Map[str, Endpoint] = EMPTY
+    backends: Map[str, BackendRoute] = EMPTY
