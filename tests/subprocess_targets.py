@@ -25,10 +25,7 @@ class Echo:
 
 
 class Slow:
-    """Sleeps ``seconds`` per call; ``started`` counts calls begun (for drain tests)."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
+    """Sleeps ``seconds`` per call."""
 
     def __call__(self, seconds: float) -> str:
         time.sleep(seconds)
@@ -43,6 +40,16 @@ class SlowInit:
 
     def __call__(self) -> str:
         return "ready"
+
+
+class FailingInit:
+    """A constructor that always fails, with a recognisable message."""
+
+    def __init__(self) -> None:
+        raise ValueError("constructor failed on purpose")
+
+    def __call__(self) -> None:  # pragma: no cover - never constructed
+        return None
 
 
 class Configurable:
@@ -99,3 +106,13 @@ def exit_process() -> None:
 def lengths(items: list[str]) -> list[int]:
     """A batch target: one length per item."""
     return [len(item) for item in items]
+
+
+class Meeting:
+    """Each call waits at a barrier of ``parties`` and returns its arrival index."""
+
+    def __init__(self, parties: int) -> None:
+        self.barrier = threading.Barrier(parties, timeout=20)
+
+    def __call__(self) -> int:
+        return self.barrier.wait()

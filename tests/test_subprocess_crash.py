@@ -12,14 +12,12 @@ deleting the backend leaves no replica process behind.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 import trio
 
@@ -27,6 +25,7 @@ import servecore
 from servecore import ReplicaStatus, SQLiteStore
 from servecore.runtimes import Query
 from servecore.runtimes.subprocess import SubprocessRuntime, replica_key
+from subprocess_helpers import kill_everything_under, replica_processes
 
 pytestmark = pytest.mark.slow
 
@@ -36,33 +35,6 @@ HOST = Path(__file__).resolve().parent / "subprocess_host.py"
 MAX_POINTS = 36
 #: Bounded waits: only so that a broken build fails instead of hanging.
 HOST_TIMEOUT_S = 60.0
-
-
-def replica_processes(runtime_dir: Path) -> dict[str, psutil.Process]:
-    """Live (non-zombie) replica processes of ``runtime_dir``, by replica key."""
-    found: dict[str, psutil.Process] = {}
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        cmdline = proc.info["cmdline"] or []
-        if proc.info["status"] == psutil.STATUS_ZOMBIE or str(runtime_dir) not in cmdline:
-            continue
-        if "--key" in cmdline:
-            found[cmdline[cmdline.index("--key") + 1]] = proc
-    return found
-
-
-def kill_everything_under(path: Path) -> None:
-    """Kill (by pid) every process whose command line names ``path``, and wait."""
-    victims = []
-    for proc in psutil.process_iter(["cmdline"]):
-        if proc.pid != os.getpid() and any(
-            str(path) in part for part in proc.info["cmdline"] or ()
-        ):
-            try:
-                proc.kill()
-                victims.append(proc)
-            except psutil.Error:
-                pass
-    psutil.wait_procs(victims, timeout=10)
 
 
 @pytest.fixture

@@ -96,18 +96,24 @@ def frame(kind: int, request_id: int, body: bytes) -> bytes:
 def error_info(exc: BaseException) -> dict[str, Any]:
     """Describe ``exc`` so the other side can raise it again.
 
-    ``pickled`` is the exception itself when it pickles (``None`` otherwise); the type's
-    module and qualified name, the message and the formatted traceback always travel,
-    so an exception whose class cannot be imported on the other side still says what
-    it was.
+    ``pickled`` is the exception itself when it pickles (``None`` otherwise) and
+    ``state`` its ``__dict__``, for types whose constructor pickle cannot call again
+    (those with extra required arguments). The type's module and qualified name, the
+    message and the formatted traceback always travel, so an exception whose class
+    cannot be imported on the other side still says what it was.
     """
     try:
         pickled: bytes | None = dumps(exc)
     except Exception:
         pickled = None
+    try:
+        state: bytes | None = dumps(vars(exc))
+    except Exception:
+        state = None
     cls = type(exc)
     return {
         "pickled": pickled,
+        "state": state,
         "module": cls.__module__,
         "qualname": cls.__qualname__,
         "message": str(exc),

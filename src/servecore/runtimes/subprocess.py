@@ -176,11 +176,19 @@ def _rebuild_exception(info: Mapping[str, Any], tag: str) -> BaseException:
             exc = pickle.loads(info["pickled"])
     name = f"{info['module']}.{info['qualname']}"
     if exc is None:
+        # Pickle calls the constructor with the exception's args, which fails for types
+        # that take other arguments (InvalidConfig(field, value, why)): build the
+        # instance without its constructor, with the message and attributes it had.
         with contextlib.suppress(Exception):
             cls: Any = importlib.import_module(info["module"])
             for part in info["qualname"].split("."):
                 cls = getattr(cls, part)
-            exc = cls(info["message"])
+            if isinstance(cls, type) and issubclass(cls, BaseException):
+                rebuilt = cls.__new__(cls)
+                rebuilt.args = (info["message"],)
+                if info.get("state") is not None:
+                    vars(rebuilt).update(pickle.loads(info["state"]))
+                exc = rebuilt
     if not isinstance(exc, Exception):
         # Unknown types, and BaseExceptions such as SystemExit, which must not unwind
         # the caller as if the caller itself were exiting.

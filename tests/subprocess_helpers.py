@@ -1,0 +1,44 @@
+"""Process-table helpers for the subprocess runtime tests (not imported by replicas)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import psutil
+
+
+def replica_processes(runtime_dir: Path) -> dict[str, psutil.Process]:
+    """Live (non-zombie) replica processes of ``runtime_dir``, by replica key, read from
+    the process table: replicas carry ``--dir RUNTIME_DIR --key KEY`` on their command
+    line."""
+    found: dict[str, psutil.Process] = {}
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmdline = proc.info["cmdline"] or []
+        if proc.info["status"] == psutil.STATUS_ZOMBIE or str(runtime_dir) not in cmdline:
+            continue
+        if "--key" in cmdline:
+            found[cmdline[cmdline.index("--key") + 1]] = proc
+    return found
+
+
+def gone(pid: int) -> bool:
+    """Whether process ``pid`` has exited (a zombie has)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def kill_everything_under(path: Path) -> None:
+    """Kill, by pid, every process whose command line names ``path``; wait for them."""
+    victims = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or ()
+        if proc.pid != os.getpid() and any(str(path) in part for part in cmdline):
+            try:
+                proc.kill()
+                victims.append(proc)
+            except psutil.Error:
+                pass
+    psutil.wait_procs(victims, timeout=10)
