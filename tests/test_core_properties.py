@@ -30,6 +30,7 @@ from servecore import (
     ReplicaStartFailed,
     ReplicaStatus,
     ReplicaStopped,
+    RoutingTable,
     SetBackendConfig,
     SetShadowTraffic,
     SetTraffic,
@@ -42,7 +43,8 @@ from servecore import (
     validate_state,
 )
 from servecore._checkpoint import decode, encode
-from servecore._core import RoutingTable, replica_number
+from servecore._core import replica_number
+from servecore.testing import strategies as public
 
 ENDPOINTS = ("e1", "e2", "e3")
 BACKENDS = ("a", "b", "c")
@@ -364,7 +366,7 @@ def test_tags_are_never_reused(data: st.DataObject) -> None:
     """Over a whole run, a tag that left the state is never started again."""
     state = State()
     gone: set[str] = set()
-    for _ in range(data.draw(st.integers(0, 40), label="steps")):
+    for _ in range(data.draw(st.integers(0, 25), label="steps")):
         message = data.draw(messages(state))
         try:
             t = step(state, message)
@@ -374,4 +376,22 @@ def test_tags_are_never_reused(data: st.DataObject) -> None:
             if isinstance(e, StartReplica):
                 assert e.tag not in gone, f"{e.tag} was reused"
         gone |= set(state.replicas) - set(t.state.replicas)
+        state = t.state
+
+
+@given(st.data())
+def test_public_strategies_keep_invariants(data: st.DataObject) -> None:
+    """The same checks, driven by ``servecore.testing.strategies`` (plus Recover)."""
+    state = State()
+    commands = public.commands()
+    for _ in range(data.draw(st.integers(0, 20), label="steps")):
+        known = sorted(state.replicas)
+        recover = st.builds(Recover, live=st.sets(st.sampled_from([*known, "zz#9"])))
+        message = data.draw(commands | public.events(state) | recover)
+        try:
+            t = step(state, message)
+        except CommandError:
+            assert isinstance(message, COMMANDS), "events never raise"
+            continue
+        check_transition(state, message, t)
         state = t.state
