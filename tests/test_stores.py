@@ -237,6 +237,39 @@ def test_file_store_leaves_no_temporary_files(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json", "state.json.lock"]
 
 
+def test_file_store_fsyncs_the_file_then_replaces_then_fsyncs_the_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "state.json"
+    store = FileStore(path)
+    store.open()
+    calls: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any) -> None:
+        calls.append(("replace", f"{Path(src).parent == Path(dst).parent}"))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    try:
+        store.save(GOOD)
+    finally:
+        monkeypatch.undo()
+        store.close()
+    # The temporary file (in the same directory) is durable before it replaces the
+    # checkpoint, and the rename is durable before save returns.
+    assert [c[0] for c in calls] == ["fsync", "replace", "fsync"]
+    assert Path(calls[0][1]).parent == tmp_path and Path(calls[0][1]) != path
+    assert calls[1] == ("replace", "True")
+    assert Path(calls[2][1]) == tmp_path
+    assert path.read_bytes() == GOOD
+
+
 def test_sqlite_store_uses_wal_and_synchronous_full(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "state.db")
     store.open()
