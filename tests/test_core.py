@@ -7,6 +7,7 @@ that names the object and the value at fault, and a state left exactly as it was
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -1158,3 +1159,35 @@ def test_step_is_deterministic() -> None:
         ReplicaDied(tag="b#2", reason="x"),
     ]:
         assert step(state, message) == step(state, message)
+
+
+def _try(mutate: Callable[[], object]) -> None:
+    """Run a mutation; a value that refuses to be mutated is just as good."""
+    with contextlib.suppress(TypeError, AttributeError):
+        mutate()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="BUG: frozen values hold plain dicts/lists (init_args, init_kwargs, user_config, "
+    "runtime_options) shared by reference with StartReplica effects, so user code that "
+    "changes its constructor arguments or user_config (threads runtime) changes the "
+    "controller's state and the next checkpoint",
+)
+def test_effects_share_no_mutable_values_with_the_state() -> None:
+    config = BackendConfig(user_config={"k": [1]}, runtime_options={"resources": {"x": 1}})
+    command = CreateBackend(
+        tag="a", target=TARGET, init_args=([1],), init_kwargs={"labels": ["x"]}, config=config
+    )
+    t = check(State(), command)
+    before = encode(t.state, 0)
+    (effect,) = [e for e in t.effects if isinstance(e, StartReplica)]
+    # What a replica's constructor or reconfigure() may do with what it is given:
+    _try(lambda: effect.init_args[0].append(2))
+    _try(lambda: effect.init_kwargs["labels"].append("y"))
+    _try(lambda: effect.config.user_config["k"].append(2))
+    _try(lambda: effect.config.runtime_options["resources"].update(x=8))
+    assert encode(t.state, 0) == before
+    # ...and the backend still equals its definition, so restating it is a no-op.
+    assert step(t.state, command).state is t.state
