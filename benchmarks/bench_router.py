@@ -8,13 +8,14 @@ Rows, all measured in the same run:
 * ``bare trio memory channel`` -- a trio task sends to a server task and receives the
   reply over memory channels: the cost of trio scheduling alone.
 * per runtime (``RUNTIMES``): ``runtime.call`` (the runtime alone, no router),
-  ``handle.call`` (trio), ``SyncHandle.call`` (from host threads, via
-  ``servecore.start``) and ``handle.call`` on a batching backend.
+  ``handle.call`` (trio), ``handle.call`` on a batching backend, and
+  ``SyncHandle.call`` from host threads (``servecore.start``).
 
-Latency is sequential (one query at a time: p50/p99 of single round trips).
-Throughput keeps ``CONCURRENCY`` queries in flight (``BATCH_CONCURRENCY`` with
-batching) against one replica. Results print as a table and go to
-``benchmarks/results/bench_router.json``.
+Latency is sequential (one query at a time; p50/p99 of single round trips), measured
+in ``ROUNDS`` rounds that visit every row in turn, so that noise from other work on the
+machine spreads over all rows alike. Throughput keeps ``CONCURRENCY`` queries in flight
+(``BATCH_CONCURRENCY`` with batching) against one replica. Results print as a table and
+go to ``benchmarks/results/bench_router.json``.
 
 Another runtime is one more entry in ``RUNTIMES`` (name -> what ``open_controller``
 takes as ``runtime``), e.g. ``RUNTIMES["subprocess"] = lambda: "subprocess"``.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures
+import contextlib
 import json
 import os
 import platform
@@ -33,7 +35,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +51,6 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 import bench_targets  # noqa: E402
 
 import servecore  # noqa: E402
-from servecore._sync import start  # noqa: E402
 from servecore.runtimes import Query, Runtime  # noqa: E402
 
 #: Runtimes to measure: name -> a factory of what open_controller takes as ``runtime``.
@@ -60,54 +61,90 @@ RUNTIMES: dict[str, Callable[[], str | Runtime]] = {
 CONCURRENCY = 32
 BATCH_CONCURRENCY = 64
 MAX_BATCH_SIZE = 16
+ROUNDS = 5
+
+#: A latency probe: run ``n`` sequential round trips, return each one's nanoseconds.
+Latency = Callable[[int], Awaitable[list[int]]]
+#: A throughput probe: run ``n`` queries with many in flight, return the seconds taken.
+Throughput = Callable[[int], Awaitable[float]]
 
 
-class Settings:
-    """How many queries each measurement runs."""
+class Row:
+    """One line of the table: a name and its two probes."""
 
-    def __init__(self, quick: bool) -> None:
-        self.warmup = 200 if quick else 500
-        self.latency_n = 1000 if quick else 4000
-        self.throughput_n = 4000 if quick else 20000
+    def __init__(self, name: str, latency: Latency, throughput: Throughput) -> None:
+        self.name = name
+        self.latency = latency
+        self.throughput = throughput
+        self.samples: list[int] = []
+        self.seconds: list[float] = []
+
+    def result(self, throughput_n: int) -> dict[str, Any]:
+        lat = sorted(self.samples)
+        return {
+            "name": self.name,
+            "p50_us": statistics.median(lat) / 1000,
+            "p99_us": lat[min(len(lat) - 1, int(len(lat) * 0.99))] / 1000,
+            "throughput_qps": throughput_n / statistics.median(self.seconds),
+            "latency_samples": len(lat),
+        }
 
 
-def _row(name: str, latencies_ns: list[int], queries: int, seconds: float) -> dict[str, Any]:
-    lat = sorted(latencies_ns)
-    return {
-        "name": name,
-        "p50_us": statistics.median(lat) / 1000,
-        "p99_us": lat[min(len(lat) - 1, int(len(lat) * 0.99))] / 1000,
-        "throughput_qps": queries / seconds,
-    }
+async def _sequential(call: Callable[[int], Awaitable[Any]], n: int) -> list[int]:
+    lat = []
+    for i in range(n):
+        t0 = time.perf_counter_ns()
+        await call(i)
+        lat.append(time.perf_counter_ns() - t0)
+    return lat
+
+
+async def _concurrently(call: Callable[[int], Awaitable[Any]], total: int, tasks: int) -> float:
+    async def client(n: int) -> None:
+        for i in range(n):
+            await call(i)
+
+    began = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for k in range(tasks):
+            nursery.start_soon(client, total // tasks + (k < total % tasks))
+    return time.perf_counter() - began
 
 
 # -- baselines ----------------------------------------------------------------------------
 
 
-def bench_threadpool(s: Settings) -> dict[str, Any]:
-    """A one-worker ThreadPoolExecutor: submit + result."""
+@contextlib.asynccontextmanager
+async def threadpool_row() -> AsyncIterator[Row]:
+    """A one-worker ThreadPoolExecutor: submit + result, from the calling thread."""
     echo = bench_targets.echo
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        for i in range(s.warmup):
-            pool.submit(echo, i).result()
-        lat = []
-        for i in range(s.latency_n):
-            t0 = time.perf_counter_ns()
-            pool.submit(echo, i).result()
-            lat.append(time.perf_counter_ns() - t0)
-        in_flight: collections.deque[concurrent.futures.Future[Any]] = collections.deque()
-        began = time.perf_counter()
-        for i in range(s.throughput_n):
-            in_flight.append(pool.submit(echo, i))
-            if len(in_flight) >= CONCURRENCY:
+
+        async def latency(n: int) -> list[int]:
+            lat = []
+            for i in range(n):  # blocking the trio thread on purpose: a bare pool round trip
+                t0 = time.perf_counter_ns()
+                pool.submit(echo, i).result()
+                lat.append(time.perf_counter_ns() - t0)
+            return lat
+
+        async def throughput(n: int) -> float:
+            in_flight: collections.deque[concurrent.futures.Future[Any]] = collections.deque()
+            began = time.perf_counter()
+            for i in range(n):
+                in_flight.append(pool.submit(echo, i))
+                if len(in_flight) >= CONCURRENCY:
+                    in_flight.popleft().result()
+            while in_flight:
                 in_flight.popleft().result()
-        while in_flight:
-            in_flight.popleft().result()
-        seconds = time.perf_counter() - began
-    return _row("bare ThreadPoolExecutor", lat, s.throughput_n, seconds)
+            return time.perf_counter() - began
+
+        yield Row("bare ThreadPoolExecutor", latency, throughput)
 
 
-async def _trio_channel(s: Settings) -> dict[str, Any]:
+@contextlib.asynccontextmanager
+async def trio_channel_row() -> AsyncIterator[Row]:
+    """A trio task asks a server task over memory channels and awaits the reply."""
     echo = bench_targets.echo
     requests_send, requests_recv = trio.open_memory_channel[Any](CONCURRENCY)
 
@@ -115,63 +152,42 @@ async def _trio_channel(s: Settings) -> dict[str, Any]:
         async for value, reply in requests_recv:
             await reply.send(echo(value))
 
-    async def round_trip(value: Any, reply_send: Any, reply_recv: Any) -> Any:
-        await requests_send.send((value, reply_send))
-        return await reply_recv.receive()
+    def client() -> Callable[[int], Awaitable[Any]]:
+        reply_send, reply_recv = trio.open_memory_channel[Any](1)
+
+        async def round_trip(value: int) -> Any:
+            await requests_send.send((value, reply_send))
+            return await reply_recv.receive()
+
+        return round_trip
+
+    async def throughput(n: int) -> float:
+        clients = [client() for _ in range(CONCURRENCY)]
+        count = iter(range(n))
+
+        async def run(round_trip: Callable[[int], Awaitable[Any]]) -> None:
+            for i in count:
+                await round_trip(i)
+
+        began = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for round_trip in clients:
+                nursery.start_soon(run, round_trip)
+        return time.perf_counter() - began
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server)
-        reply_send, reply_recv = trio.open_memory_channel[Any](1)
-        for i in range(s.warmup):
-            await round_trip(i, reply_send, reply_recv)
-        lat = []
-        for i in range(s.latency_n):
-            t0 = time.perf_counter_ns()
-            await round_trip(i, reply_send, reply_recv)
-            lat.append(time.perf_counter_ns() - t0)
-
-        async def client(n: int) -> None:
-            send, recv = trio.open_memory_channel[Any](1)
-            for i in range(n):
-                await round_trip(i, send, recv)
-
-        seconds = await _concurrently(client, s.throughput_n, CONCURRENCY)
+        one = client()
+        yield Row("bare trio memory channel", lambda n: _sequential(one, n), throughput)
         nursery.cancel_scope.cancel()
-    return _row("bare trio memory channel", lat, s.throughput_n, seconds)
-
-
-async def _concurrently(client: Callable[[int], Awaitable[None]], total: int, n: int) -> float:
-    t0 = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        for k in range(n):
-            nursery.start_soon(client, total // n + (k < total % n))
-    return time.perf_counter() - t0
 
 
 # -- servecore ----------------------------------------------------------------------------
 
 
-async def _measure_async(
-    name: str, call: Callable[[int], Awaitable[Any]], s: Settings, concurrency: int
-) -> dict[str, Any]:
-    for i in range(s.warmup):
-        await call(i)
-    lat = []
-    for i in range(s.latency_n):
-        t0 = time.perf_counter_ns()
-        await call(i)
-        lat.append(time.perf_counter_ns() - t0)
-
-    async def client(n: int) -> None:
-        for i in range(n):
-            await call(i)
-
-    seconds = await _concurrently(client, s.throughput_n, concurrency)
-    return _row(name, lat, s.throughput_n, seconds)
-
-
-async def _servecore_async(runtime: str | Runtime, label: str, s: Settings) -> list[dict[str, Any]]:
-    rows = []
+@contextlib.asynccontextmanager
+async def servecore_rows(label: str, runtime: str | Runtime) -> AsyncIterator[list[Row]]:
+    """Rows for one runtime: raw runtime.call, handle.call, batched, and SyncHandle."""
     async with servecore.open_controller(runtime=runtime, name=f"bench-{label}") as ctl:
         await ctl.create_backend(
             "echo", "bench_targets:echo", max_concurrent_queries=BATCH_CONCURRENCY
@@ -191,92 +207,130 @@ async def _servecore_async(runtime: str | Runtime, label: str, s: Settings) -> l
         async def raw(i: int) -> Any:
             return (await rt.call(tag, (Query(args=(i,)),)))[0]
 
-        rows.append(await _measure_async(f"{label}: runtime.call", raw, s, CONCURRENCY))
-        handle = ctl.get_handle("echo")
-        rows.append(await _measure_async(f"{label}: handle.call", handle.call, s, CONCURRENCY))
-        batched = ctl.get_handle("echo_batch")
-        rows.append(
-            await _measure_async(
+        handle = ctl.get_handle("echo").call
+        batched = ctl.get_handle("echo_batch").call
+        rows = [
+            Row(
+                f"{label}: runtime.call",
+                lambda n: _sequential(raw, n),
+                lambda n: _concurrently(raw, n, CONCURRENCY),
+            ),
+            Row(
+                f"{label}: handle.call",
+                lambda n: _sequential(handle, n),
+                lambda n: _concurrently(handle, n, CONCURRENCY),
+            ),
+            Row(
                 f"{label}: handle.call, batching {MAX_BATCH_SIZE}",
-                batched.call,
-                s,
-                BATCH_CONCURRENCY,
-            )
-        )
-    return rows
-
-
-def _servecore_sync(runtime: str | Runtime, label: str, s: Settings) -> dict[str, Any]:
-    with start(runtime=runtime, name=f"bench-sync-{label}") as ctl:
-        ctl.create_backend("echo", "bench_targets:echo", max_concurrent_queries=CONCURRENCY)
-        ctl.create_endpoint("echo")
-        ctl.set_traffic("echo", {"echo": 1.0})
-        handle = ctl.get_handle("echo")
-        for i in range(s.warmup):
-            handle.call(i)
-        lat = []
-        for i in range(s.latency_n):
-            t0 = time.perf_counter_ns()
-            handle.call(i)
-            lat.append(time.perf_counter_ns() - t0)
-
-        def client(n: int) -> None:
-            for i in range(n):
-                handle.call(i)
-
-        threads = [
-            threading.Thread(target=client, args=(s.throughput_n // CONCURRENCY,))
-            for _ in range(CONCURRENCY)
+                lambda n: _sequential(batched, n),
+                lambda n: _concurrently(batched, n, BATCH_CONCURRENCY),
+            ),
         ]
-        began = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        seconds = time.perf_counter() - began
-    done = (s.throughput_n // CONCURRENCY) * CONCURRENCY
-    return _row(f"{label}: SyncHandle.call (host threads)", lat, done, seconds)
+
+        # The sync facade runs its own controller (and trio) in a background thread;
+        # the probes run in worker threads, as a synchronous host's threads would.
+        # (Its blocking methods refuse to run on a thread that runs trio, hence to_thread.)
+        def sync_setup() -> tuple[servecore.SyncController, servecore.SyncHandle]:
+            c = servecore.start(runtime=runtime, name=f"bench-sync-{label}")
+            c.create_backend("echo", "bench_targets:echo", max_concurrent_queries=64)
+            c.create_endpoint("echo")
+            c.set_traffic("echo", {"echo": 1.0})
+            return c, c.get_handle("echo")
+
+        sync_ctl, sync_handle = await trio.to_thread.run_sync(sync_setup)
+        try:
+
+            def sync_latency(n: int) -> list[int]:
+                lat = []
+                for i in range(n):
+                    t0 = time.perf_counter_ns()
+                    sync_handle.call(i)
+                    lat.append(time.perf_counter_ns() - t0)
+                return lat
+
+            def sync_throughput(n: int) -> float:
+                def client(k: int) -> None:
+                    for i in range(k):
+                        sync_handle.call(i)
+
+                threads = [
+                    threading.Thread(target=client, args=(n // CONCURRENCY,))
+                    for _ in range(CONCURRENCY)
+                ]
+                began = time.perf_counter()
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                return (time.perf_counter() - began) * n / (n // CONCURRENCY * CONCURRENCY)
+
+            rows.append(
+                Row(
+                    f"{label}: SyncHandle.call (host threads)",
+                    lambda n: trio.to_thread.run_sync(sync_latency, n),
+                    lambda n: trio.to_thread.run_sync(sync_throughput, n),
+                )
+            )
+            yield rows
+        finally:
+            await trio.to_thread.run_sync(sync_ctl.close)
 
 
 # -- report -------------------------------------------------------------------------------
 
 
-def _table(rows: list[dict[str, Any]], baseline: float) -> str:
+def _table(results: list[dict[str, Any]]) -> str:
     head = f"{'':<44}{'p50 us':>10}{'p99 us':>10}{'x pool p50':>12}{'queries/s':>12}"
     lines = [head, "-" * len(head)]
-    for r in rows:
+    for r in results:
         lines.append(
             f"{r['name']:<44}{r['p50_us']:>10.1f}{r['p99_us']:>10.1f}"
-            f"{r['p50_us'] / baseline:>12.2f}{r['throughput_qps']:>12,.0f}"
+            f"{r['p50_vs_threadpool']:>12.2f}{r['throughput_qps']:>12,.0f}"
         )
     return "\n".join(lines)
 
 
+async def _run(labels: list[str], latency_n: int, throughput_n: int) -> list[dict[str, Any]]:
+    async with contextlib.AsyncExitStack() as stack:
+        rows = [
+            await stack.enter_async_context(threadpool_row()),
+            await stack.enter_async_context(trio_channel_row()),
+        ]
+        for label in labels:
+            rows.extend(await stack.enter_async_context(servecore_rows(label, RUNTIMES[label]())))
+        per_round = max(1, latency_n // ROUNDS)
+        for row in rows:  # warm-up, not recorded
+            await row.latency(min(per_round, 300))
+        for _ in range(ROUNDS):
+            for row in rows:
+                row.samples.extend(await row.latency(per_round))
+                row.seconds.append(await row.throughput(throughput_n))
+        return [row.result(throughput_n) for row in rows]
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run every row, print the table, write the JSON."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer queries (a smoke run)")
     parser.add_argument(
         "--runtimes", default=",".join(RUNTIMES), help=f"comma-separated, of {list(RUNTIMES)}"
     )
     parser.add_argument("--out", default=str(HERE / "results" / "bench_router.json"))
     args = parser.parse_args(argv)
-    s = Settings(args.quick)
-    began = time.perf_counter()
-    rows = [bench_threadpool(s), trio.run(_trio_channel, s)]
-    for label in [r for r in args.runtimes.split(",") if r]:
+    labels = [r for r in args.runtimes.split(",") if r]
+    for label in labels:
         if label not in RUNTIMES:
             parser.error(f"unknown runtime {label!r}; known: {list(RUNTIMES)}")
-        factory = RUNTIMES[label]
-        rows.extend(trio.run(_servecore_async, factory(), label, s))
-        rows.append(_servecore_sync(factory(), label, s))
-    baseline = rows[0]["p50_us"]
-    for r in rows:
+    latency_n, throughput_n = (1000, 2000) if args.quick else (5000, 5000)
+    began = time.perf_counter()
+    results = trio.run(_run, labels, latency_n, throughput_n)
+    baseline = results[0]["p50_us"]
+    for r in results:
         r["p50_vs_threadpool"] = r["p50_us"] / baseline
-    print(_table(rows, baseline))
+    print(_table(results))
     print(
-        f"({time.perf_counter() - began:.0f} s; {os.cpu_count()} CPUs; "
-        f"concurrency {CONCURRENCY}, {BATCH_CONCURRENCY} with batching)"
+        f"({time.perf_counter() - began:.0f} s; {os.cpu_count()} CPUs; {ROUNDS} interleaved "
+        f"rounds; {CONCURRENCY} in flight for throughput, {BATCH_CONCURRENCY} with batching)"
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -289,13 +343,14 @@ def main(argv: list[str] | None = None) -> None:
                 "cpus": os.cpu_count(),
                 "settings": {
                     "quick": args.quick,
-                    "latency_n": s.latency_n,
-                    "throughput_n": s.throughput_n,
+                    "rounds": ROUNDS,
+                    "latency_n": latency_n,
+                    "throughput_n_per_round": throughput_n,
                     "concurrency": CONCURRENCY,
                     "batch_concurrency": BATCH_CONCURRENCY,
                     "max_batch_size": MAX_BATCH_SIZE,
                 },
-                "rows": rows,
+                "rows": results,
             },
             indent=2,
         )

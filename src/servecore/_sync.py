@@ -264,8 +264,10 @@ class SyncController:
         atexit.unregister(self.close)
         if self._closing is not None and self._token is not None:
             # If the run already ended, it kept its error (if any) for us.
+            # run_sync_soon, not from_thread: close() must work from any thread, even
+            # one that runs another trio loop.
             with contextlib.suppress(trio.RunFinishedError):
-                trio.from_thread.run_sync(self._closing.set, trio_token=self._token)
+                self._token.run_sync_soon(self._closing.set)
         self._thread.join()
         if self._error is not None:
             raise self._error
