@@ -11,7 +11,10 @@ Rows, all measured in the same run:
 
 Latency is sequential (one query at a time; p50/p99 of single round trips).
 Throughput is sequential too (``seq qps``), and with ``CONCURRENCY`` queries in flight
-(``conc qps``): pipelined frames for the raw echo, concurrent tasks otherwise.
+(``conc qps``): pipelined frames for the raw echo, concurrent tasks otherwise. The three
+rows are measured in interleaved rounds (load from elsewhere on the machine then weighs
+on all alike); each figure is the median over rounds, and ``p50/raw`` the median of the
+per-round ratios.
 
 Start time: ``python -c pass`` (spawn and exit), ``python -c "import servecore"``, and
 ``start_replica`` of a fresh replica (spawn, import, construct, connect), each the
@@ -67,33 +70,17 @@ while True:
 
 
 class Settings:
-    """How many queries and starts each measurement runs."""
+    """How many rounds, queries per round, and starts each measurement runs."""
 
     def __init__(self, quick: bool) -> None:
+        self.rounds = 3 if quick else 7
         self.warmup = 200 if quick else 500
-        self.latency_n = 1000 if quick else 5000
-        self.throughput_n = 2000 if quick else 10000
+        self.latency_n = 500 if quick else 1500
+        self.throughput_n = 1000 if quick else 4000
         self.starts = 3 if quick else 7
 
 
-def _percentile(sorted_ns: list[int], q: float) -> float:
-    return sorted_ns[min(len(sorted_ns) - 1, int(len(sorted_ns) * q))] / 1000
-
-
-def _row(name: str, latencies_ns: list[int], seq_qps: float, conc_qps: float) -> dict[str, Any]:
-    lat = sorted(latencies_ns)
-    return {
-        "name": name,
-        "p50_us": statistics.median(lat) / 1000,
-        "p99_us": _percentile(lat, 0.99),
-        "seq_qps": seq_qps,
-        "conc_qps": conc_qps,
-    }
-
-
-async def _sequential(fn: Any, warmup: int, n: int) -> tuple[list[int], float]:
-    for i in range(warmup):
-        await fn(i)
+async def _sequential(fn: Any, n: int) -> tuple[list[int], float]:
     latencies: list[int] = []
     clock = time.perf_counter_ns
     start = clock()
@@ -118,13 +105,56 @@ async def _concurrent(fn: Any, n: int, concurrency: int) -> float:
     return per_task * concurrency / (time.perf_counter() - start)
 
 
+class Subject:
+    """One row: a sequential ``call(i)`` and a ``CONCURRENCY``-wide ``throughput(n)``."""
+
+    def __init__(self, name: str, call: Any, throughput: Any) -> None:
+        self.name = name
+        self.call = call
+        self.throughput = throughput
+        self.p50_us: list[float] = []
+        self.p99_us: list[float] = []
+        self.seq_qps: list[float] = []
+        self.conc_qps: list[float] = []
+
+    async def measure(self, settings: Settings) -> None:
+        latencies, seq_qps = await _sequential(self.call, settings.latency_n)
+        lat = sorted(latencies)
+        self.p50_us.append(statistics.median(lat) / 1000)
+        self.p99_us.append(lat[min(len(lat) - 1, int(len(lat) * 0.99))] / 1000)
+        self.seq_qps.append(seq_qps)
+        self.conc_qps.append(await self.throughput(settings.throughput_n))
+
+    def row(self, raw: Subject) -> dict[str, Any]:
+        ratios = [mine / base for mine, base in zip(self.p50_us, raw.p50_us, strict=True)]
+        return {
+            "name": self.name,
+            "p50_us": statistics.median(self.p50_us),
+            "p99_us": statistics.median(self.p99_us),
+            "seq_qps": statistics.median(self.seq_qps),
+            "conc_qps": statistics.median(self.conc_qps),
+            "p50_vs_raw": statistics.median(ratios),
+            "p50_us_per_round": self.p50_us,
+        }
+
+
 # -- raw echo -------------------------------------------------------------------------
 
 
-class _RawClient:
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
+class RawEcho:
+    """A child echoing length-prefixed frames, and a trio client for it."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.path = str(workdir / "echo.sock")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", ECHO_SERVER, self.path], stdout=subprocess.PIPE, text=True
+        )
         self.buffer = bytearray()
+
+    async def connect(self) -> None:
+        assert self.proc.stdout is not None
+        await trio.to_thread.run_sync(self.proc.stdout.readline)
+        self.stream = await trio.open_unix_socket(self.path)
 
     async def read_frame(self) -> bytes:
         while True:
@@ -144,41 +174,27 @@ class _RawClient:
         await self.stream.send_all(len(body).to_bytes(4, "big") + body)
         await self.read_frame()
 
-
-async def bench_raw(settings: Settings, workdir: Path) -> dict[str, Any]:
-    path = str(workdir / "echo.sock")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", ECHO_SERVER, path], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert proc.stdout is not None
-        await trio.to_thread.run_sync(proc.stdout.readline)
-        stream = await trio.open_unix_socket(path)
-        client = _RawClient(stream)
-        latencies, seq_qps = await _sequential(client.echo, settings.warmup, settings.latency_n)
-
-        # Pipelined: keep CONCURRENCY frames in flight on the one connection.
-        n = settings.throughput_n
+    async def pipelined(self, n: int) -> float:
+        """Keep CONCURRENCY frames in flight on the one connection."""
         window = trio.Semaphore(CONCURRENCY)
         start = time.perf_counter()
         async with trio.open_nursery() as nursery:
 
             async def reader() -> None:
                 for _ in range(n):
-                    await client.read_frame()
+                    await self.read_frame()
                     window.release()
 
             nursery.start_soon(reader)
             for i in range(n):
                 await window.acquire()
                 body = str(i).encode()
-                await stream.send_all(len(body).to_bytes(4, "big") + body)
-        conc_qps = n / (time.perf_counter() - start)
-        await stream.aclose()
-        return _row("raw unix-socket echo", latencies, seq_qps, conc_qps)
-    finally:
-        proc.kill()
-        proc.wait()
+                await self.stream.send_all(len(body).to_bytes(4, "big") + body)
+        return n / (time.perf_counter() - start)
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
 
 
 # -- the runtime ----------------------------------------------------------------------
@@ -195,19 +211,62 @@ def _effect(tag: str) -> StartReplica:
     )
 
 
-async def bench_runtime(settings: Settings, workdir: Path) -> list[dict[str, Any]]:
+async def bench_round_trips(settings: Settings, workdir: Path) -> list[dict[str, Any]]:
+    """Raw echo, runtime.call and handle.call, measured in interleaved rounds so that
+    load from elsewhere on the machine weighs on all three alike."""
+    raw_echo = RawEcho(workdir)
     runtime = SubprocessRuntime(workdir / "runtime")
-    await runtime.open(namespace="bench", report=lambda event: None)
     try:
+        await raw_echo.connect()
+        await runtime.open(namespace="bench", report=lambda event: None)
         await runtime.start_replica(_effect("echo#1"))
 
-        async def call(i: int) -> None:
+        async def runtime_call(i: int) -> None:
             await runtime.call("echo#1", [Query(args=(i,))])
 
-        latencies, seq_qps = await _sequential(call, settings.warmup, settings.latency_n)
-        conc_qps = await _concurrent(call, settings.throughput_n, CONCURRENCY)
-        rows = [_row("runtime.call", latencies, seq_qps, conc_qps)]
+        async with servecore.open_controller(
+            runtime=SubprocessRuntime(workdir / "runtime-handle"), name="bench-handle"
+        ) as ctl:
+            await ctl.create_backend(
+                "echo", "bench_targets:echo", max_concurrent_queries=CONCURRENCY
+            )
+            await ctl.create_endpoint("echo")
+            await ctl.set_traffic("echo", {"echo": 1.0})
+            handle = ctl.get_handle("echo")
 
+            async def handle_call(i: int) -> None:
+                await handle.call(i)
+
+            subjects = [
+                Subject("raw unix-socket echo", raw_echo.echo, raw_echo.pipelined),
+                Subject(
+                    "runtime.call",
+                    runtime_call,
+                    lambda n: _concurrent(runtime_call, n, CONCURRENCY),
+                ),
+                Subject(
+                    "handle.call", handle_call, lambda n: _concurrent(handle_call, n, CONCURRENCY)
+                ),
+            ]
+            for subject in subjects:  # warm up
+                for i in range(settings.warmup):
+                    await subject.call(i)
+            for _ in range(settings.rounds):
+                for subject in subjects:
+                    await subject.measure(settings)
+            await ctl.delete_endpoint("echo")
+            await ctl.delete_backend("echo")
+        await runtime.stop_replica("echo#1", 5.0)
+        return [subject.row(subjects[0]) for subject in subjects]
+    finally:
+        raw_echo.close()
+        await runtime.close()
+
+
+async def bench_start(settings: Settings, workdir: Path) -> float:
+    runtime = SubprocessRuntime(workdir / "runtime-start")
+    await runtime.open(namespace="bench-start", report=lambda event: None)
+    try:
         starts: list[float] = []
         for n in range(settings.starts):
             tag = f"fresh#{n}"
@@ -215,29 +274,9 @@ async def bench_runtime(settings: Settings, workdir: Path) -> list[dict[str, Any
             await runtime.start_replica(_effect(tag))
             starts.append(time.perf_counter() - t0)
             await runtime.stop_replica(tag, 5.0)
-        await runtime.stop_replica("echo#1", 5.0)
-        rows.append({"name": "start_replica", "start_ms": statistics.median(starts) * 1000})
-        return rows
+        return statistics.median(starts) * 1000
     finally:
         await runtime.close()
-
-
-async def bench_handle(settings: Settings, workdir: Path) -> dict[str, Any]:
-    runtime = SubprocessRuntime(workdir / "runtime-handle")
-    async with servecore.open_controller(runtime=runtime, name="bench-handle") as ctl:
-        await ctl.create_backend("echo", "bench_targets:echo", max_concurrent_queries=CONCURRENCY)
-        await ctl.create_endpoint("echo")
-        await ctl.set_traffic("echo", {"echo": 1.0})
-        handle = ctl.get_handle("echo")
-
-        async def call(i: int) -> None:
-            await handle.call(i)
-
-        latencies, seq_qps = await _sequential(call, settings.warmup, settings.latency_n)
-        conc_qps = await _concurrent(call, settings.throughput_n, CONCURRENCY)
-        await ctl.delete_endpoint("echo")
-        await ctl.delete_backend("echo")
-    return _row("handle.call", latencies, seq_qps, conc_qps)
 
 
 async def bench_spawn(settings: Settings, code: str) -> float:
@@ -253,25 +292,22 @@ async def main(quick: bool) -> dict[str, Any]:
     settings = Settings(quick)
     with tempfile.TemporaryDirectory(prefix="bench-subprocess-") as tmp:
         workdir = Path(tmp)
-        raw = await bench_raw(settings, workdir)
-        runtime_rows = await bench_runtime(settings, workdir)
-        handle = await bench_handle(settings, workdir)
+        round_trips = await bench_round_trips(settings, workdir)
+        start_ms = await bench_start(settings, workdir)
     bare_ms = await bench_spawn(settings, "pass")
     import_ms = await bench_spawn(settings, "import servecore")
-    round_trips = [raw, runtime_rows[0], handle]
-    for row in round_trips:
-        row["p50_vs_raw"] = row["p50_us"] / raw["p50_us"]
     return {
         "benchmark": "bench_subprocess",
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
         "concurrency": CONCURRENCY,
+        "rounds": settings.rounds,
         "round_trips": round_trips,
         "start_ms": {
             "python -c pass": bare_ms,
             "python -c 'import servecore'": import_ms,
-            "start_replica": runtime_rows[1]["start_ms"],
+            "start_replica": start_ms,
         },
     }
 
