@@ -26,6 +26,11 @@ on it, and is abandoned (its queued queries fail with ``ReplicaDiedError``) if t
 takes longer than ``timeout_s``. If the object has ``user_config`` set in its backend
 config and a ``reconfigure(user_config)`` method, that is called once after
 construction. The threads runtime knows no ``runtime_options``; any key is rejected.
+
+Round trips: a trio caller waits on a pooled ``eventfd`` (a socket pair off Linux) that
+the worker signals, which wakes it straight from trio's I/O manager. A host thread
+(a synchronous handle) may skip trio altogether with :meth:`ThreadRuntime.call_blocking`,
+an optional extension of the Runtime protocol that the router uses when it can.
 """
 
 from __future__ import annotations
