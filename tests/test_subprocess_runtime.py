@@ -21,6 +21,7 @@ from typing import Any
 import psutil
 import pytest
 import trio
+from hypothesis import HealthCheck, settings
 
 import servecore
 from servecore import (
@@ -33,8 +34,9 @@ from servecore import (
     ReplicaStatus,
     SQLiteStore,
     StartReplica,
+    Store,
 )
-from servecore.runtimes import Query, resolve_runtime
+from servecore.runtimes import Query, Runtime, resolve_runtime
 from servecore.runtimes.subprocess import (
     RemoteError,
     RemoteTraceback,
@@ -42,7 +44,7 @@ from servecore.runtimes.subprocess import (
     SubprocessRuntime,
     replica_key,
 )
-from servecore.testing import check_runtime
+from servecore.testing import CrashConsistencyMachine, check_runtime
 from subprocess_helpers import gone, kill_everything_under, replica_processes
 from subprocess_targets import CustomError
 
@@ -507,3 +509,27 @@ async def test_a_backend_that_cannot_start_fails_with_the_replicas_error(
                     "picky", "subprocess_targets:Echo", runtime_options={"no_such_option": 1}
                 )
             assert replica_processes(rt_dir) == {}
+
+
+# -- the shipped crash-consistency machine, on real processes ---------------------------
+
+
+class SubprocessCrashes(CrashConsistencyMachine):
+    """servecore.testing's crash machine with replicas in real processes (its crashes
+    are simulated in the controller; the replicas and their runtime directory are real)."""
+
+    def make_store(self) -> Store:
+        return SQLiteStore(self.tmp / "state.db")
+
+    def make_runtime(self) -> Runtime:
+        return SubprocessRuntime(self.tmp / "rt", startup_timeout_s=BOUND_S)
+
+    def teardown(self) -> None:
+        kill_everything_under(self.tmp)
+        super().teardown()
+
+
+TestSubprocessCrashes = SubprocessCrashes.TestCase
+TestSubprocessCrashes.settings = settings(
+    max_examples=10, stateful_step_count=10, deadline=None, suppress_health_check=list(HealthCheck)
+)

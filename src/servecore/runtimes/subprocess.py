@@ -63,6 +63,7 @@ import math
 import os
 import pickle
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -614,6 +615,7 @@ class SubprocessRuntime:
                     f"{owner!r}, not {namespace!r}; give this controller its own directory"
                 )
         self._owner_fd = owner_fd
+        self._key_locks = {}  # trio locks of an earlier trio.run must not be reused
         self._dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._directory = directory
         self.namespace = namespace
@@ -691,7 +693,13 @@ class SubprocessRuntime:
 
     async def list_replicas(self) -> frozenset[str]:
         """Tags of the live replicas in the runtime directory, each adopted (connected
-        and watched). A replica still starting is waited for; dead ones' files go."""
+        and watched). A replica still starting is waited for; dead ones' files go.
+
+        On a runtime that is not open (between two controllers), this only reads the
+        directory: the tags of replicas that hold their lock and are ready.
+        """
+        if self._owner_fd is None:
+            return self._peek()
         directory = self._require_open()
         keys = sorted(
             {p.name[: -len(".lock")] for p in directory.glob("*.lock") if p.name[0] != "."}
@@ -730,17 +738,41 @@ class SubprocessRuntime:
         replica = self._replicas.get(tag)
         return None if replica is None or replica.dead else replica.process.pid
 
-    def kill(self, tag: str, signum: int = signal.SIGKILL) -> None:
-        """Send ``signum`` (SIGKILL by default) to replica ``tag``'s process.
+    def kill(self, tag: str) -> None:
+        """SIGKILL replica ``tag``'s process, as a crash would, and report it now.
 
-        Its death is then observed, not declared: the watcher reports ``ReplicaDied``
-        and fails the calls in flight, exactly as for a crash.
+        Blocks (briefly: SIGKILL cannot be caught) until the process is gone, then
+        fails the calls in flight with :class:`~servecore.ReplicaDiedError` and reports
+        ``ReplicaDied`` before returning, so a test (or an operator) can rely on the
+        controller knowing. Call it on the trio thread the runtime was opened in.
         """
         replica = self._replicas.get(tag)
-        if replica is not None and not replica.dead:
-            replica.process.signal(signum)
+        if replica is None or replica.dead:
+            return
+        process = replica.process
+        process.signal(signal.SIGKILL)
+        if process.pidfd is not None:
+            select.select([process.pidfd], [], [], _KILL_WAIT_S)
+        else:
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(process.pid).wait(_KILL_WAIT_S)
+        self._on_death(replica)
 
     # -- helpers --------------------------------------------------------------------------
+
+    def _peek(self) -> frozenset[str]:
+        """Ready replicas in the directory, read without taking it (see list_replicas)."""
+        directory = self.directory
+        tags = set()
+        for path in directory.glob("*.lock"):
+            if path.name[0] == ".":
+                continue
+            files = ReplicaFiles(str(directory), path.name[: -len(".lock")])
+            if self._holds_lock(files):
+                record = files.read_record()
+                if record is not None and record.get("phase") == "ready":
+                    tags.add(str(record["tag"]))
+        return frozenset(tags)
 
     def _require_open(self) -> Path:
         if self._directory is None or self._owner_fd is None:
@@ -981,6 +1013,8 @@ class SubprocessRuntime:
             log.exception("watcher of replica %s failed", replica.tag)
 
     def _on_death(self, replica: _Replica) -> None:
+        if replica.dead:  # already handled (stopped, killed, or the runtime closed)
+            return
         reason = replica.process.exit_reason()
         if replica.stopping:
             replica.fail_pending(f"the replica was stopped ({reason})")
