@@ -321,6 +321,7 @@ class _Process:
         await self.exited.wait()
 
     async def _watch(self) -> None:
+        # A system task: nothing but Cancelled may escape it.
         with self._watch_scope:
             try:
                 if self.pidfd is None:
@@ -329,6 +330,9 @@ class _Process:
             except (OSError, trio.ClosedResourceError, trio.BusyResourceError):
                 while self.alive():
                     await trio.sleep(0.1)
+            except Exception:
+                log.exception("watching process %s failed", self.pid)
+                return
             if self.popen is not None:
                 self.popen.poll()  # reap it
             self.exited.set()
@@ -867,8 +871,8 @@ class SubprocessRuntime:
         if ready:
             try:
                 replica = await self._connect(record["tag"], files, process)
-            except (OSError, trio.BrokenResourceError, ValueError) as exc:
-                log.warning("replica %s does not answer (%s); killing it", files.key, exc)
+            except Exception as exc:  # refused, timed out, or someone else's socket
+                log.warning("replica %s does not answer (%r); killing it", files.key, exc)
         if replica is None:
             await self._kill(process)
             process.close()
@@ -954,35 +958,41 @@ class SubprocessRuntime:
             os.close(status_write)
         process = _Process(popen.pid, popen)
         status = trio.lowlevel.FdStream(status_read)
-        answer: tuple[int, int, bytes] | None = None
         try:
-            with trio.move_on_after(timeout) as waited:
-                answer = await _read_frame(status)
-        finally:
-            with trio.CancelScope(shield=True):
-                await status.aclose()
-        try:
+            try:
+                with trio.move_on_after(timeout) as waited:
+                    answer = await _read_frame(status)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await status.aclose()
             if waited.cancelled_caught:
-                await self._kill(process)
                 raise TimeoutError(
                     f"replica {effect.tag!r} was not ready after {timeout}s (startup_timeout_s)"
                     f"; it was killed. Last lines of its log:\n{_log_tail(files.log)}"
                 )
+            if answer is not None and answer[0] == ERROR:
+                raise _rebuild_exception(pickle.loads(answer[2]), effect.tag)
             if answer is None or answer[0] != OK:
                 with trio.move_on_after(_KILL_WAIT_S):
                     await process.wait()
-                if answer is not None and answer[0] == ERROR:
-                    raise _rebuild_exception(pickle.loads(answer[2]), effect.tag)
-                await self._kill(process)
                 raise RuntimeError(
                     f"replica {effect.tag!r}: {process.exit_reason()} before it was ready. "
                     f"Last lines of its log:\n{_log_tail(files.log)}"
                 )
             await self._connect(effect.tag, files, process)
-        except BaseException:
-            if not self._replicas.get(effect.tag):
+        except Exception:
+            # A replica that will not serve is not left behind (its own error is what
+            # the caller sees); the watcher owns it only once it is connected.
+            if self._replicas.get(effect.tag) is None:
+                await self._kill(process)
                 process.close()
                 self._remove_if_free(files)
+            raise
+        except BaseException:
+            # Cancelled (the host is going away): leave the child be, as a crash would;
+            # the next controller adopts it or stops it.
+            if self._replicas.get(effect.tag) is None:
+                process.close()
             raise
 
     async def _watch(self, replica: _Replica) -> None:
