@@ -7,6 +7,9 @@ stopped at the end -- never ``ray stop``). Every row serves the same trivial fun
 
 * ``raw actor`` -- a plain Ray actor whose method calls ``echo``; the caller does
   ``ray.get(actor.echo.remote(x))``. The floor for anything built on Ray actors.
+* ``raw actor (asyncio)`` -- the same actor awaited from an asyncio loop
+  (``await actor.echo.remote(x)``): the floor for any *async* caller, since the result
+  must cross from Ray's thread to the caller's event loop.
 * ``servecore runtime.call`` -- ``RayRuntime.call`` on a replica (one actor call,
   awaited in trio through the reference's completion callback).
 * ``servecore handle.call`` -- the same through a controller, its router and a handle:
@@ -49,7 +52,14 @@ sys.path.insert(0, str(HERE))
 
 import bench_targets  # noqa: E402
 import ray  # noqa: E402
-from ray import serve  # noqa: E402
+
+try:  # Ray Serve is the 'serve' extra; without it the Serve row is left out.
+    from ray import serve
+except ImportError as missing:  # pragma: no cover - depends on the installed extras
+    serve = None  # type: ignore[assignment]
+    SERVE_MISSING: str | None = f"{missing} (install 'servecore[serve]')"
+else:
+    SERVE_MISSING = None
 
 import servecore  # noqa: E402
 from servecore.runtimes import Query  # noqa: E402
@@ -109,11 +119,14 @@ async def bench(args: argparse.Namespace, cluster: LocalRayCluster) -> dict[str,
         handle = ctl.get_handle("echo")
         (tag,) = ctl.state.replicas
 
-        serve.start(proxy_location="Disabled", http_options={"host": "127.0.0.1", "port": 0})
-        deployment = serve.deployment(
-            ServeEcho, name="echo", num_replicas=1, ray_actor_options=NO_CPU
-        )
-        serve_handle = serve.run(deployment.bind(), name="echo", route_prefix=None)
+        with_serve = serve is not None
+        if with_serve:
+            # No HTTP proxy: only the handle path is measured, and nothing listens.
+            serve.start(proxy_location="Disabled", http_options={"host": "127.0.0.1"})
+            deployment = serve.deployment(name="echo", num_replicas=1, ray_actor_options=NO_CPU)(
+                ServeEcho
+            )
+            serve_handle = serve.run(deployment.bind(), name="echo", route_prefix=None)
 
         query = Query(args=(1,))
 
@@ -139,16 +152,35 @@ async def bench(args: argparse.Namespace, cluster: LocalRayCluster) -> dict[str,
         }
         order = [
             "raw actor (ray.get)",
+            "raw actor (asyncio)",
             "servecore runtime.call",
             "servecore handle.call",
-            "Ray Serve handle",
         ]
+        if with_serve:
+            order.append("Ray Serve handle")
         latencies: dict[str, list[float]] = {name: [] for name in order}
         clock = time.perf_counter
 
+        def asyncio_round(n: int) -> list[float]:
+            """``await actor.echo.remote(x)`` in an asyncio loop: the raw async floor."""
+
+            async def loop() -> list[float]:
+                times = []
+                for _ in range(n):
+                    t0 = clock()
+                    assert await raw.echo.remote(1) == 1
+                    times.append(clock() - t0)
+                return times
+
+            return asyncio.run(loop())
+
         async def run_round(name: str, n: int, record: bool) -> None:
             out = latencies[name]
-            if name in sync_systems:
+            if name == "raw actor (asyncio)":
+                times = await trio.to_thread.run_sync(asyncio_round, n)
+                if record:
+                    out.extend(times)
+            elif name in sync_systems:
                 fn = sync_systems[name]
                 for _ in range(n):
                     t0 = clock()
@@ -187,6 +219,23 @@ async def bench(args: argparse.Namespace, cluster: LocalRayCluster) -> dict[str,
 
         conc["raw actor (ray.get)"] = await trio.to_thread.run_sync(raw_concurrent)
 
+        async def asyncio_concurrent() -> float:
+            done = 0
+            t0 = clock()
+
+            async def worker() -> None:
+                nonlocal done
+                while clock() - t0 < duration:
+                    await raw.echo.remote(1)
+                    done += 1
+
+            await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+            return done / (clock() - t0)
+
+        conc["raw actor (asyncio)"] = await trio.to_thread.run_sync(
+            lambda: asyncio.run(asyncio_concurrent())
+        )
+
         async def trio_concurrent(afn: Callable[[], Any]) -> float:
             done = 0
             t0 = clock()
@@ -219,9 +268,10 @@ async def bench(args: argparse.Namespace, cluster: LocalRayCluster) -> dict[str,
             await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
             return done / (clock() - t0)
 
-        conc["Ray Serve handle"] = await trio.to_thread.run_sync(
-            lambda: asyncio.run(serve_concurrent())
-        )
+        if with_serve:
+            conc["Ray Serve handle"] = await trio.to_thread.run_sync(
+                lambda: asyncio.run(serve_concurrent())
+            )
         for name in order:
             rows.append(summarize(name, latencies[name], conc[name]))
 
@@ -243,10 +293,11 @@ async def bench(args: argparse.Namespace, cluster: LocalRayCluster) -> dict[str,
                 return elapsed
 
             deploy["raw actor (ray.get)"] = await trio.to_thread.run_sync(raw_deploy)
+            deploy["raw actor (asyncio)"] = deploy["raw actor (ray.get)"]
 
             def serve_deploy() -> float:
-                eight = serve.deployment(
-                    ServeEcho, name="eight", num_replicas=8, ray_actor_options=NO_CPU
+                eight = serve.deployment(name="eight", num_replicas=8, ray_actor_options=NO_CPU)(
+                    ServeEcho
                 )
                 t0 = clock()
                 serve.run(eight.bind(), name="eight", route_prefix=None)
@@ -254,18 +305,22 @@ async def bench(args: argparse.Namespace, cluster: LocalRayCluster) -> dict[str,
                 serve.delete("eight")
                 return elapsed
 
-            deploy["Ray Serve handle"] = await trio.to_thread.run_sync(serve_deploy)
+            if with_serve:
+                deploy["Ray Serve handle"] = await trio.to_thread.run_sync(serve_deploy)
         for row in rows:
             row["deploy8_s"] = deploy.get(row["system"])
 
-        serve.shutdown()
+        if with_serve:
+            serve.shutdown()  # type: ignore[no-untyped-call]
         await ctl.delete_endpoint("echo")
         await ctl.delete_backend("echo")
     return {"rows": rows}
 
 
-def ratio(rows: list[dict[str, Any]], a: str, b: str, key: str) -> float:
+def ratio(rows: list[dict[str, Any]], a: str, b: str, key: str) -> float | None:
     by = {r["system"]: r for r in rows}
+    if a not in by or b not in by:
+        return None
     value: float = by[a][key] / by[b][key]
     return value
 
@@ -294,6 +349,7 @@ def main() -> None:
         "handle_p99_over_raw": ratio(rows, handle, raw, "p99_ms"),
         "handle_p50_over_serve": ratio(rows, handle, serve_row, "p50_ms"),
         "runtime_p50_over_raw": ratio(rows, "servecore runtime.call", raw, "p50_ms"),
+        "handle_p50_over_raw_asyncio": ratio(rows, handle, "raw actor (asyncio)", "p50_ms"),
         "handle_conc_qps_over_raw": ratio(rows, handle, raw, "conc_qps"),
         "handle_conc_qps_over_serve": ratio(rows, handle, serve_row, "conc_qps"),
     }
@@ -303,6 +359,7 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
         "quick": args.quick,
+        "serve_missing": SERVE_MISSING,
         "concurrency": CONCURRENCY,
         "wall_s": time.perf_counter() - started,
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -320,7 +377,9 @@ def main() -> None:
             f"{r['seq_qps']:>9.0f} {r['conc_qps']:>9.0f} {deploy:>9}"
         )
     for key, value in result["ratios"].items():
-        print(f"{key}: {value:.2f}")
+        print(f"{key}: {value:.2f}" if value is not None else f"{key}: -")
+    if SERVE_MISSING:
+        print(f"Ray Serve row left out: {SERVE_MISSING}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -166,14 +166,6 @@ def test_unknown_runtime_option_names_the_key_and_the_known_ones() -> None:
     assert actor_options(effect("a#0", "Echo", runtime_options=options)) == options
 
 
-def test_import_servecore_does_not_import_ray() -> None:
-    code = (
-        "import sys, servecore, servecore.runtimes, servecore.testing\n"
-        "assert 'ray' not in sys.modules, 'import servecore imported ray'\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=WAIT)
-
-
 # ---------------------------------------------------------------------------------------
 # The runtime on its own
 

@@ -137,10 +137,11 @@ def actor_options(effect: StartReplica) -> dict[str, Any]:
     given = effect.config.runtime_options
     unknown = sorted(set(given) - RUNTIME_OPTIONS)
     if unknown:
+        known = sorted(RUNTIME_OPTIONS)
         raise InvalidConfig(
             "runtime_options",
             given,
-            f"the ray runtime does not know the key(s) {unknown}; known: {sorted(RUNTIME_OPTIONS)}",
+            f"the ray runtime does not know the key(s) {unknown}; known: {known}",
             backend=effect.backend,
         )
     options = dict(given)
