@@ -261,6 +261,70 @@ async def test_a_dead_replica_is_replaced_and_queries_keep_succeeding(ctl: Contr
     assert [v for _, v in results] == list(range(100))
 
 
+async def test_queries_keep_succeeding_while_a_replica_dies(ctl: Controller) -> None:
+    """A health-check death under load: queries queued on the dying replica never ran,
+    so they go to the other one; nobody sees an error, and the dead one is replaced."""
+    await ctl.create_backend("m", targets.Mortal, num_replicas=2)
+    handle = await serve(ctl, "busy", {"m": 1.0})
+    before = set(ctl.routing_table.backends["m"].replicas)
+    replaced = trio.Event()
+    answered = 0
+    sickened = False
+
+    async def client(k: int) -> None:
+        nonlocal answered, sickened
+        i = 0
+        while not replaced.is_set() or i < 20:
+            if k == 0 and i == 5 and not sickened:
+                sickened = True
+                await handle.call("sicken")
+            else:
+                assert (await handle.call((k, i)))[1] == (k, i)
+            answered += 1
+            i += 1
+
+    async def watch() -> None:
+        await eventually(lambda: len(set(ctl.routing_table.backends["m"].replicas) - before) == 1)
+        replaced.set()
+
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            for k in range(8):
+                nursery.start_soon(client, k)
+    assert answered >= 8 * 20
+
+
+async def test_queued_queries_of_a_killed_replica_go_elsewhere(ctl: Controller) -> None:
+    gate = targets.Gate.named("resend")
+    await ctl.create_backend(
+        "g", targets.Gated, init_args=["resend"], num_replicas=2, max_concurrent_queries=4
+    )
+    handle = await serve(ctl, "resend", {"g": 1.0})
+    outcomes: list[Any] = []
+
+    async def query(i: int) -> None:
+        try:
+            outcomes.append(await handle.call(i))
+        except ReplicaDiedError as exc:
+            outcomes.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(8):
+            nursery.start_soon(query, i)
+        await wait_entered(gate, 2)  # one running on each replica, three queued behind
+        await trio.testing.wait_all_tasks_blocked()
+        victim = ctl.routing_table.backends["g"].replicas[0]
+        assert isinstance(ctl.runtime, ThreadRuntime)
+        ctl.runtime.kill(victim, "test")
+        await eventually(lambda: len(outcomes) == 1)  # the running one: it may have run
+        gate.release.set()
+    died = [o for o in outcomes if isinstance(o, ReplicaDiedError)]
+    assert len(died) == 1 and died[0].tag == victim
+    answers = {o[1] for o in outcomes if not isinstance(o, ReplicaDiedError)}
+    assert len(outcomes) == 8 and len(answers) == 7 and answers < set(range(8))
+
+
 # -- batching -----------------------------------------------------------------------------
 
 

@@ -313,6 +313,9 @@ async def test_kill_fails_running_and_queued_queries(rt: Opened) -> None:
             rt.runtime.kill("k#0", "pulled the plug")
         assert len(errors) == 3
         assert (await rt.died("k#0")).reason == "pulled the plug"
+        # The router may send a query elsewhere only if it never began.
+        never_ran = [getattr(e, "retry_safe", False) for e in errors]
+        assert sorted(never_ran) == [False, True, True]
     finally:
         gate.release.set()
     # Tags are never reused by the core, but a restart of the same tag must work.

@@ -56,9 +56,14 @@ from servecore._errors import (
 )
 from servecore.runtimes._protocol import Query, Runtime
 
-__all__ = ["DEFAULT_MAX_QUEUED_QUERIES", "Handle", "Router"]
+__all__ = ["DEFAULT_MAX_QUEUED_QUERIES", "MAX_RESENDS", "Handle", "Router"]
 
 log = logging.getLogger("servecore.router")
+
+#: How often a query that a dying replica never began is sent to another replica. (A
+#: runtime marks such an error with ``retry_safe = True``; any other query that met a
+#: death is never sent twice, since it may have run.)
+MAX_RESENDS = 3
 
 #: Queries that may wait per backend (for a free replica, or to be batched) before
 #: :class:`~servecore.BackpressureError`. Generous enough for bursts of a few hundred
@@ -78,6 +83,7 @@ class _Waiter:
         "error",
         "event",
         "query",
+        "resends",
         "result",
         "tag",
     )
@@ -92,6 +98,7 @@ class _Waiter:
         self.dispatched = False  # (batched) sent in a batch
         self.tag: str | None = None  # (not batched) the replica slot it was handed, counted
         self.result: Any = None
+        self.resends = 0  # times it was queued again because its replica died first
         self.error: BaseException | None = None
 
     def finish(self, result: Any = None, error: BaseException | None = None) -> None:
@@ -338,30 +345,48 @@ class Router:
         try:
             results = await self.runtime.call(rtag, (query,))
         except ReplicaDiedError as exc:
-            if exc.tag == rtag:
-                self._lost_replica(b, rtag)
-            raise
+            if exc.tag != rtag:
+                raise
+            self._lost_replica(b, rtag)
+            if not _never_ran(exc):
+                raise
+        else:
+            return results[0]
         finally:
             self._release(b, rtag, 1)
-        return results[0]
+        return await self._query(endpoint, b, query, 1)  # it never ran: send it again
 
-    async def _query(self, endpoint: str, b: _Backend, query: Query) -> Any:
+    async def _query(self, endpoint: str, b: _Backend, query: Query, resends: int = 0) -> Any:
         if self._closed:
             raise NoReplicaError(endpoint, "the controller is closed")
         if b.route.max_batch_size is not None:
-            return await self._query_batched(endpoint, b, query)
+            return await self._query_batched(endpoint, b, query, resends)
         tag = None if b.n_waiting else b.acquire(b.route.max_concurrent_queries)
         if tag is None:
             tag = await self._wait_for_slot(endpoint, b, query)  # its slot comes counted
+        return await self._send_one(endpoint, b, tag, query, resends)
+
+    async def _send_one(
+        self, endpoint: str, b: _Backend, tag: str, query: Query, resends: int
+    ) -> Any:
+        """Run ``query`` alone on replica ``tag`` (its slot already counted).
+
+        A query that a dying replica never began goes to another replica, up to
+        :data:`MAX_RESENDS` times; one that may have run is never sent twice.
+        """
         try:
             results = await self.runtime.call(tag, (query,))
         except ReplicaDiedError as exc:
-            if exc.tag == tag:
-                self._lost_replica(b, tag)
-            raise
+            if exc.tag != tag:
+                raise
+            self._lost_replica(b, tag)
+            if not _never_ran(exc) or resends >= MAX_RESENDS:
+                raise
+        else:
+            return results[0]
         finally:
             self._release(b, tag, 1)
-        return results[0]
+        return await self._query(endpoint, b, query, resends + 1)
 
     async def _wait_for_slot(self, endpoint: str, b: _Backend, query: Query) -> str:
         self._admit(endpoint, b)
@@ -382,17 +407,20 @@ class Router:
         assert w.tag is not None
         return w.tag
 
-    async def _query_batched(self, endpoint: str, b: _Backend, query: Query) -> Any:
+    async def _query_batched(
+        self, endpoint: str, b: _Backend, query: Query, resends: int = 0
+    ) -> Any:
         batch_argument(query, f"endpoint {endpoint!r}")  # reject a bad shape up front
         self._admit(endpoint, b)
         w = _Waiter(endpoint, query, batched=True, arrival=trio.current_time())
+        w.resends = resends
         b.waiting.append(w)
         b.n_waiting += 1
         try:
             tag = self._pump(b, own=w)
             if tag is not None:
                 # A batch of just this query: run it in this task, like an unbatched one.
-                return await self._run_own(b, tag, query)
+                return await self._send_one(endpoint, b, tag, query, resends)
             deadline = w.arrival + b.route.batch_wait_timeout_s
             if not w.dispatched and not w.done and deadline > trio.current_time():
                 # Wait for a full batch, but no longer than the batch window: then this
@@ -402,7 +430,7 @@ class Router:
                 if not w.dispatched and not w.done:
                     tag = self._pump(b, own=w)
                     if tag is not None:
-                        return await self._run_own(b, tag, query)
+                        return await self._send_one(endpoint, b, tag, query, resends)
             await w.event.wait()
         except BaseException:
             if not w.done:
@@ -413,17 +441,6 @@ class Router:
         if w.error is not None:
             raise w.error
         return w.result
-
-    async def _run_own(self, b: _Backend, tag: str, query: Query) -> Any:
-        try:
-            results = await self.runtime.call(tag, (query,))
-        except ReplicaDiedError as exc:
-            if exc.tag == tag:
-                self._lost_replica(b, tag)
-            raise
-        finally:
-            self._release(b, tag, 1)
-        return results[0]
 
     def _admit(self, endpoint: str, b: _Backend) -> None:
         if not b.live:
@@ -516,14 +533,25 @@ class Router:
         try:
             results = await self.runtime.call(tag, [w.query for w in batch])
         except BaseException as exc:
-            if isinstance(exc, ReplicaDiedError) and exc.tag == tag:
-                self._lost_replica(b, tag)
+            died_here = isinstance(exc, ReplicaDiedError) and exc.tag == tag
+            if died_here:
+                b.mark_dead(tag)
+            again: list[_Waiter] = []
             for w in batch:
-                if isinstance(exc, trio.Cancelled):
+                if died_here and _never_ran(exc) and w.resends < MAX_RESENDS and not w.done:
+                    w.resends += 1  # the batch never ran: queue it again, at the front
+                    w.dispatched = False
+                    again.append(w)
+                elif isinstance(exc, trio.Cancelled):
                     w.finish(error=NoReplicaError(w.endpoint, "the controller closed mid-batch"))
                 else:
                     w.finish(error=exc)
+            if again:
+                b.waiting.extendleft(reversed(again))
+                b.n_waiting += len(again)
             self._release(b, tag, len(batch))
+            if died_here:
+                self._lost_replica(b, tag)
             if isinstance(exc, Exception):
                 return
             raise
@@ -574,9 +602,12 @@ class Router:
         try:
             results = direct(rtag, (query,), timeout_s)
         except ReplicaDiedError as exc:
-            if exc.tag == rtag:
-                _post(token, self._lost_replica, b, rtag)
-            raise
+            if exc.tag != rtag:
+                raise
+            _post(token, self._lost_replica, b, rtag)
+            if not _never_ran(exc):
+                raise
+            results = None  # it never ran: route it again, in trio
         except TimeoutError:
             raise TimeoutError(
                 f"query to endpoint {endpoint!r} got no answer within {timeout_s}s"
@@ -687,3 +718,8 @@ def _from_thread(
         return trio.from_thread.run(afn, *args, trio_token=token)
     except trio.RunFinishedError:
         raise RuntimeError("the servecore controller is closed") from None
+
+
+def _never_ran(error: BaseException) -> bool:
+    """Whether the runtime says the query never began (so it is safe to send again)."""
+    return getattr(error, "retry_safe", False) is True

@@ -108,7 +108,17 @@ class _Waker:
 class _Job:
     """One batch on its way through a replica, and how to wake whoever waits for it."""
 
-    __slots__ = ("batch", "by_trio", "done", "finished", "lock", "outcome", "task", "waker")
+    __slots__ = (
+        "answered",
+        "batch",
+        "done",
+        "finished",
+        "lock",
+        "outcome",
+        "started",
+        "task",
+        "waker",
+    )
 
     def __init__(self, batch: Sequence[Query], waker: _Waker | None) -> None:
         self.batch = batch
@@ -118,10 +128,12 @@ class _Job:
         self.outcome: outcome.Outcome[Any] | None = None
         # (trio) the caller was answered or gave up; the worker skips it if not begun.
         self.done = False
-        # (trio) the trio side signalled the waker (a death), so the worker might too.
-        self.by_trio = False
+        # Someone (the worker, or a death) set `outcome`; under the replica's admit_lock.
+        self.answered = False
         # (worker) the worker will not touch this job (nor signal its waker) again.
         self.finished = False
+        # (worker) the user code was (about to be) called: not safe to run it elsewhere.
+        self.started = False
 
 
 _CHECK_HEALTH = object()  # sentinel: the idle wait ran out, time for a health check
@@ -139,7 +151,8 @@ class _Replica:
         self.start_error: BaseException | None = None  # (trio)
         self.finished = trio.Event()  # (trio) the worker thread has returned
         # Takes new queries. Written on the trio thread under admit_lock, so that a host
-        # thread's check-and-enqueue (call_blocking) never slips in behind a stop.
+        # thread's check-and-enqueue (call_blocking) never slips in behind a stop. The
+        # lock also makes a job's answer (the worker's, or a death's) happen only once.
         self.accepting = False
         self.admit_lock = threading.Lock()
         self.stopping = False  # (trio) a stop was asked for: its death is not news
@@ -259,7 +272,7 @@ class ThreadRuntime:
         rep = self._replicas.get(tag)
         if rep is None or not rep.accepting:
             why = "it is stopping" if rep is not None and rep.stopping else "it is not alive"
-            raise ReplicaDiedError(tag, f"the threads runtime cannot serve it: {why}")
+            raise _not_run(tag, f"the threads runtime cannot serve it: {why}")
         waker = self._wakers.pop() if self._wakers else self._new_waker()
         job = _Job(batch, waker)
         rep.jobs.add(job)
@@ -287,10 +300,7 @@ class ThreadRuntime:
         job.done = True
         rep.jobs.discard(job)
         waker.drain()
-        if job.by_trio:
-            self._dirty.append(job)  # the worker may still signal it
-        else:
-            self._wakers.append(waker)
+        self._wakers.append(waker)  # answered once, signalled once: clean again
         assert job.outcome is not None
         answer: list[Any] = job.outcome.unwrap()
         return answer
@@ -372,23 +382,31 @@ class ThreadRuntime:
         trio.lowlevel.reschedule(job.task, job.outcome)
 
     def _fail(self, rep: _Replica, reason: str) -> None:
+        """Declare ``rep`` dead and answer every query it has not answered yet."""
+        to_wake: list[_Job] = []
         with rep.admit_lock:
             rep.dead = True
             rep.accepting = False
             rep.inbox.put(None)  # wake an idle worker so its thread ends
-        for job in list(rep.jobs):
-            if job.done:
-                continue
-            job.outcome = outcome.Error(ReplicaDiedError(rep.tag, reason))
+            for job in list(rep.jobs):
+                if job.done or job.answered:
+                    continue
+                # Marked dead first, then `started` read: see _serve_inbox.
+                if job.started:
+                    error = ReplicaDiedError(rep.tag, reason)
+                else:
+                    error = _not_run(rep.tag, reason)
+                job.outcome = outcome.Error(error)
+                job.answered = True
+                to_wake.append(job)
+        rep.jobs.clear()
+        for job in to_wake:
             if job.waker is not None:
-                job.by_trio = True
                 job.waker.signal()
             elif job.lock is not None:
-                job.by_trio = True
                 _unlock(job.lock)
             else:
                 self._deliver(rep, job)
-        rep.jobs.clear()
 
     def _died(self, rep: _Replica, reason: str) -> None:
         if rep.dead:
@@ -477,6 +495,7 @@ class ThreadRuntime:
     ) -> str | None:
         """Serve jobs until the stop sentinel; return why the replica died, if it did."""
         get = rep.inbox.get
+        admit_lock = rep.admit_lock
         period = self.health_check_period_s
         next_check = time.monotonic() + period
         while True:
@@ -499,18 +518,32 @@ class ThreadRuntime:
                     continue
             if job is None:
                 return None
-            if rep.dead or job.done:
-                job.finished = True  # its caller gave up (or was failed) before it began
-                if rep.dead:
-                    return None
+            if job.done:
+                job.finished = True  # its caller gave up before it began
                 continue
+            # Mark it begun, *then* look for a death; _fail marks the death, *then* looks
+            # at `started`. So a query _fail calls safe to retry never runs here.
+            job.started = True
+            if rep.dead:
+                job.finished = True
+                return None
             try:
-                job.outcome = outcome.Value(run(job.batch))
+                result: outcome.Outcome[Any] = outcome.Value(run(job.batch))
             except Exception as exc:
-                job.outcome = outcome.Error(exc)
+                result = outcome.Error(exc)
             except BaseException as exc:
                 job.finished = True
                 return f"{type(exc).__name__} escaped the user code: {exc}"
+            # Exactly one answer per job, and one wake-up: a death (_fail) may have
+            # answered first, and then this late result is dropped.
+            with admit_lock:
+                late = job.answered
+                if not late:
+                    job.outcome = result
+                    job.answered = True
+            if late:
+                job.finished = True
+                continue
             waker = job.waker
             if waker is not None:
                 waker.signal()
@@ -529,3 +562,11 @@ def _unlock(lock: threading.Lock) -> None:
         lock.release()
     except RuntimeError:
         pass
+
+
+def _not_run(tag: str, reason: str) -> ReplicaDiedError:
+    """A death error for a query the replica never began: the router may send it to
+    another replica (see ``servecore.router``, "retry_safe")."""
+    error = ReplicaDiedError(tag, reason)
+    error.retry_safe = True  # type: ignore[attr-defined]
+    return error
