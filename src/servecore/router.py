@@ -27,8 +27,14 @@ when the last replica leaves the table); an unknown endpoint raises
 :class:`~servecore.EndpointNotFound`. A replica removed from the table receives no new
 query, while the queries it already has run to the end (the runtime drains it). A
 replica that answers with :class:`~servecore.ReplicaDiedError` is skipped at once,
-before the controller's new table arrives; the query is not retried, since it may have
-run.
+before the controller's new table arrives. A query the dying replica never began (the
+runtime sets ``retry_safe = True`` on the error) is sent to another replica, up to
+:data:`MAX_RESENDS` times; a query that may have run is never sent twice, and its
+caller gets the ``ReplicaDiedError``.
+
+Host threads: :meth:`Router.call_blocking` (behind :class:`~servecore.SyncHandle`)
+sends a query from the calling thread straight to a free replica when the runtime
+offers ``call_blocking`` (the threads runtime does), and through trio otherwise.
 """
 
 from __future__ import annotations
