@@ -91,7 +91,7 @@ def describe(ctl: servecore.SyncController) -> None:
     for tag, backend in sorted(state.backends.items()):
         replicas = sorted(r.tag for r in state.replicas.values() if r.backend == tag)
         print(f"  {tag:<14}{backend.status.value:<9} replicas {replicas}")
-    traffic = dict(state.endpoints["sentiment"].traffic)
+    traffic = dict(sorted(state.endpoints["sentiment"].traffic.items()))
     print(f"  traffic of 'sentiment': {traffic}")
 
 
