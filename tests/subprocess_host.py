@@ -12,7 +12,8 @@ printed as ``POINT <n> <label>``; with ``CRASH_AT=n`` the host sends itself SIGK
 point ``n`` (no cleanup, no ``finally``: a real crash). Each checkpoint saved is also
 copied to ``CHECKPOINT_DIR/<seq>.bin`` so tests can recover from a superseded one.
 Without ``CRASH_AT`` the host runs to the end, prints ``DONE`` and exits, leaving its
-replicas running for the next controller to find.
+replicas running for the next controller to find. With ``mid-start`` in its place, it
+creates a backend of slow-to-construct replicas and dies while they are starting.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import trio
@@ -33,6 +35,7 @@ TARGET = "subprocess_targets:Echo"
 BACKEND = "echo"
 #: num_replicas after each scaling step, in order; the last one is what a run ends with.
 SCALE_STEPS = (2, 3, 1)
+MID_START_REPLICAS = 2
 
 
 class CrashPoints:
@@ -116,11 +119,40 @@ async def scenario(
     print("DONE", flush=True)
 
 
+async def mid_start(store_path: str, runtime_dir: str, checkpoints: Path) -> None:
+    """Create a backend of slow-to-construct replicas and SIGKILL this host while they
+    are still starting: spawned, their records written, their constructors running."""
+
+    def crash_once_starting() -> None:
+        while True:
+            records = [p for p in Path(runtime_dir).glob("*.json") if ".spec." not in p.name]
+            if len(records) == MID_START_REPLICAS and all(
+                '"starting"' in p.read_text() for p in records
+            ):
+                print("CRASH mid-start", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(0.005)
+
+    threading.Thread(target=crash_once_starting, daemon=True).start()
+    points = CrashPoints(None)
+    store = CrashingStore(store_path, checkpoints, points)
+    runtime = CrashingRuntime(runtime_dir, points)
+    async with servecore.open_controller(runtime=runtime, store=store, name="crash") as ctl:
+        await ctl.create_backend(
+            BACKEND, "subprocess_targets:SlowEcho", init_args=(2.0,),
+            num_replicas=MID_START_REPLICAS,
+        )  # fmt: skip
+    print("DONE", flush=True)  # not reached: the thread crashes the host first
+
+
 def main() -> None:
     store_path, runtime_dir, checkpoint_dir = sys.argv[1:4]
-    crash_at = int(sys.argv[4]) if len(sys.argv) > 4 else None
     checkpoints = Path(checkpoint_dir)
     checkpoints.mkdir(parents=True, exist_ok=True)
+    if len(sys.argv) > 4 and sys.argv[4] == "mid-start":
+        trio.run(mid_start, store_path, runtime_dir, checkpoints)
+        return
+    crash_at = int(sys.argv[4]) if len(sys.argv) > 4 else None
     trio.run(scenario, store_path, runtime_dir, checkpoints, CrashPoints(crash_at))
 
 

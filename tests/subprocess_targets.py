@@ -52,6 +52,14 @@ class FailingInit:
         return None
 
 
+class SlowEcho(Echo):
+    """An :class:`Echo` whose constructor takes ``seconds``."""
+
+    def __init__(self, seconds: float) -> None:
+        time.sleep(seconds)
+        super().__init__()
+
+
 class Configurable:
     """Keeps the ``user_config`` given to ``reconfigure``."""
 

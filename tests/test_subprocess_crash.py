@@ -44,7 +44,7 @@ def workdir(tmp_path: Path) -> Iterator[Path]:
     kill_everything_under(tmp_path)
 
 
-def run_host(workdir: Path, crash_at: int | None) -> subprocess.CompletedProcess[str]:
+def run_host(workdir: Path, crash_at: int | str | None) -> subprocess.CompletedProcess[str]:
     args = [
         sys.executable,
         str(HOST),
@@ -148,6 +148,33 @@ def test_replicas_of_a_superseded_checkpoint_are_stopped_as_orphans(workdir: Pat
 
     trio.run(recover)
     assert replica_processes(workdir / "rt") == {}
+
+
+def test_sigkill_of_the_host_while_replicas_are_starting(workdir: Path) -> None:
+    """The host dies after spawning replicas whose constructors still run. The next
+    controller waits for them (they are STARTING in the checkpoint), adopts them, and
+    starts nothing twice."""
+    crashed = run_host(workdir, "mid-start")
+    assert crashed.returncode == -signal.SIGKILL, (crashed.returncode, crashed.stderr)
+    assert "CRASH mid-start" in crashed.stdout
+    starting = replica_processes(workdir / "rt")
+    assert len(starting) == 2
+    pids = {key: proc.pid for key, proc in starting.items()}
+
+    async def recover() -> None:
+        async with servecore.open_controller(
+            runtime=SubprocessRuntime(workdir / "rt"),
+            store=SQLiteStore(workdir / "state.db"),
+            name="crash",
+        ) as ctl:
+            running = ctl.state.replicas
+            assert {replica_key(tag) for tag in running} == set(pids)
+            assert {r.status for r in running.values()} == {ReplicaStatus.RUNNING}
+            # The very processes the crashed host spawned: adopted, not started again.
+            assert {key: p.pid for key, p in replica_processes(workdir / "rt").items()} == pids
+
+    trio.run(recover)
+    trio.run(recover_and_check, workdir)
 
 
 def test_a_replica_killed_while_no_host_runs_is_replaced_on_recovery(workdir: Path) -> None:
