@@ -1167,14 +1167,6 @@ def _try(mutate: Callable[[], object]) -> None:
         mutate()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: frozen values hold plain dicts/lists (init_args, init_kwargs, user_config, "
-    "runtime_options) shared by reference with StartReplica effects, so user code that "
-    "changes its constructor arguments or user_config (threads runtime) changes the "
-    "controller's state and the next checkpoint",
-)
 def test_effects_share_no_mutable_values_with_the_state() -> None:
     config = BackendConfig(user_config={"k": [1]}, runtime_options={"resources": {"x": 1}})
     command = CreateBackend(

@@ -288,37 +288,16 @@ def test_sqlite_store_uses_wal_and_synchronous_full(tmp_path: Path) -> None:
 # Corrupt and too-new checkpoints raise, naming the path
 
 
-# Damage that decode does not yet turn into CheckpointCorrupt (see the xfail reasons).
+# Damage that a lenient JSON parser would let through.
 NAN_IN_STATE = GOOD.replace(b'"replica_counter":', b'"replica_counter":NaN,"x":', 1)
 DEEPLY_NESTED = b"[" * 100_000 + b"]" * 100_000
-CORRUPT_XFAIL = {
-    "NaN in state": pytest.param(
-        NAN_IN_STATE,
-        marks=pytest.mark.xfail(
-            strict=True,
-            raises=ValueError,
-            reason="BUG: json.loads accepts NaN/Infinity, then decode's checksum step "
-            "(_canonical, allow_nan=False) raises a bare ValueError, not CheckpointCorrupt",
-        ),
-        id="NaN in state",
-    ),
-    "deeply nested": pytest.param(
-        DEEPLY_NESTED,
-        marks=pytest.mark.xfail(
-            strict=True,
-            raises=RecursionError,
-            reason="BUG: json.loads raises RecursionError on deeply nested garbage and "
-            "decode lets it escape instead of raising CheckpointCorrupt",
-        ),
-        id="deeply nested",
-    ),
-}
+CORRUPT_MORE = {"NaN in state": NAN_IN_STATE, "deeply nested": DEEPLY_NESTED}
 
 
 @pytest.mark.parametrize(
     "data",
     [pytest.param(CORRUPT[name], id=name) for name in sorted(CORRUPT)]
-    + list(CORRUPT_XFAIL.values()),
+    + [pytest.param(data, id=name) for name, data in CORRUPT_MORE.items()],
 )
 def test_corrupt_checkpoint_raises_naming_the_store(store: Store, data: bytes) -> None:
     store.save(data)
@@ -406,13 +385,6 @@ def test_non_sqlite_file_for_sqlite_store_raises(tmp_path: Path, content: bytes)
     assert path.read_bytes() == content
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="BUG: SQLite takes a 1-byte file for an empty database, so SQLiteStore.open() "
-    "writes a fresh schema over it and load() returns None: a damaged file is read as an "
-    "empty state (check the 16-byte 'SQLite format 3' header of a non-empty file first)",
-)
 def test_one_byte_file_for_sqlite_store_raises(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     path.write_bytes(b"x")

@@ -68,6 +68,11 @@ def _make_converter() -> cattrs.Converter:
 _converter = _make_converter()
 
 
+def _reject_constant(name: str) -> Any:
+    # Python's json reads NaN and Infinity; a checkpoint never contains them.
+    raise ValueError(f"{name} is not JSON")
+
+
 def _canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
@@ -96,9 +101,9 @@ def decode(data: bytes, where: str) -> tuple[State, int]:
     state for bad data.
     """
     try:
-        envelope = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointCorrupt(where, f"not valid JSON ({exc})") from exc
+        envelope = json.loads(data, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise CheckpointCorrupt(where, f"not valid JSON ({exc!r:.200})") from exc
     if not isinstance(envelope, dict) or envelope.get("format") != FORMAT:
         raise CheckpointCorrupt(where, f"not a {FORMAT} envelope")
     version = envelope.get("version")

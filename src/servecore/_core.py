@@ -75,6 +75,8 @@ from servecore._values import (
     Replica,
     ReplicaStatus,
     RoutingTable,
+    _init_args,
+    _init_kwargs,
     replica_number,
     target_path,
 )
@@ -243,13 +245,16 @@ class _Tx:
 
     @staticmethod
     def start_effect(tag: str, b: Backend) -> StartReplica:
+        # The effect gets its own copies of the JSON values (the converters rebuild
+        # them), so user code that changes its constructor arguments or user_config
+        # cannot reach back into the state or the next checkpoint.
         return StartReplica(
             tag=tag,
             backend=b.tag,
             target=b.target,
-            init_args=b.init_args,
-            init_kwargs=b.init_kwargs,
-            config=b.config,
+            init_args=_init_args(b.init_args),
+            init_kwargs=_init_kwargs(b.init_kwargs),
+            config=attrs.evolve(b.config),
         )
 
     def mark_running(self, r: Replica) -> None:

@@ -13,6 +13,7 @@ is accepted as a save-only callback (:class:`CallbackStore`).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import sqlite3
@@ -198,6 +199,12 @@ class SQLiteStore:
     def _connect(self) -> sqlite3.Connection:
         if self._db is not None:
             return self._db
+        # SQLite takes a short or empty file for an empty database and would write a
+        # fresh schema over a damaged one: check the header of a non-empty file first.
+        with contextlib.suppress(FileNotFoundError), open(self.path, "rb") as f:
+            header = f.read(16)
+            if header and header != b"SQLite format 3\x00":
+                raise CheckpointCorrupt(self.where, "not a SQLite database (bad header)")
         try:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
