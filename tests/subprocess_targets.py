@@ -60,6 +60,21 @@ class SlowEcho(Echo):
         super().__init__()
 
 
+class Sickly:
+    """Answers calls, but its health check fails once it has served one."""
+
+    def __init__(self) -> None:
+        self.served = 0
+
+    def check_health(self) -> None:
+        if self.served:
+            raise RuntimeError("sick after serving")
+
+    def __call__(self) -> str:
+        self.served += 1
+        return "served"
+
+
 class Configurable:
     """Keeps the ``user_config`` given to ``reconfigure``."""
 

@@ -439,7 +439,25 @@ async def test_system_exit_in_user_code_ends_the_replica(runtime: SubprocessRunt
     with pytest.raises(ReplicaDiedError, match="SystemExit escaped the user code"):
         await call1(runtime, "exit#1")
     await wait_until(lambda: runtime.events)  # type: ignore[attr-defined]
-    assert [e.tag for e in runtime.events] == ["exit#1"]  # type: ignore[attr-defined]
+    (event,) = runtime.events  # type: ignore[attr-defined]
+    assert event.tag == "exit#1"
+    assert "SystemExit escaped the user code" in event.reason
+
+
+async def test_a_failing_health_check_ends_the_replica(rt_dir: Path) -> None:
+    rt = SubprocessRuntime(rt_dir, health_check_period_s=0.05)
+    events: list[Event] = []
+    await rt.open(namespace="test", report=events.append)
+    try:
+        await rt.start_replica(effect("sick#1", "Sickly"))
+        assert await call1(rt, "sick#1") == "served"
+        await wait_until(lambda: events)
+        (event,) = events
+        assert isinstance(event, ReplicaDied) and event.tag == "sick#1"
+        assert "health check failed: RuntimeError: sick after serving" in event.reason
+        assert replica_processes(rt_dir) == {}
+    finally:
+        await rt.close()
 
 
 # -- end to end through a controller and handles ------------------------------------------

@@ -22,8 +22,10 @@ filename-safe form of the tag, see ``replica_key`` in ``subprocess.py``):
 ``KEY.spec.json``
     What to run (target, arguments, host ``sys.path``), written by the host before spawn.
 ``KEY.json``
-    The record: tag, pid, create time and phase (``starting``, ``ready``, ``failed``),
-    written by the replica first thing and rewritten on each change (atomically).
+    The record: tag, pid, create time and phase (``starting``, ``ready``, ``failed``,
+    ``dead``) with the error, written by the replica first thing and rewritten on each
+    change (atomically). A replica that ends itself (a failed health check, SystemExit
+    in user code) says why there, and the host puts that in ``ReplicaDied``.
 ``KEY.sock``
     The replica's Unix socket, bound once the target is constructed.
 ``KEY.log``
@@ -220,9 +222,12 @@ class _Query:
         self.kwargs = kwargs
 
 
-def _build(spec: dict[str, Any]) -> Callable[[list[tuple[Any, Any]]], list[Any]]:
-    """Import and construct the target exactly as the threads runtime does, and return
-    ``run(batch)`` taking ``(args, kwargs)`` pairs.
+def _build(
+    spec: dict[str, Any],
+) -> tuple[Callable[[list[tuple[Any, Any]]], list[Any]], Callable[[], object] | None]:
+    """Import and construct the target exactly as the threads runtime does; return
+    ``run(batch)`` taking ``(args, kwargs)`` pairs, and the object's ``check_health``
+    if it has one.
 
     servecore itself is imported here, not at the top of the file: only after the
     record is written, and inside the start's error handling.
@@ -248,7 +253,8 @@ def _build(spec: dict[str, Any]) -> Callable[[list[tuple[Any, Any]]], list[Any]]
         queries: Any = [_Query(args, kwargs) for args, kwargs in batch]
         return runner(queries)
 
-    return run
+    check = getattr(obj, "check_health", None)
+    return run, (check if callable(check) else None)
 
 
 class _Server:
@@ -262,8 +268,10 @@ class _Server:
         files: ReplicaFiles,
         tag: str,
         concurrency: int,
+        record: dict[str, Any],
     ) -> None:
         self.run = run
+        self.record = record
         self.listener = listener
         self.files = files
         self.tag = tag
@@ -285,6 +293,25 @@ class _Server:
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self.stopping = True
         raise _Terminate
+
+    def die(self, reason: str) -> None:
+        """End the replica at once, leaving ``reason`` in its record for the host."""
+        print(f"replica {self.tag} ends: {reason}", file=sys.stderr, flush=True)
+        self.record.update(phase="dead", error=reason)
+        with contextlib.suppress(OSError):
+            self.files.write_record(self.record)
+        sys.stdout.flush()
+        os._exit(70)
+
+    def check_health_forever(self, check_health: Callable[[], object], period: float) -> None:
+        """Call the target's ``check_health()`` every ``period`` seconds; if it raises,
+        the replica is dead (as in the threads runtime) and its process ends."""
+        while not self.stopping:
+            time.sleep(period)
+            try:
+                check_health()
+            except BaseException as exc:
+                self.die(f"health check failed: {type(exc).__name__}: {exc}")
 
     def serve(self) -> None:
         """Accept hosts until SIGTERM, then drain the calls in flight and exit."""
@@ -445,8 +472,7 @@ class _Connection:
             # the thread of a threads-runtime replica: the host reports it dead.
             reason = f"{type(exc).__name__} escaped the user code: {exc}"
             self._reply(GONE, request_id, dumps(reason))
-            print(f"replica {server.tag} ends: {reason}", file=sys.stderr, flush=True)
-            os._exit(70)
+            server.die(reason)
         try:
             out = dumps(results)
         except Exception as exc:
@@ -504,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         # Import the user's code the way the host would have.
         extra = [p for p in spec["sys_path"] if p not in sys.path]
         sys.path[:0] = extra
-        run = _build(spec)
+        run, check_health = _build(spec)
         dir_fd = os.open(files.directory, os.O_RDONLY | os.O_DIRECTORY)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         with contextlib.suppress(FileNotFoundError):
@@ -522,13 +548,20 @@ def main(argv: list[str] | None = None) -> int:
     files.write_record(record)
     _send_status(status, OK, dumps({"pid": os.getpid(), "create_time": record["create_time"]}))
     print(f"replica {tag} (pid {os.getpid()}) serving {spec['target']}", flush=True)
-    _Server(
+    server = _Server(
         run=run,
         listener=listener,
         files=files,
         tag=tag,
         concurrency=max(1, int(spec["concurrency"])),
-    ).serve()
+        record=record,
+    )
+    if check_health is not None:
+        period = float(spec["health_check_period_s"])
+        threading.Thread(
+            target=server.check_health_forever, args=(check_health, period), daemon=True
+        ).start()
+    server.serve()
     return 0
 
 

@@ -547,7 +547,10 @@ class SubprocessRuntime:
     the host's). ``startup_timeout_s`` bounds how long a replica may take to import and
     construct its target before it is killed and the start fails (a backend's
     ``runtime_options["startup_timeout_s"]`` overrides it). ``env`` adds environment
-    variables for every replica.
+    variables for every replica. A target with a ``check_health()`` method has it
+    called every ``health_check_period_s`` on a thread of its replica; if it raises,
+    the replica's process ends and it is reported dead with that error (as in the
+    threads runtime).
 
     Chosen by name with options: ``open_controller(runtime="subprocess",
     runtime_options={"directory": "/srv/replicas"})``.
@@ -560,9 +563,15 @@ class SubprocessRuntime:
         python: str | None = None,
         startup_timeout_s: float = 120.0,
         env: Mapping[str, str] | None = None,
+        health_check_period_s: float = 10.0,
     ) -> None:
-        if not (math.isfinite(startup_timeout_s) and startup_timeout_s > 0):
-            raise ValueError(f"startup_timeout_s={startup_timeout_s!r} must be > 0")
+        for name, value in [
+            ("startup_timeout_s", startup_timeout_s),
+            ("health_check_period_s", health_check_period_s),
+        ]:
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}={value!r} must be a number of seconds > 0")
+        self.health_check_period_s = float(health_check_period_s)
         self._requested_directory = None if directory is None else Path(directory)
         self.python = python or sys.executable
         self.startup_timeout_s = float(startup_timeout_s)
@@ -925,6 +934,7 @@ class SubprocessRuntime:
             "max_batch_size": effect.config.max_batch_size,
             "user_config": effect.config.user_config,
             "startup_timeout_s": timeout,
+            "health_check_period_s": self.health_check_period_s,
             "sys_path": [os.path.abspath(p or ".") for p in sys.path],
         }
         tmp = files.spec + ".tmp"
@@ -1026,6 +1036,9 @@ class SubprocessRuntime:
         if replica.dead:  # already handled (stopped, killed, or the runtime closed)
             return
         reason = replica.process.exit_reason()
+        record = replica.files.read_record()
+        if record is not None and record.get("phase") == "dead" and record.get("error"):
+            reason = f"{record['error']} ({reason})"
         if replica.stopping:
             replica.fail_pending(f"the replica was stopped ({reason})")
             return
