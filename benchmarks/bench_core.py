@@ -315,6 +315,7 @@ async def _controller(directory: Path, commands: int) -> dict[str, list[int] | i
         "step": [],
         "encode": [],
         "save": [],
+        "bare alongside": [],
         "hop": [],
     }
     async with open_controller(runtime=runtime, store=store) as ctl:
@@ -348,17 +349,23 @@ async def _controller(directory: Path, commands: int) -> dict[str, list[int] | i
                 t0 = time.perf_counter_ns()
                 await trio.to_thread.run_sync(lambda: None)
                 samples["hop"].append(time.perf_counter_ns() - t0)
-        finally:
+        except BaseException:
             bare_close()
-    # The store alone, called directly (no thread), after the controller let it go.
+            raise
+    # The store alone, called directly (no thread), after the controller let it go,
+    # interleaved with the bare insert again (disk weather changes within a run).
     store.open()
     try:
         for _ in range(commands):
             t0 = time.perf_counter_ns()
             store.save(payload)
             samples["save"].append(time.perf_counter_ns() - t0)
+            t0 = time.perf_counter_ns()
+            bare_save(payload)
+            samples["bare alongside"].append(time.perf_counter_ns() - t0)
     finally:
         store.close()
+        bare_close()
     return {**samples, "bytes": len(payload)}
 
 
@@ -371,6 +378,7 @@ def bench_controller(directory: Path, quick: bool) -> list[dict[str, Any]]:
         "step": "  part: step(SetTraffic)",
         "encode": "  part: encode checkpoint",
         "save": "  part: SQLiteStore.save, direct",
+        "bare alongside": "  (bare SQLite insert beside it)",
         "hop": "  part: trio.to_thread.run_sync(no-op)",
     }
     return [
