@@ -494,3 +494,41 @@ async def test_queued_queries_fail_when_the_last_replica_leaves(ctl: Controller)
         assert isinstance(outcomes[0], NoReplicaError)
         gate.release.set()
     assert outcomes[1] == 0
+
+
+async def test_closing_the_controller_fails_waiting_queries() -> None:
+    """Queries still waiting when the controller closes fail; none hangs."""
+    gate = targets.Gate.named("closing")
+    outcomes: list[BaseException] = []
+
+    async def query(handle: Handle, value: Any) -> None:
+        try:
+            await handle.call(value)
+        except (NoReplicaError, ReplicaDiedError) as exc:
+            outcomes.append(exc)
+
+    try:
+        with trio.fail_after(WAIT):
+            async with (
+                trio.open_nursery() as outer,
+                open_controller(runtime=ThreadRuntime(), name="closing") as ctl,
+            ):
+                await ctl.create_backend(
+                    "b", targets.double_all, max_batch_size=8, batch_wait_timeout_s=3600.0
+                )
+                await ctl.create_backend(
+                    "g",
+                    targets.Gated,
+                    init_args=["closing"],
+                    graceful_shutdown_timeout_s=0.05,
+                )
+                batched = await serve(ctl, "batched", {"b": 1.0})
+                gated = await serve(ctl, "gated", {"g": 1.0})
+                outer.start_soon(query, batched, 1)  # waits for a batch that never fills
+                outer.start_soon(query, gated, 2)  # stuck in user code
+                await wait_entered(gate)
+                await trio.testing.wait_all_tasks_blocked()
+    finally:
+        gate.release.set()
+    assert sorted(type(e).__name__ for e in outcomes) == ["NoReplicaError", "ReplicaDiedError"]
+    assert any("the controller is closed" in str(e) for e in outcomes)
