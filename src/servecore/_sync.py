@@ -13,8 +13,10 @@ until the async one returns, and raises what it raises::
 Handles are thread-safe: any host thread may call them at the same time. A query that
 finds a free replica of the threads runtime goes from the calling thread straight to
 the replica's thread; anything else crosses into trio with ``trio.from_thread.run``.
-Do not call these blocking methods from the controller's own trio thread (inside an
-async callback); they raise ``RuntimeError`` there rather than deadlock.
+Do not call these blocking methods from a thread that runs a trio loop (the
+controller's own, or your own trio program's): trio refuses, with ``RuntimeError``,
+rather than deadlock. From trio code, use :func:`~servecore.open_controller`, or
+``trio.to_thread.run_sync`` around the blocking call. ``close()`` works anywhere.
 """
 
 from __future__ import annotations
