@@ -72,10 +72,13 @@ Throughput = Callable[[int], Awaitable[float]]
 class Row:
     """One line of the table: a name and its two probes."""
 
-    def __init__(self, name: str, latency: Latency, throughput: Throughput) -> None:
+    def __init__(
+        self, name: str, latency: Latency, throughput: Throughput, scale: float = 1.0
+    ) -> None:
         self.name = name
         self.latency = latency
         self.throughput = throughput
+        self.scale = scale  # share of the usual query counts (for slow targets)
         self.samples: list[int] = []
         self.seconds: list[float] = []
 
@@ -198,7 +201,16 @@ async def servecore_rows(label: str, runtime: str | Runtime) -> AsyncIterator[li
             max_batch_size=MAX_BATCH_SIZE,
             max_concurrent_queries=BATCH_CONCURRENCY,
         )
-        for ep in ("echo", "echo_batch"):
+        await ctl.create_backend(
+            "model", "bench_targets:model", max_concurrent_queries=BATCH_CONCURRENCY
+        )
+        await ctl.create_backend(
+            "model_batch",
+            "bench_targets:model_batch",
+            max_batch_size=MAX_BATCH_SIZE,
+            max_concurrent_queries=BATCH_CONCURRENCY,
+        )
+        for ep in ("echo", "echo_batch", "model", "model_batch"):
             await ctl.create_endpoint(ep)
             await ctl.set_traffic(ep, {ep: 1.0})
         (tag,) = ctl.routing_table.backends["echo"].replicas
@@ -209,6 +221,9 @@ async def servecore_rows(label: str, runtime: str | Runtime) -> AsyncIterator[li
 
         handle = ctl.get_handle("echo").call
         batched = ctl.get_handle("echo_batch").call
+        model = ctl.get_handle("model").call
+        model_batched = ctl.get_handle("model_batch").call
+        cost = f"{bench_targets.FIXED_COST_S * 1e6:.0f} us/call"
         rows = [
             Row(
                 f"{label}: runtime.call",
@@ -224,6 +239,19 @@ async def servecore_rows(label: str, runtime: str | Runtime) -> AsyncIterator[li
                 f"{label}: handle.call, batching {MAX_BATCH_SIZE}",
                 lambda n: _sequential(batched, n),
                 lambda n: _concurrently(batched, n, BATCH_CONCURRENCY),
+            ),
+            # A target with a fixed cost per call: where batching pays.
+            Row(
+                f"{label}: handle.call, {cost}",
+                lambda n: _sequential(model, n),
+                lambda n: _concurrently(model, n, BATCH_CONCURRENCY),
+                scale=0.1,
+            ),
+            Row(
+                f"{label}: handle.call, {cost}, batching {MAX_BATCH_SIZE}",
+                lambda n: _sequential(model_batched, n),
+                lambda n: _concurrently(model_batched, n, BATCH_CONCURRENCY),
+                scale=0.1,
             ),
         ]
 
@@ -280,11 +308,11 @@ async def servecore_rows(label: str, runtime: str | Runtime) -> AsyncIterator[li
 
 
 def _table(results: list[dict[str, Any]]) -> str:
-    head = f"{'':<44}{'p50 us':>10}{'p99 us':>10}{'x pool p50':>12}{'queries/s':>12}"
+    head = f"{'':<52}{'p50 us':>10}{'p99 us':>10}{'x pool p50':>12}{'queries/s':>12}"
     lines = [head, "-" * len(head)]
     for r in results:
         lines.append(
-            f"{r['name']:<44}{r['p50_us']:>10.1f}{r['p99_us']:>10.1f}"
+            f"{r['name']:<52}{r['p50_us']:>10.1f}{r['p99_us']:>10.1f}"
             f"{r['p50_vs_threadpool']:>12.2f}{r['throughput_qps']:>12,.0f}"
         )
     return "\n".join(lines)
@@ -303,9 +331,9 @@ async def _run(labels: list[str], latency_n: int, throughput_n: int) -> list[dic
             await row.latency(min(per_round, 300))
         for _ in range(ROUNDS):
             for row in rows:
-                row.samples.extend(await row.latency(per_round))
-                row.seconds.append(await row.throughput(throughput_n))
-        return [row.result(throughput_n) for row in rows]
+                row.samples.extend(await row.latency(max(1, int(per_round * row.scale))))
+                row.seconds.append(await row.throughput(max(1, int(throughput_n * row.scale))))
+        return [row.result(max(1, int(throughput_n * row.scale))) for row in rows]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,6 +6,7 @@ runtimes (their children inherit the environment) can import them too.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from servecore._batch import batch
@@ -19,4 +20,22 @@ def echo(value: Any) -> Any:
 @batch
 def echo_batch(values: list[Any]) -> list[Any]:
     """Return the batch as is: the cheapest possible batched query."""
+    return values
+
+
+#: What one call of the "model" below costs, whatever the batch size (think: a kernel
+#: launch on an accelerator); batching shares it between the queries of a batch.
+FIXED_COST_S = 0.0002
+
+
+def model(value: Any) -> Any:
+    """A query with a fixed cost per call."""
+    time.sleep(FIXED_COST_S)
+    return value
+
+
+@batch
+def model_batch(values: list[Any]) -> list[Any]:
+    """The same, batch-capable: one fixed cost per batch."""
+    time.sleep(FIXED_COST_S)
     return values
