@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 HOST = Path(__file__).resolve().parent / "subprocess_host.py"
 #: Upper bound on the scenario's crash points; a test below checks it is not exceeded,
 #: so that no point goes unvisited.
-MAX_POINTS = 36
+MAX_POINTS = 34
 #: Bounded waits: only so that a broken build fails instead of hanging.
 HOST_TIMEOUT_S = 60.0
 
