@@ -572,7 +572,8 @@ class SubprocessRuntime:
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name}={value!r} must be a number of seconds > 0")
         self.health_check_period_s = float(health_check_period_s)
-        self._requested_directory = None if directory is None else Path(directory)
+        # Absolute, so that replicas (and hosts started elsewhere) name the same place.
+        self._requested_directory = None if directory is None else Path(directory).absolute()
         self.python = python or sys.executable
         self.startup_timeout_s = float(startup_timeout_s)
         self.env = dict(env or {})
