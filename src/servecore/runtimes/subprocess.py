@@ -28,15 +28,34 @@ Liveness
     reused pid is never signalled. Files of dead replicas are removed by
     :meth:`SubprocessRuntime.list_replicas` and on the way through ``start_replica``.
 
+Start and stop
+    ``start_replica`` writes the replica's spec, spawns ``_replica_main.py`` holding the
+    tag's lock, and waits on a status pipe: the replica answers once its target is
+    imported and constructed and its socket listens, or sends its own exception, which
+    is raised here with its type (an import error, a constructor's ``ValueError``...). A
+    replica not ready within ``startup_timeout_s`` is killed. ``stop_replica`` lets the
+    calls in flight finish, sends SIGTERM (the replica takes no new call, finishes its
+    own, and exits), and sends SIGKILL once ``timeout_s`` has passed since the stop
+    began.
+
+User code
+    A replica runs its target under the threads runtime's rules (``servecore._batch``):
+    ``@servecore.batch`` targets, ``max_batch_size``, ``reconfigure(user_config)``, and
+    ``check_health()`` every ``health_check_period_s``. Up to
+    ``max_concurrent_queries`` calls run at once, on that many threads.
+
 Deaths
     A watcher per replica waits on the process (``pidfd``) and on its connection; a
     replica that dies other than by ``stop_replica`` is reported as
-    :class:`~servecore.ReplicaDied` at once, and calls in flight on it raise
-    :class:`~servecore.ReplicaDiedError`.
+    :class:`~servecore.ReplicaDied` at once (with the reason the replica left in its
+    record, if it ended itself), and calls in flight on it raise
+    :class:`~servecore.ReplicaDiedError`. :meth:`SubprocessRuntime.kill` SIGKILLs a
+    replica as a crash would (for tests and operators).
 
 Wire format
     Length-prefixed frames over one Unix socket per replica; query arguments, results
-    and exceptions are pickled (only this user can reach the socket). A user exception
+    and exceptions are pickled (only this user can reach the socket; the controller's
+    state never travels this way, it is checkpointed as JSON). A user exception
     is raised on the caller's side with its own type when that type can be imported
     (else as :class:`RemoteError`), and the replica's traceback text is kept as its
     ``__cause__`` (:class:`RemoteTraceback`), as :mod:`concurrent.futures` does.
