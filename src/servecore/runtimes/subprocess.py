@@ -1029,12 +1029,14 @@ class SubprocessRuntime:
         """Notice the death of ``replica``: its process exits or its connection drops."""
         try:
             with replica.watcher_scope:
+                read_all = trio.Event()
                 async with trio.open_nursery() as nursery:
 
                     async def read() -> None:
                         with contextlib.suppress(trio.ClosedResourceError):
                             while (message := await replica.channel.receive()) is not None:
                                 replica.deliver(*message)
+                        read_all.set()
                         # The connection is gone. A replica that lives on without it is
                         # of no use to anyone: give it a moment to exit, then kill it.
                         if not replica.stopping:
@@ -1047,6 +1049,11 @@ class SubprocessRuntime:
                     nursery.start_soon(read)
                     nursery.start_soon(replica.channel.flush)
                     await replica.process.wait()
+                    # Answers the replica sent just before it died are still in the
+                    # socket: deliver them (end of stream follows at once) before
+                    # failing the rest.
+                    with trio.move_on_after(_LOST_CONNECTION_GRACE_S):
+                        await read_all.wait()
                     nursery.cancel_scope.cancel()
                 self._on_death(replica)
         except Exception:
