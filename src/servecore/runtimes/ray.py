@@ -73,6 +73,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import outcome
 import ray
 import ray.exceptions
 import ray.util
@@ -466,6 +467,52 @@ class _Pending:
                 self.waker.close()
 
 
+class _Waiter:
+    """A trio task waiting for one result through :class:`_Deliveries`."""
+
+    __slots__ = ("task",)
+
+    def __init__(self, task: trio.lowlevel.Task) -> None:
+        self.task: trio.lowlevel.Task | None = task  # None once woken or given up
+
+
+class _Deliveries:
+    """Results handed to trio in batches: one ``run_sync_soon`` per batch.
+
+    While many calls are in flight, waking each through its own fd costs a trio I/O
+    pass per result; results that arrive together here cost one pass between them.
+    """
+
+    __slots__ = ("items", "lock", "scheduled", "token")
+
+    def __init__(self, token: trio.lowlevel.TrioToken) -> None:
+        self.token = token
+        self.lock = threading.Lock()
+        self.items: list[tuple[_Waiter, Any]] = []
+        self.scheduled = False
+
+    def post(self, waiter: _Waiter, value: Any) -> None:
+        """(Ray's thread) Queue ``value`` for ``waiter``; wake trio unless it is due."""
+        with self.lock:
+            self.items.append((waiter, value))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        with contextlib.suppress(trio.RunFinishedError):  # nobody is waiting any more
+            self.token.run_sync_soon(self.deliver)
+
+    def deliver(self) -> None:
+        """(trio thread) Wake every waiter whose result is in."""
+        with self.lock:
+            items, self.items = self.items, []
+            self.scheduled = False
+        for waiter, value in items:
+            task = waiter.task
+            if task is not None:
+                waiter.task = None
+                trio.lowlevel.reschedule(task, outcome.Value(value))
+
+
 def _on_done(ref: Any, callback: Callable[[Any], None]) -> None:
     """Call ``callback(value_or_error)`` on a Ray thread once ``ref`` completes."""
     on_completed = getattr(ref, "_on_completed", None)
@@ -544,6 +591,8 @@ class RayRuntime:
         self._token: trio.lowlevel.TrioToken | None = None
         self._actors: dict[str, _Actor] = {}
         self._wakers: list[_Waker] = []
+        self._deliveries: _Deliveries | None = None
+        self._waiting = 0  # tasks in _wait
         self._connected = False
         self._closed = False
 
@@ -554,6 +603,7 @@ class RayRuntime:
         self.namespace = self.namespace_override or namespace
         self._report = report
         self._token = trio.lowlevel.current_trio_token()
+        self._deliveries = _Deliveries(self._token)
         self._closed = False
         await trio.to_thread.run_sync(_connect, self.address, self.namespace, self.init_options)
         self._connected = True
@@ -785,17 +835,38 @@ class RayRuntime:
     async def _wait(self, ref: Any) -> Any:
         """The value of ``ref``, or the Ray error it failed with (returned, not raised).
 
-        The completion callback runs on a Ray thread and signals an event fd that this
-        task waits on; if this task is cancelled first, the late result is dropped.
+        The reference's completion callback runs on a Ray thread. A lone call waits on
+        an event fd that the callback signals, which wakes this task straight from
+        trio's I/O manager; while other calls wait too, results go through
+        :class:`_Deliveries`, so that results arriving together wake trio once. If this
+        task is cancelled first, the late result is dropped. No thread per call.
         """
+        if self._waiting:
+            assert self._deliveries is not None
+            waiter = _Waiter(trio.lowlevel.current_task())
+            post = self._deliveries.post
+            _on_done(ref, lambda value: post(waiter, value))
+
+            def abort(_: Any) -> trio.lowlevel.Abort:
+                waiter.task = None
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            self._waiting += 1
+            try:
+                return await trio.lowlevel.wait_task_rescheduled(abort)
+            finally:
+                self._waiting -= 1
         waker = self._wakers.pop() if self._wakers else _Waker()
         pending = _Pending(waker)
         _on_done(ref, pending.complete)
+        self._waiting += 1
         try:
             await trio.lowlevel.wait_readable(waker.fileno)
         except BaseException:
             pending.abandon()
             raise
+        finally:
+            self._waiting -= 1
         waker.drain()
         self._wakers.append(waker)
         return pending.value
