@@ -231,6 +231,33 @@ async def test_batches_user_errors_and_user_config(rt: Opened) -> None:
     assert "e#0" not in await rt.runtime.list_replicas()
 
 
+async def test_concurrent_and_cancelled_calls(rt: Opened) -> None:
+    await rt.runtime.start_replica(effect("echo#0", "Echo", "e:"))
+    await rt.runtime.start_replica(effect("slow#1", "Slow"))
+    results: dict[int, Any] = {}
+
+    async def one(i: int) -> None:
+        (results[i],) = await rt.runtime.call("echo#0", [q(i)])
+
+    async with trio.open_nursery() as nursery:
+        for i in range(50):
+            nursery.start_soon(one, i)
+    assert results == {i: f"e:{i}" for i in range(50)}
+
+    # A caller that gives up, alone or among others, leaves the runtime working.
+    with trio.move_on_after(0.3) as alone:
+        await rt.runtime.call("slow#1", [q(1.0)])
+    assert alone.cancelled_caught
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rt.runtime.call, "slow#1", [q(0.5)])
+        await trio.sleep(0.05)  # that call waits now, so the next one waits among others
+        with trio.move_on_after(0.3) as among:
+            await rt.runtime.call("slow#1", [q(0.5)])
+    assert among.cancelled_caught
+    assert await rt.runtime.call("slow#1", [q(0.01)]) == [0.01]
+    assert await rt.runtime.call("echo#0", [q("x"), q("y")]) == ["e:x", "e:y"]
+
+
 async def test_death_is_reported_without_a_query_and_fails_calls_in_flight(
     rt: Opened, namespace: str
 ) -> None:
