@@ -37,9 +37,16 @@ Deaths
     query fails. Calls in flight on a dead actor raise :class:`~servecore.ReplicaDiedError`.
 
 Calls
-    A query is one Ray actor call. Its result is delivered into trio by a completion
-    callback on the object reference, which wakes the waiting trio task through a
-    pooled event file descriptor: no thread per call, no polling.
+    A batch is one Ray actor call. Its result is delivered into trio by a completion
+    callback on the object reference (on a Ray thread): a lone call is woken through a
+    pooled event file descriptor, and while calls overlap, results that arrive together
+    are handed to trio with one ``run_sync_soon``. No thread per call, no polling. A
+    user exception is raised as its own type (rebuilt even when its constructor takes
+    other arguments than its ``args``), with the replica's traceback as a note.
+
+Targets are imported by the Ray workers, so they must be importable there: installed
+in the workers' environment, or shipped with a ``runtime_env``. By default Ray puts the
+driver's working directory and script directory on the workers' path.
 
 ``runtime_options`` (per backend) are Ray actor options: :data:`RUNTIME_OPTIONS`
 (``num_cpus``, ``num_gpus``, ``memory``, ``resources``, ``accelerator_type``,
@@ -111,6 +118,11 @@ _START_ATTEMPTS = 3
 
 #: How long a stop waits for Ray to confirm the actor's death after ``ray.kill``.
 _KILL_CONFIRM_S = 15.0
+
+#: "The actor is dead" (as opposed to "unreachable for now"); older Rays only have the base.
+_ActorDiedError: type[BaseException] = getattr(
+    ray.exceptions, "ActorDiedError", ray.exceptions.RayActorError
+)
 
 
 # ---------------------------------------------------------------------------------------
@@ -892,7 +904,7 @@ class RayRuntime:
         if not isinstance(value, BaseException):
             self._watch(actor)
             return
-        if not isinstance(value, ray.exceptions.ActorDiedError):
+        if not isinstance(value, _ActorDiedError):
             # Unreachable but not known dead: make sure, so it cannot linger unseen.
             with contextlib.suppress(Exception):
                 ray.kill(actor.handle, no_restart=True)
