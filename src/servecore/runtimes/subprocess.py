@@ -789,7 +789,7 @@ class SubprocessRuntime:
         else:
             with contextlib.suppress(psutil.Error):
                 psutil.Process(process.pid).wait(_KILL_WAIT_S)
-        self._on_death(replica)
+        self._on_death(replica, f"process {process.pid} was killed by SubprocessRuntime.kill()")
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -1059,10 +1059,10 @@ class SubprocessRuntime:
         except Exception:
             log.exception("watcher of replica %s failed", replica.tag)
 
-    def _on_death(self, replica: _Replica) -> None:
+    def _on_death(self, replica: _Replica, reason: str | None = None) -> None:
         if replica.dead:  # already handled (stopped, killed, or the runtime closed)
             return
-        reason = replica.process.exit_reason()
+        reason = reason or replica.process.exit_reason()
         record = replica.files.read_record()
         if record is not None and record.get("phase") == "dead" and record.get("error"):
             reason = f"{record['error']} ({reason})"
