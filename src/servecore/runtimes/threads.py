@@ -104,6 +104,15 @@ class _Waker:
         except BlockingIOError:
             pass
 
+    def close(self) -> None:
+        """Release the file descriptor(s); only once no thread can signal it."""
+        if self._read is None:
+            os.close(self.fileno)
+        else:
+            self._read.close()
+            if self._write is not None:
+                self._write.close()
+
 
 class _Job:
     """One batch on its way through a replica, and how to wake whoever waits for it."""
@@ -146,7 +155,7 @@ class _Replica:
         self.effect = effect
         self.tag = effect.tag
         self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self.jobs: set[_Job] = set()  # (trio) undelivered jobs
+        self.jobs: set[_Job] = set()  # unanswered jobs (host threads add theirs too)
         self.ready = trio.Event()  # (trio) construction finished, either way
         self.start_error: BaseException | None = None  # (trio)
         self.finished = trio.Event()  # (trio) the worker thread has returned
@@ -201,6 +210,14 @@ class ThreadRuntime:
                 nursery.start_soon(
                     self.stop_replica, rep.tag, rep.effect.config.graceful_shutdown_timeout_s
                 )
+        # Pooled wakers are idle and no worker can signal them: give their fds back.
+        # (A waker whose job an abandoned thread still holds stays open, on purpose.)
+        self._new_waker_reclaim()
+        for waker in self._wakers:
+            trio.lowlevel.notify_closing(waker.fileno)
+            waker.close()
+        self._n_wakers -= len(self._wakers)
+        self._wakers.clear()
 
     async def start_replica(self, effect: StartReplica) -> None:
         """Build the replica on its own thread; return when it is ready to serve.
@@ -305,17 +322,20 @@ class ThreadRuntime:
         answer: list[Any] = job.outcome.unwrap()
         return answer
 
+    def _new_waker_reclaim(self) -> None:
+        """Put back in the pool the wakers of abandoned jobs no worker can signal now."""
+        still: list[_Job] = []
+        for job in self._dirty:
+            if job.finished and job.waker is not None:
+                job.waker.drain()
+                self._wakers.append(job.waker)
+            else:
+                still.append(job)
+        self._dirty = still
+
     def _new_waker(self) -> _Waker | None:
         if self._dirty:
-            # Reclaim the wakers no worker can signal any more.
-            still: list[_Job] = []
-            for job in self._dirty:
-                if job.finished and job.waker is not None:
-                    job.waker.drain()
-                    self._wakers.append(job.waker)
-                else:
-                    still.append(job)
-            self._dirty = still
+            self._new_waker_reclaim()
             if self._wakers:
                 return self._wakers.pop()
         if self._n_wakers >= MAX_WAKERS:
