@@ -406,8 +406,13 @@ async def test_end_to_end_split_scale_and_replace(cluster: LocalRayCluster, name
 
 
 async def test_batching_through_handles(cluster: LocalRayCluster, namespace: str) -> None:
-    runtime = RayRuntime(address=cluster.address, start_timeout_s=WAIT)
-    async with servecore.open_controller(runtime=runtime, name=namespace) as ctl:
+    # The runtime chosen by name, configured through the controller.
+    async with servecore.open_controller(
+        runtime="ray",
+        runtime_options={"address": cluster.address, "start_timeout_s": WAIT},
+        name=namespace,
+    ) as ctl:
+        assert isinstance(ctl.runtime, RayRuntime)
         await ctl.create_backend(
             "sizes",
             "ray_driver:BatchSizes",
