@@ -666,10 +666,10 @@ class RayRuntime:
                 break
             died = value
         if isinstance(value, ray.exceptions.RayTaskError):
-            await self._kill(handle)
+            await self._kill(handle, effect.tag)
             raise self._user_error(effect.tag, value)
         if isinstance(value, BaseException):
-            await self._kill(handle)
+            await self._kill(handle, effect.tag)
             raise RuntimeError(
                 f"replica {effect.tag!r} died as it started: {_short(died or value)}"
             ) from value
@@ -822,21 +822,28 @@ class RayRuntime:
             tag,
             _short(value) if value is not None else f"not ready in {self.start_timeout_s}s",
         )
-        await self._kill(handle)
+        await self._kill(handle, tag)
         return False
 
-    async def _kill(self, handle: Any) -> None:
+    async def _kill(self, handle: Any, tag: str | None = None) -> None:
+        """``ray.kill`` the actor; with ``tag``, also wait (briefly) until its name is free,
+        so that a failed start leaves nothing listed."""
+
         def kill() -> None:
             with contextlib.suppress(Exception):  # already dead or gone
                 ray.kill(handle, no_restart=True)
 
         await trio.to_thread.run_sync(kill)
+        if tag is not None:
+            with trio.move_on_after(_KILL_CONFIRM_S):
+                while await self._lookup(tag) is not None:
+                    await trio.sleep(0.05)
 
     async def _ready(self, tag: str, handle: Any, options: Mapping[str, Any]) -> Any:
         """``handle.ready()``'s value or error; kill it and raise if it takes too long."""
         with trio.move_on_after(self.start_timeout_s):
             return await self._wait(handle.ready.remote())
-        await self._kill(handle)
+        await self._kill(handle, tag)
         raise TimeoutError(
             f"replica {tag!r} was not ready within {self.start_timeout_s}s (waiting for "
             f"resources {dict(options) or '(Ray defaults)'} that no node has free, or a "
