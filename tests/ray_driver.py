@@ -1,8 +1,9 @@
 """Targets for the Ray runtime tests, and a controller process to crash.
 
 Ray replicas run in Ray worker processes, which import their target by path; these
-targets are importable there as ``tests.ray_driver:NAME`` (the tests put the checkout
-on the workers' ``PYTHONPATH``).
+targets are importable there as ``ray_driver:NAME``: the test session puts ``tests/``
+on its workers' ``PYTHONPATH``, and Ray puts a driver script's own directory on the
+path of that driver's workers.
 
 Run as a script, this is a *driver*: a controller on the Ray runtime with an SQLite
 store, which creates a backend and then scales it up, printing what it is doing, so
@@ -109,7 +110,7 @@ async def _drive(address: str, namespace: str, db: str, scale_to: int, delay: fl
     ) as ctl:
         await ctl.create_backend(
             "slow",
-            "tests.ray_driver:SlowInit",
+            "ray_driver:SlowInit",
             init_kwargs={"delay": delay},
             num_replicas=1,
             runtime_options={"num_cpus": 0},

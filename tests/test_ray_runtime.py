@@ -200,10 +200,10 @@ async def test_start_is_get_or_create_and_listing_is_this_namespace_only(
         assert await elsewhere.list_replicas() == frozenset()
     finally:
         await elsewhere.close()
-    ray_driver_helper = ray.remote(ray_driver.Pid).options(
+    helper = ray.remote(ray_driver.Pid).options(
         name="not-a-replica", namespace=namespace, lifetime="detached", num_cpus=0
     )
-    ray_driver_helper.remote()
+    helper.remote()
     assert await rt.runtime.list_replicas() == {"echo#0"}
     assert await alive_in(namespace) == {"echo#0", "not-a-replica"}
 
@@ -467,6 +467,7 @@ async def test_controller_killed_mid_scale_up_recovers_exactly(
             "--delay=2.0",
         ],
         env={**os.environ, **cluster.env()},
+        cwd=tmp_path,  # its workers import ray_driver from the script's directory
         stdout=subprocess.PIPE,
         text=True,
     )
