@@ -83,6 +83,22 @@ class Configurable:
         return self.config
 
 
+class Unhealthy:
+    """Healthy until it is asked ``"poison"``; from then on ``check_health()`` raises."""
+
+    def __init__(self) -> None:
+        self.poisoned = False
+
+    def check_health(self) -> None:
+        if self.poisoned:
+            raise RuntimeError("poisoned on purpose")
+
+    def __call__(self, value: Any = None) -> Any:
+        if value == "poison":
+            self.poisoned = True
+        return value
+
+
 class Boom(Exception):
     """A user exception type, to check that it comes back as itself."""
 

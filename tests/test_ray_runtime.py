@@ -291,6 +291,22 @@ async def test_death_is_reported_without_a_query_and_fails_calls_in_flight(
     assert time.monotonic() - started < 10.0
 
 
+async def test_failing_health_check_is_a_death(cluster: LocalRayCluster, namespace: str) -> None:
+    opened = Opened(RayRuntime(address=cluster.address, health_check_period_s=0.2))
+    await opened.runtime.open(namespace=namespace, report=opened.events.append)
+    try:
+        await opened.runtime.start_replica(effect("sick#0", "Unhealthy"))
+        assert await opened.runtime.call("sick#0", [q("fine")]) == ["fine"]
+        await trio.sleep(1.0)  # several health checks pass
+        assert not opened.events
+        assert await opened.runtime.call("sick#0", [q("poison")]) == ["poison"]
+        died = await opened.died("sick#0")
+        assert "health check failed" in died.reason and "poisoned on purpose" in died.reason
+        assert "sick#0" not in await opened.runtime.list_replicas()
+    finally:
+        await opened.runtime.close()
+
+
 async def test_stop_drains_then_kills(rt: Opened, namespace: str) -> None:
     await rt.runtime.start_replica(effect("slow#0", "Slow"))
     results: list[Any] = []

@@ -32,9 +32,13 @@ Finding replicas again
 
 Deaths
     For each replica the runtime keeps one long-running ``watch()`` call in flight
-    (renewed every ``watch_period_s``); Ray fails it the moment the actor dies, and the
-    death is reported as :class:`~servecore.ReplicaDied` at once -- not only when a
-    query fails. Calls in flight on a dead actor raise :class:`~servecore.ReplicaDiedError`.
+    (renewed every ``health_check_period_s``); Ray fails it the moment the actor dies,
+    and the death is reported as :class:`~servecore.ReplicaDied` at once -- not only
+    when a query fails. Calls in flight on a dead actor raise
+    :class:`~servecore.ReplicaDiedError`. As in Ray Serve (and the threads runtime), a
+    replica object with a ``check_health()`` method has it called every
+    ``health_check_period_s``, between batches; if it raises, the replica is killed and
+    reported dead.
 
 Calls
     A batch is one Ray actor call. Its result is delivered into trio by a completion
@@ -267,6 +271,7 @@ class ServecoreReplica:
         self._spec = spec
         self._lock = threading.Lock()
         self._run: Callable[[Sequence[Query]], list[Any]] | None = None
+        self._check: Callable[[], object] | None = None
         self._error: BaseException | None = None
 
     def _build(self) -> Callable[[Sequence[Query]], list[Any]]:
@@ -291,6 +296,8 @@ class ServecoreReplica:
                 reconfigure = getattr(obj, "reconfigure", None)
                 if spec["user_config"] is not None and callable(reconfigure):
                     reconfigure(spec["user_config"])
+                check = getattr(obj, "check_health", None)
+                self._check = check if callable(check) else None
                 self._run = make_runner(obj, spec["target"])
             except Exception as exc:
                 self._error = exc
@@ -298,12 +305,28 @@ class ServecoreReplica:
             return self._run
 
     def ready(self) -> dict[str, Any]:
-        """Build the replica object (once); return where it runs."""
+        """Build the replica object (once); return where it runs, and whether it has a
+        ``check_health()``."""
         try:
             self._build()
         except Exception as exc:
             raise _carry(exc) from None
-        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+        return {
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "health_check": self._check is not None,
+        }
+
+    def check_health(self) -> bool:
+        """Run the object's ``check_health()``: between batches, like a batch."""
+        check = self._check
+        if check is None:
+            return False
+        try:
+            check()
+        except Exception as exc:
+            raise _carry(exc) from None
+        return True
 
     def run(self, batch: Sequence[tuple[tuple[Any, ...], dict[str, Any]]]) -> list[Any]:
         """Run one batch of ``(args, kwargs)`` pairs; one result per query, in order.
@@ -552,11 +575,23 @@ def _short(error: BaseException) -> str:
 class _Actor:
     """What the runtime knows of one replica actor (trio thread only)."""
 
-    __slots__ = ("dead", "handle", "idle", "outstanding", "stopping", "tag", "watching")
+    __slots__ = (
+        "checking",
+        "checks_health",
+        "dead",
+        "handle",
+        "idle",
+        "outstanding",
+        "stopping",
+        "tag",
+        "watching",
+    )
 
-    def __init__(self, tag: str, handle: Any) -> None:
+    def __init__(self, tag: str, handle: Any, info: Mapping[str, Any] | None = None) -> None:
         self.tag = tag
         self.handle = handle
+        self.checks_health = bool(info and info.get("health_check"))
+        self.checking = False
         self.outstanding = 0  # calls in flight through this runtime
         self.idle: trio.Event | None = None  # set when outstanding drops to 0
         self.stopping = False  # its death is not news
@@ -574,7 +609,9 @@ class RayRuntime:
 
     ``namespace`` overrides the Ray namespace (by default the controller's name).
     ``start_timeout_s`` bounds how long a replica may take to be scheduled, import its
-    target and construct it. ``init_options`` go to ``ray.init``. Through the controller::
+    target and construct it. ``health_check_period_s`` is how often a replica's
+    ``check_health()`` (if it has one) runs, and how often the death watch on each
+    replica is renewed. ``init_options`` go to ``ray.init``. Through the controller::
 
         servecore.open_controller(runtime="ray", runtime_options={"address": "auto"})
     """
@@ -585,17 +622,19 @@ class RayRuntime:
         *,
         namespace: str | None = None,
         start_timeout_s: float = 300.0,
-        watch_period_s: float = 30.0,
+        health_check_period_s: float = 10.0,
         init_options: Mapping[str, Any] | None = None,
     ) -> None:
         if not start_timeout_s > 0:
             raise ValueError(f"start_timeout_s={start_timeout_s!r} must be a number > 0")
-        if not watch_period_s > 0:
-            raise ValueError(f"watch_period_s={watch_period_s!r} must be a number > 0")
+        if not health_check_period_s > 0:
+            raise ValueError(
+                f"health_check_period_s={health_check_period_s!r} must be a number > 0"
+            )
         self.address = address
         self.namespace_override = namespace
         self.start_timeout_s = float(start_timeout_s)
-        self.watch_period_s = float(watch_period_s)
+        self.health_check_period_s = float(health_check_period_s)
         self.init_options = dict(init_options or {})
         #: The Ray namespace replicas live in (set by :meth:`open`).
         self.namespace: str | None = None
@@ -604,6 +643,8 @@ class RayRuntime:
         self._actors: dict[str, _Actor] = {}
         self._wakers: list[_Waker] = []
         self._deliveries: _Deliveries | None = None
+        # Tags killed for a failed health check whose names Ray may still list a moment.
+        self._condemned: set[str] = set()
         self._waiting = 0  # tasks in _wait
         self._connected = False
         self._closed = False
@@ -673,7 +714,7 @@ class RayRuntime:
             raise RuntimeError(
                 f"replica {effect.tag!r} died as it started: {_short(died or value)}"
             ) from value
-        actor = self._actors[effect.tag] = _Actor(effect.tag, handle)
+        actor = self._actors[effect.tag] = _Actor(effect.tag, handle, value)
         self._watch(actor)
 
     async def stop_replica(self, tag: str, timeout_s: float) -> None:
@@ -722,6 +763,8 @@ class RayRuntime:
             for entry in listed
             if entry["namespace"] == self.namespace and _TAG.match(entry["name"])
         }
+        self._condemned &= tags
+        tags -= self._condemned
         alive: set[str] = set()
 
         async def check(tag: str) -> None:
@@ -741,9 +784,9 @@ class RayRuntime:
         """Run ``batch`` on replica ``tag``: one Ray actor call, awaited without a thread."""
         actor = self._actors.get(tag)
         if actor is None:
-            handle = await self._lookup(tag)
+            handle = None if tag in self._condemned else await self._lookup(tag)
             if handle is None:
-                raise ReplicaDiedError(tag, "no such actor in the Ray namespace")
+                raise ReplicaDiedError(tag, "no such live actor in the Ray namespace")
             actor = self._actors.get(tag)
             if actor is None:
                 actor = self._actors[tag] = _Actor(tag, handle)
@@ -812,7 +855,7 @@ class RayRuntime:
             if not isinstance(value, BaseException):
                 actor = self._actors.get(tag)
                 if actor is None or actor.dead.is_set():
-                    actor = self._actors[tag] = _Actor(tag, handle)
+                    actor = self._actors[tag] = _Actor(tag, handle, value)
                 self._watch(actor)
                 return True
         if isinstance(value, ray.exceptions.RayActorError):
@@ -901,27 +944,59 @@ class RayRuntime:
             with contextlib.suppress(trio.RunFinishedError):
                 token.run_sync_soon(self._watched, actor, value)
 
-        _on_done(actor.handle.watch.remote(self.watch_period_s), completed)
+        _on_done(actor.handle.watch.remote(self.health_check_period_s), completed)
 
     def _watched(self, actor: _Actor, value: Any) -> None:
-        """(trio thread) A ``watch()`` call ended: renew it, or report the death."""
+        """(trio thread) A ``watch()`` call ended: renew it (and check the replica's
+        health), or report the death."""
         actor.watching = False
         if self._closed or actor.dead.is_set():
             return
         if not isinstance(value, BaseException):
             self._watch(actor)
+            if actor.checks_health and not actor.checking and not actor.stopping:
+                self._check_health(actor)
             return
         if not isinstance(value, _ActorDiedError):
             # Unreachable but not known dead: make sure, so it cannot linger unseen.
             with contextlib.suppress(Exception):
                 ray.kill(actor.handle, no_restart=True)
+        self._died(actor, _short(value))
+
+    def _check_health(self, actor: _Actor) -> None:
+        """Queue the replica's ``check_health()`` behind its batches."""
+        assert self._token is not None
+        actor.checking = True
+        token = self._token
+
+        def completed(value: Any) -> None:  # on a Ray thread
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(self._health_checked, actor, value)
+
+        _on_done(actor.handle.check_health.remote(), completed)
+
+    def _health_checked(self, actor: _Actor, value: Any) -> None:
+        """(trio thread) A failed health check kills the replica and is its death."""
+        actor.checking = False
+        if self._closed or actor.dead.is_set() or actor.stopping:
+            return
+        if isinstance(value, ray.exceptions.RayTaskError):
+            error = self._user_error(actor.tag, value)
+            # Rare, and ray.kill only sends the request: fine on the trio thread.
+            with contextlib.suppress(Exception):
+                ray.kill(actor.handle, no_restart=True)
+            self._condemned.add(actor.tag)
+            self._died(actor, f"health check failed: {_short(error)}")
+        # A RayActorError here is a death, which the watch reports.
+
+    def _died(self, actor: _Actor, reason: str) -> None:
+        """(trio thread) Record ``actor``'s death; report it unless it was being stopped."""
         actor.dead.set()
         if actor.idle is not None:
             actor.idle.set()
         if self._actors.get(actor.tag) is actor:
             del self._actors[actor.tag]
         if not actor.stopping and self._report is not None:
-            reason = _short(value)
             log.warning("replica %s died: %s", actor.tag, reason)
             self._report(ReplicaDied(tag=actor.tag, reason=reason))
 
