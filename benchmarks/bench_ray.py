@@ -18,7 +18,10 @@ stopped at the end -- never ``ray stop``). Every row serves the same trivial fun
   through its ``DeploymentHandle``: ``handle.remote(x).result()``.
 
 Latency is sequential (one query at a time): p50/p99 of single round trips, measured in
-interleaved rounds so that the rows share the machine's noise. ``seq qps`` is one over
+interleaved rounds so that the rows share the machine's noise. Ray Serve is started only
+after the other rows are measured (its controller and its handle's router thread load
+the machine and this process), and measured interleaved with the raw actor once more
+(``raw_while_serve_runs`` in the JSON). ``seq qps`` is one over
 the mean round trip; ``conc qps`` keeps ``CONCURRENCY`` queries in flight for a fixed
 time (``ray.wait`` for the raw actor, trio tasks for servecore, asyncio tasks for Serve).
 
@@ -120,13 +123,7 @@ async def bench(args: argparse.Namespace, cluster: LocalRayCluster) -> dict[str,
         (tag,) = ctl.state.replicas
 
         with_serve = serve is not None
-        if with_serve:
-            # No HTTP proxy: only the handle path is measured, and nothing listens.
-            serve.start(proxy_location="Disabled", http_options={"host": "127.0.0.1"})
-            deployment = serve.deployment(name="echo", num_replicas=1, ray_actor_options=NO_CPU)(
-                ServeEcho
-            )
-            serve_handle = serve.run(deployment.bind(), name="echo", route_prefix=None)
+        serve_handle: Any = None
 
         query = Query(args=(1,))
 
@@ -156,9 +153,8 @@ async def bench(args: argparse.Namespace, cluster: LocalRayCluster) -> dict[str,
             "servecore runtime.call",
             "servecore handle.call",
         ]
-        if with_serve:
-            order.append("Ray Serve handle")
-        latencies: dict[str, list[float]] = {name: [] for name in order}
+        latencies: dict[str, list[float]] = {name: [] for name in [*order, "Ray Serve handle"]}
+        control: list[float] = []  # the raw actor again, measured while Serve runs
         clock = time.perf_counter
 
         def asyncio_round(n: int) -> list[float]:
@@ -174,8 +170,10 @@ async def bench(args: argparse.Namespace, cluster: LocalRayCluster) -> dict[str,
 
             return asyncio.run(loop())
 
-        async def run_round(name: str, n: int, record: bool) -> None:
-            out = latencies[name]
+        async def run_round(
+            name: str, n: int, record: bool, into: list[float] | None = None
+        ) -> None:
+            out = latencies[name] if into is None else into
             if name == "raw actor (asyncio)":
                 times = await trio.to_thread.run_sync(asyncio_round, n)
                 if record:
@@ -254,6 +252,20 @@ async def bench(args: argparse.Namespace, cluster: LocalRayCluster) -> dict[str,
         for name, afn in async_systems.items():
             conc[name] = await trio_concurrent(afn)
 
+        # -- Ray Serve, on its own: its controller and its handle's router thread would
+        #    otherwise load the machine (and this process) while the other rows run.
+        if with_serve:
+            # No HTTP proxy: only the handle path is measured, and nothing listens.
+            serve.start(proxy_location="Disabled", http_options={"host": "127.0.0.1"})
+            deployment = serve.deployment(name="echo", num_replicas=1, ray_actor_options=NO_CPU)(
+                ServeEcho
+            )
+            serve_handle = serve.run(deployment.bind(), name="echo", route_prefix=None)
+            await run_round("Ray Serve handle", warmup, record=False)
+            for _ in range(rounds):
+                await run_round("Ray Serve handle", per_round, record=True)
+                await run_round("raw actor (ray.get)", per_round, record=True, into=control)
+
         async def serve_concurrent() -> float:
             async_handle = serve_handle
             done = 0
@@ -274,6 +286,12 @@ async def bench(args: argparse.Namespace, cluster: LocalRayCluster) -> dict[str,
             )
         for name in order:
             rows.append(summarize(name, latencies[name], conc[name]))
+        if with_serve:
+            rows.append(
+                summarize(
+                    "Ray Serve handle", latencies["Ray Serve handle"], conc.get("Ray Serve handle")
+                )
+            )
 
         # -- deploy 8 replicas with each ----------------------------------------------------
         if not args.skip_deploy:
@@ -314,7 +332,10 @@ async def bench(args: argparse.Namespace, cluster: LocalRayCluster) -> dict[str,
             serve.shutdown()  # type: ignore[no-untyped-call]
         await ctl.delete_endpoint("echo")
         await ctl.delete_backend("echo")
-    return {"rows": rows}
+    result: dict[str, Any] = {"rows": rows}
+    if control:
+        result["raw_while_serve_runs"] = summarize("raw actor (ray.get)", control, None)
+    return result
 
 
 def ratio(rows: list[dict[str, Any]], a: str, b: str, key: str) -> float | None:
@@ -353,6 +374,11 @@ def main() -> None:
         "handle_conc_qps_over_raw": ratio(rows, handle, raw, "conc_qps"),
         "handle_conc_qps_over_serve": ratio(rows, handle, serve_row, "conc_qps"),
     }
+    if "raw_while_serve_runs" in result:
+        by = {r["system"]: r for r in rows}
+        result["ratios"]["serve_p50_over_raw_same_phase"] = (
+            by[serve_row]["p50_ms"] / result["raw_while_serve_runs"]["p50_ms"]
+        )
     result["meta"] = {
         "python": platform.python_version(),
         "ray": ray.__version__,
@@ -375,6 +401,12 @@ def main() -> None:
         print(
             f"{r['system']:<24} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} "
             f"{r['seq_qps']:>9.0f} {r['conc_qps']:>9.0f} {deploy:>9}"
+        )
+    control = result.get("raw_while_serve_runs")
+    if control is not None:
+        print(
+            f"raw actor while Serve runs: p50 {control['p50_ms']:.3f} ms, "
+            f"p99 {control['p99_ms']:.3f} ms"
         )
     for key, value in result["ratios"].items():
         print(f"{key}: {value:.2f}" if value is not None else f"{key}: -")
