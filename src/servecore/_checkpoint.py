@@ -87,10 +87,12 @@ def encode(state: State, seq: int) -> bytes:
             replica_counter=state.replica_counter,
         )
     )
-    checksum = "sha256:" + hashlib.sha256(_canonical(body)).hexdigest()
-    return _canonical(
-        {"format": FORMAT, "version": VERSION, "seq": seq, "checksum": checksum, "state": body}
-    )
+    # Serialize the body once and splice it in: the envelope is the canonical JSON of
+    # {"checksum", "format", "seq", "state", "version"} (keys sorted), byte for byte.
+    state_json = _canonical(body)
+    checksum = "sha256:" + hashlib.sha256(state_json).hexdigest()
+    head = _canonical({"checksum": checksum, "format": FORMAT, "seq": seq})[:-1]
+    return b'%s,"state":%s,"version":%d}' % (head, state_json, VERSION)
 
 
 def decode(data: bytes, where: str) -> tuple[State, int]:

@@ -26,6 +26,7 @@ grows with what the message changes, not with the size of the state.
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 import re
@@ -279,10 +280,9 @@ class _Tx:
         if r.status is ReplicaStatus.RUNNING:
             self._set_index(r.backend, attrs.evolve(idx, running=idx.running.delete(n)))
             route = self.routes[r.backend]
-            self.routes = self.routes.set(
-                r.backend,
-                attrs.evolve(route, replicas=tuple(t for t in route.replicas if t != r.tag)),
-            )
+            i = route.replicas.index(r.tag)
+            replicas = route.replicas[:i] + route.replicas[i + 1 :]
+            self.routes = self.routes.set(r.backend, attrs.evolve(route, replicas=replicas))
         else:
             self._set_index(r.backend, attrs.evolve(idx, starting=idx.starting.delete(n)))
 
@@ -322,8 +322,9 @@ class _Tx:
                 self.mint(b)
         elif have > want:
             # Surplus: STARTING ones first (they serve nothing yet), then newest RUNNING.
-            doomed = sorted(idx.starting.items(), reverse=True)[: have - want]
-            doomed += sorted(idx.running.items(), reverse=True)[: have - want - len(doomed)]
+            surplus = have - want
+            doomed = heapq.nlargest(surplus, idx.starting.items())
+            doomed += heapq.nlargest(surplus - len(doomed), idx.running.items())
             for _, rtag in doomed:
                 self.begin_stop(self.replicas[rtag], b.config.graceful_shutdown_timeout_s)
         if b.status is not BackendStatus.FAILED:
@@ -451,7 +452,8 @@ def _set_backend_config(state: State, cmd: SetBackendConfig) -> Transition:
     )
     route = tx.routes[cmd.tag]
     new_route = BackendRoute.of(tx.backends[cmd.tag], route.replicas)
-    if new_route != route:
+    # Same replicas tuple on both sides: compare only what comes from the config.
+    if attrs.evolve(new_route, replicas=()) != attrs.evolve(route, replicas=()):
         tx.routes = tx.routes.set(cmd.tag, new_route)
     tx.reconcile(cmd.tag)
     return tx.finish()
