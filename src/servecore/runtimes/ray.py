@@ -67,6 +67,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import ipaddress
+import json
 import logging
 import math
 import os
@@ -1031,9 +1032,11 @@ class LocalRayCluster:
     """A single-node Ray head on loopback, private to its owner, stopped exactly.
 
     It listens on free ports of 127.0.0.1 only, keeps its files in a fresh short
-    temporary directory, and marks every process it starts (and their children) with
-    that directory in their environment, so :meth:`stop` terminates exactly those
-    processes -- never ``ray stop``, which stops every Ray process on the machine::
+    temporary directory (Ray's socket paths must stay short), and marks the processes
+    it starts with that directory in their environment. :meth:`stop` terminates exactly
+    the processes that carry the mark or name the directory on their command line, and
+    their descendants (Ray renames its workers, which can hide their environment) --
+    never ``ray stop``, which stops every Ray process on the machine::
 
         with LocalRayCluster(num_cpus=2) as cluster:
             runtime = RayRuntime(address=cluster.address)
@@ -1115,8 +1118,6 @@ class LocalRayCluster:
             f"--runtime-env-agent-port={_free_port()}",
         ]
         if self.resources:
-            import json
-
             command.append(f"--resources={json.dumps(self.resources)}")
         try:
             done = subprocess.run(
