@@ -31,6 +31,7 @@ PUBLIC = {
     "InvalidTraffic", "InvalidConfig", "InvalidTarget", "CheckpointError",
     "CheckpointCorrupt", "CheckpointVersionError", "StoreLocked", "BackendStartError",
     "ReplicaDiedError", "BackpressureError", "NoReplicaError", "BatchSizeError",
+    "RemoteError", "RuntimeDirectoryLocked",
 }  # fmt: skip
 
 

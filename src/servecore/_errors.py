@@ -27,8 +27,10 @@ __all__ = [
     "InvalidTarget",
     "InvalidTraffic",
     "NoReplicaError",
+    "RemoteError",
     "ReplicaDiedError",
     "RouteConflict",
+    "RuntimeDirectoryLocked",
     "ServecoreError",
     "StoreLocked",
 ]
@@ -232,3 +234,23 @@ class NoReplicaError(ServecoreError):
     def __init__(self, endpoint: str, why: str) -> None:
         self.endpoint = endpoint
         super().__init__(f"endpoint {endpoint!r} cannot serve the query: {why}")
+
+
+class RuntimeDirectoryLocked(ServecoreError):
+    """Another open runtime (another controller) owns this runtime directory."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        super().__init__(
+            f"runtime directory {directory} is in use by another controller; give each "
+            f"controller its own directory= (or controller name), or close the other one"
+        )
+
+
+class RemoteError(ServecoreError):
+    """A replica raised an exception whose type cannot be rebuilt on the caller's side."""
+
+    def __init__(self, type_name: str, message: str) -> None:
+        self.type_name = type_name
+        self.message = message
+        super().__init__(f"{type_name}: {message}" if message else type_name)

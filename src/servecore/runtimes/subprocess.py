@@ -97,7 +97,12 @@ import psutil
 import trio
 
 from servecore._core import ReplicaDied, StartReplica
-from servecore._errors import InvalidConfig, ReplicaDiedError, ServecoreError
+from servecore._errors import (
+    InvalidConfig,
+    RemoteError,
+    ReplicaDiedError,
+    RuntimeDirectoryLocked,
+)
 from servecore.runtimes._protocol import Query, Report
 from servecore.runtimes._replica_main import (
     CALL,
@@ -142,17 +147,6 @@ _POLL_S = 0.02
 _unreaped: list[subprocess.Popen[bytes]] = []
 
 
-class RuntimeDirectoryLocked(ServecoreError):
-    """Another open runtime (another controller) owns this runtime directory."""
-
-    def __init__(self, directory: str) -> None:
-        self.directory = directory
-        super().__init__(
-            f"runtime directory {directory} is in use by another controller; give each "
-            f"controller its own directory= (or controller name), or close the other one"
-        )
-
-
 class RemoteTraceback(Exception):
     """The traceback text of an exception raised in a replica process.
 
@@ -166,15 +160,6 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return f'\n"""\n{self.text.rstrip()}\n"""'
-
-
-class RemoteError(ServecoreError):
-    """A replica raised an exception whose type cannot be rebuilt on the caller's side."""
-
-    def __init__(self, type_name: str, message: str) -> None:
-        self.type_name = type_name
-        self.message = message
-        super().__init__(f"{type_name}: {message}" if message else type_name)
 
 
 def replica_key(tag: str) -> str:

@@ -219,7 +219,7 @@ class CrashWorld:
         """An in-memory copy: same checkpoint bytes, same live tags, same faults."""
         copy = InMemoryRuntime()
         inner = self.inner_runtime
-        live = trio.run(inner.list_replicas)
+        live = self.live()
         for tag in live:
             effect = getattr(inner, "live", {}).get(tag)
             copy.live[tag] = effect if effect is not None else _placeholder(tag)
@@ -233,7 +233,9 @@ class CrashWorld:
     # -- checks -------------------------------------------------------------------------
 
     def live(self) -> frozenset[str]:
-        return trio.run(self.runtime.list_replicas)
+        """The tags alive in the runtime now (opened and closed around the listing, as
+        the protocol wants; no controller is open between runs)."""
+        return trio.run(_list_live, self.inner_runtime, self.name)
 
     def check_settled(self, state: State) -> None:
         """DESIGN §7 properties 2 and 3 on a settled state; raises AssertionError."""
@@ -265,6 +267,14 @@ class CrashWorld:
         assert state.replica_counter >= self.highest_counter, "replica counter went back"
         for tag in self.live():
             assert replica_number(tag) < state.replica_counter, f"{tag} >= counter"
+
+
+async def _list_live(runtime: Runtime, name: str) -> frozenset[str]:
+    await runtime.open(namespace=name, report=lambda _event: None)
+    try:
+        return await runtime.list_replicas()
+    finally:
+        await runtime.close()
 
 
 def _placeholder(tag: str) -> StartReplica:
