@@ -32,7 +32,12 @@ ray = pytest.importorskip(
 import ray_driver  # noqa: E402
 import servecore  # noqa: E402
 from servecore._core import BackendConfig, Event, ReplicaDied, ReplicaStatus, StartReplica  # noqa: E402
-from servecore._errors import BackendStartError, InvalidConfig, ReplicaDiedError  # noqa: E402
+from servecore._errors import (  # noqa: E402
+    BackendStartError,
+    InvalidConfig,
+    RemoteError,
+    ReplicaDiedError,
+)
 from servecore.runtimes import Query  # noqa: E402
 from servecore.runtimes.ray import (  # noqa: E402
     RUNTIME_OPTIONS,
@@ -164,6 +169,22 @@ def test_unknown_runtime_option_names_the_key_and_the_known_ones() -> None:
         actor_options(effect("a#0", "Echo", runtime_options={"resources": {"x": "lots"}}))
     options = {"num_cpus": 0.5, "resources": {"disk": 1}, "scheduling_strategy": "SPREAD"}
     assert actor_options(effect("a#0", "Echo", runtime_options=options)) == options
+
+
+def test_exceptions_are_rebuilt_as_their_own_type() -> None:
+    from servecore.runtimes.ray import _carry, _rebuild
+
+    # Pickle cannot call InvalidConfig(field, value, why) again with its args: rebuilt.
+    original = InvalidConfig("max_batch_size", 3, "is odd", backend="b")
+    rebuilt = _rebuild(_carry(original).info, "b#0")
+    assert type(rebuilt) is InvalidConfig
+    assert str(rebuilt) == str(original) and rebuilt.field == "max_batch_size"
+    assert any("b#0" in note for note in rebuilt.__notes__)
+
+    # A type the caller cannot import is named, not lost.
+    info = dict(_carry(KeyError("k")).info, pickled=None, module="no_such_module_xyz")
+    unknown = _rebuild(info, "b#0")
+    assert isinstance(unknown, RemoteError) and "no_such_module_xyz.KeyError" in str(unknown)
 
 
 # ---------------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ import trio
 
 from servecore._batch import import_target, instantiate, is_batch, make_runner
 from servecore._core import ReplicaDied, StartReplica
-from servecore._errors import InvalidConfig, ReplicaDiedError
+from servecore._errors import InvalidConfig, RemoteError, ReplicaDiedError
 from servecore.runtimes._protocol import Query, Report
 
 __all__ = ["RUNTIME_OPTIONS", "LocalRayCluster", "RayRuntime", "actor_options"]
@@ -251,7 +251,8 @@ def _rebuild(info: Mapping[str, Any], tag: str) -> BaseException:
                     vars(rebuilt).update(pickle.loads(info["state"]))
                 exc = rebuilt
     if not isinstance(exc, Exception):
-        exc = RuntimeError(f"{name}: {info['message']}")
+        # Unknown types, and BaseExceptions, which must not unwind the caller.
+        exc = RemoteError(name, info["message"])
     exc.add_note(f"(raised in Ray replica {tag!r})\n{info['traceback'].rstrip()}")
     return exc
 
