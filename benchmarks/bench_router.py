@@ -18,7 +18,8 @@ machine spreads over all rows alike. Throughput keeps ``CONCURRENCY`` queries in
 go to ``benchmarks/results/bench_router.json``.
 
 Another runtime is one more entry in ``RUNTIMES`` (name -> what ``open_controller``
-takes as ``runtime``), e.g. ``RUNTIMES["subprocess"] = lambda: "subprocess"``.
+takes as ``runtime``). The subprocess runtime's comparison with a raw Unix-socket echo
+lives in ``bench_subprocess.py``.
 Run: ``.venv/bin/python benchmarks/bench_router.py [--quick] [--runtimes threads,...]``.
 """
 
@@ -56,6 +57,7 @@ from servecore.runtimes import Query, Runtime  # noqa: E402
 #: Runtimes to measure: name -> a factory of what open_controller takes as ``runtime``.
 RUNTIMES: dict[str, Callable[[], str | Runtime]] = {
     "threads": lambda: "threads",
+    "subprocess": lambda: "subprocess",
 }
 
 CONCURRENCY = 32
