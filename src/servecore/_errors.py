@@ -36,8 +36,21 @@ __all__ = [
 ]
 
 
+def _restore(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
+    exc = cls.__new__(cls)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
+
+
 class ServecoreError(Exception):
     """Root of every error servecore raises on purpose."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The default pickles (cls, args) and calls cls(*args), but our constructors
+        # take the offending values, not the message: rebuild from args and attributes,
+        # so errors cross process boundaries (subprocess, Ray) as themselves.
+        return (_restore, (type(self), self.args, dict(self.__dict__)))
 
 
 class CommandError(ServecoreError, ValueError):

@@ -65,7 +65,6 @@ benchmarks and demos.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import ipaddress
 import json
 import logging
@@ -93,8 +92,10 @@ import trio
 
 from servecore._batch import import_target, instantiate, is_batch, make_runner
 from servecore._core import ReplicaDied, StartReplica
-from servecore._errors import InvalidConfig, RemoteError, ReplicaDiedError
+from servecore._errors import InvalidConfig, ReplicaDiedError
 from servecore.runtimes._protocol import Query, Report
+from servecore.runtimes._remote_errors import rebuild_exception
+from servecore.runtimes._waker import Waker
 
 __all__ = ["RUNTIME_OPTIONS", "LocalRayCluster", "RayRuntime", "actor_options"]
 
@@ -233,26 +234,7 @@ def _carry(exc: BaseException) -> _Carried:
 
 def _rebuild(info: Mapping[str, Any], tag: str) -> BaseException:
     """(caller) The exception a replica raised, as its own type when it can be imported."""
-    exc: BaseException | None = None
-    if info.get("pickled") is not None:
-        with contextlib.suppress(Exception):
-            exc = pickle.loads(info["pickled"])
-    name = f"{info['module']}.{info['qualname']}"
-    if exc is None:
-        # Build it without its constructor, with the message and attributes it had.
-        with contextlib.suppress(Exception):
-            cls: Any = importlib.import_module(info["module"])
-            for part in info["qualname"].split("."):
-                cls = getattr(cls, part)
-            if isinstance(cls, type) and issubclass(cls, BaseException):
-                rebuilt = cls.__new__(cls)
-                rebuilt.args = (info["message"],)
-                if info.get("state") is not None:
-                    vars(rebuilt).update(pickle.loads(info["state"]))
-                exc = rebuilt
-    if not isinstance(exc, Exception):
-        # Unknown types, and BaseExceptions, which must not unwind the caller.
-        exc = RemoteError(name, info["message"])
+    exc = rebuild_exception(info)
     exc.add_note(f"(raised in Ray replica {tag!r})\n{info['traceback'].rstrip()}")
     return exc
 
@@ -427,59 +409,12 @@ def _disconnect() -> None:
 # Waking trio from Ray's callback thread
 
 
-class _Waker:
-    """An event file descriptor that wakes the one trio task waiting on it.
-
-    Ray calls completion callbacks on a thread of its own. Waking trio through
-    ``run_sync_soon`` costs two scheduler passes (the run-sync-soon task, then the
-    caller); a readable fd wakes the caller straight from the I/O manager.
-    """
-
-    __slots__ = ("_read", "_write", "fileno")
-
-    def __init__(self) -> None:
-        if hasattr(os, "eventfd"):  # Linux
-            self.fileno = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            self._read: socket.socket | None = None
-            self._write: socket.socket | None = None
-        else:
-            self._read, self._write = socket.socketpair()
-            self._read.setblocking(False)
-            self._write.setblocking(False)
-            self.fileno = self._read.fileno()
-
-    def signal(self) -> None:
-        """Make it readable (any thread)."""
-        if self._write is None:
-            os.eventfd_write(self.fileno, 1)
-        else:
-            self._write.send(b"\0")
-
-    def drain(self) -> None:
-        """Make it unreadable again."""
-        try:
-            if self._read is None:
-                os.eventfd_read(self.fileno)
-            else:
-                self._read.recv(4096)
-        except BlockingIOError:
-            pass
-
-    def close(self) -> None:
-        if self._read is None:
-            os.close(self.fileno)
-        else:
-            self._read.close()
-            assert self._write is not None
-            self._write.close()
-
-
 class _Pending:
     """One object reference's result, on its way from Ray's thread to a trio task."""
 
     __slots__ = ("abandoned", "fired", "lock", "value", "waker")
 
-    def __init__(self, waker: _Waker) -> None:
+    def __init__(self, waker: Waker) -> None:
         self.waker = waker
         self.value: Any = None
         self.lock = threading.Lock()
@@ -643,7 +578,7 @@ class RayRuntime:
         self._report: Report | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._actors: dict[str, _Actor] = {}
-        self._wakers: list[_Waker] = []
+        self._wakers: list[Waker] = []
         self._deliveries: _Deliveries | None = None
         # Tags killed for a failed health check whose names Ray may still list a moment.
         self._condemned: set[str] = set()
@@ -920,7 +855,7 @@ class RayRuntime:
                 return await trio.lowlevel.wait_task_rescheduled(abort)
             finally:
                 self._waiting -= 1
-        waker = self._wakers.pop() if self._wakers else _Waker()
+        waker = self._wakers.pop() if self._wakers else Waker()
         pending = _Pending(waker)
         _on_done(ref, pending.complete)
         self._waiting += 1

@@ -74,7 +74,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import importlib
 import itertools
 import json
 import logging
@@ -104,6 +103,7 @@ from servecore._errors import (
     RuntimeDirectoryLocked,
 )
 from servecore.runtimes._protocol import Query, Report
+from servecore.runtimes._remote_errors import rebuild_exception
 from servecore.runtimes._replica_main import (
     CALL,
     ERROR,
@@ -175,29 +175,7 @@ def replica_key(tag: str) -> str:
 
 def _rebuild_exception(info: Mapping[str, Any], tag: str) -> BaseException:
     """Raise-able form of an :func:`~servecore.runtimes._replica_main.error_info`."""
-    exc: BaseException | None = None
-    if info.get("pickled") is not None:
-        with contextlib.suppress(Exception):
-            exc = pickle.loads(info["pickled"])
-    name = f"{info['module']}.{info['qualname']}"
-    if exc is None:
-        # Pickle calls the constructor with the exception's args, which fails for types
-        # that take other arguments (InvalidConfig(field, value, why)): build the
-        # instance without its constructor, with the message and attributes it had.
-        with contextlib.suppress(Exception):
-            cls: Any = importlib.import_module(info["module"])
-            for part in info["qualname"].split("."):
-                cls = getattr(cls, part)
-            if isinstance(cls, type) and issubclass(cls, BaseException):
-                rebuilt = cls.__new__(cls)
-                rebuilt.args = (info["message"],)
-                if info.get("state") is not None:
-                    vars(rebuilt).update(pickle.loads(info["state"]))
-                exc = rebuilt
-    if not isinstance(exc, Exception):
-        # Unknown types, and BaseExceptions such as SystemExit, which must not unwind
-        # the caller as if the caller itself were exiting.
-        exc = RemoteError(name, info["message"])
+    exc = rebuild_exception(info)
     exc.__cause__ = RemoteTraceback(info["traceback"])
     exc.add_note(f"raised in replica {tag!r} (subprocess runtime)")
     return exc

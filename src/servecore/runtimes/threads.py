@@ -36,9 +36,7 @@ an optional extension of the Runtime protocol that the router uses when it can.
 from __future__ import annotations
 
 import logging
-import os
 import queue
-import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -51,6 +49,7 @@ from servecore._batch import import_target, instantiate, is_batch, make_runner
 from servecore._core import ReplicaDied, StartReplica
 from servecore._errors import InvalidConfig, ReplicaDiedError
 from servecore.runtimes._protocol import Query, Report
+from servecore.runtimes._waker import Waker
 
 __all__ = ["ThreadRuntime"]
 
@@ -63,55 +62,6 @@ KNOWN_RUNTIME_OPTIONS: frozenset[str] = frozenset()
 #: At most this many wakers (file descriptors) per runtime; calls beyond that many in
 #: flight at once are woken through ``run_sync_soon`` instead (a little slower).
 MAX_WAKERS = 128
-
-
-class _Waker:
-    """A file descriptor that wakes the one trio task waiting to read it.
-
-    Why not ``token.run_sync_soon(reschedule, ...)``: that wakes trio's run-sync-soon
-    task, which then reschedules the caller -- two scheduler passes. A readable fd
-    reschedules the waiting task straight from the I/O manager, which nearly halves the
-    round trip. Wakers are pooled and only reused once no thread can still signal them.
-    """
-
-    __slots__ = ("_read", "_write", "fileno")
-
-    def __init__(self) -> None:
-        if hasattr(os, "eventfd"):  # Linux
-            self.fileno = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            self._read: socket.socket | None = None
-            self._write: socket.socket | None = None
-        else:
-            self._read, self._write = socket.socketpair()
-            self._read.setblocking(False)
-            self._write.setblocking(False)
-            self.fileno = self._read.fileno()
-
-    def signal(self) -> None:
-        """Make it readable (any thread)."""
-        if self._write is None:
-            os.eventfd_write(self.fileno, 1)
-        else:
-            self._write.send(b"\0")
-
-    def drain(self) -> None:
-        """Make it unreadable again (the trio thread, once woken)."""
-        try:
-            if self._read is None:
-                os.eventfd_read(self.fileno)
-            else:
-                self._read.recv(4096)
-        except BlockingIOError:
-            pass
-
-    def close(self) -> None:
-        """Release the file descriptor(s); only once no thread can signal it."""
-        if self._read is None:
-            os.close(self.fileno)
-        else:
-            self._read.close()
-            if self._write is not None:
-                self._write.close()
 
 
 class _Job:
@@ -129,7 +79,7 @@ class _Job:
         "waker",
     )
 
-    def __init__(self, batch: Sequence[Query], waker: _Waker | None) -> None:
+    def __init__(self, batch: Sequence[Query], waker: Waker | None) -> None:
         self.batch = batch
         self.waker = waker
         self.task: trio.lowlevel.Task | None = None  # woken by reschedule when no waker
@@ -190,7 +140,7 @@ class ThreadRuntime:
         self._report: Report | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self.namespace: str | None = None
-        self._wakers: list[_Waker] = []  # (trio) clean, ready to reuse
+        self._wakers: list[Waker] = []  # (trio) clean, ready to reuse
         self._dirty: list[_Job] = []  # (trio) jobs whose waker a worker may still signal
         self._n_wakers = 0
 
@@ -333,7 +283,7 @@ class ThreadRuntime:
                 still.append(job)
         self._dirty = still
 
-    def _new_waker(self) -> _Waker | None:
+    def _new_waker(self) -> Waker | None:
         if self._dirty:
             self._new_waker_reclaim()
             if self._wakers:
@@ -341,7 +291,7 @@ class ThreadRuntime:
         if self._n_wakers >= MAX_WAKERS:
             return None
         self._n_wakers += 1
-        return _Waker()
+        return Waker()
 
     def call_blocking(
         self, tag: str, batch: Sequence[Query], timeout_s: float | None = None
