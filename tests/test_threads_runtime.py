@@ -19,6 +19,7 @@ from servecore._core import BackendConfig, Event, ReplicaDied, StartReplica, tar
 from servecore._errors import InvalidConfig, ReplicaDiedError
 from servecore.runtimes import Query, Runtime, resolve_runtime
 from servecore.runtimes.threads import ThreadRuntime
+from servecore.testing import check_runtime
 
 WAIT = 10.0  # seconds; only ever a guard against hanging
 
@@ -74,10 +75,6 @@ async def wait_entered(gate: targets.Gate, n: int = 1) -> None:
 
 
 def test_conforms_to_the_runtime_protocol() -> None:
-    testing = pytest.importorskip("servecore.testing")
-    check_runtime = getattr(testing, "check_runtime", None)
-    if check_runtime is None:
-        pytest.skip("servecore.testing.check_runtime is not available yet")
     check_runtime(ThreadRuntime, kill=lambda runtime, tag: runtime.kill(tag, "test"))
 
 
