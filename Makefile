@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 HYPOTHESIS_PROFILE ?= ci
 
-.PHONY: test demo lint typecheck bench clean venv
+.PHONY: test demo lint typecheck bench bench-ray clean venv
 
 venv: $(STAMP)
 
@@ -29,8 +29,16 @@ test: lint typecheck
 demo: $(STAMP)
 	$(BIN)/python -m examples.demo
 
+# Each benchmark prints a table and writes JSON to benchmarks/results/.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_core.py
+	$(BIN)/python benchmarks/bench_router.py
+	$(BIN)/python benchmarks/bench_subprocess.py
+
+# Beside Ray Serve itself: needs the serve extra, and starts a private local cluster.
+bench-ray: $(STAMP)
+	$(BIN)/pip install -q -e '.[serve]'
+	$(BIN)/python benchmarks/bench_ray.py
 
 clean:
 	rm -rf $(VENV) .servecore
