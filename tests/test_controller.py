@@ -175,3 +175,17 @@ async def test_a_callable_is_a_save_only_checkpoint_callback() -> None:
     async with open_controller(runtime=InMemoryRuntime(), store=saved.append) as ctl:
         await ctl.create_endpoint("api")
     assert saved and b'"api"' in saved[-1]
+
+
+async def test_saving_on_the_trio_thread_keeps_the_same_promises() -> None:
+    runtime = InMemoryRuntime()
+    store = FaultyStore()
+    async with open_controller(runtime=runtime, store=store, save_in_thread=False) as ctl:
+        await ctl.create_backend("a", ECHO, num_replicas=2)
+        before, seq = ctl.state, ctl.seq
+        store.fail_next()
+        with pytest.raises(CheckpointError):
+            await ctl.update_backend_config("a", num_replicas=3)
+        assert ctl.state is before and ctl.seq == seq and len(runtime.live) == 2
+        await ctl.update_backend_config("a", num_replicas=3)
+        assert len(runtime.live) == 3

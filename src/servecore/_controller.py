@@ -88,7 +88,15 @@ class Controller:
     :class:`~servecore.CommandError` and change nothing.
     """
 
-    def __init__(self, *, runtime: Runtime, store: Store, name: str, nursery: trio.Nursery) -> None:
+    def __init__(
+        self,
+        *,
+        runtime: Runtime,
+        store: Store,
+        name: str,
+        nursery: trio.Nursery,
+        save_in_thread: bool = True,
+    ) -> None:
         self.runtime = runtime
         self.store = store
         self.name = name
@@ -102,6 +110,7 @@ class Controller:
         self._in_flight: dict[str, trio.Event] = {}
         self._background = _Group()
         self._where = str(getattr(store, "where", repr(store)))
+        self._save_in_thread = save_in_thread
 
     # -- queries (never block) ------------------------------------------------------------
 
@@ -215,7 +224,10 @@ class Controller:
                 return
             data = encode(transition.state, self._seq + 1)
             try:
-                await trio.to_thread.run_sync(self.store.save, data)
+                if self._save_in_thread:
+                    await trio.to_thread.run_sync(self.store.save, data)
+                else:
+                    self.store.save(data)
             except Exception as exc:
                 raise CheckpointError(
                     f"saving checkpoint {self._seq + 1} to {self._where} failed: {exc!r}; "
@@ -360,6 +372,7 @@ async def open_controller(
     *,
     name: str = "servecore",
     runtime_options: Mapping[str, Any] | None = None,
+    save_in_thread: bool = True,
 ) -> AsyncIterator[Controller]:
     """Open a controller: load the checkpoint, ask the runtime which replicas are alive,
     step ``Recover(live)``, save, and carry out its effects, then yield it::
@@ -372,6 +385,8 @@ async def open_controller(
     ``runtime`` is a name (``"threads"``, ``"subprocess"``, ``"ray"`` or a plugin's) or
     an instance; ``store`` a :class:`~servecore.stores.Store`, a save-only callable, or
     ``None`` for memory. ``name`` is the namespace the runtime keeps replicas under.
+    ``save_in_thread=False`` saves on the trio thread: commands are faster (no thread
+    hand-off), but the loop, and every async query on it, waits out each fsync.
     On exit, in-process replicas stop; out-of-process ones keep running, to be found
     again by the next controller on the same store.
     """
@@ -382,7 +397,9 @@ async def open_controller(
         opener()
     try:
         async with trio.open_nursery() as nursery:
-            ctl = Controller(runtime=rt, store=st, name=name, nursery=nursery)
+            ctl = Controller(
+                runtime=rt, store=st, name=name, nursery=nursery, save_in_thread=save_in_thread
+            )
             try:
                 await ctl._recover()
                 yield ctl

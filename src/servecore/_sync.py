@@ -94,12 +94,14 @@ class SyncController:
         *,
         name: str,
         runtime_options: Mapping[str, Any] | None,
+        save_in_thread: bool = True,
     ) -> None:
         self._open_args: dict[str, Any] = {
             "runtime": runtime,
             "store": store,
             "name": name,
             "runtime_options": runtime_options,
+            "save_in_thread": save_in_thread,
         }
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -292,6 +294,7 @@ def start(
     *,
     name: str = "servecore",
     runtime_options: Mapping[str, Any] | None = None,
+    save_in_thread: bool = True,
 ) -> SyncController:
     """Open a controller for a synchronous host: trio runs in a background thread.
 
@@ -301,4 +304,10 @@ def start(
         with servecore.start(store=servecore.SQLiteStore(".servecore/state.db")) as ctl:
             ...
     """
-    return SyncController(runtime, store, name=name, runtime_options=runtime_options)
+    return SyncController(
+        runtime,
+        store,
+        name=name,
+        runtime_options=runtime_options,
+        save_in_thread=save_in_thread,
+    )
