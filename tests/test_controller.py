@@ -189,3 +189,16 @@ async def test_saving_on_the_trio_thread_keeps_the_same_promises() -> None:
         assert ctl.state is before and ctl.seq == seq and len(runtime.live) == 2
         await ctl.update_backend_config("a", num_replicas=3)
         assert len(runtime.live) == 3
+
+
+async def test_a_new_user_config_rolls_onto_new_replicas() -> None:
+    runtime = InMemoryRuntime()
+    async with open_controller(runtime=runtime) as ctl:
+        await ctl.create_backend("a", ECHO, num_replicas=2, user_config={"v": 1})
+        state = await ctl.update_backend_config("a", user_config={"v": 2})
+        assert set(state.replicas) == {"a#2", "a#3"} == set(runtime.live)
+        assert {e.config.user_config["v"] for e in runtime.live.values()} == {2}
+        assert state.backends["a"].status is BackendStatus.HEALTHY
+        # Scaling alone keeps the replicas it has.
+        state = await ctl.update_backend_config("a", num_replicas=3)
+        assert {"a#2", "a#3"} < set(state.replicas)

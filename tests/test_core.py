@@ -1183,3 +1183,77 @@ def test_effects_share_no_mutable_values_with_the_state() -> None:
     assert encode(t.state, 0) == before
     # ...and the backend still equals its definition, so restating it is a no-op.
     assert step(t.state, command).state is t.state
+
+
+# ---------------------------------------------------------------------------------------
+# Rolling replacement when a config change reaches inside replicas
+
+
+def new_user_config(state: State, tag: str, value: Any) -> SetBackendConfig:
+    return SetBackendConfig(tag=tag, config=state.backends[tag].config.evolve(user_config=value))
+
+
+def test_a_user_config_change_rolls_replicas_without_losing_capacity() -> None:
+    state = running("a", 2)
+    t = check(state, new_user_config(state, "a", {"threshold": 1}))
+    # New replicas start; the old ones keep serving (the table does not change yet).
+    assert kinds(t.effects) == ["StartReplica", "StartReplica"]
+    assert [e.config.user_config for e in t.effects] == [{"threshold": 1}] * 2
+    assert set(routed(t.state, "a")) == {"a#0", "a#1"}
+    assert t.state.backends["a"].status is BackendStatus.UPDATING
+    assert t.state.backends["a"].version == 1
+    # Each new replica that comes up retires one old one, oldest first.
+    t = check(t.state, ReplicaStarted(tag="a#2"))
+    assert kinds(t.effects) == ["UpdateRouter", "StopReplica"] and stops(t.effects) == ["a#0"]
+    assert set(routed(t.state, "a")) == {"a#1", "a#2"}
+    t = check(t.state, ReplicaStarted(tag="a#3"))
+    assert stops(t.effects) == ["a#1"] and set(routed(t.state, "a")) == {"a#2", "a#3"}
+    assert t.state.backends["a"].status is BackendStatus.HEALTHY
+    state = apply(t.state, ReplicaStopped(tag="a#0"), ReplicaStopped(tag="a#1"))
+    assert {r.version for r in state.replicas.values()} == {1}
+
+
+def test_scale_batching_and_timeouts_apply_without_new_replicas() -> None:
+    state = running("a", 2)
+    config = state.backends["a"].config.evolve(
+        max_batch_size=4, max_concurrent_queries=2, graceful_shutdown_timeout_s=1.0
+    )
+    t = check(state, SetBackendConfig(tag="a", config=config))
+    assert starts(t.effects) == [] and t.state.backends["a"].version == 0
+
+
+def test_a_new_config_that_cannot_start_leaves_the_old_replicas_serving() -> None:
+    state = running("a", 2)
+    state = apply(state, new_user_config(state, "a", "broken"))
+    for n in range(MAX_START_FAILURES):
+        tag = next(t for t, r in state.replicas.items() if r.status is ReplicaStatus.STARTING)
+        state = apply(state, ReplicaStartFailed(tag=tag, reason=f"bad config {n}"))
+    assert state.backends["a"].status is BackendStatus.FAILED
+    assert set(routed(state, "a")) == {"a#0", "a#1"}  # still serving the old config
+    # Fixing the config rolls again, onto the fixed one.
+    t = check(state, new_user_config(state, "a", "fixed"))
+    assert len(starts(t.effects)) == 2 and t.state.backends["a"].version == 2
+
+
+def test_a_change_while_new_replicas_start_stops_them_and_starts_newer_ones() -> None:
+    state = running("a", 1)
+    state = apply(state, new_user_config(state, "a", 1))  # a#1 starting (version 1)
+    t = check(state, new_user_config(state, "a", 2))
+    assert stops(t.effects) == ["a#1"] and starts(t.effects) == ["a#2"]
+    assert set(routed(t.state, "a")) == {"a#0"}
+
+
+def test_outdated_replicas_survive_a_checkpoint_and_recovery() -> None:
+    from servecore._checkpoint import decode
+
+    state = running("a", 2)
+    state = apply(state, new_user_config(state, "a", 1), ReplicaStarted(tag="a#2"))
+    loaded, _ = decode(encode(state, 7), "test")
+    validate_state(loaded)
+    assert set(routed(loaded, "a")) == set(routed(state, "a")) == {"a#1", "a#2"}
+    # a#3 (new) never started; the old a#1 still runs; a#0 was being stopped.
+    t = check(loaded, Recover(live=frozenset({"a#0", "a#1", "a#2"})))
+    assert starts(t.effects) == ["a#3"] and stops(t.effects) == ["a#0"]
+    t = check(t.state, ReplicaStarted(tag="a#3"))
+    assert stops(t.effects) == ["a#1"]
+    assert t.state.backends["a"].status is BackendStatus.HEALTHY

@@ -67,6 +67,8 @@ SCRIPT = [
     SetBackendConfig(tag="a", config=config(1)),
     SetBackendConfig(tag="b", config=config(4)),
     Kill("b#5"),
+    # A new user_config rolls b's four replicas onto new ones.
+    SetBackendConfig(tag="b", config=config(4).evolve(user_config={"v": 2})),
     SetTraffic(endpoint="e", traffic={"b": 1.0}),
     SetShadowTraffic(endpoint="e", backend="b", proportion=0.0),
     DeleteBackend(tag="a"),

@@ -125,12 +125,16 @@ MAX_START_FAILURES = 3
 
 @attrs.frozen(kw_only=True)
 class _BackendIndex:
-    """Active (STARTING or RUNNING) replicas of one backend, keyed by their number."""
+    """Active replicas of one backend, keyed by their number: STARTING and RUNNING ones
+    of the backend's current version, and RUNNING ones of an older version
+    (``outdated``: still serving, retired as current ones come up)."""
 
     starting: Map[int, str] = EMPTY
     running: Map[int, str] = EMPTY
+    outdated: Map[int, str] = EMPTY
 
     def __len__(self) -> int:
+        """Current-version replicas, the ones that count towards ``num_replicas``."""
         return len(self.starting) + len(self.running)
 
 
@@ -161,7 +165,8 @@ class State:
     def replicas_of(self, backend: str) -> tuple[str, ...]:
         """Tags of the backend's STARTING and RUNNING replicas, oldest first."""
         idx = self._index.get(backend, _NO_INDEX)
-        return tuple(tag for _, tag in sorted([*idx.starting.items(), *idx.running.items()]))
+        active = [*idx.starting.items(), *idx.running.items(), *idx.outdated.items()]
+        return tuple(tag for _, tag in sorted(active))
 
     @classmethod
     def rebuild(
@@ -173,12 +178,17 @@ class State:
         replica_counter: int,
     ) -> State:
         """Build a state from its checkpointed parts, deriving the table and index."""
-        index: dict[str, dict[ReplicaStatus, dict[int, str]]] = {
-            tag: {ReplicaStatus.STARTING: {}, ReplicaStatus.RUNNING: {}} for tag in backends
+        index: dict[str, dict[str, dict[int, str]]] = {
+            tag: {"starting": {}, "running": {}, "outdated": {}} for tag in backends
         }
         for r in sorted(replicas.values(), key=lambda r: replica_number(r.tag)):
-            if r.status is not ReplicaStatus.STOPPING and r.backend in index:
-                index[r.backend][r.status][replica_number(r.tag)] = r.tag
+            if r.status is ReplicaStatus.STOPPING or r.backend not in index:
+                continue
+            if r.version != backends[r.backend].version:
+                where = "outdated"
+            else:
+                where = "running" if r.status is ReplicaStatus.RUNNING else "starting"
+            index[r.backend][where][replica_number(r.tag)] = r.tag
         return cls(
             endpoints=Map(endpoints),
             backends=Map(backends),
@@ -187,15 +197,18 @@ class State:
             index=Map(
                 {
                     tag: _BackendIndex(
-                        starting=Map(d[ReplicaStatus.STARTING]),
-                        running=Map(d[ReplicaStatus.RUNNING]),
+                        starting=Map(d["starting"]),
+                        running=Map(d["running"]),
+                        outdated=Map(d["outdated"]),
                     )
                     for tag, d in index.items()
                 }
             ),
             routes=Map(
                 {
-                    tag: BackendRoute.of(b, tuple(index[tag][ReplicaStatus.RUNNING].values()))
+                    tag: BackendRoute.of(
+                        b, (*index[tag]["running"].values(), *index[tag]["outdated"].values())
+                    )
                     for tag, b in backends.items()
                 }
             ),
@@ -239,7 +252,8 @@ class _Tx:
         n = self.counter
         self.counter += 1
         tag = f"{backend.tag}#{n}"
-        self.replicas = self.replicas.set(tag, Replica(tag=tag, backend=backend.tag))
+        replica = Replica(tag=tag, backend=backend.tag, version=backend.version)
+        self.replicas = self.replicas.set(tag, replica)
         idx = self.index.get(backend.tag, _NO_INDEX)
         self._set_index(backend.tag, attrs.evolve(idx, starting=idx.starting.set(n, tag)))
         self.starts.append(self.start_effect(tag, backend))
@@ -262,10 +276,15 @@ class _Tx:
         n = replica_number(r.tag)
         self.replicas = self.replicas.set(r.tag, attrs.evolve(r, status=ReplicaStatus.RUNNING))
         idx = self.index[r.backend]
-        self._set_index(
-            r.backend,
-            _BackendIndex(starting=idx.starting.delete(n), running=idx.running.set(n, r.tag)),
-        )
+        if r.version == self.backends[r.backend].version:
+            idx = attrs.evolve(
+                idx, starting=idx.starting.delete(n), running=idx.running.set(n, r.tag)
+            )
+        else:  # only on recovery: an older replica that was still starting came up
+            idx = attrs.evolve(
+                idx, starting=idx.starting.delete(n), outdated=idx.outdated.set(n, r.tag)
+            )
+        self._set_index(r.backend, idx)
         route = self.routes[r.backend]
         self.routes = self.routes.set(
             r.backend, attrs.evolve(route, replicas=(*route.replicas, r.tag))
@@ -278,7 +297,11 @@ class _Tx:
         n = replica_number(r.tag)
         idx = self.index[r.backend]
         if r.status is ReplicaStatus.RUNNING:
-            self._set_index(r.backend, attrs.evolve(idx, running=idx.running.delete(n)))
+            if n in idx.outdated:
+                idx = attrs.evolve(idx, outdated=idx.outdated.delete(n))
+            else:
+                idx = attrs.evolve(idx, running=idx.running.delete(n))
+            self._set_index(r.backend, idx)
             route = self.routes[r.backend]
             i = route.replicas.index(r.tag)
             replicas = route.replicas[:i] + route.replicas[i + 1 :]
@@ -327,9 +350,16 @@ class _Tx:
             doomed += heapq.nlargest(surplus - len(doomed), idx.running.items())
             for _, rtag in doomed:
                 self.begin_stop(self.replicas[rtag], b.config.graceful_shutdown_timeout_s)
+        # Rolling replacement: older replicas serve until current ones run in their
+        # place, so capacity never drops below num_replicas while there is a choice.
+        idx = self.index.get(tag, _NO_INDEX)
+        keep = max(0, want - len(idx.running))
+        if len(idx.outdated) > keep:
+            for _, rtag in heapq.nsmallest(len(idx.outdated) - keep, idx.outdated.items()):
+                self.begin_stop(self.replicas[rtag], b.config.graceful_shutdown_timeout_s)
         if b.status is not BackendStatus.FAILED:
             idx = self.index.get(tag, _NO_INDEX)
-            healthy = not idx.starting and len(idx.running) == want
+            healthy = not idx.starting and not idx.outdated and len(idx.running) == want
             status = BackendStatus.HEALTHY if healthy else BackendStatus.UPDATING
             if status is not b.status:
                 self.put_backend(attrs.evolve(b, status=status))
@@ -445,11 +475,28 @@ def _set_backend_config(state: State, cmd: SetBackendConfig) -> Transition:
         return _unchanged(state)
     tx = _Tx(state)
     # A new config is a new chance: clear the failure budget (and FAILED).
+    renew = b.config.needs_new_replicas(cmd.config)
     tx.put_backend(
         attrs.evolve(
-            b, config=cmd.config, status=BackendStatus.UPDATING, start_failures=0, last_error=None
+            b,
+            config=cmd.config,
+            status=BackendStatus.UPDATING,
+            start_failures=0,
+            last_error=None,
+            version=b.version + 1 if renew else b.version,
         )
     )
+    if renew:
+        # Replicas of the old config: those still starting serve nothing yet and go
+        # now; running ones become outdated and keep serving until replaced.
+        idx = tx.index[cmd.tag]
+        for _, rtag in sorted(idx.starting.items()):
+            tx.begin_stop(tx.replicas[rtag], b.config.graceful_shutdown_timeout_s)
+        idx = tx.index[cmd.tag]
+        tx._set_index(
+            cmd.tag,
+            _BackendIndex(outdated=Map({**dict(idx.outdated), **dict(idx.running)})),
+        )
     route = tx.routes[cmd.tag]
     new_route = BackendRoute.of(tx.backends[cmd.tag], route.replicas)
     # Same replicas tuple on both sides: compare only what comes from the config.
@@ -540,8 +587,10 @@ def _recover(state: State, ev: Recover) -> Transition:
         if r.status is ReplicaStatus.STARTING:
             if alive:
                 tx.mark_running(r)
-            else:
+            elif r.version == state.backends[r.backend].version:
                 tx.starts.append(tx.start_effect(r.tag, state.backends[r.backend]))
+            else:
+                tx.forget(r)  # never start a replica of an outdated config
         elif r.status is ReplicaStatus.RUNNING:
             if not alive:
                 tx.forget(r)
@@ -623,18 +672,30 @@ def validate_state(state: State) -> None:
         if r.status is not ReplicaStatus.STOPPING:
             assert r.backend in state.backends, f"active replica {tag} of missing backend"
             idx = state._index[r.backend]
-            where = idx.running if r.status is ReplicaStatus.RUNNING else idx.starting
+            current = r.version == state.backends[r.backend].version
+            assert r.version <= state.backends[r.backend].version, f"{tag} from the future"
+            if r.status is ReplicaStatus.STARTING:
+                assert current, f"{tag} of an outdated config is starting"
+                where = idx.starting
+            else:
+                where = idx.running if current else idx.outdated
             assert where.get(n) == tag, f"{tag} missing from its backend's index"
     for tag, b in state.backends.items():
         assert b.tag == tag
         idx = state._index[tag]
-        for n, rtag in (*idx.starting.items(), *idx.running.items()):
+        for n, rtag in (*idx.starting.items(), *idx.running.items(), *idx.outdated.items()):
             assert replica_number(rtag) == n and rtag in state.replicas, rtag
         running = {t for _, t in idx.running.items()}
-        assert running <= set(state.replicas.keys())
+        serving = running | {t for _, t in idx.outdated.items()}
+        assert serving <= set(state.replicas.keys())
         route = state._routes[tag]
         assert route == BackendRoute.of(b, route.replicas), f"stale route for {tag}"
-        assert set(route.replicas) == running and len(route.replicas) == len(running), tag
+        assert set(route.replicas) == serving and len(route.replicas) == len(serving), tag
+        for rtag in idx.outdated.values():
+            r = state.replicas[rtag]
+            assert r.status is ReplicaStatus.RUNNING and r.version < b.version, r
+        keep = max(0, b.config.num_replicas - len(running))
+        assert len(idx.outdated) <= keep, f"{tag} keeps {len(idx.outdated)} outdated replicas"
         for rtag in idx.starting.values():
             assert state.replicas[rtag].status is ReplicaStatus.STARTING
         for rtag in running:
@@ -644,7 +705,7 @@ def validate_state(state: State) -> None:
             assert len(idx) <= want and b.start_failures >= MAX_START_FAILURES, b
         else:
             assert len(idx) == want, f"{tag} has {len(idx)} active replicas, wants {want}"
-            healthy = not idx.starting and len(idx.running) == want
+            healthy = not idx.starting and not idx.outdated and len(idx.running) == want
             assert (b.status is BackendStatus.HEALTHY) == healthy, b
     # The JSON shape of every stored value is what a round trip gives back.
     for b in state.backends.values():

@@ -219,6 +219,16 @@ class BackendConfig:
     user_config: Any = attrs.field(default=None, converter=_user_config)
     runtime_options: dict[str, Any] = attrs.field(factory=dict, converter=_runtime_options)
 
+    def needs_new_replicas(self, other: BackendConfig) -> bool:
+        """Whether going from this config to ``other`` changes what a replica was
+        started with (``user_config``, ``runtime_options``), so running replicas must
+        be replaced. Scale, batching, concurrency and timeouts are the router's and the
+        controller's business and apply without new replicas."""
+        return (self.user_config, self.runtime_options) != (
+            other.user_config,
+            other.runtime_options,
+        )
+
     def evolve(self, **changes: Any) -> BackendConfig:
         """Return a copy with ``changes`` applied; unknown field names raise
         :class:`~servecore.InvalidConfig` listing the known ones."""
@@ -263,6 +273,10 @@ class Backend:
     start_failures: int = 0
     #: The replica's own error from the last failed start, if any.
     last_error: str | None = None
+    #: The generation of the config replicas must run. A config change that reaches
+    #: inside replicas (see :meth:`BackendConfig.needs_new_replicas`) bumps it, and the
+    #: older replicas are replaced, rolling, as new ones come up.
+    version: int = 0
 
     def same_definition(self, other: Backend) -> bool:
         return (self.target, self.init_args, self.init_kwargs, self.config) == (
@@ -280,6 +294,8 @@ class Replica:
     tag: str
     backend: str
     status: ReplicaStatus = ReplicaStatus.STARTING
+    #: The backend's ``version`` this replica was started with.
+    version: int = 0
 
 
 def replica_number(tag: str) -> int:
