@@ -22,7 +22,7 @@ import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from servecore._errors import ServecoreError
+from servecore._errors import InvalidConfig, ServecoreError
 from servecore.runtimes._protocol import Query
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "instantiate",
     "is_batch",
     "make_runner",
+    "prepare_replica",
 ]
 
 #: The attribute :func:`batch` sets on what it marks.
@@ -170,3 +171,32 @@ def make_runner(obj: Any, name: str) -> Callable[[Sequence[Query]], list[Any]]:
         return [obj(*q.args, **q.kwargs) for q in queries]
 
     return run_each
+
+
+def prepare_replica(
+    target: str,
+    init_args: Sequence[Any],
+    init_kwargs: dict[str, Any],
+    *,
+    backend: str,
+    max_batch_size: int | None,
+    user_config: Any,
+) -> tuple[Callable[[Sequence[Query]], list[Any]], Callable[[], object] | None]:
+    """Build a replica the way every Python runtime does: import and construct the
+    target, refuse ``max_batch_size`` for a target not marked :func:`batch`, call
+    ``reconfigure(user_config)`` if it has one, and return ``(run, check_health)``
+    (``check_health`` is ``None`` when the object has none)."""
+    obj = instantiate(import_target(target), init_args, init_kwargs)
+    if max_batch_size is not None and not is_batch(obj):
+        raise InvalidConfig(
+            "max_batch_size",
+            max_batch_size,
+            f"target {target} is not marked @servecore.batch, so it cannot take batches; "
+            f"mark it or leave max_batch_size unset",
+            backend=backend,
+        )
+    reconfigure = getattr(obj, "reconfigure", None)
+    if user_config is not None and callable(reconfigure):
+        reconfigure(user_config)
+    check = getattr(obj, "check_health", None)
+    return make_runner(obj, target), check if callable(check) else None

@@ -232,29 +232,22 @@ def _build(
     servecore itself is imported here, not at the top of the file: only after the
     record is written, and inside the start's error handling.
     """
-    from servecore._batch import import_target, instantiate, is_batch, make_runner
-    from servecore._errors import InvalidConfig
+    from servecore._batch import prepare_replica
 
-    obj = instantiate(import_target(spec["target"]), spec["init_args"], spec["init_kwargs"])
-    if spec["max_batch_size"] is not None and not is_batch(obj):
-        raise InvalidConfig(
-            "max_batch_size",
-            spec["max_batch_size"],
-            f"target {spec['target']} is not marked @servecore.batch, so it cannot take "
-            f"batches; mark it or leave max_batch_size unset",
-            backend=spec["backend"],
-        )
-    reconfigure = getattr(obj, "reconfigure", None)
-    if spec["user_config"] is not None and callable(reconfigure):
-        reconfigure(spec["user_config"])
-    runner = make_runner(obj, spec["target"])
+    runner, check = prepare_replica(
+        spec["target"],
+        spec["init_args"],
+        spec["init_kwargs"],
+        backend=spec["backend"],
+        max_batch_size=spec["max_batch_size"],
+        user_config=spec["user_config"],
+    )
 
     def run(batch: list[tuple[Any, Any]]) -> list[Any]:
         queries: Any = [_Query(args, kwargs) for args, kwargs in batch]
         return runner(queries)
 
-    check = getattr(obj, "check_health", None)
-    return run, (check if callable(check) else None)
+    return run, check
 
 
 class _Server:

@@ -90,7 +90,7 @@ import ray.exceptions
 import ray.util
 import trio
 
-from servecore._batch import import_target, instantiate, is_batch, make_runner
+from servecore._batch import prepare_replica
 from servecore._core import ReplicaDied, StartReplica
 from servecore._errors import InvalidConfig, ReplicaDiedError
 from servecore.runtimes._protocol import Query, Report
@@ -266,23 +266,14 @@ class ServecoreReplica:
                 raise self._error
             spec = self._spec
             try:
-                obj = instantiate(
-                    import_target(spec["target"]), spec["init_args"], spec["init_kwargs"]
+                self._run, self._check = prepare_replica(
+                    spec["target"],
+                    spec["init_args"],
+                    spec["init_kwargs"],
+                    backend=spec["backend"],
+                    max_batch_size=spec["max_batch_size"],
+                    user_config=spec["user_config"],
                 )
-                if spec["max_batch_size"] is not None and not is_batch(obj):
-                    raise InvalidConfig(
-                        "max_batch_size",
-                        spec["max_batch_size"],
-                        f"target {spec['target']} is not marked @servecore.batch, so it "
-                        f"cannot take batches; mark it or leave max_batch_size unset",
-                        backend=spec["backend"],
-                    )
-                reconfigure = getattr(obj, "reconfigure", None)
-                if spec["user_config"] is not None and callable(reconfigure):
-                    reconfigure(spec["user_config"])
-                check = getattr(obj, "check_health", None)
-                self._check = check if callable(check) else None
-                self._run = make_runner(obj, spec["target"])
             except Exception as exc:
                 self._error = exc
                 raise

@@ -45,7 +45,7 @@ from typing import Any
 import outcome
 import trio
 
-from servecore._batch import import_target, instantiate, is_batch, make_runner
+from servecore._batch import prepare_replica
 from servecore._core import ReplicaDied, StartReplica
 from servecore._errors import InvalidConfig, ReplicaDiedError
 from servecore.runtimes._protocol import Query, Report
@@ -417,23 +417,14 @@ class ThreadRuntime:
         try:
             effect = rep.effect
             try:
-                obj = instantiate(
-                    import_target(effect.target), effect.init_args, effect.init_kwargs
+                run, check_health = prepare_replica(
+                    effect.target,
+                    effect.init_args,
+                    effect.init_kwargs,
+                    backend=effect.backend,
+                    max_batch_size=effect.config.max_batch_size,
+                    user_config=effect.config.user_config,
                 )
-                if effect.config.max_batch_size is not None and not is_batch(obj):
-                    raise InvalidConfig(
-                        "max_batch_size",
-                        effect.config.max_batch_size,
-                        f"target {effect.target} is not marked @servecore.batch, so it "
-                        f"cannot take batches; mark it or leave max_batch_size unset",
-                        backend=effect.backend,
-                    )
-                reconfigure = getattr(obj, "reconfigure", None)
-                if effect.config.user_config is not None and callable(reconfigure):
-                    reconfigure(effect.config.user_config)
-                run = make_runner(obj, effect.target)
-                check = getattr(obj, "check_health", None)
-                check_health: Callable[[], object] | None = check if callable(check) else None
             except Exception as exc:
                 post(self._on_started, rep, exc)
                 return
