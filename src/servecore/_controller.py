@@ -111,6 +111,7 @@ class Controller:
         self._background = _Group()
         self._where = str(getattr(store, "where", repr(store)))
         self._save_in_thread = save_in_thread
+        self._router: Router | None = None  # made on first get_handle (or use_router)
 
     # -- queries (never block) ------------------------------------------------------------
 
@@ -326,8 +327,6 @@ class Controller:
     # -- serving queries: the router and handles (issue 3) ---------------------------------
     # One self-contained block: the router is just another listener of this controller's
     # routing table, created on first use in the controller's nursery.
-
-    _router: Router | None = None
 
     @property
     def router(self) -> Router:
