@@ -2,24 +2,26 @@
 
 ::
 
-    {"format": "servecore-checkpoint", "version": 1, "seq": 42,
-     "checksum": "sha256:…", "state": {...}}
+    {"checksum": "sha256:…", "format": "servecore-checkpoint", "seq": 42,
+     "state": {...}, "version": 1}
 
-The state is unstructured by cattrs (never pickle, never a hand-written ``to_dict``), so
-a checkpoint outlives the code version that wrote it. Only the checkpointed parts of a
-:class:`~servecore.State` are written; the routing table and index are derived again on
-load. The checksum covers the canonical JSON of ``state``, so a torn or edited file is
-detected instead of being read as something else.
+The state is encoded by msgspec straight from the attrs values (keys sorted, so equal
+states give equal bytes) and decoded back through cattrs; never pickle, never a
+hand-written ``to_dict``, so a checkpoint outlives the code version that wrote it. Only
+the checkpointed parts of a :class:`~servecore.State` are written; the routing table and
+index are derived again on load. The checksum covers the sequence number and the exact
+bytes of ``state`` (read back as raw bytes, not re-serialized), so a torn or edited file
+is detected instead of being read as something else.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Any, get_args, get_origin
 
 import attrs
 import cattrs
+import msgspec
 from immutables import Map
 
 from servecore._core import Backend, Endpoint, Replica, State
@@ -46,9 +48,6 @@ def _is_map(t: Any) -> bool:
 def _make_converter() -> cattrs.Converter:
     conv = cattrs.Converter()
 
-    def unstructure_map(m: Map[Any, Any]) -> dict[Any, Any]:
-        return {k: conv.unstructure(v) for k, v in m.items()}
-
     def structure_map_factory(t: Any) -> Any:
         args = get_args(t)
         value_type = args[1] if len(args) == 2 else Any
@@ -58,7 +57,6 @@ def _make_converter() -> cattrs.Converter:
 
         return structure
 
-    conv.register_unstructure_hook_func(_is_map, unstructure_map)
     conv.register_structure_hook_factory(_is_map, structure_map_factory)
     # JSON values (init args, user config) are stored as they are.
     conv.register_structure_hook(Any, lambda v, _t: v)
@@ -68,18 +66,22 @@ def _make_converter() -> cattrs.Converter:
 _converter = _make_converter()
 
 
-def _reject_constant(name: str) -> Any:
-    # Python's json reads NaN and Infinity; a checkpoint never contains them.
-    raise ValueError(f"{name} is not JSON")
+def _enc_hook(obj: Any) -> Any:
+    if isinstance(obj, Map):
+        return dict(obj)
+    raise NotImplementedError(f"cannot checkpoint a {type(obj).__name__}")
 
 
-def _canonical(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+_encoder = msgspec.json.Encoder(enc_hook=_enc_hook, order="sorted")
+
+
+def _checksum(seq: int, state_json: bytes) -> str:
+    return "sha256:" + hashlib.sha256(b"%d:%s" % (seq, state_json)).hexdigest()
 
 
 def encode(state: State, seq: int) -> bytes:
     """Serialize ``state`` as checkpoint number ``seq``."""
-    body = _converter.unstructure(
+    state_json = _encoder.encode(
         _Snapshot(
             endpoints=dict(state.endpoints),
             backends=dict(state.backends),
@@ -87,12 +89,26 @@ def encode(state: State, seq: int) -> bytes:
             replica_counter=state.replica_counter,
         )
     )
-    # Serialize the body once and splice it in: the envelope is the canonical JSON of
-    # {"checksum", "format", "seq", "state", "version"} (keys sorted), byte for byte.
-    state_json = _canonical(body)
-    checksum = "sha256:" + hashlib.sha256(state_json).hexdigest()
-    head = _canonical({"checksum": checksum, "format": FORMAT, "seq": seq})[:-1]
-    return b'%s,"state":%s,"version":%d}' % (head, state_json, VERSION)
+    return b'{"checksum":"%s","format":"%s","seq":%d,"state":%s,"version":%d}' % (
+        _checksum(seq, state_json).encode(),
+        FORMAT.encode(),
+        seq,
+        state_json,
+        VERSION,
+    )
+
+
+class _Envelope(msgspec.Struct):
+    """The envelope as read: loosely typed (checked by hand), ``state`` kept raw."""
+
+    format: Any = None
+    version: Any = None
+    seq: Any = None
+    checksum: Any = None
+    state: msgspec.Raw = msgspec.Raw(b"null")
+
+
+_DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError, ValueError)
 
 
 def decode(data: bytes, where: str) -> tuple[State, int]:
@@ -103,23 +119,26 @@ def decode(data: bytes, where: str) -> tuple[State, int]:
     state for bad data.
     """
     try:
-        envelope = json.loads(data, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise CheckpointCorrupt(where, f"not valid JSON ({exc!r:.200})") from exc
-    if not isinstance(envelope, dict) or envelope.get("format") != FORMAT:
+        envelope = msgspec.json.decode(data, type=_Envelope)
+    except _DECODE_ERRORS as exc:
+        raise CheckpointCorrupt(where, f"not a valid JSON envelope ({exc!r:.200})") from exc
+    if envelope.format != FORMAT:
         raise CheckpointCorrupt(where, f"not a {FORMAT} envelope")
-    version = envelope.get("version")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise CheckpointCorrupt(where, f"version {version!r} is not an integer")
-    if version > VERSION or version < 1:
+    version = envelope.version
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointCorrupt(where, f"version {version!r} is not a version number")
+    if version > VERSION:
         raise CheckpointVersionError(where, version, VERSION)
-    body = envelope.get("state")
-    checksum = "sha256:" + hashlib.sha256(_canonical(body)).hexdigest()
-    if envelope.get("checksum") != checksum:
-        raise CheckpointCorrupt(where, "checksum mismatch (torn or edited write)")
-    seq = envelope.get("seq")
-    if not isinstance(seq, int):
+    seq = envelope.seq
+    if not isinstance(seq, int) or isinstance(seq, bool):
         raise CheckpointCorrupt(where, f"sequence number {seq!r} is not an integer")
+    state_json = bytes(envelope.state)
+    if envelope.checksum != _checksum(seq, state_json):
+        raise CheckpointCorrupt(where, "checksum mismatch (torn or edited write)")
+    try:
+        body = msgspec.json.decode(state_json)
+    except _DECODE_ERRORS as exc:
+        raise CheckpointCorrupt(where, f"state is not valid JSON ({exc!r:.200})") from exc
     try:
         snap = _converter.structure(body, _Snapshot)
         state = State.rebuild(
