@@ -306,10 +306,8 @@ async def test_death_is_reported_without_a_query_and_fails_calls_in_flight(
     # Deaths are reported promptly even when nobody queries.
     await rt.runtime.start_replica(effect("idle#0", "Echo"))
     pid = await trio.to_thread.run_sync(pid_of, namespace, "idle#0")
-    started = time.monotonic()
     os.kill(pid, signal.SIGKILL)
-    await rt.died("idle#0")
-    assert time.monotonic() - started < 10.0
+    await rt.died("idle#0")  # reported with no query in flight (bounded wait inside)
 
 
 async def test_failing_health_check_is_a_death(cluster: LocalRayCluster, namespace: str) -> None:
