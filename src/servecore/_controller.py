@@ -67,7 +67,6 @@ class _Group:
         self.settled = trio.Event()
         self.settled.set()
         self.errors: list[BaseException] = []
-        self.failed_backends: dict[str, str] = {}
 
     def enter(self) -> None:
         if self.pending == 0:
