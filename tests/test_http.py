@@ -103,3 +103,12 @@ async def test_a_real_server_on_loopback(ctl: servecore.Controller) -> None:
         assert answer == (200, {"x": [1, 2]})
         assert (await trio.to_thread.run_sync(_request, url, "GET", "/boom", None))[0] == 405
         nursery.cancel_scope.cancel()
+
+
+def test_a_synchronous_host_serves_http_in_the_background() -> None:
+    with servecore.start(runtime="threads") as ctl:
+        ctl.create_backend("echo", ECHO)
+        ctl.create_endpoint("echo", route="/echo", methods=["POST"])
+        ctl.set_traffic("echo", {"echo": 1.0})
+        url = ctl.serve_http("127.0.0.1:0")
+        assert _request(url, "POST", "/echo", b"[1, 2, 3]") == (200, [1, 2, 3])

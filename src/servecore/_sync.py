@@ -254,6 +254,23 @@ class SyncController:
         assert self._token is not None
         return SyncHandle(handle, self._token)
 
+    def serve_http(self, bind: str = "127.0.0.1:8000", *, timeout_s: float | None = 30.0) -> str:
+        """Serve the endpoints' routes over HTTP in the background (see
+        :mod:`servecore.http`; needs ``servecore[http]``) until :meth:`close`.
+
+        Returns the URL it listens on (``bind`` may use port 0)."""
+        from servecore.http import serve_http
+
+        async def start() -> list[str]:
+            nursery = self.controller._nursery  # stops with the controller
+            binds: list[str] = await nursery.start(
+                functools.partial(serve_http, self.controller, bind, timeout_s=timeout_s)
+            )
+            return binds
+
+        binds = self._run(start)
+        return next((b for b in binds if b.startswith("http://")), binds[0])
+
     # -- life -----------------------------------------------------------------------------
 
     def close(self) -> None:
