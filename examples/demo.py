@@ -9,13 +9,16 @@ Run it with ``make demo`` (or ``python -m examples.demo`` from the checkout). It
 3. sends a few hundred queries from 16 threads and prints per-backend counts and
    latency percentiles;
 4. closes the controller, opens a new one on the same checkpoint, shows what it
-   recovered, and serves again.
+   recovered, and serves again;
+5. serves the endpoint over HTTP at its route and sends it one request.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
+import urllib.request
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -128,6 +131,17 @@ def main() -> None:
 
         print("\n4. Serve again after the restart: 200 queries")
         print_summary(send_queries(ctl, 200))
+
+        print("\n5. The same endpoint over HTTP, at its route")
+        url = ctl.serve_http("127.0.0.1:0")
+        request = urllib.request.Request(
+            f"{url}/sentiment",
+            data=json.dumps({"text": "awful, cold coffee"}).encode(),
+            headers={"content-type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            print(f"  POST {url}/sentiment -> {response.status} {response.read().decode()}")
     print("\nDone. The checkpoint stays in .servecore/ (`make clean` removes it).")
 
 

@@ -177,5 +177,6 @@ async def serve_http(
     config = Config()
     config.bind = [bind]
     config.accesslog = None
+    config.loglevel = "WARNING"  # no banner; errors still show
     app = HTTPIngress(controller, timeout_s=timeout_s)
     await serve(app, config, mode="asgi", task_status=task_status)  # type: ignore[arg-type]
