@@ -202,3 +202,13 @@ async def test_a_new_user_config_rolls_onto_new_replicas() -> None:
         # Scaling alone keeps the replicas it has.
         state = await ctl.update_backend_config("a", num_replicas=3)
         assert {"a#2", "a#3"} < set(state.replicas)
+
+
+async def test_concurrent_partial_updates_lose_no_change() -> None:
+    async with open_controller(runtime=InMemoryRuntime()) as ctl:
+        await ctl.create_backend("a", ECHO)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: ctl.update_backend_config("a", num_replicas=3))
+            nursery.start_soon(lambda: ctl.update_backend_config("a", max_concurrent_queries=2))
+        config = ctl.state.backends["a"].config
+        assert (config.num_replicas, config.max_concurrent_queries) == (3, 2)

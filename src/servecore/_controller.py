@@ -138,8 +138,13 @@ class Controller:
 
     async def submit(self, command: Command) -> State:
         """Apply any command; return the state once its effects have settled."""
+        return await self._submit(lambda _state: command)
+
+    async def _submit(self, make: Callable[[State], Command]) -> State:
+        """Apply the command ``make(state)`` builds from the state under the lock (so a
+        read-modify-write such as :meth:`update_backend_config` cannot lose a change)."""
         group = _Group()
-        await self._execute(command, group)
+        command = await self._execute(make, group)
         await group.settled.wait()
         if group.errors:
             raise group.errors[0]
@@ -199,11 +204,14 @@ class Controller:
     async def update_backend_config(self, tag: str, **changes: Any) -> State:
         """Change some fields of a backend's config: ``update_backend_config("a",
         num_replicas=3)``. Unknown keys raise :class:`~servecore.InvalidConfig`."""
-        backend = self._state.backends.get(tag)
-        if backend is None:
-            # Let the core raise its BackendNotFound with the known names.
-            return await self.submit(SetBackendConfig(tag=tag, config=BackendConfig()))
-        return await self.set_backend_config(tag, backend.config.evolve(**changes))
+
+        def command(state: State) -> SetBackendConfig:
+            backend = state.backends.get(tag)
+            # An unknown tag: the core raises BackendNotFound naming the known ones.
+            config = backend.config if backend is not None else BackendConfig()
+            return SetBackendConfig(tag=tag, config=config.evolve(**changes))
+
+        return await self._submit(command)
 
     async def set_traffic(self, endpoint: str, traffic: Mapping[str, float]) -> State:
         """Split ``endpoint``'s traffic by weight; weights are >= 0 and sum to 1."""
@@ -217,11 +225,15 @@ class Controller:
 
     # -- the one path every message takes --------------------------------------------------
 
-    async def _execute(self, message: Message, group: _Group) -> None:
+    async def _execute(
+        self, message: Message | Callable[[State], Message], group: _Group
+    ) -> Message:
         async with self._lock:
+            if callable(message):
+                message = message(self._state)
             transition = step(self._state, message)  # CommandError propagates unchanged
             if transition.state is self._state and not transition.effects:
-                return
+                return message
             data = encode(transition.state, self._seq + 1)
             try:
                 if self._save_in_thread:
@@ -242,6 +254,7 @@ class Controller:
                     self._spawn(group, self._stop, effect, group)
                 else:
                     self._spawn(group, self._start, effect, group)
+            return message
 
     def _push_table(self, table: RoutingTable) -> None:
         self._table = table
