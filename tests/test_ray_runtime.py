@@ -31,7 +31,8 @@ ray = pytest.importorskip(
 
 import ray_driver  # noqa: E402
 import servecore  # noqa: E402
-from servecore._core import BackendConfig, Event, ReplicaDied, ReplicaStatus, StartReplica  # noqa: E402
+from opened_runtime import Opened  # noqa: E402
+from servecore._core import BackendConfig, ReplicaStatus, StartReplica  # noqa: E402
 from servecore._errors import (  # noqa: E402
     BackendStartError,
     InvalidConfig,
@@ -117,22 +118,6 @@ def effect(tag: str, target: str, *init_args: Any, **config: Any) -> StartReplic
 
 def q(*args: Any) -> Query:
     return Query(args=args)
-
-
-class Opened:
-    """A runtime opened on a namespace, with the events it reported."""
-
-    def __init__(self, runtime: RayRuntime) -> None:
-        self.runtime = runtime
-        self.events: list[Event] = []
-
-    async def died(self, tag: str) -> ReplicaDied:
-        with trio.fail_after(WAIT):
-            while True:
-                for e in self.events:
-                    if isinstance(e, ReplicaDied) and e.tag == tag:
-                        return e
-                await trio.sleep(0.01)
 
 
 @pytest.fixture

@@ -14,8 +14,9 @@ import pytest
 import trio
 
 import targets
+from opened_runtime import Opened
 from servecore._batch import BatchSizeError, batch, is_batch
-from servecore._core import BackendConfig, Event, ReplicaDied, StartReplica, target_path
+from servecore._core import BackendConfig, StartReplica, target_path
 from servecore._errors import InvalidConfig, ReplicaDiedError
 from servecore.runtimes import Query, Runtime, resolve_runtime
 from servecore.runtimes.threads import ThreadRuntime
@@ -39,24 +40,10 @@ def q(*args: Any, **kwargs: Any) -> Query:
     return Query(args=args, kwargs=kwargs)
 
 
-class Opened:
-    def __init__(self, runtime: ThreadRuntime) -> None:
-        self.runtime = runtime
-        self.events: list[Event] = []
-
-    async def died(self, tag: str) -> ReplicaDied:
-        with trio.fail_after(WAIT):
-            while True:
-                for e in self.events:
-                    if isinstance(e, ReplicaDied) and e.tag == tag:
-                        return e
-                await trio.sleep(0.005)
-
-
 @pytest.fixture
 async def rt() -> AsyncIterator[Opened]:
     runtime = ThreadRuntime(health_check_period_s=0.01)
-    opened = Opened(runtime)
+    opened = Opened(runtime, wait_s=WAIT)
     await runtime.open(namespace="t", report=opened.events.append)
     try:
         yield opened
