@@ -774,7 +774,7 @@ def test_failed_start_is_retried_with_a_new_tag() -> None:
     assert starts(t.effects) == ["a#1"]
     assert "a#0" not in t.state.replicas
     b = t.state.backends["a"]
-    assert b.status is BackendStatus.UPDATING
+    assert b.status is BackendStatus.UNHEALTHY
     assert b.start_failures == 1 and b.last_error == "ImportError: no myapp"
 
 
@@ -851,7 +851,7 @@ def test_start_failures_must_be_consecutive() -> None:
     b = state.backends["a"]
     assert b.start_failures == 0 and b.last_error is None
     t = check(state, ReplicaStartFailed(tag=f"a#{MAX_START_FAILURES}", reason="flaky"))
-    assert t.state.backends["a"].status is BackendStatus.UPDATING
+    assert t.state.backends["a"].status is BackendStatus.UNHEALTHY
     assert len(starts(t.effects)) == 1
 
 

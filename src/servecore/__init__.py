@@ -25,6 +25,7 @@ if TYPE_CHECKING:
         open_controller,
     )
     from servecore._core import (
+        EARLY_DEATH_S,
         MAX_START_FAILURES,
         Backend,
         BackendConfig,
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
         ReplicaStartFailed,
         ReplicaStatus,
         ReplicaStopped,
+        Resync,
+        RetryBackend,
         RoutingTable,
         SetBackendConfig,
         SetShadowTraffic,
@@ -70,6 +73,7 @@ if TYPE_CHECKING:
         CommandError,
         EndpointExists,
         EndpointNotFound,
+        InvalidCommand,
         InvalidConfig,
         InvalidRoute,
         InvalidTarget,
@@ -81,6 +85,9 @@ if TYPE_CHECKING:
         RuntimeDirectoryLocked,
         ServecoreError,
         StoreLocked,
+    )
+    from servecore._limits import (
+        Limits,
     )
     from servecore._sync import (
         SyncController,
@@ -104,6 +111,11 @@ if TYPE_CHECKING:
     )
 
 _LAZY: dict[str, str] = {
+    "Limits": "servecore._limits",
+    "InvalidCommand": "servecore._errors",
+    "EARLY_DEATH_S": "servecore._core",
+    "Resync": "servecore._core",
+    "RetryBackend": "servecore._core",
     "MAX_START_FAILURES": "servecore._core",
     "Backend": "servecore._core",
     "BackendConfig": "servecore._core",
@@ -177,6 +189,7 @@ _LAZY: dict[str, str] = {
 }
 
 __all__ = [
+    "EARLY_DEATH_S",
     "MAX_START_FAILURES",
     "Backend",
     "BackendConfig",
@@ -206,10 +219,12 @@ __all__ = [
     "Event",
     "FileStore",
     "Handle",
+    "InvalidCommand",
     "InvalidConfig",
     "InvalidRoute",
     "InvalidTarget",
     "InvalidTraffic",
+    "Limits",
     "MemoryStore",
     "Message",
     "NoReplicaError",
@@ -223,6 +238,8 @@ __all__ = [
     "ReplicaStarted",
     "ReplicaStatus",
     "ReplicaStopped",
+    "Resync",
+    "RetryBackend",
     "RouteConflict",
     "Router",
     "RoutingTable",

@@ -10,19 +10,37 @@ The lock covers step + save + dispatch only. Starting and stopping replicas run 
 tasks outside it, so a slow constructor never blocks another command, and ``ctl.state``
 never blocks at all. Each command waits for the effects it caused (and the events they
 fed back) to settle before it returns.
+
+It converges whatever it loses, the way Kubernetes controllers do (level-triggered):
+
+* an event whose save fails is never dropped: it is retried with capped backoff until
+  the store takes it (the command waiting on it is told exactly what was applied);
+* every ``resync_interval_s`` the runtime's live replicas are compared with the state
+  (:class:`~servecore.Resync`), correcting whatever a lost event left behind; when the
+  two agree nothing is written;
+* nothing user code or a caller sends can kill it: bad arguments are typed errors,
+  text is made encodable before it reaches the state, and a failure in an effect task
+  is raised to the command that caused it, never into the controller's nursery.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
+import math
+import warnings
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, get_args
 
+import attrs
 import trio
 
 from servecore._checkpoint import decode, encode
+from servecore._checks import check_name, reason_text
 from servecore._core import (
+    EARLY_DEATH_S,
     BackendConfig,
     BackendStatus,
     Command,
@@ -33,9 +51,12 @@ from servecore._core import (
     Event,
     Message,
     Recover,
+    ReplicaDied,
     ReplicaStarted,
     ReplicaStartFailed,
     ReplicaStopped,
+    Resync,
+    RetryBackend,
     RoutingTable,
     SetBackendConfig,
     SetShadowTraffic,
@@ -46,8 +67,9 @@ from servecore._core import (
     UpdateRouter,
     step,
 )
-from servecore._errors import BackendStartError, CheckpointError
-from servecore.router import Handle, Router  # issue 3: serving queries
+from servecore._errors import BackendStartError, CheckpointError, InvalidCommand, InvalidConfig
+from servecore._limits import Limits
+from servecore.router import Handle, Router
 from servecore.runtimes import Runtime, resolve_runtime
 from servecore.stores import Store, as_store
 
@@ -55,8 +77,13 @@ __all__ = ["Controller", "open_controller"]
 
 log = logging.getLogger("servecore.controller")
 
-#: How often saving an event's new state is retried before the waiting command gives up.
-_EVENT_SAVE_ATTEMPTS = 5
+_COMMANDS = get_args(Command)
+_EVENTS = get_args(Event)
+#: Retries of an event whose save failed start here and double up to the cap.
+_RETRY_FIRST_S = 0.05
+_RETRY_CAP_S = 2.0
+#: The default interval of the level-triggered resync with the runtime.
+RESYNC_INTERVAL_S = 10.0
 
 
 class _Group:
@@ -79,6 +106,15 @@ class _Group:
             self.settled.set()
 
 
+class _Start:
+    """A start in flight: when it is done, and how to cancel it (a stop of the same
+    tag does, once the stop's own timeout has passed)."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.scope = trio.CancelScope()
+
+
 class Controller:
     """A running controller. Get one from :func:`open_controller`; do not construct.
 
@@ -95,18 +131,26 @@ class Controller:
         name: str,
         nursery: trio.Nursery,
         save_in_thread: bool = True,
+        limits: Limits | None = None,
+        resync_interval_s: float | None = RESYNC_INTERVAL_S,
     ) -> None:
         self.runtime = runtime
         self.store = store
         self.name = name
+        self.limits = limits or Limits()
+        self.resync_interval_s = resync_interval_s
         self._nursery = nursery
         self._state = State()
         self._seq = 0
         self._lock = trio.Lock()
         self._table = RoutingTable()
         self._table_listeners: list[Callable[[RoutingTable], None]] = []
-        # A stop for a tag waits for that tag's start still in flight (same tag, one order).
-        self._in_flight: dict[str, trio.Event] = {}
+        # A stop for a tag waits (up to its timeout) for that tag's start still in flight.
+        self._starts: dict[str, _Start] = {}
+        # Tags with a start, a stop or an unsaved event in flight: a resync leaves them be.
+        self._busy: Counter[str] = Counter()
+        # When each replica was seen to start (trio time), to tell a crash loop.
+        self._started_at: dict[str, float] = {}
         self._background = _Group()
         self._where = str(getattr(store, "where", repr(store)))
         self._save_in_thread = save_in_thread
@@ -138,6 +182,8 @@ class Controller:
 
     async def submit(self, command: Command) -> State:
         """Apply any command; return the state once its effects have settled."""
+        if not isinstance(command, _COMMANDS):
+            raise InvalidCommand(command)
         return await self._submit(lambda _state: command)
 
     async def _submit(self, make: Callable[[State], Command]) -> State:
@@ -148,11 +194,25 @@ class Controller:
         await group.settled.wait()
         if group.errors:
             raise group.errors[0]
-        if isinstance(command, (CreateBackend, SetBackendConfig)):
+        if isinstance(command, (CreateBackend, SetBackendConfig, RetryBackend)):
             backend = self._state.backends.get(command.tag)
             if backend is not None and backend.status is BackendStatus.FAILED:
                 raise BackendStartError(command.tag, backend.last_error or "unknown error")
+        if isinstance(command, SetTraffic):
+            self._warn_failed(command)
         return self._state
+
+    def _warn_failed(self, command: SetTraffic) -> None:
+        for tag in command.traffic:
+            b = self._state.backends.get(tag)
+            if b is not None and b.status is BackendStatus.FAILED:
+                text = (
+                    f"endpoint {command.endpoint!r} now sends traffic to backend {tag!r}, "
+                    f"which is FAILED ({b.last_error}); its queries fail with NoReplicaError "
+                    f"until retry_backend({tag!r}) or a new config starts it"
+                )
+                log.warning("%s", text)
+                warnings.warn(text, RuntimeWarning, stacklevel=4)
 
     async def create_endpoint(
         self, name: str, route: str | None = None, methods: Any = ("GET",)
@@ -182,13 +242,21 @@ class Controller:
         Raises :class:`~servecore.BackendStartError` (carrying the replica's own error)
         if replicas cannot start; the backend then stays registered as FAILED.
         """
+        if config is not None and not isinstance(config, BackendConfig):
+            raise InvalidConfig(
+                "config",
+                config,
+                "must be a servecore.BackendConfig; or pass its fields as keywords, e.g. "
+                "create_backend(tag, target, num_replicas=2)",
+                backend=tag if isinstance(tag, str) else None,
+            )
         cfg = (config or BackendConfig()).evolve(**config_fields)
         return await self.submit(
             CreateBackend(
                 tag=tag,
                 target=target,
-                init_args=tuple(init_args),
-                init_kwargs=dict(init_kwargs or {}),
+                init_args=init_args,
+                init_kwargs={} if init_kwargs is None else init_kwargs,
                 config=cfg,
             )
         )
@@ -204,6 +272,8 @@ class Controller:
     async def update_backend_config(self, tag: str, **changes: Any) -> State:
         """Change some fields of a backend's config: ``update_backend_config("a",
         num_replicas=3)``. Unknown keys raise :class:`~servecore.InvalidConfig`."""
+        check_name("backend", tag)
+        BackendConfig().evolve(**changes)  # refuse bad fields before taking the lock
 
         def command(state: State) -> SetBackendConfig:
             backend = state.backends.get(tag)
@@ -212,6 +282,11 @@ class Controller:
             return SetBackendConfig(tag=tag, config=config.evolve(**changes))
 
         return await self._submit(command)
+
+    async def retry_backend(self, tag: str) -> State:
+        """Start a FAILED backend again with the same definition and config (after
+        fixing what made it fail: a file, a service it needs). A no-op otherwise."""
+        return await self.submit(RetryBackend(tag=tag))
 
     async def set_traffic(self, endpoint: str, traffic: Mapping[str, float]) -> State:
         """Split ``endpoint``'s traffic by weight; weights are >= 0 and sum to 1."""
@@ -226,15 +301,33 @@ class Controller:
     # -- the one path every message takes --------------------------------------------------
 
     async def _execute(
-        self, message: Message | Callable[[State], Message], group: _Group
-    ) -> Message:
+        self, message: Message | Callable[[State], Message | None], group: _Group
+    ) -> Message | None:
+        """Step, save, adopt, dispatch. ``message`` may be built from the state under
+        the lock; a builder that returns None skips the step."""
         async with self._lock:
             if callable(message):
-                message = message(self._state)
+                built = message(self._state)
+                if built is None:
+                    return None
+                message = built
+            if isinstance(message, _COMMANDS):
+                self.limits.check(message)
             transition = step(self._state, message)  # CommandError propagates unchanged
             if transition.state is self._state and not transition.effects:
                 return message
-            data = encode(transition.state, self._seq + 1)
+            is_command = isinstance(message, _COMMANDS)
+            try:
+                data = encode(transition.state, self._seq + 1)
+            except Exception as exc:  # a bug, or a value no check foresaw: keep running
+                raise CheckpointError(
+                    f"encoding checkpoint {self._seq + 1} failed: {exc!r}; "
+                    + (
+                        "the command was not applied and nothing was started or stopped"
+                        if is_command
+                        else f"{_what(message)} was not recorded"
+                    )
+                ) from exc
             try:
                 if self._save_in_thread:
                     await trio.to_thread.run_sync(self.store.save, data)
@@ -243,7 +336,11 @@ class Controller:
             except Exception as exc:
                 raise CheckpointError(
                     f"saving checkpoint {self._seq + 1} to {self._where} failed: {exc!r}; "
-                    f"the command was not applied and nothing was started or stopped"
+                    + (
+                        "the command was not applied and nothing was started or stopped"
+                        if is_command
+                        else f"{_what(message)} was not recorded yet"
+                    )
                 ) from exc
             self._seq += 1
             self._state = transition.state
@@ -252,14 +349,19 @@ class Controller:
                     self._push_table(effect.table)
                 elif isinstance(effect, StopReplica):
                     self._spawn(group, self._stop, effect, group)
-                else:
+                elif isinstance(effect, StartReplica):
                     self._spawn(group, self._start, effect, group)
+                else:  # an effect this shell does not know is a bug: say so loudly
+                    raise TypeError(f"the controller cannot carry out {effect!r}")
             return message
 
     def _push_table(self, table: RoutingTable) -> None:
         self._table = table
         for listener in self._table_listeners:
-            listener(table)
+            try:
+                listener(table)
+            except Exception:
+                log.exception("a routing-table listener failed; the controller carries on")
 
     def _spawn(self, group: _Group, fn: Callable[..., Any], *args: Any) -> None:
         group.enter()
@@ -267,56 +369,151 @@ class Controller:
         async def run() -> None:
             try:
                 await fn(*args)
+            except Exception as exc:
+                # Never into the nursery: the command that caused it hears of it.
+                log.exception("controller task %s failed", getattr(fn, "__name__", fn))
+                group.errors.append(exc)
             finally:
                 group.leave()
 
         self._nursery.start_soon(run)
 
     async def _start(self, effect: StartReplica, group: _Group) -> None:
-        done = self._in_flight[effect.tag] = trio.Event()
+        tag = effect.tag
+        start = self._starts[tag] = _Start()
+        self._busy[tag] += 1
+        event: Event | None = None
         try:
-            await self.runtime.start_replica(effect)
+            with start.scope:
+                if effect.delay_s > 0:
+                    log.info("replica %s starts in %.2gs (backing off)", tag, effect.delay_s)
+                    await trio.sleep(effect.delay_s)
+                await self.runtime.start_replica(effect)
+                event = ReplicaStarted(tag=tag)
+            if start.scope.cancelled_caught:
+                log.warning("replica %s was stopped while it was still starting", tag)
         except Exception as exc:
-            log.warning("replica %s failed to start: %r", effect.tag, exc)
-            event: Event = ReplicaStartFailed(tag=effect.tag, reason=_describe(exc))
-        else:
-            event = ReplicaStarted(tag=effect.tag)
+            log.warning("replica %s failed to start: %s", tag, _describe(exc))
+            event = ReplicaStartFailed(tag=tag, reason=_describe(exc))
         finally:
-            done.set()
-            if self._in_flight.get(effect.tag) is done:
-                del self._in_flight[effect.tag]
-        await self._feed(event, group)
+            start.done.set()
+            if self._starts.get(tag) is start:
+                del self._starts[tag]
+        try:
+            if event is not None:
+                if isinstance(event, ReplicaStarted):
+                    self._started_at[tag] = trio.current_time()
+                await self._feed(event, group)
+        finally:
+            self._unbusy(tag)
 
     async def _stop(self, effect: StopReplica, group: _Group) -> None:
-        starting = self._in_flight.get(effect.tag)
-        if starting is not None:
-            await starting.wait()
+        tag = effect.tag
+        self._busy[tag] += 1
         try:
-            await self.runtime.stop_replica(effect.tag, effect.timeout_s)
-        except Exception as exc:
-            # The replica may linger; recovery will find and stop it as STOPPING/orphan.
-            log.warning("replica %s did not stop cleanly: %r", effect.tag, exc)
-        await self._feed(ReplicaStopped(tag=effect.tag), group)
+            deadline = trio.current_time() + effect.timeout_s
+            start = self._starts.get(tag)
+            if start is not None:
+                # Never wait on a hung start longer than the stop's own timeout.
+                with trio.move_on_at(deadline):
+                    await start.done.wait()
+                if not start.done.is_set():
+                    start.scope.cancel()
+                    with trio.move_on_after(1.0):
+                        await start.done.wait()
+            remaining = max(0.0, deadline - trio.current_time())
+            try:
+                await self.runtime.stop_replica(tag, remaining)
+            except Exception as exc:
+                # The replica may linger; the resync or recovery finds and stops it.
+                log.warning("replica %s did not stop cleanly: %s", tag, _describe(exc))
+            self._started_at.pop(tag, None)
+            await self._feed(ReplicaStopped(tag=tag), group)
+        finally:
+            self._unbusy(tag)
+
+    def _unbusy(self, tag: str) -> None:
+        self._busy[tag] -= 1
+        if self._busy[tag] <= 0:
+            del self._busy[tag]
 
     async def _feed(self, event: Event, group: _Group) -> None:
-        """Step a runtime's answer through the same path as a command."""
-        delay = 0.05
-        for attempt in range(_EVENT_SAVE_ATTEMPTS):
-            try:
-                await self._execute(event, group)
-                return
-            except CheckpointError as exc:
-                if attempt == _EVENT_SAVE_ATTEMPTS - 1:
-                    # The checkpoint still says what it said; recovery will reconcile.
-                    group.errors.append(exc)
-                    return
-                log.warning("retrying %r after a failed save: %s", event, exc)
+        """Step a runtime's answer through the same path as a command. If its save
+        fails, the event is kept and retried (never dropped), and the waiting command
+        is told what was and was not recorded."""
+        try:
+            await self._execute(event, group)
+            return
+        except CheckpointError as exc:
+            group.errors.append(
+                CheckpointError(
+                    f"the command was saved and its effects were carried out, but {exc}; "
+                    f"the controller keeps retrying in the background (await ctl.settle() "
+                    f"to wait for it)"
+                )
+            )
+            log.warning("%s; retrying", exc)
+        tag = getattr(event, "tag", None)
+        if tag is not None:
+            self._busy[tag] += 1
+        self._spawn(self._background, self._retry, event, tag)
+
+    async def _retry(self, event: Event, tag: str | None) -> None:
+        delay = _RETRY_FIRST_S
+        try:
+            while True:
                 await trio.sleep(delay)
-                delay *= 2
+                try:
+                    await self._execute(event, self._background)
+                    log.info("%s recorded after the store recovered", _what(event))
+                    return
+                except CheckpointError as exc:
+                    delay = min(_RETRY_CAP_S, delay * 2)
+                    log.warning("%s; retrying in %.2gs", exc, delay)
+        finally:
+            if tag is not None:
+                self._unbusy(tag)
 
     def _report(self, event: Event) -> None:
         """The callback runtimes report deaths through (called on the trio thread)."""
+        if not isinstance(event, _EVENTS):
+            log.error("the runtime reported %r, which is not a servecore event; ignored", event)
+            return
+        if isinstance(event, ReplicaDied) and event.uptime_s is None:
+            started = self._started_at.pop(event.tag, None)
+            if started is not None:
+                event = attrs.evolve(event, uptime_s=max(0.0, trio.current_time() - started))
         self._spawn(self._background, self._feed, event, self._background)
+
+    # -- convergence ------------------------------------------------------------------------
+
+    async def resync(self) -> bool:
+        """Compare the runtime's live replicas with the state now and correct the state
+        (what the periodic resync does); return whether anything changed."""
+        seq = self._seq
+        live = await self.runtime.list_replicas()
+        now = trio.current_time()
+
+        def message(state: State) -> Resync | None:
+            if self._seq != seq:
+                return None  # the state moved while we listed: the next round decides
+            proven: frozenset[str] = frozenset()
+            if any(b.early_deaths for b in state.backends.values()):
+                proven = frozenset(
+                    t for t, at in self._started_at.items() if now - at >= EARLY_DEATH_S
+                )
+            return Resync(live=live, busy=frozenset(self._busy), proven=proven)
+
+        await self._execute(message, self._background)
+        return self._seq != seq
+
+    async def _resync_forever(self, interval_s: float) -> None:
+        while True:
+            await trio.sleep(interval_s)
+            try:
+                await self.resync()
+            except Exception as exc:
+                log.warning("resync with the runtime failed (next try in %gs): %r", interval_s, exc)
 
     # -- life -----------------------------------------------------------------------------
 
@@ -324,19 +521,30 @@ class Controller:
         data = await trio.to_thread.run_sync(self.store.load)
         if data is not None:
             self._state, self._seq = decode(data, self._where)
-        await self.runtime.open(namespace=self.name, report=self._report)
+        opener = getattr(self.runtime, "open", None)
+        if opener is not None:
+            await opener(
+                **_open_kwargs(
+                    opener, namespace=self.name, report=self._report, store_id=_store_id(self.store)
+                )
+            )
         live = await self.runtime.list_replicas()
         group = _Group()
         await self._execute(Recover(live=live), group)
+        # Replicas found alive have been running for an unknown while: not a crash loop.
+        self._started_at.update(dict.fromkeys(live, -math.inf))
         await group.settled.wait()
         if group.errors:
             raise group.errors[0]
+        if self.resync_interval_s is not None:
+            self._nursery.start_soon(self._resync_forever, self.resync_interval_s)
 
     async def settle(self) -> None:
-        """Wait until replacements of dead replicas (background work) have settled."""
+        """Wait until background work (replacements of dead replicas, retries of
+        events whose save failed) has settled."""
         await self._background.settled.wait()
 
-    # -- serving queries: the router and handles (issue 3) ---------------------------------
+    # -- serving queries: the router and handles ------------------------------------------
     # One self-contained block: the router is just another listener of this controller's
     # routing table, created on first use in the controller's nursery.
 
@@ -373,7 +581,53 @@ class Controller:
 
 def _describe(exc: BaseException) -> str:
     text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return reason_text(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+
+
+def _what(message: Message) -> str:
+    """A message, in words, for errors and logs."""
+    if isinstance(message, ReplicaStarted):
+        return f"that replica {message.tag} started"
+    if isinstance(message, ReplicaStartFailed):
+        return f"that replica {message.tag} failed to start"
+    if isinstance(message, ReplicaStopped):
+        return f"that replica {message.tag} stopped"
+    if isinstance(message, ReplicaDied):
+        return f"that replica {message.tag} died"
+    return type(message).__name__
+
+
+def _store_id(store: Store) -> str:
+    """What identifies ``store`` to a runtime, so replicas are adopted only by a
+    controller on the same store."""
+    found = getattr(store, "store_id", None)
+    if isinstance(found, str):
+        return found
+    return f"{type(store).__qualname__}:{id(store):x}"
+
+
+def _open_kwargs(opener: Callable[..., Any], **kwargs: Any) -> dict[str, Any]:
+    """The keywords ``opener`` accepts: newer ones (``store_id``) only if it takes them,
+    so plugins written against an older protocol keep working."""
+    try:
+        params = inspect.signature(opener).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in params or k in ("namespace", "report")}
+
+
+_REQUIRED = ("start_replica", "stop_replica", "list_replicas", "call")
+
+
+def _check_runtime(rt: Any) -> None:
+    missing = [m for m in _REQUIRED if not callable(getattr(rt, m, None))]
+    if missing:
+        raise TypeError(
+            f"{rt!r} is not a servecore runtime: it lacks {', '.join(missing)} "
+            f"(a runtime needs {', '.join(_REQUIRED)}; open and close are optional)"
+        )
 
 
 @asynccontextmanager
@@ -382,8 +636,11 @@ async def open_controller(
     store: Store | Callable[[bytes], object] | None = None,
     *,
     name: str = "servecore",
+    runtime_kwargs: Mapping[str, Any] | None = None,
     runtime_options: Mapping[str, Any] | None = None,
     save_in_thread: bool = True,
+    limits: Limits | None = None,
+    resync_interval_s: float | None = RESYNC_INTERVAL_S,
 ) -> AsyncIterator[Controller]:
     """Open a controller: load the checkpoint, ask the runtime which replicas are alive,
     step ``Recover(live)``, save, and carry out its effects, then yield it::
@@ -394,14 +651,39 @@ async def open_controller(
             await ctl.create_backend("echo", "myapp.models:Echo", num_replicas=2)
 
     ``runtime`` is a name (``"threads"``, ``"subprocess"``, ``"ray"`` or a plugin's) or
-    an instance; ``store`` a :class:`~servecore.stores.Store`, a save-only callable, or
-    ``None`` for memory. ``name`` is the namespace the runtime keeps replicas under.
+    an instance; ``runtime_kwargs`` go to a named runtime's constructor
+    (``runtime_options`` is the old name of the same). ``store`` is a
+    :class:`~servecore.stores.Store`, a save-only callable, or ``None`` for memory.
+    ``name`` is the namespace the runtime keeps replicas under. ``limits`` caps what a
+    command may ask for (:class:`~servecore.Limits`). Every ``resync_interval_s``
+    (``None``: never) the runtime's live replicas are compared with the state and the
+    state corrected, so no lost event leaves it wrong for long.
     ``save_in_thread=False`` saves on the trio thread: commands are faster (no thread
     hand-off), but the loop, and every async query on it, waits out each fsync.
     On exit, in-process replicas stop; out-of-process ones keep running, to be found
     again by the next controller on the same store.
     """
-    rt = resolve_runtime(runtime, **dict(runtime_options or {}))
+    check_name("controller", name)
+    if limits is not None and not isinstance(limits, Limits):
+        raise InvalidConfig("limits", limits, "must be a servecore.Limits")
+    if resync_interval_s is not None and (
+        isinstance(resync_interval_s, bool)
+        or not isinstance(resync_interval_s, (int, float))
+        or not 0 < resync_interval_s < math.inf
+    ):
+        raise InvalidConfig(
+            "resync_interval_s", resync_interval_s, "must be a positive number of seconds or None"
+        )
+    if runtime_options is not None:
+        if runtime_kwargs is not None:
+            raise InvalidConfig(
+                "runtime_options",
+                runtime_options,
+                "give runtime_kwargs or runtime_options, not both",
+            )
+        runtime_kwargs = runtime_options
+    rt = resolve_runtime(runtime, **dict(runtime_kwargs or {}))
+    _check_runtime(rt)
     st = as_store(store)
     opener = getattr(st, "open", None)
     if opener is not None:
@@ -409,15 +691,23 @@ async def open_controller(
     try:
         async with trio.open_nursery() as nursery:
             ctl = Controller(
-                runtime=rt, store=st, name=name, nursery=nursery, save_in_thread=save_in_thread
+                runtime=rt,
+                store=st,
+                name=name,
+                nursery=nursery,
+                save_in_thread=save_in_thread,
+                limits=limits,
+                resync_interval_s=resync_interval_s,
             )
             try:
                 await ctl._recover()
                 yield ctl
             finally:
                 nursery.cancel_scope.cancel()
-                with trio.CancelScope(shield=True):
-                    await rt.close()
+                closer = getattr(rt, "close", None)
+                if closer is not None:
+                    with trio.CancelScope(shield=True):
+                        await closer()
     except BaseExceptionGroup as group:
         # One error (the host's own, or a crash) is raised as itself, not wrapped, so
         # `except servecore.CommandError` around the block works as users expect.

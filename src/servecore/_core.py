@@ -58,6 +58,8 @@ from servecore._messages import (
     ReplicaStarted,
     ReplicaStartFailed,
     ReplicaStopped,
+    Resync,
+    RetryBackend,
     SetBackendConfig,
     SetShadowTraffic,
     SetTraffic,
@@ -83,6 +85,9 @@ from servecore._values import (
 )
 
 __all__ = [
+    "BACKOFF_BASE_S",
+    "BACKOFF_CAP_S",
+    "EARLY_DEATH_S",
     "MAX_START_FAILURES",
     "Backend",
     "BackendConfig",
@@ -104,6 +109,8 @@ __all__ = [
     "ReplicaStarted",
     "ReplicaStatus",
     "ReplicaStopped",
+    "Resync",
+    "RetryBackend",
     "RoutingTable",
     "SetBackendConfig",
     "SetShadowTraffic",
@@ -119,8 +126,26 @@ __all__ = [
     "validate_state",
 ]
 
-#: Consecutive failed starts after which a backend is marked FAILED and left alone.
+#: The failure budget: consecutive failed starts plus replicas that died soon after
+#: starting, after which a backend is marked FAILED and left alone.
 MAX_START_FAILURES = 3
+#: A replica that dies within this many seconds of starting died "early": it counts
+#: towards the failure budget, as a failed start does (a crash loop, not bad luck).
+EARLY_DEATH_S = 10.0
+#: Replacements after failures wait ``BACKOFF_BASE_S * 2**(failures - 1)`` seconds,
+#: at most ``BACKOFF_CAP_S`` (Kubernetes' CrashLoopBackOff, shorter, since the budget
+#: stops the loop after a few tries anyway).
+BACKOFF_BASE_S = 0.5
+BACKOFF_CAP_S = 30.0
+
+
+def _failures(b: Backend) -> int:
+    return b.start_failures + b.early_deaths
+
+
+def _backoff_s(b: Backend) -> float:
+    n = _failures(b)
+    return 0.0 if n == 0 else min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** min(n - 1, 30))
 
 
 @attrs.frozen(kw_only=True)
@@ -270,6 +295,7 @@ class _Tx:
             init_args=_init_args(b.init_args),
             init_kwargs=_init_kwargs(b.init_kwargs),
             config=attrs.evolve(b.config),
+            delay_s=_backoff_s(b),
         )
 
     def mark_running(self, r: Replica) -> None:
@@ -322,16 +348,35 @@ class _Tx:
 
     def put_backend(self, b: Backend) -> None:
         self.backends = self.backends.set(b.tag, b)
+        route = self.routes.get(b.tag)
+        if route is not None:
+            # The router names a FAILED backend's reason in NoReplicaError.
+            new_route = BackendRoute.of(b, route.replicas)
+            if new_route.failure != route.failure:
+                self.routes = self.routes.set(b.tag, new_route)
+
+    def _count_failure(self, b: Backend, reason: str, *, early_death: bool) -> None:
+        if early_death:
+            b = attrs.evolve(b, early_deaths=b.early_deaths + 1, last_error=reason)
+        else:
+            b = attrs.evolve(b, start_failures=b.start_failures + 1, last_error=reason)
+        if _failures(b) >= MAX_START_FAILURES:
+            b = attrs.evolve(b, status=BackendStatus.FAILED)
+        self.put_backend(b)
+        self.reconcile(b.tag)
 
     def start_failed(self, r: Replica, reason: str) -> None:
         self.forget(r)
         b = self.backends.get(r.backend)
         if b is not None:
-            failures = b.start_failures + 1
-            status = BackendStatus.FAILED if failures >= MAX_START_FAILURES else b.status
-            self.put_backend(
-                attrs.evolve(b, start_failures=failures, last_error=reason, status=status)
-            )
+            self._count_failure(b, reason, early_death=False)
+
+    def died_early(self, r: Replica, reason: str) -> None:
+        self.forget(r)
+        b = self.backends.get(r.backend)
+        if b is not None and b.status is not BackendStatus.FAILED:
+            self._count_failure(b, reason, early_death=True)
+        elif b is not None:
             self.reconcile(b.tag)
 
     def reconcile(self, tag: str) -> None:
@@ -357,10 +402,9 @@ class _Tx:
         if len(idx.outdated) > keep:
             for _, rtag in heapq.nsmallest(len(idx.outdated) - keep, idx.outdated.items()):
                 self.begin_stop(self.replicas[rtag], b.config.graceful_shutdown_timeout_s)
+        b = self.backends[tag]
         if b.status is not BackendStatus.FAILED:
-            idx = self.index.get(tag, _NO_INDEX)
-            healthy = not idx.starting and not idx.outdated and len(idx.running) == want
-            status = BackendStatus.HEALTHY if healthy else BackendStatus.UPDATING
+            status = _status_of(b, self.index.get(tag, _NO_INDEX))
             if status is not b.status:
                 self.put_backend(attrs.evolve(b, status=status))
 
@@ -385,6 +429,14 @@ class _Tx:
         effects.extend(self.stops)
         effects.extend(self.starts)
         return Transition(state=new, effects=tuple(effects))
+
+
+def _status_of(b: Backend, idx: _BackendIndex) -> BackendStatus:
+    """The status of a backend that is not FAILED."""
+    if _failures(b):
+        return BackendStatus.UNHEALTHY
+    healthy = not idx.starting and not idx.outdated and len(idx.running) == b.config.num_replicas
+    return BackendStatus.HEALTHY if healthy else BackendStatus.UPDATING
 
 
 def _unchanged(state: State) -> Transition:
@@ -482,6 +534,7 @@ def _set_backend_config(state: State, cmd: SetBackendConfig) -> Transition:
             config=cmd.config,
             status=BackendStatus.UPDATING,
             start_failures=0,
+            early_deaths=0,
             last_error=None,
             version=b.version + 1 if renew else b.version,
         )
@@ -502,6 +555,20 @@ def _set_backend_config(state: State, cmd: SetBackendConfig) -> Transition:
     # Same replicas tuple on both sides: compare only what comes from the config.
     if attrs.evolve(new_route, replicas=()) != attrs.evolve(route, replicas=()):
         tx.routes = tx.routes.set(cmd.tag, new_route)
+    tx.reconcile(cmd.tag)
+    return tx.finish()
+
+
+def _retry_backend(state: State, cmd: RetryBackend) -> Transition:
+    b = _backend(state, cmd.tag)
+    if b.status is not BackendStatus.FAILED:
+        return _unchanged(state)
+    tx = _Tx(state)
+    tx.put_backend(
+        attrs.evolve(
+            b, status=BackendStatus.UPDATING, start_failures=0, early_deaths=0, last_error=None
+        )
+    )
     tx.reconcile(cmd.tag)
     return tx.finish()
 
@@ -538,9 +605,12 @@ def _replica_started(state: State, ev: ReplicaStarted) -> Transition:
     tx = _Tx(state)
     tx.mark_running(r)
     b = tx.backends[r.backend]
-    # A late success does not lift FAILED: only a config change does (DESIGN §2).
-    if b.status is not BackendStatus.FAILED and (b.start_failures or b.last_error is not None):
-        tx.put_backend(attrs.evolve(b, start_failures=0, last_error=None))
+    # A late success does not lift FAILED: only a config change or a retry does. It
+    # ends a run of failed starts; a crash loop (early deaths) ends only once a replica
+    # has proved it keeps running (see Resync).
+    if b.status is not BackendStatus.FAILED and b.start_failures:
+        last_error = b.last_error if b.early_deaths else None
+        tx.put_backend(attrs.evolve(b, start_failures=0, last_error=last_error))
     tx.reconcile(r.backend)
     return tx.finish()
 
@@ -557,13 +627,15 @@ def _replica_start_failed(state: State, ev: ReplicaStartFailed) -> Transition:
     return tx.finish()
 
 
-def _replica_gone(state: State, tag: str, reason: str) -> Transition:
+def _replica_gone(state: State, tag: str, reason: str, *, early: bool = False) -> Transition:
     r = state.replicas.get(tag)
     if r is None:
         return _unchanged(state)
     tx = _Tx(state)
     if r.status is ReplicaStatus.STARTING:
         tx.start_failed(r, reason)
+    elif r.status is ReplicaStatus.RUNNING and early:
+        tx.died_early(r, reason)
     else:
         tx.forget(r)
         if r.status is ReplicaStatus.RUNNING:
@@ -576,7 +648,53 @@ def _replica_stopped(state: State, ev: ReplicaStopped) -> Transition:
 
 
 def _replica_died(state: State, ev: ReplicaDied) -> Transition:
-    return _replica_gone(state, ev.tag, ev.reason or "the replica died")
+    early = ev.uptime_s is not None and ev.uptime_s < EARLY_DEATH_S
+    return _replica_gone(state, ev.tag, ev.reason or "the replica died", early=early)
+
+
+def _resync(state: State, ev: Resync) -> Transition:
+    """Correct what the state believes about live replicas, leaving busy tags alone.
+
+    Like :func:`_recover` with the shell's in-flight work excluded: STARTING & live ->
+    RUNNING; STARTING & not live -> started again; RUNNING & not live -> replaced;
+    STOPPING & live -> stopped again; STOPPING & not live -> forgotten; live & unknown
+    -> stopped. Nothing changes, and nothing is saved, when the two agree.
+    """
+    tx = _Tx(state)
+    touched: set[str] = set()
+    for tag in set(state.replicas.keys()) - ev.live - ev.busy:
+        r = state.replicas[tag]
+        if r.status is ReplicaStatus.STARTING:
+            tx.starts.append(tx.start_effect(r.tag, state.backends[r.backend]))
+        else:
+            tx.forget(r)
+            touched.add(r.backend)
+    for tag in ev.live - ev.busy:
+        found = state.replicas.get(tag)
+        if found is None:
+            tx.stops.append(StopReplica(tag=tag, timeout_s=_stop_timeout(state, tag)))
+        elif found.status is ReplicaStatus.STARTING:
+            tx.mark_running(found)
+            touched.add(found.backend)
+        elif found.status is ReplicaStatus.STOPPING:
+            tx.stops.append(StopReplica(tag=tag, timeout_s=_stop_timeout(state, tag)))
+    for tag in ev.proven & ev.live:
+        found = tx.replicas.get(tag)
+        if found is None or found.status is not ReplicaStatus.RUNNING:
+            continue
+        b = tx.backends.get(found.backend)
+        if b is not None and b.early_deaths and b.status is not BackendStatus.FAILED:
+            tx.put_backend(attrs.evolve(b, early_deaths=0, start_failures=0, last_error=None))
+            touched.add(found.backend)
+    for backend in sorted(touched):
+        if backend in tx.backends:
+            tx.reconcile(backend)
+    return tx.finish()
+
+
+def _stop_timeout(state: State, tag: str) -> float:
+    b = state.backends.get(tag.rsplit("#", 1)[0])
+    return (b.config if b else BackendConfig()).graceful_shutdown_timeout_s
 
 
 def _recover(state: State, ev: Recover) -> Transition:
@@ -627,6 +745,7 @@ _HANDLERS: dict[type, Callable[[State, Any], Transition]] = {
     CreateBackend: _create_backend,
     DeleteBackend: _delete_backend,
     SetBackendConfig: _set_backend_config,
+    RetryBackend: _retry_backend,
     SetTraffic: _set_traffic,
     SetShadowTraffic: _set_shadow_traffic,
     ReplicaStarted: _replica_started,
@@ -634,6 +753,7 @@ _HANDLERS: dict[type, Callable[[State, Any], Transition]] = {
     ReplicaStopped: _replica_stopped,
     ReplicaDied: _replica_died,
     Recover: _recover,
+    Resync: _resync,
 }
 
 
@@ -702,11 +822,10 @@ def validate_state(state: State) -> None:
             assert state.replicas[rtag].status is ReplicaStatus.RUNNING
         want = b.config.num_replicas
         if b.status is BackendStatus.FAILED:
-            assert len(idx) <= want and b.start_failures >= MAX_START_FAILURES, b
+            assert len(idx) <= want and _failures(b) >= MAX_START_FAILURES, b
         else:
             assert len(idx) == want, f"{tag} has {len(idx)} active replicas, wants {want}"
-            healthy = not idx.starting and not idx.outdated and len(idx.running) == want
-            assert (b.status is BackendStatus.HEALTHY) == healthy, b
+            assert b.status is _status_of(b, idx), b
     # The JSON shape of every stored value is what a round trip gives back.
     for b in state.backends.values():
         assert json.loads(json.dumps([b.init_args, b.init_kwargs])) == [

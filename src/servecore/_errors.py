@@ -8,6 +8,7 @@ as attributes so that programs need not parse messages.
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "CommandError",
     "EndpointExists",
     "EndpointNotFound",
+    "InvalidCommand",
     "InvalidConfig",
     "InvalidRoute",
     "InvalidTarget",
@@ -34,6 +36,20 @@ __all__ = [
     "ServecoreError",
     "StoreLocked",
 ]
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 4, 120, 120
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = 8
+
+
+def _shown(value: Any) -> str:
+    """A bounded repr: an absurd value (a megabyte string, 5,000-deep nesting) is named
+    by its start, never printed whole nor allowed to overflow the stack."""
+    try:
+        return _REPR.repr(value)
+    except Exception:
+        return f"<{type(value).__name__}>"
 
 
 def _restore(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
@@ -98,7 +114,7 @@ class InvalidRoute(CommandError):
         self.endpoint = endpoint
         self.field = field
         self.value = value
-        super().__init__(f"endpoint {endpoint!r}: {field}={value!r} is invalid: {why}")
+        super().__init__(f"endpoint {endpoint!r}: {field}={_shown(value)} is invalid: {why}")
 
 
 class BackendExists(CommandError):
@@ -141,7 +157,9 @@ class InvalidTraffic(CommandError):
     def __init__(self, endpoint: str, value: Any, why: str) -> None:
         self.endpoint = endpoint
         self.value = value
-        super().__init__(f"traffic for endpoint {endpoint!r} is invalid: {why} (got {value!r})")
+        super().__init__(
+            f"traffic for endpoint {endpoint!r} is invalid: {why} (got {_shown(value)})"
+        )
 
 
 class InvalidConfig(CommandError):
@@ -152,7 +170,7 @@ class InvalidConfig(CommandError):
         self.value = value
         self.backend = backend
         where = f"backend {backend!r}: " if backend else ""
-        super().__init__(f"{where}{field}={value!r} is invalid: {why}")
+        super().__init__(f"{where}{field}={_shown(value)} is invalid: {why}")
 
 
 class InvalidTarget(CommandError):
@@ -163,13 +181,26 @@ class InvalidTarget(CommandError):
         self.backend = backend
         where = f"backend {backend!r}: " if backend else ""
         super().__init__(
-            f"{where}target {target!r} is invalid: {why}; pass 'package.module:attribute' "
+            f"{where}target {_shown(target)} is invalid: {why}; pass 'package.module:attribute' "
             f"naming a module-level class or function"
         )
 
 
+class InvalidCommand(CommandError, TypeError):
+    """Something that is not a servecore command was submitted."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+        super().__init__(
+            f"{_shown(value)} is not a servecore command; pass one of CreateEndpoint, "
+            f"DeleteEndpoint, CreateBackend, DeleteBackend, SetBackendConfig, RetryBackend, "
+            f"SetTraffic, SetShadowTraffic"
+        )
+
+
 class CheckpointError(ServecoreError):
-    """Saving a checkpoint failed: the command was not applied and no effect ran."""
+    """Saving a checkpoint failed. The message says exactly what was applied: for a
+    command's own save, nothing (the state is unchanged and no effect ran)."""
 
 
 class CheckpointCorrupt(ServecoreError):
@@ -214,8 +245,9 @@ class BackendStartError(ServecoreError):
         self.tag = tag
         self.reason = reason
         super().__init__(
-            f"backend {tag!r} could not start its replicas: {reason}; fix the code or config "
-            f"(set_backend_config retries) or delete the backend"
+            f"backend {tag!r} could not start its replicas: {reason}; fix the code, then "
+            f"retry_backend({tag!r}) to start again with the same config, change its "
+            f"config, or delete the backend"
         )
 
 

@@ -14,6 +14,7 @@ from typing import Any, TypeAlias
 import attrs
 from immutables import Map
 
+from servecore._checks import MAX_ROUTE_LENGTH, encodable, reason_text, seconds
 from servecore._errors import (
     InvalidConfig,
     InvalidRoute,
@@ -44,6 +45,8 @@ __all__ = [
     "ReplicaStartFailed",
     "ReplicaStarted",
     "ReplicaStopped",
+    "Resync",
+    "RetryBackend",
     "SetBackendConfig",
     "SetShadowTraffic",
     "SetTraffic",
@@ -58,8 +61,16 @@ __all__ = [
 
 
 def _route(_inst: CreateEndpoint, _attr: Any, value: Any) -> None:
-    if value is not None and (not isinstance(value, str) or not value.startswith("/")):
-        raise InvalidRoute(_inst.name, "route", value, "must be None or a path starting '/'")
+    if value is None:
+        return
+    why = (
+        f"must be None or a printable path starting '/', at most {MAX_ROUTE_LENGTH} "
+        f"characters of valid text"
+    )
+    if not isinstance(value, str) or not value.startswith("/") or len(value) > MAX_ROUTE_LENGTH:
+        raise InvalidRoute(_inst.name, "route", value, why)
+    if not value.isprintable() or encodable(value) != value:
+        raise InvalidRoute(_inst.name, "route", value, why)
 
 
 _HTTP_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
@@ -101,7 +112,7 @@ class CreateEndpoint:
 class DeleteEndpoint:
     """Remove an endpoint and its route."""
 
-    name: str
+    name: str = attrs.field(validator=_name("endpoint"))
 
 
 @attrs.frozen(kw_only=True)
@@ -125,15 +136,24 @@ class CreateBackend:
 class DeleteBackend:
     """Stop all replicas of a backend and forget it."""
 
-    tag: str
+    tag: str = attrs.field(validator=_name("backend"))
 
 
 @attrs.frozen(kw_only=True)
 class SetBackendConfig:
     """Replace a backend's config: scale, batching, concurrency."""
 
-    tag: str
+    tag: str = attrs.field(validator=_name("backend"))
     config: BackendConfig = attrs.field(validator=lambda _i, _a, v: _is_config(v))
+
+
+@attrs.frozen(kw_only=True)
+class RetryBackend:
+    """Try a FAILED backend again with the same definition and config: its failure
+    budget is cleared and its replicas start. A no-op for a backend that is not FAILED.
+    """
+
+    tag: str = attrs.field(validator=_name("backend"))
 
 
 def _weight(endpoint: str, value: Any, what: str) -> float:
@@ -151,11 +171,13 @@ class SetTraffic:
     Backends with weight 0 are dropped, so a backend can be drained, then deleted.
     """
 
-    endpoint: str
+    endpoint: str = attrs.field(validator=_name("endpoint"))
     traffic: Map[str, float] = attrs.field(converter=_traffic_map)
 
     def __attrs_post_init__(self) -> None:
-        if not isinstance(self.traffic, Map) or not all(isinstance(k, str) for k in self.traffic):
+        if not isinstance(self.traffic, Map) or not all(
+            isinstance(k, str) and encodable(k) == k for k in self.traffic
+        ):
             raise InvalidTraffic(self.endpoint, self.traffic, "must map backend tags to weights")
         weights = {
             k: _weight(self.endpoint, w, f"weight of {k!r}") for k, w in self.traffic.items()
@@ -173,8 +195,8 @@ class SetShadowTraffic:
     """Copy ``proportion`` of an endpoint's queries to ``backend``; results are dropped.
     A proportion of 0 removes the shadow."""
 
-    endpoint: str
-    backend: str
+    endpoint: str = attrs.field(validator=_name("endpoint"))
+    backend: str = attrs.field(validator=_name("backend"))
     proportion: float
 
     def __attrs_post_init__(self) -> None:
@@ -196,10 +218,11 @@ class ReplicaStarted:
 
 @attrs.frozen(kw_only=True)
 class ReplicaStartFailed:
-    """The replica could not start; ``reason`` is its own error."""
+    """The replica could not start; ``reason`` is its own error (made encodable and
+    bounded, since it is checkpointed)."""
 
     tag: str
-    reason: str
+    reason: str = attrs.field(converter=reason_text)
 
 
 @attrs.frozen(kw_only=True)
@@ -211,10 +234,13 @@ class ReplicaStopped:
 
 @attrs.frozen(kw_only=True)
 class ReplicaDied:
-    """The replica died on its own."""
+    """The replica died on its own. ``uptime_s`` is how long it had been running, if
+    the shell knows: a death soon after starting counts towards the backend's failure
+    budget (see :data:`servecore._core.EARLY_DEATH_S`)."""
 
     tag: str
-    reason: str = ""
+    reason: str = attrs.field(default="", converter=reason_text)
+    uptime_s: float | None = None
 
 
 def _frozenset(value: Iterable[str]) -> frozenset[str]:
@@ -228,8 +254,25 @@ class Recover:
     live: frozenset[str] = attrs.field(factory=frozenset, converter=_frozenset)
 
 
+@attrs.frozen(kw_only=True)
+class Resync:
+    """A periodic check of what the state believes against what the runtime has, the
+    way Kubernetes controllers resync: ``live`` is every tag the runtime reports alive,
+    ``busy`` the tags the shell is still starting or stopping (left alone: their own
+    answers will come), ``proven`` RUNNING tags that have run long enough to show their
+    backend works (its crash-loop count is cleared)."""
+
+    live: frozenset[str] = attrs.field(factory=frozenset, converter=_frozenset)
+    busy: frozenset[str] = attrs.field(factory=frozenset, converter=_frozenset)
+    proven: frozenset[str] = attrs.field(factory=frozenset, converter=_frozenset)
+
+
 # ---------------------------------------------------------------------------------------
 # Effects: what the shell must carry out, in order.
+
+
+def _delay(value: Any) -> float:
+    return seconds("delay_s", value)
 
 
 @attrs.frozen(kw_only=True)
@@ -242,6 +285,8 @@ class StartReplica:
     init_args: tuple[Any, ...]
     init_kwargs: dict[str, Any]
     config: BackendConfig
+    #: Wait this long before starting: replacements in a crash loop back off.
+    delay_s: float = attrs.field(default=0.0, converter=_delay)
 
 
 @attrs.frozen(kw_only=True)
@@ -265,9 +310,12 @@ Command: TypeAlias = (
     | CreateBackend
     | DeleteBackend
     | SetBackendConfig
+    | RetryBackend
     | SetTraffic
     | SetShadowTraffic
 )
-Event: TypeAlias = ReplicaStarted | ReplicaStartFailed | ReplicaStopped | ReplicaDied | Recover
+Event: TypeAlias = (
+    ReplicaStarted | ReplicaStartFailed | ReplicaStopped | ReplicaDied | Recover | Resync
+)
 Message: TypeAlias = Command | Event
 Effect: TypeAlias = StartReplica | StopReplica | UpdateRouter

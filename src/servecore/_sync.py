@@ -92,16 +92,14 @@ class SyncController:
         runtime: str | Runtime,
         store: Store | Callable[[bytes], object] | None,
         *,
-        name: str,
-        runtime_options: Mapping[str, Any] | None,
-        save_in_thread: bool = True,
+        name: str = "servecore",
+        **options: Any,
     ) -> None:
         self._open_args: dict[str, Any] = {
             "runtime": runtime,
             "store": store,
             "name": name,
-            "runtime_options": runtime_options,
-            "save_in_thread": save_in_thread,
+            **options,
         }
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -238,9 +236,19 @@ class SyncController:
         """Copy ``proportion`` of ``endpoint``'s queries to ``backend`` (0 removes it)."""
         return self._run(self.controller.set_shadow_traffic, endpoint, backend, proportion)
 
+    def retry_backend(self, tag: str) -> State:
+        """Start a FAILED backend again with the same config (see the async
+        :meth:`servecore.Controller.retry_backend`)."""
+        return self._run(self.controller.retry_backend, tag)
+
     def settle(self) -> None:
-        """Wait until replacements of dead replicas have settled."""
+        """Wait until replacements of dead replicas and retried saves have settled."""
         self._run(self.controller.settle)
+
+    def resync(self) -> bool:
+        """Correct the state against the runtime's live replicas now; see
+        :meth:`servecore.Controller.resync`."""
+        return self._run(self.controller.resync)
 
     # -- handles --------------------------------------------------------------------------
 
@@ -310,21 +318,15 @@ def start(
     store: Store | Callable[[bytes], object] | None = None,
     *,
     name: str = "servecore",
-    runtime_options: Mapping[str, Any] | None = None,
-    save_in_thread: bool = True,
+    **options: Any,
 ) -> SyncController:
     """Open a controller for a synchronous host: trio runs in a background thread.
 
-    Takes the arguments of :func:`~servecore.open_controller`; returns once recovery
+    Takes the arguments of :func:`~servecore.open_controller` (``runtime_kwargs``,
+    ``limits``, ``resync_interval_s``, ``save_in_thread``...); returns once recovery
     is done, or raises what opening raised (e.g. :class:`~servecore.StoreLocked`)::
 
         with servecore.start(store=servecore.SQLiteStore(".servecore/state.db")) as ctl:
             ...
     """
-    return SyncController(
-        runtime,
-        store,
-        name=name,
-        runtime_options=runtime_options,
-        save_in_thread=save_in_thread,
-    )
+    return SyncController(runtime, store, name=name, **options)

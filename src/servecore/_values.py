@@ -9,15 +9,24 @@ construction, so a bad value cannot exist; validation errors are the typed
 from __future__ import annotations
 
 import enum
-import math
 import re
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
 from immutables import Map
 
+from servecore._checks import (
+    MAX_BATCH_SIZE,
+    MAX_CONCURRENT_QUERIES,
+    MAX_REPLICAS,
+    int_between,
+    json_object,
+    json_value,
+    name_validator,
+    seconds,
+)
 from servecore._errors import (
     InvalidConfig,
     InvalidTarget,
@@ -44,101 +53,38 @@ WEIGHT_TOLERANCE = 1e-6
 EMPTY: Map[Any, Any] = Map()
 
 # ---------------------------------------------------------------------------------------
-# Small validators. Each raises the typed CommandError naming the field and value.
-
-
-def _json_value(value: Any, field: str) -> Any:
-    """Return ``value`` in the exact shape a JSON round trip gives back.
-
-    A checkpoint is JSON, and recovery must rebuild a state *equal* to the one saved,
-    so tuples become lists and mappings become dicts with string keys here, once.
-    """
-    if value is None or isinstance(value, (bool, str, int)):
-        return value
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise InvalidConfig(field, value, "must be a finite number (checkpoints are JSON)")
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_json_value(v, f"{field}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, Mapping):
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise InvalidConfig(field, value, f"key {k!r} is not a string (JSON)")
-            out[k] = _json_value(v, f"{field}[{k!r}]")
-        return out
-    raise InvalidConfig(
-        field, value, f"{type(value).__name__} is not JSON-serializable; pass plain data"
-    )
-
-
-def _json_object(field: str, value: Any) -> dict[str, Any]:
-    if not isinstance(value, Mapping):
-        raise InvalidConfig(field, value, "must be a mapping with string keys")
-    result: dict[str, Any] = _json_value(value, field)
-    return result
-
-
-def _int_at_least(field: str, low: int, *, optional: bool = False) -> Callable[..., None]:
-    def check(_inst: Any, _attr: Any, value: Any) -> None:
-        if optional and value is None:
-            return
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InvalidConfig(field, value, f"must be an integer >= {low}")
-        if value < low:
-            raise InvalidConfig(field, value, f"must be >= {low}")
-
-    return check
-
-
-def _seconds(field: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidConfig(field, value, "must be a number of seconds >= 0")
-    if not math.isfinite(value) or value < 0:
-        raise InvalidConfig(field, value, "must be a finite number of seconds >= 0")
-    return float(value)
+# Small validators (the shared checks live in servecore._checks).
 
 
 def _batch_wait(value: Any) -> float:
-    return _seconds("batch_wait_timeout_s", value)
+    return seconds("batch_wait_timeout_s", value)
 
 
 def _shutdown_timeout(value: Any) -> float:
-    return _seconds("graceful_shutdown_timeout_s", value)
+    return seconds("graceful_shutdown_timeout_s", value)
 
 
 def _user_config(value: Any) -> Any:
-    return _json_value(value, "user_config")
+    return json_value(value, "user_config")
 
 
 def _runtime_options(value: Any) -> dict[str, Any]:
-    return _json_object("runtime_options", value)
+    return json_object("runtime_options", value)
 
 
 def _init_args(value: Any) -> tuple[Any, ...]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise InvalidConfig("init_args", value, "must be a tuple or list of arguments")
-    return tuple(_json_value(list(value), "init_args"))
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (list, tuple)):
+        why = f"must be a tuple or list of arguments, not a {type(value).__name__}"
+        raise InvalidConfig("init_args", value, why)
+    return tuple(json_value(list(value), "init_args"))
 
 
 def _init_kwargs(value: Any) -> dict[str, Any]:
-    return _json_object("init_kwargs", value)
-
-
-_NAME = re.compile(r"^[^\s#/][^\s#]*$")
+    return json_object("init_kwargs", value)
 
 
 def _name(kind: str) -> Callable[..., None]:
-    def check(_inst: Any, _attr: Any, value: Any) -> None:
-        if not isinstance(value, str) or not _NAME.match(value):
-            raise InvalidConfig(
-                f"{kind} name",
-                value,
-                "must be a non-empty string without whitespace or '#' that does not start with '/'",
-            )
-
-    return check
+    return name_validator(kind)
 
 
 _IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
@@ -152,7 +98,7 @@ def target_path(target: Any) -> str:
     an object of ``__main__``) raises :class:`~servecore.InvalidTarget` naming why.
     """
     if isinstance(target, str):
-        if not _IMPORT_PATH.match(target):
+        if len(target) > 1_000 or not _IMPORT_PATH.match(target):
             raise InvalidTarget(target, "not of the form 'package.module:attribute'")
         return target
     module = getattr(target, "__module__", None)
@@ -186,11 +132,14 @@ class ReplicaStatus(enum.Enum):
 
 
 class BackendStatus(enum.Enum):
-    """``UPDATING`` while replicas are short, ``HEALTHY`` when all run, ``FAILED`` when
-    starts kept failing (no more starts until the config changes)."""
+    """``UPDATING`` while replicas are short, ``HEALTHY`` when all run, ``UNHEALTHY``
+    while recent starts failed or replicas died soon after starting (replacements back
+    off), ``FAILED`` past the failure budget (no more starts until the config changes or
+    ``retry_backend``)."""
 
     UPDATING = "UPDATING"
     HEALTHY = "HEALTHY"
+    UNHEALTHY = "UNHEALTHY"
     FAILED = "FAILED"
 
 
@@ -207,13 +156,15 @@ class BackendConfig:
     it does not know.
     """
 
-    num_replicas: int = attrs.field(default=1, validator=_int_at_least("num_replicas", 0))
+    num_replicas: int = attrs.field(
+        default=1, validator=int_between("num_replicas", 0, MAX_REPLICAS)
+    )
     max_batch_size: int | None = attrs.field(
-        default=None, validator=_int_at_least("max_batch_size", 1, optional=True)
+        default=None, validator=int_between("max_batch_size", 1, MAX_BATCH_SIZE, optional=True)
     )
     batch_wait_timeout_s: float = attrs.field(default=0.0, converter=_batch_wait)
     max_concurrent_queries: int = attrs.field(
-        default=8, validator=_int_at_least("max_concurrent_queries", 1)
+        default=8, validator=int_between("max_concurrent_queries", 1, MAX_CONCURRENT_QUERIES)
     )
     graceful_shutdown_timeout_s: float = attrs.field(default=5.0, converter=_shutdown_timeout)
     user_config: Any = attrs.field(default=None, converter=_user_config)
@@ -271,7 +222,10 @@ class Backend:
     status: BackendStatus = BackendStatus.UPDATING
     #: Consecutive failed starts; reset by a start that succeeds or a config change.
     start_failures: int = 0
-    #: The replica's own error from the last failed start, if any.
+    #: Replicas that died soon after starting (a crash loop), since the backend last
+    #: proved healthy (a replica that kept running) or its config changed.
+    early_deaths: int = 0
+    #: The replica's own error from the last failed start or early death, if any.
     last_error: str | None = None
     #: The generation of the config replicas must run. A config change that reaches
     #: inside replicas (see :meth:`BackendConfig.needs_new_replicas`) bumps it, and the
@@ -312,16 +266,20 @@ class BackendRoute:
     max_batch_size: int | None = None
     batch_wait_timeout_s: float = 0.0
     max_concurrent_queries: int = 8
+    #: Why the backend is FAILED (its last error), so a query can say so; else None.
+    failure: str | None = None
 
     @classmethod
     def of(cls, backend: Backend, replicas: tuple[str, ...] = ()) -> BackendRoute:
         c = backend.config
+        failed = backend.status is BackendStatus.FAILED
         return cls(
             tag=backend.tag,
             replicas=replicas,
             max_batch_size=c.max_batch_size,
             batch_wait_timeout_s=c.batch_wait_timeout_s,
             max_concurrent_queries=c.max_concurrent_queries,
+            failure=(backend.last_error or "unknown error") if failed else None,
         )
 
 

@@ -212,6 +212,11 @@ class _EndpointRoute:
 
 
 def _no_replica_why(b: _Backend) -> str:
+    if b.route.failure is not None:
+        return (
+            f"backend {b.tag!r} is FAILED: {b.route.failure}; fix the code, then "
+            f"retry_backend({b.tag!r}), change its config, or send traffic elsewhere"
+        )
     return (
         f"backend {b.tag!r} has no running replica (num_replicas is 0, or its replicas "
         f"are starting or being replaced); retry once it has one"
