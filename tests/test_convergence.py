@@ -259,7 +259,7 @@ async def test_a_crash_loop_backs_off_shows_unhealthy_then_failed(
         await ctl.create_endpoint("e")
         with pytest.warns(RuntimeWarning, match="FAILED"):
             await ctl.set_traffic("e", {"loop": 1.0})
-        with pytest.raises(NoReplicaError, match="FAILED: .*GPU is gone"):
+        with pytest.raises(NoReplicaError, match=r"FAILED: .*GPU is gone"):
             await ctl.get_handle("e").call(1)
         # Restating the definition changes nothing and says how to retry.
         with pytest.raises(BackendStartError, match=r"retry_backend\('loop'\)"):

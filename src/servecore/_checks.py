@@ -29,6 +29,7 @@ __all__ = [
     "MAX_ROUTE_LENGTH",
     "MAX_SECONDS",
     "check_name",
+    "check_namespace",
     "encodable",
     "int_between",
     "json_depth",
@@ -102,6 +103,19 @@ def check_name(kind: str, value: Any) -> str:
     ):
         shown: Any = value if len(value) <= MAX_NAME_LENGTH else f"{value[:40]}... ({len(value)})"
         raise InvalidConfig(f"{kind} name", shown, why)
+    return value
+
+
+def check_namespace(value: Any) -> str:
+    """A controller name, which runtimes use as a directory or namespace name: a name
+    (see :func:`check_name`) that is also safe as one path component."""
+    check_name("controller", value)
+    if "/" in value or "\\" in value or value in (".", "..") or value.startswith("."):
+        raise InvalidConfig(
+            "controller name",
+            value,
+            "is used as a directory name: no '/' or '\\', and it may not start with '.'",
+        )
     return value
 
 

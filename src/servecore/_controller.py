@@ -38,7 +38,7 @@ import attrs
 import trio
 
 from servecore._checkpoint import decode, encode
-from servecore._checks import check_name, reason_text
+from servecore._checks import check_name, check_namespace, reason_text
 from servecore._core import (
     EARLY_DEATH_S,
     BackendConfig,
@@ -663,7 +663,7 @@ async def open_controller(
     On exit, in-process replicas stop; out-of-process ones keep running, to be found
     again by the next controller on the same store.
     """
-    check_name("controller", name)
+    check_namespace(name)
     if limits is not None and not isinstance(limits, Limits):
         raise InvalidConfig("limits", limits, "must be a servecore.Limits")
     if resync_interval_s is not None and (
