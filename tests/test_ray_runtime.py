@@ -157,7 +157,8 @@ def test_unknown_runtime_option_names_the_key_and_the_known_ones() -> None:
 
 
 def test_exceptions_are_rebuilt_as_their_own_type() -> None:
-    from servecore.runtimes.ray import _carry, _rebuild
+    from servecore.runtimes.ray.errors import carry as _carry
+    from servecore.runtimes.ray.errors import rebuild as _rebuild
 
     # Pickle cannot call InvalidConfig(field, value, why) again with its args: rebuilt.
     original = InvalidConfig("max_batch_size", 3, "is odd", backend="b")
