@@ -795,3 +795,29 @@ def test_a_symlink_planted_at_the_lock_file_is_not_followed(tmp_path: Path) -> N
     with pytest.raises(OSError):
         FileStore(tmp_path / "state.json").open()
     assert victim.read_bytes() == b"precious"
+
+
+def test_a_save_that_fails_to_replace_leaves_the_store_usable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = FileStore(tmp_path / "state.json")
+    store.open()
+    try:
+        store.save(GOOD)
+        real_replace = os.replace
+
+        def failing_replace(*args: Any) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(os, "replace", failing_replace)
+        with pytest.raises(OSError, match="No space"):
+            store.save(GOOD + b" ")
+        monkeypatch.setattr(os, "replace", real_replace)
+        assert store.load() == GOOD
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json", "state.json.lock"]
+        store.save(GOOD + b"  ")
+        assert store.load() == GOOD + b"  "
+        with pytest.raises(StoreLocked):
+            FileStore(tmp_path / "state.json").open()
+    finally:
+        store.close()

@@ -190,13 +190,16 @@ class _StoreLock:
             raise StoreLocked(self.owner)
         self._lock_fd, self._opened_fd = fd, data_fd
 
-    def hand_over(self, new_fd: int) -> None:
-        """Lock ``new_fd`` (a file about to replace the checkpoint) and keep it, so the
-        file under the checkpoint's name is always locked; drop the previous one saved."""
-        if not _try_flock(new_fd):
-            os.close(new_fd)
+    def lock_new(self, fd: int) -> None:
+        """Lock ``fd``, a file about to replace the checkpoint, so that the file under
+        the checkpoint's name is locked from the moment it gets there."""
+        if not _try_flock(fd):
             raise StoreLocked(self.owner)
-        old, self._current_fd = self._current_fd, new_fd
+
+    def keep_new(self, fd: int) -> None:
+        """``fd`` (locked by :meth:`lock_new`) now is the checkpoint: keep it, and drop
+        the one saved before it."""
+        old, self._current_fd = self._current_fd, fd
         if old is not None:
             os.close(old)
 
@@ -266,16 +269,18 @@ class FileStore:
             while view:
                 view = view[os.write(fd, view) :]
             os.fsync(fd)
+            if self._lock.held:
+                self._lock.lock_new(fd)
+            os.replace(tmp, self.resolved)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
         if self._lock.held:
-            self._lock.hand_over(fd)  # keeps fd open, locked, until the next save
+            self._lock.keep_new(fd)  # open, and locked, until the next save replaces it
         else:
             os.close(fd)
-        os.replace(tmp, self.resolved)
         _fsync_dir(self.resolved.parent)
 
     def load(self) -> bytes | None:
