@@ -187,24 +187,23 @@ class RayRuntime(ReplicaWatch):
             died = value
         return handle, value, died
 
-    async def _overtake_starts(self, tag: str, timeout_s: float) -> Any:
-        """Make the starts of ``tag`` in progress fail: let them finish for up to
-        ``timeout_s``, then cancel them. Return the actor one of them made, if any."""
+    async def _overtake_starts(self, tag: str, deadline: float) -> Any:
+        """Make the starts of ``tag`` in progress fail: let them finish until
+        ``deadline``, then cancel them. Return the actor one of them made, if any."""
         starts = set(self._starting.get(tag, ()))
         if not starts:
             return None
         for start in starts:
             start.stopped = True
-        with trio.move_on_after(timeout_s):
+        with trio.move_on_at(deadline):
             for start in starts:
                 await start.done.wait()
         hung = [start for start in starts if not start.done.is_set()]
         if hung:
             log.warning(
-                "replica %s was still starting after %ss (a constructor that does not "
-                "return?); killing it",
+                "replica %s was still starting when its stop's timeout was up (a "
+                "constructor that does not return?); killing it",
                 tag,
-                timeout_s,
             )
         for start in hung:
             start.scope.cancel()
@@ -219,7 +218,8 @@ class RayRuntime(ReplicaWatch):
         A start of ``tag`` still in progress gets the same ``timeout_s`` to end; then the
         actor is killed whether its constructor returned or not, and the start raises.
         """
-        made = await self._overtake_starts(tag, timeout_s)
+        deadline = trio.current_time() + timeout_s  # one budget for starts and calls
+        made = await self._overtake_starts(tag, deadline)
         actor = self._actors.get(tag)
         if actor is None:
             handle = await self._lookup(tag)
@@ -231,7 +231,7 @@ class RayRuntime(ReplicaWatch):
         actor.stopping = True
         if actor.outstanding and not actor.dead.is_set():
             actor.idle = trio.Event()
-            with trio.move_on_after(timeout_s):
+            with trio.move_on_at(deadline):
                 await actor.idle.wait()
             if actor.outstanding:
                 log.warning(
