@@ -401,9 +401,9 @@ async def test_a_stop_overtakes_a_hung_start(rt: Opened, namespace: str) -> None
         else:
             outcome.append(None)
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(start)
-        with trio.fail_after(WAIT):
+    with trio.fail_after(WAIT):  # the start ends with the stop, not with its constructor
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(start)
             while "hung#0" not in await alive_in(namespace):
                 await trio.sleep(0.05)
             await rt.runtime.stop_replica("hung#0", timeout_s=0.5)
