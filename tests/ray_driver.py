@@ -110,6 +110,30 @@ class Raises:
         raise Boom(value)
 
 
+#: A file name that is not UTF-8, as Python decodes it (``surrogateescape``).
+NOT_UTF8_PATH = b"/data/caf\xe9.bin".decode("utf-8", "surrogateescape")
+
+
+class NotUTF8Error(Exception):
+    """A user exception whose ``str()`` is computed, and holds a lone surrogate."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def __str__(self) -> str:
+        return f"cannot read {self.path}"
+
+
+class FailsWithNotUTF8:
+    """A constructor failing with a message that holds a lone surrogate."""
+
+    def __init__(self, custom: bool = False) -> None:
+        if custom:
+            raise NotUTF8Error(NOT_UTF8_PATH)
+        raise FileNotFoundError(f"no model at {NOT_UTF8_PATH}")
+
+
 # ---------------------------------------------------------------------------------------
 # The driver
 

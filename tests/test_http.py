@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,6 +15,26 @@ import servecore
 from servecore.http import HTTPIngress, serve_http
 
 ECHO = "servecore.testing.targets:echo"
+NOT_JSON = "tests.test_http:not_json"
+
+
+def not_json(request: dict[str, str]) -> Any:
+    """A target whose results cannot be encoded as JSON, picked by ``?kind=``."""
+    kind = request["kind"]
+    if kind == "set":
+        return {1, 2}
+    if kind == "nan":
+        return [float("nan")]
+    if kind == "surrogate":
+        return {"path": "caf\udce9"}
+    if kind == "deep":
+        deep: list[Any] = []
+        for _ in range(5000):
+            deep = [deep]
+        return deep
+    cycle: list[Any] = []
+    cycle.append(cycle)
+    return cycle
 
 
 @pytest.fixture
@@ -26,6 +47,9 @@ async def ctl() -> AsyncIterator[servecore.Controller]:
         await ctl.create_endpoint("boom", route="/boom", methods=["POST"])
         await ctl.set_traffic("boom", {"raiser": 1.0})
         await ctl.create_endpoint("idle", route="/idle")
+        await ctl.create_backend("not_json", NOT_JSON)
+        await ctl.create_endpoint("not_json", route="/not_json")
+        await ctl.set_traffic("not_json", {"not_json": 1.0})
         yield ctl
 
 
@@ -90,9 +114,92 @@ def _request(url: str, method: str, path: str, body: bytes | None) -> tuple[int,
         headers = {"content-type": "application/json"} if body else {}
         conn.request(method, path, body=body, headers=headers)
         response = conn.getresponse()
+        assert response.getheader("content-type") == "application/json"
         return response.status, json.loads(response.read())
     finally:
         conn.close()
+
+
+def _deep(levels: int) -> bytes:
+    return b"[" * levels + b"]" * levels
+
+
+BAD_BODIES = {
+    "NaN": (b'{"x": NaN}', "NaN is not a JSON value"),
+    "Infinity": (b"[1, Infinity]", "Infinity is not a JSON value"),
+    "-Infinity": (b"-Infinity", "-Infinity is not a JSON value"),
+    "5,000 deep": (_deep(5000), "nests deeper than 100 levels"),
+    "101 deep": (_deep(101), "nests deeper than 100 levels"),
+    "101 deep objects": (b'{"a":' * 101 + b"1" + b"}" * 101, "nests deeper than 100 levels"),
+    "invalid UTF-8": (b'"caf\xe9"', "not UTF-8: byte 0xe9 at offset 4"),
+    "not JSON": (b"{not json", "the body is not JSON"),
+    "trailing data": (b"[1] [2]", "the body is not JSON"),
+    "lone surrogate": (b'"\\ud800"', "lone surrogate (\\ud800)"),
+    "lone surrogate key": (b'{"\\udfff": 1}', "lone surrogate (\\udfff)"),
+}
+
+
+async def test_bodies_that_are_not_strict_json_are_400s_naming_the_problem(
+    ctl: servecore.Controller, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(serve_http, ctl, "127.0.0.1:0")
+        url = next(b for b in binds if b.startswith("http://"))
+        for name, (body, why) in BAD_BODIES.items():
+            status, answer = await trio.to_thread.run_sync(_request, url, "POST", "/echo", body)
+            assert (status, answer["type"]) == (400, "BadRequest"), name
+            assert why in answer["error"], (name, answer)
+        # As deep as allowed is fine, and the server still answers.
+        status, answer = await trio.to_thread.run_sync(_request, url, "POST", "/echo", _deep(100))
+        assert status == 200
+        nursery.cancel_scope.cancel()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+NOT_JSON_RESULTS = {
+    "set": "is not JSON serializable",
+    "nan": "NaN and infinities are not JSON numbers",
+    "surrogate": "lone surrogate (\\udce9)",
+    "deep": "it nests too deeply",
+    "cycle": "Circular reference",
+}
+
+
+async def test_a_result_that_is_not_json_is_a_clear_500_logged_once(
+    ctl: servecore.Controller, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(serve_http, ctl, "127.0.0.1:0")
+        url = next(b for b in binds if b.startswith("http://"))
+        for kind, why in NOT_JSON_RESULTS.items():
+            caplog.clear()
+            with caplog.at_level(logging.ERROR):
+                status, answer = await trio.to_thread.run_sync(
+                    _request, url, "GET", f"/not_json?kind={kind}", None
+                )
+            assert (status, answer["type"]) == (500, "ResultNotJSON"), kind
+            assert "'not_json' returned a result that is not JSON" in answer["error"]
+            assert why in answer["error"], (kind, answer)
+            assert "Traceback" not in answer["error"]
+            errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+            assert len(errors) == 1 and why in errors[0].getMessage(), kind
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_failure_of_the_ingress_itself_is_a_json_500(
+    ctl: servecore.Controller, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = HTTPIngress(ctl)
+
+    def broken(path: str) -> Any:
+        raise RuntimeError("routing table unreadable")
+
+    app._endpoint_at = broken  # type: ignore[method-assign]
+    with caplog.at_level(logging.ERROR):
+        status, _, body = await asgi(app, "GET", "/echo")
+    assert (status, body["type"]) == (500, "InternalError")
+    assert "routing table unreadable" not in body["error"]
+    assert [r.exc_info is not None for r in caplog.records] == [True]
 
 
 async def test_a_real_server_on_loopback(ctl: servecore.Controller) -> None:

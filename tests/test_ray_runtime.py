@@ -4,7 +4,8 @@ One head node serves the whole session (:class:`LocalRayCluster`: free ports on
 127.0.0.1, a fresh temporary directory, and at the end exactly its own processes are
 stopped -- never ``ray stop``). Each test works in a Ray namespace of its own and kills
 what it leaves there. Targets live in ``tests/ray_driver.py``, which Ray workers import
-as ``ray_driver`` (the session puts ``tests/`` on their ``PYTHONPATH``).
+as ``ray_driver`` (the session puts ``tests/``, and the directory this servecore is
+imported from, on their ``PYTHONPATH``).
 
 Waits are bounded only so that a bug fails a test instead of hanging it.
 """
@@ -51,6 +52,9 @@ from servecore.testing import check_runtime  # noqa: E402
 pytestmark = pytest.mark.ray
 
 TESTS = Path(__file__).resolve().parent
+# Workers import the targets, and the same servecore as this process (not whichever
+# one their interpreter would find first).
+WORKER_PATH = os.pathsep.join([str(TESTS), str(Path(servecore.__file__).resolve().parents[1])])
 WAIT = 60.0  # seconds; only ever a guard against hanging
 NO_CPU = {"num_cpus": 0}  # replicas need no CPU slot: 2 CPUs would fit only 2 of them
 
@@ -67,7 +71,7 @@ def cluster() -> Iterator[LocalRayCluster]:
     try:
         head.connect(
             namespace="servecore-tests",
-            runtime_env={"env_vars": {"PYTHONPATH": str(TESTS)}},
+            runtime_env={"env_vars": {"PYTHONPATH": WORKER_PATH}},
         )
         yield head
     finally:
@@ -156,8 +160,27 @@ def test_unknown_runtime_option_names_the_key_and_the_known_ones() -> None:
     assert actor_options(effect("a#0", "Echo", runtime_options=options)) == options
 
 
+def test_exception_text_from_a_replica_is_encodable() -> None:
+    from servecore.runtimes.ray.errors import carry, rebuild
+
+    for original in [
+        FileNotFoundError(f"no model at {ray_driver.NOT_UTF8_PATH}"),
+        ray_driver.NotUTF8Error(ray_driver.NOT_UTF8_PATH),
+        InvalidConfig("init_kwargs", ray_driver.NOT_UTF8_PATH, "is odd", backend="b"),
+    ]:
+        info = carry(original).info
+        assert isinstance(info["message"], str)
+        info["message"].encode("utf-8")
+        info["traceback"].encode("utf-8")
+        rebuilt = rebuild(info, "b#0")
+        assert type(rebuilt) is type(original)
+        assert "caf\\udce9" in str(rebuilt)
+        "\n".join([str(rebuilt), *rebuilt.__notes__]).encode("utf-8")
+
+
 def test_exceptions_are_rebuilt_as_their_own_type() -> None:
-    from servecore.runtimes.ray import _carry, _rebuild
+    from servecore.runtimes.ray.errors import carry as _carry
+    from servecore.runtimes.ray.errors import rebuild as _rebuild
 
     # Pickle cannot call InvalidConfig(field, value, why) again with its args: rebuilt.
     original = InvalidConfig("max_batch_size", 3, "is odd", backend="b")
@@ -365,6 +388,46 @@ async def test_unschedulable_replica_times_out_and_is_killed(
         await runtime.close()
 
 
+async def test_a_stop_overtakes_a_hung_start(rt: Opened, namespace: str) -> None:
+    # A constructor that does not return: the stop kills the actor once its own timeout
+    # is up, and the start raises instead of waiting for the constructor.
+    outcome: list[BaseException | None] = []
+
+    async def start() -> None:
+        try:
+            await rt.runtime.start_replica(effect("hung#0", "SlowInit", 600.0))
+        except BaseException as exc:
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    with trio.fail_after(WAIT):  # the start ends with the stop, not with its constructor
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(start)
+            while "hung#0" not in await alive_in(namespace):
+                await trio.sleep(0.05)
+            await rt.runtime.stop_replica("hung#0", timeout_s=0.5)
+    assert len(outcome) == 1 and isinstance(outcome[0], ReplicaDiedError), outcome
+    assert "stopped while it started" in str(outcome[0])
+    assert "hung#0" not in await alive_in(namespace)
+    assert "hung#0" not in await rt.runtime.list_replicas()
+    assert not rt.events, "a stop was reported as a death"
+    # The tag is free again: a new start of it works.
+    await rt.runtime.start_replica(effect("hung#0", "Echo"))
+    assert await rt.runtime.call("hung#0", [q("x")]) == ["x"]
+
+
+async def test_replica_error_text_is_encodable_utf8(rt: Opened) -> None:
+    # A message with a lone surrogate (a non-UTF-8 file name) comes back encodable, both
+    # as plain args and through a computed __str__, traceback notes included.
+    for custom, kind in [(False, FileNotFoundError), (True, ray_driver.NotUTF8Error)]:
+        with pytest.raises(kind) as info:
+            await rt.runtime.start_replica(effect("bad#0", "FailsWithNotUTF8", custom))
+        text = "\n".join([str(info.value), *getattr(info.value, "__notes__", [])])
+        text.encode("utf-8")
+        assert "/data/caf\\udce9.bin" in str(info.value)
+
+
 # ---------------------------------------------------------------------------------------
 # Through the controller and handles
 
@@ -423,6 +486,14 @@ async def test_end_to_end_split_scale_and_replace(cluster: LocalRayCluster, name
         with pytest.raises(BackendStartError, match="no_such_module"):
             await ctl.create_backend("broken", "no_such_module:X", runtime_options=NO_CPU)
         assert await alive_in(namespace) == running(ctl)
+
+        # Not even when its words are not UTF-8: the controller stays up and saves them.
+        with pytest.raises(BackendStartError, match="udce9"):
+            await ctl.create_backend(
+                "not_utf8", "ray_driver:FailsWithNotUTF8", runtime_options=NO_CPU
+            )
+        await ctl.create_backend("after", "ray_driver:Echo", runtime_options=NO_CPU)
+        assert "after#" in " ".join(running(ctl))
 
 
 async def test_batching_through_handles(cluster: LocalRayCluster, namespace: str) -> None:

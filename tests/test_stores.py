@@ -630,3 +630,194 @@ def test_store_paths_may_be_strings_and_created_directories(tmp_path: Path) -> N
             assert store.load() == GOOD
         finally:
             store.close()
+
+
+# ---------------------------------------------------------------------------------------
+# The lock follows the file, not the name
+
+
+def _aliases(tmp_path: Path, name: str) -> dict[str, Path]:
+    """Other names for ``tmp_path / "real" / name`` (which must exist)."""
+    real = tmp_path / "real" / name
+    (tmp_path / "link-to-file").symlink_to(real)
+    (tmp_path / "link-to-dir").symlink_to(tmp_path / "real", target_is_directory=True)
+    os.link(real, tmp_path / "hard-link")
+    return {
+        "symlinked file": tmp_path / "link-to-file",
+        "symlinked directory": tmp_path / "link-to-dir" / name,
+        "dotted path": tmp_path / "real" / ".." / "real" / name,
+        "hard link": tmp_path / "hard-link",
+    }
+
+
+ALIASES = ["symlinked file", "symlinked directory", "dotted path", "hard link"]
+
+
+@pytest.mark.parametrize("alias", ALIASES)
+@pytest.mark.parametrize("first_through_alias", [False, True])
+def test_an_alias_of_an_open_checkpoint_is_locked_out(
+    locking_kind: Kind, tmp_path: Path, alias: str, first_through_alias: bool
+) -> None:
+    cls = FileStore if locking_kind.name == "file" else SQLiteStore
+    real = tmp_path / "real" / locking_kind.path.name
+    seed = cls(real)
+    seed.open()
+    seed.save(GOOD)
+    seed.close()
+    other = _aliases(tmp_path, real.name)[alias]
+    first_path, second_path = (other, real) if first_through_alias else (real, other)
+    first = cls(first_path)
+    first.open()
+    try:
+        with pytest.raises(StoreLocked) as info:
+            cls(second_path).open()
+        assert info.value.where == str(second_path)
+        # A save (a new inode under the name, for a FileStore) keeps both names locked.
+        first.save(GOOD + b" ")
+        with pytest.raises(StoreLocked):
+            cls(second_path).open()
+        with pytest.raises(StoreLocked):
+            cls(first_path).open()
+    finally:
+        first.close()
+    again = cls(first_path)
+    again.open()
+    try:
+        assert again.load() == GOOD + b" "
+    finally:
+        again.close()
+
+
+def test_a_relative_and_an_absolute_path_are_one_store(
+    locking_kind: Kind, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cls = FileStore if locking_kind.name == "file" else SQLiteStore
+    monkeypatch.chdir(tmp_path)
+    relative = cls(locking_kind.path.name)
+    relative.open()
+    try:
+        with pytest.raises(StoreLocked):
+            cls(locking_kind.path).open()
+        relative.save(GOOD)
+    finally:
+        relative.close()
+    monkeypatch.chdir("/")  # the relative store keeps naming the file it was made for
+    assert relative.load() == GOOD
+    absolute = cls(locking_kind.path)
+    absolute.open()
+    try:
+        assert absolute.load() == GOOD
+        assert absolute.store_id == relative.store_id
+    finally:
+        absolute.close()
+
+
+def test_a_symlinked_checkpoint_stays_a_symlink_after_saves(tmp_path: Path) -> None:
+    # Saving through a symlink writes the file it points to, so both names keep naming
+    # one checkpoint.
+    real = tmp_path / "real.json"
+    (tmp_path / "link.json").symlink_to(real)
+    store = FileStore(tmp_path / "link.json")
+    store.open()
+    try:
+        store.save(GOOD)
+    finally:
+        store.close()
+    assert (tmp_path / "link.json").is_symlink()
+    assert real.read_bytes() == GOOD
+
+
+def test_store_ids_name_the_resolved_file(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    real = os.path.realpath(tmp_path / "real")
+    assert FileStore(tmp_path / "link" / "s.json").store_id == f"file:{real}/s.json"
+    assert SQLiteStore(tmp_path / "link" / "s.db").store_id == f"sqlite:{real}/s.db"
+    assert FileStore(tmp_path / "real" / "s.json").store_id == f"file:{real}/s.json"
+    memories = {MemoryStore().store_id for _ in range(3)}
+    memories.add(CallbackStore(lambda data: None).store_id)
+    assert len(memories) == 4
+    assert all(re.fullmatch(r"memory:[0-9a-f]{32}", m) for m in memories)
+    store = MemoryStore()
+    assert store.store_id == store.store_id
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_files_holding_the_checkpoint_are_owner_only_even_with_umask_zero(
+    tmp_path: Path,
+) -> None:
+    old = os.umask(0)
+    try:
+        file_store = FileStore(tmp_path / "state.json")
+        file_store.open()
+        sqlite_store = SQLiteStore(tmp_path / "state.db")
+        sqlite_store.open()
+        try:
+            file_store.save(GOOD)
+            sqlite_store.save(GOOD)
+            for name in ["state.json", "state.json.lock", "state.db", "state.db.lock"]:
+                assert _mode(tmp_path / name) == 0o600, name
+            for suffix in ["-wal", "-shm"]:
+                assert _mode(tmp_path / f"state.db{suffix}") == 0o600, suffix
+        finally:
+            file_store.close()
+            sqlite_store.close()
+    finally:
+        os.umask(old)
+
+
+def test_an_existing_world_readable_checkpoint_is_made_owner_only(tmp_path: Path) -> None:
+    store = FileStore(tmp_path / "state.json")
+    (tmp_path / "state.json").write_bytes(GOOD)
+    (tmp_path / "state.json").chmod(0o644)
+    store.open()
+    try:
+        store.save(GOOD)
+    finally:
+        store.close()
+    assert _mode(tmp_path / "state.json") == 0o600
+    db = SQLiteStore(tmp_path / "state.db")
+    db.open()
+    db.close()
+    (tmp_path / "state.db").chmod(0o644)
+    db.open()
+    db.close()
+    assert _mode(tmp_path / "state.db") == 0o600
+
+
+def test_a_symlink_planted_at_the_lock_file_is_not_followed(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    (tmp_path / "state.json.lock").symlink_to(victim)
+    with pytest.raises(OSError):
+        FileStore(tmp_path / "state.json").open()
+    assert victim.read_bytes() == b"precious"
+
+
+def test_a_save_that_fails_to_replace_leaves_the_store_usable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = FileStore(tmp_path / "state.json")
+    store.open()
+    try:
+        store.save(GOOD)
+        real_replace = os.replace
+
+        def failing_replace(*args: Any) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(os, "replace", failing_replace)
+        with pytest.raises(OSError, match="No space"):
+            store.save(GOOD + b" ")
+        monkeypatch.setattr(os, "replace", real_replace)
+        assert store.load() == GOOD
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json", "state.json.lock"]
+        store.save(GOOD + b"  ")
+        assert store.load() == GOOD + b"  "
+        with pytest.raises(StoreLocked):
+            FileStore(tmp_path / "state.json").open()
+    finally:
+        store.close()

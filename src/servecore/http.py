@@ -10,9 +10,12 @@ sends one query through the controller's router:
   (``GET /echo?text=hi`` calls it with ``{"text": "hi"}``).
 
 The result is answered as JSON. Errors map onto status codes: no endpoint at the path
-404, a method the endpoint does not take 405, a body that is not JSON 400, the user's
-own exception 500, a replica that died 502, no replica or too many queries waiting 503,
-a timeout 504; the body is ``{"error": ..., "type": ...}``.
+404, a method the endpoint does not take 405, a body that is not strict JSON 400 (not
+UTF-8, not JSON, ``NaN``/``Infinity``, nested deeper than ``max_depth``, or holding a
+lone surrogate), the user's own exception 500, a result that is not JSON 500, a replica
+that died 502, no replica or too many queries waiting 503, a timeout 504; the body is
+``{"error": ..., "type": ...}``. No traceback is ever sent to the client; failures that
+are not the caller's are logged once on the ``servecore.http`` logger.
 
 :func:`serve_http` runs it with hypercorn on the controller's own trio loop (handles are
 bound to it)::
@@ -26,6 +29,7 @@ hypercorn is an optional extra: ``pip install 'servecore[http]'``.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -43,6 +47,8 @@ from servecore._errors import (
 )
 
 __all__ = ["HTTPIngress", "serve_http"]
+
+log = logging.getLogger(__name__)
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -62,7 +68,8 @@ class HTTPIngress:
     """An ASGI app serving ``controller``'s endpoints at their routes.
 
     ``timeout_s`` bounds each query (504 past it; ``None`` waits as long as it takes);
-    ``max_body_bytes`` bounds a request body (413 past it).
+    ``max_body_bytes`` bounds a request body (413 past it); ``max_depth`` bounds how
+    deeply a JSON body may nest arrays and objects (400 past it).
     """
 
     def __init__(
@@ -71,16 +78,28 @@ class HTTPIngress:
         *,
         timeout_s: float | None = 30.0,
         max_body_bytes: int = 16 * 1024 * 1024,
+        max_depth: int = 100,
     ) -> None:
         self.controller = controller
         self.timeout_s = timeout_s
         self.max_body_bytes = max_body_bytes
+        self.max_depth = max_depth
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
         elif scope["type"] == "http":
-            status, body, headers = await self._answer(scope, receive)
+            try:
+                status, body, headers = await self._answer(scope, receive)
+            except Exception:
+                # A bug of ours must still answer as JSON, not as the server's bare 500
+                # with a traceback in its log.
+                log.exception(
+                    "servecore.http: answering %s %s failed", scope.get("method"), scope.get("path")
+                )
+                status, body, headers = _error(
+                    500, "InternalError", "the server failed to answer; see its log"
+                )
             await send(
                 {
                     "type": "http.response.start",
@@ -126,9 +145,9 @@ class HTTPIngress:
                 break
         if body:
             try:
-                payload: Any = json.loads(body)
-            except ValueError as exc:
-                return _error(400, "BadRequest", f"the body is not JSON: {exc}")
+                payload: Any = _parse(bytes(body), self.max_depth)
+            except _BadBody as exc:
+                return _error(400, "BadRequest", str(exc))
         else:
             payload = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
         handle = self.controller.get_handle(endpoint.name).options(timeout_s=self.timeout_s)
@@ -141,17 +160,99 @@ class HTTPIngress:
             return _error(status, type(exc).__name__, str(exc))
         try:
             return 200, _dumps(result), []
-        except (TypeError, ValueError) as exc:
-            return _error(500, "TypeError", f"the result is not JSON-serializable: {exc}")
+        except (TypeError, ValueError, RecursionError) as exc:
+            # The endpoint's own result is at fault: the client learns that much, the
+            # log (once, here) gets the details.
+            log.error(
+                "servecore.http: endpoint %r at %s returned a result that is not JSON: %s",
+                endpoint.name,
+                path,
+                _describe(exc),
+            )
+            why = f"endpoint {endpoint.name!r} returned a result that is not JSON: {_describe(exc)}"
+            return _error(500, "ResultNotJSON", why)
+
+
+class _BadBody(ValueError):
+    """A request body that is not strict JSON; its message says why."""
+
+
+def _reject_constant(name: str) -> Any:
+    raise _BadBody(
+        f"the body is not strict JSON: {name} is not a JSON value; send a number or null"
+    )
+
+
+def _parse(body: bytes, max_depth: int) -> Any:
+    """``body`` parsed as strict JSON, or :class:`_BadBody` naming what is wrong."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _BadBody(
+            f"the body is not UTF-8: byte 0x{body[exc.start]:02x} at offset {exc.start}"
+        ) from None
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise _BadBody(f"the body nests deeper than {max_depth} levels") from None
+    except _BadBody:
+        raise
+    except ValueError as exc:
+        raise _BadBody(f"the body is not JSON: {exc}") from None
+    _check(value, max_depth)
+    return value
+
+
+def _check(value: Any, max_depth: int) -> None:
+    """Refuse nesting past ``max_depth`` and strings that are not valid Unicode (JSON's
+    ``\\ud800`` escapes parse into lone surrogates, which cannot be encoded again)."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            _check_text(item)
+        elif isinstance(item, (list, dict)):
+            if depth >= max_depth:
+                raise _BadBody(f"the body nests deeper than {max_depth} levels")
+            if isinstance(item, dict):
+                for key in item:
+                    _check_text(key)
+                stack.extend((v, depth + 1) for v in item.values())
+            else:
+                stack.extend((v, depth + 1) for v in item)
+
+
+def _check_text(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _BadBody(
+            f"the body holds a lone surrogate (\\u{ord(text[exc.start]):04x}), which is not "
+            f"Unicode text"
+        ) from None
+
+
+_NOT_FINITE = "NaN and infinities are not JSON numbers"
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "it nests too deeply"
+    if isinstance(exc, UnicodeEncodeError):
+        return f"a string holds a lone surrogate (\\u{ord(exc.object[exc.start]):04x})"
+    if str(exc).startswith("Out of range float"):  # json's wording for a nested NaN
+        return _NOT_FINITE
+    return str(exc)
 
 
 def _dumps(value: Any) -> bytes:
     if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{value} is not JSON")
-    return json.dumps(value, allow_nan=False).encode()
+        raise ValueError(_NOT_FINITE)
+    return json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
 
 
 def _error(status: int, kind: str, message: str) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+    # ASCII escapes keep any message (even one with a lone surrogate) encodable.
     return status, json.dumps({"error": message, "type": kind}).encode(), []
 
 
@@ -160,6 +261,7 @@ async def serve_http(
     bind: str = "127.0.0.1:8000",
     *,
     timeout_s: float | None = 30.0,
+    max_depth: int = 100,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``controller``'s endpoints over HTTP at ``bind`` until cancelled.
@@ -178,5 +280,5 @@ async def serve_http(
     config.bind = [bind]
     config.accesslog = None
     config.loglevel = "WARNING"  # no banner; errors still show
-    app = HTTPIngress(controller, timeout_s=timeout_s)
+    app = HTTPIngress(controller, timeout_s=timeout_s, max_depth=max_depth)
     await serve(app, config, mode="asgi", task_status=task_status)  # type: ignore[arg-type]

@@ -1,0 +1,81 @@
+"""The ``ray`` runtime: each replica is a named, detached Ray actor (DESIGN §6).
+
+Ray is an optional extra (``pip install 'servecore[ray]'``) and this package is the only
+place that imports it; ``import servecore`` never does::
+
+    runtime = RayRuntime(address="auto")  # or "host:port" of the GCS, or "ray://..."
+    store = servecore.SQLiteStore("state.db")
+    async with servecore.open_controller(runtime=runtime, store=store) as ctl:
+        await ctl.create_backend("echo", "myapp.models:Echo", num_replicas=2,
+                                 runtime_options={"num_cpus": 0.5})
+
+How replicas map onto Ray
+    A replica is an actor named by its tag (``"echo#3"``) in the Ray namespace of the
+    controller (its ``name``, or the runtime's ``namespace=`` override), created with
+    ``lifetime="detached"`` so it outlives the controller's process, and with
+    ``max_restarts=0``: an actor that dies stays dead, and the controller replaces it
+    under a new tag. Starting is get-or-create by name (``get_if_exists=True``), then a
+    ``ready()`` call that imports the target and builds the replica object; a failure
+    there is raised as the user's own exception, and the broken actor is killed.
+
+    A replica serves one batch at a time, in arrival order, like the threads and
+    subprocess runtimes (the same ``servecore._batch`` rules: ``@servecore.batch``
+    targets, ``reconfigure(user_config)``; targets must be plain ``def``). Two more
+    threads per actor (a Ray concurrency group) serve the runtime's own calls, so a
+    busy replica can still be watched.
+
+Finding replicas again
+    :meth:`RayRuntime.list_replicas` reads Ray's named-actor listing for this namespace
+    only, keeps the names that look like replica tags, and checks that each one is (or
+    becomes) ready, so a controller that crashed mid-start finds exactly the replicas
+    that can serve.
+
+Deaths
+    For each replica the runtime keeps one long-running ``watch()`` call in flight
+    (renewed every ``health_check_period_s``); Ray fails it the moment the actor dies,
+    and the death is reported as :class:`~servecore.ReplicaDied` at once -- not only
+    when a query fails. Calls in flight on a dead actor raise
+    :class:`~servecore.ReplicaDiedError`. As in Ray Serve (and the threads runtime), a
+    replica object with a ``check_health()`` method has it called every
+    ``health_check_period_s``, between batches; if it raises, the replica is killed and
+    reported dead.
+
+Calls
+    A batch is one Ray actor call. Its result is delivered into trio by a completion
+    callback on the object reference (on a Ray thread): a lone call is woken through a
+    pooled event file descriptor, and while calls overlap, results that arrive together
+    are handed to trio with one ``run_sync_soon``. No thread per call, no polling. A
+    user exception is raised as its own type (rebuilt even when its constructor takes
+    other arguments than its ``args``), with the replica's traceback as a note.
+
+Targets are imported by the Ray workers, so they must be importable there: installed
+in the workers' environment, or shipped with a ``runtime_env``. By default Ray puts the
+driver's working directory and script directory on the workers' path.
+
+``runtime_options`` (per backend) are Ray actor options: :data:`RUNTIME_OPTIONS`
+(``num_cpus``, ``num_gpus``, ``memory``, ``resources``, ``accelerator_type``,
+``runtime_env``, ``scheduling_strategy``, ``label_selector``). Any other key makes the
+start fail with :class:`~servecore.InvalidConfig` naming it and the known ones.
+
+:class:`LocalRayCluster` starts a private single-node Ray head on loopback (a free
+port, a temporary directory) and stops exactly the processes it started -- for tests,
+benchmarks and demos.
+
+Where things live: :mod:`~servecore.runtimes.ray.runtime` (the controller's side),
+:mod:`~servecore.runtimes.ray.actor` (the replica actor, in the Ray workers),
+:mod:`~servecore.runtimes.ray.watch` (deaths and health checks),
+:mod:`~servecore.runtimes.ray.results` (Ray results into trio),
+:mod:`~servecore.runtimes.ray.errors` (exceptions on their way home),
+:mod:`~servecore.runtimes.ray.options` (actor options),
+:mod:`~servecore.runtimes.ray.connection` (the driver's connection to Ray),
+:mod:`~servecore.runtimes.ray.local_cluster` (:class:`LocalRayCluster`).
+"""
+
+# Ray first, so that a missing Ray fails here even if submodules are already imported.
+import ray  # noqa: F401
+
+from servecore.runtimes.ray.local_cluster import LocalRayCluster
+from servecore.runtimes.ray.options import RUNTIME_OPTIONS, actor_options
+from servecore.runtimes.ray.runtime import RayRuntime
+
+__all__ = ["RUNTIME_OPTIONS", "LocalRayCluster", "RayRuntime", "actor_options"]

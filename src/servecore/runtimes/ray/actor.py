@@ -1,0 +1,102 @@
+"""The replica actor: what runs in a Ray worker process.
+
+Ray imports this module in its workers by the actor class's path, so it imports only
+what a replica needs.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ray
+
+from servecore._batch import prepare_replica
+from servecore.runtimes._protocol import Query
+from servecore.runtimes.ray.errors import carry
+
+__all__ = ["ServecoreReplica"]
+
+
+@ray.remote(concurrency_groups={"servecore": 2})  # type: ignore[call-overload]
+class ServecoreReplica:
+    """One replica: builds the user's object once, then runs batches on it.
+
+    Batches run in the default concurrency group, one at a time (``max_concurrency=1``).
+    The runtime's own ``watch`` runs in the ``servecore`` group, on threads of its own.
+    """
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self._spec = spec
+        self._lock = threading.Lock()
+        self._run: Callable[[Sequence[Query]], list[Any]] | None = None
+        self._check: Callable[[], object] | None = None
+        self._error: BaseException | None = None
+
+    def _build(self) -> Callable[[Sequence[Query]], list[Any]]:
+        with self._lock:
+            if self._run is not None:
+                return self._run
+            if self._error is not None:
+                raise self._error
+            spec = self._spec
+            try:
+                self._run, self._check = prepare_replica(
+                    spec["target"],
+                    spec["init_args"],
+                    spec["init_kwargs"],
+                    backend=spec["backend"],
+                    max_batch_size=spec["max_batch_size"],
+                    user_config=spec["user_config"],
+                )
+            except Exception as exc:
+                self._error = exc
+                raise
+            return self._run
+
+    def ready(self) -> dict[str, Any]:
+        """Build the replica object (once); return where it runs, and whether it has a
+        ``check_health()``."""
+        try:
+            self._build()
+        except Exception as exc:
+            raise carry(exc) from None
+        return {
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "health_check": self._check is not None,
+        }
+
+    def check_health(self) -> bool:
+        """Run the object's ``check_health()``: between batches, like a batch."""
+        check = self._check
+        if check is None:
+            return False
+        try:
+            check()
+        except Exception as exc:
+            raise carry(exc) from None
+        return True
+
+    def run(self, batch: Sequence[tuple[tuple[Any, ...], dict[str, Any]]]) -> list[Any]:
+        """Run one batch of ``(args, kwargs)`` pairs; one result per query, in order.
+
+        Pairs, not :class:`Query` objects, cross the wire: Ray serializes plain tuples
+        faster than objects it has to pickle.
+        """
+        try:
+            run = self._run
+            if run is None:
+                run = self._build()
+            return run([Query(args=args, kwargs=kwargs) for args, kwargs in batch])
+        except Exception as exc:
+            raise carry(exc) from None
+
+    @ray.method(concurrency_group="servecore")
+    def watch(self, period_s: float) -> bool:
+        """Return after ``period_s``; Ray fails the call if the actor dies first."""
+        time.sleep(period_s)
+        return True

@@ -1,0 +1,402 @@
+"""The controller's side of the Ray runtime: :class:`RayRuntime`."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ray
+import ray.exceptions
+import ray.util
+import trio
+
+from servecore._core import StartReplica
+from servecore._errors import ReplicaDiedError
+from servecore.runtimes._protocol import Query, Report
+from servecore.runtimes.ray.actor import ServecoreReplica
+from servecore.runtimes.ray.connection import connect, disconnect
+from servecore.runtimes.ray.errors import short, user_error
+from servecore.runtimes.ray.options import actor_options
+from servecore.runtimes.ray.results import Results
+from servecore.runtimes.ray.watch import Actor, ReplicaWatch
+
+__all__ = ["RayRuntime"]
+
+log = logging.getLogger("servecore.runtimes.ray")
+
+#: A Ray actor name that is a replica tag: ``"{backend}#{n}"``.
+_TAG = re.compile(r"^[^\s#/][^\s#]*#\d+$")
+
+#: How many times a start is retried when the actor dies before it is ready (a dying
+#: actor of an earlier attempt may still hold the name for a moment).
+_START_ATTEMPTS = 3
+
+#: How long a stop waits for Ray to confirm the actor's death after ``ray.kill``.
+_KILL_CONFIRM_S = 15.0
+
+
+class _Start:
+    """A start in progress, so that a stop can overtake it."""
+
+    __slots__ = ("done", "handle", "scope", "stopped")
+
+    def __init__(self) -> None:
+        self.handle: Any = None  # the actor, once created
+        self.scope = trio.CancelScope()
+        self.stopped = False  # a stop came for this tag: the start must not succeed
+        self.done = trio.Event()
+
+
+class RayRuntime(ReplicaWatch):
+    """Replicas as named, detached Ray actors; see :mod:`servecore.runtimes.ray`.
+
+    ``address`` is where Ray runs: ``None`` (Ray's default: ``RAY_ADDRESS``, a cluster
+    started on this machine, or else a new local instance), ``"auto"``, a GCS address
+    ``"host:port"``, or a Ray Client address ``"ray://host:port"``. If this process is
+    already connected to Ray, that connection is used as is.
+
+    ``namespace`` overrides the Ray namespace (by default the controller's name).
+    ``start_timeout_s`` bounds how long a replica may take to be scheduled, import its
+    target and construct it. ``health_check_period_s`` is how often a replica's
+    ``check_health()`` (if it has one) runs, and how often the death watch on each
+    replica is renewed. ``init_options`` go to ``ray.init``. Through the controller::
+
+        servecore.open_controller(runtime="ray", runtime_options={"address": "auto"})
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        namespace: str | None = None,
+        start_timeout_s: float = 300.0,
+        health_check_period_s: float = 10.0,
+        init_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not start_timeout_s > 0:
+            raise ValueError(f"start_timeout_s={start_timeout_s!r} must be a number > 0")
+        if not health_check_period_s > 0:
+            raise ValueError(
+                f"health_check_period_s={health_check_period_s!r} must be a number > 0"
+            )
+        self.address = address
+        self.namespace_override = namespace
+        self.start_timeout_s = float(start_timeout_s)
+        self.health_check_period_s = float(health_check_period_s)
+        self.init_options = dict(init_options or {})
+        #: The Ray namespace replicas live in (set by :meth:`open`).
+        self.namespace: str | None = None
+        self._report: Report | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._actors: dict[str, Actor] = {}
+        self._results: Results | None = None
+        self._starting: dict[str, set[_Start]] = {}
+        self._condemned = set()
+        self._connected = False
+        self._closed = False
+
+    # -- the Runtime protocol -------------------------------------------------------------
+
+    async def open(self, *, namespace: str, report: Report) -> None:
+        """Connect to Ray (once per process) and attach to the controller ``namespace``."""
+        self.namespace = self.namespace_override or namespace
+        self._report = report
+        self._token = trio.lowlevel.current_trio_token()
+        self._results = Results(self._token)
+        self._closed = False
+        await trio.to_thread.run_sync(connect, self.address, self.namespace, self.init_options)
+        self._connected = True
+
+    async def close(self) -> None:
+        """Detach. Replica actors keep running, to be found by the next controller."""
+        self._closed = True
+        self._report = None
+        self._actors.clear()
+        if self._results is not None:
+            self._results.close()
+        if self._connected:
+            self._connected = False
+            await trio.to_thread.run_sync(disconnect)
+
+    async def start_replica(self, effect: StartReplica) -> None:
+        """Get or create the actor named ``effect.tag``; return once it is ready.
+
+        A failing import or constructor is raised as the user's own exception (the
+        actor is killed); unknown ``runtime_options`` raise
+        :class:`~servecore.InvalidConfig`; a replica not ready within
+        ``start_timeout_s`` (e.g. waiting for resources no node has) raises
+        ``TimeoutError`` and is killed. A start that a :meth:`stop_replica` of the same
+        tag overtakes raises :class:`~servecore.ReplicaDiedError` (the stop kills it).
+        """
+        options = actor_options(effect)
+        known = self._actors.get(effect.tag)
+        if known is not None and not known.dead.is_set() and not known.stopping:
+            return
+        spec = {
+            "tag": effect.tag,
+            "backend": effect.backend,
+            "target": effect.target,
+            "init_args": effect.init_args,
+            "init_kwargs": effect.init_kwargs,
+            "max_batch_size": effect.config.max_batch_size,
+            "user_config": effect.config.user_config,
+        }
+        start = _Start()
+        self._starting.setdefault(effect.tag, set()).add(start)
+        try:
+            with start.scope:
+                handle, value, died = await self._start(start, effect.tag, spec, options)
+        finally:
+            starts = self._starting.get(effect.tag, set())
+            starts.discard(start)
+            if not starts:
+                self._starting.pop(effect.tag, None)
+            start.done.set()
+        if start.stopped:
+            # Killing it is the stop's job, which waits for this start to end first.
+            raise ReplicaDiedError(effect.tag, "it was stopped while it started")
+        if isinstance(value, ray.exceptions.RayTaskError):
+            await self._kill(handle, effect.tag)
+            raise user_error(effect.tag, value)
+        if isinstance(value, BaseException):
+            await self._kill(handle, effect.tag)
+            raise RuntimeError(
+                f"replica {effect.tag!r} died as it started: {short(died or value)}"
+            ) from value
+        actor = self._actors[effect.tag] = Actor(effect.tag, handle, value)
+        self._watch(actor)
+
+    async def _start(
+        self, start: _Start, tag: str, spec: dict[str, Any], options: dict[str, Any]
+    ) -> tuple[Any, Any, BaseException | None]:
+        """Create the actor and wait until it is ready: ``(handle, ready() value or
+        error, the error of an earlier attempt that died)``."""
+        died: BaseException | None = None
+        for attempt in range(_START_ATTEMPTS):
+            if attempt:
+                # It died before it was ready. Perhaps a dying actor of an earlier
+                # attempt still held the name: try again with a fresh one.
+                await trio.sleep(0.2 * attempt)
+            handle = start.handle = await trio.to_thread.run_sync(self._create, tag, spec, options)
+            value = await self._ready(tag, handle, options)
+            if start.stopped or not isinstance(value, ray.exceptions.RayActorError):
+                break
+            died = value
+        return handle, value, died
+
+    async def _overtake_starts(self, tag: str, deadline: float) -> Any:
+        """Make the starts of ``tag`` in progress fail: let them finish until
+        ``deadline``, then cancel them. Return the actor one of them made, if any."""
+        starts = set(self._starting.get(tag, ()))
+        if not starts:
+            return None
+        for start in starts:
+            start.stopped = True
+        with trio.move_on_at(deadline):
+            for start in starts:
+                await start.done.wait()
+        hung = [start for start in starts if not start.done.is_set()]
+        if hung:
+            log.warning(
+                "replica %s was still starting when its stop's timeout was up (a "
+                "constructor that does not return?); killing it",
+                tag,
+            )
+        for start in hung:
+            start.scope.cancel()
+        for start in hung:
+            await start.done.wait()  # unwinds at once: the cancelled wait is on Ray
+        return next((s.handle for s in starts if s.handle is not None), None)
+
+    async def stop_replica(self, tag: str, timeout_s: float) -> None:
+        """Let the calls in flight finish (up to ``timeout_s``), then ``ray.kill`` the
+        actor and wait until Ray confirms its death. Idempotent.
+
+        A start of ``tag`` still in progress gets the same ``timeout_s`` to end; then the
+        actor is killed whether its constructor returned or not, and the start raises.
+        """
+        deadline = trio.current_time() + timeout_s  # one budget for starts and calls
+        made = await self._overtake_starts(tag, deadline)
+        actor = self._actors.get(tag)
+        if actor is None:
+            handle = await self._lookup(tag)
+            if handle is None:
+                handle = made  # the start's actor, if Ray no longer lists the name
+            if handle is None:
+                return
+            actor = self._actors[tag] = Actor(tag, handle)
+        actor.stopping = True
+        if actor.outstanding and not actor.dead.is_set():
+            actor.idle = trio.Event()
+            with trio.move_on_at(deadline):
+                await actor.idle.wait()
+            if actor.outstanding:
+                log.warning(
+                    "replica %s still had %d calls after %ss; killing it",
+                    tag,
+                    actor.outstanding,
+                    timeout_s,
+                )
+        if not actor.dead.is_set():
+            self._watch(actor)  # to learn when Ray has it dead
+            await self._kill(actor.handle)
+            with trio.move_on_after(_KILL_CONFIRM_S):
+                await actor.dead.wait()
+            if not actor.dead.is_set():
+                log.warning("Ray did not confirm the death of replica %s", tag)
+        if self._actors.get(tag) is actor:
+            del self._actors[tag]
+
+    async def list_replicas(self) -> frozenset[str]:
+        """Replica tags alive in this namespace, per Ray's named-actor listing.
+
+        Actors this runtime has not seen yet (after a controller restart) are adopted:
+        each must become ready (one whose constructor fails is killed and left out),
+        and is watched from then on.
+        """
+        listed = await trio.to_thread.run_sync(
+            lambda: ray.util.list_named_actors(all_namespaces=True)
+        )
+        tags = {
+            entry["name"]
+            for entry in listed
+            if entry["namespace"] == self.namespace and _TAG.match(entry["name"])
+        }
+        self._condemned &= tags
+        tags -= self._condemned
+        alive: set[str] = set()
+
+        async def check(tag: str) -> None:
+            if await self._adopt(tag):
+                alive.add(tag)
+
+        async with trio.open_nursery() as nursery:
+            for tag in tags:
+                known = self._actors.get(tag)
+                if known is not None and not known.dead.is_set():
+                    alive.add(tag)
+                else:
+                    nursery.start_soon(check, tag)
+        return frozenset(alive)
+
+    async def call(self, tag: str, batch: Sequence[Query]) -> list[Any]:
+        """Run ``batch`` on replica ``tag``: one Ray actor call, awaited without a thread."""
+        actor = self._actors.get(tag)
+        if actor is None:
+            handle = None if tag in self._condemned else await self._lookup(tag)
+            if handle is None:
+                raise ReplicaDiedError(tag, "no such live actor in the Ray namespace")
+            actor = self._actors.get(tag)
+            if actor is None:
+                actor = self._actors[tag] = Actor(tag, handle)
+                self._watch(actor)
+        if actor.dead.is_set() or actor.stopping:
+            raise ReplicaDiedError(tag, "it is stopping" if actor.stopping else "it died")
+        actor.outstanding += 1
+        try:
+            value = await self._wait(actor.handle.run.remote([(q.args, q.kwargs) for q in batch]))
+        finally:
+            actor.outstanding -= 1
+            if actor.outstanding == 0 and actor.idle is not None:
+                actor.idle.set()
+        if isinstance(value, BaseException):
+            if isinstance(value, ray.exceptions.RayTaskError):
+                raise user_error(tag, value)
+            if isinstance(value, ray.exceptions.RayActorError):
+                raise ReplicaDiedError(tag, short(value))
+            raise value
+        result: list[Any] = value
+        return result
+
+    # -- operations -----------------------------------------------------------------------
+
+    def kill(self, tag: str) -> None:
+        """Kill replica ``tag``'s actor as a crash would (for operators and tests).
+
+        Its death is then reported as ``ReplicaDied`` like any other. Blocks briefly.
+        """
+        handle = ray.get_actor(tag, namespace=self.namespace)
+        ray.kill(handle, no_restart=True)
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _create(self, tag: str, spec: dict[str, Any], options: dict[str, Any]) -> Any:
+        """(thread) Get or create the actor named ``tag``."""
+        return ServecoreReplica.options(  # type: ignore[attr-defined]
+            name=tag,
+            namespace=self.namespace,
+            lifetime="detached",
+            get_if_exists=True,
+            max_restarts=0,
+            max_concurrency=1,
+            **options,
+        ).remote(spec)
+
+    async def _lookup(self, tag: str) -> Any:
+        """The handle of the live actor named ``tag``, or ``None``."""
+
+        def get() -> Any:
+            try:
+                return ray.get_actor(tag, namespace=self.namespace)
+            except ValueError:
+                return None
+
+        return await trio.to_thread.run_sync(get)
+
+    async def _adopt(self, tag: str) -> bool:
+        """Take over a listed actor: wait until it is ready, then watch it."""
+        handle = await self._lookup(tag)
+        if handle is None:
+            return False
+        value: Any = None
+        with trio.move_on_after(self.start_timeout_s):
+            value = await self._wait(handle.ready.remote())
+            if not isinstance(value, BaseException):
+                actor = self._actors.get(tag)
+                if actor is None or actor.dead.is_set():
+                    actor = self._actors[tag] = Actor(tag, handle, value)
+                self._watch(actor)
+                return True
+        if isinstance(value, ray.exceptions.RayActorError):
+            return False  # died meanwhile
+        log.warning(
+            "replica %s found in Ray cannot serve (%s); killing it",
+            tag,
+            short(value) if value is not None else f"not ready in {self.start_timeout_s}s",
+        )
+        await self._kill(handle, tag)
+        return False
+
+    async def _kill(self, handle: Any, tag: str | None = None) -> None:
+        """``ray.kill`` the actor; with ``tag``, also wait (briefly) until its name is free,
+        so that a failed start leaves nothing listed."""
+
+        def kill() -> None:
+            with contextlib.suppress(Exception):  # already dead or gone
+                ray.kill(handle, no_restart=True)
+
+        await trio.to_thread.run_sync(kill)
+        if tag is not None:
+            with trio.move_on_after(_KILL_CONFIRM_S):
+                while await self._lookup(tag) is not None:
+                    await trio.sleep(0.05)
+
+    async def _ready(self, tag: str, handle: Any, options: Mapping[str, Any]) -> Any:
+        """``handle.ready()``'s value or error; kill it and raise if it takes too long."""
+        with trio.move_on_after(self.start_timeout_s):
+            return await self._wait(handle.ready.remote())
+        await self._kill(handle, tag)
+        raise TimeoutError(
+            f"replica {tag!r} was not ready within {self.start_timeout_s}s (waiting for "
+            f"resources {dict(options) or '(Ray defaults)'} that no node has free, or a "
+            f"slow constructor); it was killed. Check the cluster's free resources "
+            f"(`ray status`) or raise the runtime's start_timeout_s"
+        )
+
+    async def _wait(self, ref: Any) -> Any:
+        """The value of ``ref``, or the Ray error it failed with (returned, not raised)."""
+        assert self._results is not None, "the runtime is not open"
+        return await self._results.wait(ref)
