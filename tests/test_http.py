@@ -15,7 +15,7 @@ import servecore
 from servecore.http import HTTPIngress, serve_http
 
 ECHO = "servecore.testing.targets:echo"
-NOT_JSON = "tests.test_http:not_json"
+NOT_JSON = "test_http:not_json"
 
 
 def not_json(request: dict[str, str]) -> Any:
