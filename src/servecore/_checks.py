@@ -109,7 +109,7 @@ def check_name(kind: str, value: Any) -> str:
 def check_namespace(value: Any) -> str:
     """A controller name, which runtimes use as a directory or namespace name: a name
     (see :func:`check_name`) that is also safe as one path component."""
-    check_name("controller", value)
+    value = check_name("controller", value)
     if "/" in value or "\\" in value or value in (".", "..") or value.startswith("."):
         raise InvalidConfig(
             "controller name",
