@@ -15,12 +15,14 @@ fed back) to settle before it returns.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
 
+from servecore import _lifecycle
 from servecore._checkpoint import decode, encode
 from servecore._core import (
     BackendConfig,
@@ -47,6 +49,7 @@ from servecore._core import (
     step,
 )
 from servecore._errors import BackendStartError, CheckpointError
+from servecore._status import Status, live_status
 from servecore.router import Handle, Router  # issue 3: serving queries
 from servecore.runtimes import Runtime, resolve_runtime
 from servecore.stores import Store, as_store
@@ -128,6 +131,11 @@ class Controller:
     def routing_table(self) -> RoutingTable:
         """The table last pushed to the router."""
         return self._table
+
+    async def status(self) -> Status:
+        """What ``servecore status`` shows: endpoints, backends, replicas (with pids
+        where the runtime has them) and the router's load, as one frozen value."""
+        return live_status(self)
 
     def add_table_listener(self, listener: Callable[[RoutingTable], None]) -> None:
         """Call ``listener(table)`` now and on every ``UpdateRouter`` (the router does)."""
@@ -235,6 +243,7 @@ class Controller:
             if transition.state is self._state and not transition.effects:
                 return message
             data = encode(transition.state, self._seq + 1)
+            saving = time.perf_counter()
             try:
                 if self._save_in_thread:
                     await trio.to_thread.run_sync(self.store.save, data)
@@ -245,6 +254,7 @@ class Controller:
                     f"saving checkpoint {self._seq + 1} to {self._where} failed: {exc!r}; "
                     f"the command was not applied and nothing was started or stopped"
                 ) from exc
+            _lifecycle.checkpoint_saved(self, time.perf_counter() - saving, len(data))
             self._seq += 1
             self._state = transition.state
             for effect in transition.effects:
@@ -274,13 +284,16 @@ class Controller:
 
     async def _start(self, effect: StartReplica, group: _Group) -> None:
         done = self._in_flight[effect.tag] = trio.Event()
+        _lifecycle.starting(self, effect)
         try:
             await self.runtime.start_replica(effect)
         except Exception as exc:
             log.warning("replica %s failed to start: %r", effect.tag, exc)
             event: Event = ReplicaStartFailed(tag=effect.tag, reason=_describe(exc))
+            _lifecycle.start_failed(self, effect.tag, _describe(exc))
         else:
             event = ReplicaStarted(tag=effect.tag)
+            _lifecycle.ready(self, effect.tag)
         finally:
             done.set()
             if self._in_flight.get(effect.tag) is done:
@@ -291,11 +304,13 @@ class Controller:
         starting = self._in_flight.get(effect.tag)
         if starting is not None:
             await starting.wait()
+        _lifecycle.stopping(self, effect.tag)
         try:
             await self.runtime.stop_replica(effect.tag, effect.timeout_s)
         except Exception as exc:
             # The replica may linger; recovery will find and stop it as STOPPING/orphan.
             log.warning("replica %s did not stop cleanly: %r", effect.tag, exc)
+        _lifecycle.stopped(self, effect.tag)
         await self._feed(ReplicaStopped(tag=effect.tag), group)
 
     async def _feed(self, event: Event, group: _Group) -> None:
@@ -316,6 +331,7 @@ class Controller:
 
     def _report(self, event: Event) -> None:
         """The callback runtimes report deaths through (called on the trio thread)."""
+        _lifecycle.reported(self, event)
         self._spawn(self._background, self._feed, event, self._background)
 
     # -- life -----------------------------------------------------------------------------
@@ -326,6 +342,7 @@ class Controller:
             self._state, self._seq = decode(data, self._where)
         await self.runtime.open(namespace=self.name, report=self._report)
         live = await self.runtime.list_replicas()
+        _lifecycle.recovered(self, self._state, live)
         group = _Group()
         await self._execute(Recover(live=live), group)
         await group.settled.wait()

@@ -41,6 +41,8 @@ from servecore._errors import (
     ReplicaDiedError,
     ServecoreError,
 )
+from servecore._ops_http import PREFIX as OPS_PREFIX
+from servecore._ops_http import answer_ops
 
 __all__ = ["HTTPIngress", "serve_http"]
 
@@ -80,6 +82,10 @@ class HTTPIngress:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
         elif scope["type"] == "http":
+            if scope["path"].startswith(OPS_PREFIX) and await answer_ops(
+                self.controller, scope, send
+            ):
+                return  # /-/healthz, /-/routes, /-/metrics
             status, body, headers = await self._answer(scope, receive)
             await send(
                 {

@@ -46,11 +46,13 @@ import logging
 import math
 import random
 import threading
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
+from immutables import Map
 
 from servecore._batch import batch_argument
 from servecore._core import BackendRoute, Endpoint, RoutingTable
@@ -60,6 +62,7 @@ from servecore._errors import (
     NoReplicaError,
     ReplicaDiedError,
 )
+from servecore._router_stats import BackendLoad, QueryStats, RouterStatistics, outcome_of
 from servecore.runtimes._protocol import Query, Runtime
 
 __all__ = ["DEFAULT_MAX_QUEUED_QUERIES", "MAX_RESENDS", "Handle", "Router"]
@@ -253,6 +256,8 @@ class Router:
         #: Shadow copies sent, and how many of them failed (their errors are dropped).
         self.shadow_sent = 0
         self.shadow_failed = 0
+        #: Queries by (endpoint, backend, outcome) and their latencies (for metrics).
+        self.stats = QueryStats()
 
     # -- wiring ---------------------------------------------------------------------------
 
@@ -307,6 +312,28 @@ class Router:
         """A :class:`Handle` for ``endpoint`` (the endpoint is looked up per call)."""
         return Handle(self, endpoint)
 
+    def statistics(self) -> RouterStatistics:
+        """A frozen picture of the load now: queued and running queries per backend,
+        and query totals by endpoint, backend and outcome."""
+        loads = {}
+        for tag, b in self._backends.items():
+            with b.lock:
+                running = {t: n for t, n in b.outstanding.items() if n > 0}
+                live = tuple(b.live)
+            loads[tag] = BackendLoad(
+                tag=tag,
+                replicas=live,
+                queued=b.n_waiting,
+                running=sum(running.values()),
+                running_by_replica=Map(running),
+            )
+        return RouterStatistics(
+            backends=Map(loads),
+            queries=Map(self.stats.outcomes),
+            shadow_sent=self.shadow_sent,
+            shadow_failed=self.shadow_failed,
+        )
+
     # -- queries --------------------------------------------------------------------------
 
     async def call_timed(
@@ -341,6 +368,16 @@ class Router:
             if proportion >= 1.0 or self.rng.random() < proportion:
                 self._send_shadow(endpoint, shadow_tag, query)
         b = self._backends[tag]
+        started = time.perf_counter()
+        try:
+            result = await self._call_backend(endpoint, b, query)
+        except BaseException as exc:
+            self.stats.record(endpoint, tag, outcome_of(exc), time.perf_counter() - started)
+            raise
+        self.stats.record(endpoint, tag, "ok", time.perf_counter() - started)
+        return result
+
+    async def _call_backend(self, endpoint: str, b: _Backend, query: Query) -> Any:
         # The hot path, inlined (one coroutine fewer): a free replica and no queue.
         route = b.route
         if self._closed or route.max_batch_size is not None or b.n_waiting:
