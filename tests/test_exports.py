@@ -32,6 +32,8 @@ PUBLIC = {
     "CheckpointCorrupt", "CheckpointVersionError", "StoreLocked", "BackendStartError",
     "ReplicaDiedError", "BackpressureError", "NoReplicaError", "BatchSizeError",
     "RemoteError", "RuntimeDirectoryLocked",
+    # operating it
+    "App", "AppFileError", "Applied", "apply", "load_app", "Status", "load_state", "read_state",
 }  # fmt: skip
 
 
@@ -52,7 +54,7 @@ def test_errors_form_two_families() -> None:
     command_errors = {
         "EndpointExists", "EndpointNotFound", "RouteConflict", "InvalidRoute",
         "BackendExists", "BackendNotFound", "BackendInUse", "InvalidTraffic",
-        "InvalidConfig", "InvalidTarget",
+        "InvalidConfig", "InvalidTarget", "AppFileError",
     }  # fmt: skip
     for name in PUBLIC:
         obj = getattr(servecore, name)

@@ -82,11 +82,14 @@ if TYPE_CHECKING:
         ServecoreError,
         StoreLocked,
     )
+    from servecore._read_state import load_state, read_state
+    from servecore._status import Status
     from servecore._sync import (
         SyncController,
         SyncHandle,
         start,
     )
+    from servecore.app import App, AppFileError, Applied, apply, load_app
     from servecore.router import (
         Handle,
         Router,
@@ -104,6 +107,15 @@ if TYPE_CHECKING:
     )
 
 _LAZY: dict[str, str] = {
+    # operating it: app files, status, read-only checkpoints
+    "App": "servecore.app",
+    "AppFileError": "servecore.app",
+    "Applied": "servecore.app",
+    "apply": "servecore.app",
+    "load_app": "servecore.app",
+    "Status": "servecore._status",
+    "load_state": "servecore._read_state",
+    "read_state": "servecore._read_state",
     "MAX_START_FAILURES": "servecore._core",
     "Backend": "servecore._core",
     "BackendConfig": "servecore._core",
@@ -178,6 +190,9 @@ _LAZY: dict[str, str] = {
 
 __all__ = [
     "MAX_START_FAILURES",
+    "App",
+    "AppFileError",
+    "Applied",
     "Backend",
     "BackendConfig",
     "BackendExists",
@@ -235,6 +250,7 @@ __all__ = [
     "SetTraffic",
     "StartReplica",
     "State",
+    "Status",
     "StopReplica",
     "Store",
     "StoreLocked",
@@ -242,8 +258,12 @@ __all__ = [
     "SyncHandle",
     "Transition",
     "UpdateRouter",
+    "apply",
     "batch",
+    "load_app",
+    "load_state",
     "open_controller",
+    "read_state",
     "start",
     "step",
     "validate_state",

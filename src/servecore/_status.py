@@ -82,7 +82,7 @@ class Status:
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data (JSON-ready), with ``healthy`` included."""
-        data: dict[str, Any] = attrs.asdict(self, retain_collection_types=False)
+        data: dict[str, Any] = attrs.asdict(self)
         data["healthy"] = self.healthy
         return data
 

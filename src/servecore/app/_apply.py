@@ -161,7 +161,7 @@ def describe(command: Command) -> str:
     if isinstance(command, DeleteEndpoint):
         return f"delete endpoint {command.name!r}"
     if isinstance(command, SetTraffic):
-        return f"set traffic of {command.endpoint!r} to {dict(command.traffic)}"
+        return f"set traffic of {command.endpoint!r} to {dict(sorted(command.traffic.items()))}"
     if isinstance(command, SetShadowTraffic):
         return f"shadow {command.proportion:g} of {command.endpoint!r} to {command.backend!r}"
     return repr(command)  # pragma: no cover - every command is listed above
