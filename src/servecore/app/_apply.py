@@ -74,7 +74,9 @@ def plan(state: State, app: App) -> list[Command]:
     wanted_routes = {e.route: e.name for e in app.endpoints.values() if e.route is not None}
     for name, ep in sorted(state.endpoints.items()):
         spec = app.endpoints.get(name)
-        if spec is None:
+        if any(t in redefined for t in ep.traffic):
+            delete_endpoint(name)  # routes to a backend that is being rebuilt
+        elif spec is None:
             owner = wanted_routes.get(ep.route) if ep.route is not None else None
             if owner is not None and owner != name:
                 delete_endpoint(name)  # its route is about to be taken
@@ -82,8 +84,6 @@ def plan(state: State, app: App) -> list[Command]:
             ep.traffic and not spec.traffic
         ):
             delete_endpoint(name)  # the core has no command to change these in place
-        elif any(t in redefined for t in ep.traffic):
-            delete_endpoint(name)  # routes to a backend that is being rebuilt
     for tag in sorted(redefined):
         for name, ep in sorted(endpoints.items()):
             if tag in ep.shadow:

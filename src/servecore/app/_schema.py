@@ -24,7 +24,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import attrs
 import msgspec
@@ -99,9 +99,13 @@ class _EndpointFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class _AppFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    backends: dict[str, _BackendFile] = msgspec.field(default_factory=dict)
-    endpoints: dict[str, _EndpointFile] = msgspec.field(default_factory=dict)
+    # Entries are converted one by one, so that an error can name the entry's key
+    # (msgspec reports a dict key as "[...]").
+    backends: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+    endpoints: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
 
+
+T = TypeVar("T")
 
 _CONFIG_KEYS = tuple(a.name for a in attrs.fields(BackendConfig))
 
@@ -187,10 +191,12 @@ def _lookup(raw: Any, parts: list[str | int]) -> Any:
     return raw
 
 
-def _shape_error(file: str, raw: dict[str, Any], exc: msgspec.ValidationError) -> AppFileError:
+def _shape_error(
+    file: str, raw: dict[str, Any], exc: msgspec.ValidationError, prefix: list[str | int]
+) -> AppFileError:
     message = str(exc)
     m = _PATH.search(message)
-    parts = _split_path(m.group("path")) if m else []
+    parts = [*prefix, *(_split_path(m.group("path")) if m else [])]
     why = message[: m.start()] if m else message
     unknown = _UNKNOWN.match(why)
     missing = _MISSING.match(why)
@@ -307,6 +313,15 @@ def _endpoint_spec(
     )
 
 
+def _convert(
+    source: str, raw: dict[str, Any], value: Any, into: type[T], prefix: list[str | int]
+) -> T:
+    try:
+        return msgspec.convert(value, into, strict=True)
+    except msgspec.ValidationError as exc:
+        raise _shape_error(source, raw, exc, prefix) from exc
+
+
 def parse_app(text: str, source: str = "<app>") -> App:
     """Parse and validate the TOML ``text`` of an app file; ``source`` names it in
     errors. Raises :class:`AppFileError`."""
@@ -314,13 +329,16 @@ def parse_app(text: str, source: str = "<app>") -> App:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise AppFileError(source, "", None, f"not valid TOML: {exc}") from exc
-    try:
-        parsed = msgspec.convert(raw, _AppFile, strict=True)
-    except msgspec.ValidationError as exc:
-        raise _shape_error(source, raw, exc) from exc
-    backends = {tag: _backend_spec(source, tag, b) for tag, b in parsed.backends.items()}
+    parsed = _convert(source, raw, raw, _AppFile, [])
+    backends = {
+        tag: _backend_spec(source, tag, _convert(source, raw, b, _BackendFile, ["backends", tag]))
+        for tag, b in parsed.backends.items()
+    }
     endpoints = {
-        name: _endpoint_spec(source, name, e, backends) for name, e in parsed.endpoints.items()
+        name: _endpoint_spec(
+            source, name, _convert(source, raw, e, _EndpointFile, ["endpoints", name]), backends
+        )
+        for name, e in parsed.endpoints.items()
     }
     routes: dict[str, str] = {}
     for name, ep in endpoints.items():
