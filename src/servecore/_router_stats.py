@@ -8,6 +8,7 @@ one bisect, on the trio thread); :class:`RouterStatistics` is the frozen picture
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import attrs
@@ -69,21 +70,34 @@ def outcome_of(error: BaseException | None) -> str:
 
 
 class QueryStats:
-    """Counters and latency histograms of queries, by (endpoint, backend)."""
+    """Counters and latency histograms of queries, by (endpoint, backend).
 
-    __slots__ = ("latency", "outcomes")
+    Recorded on the trio thread and, for synchronous handles served directly, on host
+    threads: an uncontended lock keeps the counts exact at tens of nanoseconds a query.
+    """
+
+    __slots__ = ("_lock", "latency", "outcomes")
 
     def __init__(self) -> None:
         self.outcomes: dict[tuple[str, str, str], int] = {}
         self.latency: dict[tuple[str, str], Histogram] = {}
+        self._lock = threading.Lock()
 
     def record(self, endpoint: str, backend: str, outcome: str, seconds: float) -> None:
         key = (endpoint, backend, outcome)
-        self.outcomes[key] = self.outcomes.get(key, 0) + 1
-        hist = self.latency.get((endpoint, backend))
-        if hist is None:
-            hist = self.latency[(endpoint, backend)] = Histogram(QUERY_SECONDS_BUCKETS)
-        hist.observe(seconds)
+        with self._lock:
+            self.outcomes[key] = self.outcomes.get(key, 0) + 1
+            hist = self.latency.get((endpoint, backend))
+            if hist is None:
+                hist = self.latency[(endpoint, backend)] = Histogram(QUERY_SECONDS_BUCKETS)
+            hist.observe(seconds)
+
+    def snapshot(self) -> tuple[dict[tuple[str, str, str], int], dict[tuple[str, str], Any]]:
+        """Copies of the counters and of the histograms' (cumulative buckets, sum)."""
+        with self._lock:
+            return dict(self.outcomes), {
+                key: (h.cumulative(), h.sum) for key, h in self.latency.items()
+            }
 
 
 @attrs.frozen(kw_only=True)

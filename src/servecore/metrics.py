@@ -157,8 +157,9 @@ class ControllerCollector(Collector):
             stats = router.statistics()
             for (endpoint, backend, outcome), n in sorted(stats.queries.items()):
                 queries.add_metric([endpoint, backend, outcome], n)
-            for (endpoint, backend), hist in sorted(dict(router.stats.latency).items()):
-                latency.add_metric([endpoint, backend], _buckets(hist), hist.sum)
+            _, histograms = router.stats.snapshot()
+            for (endpoint, backend), (buckets, total) in sorted(histograms.items()):
+                latency.add_metric([endpoint, backend], [(b, float(n)) for b, n in buckets], total)
             for tag, load in sorted(stats.backends.items()):
                 queued.add_metric([tag], load.queued)
                 running.add_metric([tag], load.running)

@@ -329,7 +329,7 @@ class Router:
             )
         return RouterStatistics(
             backends=Map(loads),
-            queries=Map(self.stats.outcomes),
+            queries=Map(self.stats.snapshot()[0]),
             shadow_sent=self.shadow_sent,
             shadow_failed=self.shadow_failed,
         )
@@ -352,7 +352,14 @@ class Router:
         b = self._backends.get(backend)
         if b is None:
             raise NoReplicaError(endpoint, f"backend {backend!r} was deleted")
-        return await self._query(endpoint, b, query)
+        started = time.perf_counter()
+        try:
+            result = await self._query(endpoint, b, query)
+        except BaseException as exc:
+            self.stats.record(endpoint, backend, outcome_of(exc), time.perf_counter() - started)
+            raise
+        self.stats.record(endpoint, backend, "ok", time.perf_counter() - started)
+        return result
 
     async def call(self, endpoint: str, query: Query) -> Any:
         """Send one query to ``endpoint``; return its result or raise its error."""
@@ -642,9 +649,12 @@ class Router:
             rtag = b.acquire(b.route.max_concurrent_queries)
         if b is None or rtag is None:
             return _from_thread(token, self.call_timed, endpoint, query, timeout_s, tag)
+        started = time.perf_counter()
         try:
             results = direct(rtag, (query,), timeout_s)
         except ReplicaDiedError as exc:
+            if exc.tag != rtag or not _never_ran(exc):
+                self.stats.record(endpoint, tag, "replica_died", time.perf_counter() - started)
             if exc.tag != rtag:
                 raise
             _post(token, self._lost_replica, b, rtag)
@@ -652,15 +662,20 @@ class Router:
                 raise
             results = None  # it never ran: route it again, in trio
         except TimeoutError:
+            self.stats.record(endpoint, tag, "timeout", time.perf_counter() - started)
             raise TimeoutError(
                 f"query to endpoint {endpoint!r} got no answer within {timeout_s}s"
             ) from None
+        except BaseException as exc:
+            self.stats.record(endpoint, tag, outcome_of(exc), time.perf_counter() - started)
+            raise
         finally:
             b.add(rtag, -1)
             if b.n_waiting:
                 _post(token, self._pump_waiting, b)
         if results is None:  # the replica is leaving the table: route again, in trio
             return _from_thread(token, self.call_timed, endpoint, query, timeout_s, tag)
+        self.stats.record(endpoint, tag, "ok", time.perf_counter() - started)
         return results[0]
 
     def _pump_waiting(self, b: _Backend) -> None:
