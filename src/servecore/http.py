@@ -91,7 +91,12 @@ class HTTPIngress:
                 {
                     "type": "http.response.start",
                     "status": status,
-                    "headers": [(b"content-type", b"application/json"), *headers],
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        # A length, not chunks: one write fewer per answer.
+                        (b"content-length", str(len(body)).encode()),
+                        *headers,
+                    ],
                 }
             )
             await send({"type": "http.response.body", "body": body})
