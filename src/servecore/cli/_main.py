@@ -99,6 +99,12 @@ def main() -> None:
     help="On exit, stop out-of-process replicas too (default: keep them for the next run).",
 )
 @click.option(
+    "--replica-logs/--no-replica-logs",
+    default=True,
+    show_default=True,
+    help="Forward what out-of-process replicas print to this command's log.",
+)
+@click.option(
     "--timeout",
     "timeout_s",
     type=float,
@@ -121,6 +127,7 @@ def run(
     name: str,
     app_dir: Path,
     stop_replicas: bool,
+    replica_logs: bool,
     timeout_s: float,
     log_level: str,
 ) -> None:
@@ -149,6 +156,7 @@ def run(
         name=name,
         stop_replicas=stop_replicas,
         timeout_s=timeout_s,
+        replica_logs=replica_logs,
     )
     try:
         code = trio.run(run_server, options, err)

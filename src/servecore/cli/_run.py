@@ -27,6 +27,7 @@ from servecore._core import ReplicaStatus
 from servecore.app import App, apply, describe
 from servecore.cli._control import serve_control, socket_path
 from servecore.http import HTTPIngress
+from servecore.replica_logs import forward_replica_logs
 from servecore.stores import SQLiteStore
 
 __all__ = ["RunOptions", "run_server"]
@@ -51,6 +52,7 @@ class RunOptions:
         name: str,
         stop_replicas: bool,
         timeout_s: float | None,
+        replica_logs: bool = True,
     ) -> None:
         self.app = app
         self.runtime = runtime
@@ -60,6 +62,7 @@ class RunOptions:
         self.name = name
         self.stop_replicas = stop_replicas
         self.timeout_s = timeout_s
+        self.replica_logs = replica_logs
 
     @property
     def state_dir(self) -> Path:
@@ -147,6 +150,8 @@ async def run_server(options: RunOptions, console: Console) -> int:
                         return
 
                 nursery.start_soon(watch_signals)
+                if options.replica_logs:
+                    nursery.start_soon(forward_replica_logs, ctl)
                 applying = trio.CancelScope()
 
                 async def cancel_apply_on_shutdown() -> None:
