@@ -26,9 +26,12 @@ async def test_replica_output_is_forwarded(
             if r.name == "servecore.replica"
         ]
 
-    async with servecore.open_controller(
-        "subprocess", runtime_options={"directory": str(tmp_path / "replicas")}
-    ) as ctl, trio.open_nursery() as nursery:
+    async with (
+        servecore.open_controller(
+            "subprocess", runtime_options={"directory": str(tmp_path / "replicas")}
+        ) as ctl,
+        trio.open_nursery() as nursery,
+    ):
         nursery.start_soon(forward_replica_logs, ctl)
         try:
             await ctl.create_backend("chatty", "tests.operate_targets:Chatty")
