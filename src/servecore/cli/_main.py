@@ -23,6 +23,7 @@ import click
 import trio
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from servecore._errors import ServecoreError
 from servecore._read_state import load_checkpoint
@@ -54,7 +55,7 @@ def _console(stderr: bool = False) -> Console:
 
 
 def _fail(message: str, code: int = 1) -> None:
-    _console(stderr=True).print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    _console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     sys.exit(code)
 
 
@@ -214,9 +215,9 @@ def apply_command(app_file: Path, store: Path) -> None:
         _fail(reply.get("error", "the server refused the file"))
     out = _console()
     for change in reply["changes"]:
-        out.print(f"  {change}")
+        out.print(f"  {escape(change)}")
     if not reply["changes"]:
-        out.print(f"{app_file}: already applied, nothing to do")
+        out.print(f"{escape(str(app_file))}: already applied, nothing to do")
     for tag, error in reply["failed"].items():
-        out.print(f"[red]backend {tag!r} failed to start:[/] {error}")
+        out.print(f"[red]backend {escape(repr(tag))} failed to start:[/] {escape(error)}")
     sys.exit(1 if reply["failed"] else 0)

@@ -21,6 +21,11 @@ def _dash(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def _row(table: Table, *cells: str | Text) -> None:
+    # Names and paths are the user's: never read them as rich markup.
+    table.add_row(*(c if isinstance(c, Text) else Text(c) for c in cells))
+
+
 def render_status(status: dict[str, Any], source: str) -> Group:
     """Endpoints, backends and replicas of ``status`` (as :meth:`Status.as_dict`)."""
     live = "live" if status["live"] else "from the checkpoint (no server running)"
@@ -35,7 +40,8 @@ def render_status(status: dict[str, Any], source: str) -> Group:
     for column in ("endpoint", "route", "methods", "traffic", "shadow"):
         endpoints.add_column(column)
     for ep in status["endpoints"]:
-        endpoints.add_row(
+        _row(
+            endpoints,
             ep["name"],
             _dash(ep["route"]),
             ",".join(ep["methods"]),
@@ -47,7 +53,8 @@ def render_status(status: dict[str, Any], source: str) -> Group:
     for column in ("backend", "status", "replicas", "queued", "running", "target", "last error"):
         backends.add_column(column)
     for b in status["backends"]:
-        backends.add_row(
+        _row(
+            backends,
             b["tag"],
             Text(b["status"], style=_STYLE.get(b["status"], "")),
             f"{b['running_replicas']}/{b['num_replicas']}",
@@ -62,7 +69,8 @@ def render_status(status: dict[str, Any], source: str) -> Group:
         replicas.add_column(column)
     for b in status["backends"]:
         for r in b["replicas"]:
-            replicas.add_row(
+            _row(
+                replicas,
                 r["tag"],
                 r["backend"],
                 Text(r["status"], style=_STYLE.get(r["status"], "")),

@@ -20,6 +20,7 @@ from typing import Any
 
 import trio
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from servecore._controller import Controller, open_controller
@@ -165,11 +166,15 @@ async def run_server(options: RunOptions, console: Console) -> int:
                         applied = await apply(ctl, options.app)
                         progress_nursery.cancel_scope.cancel()
                     for command in applied.commands:
-                        console.print(f"  {describe(command)}")
+                        console.print(f"  {escape(describe(command))}")
                     if not applied.commands:
-                        console.print(f"{options.app.source}: already applied, nothing to do")
+                        console.print(
+                            f"{escape(options.app.source)}: already applied, nothing to do"
+                        )
                     for tag, error in applied.failed.items():
-                        console.print(f"[red]backend {tag!r} failed to start:[/] {error}")
+                        console.print(
+                            f"[red]backend {escape(repr(tag))} failed to start:[/] {escape(error)}"
+                        )
                 if shutdown.is_set():
                     nursery.cancel_scope.cancel()
                     return 0
