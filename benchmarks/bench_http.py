@@ -61,6 +61,8 @@ async def _bare_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             elif message["type"] == "lifespan.shutdown":
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+    while (await receive()).get("more_body", False):
+        pass  # read the (empty) request, as any app that takes a body does
     payload = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
     body = json.dumps(payload).encode()
     await send(
