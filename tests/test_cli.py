@@ -17,6 +17,7 @@ import os
 import queue
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -202,6 +203,9 @@ def test_run_status_apply_sigint_and_adopt(deployment: Deployment) -> None:
     assert _http(port, "POST", "/echo", "hi") == (200, "v1:hi")
     assert _http(port, "GET", "/echo?x=1") == (200, "v1:{'x': '1'}")
     assert _http(port, "GET", "/-/healthz") == (200, {"status": "ok"})
+    control = deployment.store.parent / "control.sock"
+    assert stat.S_ISSOCK(control.stat().st_mode) and stat.S_IMODE(control.stat().st_mode) == 0o600
+    assert stat.S_IMODE(deployment.store.parent.stat().st_mode) == 0o700
 
     text = deployment.cli("status")
     assert text.returncode == 0, text.stderr

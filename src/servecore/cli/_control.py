@@ -160,13 +160,16 @@ def request(path: Path, message: dict[str, Any], timeout_s: float | None = None)
             s.connect(str(path))
         except OSError as exc:
             raise ControlUnavailable(path, exc.strerror or str(exc)) from exc
-        s.sendall(json.dumps(message).encode() + b"\n")
         data = bytearray()
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        try:
+            s.sendall(json.dumps(message).encode() + b"\n")
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except OSError as exc:  # a timeout, or the server went away mid-request
+            raise ControlUnavailable(path, f"no answer: {exc.strerror or exc!r}") from exc
     if not data:
         raise ControlUnavailable(path, "the server closed the connection without answering")
     return json.loads(data)
