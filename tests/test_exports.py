@@ -33,6 +33,8 @@ PUBLIC = {
     "CheckpointCorrupt", "CheckpointVersionError", "StoreLocked", "BackendStartError",
     "ReplicaDiedError", "BackpressureError", "NoReplicaError", "BatchSizeError",
     "RemoteError", "RuntimeDirectoryLocked",
+    # operating it
+    "App", "AppFileError", "Applied", "apply", "load_app", "Status", "load_state", "read_state",
 }  # fmt: skip
 
 
@@ -54,6 +56,8 @@ def test_errors_form_two_families() -> None:
         "EndpointExists", "EndpointNotFound", "RouteConflict", "InvalidRoute",
         "BackendExists", "BackendNotFound", "BackendInUse", "InvalidTraffic",
         "InvalidConfig", "InvalidTarget", "InvalidCommand",
+
+        "AppFileError",
     }  # fmt: skip
     for name in PUBLIC:
         obj = getattr(servecore, name)

@@ -77,7 +77,7 @@ async def test_json_body_and_query_string_reach_the_target(ctl: servecore.Contro
     app = HTTPIngress(ctl)
     assert await asgi(app, "POST", "/echo", b'{"text": "hi"}') == (
         200,
-        {"content-type": "application/json"},
+        {"content-type": "application/json", "content-length": "14"},
         {"text": "hi"},
     )
     status, _, result = await asgi(app, "GET", "/echo", query=b"text=hi&n=2")

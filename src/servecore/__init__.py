@@ -89,11 +89,14 @@ if TYPE_CHECKING:
     from servecore._limits import (
         Limits,
     )
+    from servecore._read_state import load_state, read_state
+    from servecore._status import Status
     from servecore._sync import (
         SyncController,
         SyncHandle,
         start,
     )
+    from servecore.app import App, AppFileError, Applied, apply, load_app
     from servecore.router import (
         Handle,
         Router,
@@ -116,6 +119,15 @@ _LAZY: dict[str, str] = {
     "EARLY_DEATH_S": "servecore._core",
     "Resync": "servecore._core",
     "RetryBackend": "servecore._core",
+    # operating it: app files, status, read-only checkpoints
+    "App": "servecore.app",
+    "AppFileError": "servecore.app",
+    "Applied": "servecore.app",
+    "apply": "servecore.app",
+    "load_app": "servecore.app",
+    "Status": "servecore._status",
+    "load_state": "servecore._read_state",
+    "read_state": "servecore._read_state",
     "MAX_START_FAILURES": "servecore._core",
     "Backend": "servecore._core",
     "BackendConfig": "servecore._core",
@@ -191,6 +203,9 @@ _LAZY: dict[str, str] = {
 __all__ = [
     "EARLY_DEATH_S",
     "MAX_START_FAILURES",
+    "App",
+    "AppFileError",
+    "Applied",
     "Backend",
     "BackendConfig",
     "BackendExists",
@@ -252,6 +267,7 @@ __all__ = [
     "SetTraffic",
     "StartReplica",
     "State",
+    "Status",
     "StopReplica",
     "Store",
     "StoreLocked",
@@ -259,8 +275,12 @@ __all__ = [
     "SyncHandle",
     "Transition",
     "UpdateRouter",
+    "apply",
     "batch",
+    "load_app",
+    "load_state",
     "open_controller",
+    "read_state",
     "start",
     "step",
     "validate_state",

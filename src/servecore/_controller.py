@@ -28,6 +28,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import time
 import warnings
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -37,6 +38,7 @@ from typing import Any, get_args
 import attrs
 import trio
 
+from servecore import _lifecycle
 from servecore._checkpoint import decode, encode
 from servecore._checks import check_name, check_namespace, reason_text
 from servecore._core import (
@@ -69,6 +71,7 @@ from servecore._core import (
 )
 from servecore._errors import BackendStartError, CheckpointError, InvalidCommand, InvalidConfig
 from servecore._limits import Limits
+from servecore._status import Status, live_status
 from servecore.router import Handle, Router
 from servecore.runtimes import Runtime, resolve_runtime
 from servecore.stores import Store, as_store
@@ -172,6 +175,11 @@ class Controller:
     def routing_table(self) -> RoutingTable:
         """The table last pushed to the router."""
         return self._table
+
+    async def status(self) -> Status:
+        """What ``servecore status`` shows: endpoints, backends, replicas (with pids
+        where the runtime has them) and the router's load, as one frozen value."""
+        return live_status(self)
 
     def add_table_listener(self, listener: Callable[[RoutingTable], None]) -> None:
         """Call ``listener(table)`` now and on every ``UpdateRouter`` (the router does)."""
@@ -328,6 +336,7 @@ class Controller:
                         else f"{_what(message)} was not recorded"
                     )
                 ) from exc
+            saving = time.perf_counter()
             try:
                 if self._save_in_thread:
                     await trio.to_thread.run_sync(self.store.save, data)
@@ -342,6 +351,7 @@ class Controller:
                         else f"{_what(message)} was not recorded yet"
                     )
                 ) from exc
+            _lifecycle.checkpoint_saved(self, time.perf_counter() - saving, len(data))
             self._seq += 1
             self._state = transition.state
             for effect in transition.effects:
@@ -383,6 +393,7 @@ class Controller:
         start = self._starts[tag] = _Start()
         self._busy[tag] += 1
         event: Event | None = None
+        _lifecycle.starting(self, effect)
         try:
             with start.scope:
                 if effect.delay_s > 0:
@@ -390,11 +401,13 @@ class Controller:
                     await trio.sleep(effect.delay_s)
                 await self.runtime.start_replica(effect)
                 event = ReplicaStarted(tag=tag)
+                _lifecycle.ready(self, tag)
             if start.scope.cancelled_caught:
                 log.warning("replica %s was stopped while it was still starting", tag)
         except Exception as exc:
             log.warning("replica %s failed to start: %s", tag, _describe(exc))
             event = ReplicaStartFailed(tag=tag, reason=_describe(exc))
+            _lifecycle.start_failed(self, tag, event.reason)
         finally:
             start.done.set()
             if self._starts.get(tag) is start:
@@ -422,12 +435,14 @@ class Controller:
                     with trio.move_on_after(1.0):
                         await start.done.wait()
             remaining = max(0.0, deadline - trio.current_time())
+            _lifecycle.stopping(self, tag)
             try:
                 await self.runtime.stop_replica(tag, remaining)
             except Exception as exc:
                 # The replica may linger; the resync or recovery finds and stops it.
                 log.warning("replica %s did not stop cleanly: %s", tag, _describe(exc))
             self._started_at.pop(tag, None)
+            _lifecycle.stopped(self, tag)
             await self._feed(ReplicaStopped(tag=tag), group)
         finally:
             self._unbusy(tag)
@@ -483,6 +498,7 @@ class Controller:
             started = self._started_at.pop(event.tag, None)
             if started is not None:
                 event = attrs.evolve(event, uptime_s=max(0.0, trio.current_time() - started))
+        _lifecycle.reported(self, event)
         self._spawn(self._background, self._feed, event, self._background)
 
     # -- convergence ------------------------------------------------------------------------
@@ -529,6 +545,7 @@ class Controller:
                 )
             )
         live = await self.runtime.list_replicas()
+        _lifecycle.recovered(self, self._state, live)
         group = _Group()
         await self._execute(Recover(live=live), group)
         # Replicas found alive have been running for an unknown while: not a crash loop.

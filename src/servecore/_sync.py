@@ -24,18 +24,23 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import os
 import threading
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
 from servecore._controller import Controller, open_controller
 from servecore._core import BackendConfig, Command, RoutingTable, State
+from servecore._status import Status
 from servecore.router import Handle, Router
 from servecore.runtimes import Runtime
 from servecore.stores import Store
+
+if TYPE_CHECKING:
+    from servecore.app import App, Applied
 
 __all__ = ["SyncController", "SyncHandle", "start"]
 
@@ -249,6 +254,16 @@ class SyncController:
         """Correct the state against the runtime's live replicas now; see
         :meth:`servecore.Controller.resync`."""
         return self._run(self.controller.resync)
+
+    def status(self) -> Status:
+        """See :meth:`servecore.Controller.status`."""
+        return self._run(self.controller.status)
+
+    def apply(self, app: App | str | os.PathLike[str]) -> Applied:
+        """Make the controller match an app file; see :func:`servecore.apply`."""
+        from servecore.app import apply
+
+        return self._run(apply, self.controller, app)
 
     # -- handles --------------------------------------------------------------------------
 

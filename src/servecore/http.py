@@ -45,6 +45,8 @@ from servecore._errors import (
     ReplicaDiedError,
     ServecoreError,
 )
+from servecore._ops_http import PREFIX as OPS_PREFIX
+from servecore._ops_http import answer_ops
 
 __all__ = ["HTTPIngress", "serve_http"]
 
@@ -89,6 +91,10 @@ class HTTPIngress:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
         elif scope["type"] == "http":
+            if scope["path"].startswith(OPS_PREFIX) and await answer_ops(
+                self.controller, scope, send
+            ):
+                return  # /-/healthz, /-/routes, /-/metrics
             try:
                 status, body, headers = await self._answer(scope, receive)
             except Exception:
@@ -104,7 +110,12 @@ class HTTPIngress:
                 {
                     "type": "http.response.start",
                     "status": status,
-                    "headers": [(b"content-type", b"application/json"), *headers],
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        # A length, not chunks: one write fewer per answer.
+                        (b"content-length", str(len(body)).encode()),
+                        *headers,
+                    ],
                 }
             )
             await send({"type": "http.response.body", "body": body})

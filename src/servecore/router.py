@@ -46,11 +46,13 @@ import logging
 import math
 import random
 import threading
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
+from immutables import Map
 
 from servecore._batch import batch_argument
 from servecore._core import BackendRoute, Endpoint, RoutingTable
@@ -60,6 +62,7 @@ from servecore._errors import (
     NoReplicaError,
     ReplicaDiedError,
 )
+from servecore._router_stats import BackendLoad, QueryStats, RouterStatistics, outcome_of
 from servecore.runtimes._protocol import Query, Runtime
 
 __all__ = ["DEFAULT_MAX_QUEUED_QUERIES", "MAX_RESENDS", "Handle", "Router"]
@@ -258,6 +261,8 @@ class Router:
         #: Shadow copies sent, and how many of them failed (their errors are dropped).
         self.shadow_sent = 0
         self.shadow_failed = 0
+        #: Queries by (endpoint, backend, outcome) and their latencies (for metrics).
+        self.stats = QueryStats()
 
     # -- wiring ---------------------------------------------------------------------------
 
@@ -312,6 +317,28 @@ class Router:
         """A :class:`Handle` for ``endpoint`` (the endpoint is looked up per call)."""
         return Handle(self, endpoint)
 
+    def statistics(self) -> RouterStatistics:
+        """A frozen picture of the load now: queued and running queries per backend,
+        and query totals by endpoint, backend and outcome."""
+        loads = {}
+        for tag, b in self._backends.items():
+            with b.lock:
+                running = {t: n for t, n in b.outstanding.items() if n > 0}
+                live = tuple(b.live)
+            loads[tag] = BackendLoad(
+                tag=tag,
+                replicas=live,
+                queued=b.n_waiting,
+                running=sum(running.values()),
+                running_by_replica=Map(running),
+            )
+        return RouterStatistics(
+            backends=Map(loads),
+            queries=Map(self.stats.snapshot()[0]),
+            shadow_sent=self.shadow_sent,
+            shadow_failed=self.shadow_failed,
+        )
+
     # -- queries --------------------------------------------------------------------------
 
     async def call_timed(
@@ -330,7 +357,14 @@ class Router:
         b = self._backends.get(backend)
         if b is None:
             raise NoReplicaError(endpoint, f"backend {backend!r} was deleted")
-        return await self._query(endpoint, b, query)
+        started = time.perf_counter()
+        try:
+            result = await self._query(endpoint, b, query)
+        except BaseException as exc:
+            self.stats.record(endpoint, backend, outcome_of(exc), time.perf_counter() - started)
+            raise
+        self.stats.record(endpoint, backend, "ok", time.perf_counter() - started)
+        return result
 
     async def call(self, endpoint: str, query: Query) -> Any:
         """Send one query to ``endpoint``; return its result or raise its error."""
@@ -346,6 +380,16 @@ class Router:
             if proportion >= 1.0 or self.rng.random() < proportion:
                 self._send_shadow(endpoint, shadow_tag, query)
         b = self._backends[tag]
+        started = time.perf_counter()
+        try:
+            result = await self._call_backend(endpoint, b, query)
+        except BaseException as exc:
+            self.stats.record(endpoint, tag, outcome_of(exc), time.perf_counter() - started)
+            raise
+        self.stats.record(endpoint, tag, "ok", time.perf_counter() - started)
+        return result
+
+    async def _call_backend(self, endpoint: str, b: _Backend, query: Query) -> Any:
         # The hot path, inlined (one coroutine fewer): a free replica and no queue.
         route = b.route
         if self._closed or route.max_batch_size is not None or b.n_waiting:
@@ -610,9 +654,12 @@ class Router:
             rtag = b.acquire(b.route.max_concurrent_queries)
         if b is None or rtag is None:
             return _from_thread(token, self.call_timed, endpoint, query, timeout_s, tag)
+        started = time.perf_counter()
         try:
             results = direct(rtag, (query,), timeout_s)
         except ReplicaDiedError as exc:
+            if exc.tag != rtag or not _never_ran(exc):
+                self.stats.record(endpoint, tag, "replica_died", time.perf_counter() - started)
             if exc.tag != rtag:
                 raise
             _post(token, self._lost_replica, b, rtag)
@@ -620,15 +667,20 @@ class Router:
                 raise
             results = None  # it never ran: route it again, in trio
         except TimeoutError:
+            self.stats.record(endpoint, tag, "timeout", time.perf_counter() - started)
             raise TimeoutError(
                 f"query to endpoint {endpoint!r} got no answer within {timeout_s}s"
             ) from None
+        except BaseException as exc:
+            self.stats.record(endpoint, tag, outcome_of(exc), time.perf_counter() - started)
+            raise
         finally:
             b.add(rtag, -1)
             if b.n_waiting:
                 _post(token, self._pump_waiting, b)
         if results is None:  # the replica is leaving the table: route again, in trio
             return _from_thread(token, self.call_timed, endpoint, query, timeout_s, tag)
+        self.stats.record(endpoint, tag, "ok", time.perf_counter() - started)
         return results[0]
 
     def _pump_waiting(self, b: _Backend) -> None:

@@ -1,0 +1,34 @@
+"""Declarative apps: a TOML file of backends and endpoints, and :func:`apply`.
+
+::
+
+    app = servecore.app.load_app("app.toml")       # AppFileError names file, key, value
+    applied = await servecore.apply(ctl, app)       # or ctl.apply(app) on a SyncController
+
+See :mod:`servecore.app._schema` for the file's keys and :mod:`servecore.app._apply`
+for the order commands are applied in.
+"""
+
+from servecore.app._apply import Applied, apply, declared, describe, plan
+from servecore.app._schema import (
+    App,
+    AppFileError,
+    BackendSpec,
+    EndpointSpec,
+    load_app,
+    parse_app,
+)
+
+__all__ = [
+    "App",
+    "AppFileError",
+    "Applied",
+    "BackendSpec",
+    "EndpointSpec",
+    "apply",
+    "declared",
+    "describe",
+    "load_app",
+    "parse_app",
+    "plan",
+]

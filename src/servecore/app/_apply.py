@@ -1,0 +1,222 @@
+"""From an app file to commands: the difference between what is and what should be.
+
+:func:`plan` is pure: given the current :class:`~servecore.State` and an :class:`App`,
+it returns the shortest list of commands that makes the state declare exactly the app,
+in an order no command of which can trip :class:`~servecore.BackendInUse`, a route
+conflict or a traffic check:
+
+1. **detach** what must be rebuilt: an endpoint whose route or methods changed (or
+   whose traffic the file empties) is deleted, and so is one the file drops whose
+   route another endpoint takes; a backend whose target or arguments changed loses its
+   shadows, the endpoints routing to it, and is then deleted (the core cannot change a
+   backend's code in place; to roll new code without a gap, add it under a new tag and
+   move traffic);
+2. **create** new backends, and set the config of those whose config changed (a new
+   ``user_config`` rolls replicas, as :meth:`~servecore.Controller.set_backend_config`
+   does);
+3. **endpoints**: create the new ones, then set traffic and shadows that differ;
+4. **delete** what the file no longer names: endpoints first, then backends.
+
+Applying the same file again plans nothing; applying after a crash half-way plans
+only what is still missing, so applying again converges.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import attrs
+
+from servecore._core import (
+    BackendStatus,
+    Command,
+    CreateBackend,
+    CreateEndpoint,
+    DeleteBackend,
+    DeleteEndpoint,
+    SetBackendConfig,
+    SetShadowTraffic,
+    SetTraffic,
+    State,
+)
+from servecore._errors import BackendStartError
+from servecore.app._schema import App, BackendSpec, EndpointSpec, load_app
+
+__all__ = ["Applied", "apply", "declared", "describe", "plan"]
+
+log = logging.getLogger("servecore.app")
+
+
+def _same_code(spec: BackendSpec, state: State) -> bool:
+    b = state.backends[spec.tag]
+    return (b.target, b.init_args, b.init_kwargs) == (spec.target, spec.init_args, spec.init_kwargs)
+
+
+def plan(state: State, app: App) -> list[Command]:
+    """The commands that make ``state`` declare exactly ``app``, in a safe order."""
+    detach: list[Command] = []
+    create: list[Command] = []
+    wire: list[Command] = []
+    delete: list[Command] = []
+
+    # What the state will hold after the detach phase, tracked as the plan goes.
+    endpoints = dict(state.endpoints)
+    redefined = {
+        t for t, spec in app.backends.items() if t in state.backends and not _same_code(spec, state)
+    }
+
+    def delete_endpoint(name: str) -> None:
+        detach.append(DeleteEndpoint(name=name))
+        del endpoints[name]
+
+    wanted_routes = {e.route: e.name for e in app.endpoints.values() if e.route is not None}
+    for name, ep in sorted(state.endpoints.items()):
+        spec = app.endpoints.get(name)
+        if any(t in redefined for t in ep.traffic):
+            delete_endpoint(name)  # routes to a backend that is being rebuilt
+        elif spec is None:
+            owner = wanted_routes.get(ep.route) if ep.route is not None else None
+            if owner is not None and owner != name:
+                delete_endpoint(name)  # its route is about to be taken
+        elif (ep.route, tuple(ep.methods)) != (spec.route, spec.methods) or (
+            ep.traffic and not spec.traffic
+        ):
+            delete_endpoint(name)  # the core has no command to change these in place
+    for tag in sorted(redefined):
+        for name, ep in sorted(endpoints.items()):
+            if tag in ep.shadow:
+                detach.append(SetShadowTraffic(endpoint=name, backend=tag, proportion=0.0))
+                endpoints[name] = attrs.evolve(
+                    ep, shadow={k: v for k, v in ep.shadow.items() if k != tag}
+                )
+        detach.append(DeleteBackend(tag=tag))
+
+    for tag, bspec in sorted(app.backends.items()):
+        current = state.backends.get(tag)
+        if current is None or tag in redefined:
+            create.append(
+                CreateBackend(
+                    tag=tag,
+                    target=bspec.target,
+                    init_args=bspec.init_args,
+                    init_kwargs=bspec.init_kwargs,
+                    config=bspec.config,
+                )
+            )
+        elif current.config != bspec.config:
+            create.append(SetBackendConfig(tag=tag, config=bspec.config))
+
+    for name, spec in sorted(app.endpoints.items()):
+        current_ep = endpoints.get(name)
+        if current_ep is None:
+            wire.append(CreateEndpoint(name=name, route=spec.route, methods=spec.methods))
+            traffic: dict[str, float] = {}
+            shadow: dict[str, float] = {}
+        else:
+            traffic = dict(current_ep.traffic)
+            shadow = dict(current_ep.shadow)
+        if spec.traffic and traffic != spec.traffic:
+            wire.append(SetTraffic(endpoint=name, traffic=spec.traffic))
+        for tag in sorted(set(shadow) | set(spec.shadow)):
+            if shadow.get(tag, 0.0) != spec.shadow.get(tag, 0.0):
+                proportion = spec.shadow.get(tag, 0.0)
+                wire.append(SetShadowTraffic(endpoint=name, backend=tag, proportion=proportion))
+
+    for name in sorted(endpoints):
+        if name not in app.endpoints:
+            delete.append(DeleteEndpoint(name=name))
+    for tag in sorted(state.backends):
+        if tag not in app.backends:
+            delete.append(DeleteBackend(tag=tag))
+    return [*detach, *create, *wire, *delete]
+
+
+@attrs.frozen(kw_only=True)
+class Applied:
+    """What :func:`apply` did: the commands it ran, in order, and the backends whose
+    replicas failed to start (tag -> the replica's own error; they stay FAILED, as
+    ``servecore status`` shows, until their config changes)."""
+
+    commands: tuple[Command, ...]
+    failed: dict[str, str] = attrs.field(factory=dict)
+
+    @property
+    def changed(self) -> bool:
+        """Whether anything was changed."""
+        return bool(self.commands)
+
+
+def describe(command: Command) -> str:
+    """One line for a person: ``create backend 'echo' (2 replicas)``."""
+    if isinstance(command, CreateBackend):
+        return f"create backend {command.tag!r} ({command.config.num_replicas} replica(s))"
+    if isinstance(command, SetBackendConfig):
+        return f"update backend {command.tag!r} ({command.config.num_replicas} replica(s))"
+    if isinstance(command, DeleteBackend):
+        return f"delete backend {command.tag!r}"
+    if isinstance(command, CreateEndpoint):
+        return f"create endpoint {command.name!r} at {command.route or '(no route)'}"
+    if isinstance(command, DeleteEndpoint):
+        return f"delete endpoint {command.name!r}"
+    if isinstance(command, SetTraffic):
+        return f"set traffic of {command.endpoint!r} to {dict(sorted(command.traffic.items()))}"
+    if isinstance(command, SetShadowTraffic):
+        return f"shadow {command.proportion:g} of {command.endpoint!r} to {command.backend!r}"
+    return repr(command)  # pragma: no cover - every command is listed above
+
+
+async def apply(controller: Any, app: App | str | os.PathLike[str]) -> Applied:
+    """Make ``controller`` declare exactly ``app`` (an :class:`App`, or the path of an
+    app file), by the commands :func:`plan` gives, one after the other::
+
+        applied = await servecore.apply(ctl, "app.toml")
+
+    Re-applying the same app does nothing. A backend whose replicas fail to start is
+    reported in :attr:`Applied.failed` and the rest of the app is still applied; any
+    other error stops here, and applying again carries on where this stopped.
+    """
+    if not isinstance(app, App):
+        app = load_app(app)
+    commands = plan(controller.state, app)
+    failed: dict[str, str] = {}
+    for command in commands:
+        log.info("apply %s: %s", app.source, describe(command))
+        try:
+            await controller.submit(command)
+        except BackendStartError as exc:
+            failed[exc.tag] = str(exc)
+            log.warning("apply %s: %s", app.source, exc)
+    for tag in app.backends:
+        b = controller.state.backends.get(tag)
+        if b is not None and b.status is BackendStatus.FAILED and tag not in failed:
+            failed[tag] = b.last_error or "unknown error"
+    return Applied(commands=tuple(commands), failed=failed)
+
+
+def declared(state: State) -> App:
+    """The :class:`App` a state declares (replicas, status and counters aside): two
+    states that declare the same app serve the same thing."""
+    return App(
+        backends={
+            tag: BackendSpec(
+                tag=tag,
+                target=b.target,
+                init_args=b.init_args,
+                init_kwargs=b.init_kwargs,
+                config=b.config,
+            )
+            for tag, b in sorted(state.backends.items())
+        },
+        endpoints={
+            name: EndpointSpec(
+                name=name,
+                route=ep.route,
+                methods=tuple(ep.methods),
+                traffic=dict(sorted(ep.traffic.items())),
+                shadow=dict(sorted(ep.shadow.items())),
+            )
+            for name, ep in sorted(state.endpoints.items())
+        },
+    )

@@ -1,0 +1,366 @@
+"""The app file: a TOML description of backends and endpoints, parsed by a schema.
+
+::
+
+    [backends.sentiment_v1]
+    target = "examples.textapp:SentimentV1"
+    num_replicas = 2
+
+    [endpoints.sentiment]
+    route = "/sentiment"
+    methods = ["GET", "POST"]
+    traffic = { sentiment_v1 = 1.0 }
+
+The shape is checked by msgspec structs (types, unknown keys, missing keys); the values
+by the core's own constructors (:class:`~servecore.BackendConfig`,
+:class:`~servecore.CreateEndpoint`, :class:`~servecore.SetTraffic`), so a file accepts
+exactly what the API accepts. Any error is an :class:`AppFileError` naming the file,
+the key path (``backends.sentiment_v1.num_replicas``) and the bad value.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import attrs
+import msgspec
+from msgspec import UNSET, UnsetType
+
+from servecore._core import (
+    BackendConfig,
+    CreateBackend,
+    CreateEndpoint,
+    SetShadowTraffic,
+    SetTraffic,
+)
+from servecore._errors import (
+    CommandError,
+    InvalidConfig,
+    InvalidRoute,
+    InvalidTarget,
+    InvalidTraffic,
+)
+
+__all__ = ["App", "AppFileError", "BackendSpec", "EndpointSpec", "load_app", "parse_app"]
+
+
+class AppFileError(CommandError):
+    """An app file is not valid; nothing was applied.
+
+    ``file`` is the file's name, ``key`` the dotted key path of the bad entry
+    (``""`` for the file as a whole), ``value`` the value found there.
+    """
+
+    def __init__(self, file: str, key: str, value: Any, why: str) -> None:
+        self.file = file
+        self.key = key
+        self.value = value
+        self.why = why
+        at = f"{key} = {_show(value)}: " if key else ""
+        super().__init__(f"{file}: {at}{why}")
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# ---------------------------------------------------------------------------------------
+# The file's shape. Config keys left out keep BackendConfig's defaults (UNSET here), so
+# the defaults live in one place.
+
+
+class _BackendFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    target: str
+    init_args: list[Any] = msgspec.field(default_factory=list)
+    init_kwargs: dict[str, Any] = msgspec.field(default_factory=dict)
+    num_replicas: int | UnsetType = UNSET
+    max_batch_size: int | UnsetType = UNSET
+    batch_wait_timeout_s: float | UnsetType = UNSET
+    max_concurrent_queries: int | UnsetType = UNSET
+    graceful_shutdown_timeout_s: float | UnsetType = UNSET
+    user_config: Any = UNSET
+    runtime_options: dict[str, Any] | UnsetType = UNSET
+    # The place for autoscaling (min/max replicas, target queries per replica): read
+    # as a table so the key path is reserved, and refused until the core implements it.
+    autoscaling: dict[str, Any] | UnsetType = UNSET
+
+
+class _EndpointFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # Unset: "/<endpoint name>", as Ray Serve's route_prefix; "" serves no HTTP route.
+    route: str | UnsetType = UNSET
+    methods: list[str] | UnsetType = UNSET
+    traffic: dict[str, float] = msgspec.field(default_factory=dict)
+    shadow: dict[str, float] = msgspec.field(default_factory=dict)
+
+
+class _AppFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # Entries are converted one by one, so that an error can name the entry's key
+    # (msgspec reports a dict key as "[...]").
+    backends: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+    endpoints: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+
+
+T = TypeVar("T")
+
+_CONFIG_KEYS = tuple(a.name for a in attrs.fields(BackendConfig))
+
+
+# ---------------------------------------------------------------------------------------
+# The parsed app: what apply() makes the controller match.
+
+
+@attrs.frozen(kw_only=True)
+class BackendSpec:
+    """A backend as the file declares it (values already normalized by the core)."""
+
+    tag: str
+    target: str
+    init_args: tuple[Any, ...] = ()
+    init_kwargs: dict[str, Any] = attrs.field(factory=dict)
+    config: BackendConfig = attrs.field(factory=BackendConfig)
+
+
+@attrs.frozen(kw_only=True)
+class EndpointSpec:
+    """An endpoint as the file declares it; weights of 0 are dropped, as the core does."""
+
+    name: str
+    route: str | None
+    methods: tuple[str, ...]
+    traffic: dict[str, float] = attrs.field(factory=dict)
+    shadow: dict[str, float] = attrs.field(factory=dict)
+
+
+@attrs.frozen(kw_only=True)
+class App:
+    """A whole app: every backend and endpoint the controller should have, and no other.
+
+    Build one with :func:`load_app` (a file) or :func:`parse_app` (text).
+    """
+
+    backends: dict[str, BackendSpec] = attrs.field(factory=dict)
+    endpoints: dict[str, EndpointSpec] = attrs.field(factory=dict)
+    #: Where it was read from (for messages).
+    source: str = attrs.field(default="<app>", eq=False)
+
+
+# ---------------------------------------------------------------------------------------
+# Parsing.
+
+_PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+_UNKNOWN = re.compile(r"^Object contains unknown field `(?P<field>[^`]*)`")
+_MISSING = re.compile(r"^Object missing required field `(?P<field>[^`]*)`")
+
+
+def _split_path(path: str) -> list[str | int]:
+    """``.backends.echo.init_args[0]`` -> ``["backends", "echo", "init_args", 0]``."""
+    parts: list[str | int] = []
+    for m in re.finditer(r"\.([^.\[]+)|\[(\d+)\]|\[\"([^\"]*)\"\]", path):
+        if m.group(1) is not None:
+            parts.append(m.group(1))
+        elif m.group(2) is not None:
+            parts.append(int(m.group(2)))
+        else:
+            parts.append(m.group(3))
+    return parts
+
+
+def _dotted(parts: list[str | int]) -> str:
+    out = ""
+    for p in parts:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif re.fullmatch(r"[A-Za-z0-9_-]+", p):
+            out += f".{p}" if out else p
+        else:
+            out += f'."{p}"' if out else f'"{p}"'
+    return out
+
+
+def _lookup(raw: Any, parts: list[str | int]) -> Any:
+    for p in parts:
+        try:
+            raw = raw[p]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return raw
+
+
+def _shape_error(
+    file: str, raw: dict[str, Any], exc: msgspec.ValidationError, prefix: list[str | int]
+) -> AppFileError:
+    message = str(exc)
+    m = _PATH.search(message)
+    parts = [*prefix, *(_split_path(m.group("path")) if m else [])]
+    why = message[: m.start()] if m else message
+    unknown = _UNKNOWN.match(why)
+    missing = _MISSING.match(why)
+    if unknown:
+        parts.append(unknown.group("field"))
+        known = _known_keys(parts[:-1])
+        why = f"unknown key; known keys here: {', '.join(known)}" if known else "unknown key"
+    elif missing:
+        parts.append(missing.group("field"))
+        return AppFileError(file, _dotted(parts), None, "required key is missing")
+    else:
+        why = why.replace("`", "")
+    return AppFileError(file, _dotted(parts), _lookup(raw, parts), why)
+
+
+def _known_keys(parts: list[str | int]) -> list[str]:
+    if not parts:
+        return list(_AppFile.__struct_fields__)
+    if parts[0] == "backends" and len(parts) == 2:
+        return list(_BackendFile.__struct_fields__)
+    if parts[0] == "endpoints" and len(parts) == 2:
+        return list(_EndpointFile.__struct_fields__)
+    return []
+
+
+def _backend_spec(file: str, tag: str, b: _BackendFile) -> BackendSpec:
+    at = f"backends.{tag}" if re.fullmatch(r"[A-Za-z0-9_-]+", tag) else f'backends."{tag}"'
+    if b.autoscaling is not UNSET:
+        raise AppFileError(
+            file,
+            f"{at}.autoscaling",
+            b.autoscaling,
+            "autoscaling is not supported by this version of servecore; set num_replicas instead",
+        )
+    fields = {k: getattr(b, k) for k in _CONFIG_KEYS if getattr(b, k) is not UNSET}
+    try:
+        config = BackendConfig(**fields)
+    except InvalidConfig as exc:
+        key = exc.field.split("[", 1)[0]
+        _raise(file, f"{at}.{key}", fields.get(key, exc.value), exc)
+    try:
+        cmd = CreateBackend(
+            tag=tag,
+            target=b.target,
+            init_args=b.init_args,
+            init_kwargs=b.init_kwargs,
+            config=config,
+        )
+    except InvalidTarget as exc:
+        _raise(file, f"{at}.target", b.target, exc)
+    except InvalidConfig as exc:
+        key = exc.field.split("[", 1)[0]
+        if key.endswith(" name"):
+            _raise(file, at, tag, exc)
+        _raise(file, f"{at}.{key}", getattr(b, key, exc.value), exc)
+    return BackendSpec(
+        tag=tag,
+        target=cmd.target,
+        init_args=cmd.init_args,
+        init_kwargs=cmd.init_kwargs,
+        config=cmd.config,
+    )
+
+
+def _raise(file: str, key: str, value: Any, exc: CommandError) -> NoReturn:
+    raise AppFileError(file, key, value, str(exc)) from exc
+
+
+def _endpoint_spec(
+    file: str, name: str, e: _EndpointFile, backends: dict[str, BackendSpec]
+) -> EndpointSpec:
+    at = f"endpoints.{name}" if re.fullmatch(r"[A-Za-z0-9_-]+", name) else f'endpoints."{name}"'
+    route: str | None = f"/{name}" if e.route is UNSET else (e.route or None)
+    kwargs: dict[str, Any] = {"name": name, "route": route}
+    if e.methods is not UNSET:
+        kwargs["methods"] = e.methods
+    try:
+        cmd = CreateEndpoint(**kwargs)
+    except InvalidRoute as exc:
+        _raise(file, f"{at}.{exc.field}", exc.value, exc)
+    except InvalidConfig as exc:
+        _raise(file, at, name, exc)
+    for what, mapping in (("traffic", e.traffic), ("shadow", e.shadow)):
+        for tag, weight in mapping.items():
+            if tag not in backends:
+                known = ", ".join(sorted(backends)) or "none"
+                raise AppFileError(
+                    file,
+                    f"{at}.{what}.{tag}",
+                    weight,
+                    f"names backend {tag!r}, which this file does not declare "
+                    f"(declared: {known}); add [backends.{tag}] or remove it",
+                )
+    traffic: dict[str, float] = {}
+    if e.traffic:
+        try:
+            traffic = dict(SetTraffic(endpoint=name, traffic=e.traffic).traffic)
+        except InvalidTraffic as exc:
+            _raise(file, f"{at}.traffic", e.traffic, exc)
+    shadow: dict[str, float] = {}
+    for tag, proportion in e.shadow.items():
+        try:
+            p = SetShadowTraffic(endpoint=name, backend=tag, proportion=proportion).proportion
+        except InvalidTraffic as exc:
+            _raise(file, f"{at}.shadow.{tag}", proportion, exc)
+        if p > 0:
+            shadow[tag] = p
+    return EndpointSpec(
+        name=name,
+        route=cmd.route,
+        methods=cmd.methods,
+        traffic=dict(sorted(traffic.items())),
+        shadow=dict(sorted(shadow.items())),
+    )
+
+
+def _convert(
+    source: str, raw: dict[str, Any], value: Any, into: type[T], prefix: list[str | int]
+) -> T:
+    try:
+        return msgspec.convert(value, into, strict=True)
+    except msgspec.ValidationError as exc:
+        raise _shape_error(source, raw, exc, prefix) from exc
+
+
+def parse_app(text: str, source: str = "<app>") -> App:
+    """Parse and validate the TOML ``text`` of an app file; ``source`` names it in
+    errors. Raises :class:`AppFileError`."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise AppFileError(source, "", None, f"not valid TOML: {exc}") from exc
+    parsed = _convert(source, raw, raw, _AppFile, [])
+    backends = {
+        tag: _backend_spec(source, tag, _convert(source, raw, b, _BackendFile, ["backends", tag]))
+        for tag, b in parsed.backends.items()
+    }
+    endpoints = {
+        name: _endpoint_spec(
+            source, name, _convert(source, raw, e, _EndpointFile, ["endpoints", name]), backends
+        )
+        for name, e in parsed.endpoints.items()
+    }
+    routes: dict[str, str] = {}
+    for name, ep in endpoints.items():
+        if ep.route is None:
+            continue
+        if ep.route in routes:
+            raise AppFileError(
+                source,
+                f"endpoints.{name}.route",
+                ep.route,
+                f"endpoint {routes[ep.route]!r} already serves this route; pick another",
+            )
+        routes[ep.route] = name
+    return App(backends=backends, endpoints=endpoints, source=source)
+
+
+def load_app(path: str | os.PathLike[str]) -> App:
+    """Read and validate the app file at ``path``. Raises :class:`AppFileError`
+    (or ``OSError`` if it cannot be read)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise AppFileError(str(p), "", None, f"not UTF-8 text: {exc}") from exc
+    return parse_app(text, source=str(p))

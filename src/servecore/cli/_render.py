@@ -1,0 +1,87 @@
+"""Status as rich tables (the JSON form of :class:`~servecore.Status` in, text out)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+__all__ = ["render_status"]
+
+_STYLE = {"HEALTHY": "green", "UPDATING": "yellow", "FAILED": "red", "RUNNING": "green"}
+
+
+def _weights(mapping: dict[str, float]) -> str:
+    return ", ".join(f"{tag} {weight:g}" for tag, weight in mapping.items()) or "-"
+
+
+def _dash(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def _row(table: Table, *cells: str | Text) -> None:
+    # Names and paths are the user's: never read them as rich markup.
+    table.add_row(*(c if isinstance(c, Text) else Text(c) for c in cells))
+
+
+def render_status(status: dict[str, Any], source: str) -> Group:
+    """Endpoints, backends and replicas of ``status`` (as :meth:`Status.as_dict`)."""
+    live = "live" if status["live"] else "from the checkpoint (no server running)"
+    health = "healthy" if status["healthy"] else "not healthy"
+    head = Text.assemble(
+        (f"{source}", "bold"),
+        f"  checkpoint {status['seq']}, {live}, ",
+        (health, "green" if status["healthy"] else "yellow"),
+    )
+
+    endpoints = Table(title="Endpoints", title_justify="left", expand=False)
+    for column in ("endpoint", "route", "methods", "traffic", "shadow"):
+        endpoints.add_column(column)
+    for ep in status["endpoints"]:
+        _row(
+            endpoints,
+            ep["name"],
+            _dash(ep["route"]),
+            ",".join(ep["methods"]),
+            _weights(ep["traffic"]),
+            _weights(ep["shadow"]),
+        )
+
+    backends = Table(title="Backends", title_justify="left")
+    for column in ("backend", "status", "replicas", "queued", "running", "target", "last error"):
+        backends.add_column(column)
+    for b in status["backends"]:
+        _row(
+            backends,
+            b["tag"],
+            Text(b["status"], style=_STYLE.get(b["status"], "")),
+            f"{b['running_replicas']}/{b['num_replicas']}",
+            _dash(b["queued"]),
+            _dash(b["running"]),
+            b["target"],
+            Text(_dash(b["last_error"]), style="red" if b["last_error"] else ""),
+        )
+
+    replicas = Table(title="Replicas", title_justify="left")
+    for column in ("replica", "backend", "status", "version", "pid/actor", "running", "log"):
+        replicas.add_column(column)
+    for b in status["backends"]:
+        for r in b["replicas"]:
+            _row(
+                replicas,
+                r["tag"],
+                r["backend"],
+                Text(r["status"], style=_STYLE.get(r["status"], "")),
+                str(r["version"]),
+                _dash(r["pid"] if r["pid"] is not None else r["actor_id"]),
+                _dash(r["running"]),
+                _dash(r["log_path"]),
+            )
+    return Group(head, endpoints, backends, replicas)
+
+
+def print_status(status: dict[str, Any], source: str, console: Console) -> None:
+    """Print :func:`render_status` on ``console``."""
+    console.print(render_status(status, source))

@@ -1,0 +1,218 @@
+"""``servecore run``: open a controller on a store, apply an app file, serve HTTP.
+
+Start-up: recover from the checkpoint (replicas of the subprocess and Ray runtimes that
+are still alive are adopted, not restarted), apply the file, serve the routes and the
+control socket. SIGINT or SIGTERM: stop taking connections, let requests in flight
+finish (hypercorn's graceful timeout), close the control socket, then close the
+controller. The checkpoint stays. In-process (threads) replicas stop with the
+process; out-of-process replicas keep running, to be adopted by the next
+``servecore run`` on the same store, unless ``--stop-replicas`` is given.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+from servecore._controller import Controller, open_controller
+from servecore._core import ReplicaStatus
+from servecore.app import App, apply, describe
+from servecore.cli._control import serve_control, socket_path
+from servecore.http import HTTPIngress
+from servecore.replica_logs import forward_replica_logs
+from servecore.stores import SQLiteStore
+
+__all__ = ["RunOptions", "run_server"]
+
+log = logging.getLogger("servecore.cli")
+
+#: How long requests in flight may take to finish after SIGINT/SIGTERM.
+GRACEFUL_TIMEOUT_S = 5.0
+
+
+class RunOptions:
+    """What ``servecore run`` was asked to do."""
+
+    def __init__(
+        self,
+        *,
+        app: App,
+        runtime: str,
+        store: Path,
+        host: str,
+        port: int,
+        name: str,
+        stop_replicas: bool,
+        timeout_s: float | None,
+        replica_logs: bool = True,
+    ) -> None:
+        self.app = app
+        self.runtime = runtime
+        self.store = store
+        self.host = host
+        self.port = port
+        self.name = name
+        self.stop_replicas = stop_replicas
+        self.timeout_s = timeout_s
+        self.replica_logs = replica_logs
+
+    @property
+    def state_dir(self) -> Path:
+        return self.store.parent
+
+
+def _runtime_options(options: RunOptions) -> dict[str, Any]:
+    if options.runtime == "subprocess":
+        # Beside the checkpoint, so that one directory holds the whole deployment.
+        return {"directory": str(options.state_dir / "replicas")}
+    return {}
+
+
+async def _show_progress(ctl: Controller, console: Console) -> None:
+    """Replicas RUNNING out of wanted, per backend, until cancelled."""
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("replicas running"),
+        console=console,
+        transient=True,
+    ) as progress:
+        tasks: dict[str, Any] = {}
+        while True:
+            state = ctl.state
+            for tag, b in sorted(state.backends.items()):
+                running = sum(
+                    1
+                    for r in state.replicas.values()
+                    if r.backend == tag and r.status is ReplicaStatus.RUNNING
+                )
+                if tag not in tasks:
+                    tasks[tag] = progress.add_task(tag, total=b.config.num_replicas)
+                progress.update(tasks[tag], completed=running, total=b.config.num_replicas)
+            await trio.sleep(0.1)
+
+
+async def _serve_http(
+    ctl: Controller,
+    options: RunOptions,
+    shutdown: trio.Event,
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    config = Config()
+    config.bind = [f"{options.host}:{options.port}"]
+    config.accesslog = None
+    config.loglevel = "WARNING"
+    config.graceful_timeout = GRACEFUL_TIMEOUT_S
+    app = HTTPIngress(ctl, timeout_s=options.timeout_s)
+    await serve(
+        app,  # type: ignore[arg-type]
+        config,
+        shutdown_trigger=shutdown.wait,
+        mode="asgi",
+        task_status=task_status,
+    )
+
+
+async def run_server(options: RunOptions, console: Console) -> int:
+    """The whole life of ``servecore run``; returns the exit status."""
+    options.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(options.state_dir, 0o700)
+    shutdown = trio.Event()
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with open_controller(
+            options.runtime,
+            SQLiteStore(options.store),
+            name=options.name,
+            runtime_options=_runtime_options(options),
+        ) as ctl:
+            async with trio.open_nursery() as nursery:
+
+                async def watch_signals() -> None:
+                    async for signum in signals:
+                        console.print(
+                            f"[bold]{signal.Signals(signum).name}[/]: draining requests "
+                            f"and stopping (the checkpoint is kept)"
+                        )
+                        shutdown.set()
+                        return
+
+                nursery.start_soon(watch_signals)
+                if options.replica_logs:
+                    nursery.start_soon(forward_replica_logs, ctl)
+                applying = trio.CancelScope()
+
+                async def cancel_apply_on_shutdown() -> None:
+                    await shutdown.wait()
+                    applying.cancel()
+
+                nursery.start_soon(cancel_apply_on_shutdown)
+                with applying:
+                    async with trio.open_nursery() as progress_nursery:
+                        progress_nursery.start_soon(_show_progress, ctl, console)
+                        applied = await apply(ctl, options.app)
+                        progress_nursery.cancel_scope.cancel()
+                    for command in applied.commands:
+                        console.print(f"  {escape(describe(command))}")
+                    if not applied.commands:
+                        console.print(
+                            f"{escape(options.app.source)}: already applied, nothing to do"
+                        )
+                    for tag, error in applied.failed.items():
+                        console.print(
+                            f"[red]backend {escape(repr(tag))} failed to start:[/] {escape(error)}"
+                        )
+                if shutdown.is_set():
+                    nursery.cancel_scope.cancel()
+                    return 0
+                binds = await nursery.start(_serve_http, ctl, options, shutdown)
+                control = await nursery.start(serve_control, ctl, socket_path(options.state_dir))
+                url = next((b for b in binds if b.startswith("http://")), binds[0])
+                # One plain line on stdout, flushed: scripts wait for it.
+                print(f"servecore: serving {url} (control socket {control})", flush=True)
+                await shutdown.wait()
+                # hypercorn returns once connections drained; then stop the rest.
+                with trio.move_on_after(GRACEFUL_TIMEOUT_S + 1):
+                    while ctl.router is not None and any(
+                        load.running or load.queued
+                        for load in ctl.router.statistics().backends.values()
+                    ):
+                        await trio.sleep(0.05)
+                nursery.cancel_scope.cancel()
+            if options.stop_replicas:
+                await _stop_replicas(ctl, console)
+    return 0
+
+
+async def _stop_replicas(ctl: Controller, console: Console) -> None:
+    """Stop every replica without changing the checkpoint: the next run starts them
+    again (as after a machine restart), rather than adopting them."""
+    async with trio.open_nursery() as nursery:
+        for tag, r in sorted(ctl.state.replicas.items()):
+            b = ctl.state.backends.get(r.backend)
+            timeout = b.config.graceful_shutdown_timeout_s if b is not None else 5.0
+            nursery.start_soon(ctl.runtime.stop_replica, tag, timeout)
+    console.print(f"stopped {len(ctl.state.replicas)} replica(s)")
+
+
+def add_app_dir(app_dir: Path) -> None:
+    """Make targets under ``app_dir`` importable here and in replica processes."""
+    path = str(app_dir.absolute())
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    existing = os.environ.get("PYTHONPATH", "")
+    if path not in existing.split(os.pathsep):
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (path, existing) if p)

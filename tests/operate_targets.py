@@ -1,0 +1,16 @@
+"""Targets for the operating tests (importable by path from replica processes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Chatty:
+    """Prints when it starts and on every call, as model code does."""
+
+    def __init__(self) -> None:
+        print("loading weights", flush=True)
+
+    def __call__(self, value: Any = None) -> Any:
+        print(f"serving {value}", flush=True)
+        return value

@@ -1,0 +1,193 @@
+"""apply(): the difference between the state and an app file, as commands.
+
+Properties, on the in-memory runtime: applying A then B declares exactly what B does on
+a fresh controller; re-applying plans nothing; no plan ever trips BackendInUse or any
+other check; a plan cut short converges when the file is applied again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+import servecore
+from servecore.app import App, BackendSpec, EndpointSpec, apply, declared, plan
+from servecore.testing import InMemoryRuntime
+
+TARGETS = ["servecore.testing.targets:echo", "servecore.testing.targets:Echo"]
+TAGS = ["a", "b", "c"]
+ENDPOINTS = ["e1", "e2"]
+ROUTES = ["/x", "/y", None]
+
+
+@st.composite
+def backends(draw: Any, tag: str) -> BackendSpec:
+    target = draw(st.sampled_from(TARGETS))
+    kwargs = {"prefix": draw(st.sampled_from(["", ">"]))} if target.endswith("Echo") else {}
+    config = servecore.BackendConfig(
+        num_replicas=draw(st.integers(0, 2)),
+        max_concurrent_queries=draw(st.sampled_from([1, 8])),
+        user_config=draw(st.sampled_from([None, {"v": 1}])),
+    )
+    return BackendSpec(tag=tag, target=target, init_kwargs=kwargs, config=config)
+
+
+def _split(tags: list[str], shape: int) -> dict[str, float]:
+    if not tags:
+        return {}
+    if len(tags) == 1 or shape == 0:
+        return {tags[0]: 1.0}
+    weights = [0.25, 0.75] if shape == 1 else [0.5, 0.5]
+    return dict(zip(tags[:2], weights, strict=True))
+
+
+@st.composite
+def apps(draw: Any) -> App:
+    tags = draw(st.lists(st.sampled_from(TAGS), unique=True, max_size=3))
+    specs = {tag: draw(backends(tag)) for tag in tags}
+    names = draw(st.lists(st.sampled_from(ENDPOINTS), unique=True, max_size=2))
+    routes = draw(st.permutations(ROUTES))
+    endpoints = {}
+    for name, route in zip(names, routes, strict=False):
+        used = draw(st.lists(st.sampled_from(tags), unique=True, max_size=2)) if tags else []
+        traffic = _split(sorted(used), draw(st.integers(0, 2)))
+        shadow_tags = draw(st.lists(st.sampled_from(tags), unique=True, max_size=1)) if tags else []
+        shadow = {t: draw(st.sampled_from([0.5, 1.0])) for t in shadow_tags}
+        endpoints[name] = EndpointSpec(
+            name=name,
+            route=route,
+            methods=tuple(draw(st.sampled_from([["GET"], ["GET", "POST"]]))),
+            traffic=traffic,
+            shadow=shadow,
+        )
+    return App(backends=specs, endpoints=endpoints)
+
+
+async def _declared_after(*steps: App) -> tuple[App, servecore.State]:
+    async with servecore.open_controller(InMemoryRuntime()) as ctl:
+        for app in steps:
+            await apply(ctl, app)
+            servecore.validate_state(ctl.state)
+        return declared(ctl.state), ctl.state
+
+
+@given(apps(), apps())
+def test_apply_a_then_b_declares_what_b_declares_on_a_fresh_state(a: App, b: App) -> None:
+    after_both, _ = trio.run(_declared_after, a, b)
+    fresh, _ = trio.run(_declared_after, b)
+    assert after_both == fresh == b
+
+
+@given(apps(), apps())
+def test_reapplying_plans_nothing_and_changes_nothing(a: App, b: App) -> None:
+    async def main() -> None:
+        async with servecore.open_controller(InMemoryRuntime()) as ctl:
+            await apply(ctl, a)
+            await apply(ctl, b)
+            seq, state = ctl.seq, ctl.state
+            assert plan(ctl.state, b) == []
+            again = await apply(ctl, b)
+            assert again.commands == () and not again.changed
+            assert (ctl.seq, ctl.state) == (seq, state)
+
+    trio.run(main)
+
+
+@given(apps(), apps(), st.integers(0, 30))
+def test_a_plan_cut_short_converges_when_applied_again(a: App, b: App, cut: int) -> None:
+    """As after a crash half-way through an apply: the next apply finishes the job."""
+
+    async def main() -> None:
+        async with servecore.open_controller(InMemoryRuntime()) as ctl:
+            await apply(ctl, a)
+            for command in plan(ctl.state, b)[:cut]:
+                await ctl.submit(command)  # no CommandError (BackendInUse...) on the way
+            await apply(ctl, b)
+            assert declared(ctl.state) == b
+            assert plan(ctl.state, b) == []
+
+    trio.run(main)
+
+
+def test_order_creates_then_wires_then_deletes() -> None:
+    old = App(
+        backends={"v1": BackendSpec(tag="v1", target=TARGETS[0])},
+        endpoints={"e": EndpointSpec(name="e", route="/e", methods=("GET",), traffic={"v1": 1})},
+    )
+    new = App(
+        backends={"v2": BackendSpec(tag="v2", target=TARGETS[0])},
+        endpoints={"e": EndpointSpec(name="e", route="/e", methods=("GET",), traffic={"v2": 1})},
+    )
+
+    async def main() -> list[servecore.Command]:
+        async with servecore.open_controller(InMemoryRuntime()) as ctl:
+            await apply(ctl, old)
+            return plan(ctl.state, new)
+
+    assert trio.run(main) == [
+        servecore.CreateBackend(tag="v2", target=TARGETS[0]),
+        servecore.SetTraffic(endpoint="e", traffic={"v2": 1.0}),
+        servecore.DeleteBackend(tag="v1"),
+    ]
+
+
+def test_a_changed_target_replaces_the_backend_and_its_endpoint() -> None:
+    def app(target: str) -> App:
+        return App(
+            backends={"m": BackendSpec(tag="m", target=target)},
+            endpoints={"e": EndpointSpec(name="e", route="/e", methods=("GET",), traffic={"m": 1})},
+        )
+
+    async def main() -> None:
+        async with servecore.open_controller(InMemoryRuntime()) as ctl:
+            await apply(ctl, app(TARGETS[0]))
+            applied = await apply(ctl, app(TARGETS[1]))
+            assert [type(c).__name__ for c in applied.commands] == [
+                "DeleteEndpoint",
+                "DeleteBackend",
+                "CreateBackend",
+                "CreateEndpoint",
+                "SetTraffic",
+            ]
+            assert ctl.state.backends["m"].target == TARGETS[1]
+            assert await ctl.get_handle("e").call("hi") == "hi"
+
+    trio.run(main)
+
+
+def test_a_backend_that_fails_to_start_is_reported_and_the_rest_applied() -> None:
+    app = App(
+        backends={
+            "bad": BackendSpec(tag="bad", target="servecore.testing.targets:FailingInit"),
+            "ok": BackendSpec(tag="ok", target=TARGETS[0]),
+        },
+        endpoints={"e": EndpointSpec(name="e", route="/e", methods=("GET",), traffic={"ok": 1})},
+    )
+
+    async def main() -> None:
+        async with servecore.open_controller(InMemoryRuntime()) as ctl:
+            applied = await apply(ctl, app)
+            assert set(applied.failed) == {"bad"}
+            assert ctl.state.backends["bad"].status is servecore.BackendStatus.FAILED
+            assert await ctl.get_handle("e").call(1) == 1
+            again = await apply(ctl, app)
+            assert again.commands == () and set(again.failed) == {"bad"}
+
+    trio.run(main)
+
+
+def test_sync_controller_applies_a_file(tmp_path: Any) -> None:
+    path = tmp_path / "app.toml"
+    path.write_text(
+        '[backends.echo]\ntarget = "servecore.testing.targets:echo"\n'
+        "[endpoints.echo]\ntraffic = { echo = 1.0 }\n"
+    )
+    with servecore.start(runtime="threads") as ctl:
+        applied = ctl.apply(path)
+        assert len(applied.commands) == 3
+        assert ctl.state.endpoints["echo"].route == "/echo"
+        assert ctl.get_handle("echo").call("hi") == "hi"
+        assert not ctl.apply(path).changed
