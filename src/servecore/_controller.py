@@ -83,7 +83,7 @@ log = logging.getLogger("servecore.controller")
 _COMMANDS = get_args(Command)
 _EVENTS = get_args(Event)
 #: Retries of an event whose save failed start here and double up to the cap.
-_RETRY_FIRST_S = 0.05
+_RETRY_FIRST_S = 0.01
 _RETRY_CAP_S = 2.0
 #: The default interval of the level-triggered resync with the runtime.
 RESYNC_INTERVAL_S = 10.0

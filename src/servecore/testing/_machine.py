@@ -141,6 +141,41 @@ class CrashConsistencyMachine(RuleBasedStateMachine):
             self.model.apply(cmd)
         self._settled(outcome)
 
+    @rule(cmd=commands(), n=st.sampled_from([1, 2, 6]))
+    def command_during_store_outage(self, cmd: Command, n: int) -> None:
+        """The command's own save lands, then the store fails the ``n`` saves that
+        follow (the events of its starts and stops) and recovers: no event is dropped,
+        and the controller converges to the acknowledged state."""
+        store = self.world.store
+        outcome = self.world.run(cmd, prepare=lambda _ctl: store.fail_next(n, after=1))
+        store.fail_next(0)
+        expected = self.model.expected_error(cmd)
+        if expected is not None:
+            assert isinstance(outcome.error, expected), (cmd, expected, outcome.error)
+        else:
+            if isinstance(outcome.error, CheckpointError):
+                # Only the events' saves failed: the command itself was saved.
+                assert "the command was saved" in str(outcome.error), outcome.error
+            else:
+                assert outcome.error is None or isinstance(outcome.error, BackendStartError), (
+                    cmd,
+                    outcome.error,
+                )
+            self.model.apply(cmd)
+        self._settled(outcome)
+
+    @precondition(lambda self: self.last is not None and bool(self.last.state.replicas))
+    @rule(data=st.data(), n=st.sampled_from([1, 2, 6]))
+    def kill_replica_during_store_outage(self, data: st.DataObject, n: int) -> None:
+        """A replica dies while the store is failing: its death and its replacement
+        are recorded once the store recovers."""
+        assert self.last is not None and self.last.state is not None
+        tag = data.draw(st.sampled_from(sorted(self.last.state.replicas)), label="victim")
+        store = self.world.store
+        outcome = self.world.run(Kill(tag), prepare=lambda _ctl: store.fail_next(n))
+        store.fail_next(0)
+        self._settled(outcome)
+
     @precondition(lambda self: self.last is not None and bool(self.last.state.replicas))
     @rule(data=st.data())
     def kill_replica(self, data: st.DataObject) -> None:

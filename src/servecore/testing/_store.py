@@ -26,12 +26,16 @@ class FaultyStore:
         self.crash_plan = crash_plan or CrashPlan()
         self.where = f"faulty {getattr(self.inner, 'where', self.inner)!s}"
         self._fail = 0
+        self._fail_after = 0
         self._tear = False
         self.saves = 0
 
-    def fail_next(self, n: int = 1) -> None:
-        """Make the next ``n`` saves fail without writing."""
+    def fail_next(self, n: int = 1, *, after: int = 0) -> None:
+        """Make ``n`` saves fail without writing: the next ones, or those that come
+        after ``after`` more saves succeed (an outage that begins once a command's own
+        save is done, and so hits the events that follow it)."""
         self._fail = n
+        self._fail_after = after
 
     def tear_next(self) -> None:
         """Make the next save write a torn prefix, then fail."""
@@ -49,7 +53,9 @@ class FaultyStore:
 
     def save(self, data: bytes) -> None:
         self.crash_plan.point("before save")
-        if self._fail:
+        if self._fail and self._fail_after:
+            self._fail_after -= 1
+        elif self._fail:
             self._fail -= 1
             raise StoreFault("injected save failure")
         if self._tear:
