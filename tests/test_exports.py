@@ -31,7 +31,8 @@ PUBLIC = {
     "InvalidTraffic", "InvalidConfig", "InvalidTarget", "CheckpointError",
     "CheckpointCorrupt", "CheckpointVersionError", "StoreLocked", "BackendStartError",
     "ReplicaDiedError", "BackpressureError", "NoReplicaError", "BatchSizeError",
-    "RemoteError", "RuntimeDirectoryLocked",
+    "RemoteError", "RuntimeDirectoryLocked", "RuntimeDirectoryStoreMismatch",
+    "RuntimeDirectoryUnsafe",
 }  # fmt: skip
 
 
