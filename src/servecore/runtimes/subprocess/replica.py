@@ -66,9 +66,11 @@ class Replica:
 
     @property
     def dead(self) -> bool:
+        """Whether the replica has died (or was stopped, or its runtime closed)."""
         return self.dead_reason is not None
 
     async def call(self, batch: Sequence[Query]) -> list[Any]:
+        """Send one batch and wait for its answer (its results, or its error raised)."""
         if self.dead_reason is not None:
             raise ReplicaDiedError(self.tag, self.dead_reason)
         if self.stopping:
@@ -102,6 +104,7 @@ class Replica:
         return result
 
     def deliver(self, kind: int, request_id: int, body: bytes) -> None:
+        """Wake the caller waiting for ``request_id`` with the answer in ``body``."""
         task = self.pending.pop(request_id, None)
         if task is None:  # the caller gave up (cancelled); drop the answer
             return
@@ -123,6 +126,7 @@ class Replica:
         trio.lowlevel.reschedule(task, answer)
 
     def fail_pending(self, reason: str) -> None:
+        """Fail every call in flight with :class:`~servecore.ReplicaDiedError`."""
         pending, self.pending = self.pending, {}
         for task in pending.values():
             trio.lowlevel.reschedule(task, outcome.Error(ReplicaDiedError(self.tag, reason)))

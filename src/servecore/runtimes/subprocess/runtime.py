@@ -92,7 +92,8 @@ class SubprocessRuntime:
         self._opened: RuntimeDirectory | None = None
         self._report: Report | None = None
         self._replicas: dict[str, Replica] = {}
-        self._starting: dict[str, Starting] = {}
+        #: tag -> the starts of it in flight (a stop cuts them all short)
+        self._starting: dict[str, list[Starting]] = {}
         self._key_locks: dict[str, trio.Lock] = {}
 
     @property
@@ -157,7 +158,8 @@ class SubprocessRuntime:
         """
         env, timeout = check_options(effect)
         files = self._files(effect.tag)
-        starting = self._starting[effect.tag] = Starting(effect.tag)
+        starting = Starting(effect.tag)
+        self._starting.setdefault(effect.tag, []).append(starting)
         try:
             async with self._key_lock(files.key):
                 if starting.stop_requested:
@@ -180,7 +182,9 @@ class SubprocessRuntime:
                 await self._spawn(effect, files, lock_fd, env, timeout, starting)
         finally:
             starting.done.set()
-            if self._starting.get(effect.tag) is starting:
+            starts = self._starting[effect.tag]
+            starts.remove(starting)
+            if not starts:
                 del self._starting[effect.tag]
 
     async def stop_replica(self, tag: str, timeout_s: float) -> None:
@@ -188,8 +192,10 @@ class SubprocessRuntime:
         passed since the stop began. A start of ``tag`` still in flight is cut short
         the same way: its process is signalled and the start raises."""
         deadline = trio.current_time() + max(0.0, timeout_s)
-        starting = self._starting.get(tag)
-        if starting is not None:
+        starts = list(self._starting.get(tag, ()))
+        for starting in starts:
+            starting.stop_requested = True
+        for starting in starts:
             await self._stop_start(starting, deadline, timeout_s)
         files = self._files(tag)
         async with self._key_lock(files.key):
@@ -282,24 +288,21 @@ class SubprocessRuntime:
     async def _stop_start(self, starting: Starting, deadline: float, timeout_s: float) -> None:
         """Cut a start in flight short: SIGTERM now, SIGKILL at the deadline."""
         starting.stop_requested = True
-        if starting.process is not None:
-            starting.process.signal(signal.SIGTERM)
         with trio.move_on_at(deadline):
-            while not starting.done.is_set():
-                # The process may appear (spawned) after the stop came: signal it then.
-                if starting.process is not None:
-                    starting.process.signal(signal.SIGTERM)
-                with trio.move_on_after(_POLL_S * 5):
-                    await starting.done.wait()
+            await self._signal_until_done(starting, signal.SIGTERM)
         if not starting.done.is_set():
-            log.warning("replica %s did not stop starting within %ss; killing it",
-                        starting.tag, timeout_s)  # fmt: skip
+            log.warning("replica %s still starting after %ss; killing it", starting.tag, timeout_s)
             with trio.move_on_after(KILL_WAIT_S):
-                while not starting.done.is_set():
-                    if starting.process is not None:
-                        starting.process.signal(signal.SIGKILL)
-                    with trio.move_on_after(_POLL_S * 5):
-                        await starting.done.wait()
+                await self._signal_until_done(starting, signal.SIGKILL)
+
+    @staticmethod
+    async def _signal_until_done(starting: Starting, signum: int) -> None:
+        while not starting.done.is_set():
+            # Signalled again on each turn: the process may be spawned after the stop.
+            if starting.process is not None:
+                starting.process.signal(signum)
+            with trio.move_on_after(_POLL_S * 5):
+                await starting.done.wait()
 
     async def _terminate(
         self, process: Process, deadline: float, tag: str, timeout_s: float
