@@ -183,7 +183,7 @@ async def test_names_that_could_escape_the_base_are_refused(
     with pytest.raises(InvalidConfig, match="name=") as info:
         await SubprocessRuntime().open(namespace=name, report=lambda event: None)
     assert info.value.value == name
-    assert isinstance(info.value.value, str) and repr(name) in str(info.value)
+    assert repr(name)[:20] in str(info.value)  # named (a long one by its start)
     str(info.value).encode("utf-8")  # the message itself is encodable
     assert sorted(tmp_path.iterdir()) == before  # nothing was created
 
