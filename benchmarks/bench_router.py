@@ -17,8 +17,11 @@ machine spreads over all rows alike. Throughput keeps ``CONCURRENCY`` queries in
 (``BATCH_CONCURRENCY`` with batching) against one replica. Results print as a table and
 go to ``benchmarks/results/bench_router.json``.
 
-Another runtime is one more entry in ``RUNTIMES`` (name -> what ``open_controller``
-takes as ``runtime``). The subprocess runtime's comparison with a raw Unix-socket echo
+Another runtime is one more entry in ``RUNTIMES`` (name -> a factory of what
+``open_controller`` takes as ``runtime``, given a private directory). Every replica the
+run starts is stopped before it exits, on error too: out-of-process replicas outlive
+their controller, so they are stopped from a fresh runtime on the same directory.
+The subprocess runtime's comparison with a raw Unix-socket echo
 lives in ``bench_subprocess.py``.
 Run: ``.venv/bin/python benchmarks/bench_router.py [--quick] [--runtimes threads,...]``.
 """
@@ -34,6 +37,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -52,12 +56,14 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 import bench_targets  # noqa: E402
 
 import servecore  # noqa: E402
-from servecore.runtimes import Query, Runtime  # noqa: E402
+from servecore.runtimes import Query, Runtime, resolve_runtime  # noqa: E402
+from servecore.runtimes.subprocess import SubprocessRuntime  # noqa: E402
 
-#: Runtimes to measure: name -> a factory of what open_controller takes as ``runtime``.
-RUNTIMES: dict[str, Callable[[], str | Runtime]] = {
-    "threads": lambda: "threads",
-    "subprocess": lambda: "subprocess",
+#: Runtimes to measure: name -> a factory, given a private directory, of what
+#: open_controller takes as ``runtime``.
+RUNTIMES: dict[str, Callable[[Path], str | Runtime]] = {
+    "threads": lambda directory: "threads",
+    "subprocess": lambda directory: SubprocessRuntime(directory),
 }
 
 CONCURRENCY = 32
@@ -190,9 +196,41 @@ async def trio_channel_row() -> AsyncIterator[Row]:
 # -- servecore ----------------------------------------------------------------------------
 
 
+async def stop_replicas_left_in(
+    make: Callable[[Path], str | Runtime], directory: Path, name: str
+) -> None:
+    """Stop every replica a controller named ``name`` left running (out-of-process
+    runtimes keep them when the controller closes), from a fresh runtime."""
+    with trio.CancelScope(shield=True):
+        runtime = resolve_runtime(make(directory))
+        await runtime.open(namespace=name, report=lambda event: None)
+        try:
+            for tag in await runtime.list_replicas():
+                await runtime.stop_replica(tag, 5.0)
+        finally:
+            await runtime.close()
+
+
 @contextlib.asynccontextmanager
-async def servecore_rows(label: str, runtime: str | Runtime) -> AsyncIterator[list[Row]]:
+async def servecore_rows(
+    label: str, make: Callable[[Path], str | Runtime], workdir: Path
+) -> AsyncIterator[list[Row]]:
     """Rows for one runtime: raw runtime.call, handle.call, batched, and SyncHandle."""
+    name, sync_name = f"bench-{label}", f"bench-sync-{label}"
+    directory, sync_directory = workdir / name, workdir / sync_name
+    try:
+        async with _servecore_rows(label, make, directory, sync_directory) as rows:
+            yield rows
+    finally:
+        await stop_replicas_left_in(make, directory, name)
+        await stop_replicas_left_in(make, sync_directory, sync_name)
+
+
+@contextlib.asynccontextmanager
+async def _servecore_rows(
+    label: str, make: Callable[[Path], str | Runtime], directory: Path, sync_directory: Path
+) -> AsyncIterator[list[Row]]:
+    runtime = make(directory)
     async with servecore.open_controller(runtime=runtime, name=f"bench-{label}") as ctl:
         await ctl.create_backend(
             "echo", "bench_targets:echo", max_concurrent_queries=BATCH_CONCURRENCY
@@ -261,11 +299,15 @@ async def servecore_rows(label: str, runtime: str | Runtime) -> AsyncIterator[li
         # the probes run in worker threads, as a synchronous host's threads would.
         # (Its blocking methods refuse to run on a thread that runs trio, hence to_thread.)
         def sync_setup() -> tuple[servecore.SyncController, servecore.SyncHandle]:
-            c = servecore.start(runtime=runtime, name=f"bench-sync-{label}")
-            c.create_backend("echo", "bench_targets:echo", max_concurrent_queries=64)
-            c.create_endpoint("echo")
-            c.set_traffic("echo", {"echo": 1.0})
-            return c, c.get_handle("echo")
+            c = servecore.start(runtime=make(sync_directory), name=f"bench-sync-{label}")
+            try:
+                c.create_backend("echo", "bench_targets:echo", max_concurrent_queries=64)
+                c.create_endpoint("echo")
+                c.set_traffic("echo", {"echo": 1.0})
+                return c, c.get_handle("echo")
+            except BaseException:
+                c.close()
+                raise
 
         sync_ctl, sync_handle = await trio.to_thread.run_sync(sync_setup)
         try:
@@ -321,13 +363,22 @@ def _table(results: list[dict[str, Any]]) -> str:
 
 
 async def _run(labels: list[str], latency_n: int, throughput_n: int) -> list[dict[str, Any]]:
+    with tempfile.TemporaryDirectory(prefix="bench-router-") as tmp:
+        return await _run_in(Path(tmp), labels, latency_n, throughput_n)
+
+
+async def _run_in(
+    workdir: Path, labels: list[str], latency_n: int, throughput_n: int
+) -> list[dict[str, Any]]:
     async with contextlib.AsyncExitStack() as stack:
         rows = [
             await stack.enter_async_context(threadpool_row()),
             await stack.enter_async_context(trio_channel_row()),
         ]
         for label in labels:
-            rows.extend(await stack.enter_async_context(servecore_rows(label, RUNTIMES[label]())))
+            rows.extend(
+                await stack.enter_async_context(servecore_rows(label, RUNTIMES[label], workdir))
+            )
         per_round = max(1, latency_n // ROUNDS)
         for row in rows:  # warm-up, not recorded
             await row.latency(min(per_round, 300))

@@ -20,6 +20,8 @@ Start time: ``python -c pass`` (spawn and exit), ``python -c "import servecore"`
 ``start_replica`` of a fresh replica (spawn, import, construct, connect), each the
 median of ``starts`` runs.
 
+Every replica the run starts is stopped before it exits, on error too (replicas outlive
+their runtime, so leftovers are stopped from a fresh one on each directory).
 Results print as a table and go to ``benchmarks/results/bench_subprocess.json``.
 Run: ``.venv/bin/python benchmarks/bench_subprocess.py [--quick]``.
 """
@@ -288,12 +290,31 @@ async def bench_spawn(settings: Settings, code: str) -> float:
     return statistics.median(times) * 1000
 
 
+async def stop_replicas_left_in(directory: Path) -> None:
+    """Stop every replica still running in runtime directory ``directory``."""
+    namespace = directory / ".namespace"
+    if not namespace.exists():
+        return
+    with trio.CancelScope(shield=True):
+        runtime = SubprocessRuntime(directory)
+        await runtime.open(namespace=namespace.read_text(), report=lambda event: None)
+        try:
+            for tag in await runtime.list_replicas():
+                await runtime.stop_replica(tag, 5.0)
+        finally:
+            await runtime.close()
+
+
 async def main(quick: bool) -> dict[str, Any]:
     settings = Settings(quick)
     with tempfile.TemporaryDirectory(prefix="bench-subprocess-") as tmp:
         workdir = Path(tmp)
-        round_trips = await bench_round_trips(settings, workdir)
-        start_ms = await bench_start(settings, workdir)
+        try:
+            round_trips = await bench_round_trips(settings, workdir)
+            start_ms = await bench_start(settings, workdir)
+        finally:
+            for directory in ("runtime", "runtime-handle", "runtime-start"):
+                await stop_replicas_left_in(workdir / directory)
     bare_ms = await bench_spawn(settings, "pass")
     import_ms = await bench_spawn(settings, "import servecore")
     return {

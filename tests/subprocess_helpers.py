@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
+
+from servecore import BackendConfig, StartReplica
 
 
 def replica_processes(runtime_dir: Path) -> dict[str, psutil.Process]:
@@ -48,3 +51,15 @@ def kill_everything_under(path: Path) -> None:
     while victims and time.monotonic() < deadline:
         victims = [p for p in victims if not gone(p.pid)]
         time.sleep(0.01)
+
+
+def replica_effect(tag: str, target: str, *args: Any, **config: Any) -> StartReplica:
+    """A ``StartReplica`` of ``subprocess_targets:TARGET`` for tag ``backend#n``."""
+    return StartReplica(
+        tag=tag,
+        backend=tag.split("#")[0],
+        target=f"subprocess_targets:{target}",
+        init_args=args,
+        init_kwargs={},
+        config=BackendConfig(**config),
+    )

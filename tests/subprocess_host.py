@@ -65,6 +65,12 @@ class CrashingStore:
         self.points = points
         self.saves = 0
 
+    @property
+    def store_id(self) -> str | None:
+        """The inner store's: the recovering controller opens that store directly."""
+        found = getattr(self.inner, "store_id", None)
+        return found if isinstance(found, str) else None
+
     def open(self) -> None:
         self.inner.open()
 

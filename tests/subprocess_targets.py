@@ -4,6 +4,7 @@ in replica processes; ``tests/`` is on the host's ``sys.path``, which replicas i
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 import time
@@ -139,3 +140,73 @@ class Meeting:
 
     def __call__(self) -> int:
         return self.barrier.wait()
+
+
+class HangingInit:
+    """A constructor that never returns."""
+
+    def __init__(self) -> None:
+        print("constructing for ever", flush=True)
+        while True:
+            time.sleep(3600)
+
+    def __call__(self) -> None:  # pragma: no cover - never constructed
+        return None
+
+
+class HangingInitIgnoringTerm:
+    """A constructor that ignores SIGTERM, says so in its log, and never returns."""
+
+    def __init__(self) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("ignoring SIGTERM", flush=True)
+        while True:
+            time.sleep(3600)
+
+    def __call__(self) -> None:  # pragma: no cover - never constructed
+        return None
+
+
+class CrashSoon:
+    """Serves, but a moment after it is ready says why on stderr and exits (code 3)."""
+
+    def __init__(self, why: str, after_s: float = 0.1) -> None:
+        def crash() -> None:
+            time.sleep(after_s)
+            print(f"crash-loop: {why}", file=sys.stderr, flush=True)
+            os._exit(3)
+
+        threading.Thread(target=crash, daemon=True).start()
+
+    def __call__(self) -> str:
+        return "alive"
+
+
+class PrintsThenFails:
+    """Prints what it is doing, then its constructor fails."""
+
+    def __init__(self) -> None:
+        print("loading weights from /nowhere/model.bin", flush=True)
+        raise FileNotFoundError("no weights")
+
+    def __call__(self) -> None:  # pragma: no cover - never constructed
+        return None
+
+
+#: A path as a non-UTF-8 file name reads once decoded with surrogateescape.
+SURROGATE_PATH = os.fsdecode(b"/data/caf\xe9")
+
+
+class SurrogateInit:
+    """A constructor whose error message holds a lone surrogate."""
+
+    def __init__(self) -> None:
+        raise ValueError(f"cannot open {SURROGATE_PATH}")
+
+    def __call__(self) -> None:  # pragma: no cover - never constructed
+        return None
+
+
+def raise_surrogate() -> None:
+    """A call whose error message holds a lone surrogate."""
+    raise RuntimeError(f"cannot read {SURROGATE_PATH}")

@@ -32,7 +32,8 @@ PUBLIC = {
     "InvalidTraffic", "InvalidConfig", "InvalidTarget", "InvalidCommand", "CheckpointError",
     "CheckpointCorrupt", "CheckpointVersionError", "StoreLocked", "BackendStartError",
     "ReplicaDiedError", "BackpressureError", "NoReplicaError", "BatchSizeError",
-    "RemoteError", "RuntimeDirectoryLocked",
+    "RemoteError", "RuntimeDirectoryLocked", "RuntimeDirectoryStoreMismatch",
+    "RuntimeDirectoryUnsafe",
     # operating it
     "App", "AppFileError", "Applied", "apply", "load_app", "Status", "load_state", "read_state",
 }  # fmt: skip

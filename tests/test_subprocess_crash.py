@@ -128,15 +128,16 @@ def test_sigkill_of_the_host_at_every_point(workdir: Path, crash_at: int) -> Non
 
 def test_replicas_of_a_superseded_checkpoint_are_stopped_as_orphans(workdir: Path) -> None:
     """The host ran to the end; its replicas run. Recovering from an *earlier*
-    checkpoint -- one written before the backend existed, which a later one superseded
-    -- finds those replicas unknown, and stops them."""
+    checkpoint -- one written before the backend existed, which a later one superseded,
+    restored into the same store (the runtime directory serves that store only) --
+    finds those replicas unknown, and stops them."""
     done = run_host(workdir, None)
     assert done.returncode == 0, done.stderr
     assert replica_processes(workdir / "rt")
     earlier = workdir / "checkpoints" / "0001.bin"  # only the endpoint
     assert b"echo#" not in earlier.read_bytes()
-    store = SQLiteStore(workdir / "rolled-back.db")
-    store.save(earlier.read_bytes())
+    store = SQLiteStore(workdir / "state.db")
+    store.save(earlier.read_bytes())  # rolled back in place
 
     async def recover() -> None:
         async with servecore.open_controller(

@@ -52,6 +52,8 @@ pytestmark = pytest.mark.slow
 
 #: Bounded waits, so that a broken build fails instead of hanging; never asserted on.
 BOUND_S = 30.0
+#: What a runtime directory holds once no replica is left (dead ones' logs are in logs/).
+EMPTY_DIRECTORY = [".namespace", ".owner.lock", "logs"]
 
 
 @pytest.fixture
@@ -134,7 +136,7 @@ async def test_start_is_idempotent_and_a_new_runtime_adopts_live_replicas(rt_dir
         await second.stop_replica("echo#1", 5.0)
         assert gone(pid)
         assert await second.list_replicas() == frozenset()
-        assert sorted(p.name for p in rt_dir.iterdir()) == [".namespace", ".owner.lock"]
+        assert sorted(p.name for p in rt_dir.iterdir()) == EMPTY_DIRECTORY
     finally:
         await second.close()
 
@@ -206,7 +208,7 @@ async def test_files_of_dead_replicas_are_cleaned_up(rt_dir: Path) -> None:
     await again.open(namespace="test", report=lambda e: None)
     try:
         assert await again.list_replicas() == frozenset()
-        assert sorted(p.name for p in rt_dir.iterdir()) == [".namespace", ".owner.lock"]
+        assert sorted(p.name for p in rt_dir.iterdir()) == EMPTY_DIRECTORY
     finally:
         await again.close()
 
@@ -349,7 +351,7 @@ async def test_start_failures_raise_the_replicas_own_error_and_leave_nothing(
         )
     assert await runtime.list_replicas() == frozenset()
     assert replica_processes(rt_dir) == {}
-    assert sorted(p.name for p in rt_dir.iterdir()) == [".namespace", ".owner.lock"]
+    assert sorted(p.name for p in rt_dir.iterdir()) == EMPTY_DIRECTORY
 
 
 async def test_a_replica_slower_than_startup_timeout_is_killed(
@@ -431,7 +433,7 @@ async def test_a_replica_killed_from_outside_is_reported_dead(
     assert await runtime.list_replicas() == frozenset()
     with pytest.raises(ReplicaDiedError):
         await call1(runtime, "slow#1", 0)
-    assert sorted(p.name for p in rt_dir.iterdir()) == [".namespace", ".owner.lock"]
+    assert sorted(p.name for p in rt_dir.iterdir()) == EMPTY_DIRECTORY
 
 
 async def test_system_exit_in_user_code_ends_the_replica(runtime: SubprocessRuntime) -> None:

@@ -598,7 +598,10 @@ class Controller:
 
 def _describe(exc: BaseException) -> str:
     text = str(exc)
-    return reason_text(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+    described = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    # Runtimes attach what the replica printed before failing as notes.
+    notes = [n for n in getattr(exc, "__notes__", ()) if isinstance(n, str)]
+    return reason_text("\n".join([described, *notes]))
 
 
 def _what(message: Message) -> str:
@@ -614,13 +617,12 @@ def _what(message: Message) -> str:
     return type(message).__name__
 
 
-def _store_id(store: Store) -> str:
+def _store_id(store: Store) -> str | None:
     """What identifies ``store`` to a runtime, so replicas are adopted only by a
-    controller on the same store."""
+    controller on the same store; ``None`` for a store that cannot say (nothing is
+    checked then)."""
     found = getattr(store, "store_id", None)
-    if isinstance(found, str):
-        return found
-    return f"{type(store).__qualname__}:{id(store):x}"
+    return found if isinstance(found, str) else None
 
 
 def _open_kwargs(opener: Callable[..., Any], **kwargs: Any) -> dict[str, Any]:

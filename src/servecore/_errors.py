@@ -33,6 +33,8 @@ __all__ = [
     "ReplicaDiedError",
     "RouteConflict",
     "RuntimeDirectoryLocked",
+    "RuntimeDirectoryStoreMismatch",
+    "RuntimeDirectoryUnsafe",
     "ServecoreError",
     "StoreLocked",
 ]
@@ -289,6 +291,36 @@ class RuntimeDirectoryLocked(ServecoreError):
         super().__init__(
             f"runtime directory {directory} is in use by another controller; give each "
             f"controller its own directory= (or controller name), or close the other one"
+        )
+
+
+class RuntimeDirectoryStoreMismatch(RuntimeDirectoryLocked):
+    """The runtime directory's live replicas belong to a controller on another store."""
+
+    def __init__(self, directory: str, recorded_store: str, store: str) -> None:
+        self.directory = directory
+        self.recorded_store = recorded_store
+        self.store = store
+        ServecoreError.__init__(
+            self,
+            f"runtime directory {directory} holds live replicas of the controller on store "
+            f"{recorded_store!r}, not of this one on store {store!r}; give this controller "
+            f"its own name= (or directory=), or stop those replicas from a controller on "
+            f"{recorded_store!r}. If that store is gone for good, delete "
+            f"{directory}/.store and this controller adopts them (and stops those it does "
+            f"not know)",
+        )
+
+
+class RuntimeDirectoryUnsafe(ServecoreError):
+    """The runtime directory could be read or written by another user."""
+
+    def __init__(self, directory: str, why: str) -> None:
+        self.directory = directory
+        self.why = why
+        super().__init__(
+            f"runtime directory {directory} is unsafe: {why}; remove it (another user may "
+            f"have created it first) or choose another with directory= or XDG_RUNTIME_DIR"
         )
 
 

@@ -2,8 +2,9 @@
 
 Shared by the out-of-process runtimes (subprocess, Ray). The replica side describes
 the exception as a dict (``pickled``, ``state``, ``module``, ``qualname``, ``message``,
-``traceback``; see ``error_info`` in ``_replica_main``); :func:`rebuild_exception`
-turns it back into an exception of its own type whenever that type can be imported.
+``traceback``; see ``error_info`` in ``subprocess/wire.py``); :func:`rebuild_exception`
+turns it back into an exception of its own type whenever that type can be imported,
+with its text made encodable: what a replica says must never break the checkpoint.
 """
 
 from __future__ import annotations
@@ -44,5 +45,35 @@ def rebuild_exception(info: Mapping[str, Any]) -> Exception:
                     vars(rebuilt).update(pickle.loads(info["state"]))
                 exc = rebuilt
     if not isinstance(exc, Exception):
-        return RemoteError(f"{info['module']}.{info['qualname']}", info["message"])
+        return RemoteError(f"{info['module']}.{info['qualname']}", _encodable(info["message"]))
+    return _made_encodable(exc, info)
+
+
+def _encodable(text: object) -> str:
+    """``text`` as valid UTF-8 (lone surrogates become ``\\udcff`` escapes)."""
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _made_encodable(exc: Exception, info: Mapping[str, Any]) -> Exception:
+    """``exc`` with lone surrogates escaped in its string arguments and attributes, so
+    that ``str(exc)`` encodes; a type whose ``str()`` still does not becomes
+    :class:`~servecore.RemoteError` with the (escaped) message."""
+
+    def clean(value: Any) -> Any:
+        return _encodable(value) if isinstance(value, str) else value
+
+    try:
+        str(exc).encode("utf-8")
+        return exc
+    except Exception:
+        pass
+    with contextlib.suppress(Exception):
+        exc.args = tuple(clean(arg) for arg in exc.args)
+        for name, value in list(vars(exc).items()):
+            setattr(exc, name, clean(value))
+    try:
+        str(exc).encode("utf-8")
+    except Exception:
+        name = f"{info['module']}.{info['qualname']}"
+        return RemoteError(name, _encodable(info.get("message", "")))
     return exc

@@ -1,205 +1,73 @@
-"""One replica of the subprocess runtime, and the wire format both ends share.
+"""The replica process: load the spec, construct the target, serve it until SIGTERM.
 
 The host starts this file *by path*, not with ``-m``::
 
-    python -P .../servecore/runtimes/_replica_main.py --dir RUNTIME_DIR --key KEY \\
-        --lock-fd N --status-fd M
+    python -P .../servecore/runtimes/subprocess/replica_main.py --dir RUNTIME_DIR \\
+        --key KEY --lock-fd N --status-fd M
 
-so that a replica imports only the standard library (not the servecore package, trio,
-attrs…) unless its own target does: a bare replica starts about as fast as
-``python -c pass``. ``-P`` keeps this file's directory (which holds a module named
-``subprocess``) off ``sys.path``; :func:`main` removes it again for interpreters that
-ignore ``-P``. The host imports the module normally, for the shared wire format.
+``-P`` keeps this file's directory (which holds modules named ``process``, ``runtime``
+and the like) off ``sys.path``, so that they never shadow the user's; the top of the
+file removes it again for interpreters that ignore ``-P``, and imports servecore from
+where the host imported it (then leaves ``sys.path`` as it found it). The replica
+imports the wire format and the file helpers (standard library only) and
+``servecore._batch``, never trio or psutil. Its files are described in ``files.py``.
 
-Files of one replica, all in the runtime directory and named after ``KEY`` (a
-filename-safe form of the tag, see ``replica_key`` in ``subprocess.py``):
-
-``KEY.lock``
-    An ``flock`` the replica holds for its whole life. The host takes it, then hands the
-    locked file to the child (``pass_fds``), so "the lock is held" means "a process of
-    this tag is alive", with no race and no pid-reuse question: the kernel drops the lock
-    when the last holder exits.
-``KEY.spec.json``
-    What to run (target, arguments, host ``sys.path``), written by the host before spawn.
-``KEY.json``
-    The record: tag, pid, create time and phase (``starting``, ``ready``, ``failed``,
-    ``dead``) with the error, written by the replica first thing and rewritten on each
-    change (atomically). A replica that ends itself (a failed health check, SystemExit
-    in user code) says why there, and the host puts that in ``ReplicaDied``.
-``KEY.sock``
-    The replica's Unix socket, bound once the target is constructed.
-``KEY.log``
-    The replica's stdout and stderr.
-
-Wire format: frames of ``HEADER`` (body length, kind, request id; network order) and a
-pickled body. Pickle carries the user's query arguments, results and exceptions over a
-socket that only this user can reach (the directory is mode 0700); it is never used for
-controller state, which is checkpointed as JSON. A malformed frame closes the connection.
+The replica writes its record first thing, then imports and constructs the target,
+binds its socket (mode 0600), writes the record again (``ready``) and answers on the
+status pipe: ``OK``, or ``ERROR`` with its exception (after writing
+:data:`~servecore.runtimes.subprocess.files.FAILED_MARKER` and the traceback to its
+log). Every text it sends is encodable UTF-8 (see ``wire.encodable``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
+import sys
+
+if __name__ == "__main__":  # run by path (see the module doc)
+    _HERE = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+    _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(_HERE)))
+    sys.path.insert(0, _ROOT)
+    import servecore.runtimes.subprocess.files  # noqa: F401  (the host's servecore)
+
+    sys.path.remove(_ROOT)
+
+import contextlib
 import pickle
 import signal
 import socket
-import struct
-import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
-__all__ = [
-    "CALL",
-    "ERROR",
-    "GONE",
-    "HEADER",
-    "OK",
-    "PING",
-    "ReplicaFiles",
-    "dumps",
-    "error_info",
-    "frame",
-    "main",
-    "process_create_time",
-    "socket_address",
-]
+from servecore.runtimes.subprocess.files import (
+    FAILED_MARKER,
+    ReplicaFiles,
+    process_create_time,
+)
+from servecore.runtimes.subprocess.wire import (
+    CALL,
+    ERROR,
+    GONE,
+    HEADER,
+    OK,
+    PING,
+    dumps,
+    encodable,
+    error_info,
+    frame,
+    socket_address,
+)
 
-#: body length (bytes), message kind, request id
-HEADER = struct.Struct("!IBQ")
-#: host -> replica: run a batch; the body is a list of ``(args, kwargs)``.
-CALL = 1
-#: host -> replica: who are you? The reply body is ``{"tag", "pid", "key"}``.
-PING = 2
-#: replica -> host: the body is the list of results (or the ping answer).
-OK = 3
-#: replica -> host: the body is an :func:`error_info` dict.
-ERROR = 4
-#: replica -> host: the replica is stopping and did not run the batch; body: a reason.
-GONE = 5
+__all__ = ["main"]
 
 #: A call this fast, alone on its connection, runs on the reading thread (no hand-off).
 _FAST_CALL_S = 0.001
 #: How often a connection checks that an inline call has not held up reading too long.
 _WATCHDOG_S = 0.005
-
-#: Longest socket path that ``bind``/``connect`` take (``sun_path`` is 108 bytes on Linux).
-_MAX_SOCKET_PATH = 100
-
-
-def dumps(obj: Any) -> bytes:
-    """Pickle ``obj`` with the highest protocol (both ends run the same Python)."""
-    return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def frame(kind: int, request_id: int, body: bytes) -> bytes:
-    """One message on the wire."""
-    return HEADER.pack(len(body), kind, request_id) + body
-
-
-def error_info(exc: BaseException) -> dict[str, Any]:
-    """Describe ``exc`` so the other side can raise it again.
-
-    ``pickled`` is the exception itself when it pickles (``None`` otherwise) and
-    ``state`` its ``__dict__``, for types whose constructor pickle cannot call again
-    (those with extra required arguments). The type's module and qualified name, the
-    message and the formatted traceback always travel, so an exception whose class
-    cannot be imported on the other side still says what it was.
-    """
-    try:
-        pickled: bytes | None = dumps(exc)
-    except Exception:
-        pickled = None
-    try:
-        state: bytes | None = dumps(vars(exc))
-    except Exception:
-        state = None
-    cls = type(exc)
-    return {
-        "pickled": pickled,
-        "state": state,
-        "module": cls.__module__,
-        "qualname": cls.__qualname__,
-        "message": str(exc),
-        "traceback": "".join(traceback.format_exception(exc)),
-    }
-
-
-def socket_address(path: str, dir_fd: int | None) -> str:
-    """A path that ``bind``/``connect`` accept for the socket at ``path``.
-
-    ``sun_path`` holds about 100 bytes, and temporary directories (pytest's above all)
-    can be longer. On Linux a long path is reached through the already open directory,
-    ``/proc/self/fd/DIR_FD/NAME``, which is short whatever the directory's length.
-    """
-    if len(os.fsencode(path)) <= _MAX_SOCKET_PATH or dir_fd is None:
-        return path
-    return f"/proc/self/fd/{dir_fd}/{os.path.basename(path)}"
-
-
-def process_create_time(pid: int | None = None) -> float:
-    """The process's start time in seconds since the epoch, as ``psutil`` computes it.
-
-    Read from ``/proc`` on Linux, so that a replica need not import psutil to record
-    it; elsewhere psutil is imported. Host and replica compare these values (with a
-    tolerance) to tell a replica from a later process that reused its pid.
-    """
-    try:
-        with open(f"/proc/{pid or 'self'}/stat", "rb") as f:
-            stat = f.read()
-        # Fields after the command name (which may hold spaces) start at field 3;
-        # starttime is field 22.
-        ticks = int(stat[stat.rindex(b")") + 2 :].split()[19])
-        with open("/proc/stat", "rb") as f:
-            btime = next(float(line.split()[1]) for line in f if line.startswith(b"btime"))
-        return ticks / os.sysconf("SC_CLK_TCK") + btime
-    except (OSError, ValueError, IndexError, StopIteration):
-        import psutil  # a non-Linux system: pay for the import
-
-        return float(psutil.Process(pid).create_time())
-
-
-class ReplicaFiles:
-    """The paths of one replica's files in the runtime directory (see the module doc)."""
-
-    def __init__(self, directory: str, key: str) -> None:
-        self.directory = directory
-        self.key = key
-        base = os.path.join(directory, key)
-        self.lock = base + ".lock"
-        self.spec = base + ".spec.json"
-        self.record = base + ".json"
-        self.socket = base + ".sock"
-        self.log = base + ".log"
-
-    def read_record(self) -> dict[str, Any] | None:
-        """The record, or ``None`` if it is missing or torn."""
-        try:
-            with open(self.record, encoding="utf-8") as f:
-                record: dict[str, Any] = json.load(f)
-        except (OSError, ValueError):
-            return None
-        return record
-
-    def write_record(self, record: dict[str, Any]) -> None:
-        """Replace the record atomically (a reader never sees half of it)."""
-        tmp = f"{self.record}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(record, f)
-        os.replace(tmp, self.record)
-
-    def remove(self, *, keep_lock: bool = False) -> None:
-        """Delete the files (those that exist)."""
-        paths = [self.spec, self.record, self.socket, self.log]
-        if not keep_lock:
-            paths.append(self.lock)
-        for path in paths:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -289,6 +157,7 @@ class _Server:
 
     def die(self, reason: str) -> None:
         """End the replica at once, leaving ``reason`` in its record for the host."""
+        reason = encodable(reason)
         print(f"replica {self.tag} ends: {reason}", file=sys.stderr, flush=True)
         self.record.update(phase="dead", error=reason)
         with contextlib.suppress(OSError):
@@ -505,8 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     if status_fd >= 0:
         os.set_inheritable(status_fd, False)
 
-    with open(files.spec, encoding="utf-8") as f:
-        spec: dict[str, Any] = json.load(f)
+    spec = files.read_spec()
+    if spec is None:
+        raise SystemExit(f"replica {files.key}: no readable spec at {files.spec}")
     tag: str = spec["tag"]
     record: dict[str, Any] = {
         "tag": tag,
@@ -528,13 +398,20 @@ def main(argv: list[str] | None = None) -> int:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(files.socket)
-        listener.bind(socket_address(files.socket, dir_fd))
+        # The socket file is made by bind, with the umask's mode: make it 0600.
+        umask = os.umask(0o177)
+        try:
+            listener.bind(socket_address(files.socket, dir_fd))
+        finally:
+            os.umask(umask)
         listener.listen(16)
     except BaseException as exc:
+        print(FAILED_MARKER, file=sys.stderr, flush=True)
         traceback.print_exc()
-        record.update(phase="failed", error=f"{type(exc).__name__}: {exc}")
+        info = error_info(exc)
+        record.update(phase="failed", error=f"{type(exc).__name__}: {info['message']}")
         files.write_record(record)
-        _send_status(status, ERROR, dumps(error_info(exc)))
+        _send_status(status, ERROR, dumps(info))
         return 1
 
     record["phase"] = "ready"
@@ -559,8 +436,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run by path: never let this directory (it holds a module named "subprocess")
-    # shadow the standard library for the user's code.
-    _here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
     sys.exit(main())

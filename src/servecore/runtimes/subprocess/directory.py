@@ -1,0 +1,232 @@
+"""The runtime directory: one per controller, private to its user, bound to its store.
+
+By default it is ``$XDG_RUNTIME_DIR/servecore/NAME``, or ``TMPDIR/servecore-UID/NAME``
+without ``XDG_RUNTIME_DIR``; ``directory=`` chooses it (used as is). Opening it
+(:meth:`RuntimeDirectory.open`) checks, in this order:
+
+* the controller name: no path separators, not ``.`` or ``..``, no NUL, printable,
+  at most :data:`MAX_NAME_LENGTH` characters (:class:`~servecore.InvalidConfig`);
+* the directory, and the default base above it, are created mode 0700, are real
+  directories (a link is refused where servecore chose the path), are owned by this
+  process's user and are not writable by group or others; a directory another local
+  user created first, or made world-writable, is refused
+  (:class:`~servecore.RuntimeDirectoryUnsafe`) before anything is read from it;
+* ``.owner.lock``: an ``flock`` held while the runtime is open, so that a second
+  runtime on the directory fails at once (:class:`~servecore.RuntimeDirectoryLocked`)
+  instead of adopting, and stopping, the first one's replicas;
+* ``.namespace``: the controller name the directory belongs to;
+* ``.store``: the store the directory's replicas belong to. A controller on another
+  store is refused (:class:`~servecore.RuntimeDirectoryStoreMismatch`) while any of
+  those replicas is alive: it would stop them as orphans. A ``memory:`` store lives
+  only as long as the process that opened it, so once that process is gone its
+  replicas belong to nobody and the next controller adopts (and stops) them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import re
+import stat
+import tempfile
+from pathlib import Path
+
+from servecore._errors import (
+    InvalidConfig,
+    RuntimeDirectoryLocked,
+    RuntimeDirectoryStoreMismatch,
+    RuntimeDirectoryUnsafe,
+)
+from servecore.runtimes.subprocess.files import (
+    LOGS_DIR,
+    open_lock,
+    process_create_time,
+    read_nofollow,
+    write_atomically,
+)
+
+__all__ = ["MAX_NAME_LENGTH", "RuntimeDirectory", "default_base", "directory_name"]
+
+#: The longest controller name a runtime directory is made for.
+MAX_NAME_LENGTH = 128
+#: Store ids of this form name stores that die with the process that opened them.
+EPHEMERAL_STORE_PREFIX = "memory:"
+#: Two start times closer than this are the same process (btime can drift a little).
+_CREATE_TIME_TOLERANCE_S = 1.0
+
+
+def directory_name(namespace: object) -> str:
+    """The directory name of controller ``namespace``, refusing names that could
+    reach outside the base directory or that no file system can hold."""
+
+    def refuse(why: str) -> InvalidConfig:
+        return InvalidConfig(
+            "name", namespace, f"{why}; name the controller with printable characters, "
+            f"without '/', at most {MAX_NAME_LENGTH} long",
+        )  # fmt: skip
+
+    if not isinstance(namespace, str):
+        raise refuse(f"a controller name is a str, not {type(namespace).__name__}")
+    if not namespace:
+        raise refuse("it is empty")
+    if len(namespace) > MAX_NAME_LENGTH:
+        raise refuse(f"it is {len(namespace)} characters long")
+    if namespace in (".", ".."):
+        raise refuse("it names a directory above or at the base")
+    if "/" in namespace or "\\" in namespace or (os.altsep and os.altsep in namespace):
+        raise refuse("it holds a path separator")
+    if not namespace.isprintable():  # NUL, control characters, lone surrogates
+        raise refuse("it holds unprintable characters")
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", namespace)
+
+
+def default_base() -> Path:
+    """Where the default runtime directories are made (see the module doc)."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return Path(xdg) / "servecore"
+    return Path(tempfile.gettempdir()) / f"servecore-{os.geteuid()}"
+
+
+def _open_private_dir(path: Path, *, follow: bool) -> int:
+    """Make ``path`` (mode 0700) if missing; open it and check that it is private."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise RuntimeDirectoryUnsafe(str(path), "it is not a directory (a link?)") from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if info.st_uid != os.geteuid():
+            raise RuntimeDirectoryUnsafe(
+                str(path), f"it is owned by uid {info.st_uid}, not by this user (uid "
+                f"{os.geteuid()})",
+            )  # fmt: skip
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise RuntimeDirectoryUnsafe(
+                str(path), f"its mode {stat.S_IMODE(info.st_mode):#o} lets other users "
+                f"write to it (it must not be group- or world-writable; chmod 700 it)",
+            )  # fmt: skip
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class RuntimeDirectory:
+    """An opened runtime directory: its path, an fd on it, and its owner lock."""
+
+    def __init__(self, path: Path, dir_fd: int, owner_fd: int) -> None:
+        self.path = path
+        self.dir_fd = dir_fd
+        self.owner_fd = owner_fd
+
+    @classmethod
+    def open(cls, requested: Path | None, namespace: str, store_id: str | None) -> RuntimeDirectory:
+        """Check and take the directory of ``namespace`` (see the module doc)."""
+        name = directory_name(namespace)
+        if requested is None:
+            base = default_base()
+            base.parent.mkdir(parents=True, exist_ok=True)
+            os.close(_open_private_dir(base, follow=False))
+            path = base / name
+            dir_fd = _open_private_dir(path, follow=False)
+        else:
+            path = requested
+            path.parent.mkdir(parents=True, exist_ok=True)
+            dir_fd = _open_private_dir(path, follow=True)
+        try:
+            owner_fd = open_lock(str(path / ".owner.lock"))
+        except BaseException:
+            os.close(dir_fd)
+            raise
+        opened = cls(path, dir_fd, owner_fd)
+        try:
+            try:
+                fcntl.flock(owner_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RuntimeDirectoryLocked(str(path)) from None
+            opened._claim_namespace(namespace)
+            if store_id is not None:
+                opened._claim_store(store_id)
+            opened._make_logs_dir()
+        except BaseException:
+            opened.close()
+            raise
+        return opened
+
+    def close(self) -> None:
+        """Let go of the directory (the replicas in it are left alone)."""
+        os.close(self.dir_fd)
+        os.close(self.owner_fd)
+
+    def _claim_namespace(self, namespace: str) -> None:
+        marker = str(self.path / ".namespace")
+        data = read_nofollow(marker)
+        if data is None:
+            write_atomically(marker, namespace.encode("utf-8"))
+            return
+        owner = data.decode("utf-8", "replace")
+        if owner != namespace:
+            raise InvalidConfig(
+                "name",
+                namespace,
+                f"runtime directory {self.path} belongs to the controller named {owner!r}, "
+                f"not {namespace!r}; give this controller its own directory",
+            )
+
+    def _claim_store(self, store_id: str) -> None:
+        marker = str(self.path / ".store")
+        data = read_nofollow(marker)
+        recorded = None
+        if data is not None:
+            with contextlib.suppress(ValueError):
+                recorded = json.loads(data)
+        if isinstance(recorded, dict) and recorded.get("store_id") not in (None, store_id):
+            recorded_id = str(recorded["store_id"])
+            if self.live_keys() and not self._store_is_gone(recorded):
+                raise RuntimeDirectoryStoreMismatch(str(self.path), recorded_id, store_id)
+        record = {"store_id": store_id, "pid": os.getpid(), "create_time": process_create_time()}
+        write_atomically(marker, json.dumps(record).encode("utf-8"))
+
+    @staticmethod
+    def _store_is_gone(recorded: dict[str, object]) -> bool:
+        """Whether the recorded store can never be opened again: an ephemeral store
+        whose process has exited."""
+        if not str(recorded.get("store_id")).startswith(EPHEMERAL_STORE_PREFIX):
+            return False
+        pid, created = recorded.get("pid"), recorded.get("create_time")
+        if not isinstance(pid, int) or not isinstance(created, (int, float)):
+            return True
+        try:
+            return abs(process_create_time(pid) - created) >= _CREATE_TIME_TOLERANCE_S
+        except Exception:  # no such process
+            return True
+
+    def _make_logs_dir(self) -> None:
+        os.close(_open_private_dir(self.path / LOGS_DIR, follow=False))
+
+    def live_keys(self) -> list[str]:
+        """Keys of the replicas whose lock a live process holds."""
+        alive = []
+        for entry in os.scandir(self.path):
+            if entry.name.startswith(".") or not entry.name.endswith(".lock"):
+                continue
+            try:
+                fd = open_lock(entry.path)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                alive.append(entry.name[: -len(".lock")])
+            finally:
+                os.close(fd)  # closing drops a lock taken here
+        return alive

@@ -1,0 +1,138 @@
+"""The wire format host and replica share: frames, message kinds, exceptions as data.
+
+Standard library only: the replica process imports this before anything else.
+
+A frame is ``HEADER`` (body length, kind, request id; network order) and a pickled
+body. Pickle carries the user's query arguments, results and exceptions over a socket
+that only this user can reach (the runtime directory is mode 0700); it never carries
+controller state, which is checkpointed as JSON. A malformed frame closes the
+connection.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+import traceback
+from typing import Any
+
+__all__ = [
+    "CALL",
+    "ERROR",
+    "GONE",
+    "HEADER",
+    "OK",
+    "PING",
+    "dumps",
+    "encodable",
+    "error_info",
+    "frame",
+    "parse_frame",
+    "socket_address",
+]
+
+#: body length (bytes), message kind, request id
+HEADER = struct.Struct("!IBQ")
+#: host -> replica: run a batch; the body is a list of ``(args, kwargs)``.
+CALL = 1
+#: host -> replica: who are you? The reply body is ``{"tag", "pid", "key"}``.
+PING = 2
+#: replica -> host: the body is the list of results (or the ping answer).
+OK = 3
+#: replica -> host: the body is an :func:`error_info` dict.
+ERROR = 4
+#: replica -> host: the replica is stopping and did not run the batch; body: a reason.
+GONE = 5
+
+#: Longest socket path that ``bind``/``connect`` take (``sun_path`` is 108 bytes on Linux).
+_MAX_SOCKET_PATH = 100
+
+
+def dumps(obj: Any) -> bytes:
+    """Pickle ``obj`` with the highest protocol (both ends run the same Python)."""
+    return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def frame(kind: int, request_id: int, body: bytes) -> bytes:
+    """One message on the wire."""
+    return HEADER.pack(len(body), kind, request_id) + body
+
+
+def parse_frame(buffer: bytearray) -> tuple[int, int, bytes] | None:
+    """Take one whole frame ``(kind, request_id, body)`` off the front of ``buffer``,
+    if there is one."""
+    if len(buffer) < HEADER.size:
+        return None
+    length, kind, request_id = HEADER.unpack_from(buffer)
+    end = HEADER.size + length
+    if len(buffer) < end:
+        return None
+    body = bytes(buffer[HEADER.size : end])
+    del buffer[:end]
+    return kind, request_id, body
+
+
+def encodable(text: str) -> str:
+    """``text`` as valid UTF-8: lone surrogates (a non-UTF-8 path decoded with
+    ``surrogateescape``, say) become ``\\udcff`` escapes.
+
+    Everything a replica says (error messages, tracebacks, log lines) passes through
+    this before it reaches the controller, whose checkpoint must encode it.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def _describe(exc: BaseException) -> str:
+    try:
+        return encodable(str(exc))
+    except Exception:  # a broken __str__ must not hide the error itself
+        return f"<{type(exc).__qualname__}: its str() failed>"
+
+
+def error_info(exc: BaseException) -> dict[str, Any]:
+    """Describe ``exc`` so the other side can raise it again.
+
+    ``pickled`` is the exception itself when it pickles (``None`` otherwise) and
+    ``state`` its ``__dict__``, for types whose constructor pickle cannot call again
+    (those with extra required arguments). The type's module and qualified name, the
+    message and the formatted traceback always travel (as encodable text), so an
+    exception whose class cannot be imported on the other side still says what it was.
+    """
+    try:
+        pickled: bytes | None = dumps(exc)
+    except Exception:
+        pickled = None
+    try:
+        state: bytes | None = dumps(vars(exc))
+    except Exception:
+        state = None
+    cls = type(exc)
+    try:
+        formatted = encodable("".join(traceback.format_exception(exc)))
+    except Exception:
+        formatted = f"{cls.__qualname__} (its traceback could not be formatted)"
+    return {
+        "pickled": pickled,
+        "state": state,
+        "module": cls.__module__,
+        "qualname": cls.__qualname__,
+        "message": _describe(exc),
+        "traceback": formatted,
+    }
+
+
+def socket_address(path: str, dir_fd: int | None) -> str:
+    """A path that ``bind``/``connect`` accept for the socket at ``path``.
+
+    ``sun_path`` holds about 100 bytes, and temporary directories (pytest's above all)
+    can be longer. On Linux a long path is reached through the already open directory,
+    ``/proc/self/fd/DIR_FD/NAME``, which is short whatever the directory's length.
+    """
+    if len(os.fsencode(path)) <= _MAX_SOCKET_PATH or dir_fd is None:
+        return path
+    return f"/proc/self/fd/{dir_fd}/{os.path.basename(path)}"
