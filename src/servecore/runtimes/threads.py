@@ -45,7 +45,7 @@ from typing import Any
 import outcome
 import trio
 
-from servecore._batch import prepare_replica
+from servecore.runtimes.toolkit import prepare_replica
 from servecore._core import ReplicaDied, StartReplica
 from servecore._errors import InvalidConfig, ReplicaDiedError
 from servecore.runtimes._protocol import Query, Report

@@ -1,4 +1,4 @@
-"""Test kit for hosts, runtime authors and store authors (DESIGN §7).
+"""Test kit for hosts, runtime authors and store authors (docs/design.md, "The crash kit").
 
 Like ``trio.testing`` and ``zarr.testing``, this is a public promise: the fakes, the
 Hypothesis strategies and the crash-consistency checks here are what servecore's own
@@ -13,8 +13,23 @@ tests use, and anyone can run them against their own runtime or store:
 * :class:`CrashConsistencyMachine` — the Hypothesis stateful machine checking the five
   properties against a :class:`ReferenceModel`;
 * :func:`check_runtime` — conformance checks for any runtime;
+* :func:`check_store_holds` — a store gives back exactly the bytes it was given;
 * :mod:`servecore.testing.strategies` — Hypothesis strategies for commands and events.
+
+It needs Hypothesis and pytest, which a production install does not: install the
+``testing`` extra, ``pip install 'servecore[testing]'``. A runtime author's guide is in
+docs/plugins.md.
 """
+
+import importlib.util
+
+_MISSING = [name for name in ("hypothesis",) if importlib.util.find_spec(name) is None]
+if _MISSING:
+    raise ImportError(
+        f"servecore.testing needs {', '.join(_MISSING)}, which a plain install of servecore "
+        f"does not include; install the testing extra: pip install 'servecore[testing]'",
+        name=_MISSING[0],
+    )
 
 from servecore.testing._conformance import check_runtime
 from servecore.testing._crash import (
@@ -23,10 +38,11 @@ from servecore.testing._crash import (
     Kill,
     Outcome,
     check_all_or_nothing,
+    check_store_holds,
     corrupt,
     enumerate_crashes,
 )
-from servecore.testing._faults import CrashPlan, SimulatedCrash
+from servecore.testing._faults import CrashPlan, InjectedFailure, SimulatedCrash
 from servecore.testing._machine import CrashConsistencyMachine
 from servecore.testing._model import ReferenceModel, desired
 from servecore.testing._runtime import InMemoryRuntime
@@ -39,12 +55,14 @@ __all__ = [
     "CrashingRuntime",
     "FaultyStore",
     "InMemoryRuntime",
+    "InjectedFailure",
     "Kill",
     "Outcome",
     "ReferenceModel",
     "SimulatedCrash",
     "StoreFault",
     "check_all_or_nothing",
+    "check_store_holds",
     "check_runtime",
     "corrupt",
     "desired",
