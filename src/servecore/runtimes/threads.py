@@ -45,11 +45,11 @@ from typing import Any
 import outcome
 import trio
 
-from servecore.runtimes.toolkit import prepare_replica
 from servecore._core import ReplicaDied, StartReplica
 from servecore._errors import InvalidConfig, ReplicaDiedError
 from servecore.runtimes._protocol import Query, Report
 from servecore.runtimes._waker import Waker
+from servecore.runtimes.toolkit import prepare_replica
 
 __all__ = ["ThreadRuntime"]
 

@@ -48,8 +48,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable, Sequence
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, TypeVar
 
 import attrs

@@ -21,16 +21,8 @@ It needs Hypothesis and pytest, which a production install does not: install the
 docs/plugins.md.
 """
 
-import importlib.util
-
-_MISSING = [name for name in ("hypothesis",) if importlib.util.find_spec(name) is None]
-if _MISSING:
-    raise ImportError(
-        f"servecore.testing needs {', '.join(_MISSING)}, which a plain install of servecore "
-        f"does not include; install the testing extra: pip install 'servecore[testing]'",
-        name=_MISSING[0],
-    )
-
+# First, so that a missing dependency says which extra to install.
+import servecore.testing._requires  # noqa: F401
 from servecore.testing._conformance import check_runtime
 from servecore.testing._crash import (
     CrashingRuntime,
@@ -62,8 +54,8 @@ __all__ = [
     "SimulatedCrash",
     "StoreFault",
     "check_all_or_nothing",
-    "check_store_holds",
     "check_runtime",
+    "check_store_holds",
     "corrupt",
     "desired",
     "enumerate_crashes",

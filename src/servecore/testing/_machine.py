@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import trio
-
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
