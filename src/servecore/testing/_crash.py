@@ -86,7 +86,8 @@ class Outcome:
     expected error the action (or opening) raised; ``state`` the controller's state at
     the end (``None`` after a crash or a failed open); ``points`` the crash points seen;
     ``live`` the tags the runtime listed alive at the end, while the controller was
-    still open (``None`` after a crash or a failed open).
+    still open (``None`` after a crash or a failed open); ``action_log`` the runtime
+    operations (see :attr:`CrashingRuntime.log`) from the action on, recovery excluded.
     """
 
     state: State | None
@@ -95,6 +96,7 @@ class Outcome:
     points: int
     table_unchanged: bool = True
     live: frozenset[str] | None = None
+    action_log: tuple[tuple[str, str], ...] = ()
 
 
 class CrashingRuntime:
@@ -260,6 +262,7 @@ class CrashWorld:
                 box["table"] = ctl.routing_table
                 if prepare is not None:
                     prepare(ctl)
+                box["mark"] = len(self.runtime.log)
                 try:
                     if isinstance(action, Kill):
                         if action.tag in await self.runtime.list_replicas():
@@ -294,6 +297,7 @@ class CrashWorld:
             points=self.plan.count,
             table_unchanged=box["unchanged"],
             live=box["live"],
+            action_log=tuple(self.runtime.log[box["mark"] :]),
         )
 
     def _check_promises(self, error: BaseException | None = None) -> None:

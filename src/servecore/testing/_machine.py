@@ -38,6 +38,7 @@ from servecore._core import (
     Command,
     CreateBackend,
     CreateEndpoint,
+    RetryBackend,
     SetBackendConfig,
 )
 from servecore._errors import (
@@ -174,23 +175,24 @@ class CrashConsistencyMachine(RuleBasedStateMachine):
     @rule(cmd=commands())
     def command_with_failed_save(self, cmd: Command) -> None:
         """Property 4: a failed save leaves the state unchanged and runs no effect."""
-        before = list(self.world.runtime.log)
         outcome = self.world.run(cmd, prepare=lambda _ctl: self.world.store.fail_next(1))
         self.world.store.fail_next(0)
         expected = self.model.expected_error(cmd)
         if expected is not None:
             assert isinstance(outcome.error, expected), (cmd, outcome.error)
         elif isinstance(outcome.error, CheckpointError):
-            assert self.world.runtime.log == before, "an effect ran after a failed save"
+            assert not outcome.action_log, f"an effect ran after a failed save: {outcome}"
             assert outcome.table_unchanged, "the router saw a state that was never saved"
         else:
             # A restated command is a no-op: nothing to save, nothing to fail. Restating
-            # the definition of a FAILED backend leaves it FAILED and says so again.
+            # the definition of a FAILED backend, or retrying one, leaves it FAILED and
+            # says so again.
             restated_failed = isinstance(outcome.error, BackendStartError) and (
-                isinstance(cmd, CreateBackend | SetBackendConfig) and self._failed_before(cmd)
+                isinstance(cmd, CreateBackend | SetBackendConfig | RetryBackend)
+                and self._failed_before(cmd)
             )
             assert outcome.error is None or restated_failed, (cmd, outcome.error)
-            assert self.world.runtime.log == before, "a no-op command ran an effect"
+            assert not outcome.action_log, f"a no-op command ran an effect: {outcome}"
             self.model.apply(cmd)
         self._settled(outcome)
 
@@ -233,14 +235,22 @@ class CrashConsistencyMachine(RuleBasedStateMachine):
     def corrupt_checkpoint(self, how: str) -> None:
         """Property 5: a corrupt or too-new checkpoint raises; never read as empty."""
         store = self.world.store
-        before = list(self.world.runtime.log)
         if how == "torn-save":
-            good = store.inner.load()
-            outcome = self.world.run(_PROBE, prepare=lambda _ctl: store.tear_next())
+            saved: list[bytes | None] = []
+
+            def tear(_ctl: Any) -> None:
+                # The good checkpoint is the one just before the torn save: recovery in
+                # this very run may have saved a newer one than before the run.
+                saved.append(store.inner.load())
+                store.tear_next()
+
+            outcome = self.world.run(_PROBE, prepare=tear)
             if not isinstance(outcome.error, CheckpointError):
                 return  # nothing was saved (no-op command): nothing to tear
+            good = saved[0]
         else:
             good = corrupt(store, how)
+        before = list(self.world.runtime.log)
         if good is None:
             return
         reopened = self.world.run(None)
@@ -249,6 +259,7 @@ class CrashConsistencyMachine(RuleBasedStateMachine):
         assert reopened.state is None
         assert self.world.runtime.log == before, "a replica was touched on a bad checkpoint"
         store.inner.save(good)
+        self._settled(self.world.run(None))
 
     @rule()
     def snapshot_checkpoint(self) -> None:

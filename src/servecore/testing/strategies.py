@@ -30,6 +30,7 @@ from servecore._core import (
     ReplicaStarted,
     ReplicaStartFailed,
     ReplicaStopped,
+    RetryBackend,
     SetBackendConfig,
     SetShadowTraffic,
     SetTraffic,
@@ -159,6 +160,7 @@ def commands(
         st.builds(DeleteEndpoint, name=endpoint),
         tag.flatmap(lambda t: _create_backend(t, batch_tags)),
         st.builds(DeleteBackend, tag=tag),
+        st.builds(RetryBackend, tag=tag),
         tag.flatmap(lambda t: _set_config(t, batch_tags)),
         st.builds(SetTraffic, endpoint=endpoint, traffic=traffic(tags)),
         st.builds(
