@@ -1,4 +1,4 @@
-"""Crash consistency, proven by enumeration (DESIGN §7).
+"""Crash consistency, proven by enumeration (docs/design.md §7).
 
 The Hypothesis machine runs against each built-in store; the scripted scenarios crash
 at *every* crash point of every step.

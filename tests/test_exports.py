@@ -1,4 +1,4 @@
-"""The public surface and the layering rule (docs/design.md, "Layers"), pinned."""
+"""The public surface and the layering rule (docs/design.md §1), pinned."""
 
 from __future__ import annotations
 

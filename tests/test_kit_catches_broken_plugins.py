@@ -145,12 +145,12 @@ def test_a_late_death_report_is_caught() -> None:
 
 
 def test_failing_starts_are_caught() -> None:
-    with pytest.raises(AssertionError, match="start_replica.*BusyResourceError"):
+    with pytest.raises(AssertionError, match=r"start_replica.*BusyResourceError"):
         check_runtime(BusyStarts)
 
 
 def test_a_key_error_from_stop_becomes_a_named_broken_promise() -> None:
-    with pytest.raises(AssertionError, match="must be a quiet no-op.*KeyError"):
+    with pytest.raises(AssertionError, match=r"must be a quiet no-op.*KeyError"):
         check_runtime(KeyErrorStops)
 
 
@@ -204,7 +204,7 @@ def run_machine(case: Any) -> None:
 
 
 def test_the_machine_fails_on_starts_it_did_not_inject() -> None:
-    with pytest.raises(AssertionError, match="injected no failure.*BusyResourceError"):
+    with pytest.raises(AssertionError, match=r"injected no failure.*BusyResourceError"):
         run_machine(machine_for(BusyStarts))
 
 
@@ -239,7 +239,7 @@ class ManglingStore(TextStore):
 
 
 def test_a_store_that_cannot_hold_non_utf8_bytes_is_caught() -> None:
-    with pytest.raises(AssertionError, match="cannot hold arbitrary bytes.*UnicodeDecodeError"):
+    with pytest.raises(AssertionError, match=r"cannot hold arbitrary bytes.*UnicodeDecodeError"):
         check_store_holds(TextStore(), b"\x00\xffnot json")
     with pytest.raises(AssertionError, match="did not give back the bytes"):
         check_store_holds(ManglingStore(), b"\x00\xffnot json")

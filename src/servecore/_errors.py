@@ -1,4 +1,4 @@
-"""The error hierarchy of servecore (DESIGN §8).
+"""The error hierarchy of servecore (docs/design.md §8).
 
 Two families, as in h11 and h2: a :class:`CommandError` means *you asked for something
 invalid* and the state is exactly as it was; every other :class:`ServecoreError` means

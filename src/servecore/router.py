@@ -1,4 +1,4 @@
-"""The router: where a query goes, when, and with whom (DESIGN §5).
+"""The router: where a query goes, when, and with whom (docs/design.md §5).
 
 The router is fed only by ``UpdateRouter`` tables (it is a table listener of the
 controller) and sends queries through the runtime's ``call(tag, batch)``. Everything

@@ -1,4 +1,4 @@
-"""The Runtime protocol: what carries effects out (docs/design.md, "Runtimes").
+"""The Runtime protocol: what carries effects out (docs/design.md §6).
 
 A runtime never touches the controller's state. It starts and stops replicas when told
 to, says which replicas are alive, runs batches of queries on them, and reports deaths.

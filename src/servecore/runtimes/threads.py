@@ -1,4 +1,4 @@
-"""The ``threads`` runtime: replicas are objects in the host process (DESIGN §6).
+"""The ``threads`` runtime: replicas are objects in the host process (docs/design.md §6).
 
 Each replica is the user's object -- the target class instantiated with its
 ``init_args``/``init_kwargs``, or a plain function -- owned by a worker thread of its

@@ -1,4 +1,4 @@
-"""Test kit for hosts, runtime authors and store authors (docs/design.md, "The crash kit").
+"""Test kit for hosts, runtime authors and store authors (docs/design.md §7).
 
 Like ``trio.testing`` and ``zarr.testing``, this is a public promise: the fakes, the
 Hypothesis strategies and the crash-consistency checks here are what servecore's own

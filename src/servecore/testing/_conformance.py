@@ -1,4 +1,4 @@
-"""Conformance checks any runtime can run against itself (docs/design.md, "Runtimes").
+"""Conformance checks any runtime can run against itself (docs/design.md §6).
 
 ::
 

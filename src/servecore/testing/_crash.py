@@ -330,7 +330,7 @@ class CrashWorld:
         return trio.run(_list_live, self.inner_runtime, self.name)
 
     def check_settled(self, state: State, live: frozenset[str] | None = None) -> None:
-        """Properties 2 and 3 (docs/design.md, "The crash kit") on a settled state;
+        """Properties 2 and 3 (docs/design.md §7) on a settled state;
         raises AssertionError. ``live`` is what the runtime listed while the controller
         was open (an :attr:`Outcome.live`); by default it is listed now."""
         validate_state(state)

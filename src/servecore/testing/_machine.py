@@ -1,4 +1,4 @@
-"""The stateful crash-consistency machine (docs/design.md, "The crash kit"), for Hypothesis.
+"""The stateful crash-consistency machine (docs/design.md §7), for Hypothesis.
 
 Subclass :class:`CrashConsistencyMachine` and override :meth:`make_store` (and, for a
 runtime author, :meth:`make_runtime` and :meth:`kill_hook`) to run it against your own

@@ -2,7 +2,7 @@
 
 It knows nothing of replicas: only endpoints and backends as plain dicts, and which
 commands are invalid. The crash-consistency checks compare the controller's recovered
-state against it (docs/design.md, "The crash kit", property 1).
+state against it (docs/design.md §7, property 1).
 """
 
 from __future__ import annotations
