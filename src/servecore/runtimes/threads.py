@@ -127,7 +127,7 @@ class ThreadRuntime:
     (between queries, on the replica's own thread). Give it through the controller::
 
         servecore.open_controller(runtime="threads",
-                                  runtime_options={"health_check_period_s": 1.0})
+                                  runtime_kwargs={"health_check_period_s": 1.0})
     """
 
     def __init__(self, *, health_check_period_s: float = 10.0) -> None:
