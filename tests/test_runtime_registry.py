@@ -91,7 +91,7 @@ def test_plugin_constructor_keywords_are_checked_too(monkeypatch: pytest.MonkeyP
         name="fake", value="servecore.testing:InMemoryRuntime", group=ENTRY_POINT_GROUP
     )
     monkeypatch.setattr(registry, "entry_points", lambda *, group: [plugin])
-    with pytest.raises(InvalidRuntimeOption, match="'bogus'.*crash_plan"):
+    with pytest.raises(InvalidRuntimeOption, match=r"'bogus'.*crash_plan"):
         resolve_runtime("fake", bogus=1)
 
 
