@@ -7,6 +7,8 @@ tests use, and anyone can run them against their own runtime or store:
 * :class:`InMemoryRuntime` — a deterministic runtime whose replicas outlive a simulated
   controller crash, with fault injection (fail starts, kill replicas);
 * :class:`FaultyStore` — fails, tears or crashes saves;
+* :class:`InjectedFailure` — the error of an injected start failure (any other start
+  failure fails the crash checks);
 * :class:`CrashPlan` / :class:`SimulatedCrash` — numbered crash points before and after
   every save, start and stop;
 * :class:`CrashWorld`, :func:`enumerate_crashes` — crash at *every* point of a script;
