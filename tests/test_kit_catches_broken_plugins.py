@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, Phase, settings
 
 from servecore import (
     BackendConfig,
+    Command,
     CreateBackend,
     DeleteBackend,
     ReplicaDied,
@@ -33,7 +34,7 @@ from servecore.testing import (
 )
 from servecore.testing.strategies import BACKEND_TAGS
 
-SCRIPT = [
+SCRIPT: list[Command] = [
     CreateBackend(
         tag="a",
         target="servecore.testing.targets:Echo",
