@@ -19,6 +19,8 @@ from servecore.testing import CrashConsistencyMachine, check_runtime
 from subprocess_helpers import kill_everything_under
 
 LONG = os.environ.get("HYPOTHESIS_PROFILE") == "long"
+#: A soak of a process runtime takes far longer than the suite's per-test timeout.
+SOAK_TIMEOUT = pytest.mark.timeout(3 * 3600 if LONG else 300)
 #: Process runtimes pay real starts: a handful of short examples in CI.
 SLOW_RUNTIME = settings(
     max_examples=40 if LONG else 3,
@@ -64,5 +66,5 @@ class SubprocessAsPlugin(CrashConsistencyMachine):
 
 ThreadsAsPlugin.TestCase.settings = settings(SLOW_RUNTIME, max_examples=40 if LONG else 8)
 SubprocessAsPlugin.TestCase.settings = SLOW_RUNTIME
-TestThreadsAsPlugin = ThreadsAsPlugin.TestCase
-TestSubprocessAsPlugin = pytest.mark.slow(SubprocessAsPlugin.TestCase)
+TestThreadsAsPlugin = SOAK_TIMEOUT(ThreadsAsPlugin.TestCase)
+TestSubprocessAsPlugin = SOAK_TIMEOUT(pytest.mark.slow(SubprocessAsPlugin.TestCase))

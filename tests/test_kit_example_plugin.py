@@ -18,7 +18,7 @@ from hypothesis import settings
 import servecore
 from servecore.runtimes import ENTRY_POINT_GROUP, Runtime, resolve_runtime
 from servecore.testing import CrashConsistencyMachine, check_runtime
-from test_kit_builtin_runtimes import SLOW_RUNTIME
+from test_kit_builtin_runtimes import SLOW_RUNTIME, SOAK_TIMEOUT
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "mp_runtime"
 try:
@@ -86,4 +86,4 @@ class PluginCrashes(CrashConsistencyMachine):
 
 
 PluginCrashes.TestCase.settings = settings(SLOW_RUNTIME)
-TestPluginCrashes = PluginCrashes.TestCase
+TestPluginCrashes = SOAK_TIMEOUT(PluginCrashes.TestCase)
