@@ -4,17 +4,27 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The demo needs servecore and its HTTP ingress only (not Ray, not the test tools).
+DEMO_STAMP := $(VENV)/.demo-installed
 HYPOTHESIS_PROFILE ?= ci
 
 .PHONY: test demo lint typecheck bench bench-ray clean venv
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+
+# Everything the tests need, and the example plugin (tests drive it by entry point).
+$(STAMP): pyproject.toml examples/mp_runtime/pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test,ray,http,cli]'
-	touch $(STAMP)
+	$(BIN)/pip install -q -e examples/mp_runtime
+	touch $(STAMP) $(DEMO_STAMP)
+
+$(DEMO_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[http]'
+	touch $(DEMO_STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples
@@ -26,7 +36,7 @@ typecheck: $(STAMP)
 test: lint typecheck
 	HYPOTHESIS_PROFILE=$(HYPOTHESIS_PROFILE) $(BIN)/pytest -q -p no:cacheprovider
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(BIN)/python -m examples.demo
 
 # Each benchmark prints a table and writes JSON to benchmarks/results/.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from servecore._batch import batch
+from servecore.runtimes.toolkit import batch
 
 
 def echo(value: Any) -> Any:

@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Any
 
-from servecore._batch import batch
+from servecore.runtimes.toolkit import batch
 
 
 class Echo:

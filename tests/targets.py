@@ -12,7 +12,7 @@ import threading
 from collections import defaultdict
 from typing import Any
 
-from servecore._batch import batch
+from servecore.runtimes.toolkit import batch
 
 _lock = threading.Lock()
 _ordinals = itertools.count()

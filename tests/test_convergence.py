@@ -222,7 +222,7 @@ async def test_a_runtime_missing_a_method_is_refused_with_one_clear_error() -> N
         async def start_replica(self, effect: servecore.StartReplica) -> None:
             pass
 
-    with pytest.raises(TypeError, match="lacks stop_replica, list_replicas, call"):
+    with pytest.raises(servecore.InvalidRuntime, match="has no stop_replica, list_replicas, call"):
         async with open_controller(runtime=Broken()):  # type: ignore[arg-type]
             pass
 

@@ -1,4 +1,4 @@
-"""The pure core, command by command and event by event (DESIGN §2, §8).
+"""The pure core, command by command and event by event (docs/design.md §2, §8).
 
 In the manner of h11's tests: every valid message is checked for the state it leads to
 and the effects it asks for, in order; every invalid one for the typed error, a message

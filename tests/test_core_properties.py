@@ -30,6 +30,7 @@ from servecore import (
     ReplicaStartFailed,
     ReplicaStatus,
     ReplicaStopped,
+    RetryBackend,
     RoutingTable,
     SetBackendConfig,
     SetShadowTraffic,
@@ -59,6 +60,7 @@ COMMANDS = (
     CreateBackend,
     DeleteBackend,
     SetBackendConfig,
+    RetryBackend,
     SetTraffic,
     SetShadowTraffic,
 )

@@ -1,4 +1,4 @@
-"""The public surface and the layering rule (DESIGN §1), pinned."""
+"""The public surface and the layering rule (docs/design.md §1), pinned."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ PUBLIC = {
     "CheckpointCorrupt", "CheckpointVersionError", "StoreLocked", "BackendStartError",
     "ReplicaDiedError", "BackpressureError", "NoReplicaError", "BatchSizeError",
     "RemoteError", "RuntimeDirectoryLocked", "RuntimeDirectoryStoreMismatch",
-    "RuntimeDirectoryUnsafe",
+    "RuntimeDirectoryUnsafe", "InvalidRuntimeOption", "InvalidRuntime",
     # operating it
     "App", "AppFileError", "Applied", "apply", "load_app", "Status", "load_state", "read_state",
 }  # fmt: skip
@@ -97,3 +97,28 @@ def test_importing_servecore_does_not_import_ray() -> None:
     code = "import sys, servecore, servecore.testing; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_servecore_imports_without_hypothesis_and_the_kit_names_its_extra() -> None:
+    """A production install has no Hypothesis: ``import servecore`` (and a controller)
+    works, and ``import servecore.testing`` says which extra to install."""
+    code = (
+        "import sys\n"
+        "sys.modules['hypothesis'] = None  # as if not installed\n"
+        "import servecore, servecore.runtimes.toolkit\n"
+        "servecore.open_controller, servecore.MemoryStore\n"
+        "try:\n"
+        "    import servecore.testing\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "pip install 'servecore[testing]'" in out.stdout, out
+
+
+def test_the_plugin_toolkit_is_public_and_documented() -> None:
+    import servecore.runtimes.toolkit as toolkit
+
+    for name in toolkit.__all__:
+        assert getattr(toolkit, name).__doc__ or name == "BATCH_MARKER", name
+    assert toolkit.batch is servecore.batch and toolkit.is_batch(toolkit.batch(lambda x: x))

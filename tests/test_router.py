@@ -18,7 +18,6 @@ import trio
 import trio.testing
 
 import targets
-from servecore._batch import BatchSizeError
 from servecore._controller import Controller, open_controller
 from servecore._core import ReplicaStatus
 from servecore._errors import (
@@ -29,6 +28,7 @@ from servecore._errors import (
 )
 from servecore.router import DEFAULT_MAX_QUEUED_QUERIES, Handle, Router
 from servecore.runtimes.threads import ThreadRuntime
+from servecore.runtimes.toolkit import BatchSizeError
 
 WAIT = 10.0  # seconds; only ever a guard against hanging
 

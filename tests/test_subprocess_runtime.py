@@ -1,4 +1,4 @@
-"""The subprocess runtime against real replica processes (DESIGN §6).
+"""The subprocess runtime against real replica processes (docs/design.md §6).
 
 Through the Runtime protocol directly, through ``servecore.testing.check_runtime``, and
 end to end through a controller and handles. Processes are checked in the process table

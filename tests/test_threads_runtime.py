@@ -15,11 +15,11 @@ import trio
 
 import targets
 from opened_runtime import Opened
-from servecore._batch import BatchSizeError, batch, is_batch
 from servecore._core import BackendConfig, StartReplica, target_path
 from servecore._errors import InvalidConfig, ReplicaDiedError
 from servecore.runtimes import Query, Runtime, resolve_runtime
 from servecore.runtimes.threads import ThreadRuntime
+from servecore.runtimes.toolkit import BatchSizeError, batch, is_batch
 from servecore.testing import check_runtime
 
 WAIT = 10.0  # seconds; only ever a guard against hanging

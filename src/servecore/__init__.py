@@ -7,8 +7,8 @@ effects out. See the README for a tour.
 """
 
 # Names are imported on first use (PEP 562), so a process that only needs a piece of
-# servecore (a replica process imports servecore._batch) does not pay for trio, the
-# controller and the router at start-up.
+# servecore (a replica process imports servecore.runtimes.toolkit) does not pay for trio,
+# the controller and the router at start-up.
 
 from __future__ import annotations
 
@@ -16,10 +16,6 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from servecore._batch import (
-        BatchSizeError,
-        batch,
-    )
     from servecore._controller import (
         Controller,
         open_controller,
@@ -76,6 +72,8 @@ if TYPE_CHECKING:
         InvalidCommand,
         InvalidConfig,
         InvalidRoute,
+        InvalidRuntime,
+        InvalidRuntimeOption,
         InvalidTarget,
         InvalidTraffic,
         NoReplicaError,
@@ -106,6 +104,10 @@ if TYPE_CHECKING:
     from servecore.runtimes import (
         Query,
         Runtime,
+    )
+    from servecore.runtimes.toolkit import (
+        BatchSizeError,
+        batch,
     )
     from servecore.stores import (
         CallbackStore,
@@ -140,7 +142,7 @@ _LAZY: dict[str, str] = {
     "BackendStartError": "servecore._errors",
     "BackendStatus": "servecore._core",
     "BackpressureError": "servecore._errors",
-    "BatchSizeError": "servecore._batch",
+    "BatchSizeError": "servecore.runtimes.toolkit",
     "CallbackStore": "servecore.stores",
     "CheckpointCorrupt": "servecore._errors",
     "CheckpointError": "servecore._errors",
@@ -161,6 +163,8 @@ _LAZY: dict[str, str] = {
     "Handle": "servecore.router",
     "InvalidConfig": "servecore._errors",
     "InvalidRoute": "servecore._errors",
+    "InvalidRuntime": "servecore._errors",
+    "InvalidRuntimeOption": "servecore._errors",
     "InvalidTarget": "servecore._errors",
     "InvalidTraffic": "servecore._errors",
     "MemoryStore": "servecore.stores",
@@ -197,7 +201,7 @@ _LAZY: dict[str, str] = {
     "SyncHandle": "servecore._sync",
     "Transition": "servecore._core",
     "UpdateRouter": "servecore._core",
-    "batch": "servecore._batch",
+    "batch": "servecore.runtimes.toolkit",
     "open_controller": "servecore._controller",
     "start": "servecore._sync",
     "step": "servecore._core",
@@ -241,6 +245,8 @@ __all__ = [
     "InvalidCommand",
     "InvalidConfig",
     "InvalidRoute",
+    "InvalidRuntime",
+    "InvalidRuntimeOption",
     "InvalidTarget",
     "InvalidTraffic",
     "Limits",

@@ -73,7 +73,7 @@ from servecore._errors import BackendStartError, CheckpointError, InvalidCommand
 from servecore._limits import Limits
 from servecore._status import Status, live_status
 from servecore.router import Handle, Router
-from servecore.runtimes import Runtime, resolve_runtime
+from servecore.runtimes import Runtime, check_runtime_methods, resolve_runtime
 from servecore.stores import Store, as_store
 
 __all__ = ["Controller", "open_controller"]
@@ -637,18 +637,6 @@ def _open_kwargs(opener: Callable[..., Any], **kwargs: Any) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if k in params or k in ("namespace", "report")}
 
 
-_REQUIRED = ("start_replica", "stop_replica", "list_replicas", "call")
-
-
-def _check_runtime(rt: Any) -> None:
-    missing = [m for m in _REQUIRED if not callable(getattr(rt, m, None))]
-    if missing:
-        raise TypeError(
-            f"{rt!r} is not a servecore runtime: it lacks {', '.join(missing)} "
-            f"(a runtime needs {', '.join(_REQUIRED)}; open and close are optional)"
-        )
-
-
 @asynccontextmanager
 async def open_controller(
     runtime: str | Runtime = "threads",
@@ -702,7 +690,7 @@ async def open_controller(
             )
         runtime_kwargs = runtime_options
     rt = resolve_runtime(runtime, **dict(runtime_kwargs or {}))
-    _check_runtime(rt)
+    check_runtime_methods(rt)
     st = as_store(store)
     opener = getattr(st, "open", None)
     if opener is not None:

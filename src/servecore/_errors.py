@@ -1,4 +1,4 @@
-"""The error hierarchy of servecore (DESIGN §8).
+"""The error hierarchy of servecore (docs/design.md §8).
 
 Two families, as in h11 and h2: a :class:`CommandError` means *you asked for something
 invalid* and the state is exactly as it was; every other :class:`ServecoreError` means
@@ -26,6 +26,8 @@ __all__ = [
     "InvalidCommand",
     "InvalidConfig",
     "InvalidRoute",
+    "InvalidRuntime",
+    "InvalidRuntimeOption",
     "InvalidTarget",
     "InvalidTraffic",
     "NoReplicaError",
@@ -331,3 +333,30 @@ class RemoteError(ServecoreError):
         self.type_name = type_name
         self.message = message
         super().__init__(f"{type_name}: {message}" if message else type_name)
+
+
+class InvalidRuntimeOption(ServecoreError, TypeError):
+    """A runtime chosen by name was given a constructor keyword it does not take."""
+
+    def __init__(self, runtime: str, bad: tuple[str, ...], accepted: tuple[str, ...]) -> None:
+        self.runtime = runtime
+        self.bad = bad
+        self.accepted = accepted
+        takes = ", ".join(accepted) if accepted else "no keywords"
+        super().__init__(
+            f"runtime {runtime!r} takes no constructor keyword {', '.join(map(repr, bad))}; "
+            f"it accepts: {takes} (per-backend options go in BackendConfig.runtime_options)"
+        )
+
+
+class InvalidRuntime(ServecoreError, TypeError):
+    """An object given as a runtime lacks methods the Runtime protocol requires."""
+
+    def __init__(self, runtime: str, missing: tuple[str, ...]) -> None:
+        self.runtime = runtime
+        self.missing = missing
+        super().__init__(
+            f"{runtime} is not a servecore runtime: it has no {', '.join(missing)}; a "
+            f"runtime needs start_replica, stop_replica, list_replicas and call (open and "
+            f"close are optional), see docs/plugins.md"
+        )

@@ -1,4 +1,4 @@
-"""The synchronous facade: the trio controller in a background thread (DESIGN §4).
+"""The synchronous facade: the trio controller in a background thread (docs/design.md §4).
 
 ``servecore.start(...)`` opens a controller exactly as :func:`~servecore.open_controller`
 does, but in a thread of its own running ``trio.run``; every command method blocks

@@ -1,4 +1,4 @@
-"""HTTP ingress: serve endpoints at their routes (the top layer of DESIGN §1).
+"""HTTP ingress: serve endpoints at their routes (the top layer of docs/design.md §1).
 
 :class:`HTTPIngress` is an ASGI 3 application that finds the endpoint whose ``route``
 matches the request path, checks the method against the endpoint's ``methods``, and

@@ -1,4 +1,4 @@
-"""The router: where a query goes, when, and with whom (DESIGN §5).
+"""The router: where a query goes, when, and with whom (docs/design.md §5).
 
 The router is fed only by ``UpdateRouter`` tables (it is a table listener of the
 controller) and sends queries through the runtime's ``call(tag, batch)``. Everything
@@ -19,7 +19,7 @@ runs on the controller's trio thread, so no locks are needed. For each query:
    ``min(max_batch_size, max_concurrent_queries)`` waiting queries, as soon as that many
    wait or the oldest has waited ``batch_wait_timeout_s``. Under load batches grow by
    themselves while the replica is busy. Each query to a batching backend takes exactly
-   one positional argument (see :mod:`servecore._batch`).
+   one positional argument (see :mod:`servecore.runtimes.toolkit`).
 
 Failing fast: a query to an endpoint with no traffic, or to a backend with no RUNNING
 replica, raises :class:`~servecore.NoReplicaError` at once (and so do queued queries
@@ -54,7 +54,6 @@ from typing import Any
 import trio
 from immutables import Map
 
-from servecore._batch import batch_argument
 from servecore._core import BackendRoute, Endpoint, RoutingTable
 from servecore._errors import (
     BackpressureError,
@@ -64,6 +63,7 @@ from servecore._errors import (
 )
 from servecore._router_stats import BackendLoad, QueryStats, RouterStatistics, outcome_of
 from servecore.runtimes._protocol import Query, Runtime
+from servecore.runtimes.toolkit import batch_argument
 
 __all__ = ["DEFAULT_MAX_QUEUED_QUERIES", "MAX_RESENDS", "Handle", "Router"]
 

@@ -7,17 +7,43 @@ Built-ins are looked up by name from dotted paths and imported only when used, s
     # in a plugin's pyproject.toml
     [project.entry-points."servecore.runtimes"]
     k8s = "servecore_k8s:K8sRuntime"
+
+How to write one: ``docs/plugins.md``; the helpers every Python runtime shares are in
+:mod:`servecore.runtimes.toolkit`.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
+from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
 
-from servecore.runtimes._protocol import Query, Report, Runtime
+from servecore._errors import InvalidRuntime, InvalidRuntimeOption
+from servecore.runtimes._protocol import (
+    OPTIONAL_METHODS,
+    REQUIRED_METHODS,
+    Lifecycle,
+    Query,
+    Report,
+    Runtime,
+)
 
-__all__ = ["BUILTIN_RUNTIMES", "ENTRY_POINT_GROUP", "Query", "Report", "Runtime", "resolve_runtime"]
+__all__ = [
+    "BUILTIN_RUNTIMES",
+    "ENTRY_POINT_GROUP",
+    "OPTIONAL_METHODS",
+    "REQUIRED_METHODS",
+    "Lifecycle",
+    "Query",
+    "Report",
+    "Runtime",
+    "check_runtime_methods",
+    "close_runtime",
+    "open_runtime",
+    "resolve_runtime",
+]
 
 ENTRY_POINT_GROUP = "servecore.runtimes"
 
@@ -39,15 +65,37 @@ def _load(path: str, name: str, extra: str | None) -> Any:
     return getattr(module, attr)
 
 
-def resolve_runtime(runtime: str | Runtime, **options: Any) -> Runtime:
+def _accepted_keywords(factory: Callable[..., Any]) -> tuple[tuple[str, ...], bool]:
+    """The keywords ``factory`` takes, and whether it takes any (``**kwargs``)."""
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: let it judge
+        return (), True
+    names = tuple(
+        p.name
+        for p in parameters
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    )
+    return names, any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+def resolve_runtime(runtime: str | Runtime, **kwargs: Any) -> Runtime:
     """Return a runtime instance: ``runtime`` itself, or a new one of the named kind.
 
     Names are built-ins first, then the entry-point group ``servecore.runtimes``.
-    ``options`` go to the runtime's constructor.
+    ``kwargs`` go to the runtime's constructor (``open_controller(runtime_kwargs=...)``);
+    a keyword the constructor does not take raises
+    :class:`~servecore.InvalidRuntimeOption` naming it and the accepted ones::
+
+        resolve_runtime("subprocess", directory="/run/myapp")
     """
     if not isinstance(runtime, str):
-        if options:
-            raise TypeError("runtime options only apply when the runtime is given by name")
+        if kwargs:
+            raise TypeError(
+                f"runtime constructor keywords {sorted(kwargs)} only apply when the runtime "
+                f"is given by name; {runtime!r} is already an instance, so configure it "
+                f"when you construct it"
+            )
         return runtime
     if runtime in BUILTIN_RUNTIMES:
         path, extra = BUILTIN_RUNTIMES[runtime]
@@ -62,5 +110,31 @@ def resolve_runtime(runtime: str | Runtime, **options: Any) -> Runtime:
                 f"entry-point group {ENTRY_POINT_GROUP!r}"
             )
         factory = found[0].load()
-    instance: Runtime = factory(**options)
+    accepted, takes_any = _accepted_keywords(factory)
+    bad = tuple(sorted(k for k in kwargs if k not in accepted))
+    if bad and not takes_any:
+        raise InvalidRuntimeOption(runtime, bad, accepted)
+    instance: Runtime = factory(**kwargs)
     return instance
+
+
+def check_runtime_methods(runtime: object) -> None:
+    """Raise :class:`~servecore.InvalidRuntime` listing every required method
+    ``runtime`` lacks (``open`` and ``close`` are optional, see :class:`Runtime`)."""
+    missing = tuple(m for m in REQUIRED_METHODS if not callable(getattr(runtime, m, None)))
+    if missing:
+        raise InvalidRuntime(f"{type(runtime).__qualname__} object {runtime!r}", missing)
+
+
+async def open_runtime(runtime: object, *, namespace: str, report: Report) -> None:
+    """Call ``runtime.open(namespace=..., report=...)`` if the runtime has it."""
+    opener = getattr(runtime, "open", None)
+    if opener is not None:
+        await opener(namespace=namespace, report=report)
+
+
+async def close_runtime(runtime: object) -> None:
+    """Call ``runtime.close()`` if the runtime has it."""
+    closer = getattr(runtime, "close", None)
+    if closer is not None:
+        await closer()

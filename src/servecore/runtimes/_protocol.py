@@ -1,8 +1,64 @@
-"""The Runtime protocol: what carries effects out (DESIGN §6).
+"""The Runtime protocol: what carries effects out (docs/design.md §6).
 
 A runtime never touches the controller's state. It starts and stops replicas when told
 to, says which replicas are alive, runs batches of queries on them, and reports deaths.
-Plugins need no base class: anything with these methods is a runtime.
+Plugins need no base class: anything with the four required methods is a runtime.
+
+Theory of operation, as the controller drives it:
+
+1. ``open(namespace=..., report=...)`` (optional) once per controller, on the trio
+   thread that controller runs on; then ``list_replicas()`` for recovery.
+2. ``start_replica(effect)`` / ``stop_replica(tag, timeout_s)`` for each effect, many
+   at once (each in its own trio task); ``call(tag, batch)`` from the router, also many
+   at once. None of them is ever called on a tag concurrently with a start of the same
+   tag except to restate it (starts are idempotent).
+3. ``close()`` (optional) once, when the controller exits or crashes. In-process
+   replicas stop; replicas that outlive the host (processes, actors) keep running, to
+   be found again by ``list_replicas()`` under the same namespace.
+
+Events a runtime reports, through ``report``:
+
+* ``ReplicaDied(tag, reason)`` -- for a replica that dies *after* its
+  ``start_replica`` returned (a crash, a failed health check, a kill). That is the
+  only event a runtime needs to report.
+* Not start failures: a start that fails *raises* from ``start_replica`` (with the
+  replica's own error in the message), and the controller turns it into
+  ``ReplicaStartFailed``. Not stops: ``stop_replica`` returning is the answer.
+* Not deaths of replicas it was told to stop: a stop is not news.
+
+Threads: ``report`` must be called on the trio thread the runtime was opened on
+(where ``open`` ran). From any other thread (a watcher thread, a callback of a client
+library), hand the event over with the token captured in ``open``::
+
+    async def open(self, *, namespace, report):
+        self._report, self._token = report, trio.lowlevel.current_trio_token()
+
+    def _on_exit(self, tag, code):             # runs on a watcher thread
+        event = ReplicaDied(tag=tag, reason=f"exit code {code}")
+        trio.from_thread.run_sync(self._report, event, trio_token=self._token)
+
+Background work: ``open`` gets no nursery, and a task spawned from ``start_replica``
+would die with the effect's task. A runtime that watches its replicas (process exits,
+heartbeats) opens a nursery of its own in a *system task* from ``open``, and cancels
+it in ``close``; its watchers report on the trio thread directly::
+
+    async def open(self, *, namespace, report):
+        self._report = report
+        self._cancel = trio.CancelScope()
+        trio.lowlevel.spawn_system_task(self._watch_all)   # lives until close()
+
+    async def _watch_all(self):
+        with self._cancel:
+            async with trio.open_nursery() as self._nursery:
+                await trio.sleep_forever()
+
+    async def close(self):
+        self._cancel.cancel()
+
+Test hooks: a ``kill(tag)`` hook (for ``servecore.testing``) must report
+``ReplicaDied`` *before it returns*, as the in-memory and threads runtimes do, so a
+test that kills and then looks sees the death; a process runtime waits for the exit it
+caused.
 """
 
 from __future__ import annotations
@@ -14,12 +70,18 @@ import attrs
 
 from servecore._core import Event, StartReplica
 
-__all__ = ["Query", "Report", "Runtime"]
+__all__ = ["OPTIONAL_METHODS", "REQUIRED_METHODS", "Lifecycle", "Query", "Report", "Runtime"]
 
-#: The callback a runtime uses to report events (``ReplicaDied`` above all). It must be
-#: called from the trio thread the runtime was opened in; from another thread, use
-#: ``trio.from_thread.run_sync(report, event, trio_token=token)``.
+#: The callback a runtime uses to report events (``ReplicaDied``; see the module
+#: docstring). Call it on the trio thread the runtime was opened in; from another
+#: thread, use ``trio.from_thread.run_sync(report, event, trio_token=token)``.
 Report = Callable[[Event], None]
+
+#: What every runtime must have.
+REQUIRED_METHODS = ("start_replica", "stop_replica", "list_replicas", "call")
+#: What a runtime may have (see :class:`Lifecycle`); the controller calls each only if
+#: it is there.
+OPTIONAL_METHODS = ("open", "close")
 
 
 @attrs.frozen(kw_only=True)
@@ -32,29 +94,33 @@ class Query:
 
 @runtime_checkable
 class Runtime(Protocol):
-    """What the controller and router need of a runtime. All methods run on trio."""
+    """What the controller and router need of a runtime. All methods run on trio.
 
-    async def open(self, *, namespace: str, report: Report) -> None:
-        """Attach to the controller named ``namespace``; events go to ``report``.
-
-        Called once per controller before :meth:`list_replicas`. A runtime whose
-        replicas outlive the host (subprocess, Ray) finds them again here.
-        """
-
-    async def close(self) -> None:
-        """Detach. In-process replicas stop; out-of-process ones keep running."""
+    ``open`` and ``close`` (see :class:`Lifecycle`) are optional: a runtime with only
+    these four methods works, and never reports a death (it has nowhere to report to).
+    """
 
     async def start_replica(self, effect: StartReplica) -> None:
         """Start ``effect.tag`` and return once it is ready; raise on failure.
 
         Idempotent by tag: a replica already alive under that tag is not started twice.
+        A failure raises (with the replica's own error in the message) and leaves
+        nothing alive under the tag; it is not reported through ``report``.
+        Unknown ``effect.config.runtime_options`` keys are refused, naming them.
         """
 
     async def stop_replica(self, tag: str, timeout_s: float) -> None:
-        """Drain the replica, then stop it, forcing after ``timeout_s``. Idempotent."""
+        """Drain the replica, then stop it, forcing after ``timeout_s``.
+
+        Idempotent: stopping a tag that is stopped, dead or was never started returns
+        quietly (never a ``KeyError``). The stopped replica is not reported as dead.
+        """
 
     async def list_replicas(self) -> frozenset[str]:
-        """The tags alive in this runtime's namespace (used by recovery)."""
+        """The tags alive in this runtime's namespace (used by recovery).
+
+        A fresh namespace lists nothing; a dead or stopped replica is not listed.
+        """
 
     async def call(self, tag: str, batch: Sequence[Query]) -> list[Any]:
         """Run one batch on one replica; return one result per query, in order.
@@ -63,3 +129,23 @@ class Runtime(Protocol):
         a replica that dies mid-call raises :class:`~servecore.ReplicaDiedError`.
         """
         ...
+
+
+@runtime_checkable
+class Lifecycle(Protocol):
+    """The optional half of the protocol: attach to a controller and detach."""
+
+    async def open(self, *, namespace: str, report: Report) -> None:
+        """Attach to the controller named ``namespace``; events go to ``report``.
+
+        Called once per controller, on its trio thread, before :meth:`Runtime.list_replicas`.
+        A runtime whose replicas outlive the host (subprocess, Ray) finds them again
+        here. Capture ``trio.lowlevel.current_trio_token()`` here if other threads will
+        report.
+        """
+
+    async def close(self) -> None:
+        """Detach. In-process replicas stop; out-of-process ones keep running.
+
+        Cancel background work started in :meth:`open`; report nothing after this.
+        """

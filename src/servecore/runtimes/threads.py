@@ -1,4 +1,4 @@
-"""The ``threads`` runtime: replicas are objects in the host process (DESIGN §6).
+"""The ``threads`` runtime: replicas are objects in the host process (docs/design.md §6).
 
 Each replica is the user's object -- the target class instantiated with its
 ``init_args``/``init_kwargs``, or a plain function -- owned by a worker thread of its
@@ -45,11 +45,11 @@ from typing import Any
 import outcome
 import trio
 
-from servecore._batch import prepare_replica
 from servecore._core import ReplicaDied, StartReplica
 from servecore._errors import InvalidConfig, ReplicaDiedError
 from servecore.runtimes._protocol import Query, Report
 from servecore.runtimes._waker import Waker
+from servecore.runtimes.toolkit import prepare_replica
 
 __all__ = ["ThreadRuntime"]
 
@@ -127,7 +127,7 @@ class ThreadRuntime:
     (between queries, on the replica's own thread). Give it through the controller::
 
         servecore.open_controller(runtime="threads",
-                                  runtime_options={"health_check_period_s": 1.0})
+                                  runtime_kwargs={"health_check_period_s": 1.0})
     """
 
     def __init__(self, *, health_check_period_s: float = 10.0) -> None:

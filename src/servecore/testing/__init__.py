@@ -1,4 +1,4 @@
-"""Test kit for hosts, runtime authors and store authors (DESIGN §7).
+"""Test kit for hosts, runtime authors and store authors (docs/design.md §7).
 
 Like ``trio.testing`` and ``zarr.testing``, this is a public promise: the fakes, the
 Hypothesis strategies and the crash-consistency checks here are what servecore's own
@@ -7,15 +7,24 @@ tests use, and anyone can run them against their own runtime or store:
 * :class:`InMemoryRuntime` — a deterministic runtime whose replicas outlive a simulated
   controller crash, with fault injection (fail starts, kill replicas);
 * :class:`FaultyStore` — fails, tears or crashes saves;
+* :class:`InjectedFailure` — the error of an injected start failure (any other start
+  failure fails the crash checks);
 * :class:`CrashPlan` / :class:`SimulatedCrash` — numbered crash points before and after
   every save, start and stop;
 * :class:`CrashWorld`, :func:`enumerate_crashes` — crash at *every* point of a script;
 * :class:`CrashConsistencyMachine` — the Hypothesis stateful machine checking the five
   properties against a :class:`ReferenceModel`;
 * :func:`check_runtime` — conformance checks for any runtime;
+* :func:`check_store_holds` — a store gives back exactly the bytes it was given;
 * :mod:`servecore.testing.strategies` — Hypothesis strategies for commands and events.
+
+It needs Hypothesis and pytest, which a production install does not: install the
+``testing`` extra, ``pip install 'servecore[testing]'``. A runtime author's guide is in
+docs/plugins.md.
 """
 
+# First, so that a missing dependency says which extra to install.
+import servecore.testing._requires  # noqa: F401
 from servecore.testing._conformance import check_runtime
 from servecore.testing._crash import (
     CrashingRuntime,
@@ -23,10 +32,11 @@ from servecore.testing._crash import (
     Kill,
     Outcome,
     check_all_or_nothing,
+    check_store_holds,
     corrupt,
     enumerate_crashes,
 )
-from servecore.testing._faults import CrashPlan, SimulatedCrash
+from servecore.testing._faults import CrashPlan, InjectedFailure, SimulatedCrash
 from servecore.testing._machine import CrashConsistencyMachine
 from servecore.testing._model import ReferenceModel, desired
 from servecore.testing._runtime import InMemoryRuntime
@@ -39,6 +49,7 @@ __all__ = [
     "CrashingRuntime",
     "FaultyStore",
     "InMemoryRuntime",
+    "InjectedFailure",
     "Kill",
     "Outcome",
     "ReferenceModel",
@@ -46,6 +57,7 @@ __all__ = [
     "StoreFault",
     "check_all_or_nothing",
     "check_runtime",
+    "check_store_holds",
     "corrupt",
     "desired",
     "enumerate_crashes",

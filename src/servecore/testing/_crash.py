@@ -12,7 +12,9 @@ can visit each one (:func:`enumerate_crashes`), never hoping a random crash fire
 
 from __future__ import annotations
 
+import inspect
 import json
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,6 +26,8 @@ from servecore._controller import Controller, open_controller
 from servecore._core import (
     BackendStatus,
     Command,
+    Event,
+    ReplicaDied,
     ReplicaStatus,
     StartReplica,
     State,
@@ -37,9 +41,9 @@ from servecore._errors import (
     CheckpointVersionError,
     CommandError,
 )
-from servecore.runtimes import Query, Report, Runtime
+from servecore.runtimes import Query, Report, Runtime, close_runtime, open_runtime
 from servecore.stores import MemoryStore, Store
-from servecore.testing._faults import CrashPlan, SimulatedCrash
+from servecore.testing._faults import CrashPlan, InjectedFailure, SimulatedCrash
 from servecore.testing._model import ReferenceModel, desired
 from servecore.testing._runtime import InMemoryRuntime
 from servecore.testing._store import FaultyStore
@@ -50,6 +54,7 @@ __all__ = [
     "Kill",
     "Outcome",
     "check_all_or_nothing",
+    "check_store_holds",
     "corrupt",
     "enumerate_crashes",
 ]
@@ -79,7 +84,10 @@ class Outcome:
 
     ``crashed`` is the crash point label if the controller crashed; ``error`` the
     expected error the action (or opening) raised; ``state`` the controller's state at
-    the end (``None`` after a crash or a failed open); ``points`` the crash points seen.
+    the end (``None`` after a crash or a failed open); ``points`` the crash points seen;
+    ``live`` the tags the runtime listed alive at the end, while the controller was
+    still open (``None`` after a crash or a failed open); ``action_log`` the runtime
+    operations (see :attr:`CrashingRuntime.log`) from the action on, recovery excluded.
     """
 
     state: State | None
@@ -87,13 +95,20 @@ class Outcome:
     crashed: str | None
     points: int
     table_unchanged: bool = True
+    live: frozenset[str] | None = None
+    action_log: tuple[tuple[str, str], ...] = ()
 
 
 class CrashingRuntime:
-    """Wraps any runtime: adds crash points around starts and stops, and a log.
+    """Wraps any runtime: adds crash points around starts and stops, a log, and a
+    record of every broken promise it sees.
 
     ``log`` lists ``("start", tag)`` and ``("stop", tag)`` for every operation that
-    completed, ``("kill", tag)`` for kills through :meth:`kill`.
+    completed, ``("kill", tag)`` for kills through :meth:`kill`. ``problems`` lists, in
+    words, what the runtime did that the kit did not ask for: a start that failed
+    without an injected failure (:class:`InjectedFailure`), a stop that raised, a death
+    nobody caused, a kill whose ``ReplicaDied`` came after the kill returned, a report
+    made off the trio thread.
     """
 
     def __init__(
@@ -105,23 +120,65 @@ class CrashingRuntime:
         self.inner = inner
         self.plan = plan
         self.log: list[tuple[str, str]] = []
+        self.problems: list[str] = []
         self._kill = kill
+        self._killed: set[str] = set()
+        self._stopping: set[str] = set()
+        self._died: set[str] = set()
+        self._thread: int | None = None
+        self._name = type(inner).__qualname__
 
     async def open(self, *, namespace: str, report: Report) -> None:
-        await self.inner.open(namespace=namespace, report=report)
+        self._thread = threading.get_ident()
+
+        def watched(event: Event) -> None:
+            if threading.get_ident() != self._thread:
+                self.problems.append(
+                    f"{self._name} reported {event!r} from a thread other than the trio "
+                    f"thread it was opened on; hand events over with "
+                    f"trio.from_thread.run_sync(report, event, trio_token=token)"
+                )
+            if isinstance(event, ReplicaDied):
+                self._died.add(event.tag)
+                if event.tag not in self._killed and event.tag not in self._stopping:
+                    self.problems.append(
+                        f"{self._name} reported replica {event.tag} dead, but the kit "
+                        f"neither killed nor stopped it: {event.reason}"
+                    )
+            report(event)
+
+        await open_runtime(self.inner, namespace=namespace, report=watched)
 
     async def close(self) -> None:
-        await self.inner.close()
+        await close_runtime(self.inner)
 
     async def start_replica(self, effect: StartReplica) -> None:
         self.plan.point(f"before start {effect.tag}")
-        await self.inner.start_replica(effect)
+        try:
+            await self.inner.start_replica(effect)
+        except InjectedFailure:
+            raise
+        except Exception as exc:
+            if effect.tag not in self._stopping:
+                self.problems.append(
+                    f"{self._name} failed to start replica {effect.tag} (target "
+                    f"{effect.target}) though the kit injected no failure: {_describe(exc)}"
+                )
+            raise
         self.log.append(("start", effect.tag))
         self.plan.point(f"after start {effect.tag}")
 
     async def stop_replica(self, tag: str, timeout_s: float) -> None:
         self.plan.point(f"before stop {tag}")
-        await self.inner.stop_replica(tag, timeout_s)
+        self._stopping.add(tag)
+        try:
+            await self.inner.stop_replica(tag, timeout_s)
+        except Exception as exc:
+            self.problems.append(
+                f"{self._name}.stop_replica({tag!r}) raised {_describe(exc)}; a stop must "
+                f"succeed, and stopping a tag that is gone is a quiet no-op"
+            )
+            raise
         self.log.append(("stop", tag))
         self.plan.point(f"after stop {tag}")
 
@@ -131,13 +188,30 @@ class CrashingRuntime:
     async def call(self, tag: str, batch: Sequence[Query]) -> list[Any]:
         return await self.inner.call(tag, batch)
 
-    def kill(self, tag: str) -> None:
-        """Kill ``tag`` with the kill hook (or the in-memory runtime's own ``kill``)."""
+    async def kill(self, tag: str) -> None:
+        """Kill ``tag`` with the kill hook (or the inner runtime's own ``kill``), which
+        may return an awaitable; ``ReplicaDied`` must be reported before it returns."""
         killer = self._kill or getattr(self.inner, "kill", None)
         if killer is None:
-            raise TypeError("this runtime offers no way to kill a replica; pass kill=")
+            raise TypeError(
+                f"{self._name} offers no way to kill a replica: give it a kill(tag) method "
+                f"or override kill_hook() in the machine (pass kill= to CrashWorld)"
+            )
         self.log.append(("kill", tag))
-        killer(tag)
+        self._killed.add(tag)
+        result = killer(tag)
+        if inspect.isawaitable(result):
+            await result
+        if tag not in self._died:
+            self.problems.append(
+                f"the kill hook of {self._name} returned before ReplicaDied({tag!r}) was "
+                f"reported; report the death before the kill returns"
+            )
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class CrashWorld:
@@ -177,6 +251,7 @@ class CrashWorld:
         action's save fail).
         """
         self.plan.arm(crash_at)  # restarts the count too
+        self.runtime.problems.clear()
         box: dict[str, Any] = {}
 
         async def session() -> None:
@@ -187,10 +262,11 @@ class CrashWorld:
                 box["table"] = ctl.routing_table
                 if prepare is not None:
                     prepare(ctl)
+                box["mark"] = len(self.runtime.log)
                 try:
                     if isinstance(action, Kill):
                         if action.tag in await self.runtime.list_replicas():
-                            self.runtime.kill(action.tag)
+                            await self.runtime.kill(action.tag)
                     elif action is not None:
                         await ctl.submit(action)
                 except _EXPECTED_ERRORS as exc:
@@ -198,13 +274,20 @@ class CrashWorld:
                 await ctl.settle()
                 box["state"] = ctl.state
                 box["unchanged"] = ctl.routing_table is box["table"]
+                box["live"] = await self.runtime.list_replicas()
 
         try:
             trio.run(session)
         except SimulatedCrash as crash:
+            self._check_promises()
             return Outcome(state=None, error=None, crashed=crash.label, points=self.plan.count)
         except _EXPECTED_ERRORS as exc:  # opening failed: corrupt or too-new checkpoint
+            self._check_promises(exc)
             return Outcome(state=None, error=exc, crashed=None, points=self.plan.count)
+        except BaseException as exc:
+            self._check_promises(exc)
+            raise
+        self._check_promises(box.get("error"))
         state = box["state"]
         self.highest_counter = max(self.highest_counter, state.replica_counter)
         return Outcome(
@@ -213,7 +296,16 @@ class CrashWorld:
             crashed=None,
             points=self.plan.count,
             table_unchanged=box["unchanged"],
+            live=box["live"],
+            action_log=tuple(self.runtime.log[box["mark"] :]),
         )
+
+    def _check_promises(self, error: BaseException | None = None) -> None:
+        """Fail with every broken promise the runtime wrapper saw during the run."""
+        problems = self.runtime.problems
+        if problems:
+            message = "the runtime broke its promises:\n- " + "\n- ".join(problems)
+            raise AssertionError(message) from error
 
     def clone(self) -> CrashWorld:
         """An in-memory copy: same checkpoint bytes, same live tags, same faults."""
@@ -237,13 +329,15 @@ class CrashWorld:
         the protocol wants; no controller is open between runs)."""
         return trio.run(_list_live, self.inner_runtime, self.name)
 
-    def check_settled(self, state: State) -> None:
-        """DESIGN §7 properties 2 and 3 on a settled state; raises AssertionError."""
+    def check_settled(self, state: State, live: frozenset[str] | None = None) -> None:
+        """Properties 2 and 3 (docs/design.md §7) on a settled state;
+        raises AssertionError. ``live`` is what the runtime listed while the controller
+        was open (an :attr:`Outcome.live`); by default it is listed now."""
         validate_state(state)
         running = {t for t, r in state.replicas.items() if r.status is ReplicaStatus.RUNNING}
         others = {t: r.status for t, r in state.replicas.items() if t not in running}
         assert not others, f"not settled: {others}"
-        live = self.live()
+        live = self.live() if live is None else live
         assert live == running, f"live {sorted(live)} != RUNNING {sorted(running)}"
         table = state.routing_table()
         for tag, b in state.backends.items():
@@ -270,11 +364,11 @@ class CrashWorld:
 
 
 async def _list_live(runtime: Runtime, name: str) -> frozenset[str]:
-    await runtime.open(namespace=name, report=lambda _event: None)
+    await open_runtime(runtime, namespace=name, report=lambda _event: None)
     try:
         return await runtime.list_replicas()
     finally:
-        await runtime.close()
+        await close_runtime(runtime)
 
 
 def _placeholder(tag: str) -> StartReplica:
@@ -298,7 +392,9 @@ def enumerate_crashes(
     fresh world replays the steps before ``i``, crashes step ``i`` at ``k``, recovers,
     and checks: the recovered state is the acknowledged commands plus all or nothing of
     the one in flight (property 1), no tag is reused (2), and the live replicas are
-    exactly the RUNNING ones with each backend at ``num_replicas`` (3). Returns how
+    exactly the RUNNING ones with each backend at ``num_replicas`` (3). A start failure
+    that was not injected, a stop that raised, or a death nobody caused fails the check
+    with an ``AssertionError`` naming the tag and the runtime's own error. Returns how
     many crashes were checked.
     """
     checked = 0
@@ -319,7 +415,7 @@ def enumerate_crashes(
             recovered = world.run(None)
             assert recovered.error is None and recovered.state is not None, recovered
             check_all_or_nothing(model, script[i], recovered.state)
-            world.check_settled(recovered.state)
+            world.check_settled(recovered.state, recovered.live)
             checked += 1
     return checked
 
@@ -327,6 +423,7 @@ def enumerate_crashes(
 def _apply_ok(world: CrashWorld, model: ReferenceModel, action: Command | Kill) -> None:
     outcome = world.run(action)
     assert outcome.crashed is None and outcome.state is not None, outcome
+    world.check_settled(outcome.state, outcome.live)
     if not isinstance(action, Kill):
         expected = model.expected_error(action)
         if expected is None:
@@ -366,5 +463,26 @@ def corrupt(store: FaultyStore, how: str) -> bytes | None:
         else:
             envelope["version"] = VERSION + 1
         bad = json.dumps(envelope).encode()
-    store.inner.save(bad)
+    check_store_holds(store.inner, bad)
     return good
+
+
+def check_store_holds(store: Store, data: bytes) -> None:
+    """Save ``data`` and check that ``load()`` gives exactly those bytes back.
+
+    A store receives arbitrary bytes (a torn or foreign checkpoint is not UTF-8, nor
+    JSON); one that cannot hold them fails here with an ``AssertionError`` naming it.
+    """
+    name = type(store).__qualname__
+    try:
+        store.save(data)
+        back = store.load()
+    except Exception as exc:
+        raise AssertionError(
+            f"store {name} cannot hold arbitrary bytes: saving and loading {data[:16]!r} "
+            f"raised {_describe(exc)}; Store.save receives any bytes, not only UTF-8 text"
+        ) from exc
+    assert back == data, (
+        f"store {name} did not give back the bytes it was given: saved {data[:16]!r}..., "
+        f"loaded {(back or b'')[:16]!r}...; Store.load must return exactly what save got"
+    )

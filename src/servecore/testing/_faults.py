@@ -8,7 +8,7 @@ crash-consistency checks learn how many points a command has, to visit every one
 
 from __future__ import annotations
 
-__all__ = ["CrashPlan", "SimulatedCrash"]
+__all__ = ["CrashPlan", "InjectedFailure", "SimulatedCrash"]
 
 
 class SimulatedCrash(BaseException):
@@ -18,6 +18,14 @@ class SimulatedCrash(BaseException):
         self.point = point
         self.label = label
         super().__init__(f"simulated controller crash at point {point} ({label})")
+
+
+class InjectedFailure(RuntimeError):
+    """A start failure the kit injected on purpose (:meth:`InMemoryRuntime.fail_starts`).
+
+    The crash checks tell these apart from a runtime's own failures: an injected one is
+    an allowed outcome, any other start failure fails the check.
+    """
 
 
 class CrashPlan:

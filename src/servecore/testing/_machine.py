@@ -1,7 +1,7 @@
-"""The stateful crash-consistency machine (DESIGN §7), for Hypothesis.
+"""The stateful crash-consistency machine (docs/design.md §7), for Hypothesis.
 
 Subclass :class:`CrashConsistencyMachine` and override :meth:`make_store` (and, for a
-runtime author, :meth:`make_runtime` and :meth:`kill`) to run it against your own
+runtime author, :meth:`make_runtime` and :meth:`kill_hook`) to run it against your own
 store or runtime::
 
     class SQLiteCrashes(CrashConsistencyMachine):
@@ -14,31 +14,45 @@ Every rule opens a controller on the same store and runtime (so every rule also
 recovers), does one thing and checks the five properties against a
 :class:`ReferenceModel`. Crash rules first count the crash points of what they are
 about to do on a copy of the world, then draw one of them, so every drawn crash fires.
+
+Only what the machine injects may fail: a start failure it did not inject, a stop that
+raises, or a death it did not cause fails the example, naming the tag and the runtime's
+own error. Each example starts from an empty store and an empty runtime (checked).
+For settings that suit slow runtimes, see docs/plugins.md.
 """
 
 from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import trio
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from servecore._core import Command, CreateEndpoint
+from servecore._core import (
+    BackendStatus,
+    Command,
+    CreateBackend,
+    CreateEndpoint,
+    RetryBackend,
+    SetBackendConfig,
+)
 from servecore._errors import (
     BackendStartError,
     CheckpointCorrupt,
     CheckpointError,
     CheckpointVersionError,
 )
-from servecore.runtimes import Runtime
+from servecore.runtimes import Runtime, close_runtime, open_runtime
 from servecore.stores import MemoryStore, Store
 from servecore.testing._crash import CrashWorld, Kill, Outcome, check_all_or_nothing, corrupt
 from servecore.testing._model import ReferenceModel, desired
 from servecore.testing._runtime import InMemoryRuntime
-from servecore.testing.strategies import BACKEND_TAGS, commands
+from servecore.testing.strategies import BACKEND_TAGS, backend_definitions, commands
 
 __all__ = ["CrashConsistencyMachine"]
 
@@ -60,37 +74,58 @@ class CrashConsistencyMachine(RuleBasedStateMachine):
     # -- what subclasses override -------------------------------------------------------
 
     def make_store(self) -> Store:
-        """A fresh, empty store (``self.tmp`` is a private directory)."""
+        """A fresh, empty store (``self.tmp`` is a private directory, new per example)."""
         return MemoryStore()
 
     def make_runtime(self) -> Runtime:
-        """The runtime under test; its replicas must outlive a controller."""
+        """The runtime under test: a new, *isolated and empty* world per example (its
+        own directory under ``self.tmp``, or its own namespace). Replicas should
+        outlive a controller; an in-process runtime, whose replicas stop with it, is
+        checked while the controller is open."""
         return InMemoryRuntime()
 
-    def kill_hook(self) -> Any:
-        """A callable killing a replica by tag, or ``None`` for the runtime's own."""
+    def kill_hook(self) -> Callable[[str], Any] | None:
+        """``kill(tag)`` killing a replica behind the controller's back (it may return
+        an awaitable), or ``None`` to use the runtime's own ``kill`` method. It must
+        report ``ReplicaDied`` before it returns."""
         return None
 
     def teardown(self) -> None:
+        """Remove ``self.tmp``. A runtime whose replicas outlive the host must stop them
+        here: override, call :meth:`stop_live_replicas`, then ``super().teardown()``."""
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def stop_live_replicas(self, timeout_s: float = 5.0) -> None:
+        """Stop every replica alive in the runtime (for :meth:`teardown`)."""
+        trio.run(_stop_all, self.world.inner_runtime, self.world.name, timeout_s)
 
     # -- helpers ------------------------------------------------------------------------
 
     def _settled(self, outcome: Outcome) -> None:
         assert outcome.crashed is None, outcome
         assert outcome.state is not None, f"controller did not open: {outcome.error!r}"
-        self.world.check_settled(outcome.state)
+        self.world.check_settled(outcome.state, outcome.live)
         assert desired(outcome.state) == self.model.desired(), (
             desired(outcome.state),
             self.model.desired(),
         )
         self.last = outcome
 
+    def _failed_before(self, cmd: Command) -> bool:
+        """Whether ``cmd`` names a backend that was FAILED when last seen."""
+        tag = getattr(cmd, "tag", None)
+        if self.last is None or self.last.state is None or tag is None:
+            return False
+        backend = self.last.state.backends.get(tag)
+        return backend is not None and backend.status is BackendStatus.FAILED
+
     def _expect(self, cmd: Command, outcome: Outcome) -> None:
         expected = self.model.expected_error(cmd)
         if expected is not None:
             assert isinstance(outcome.error, expected), (cmd, expected, outcome.error)
         else:
+            # BackendStartError is allowed here only because the runtime wrapper already
+            # failed the run if the start failure was not injected.
             assert outcome.error is None or isinstance(outcome.error, BackendStartError), (
                 cmd,
                 outcome.error,
@@ -99,9 +134,24 @@ class CrashConsistencyMachine(RuleBasedStateMachine):
 
     # -- rules --------------------------------------------------------------------------
 
-    @initialize()
-    def open_empty(self) -> None:
+    @initialize(first=backend_definitions(BACKEND_TAGS[0], min_replicas=1, max_replicas=2))
+    def open_empty(self, first: CreateBackend) -> None:
+        """Each example starts from nothing (an empty store, an empty runtime, both
+        checked), then creates one backend with running replicas, so that even a short
+        example has replicas to kill, crash around and recover."""
+        stored = self.world.store.load()
+        assert stored is None, (
+            f"make_store() gave a store that already holds a checkpoint ({len(stored)} "
+            f"bytes); each example needs a fresh, empty store (e.g. under self.tmp)"
+        )
+        live = self.world.live()
+        assert not live, (
+            f"make_runtime() gave a runtime with replicas already alive: {sorted(live)}; "
+            f"each example needs an isolated, empty world (its own directory or "
+            f"namespace), and teardown() must stop what the example started"
+        )
         self._settled(self.world.run(None))
+        self.command(first)
 
     @rule(cmd=commands())
     def command(self, cmd: Command) -> None:
@@ -125,19 +175,24 @@ class CrashConsistencyMachine(RuleBasedStateMachine):
     @rule(cmd=commands())
     def command_with_failed_save(self, cmd: Command) -> None:
         """Property 4: a failed save leaves the state unchanged and runs no effect."""
-        before = list(self.world.runtime.log)
         outcome = self.world.run(cmd, prepare=lambda _ctl: self.world.store.fail_next(1))
         self.world.store.fail_next(0)
         expected = self.model.expected_error(cmd)
         if expected is not None:
             assert isinstance(outcome.error, expected), (cmd, outcome.error)
         elif isinstance(outcome.error, CheckpointError):
-            assert self.world.runtime.log == before, "an effect ran after a failed save"
+            assert not outcome.action_log, f"an effect ran after a failed save: {outcome}"
             assert outcome.table_unchanged, "the router saw a state that was never saved"
         else:
-            # A restated command is a no-op: nothing to save, nothing to fail.
-            assert outcome.error is None, outcome.error
-            assert self.world.runtime.log == before
+            # A restated command is a no-op: nothing to save, nothing to fail. Restating
+            # the definition of a FAILED backend, or retrying one, leaves it FAILED and
+            # says so again.
+            restated_failed = isinstance(outcome.error, BackendStartError) and (
+                isinstance(cmd, CreateBackend | SetBackendConfig | RetryBackend)
+                and self._failed_before(cmd)
+            )
+            assert outcome.error is None or restated_failed, (cmd, outcome.error)
+            assert not outcome.action_log, f"a no-op command ran an effect: {outcome}"
             self.model.apply(cmd)
         self._settled(outcome)
 
@@ -206,6 +261,7 @@ class CrashConsistencyMachine(RuleBasedStateMachine):
 
     @rule(tag=st.sampled_from(BACKEND_TAGS))
     def heal(self, tag: str) -> None:
+        """Starts of a backend succeed again (a FAILED backend stays FAILED until told)."""
         runtime = self.world.inner_runtime
         if isinstance(runtime, InMemoryRuntime):
             runtime.heal(tag)
@@ -214,14 +270,22 @@ class CrashConsistencyMachine(RuleBasedStateMachine):
     def corrupt_checkpoint(self, how: str) -> None:
         """Property 5: a corrupt or too-new checkpoint raises; never read as empty."""
         store = self.world.store
-        before = list(self.world.runtime.log)
         if how == "torn-save":
-            good = store.inner.load()
-            outcome = self.world.run(_PROBE, prepare=lambda _ctl: store.tear_next())
+            saved: list[bytes | None] = []
+
+            def tear(_ctl: Any) -> None:
+                # The good checkpoint is the one just before the torn save: recovery in
+                # this very run may have saved a newer one than before the run.
+                saved.append(store.inner.load())
+                store.tear_next()
+
+            outcome = self.world.run(_PROBE, prepare=tear)
             if not isinstance(outcome.error, CheckpointError):
                 return  # nothing was saved (no-op command): nothing to tear
+            good = saved[0]
         else:
             good = corrupt(store, how)
+        before = list(self.world.runtime.log)
         if good is None:
             return
         reopened = self.world.run(None)
@@ -230,6 +294,7 @@ class CrashConsistencyMachine(RuleBasedStateMachine):
         assert reopened.state is None
         assert self.world.runtime.log == before, "a replica was touched on a bad checkpoint"
         store.inner.save(good)
+        self._settled(self.world.run(None))
 
     @rule()
     def snapshot_checkpoint(self) -> None:
@@ -261,5 +326,15 @@ class CrashConsistencyMachine(RuleBasedStateMachine):
 
     @invariant()
     def counter_never_goes_back(self) -> None:
+        """Property 2's other half: the replica counter only grows."""
         if self.last is not None and self.last.state is not None:
             assert self.last.state.replica_counter >= self.world.highest_counter
+
+
+async def _stop_all(runtime: Runtime, name: str, timeout_s: float) -> None:
+    await open_runtime(runtime, namespace=name, report=lambda _event: None)
+    try:
+        for tag in sorted(await runtime.list_replicas()):
+            await runtime.stop_replica(tag, timeout_s)
+    finally:
+        await close_runtime(runtime)

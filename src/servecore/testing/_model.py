@@ -2,7 +2,7 @@
 
 It knows nothing of replicas: only endpoints and backends as plain dicts, and which
 commands are invalid. The crash-consistency checks compare the controller's recovered
-state against it (DESIGN §7, property 1).
+state against it (docs/design.md §7, property 1).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from servecore._core import (
     CreateEndpoint,
     DeleteBackend,
     DeleteEndpoint,
+    RetryBackend,
     SetBackendConfig,
     SetShadowTraffic,
     SetTraffic,
@@ -53,8 +54,14 @@ def desired(state: State) -> Desired:
 
 @attrs.define
 class ReferenceModel:
-    """Endpoints and backends as dicts; :meth:`apply` raises the error type the core
-    must raise, or applies the command."""
+    """Endpoints and backends as dicts; :meth:`expected_error` gives the error type the
+    core must raise, :meth:`apply` applies a valid command.
+
+    What a user asked for does not include a backend's health, so the model needs no
+    FAILED state: restating a FAILED backend's definition changes nothing (the
+    controller raises ``BackendStartError`` again), and ``RetryBackend`` only starts
+    replicas, which is not part of what is compared.
+    """
 
     endpoints: dict[str, Any] = attrs.Factory(dict)
     backends: dict[str, Any] = attrs.Factory(dict)
@@ -87,7 +94,7 @@ class ReferenceModel:
                 return BackendNotFound
             if any(cmd.tag in e[2] or cmd.tag in e[3] for e in eps.values()):
                 return BackendInUse
-        elif isinstance(cmd, SetBackendConfig):
+        elif isinstance(cmd, SetBackendConfig | RetryBackend):
             return None if cmd.tag in bes else BackendNotFound
         elif isinstance(cmd, SetTraffic):
             if cmd.endpoint not in eps:
@@ -112,6 +119,8 @@ class ReferenceModel:
             bes[cmd.tag] = (cmd.target, cmd.init_args, cmd.init_kwargs, cmd.config)
         elif isinstance(cmd, DeleteBackend):
             del bes[cmd.tag]
+        elif isinstance(cmd, RetryBackend):
+            pass  # starts replicas again; what was asked for is unchanged
         elif isinstance(cmd, SetBackendConfig):
             target, args, kwargs, _ = bes[cmd.tag]
             bes[cmd.tag] = (target, args, kwargs, cmd.config)

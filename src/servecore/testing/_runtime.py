@@ -7,7 +7,6 @@ open a new controller on the same runtime and store to "restart".
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,18 +15,10 @@ import trio
 from servecore._core import Event, ReplicaDied, StartReplica
 from servecore._errors import ReplicaDiedError
 from servecore.runtimes import Query, Report
-from servecore.testing._faults import CrashPlan
+from servecore.runtimes.toolkit import ReplicaCode, build_replica, check_runtime_options
+from servecore.testing._faults import CrashPlan, InjectedFailure
 
 __all__ = ["InMemoryRuntime"]
-
-
-def _instantiate(effect: StartReplica) -> Any:
-    """Import the target by path; construct it if it is a class (errors propagate)."""
-    module, _, attr = effect.target.partition(":")
-    obj: Any = importlib.import_module(module)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj(*effect.init_args, **effect.init_kwargs) if isinstance(obj, type) else obj
 
 
 class InMemoryRuntime:
@@ -35,13 +26,15 @@ class InMemoryRuntime:
 
     Fault injection:
 
-    * :meth:`fail_starts` makes starts of a backend fail (``times`` times, or always);
+    * :meth:`fail_starts` makes starts of a backend fail (``times`` times, or always)
+      with :class:`InjectedFailure`;
     * :meth:`kill` kills a live replica and reports ``ReplicaDied``;
     * ``crash_plan`` (a :class:`CrashPlan`) crashes the controller before or after any
       start or stop.
 
-    A start imports the target and constructs it in-process (a failing constructor
-    fails the start); ``call`` runs it, so the router can be tested against it too.
+    A start builds the target in-process with :func:`servecore.runtimes.toolkit.build_replica`
+    (a failing constructor fails the start, batching rules apply); ``call`` runs it, so
+    the router can be tested against it too.
     """
 
     def __init__(self, crash_plan: CrashPlan | None = None) -> None:
@@ -53,7 +46,7 @@ class InMemoryRuntime:
         #: Every tag ever stopped, in order.
         self.stopped: list[str] = []
         self._failures: dict[str, tuple[str, int | None]] = {}
-        self._instances: dict[str, Any] = {}
+        self._instances: dict[str, ReplicaCode] = {}
         self._report: Report | None = None
         self.namespace: str | None = None
         self.opened = 0
@@ -92,12 +85,7 @@ class InMemoryRuntime:
         await trio.lowlevel.checkpoint()
         if effect.tag in self.live:
             return
-        unknown = sorted(effect.config.runtime_options)
-        if unknown:
-            raise ValueError(
-                f"replica {effect.tag}: the in-memory runtime takes no runtime_options, "
-                f"got {unknown}"
-            )
+        check_runtime_options(effect, known=(), runtime="in-memory")
         failure = self._failures.get(effect.backend)
         if failure is not None:
             reason, times = failure
@@ -106,8 +94,8 @@ class InMemoryRuntime:
                     del self._failures[effect.backend]
                 else:
                     self._failures[effect.backend] = (reason, times - 1)
-            raise RuntimeError(reason)
-        self._instances[effect.tag] = _instantiate(effect)
+            raise InjectedFailure(reason)
+        self._instances[effect.tag] = build_replica(effect)
         self.live[effect.tag] = effect
         self.started.append(effect.tag)
         self.crash_plan.point(f"after start {effect.tag}")
@@ -127,9 +115,9 @@ class InMemoryRuntime:
         effect = self.live.get(tag)
         if effect is None:
             raise ReplicaDiedError(tag, "not alive in the in-memory runtime")
-        instance = self._instances[tag]
+        code = self._instances[tag]
         await trio.lowlevel.checkpoint()
-        return [instance(*q.args, **q.kwargs) for q in batch]
+        return code.run(batch)
 
     def report(self, event: Event) -> None:
         """Report any event to the attached controller (for tests of odd orderings)."""

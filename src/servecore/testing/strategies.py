@@ -3,6 +3,13 @@
 Names are drawn from small pools on purpose, so that generated commands collide: a
 backend created twice, traffic to a backend that was deleted, a route taken twice.
 That is how invalid commands (for the state at hand) arise without being special-cased.
+
+Every command drawn is one a correct runtime can carry out: each backend tag belongs to
+one family of targets, and configs fit it. Tags in ``BATCH_TAGS`` get only
+``@servecore.batch`` targets (:data:`BATCH_TARGETS`), and only they may set
+``max_batch_size``; the others get plain targets (:data:`TARGETS`) and never batch.
+Functions get no ``init_args``. So a start that fails under these strategies is the
+runtime's fault (or an injected fault), never the kit's.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from servecore._core import (
     ReplicaStarted,
     ReplicaStartFailed,
     ReplicaStopped,
+    RetryBackend,
     SetBackendConfig,
     SetShadowTraffic,
     SetTraffic,
@@ -31,9 +39,12 @@ from servecore._core import (
 
 __all__ = [
     "BACKEND_TAGS",
+    "BATCH_TAGS",
+    "BATCH_TARGETS",
     "ENDPOINT_NAMES",
     "TARGETS",
     "backend_configs",
+    "backend_definitions",
     "commands",
     "events",
     "invalid_config_kwargs",
@@ -41,21 +52,33 @@ __all__ = [
 ]
 
 BACKEND_TAGS = ("a", "b", "c")
+#: The tags whose backends run ``@servecore.batch`` targets (and may batch).
+BATCH_TAGS = ("c",)
 ENDPOINT_NAMES = ("e1", "e2")
 ROUTES = (None, "/x", "/y")
+#: Plain targets, and whether each is a class (only classes take ``init_args``).
 TARGETS = (
     "servecore.testing.targets:Echo",
     "servecore.testing.targets:echo",
     "servecore.testing.targets:Counter",
 )
+#: Targets marked ``@servecore.batch``.
+BATCH_TARGETS = (
+    "servecore.testing.targets:BatchEcho",
+    "servecore.testing.targets:echo_all",
+)
+_FUNCTIONS = frozenset({"servecore.testing.targets:echo", "servecore.testing.targets:echo_all"})
 
 
-def backend_configs(max_replicas: int = 3) -> st.SearchStrategy[BackendConfig]:
-    """Valid configs with small replica counts."""
+def backend_configs(
+    max_replicas: int = 3, *, batch: bool = False, min_replicas: int = 0
+) -> st.SearchStrategy[BackendConfig]:
+    """Valid configs with small replica counts; ``max_batch_size`` only if ``batch``
+    (for a ``@servecore.batch`` target: a runtime refuses it on any other)."""
     return st.builds(
         BackendConfig,
-        num_replicas=st.integers(0, max_replicas),
-        max_batch_size=st.none() | st.integers(1, 4),
+        num_replicas=st.integers(min_replicas, max_replicas),
+        max_batch_size=st.none() | st.integers(1, 4) if batch else st.none(),
         batch_wait_timeout_s=st.sampled_from([0.0, 0.01]),
         max_concurrent_queries=st.integers(1, 4),
         graceful_shutdown_timeout_s=st.sampled_from([0.0, 1.0]),
@@ -87,10 +110,44 @@ def traffic(draw: st.DrawFn, tags: tuple[str, ...] = BACKEND_TAGS) -> dict[str, 
     return {tag: w / total for tag, w in zip(chosen, raw, strict=True)}
 
 
+@st.composite
+def backend_definitions(
+    draw: st.DrawFn,
+    tag: str,
+    *,
+    batch: bool = False,
+    min_replicas: int = 0,
+    max_replicas: int = 3,
+) -> CreateBackend:
+    """A ``CreateBackend`` for ``tag`` whose target, init args and config fit together."""
+    target = draw(st.sampled_from(BATCH_TARGETS if batch else TARGETS), label="target")
+    args = () if target in _FUNCTIONS else draw(st.sampled_from([(), ("x",)]), label="init")
+    config = draw(
+        backend_configs(max_replicas, batch=batch, min_replicas=min_replicas), label="config"
+    )
+    return CreateBackend(tag=tag, target=target, init_args=args, config=config)
+
+
+def _create_backend(tag: str, batch_tags: tuple[str, ...]) -> st.SearchStrategy[Command]:
+    return backend_definitions(tag, batch=tag in batch_tags)
+
+
+def _set_config(tag: str, batch_tags: tuple[str, ...]) -> st.SearchStrategy[Command]:
+    return st.builds(
+        SetBackendConfig, tag=st.just(tag), config=backend_configs(batch=tag in batch_tags)
+    )
+
+
 def commands(
-    tags: tuple[str, ...] = BACKEND_TAGS, endpoints: tuple[str, ...] = ENDPOINT_NAMES
+    tags: tuple[str, ...] = BACKEND_TAGS,
+    endpoints: tuple[str, ...] = ENDPOINT_NAMES,
+    *,
+    batch_tags: tuple[str, ...] = BATCH_TAGS,
 ) -> st.SearchStrategy[Command]:
-    """Any command over small name pools: valid and invalid (for a given state) alike."""
+    """Any command over small name pools: valid and invalid (for a given state) alike.
+
+    Backends under ``batch_tags`` run batch targets and may batch; the rest never do.
+    """
     tag = st.sampled_from(tags)
     endpoint = st.sampled_from(endpoints)
     return st.one_of(
@@ -101,15 +158,10 @@ def commands(
             methods=st.sampled_from([("GET",), ("GET", "POST")]),
         ),
         st.builds(DeleteEndpoint, name=endpoint),
-        st.builds(
-            CreateBackend,
-            tag=tag,
-            target=st.sampled_from(TARGETS),
-            init_args=st.sampled_from([(), ("x",)]),
-            config=backend_configs(),
-        ),
+        tag.flatmap(lambda t: _create_backend(t, batch_tags)),
         st.builds(DeleteBackend, tag=tag),
-        st.builds(SetBackendConfig, tag=tag, config=backend_configs()),
+        st.builds(RetryBackend, tag=tag),
+        tag.flatmap(lambda t: _set_config(t, batch_tags)),
         st.builds(SetTraffic, endpoint=endpoint, traffic=traffic(tags)),
         st.builds(
             SetShadowTraffic,

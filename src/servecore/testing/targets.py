@@ -10,7 +10,9 @@ import itertools
 import os
 from typing import Any
 
-__all__ = ["Counter", "Echo", "FailingInit", "Raiser", "echo"]
+from servecore.runtimes.toolkit import batch
+
+__all__ = ["BatchEcho", "Counter", "Echo", "FailingInit", "Raiser", "echo", "echo_all"]
 
 _instances = itertools.count()
 
@@ -33,6 +35,23 @@ class Echo:
         if value == "__identity__":
             return self.instance
         return f"{self.prefix}{value}" if self.prefix else value
+
+
+@batch
+def echo_all(values: list[Any]) -> list[Any]:
+    """A batch target: returns each value of the batch as it came."""
+    return list(values)
+
+
+class BatchEcho:
+    """A batch-capable class: returns each value of the batch, with ``prefix``."""
+
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix
+
+    @batch
+    def __call__(self, values: list[Any]) -> list[Any]:
+        return [f"{self.prefix}{v}" if self.prefix else v for v in values]
 
 
 class Counter:

@@ -19,7 +19,7 @@ How replicas map onto Ray
     there is raised as the user's own exception, and the broken actor is killed.
 
     A replica serves one batch at a time, in arrival order, like the threads and
-    subprocess runtimes (the same ``servecore._batch`` rules: ``@servecore.batch``
+    subprocess runtimes (the same ``servecore.runtimes.toolkit`` rules: ``@servecore.batch``
     targets, ``reconfigure(user_config)``; targets must be plain ``def``). Two more
     threads per actor (a Ray concurrency group) serve the runtime's own calls, so a
     busy replica can still be watched.

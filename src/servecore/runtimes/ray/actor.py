@@ -14,9 +14,9 @@ from typing import Any
 
 import ray
 
-from servecore._batch import prepare_replica
 from servecore.runtimes._protocol import Query
 from servecore.runtimes.ray.errors import carry
+from servecore.runtimes.toolkit import prepare_replica
 
 __all__ = ["ServecoreReplica"]
 

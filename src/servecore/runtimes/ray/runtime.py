@@ -316,10 +316,16 @@ class RayRuntime(ReplicaWatch):
     def kill(self, tag: str) -> None:
         """Kill replica ``tag``'s actor as a crash would (for operators and tests).
 
-        Its death is then reported as ``ReplicaDied`` like any other. Blocks briefly.
+        Its death is reported as ``ReplicaDied`` before this returns (the watch's own
+        later report of the same death is then a no-op). Call it on the trio thread the
+        runtime was opened in. Blocks briefly.
         """
         handle = ray.get_actor(tag, namespace=self.namespace)
         ray.kill(handle, no_restart=True)
+        actor = self._actors.get(tag)
+        if actor is not None:
+            self._condemned.add(tag)
+            self._died(actor, "killed")
 
     # -- helpers --------------------------------------------------------------------------
 

@@ -124,7 +124,10 @@ class ReplicaWatch:
         # A RayActorError here is a death, which the watch reports.
 
     def _died(self, actor: Actor, reason: str) -> None:
-        """(trio thread) Record ``actor``'s death; report it unless it was being stopped."""
+        """(trio thread) Record ``actor``'s death; report it unless it was being stopped.
+        Once only: a death already recorded (by ``kill``) is not reported again."""
+        if actor.dead.is_set():
+            return
         actor.dead.set()
         if actor.idle is not None:
             actor.idle.set()

@@ -46,7 +46,7 @@ Start and stop (``spawn.py``, ``replica_main.py``)
     start longer than its own timeout.
 
 User code
-    A replica runs its target under the threads runtime's rules (``servecore._batch``):
+    A replica runs its target under the threads runtime's rules (``servecore.runtimes.toolkit``):
     ``@servecore.batch`` targets, ``max_batch_size``, ``reconfigure(user_config)``, and
     ``check_health()`` every ``health_check_period_s``. Up to
     ``max_concurrent_queries`` calls run at once, on that many threads.

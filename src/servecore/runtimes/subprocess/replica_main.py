@@ -10,7 +10,7 @@ and the like) off ``sys.path``, so that they never shadow the user's; the top of
 file removes it again for interpreters that ignore ``-P``, and imports servecore from
 where the host imported it (then leaves ``sys.path`` as it found it). The replica
 imports the wire format and the file helpers (standard library only) and
-``servecore._batch``, never trio or psutil. Its files are described in ``files.py``.
+``servecore.runtimes.toolkit``, never trio or psutil. Its files are described in ``files.py``.
 
 The replica writes its record first thing, then imports and constructs the target,
 binds its socket (mode 0600), writes the record again (``ready``) and answers on the
@@ -100,7 +100,7 @@ def _build(
     servecore itself is imported here, not at the top of the file: only after the
     record is written, and inside the start's error handling.
     """
-    from servecore._batch import prepare_replica
+    from servecore.runtimes.toolkit import prepare_replica
 
     runner, check = prepare_replica(
         spec["target"],

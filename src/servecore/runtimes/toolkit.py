@@ -1,35 +1,72 @@
-"""The ``@servecore.batch`` marker, and how a replica runs a batch of queries.
+"""The plugin toolkit: how a runtime turns a ``StartReplica`` into code that serves.
 
-A target marked with :func:`batch` receives a *list* (one element per query) and must
-return a list of the same length, in the same order. A backend may set
-``max_batch_size`` only for such a target; the router then groups queries that arrive
-within ``batch_wait_timeout_s`` of each other into one call.
+Every runtime that runs user code in Python (the built-in threads, subprocess and Ray
+runtimes, and third-party plugins) builds its replicas with these helpers, so that the
+rules below hold the same everywhere::
 
-How batched arguments are passed: each query to a batch target carries exactly one
-positional argument and no keyword arguments, and the target receives the list of those
-arguments. ``handle.call({"text": "hi"})`` from three callers at once becomes one call
-``target([{"text": "hi"}, ..., ...])``. A query of another shape is rejected with a
-``TypeError`` naming the endpoint, before it is queued.
+    from servecore.runtimes import toolkit
 
-:func:`make_runner` is shared by every runtime that runs user code in Python (threads,
-subprocess), so the rules above hold the same everywhere.
+    async def start_replica(self, effect):
+        toolkit.check_runtime_options(effect, known={"cpus"}, runtime="my-runtime")
+        replica = toolkit.build_replica(effect)    # import, construct, reconfigure
+        ...                                         # keep it; later:
+        results = replica.run(batch)                # one result per query, in order
+        if replica.check_health is not None:
+            replica.check_health()                  # raises if the replica is sick
+
+What a built replica follows:
+
+* **Loading.** ``effect.target`` is ``"package.module:attribute"`` (the attribute may be
+  dotted); :func:`import_target` imports it. A class is constructed with
+  ``init_args``/``init_kwargs``; a function is used as is and takes no init arguments
+  (:func:`instantiate`). Async callables are refused: replicas call targets
+  synchronously.
+* **Batching.** A target marked with :func:`batch` receives a *list* (one element per
+  query) and must return a list of the same length, in the same order
+  (:class:`BatchSizeError` otherwise). A backend may set ``max_batch_size`` only for
+  such a target (:func:`is_batch` tells); the router then groups queries that arrive
+  within ``batch_wait_timeout_s`` of each other into one call. Each query to a batch
+  target carries exactly one positional argument and no keywords
+  (:func:`batch_argument`): ``handle.call({"text": "hi"})`` from three callers at once
+  becomes one call ``target([{"text": "hi"}, ..., ...])``.
+* **User config.** If the backend config sets ``user_config`` and the object has a
+  ``reconfigure(user_config)`` method, it is called once, right after construction
+  (:func:`apply_user_config`). A changed ``user_config`` rolls the backend onto new
+  replicas, so a runtime never reconfigures a live one.
+* **Health.** If the object has a ``check_health()`` method, the runtime calls it now
+  and then (between queries, when idle; how often is the runtime's own option) and
+  declares the replica dead, reporting ``ReplicaDied``, when it raises
+  (:func:`find_health_check`).
+* **Options.** ``BackendConfig.runtime_options`` is for the runtime; a runtime refuses
+  keys it does not know (:func:`check_runtime_options`), naming them.
+
+This module imports neither trio nor the controller, so a replica process pays only
+for what it uses.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, TypeVar
 
+import attrs
+
+from servecore._core import StartReplica
 from servecore._errors import InvalidConfig, ServecoreError
 from servecore.runtimes._protocol import Query
 
 __all__ = [
     "BATCH_MARKER",
     "BatchSizeError",
+    "ReplicaCode",
+    "apply_user_config",
     "batch",
     "batch_argument",
+    "build_replica",
+    "check_runtime_options",
+    "find_health_check",
     "import_target",
     "instantiate",
     "is_batch",
@@ -173,6 +210,24 @@ def make_runner(obj: Any, name: str) -> Callable[[Sequence[Query]], list[Any]]:
     return run_each
 
 
+def find_health_check(obj: Any) -> Callable[[], object] | None:
+    """The replica object's ``check_health()`` method, or ``None`` if it has none.
+
+    A runtime calls it now and then; when it raises, the replica is dead (report
+    ``ReplicaDied`` with the error as the reason).
+    """
+    check = getattr(obj, "check_health", None)
+    return check if callable(check) else None
+
+
+def apply_user_config(obj: Any, user_config: Any) -> None:
+    """Call ``obj.reconfigure(user_config)`` if a ``user_config`` is set and the object
+    has that method (errors propagate: the start fails with the user's own error)."""
+    reconfigure = getattr(obj, "reconfigure", None)
+    if user_config is not None and callable(reconfigure):
+        reconfigure(user_config)
+
+
 def prepare_replica(
     target: str,
     init_args: Sequence[Any],
@@ -185,7 +240,53 @@ def prepare_replica(
     """Build a replica the way every Python runtime does: import and construct the
     target, refuse ``max_batch_size`` for a target not marked :func:`batch`, call
     ``reconfigure(user_config)`` if it has one, and return ``(run, check_health)``
-    (``check_health`` is ``None`` when the object has none)."""
+    (``check_health`` is ``None`` when the object has none).
+
+    The arguments are plain values, so a runtime may ship them to another process as
+    they are; in-process, :func:`build_replica` takes the effect itself.
+    """
+    code = _build(target, init_args, init_kwargs, backend, max_batch_size, user_config)
+    return code.run, code.check_health
+
+
+@attrs.frozen(kw_only=True)
+class ReplicaCode:
+    """A built replica: the user's ``obj``, ``run(batch) -> results``, and its
+    ``check_health`` (``None`` when the object has none)."""
+
+    obj: Any
+    run: Callable[[Sequence[Query]], list[Any]]
+    check_health: Callable[[], object] | None
+
+
+def build_replica(effect: StartReplica) -> ReplicaCode:
+    """Import, construct and configure the replica ``effect`` asks for.
+
+    Raises the user's own exception when the import or constructor fails,
+    :class:`~servecore.InvalidConfig` for ``max_batch_size`` on a target not marked
+    :func:`batch`, and ``TypeError`` for a target that cannot be a replica. Blocking:
+    call it off the trio thread (``trio.to_thread.run_sync``) or in the replica's own
+    process, never on the loop.
+    """
+    config = effect.config
+    return _build(
+        effect.target,
+        effect.init_args,
+        effect.init_kwargs,
+        effect.backend,
+        config.max_batch_size,
+        config.user_config,
+    )
+
+
+def _build(
+    target: str,
+    init_args: Sequence[Any],
+    init_kwargs: dict[str, Any],
+    backend: str,
+    max_batch_size: int | None,
+    user_config: Any,
+) -> ReplicaCode:
     obj = instantiate(import_target(target), init_args, init_kwargs)
     if max_batch_size is not None and not is_batch(obj):
         raise InvalidConfig(
@@ -195,8 +296,22 @@ def prepare_replica(
             f"mark it or leave max_batch_size unset",
             backend=backend,
         )
-    reconfigure = getattr(obj, "reconfigure", None)
-    if user_config is not None and callable(reconfigure):
-        reconfigure(user_config)
-    check = getattr(obj, "check_health", None)
-    return make_runner(obj, target), check if callable(check) else None
+    apply_user_config(obj, user_config)
+    return ReplicaCode(obj=obj, run=make_runner(obj, target), check_health=find_health_check(obj))
+
+
+def check_runtime_options(effect: StartReplica, *, known: Collection[str], runtime: str) -> None:
+    """Refuse ``runtime_options`` keys this runtime does not know, naming them.
+
+    Raises :class:`~servecore.InvalidConfig` (field ``runtime_options``) listing the
+    unknown keys and the known ones; call it first thing in ``start_replica``.
+    """
+    unknown = sorted(set(effect.config.runtime_options) - set(known))
+    if unknown:
+        raise InvalidConfig(
+            "runtime_options",
+            effect.config.runtime_options,
+            f"the {runtime} runtime does not know {unknown} "
+            f"(known: {sorted(known) or 'none'}); remove them",
+            backend=effect.backend,
+        )
