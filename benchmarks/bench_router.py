@@ -231,7 +231,9 @@ async def _servecore_rows(
     label: str, make: Callable[[Path], str | Runtime], directory: Path, sync_directory: Path
 ) -> AsyncIterator[list[Row]]:
     runtime = make(directory)
-    async with servecore.open_controller(runtime=runtime, name=f"bench-{label}") as ctl:
+    async with servecore.open_controller(
+        runtime=runtime, name=f"bench-{label}", resync_interval_s=RESYNC["interval_s"]
+    ) as ctl:
         await ctl.create_backend(
             "echo", "bench_targets:echo", max_concurrent_queries=BATCH_CONCURRENCY
         )
@@ -299,7 +301,11 @@ async def _servecore_rows(
         # the probes run in worker threads, as a synchronous host's threads would.
         # (Its blocking methods refuse to run on a thread that runs trio, hence to_thread.)
         def sync_setup() -> tuple[servecore.SyncController, servecore.SyncHandle]:
-            c = servecore.start(runtime=make(sync_directory), name=f"bench-sync-{label}")
+            c = servecore.start(
+                runtime=make(sync_directory),
+                name=f"bench-sync-{label}",
+                resync_interval_s=RESYNC["interval_s"],
+            )
             try:
                 c.create_backend("echo", "bench_targets:echo", max_concurrent_queries=64)
                 c.create_endpoint("echo")
@@ -389,6 +395,15 @@ async def _run_in(
         return [row.result(max(1, int(throughput_n * row.scale))) for row in rows]
 
 
+#: The controller's resync interval for this run (``--resync-interval-s``): the
+#: periodic reconcile with the runtime must not cost the query path.
+RESYNC: dict[str, float | None] = {"interval_s": 10.0}
+
+
+def _interval(text: str) -> float | None:
+    return None if text == "none" else float(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run every row, print the table, write the JSON."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
@@ -397,7 +412,14 @@ def main(argv: list[str] | None = None) -> None:
         "--runtimes", default=",".join(RUNTIMES), help=f"comma-separated, of {list(RUNTIMES)}"
     )
     parser.add_argument("--out", default=str(HERE / "results" / "bench_router.json"))
+    parser.add_argument(
+        "--resync-interval-s",
+        type=_interval,
+        default=10.0,
+        help="the controllers' resync interval in seconds, or 'none' (default 10)",
+    )
     args = parser.parse_args(argv)
+    RESYNC["interval_s"] = args.resync_interval_s
     labels = [r for r in args.runtimes.split(",") if r]
     for label in labels:
         if label not in RUNTIMES:
@@ -424,6 +446,7 @@ def main(argv: list[str] | None = None) -> None:
                 "cpus": os.cpu_count(),
                 "settings": {
                     "quick": args.quick,
+                    "resync_interval_s": args.resync_interval_s,
                     "rounds": ROUNDS,
                     "latency_n": latency_n,
                     "throughput_n_per_round": throughput_n,
