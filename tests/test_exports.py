@@ -26,13 +26,14 @@ PUBLIC = {
     "open_controller", "Controller", "start", "SyncController", "SyncHandle", "Limits",
     "Router", "Handle", "batch", "Query", "Runtime",
     "Store", "MemoryStore", "FileStore", "SQLiteStore", "CallbackStore",
+    "PostgresStore",
     # errors
     "ServecoreError", "CommandError", "EndpointExists", "EndpointNotFound",
     "RouteConflict", "InvalidRoute", "BackendExists", "BackendNotFound", "BackendInUse",
     "InvalidTraffic", "InvalidConfig", "InvalidTarget", "InvalidCommand", "CheckpointError",
     "CheckpointCorrupt", "CheckpointVersionError", "StoreLocked", "BackendStartError",
     "ReplicaDiedError", "BackpressureError", "NoReplicaError", "BatchSizeError",
-    "RemoteError", "RuntimeDirectoryLocked",
+    "RemoteError", "RuntimeDirectoryLocked", "LeaseLost",
 }  # fmt: skip
 
 
@@ -90,5 +91,14 @@ def test_the_core_imports_no_shell_no_clock_no_randomness() -> None:
 
 def test_importing_servecore_does_not_import_ray() -> None:
     code = "import sys, servecore, servecore.testing; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_importing_servecore_and_its_stores_does_not_import_psycopg() -> None:
+    code = (
+        "import sys, servecore, servecore.stores, servecore.testing; "
+        "servecore.SQLiteStore; print('psycopg' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

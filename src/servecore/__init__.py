@@ -78,6 +78,7 @@ if TYPE_CHECKING:
         InvalidRoute,
         InvalidTarget,
         InvalidTraffic,
+        LeaseLost,
         NoReplicaError,
         RemoteError,
         ReplicaDiedError,
@@ -109,8 +110,13 @@ if TYPE_CHECKING:
         SQLiteStore,
         Store,
     )
+    from servecore.stores_postgres import (
+        PostgresStore,
+    )
 
 _LAZY: dict[str, str] = {
+    "PostgresStore": "servecore.stores_postgres",
+    "LeaseLost": "servecore._errors",
     "Limits": "servecore._limits",
     "InvalidCommand": "servecore._errors",
     "EARLY_DEATH_S": "servecore._core",
@@ -224,10 +230,12 @@ __all__ = [
     "InvalidRoute",
     "InvalidTarget",
     "InvalidTraffic",
+    "LeaseLost",
     "Limits",
     "MemoryStore",
     "Message",
     "NoReplicaError",
+    "PostgresStore",
     "Query",
     "Recover",
     "RemoteError",
