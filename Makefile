@@ -13,7 +13,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,ray,http]'
+	$(BIN)/pip install -q -e '.[test,ray,http,postgres]'
 	touch $(STAMP)
 
 lint: $(STAMP)
@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_core.py
 	$(BIN)/python benchmarks/bench_router.py
 	$(BIN)/python benchmarks/bench_subprocess.py
+	$(BIN)/python benchmarks/bench_postgres.py
 
 # Beside Ray Serve itself: needs the serve extra, and starts a private local cluster.
 bench-ray: $(STAMP)

@@ -6,6 +6,7 @@ Runs against a private PostgreSQL server started for the session (see conftest.p
 
 from __future__ import annotations
 
+import re
 import threading
 import uuid
 from collections.abc import Iterator
@@ -87,7 +88,9 @@ test_save_load_round_trip = agreement.test_save_load_round_trip
 test_corrupt_checkpoint_raises_naming_the_store = (
     agreement.test_corrupt_checkpoint_raises_naming_the_store
 )
-test_too_new_version_raises_naming_the_store = agreement.test_too_new_version_raises_naming_the_store
+test_too_new_version_raises_naming_the_store = (
+    agreement.test_too_new_version_raises_naming_the_store
+)
 test_second_opener_in_this_process_is_locked_out = (
     agreement.test_second_opener_in_this_process_is_locked_out
 )
@@ -98,8 +101,12 @@ test_second_controller_on_the_same_store_is_locked_out = (
 test_failed_save_raises_changes_nothing_and_runs_no_effect = (
     agreement.test_failed_save_raises_changes_nothing_and_runs_no_effect
 )
-test_controller_refuses_a_corrupt_checkpoint = agreement.test_controller_refuses_a_corrupt_checkpoint
-test_controller_refuses_a_too_new_checkpoint = agreement.test_controller_refuses_a_too_new_checkpoint
+test_controller_refuses_a_corrupt_checkpoint = (
+    agreement.test_controller_refuses_a_corrupt_checkpoint
+)
+test_controller_refuses_a_too_new_checkpoint = (
+    agreement.test_controller_refuses_a_too_new_checkpoint
+)
 test_controller_reopens_from_each_store = agreement.test_controller_reopens_from_each_store
 
 
@@ -137,7 +144,7 @@ def test_records_round_trip_atomically_with_their_sequence_number(kind: Postgres
     expected = (2, {"counter": b"2", "backend/a": b"A", "replica/a#1": b"r1"})
     assert records.load() == expected
     # A commit that fails (here: a key both put and deleted) applies none of itself.
-    with pytest.raises(ValueError, match="both|writes"):
+    with pytest.raises(ValueError, match="puts writes too"):
         records.commit(3, {"backend/a": b"B"}, ["backend/a"])
     assert records.load() == expected
     records.close()
@@ -193,7 +200,7 @@ def test_messages_never_show_the_password(postgres_server: PostgresServer) -> No
 
 def test_an_unreachable_server_is_a_checkpoint_error_naming_it() -> None:
     store = PostgresStore("postgresql://nobody@127.0.0.1:1/none", connect_timeout_s=1)
-    with pytest.raises(CheckpointError, match="127.0.0.1:1/none") as info:
+    with pytest.raises(CheckpointError, match=re.escape("127.0.0.1:1/none")) as info:
         store.open()
     assert "up and reachable" in str(info.value)
 
@@ -205,8 +212,7 @@ def test_an_unreachable_server_is_a_checkpoint_error_naming_it() -> None:
 def _lease_row(kind: PostgresKind) -> tuple[Any, ...]:
     with psycopg.connect(kind.dsn, autocommit=True) as conn:
         row = conn.execute(
-            "SELECT holder, epoch, expires_at > now() FROM servecore_leases "
-            "WHERE checkpoint = %s",
+            "SELECT holder, epoch, expires_at > now() FROM servecore_leases WHERE checkpoint = %s",
             (kind.checkpoint,),
         ).fetchone()
     assert row is not None
@@ -356,21 +362,23 @@ async def test_open_controller_standby_takes_over_when_the_leader_closes(
 ) -> None:
     runtime = InMemoryRuntime()
     order: list[str] = []
-    async with trio.open_nursery() as nursery:
-        async with open_controller(runtime=runtime, store=kind.new(holder="leader")) as leader:
-            await leader.create_backend("a", ECHO, num_replicas=2)
 
-            async def standby() -> None:
-                async with open_controller(
-                    runtime=runtime, store=kind.new(holder="standby"), standby=True
-                ) as ctl:
-                    order.append("standby serves")
-                    assert set(ctl.state.replicas) == {"a#0", "a#1"}
-                    await ctl.update_backend_config("a", num_replicas=1)
+    async def standby() -> None:
+        async with open_controller(
+            runtime=runtime, store=kind.new(holder="standby"), standby=True
+        ) as ctl:
+            order.append("standby serves")
+            assert set(ctl.state.replicas) == {"a#0", "a#1"}
+            await ctl.update_backend_config("a", num_replicas=1)
 
-            nursery.start_soon(standby)
-            await trio.sleep(LEASE_S * 1.5)  # the standby waits while the leader lives
-            order.append("leader closes")
+    async with (
+        trio.open_nursery() as nursery,
+        open_controller(runtime=runtime, store=kind.new(holder="leader")) as leader,
+    ):
+        await leader.create_backend("a", ECHO, num_replicas=2)
+        nursery.start_soon(standby)
+        await trio.sleep(LEASE_S * 1.5)  # the standby waits while the leader lives
+        order.append("leader closes")
     assert order == ["leader closes", "standby serves"]
 
 
@@ -407,8 +415,6 @@ class PostgresCrashes(CrashConsistencyMachine):
 
     def make_store(self) -> PostgresStore:
         return PostgresStore(self.dsn, checkpoint=f"crash-{uuid.uuid4().hex[:12]}")
-
-
 
 
 def test_postgres_crash_consistency_machine(postgres_server: PostgresServer) -> None:

@@ -28,6 +28,8 @@ def _can_wait(opener: Any) -> bool:
         params = inspect.signature(opener).parameters
     except (TypeError, ValueError):
         return False
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return True
     return "standby" in params and "timeout_s" in params
 
 

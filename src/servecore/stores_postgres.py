@@ -35,6 +35,7 @@ import threading
 import time
 import uuid
 from collections.abc import Collection, Mapping
+from math import inf
 from typing import TYPE_CHECKING, Any
 
 from servecore._errors import (
@@ -158,7 +159,11 @@ def _write_sql(*, held: bool, keyed: bool) -> str:
     return _WRITE.format(fence=fence.strip())
 
 
-_SQL = {(held, keyed): _write_sql(held=held, keyed=keyed) for held in (0, 1) for keyed in (0, 1)}
+_SQL = {
+    (held, keyed): _write_sql(held=held, keyed=keyed)
+    for held in (False, True)
+    for keyed in (False, True)
+}
 
 
 def _import_psycopg() -> Any:
@@ -209,15 +214,19 @@ class PostgresStore:
         holder: str | None = None,
         connect_timeout_s: float = 5.0,
     ) -> None:
-        psycopg = _import_psycopg()
+        pg = _import_psycopg()
         if not isinstance(checkpoint, str) or not checkpoint:
             raise InvalidConfig("checkpoint", checkpoint, "must be a non-empty string")
         for field, value in (("lease_s", lease_s), ("connect_timeout_s", connect_timeout_s)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not 0 < value < inf
+            ):
                 raise InvalidConfig(field, value, "must be a positive number of seconds")
         try:
-            params = psycopg.conninfo.conninfo_to_dict(dsn)
-        except psycopg.ProgrammingError as exc:
+            params = pg.conninfo.conninfo_to_dict(dsn)
+        except pg.ProgrammingError as exc:
             raise InvalidConfig("dsn", "<not shown>", f"is not a connection string: {exc}") from exc
         self.dsn = dsn
         self.checkpoint = checkpoint
@@ -257,15 +266,15 @@ class PostgresStore:
     # -- connections ----------------------------------------------------------------------
 
     def _connect(self) -> psycopg.Connection[Any]:
-        psycopg = _import_psycopg()
+        pg = _import_psycopg()
         try:
-            conn = psycopg.connect(
+            conn: psycopg.Connection[Any] = pg.connect(
                 self.dsn,
                 autocommit=True,
                 connect_timeout=max(1, round(self.connect_timeout_s)),
                 application_name="servecore",
             )
-        except psycopg.Error as exc:
+        except pg.Error as exc:
             raise CheckpointError(
                 f"cannot connect to the checkpoint store {self.where}: {_reason(exc)}; "
                 f"nothing was read or written (check that the server is up and reachable)"
@@ -281,8 +290,8 @@ class PostgresStore:
         """Create the tables on first use; refuse a database written by a newer servecore."""
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_ID,))
-            (exists,) = conn.execute("SELECT to_regclass('servecore_schema') IS NOT NULL").fetchone()
-            if exists:
+            found = conn.execute("SELECT to_regclass('servecore_schema')").fetchone()
+            if found is not None and found[0] is not None:
                 row = conn.execute("SELECT version FROM servecore_schema").fetchone()
                 if row is not None and row[0] > SCHEMA_VERSION:
                     raise CheckpointVersionError(self.where, row[0], SCHEMA_VERSION)
@@ -333,7 +342,7 @@ class PostgresStore:
     def _try_acquire(self) -> float | None:
         """Take the lease now (and start renewing it): ``None``; or the seconds left on
         the holder's lease (by the database's clock)."""
-        psycopg = _import_psycopg()
+        pg = _import_psycopg()
         try:
             conn = self._connection()
             row = conn.execute(_ACQUIRE, self._params()).fetchone()
@@ -341,7 +350,7 @@ class PostgresStore:
                 held = conn.execute(_LEASE_ROW, self._params()).fetchone()
                 self._holder_seen = held
                 return 0.0 if held is None else max(0.0, float(held[3]))
-        except psycopg.Error as exc:
+        except pg.Error as exc:
             self._drop_connection()
             raise CheckpointError(
                 f"cannot take the lease on {self.where}: {_reason(exc)}; nothing was written"
@@ -373,7 +382,7 @@ class PostgresStore:
         """Renew every third of the lease, on a connection of its own (so a renewal
         never queues behind a write). A failure to reach the database is retried: the
         lease may still be ours when it is back. Seeing it taken is final."""
-        psycopg = _import_psycopg()
+        pg = _import_psycopg()
         conn: psycopg.Connection[Any] | None = None
         failing = False
         try:
@@ -389,7 +398,7 @@ class PostgresStore:
                     if failing:
                         log.info("renewed the lease on %s again", self.where)
                     failing = False
-                except (psycopg.Error, CheckpointError) as exc:
+                except (pg.Error, CheckpointError) as exc:
                     if not failing:
                         log.warning("cannot renew the lease on %s (retrying): %s", self.where, exc)
                     failing = True
@@ -435,9 +444,7 @@ class PostgresStore:
         over, :class:`~servecore.CheckpointError` if the database cannot be reached."""
         self._write({BLOB_KEY: bytes(data)}, [], seq=None)
 
-    def commit_records(
-        self, seq: int, puts: Mapping[str, bytes], deletes: Collection[str]
-    ) -> None:
+    def commit_records(self, seq: int, puts: Mapping[str, bytes], deletes: Collection[str]) -> None:
         """Apply one change set atomically: write ``puts``, delete ``deletes``, and make
         ``seq`` the sequence number, or raise and change nothing.
 
@@ -457,13 +464,13 @@ class PostgresStore:
         self._write(dict(puts), list(deletes), seq=seq)
 
     def _write(self, puts: dict[str, bytes], deletes: list[str], *, seq: int | None) -> None:
-        psycopg = _import_psycopg()
+        pg = _import_psycopg()
         keyed = seq is not None
         with self._mutex:
             lease = self._lease
             if lease is not None and lease.lost_to is not None:
                 raise self._lost_error(lease)  # known lost: fail fast, no round trip
-            target = seq if keyed else self._seq + 1
+            target = seq if seq is not None else self._seq + 1
             params = self._params(
                 epoch=None if lease is None else lease.epoch,
                 seq=seq,
@@ -471,10 +478,10 @@ class PostgresStore:
                 values=list(puts.values()),
                 deletes=deletes,
             )
-            sql = _SQL[(int(lease is not None), int(keyed))]
+            sql = _SQL[(lease is not None, keyed)]
             try:
                 row = self._connection().execute(sql, params, prepare=True).fetchone()
-            except psycopg.Error as exc:
+            except pg.Error as exc:
                 self._drop_connection()
                 if lease is not None and self._landed(lease, target):
                     self._seq = target
@@ -489,7 +496,7 @@ class PostgresStore:
                 return
             try:
                 self._refused(lease, target)
-            except psycopg.Error as exc:
+            except pg.Error as exc:
                 self._drop_connection()
                 raise CheckpointError(
                     f"the checkpoint store {self.where} refused a write and then could not "
@@ -531,7 +538,7 @@ class PostgresStore:
 
     def load(self) -> bytes | None:
         """The whole-blob checkpoint, or ``None`` if none was ever saved."""
-        psycopg = _import_psycopg()
+        pg = _import_psycopg()
         with self._mutex:
             try:
                 row = (
@@ -542,7 +549,7 @@ class PostgresStore:
                     )
                     .fetchone()
                 )
-            except psycopg.Error as exc:
+            except pg.Error as exc:
                 self._drop_connection()
                 raise CheckpointError(
                     f"reading the checkpoint from {self.where} failed: {_reason(exc)}"
@@ -552,7 +559,7 @@ class PostgresStore:
     def load_records(self) -> tuple[int, dict[str, bytes]]:
         """The sequence number and every record, read from one snapshot; ``(0, {})`` for
         a checkpoint never written."""
-        psycopg = _import_psycopg()
+        pg = _import_psycopg()
         with self._mutex:
             conn = self._connection()
             try:
@@ -563,7 +570,7 @@ class PostgresStore:
                         "SELECT key, value FROM servecore_records WHERE checkpoint = %s",
                         (self.checkpoint,),
                     ).fetchall()
-            except psycopg.Error as exc:
+            except pg.Error as exc:
                 self._drop_connection()
                 raise CheckpointError(
                     f"reading the checkpoint from {self.where} failed: {_reason(exc)}"
