@@ -422,7 +422,7 @@ def test_postgres_crash_consistency_machine(postgres_server: PostgresServer) -> 
 
     PostgresCrashes.dsn = postgres_server.dsn
     run_state_machine_as_test(
-        PostgresCrashes, settings=settings(max_examples=15, stateful_step_count=12)
+        PostgresCrashes, settings=settings(max_examples=25, stateful_step_count=15)
     )
 
 

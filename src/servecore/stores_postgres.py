@@ -455,6 +455,9 @@ class PostgresStore:
         """
         if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
             raise InvalidConfig("seq", seq, "must be a non-negative integer")
+        for key in [*puts, *deletes]:
+            if not isinstance(key, str) or "\x00" in key:
+                raise InvalidConfig("key", key, "must be a string without NUL characters")
         both = set(puts).intersection(deletes)
         if both:
             raise InvalidConfig(
