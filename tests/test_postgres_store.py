@@ -205,6 +205,29 @@ def test_an_unreachable_server_is_a_checkpoint_error_naming_it() -> None:
     assert "up and reachable" in str(info.value)
 
 
+def test_a_standby_outlasts_an_unreachable_database() -> None:
+    """A bounded standby wait on a database that is down ends as a wait (StoreLocked
+    saying why), not as a failure: a standby keeps waiting through an outage."""
+    store = PostgresStore("postgresql://nobody@127.0.0.1:1/none", connect_timeout_s=1)
+    with pytest.raises(StoreLocked, match="cannot be reached"):
+        store.open(standby=True, timeout_s=0.3)
+
+
+def test_store_ids_name_the_database_and_checkpoint(kind: PostgresKind) -> None:
+    a, b = kind.new(), kind.new()
+    other = PostgresStore(kind.dsn, checkpoint=kind.checkpoint + "-other")
+    assert a.store_id == b.store_id != other.store_id
+    assert a.store_id.startswith("postgres:127.0.0.1:") and kind.checkpoint in a.store_id
+
+
+@pytest.mark.parametrize("key", [b"bytes", 3, "nul\x00inside"])
+def test_record_keys_are_strings_without_nul(kind: PostgresKind, key: Any) -> None:
+    store = kind.opened()
+    with pytest.raises(ValueError, match="key"):
+        store.commit_records(1, {key: b"v"}, [])
+    assert store.load_records() == (0, {})
+
+
 # ---------------------------------------------------------------------------------------
 # The lease
 

@@ -43,6 +43,7 @@ from servecore._errors import (
     CheckpointVersionError,
     InvalidConfig,
     LeaseLost,
+    ServecoreError,
     StoreLocked,
 )
 
@@ -215,8 +216,10 @@ class PostgresStore:
         connect_timeout_s: float = 5.0,
     ) -> None:
         pg = _import_psycopg()
-        if not isinstance(checkpoint, str) or not checkpoint:
-            raise InvalidConfig("checkpoint", checkpoint, "must be a non-empty string")
+        if not isinstance(checkpoint, str) or not checkpoint or "\x00" in checkpoint:
+            raise InvalidConfig(
+                "checkpoint", checkpoint, "must be a non-empty string without NUL characters"
+            )
         for field, value in (("lease_s", lease_s), ("connect_timeout_s", connect_timeout_s)):
             if (
                 isinstance(value, bool)
@@ -244,6 +247,7 @@ class PostgresStore:
         self._lease: _Lease | None = None
         self._seq = 0  # the lease row's sequence number after our last write
         self._holder_seen: tuple[Any, ...] | None = None  # the lease row that locked us out
+        self._warned_unreachable = False
 
     # -- identity -------------------------------------------------------------------------
 
@@ -326,13 +330,26 @@ class PostgresStore:
         it with the next epoch and return. Opening an open store does nothing."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
+            unreachable: CheckpointError | None = None
             with self._mutex:
                 if self._lease is not None:
                     return
-                remaining_s = self._try_acquire()
+                try:
+                    remaining_s = self._try_acquire()
+                except CheckpointError as exc:
+                    if not standby:
+                        raise
+                    # A standby outlasts an outage of the database, as it does the leader.
+                    unreachable, remaining_s = exc, _STANDBY_POLL_S
+                    if not self._warned_unreachable:
+                        log.warning("standby keeps waiting: %s", exc)
+                        self._warned_unreachable = True
                 if remaining_s is None:
+                    self._warned_unreachable = False
                     return
             if not standby or (deadline is not None and time.monotonic() >= deadline):
+                if unreachable is not None:
+                    raise StoreLocked(self.where, f"cannot be reached: {unreachable}")
                 raise self._locked()
             pause = min(_STANDBY_POLL_S, max(0.01, remaining_s + 0.005))
             if deadline is not None:
@@ -392,13 +409,15 @@ class PostgresStore:
                         conn = self._connect()
                     row = conn.execute(_RENEW, self._params(epoch=lease.epoch)).fetchone()
                     if row is None:
+                        if lease.stop.is_set():
+                            return  # released by close() meanwhile: not lost
                         held = conn.execute(_LEASE_ROW, self._params()).fetchone()
                         self._lose(lease, held)
                         return
                     if failing:
                         log.info("renewed the lease on %s again", self.where)
                     failing = False
-                except (pg.Error, CheckpointError) as exc:
+                except (pg.Error, ServecoreError) as exc:
                     if not failing:
                         log.warning("cannot renew the lease on %s (retrying): %s", self.where, exc)
                     failing = True
@@ -424,17 +443,19 @@ class PostgresStore:
         """Give the lease back (a standby may take it at once) and disconnect."""
         with self._mutex:
             lease, self._lease = self._lease, None
-            if lease is not None:
-                lease.stop.set()
-                if lease.lost_to is None:
-                    try:
-                        self._connection().execute(_RELEASE, self._params(epoch=lease.epoch))
-                    except Exception as exc:
-                        # It expires by itself; a standby just waits a little longer.
-                        log.warning("could not release the lease on %s: %s", self.where, exc)
+        if lease is not None:
+            # The renewer first, so that no renewal lands after the release.
+            lease.stop.set()
+            if lease.thread is not None:
+                lease.thread.join(timeout=self.connect_timeout_s + 1)
+        with self._mutex:
+            if lease is not None and lease.lost_to is None:
+                try:
+                    self._connection().execute(_RELEASE, self._params(epoch=lease.epoch))
+                except Exception as exc:
+                    # It expires by itself; a standby just waits a little longer.
+                    log.warning("could not release the lease on %s: %s", self.where, exc)
             self._drop_connection()
-        if lease is not None and lease.thread is not None:
-            lease.thread.join(timeout=self.lease_s + self.connect_timeout_s)
 
     # -- writing --------------------------------------------------------------------------
 
