@@ -141,11 +141,15 @@ def test_records_round_trip_atomically_with_their_sequence_number(kind: Postgres
     assert records.load() == (0, {})
     records.commit(1, {"counter": b"1", "backend/a": b"A", "replica/a#0": b"r0"}, [])
     records.commit(2, {"replica/a#1": b"r1", "counter": b"2"}, ["replica/a#0"])
-    expected = (2, {"counter": b"2", "backend/a": b"A", "replica/a#1": b"r1"})
+    records.commit(3, {"replica/a#2": b"r2"}, ["replica/a#1"])  # one put and a delete
+    records.commit(4, {}, ["replica/a#2"])  # deletes only
+    records.commit(5, {"replica/a#1": b"r1"}, [])  # one put
+    records.commit(6, {}, [])  # nothing but the sequence number
+    expected = (6, {"counter": b"2", "backend/a": b"A", "replica/a#1": b"r1"})
     assert records.load() == expected
     # A commit that fails (here: a key both put and deleted) applies none of itself.
     with pytest.raises(ValueError, match="puts writes too"):
-        records.commit(3, {"backend/a": b"B"}, ["backend/a"])
+        records.commit(7, {"backend/a": b"B"}, ["backend/a"])
     assert records.load() == expected
     records.close()
     assert kind.new().records.load() == expected  # read back by another store object

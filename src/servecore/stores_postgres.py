@@ -28,6 +28,7 @@ psycopg 3 is imported only when a store is made: ``pip install 'servecore[postgr
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -129,25 +130,36 @@ ON CONFLICT (checkpoint) DO UPDATE
     WHERE (l.holder IS NULL OR l.expires_at <= now()) {seq_check}
 RETURNING checkpoint, seq
 """
-_WRITE = """
-WITH fence AS ({fence}),
-put AS (
-    INSERT INTO servecore_records (checkpoint, key, value)
-    SELECT fence.checkpoint, p.key, p.value
-    FROM fence, unnest(%(keys)s::text[], %(values)s::bytea[]) AS p(key, value)
-    ON CONFLICT (checkpoint, key) DO UPDATE SET value = EXCLUDED.value
-),
+# The rest of a write joins on the fence. Its shape follows the change set (one record
+# put, several, none; deletes or not), since the general one costs a bare upsert's time
+# again on the commonest write, one record: each shape is its own prepared statement.
+_PUT_ONE = """
+INSERT INTO servecore_records (checkpoint, key, value)
+SELECT fence.checkpoint, %(key)s::text, %(value)s::bytea FROM fence
+ON CONFLICT (checkpoint, key) DO UPDATE SET value = EXCLUDED.value
+RETURNING (SELECT seq FROM fence)
+"""
+_PUT_MANY = """
+INSERT INTO servecore_records (checkpoint, key, value)
+SELECT fence.checkpoint, p.key, p.value
+FROM fence, unnest(%(keys)s::text[], %(values)s::bytea[]) AS p(key, value)
+ON CONFLICT (checkpoint, key) DO UPDATE SET value = EXCLUDED.value
+RETURNING (SELECT seq FROM fence)
+"""
+_PUT_NONE = "SELECT seq FROM fence"
+_DELETE = """,
 gone AS (
     DELETE FROM servecore_records r USING fence
     WHERE r.checkpoint = fence.checkpoint AND r.key = ANY(%(deletes)s::text[])
-)
-SELECT seq FROM fence
-"""
+)"""
 
 
-def _write_sql(*, held: bool, keyed: bool) -> str:
-    """The one statement of a write: a blob save bumps the sequence number by one; a
-    keyed commit sets it, and only forwards (see :meth:`PostgresStore.commit_records`)."""
+@functools.cache
+def _write_sql(*, held: bool, keyed: bool, puts: int, deletes: bool) -> str:
+    """The one statement of a write, which yields the new sequence number, or no row if
+    the fence refused it. A blob save bumps the sequence number by one; a keyed commit
+    sets it, and only forwards (see :meth:`PostgresStore.commit_records`). ``puts`` is
+    0, 1 or 2 for "several"."""
     if held:
         seq = "%(seq)s" if keyed else "seq + 1"
         check = "AND seq < %(seq)s" if keyed else ""
@@ -157,14 +169,8 @@ def _write_sql(*, held: bool, keyed: bool) -> str:
         check = "AND l.seq < %(seq)s" if keyed else ""
         first = "%(seq)s" if keyed else "1"
         fence = _FENCE_FREE.format(seq=seq, seq_check=check, first_seq=first)
-    return _WRITE.format(fence=fence.strip())
-
-
-_SQL = {
-    (held, keyed): _write_sql(held=held, keyed=keyed)
-    for held in (False, True)
-    for keyed in (False, True)
-}
+    body = (_PUT_NONE, _PUT_ONE, _PUT_MANY)[puts]
+    return f"WITH fence AS ({fence.strip()}){_DELETE if deletes else ''}\n{body.strip()}"
 
 
 def _import_psycopg() -> Any:
@@ -498,11 +504,15 @@ class PostgresStore:
             params = self._params(
                 epoch=None if lease is None else lease.epoch,
                 seq=seq,
-                keys=list(puts),
-                values=list(puts.values()),
                 deletes=deletes,
             )
-            sql = _SQL[(lease is not None, keyed)]
+            if len(puts) == 1:
+                ((params["key"], params["value"]),) = puts.items()
+            else:
+                params["keys"], params["values"] = list(puts), list(puts.values())
+            sql = _write_sql(
+                held=lease is not None, keyed=keyed, puts=min(len(puts), 2), deletes=bool(deletes)
+            )
             try:
                 row = self._connection().execute(sql, params, prepare=True).fetchone()
             except pg.Error as exc:
