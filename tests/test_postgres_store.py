@@ -465,3 +465,11 @@ def test_every_crash_point_of_a_script_recovers_on_postgres(
         )
 
     assert enumerate_crashes(make_world, SCRIPT[:4]) >= 16
+
+
+def test_without_psycopg_the_store_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # what a missing package looks like
+    with pytest.raises(ImportError, match=re.escape("servecore[postgres]")):
+        PostgresStore("postgresql://localhost/x")

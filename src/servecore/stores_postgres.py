@@ -176,7 +176,7 @@ def _write_sql(*, held: bool, keyed: bool, puts: int, deletes: bool) -> str:
 def _import_psycopg() -> Any:
     try:
         import psycopg
-    except ImportError as exc:  # pragma: no cover - depends on the environment
+    except ImportError as exc:
         raise ImportError(
             "PostgresStore needs psycopg 3: pip install 'servecore[postgres]' "
             "(or pip install 'psycopg[binary]>=3.1')"
