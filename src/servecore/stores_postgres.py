@@ -629,6 +629,11 @@ class PostgresRecords:
         """The store's :attr:`PostgresStore.store_id`."""
         return self.store.store_id
 
+    @property
+    def epoch(self) -> int | None:
+        """The store's :attr:`PostgresStore.epoch`."""
+        return self.store.epoch
+
     def open(self, *, standby: bool = False, timeout_s: float | None = None) -> None:
         """See :meth:`PostgresStore.open`."""
         self.store.open(standby=standby, timeout_s=timeout_s)
