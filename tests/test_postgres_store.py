@@ -473,3 +473,38 @@ def test_without_psycopg_the_store_names_the_extra(monkeypatch: pytest.MonkeyPat
     monkeypatch.setitem(sys.modules, "psycopg", None)  # what a missing package looks like
     with pytest.raises(ImportError, match=re.escape("servecore[postgres]")):
         PostgresStore("postgresql://localhost/x")
+
+
+class _AnswerLost:
+    """A connection whose next statement runs but whose answer never arrives (the link
+    broke after the server committed), or, with ``runs=False``, never reaches the server."""
+
+    def __init__(self, conn: Any, *, runs: bool) -> None:
+        self.conn, self.runs = conn, runs
+        self.closed = False
+
+    def execute(self, *args: Any, **kwargs: Any) -> Any:
+        if self.runs:
+            self.conn.execute(*args, **kwargs)
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+@pytest.mark.parametrize("runs", [True, False], ids=["landed", "never-sent"])
+def test_a_write_whose_answer_was_lost_is_checked_on_a_new_connection(
+    kind: PostgresKind, runs: bool
+) -> None:
+    store = kind.opened()
+    store.save(GOOD)
+    store._conn = _AnswerLost(store._connection(), runs=runs)  # type: ignore[assignment]
+    if runs:
+        store.save(b"new")  # it landed: the save succeeds
+        assert store.load() == b"new"
+    else:
+        with pytest.raises(CheckpointError, match="did not confirm"):
+            store.save(b"new")
+        assert store.load() == GOOD
+    store.save(b"after")  # and the store goes on, on a new connection
+    assert kind.new().load() == b"after"
