@@ -52,7 +52,8 @@ class PostgresKind:
         self.path = self.new().where  # what error messages name, as a path does
 
     def new(self, **kwargs: Any) -> PostgresStore:
-        store = PostgresStore(self.dsn, checkpoint=self.checkpoint, lease_s=LEASE_S, **kwargs)
+        kwargs.setdefault("lease_s", LEASE_S)
+        store = PostgresStore(self.dsn, checkpoint=self.checkpoint, **kwargs)
         self.made.append(store)
         return store
 
@@ -260,9 +261,9 @@ def test_the_lease_names_its_holder_and_epochs_only_grow(kind: PostgresKind) -> 
 
 def test_the_lease_is_renewed_while_open(kind: PostgresKind) -> None:
     """Held for several lease durations without a write: the renewer keeps it."""
-    store = kind.opened()
+    store = kind.opened(lease_s=2 * LEASE_S)  # tolerates a renewer late by a second
     second = kind.new()
-    for _ in range(4):
+    for _ in range(6):  # three seconds: longer than the lease
         threading.Event().wait(LEASE_S / 2)
         with pytest.raises(StoreLocked, match="lease held by"):
             second.open()
@@ -273,7 +274,7 @@ def test_the_lease_is_renewed_while_open(kind: PostgresKind) -> None:
 def test_a_standby_waits_for_the_lease_then_takes_it_with_the_next_epoch(
     kind: PostgresKind,
 ) -> None:
-    leader = kind.opened(holder="leader")
+    leader = kind.opened(holder="leader", lease_s=2 * LEASE_S)
     leader.save(GOOD)
     leader_epoch = leader.epoch or 0
     with pytest.raises(StoreLocked):
@@ -288,7 +289,7 @@ def test_a_standby_waits_for_the_lease_then_takes_it_with_the_next_epoch(
     waiter = threading.Thread(target=wait)
     waiter.start()
     try:
-        assert not took.wait(LEASE_S * 1.5)  # the leader renews: the standby keeps waiting
+        assert not took.wait(LEASE_S * 3)  # the leader renews: the standby keeps waiting
         leader.close()
         assert took.wait(30)
     finally:
@@ -400,11 +401,13 @@ async def test_open_controller_standby_takes_over_when_the_leader_closes(
 
     async with (
         trio.open_nursery() as nursery,
-        open_controller(runtime=runtime, store=kind.new(holder="leader")) as leader,
+        open_controller(
+            runtime=runtime, store=kind.new(holder="leader", lease_s=2 * LEASE_S)
+        ) as leader,
     ):
         await leader.create_backend("a", ECHO, num_replicas=2)
         nursery.start_soon(standby)
-        await trio.sleep(LEASE_S * 1.5)  # the standby waits while the leader lives
+        await trio.sleep(LEASE_S * 2.5)  # longer than its lease: the leader renews it
         order.append("leader closes")
     assert order == ["leader closes", "standby serves"]
 
