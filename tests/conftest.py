@@ -38,8 +38,9 @@ import pytest  # noqa: E402
 from servecore.testing.postgres import PostgresServer, find_postgres_bin  # noqa: E402
 
 
-def postgres_or_skip() -> None:
-    """Skip unless the server binaries and psycopg are here (in CI, fail instead)."""
+def postgres_or_skip(*, module: bool = False) -> None:
+    """Skip unless the server binaries and psycopg are here (in CI, fail instead);
+    ``module``: called while a test module is imported."""
     missing = []
     if find_postgres_bin() is None:
         missing.append("PostgreSQL server binaries (apt-get install postgresql)")
@@ -51,7 +52,7 @@ def postgres_or_skip() -> None:
         why = "needs " + " and ".join(missing)
         if os.environ.get("CI"):
             pytest.fail(f"{why}; .ci/run installs them")
-        pytest.skip(why)
+        pytest.skip(why, allow_module_level=module)
 
 
 @pytest.fixture(scope="session")

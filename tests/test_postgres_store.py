@@ -13,12 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 import trio
 from hypothesis import settings
 
 import test_stores as agreement
+from conftest import postgres_or_skip
 from servecore import (
     CheckpointError,
     CheckpointVersionError,
@@ -33,6 +33,11 @@ from servecore.stores_postgres import BLOB_KEY, SCHEMA_VERSION, PostgresRecords
 from servecore.testing import CrashConsistencyMachine, CrashWorld, InMemoryRuntime
 from servecore.testing.postgres import PostgresServer
 from test_stores import GOOD, states
+
+try:
+    import psycopg
+except ImportError:  # without the postgres extra there is nothing to test here
+    postgres_or_skip(module=True)
 
 ECHO = "servecore.testing.targets:Echo"
 #: Short, so that tests of expiry wait little; renewals every third of it.
