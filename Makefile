@@ -18,7 +18,7 @@ $(BIN)/python:
 
 # Everything the tests need, and the example plugin (tests drive it by entry point).
 $(STAMP): pyproject.toml examples/mp_runtime/pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[test,ray,http,cli]'
+	$(BIN)/pip install -q -e '.[test,ray,http,cli,postgres]'
 	$(BIN)/pip install -q -e examples/mp_runtime
 	touch $(STAMP) $(DEMO_STAMP)
 
@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_router.py
 	$(BIN)/python benchmarks/bench_subprocess.py
 	$(BIN)/python benchmarks/bench_http.py
+	$(BIN)/python benchmarks/bench_postgres.py
 
 # Beside Ray Serve itself: needs the serve extra, and starts a private local cluster.
 bench-ray: $(STAMP)

@@ -24,3 +24,45 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+# ---------------------------------------------------------------------------------------
+# A private PostgreSQL server for the PostgresStore tests, one per session, started only
+# if a test asks for it; stopped by its data directory and pid.
+
+import uuid  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+
+import pytest  # noqa: E402
+
+from servecore.testing.postgres import PostgresServer, find_postgres_bin  # noqa: E402
+
+
+def postgres_or_skip(*, module: bool = False) -> None:
+    """Skip unless the server binaries and psycopg are here (in CI, fail instead);
+    ``module``: called while a test module is imported."""
+    missing = []
+    if find_postgres_bin() is None:
+        missing.append("PostgreSQL server binaries (apt-get install postgresql)")
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        missing.append("psycopg (pip install 'servecore[postgres]')")
+    if missing:
+        why = "needs " + " and ".join(missing)
+        if os.environ.get("CI"):
+            pytest.fail(f"{why}; .ci/run installs them")
+        pytest.skip(why, allow_module_level=module)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    postgres_or_skip()
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def checkpoint_name() -> str:
+    """A checkpoint of its own for each test, in the shared server's database."""
+    return f"test-{uuid.uuid4().hex[:12]}"

@@ -26,6 +26,7 @@ PUBLIC = {
     "open_controller", "Controller", "start", "SyncController", "SyncHandle", "Limits",
     "Router", "Handle", "batch", "Query", "Runtime",
     "Store", "MemoryStore", "FileStore", "SQLiteStore", "CallbackStore",
+    "PostgresStore",
     # errors
     "ServecoreError", "CommandError", "EndpointExists", "EndpointNotFound",
     "RouteConflict", "InvalidRoute", "BackendExists", "BackendNotFound", "BackendInUse",
@@ -33,7 +34,7 @@ PUBLIC = {
     "CheckpointCorrupt", "CheckpointVersionError", "StoreLocked", "BackendStartError",
     "ReplicaDiedError", "BackpressureError", "NoReplicaError", "BatchSizeError",
     "RemoteError", "RuntimeDirectoryLocked", "RuntimeDirectoryStoreMismatch",
-    "RuntimeDirectoryUnsafe", "InvalidRuntimeOption", "InvalidRuntime",
+    "RuntimeDirectoryUnsafe", "InvalidRuntimeOption", "InvalidRuntime", "LeaseLost",
     # operating it
     "App", "AppFileError", "Applied", "apply", "load_app", "Status", "load_state", "read_state",
 }  # fmt: skip
@@ -122,3 +123,12 @@ def test_the_plugin_toolkit_is_public_and_documented() -> None:
     for name in toolkit.__all__:
         assert getattr(toolkit, name).__doc__ or name == "BATCH_MARKER", name
     assert toolkit.batch is servecore.batch and toolkit.is_batch(toolkit.batch(lambda x: x))
+
+
+def test_importing_servecore_and_its_stores_does_not_import_psycopg() -> None:
+    code = (
+        "import sys, servecore, servecore.stores, servecore.testing; "
+        "servecore.SQLiteStore; print('psycopg' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -76,6 +76,7 @@ if TYPE_CHECKING:
         InvalidRuntimeOption,
         InvalidTarget,
         InvalidTraffic,
+        LeaseLost,
         NoReplicaError,
         RemoteError,
         ReplicaDiedError,
@@ -116,8 +117,13 @@ if TYPE_CHECKING:
         SQLiteStore,
         Store,
     )
+    from servecore.stores_postgres import (
+        PostgresStore,
+    )
 
 _LAZY: dict[str, str] = {
+    "PostgresStore": "servecore.stores_postgres",
+    "LeaseLost": "servecore._errors",
     "Limits": "servecore._limits",
     "InvalidCommand": "servecore._errors",
     "EARLY_DEATH_S": "servecore._core",
@@ -249,10 +255,12 @@ __all__ = [
     "InvalidRuntimeOption",
     "InvalidTarget",
     "InvalidTraffic",
+    "LeaseLost",
     "Limits",
     "MemoryStore",
     "Message",
     "NoReplicaError",
+    "PostgresStore",
     "Query",
     "Recover",
     "RemoteError",

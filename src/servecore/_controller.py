@@ -69,8 +69,15 @@ from servecore._core import (
     UpdateRouter,
     step,
 )
-from servecore._errors import BackendStartError, CheckpointError, InvalidCommand, InvalidConfig
+from servecore._errors import (
+    BackendStartError,
+    CheckpointError,
+    InvalidCommand,
+    InvalidConfig,
+    LeaseLost,
+)
 from servecore._limits import Limits
+from servecore._standby import open_store
 from servecore._status import Status, live_status
 from servecore.router import Handle, Router
 from servecore.runtimes import Runtime, check_runtime_methods, resolve_runtime
@@ -342,6 +349,8 @@ class Controller:
                     await trio.to_thread.run_sync(self.store.save, data)
                 else:
                     self.store.save(data)
+            except LeaseLost:
+                raise  # fenced out: it says itself that nothing was applied
             except Exception as exc:
                 raise CheckpointError(
                     f"saving checkpoint {self._seq + 1} to {self._where} failed: {exc!r}; "
@@ -459,6 +468,10 @@ class Controller:
         try:
             await self._execute(event, group)
             return
+        except LeaseLost as exc:
+            # Fenced out: another controller owns the store now; retrying cannot help.
+            group.errors.append(exc)
+            return
         except CheckpointError as exc:
             group.errors.append(
                 CheckpointError(
@@ -481,6 +494,9 @@ class Controller:
                 try:
                     await self._execute(event, self._background)
                     log.info("%s recorded after the store recovered", _what(event))
+                    return
+                except LeaseLost as exc:
+                    log.error("%s; giving up on %s (this controller is fenced)", exc, _what(event))
                     return
                 except CheckpointError as exc:
                     delay = min(_RETRY_CAP_S, delay * 2)
@@ -648,6 +664,7 @@ async def open_controller(
     save_in_thread: bool = True,
     limits: Limits | None = None,
     resync_interval_s: float | None = RESYNC_INTERVAL_S,
+    standby: bool = False,
 ) -> AsyncIterator[Controller]:
     """Open a controller: load the checkpoint, ask the runtime which replicas are alive,
     step ``Recover(live)``, save, and carry out its effects, then yield it::
@@ -669,6 +686,9 @@ async def open_controller(
     hand-off), but the loop, and every async query on it, waits out each fsync.
     On exit, in-process replicas stop; out-of-process ones keep running, to be found
     again by the next controller on the same store.
+    ``standby=True`` (with a store that has a lease, :class:`~servecore.PostgresStore`)
+    waits until the controller holding the store is gone, then takes over: it recovers,
+    adopting the replicas still alive, and serves.
     """
     check_namespace(name)
     if limits is not None and not isinstance(limits, Limits):
@@ -692,9 +712,7 @@ async def open_controller(
     rt = resolve_runtime(runtime, **dict(runtime_kwargs or {}))
     check_runtime_methods(rt)
     st = as_store(store)
-    opener = getattr(st, "open", None)
-    if opener is not None:
-        opener()
+    await open_store(st, standby=standby)
     try:
         async with trio.open_nursery() as nursery:
             ctl = Controller(

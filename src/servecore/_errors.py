@@ -30,6 +30,7 @@ __all__ = [
     "InvalidRuntimeOption",
     "InvalidTarget",
     "InvalidTraffic",
+    "LeaseLost",
     "NoReplicaError",
     "RemoteError",
     "ReplicaDiedError",
@@ -231,14 +232,38 @@ class CheckpointVersionError(ServecoreError):
         )
 
 
+class LeaseLost(CheckpointError):
+    """This controller's lease on its store was taken over by another holder, so the
+    store refuses its writes (fencing): nothing was written, no effect ran, and none
+    ever will through this store object."""
+
+    def __init__(
+        self, where: str, holder: str, epoch: int, new_holder: str | None, new_epoch: int
+    ) -> None:
+        self.where = where
+        self.holder = holder
+        self.epoch = epoch
+        self.new_holder = new_holder
+        self.new_epoch = new_epoch
+        now = f"{new_holder!r} holds it" if new_holder is not None else "it was released"
+        super().__init__(
+            f"lost the lease on checkpoint store {where}: {holder!r} held epoch {epoch}, and "
+            f"now {now} at epoch {new_epoch}; nothing was written, the command was not "
+            f"applied and no effect ran; close this controller (the one holding the lease "
+            f"serves now)"
+        )
+
+
 class StoreLocked(ServecoreError):
     """Another controller holds this store open."""
 
-    def __init__(self, where: str) -> None:
+    def __init__(self, where: str, detail: str = "") -> None:
         self.where = where
+        self.detail = detail
+        held = f" ({detail})" if detail else ""
         super().__init__(
-            f"checkpoint store {where} is held by another controller; close that controller "
-            f"first (two controllers on one store would split the brain)"
+            f"checkpoint store {where} is held by another controller{held}; close that "
+            f"controller first (two controllers on one store would split the brain)"
         )
 
 

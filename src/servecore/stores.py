@@ -407,3 +407,12 @@ class SQLiteStore:
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.where!r})"
+
+
+def __getattr__(name: str) -> object:
+    # PostgresStore lives in its own module so that psycopg is imported only when used.
+    if name in ("PostgresStore", "PostgresRecords"):
+        from servecore import stores_postgres
+
+        return getattr(stores_postgres, name)
+    raise AttributeError(f"module 'servecore.stores' has no attribute {name!r}")

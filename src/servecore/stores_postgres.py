@@ -1,0 +1,659 @@
+"""A checkpoint store in PostgreSQL, kept to one controller by a fenced lease.
+
+:class:`PostgresStore` keeps a checkpoint as rows, one per record, in three tables it
+creates on first use (``servecore_schema``, ``servecore_leases``, ``servecore_records``);
+many checkpoints, told apart by ``checkpoint=``, may share one database. It speaks both
+store protocols:
+
+* the whole-blob one (``save(data)`` / ``load() -> bytes | None``), the blob being the
+  single record :data:`BLOB_KEY`;
+* the keyed one (:meth:`PostgresStore.load_records` / :meth:`PostgresStore.commit_records`), also
+  offered under the protocol's own names by :attr:`PostgresStore.records`.
+
+**Leases and fencing.** ``open()`` takes the checkpoint's lease: a row naming the holder,
+an *epoch* that only grows (bumped by every new holder) and an expiry computed by the
+database's clock, so no two hosts' clocks are ever compared. A background thread renews
+it every ``lease_s / 3``. Every write is one statement whose first part updates the lease
+row *only if it still names this holder and epoch*; the rest of the statement writes
+through that update's result, so a controller whose lease was taken over (it was paused,
+partitioned, or slow) writes nothing and gets :class:`~servecore.LeaseLost`. Once the
+renewer has seen the lease taken, every later write fails at once, without a round trip.
+A second opener gets :class:`~servecore.StoreLocked`; ``open(standby=True)`` instead
+waits for the lease to expire (or be released by ``close()``), takes it with the next
+epoch and returns, which is how a standby controller takes over.
+
+psycopg 3 is imported only when a store is made: ``pip install 'servecore[postgres]'``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Collection, Mapping
+from math import inf
+from typing import TYPE_CHECKING, Any
+
+from servecore._errors import (
+    CheckpointError,
+    CheckpointVersionError,
+    InvalidConfig,
+    LeaseLost,
+    ServecoreError,
+    StoreLocked,
+)
+
+if TYPE_CHECKING:
+    import psycopg
+
+__all__ = ["BLOB_KEY", "SCHEMA_VERSION", "PostgresRecords", "PostgresStore"]
+
+log = logging.getLogger("servecore.stores.postgres")
+
+#: The version of the tables this module writes; a database with a newer one is refused.
+SCHEMA_VERSION = 1
+#: The record a whole-blob checkpoint (``save``/``load``) is kept in.
+BLOB_KEY = "checkpoint"
+#: How often, at most, a waiting standby asks the database about the lease.
+_STANDBY_POLL_S = 0.25
+# Any constant: serializes the schema's creation between openers racing on a new database.
+_SCHEMA_LOCK_ID = 0x5E7E_C0DE
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS servecore_schema (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    version integer NOT NULL
+);
+CREATE TABLE IF NOT EXISTS servecore_leases (
+    checkpoint text PRIMARY KEY,
+    holder text,
+    epoch bigint NOT NULL,
+    expires_at timestamptz NOT NULL,
+    seq bigint NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS servecore_records (
+    checkpoint text NOT NULL,
+    key text NOT NULL,
+    value bytea NOT NULL,
+    PRIMARY KEY (checkpoint, key)
+);
+"""
+
+# Take the lease if nobody holds it, or its holder let it expire: the epoch grows by one.
+_ACQUIRE = """
+INSERT INTO servecore_leases AS l (checkpoint, holder, epoch, expires_at, seq)
+VALUES (%(cp)s, %(holder)s, 1, now() + %(lease_s)s * interval '1 second', 0)
+ON CONFLICT (checkpoint) DO UPDATE
+    SET holder = EXCLUDED.holder, epoch = l.epoch + 1, expires_at = EXCLUDED.expires_at
+    WHERE l.holder IS NULL OR l.expires_at <= now()
+RETURNING l.epoch, l.seq
+"""
+
+_RENEW = """
+UPDATE servecore_leases SET expires_at = now() + %(lease_s)s * interval '1 second'
+WHERE checkpoint = %(cp)s AND holder = %(holder)s AND epoch = %(epoch)s
+RETURNING 1
+"""
+
+# Released, not deleted: the epoch (and the sequence number) must keep growing.
+_RELEASE = """
+UPDATE servecore_leases SET holder = NULL, expires_at = now()
+WHERE checkpoint = %(cp)s AND holder = %(holder)s AND epoch = %(epoch)s
+"""
+
+_LEASE_ROW = """
+SELECT holder, epoch, seq, extract(epoch FROM expires_at - now())::float8
+FROM servecore_leases WHERE checkpoint = %(cp)s
+"""
+
+# The fence: the first part of every write. It yields the checkpoint's name only if the
+# write may go ahead, and the rest of the statement joins on it, so a refused fence
+# writes nothing. The holder's fence checks its epoch; an unleased write (a store used
+# without open()) is a lease taken and given back within the statement: it goes ahead
+# only if nobody holds the lease, and bumps the epoch, so a holder that let its lease
+# expire while paused is fenced out by it too.
+_FENCE_HELD = """
+UPDATE servecore_leases SET seq = {seq}
+WHERE checkpoint = %(cp)s AND holder = %(holder)s AND epoch = %(epoch)s {seq_check}
+RETURNING checkpoint, seq
+"""
+_FENCE_FREE = """
+INSERT INTO servecore_leases AS l (checkpoint, holder, epoch, expires_at, seq)
+VALUES (%(cp)s, NULL, 1, now(), {first_seq})
+ON CONFLICT (checkpoint) DO UPDATE
+    SET holder = NULL, epoch = l.epoch + 1, expires_at = now(), seq = {seq}
+    WHERE (l.holder IS NULL OR l.expires_at <= now()) {seq_check}
+RETURNING checkpoint, seq
+"""
+# The rest of a write joins on the fence. Its shape follows the change set (one record
+# put, several, none; deletes or not), since the general one costs a bare upsert's time
+# again on the commonest write, one record: each shape is its own prepared statement.
+_PUT_ONE = """
+INSERT INTO servecore_records (checkpoint, key, value)
+SELECT fence.checkpoint, %(key)s::text, %(value)s::bytea FROM fence
+ON CONFLICT (checkpoint, key) DO UPDATE SET value = EXCLUDED.value
+RETURNING (SELECT seq FROM fence)
+"""
+_PUT_MANY = """
+INSERT INTO servecore_records (checkpoint, key, value)
+SELECT fence.checkpoint, p.key, p.value
+FROM fence, unnest(%(keys)s::text[], %(values)s::bytea[]) AS p(key, value)
+ON CONFLICT (checkpoint, key) DO UPDATE SET value = EXCLUDED.value
+RETURNING (SELECT seq FROM fence)
+"""
+_PUT_NONE = "SELECT seq FROM fence"
+_DELETE = """,
+gone AS (
+    DELETE FROM servecore_records r USING fence
+    WHERE r.checkpoint = fence.checkpoint AND r.key = ANY(%(deletes)s::text[])
+)"""
+
+
+@functools.cache
+def _write_sql(*, held: bool, keyed: bool, puts: int, deletes: bool) -> str:
+    """The one statement of a write, which yields the new sequence number, or no row if
+    the fence refused it. A blob save bumps the sequence number by one; a keyed commit
+    sets it, and only forwards (see :meth:`PostgresStore.commit_records`). ``puts`` is
+    0, 1 or 2 for "several"."""
+    if held:
+        seq = "%(seq)s" if keyed else "seq + 1"
+        check = "AND seq < %(seq)s" if keyed else ""
+        fence = _FENCE_HELD.format(seq=seq, seq_check=check)
+    else:
+        seq = "%(seq)s" if keyed else "l.seq + 1"
+        check = "AND l.seq < %(seq)s" if keyed else ""
+        first = "%(seq)s" if keyed else "1"
+        fence = _FENCE_FREE.format(seq=seq, seq_check=check, first_seq=first)
+    body = (_PUT_NONE, _PUT_ONE, _PUT_MANY)[puts]
+    return f"WITH fence AS ({fence.strip()}){_DELETE if deletes else ''}\n{body.strip()}"
+
+
+def _import_psycopg() -> Any:
+    try:
+        import psycopg
+    except ImportError as exc:
+        raise ImportError(
+            "PostgresStore needs psycopg 3: pip install 'servecore[postgres]' "
+            "(or pip install 'psycopg[binary]>=3.1')"
+        ) from exc
+    return psycopg
+
+
+def _default_holder() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class _Lease:
+    """One holding of the lease: its epoch, its renewer, and whether it was lost."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+        # Set by the renewer (or a refused write) once another holder took the lease.
+        self.lost_to: tuple[str | None, int] | None = None
+
+
+class PostgresStore:
+    """A checkpoint in PostgreSQL, one row per record, fenced by a lease (see the module).
+
+    ``dsn`` is a libpq connection string or URI (``"postgresql://user@host/db"``);
+    ``checkpoint`` names this checkpoint among those in the database; ``lease_s`` is how
+    long a lease lasts unrenewed (a standby takes over at most that long after the
+    holder dies); ``holder`` names this opener in the lease row (default: host, pid and
+    a random suffix); ``connect_timeout_s`` bounds each connection attempt. The password,
+    if the DSN has one, appears in no message.
+    """
+
+    SCHEMA_VERSION = SCHEMA_VERSION
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        checkpoint: str = "servecore",
+        lease_s: float = 10.0,
+        holder: str | None = None,
+        connect_timeout_s: float = 5.0,
+    ) -> None:
+        pg = _import_psycopg()
+        if not isinstance(checkpoint, str) or not checkpoint or "\x00" in checkpoint:
+            raise InvalidConfig(
+                "checkpoint", checkpoint, "must be a non-empty string without NUL characters"
+            )
+        for field, value in (("lease_s", lease_s), ("connect_timeout_s", connect_timeout_s)):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not 0 < value < inf
+            ):
+                raise InvalidConfig(field, value, "must be a positive number of seconds")
+        try:
+            params = pg.conninfo.conninfo_to_dict(dsn)
+        except pg.ProgrammingError as exc:
+            raise InvalidConfig("dsn", "<not shown>", f"is not a connection string: {exc}") from exc
+        self.dsn = dsn
+        self.checkpoint = checkpoint
+        self.lease_s = float(lease_s)
+        self.holder = holder or _default_holder()
+        self.connect_timeout_s = connect_timeout_s
+        host = str(params.get("host") or os.environ.get("PGHOST") or "localhost")
+        port = str(params.get("port") or os.environ.get("PGPORT") or "5432")
+        user = str(params.get("user") or os.environ.get("PGUSER") or "")
+        dbname = str(params.get("dbname") or os.environ.get("PGDATABASE") or user)
+        self._address = f"{host}:{port}/{dbname}"
+        self.where = f"postgresql://{user + '@' if user else ''}{self._address} ({checkpoint!r})"
+        self._mutex = threading.Lock()  # one writer on the connection; saves come from threads
+        self._conn: psycopg.Connection[Any] | None = None
+        self._lease: _Lease | None = None
+        self._seq = 0  # the lease row's sequence number after our last write
+        self._holder_seen: tuple[Any, ...] | None = None  # the lease row that locked us out
+        self._warned_unreachable = False
+
+    # -- identity -------------------------------------------------------------------------
+
+    @property
+    def store_id(self) -> str:
+        """``"postgres:<host>:<port>/<dbname>#<checkpoint>"``."""
+        return f"postgres:{self._address}#{self.checkpoint}"
+
+    @property
+    def records(self) -> PostgresRecords:
+        """This store under the keyed protocol's own names (``load``, ``commit``)."""
+        return PostgresRecords(self)
+
+    @property
+    def epoch(self) -> int | None:
+        """The epoch of the lease this store holds, or ``None`` when it holds none."""
+        lease = self._lease
+        return None if lease is None else lease.epoch
+
+    # -- connections ----------------------------------------------------------------------
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        pg = _import_psycopg()
+        try:
+            conn: psycopg.Connection[Any] = pg.connect(
+                self.dsn,
+                autocommit=True,
+                connect_timeout=max(1, round(self.connect_timeout_s)),
+                application_name="servecore",
+            )
+        except pg.Error as exc:
+            raise CheckpointError(
+                f"cannot connect to the checkpoint store {self.where}: {_reason(exc)}; "
+                f"nothing was read or written (check that the server is up and reachable)"
+            ) from exc
+        try:
+            self._ensure_schema(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _ensure_schema(self, conn: psycopg.Connection[Any]) -> None:
+        """Create the tables on first use; refuse a database written by a newer servecore."""
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_ID,))
+            found = conn.execute("SELECT to_regclass('servecore_schema')").fetchone()
+            if found is not None and found[0] is not None:
+                row = conn.execute("SELECT version FROM servecore_schema").fetchone()
+                if row is not None and row[0] > SCHEMA_VERSION:
+                    raise CheckpointVersionError(self.where, row[0], SCHEMA_VERSION)
+                if row is not None:
+                    return
+            conn.execute(_SCHEMA)
+            conn.execute(
+                "INSERT INTO servecore_schema (version) VALUES (%s) ON CONFLICT DO NOTHING",
+                (SCHEMA_VERSION,),
+            )
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed:
+            self._conn = self._connect()
+        return self._conn
+
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def _params(self, **more: Any) -> dict[str, Any]:
+        return {"cp": self.checkpoint, "holder": self.holder, "lease_s": self.lease_s, **more}
+
+    # -- the lease ------------------------------------------------------------------------
+
+    def open(self, *, standby: bool = False, timeout_s: float | None = None) -> None:
+        """Take the lease. Without ``standby``, raise :class:`~servecore.StoreLocked` at
+        once if another opener holds it; with it, wait (at most ``timeout_s``, if given,
+        then raise ``StoreLocked``) until the holder's lease expires or is released, take
+        it with the next epoch and return. Opening an open store does nothing."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            unreachable: CheckpointError | None = None
+            with self._mutex:
+                if self._lease is not None:
+                    return
+                try:
+                    remaining_s = self._try_acquire()
+                except CheckpointError as exc:
+                    if not standby:
+                        raise
+                    # A standby outlasts an outage of the database, as it does the leader.
+                    unreachable, remaining_s = exc, _STANDBY_POLL_S
+                    if not self._warned_unreachable:
+                        log.warning("standby keeps waiting: %s", exc)
+                        self._warned_unreachable = True
+                if remaining_s is None:
+                    self._warned_unreachable = False
+                    return
+            if not standby or (deadline is not None and time.monotonic() >= deadline):
+                if unreachable is not None:
+                    raise StoreLocked(self.where, f"cannot be reached: {unreachable}")
+                raise self._locked()
+            pause = min(_STANDBY_POLL_S, max(0.01, remaining_s + 0.005))
+            if deadline is not None:
+                pause = max(0.0, min(pause, deadline - time.monotonic()))
+            time.sleep(pause)
+
+    def _try_acquire(self) -> float | None:
+        """Take the lease now (and start renewing it): ``None``; or the seconds left on
+        the holder's lease (by the database's clock)."""
+        pg = _import_psycopg()
+        try:
+            conn = self._connection()
+            row = conn.execute(_ACQUIRE, self._params()).fetchone()
+            if row is None:
+                held = conn.execute(_LEASE_ROW, self._params()).fetchone()
+                self._holder_seen = held
+                return 0.0 if held is None else max(0.0, float(held[3]))
+        except pg.Error as exc:
+            self._drop_connection()
+            raise CheckpointError(
+                f"cannot take the lease on {self.where}: {_reason(exc)}; nothing was written"
+            ) from exc
+        epoch, seq = int(row[0]), int(row[1])
+        lease = _Lease(epoch)
+        self._lease, self._seq = lease, seq
+        lease.thread = threading.Thread(
+            target=self._renew_forever,
+            args=(lease,),
+            name=f"servecore-lease-{self.checkpoint}",
+            daemon=True,
+        )
+        lease.thread.start()
+        log.info("took the lease on %s (epoch %d, as %s)", self.where, epoch, self.holder)
+        return None
+
+    def _locked(self) -> StoreLocked:
+        held = self._holder_seen
+        if held is None or held[0] is None:
+            return StoreLocked(self.where, "its lease was just taken")
+        return StoreLocked(
+            self.where,
+            f"lease held by {held[0]!r}, epoch {held[1]}, {max(0.0, float(held[3])):.1f}s "
+            f"left unless renewed; open_controller(..., standby=True) waits for it instead",
+        )
+
+    def _renew_forever(self, lease: _Lease) -> None:
+        """Renew every third of the lease, on a connection of its own (so a renewal
+        never queues behind a write). A failure to reach the database is retried: the
+        lease may still be ours when it is back. Seeing it taken is final."""
+        pg = _import_psycopg()
+        conn: psycopg.Connection[Any] | None = None
+        failing = False
+        try:
+            while not lease.stop.wait(self.lease_s / 3):
+                try:
+                    if conn is None:
+                        conn = self._connect()
+                    row = conn.execute(_RENEW, self._params(epoch=lease.epoch)).fetchone()
+                    if row is None:
+                        if lease.stop.is_set():
+                            return  # released by close() meanwhile: not lost
+                        held = conn.execute(_LEASE_ROW, self._params()).fetchone()
+                        self._lose(lease, held)
+                        return
+                    if failing:
+                        log.info("renewed the lease on %s again", self.where)
+                    failing = False
+                except (pg.Error, ServecoreError) as exc:
+                    if not failing:
+                        log.warning("cannot renew the lease on %s (retrying): %s", self.where, exc)
+                    failing = True
+                    if conn is not None:
+                        with contextlib.suppress(Exception):
+                            conn.close()
+                    conn = None
+        finally:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
+
+    def _lose(self, lease: _Lease, held: tuple[Any, ...] | None) -> None:
+        if lease.lost_to is None:
+            lease.lost_to = (None, lease.epoch) if held is None else (held[0], int(held[1]))
+            log.error("%s", self._lost_error(lease))
+
+    def _lost_error(self, lease: _Lease) -> LeaseLost:
+        holder, epoch = lease.lost_to or (None, lease.epoch)
+        return LeaseLost(self.where, self.holder, lease.epoch, holder, epoch)
+
+    def close(self) -> None:
+        """Give the lease back (a standby may take it at once) and disconnect."""
+        with self._mutex:
+            lease, self._lease = self._lease, None
+        if lease is not None:
+            # The renewer first, so that no renewal lands after the release.
+            lease.stop.set()
+            if lease.thread is not None:
+                lease.thread.join(timeout=self.connect_timeout_s + 1)
+        with self._mutex:
+            if lease is not None and lease.lost_to is None:
+                try:
+                    self._connection().execute(_RELEASE, self._params(epoch=lease.epoch))
+                except Exception as exc:
+                    # It expires by itself; a standby just waits a little longer.
+                    log.warning("could not release the lease on %s: %s", self.where, exc)
+            self._drop_connection()
+
+    # -- writing --------------------------------------------------------------------------
+
+    def save(self, data: bytes) -> None:
+        """Make ``data`` the checkpoint (the record :data:`BLOB_KEY`), in one transaction
+        fenced by the lease. Raises :class:`~servecore.LeaseLost` if the lease was taken
+        over, :class:`~servecore.CheckpointError` if the database cannot be reached."""
+        self._write({BLOB_KEY: bytes(data)}, [], seq=None)
+
+    def commit_records(self, seq: int, puts: Mapping[str, bytes], deletes: Collection[str]) -> None:
+        """Apply one change set atomically: write ``puts``, delete ``deletes``, and make
+        ``seq`` the sequence number, or raise and change nothing.
+
+        Fenced by the lease like :meth:`save`. ``seq`` must be larger than the stored
+        one: a commit whose acknowledgement was lost but which landed would otherwise be
+        built upon by a controller that thinks it failed; that case raises
+        :class:`~servecore.CheckpointError` asking for a reopen.
+        """
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+            raise InvalidConfig("seq", seq, "must be a non-negative integer")
+        for key in [*puts, *deletes]:
+            if not isinstance(key, str) or "\x00" in key:
+                raise InvalidConfig("key", key, "must be a string without NUL characters")
+        both = set(puts).intersection(deletes)
+        if both:
+            raise InvalidConfig(
+                "deletes", sorted(both), "names keys that puts writes too; a change set "
+                "either writes or deletes a key",
+            )  # fmt: skip
+        self._write(dict(puts), list(deletes), seq=seq)
+
+    def _write(self, puts: dict[str, bytes], deletes: list[str], *, seq: int | None) -> None:
+        pg = _import_psycopg()
+        keyed = seq is not None
+        with self._mutex:
+            lease = self._lease
+            if lease is not None and lease.lost_to is not None:
+                raise self._lost_error(lease)  # known lost: fail fast, no round trip
+            target = seq if seq is not None else self._seq + 1
+            params = self._params(
+                epoch=None if lease is None else lease.epoch,
+                seq=seq,
+                deletes=deletes,
+            )
+            if len(puts) == 1:
+                ((params["key"], params["value"]),) = puts.items()
+            else:
+                params["keys"], params["values"] = list(puts), list(puts.values())
+            sql = _write_sql(
+                held=lease is not None, keyed=keyed, puts=min(len(puts), 2), deletes=bool(deletes)
+            )
+            try:
+                row = self._connection().execute(sql, params, prepare=True).fetchone()
+            except pg.Error as exc:
+                self._drop_connection()
+                if lease is not None and self._landed(lease, target):
+                    self._seq = target
+                    return  # the answer was lost, not the write
+                raise CheckpointError(
+                    f"writing to the checkpoint store {self.where} failed: {_reason(exc)}; "
+                    f"the database did not confirm the write (if it landed anyway, the "
+                    f"next write supersedes it)"
+                ) from exc
+            if row is not None:
+                self._seq = int(row[0])
+                return
+            try:
+                self._refused(lease, target)
+            except pg.Error as exc:
+                self._drop_connection()
+                raise CheckpointError(
+                    f"the checkpoint store {self.where} refused a write and then could not "
+                    f"be asked why: {_reason(exc)}; nothing was written"
+                ) from exc
+
+    def _landed(self, lease: _Lease, target: int) -> bool:
+        """After a write whose answer never came: did it land? Asked once, on a new
+        connection; ``False`` if the database cannot say."""
+        with contextlib.suppress(Exception):
+            row = self._connection().execute(_LEASE_ROW, self._params()).fetchone()
+            return (
+                row is not None
+                and row[0] == self.holder
+                and int(row[1]) == lease.epoch
+                and int(row[2]) == target
+            )
+        self._drop_connection()
+        return False
+
+    def _refused(self, lease: _Lease | None, target: int) -> None:
+        """The fence refused a write: say why (a newer holder, or a stale sequence)."""
+        row = self._connection().execute(_LEASE_ROW, self._params()).fetchone()
+        if lease is None:
+            if row is not None and row[0] is not None and float(row[3]) > 0:
+                self._holder_seen = row
+                raise self._locked()
+        elif row is None or row[0] != self.holder or int(row[1]) != lease.epoch:
+            self._lose(lease, row)
+            raise self._lost_error(lease)
+        stored = None if row is None else int(row[2])
+        raise CheckpointError(
+            f"commit {target} to {self.where} refused: the checkpoint is already at "
+            f"sequence number {stored}, so an earlier commit this controller saw fail did "
+            f"land; nothing was written; close and reopen the controller to load it"
+        )
+
+    # -- reading --------------------------------------------------------------------------
+
+    def load(self) -> bytes | None:
+        """The whole-blob checkpoint, or ``None`` if none was ever saved."""
+        pg = _import_psycopg()
+        with self._mutex:
+            try:
+                row = (
+                    self._connection()
+                    .execute(
+                        "SELECT value FROM servecore_records WHERE checkpoint = %s AND key = %s",
+                        (self.checkpoint, BLOB_KEY),
+                    )
+                    .fetchone()
+                )
+            except pg.Error as exc:
+                self._drop_connection()
+                raise CheckpointError(
+                    f"reading the checkpoint from {self.where} failed: {_reason(exc)}"
+                ) from exc
+        return None if row is None else bytes(row[0])
+
+    def load_records(self) -> tuple[int, dict[str, bytes]]:
+        """The sequence number and every record, read from one snapshot; ``(0, {})`` for
+        a checkpoint never written."""
+        pg = _import_psycopg()
+        with self._mutex:
+            conn = self._connection()
+            try:
+                with conn.transaction():
+                    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                    row = conn.execute(_LEASE_ROW, self._params()).fetchone()
+                    rows = conn.execute(
+                        "SELECT key, value FROM servecore_records WHERE checkpoint = %s",
+                        (self.checkpoint,),
+                    ).fetchall()
+            except pg.Error as exc:
+                self._drop_connection()
+                raise CheckpointError(
+                    f"reading the checkpoint from {self.where} failed: {_reason(exc)}"
+                ) from exc
+        return (0 if row is None else int(row[2])), {k: bytes(v) for k, v in rows}
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({self.where!r})"
+
+
+class PostgresRecords:
+    """A :class:`PostgresStore` under the keyed store protocol's names: ``load()`` gives
+    ``(seq, records)``, ``commit(seq, puts, deletes)`` applies a change set. Opening,
+    closing and the lease are the store's."""
+
+    def __init__(self, store: PostgresStore) -> None:
+        self.store = store
+        self.where = store.where
+
+    @property
+    def store_id(self) -> str:
+        """The store's :attr:`PostgresStore.store_id`."""
+        return self.store.store_id
+
+    @property
+    def epoch(self) -> int | None:
+        """The store's :attr:`PostgresStore.epoch`."""
+        return self.store.epoch
+
+    def open(self, *, standby: bool = False, timeout_s: float | None = None) -> None:
+        """See :meth:`PostgresStore.open`."""
+        self.store.open(standby=standby, timeout_s=timeout_s)
+
+    def close(self) -> None:
+        """See :meth:`PostgresStore.close`."""
+        self.store.close()
+
+    def load(self) -> tuple[int, dict[str, bytes]]:
+        """See :meth:`PostgresStore.load_records`."""
+        return self.store.load_records()
+
+    def commit(self, seq: int, puts: Mapping[str, bytes], deletes: Collection[str]) -> None:
+        """See :meth:`PostgresStore.commit_records`."""
+        self.store.commit_records(seq, puts, deletes)
+
+    def __repr__(self) -> str:
+        return f"PostgresRecords({self.where!r})"
+
+
+def _reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
