@@ -84,7 +84,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -105,8 +105,8 @@ __all__ = [
     "begin",
     "decide",
     "delay_of",
-    "reconfigure",
     "recommend",
+    "reconfigure",
 ]
 
 #: A load within this fraction of the target changes nothing (the Kubernetes HPA's
@@ -123,18 +123,24 @@ def _ceil(x: float) -> int:
     return math.ceil(x - _EPS)
 
 
-def _optional_seconds(field: str) -> Any:
-    def convert(value: Any) -> float | None:
-        return None if value is None else seconds(field, value)
-
-    return convert
+def _upscale_delay(value: Any) -> float:
+    return seconds("autoscaling.upscale_delay_s", value)
 
 
-def _factor(field: str) -> Any:
-    def convert(value: Any) -> float:
-        return positive_number(field, value, MAX_FACTOR)
+def _downscale_delay(value: Any) -> float:
+    return seconds("autoscaling.downscale_delay_s", value)
 
-    return convert
+
+def _to_zero_delay(value: Any) -> float | None:
+    return None if value is None else seconds("autoscaling.downscale_to_zero_delay_s", value)
+
+
+def _upscaling_factor(value: Any) -> float:
+    return positive_number("autoscaling.upscaling_factor", value, MAX_FACTOR)
+
+
+def _downscaling_factor(value: Any) -> float:
+    return positive_number("autoscaling.downscaling_factor", value, MAX_FACTOR)
 
 
 def _target_ongoing(value: Any) -> float:
@@ -179,21 +185,11 @@ class AutoscalingConfig:
     )
     target_ongoing_requests: float = attrs.field(default=2.0, converter=_target_ongoing)
     look_back_period_s: float = attrs.field(default=30.0, converter=_look_back)
-    upscale_delay_s: float = attrs.field(
-        default=30.0, converter=lambda v: seconds("autoscaling.upscale_delay_s", v)
-    )
-    downscale_delay_s: float = attrs.field(
-        default=600.0, converter=lambda v: seconds("autoscaling.downscale_delay_s", v)
-    )
-    downscale_to_zero_delay_s: float | None = attrs.field(
-        default=None, converter=_optional_seconds("autoscaling.downscale_to_zero_delay_s")
-    )
-    upscaling_factor: float = attrs.field(
-        default=1.0, converter=_factor("autoscaling.upscaling_factor")
-    )
-    downscaling_factor: float = attrs.field(
-        default=1.0, converter=_factor("autoscaling.downscaling_factor")
-    )
+    upscale_delay_s: float = attrs.field(default=30.0, converter=_upscale_delay)
+    downscale_delay_s: float = attrs.field(default=600.0, converter=_downscale_delay)
+    downscale_to_zero_delay_s: float | None = attrs.field(default=None, converter=_to_zero_delay)
+    upscaling_factor: float = attrs.field(default=1.0, converter=_upscaling_factor)
+    downscaling_factor: float = attrs.field(default=1.0, converter=_downscaling_factor)
 
     def __attrs_post_init__(self) -> None:
         if self.min_replicas > self.max_replicas:
@@ -244,7 +240,7 @@ class ScaleDirection(enum.Enum):
     DOWN = "DOWN"
 
 
-def _finite(field: str) -> Any:
+def _finite(field: str) -> Callable[[Any, Any, Any], None]:
     def check(_inst: Any, _attr: Any, value: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InvalidConfig(field, value, "must be a finite number")
@@ -329,7 +325,7 @@ def recommend(config: AutoscalingConfig, current: int, ongoing: float) -> int:
     if current <= 0:
         return config.clamp(max(1, _ceil(need)) if need > 0 else 0)
     ratio = need / current
-    if need > 0 and abs(ratio - 1) <= TOLERANCE:
+    if need > 0 and abs(ratio - 1) <= TOLERANCE + _EPS:
         return config.clamp(current)
     if ratio > 1:
         d = _ceil(current + (need - current) * config.upscaling_factor)

@@ -769,8 +769,10 @@ def _resync(state: State, ev: Resync) -> Transition:
     for backend in sorted(touched):
         if backend in tx.backends:
             tx.reconcile(backend)
-    if not (tx.starts or tx.stops) and tx.replicas is state.replicas and (
-        tx.backends is state.backends
+    if (
+        not (tx.starts or tx.stops)
+        and tx.replicas is state.replicas
+        and (tx.backends is state.backends)
     ):
         return _unchanged(state)  # they agree: nothing to write
     return tx.finish()

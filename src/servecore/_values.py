@@ -175,9 +175,7 @@ class BackendConfig:
     graceful_shutdown_timeout_s: float = attrs.field(default=5.0, converter=_shutdown_timeout)
     user_config: Any = attrs.field(default=None, converter=_user_config)
     runtime_options: dict[str, Any] = attrs.field(factory=dict, converter=_runtime_options)
-    autoscaling: AutoscalingConfig | None = attrs.field(
-        default=None, converter=autoscaling_config
-    )
+    autoscaling: AutoscalingConfig | None = attrs.field(default=None, converter=autoscaling_config)
 
     def __attrs_post_init__(self) -> None:
         if self.autoscaling is None:
