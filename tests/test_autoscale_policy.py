@@ -33,7 +33,7 @@ from servecore._autoscale import TOLERANCE, _ceil, decide, recommend
 from servecore._checkpoint import decode, encode
 from servecore._core import same_checkpoint
 
-TARGET = "targets:Echo"
+TARGET = "servecore.testing.targets:Echo"
 
 
 def cfg(**kw: Any) -> AutoscalingConfig:
