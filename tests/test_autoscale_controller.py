@@ -134,14 +134,14 @@ async def test_a_load_step_scales_up_after_the_upscale_delay_and_down_after_the_
         assert wanted(ctl) == 1 and running(ctl) == 1
         load = Load(ctl, nursery)
         step_up = trio.current_time()
-        load.set(8)  # needs 8 / 2 = 4 replicas
+        load.set(8)  # needs 8 / 2 = 4 replicas: two doublings
         first = await when(lambda: wanted(ctl) > 1)
         assert first >= step_up + c.upscale_delay_s  # not before the delay
         assert first <= step_up + c.upscale_delay_s + c.look_back_period_s + 2 * INTERVAL_S
         await when(lambda: running(ctl) == 4)
         assert wanted(ctl) == 4
         await trio.sleep(30)  # steady: no more decisions
-        assert wanted(ctl) == 4 and ctl.state.backends["a"].autoscale.decisions == 1  # type: ignore[union-attr]
+        assert wanted(ctl) == 4 and ctl.state.backends["a"].autoscale.decisions == 2  # type: ignore[union-attr]
 
         drop = trio.current_time()
         load.set(2)  # needs 1
@@ -267,7 +267,7 @@ async def test_steady_load_writes_nothing_and_status_shows_the_decision(
         await trio.sleep(20)
         assert ctl.seq == seq  # pending, counting down, nothing written
         assert ctl.state.observations["a"].ongoing == 8
-        assert ctl.state.observations["a"].desired == 4
+        assert ctl.state.observations["a"].desired == 2  # one doubling
         assert ctl.state.backends["a"].autoscale.pending.since == pending.since  # type: ignore[union-attr]
         nursery.cancel_scope.cancel()
 
@@ -307,12 +307,12 @@ def test_limits_cap_the_autoscaling_maximum() -> None:
 
 # -- crashes --------------------------------------------------------------------------------
 
-CRASH_CONFIG = config(max_replicas=5, upscale_delay_s=10.0)
+CRASH_CONFIG = config(max_replicas=5, initial_replicas=2, upscale_delay_s=10.0)
 SCRIPT: list[Any] = [
     CreateBackend(tag="a", target=ECHO, config=servecore.BackendConfig(autoscaling=CRASH_CONFIG)),
     LoadReport(backend="a", ongoing=8.0, now=100.0),  # a proposal begins: saved
     LoadReport(backend="a", ongoing=8.0, now=105.0),  # counting down: nothing saved
-    LoadReport(backend="a", ongoing=8.0, now=110.0),  # fires: saved, three starts
+    LoadReport(backend="a", ongoing=8.0, now=110.0),  # fires: saved, two starts
     LoadReport(backend="a", ongoing=8.0, now=111.0),  # settled
 ]
 OPTIONS = {"autoscale_interval_s": None, "resync_interval_s": None}
@@ -371,7 +371,7 @@ def test_a_restart_mid_delay_continues_the_countdown() -> None:
     run_ok(w, SCRIPT[:2])  # a proposal since 100
     # A new controller, 9.9 s into the delay: not yet; at 10 s: fires.
     state = run_ok(w, [LoadReport(backend="a", ongoing=8.0, now=109.9)])
-    assert state.backends["a"].wanted_replicas == 1
+    assert state.backends["a"].wanted_replicas == 2
     state = run_ok(w, [LoadReport(backend="a", ongoing=8.0, now=110.0)])
     assert state.backends["a"].wanted_replicas == 4 and len(w.live()) == 4
 

@@ -149,29 +149,30 @@ def test_recommendation_is_the_ratio_to_target_with_tolerance_and_clamp() -> Non
     assert recommend(c, 2, 4.0) == 2  # exactly on target
     assert recommend(c, 2, 4.0 * (1 + TOLERANCE)) == 2  # within tolerance
     assert recommend(c, 2, 5.0) == 3  # ceil(5 / 2)
-    assert recommend(c, 2, 100.0) == 8  # clamped to max
+    assert recommend(c, 2, 100.0) == 4  # at most doubles per step
+    assert recommend(c, 6, 100.0) == 8  # clamped to max
     assert recommend(c, 4, 1.0) == 1  # ceil(0.5), at least min_replicas
     assert recommend(c, 3, 0.0) == 1  # min_replicas
     half = attrs.evolve(c, upscaling_factor=0.5, downscaling_factor=0.5)
-    assert recommend(half, 2, 12.0) == 4  # 2 + (6 - 2) * 0.5
+    assert recommend(half, 3, 12.0) == 5  # ceil(3 + (6 - 3) * 0.5)
     assert recommend(half, 8, 2.0) == 5  # ceil(8 - 7 * 0.5)
     tiny = attrs.evolve(c, downscaling_factor=0.01)
     assert recommend(tiny, 4, 0.0) == 3  # a small factor still moves by one
 
 
 def test_a_load_step_scales_up_after_upscale_delay_and_not_before() -> None:
-    state = created(cfg(upscale_delay_s=30.0))
-    assert target(state) == 1 and len(state.replicas) == 1
+    state = created(cfg(upscale_delay_s=30.0, initial_replicas=2))
+    assert target(state) == 2 and len(state.replicas) == 2
     state = report(state, 4.0, now=100.0)
     auto = state.backends["a"].autoscale
-    assert auto is not None and auto.replicas == 1
+    assert auto is not None and auto.replicas == 2
     assert auto.pending is not None and auto.pending.direction is ScaleDirection.UP
     assert (auto.pending.replicas, auto.pending.since) == (4, 100.0)
     for now in (110.0, 120.0, 129.9):
         state = report(state, 4.0, now=now)
-        assert target(state) == 1 and len(state.replicas) == 1
+        assert target(state) == 2 and len(state.replicas) == 2
     t = step(state, LoadReport(backend="a", ongoing=4.0, now=130.0))
-    assert [type(e) for e in t.effects].count(StartReplica) == 3
+    assert [type(e) for e in t.effects].count(StartReplica) == 2
     assert target(t.state) == 4 and t.state.backends["a"].autoscale.pending is None  # type: ignore[union-attr]
 
 
@@ -210,6 +211,7 @@ def test_min_and_max_are_respected() -> None:
 
 def test_to_zero_in_two_steps_and_back_from_zero_at_once() -> None:
     c = cfg(min_replicas=0, initial_replicas=3, downscale_delay_s=10, downscale_to_zero_delay_s=50)
+    assert recommend(c, 0, 30.0) == 10  # from zero: what the waiting queries need
     state = created(c)
     state = report(state, 0.0, now=0.0)
     state = report(state, 0.0, now=10.0)
@@ -255,7 +257,7 @@ def test_load_between_two_counts_settles_instead_of_cycling() -> None:
 def test_a_stale_report_is_ignored() -> None:
     state = created(cfg(upscale_delay_s=0))
     state = report(state, 5.0, now=100.0)
-    assert target(state) == 5
+    assert target(state) == 2  # one step at most doubles
     t = step(state, LoadReport(backend="a", ongoing=0.0, now=50.0))
     assert t.effects == () and same_checkpoint(state, t.state)
 
@@ -267,7 +269,7 @@ def test_a_report_that_changes_no_decision_checkpoints_as_before() -> None:
         t = step(state, LoadReport(backend="a", ongoing=4.0, now=now))
         assert t.effects == () and same_checkpoint(state, t.state)
         assert encode(t.state, 1) == encode(state, 1)
-        assert t.state.observations["a"].at == now and t.state.observations["a"].desired == 4
+        assert t.state.observations["a"].at == now and t.state.observations["a"].desired == 2
         state = t.state
     # Unknown or fixed backends: the very same state.
     assert step(state, LoadReport(backend="zz", ongoing=1, now=1)).state is state

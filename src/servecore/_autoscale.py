@@ -22,8 +22,8 @@ nothing changed, so nothing is written).
 
    * ``n == 0``: ``max(1, ceil(need))`` if ``need > 0``, else ``0``;
    * ``|ratio - 1| <= TOLERANCE`` (and ``need > 0``): ``n`` (the HPA's tolerance);
-   * ``ratio > 1``: ``ceil(n + (need - n) * c.upscaling_factor)``, which is at least
-     ``n + 1``;
+   * ``ratio > 1``: ``min(ceil(n + (need - n) * c.upscaling_factor), MAX_STEP_UP * n)``,
+     which is at least ``n + 1``: one step at most doubles the count;
    * ``ratio < 1``: ``max(ceil(need), min(n - 1, ceil(n - (n - need) *
      c.downscaling_factor)))``: at least one replica fewer (so a small factor still
      moves), but never fewer than ``ceil(need)``, the count at which the same load
@@ -67,6 +67,13 @@ stabilization window. Here:
   load calls for no change at all (no limit cycle between ``k`` and ``k + 1``); to reach
   zero the whole window must be idle, so a late sample cannot bounce a backend that has
   just reached zero straight back to one.
+* One scale-up at most doubles the count (the HPA's default scale-up policy of 100%
+  per period; Ray Serve goes straight to the clamp). While replicas are saturated the
+  queue grows without bound, so the mean of running + queued queries says only "more
+  than we can serve", not how much more: doubling reaches any need in a logarithmic
+  number of delays and overshoots it by less than a factor of two, where a jump to
+  the backlog's size overshoots to ``max_replicas`` and must be walked back after a
+  downscale delay.
 * The HPA's tolerance (:data:`TOLERANCE`) is kept, Ray Serve has none: a load within
   10% of the target changes nothing, so noise around a boundary does not write a
   proposal on every report.
@@ -95,6 +102,7 @@ from servecore._errors import InvalidConfig
 __all__ = [
     "MAX_FACTOR",
     "MAX_ONGOING",
+    "MAX_STEP_UP",
     "TOLERANCE",
     "AutoscaleState",
     "AutoscalingConfig",
@@ -112,6 +120,8 @@ __all__ = [
 #: A load within this fraction of the target changes nothing (the Kubernetes HPA's
 #: default ``--horizontal-pod-autoscaler-tolerance``).
 TOLERANCE = 0.1
+#: One scale-up multiplies the count by at most this (see the module docstring).
+MAX_STEP_UP = 2
 #: The largest gain a factor may have.
 MAX_FACTOR = 100.0
 #: The largest ongoing-query count a report may carry (a sanity bound, as in _checks).
@@ -328,7 +338,7 @@ def recommend(config: AutoscalingConfig, current: int, ongoing: float) -> int:
     if need > 0 and abs(ratio - 1) <= TOLERANCE + _EPS:
         return config.clamp(current)
     if ratio > 1:
-        d = _ceil(current + (need - current) * config.upscaling_factor)
+        d = min(_ceil(current + (need - current) * config.upscaling_factor), MAX_STEP_UP * current)
     else:
         shrunk = _ceil(current - (current - need) * config.downscaling_factor)
         d = max(_ceil(need), min(current - 1, shrunk))
