@@ -43,6 +43,7 @@ def cfg(**kw: Any) -> AutoscalingConfig:
         "target_ongoing_requests": 1.0,
         "upscale_delay_s": 30.0,
         "downscale_delay_s": 60.0,
+        "look_back_period_s": 1.0,
     }
     base.update(kw)
     return AutoscalingConfig(**base)
@@ -415,3 +416,14 @@ def test_target_stays_in_range_and_moves_only_as_the_load_calls_for(
         if new == state:
             assert new is state  # nothing changed: nothing to write
         state = new
+
+
+def test_the_next_proposal_waits_for_a_window_measured_after_the_last_decision() -> None:
+    c = cfg(look_back_period_s=5.0, upscale_delay_s=1.0)
+    state = report(created(c), 2.0, now=0.0)
+    state = report(state, 2.0, now=1.0)
+    assert target(state) == 2  # decided at 1.0
+    state = report(state, 8.0, now=5.9)  # the window still holds load from before
+    assert target(state) == 2 and state.backends["a"].autoscale.pending is None  # type: ignore[union-attr]
+    state = report(state, 8.0, now=6.0)
+    assert state.backends["a"].autoscale.pending.since == 6.0  # type: ignore[union-attr]

@@ -44,6 +44,9 @@ nothing changed, so nothing is written).
    upscale delay: a query is waiting and nothing can serve it.
 5. **Stale reports** (``now`` before the last decision) are ignored, so a report that
    was delayed cannot undo a fresher decision.
+6. **A fresh window.** After a decision no proposal begins until the window holds only
+   load measured after it: ``now >= decided_at + c.look_back_period_s`` (except at zero
+   replicas, where step 4 applies).
 
 Where it differs from its models, and why
 =========================================
@@ -74,6 +77,10 @@ stabilization window. Here:
   number of delays and overshoots it by less than a factor of two, where a jump to
   the backlog's size overshoots to ``max_replicas`` and must be walked back after a
   downscale delay.
+* The next decision waits for a window measured entirely after the last one (step 6).
+  Ray Serve decides again as soon as its delay has passed, on a window that may still
+  be mostly load from before its last decision -- its users report thrashing when
+  ``delay_s < look_back_period_s``.
 * The HPA's tolerance (:data:`TOLERANCE`) is kept, Ray Serve has none: a load within
   10% of the target changes nothing, so noise around a boundary does not write a
   proposal on every report.
@@ -368,6 +375,9 @@ def decide(
         return state  # stale: taken before the last decision
     if config.clamp(n) != n:  # only after a config change slipped past reconfigure()
         return _fire(state, config.clamp(n), now)
+    fresh_from = None if state.decided_at is None else state.decided_at + config.look_back_period_s
+    if n > 0 and fresh_from is not None and now < fresh_from:
+        return state  # the window still holds load from before the last decision
     d = recommend(config, n, ongoing)
     if d == n:
         return state if state.pending is None else attrs.evolve(state, pending=None)
