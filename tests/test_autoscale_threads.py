@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import trio
 
+import servecore
 from servecore import AutoscalingConfig, ReplicaStatus, open_controller
 
 WAIT = 60.0  # seconds; only ever a guard against hanging
@@ -61,3 +62,21 @@ async def test_replicas_follow_a_load_step_up_and_down() -> None:
             assert ctl.state.backends["slow"].wanted_replicas == 1
             clients[0].cancel()
         assert answered[0] > 0
+
+
+def test_a_sync_host_scales_from_zero_and_reports_load() -> None:
+    with servecore.start(runtime="threads", autoscale_interval_s=None) as ctl:
+        ctl.create_backend(
+            "z", "targets:slow_echo", autoscaling={"min_replicas": 0, "max_replicas": 3}
+        )
+        ctl.create_endpoint("z")
+        ctl.set_traffic("z", {"z": 1.0})
+        assert not ctl.state.replicas
+        # From a host thread: the query waits for the replica it wakes.
+        assert ctl.get_handle("z").call("hi") == "hi"
+        assert ctl.state.backends["z"].wanted_replicas == 1
+        later = ctl.clock() + 3600  # past every delay and window
+        state = ctl.report_load("z", 6.0, now=later)  # needs 3: a proposal begins
+        assert state.backends["z"].autoscale.pending is not None  # type: ignore[union-attr]
+        state = ctl.report_load("z", 6.0, now=later + 30)  # upscale_delay_s later
+        assert state.backends["z"].wanted_replicas == 2 and len(state.replicas) == 2

@@ -525,6 +525,9 @@ class Controller:
         if not isinstance(event, _EVENTS):
             log.error("the runtime reported %r, which is not a servecore event; ignored", event)
             return
+        if isinstance(event, LoadReport):  # a runtime that measures load itself
+            self._spawn(self._background, self._autoscaler.report, event, self._background)
+            return
         if isinstance(event, ReplicaDied) and event.uptime_s is None:
             started = self._started_at.pop(event.tag, None)
             if started is not None:
