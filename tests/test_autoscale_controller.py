@@ -388,3 +388,38 @@ def test_the_default_clock_is_wall_anchored() -> None:
     before = time.time()
     trio.run(main)
     assert before - 1 <= seen[0] <= time.time() + 1
+
+
+async def test_a_burst_at_zero_wakes_the_backend_once(autojump_clock: trio.abc.Clock) -> None:
+    async with opened(autoscale_interval_s=None) as ctl:
+        await serve(ctl, config(min_replicas=0, max_replicas=4))
+        results: list[Any] = []
+
+        async def one(i: int) -> None:
+            results.append(await ctl.get_handle("a").call(i))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(12):
+                nursery.start_soon(one, i)
+        assert sorted(results) == list(range(12))
+        auto = ctl.state.backends["a"].autoscale
+        assert auto is not None and auto.decisions == 1
+        assert auto.replicas == 4  # 12 waiting / 2 per replica, clamped to max
+
+
+async def test_hostile_load_reports_change_nothing(autojump_clock: trio.abc.Clock) -> None:
+    async with opened(InMemoryRuntime(), autoscale_interval_s=None) as ctl:
+        await serve(ctl, config())
+        seq, state = ctl.seq, ctl.state
+        for backend, ongoing, now in [
+            (["a"], 1.0, 0.0),
+            ("a b", 1.0, 0.0),
+            ("a", float("inf"), 0.0),
+            ("a", 1e300, 0.0),
+            ("a", "many", 0.0),
+            ("a", 1.0, float("nan")),
+            ("a", 1.0, True),
+        ]:
+            with pytest.raises(InvalidConfig):
+                await ctl.report_load(backend, ongoing, now)  # type: ignore[arg-type]
+        assert ctl.seq == seq and ctl.state == state
