@@ -64,8 +64,8 @@ stabilization window. Here:
   the count that will be there once the starts finish.
 * The load is **total** ongoing queries of the backend, averaged over the window, not
   an average per replica, so scaling up cannot by itself halve the metric and call
-  for a scale-down (the repeating scale up / scale down Ray Serve users reported:
-  after a scale-up per-replica load halves).
+  for a scale-down (the scenario behind Ray Serve users' reports of repeating scale
+  up / scale down: after a scale-up, per-replica load halves).
 * A scale-down never goes below ``ceil(need)``, so every decision lands where the same
   load calls for no change at all (no limit cycle between ``k`` and ``k + 1``); to reach
   zero the whole window must be idle, so a late sample cannot bounce a backend that has
@@ -74,9 +74,10 @@ stabilization window. Here:
   per period; Ray Serve goes straight to the clamp). While replicas are saturated the
   queue grows without bound, so the mean of running + queued queries says only "more
   than we can serve", not how much more: doubling reaches any need in a logarithmic
-  number of delays and overshoots it by less than a factor of two, where a jump to
-  the backlog's size overshoots to ``max_replicas`` and must be walked back after a
-  downscale delay.
+  number of delays, each step adding no more replicas than were saturated, where a
+  jump to the backlog's size goes straight to ``max_replicas`` and must be walked back
+  after a downscale delay. (A backlog that outlasts a step can still carry the count
+  past the need; the downscale delay then walks it back once.)
 * The next decision waits for a window measured entirely after the last one (step 6).
   Ray Serve decides again as soon as its delay has passed, on a window that may still
   be mostly load from before its last decision -- its users report thrashing when
