@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.demo-installed
 HYPOTHESIS_PROFILE ?= ci
 
-.PHONY: test demo lint typecheck bench bench-ray clean venv
+.PHONY: test demo lint typecheck bench bench-ray bench-autoscale clean venv
 
 venv: $(STAMP)
 
@@ -46,6 +46,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_subprocess.py
 	$(BIN)/python benchmarks/bench_http.py
 	$(BIN)/python benchmarks/bench_postgres.py
+
+# Autoscaling under a load profile beside fixed counts; the plot needs the bench extra.
+bench-autoscale: $(STAMP)
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python benchmarks/bench_autoscale.py
 
 # Beside Ray Serve itself: needs the serve extra, and starts a private local cluster.
 bench-ray: $(STAMP)

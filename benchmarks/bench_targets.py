@@ -39,3 +39,14 @@ def model_batch(values: list[Any]) -> list[Any]:
     """The same, batch-capable: one fixed cost per batch."""
     time.sleep(FIXED_COST_S)
     return values
+
+
+#: The service time of :func:`service`: one replica answers ``1 / SERVICE_S`` queries
+#: per second, one at a time (the autoscaling benchmark's "model").
+SERVICE_S = 0.02
+
+
+def service(value: Any) -> Any:
+    """A query with a fixed service time."""
+    time.sleep(SERVICE_S)
+    return value

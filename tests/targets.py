@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections import defaultdict
 from typing import Any
 
@@ -194,3 +195,14 @@ class Configurable:
 
     def __call__(self, _value: Any = None) -> Any:
         return self.config
+
+
+#: What one query of :func:`slow_echo` costs: long enough that a few closed-loop
+#: callers keep several replicas busy, short enough for a quick test.
+SERVICE_S = 0.02
+
+
+def slow_echo(value: Any) -> Any:
+    """Return ``value`` after a fixed service time (load for autoscaling tests)."""
+    time.sleep(SERVICE_S)
+    return value

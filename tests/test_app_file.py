@@ -137,10 +137,16 @@ BAD = [
         3,
     ),
     (
-        "autoscaling, not supported yet",
-        '[backends.v1]\ntarget = "m:f"\n[backends.v1.autoscaling]\nmax_replicas = 4\n',
-        "backends.v1.autoscaling",
-        {"max_replicas": 4},
+        "autoscaling with a bad bound",
+        '[backends.v1]\ntarget = "m:f"\n[backends.v1.autoscaling]\nmax_replicas = -4\n',
+        "backends.v1.autoscaling.max_replicas",
+        -4,
+    ),
+    (
+        "autoscaling beside num_replicas",
+        '[backends.v1]\ntarget = "m:f"\nnum_replicas = 2\n[backends.v1.autoscaling]\n',
+        "backends.v1.num_replicas",
+        2,
     ),
     (
         "a runtime option that is not JSON-shaped",
@@ -177,3 +183,17 @@ def test_invalid_toml_names_the_line(tmp_path: Path) -> None:
 def test_unknown_key_lists_the_known_ones() -> None:
     with pytest.raises(AppFileError, match="known keys here: target, init_args"):
         parse_app('[backends.v1]\ntarget = "m:f"\nreplicas = 2\n', "app.toml")
+
+
+def test_an_autoscaling_backend_is_read_from_its_table(tmp_path: Path) -> None:
+    path = tmp_path / "app.toml"
+    path.write_text(
+        '[backends.v1]\ntarget = "m:f"\n'
+        "[backends.v1.autoscaling]\nmin_replicas = 0\nmax_replicas = 4\n"
+        "target_ongoing_requests = 3\n"
+    )
+    spec = load_app(path).backends["v1"]
+    scaling = spec.config.autoscaling
+    assert scaling is not None and spec.config.num_replicas is None
+    assert (scaling.min_replicas, scaling.max_replicas) == (0, 4)
+    assert scaling.target_ongoing_requests == 3

@@ -1054,7 +1054,6 @@ _BAD_CONFIG = [
     ("num_replicas", 1.5),
     ("num_replicas", "2"),
     ("num_replicas", True),
-    ("num_replicas", None),
     ("num_replicas", math.nan),
     ("max_batch_size", 0),
     ("max_batch_size", -3),

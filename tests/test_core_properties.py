@@ -17,12 +17,14 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from servecore import (
+    AutoscalingConfig,
     BackendConfig,
     CommandError,
     CreateBackend,
     CreateEndpoint,
     DeleteBackend,
     DeleteEndpoint,
+    LoadReport,
     Message,
     Recover,
     ReplicaDied,
@@ -68,6 +70,14 @@ COMMANDS = (
 # ---------------------------------------------------------------------------------------
 # Strategies (local; small name pools so that commands collide and events hit)
 
+autoscaling = st.builds(
+    AutoscalingConfig,
+    min_replicas=st.integers(0, 1),
+    max_replicas=st.integers(1, 3),
+    upscale_delay_s=st.sampled_from([0.0, 5.0]),
+    downscale_delay_s=st.sampled_from([0.0, 5.0]),
+    look_back_period_s=st.sampled_from([1.0, 10.0]),
+)
 configs = st.builds(
     BackendConfig,
     num_replicas=st.integers(0, 3),
@@ -76,6 +86,10 @@ configs = st.builds(
     graceful_shutdown_timeout_s=st.sampled_from([0.0, 5.0]),
     user_config=st.sampled_from([None, {"threshold": 0.5, "labels": ["x"]}, [1, 2.5, "z"]]),
     runtime_options=st.sampled_from([{}, {"num_cpus": 1}]),
+) | st.builds(
+    lambda scaling, mcq: BackendConfig(autoscaling=scaling, max_concurrent_queries=mcq),
+    autoscaling,
+    st.integers(1, 4),
 )
 
 
@@ -139,6 +153,12 @@ def events(state: State) -> st.SearchStrategy[Message]:
         st.builds(ReplicaStopped, tag=tags),
         st.builds(ReplicaDied, tag=tags, reason=reasons),
         st.builds(Recover, live=live),
+        st.builds(
+            LoadReport,
+            backend=st.sampled_from((*BACKENDS, GHOST)),
+            ongoing=st.sampled_from([0.0, 0.5, 2.0, 7.0]),
+            now=st.sampled_from([0.0, 3.0, 6.0, 20.0, 100.0]),
+        ),
     )
 
 

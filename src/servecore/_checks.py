@@ -36,6 +36,7 @@ __all__ = [
     "json_object",
     "json_value",
     "name_validator",
+    "positive_number",
     "reason_text",
     "seconds",
 ]
@@ -152,6 +153,15 @@ def seconds(field: str, value: Any) -> float:
         raise InvalidConfig(
             field, value, f"must be a finite number of seconds between 0 and {MAX_SECONDS:g}"
         )
+    return float(value)
+
+
+def positive_number(field: str, value: Any, high: float) -> float:
+    """A finite number in ``(0, high]`` (not ``bool``), as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidConfig(field, value, f"must be a number above 0 and at most {high:g}")
+    if not math.isfinite(value) or not 0 < value <= high:
+        raise InvalidConfig(field, value, f"must be a finite number above 0 and at most {high:g}")
     return float(value)
 
 

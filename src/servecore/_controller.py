@@ -39,6 +39,7 @@ import attrs
 import trio
 
 from servecore import _lifecycle
+from servecore._autoscaler import AUTOSCALE_INTERVAL_S, Autoscaler
 from servecore._checkpoint import decode, encode
 from servecore._checks import check_name, check_namespace, reason_text
 from servecore._core import (
@@ -51,6 +52,7 @@ from servecore._core import (
     DeleteBackend,
     DeleteEndpoint,
     Event,
+    LoadReport,
     Message,
     Recover,
     ReplicaDied,
@@ -143,6 +145,8 @@ class Controller:
         save_in_thread: bool = True,
         limits: Limits | None = None,
         resync_interval_s: float | None = RESYNC_INTERVAL_S,
+        autoscale_interval_s: float | None = AUTOSCALE_INTERVAL_S,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.runtime = runtime
         self.store = store
@@ -165,6 +169,17 @@ class Controller:
         self._where = str(getattr(store, "where", repr(store)))
         self._save_in_thread = save_in_thread
         self._router: Router | None = None  # made on first get_handle (or use_router)
+        self.autoscale_interval_s = autoscale_interval_s
+        self._autoscaler = Autoscaler(self)
+        if clock is None:
+            # trio's clock (so tests can mock it), anchored to the wall clock, so the
+            # times in a checkpoint mean the same to the next process.
+            epoch = time.time() - trio.current_time()
+
+            def clock() -> float:
+                return epoch + trio.current_time()
+
+        self._clock: Callable[[], float] = clock
 
     # -- queries (never block) ------------------------------------------------------------
 
@@ -187,6 +202,11 @@ class Controller:
         """What ``servecore status`` shows: endpoints, backends, replicas (with pids
         where the runtime has them) and the router's load, as one frozen value."""
         return live_status(self)
+
+    def clock(self) -> float:
+        """The time autoscaling decisions are taken at, in seconds (see
+        ``open_controller(clock=...)``)."""
+        return self._clock()
 
     def add_table_listener(self, listener: Callable[[RoutingTable], None]) -> None:
         """Call ``listener(table)`` now and on every ``UpdateRouter`` (the router does)."""
@@ -294,9 +314,34 @@ class Controller:
             backend = state.backends.get(tag)
             # An unknown tag: the core raises BackendNotFound naming the known ones.
             config = backend.config if backend is not None else BackendConfig()
-            return SetBackendConfig(tag=tag, config=config.evolve(**changes))
+            fields = changes
+            if (
+                backend is not None
+                and changes.get("autoscaling", ...) is None
+                and "num_replicas" not in changes
+            ):
+                # Autoscaling off: keep the count it runs now as the fixed count.
+                fields = {**changes, "num_replicas": backend.wanted_replicas}
+            return SetBackendConfig(tag=tag, config=config.evolve(**fields))
 
         return await self._submit(command)
+
+    async def report_load(self, backend: str, ongoing: float, now: float | None = None) -> State:
+        """Report a backend's load to its autoscaler: ``ongoing`` queries running or
+        queued (a mean over its look-back window), at ``now`` (default
+        :meth:`clock`). Returns once any decision it caused is saved and carried out.
+        The controller reports the router's load by itself every
+        ``autoscale_interval_s``; this is for hosts that measure load elsewhere, and for
+        tests. A report that changes no decision writes nothing."""
+        report = LoadReport(
+            backend=backend, ongoing=ongoing, now=self.clock() if now is None else now
+        )
+        group = _Group()
+        await self._autoscaler.report(report, group)
+        await group.settled.wait()
+        if group.errors:
+            raise group.errors[0]
+        return self._state
 
     async def retry_backend(self, tag: str) -> State:
         """Start a FAILED backend again with the same definition and config (after
@@ -510,6 +555,9 @@ class Controller:
         if not isinstance(event, _EVENTS):
             log.error("the runtime reported %r, which is not a servecore event; ignored", event)
             return
+        if isinstance(event, LoadReport):  # a runtime that measures load itself
+            self._spawn(self._background, self._autoscaler.report, event, self._background)
+            return
         if isinstance(event, ReplicaDied) and event.uptime_s is None:
             started = self._started_at.pop(event.tag, None)
             if started is not None:
@@ -571,6 +619,8 @@ class Controller:
             raise group.errors[0]
         if self.resync_interval_s is not None:
             self._nursery.start_soon(self._resync_forever, self.resync_interval_s)
+        if self.autoscale_interval_s is not None:
+            self._nursery.start_soon(self._autoscaler.run, self.autoscale_interval_s)
 
     async def settle(self) -> None:
         """Wait until background work (replacements of dead replicas, retries of
@@ -598,6 +648,7 @@ class Controller:
         if self._router is not None:
             raise RuntimeError("this controller already has a router; call use_router first")
         router.start(self._nursery)
+        router.add_demand_listener(self._autoscaler.on_demand)
         self.add_table_listener(router.update)
         self._router = router
         return router
@@ -665,6 +716,8 @@ async def open_controller(
     limits: Limits | None = None,
     resync_interval_s: float | None = RESYNC_INTERVAL_S,
     standby: bool = False,
+    autoscale_interval_s: float | None = AUTOSCALE_INTERVAL_S,
+    clock: Callable[[], float] | None = None,
 ) -> AsyncIterator[Controller]:
     """Open a controller: load the checkpoint, ask the runtime which replicas are alive,
     step ``Recover(live)``, save, and carry out its effects, then yield it::
@@ -682,6 +735,9 @@ async def open_controller(
     command may ask for (:class:`~servecore.Limits`). Every ``resync_interval_s``
     (``None``: never) the runtime's live replicas are compared with the state and the
     state corrected, so no lost event leaves it wrong for long.
+    Every ``autoscale_interval_s`` (``None``: never) the router's load is reported to
+    each autoscaling backend's policy, at the time ``clock()`` gives (default: trio's
+    clock anchored to the wall clock, so a checkpointed countdown survives a restart).
     ``save_in_thread=False`` saves on the trio thread: commands are faster (no thread
     hand-off), but the loop, and every async query on it, waits out each fsync.
     On exit, in-process replicas stop; out-of-process ones keep running, to be found
@@ -701,6 +757,15 @@ async def open_controller(
         raise InvalidConfig(
             "resync_interval_s", resync_interval_s, "must be a positive number of seconds or None"
         )
+    for field, interval in (("autoscale_interval_s", autoscale_interval_s),):
+        if interval is not None and (
+            isinstance(interval, bool)
+            or not isinstance(interval, (int, float))
+            or not 0 < interval < math.inf
+        ):
+            raise InvalidConfig(field, interval, "must be a positive number of seconds or None")
+    if clock is not None and not callable(clock):
+        raise InvalidConfig("clock", clock, "must be a function returning seconds, or None")
     if runtime_options is not None:
         if runtime_kwargs is not None:
             raise InvalidConfig(
@@ -723,6 +788,8 @@ async def open_controller(
                 save_in_thread=save_in_thread,
                 limits=limits,
                 resync_interval_s=resync_interval_s,
+                autoscale_interval_s=autoscale_interval_s,
+                clock=clock,
             )
             try:
                 await ctl._recover()

@@ -36,6 +36,17 @@ from typing import Any
 import attrs
 from immutables import Map
 
+from servecore._autoscale import (
+    AutoscaleState,
+    AutoscalingConfig,
+    LoadObservation,
+    ScaleDirection,
+    ScaleProposal,
+    begin,
+    decide,
+    recommend,
+    reconfigure,
+)
 from servecore._errors import (
     BackendExists,
     BackendInUse,
@@ -52,6 +63,7 @@ from servecore._messages import (
     DeleteEndpoint,
     Effect,
     Event,
+    LoadReport,
     Message,
     Recover,
     ReplicaDied,
@@ -89,6 +101,8 @@ __all__ = [
     "BACKOFF_CAP_S",
     "EARLY_DEATH_S",
     "MAX_START_FAILURES",
+    "AutoscaleState",
+    "AutoscalingConfig",
     "Backend",
     "BackendConfig",
     "BackendRoute",
@@ -101,6 +115,8 @@ __all__ = [
     "Effect",
     "Endpoint",
     "Event",
+    "LoadObservation",
+    "LoadReport",
     "Message",
     "Recover",
     "Replica",
@@ -112,6 +128,8 @@ __all__ = [
     "Resync",
     "RetryBackend",
     "RoutingTable",
+    "ScaleDirection",
+    "ScaleProposal",
     "SetBackendConfig",
     "SetShadowTraffic",
     "SetTraffic",
@@ -121,6 +139,7 @@ __all__ = [
     "Transition",
     "UpdateRouter",
     "replica_number",
+    "same_checkpoint",
     "step",
     "target_path",
     "validate_state",
@@ -172,7 +191,10 @@ class State:
 
     ``endpoints``, ``backends`` and ``replicas`` are read-only mappings; the routing
     table and a per-backend index are derived, kept up to date incrementally, and are
-    neither compared nor checkpointed.
+    neither compared nor checkpointed. ``observations`` holds the last
+    :class:`LoadReport` of each autoscaling backend as the policy read it: status, not
+    decision, so it is neither compared nor checkpointed either (a restarted controller
+    begins with none).
     """
 
     endpoints: Map[str, Endpoint] = EMPTY
@@ -180,6 +202,7 @@ class State:
     replicas: Map[str, Replica] = EMPTY
     #: The next replica number to mint; only ever grows.
     replica_counter: int = 0
+    observations: Map[str, LoadObservation] = attrs.field(default=EMPTY, eq=False)
     _index: Map[str, _BackendIndex] = attrs.field(default=EMPTY, eq=False, repr=False)
     _routes: Map[str, BackendRoute] = attrs.field(default=EMPTY, eq=False, repr=False)
 
@@ -264,6 +287,7 @@ class _Tx:
         self.counter = state.replica_counter
         self.index: Map[str, _BackendIndex] = state._index
         self.routes: Map[str, BackendRoute] = state._routes
+        self.observations = state.observations
         self.stops: list[StopReplica] = []
         self.starts: list[StartReplica] = []
         self.force_router_update = False
@@ -380,10 +404,10 @@ class _Tx:
             self.reconcile(b.tag)
 
     def reconcile(self, tag: str) -> None:
-        """Start or stop replicas until the backend has ``num_replicas`` active ones."""
+        """Start or stop replicas until the backend has ``wanted_replicas`` active ones."""
         b = self.backends[tag]
         idx = self.index.get(tag, _NO_INDEX)
-        want = b.config.num_replicas
+        want = b.wanted_replicas
         have = len(idx)
         if have < want and b.status is not BackendStatus.FAILED:
             for _ in range(want - have):
@@ -418,6 +442,7 @@ class _Tx:
             replica_counter=self.counter,
             index=self.index,
             routes=self.routes,
+            observations=self.observations,
         )
         effects: list[Effect] = []
         if (
@@ -435,12 +460,24 @@ def _status_of(b: Backend, idx: _BackendIndex) -> BackendStatus:
     """The status of a backend that is not FAILED."""
     if _failures(b):
         return BackendStatus.UNHEALTHY
-    healthy = not idx.starting and not idx.outdated and len(idx.running) == b.config.num_replicas
+    healthy = not idx.starting and not idx.outdated and len(idx.running) == b.wanted_replicas
     return BackendStatus.HEALTHY if healthy else BackendStatus.UPDATING
 
 
 def _unchanged(state: State) -> Transition:
     return Transition(state=state, effects=())
+
+
+def same_checkpoint(old: State, new: State) -> bool:
+    """Whether ``new`` checkpoints exactly as ``old`` does (the same checkpointed
+    objects): a transition to it needs no save, e.g. a :class:`LoadReport` that changed
+    no decision and only refreshed ``observations``."""
+    return (
+        new.backends is old.backends
+        and new.replicas is old.replicas
+        and new.endpoints is old.endpoints
+        and new.replica_counter == old.replica_counter
+    )
 
 
 def _endpoint(state: State, name: str) -> Endpoint:
@@ -481,12 +518,14 @@ def _delete_endpoint(state: State, cmd: DeleteEndpoint) -> Transition:
 
 
 def _create_backend(state: State, cmd: CreateBackend) -> Transition:
+    scaling = cmd.config.autoscaling
     new = Backend(
         tag=cmd.tag,
         target=cmd.target,
         init_args=cmd.init_args,
         init_kwargs=cmd.init_kwargs,
         config=cmd.config,
+        autoscale=None if scaling is None else begin(scaling),
     )
     old = state.backends.get(cmd.tag)
     if old is not None:
@@ -518,6 +557,8 @@ def _delete_backend(state: State, cmd: DeleteBackend) -> Transition:
     tx.backends = tx.backends.delete(cmd.tag)
     tx.index = tx.index.delete(cmd.tag)
     tx.routes = tx.routes.delete(cmd.tag)
+    if cmd.tag in tx.observations:
+        tx.observations = tx.observations.delete(cmd.tag)
     return tx.finish()
 
 
@@ -537,8 +578,11 @@ def _set_backend_config(state: State, cmd: SetBackendConfig) -> Transition:
             early_deaths=0,
             last_error=None,
             version=b.version + 1 if renew else b.version,
+            autoscale=_autoscale_after(b, cmd.config),
         )
     )
+    if cmd.config.autoscaling is None and cmd.tag in tx.observations:
+        tx.observations = tx.observations.delete(cmd.tag)
     if renew:
         # Replicas of the old config: those still starting serve nothing yet and go
         # now; running ones become outdated and keep serving until replaced.
@@ -556,6 +600,42 @@ def _set_backend_config(state: State, cmd: SetBackendConfig) -> Transition:
     if attrs.evolve(new_route, replicas=()) != attrs.evolve(route, replicas=()):
         tx.routes = tx.routes.set(cmd.tag, new_route)
     tx.reconcile(cmd.tag)
+    return tx.finish()
+
+
+def _autoscale_after(b: Backend, config: BackendConfig) -> AutoscaleState | None:
+    """The decision state of ``b`` under its new ``config``: started when autoscaling
+    begins (from the count it runs now), kept or clamped when it changes, dropped when
+    it ends."""
+    new, old = config.autoscaling, b.config.autoscaling
+    if new is None:
+        return None
+    if old is None or b.autoscale is None:
+        return begin(new, b.wanted_replicas)
+    return reconfigure(old, new, b.autoscale)
+
+
+def _load_report(state: State, ev: LoadReport) -> Transition:
+    """Feed the policy: a decision that fires reconciles the backend; a report that
+    changes no decision returns a state that checkpoints as before
+    (:func:`same_checkpoint`), with only its ``observations`` refreshed."""
+    b = state.backends.get(ev.backend)
+    scaling = b.config.autoscaling if b is not None else None
+    if b is None or scaling is None or b.autoscale is None:
+        return _unchanged(state)
+    seen = LoadObservation(
+        ongoing=ev.ongoing, at=ev.now, desired=recommend(scaling, b.autoscale.replicas, ev.ongoing)
+    )
+    decided = decide(scaling, b.autoscale, ev.ongoing, ev.now)
+    if decided is b.autoscale:
+        return Transition(
+            state=attrs.evolve(state, observations=state.observations.set(b.tag, seen))
+        )
+    tx = _Tx(state)
+    tx.observations = tx.observations.set(b.tag, seen)
+    tx.put_backend(attrs.evolve(b, autoscale=decided))
+    if decided.replicas != b.autoscale.replicas:
+        tx.reconcile(b.tag)
     return tx.finish()
 
 
@@ -760,6 +840,7 @@ _HANDLERS: dict[type, Callable[[State, Any], Transition]] = {
     ReplicaDied: _replica_died,
     Recover: _recover,
     Resync: _resync,
+    LoadReport: _load_report,
 }
 
 
@@ -820,13 +901,22 @@ def validate_state(state: State) -> None:
         for rtag in idx.outdated.values():
             r = state.replicas[rtag]
             assert r.status is ReplicaStatus.RUNNING and r.version < b.version, r
-        keep = max(0, b.config.num_replicas - len(running))
+        keep = max(0, b.wanted_replicas - len(running))
         assert len(idx.outdated) <= keep, f"{tag} keeps {len(idx.outdated)} outdated replicas"
         for rtag in idx.starting.values():
             assert state.replicas[rtag].status is ReplicaStatus.STARTING
         for rtag in running:
             assert state.replicas[rtag].status is ReplicaStatus.RUNNING
-        want = b.config.num_replicas
+        want = b.wanted_replicas
+        scaling = b.config.autoscaling
+        assert (scaling is None) == (b.autoscale is None), f"{tag}: autoscale state {b.autoscale}"
+        assert (scaling is None) != (b.config.num_replicas is None), b.config
+        if scaling is not None and b.autoscale is not None:
+            assert scaling.min_replicas <= want <= scaling.max_replicas, (tag, b.autoscale)
+            pending = b.autoscale.pending
+            if pending is not None:
+                up = pending.direction is ScaleDirection.UP
+                assert (pending.replicas > want) == up and pending.replicas != want, pending
         if b.status is BackendStatus.FAILED:
             assert len(idx) <= want and _failures(b) >= MAX_START_FAILURES, b
         else:

@@ -25,7 +25,8 @@ class Limits:
 
         servecore.open_controller(limits=servecore.Limits(max_replicas=50_000))
 
-    ``max_replicas``: the most replicas one backend may ask for (``num_replicas``).
+    ``max_replicas``: the most replicas one backend may ask for (``num_replicas``, or
+    its autoscaling ``max_replicas``).
     ``max_nesting_depth``: how deeply ``init_args``, ``init_kwargs``, ``user_config`` and
     ``runtime_options`` may nest.
     """
@@ -49,10 +50,13 @@ class Limits:
             tag, config, nested = message.tag, message.config, []
         else:
             return
-        if config.num_replicas > self.max_replicas:
+        field, asked = "num_replicas", config.num_replicas
+        if config.autoscaling is not None:
+            field, asked = "autoscaling.max_replicas", config.autoscaling.max_replicas
+        if asked is not None and asked > self.max_replicas:
             raise InvalidConfig(
-                "num_replicas",
-                config.num_replicas,
+                field,
+                asked,
                 f"is above this controller's limit of {self.max_replicas}; ask for fewer, "
                 f"or raise it with open_controller(limits=servecore.Limits(max_replicas=...))",
                 backend=tag,

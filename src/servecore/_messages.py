@@ -14,7 +14,8 @@ from typing import Any, TypeAlias
 import attrs
 from immutables import Map
 
-from servecore._checks import MAX_ROUTE_LENGTH, encodable, reason_text, seconds
+from servecore._autoscale import MAX_ONGOING
+from servecore._checks import MAX_ROUTE_LENGTH, check_name, encodable, reason_text, seconds
 from servecore._errors import (
     InvalidConfig,
     InvalidRoute,
@@ -39,6 +40,7 @@ __all__ = [
     "DeleteEndpoint",
     "Effect",
     "Event",
+    "LoadReport",
     "Message",
     "Recover",
     "ReplicaDied",
@@ -267,6 +269,40 @@ class Resync:
     proven: frozenset[str] = attrs.field(factory=frozenset, converter=_frozenset)
 
 
+def _ongoing(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidConfig("ongoing", value, "must be a number of queries >= 0")
+    if not math.isfinite(value) or not 0 <= value <= MAX_ONGOING:
+        raise InvalidConfig(
+            "ongoing", value, f"must be a finite number of queries between 0 and {MAX_ONGOING:g}"
+        )
+    return float(value)
+
+
+def _now(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidConfig("now", value, "must be a finite time in seconds")
+    return float(value)
+
+
+def _report_backend(value: Any) -> str:
+    return check_name("backend", value)
+
+
+@attrs.frozen(kw_only=True)
+class LoadReport:
+    """The load of a backend, as the shell measured it: ``ongoing`` is the mean number
+    of queries running on or queued for it over its autoscaling look-back window,
+    ``now`` the time of the measurement (the controller's clock). It feeds the
+    autoscaling policy (:mod:`servecore._autoscale`); a report that changes no decision
+    changes nothing that is checkpointed. Ignored for a backend that does not
+    autoscale or does not exist."""
+
+    backend: str = attrs.field(converter=_report_backend)
+    ongoing: float = attrs.field(converter=_ongoing)
+    now: float = attrs.field(converter=_now)
+
+
 # ---------------------------------------------------------------------------------------
 # Effects: what the shell must carry out, in order.
 
@@ -315,7 +351,13 @@ Command: TypeAlias = (
     | SetShadowTraffic
 )
 Event: TypeAlias = (
-    ReplicaStarted | ReplicaStartFailed | ReplicaStopped | ReplicaDied | Recover | Resync
+    ReplicaStarted
+    | ReplicaStartFailed
+    | ReplicaStopped
+    | ReplicaDied
+    | Recover
+    | Resync
+    | LoadReport
 )
 Message: TypeAlias = Command | Event
 Effect: TypeAlias = StartReplica | StopReplica | UpdateRouter

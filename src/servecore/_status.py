@@ -125,7 +125,7 @@ def status_of(
                 tag=tag,
                 target=b.target,
                 status=b.status.value,
-                num_replicas=b.config.num_replicas,
+                num_replicas=b.wanted_replicas,
                 running_replicas=sum(1 for r in replicas if r.status == "RUNNING"),
                 version=b.version,
                 last_error=b.last_error,

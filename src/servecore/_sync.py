@@ -246,6 +246,15 @@ class SyncController:
         :meth:`servecore.Controller.retry_backend`)."""
         return self._run(self.controller.retry_backend, tag)
 
+    def clock(self) -> float:
+        """The controller's autoscaling clock now (see :meth:`servecore.Controller.clock`)."""
+        return self._run_sync(self.controller.clock)
+
+    def report_load(self, backend: str, ongoing: float, now: float | None = None) -> State:
+        """Report a backend's load to its autoscaler (see the async
+        :meth:`servecore.Controller.report_load`)."""
+        return self._run(self.controller.report_load, backend, ongoing, now)
+
     def settle(self) -> None:
         """Wait until replacements of dead replicas and retried saves have settled."""
         self._run(self.controller.settle)

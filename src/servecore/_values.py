@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 from immutables import Map
 
+from servecore._autoscale import AutoscaleState, AutoscalingConfig, autoscaling_config, begin
 from servecore._checks import (
     MAX_BATCH_SIZE,
     MAX_CONCURRENT_QUERIES,
@@ -150,14 +151,19 @@ class BackendConfig:
     Every field is validated here, so an invalid config cannot exist::
 
         BackendConfig(num_replicas=2, max_batch_size=8, batch_wait_timeout_s=0.01)
+        BackendConfig(autoscaling=AutoscalingConfig(min_replicas=0, max_replicas=8))
 
+    A backend runs either a fixed ``num_replicas`` or as many as its ``autoscaling``
+    config decides (an :class:`~servecore.AutoscalingConfig`, or a mapping of its
+    fields), never both: giving both is :class:`~servecore.InvalidConfig`.
+    ``num_replicas`` left out means 1 without autoscaling and ``None`` with it.
     ``num_replicas=0`` parks a backend without deleting it. ``runtime_options`` is
     passed untouched to the runtime (e.g. Ray's ``num_cpus``); the runtime rejects keys
     it does not know.
     """
 
-    num_replicas: int = attrs.field(
-        default=1, validator=int_between("num_replicas", 0, MAX_REPLICAS)
+    num_replicas: int | None = attrs.field(
+        default=None, validator=int_between("num_replicas", 0, MAX_REPLICAS, optional=True)
     )
     max_batch_size: int | None = attrs.field(
         default=None, validator=int_between("max_batch_size", 1, MAX_BATCH_SIZE, optional=True)
@@ -169,6 +175,19 @@ class BackendConfig:
     graceful_shutdown_timeout_s: float = attrs.field(default=5.0, converter=_shutdown_timeout)
     user_config: Any = attrs.field(default=None, converter=_user_config)
     runtime_options: dict[str, Any] = attrs.field(factory=dict, converter=_runtime_options)
+    autoscaling: AutoscalingConfig | None = attrs.field(default=None, converter=autoscaling_config)
+
+    def __attrs_post_init__(self) -> None:
+        if self.autoscaling is None:
+            if self.num_replicas is None:
+                object.__setattr__(self, "num_replicas", 1)
+        elif self.num_replicas is not None:
+            raise InvalidConfig(
+                "num_replicas",
+                self.num_replicas,
+                "cannot be given with autoscaling (the autoscaler sets the count); "
+                "give one of num_replicas and autoscaling",
+            )
 
     def needs_new_replicas(self, other: BackendConfig) -> bool:
         """Whether going from this config to ``other`` changes what a replica was
@@ -182,13 +201,22 @@ class BackendConfig:
 
     def evolve(self, **changes: Any) -> BackendConfig:
         """Return a copy with ``changes`` applied; unknown field names raise
-        :class:`~servecore.InvalidConfig` listing the known ones."""
+        :class:`~servecore.InvalidConfig` listing the known ones.
+
+        Giving one of ``num_replicas`` and ``autoscaling`` switches the mode and clears
+        the other (``evolve(autoscaling=...)`` on a fixed config is an autoscaling one);
+        giving both non-None is :class:`~servecore.InvalidConfig`.
+        """
         known = {a.name for a in attrs.fields(BackendConfig)}
         unknown = sorted(set(changes) - known)
         if unknown:
             raise InvalidConfig(
                 unknown[0], changes[unknown[0]], f"unknown config key; known: {sorted(known)}"
             )
+        if changes.get("autoscaling") is not None and "num_replicas" not in changes:
+            changes = {**changes, "num_replicas": None}
+        elif changes.get("num_replicas") is not None and "autoscaling" not in changes:
+            changes = {**changes, "autoscaling": None}
         return attrs.evolve(self, **changes)
 
 
@@ -231,6 +259,19 @@ class Backend:
     #: inside replicas (see :meth:`BackendConfig.needs_new_replicas`) bumps it, and the
     #: older replicas are replaced, rolling, as new ones come up.
     version: int = 0
+    #: The autoscaler's durable decision (current target, pending proposal) when the
+    #: config has ``autoscaling``; ``None`` for a fixed ``num_replicas``.
+    autoscale: AutoscaleState | None = None
+
+    @property
+    def wanted_replicas(self) -> int:
+        """The replicas the backend should run now: its ``num_replicas``, or the
+        autoscaler's current target."""
+        if self.autoscale is not None and self.config.autoscaling is not None:
+            return self.autoscale.replicas
+        if self.config.num_replicas is not None:
+            return self.config.num_replicas
+        return begin(self.config.autoscaling).replicas if self.config.autoscaling else 0
 
     def same_definition(self, other: Backend) -> bool:
         return (self.target, self.init_args, self.init_kwargs, self.config) == (
@@ -268,6 +309,9 @@ class BackendRoute:
     max_concurrent_queries: int = 8
     #: Why the backend is FAILED (its last error), so a query can say so; else None.
     failure: str | None = None
+    #: An autoscaling backend that may scale to zero: a query finding no replica waits
+    #: in the queue (and wakes the autoscaler) instead of failing at once.
+    wakes_on_demand: bool = False
 
     @classmethod
     def of(cls, backend: Backend, replicas: tuple[str, ...] = ()) -> BackendRoute:
@@ -280,6 +324,7 @@ class BackendRoute:
             batch_wait_timeout_s=c.batch_wait_timeout_s,
             max_concurrent_queries=c.max_concurrent_queries,
             failure=(backend.last_error or "unknown error") if failed else None,
+            wakes_on_demand=c.autoscaling is not None and c.autoscaling.min_replicas == 0,
         )
 
 

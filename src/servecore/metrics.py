@@ -97,7 +97,7 @@ class ControllerCollector(Collector):
             key = (r.backend, r.status.value)
             by_status[key] = by_status.get(key, 0) + 1
         for tag, b in sorted(state.backends.items()):
-            target.add_metric([tag], b.config.num_replicas)
+            target.add_metric([tag], b.wanted_replicas)
             for s in ReplicaStatus:
                 replicas.add_metric([tag, s.value], by_status.get((tag, s.value), 0))
             for bs in BackendStatus:

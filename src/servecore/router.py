@@ -23,7 +23,10 @@ runs on the controller's trio thread, so no locks are needed. For each query:
 
 Failing fast: a query to an endpoint with no traffic, or to a backend with no RUNNING
 replica, raises :class:`~servecore.NoReplicaError` at once (and so do queued queries
-when the last replica leaves the table); an unknown endpoint raises
+when the last replica leaves the table) -- except for an autoscaling backend that may
+scale to zero (``min_replicas=0``): there the query waits in the bounded queue and the
+router's demand listeners are told at once, so the controller starts a replica without
+waiting for its next load report. An unknown endpoint raises
 :class:`~servecore.EndpointNotFound`. A replica removed from the table receives no new
 query, while the queries it already has run to the end (the runtime drains it). A
 replica that answers with :class:`~servecore.ReplicaDiedError` is skipped at once,
@@ -263,6 +266,7 @@ class Router:
         self.shadow_failed = 0
         #: Queries by (endpoint, backend, outcome) and their latencies (for metrics).
         self.stats = QueryStats()
+        self._demand_listeners: list[Callable[[str], None]] = []
 
     # -- wiring ---------------------------------------------------------------------------
 
@@ -310,8 +314,31 @@ class Router:
             if b.n_waiting:
                 if b.live:
                     self._pump(b)
-                else:
+                elif not _waits_for_replicas(b):
                     self._fail_waiting(b, _no_replica_why(b))
+
+    # -- load, for the autoscaler ---------------------------------------------------------
+
+    def ongoing_queries(self) -> dict[str, int]:
+        """Queries running on or queued for each backend now (what autoscaling samples)."""
+        out: dict[str, int] = {}
+        for tag, b in self._backends.items():
+            with b.lock:
+                running = sum(b.outstanding.values())
+            out[tag] = running + b.n_waiting
+        return out
+
+    def add_demand_listener(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(backend)`` (on the trio thread) whenever a query starts to wait
+        for a backend that has no replica and may scale from zero."""
+        self._demand_listeners.append(listener)
+
+    def _wake(self, b: _Backend) -> None:
+        for listener in self._demand_listeners:
+            try:
+                listener(b.tag)
+            except Exception:
+                log.exception("a demand listener failed; the query keeps waiting")
 
     def handle(self, endpoint: str) -> Handle:
         """A :class:`Handle` for ``endpoint`` (the endpoint is looked up per call)."""
@@ -498,10 +525,12 @@ class Router:
         return w.result
 
     def _admit(self, endpoint: str, b: _Backend) -> None:
-        if not b.live:
+        if not b.live and not _waits_for_replicas(b):
             raise NoReplicaError(endpoint, _no_replica_why(b))
         if b.n_waiting >= self.max_queued_queries:
             raise BackpressureError(b.tag, b.n_waiting, self.max_queued_queries)
+        if not b.live:
+            self._wake(b)
 
     # -- dispatch -------------------------------------------------------------------------
 
@@ -512,7 +541,7 @@ class Router:
 
     def _lost_replica(self, b: _Backend, tag: str) -> None:
         b.mark_dead(tag)
-        if not b.live and b.n_waiting:
+        if not b.live and b.n_waiting and not _waits_for_replicas(b):
             self._fail_waiting(b, _no_replica_why(b))
 
     def _fail_waiting(self, b: _Backend, why: str) -> None:
@@ -781,6 +810,12 @@ def _from_thread(
         return trio.from_thread.run(afn, *args, trio_token=token)
     except trio.RunFinishedError:
         raise RuntimeError("the servecore controller is closed") from None
+
+
+def _waits_for_replicas(b: _Backend) -> bool:
+    """Whether queries to ``b`` wait for a replica instead of failing when it has none:
+    it may scale from zero, and it has not FAILED."""
+    return b.route.wakes_on_demand and b.route.failure is None
 
 
 def _never_ran(error: BaseException) -> bool:

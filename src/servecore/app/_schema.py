@@ -85,8 +85,7 @@ class _BackendFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     graceful_shutdown_timeout_s: float | UnsetType = UNSET
     user_config: Any = UNSET
     runtime_options: dict[str, Any] | UnsetType = UNSET
-    # The place for autoscaling (min/max replicas, target queries per replica): read
-    # as a table so the key path is reserved, and refused until the core implements it.
+    # servecore.AutoscalingConfig's fields, as a table (instead of num_replicas).
     autoscaling: dict[str, Any] | UnsetType = UNSET
 
 
@@ -224,13 +223,6 @@ def _known_keys(parts: list[str | int]) -> list[str]:
 
 def _backend_spec(file: str, tag: str, b: _BackendFile) -> BackendSpec:
     at = f"backends.{tag}" if re.fullmatch(r"[A-Za-z0-9_-]+", tag) else f'backends."{tag}"'
-    if b.autoscaling is not UNSET:
-        raise AppFileError(
-            file,
-            f"{at}.autoscaling",
-            b.autoscaling,
-            "autoscaling is not supported by this version of servecore; set num_replicas instead",
-        )
     fields = {k: getattr(b, k) for k in _CONFIG_KEYS if getattr(b, k) is not UNSET}
     try:
         config = BackendConfig(**fields)

@@ -97,8 +97,8 @@ async def _show_progress(ctl: Controller, console: Console) -> None:
                     if r.backend == tag and r.status is ReplicaStatus.RUNNING
                 )
                 if tag not in tasks:
-                    tasks[tag] = progress.add_task(tag, total=b.config.num_replicas)
-                progress.update(tasks[tag], completed=running, total=b.config.num_replicas)
+                    tasks[tag] = progress.add_task(tag, total=b.wanted_replicas)
+                progress.update(tasks[tag], completed=running, total=b.wanted_replicas)
             await trio.sleep(0.1)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import json
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -27,6 +27,7 @@ from servecore._core import (
     BackendStatus,
     Command,
     Event,
+    LoadReport,
     ReplicaDied,
     ReplicaStatus,
     StartReplica,
@@ -75,7 +76,7 @@ class Kill:
     tag: str
 
 
-Action = Command | Kill | None
+Action = Command | Kill | LoadReport | None
 
 
 @attrs.frozen
@@ -218,7 +219,10 @@ class CrashWorld:
     """A store and a runtime that outlive every controller opened on them.
 
     ``store`` defaults to a :class:`~servecore.MemoryStore`; ``runtime`` to a new
-    :class:`InMemoryRuntime`. Both are wrapped to add crash points.
+    :class:`InMemoryRuntime`. Both are wrapped to add crash points. An action may also
+    be a :class:`~servecore.LoadReport` (fed through ``ctl.report_load``), to crash an
+    autoscaling decision. ``controller_options`` go to every ``open_controller`` (e.g.
+    ``autoscale_interval_s=None`` so that only the actions report load).
     """
 
     def __init__(
@@ -228,12 +232,14 @@ class CrashWorld:
         *,
         kill: Callable[[str], Any] | None = None,
         name: str = "crash-world",
+        controller_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.plan = CrashPlan()
         self.store = FaultyStore(store if store is not None else MemoryStore(), self.plan)
         self.inner_runtime = runtime if runtime is not None else InMemoryRuntime()
         self.runtime = CrashingRuntime(self.inner_runtime, self.plan, kill)
         self.name = name
+        self.controller_options = dict(controller_options or {})
         self.highest_counter = 0
 
     # -- running ------------------------------------------------------------------------
@@ -256,7 +262,7 @@ class CrashWorld:
 
         async def session() -> None:
             async with open_controller(
-                runtime=self.runtime, store=self.store, name=self.name
+                runtime=self.runtime, store=self.store, name=self.name, **self.controller_options
             ) as ctl:
                 await ctl.settle()
                 box["table"] = ctl.routing_table
@@ -267,6 +273,8 @@ class CrashWorld:
                     if isinstance(action, Kill):
                         if action.tag in await self.runtime.list_replicas():
                             await self.runtime.kill(action.tag)
+                    elif isinstance(action, LoadReport):
+                        await ctl.report_load(action.backend, action.ongoing, action.now)
                     elif action is not None:
                         await ctl.submit(action)
                 except _EXPECTED_ERRORS as exc:
@@ -316,7 +324,12 @@ class CrashWorld:
             effect = getattr(inner, "live", {}).get(tag)
             copy.live[tag] = effect if effect is not None else _placeholder(tag)
         copy._failures = dict(getattr(inner, "_failures", {}))
-        return CrashWorld(store=MemoryStore(self.store.load()), runtime=copy, name=self.name)
+        return CrashWorld(
+            store=MemoryStore(self.store.load()),
+            runtime=copy,
+            name=self.name,
+            controller_options=self.controller_options,
+        )
 
     def count_points(self, action: Action = None) -> int:
         """How many crash points ``action`` passes (recovery included), on a copy."""
@@ -344,9 +357,9 @@ class CrashWorld:
             mine = {t for t in running if state.replicas[t].backend == tag}
             assert set(table.backends[tag].replicas) == mine, f"table of {tag} names non-RUNNING"
             if b.status is BackendStatus.FAILED:
-                assert len(mine) <= b.config.num_replicas
+                assert len(mine) <= b.wanted_replicas
             else:
-                assert len(mine) == b.config.num_replicas, f"{tag}: {len(mine)} running"
+                assert len(mine) == b.wanted_replicas, f"{tag}: {len(mine)} running"
         self.check_no_reuse(state)
 
     def check_no_reuse(self, state: State) -> None:
@@ -392,7 +405,7 @@ def enumerate_crashes(
     fresh world replays the steps before ``i``, crashes step ``i`` at ``k``, recovers,
     and checks: the recovered state is the acknowledged commands plus all or nothing of
     the one in flight (property 1), no tag is reused (2), and the live replicas are
-    exactly the RUNNING ones with each backend at ``num_replicas`` (3). A start failure
+    exactly the RUNNING ones with each backend at the replicas it wants (3). A start failure
     that was not injected, a stop that raised, or a death nobody caused fails the check
     with an ``AssertionError`` naming the tag and the runtime's own error. Returns how
     many crashes were checked.
@@ -437,7 +450,11 @@ def check_all_or_nothing(model: ReferenceModel, action: Action, state: State) ->
     got = desired(state)
     if got == model.desired():
         return False
-    if isinstance(action, Kill) or action is None or model.expected_error(action) is not None:
+    if (
+        isinstance(action, (Kill, LoadReport))
+        or action is None
+        or model.expected_error(action) is not None
+    ):
         raise AssertionError(f"state changed without an acknowledged command: {got}")
     after = model.copy()
     after.apply(action)
