@@ -286,9 +286,12 @@ class SyncController:
         assert self._token is not None
         return SyncHandle(handle, self._token)
 
-    def serve_http(self, bind: str = "127.0.0.1:8000", *, timeout_s: float | None = 30.0) -> str:
+    def serve_http(
+        self, bind: str = "127.0.0.1:8000", *, timeout_s: float | None = 30.0, max_depth: int = 100
+    ) -> str:
         """Serve the endpoints' routes over HTTP in the background (see
         :mod:`servecore.http`; needs ``servecore[http]``) until :meth:`close`.
+        ``max_depth`` bounds how deeply a JSON body may nest (400 past it).
 
         Returns the URL it listens on (``bind`` may use port 0)."""
         from servecore.http import serve_http
@@ -296,7 +299,9 @@ class SyncController:
         async def start() -> list[str]:
             nursery = self.controller._nursery  # stops with the controller
             binds: list[str] = await nursery.start(
-                functools.partial(serve_http, self.controller, bind, timeout_s=timeout_s)
+                functools.partial(
+                    serve_http, self.controller, bind, timeout_s=timeout_s, max_depth=max_depth
+                )
             )
             return binds
 
