@@ -4,22 +4,25 @@ A :class:`CrashWorld` is what survives a controller: a store and a runtime. Each
 :meth:`CrashWorld.run` opens a controller on them (which recovers), performs one action
 (a command, or killing a replica), waits for it to settle and closes it, optionally
 crashing at crash point ``k``. Crash points are numbered by a :class:`CrashPlan`:
-before and after every save, and before and after every replica start and stop, during
-recovery as well as during the action. :meth:`CrashWorld.count_points` runs the same
+before, midway through (part of the change set written) and after every commit, and
+before and after every replica start and stop, during recovery as well as during the
+action. Controllers in a world take a batch of messages only once every other task is
+blocked, so which messages share a commit (group commit), and so the count of crash
+points, does not depend on timing. :meth:`CrashWorld.count_points` runs the same
 action on an in-memory copy of the world to learn how many points there are, so a test
 can visit each one (:func:`enumerate_crashes`), never hoping a random crash fires.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
 import trio
 
-from servecore._checkpoint import VERSION
+from servecore._checkpoint import FORMAT, META_KEY, VERSION, _record, meta_record, read_meta
+from servecore._commit import deterministic_batches
 from servecore._controller import Controller, open_controller
 from servecore._core import (
     BackendStatus,
@@ -38,7 +41,7 @@ from servecore._errors import (
     CommandError,
 )
 from servecore.runtimes import Query, Report, Runtime
-from servecore.stores import MemoryStore, Store
+from servecore.stores import BlobStore, MemoryStore, Store
 from servecore.testing._faults import CrashPlan, SimulatedCrash
 from servecore.testing._model import ReferenceModel, desired
 from servecore.testing._runtime import InMemoryRuntime
@@ -52,6 +55,7 @@ __all__ = [
     "check_all_or_nothing",
     "corrupt",
     "enumerate_crashes",
+    "restore",
 ]
 
 _EXPECTED_ERRORS = (
@@ -70,7 +74,15 @@ class Kill:
     tag: str
 
 
-Action = Command | Kill | None
+@attrs.frozen
+class Together:
+    """An action: submit ``commands`` concurrently, so they share commits (group
+    commit). Each one's error (or ``None``) is in :attr:`Outcome.errors`, in order."""
+
+    commands: tuple[Command, ...]
+
+
+Action = Command | Kill | Together | None
 
 
 @attrs.frozen
@@ -87,6 +99,7 @@ class Outcome:
     crashed: str | None
     points: int
     table_unchanged: bool = True
+    errors: tuple[BaseException | None, ...] = ()
 
 
 class CrashingRuntime:
@@ -149,7 +162,7 @@ class CrashWorld:
 
     def __init__(
         self,
-        store: Store | None = None,
+        store: Store | BlobStore | None = None,
         runtime: Runtime | None = None,
         *,
         kill: Callable[[str], Any] | None = None,
@@ -180,6 +193,10 @@ class CrashWorld:
         box: dict[str, Any] = {}
 
         async def session() -> None:
+            with deterministic_batches():
+                await controlled()
+
+        async def controlled() -> None:
             async with open_controller(
                 runtime=self.runtime, store=self.store, name=self.name
             ) as ctl:
@@ -188,7 +205,9 @@ class CrashWorld:
                 if prepare is not None:
                     prepare(ctl)
                 try:
-                    if isinstance(action, Kill):
+                    if isinstance(action, Together):
+                        box["errors"] = await _together(ctl, action.commands)
+                    elif isinstance(action, Kill):
                         if action.tag in await self.runtime.list_replicas():
                             self.runtime.kill(action.tag)
                     elif action is not None:
@@ -213,6 +232,7 @@ class CrashWorld:
             crashed=None,
             points=self.plan.count,
             table_unchanged=box["unchanged"],
+            errors=tuple(box.get("errors", ())),
         )
 
     def clone(self) -> CrashWorld:
@@ -224,7 +244,8 @@ class CrashWorld:
             effect = getattr(inner, "live", {}).get(tag)
             copy.live[tag] = effect if effect is not None else _placeholder(tag)
         copy._failures = dict(getattr(inner, "_failures", {}))
-        return CrashWorld(store=MemoryStore(self.store.load()), runtime=copy, name=self.name)
+        seq, records = self.store.load()
+        return CrashWorld(store=MemoryStore(records, seq), runtime=copy, name=self.name)
 
     def count_points(self, action: Action = None) -> int:
         """How many crash points ``action`` passes (recovery included), on a copy."""
@@ -267,6 +288,21 @@ class CrashWorld:
         assert state.replica_counter >= self.highest_counter, "replica counter went back"
         for tag in self.live():
             assert replica_number(tag) < state.replica_counter, f"{tag} >= counter"
+
+
+async def _together(ctl: Controller, commands: Sequence[Command]) -> list[BaseException | None]:
+    errors: list[BaseException | None] = [None] * len(commands)
+
+    async def one(i: int, command: Command) -> None:
+        try:
+            await ctl.submit(command)
+        except _EXPECTED_ERRORS as exc:
+            errors[i] = exc
+
+    async with trio.open_nursery() as nursery:
+        for i, command in enumerate(commands):
+            nursery.start_soon(one, i, command)
+    return errors
 
 
 async def _list_live(runtime: Runtime, name: str) -> frozenset[str]:
@@ -340,7 +376,11 @@ def check_all_or_nothing(model: ReferenceModel, action: Action, state: State) ->
     got = desired(state)
     if got == model.desired():
         return False
-    if isinstance(action, Kill) or action is None or model.expected_error(action) is not None:
+    if (
+        isinstance(action, (Kill, Together))
+        or action is None
+        or model.expected_error(action) is not None
+    ):
         raise AssertionError(f"state changed without an acknowledged command: {got}")
     after = model.copy()
     after.apply(action)
@@ -349,22 +389,48 @@ def check_all_or_nothing(model: ReferenceModel, action: Action, state: State) ->
     return True
 
 
-def corrupt(store: FaultyStore, how: str) -> bytes | None:
-    """Damage the checkpoint in ``store`` (``"torn"``, ``"garbage"``, ``"checksum"``,
-    ``"too-new"``); return the good bytes so the caller can restore them."""
-    good = store.inner.load()
-    if good is None:
+Snapshot = tuple[int, Mapping[str, bytes]]
+
+
+def corrupt(store: FaultyStore, how: str) -> Snapshot | None:
+    """Damage the checkpoint in ``store`` with one more commit through its own
+    ``commit`` (``"torn"``: a record cut short; ``"garbage"``: a meta record of noise;
+    ``"checksum"``: a record edited under its checksum; ``"too-new"``: a meta record of
+    a newer version). Return the good ``(seq, records)`` so the caller can
+    :func:`restore` them; ``None`` if the store is empty."""
+    seq, records = store.inner.load()
+    if not records:
         return None
-    if how == "torn":
-        bad = good[: len(good) // 2]
-    elif how == "garbage":
-        bad = b"\x00\xffnot json"
-    else:
-        envelope = json.loads(good)
-        if how == "checksum":
-            envelope["state"]["replica_counter"] += 1
+    good = (seq, dict(records))
+    counter = read_meta(records, seq, store.where)
+    key = max(k for k in records) if len(records) > 1 else META_KEY
+    if how in ("torn", "checksum") and key != META_KEY:
+        data = records[key]
+        if how == "torn":
+            bad = data[: len(data) // 2]
         else:
-            envelope["version"] = VERSION + 1
-        bad = json.dumps(envelope).encode()
-    store.inner.save(bad)
+            i = data.index(b'"value":') + len(b'"value":') + 1
+            bad = data[:i] + b" " + data[i:]  # the same JSON value in other bytes
+        puts = {key: bad, META_KEY: meta_record(seq + 1, counter)}
+    elif how == "too-new":
+        body = b'{"format":"%s","replica_counter":%d,"seq":%d,"version":%d}' % (
+            FORMAT.encode(),
+            counter,
+            seq + 1,
+            VERSION + 1,
+        )
+        puts = {META_KEY: _record(META_KEY, body)}
+    else:
+        puts = {META_KEY: b"\x00\xffnot json"}
+    store.inner.commit(seq + 1, puts, ())
     return good
+
+
+def restore(store: FaultyStore, snapshot: Snapshot) -> None:
+    """Make ``store`` hold the records of ``snapshot`` again (a backup put back), as
+    its next commit: the sequence number goes on, the state goes back."""
+    seq, records = snapshot
+    now_seq, now = store.inner.load()
+    counter = read_meta(records, seq, store.where)
+    puts = {**records, META_KEY: meta_record(now_seq + 1, counter)}
+    store.inner.commit(now_seq + 1, puts, [k for k in now if k not in records])
