@@ -63,11 +63,16 @@ _GATHER: contextvars.ContextVar[Callable[[], Awaitable[None]] | None] = contextv
 
 
 @contextlib.contextmanager
-def deterministic_batches() -> Iterator[None]:
-    """Controllers opened inside take a batch only once every other task is blocked."""
+def deterministic_batches(cushion_s: float = 0.0) -> Iterator[None]:
+    """Controllers opened inside take a batch only once every other task has been
+    blocked for ``cushion_s`` (with a real clock, a cushion lets timers that expire
+    together be batched together)."""
     import trio.testing
 
-    token = _GATHER.set(trio.testing.wait_all_tasks_blocked)
+    async def gather() -> None:
+        await trio.testing.wait_all_tasks_blocked(cushion_s)
+
+    token = _GATHER.set(gather)
     try:
         yield
     finally:
@@ -164,6 +169,7 @@ class Committer:
         self.state = State()
         self.seq = 0
         self.commits = 0  # how many commits reached the store (a batch is one)
+        self.queued = 0  # how many messages were ever queued
         self._queue: list[_Item] = []
         self._wake = trio.Event()
 
@@ -185,6 +191,7 @@ class Committer:
         (``None`` if the builder made none); raise what rejected it."""
         item = _Item(message, group)
         self._queue.append(item)
+        self.queued += 1
         self._wake.set()
         await item.done.wait()
         if item.error is not None:

@@ -13,8 +13,9 @@ floor), the records are written as a new snapshot (temporary file, fsync,
 ``os.replace``, directory fsync) and the log is replaced by an empty one, so a commit
 costs what it changed and the files stay proportional to the state.
 
-On load, frames at or below the snapshot's seq (left by a compaction that crashed
-before emptying the log) are skipped; the rest must follow on without a gap. An
+Sequence numbers must grow from commit to commit. On load, frames at or below the
+snapshot's seq (left by a compaction that crashed before emptying the log) are
+skipped; the seqs of the rest must grow. An
 incomplete last frame, or a last frame whose checksum fails, is a *torn tail*: a
 commit that crashed before its fsync returned, so never acknowledged. It is the only
 thing ever discarded (and cut off the log). Damage anywhere else raises
@@ -228,17 +229,17 @@ class FileStore:
     def _replay(self, data: bytes, seq: int, records: dict[str, bytes]) -> tuple[int, int, bool]:
         body = self._check_magic(data, _LOG, "log")
         start = len(data) - len(body)
-        end, torn = start, False
+        end, torn, base = start, False, seq
         for payload, offset, is_torn in self._frames(body, what="log"):
             if is_torn:
                 torn = True
                 break
             end = start + offset
-            if payload.seq <= seq:
+            if payload.seq <= base:
                 continue  # written before the snapshot that now holds it
-            if payload.seq != seq + 1:
+            if payload.seq <= seq:
                 raise CheckpointCorrupt(
-                    self.where, f"the log jumps from checkpoint {seq} to {payload.seq}"
+                    self.where, f"the log goes back from checkpoint {seq} to {payload.seq}"
                 )
             for key in payload.deletes:
                 records.pop(key, None)
@@ -256,7 +257,7 @@ class FileStore:
                 self._replace(self.log_path, _magic(_LOG), lock=False)
                 self._log_end = len(_magic(_LOG))
             self._log_fd = open_private(self.log_path, os.O_RDWR | os.O_APPEND)
-            truncate = True
+            truncate = os.fstat(self._log_fd).st_size != self._log_end
         if truncate:
             os.ftruncate(self._log_fd, self._log_end)
             os.fsync(self._log_fd)
