@@ -73,7 +73,7 @@ from servecore._errors import BackendStartError, CheckpointError, InvalidCommand
 from servecore._limits import Limits
 from servecore.router import Handle, Router
 from servecore.runtimes import Runtime, resolve_runtime
-from servecore.stores import BlobStore, Store, as_store
+from servecore.stores import BlobStore, MemoryStore, Store, as_store
 
 __all__ = ["Controller", "open_controller"]
 
@@ -142,7 +142,9 @@ class Controller:
         self.limits = limits or Limits()
         self.resync_interval_s = resync_interval_s
         self._nursery = nursery
-        self._writer = Writer(name) if save_in_thread else None
+        # An in-memory store has nothing to wait for: its commits run inline.
+        in_memory = isinstance(store, MemoryStore)
+        self._writer = Writer(name) if save_in_thread and not in_memory else None
         self._committer = Committer(
             store=store,
             where=str(getattr(store, "where", repr(store))),
