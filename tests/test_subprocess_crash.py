@@ -23,6 +23,7 @@ import trio
 
 import servecore
 from servecore import ReplicaStatus, SQLiteStore
+from servecore._checkpoint import decode_blob
 from servecore.runtimes import Query
 from servecore.runtimes.subprocess import SubprocessRuntime, replica_key
 from subprocess_helpers import kill_everything_under, replica_processes
@@ -136,7 +137,9 @@ def test_replicas_of_a_superseded_checkpoint_are_stopped_as_orphans(workdir: Pat
     earlier = workdir / "checkpoints" / "0001.bin"  # only the endpoint
     assert b"echo#" not in earlier.read_bytes()
     store = SQLiteStore(workdir / "rolled-back.db")
-    store.save(earlier.read_bytes())
+    store.open()
+    store.commit(*decode_blob(earlier.read_bytes(), str(earlier)), ())
+    store.close()
 
     async def recover() -> None:
         async with servecore.open_controller(

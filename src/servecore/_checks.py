@@ -109,14 +109,14 @@ def check_name(kind: str, value: Any) -> str:
 def check_namespace(value: Any) -> str:
     """A controller name, which runtimes use as a directory or namespace name: a name
     (see :func:`check_name`) that is also safe as one path component."""
-    check_name("controller", value)
-    if "/" in value or "\\" in value or value in (".", "..") or value.startswith("."):
+    name = check_name("controller", value)
+    if "/" in name or "\\" in name or name in (".", "..") or name.startswith("."):
         raise InvalidConfig(
             "controller name",
-            value,
+            name,
             "is used as a directory name: no '/' or '\\', and it may not start with '.'",
         )
-    return value
+    return name
 
 
 def name_validator(kind: str) -> Callable[[Any, Any, Any], None]:

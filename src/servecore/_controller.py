@@ -120,8 +120,8 @@ class _Start:
 class Controller:
     """A running controller. Get one from :func:`open_controller`; do not construct.
 
-    Every command method returns once the new state is saved and its effects have been
-    carried out (replicas RUNNING, or stopped). Invalid commands raise a
+    Every command method returns once the commit holding its change is durable and its
+    effects have been carried out (replicas RUNNING, or stopped). Invalid commands raise a
     :class:`~servecore.CommandError` and change nothing.
     """
 
@@ -613,7 +613,7 @@ async def open_controller(
     resync_interval_s: float | None = RESYNC_INTERVAL_S,
 ) -> AsyncIterator[Controller]:
     """Open a controller: load the checkpoint, ask the runtime which replicas are alive,
-    step ``Recover(live)``, save, and carry out its effects, then yield it::
+    step ``Recover(live)``, commit, and carry out its effects, then yield it::
 
         async with servecore.open_controller(
             runtime="threads", store=servecore.SQLiteStore("state.db")
