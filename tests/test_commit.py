@@ -60,8 +60,8 @@ class GateStore:
 async def _queue_behind_a_held_commit(
     ctl: object, store: GateStore, first: object, rest: list[object]
 ) -> list[BaseException | None]:
-    """Run ``first`` until its commit is at the gate, queue ``rest`` behind it, then
-    open the gate; return what each of ``rest`` raised (or None)."""
+    """Run ``first`` until its commit is at the gate, queue ``rest`` behind it in
+    order, then open the gate; return what each of ``rest`` raised (or None)."""
     errors: list[BaseException | None] = [None] * len(rest)
 
     async def one(i: int, call: object) -> None:
@@ -74,12 +74,13 @@ async def _queue_behind_a_held_commit(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(first)  # type: ignore[arg-type]
         await store.wait_entered()
-        queued = ctl._committer.queued  # type: ignore[attr-defined]
         for i, call in enumerate(rest):
+            # One at a time, so that they arrive in this order.
+            queued = ctl._committer.queued  # type: ignore[attr-defined]
             nursery.start_soon(one, i, call)
-        with trio.fail_after(10):
-            while ctl._committer.queued < queued + len(rest):  # type: ignore[attr-defined]
-                await trio.sleep(0.001)
+            with trio.fail_after(10):
+                while ctl._committer.queued == queued:  # type: ignore[attr-defined]
+                    await trio.sleep(0.001)
         store.gate.set()
     return errors
 
