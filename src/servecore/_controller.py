@@ -207,7 +207,8 @@ class Controller:
         read-modify-write such as :meth:`update_backend_config` cannot lose a change)."""
         group = _Group()
         command = await self._execute(make, group)
-        await group.settled.wait()
+        if group.pending:  # (waiting on a set event would cost a scheduling round)
+            await group.settled.wait()
         if group.errors:
             raise group.errors[0]
         if isinstance(command, (CreateBackend, SetBackendConfig, RetryBackend)):
