@@ -423,6 +423,10 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     except ImportError:
         return False
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    # One colour per series in every panel, whichever panels it appears in.
+    labels = sorted({f"{r['store']}/{r['runtime']}" for r in results["stores"]})
+    labels.append("main (whole state)/threads")
+    colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}
     panels = [
         ("deploy_per_replica_ms", "deploy, ms per replica"),
         ("set_traffic_ms", "set_traffic, ms"),
@@ -442,13 +446,14 @@ def plot(results: dict[str, Any], path: Path) -> bool:
                 series["main (whole state)/threads"] = main
         for label, points in sorted(series.items()):
             xs, ys = zip(*sorted(points), strict=True)
-            ax.plot(xs, ys, marker="o", label=label)
+            ax.plot(xs, ys, marker="o", label=label, color=colours[label])
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("replicas")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
-    axes.flat[0].legend(fontsize=7)
+    for ax in axes.flat:
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return True
