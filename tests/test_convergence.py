@@ -3,6 +3,8 @@ fails for a while, events that never arrive, user code that hangs or crash-loops
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import trio
 
@@ -22,18 +24,18 @@ ECHO = "servecore.testing.targets:Echo"
 
 
 class OutageStore(MemoryStore):
-    """A memory store whose saves fail while ``down`` (a full disk, a locked file)."""
+    """A memory store whose commits fail while ``down`` (a full disk, a locked file)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.down = False
         self.failed = 0
 
-    def save(self, data: bytes) -> None:
+    def commit(self, seq: int, puts: Any, deletes: Any) -> None:
         if self.down:
             self.failed += 1
             raise OSError(28, "No space left on device")
-        super().save(data)
+        super().commit(seq, puts, deletes)
 
 
 def assert_converged(ctl: servecore.Controller, runtime: InMemoryRuntime) -> None:
@@ -163,7 +165,7 @@ async def test_resync_marks_running_a_start_whose_answer_was_lost() -> None:
             replicas={"a#0": attrs.evolve(r, status=ReplicaStatus.STARTING)},
             replica_counter=state.replica_counter,
         )
-        ctl._state = rebuilt
+        ctl._committer.state = rebuilt
         assert await ctl.resync() is True
         assert ctl.state.replicas["a#0"].status is ReplicaStatus.RUNNING
         assert_converged(ctl, runtime)

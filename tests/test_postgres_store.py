@@ -29,7 +29,7 @@ from servecore import (
     open_controller,
 )
 from servecore._checkpoint import decode, encode
-from servecore.stores_postgres import BLOB_KEY, SCHEMA_VERSION, PostgresRecords
+from servecore.stores.postgres import BLOB_KEY, SCHEMA_VERSION, PostgresRecords
 from servecore.testing import CrashConsistencyMachine, CrashWorld, InMemoryRuntime
 from servecore.testing.postgres import PostgresServer
 from test_stores import GOOD, states
