@@ -18,17 +18,24 @@ import trio
 from hypothesis import settings
 
 import test_stores as agreement
+from checkpoints import encode_v1
 from conftest import postgres_or_skip
 from servecore import (
+    BackendConfig,
     BlobAdapter,
     CheckpointCorrupt,
     CheckpointError,
     CheckpointVersionError,
+    CreateBackend,
+    CreateEndpoint,
     LeaseLost,
     MemoryStore,
     PostgresStore,
+    SetTraffic,
+    State,
     StoreLocked,
     open_controller,
+    step,
 )
 from servecore._checkpoint import decode, encode
 from servecore.stores.postgres import BLOB_KEY, SCHEMA_VERSION, PostgresRecords
@@ -156,19 +163,32 @@ def test_a_too_new_blob_checkpoint_raises_naming_the_store(kind: PostgresKind) -
     assert info.value.where == kind.path
 
 
-@pytest.mark.parametrize("blob", [GOOD, encode(states()[-1], 7)], ids=["version 1", "version 2"])
+def _served() -> State:
+    state = State()
+    for message in [
+        CreateBackend(tag="a", target=ECHO, config=BackendConfig(num_replicas=2)),
+        CreateEndpoint(name="api", route="/api"),
+        SetTraffic(endpoint="api", traffic={"a": 1.0}),
+    ]:
+        state = step(state, message).state
+    return state
+
+
+@pytest.mark.parametrize("version", [1, 2])
 async def test_a_checkpoint_saved_whole_opens_and_is_replaced_by_records(
-    kind: PostgresKind, blob: bytes
+    kind: PostgresKind, version: int
 ) -> None:
     """What a controller saved through the blob interface opens; its first commit
     turns it into records, and it opens again from those."""
+    old = _served()
     writer = kind.blob()
     for _ in range(3):  # the store's own sequence number runs ahead of the blob's
-        writer.save(blob)
+        writer.save(encode_v1(old, 1) if version == 1 else encode(old, 1))
     runtime = InMemoryRuntime()
     async with open_controller(runtime=runtime, store=kind.blob()) as ctl:
-        assert dict(ctl.state.endpoints) == dict(states()[-1].endpoints)
+        assert dict(ctl.state.endpoints) == dict(old.endpoints)
         assert set(ctl.state.backends) == {"a"}
+        assert set(runtime.live) == {"a#0", "a#1"}
         await ctl.create_endpoint("more")
         state = ctl.state
     seq, records = kind.new().load()

@@ -11,10 +11,9 @@ state and hands each message's effects to the controller, in order. For each mes
 * the commit fails: every message of the batch fails with a
   :class:`~servecore.CheckpointError` (a fenced store's :class:`~servecore.LeaseLost`
   as it is), the state stays as it was and no effect runs;
-* nothing checkpointed changed (a load report that only refreshed the state's
-  ``observations``, a recovery that found everything as recorded): no commit at all;
-  the new state is adopted and its effects dispatched, since what they act on is
-  already durable;
+* it has no effect and changed nothing checkpointed (a no-op, or a load report that
+  only refreshed the state's ``observations``): an empty change set, so no commit; the
+  new state is adopted with its batch;
 * otherwise it returns once the commit holding it is durable and its effects have been
   dispatched.
 
@@ -263,11 +262,11 @@ class Committer:
             records.update(delta)
             state = transition.state
             stepped.append((item, transition))
-        if not records and state.replica_counter == self.state.replica_counter:
-            # An empty change set: the store already holds this state, so there is
-            # nothing to commit before acting on it.
+        if all(t is None for _, t in stepped):
+            # Nothing to commit (no-ops, observations): adopt what is not checkpointed.
             self.state = state
-            self._carry_out(stepped)
+            for item, _ in stepped:
+                item.done.set()
             return
         records[META_KEY] = meta_record(seq, state.replica_counter)
         puts = {k: v for k, v in records.items() if v is not None}

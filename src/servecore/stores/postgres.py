@@ -624,8 +624,9 @@ class PostgresRecords:
     def __init__(self, store: PostgresStore) -> None:
         self.store = store
         self.where = store.where
-        # Loaded from a whole-blob checkpoint: the first commit deletes the blob.
-        self._drop_blob = False
+        # Loaded from a whole-blob checkpoint: its records, which the first commit
+        # writes (with its own change set) in place of the blob.
+        self._upgrade: dict[str, bytes] | None = None
 
     @property
     def store_id(self) -> str:
@@ -650,22 +651,26 @@ class PostgresRecords:
         :meth:`PostgresStore.save`, as controllers did before keyed checkpoints) is
         read as its records, and the next :meth:`commit` replaces it by them."""
         seq, records = self.store.load_records()
-        self._drop_blob = set(records) == {BLOB_KEY}
-        if not self._drop_blob:
+        self._upgrade = None
+        if set(records) != {BLOB_KEY}:
             return seq, records
         found, records = decode_blob(records[BLOB_KEY], self.where)
         # Keyed commits must move the stored sequence number forward: go on from the
         # larger of the blob's and the store's.
         seq = max(seq, found)
         records[META_KEY] = meta_record(seq, read_meta(records, found, self.where))
+        self._upgrade = dict(records)
         return seq, records
 
     def commit(self, seq: int, puts: Mapping[str, bytes], deletes: Collection[str]) -> None:
         """See :meth:`PostgresStore.commit_records`."""
-        if self._drop_blob and BLOB_KEY not in puts:
-            deletes = [*deletes, BLOB_KEY]
+        upgrade = self._upgrade
+        if upgrade is not None:
+            gone = set(deletes)
+            puts = {**{k: v for k, v in upgrade.items() if k not in gone}, **puts}
+            deletes = [BLOB_KEY] if BLOB_KEY not in puts else []
         self.store.commit_records(seq, puts, deletes)
-        self._drop_blob = False
+        self._upgrade = None
 
     def __repr__(self) -> str:
         return f"PostgresRecords({self.where!r})"
