@@ -194,7 +194,7 @@ async def test_a_checkpoint_saved_whole_opens_and_is_replaced_by_records(
     seq, records = kind.new().load()
     assert BLOB_KEY not in records and "endpoint/more" in records
     async with open_controller(runtime=runtime, store=kind.blob()) as ctl:
-        assert ctl.state == state and ctl.seq == seq
+        assert ctl.state == state and ctl.seq > seq  # (its recovery commits too)
 
 
 async def test_the_bare_store_runs_a_controller_through_the_blob_adapter(
