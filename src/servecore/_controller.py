@@ -72,6 +72,7 @@ from servecore._core import (
     State,
     StopReplica,
     UpdateRouter,
+    same_checkpoint,
 )
 from servecore._errors import (
     BackendStartError,
@@ -556,7 +557,9 @@ class Controller:
         listed = self._state
 
         def message(state: State) -> Resync | None:
-            if self._seq != seq or state is not listed:
+            # (Only what is checkpointed counts: load reports refresh observations all
+            # the time, and must not keep a slow listing from ever being used.)
+            if self._seq != seq or not same_checkpoint(listed, state):
                 return None  # the state moved while we listed: the next round decides
             proven: frozenset[str] = frozenset()
             if any(b.early_deaths for b in state.backends.values()):
