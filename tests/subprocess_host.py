@@ -23,12 +23,14 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import trio
 
 import servecore
 from servecore import SQLiteStore, StartReplica
+from servecore._checkpoint import encode_blob
 from servecore.runtimes.subprocess import SubprocessRuntime
 
 TARGET = "subprocess_targets:Echo"
@@ -56,7 +58,8 @@ class CrashPoints:
 
 
 class CrashingStore:
-    """An SQLiteStore with crash points around each save; keeps each checkpoint too."""
+    """An SQLiteStore with crash points around each commit; keeps each checkpoint too
+    (as a whole-state blob, :func:`servecore._checkpoint.encode_blob`)."""
 
     def __init__(self, path: str, checkpoints: Path, points: CrashPoints) -> None:
         self.inner = SQLiteStore(path)
@@ -77,14 +80,15 @@ class CrashingStore:
     def close(self) -> None:
         self.inner.close()
 
-    def load(self) -> bytes | None:
+    def load(self) -> tuple[int, Mapping[str, bytes]]:
         return self.inner.load()
 
-    def save(self, data: bytes) -> None:
+    def commit(self, seq: int, puts: Mapping[str, bytes], deletes: Collection[str]) -> None:
         self.saves += 1
         self.points.point(f"before save {self.saves}")
-        self.inner.save(data)
-        (self.checkpoints / f"{self.saves:04d}.bin").write_bytes(data)
+        self.inner.commit(seq, puts, deletes)
+        blob = encode_blob(*self.inner.load())
+        (self.checkpoints / f"{self.saves:04d}.bin").write_bytes(blob)
         self.points.point(f"after save {self.saves}")
 
 

@@ -336,29 +336,76 @@ def test_checkpoint_round_trips_the_decision_and_drops_the_observation() -> None
     validate_state(loaded)
 
 
-def test_an_old_checkpoint_without_autoscaling_still_loads() -> None:
+def _without_autoscaling(state: State) -> tuple[bytes, bytes]:
+    """``state`` as a controller from before autoscaling wrote it (no ``autoscale`` in
+    backends, no ``autoscaling`` in configs): a version 1 blob and a version 2 one."""
+    from checkpoints import encode_v1
+    from servecore._checkpoint import _checksum, _record, encode_blob, records_of
+
+    def strip(backend: dict[str, Any]) -> None:
+        del backend["autoscale"]
+        del backend["config"]["autoscaling"]
+
+    envelope = json.loads(encode_v1(state, 1))
+    for b in envelope["state"]["backends"].values():
+        strip(b)
+    body = json.dumps(envelope["state"], sort_keys=True, separators=(",", ":")).encode()
+    v1 = b'{"checksum":"%s","format":"servecore-checkpoint","seq":1,"state":%s,"version":1}' % (
+        _checksum(1, body).encode(),
+        body,
+    )
+    records = records_of(state, 1)
+    for key in [k for k in records if k.startswith("backend/")]:
+        value = json.loads(records[key])["value"]
+        strip(value)
+        records[key] = _record(key, json.dumps(value, sort_keys=True).encode())
+    return v1, encode_blob(1, records)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_old_checkpoint_without_autoscaling_still_loads(version: int) -> None:
     state = run_all(
         step(
             State(), CreateBackend(tag="a", target=TARGET, config=BackendConfig(num_replicas=2))
         ).state
     )
-    envelope = json.loads(encode(state, 1))
-    for b in envelope["state"]["backends"].values():
-        del b["autoscale"]
-        del b["config"]["autoscaling"]
-    # Re-sign it as an older controller would have written it.
-    from servecore._checkpoint import _checksum
-
-    body = json.dumps(envelope["state"], sort_keys=True, separators=(",", ":")).encode()
-    data = b'{"checksum":"%s","format":"servecore-checkpoint","seq":1,"state":%s,"version":1}' % (
-        _checksum(1, body).encode(),
-        body,
-    )
+    data = _without_autoscaling(state)[version - 1]
+    assert b"autoscal" not in data
     loaded, _ = decode(data, "old")
     assert loaded == state
     assert loaded.backends["a"].wanted_replicas == 2
     t = step(loaded, Recover(live=frozenset(loaded.replicas)))
     assert not any(isinstance(e, (StartReplica, StopReplica)) for e in t.effects)
+
+
+def test_the_records_of_an_autoscaling_backend_carry_its_decision() -> None:
+    """The keyed checkpoint writes the decision with the backend's record, in the
+    change set of the report that made it, and reads it back."""
+    from servecore._checkpoint import (
+        META_KEY,
+        encode_changes,
+        load_records,
+        meta_record,
+        records_of,
+    )
+
+    state = created(cfg(min_replicas=0, initial_replicas=1, downscale_to_zero_delay_s=7.5))
+    t = step(state, LoadReport(backend="a", ongoing=5.0, now=3.0))
+    assert t.state.backends["a"].autoscale != state.backends["a"].autoscale
+    delta = encode_changes(t.changes)
+    assert "backend/a" in delta
+    # What a commit of the change set leaves in a store that held the state before.
+    after = records_of(state, 1)
+    for key, value in delta.items():
+        if value is None:
+            after.pop(key, None)
+        else:
+            after[key] = value
+    after[META_KEY] = meta_record(2, t.state.replica_counter)
+    assert after == records_of(t.state, 2)
+    loaded = load_records(2, after, "test")
+    assert loaded == t.state
+    assert loaded.backends["a"].autoscale == t.state.backends["a"].autoscale
 
 
 # -- the property -------------------------------------------------------------------------

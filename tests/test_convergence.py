@@ -3,6 +3,8 @@ fails for a while, events that never arrive, user code that hangs or crash-loops
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import trio
 
@@ -22,18 +24,18 @@ ECHO = "servecore.testing.targets:Echo"
 
 
 class OutageStore(MemoryStore):
-    """A memory store whose saves fail while ``down`` (a full disk, a locked file)."""
+    """A memory store whose commits fail while ``down`` (a full disk, a locked file)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.down = False
         self.failed = 0
 
-    def save(self, data: bytes) -> None:
+    def commit(self, seq: int, puts: Any, deletes: Any) -> None:
         if self.down:
             self.failed += 1
             raise OSError(28, "No space left on device")
-        super().save(data)
+        super().commit(seq, puts, deletes)
 
 
 def assert_converged(ctl: servecore.Controller, runtime: InMemoryRuntime) -> None:
@@ -163,7 +165,7 @@ async def test_resync_marks_running_a_start_whose_answer_was_lost() -> None:
             replicas={"a#0": attrs.evolve(r, status=ReplicaStatus.STARTING)},
             replica_counter=state.replica_counter,
         )
-        ctl._state = rebuilt
+        ctl._committer.state = rebuilt
         assert await ctl.resync() is True
         assert ctl.state.replicas["a#0"].status is ReplicaStatus.RUNNING
         assert_converged(ctl, runtime)
@@ -281,3 +283,29 @@ async def test_retry_backend_starts_a_failed_backend_with_the_same_config() -> N
         seq = ctl.seq
         await ctl.retry_backend("a")  # not FAILED: a no-op
         assert ctl.seq == seq
+
+
+async def test_load_reports_during_a_slow_listing_do_not_void_the_resync() -> None:
+    """Load reports refresh the state's observations all the time; a resync whose
+    listing overlapped one still corrects the state (only checkpointed change voids it)."""
+    runtime = InMemoryRuntime()
+    async with open_controller(
+        runtime=runtime, resync_interval_s=None, autoscale_interval_s=None
+    ) as ctl:
+        await ctl.create_backend("a", ECHO, autoscaling={"min_replicas": 1, "max_replicas": 2})
+        (tag,) = ctl.state.replicas
+        listed = runtime.list_replicas
+
+        async def slow_listing() -> frozenset[str]:
+            live = await listed()
+            seq = ctl.seq
+            await ctl.report_load("a", 1.0)  # changes no decision: observations only
+            assert ctl.seq == seq and "a" in ctl.state.observations
+            return live
+
+        runtime.list_replicas = slow_listing  # type: ignore[method-assign]
+        del runtime.live[tag]  # gone, and nobody said so
+        assert await ctl.resync() is True
+        runtime.list_replicas = listed  # type: ignore[method-assign]
+        await ctl.settle()
+        assert tag not in ctl.state.replicas and len(runtime.live) == 1

@@ -14,7 +14,7 @@ SRC = Path(servecore.__file__).parent
 
 PUBLIC = {
     # core values, commands, events, effects
-    "State", "Transition", "step", "validate_state", "MAX_START_FAILURES",
+    "State", "Transition", "Changes", "step", "validate_state", "MAX_START_FAILURES",
     "Endpoint", "Backend", "Replica", "BackendConfig", "BackendRoute", "RoutingTable",
     "ReplicaStatus", "BackendStatus", "Command", "Event", "Effect", "Message",
     "CreateEndpoint", "DeleteEndpoint", "CreateBackend", "DeleteBackend",
@@ -28,7 +28,7 @@ PUBLIC = {
     "open_controller", "Controller", "start", "SyncController", "SyncHandle", "Limits",
     "Router", "Handle", "batch", "Query", "Runtime",
     "Store", "MemoryStore", "FileStore", "SQLiteStore", "CallbackStore",
-    "PostgresStore",
+    "BlobStore", "BlobAdapter", "PostgresStore",
     # errors
     "ServecoreError", "CommandError", "EndpointExists", "EndpointNotFound",
     "RouteConflict", "InvalidRoute", "BackendExists", "BackendNotFound", "BackendInUse",

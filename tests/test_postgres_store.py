@@ -18,21 +18,30 @@ import trio
 from hypothesis import settings
 
 import test_stores as agreement
+from checkpoints import encode_v1
 from conftest import postgres_or_skip
 from servecore import (
+    BackendConfig,
+    BlobAdapter,
+    CheckpointCorrupt,
     CheckpointError,
     CheckpointVersionError,
+    CreateBackend,
+    CreateEndpoint,
     LeaseLost,
     MemoryStore,
     PostgresStore,
+    SetTraffic,
+    State,
     StoreLocked,
     open_controller,
+    step,
 )
 from servecore._checkpoint import decode, encode
-from servecore.stores_postgres import BLOB_KEY, SCHEMA_VERSION, PostgresRecords
+from servecore.stores.postgres import BLOB_KEY, SCHEMA_VERSION, PostgresRecords
 from servecore.testing import CrashConsistencyMachine, CrashWorld, InMemoryRuntime
 from servecore.testing.postgres import PostgresServer
-from test_stores import GOOD, states
+from test_stores import CORRUPT, GOOD, _edit, _too_new, commit_state, loaded, states
 
 try:
     import psycopg
@@ -45,8 +54,10 @@ LEASE_S = 1.0
 
 
 class PostgresKind:
-    """Makes PostgresStore objects on one checkpoint (what test_stores' Kind does for
-    the file stores); closes them all at the end."""
+    """Makes stores on one checkpoint, as test_stores' ``Kind`` does for the file stores
+    (``new``, ``opened``, ``path``, ``name``): ``PostgresStore(...).records``, the keyed
+    path the controller takes. ``blob`` makes the bare store (its whole-blob interface).
+    Closes them all at the end."""
 
     name = "postgres"
 
@@ -54,16 +65,24 @@ class PostgresKind:
         self.dsn = server.dsn
         self.checkpoint = checkpoint
         self.made: list[PostgresStore] = []
-        self.path = self.new().where  # what error messages name, as a path does
+        self.path = self.blob().where  # what error messages name, as a path does
 
-    def new(self, **kwargs: Any) -> PostgresStore:
+    def blob(self, **kwargs: Any) -> PostgresStore:
         kwargs.setdefault("lease_s", LEASE_S)
         store = PostgresStore(self.dsn, checkpoint=self.checkpoint, **kwargs)
         self.made.append(store)
         return store
 
-    def opened(self, **kwargs: Any) -> PostgresStore:
-        store = self.new(**kwargs)
+    def new(self, **kwargs: Any) -> PostgresRecords:
+        return self.blob(**kwargs).records
+
+    def opened(self, **kwargs: Any) -> PostgresRecords:
+        records = self.new(**kwargs)
+        records.open()
+        return records
+
+    def opened_blob(self, **kwargs: Any) -> PostgresStore:
+        store = self.blob(**kwargs)
         store.open()
         return store
 
@@ -83,20 +102,14 @@ locking_kind = kind
 
 
 @pytest.fixture
-def store(kind: PostgresKind) -> PostgresStore:
+def store(kind: PostgresKind) -> PostgresRecords:
     return kind.opened()
 
 
-# The store-agreement tests of test_stores, run on PostgresStore as they are.
-test_load_on_empty_is_none = agreement.test_load_on_empty_is_none
-test_load_before_open_on_empty_is_none = agreement.test_load_before_open_on_empty_is_none
-test_save_load_round_trip = agreement.test_save_load_round_trip
-test_corrupt_checkpoint_raises_naming_the_store = (
-    agreement.test_corrupt_checkpoint_raises_naming_the_store
-)
-test_too_new_version_raises_naming_the_store = (
-    agreement.test_too_new_version_raises_naming_the_store
-)
+# The store-agreement tests of test_stores, run on PostgresStore's records as they are.
+test_load_on_empty_is_nothing = agreement.test_load_on_empty_is_nothing
+test_load_before_open_on_empty_is_nothing = agreement.test_load_before_open_on_empty_is_nothing
+test_commit_load_round_trip = agreement.test_commit_load_round_trip
 test_second_opener_in_this_process_is_locked_out = (
     agreement.test_second_opener_in_this_process_is_locked_out
 )
@@ -107,26 +120,20 @@ test_second_controller_on_the_same_store_is_locked_out = (
 test_failed_save_raises_changes_nothing_and_runs_no_effect = (
     agreement.test_failed_save_raises_changes_nothing_and_runs_no_effect
 )
-test_controller_refuses_a_corrupt_checkpoint = (
-    agreement.test_controller_refuses_a_corrupt_checkpoint
-)
-test_controller_refuses_a_too_new_checkpoint = (
-    agreement.test_controller_refuses_a_too_new_checkpoint
-)
 test_controller_reopens_from_each_store = agreement.test_controller_reopens_from_each_store
 
 
 def test_postgres_agrees_with_the_memory_store(kind: PostgresKind) -> None:
-    """The same saves give the same loads, byte for byte, as in every other store."""
+    """The same commits give the same loads, record for record, as in every other store."""
 
-    def run(make: Any) -> list[bytes | None]:
+    def run(make: Any) -> list[Any]:
         store = make()
         getattr(store, "open", lambda: None)()
         loads = [store.load()]
         for seq, state in enumerate(states(), start=1):
-            store.save(encode(state, seq))
+            commit_state(store, state, seq)
             loads.append(store.load())
-        store.save(encode(states()[2], 99))
+        commit_state(store, states()[2], len(states()) + 1)
         loads.append(store.load())
         getattr(store, "close", lambda: None)()
         again = make()
@@ -138,11 +145,77 @@ def test_postgres_agrees_with_the_memory_store(kind: PostgresKind) -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# Checkpoints saved whole (the blob interface, and the controllers before keyed records)
+
+
+@pytest.mark.parametrize("damage", ["garbage bytes", "truncated JSON", "stale checksum"])
+def test_a_corrupt_blob_checkpoint_raises_naming_the_store(kind: PostgresKind, damage: str) -> None:
+    kind.blob().save(CORRUPT[damage])
+    with pytest.raises(CheckpointCorrupt) as info:
+        loaded(kind.opened())
+    assert info.value.where == kind.path and kind.path in str(info.value)
+
+
+def test_a_too_new_blob_checkpoint_raises_naming_the_store(kind: PostgresKind) -> None:
+    kind.blob().save(_edit(GOOD, _too_new))
+    with pytest.raises(CheckpointVersionError) as info:
+        loaded(kind.opened())
+    assert info.value.where == kind.path
+
+
+def _served() -> State:
+    state = State()
+    for message in [
+        CreateBackend(tag="a", target=ECHO, config=BackendConfig(num_replicas=2)),
+        CreateEndpoint(name="api", route="/api"),
+        SetTraffic(endpoint="api", traffic={"a": 1.0}),
+    ]:
+        state = step(state, message).state
+    return state
+
+
+@pytest.mark.parametrize("version", [1, 2])
+async def test_a_checkpoint_saved_whole_opens_and_is_replaced_by_records(
+    kind: PostgresKind, version: int
+) -> None:
+    """What a controller saved through the blob interface opens; its first commit
+    turns it into records, and it opens again from those."""
+    old = _served()
+    writer = kind.blob()
+    for _ in range(3):  # the store's own sequence number runs ahead of the blob's
+        writer.save(encode_v1(old, 1) if version == 1 else encode(old, 1))
+    runtime = InMemoryRuntime()
+    async with open_controller(runtime=runtime, store=kind.blob()) as ctl:
+        assert dict(ctl.state.endpoints) == dict(old.endpoints)
+        assert set(ctl.state.backends) == {"a"}
+        assert set(runtime.live) == {"a#0", "a#1"}
+        await ctl.create_endpoint("more")
+        state = ctl.state
+    seq, records = kind.new().load()
+    assert BLOB_KEY not in records and "endpoint/more" in records
+    async with open_controller(runtime=runtime, store=kind.blob()) as ctl:
+        assert ctl.state == state and ctl.seq > seq  # (its recovery commits too)
+
+
+async def test_the_bare_store_runs_a_controller_through_the_blob_adapter(
+    kind: PostgresKind,
+) -> None:
+    runtime = InMemoryRuntime()
+    async with open_controller(runtime=runtime, store=BlobAdapter(kind.blob())) as ctl:
+        await ctl.create_backend("a", ECHO, num_replicas=2)
+        state = ctl.state
+    saved, _seq = decode(kind.blob().load() or b"", kind.path)
+    assert saved == state
+    async with open_controller(runtime=runtime, store=BlobAdapter(kind.blob())) as ctl:
+        assert ctl.state == state
+
+
+# ---------------------------------------------------------------------------------------
 # The keyed protocol
 
 
 def test_records_round_trip_atomically_with_their_sequence_number(kind: PostgresKind) -> None:
-    records = kind.opened().records
+    records = kind.opened_blob().records
     assert isinstance(records, PostgresRecords)
     assert records.load() == (0, {})
     records.commit(1, {"counter": b"1", "backend/a": b"A", "replica/a#0": b"r0"}, [])
@@ -158,7 +231,7 @@ def test_records_round_trip_atomically_with_their_sequence_number(kind: Postgres
         records.commit(7, {"backend/a": b"B"}, ["backend/a"])
     assert records.load() == expected
     records.close()
-    assert kind.new().records.load() == expected  # read back by another store object
+    assert kind.blob().records.load() == expected  # read back by another store object
 
 
 def test_a_commit_that_does_not_move_the_sequence_forward_writes_nothing(
@@ -166,7 +239,7 @@ def test_a_commit_that_does_not_move_the_sequence_forward_writes_nothing(
 ) -> None:
     """A commit whose answer was lost but which landed must not be built upon: the next
     commit at the same sequence number is refused, naming the way out."""
-    store = kind.opened()
+    store = kind.opened_blob()
     store.commit_records(5, {"a": b"1"}, [])
     with pytest.raises(CheckpointError, match="reopen") as info:
         store.commit_records(5, {"b": b"2"}, ["a"])
@@ -224,7 +297,7 @@ def test_a_standby_outlasts_an_unreachable_database() -> None:
 
 
 def test_store_ids_name_the_database_and_checkpoint(kind: PostgresKind) -> None:
-    a, b = kind.new(), kind.new()
+    a, b = kind.blob(), kind.blob()
     other = PostgresStore(kind.dsn, checkpoint=kind.checkpoint + "-other")
     assert a.store_id == b.store_id != other.store_id
     assert a.store_id.startswith("postgres:127.0.0.1:") and kind.checkpoint in a.store_id
@@ -232,7 +305,7 @@ def test_store_ids_name_the_database_and_checkpoint(kind: PostgresKind) -> None:
 
 @pytest.mark.parametrize("key", [b"bytes", 3, "nul\x00inside"])
 def test_record_keys_are_strings_without_nul(kind: PostgresKind, key: Any) -> None:
-    store = kind.opened()
+    store = kind.opened_blob()
     with pytest.raises(ValueError, match="key"):
         store.commit_records(1, {key: b"v"}, [])
     assert store.load_records() == (0, {})
@@ -255,7 +328,7 @@ def _lease_row(kind: PostgresKind) -> tuple[Any, ...]:
 def test_the_lease_names_its_holder_and_epochs_only_grow(kind: PostgresKind) -> None:
     epochs = []
     for n in range(3):
-        store = kind.opened(holder=f"controller-{n}")
+        store = kind.opened_blob(holder=f"controller-{n}")
         holder, epoch, live = _lease_row(kind)
         assert (holder, epoch, live) == (f"controller-{n}", store.epoch, True)
         epochs.append(epoch)
@@ -266,8 +339,8 @@ def test_the_lease_names_its_holder_and_epochs_only_grow(kind: PostgresKind) -> 
 
 def test_the_lease_is_renewed_while_open(kind: PostgresKind) -> None:
     """Held for several lease durations without a write: the renewer keeps it."""
-    store = kind.opened(lease_s=2 * LEASE_S)  # tolerates a renewer late by a second
-    second = kind.new()
+    store = kind.opened_blob(lease_s=2 * LEASE_S)  # tolerates a renewer late by a second
+    second = kind.blob()
     for _ in range(6):  # three seconds: longer than the lease
         threading.Event().wait(LEASE_S / 2)
         with pytest.raises(StoreLocked, match="lease held by"):
@@ -279,12 +352,12 @@ def test_the_lease_is_renewed_while_open(kind: PostgresKind) -> None:
 def test_a_standby_waits_for_the_lease_then_takes_it_with_the_next_epoch(
     kind: PostgresKind,
 ) -> None:
-    leader = kind.opened(holder="leader", lease_s=2 * LEASE_S)
+    leader = kind.opened_blob(holder="leader", lease_s=2 * LEASE_S)
     leader.save(GOOD)
     leader_epoch = leader.epoch or 0
     with pytest.raises(StoreLocked):
-        kind.new().open(standby=True, timeout_s=LEASE_S / 4)  # a bounded wait gives up
-    standby = kind.new(holder="standby")
+        kind.blob().open(standby=True, timeout_s=LEASE_S / 4)  # a bounded wait gives up
+    standby = kind.blob(holder="standby")
     took = threading.Event()
 
     def wait() -> None:
@@ -307,12 +380,12 @@ def test_a_standby_waits_for_the_lease_then_takes_it_with_the_next_epoch(
 def test_a_holder_whose_lease_was_taken_writes_nothing(kind: PostgresKind) -> None:
     """Fencing: a paused holder (its renewer stopped, as SIGSTOP would) loses the lease
     to a standby; its writes then raise LeaseLost and change nothing, blob or keyed."""
-    old = kind.opened(holder="old")
+    old = kind.opened_blob(holder="old")
     old.save(GOOD)
     old_epoch = old.epoch
     assert old._lease is not None
     old._lease.stop.set()  # the renewer stops, as in a paused process
-    new = kind.new(holder="new")
+    new = kind.blob(holder="new")
     new.open(standby=True, timeout_s=30)
     assert new.epoch is not None and old_epoch is not None and new.epoch > old_epoch
     new.save(b"new")
@@ -334,7 +407,7 @@ def test_a_holder_whose_lease_was_taken_writes_nothing(kind: PostgresKind) -> No
 def test_a_lost_lease_seen_by_the_renewer_fails_the_next_write_at_once(
     kind: PostgresKind, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    old = kind.opened(holder="old")
+    old = kind.opened_blob(holder="old")
     # Another holder takes the lease behind the renewer's back (an operator, a standby
     # that saw it expire): the renewer's next round finds it gone.
     with psycopg.connect(kind.dsn, autocommit=True) as conn:
@@ -356,14 +429,14 @@ def test_a_lost_lease_seen_by_the_renewer_fails_the_next_write_at_once(
 def test_a_save_without_open_is_refused_while_someone_holds_the_lease(
     kind: PostgresKind,
 ) -> None:
-    holder = kind.opened()
+    holder = kind.opened_blob()
     with pytest.raises(StoreLocked):
-        kind.new().save(b"sneaky")
+        kind.blob().save(b"sneaky")
     holder.save(GOOD)
     epoch = holder.epoch
     holder.close()
-    kind.new().save(b"after")  # nobody holds it: a one-statement lease, given back
-    assert kind.new().load() == b"after"
+    kind.blob().save(b"after")  # nobody holds it: a one-statement lease, given back
+    assert kind.blob().load() == b"after"
     assert _lease_row(kind)[1] == (epoch or 0) + 1  # ...which fences out older holders
 
 
@@ -371,13 +444,13 @@ async def test_a_fenced_controller_raises_lease_lost_and_runs_no_effect(
     kind: PostgresKind,
 ) -> None:
     runtime = InMemoryRuntime()
-    store = kind.new(holder="old")
+    store = kind.blob(holder="old")
     async with open_controller(runtime=runtime, store=store, resync_interval_s=None) as ctl:
         await ctl.create_backend("a", ECHO, num_replicas=1)
         state, started = ctl.state, list(runtime.started)
         assert store._lease is not None
         store._lease.stop.set()  # paused: no more renewals
-        taker = kind.new(holder="new")
+        taker = kind.blob(holder="new")
         await trio.to_thread.run_sync(lambda: taker.open(standby=True, timeout_s=30))
         with pytest.raises(LeaseLost):
             await ctl.create_backend("b", ECHO, num_replicas=2)
@@ -386,7 +459,7 @@ async def test_a_fenced_controller_raises_lease_lost_and_runs_no_effect(
         with pytest.raises(LeaseLost):
             await ctl.update_backend_config("a", num_replicas=3)
         assert runtime.started == started
-    saved, _seq = decode(taker.load() or b"", kind.path)
+    saved, _seq = loaded(taker.records)
     assert set(saved.backends) == {"a"} and set(saved.replicas) == {"a#0"}
 
 
@@ -398,7 +471,7 @@ async def test_open_controller_standby_takes_over_when_the_leader_closes(
 
     async def standby() -> None:
         async with open_controller(
-            runtime=runtime, store=kind.new(holder="standby"), standby=True
+            runtime=runtime, store=kind.blob(holder="standby"), standby=True
         ) as ctl:
             order.append("standby serves")
             assert set(ctl.state.replicas) == {"a#0", "a#1"}
@@ -407,7 +480,7 @@ async def test_open_controller_standby_takes_over_when_the_leader_closes(
     async with (
         trio.open_nursery() as nursery,
         open_controller(
-            runtime=runtime, store=kind.new(holder="leader", lease_s=2 * LEASE_S)
+            runtime=runtime, store=kind.blob(holder="leader", lease_s=2 * LEASE_S)
         ) as leader,
     ):
         await leader.create_backend("a", ECHO, num_replicas=2)
@@ -418,17 +491,17 @@ async def test_open_controller_standby_takes_over_when_the_leader_closes(
 
 
 async def test_a_cancelled_standby_leaves_no_waiter_behind(kind: PostgresKind) -> None:
-    leader = kind.opened(holder="leader")
+    leader = kind.opened_blob(holder="leader")
     with trio.move_on_after(LEASE_S / 2):
         async with open_controller(
-            runtime=InMemoryRuntime(), store=kind.new(holder="quitter"), standby=True
+            runtime=InMemoryRuntime(), store=kind.blob(holder="quitter"), standby=True
         ):
             raise AssertionError("got the lease while the leader held it")  # pragma: no cover
     leader.close()
     await trio.sleep(LEASE_S)
     # Nobody took the lease after the standby gave up: it is free for the next opener.
     assert _lease_row(kind)[0] is None
-    kind.opened(holder="next")
+    kind.opened_blob(holder="next")
 
 
 async def test_standby_needs_a_store_that_can_wait(tmp_path: Path) -> None:
@@ -461,16 +534,16 @@ def test_postgres_crash_consistency_machine(postgres_server: PostgresServer) -> 
     )
 
 
+@pytest.mark.parametrize("whole", [False, True], ids=["records", "blob adapter"])
 def test_every_crash_point_of_a_script_recovers_on_postgres(
-    postgres_server: PostgresServer,
+    postgres_server: PostgresServer, whole: bool
 ) -> None:
     from servecore.testing import enumerate_crashes
     from test_crash_consistency import SCRIPT
 
     def make_world() -> CrashWorld:
-        return CrashWorld(
-            PostgresStore(postgres_server.dsn, checkpoint=f"script-{uuid.uuid4().hex[:12]}")
-        )
+        store = PostgresStore(postgres_server.dsn, checkpoint=f"script-{uuid.uuid4().hex[:12]}")
+        return CrashWorld(BlobAdapter(store) if whole else store)
 
     assert enumerate_crashes(make_world, SCRIPT[:4]) >= 16
 
@@ -504,7 +577,7 @@ class _AnswerLost:
 def test_a_write_whose_answer_was_lost_is_checked_on_a_new_connection(
     kind: PostgresKind, runs: bool
 ) -> None:
-    store = kind.opened()
+    store = kind.opened_blob()
     store.save(GOOD)
     store._conn = _AnswerLost(store._connection(), runs=runs)  # type: ignore[assignment]
     if runs:
@@ -515,4 +588,4 @@ def test_a_write_whose_answer_was_lost_is_checked_on_a_new_connection(
             store.save(b"new")
         assert store.load() == GOOD
     store.save(b"after")  # and the store goes on, on a new connection
-    assert kind.new().load() == b"after"
+    assert kind.blob().load() == b"after"

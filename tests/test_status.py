@@ -70,6 +70,35 @@ def test_load_state_of_a_file_store(tmp_path: Path) -> None:
         assert servecore.read_state(path) == ctl.state
 
 
+def test_load_state_follows_the_file_log_across_compactions(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    store = servecore.FileStore(path, compact_min_bytes=0)  # compacts at every commit
+    with servecore.start(runtime="threads", store=store) as ctl:
+        for n in range(3):
+            ctl.create_endpoint(f"e{n}")
+            assert servecore.load_state(servecore.FileStore(path)) == ctl.state
+        assert store.compactions >= 3
+    unlogged = servecore.FileStore(tmp_path / "log.json")  # everything in the log
+    with servecore.start(runtime="threads", store=unlogged) as ctl:
+        ctl.create_endpoint("e")
+        assert Path(f"{tmp_path / 'log.json'}.log").stat().st_size > 0
+        assert servecore.read_state(tmp_path / "log.json") == ctl.state
+
+
+@pytest.mark.parametrize("kind", ["file", "sqlite"])
+def test_load_state_reads_a_version_1_checkpoint_without_upgrading_it(
+    tmp_path: Path, kind: str
+) -> None:
+    from checkpoints import encode_v1, plant_v1
+
+    state = servecore.step(servecore.State(), servecore.CreateEndpoint(name="old")).state
+    path = tmp_path / ("state.json" if kind == "file" else "state.db")
+    plant_v1(kind, path, encode_v1(state, 4))
+    before = path.read_bytes()
+    assert servecore.read_state(path) == state
+    assert path.read_bytes() == before  # read, not upgraded: that is the owner's business
+
+
 async def test_lifecycle_records(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="servecore.lifecycle")
     runtime = InMemoryRuntime()

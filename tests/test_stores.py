@@ -1,10 +1,12 @@
 """The three built-in checkpoint stores agree with each other (docs/design.md §3, §7.4-5).
 
 Each test runs the same sequence against :class:`MemoryStore`, :class:`FileStore` and
-:class:`SQLiteStore`: save/load round trips with real checkpoints, corrupt and too-new
-checkpoints (which must raise, never read as empty), the OS lock that keeps a store to
-one controller (also against another process), and the controller's promise that a
-failed save changes nothing and runs no effect.
+:class:`SQLiteStore`: commit/load round trips with real checkpoints, corrupt and
+too-new checkpoints of the old whole-state format (which must raise, never read as
+empty), the OS lock that keeps a store to one controller (also against another
+process), and the controller's promise that a failed commit changes nothing and runs
+no effect. The format's own damage (records, log frames, torn tails) is tested in
+``test_records.py``.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from typing import Any
 
 import pytest
 
+from checkpoints import encode_v1, plant_v1
 from servecore import (
     BackendConfig,
+    BlobAdapter,
     CallbackStore,
     CheckpointCorrupt,
     CheckpointError,
@@ -41,14 +45,14 @@ from servecore import (
     open_controller,
     step,
 )
-from servecore._checkpoint import VERSION, decode, encode
+from servecore._checkpoint import VERSION, decode, load_records, records_of
 from servecore.testing import FaultyStore, InMemoryRuntime
 
 ECHO = "servecore.testing.targets:Echo"
 KINDS = ["memory", "file", "sqlite"]
 LOCKING_KINDS = ["file", "sqlite"]
 
-Store = MemoryStore | FileStore | SQLiteStore
+Store = MemoryStore | FileStore | SQLiteStore | BlobAdapter
 
 
 class Kind:
@@ -120,6 +124,18 @@ def where(store: Any) -> str:
     return str(store.where)
 
 
+def commit_state(store: Any, state: State, seq: int) -> None:
+    """Make ``state`` the store's checkpoint ``seq``, whatever it held before."""
+    records = records_of(state, seq)
+    _, now = store.load()
+    store.commit(seq, records, [k for k in now if k not in records])
+
+
+def loaded(store: Any) -> tuple[State, int]:
+    seq, records = store.load()
+    return load_records(seq, records, where(store)), seq
+
+
 # ---------------------------------------------------------------------------------------
 # Damaged checkpoints, built from a real one
 
@@ -162,7 +178,8 @@ def _too_new(envelope: dict[str, Any]) -> None:
     envelope["checksum"] = _checksum(envelope["state"])
 
 
-GOOD = encode(states()[-1], 7)
+# A checkpoint in the format before keyed records (version 1), as files hold it today.
+GOOD = encode_v1(states()[-1], 7)
 
 CORRUPT = {
     "garbage bytes": b"\x00\xff\xfe garbage \x80",
@@ -182,40 +199,38 @@ CORRUPT = {
 # Save and load
 
 
-def test_load_on_empty_is_none(store: Store) -> None:
-    assert store.load() is None
+def test_load_on_empty_is_nothing(store: Store) -> None:
+    assert store.load() == (0, {})
 
 
-def test_load_before_open_on_empty_is_none(kind: Kind) -> None:
-    assert kind.new().load() is None
+def test_load_before_open_on_empty_is_nothing(kind: Kind) -> None:
+    assert kind.new().load() == (0, {})
 
 
-def test_save_load_round_trip(kind: Kind, store: Store) -> None:
+def test_commit_load_round_trip(kind: Kind, store: Store) -> None:
     for seq, state in enumerate(states(), start=1):
-        data = encode(state, seq)
-        store.save(data)
-        assert store.load() == data
-        assert decode(store.load() or b"", where(store)) == (state, seq)
+        commit_state(store, state, seq)
+        assert loaded(store) == (state, seq)
     close(store)
     # A new store object on the same place reads the last checkpoint back.
     again = kind.opened()
     try:
-        assert again.load() == encode(states()[-1], len(states()))
+        assert loaded(again) == (states()[-1], len(states()))
     finally:
         close(again)
 
 
 def test_the_three_stores_agree(tmp_path: Path) -> None:
-    """The same saves give the same loads, byte for byte, in every store."""
-    seen: dict[str, list[bytes | None]] = {}
+    """The same commits give the same loads, record for record, in every store."""
+    seen: dict[str, list[Any]] = {}
     for name in KINDS:
         kind = Kind(name, tmp_path / name)
         store = kind.opened()
         loads = [store.load()]
         for seq, state in enumerate(states(), start=1):
-            store.save(encode(state, seq))
+            commit_state(store, state, seq)
             loads.append(store.load())
-        store.save(encode(states()[2], 99))  # going "back" is just another save
+        commit_state(store, states()[2], len(states()) + 1)  # going "back" is a commit
         loads.append(store.load())
         close(store)
         reopened = kind.opened()
@@ -223,26 +238,62 @@ def test_the_three_stores_agree(tmp_path: Path) -> None:
         close(reopened)
         seen[name] = loads
     assert seen["memory"] == seen["file"] == seen["sqlite"]
-    assert seen["memory"][0] is None
+    assert seen["memory"][0] == (0, {})
 
 
 def test_file_store_leaves_no_temporary_files(tmp_path: Path) -> None:
-    store = FileStore(tmp_path / "state.json")
+    store = FileStore(tmp_path / "state.json", compact_min_bytes=0)
     store.open()
     try:
-        for seq, state in enumerate(states()):
-            store.save(encode(state, seq))
+        for seq, state in enumerate(states(), start=1):
+            commit_state(store, state, seq)
+        assert store.compactions > 0
     finally:
         store.close()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json", "state.json.lock"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "state.json",
+        "state.json.lock",
+        "state.json.log",
+    ]
 
 
-def test_file_store_fsyncs_the_file_then_replaces_then_fsyncs_the_directory(
+def test_file_store_commit_is_durable_before_it_returns(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "state.json"
     store = FileStore(path)
     store.open()
+    store.commit(1, records_of(states()[1], 1), ())  # makes the log
+    calls: list[tuple[str, str]] = []
+    real_fdatasync, real_write = os.fdatasync, os.write
+
+    def fdatasync(fd: int) -> None:
+        calls.append(("fdatasync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fdatasync(fd)
+
+    def write(fd: int, data: Any) -> int:
+        calls.append(("write", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    monkeypatch.setattr(os, "write", write)
+    try:
+        store.commit(2, records_of(states()[2], 2), ())
+    finally:
+        monkeypatch.undo()
+        store.close()
+    # The change set is appended to the log, and the log is synced, before commit returns.
+    assert [c[0] for c in calls][-1] == "fdatasync"
+    assert {c[1] for c in calls} == {str(path) + ".log"}
+
+
+def test_file_store_compaction_fsyncs_then_replaces_then_fsyncs_the_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "state.json"
+    store = FileStore(path, compact_min_bytes=0)
+    store.open()
+    store.commit(1, records_of(states()[1], 1), ())  # makes the log
     calls: list[tuple[str, str]] = []
     real_fsync, real_replace = os.fsync, os.replace
 
@@ -251,30 +302,31 @@ def test_file_store_fsyncs_the_file_then_replaces_then_fsyncs_the_directory(
         real_fsync(fd)
 
     def replace(src: Any, dst: Any) -> None:
-        calls.append(("replace", f"{Path(src).parent == Path(dst).parent}"))
+        calls.append(("replace", str(dst)))
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
     try:
-        store.save(GOOD)
+        store.commit(2, records_of(states()[2], 2), ())
     finally:
         monkeypatch.undo()
         store.close()
-    # The temporary file (in the same directory) is durable before it replaces the
-    # checkpoint, and the rename is durable before save returns.
-    assert [c[0] for c in calls] == ["fsync", "replace", "fsync"]
+    assert store.compactions == 2
+    # The snapshot: a temporary file in the same directory, durable before it replaces
+    # the old one, the rename durable before the log is emptied the same way.
+    assert [c[0] for c in calls] == ["fsync", "replace", "fsync"] * 2
     assert Path(calls[0][1]).parent == tmp_path and Path(calls[0][1]) != path
-    assert calls[1] == ("replace", "True")
-    assert Path(calls[2][1]) == tmp_path
-    assert path.read_bytes() == GOOD
+    assert calls[1] == ("replace", str(path)) and Path(calls[2][1]) == tmp_path
+    assert calls[4] == ("replace", f"{path}.log") and Path(calls[5][1]) == tmp_path
+    assert loaded(FileStore(path)) == (states()[2], 2)
 
 
 def test_sqlite_store_uses_wal_and_synchronous_full(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "state.db")
     store.open()
     try:
-        store.save(GOOD)
+        commit_state(store, states()[1], 1)
         db = store._db
         assert db is not None
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -299,21 +351,49 @@ CORRUPT_MORE = {"NaN in state": NAN_IN_STATE, "deeply nested": DEEPLY_NESTED}
     [pytest.param(CORRUPT[name], id=name) for name in sorted(CORRUPT)]
     + [pytest.param(data, id=name) for name, data in CORRUPT_MORE.items()],
 )
-def test_corrupt_checkpoint_raises_naming_the_store(store: Store, data: bytes) -> None:
-    store.save(data)
+def test_corrupt_checkpoint_raises_naming_the_store(kind: Kind, data: bytes) -> None:
+    store = plant_v1(kind.name, kind.path, data)
     with pytest.raises(CheckpointCorrupt) as info:
-        decode(store.load() or b"", where(store))
+        store.open()
+        loaded(store)
+    close(store)
     assert info.value.where == where(store)
     assert where(store) in str(info.value)
 
 
-def test_too_new_version_raises_naming_the_store(store: Store) -> None:
-    store.save(_edit(GOOD, _too_new))
+def test_too_new_version_raises_naming_the_store(kind: Kind) -> None:
+    store = plant_v1(kind.name, kind.path, _edit(GOOD, _too_new))
     with pytest.raises(CheckpointVersionError) as info:
-        decode(store.load() or b"", where(store))
+        store.open()
+        loaded(store)
+    close(store)
     err = info.value
     assert (err.where, err.found, err.supported) == (where(store), VERSION + 1, VERSION)
     assert where(store) in str(err) and str(VERSION + 1) in str(err)
+
+
+def test_a_version_1_checkpoint_opens_and_is_upgraded(kind: Kind) -> None:
+    store = plant_v1(kind.name, kind.path, GOOD)
+    store.open()
+    try:
+        assert loaded(store) == (states()[-1], 7)
+        commit_state(store, states()[1], 8)
+    finally:
+        close(store)
+    again = plant_v1(kind.name, kind.path, None)  # the same place, not planted again
+    again.open()
+    try:
+        assert loaded(again) == (states()[1], 8)
+    finally:
+        close(again)
+    if kind.name == "file":
+        assert not kind.path.read_bytes().startswith(b"{")  # a snapshot now
+    if kind.name == "sqlite":
+        with sqlite3.connect(kind.path) as db:
+            assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
+        db.close()
+        assert "checkpoint" not in tables and "records" in tables
 
 
 @pytest.mark.parametrize("damage", ["garbage bytes", "truncated JSON", "stale checksum"])
@@ -321,28 +401,43 @@ def test_file_corrupted_on_disk_raises_naming_the_path(tmp_path: Path, damage: s
     path = tmp_path / "state.json"
     store = FileStore(path)
     store.open()
-    store.save(GOOD)
+    commit_state(store, states()[-1], 7)
     store.close()
     path.write_bytes(CORRUPT[damage])
     with pytest.raises(CheckpointCorrupt, match=re.escape(str(path))):
-        decode(FileStore(path).load() or b"", str(path))
+        FileStore(path).load()
 
 
 @pytest.mark.parametrize("damage", ["garbage bytes", "truncated JSON", "stale checksum"])
-def test_sqlite_row_corrupted_on_disk_raises_naming_the_path(tmp_path: Path, damage: str) -> None:
+def test_sqlite_version_1_row_corrupted_on_disk_raises_naming_the_path(
+    tmp_path: Path, damage: str
+) -> None:
+    path = tmp_path / "state.db"
+    store = plant_v1("sqlite", path, CORRUPT[damage])
+    with pytest.raises(CheckpointCorrupt, match=re.escape(str(path))):
+        store.open()
+    store.close()
+    # The upgrade was rolled back: the evidence is still there, as it was.
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT data FROM checkpoint").fetchone()[0] == CORRUPT[damage]
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    db.close()
+
+
+def test_sqlite_record_corrupted_on_disk_raises_naming_the_path(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     store = SQLiteStore(path)
     store.open()
-    store.save(GOOD)
+    commit_state(store, states()[-1], 7)
     store.close()
     with sqlite3.connect(path) as db:
-        db.execute("UPDATE checkpoint SET data = ? WHERE id = 1", (CORRUPT[damage],))
+        db.execute("UPDATE records SET value = substr(value, 1, 20) WHERE key = 'backend/a'")
     db.close()
     store = SQLiteStore(path)
     store.open()
     try:
         with pytest.raises(CheckpointCorrupt, match=re.escape(str(path))):
-            decode(store.load() or b"", store.where)
+            loaded(store)
     finally:
         store.close()
 
@@ -411,14 +506,14 @@ def test_second_opener_in_this_process_is_locked_out(locking_kind: Kind) -> None
         # Still locked after a failed attempt; the first store keeps working.
         with pytest.raises(StoreLocked):
             locking_kind.new().open()
-        first.save(GOOD)
-        assert first.load() == GOOD
+        commit_state(first, states()[-1], 7)
+        assert loaded(first) == (states()[-1], 7)
     finally:
         close(first)
     # Released on close: a new opener gets in and sees the checkpoint.
     third = locking_kind.opened()
     try:
-        assert third.load() == GOOD
+        assert loaded(third) == (states()[-1], 7)
     finally:
         close(third)
 
@@ -427,7 +522,7 @@ def test_open_twice_on_one_object_is_harmless(locking_kind: Kind) -> None:
     store = locking_kind.opened()
     try:
         store.open()  # type: ignore[union-attr]
-        store.save(GOOD)
+        commit_state(store, states()[-1], 7)
         with pytest.raises(StoreLocked):
             locking_kind.new().open()  # type: ignore[union-attr]
     finally:
@@ -546,34 +641,59 @@ async def test_failed_save_raises_changes_nothing_and_runs_no_effect(kind: Kind)
         # The retry lands.
         await ctl.create_backend("b", ECHO, num_replicas=2)
         assert ctl.seq > seq and set(runtime.live) == {"a#0", "b#1", "b#2"}
-        assert decode(store.inner.load() or b"", "x") == (ctl.state, ctl.seq)
+        assert loaded(store.inner) == (ctl.state, ctl.seq)
+
+
+def _evidence(kind: Kind, store: Any) -> Any:
+    """What the planted checkpoint looks like on disk (or in memory)."""
+    if kind.name == "file":
+        return kind.path.read_bytes()
+    if kind.name == "sqlite":
+        with sqlite3.connect(kind.path) as db:
+            row = db.execute("SELECT data FROM checkpoint").fetchone()
+        db.close()
+        return row
+    return store.blob.load()
 
 
 @pytest.mark.parametrize("damage", ["garbage bytes", "truncated JSON", "stale checksum"])
 async def test_controller_refuses_a_corrupt_checkpoint(kind: Kind, damage: str) -> None:
-    store = kind.opened()
-    store.save(CORRUPT[damage])
-    close(store)
+    store = plant_v1(kind.name, kind.path, CORRUPT[damage])
+    before = _evidence(kind, store)
     runtime = InMemoryRuntime()
-    with pytest.raises(CheckpointCorrupt, match=re.escape(where(kind.new()))):
-        async with open_controller(runtime=runtime, store=kind.new()):
+    with pytest.raises(CheckpointCorrupt, match=re.escape(where(store))):
+        async with open_controller(runtime=runtime, store=store):
             raise AssertionError("opened on a corrupt checkpoint")  # pragma: no cover
     # Nothing was started, and the evidence was not overwritten.
     assert runtime.started == []
-    store = kind.opened()
-    try:
-        assert store.load() == CORRUPT[damage]
-    finally:
-        close(store)
+    assert _evidence(kind, store) == before
 
 
 async def test_controller_refuses_a_too_new_checkpoint(kind: Kind) -> None:
-    store = kind.opened()
-    store.save(_edit(GOOD, _too_new))
-    close(store)
+    store = plant_v1(kind.name, kind.path, _edit(GOOD, _too_new))
     with pytest.raises(CheckpointVersionError):
-        async with open_controller(runtime=InMemoryRuntime(), store=kind.new()):
+        async with open_controller(runtime=InMemoryRuntime(), store=store):
             raise AssertionError("opened on a too-new checkpoint")  # pragma: no cover
+
+
+async def test_controller_opens_a_version_1_checkpoint(kind: Kind) -> None:
+    old = State()
+    for message in [
+        CreateBackend(tag="a", target=ECHO, config=BackendConfig(num_replicas=2)),
+        ReplicaStarted(tag="a#0"),
+        CreateEndpoint(name="api", route="/api"),
+        SetTraffic(endpoint="api", traffic={"a": 1.0}),
+    ]:
+        old = step(old, message).state
+    store = plant_v1(kind.name, kind.path, encode_v1(old, 7))
+    runtime = InMemoryRuntime()
+    async with open_controller(runtime=runtime, store=store) as ctl:
+        assert ctl.seq > 7
+        assert dict(ctl.state.endpoints) == dict(old.endpoints)
+        assert set(runtime.live) == {"a#1", "a#2"}  # a#0 is not alive: replaced
+        state = ctl.state
+    async with open_controller(runtime=runtime, store=plant_v1(kind.name, kind.path, None)) as ctl:
+        assert ctl.state == state
 
 
 async def test_controller_reopens_from_each_store(kind: Kind) -> None:
@@ -592,7 +712,7 @@ async def test_a_callable_is_a_save_only_store() -> None:
     saved: list[bytes] = []
     runtime = InMemoryRuntime()
     async with open_controller(runtime=runtime, store=saved.append) as ctl:
-        assert isinstance(ctl.store, CallbackStore)
+        assert isinstance(ctl.store, BlobAdapter) and isinstance(ctl.store.blob, CallbackStore)
         await ctl.create_backend("a", ECHO)
         await ctl.create_endpoint("api")
         assert decode(saved[-1], "callback") == (ctl.state, ctl.seq)
@@ -626,8 +746,8 @@ def test_store_paths_may_be_strings_and_created_directories(tmp_path: Path) -> N
         store = cls(path)
         store.open()
         try:
-            store.save(GOOD)
-            assert store.load() == GOOD
+            commit_state(store, states()[-1], 7)
+            assert loaded(store) == (states()[-1], 7)
         finally:
             store.close()
 
@@ -662,7 +782,7 @@ def test_an_alias_of_an_open_checkpoint_is_locked_out(
     real = tmp_path / "real" / locking_kind.path.name
     seed = cls(real)
     seed.open()
-    seed.save(GOOD)
+    commit_state(seed, states()[-1], 7)
     seed.close()
     other = _aliases(tmp_path, real.name)[alias]
     first_path, second_path = (other, real) if first_through_alias else (real, other)
@@ -672,8 +792,11 @@ def test_an_alias_of_an_open_checkpoint_is_locked_out(
         with pytest.raises(StoreLocked) as info:
             cls(second_path).open()
         assert info.value.where == str(second_path)
-        # A save (a new inode under the name, for a FileStore) keeps both names locked.
-        first.save(GOOD + b" ")
+        # A commit (a new inode under the name, if a FileStore compacts) keeps both
+        # names locked.
+        if isinstance(first, FileStore):
+            first.compact_min_bytes = 0
+        commit_state(first, states()[1], 8)
         with pytest.raises(StoreLocked):
             cls(second_path).open()
         with pytest.raises(StoreLocked):
@@ -683,7 +806,7 @@ def test_an_alias_of_an_open_checkpoint_is_locked_out(
     again = cls(first_path)
     again.open()
     try:
-        assert again.load() == GOOD + b" "
+        assert loaded(again) == (states()[1], 8)
     finally:
         again.close()
 
@@ -698,33 +821,34 @@ def test_a_relative_and_an_absolute_path_are_one_store(
     try:
         with pytest.raises(StoreLocked):
             cls(locking_kind.path).open()
-        relative.save(GOOD)
+        commit_state(relative, states()[-1], 7)
     finally:
         relative.close()
     monkeypatch.chdir("/")  # the relative store keeps naming the file it was made for
-    assert relative.load() == GOOD
+    assert loaded(relative) == (states()[-1], 7)
     absolute = cls(locking_kind.path)
     absolute.open()
     try:
-        assert absolute.load() == GOOD
+        assert loaded(absolute) == (states()[-1], 7)
         assert absolute.store_id == relative.store_id
     finally:
         absolute.close()
 
 
-def test_a_symlinked_checkpoint_stays_a_symlink_after_saves(tmp_path: Path) -> None:
-    # Saving through a symlink writes the file it points to, so both names keep naming
-    # one checkpoint.
+def test_a_symlinked_checkpoint_stays_a_symlink_after_commits(tmp_path: Path) -> None:
+    # Committing through a symlink writes the file it points to (and its log beside
+    # it), so both names keep naming one checkpoint, through compactions too.
     real = tmp_path / "real.json"
     (tmp_path / "link.json").symlink_to(real)
-    store = FileStore(tmp_path / "link.json")
+    store = FileStore(tmp_path / "link.json", compact_min_bytes=0)
     store.open()
     try:
-        store.save(GOOD)
+        commit_state(store, states()[-1], 7)
     finally:
         store.close()
     assert (tmp_path / "link.json").is_symlink()
-    assert real.read_bytes() == GOOD
+    assert real.read_bytes().startswith(b"servecore-snapshot")
+    assert loaded(FileStore(real)) == (states()[-1], 7)
 
 
 def test_store_ids_name_the_resolved_file(tmp_path: Path) -> None:
@@ -756,9 +880,11 @@ def test_files_holding_the_checkpoint_are_owner_only_even_with_umask_zero(
         sqlite_store = SQLiteStore(tmp_path / "state.db")
         sqlite_store.open()
         try:
-            file_store.save(GOOD)
-            sqlite_store.save(GOOD)
-            for name in ["state.json", "state.json.lock", "state.db", "state.db.lock"]:
+            file_store.compact_min_bytes = 0
+            commit_state(file_store, states()[-1], 7)
+            commit_state(sqlite_store, states()[-1], 7)
+            names = ["state.json", "state.json.lock", "state.json.log", "state.db", "state.db.lock"]
+            for name in names:
                 assert _mode(tmp_path / name) == 0o600, name
             for suffix in ["-wal", "-shm"]:
                 assert _mode(tmp_path / f"state.db{suffix}") == 0o600, suffix
@@ -775,7 +901,7 @@ def test_an_existing_world_readable_checkpoint_is_made_owner_only(tmp_path: Path
     (tmp_path / "state.json").chmod(0o644)
     store.open()
     try:
-        store.save(GOOD)
+        commit_state(store, states()[-1], 8)  # upgrades the old file to a snapshot
     finally:
         store.close()
     assert _mode(tmp_path / "state.json") == 0o600
@@ -797,27 +923,33 @@ def test_a_symlink_planted_at_the_lock_file_is_not_followed(tmp_path: Path) -> N
     assert victim.read_bytes() == b"precious"
 
 
-def test_a_save_that_fails_to_replace_leaves_the_store_usable(
+def test_a_compaction_that_fails_to_replace_leaves_the_store_usable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = FileStore(tmp_path / "state.json")
     store.open()
     try:
-        store.save(GOOD)
+        commit_state(store, states()[-1], 7)
         real_replace = os.replace
 
         def failing_replace(*args: Any) -> None:
             raise OSError(28, "No space left on device")
 
         monkeypatch.setattr(os, "replace", failing_replace)
-        with pytest.raises(OSError, match="No space"):
-            store.save(GOOD + b" ")
+        store.compact_min_bytes = 0
+        # The commit is durable in the log before the compaction: it is not a failure.
+        commit_state(store, states()[1], 8)
         monkeypatch.setattr(os, "replace", real_replace)
-        assert store.load() == GOOD
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json", "state.json.lock"]
-        store.save(GOOD + b"  ")
-        assert store.load() == GOOD + b"  "
+        assert loaded(store) == (states()[1], 8)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            "state.json",
+            "state.json.lock",
+            "state.json.log",
+        ]
+        commit_state(store, states()[2], 9)
+        assert store.compactions > 0 and loaded(store) == (states()[2], 9)
         with pytest.raises(StoreLocked):
             FileStore(tmp_path / "state.json").open()
     finally:
         store.close()
+    assert loaded(FileStore(tmp_path / "state.json")) == (states()[2], 9)

@@ -23,6 +23,7 @@ import trio
 
 import servecore
 from servecore import ReplicaStatus, SQLiteStore
+from servecore._checkpoint import decode_blob, replace_all
 from servecore.runtimes import Query
 from servecore.runtimes.subprocess import SubprocessRuntime, replica_key
 from subprocess_helpers import kill_everything_under, replica_processes
@@ -136,8 +137,12 @@ def test_replicas_of_a_superseded_checkpoint_are_stopped_as_orphans(workdir: Pat
     assert replica_processes(workdir / "rt")
     earlier = workdir / "checkpoints" / "0001.bin"  # only the endpoint
     assert b"echo#" not in earlier.read_bytes()
-    store = SQLiteStore(workdir / "state.db")
-    store.save(earlier.read_bytes())  # rolled back in place
+    store = SQLiteStore(workdir / "state.db")  # rolled back in place
+    store.open()
+    seq, records = decode_blob(earlier.read_bytes(), str(earlier))
+    _, now = store.load()
+    store.commit(seq, *replace_all(now, records))
+    store.close()
 
     async def recover() -> None:
         async with servecore.open_controller(

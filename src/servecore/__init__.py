@@ -1,8 +1,8 @@
 """servecore: an embeddable, crash-consistent controller for serving model or function code.
 
 A pure state machine (:func:`step`) turns commands and runtime events into a new
-:class:`State` plus effects; the trio controller (:func:`open_controller`) saves each new
-state through a checkpoint store *before* any effect runs, then lets a runtime carry the
+:class:`State` plus effects; the trio controller (:func:`open_controller`) commits what
+each new state changed to a checkpoint store *before* any effect runs, then lets a runtime carry the
 effects out. See the README for a tour.
 """
 
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
         BackendConfig,
         BackendRoute,
         BackendStatus,
+        Changes,
         Command,
         CreateBackend,
         CreateEndpoint,
@@ -117,18 +118,20 @@ if TYPE_CHECKING:
         batch,
     )
     from servecore.stores import (
+        BlobAdapter,
+        BlobStore,
         CallbackStore,
         FileStore,
         MemoryStore,
         SQLiteStore,
         Store,
     )
-    from servecore.stores_postgres import (
+    from servecore.stores.postgres import (
         PostgresStore,
     )
 
 _LAZY: dict[str, str] = {
-    "PostgresStore": "servecore.stores_postgres",
+    "PostgresStore": "servecore.stores.postgres",
     "LeaseLost": "servecore._errors",
     "AutoscaleState": "servecore._core",
     "AutoscalingConfig": "servecore._core",
@@ -161,7 +164,10 @@ _LAZY: dict[str, str] = {
     "BackendStatus": "servecore._core",
     "BackpressureError": "servecore._errors",
     "BatchSizeError": "servecore.runtimes.toolkit",
+    "BlobAdapter": "servecore.stores",
+    "BlobStore": "servecore.stores",
     "CallbackStore": "servecore.stores",
+    "Changes": "servecore._core",
     "CheckpointCorrupt": "servecore._errors",
     "CheckpointError": "servecore._errors",
     "CheckpointVersionError": "servecore._errors",
@@ -244,7 +250,10 @@ __all__ = [
     "BackendStatus",
     "BackpressureError",
     "BatchSizeError",
+    "BlobAdapter",
+    "BlobStore",
     "CallbackStore",
+    "Changes",
     "CheckpointCorrupt",
     "CheckpointError",
     "CheckpointVersionError",

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from servecore._core import LoadReport, State, same_checkpoint, step
+from servecore._core import LoadReport, State
 from servecore._errors import CheckpointError
 from servecore._load_sampler import LoadSampler
 
@@ -63,17 +63,9 @@ class Autoscaler:
     # -- reports --------------------------------------------------------------------------
 
     async def report(self, report: LoadReport, group: _Group) -> None:
-        """Step ``report``; save only if it changed a decision."""
-
-        def build(state: State) -> LoadReport | None:
-            transition = step(state, report)
-            if not transition.effects and same_checkpoint(state, transition.state):
-                # Status only (the last observation): nothing to write.
-                self.ctl._state = transition.state
-                return None
-            return report
-
-        await self.ctl._execute(build, group)
+        """Step ``report``; it is committed only if it changed a decision (the commit
+        path adopts a report that only refreshed ``observations`` without writing)."""
+        await self.ctl._execute(report, group)
 
     def sample(self) -> dict[str, float]:
         """Sample the router once; return the autoscaling backends and their windows."""

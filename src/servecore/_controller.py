@@ -2,14 +2,16 @@
 
 It is the only place that sequences I/O, always in this order::
 
-    step(state, message) -> save(checkpoint) -> adopt new state -> carry out effects
-                                                                     │
-          events (started, failed, stopped, died) <──────────────────┘
+    step(state, message) -> commit(change set) -> adopt new state -> carry out effects
+                                                                        │
+          events (started, failed, stopped, died) <─────────────────────┘
 
-The lock covers step + save + dispatch only. Starting and stopping replicas run as
-tasks outside it, so a slow constructor never blocks another command, and ``ctl.state``
-never blocks at all. Each command waits for the effects it caused (and the events they
-fed back) to settle before it returns.
+The commit path (:mod:`servecore._commit`) steps every message, commits only what it
+changed, and commits messages that arrive while a commit is in flight together, in
+one commit (group commit). Starting and stopping replicas run as tasks outside it, so
+a slow constructor never blocks another command, and ``ctl.state`` never blocks at
+all. Each command waits for the effects it caused (and the events they fed back) to
+settle before it returns.
 
 It converges whatever it loses, the way Kubernetes controllers do (level-triggered):
 
@@ -40,8 +42,9 @@ import trio
 
 from servecore import _lifecycle
 from servecore._autoscaler import AUTOSCALE_INTERVAL_S, Autoscaler
-from servecore._checkpoint import decode, encode
+from servecore._checkpoint import load_records
 from servecore._checks import check_name, check_namespace, reason_text
+from servecore._commit import Committer, Writer, what
 from servecore._core import (
     EARLY_DEATH_S,
     BackendConfig,
@@ -69,7 +72,7 @@ from servecore._core import (
     State,
     StopReplica,
     UpdateRouter,
-    step,
+    same_checkpoint,
 )
 from servecore._errors import (
     BackendStartError,
@@ -83,7 +86,7 @@ from servecore._standby import open_store
 from servecore._status import Status, live_status
 from servecore.router import Handle, Router
 from servecore.runtimes import Runtime, check_runtime_methods, resolve_runtime
-from servecore.stores import Store, as_store
+from servecore.stores import BlobStore, MemoryStore, Store, as_store
 
 __all__ = ["Controller", "open_controller"]
 
@@ -130,8 +133,8 @@ class _Start:
 class Controller:
     """A running controller. Get one from :func:`open_controller`; do not construct.
 
-    Every command method returns once the new state is saved and its effects have been
-    carried out (replicas RUNNING, or stopped). Invalid commands raise a
+    Every command method returns once the commit holding its change is durable and its
+    effects have been carried out (replicas RUNNING, or stopped). Invalid commands raise a
     :class:`~servecore.CommandError` and change nothing.
     """
 
@@ -154,9 +157,17 @@ class Controller:
         self.limits = limits or Limits()
         self.resync_interval_s = resync_interval_s
         self._nursery = nursery
-        self._state = State()
-        self._seq = 0
-        self._lock = trio.Lock()
+        # An in-memory store has nothing to wait for: its commits run inline.
+        in_memory = isinstance(store, MemoryStore)
+        self._writer = Writer(name) if save_in_thread and not in_memory else None
+        self._committer = Committer(
+            store=store,
+            where=str(getattr(store, "where", repr(store))),
+            limits=self.limits,
+            dispatch=self._dispatch,
+            writer=self._writer,
+            on_commit=lambda seconds, size: _lifecycle.checkpoint_saved(self, seconds, size),
+        )
         self._table = RoutingTable()
         self._table_listeners: list[Callable[[RoutingTable], None]] = []
         # A stop for a tag waits (up to its timeout) for that tag's start still in flight.
@@ -166,8 +177,7 @@ class Controller:
         # When each replica was seen to start (trio time), to tell a crash loop.
         self._started_at: dict[str, float] = {}
         self._background = _Group()
-        self._where = str(getattr(store, "where", repr(store)))
-        self._save_in_thread = save_in_thread
+        self._where = self._committer.where
         self._router: Router | None = None  # made on first get_handle (or use_router)
         self.autoscale_interval_s = autoscale_interval_s
         self._autoscaler = Autoscaler(self)
@@ -185,13 +195,21 @@ class Controller:
 
     @property
     def state(self) -> State:
-        """The last saved state."""
-        return self._state
+        """The last committed state."""
+        return self._committer.state
 
     @property
     def seq(self) -> int:
-        """The sequence number of the last saved checkpoint."""
-        return self._seq
+        """The sequence number of the last commit."""
+        return self._committer.seq
+
+    @property
+    def _state(self) -> State:
+        return self._committer.state
+
+    @property
+    def _seq(self) -> int:
+        return self._committer.seq
 
     @property
     def routing_table(self) -> RoutingTable:
@@ -226,7 +244,8 @@ class Controller:
         read-modify-write such as :meth:`update_backend_config` cannot lose a change)."""
         group = _Group()
         command = await self._execute(make, group)
-        await group.settled.wait()
+        if group.pending:  # (waiting on a set event would cost a scheduling round)
+            await group.settled.wait()
         if group.errors:
             raise group.errors[0]
         if isinstance(command, (CreateBackend, SetBackendConfig, RetryBackend)):
@@ -363,61 +382,23 @@ class Controller:
     async def _execute(
         self, message: Message | Callable[[State], Message | None], group: _Group
     ) -> Message | None:
-        """Step, save, adopt, dispatch. ``message`` may be built from the state under
-        the lock; a builder that returns None skips the step."""
-        async with self._lock:
-            if callable(message):
-                built = message(self._state)
-                if built is None:
-                    return None
-                message = built
-            if isinstance(message, _COMMANDS):
-                self.limits.check(message)
-            transition = step(self._state, message)  # CommandError propagates unchanged
-            if transition.state is self._state and not transition.effects:
-                return message
-            is_command = isinstance(message, _COMMANDS)
-            try:
-                data = encode(transition.state, self._seq + 1)
-            except Exception as exc:  # a bug, or a value no check foresaw: keep running
-                raise CheckpointError(
-                    f"encoding checkpoint {self._seq + 1} failed: {exc!r}; "
-                    + (
-                        "the command was not applied and nothing was started or stopped"
-                        if is_command
-                        else f"{_what(message)} was not recorded"
-                    )
-                ) from exc
-            saving = time.perf_counter()
-            try:
-                if self._save_in_thread:
-                    await trio.to_thread.run_sync(self.store.save, data)
-                else:
-                    self.store.save(data)
-            except LeaseLost:
-                raise  # fenced out: it says itself that nothing was applied
-            except Exception as exc:
-                raise CheckpointError(
-                    f"saving checkpoint {self._seq + 1} to {self._where} failed: {exc!r}; "
-                    + (
-                        "the command was not applied and nothing was started or stopped"
-                        if is_command
-                        else f"{_what(message)} was not recorded yet"
-                    )
-                ) from exc
-            _lifecycle.checkpoint_saved(self, time.perf_counter() - saving, len(data))
-            self._seq += 1
-            self._state = transition.state
-            for effect in transition.effects:
-                if isinstance(effect, UpdateRouter):
-                    self._push_table(effect.table)
-                elif isinstance(effect, StopReplica):
-                    self._spawn(group, self._stop, effect, group)
-                elif isinstance(effect, StartReplica):
-                    self._spawn(group, self._start, effect, group)
-                else:  # an effect this shell does not know is a bug: say so loudly
-                    raise TypeError(f"the controller cannot carry out {effect!r}")
-            return message
+        """Step, commit, adopt, dispatch (:class:`~servecore._commit.Committer`), the
+        effects going to ``group``. ``message`` may be built from the state it is
+        stepped on; a builder that returns None skips the step."""
+        return await self._committer.run(message, group)
+
+    def _dispatch(self, effect: Any, group: _Group) -> None:
+        if isinstance(effect, UpdateRouter):
+            self._push_table(effect.table)
+        elif isinstance(effect, StopReplica):
+            self._spawn(group, self._stop, effect, group)
+        elif isinstance(effect, StartReplica):
+            # Registered now, not when the task runs: a stop dispatched right after
+            # (in the same batch) must find the start it has to wait for.
+            self._starts[effect.tag] = start = _Start()
+            self._spawn(group, self._start, effect, group, start)
+        else:  # an effect this shell does not know is a bug: say so loudly
+            raise TypeError(f"the controller cannot carry out {effect!r}")
 
     def _push_table(self, table: RoutingTable) -> None:
         self._table = table
@@ -442,9 +423,8 @@ class Controller:
 
         self._nursery.start_soon(run)
 
-    async def _start(self, effect: StartReplica, group: _Group) -> None:
+    async def _start(self, effect: StartReplica, group: _Group, start: _Start) -> None:
         tag = effect.tag
-        start = self._starts[tag] = _Start()
         self._busy[tag] += 1
         event: Event | None = None
         _lifecycle.starting(self, effect)
@@ -538,10 +518,10 @@ class Controller:
                 await trio.sleep(delay)
                 try:
                     await self._execute(event, self._background)
-                    log.info("%s recorded after the store recovered", _what(event))
+                    log.info("%s recorded after the store recovered", what(event))
                     return
                 except LeaseLost as exc:
-                    log.error("%s; giving up on %s (this controller is fenced)", exc, _what(event))
+                    log.error("%s; giving up on %s (this controller is fenced)", exc, what(event))
                     return
                 except CheckpointError as exc:
                     delay = min(_RETRY_CAP_S, delay * 2)
@@ -574,8 +554,12 @@ class Controller:
         live = await self.runtime.list_replicas()
         now = trio.current_time()
 
+        listed = self._state
+
         def message(state: State) -> Resync | None:
-            if self._seq != seq:
+            # (Only what is checkpointed counts: load reports refresh observations all
+            # the time, and must not keep a slow listing from ever being used.)
+            if self._seq != seq or not same_checkpoint(listed, state):
                 return None  # the state moved while we listed: the next round decides
             proven: frozenset[str] = frozenset()
             if any(b.early_deaths for b in state.backends.values()):
@@ -598,9 +582,9 @@ class Controller:
     # -- life -----------------------------------------------------------------------------
 
     async def _recover(self) -> None:
-        data = await trio.to_thread.run_sync(self.store.load)
-        if data is not None:
-            self._state, self._seq = decode(data, self._where)
+        seq, records = await self._committer.call(self.store.load)
+        self._committer.adopt_loaded(load_records(seq, records, self._where), seq)
+        self._nursery.start_soon(self._committer.serve)
         opener = getattr(self.runtime, "open", None)
         if opener is not None:
             await opener(
@@ -671,19 +655,6 @@ def _describe(exc: BaseException) -> str:
     return reason_text("\n".join([described, *notes]))
 
 
-def _what(message: Message) -> str:
-    """A message, in words, for errors and logs."""
-    if isinstance(message, ReplicaStarted):
-        return f"that replica {message.tag} started"
-    if isinstance(message, ReplicaStartFailed):
-        return f"that replica {message.tag} failed to start"
-    if isinstance(message, ReplicaStopped):
-        return f"that replica {message.tag} stopped"
-    if isinstance(message, ReplicaDied):
-        return f"that replica {message.tag} died"
-    return type(message).__name__
-
-
 def _store_id(store: Store) -> str | None:
     """What identifies ``store`` to a runtime, so replicas are adopted only by a
     controller on the same store; ``None`` for a store that cannot say (nothing is
@@ -707,7 +678,7 @@ def _open_kwargs(opener: Callable[..., Any], **kwargs: Any) -> dict[str, Any]:
 @asynccontextmanager
 async def open_controller(
     runtime: str | Runtime = "threads",
-    store: Store | Callable[[bytes], object] | None = None,
+    store: Store | BlobStore | Callable[[bytes], object] | None = None,
     *,
     name: str = "servecore",
     runtime_kwargs: Mapping[str, Any] | None = None,
@@ -720,7 +691,7 @@ async def open_controller(
     clock: Callable[[], float] | None = None,
 ) -> AsyncIterator[Controller]:
     """Open a controller: load the checkpoint, ask the runtime which replicas are alive,
-    step ``Recover(live)``, save, and carry out its effects, then yield it::
+    step ``Recover(live)``, commit, and carry out its effects, then yield it::
 
         async with servecore.open_controller(
             runtime="threads", store=servecore.SQLiteStore("state.db")
@@ -729,8 +700,9 @@ async def open_controller(
 
     ``runtime`` is a name (``"threads"``, ``"subprocess"``, ``"ray"`` or a plugin's) or
     an instance; ``runtime_kwargs`` go to a named runtime's constructor
-    (``runtime_options`` is the old name of the same). ``store`` is a
-    :class:`~servecore.stores.Store`, a save-only callable, or ``None`` for memory.
+    (``runtime_options`` is the old name of the same). ``store`` is a key-value
+    :class:`~servecore.stores.Store`, a whole-blob store (``save``/``load``), a
+    save-only callable, or ``None`` for memory.
     ``name`` is the namespace the runtime keeps replicas under. ``limits`` caps what a
     command may ask for (:class:`~servecore.Limits`). Every ``resync_interval_s``
     (``None``: never) the runtime's live replicas are compared with the state and the
@@ -738,8 +710,9 @@ async def open_controller(
     Every ``autoscale_interval_s`` (``None``: never) the router's load is reported to
     each autoscaling backend's policy, at the time ``clock()`` gives (default: trio's
     clock anchored to the wall clock, so a checkpointed countdown survives a restart).
-    ``save_in_thread=False`` saves on the trio thread: commands are faster (no thread
-    hand-off), but the loop, and every async query on it, waits out each fsync.
+    Commits run on one writer thread; ``save_in_thread=False`` commits on the trio
+    thread instead: commands are a little faster (no hand-off), but the loop, and every
+    async query on it, waits out each fsync.
     On exit, in-process replicas stop; out-of-process ones keep running, to be found
     again by the next controller on the same store.
     ``standby=True`` (with a store that has a lease, :class:`~servecore.PostgresStore`)
@@ -796,6 +769,8 @@ async def open_controller(
                 yield ctl
             finally:
                 nursery.cancel_scope.cancel()
+                if ctl._writer is not None:
+                    ctl._writer.stop()
                 closer = getattr(rt, "close", None)
                 if closer is not None:
                     with trio.CancelScope(shield=True):

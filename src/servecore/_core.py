@@ -107,6 +107,7 @@ __all__ = [
     "BackendConfig",
     "BackendRoute",
     "BackendStatus",
+    "Changes",
     "Command",
     "CreateBackend",
     "CreateEndpoint",
@@ -264,11 +265,34 @@ class State:
 
 
 @attrs.frozen(kw_only=True)
+class Changes:
+    """What one transition changed, entity by entity: the delta a keyed checkpoint
+    writes (one record per endpoint, backend and replica, plus the counter).
+
+    Each map holds the entities put (their new value) and deleted (``None``); keys the
+    transition did not touch are absent. Collected by the transaction as it writes, so
+    its size, and the cost of making it, follow what changed, not the whole state.
+    """
+
+    endpoints: Map[str, Endpoint | None] = EMPTY
+    backends: Map[str, Backend | None] = EMPTY
+    replicas: Map[str, Replica | None] = EMPTY
+    #: The replica counter after the transition (changed or not).
+    replica_counter: int = 0
+
+    def __len__(self) -> int:
+        """How many entity records changed."""
+        return len(self.endpoints) + len(self.backends) + len(self.replicas)
+
+
+@attrs.frozen(kw_only=True)
 class Transition:
-    """The result of :func:`step`: the new state and the effects to carry out, in order."""
+    """The result of :func:`step`: the new state, the effects to carry out, in order,
+    and the entities it changed (:class:`Changes`)."""
 
     state: State
     effects: tuple[Effect, ...] = ()
+    changes: Changes = Changes()
 
 
 # ---------------------------------------------------------------------------------------
@@ -277,7 +301,12 @@ class Transition:
 
 class _Tx:
     """A transaction over one step: local copies of the persistent maps plus the
-    effects gathered so far. Nothing outside the step ever sees it."""
+    effects gathered so far. Nothing outside the step ever sees it.
+
+    It is the only writer of the maps, through the named operations below, and notes
+    every entity key it writes: :meth:`finish` turns those keys into the transition's
+    :class:`Changes` by looking each one up, so the delta costs what the step touched.
+    """
 
     def __init__(self, state: State) -> None:
         self.state = state
@@ -291,6 +320,27 @@ class _Tx:
         self.stops: list[StopReplica] = []
         self.starts: list[StartReplica] = []
         self.force_router_update = False
+        self._touched_endpoints: set[str] = set()
+        self._touched_backends: set[str] = set()
+        self._touched_replicas: set[str] = set()
+
+    # -- the writers of the entity maps ---------------------------------------------------
+
+    def put_endpoint(self, ep: Endpoint) -> None:
+        self.endpoints = self.endpoints.set(ep.name, ep)
+        self._touched_endpoints.add(ep.name)
+
+    def drop_endpoint(self, name: str) -> None:
+        self.endpoints = self.endpoints.delete(name)
+        self._touched_endpoints.add(name)
+
+    def _put_replica(self, r: Replica) -> None:
+        self.replicas = self.replicas.set(r.tag, r)
+        self._touched_replicas.add(r.tag)
+
+    def _drop_replica(self, tag: str) -> None:
+        self.replicas = self.replicas.delete(tag)
+        self._touched_replicas.add(tag)
 
     # -- replicas -----------------------------------------------------------------------
 
@@ -301,8 +351,7 @@ class _Tx:
         n = self.counter
         self.counter += 1
         tag = f"{backend.tag}#{n}"
-        replica = Replica(tag=tag, backend=backend.tag, version=backend.version)
-        self.replicas = self.replicas.set(tag, replica)
+        self._put_replica(Replica(tag=tag, backend=backend.tag, version=backend.version))
         idx = self.index.get(backend.tag, _NO_INDEX)
         self._set_index(backend.tag, attrs.evolve(idx, starting=idx.starting.set(n, tag)))
         self.starts.append(self.start_effect(tag, backend))
@@ -324,7 +373,7 @@ class _Tx:
 
     def mark_running(self, r: Replica) -> None:
         n = replica_number(r.tag)
-        self.replicas = self.replicas.set(r.tag, attrs.evolve(r, status=ReplicaStatus.RUNNING))
+        self._put_replica(attrs.evolve(r, status=ReplicaStatus.RUNNING))
         idx = self.index[r.backend]
         if r.version == self.backends[r.backend].version:
             idx = attrs.evolve(
@@ -361,17 +410,30 @@ class _Tx:
 
     def begin_stop(self, r: Replica, timeout_s: float) -> None:
         self._deactivate(r)
-        self.replicas = self.replicas.set(r.tag, attrs.evolve(r, status=ReplicaStatus.STOPPING))
+        self._put_replica(attrs.evolve(r, status=ReplicaStatus.STOPPING))
         self.stops.append(StopReplica(tag=r.tag, timeout_s=timeout_s))
 
     def forget(self, r: Replica) -> None:
         self._deactivate(r)
-        self.replicas = self.replicas.delete(r.tag)
+        self._drop_replica(r.tag)
 
     # -- backends -----------------------------------------------------------------------
 
+    def add_backend(self, b: Backend) -> None:
+        """A new backend: its record, an empty index and its route."""
+        self.put_backend(b)
+        self.index = self.index.set(b.tag, _NO_INDEX)
+        self.routes = self.routes.set(b.tag, BackendRoute.of(b))
+
+    def drop_backend(self, tag: str) -> None:
+        self.backends = self.backends.delete(tag)
+        self._touched_backends.add(tag)
+        self.index = self.index.delete(tag)
+        self.routes = self.routes.delete(tag)
+
     def put_backend(self, b: Backend) -> None:
         self.backends = self.backends.set(b.tag, b)
+        self._touched_backends.add(b.tag)
         route = self.routes.get(b.tag)
         if route is not None:
             # The router names a FAILED backend's reason in NoReplicaError.
@@ -453,7 +515,26 @@ class _Tx:
             effects.append(UpdateRouter(table=new.routing_table()))
         effects.extend(self.stops)
         effects.extend(self.starts)
-        return Transition(state=new, effects=tuple(effects))
+        old = self.state
+        changes = Changes(
+            endpoints=_delta(self._touched_endpoints, old.endpoints, new.endpoints),
+            backends=_delta(self._touched_backends, old.backends, new.backends),
+            replicas=_delta(self._touched_replicas, old.replicas, new.replicas),
+            replica_counter=new.replica_counter,
+        )
+        return Transition(state=new, effects=tuple(effects), changes=changes)
+
+
+def _delta(touched: set[str], old: Map[str, Any], new: Map[str, Any]) -> Map[str, Any]:
+    """The touched keys whose value is not the one they had (``None``: deleted)."""
+    if not touched:
+        return EMPTY
+    out: dict[str, Any] = {}
+    for key in touched:
+        value = new.get(key)
+        if value is not old.get(key):
+            out[key] = value
+    return Map(out) if out else EMPTY
 
 
 def _status_of(b: Backend, idx: _BackendIndex) -> BackendStatus:
@@ -465,7 +546,9 @@ def _status_of(b: Backend, idx: _BackendIndex) -> BackendStatus:
 
 
 def _unchanged(state: State) -> Transition:
-    return Transition(state=state, effects=())
+    return Transition(
+        state=state, effects=(), changes=Changes(replica_counter=state.replica_counter)
+    )
 
 
 def same_checkpoint(old: State, new: State) -> bool:
@@ -506,14 +589,14 @@ def _create_endpoint(state: State, cmd: CreateEndpoint) -> Transition:
             if other.route == cmd.route:
                 raise RouteConflict(cmd.route, cmd.name, other.name)
     tx = _Tx(state)
-    tx.endpoints = tx.endpoints.set(cmd.name, new)
+    tx.put_endpoint(new)
     return tx.finish()
 
 
 def _delete_endpoint(state: State, cmd: DeleteEndpoint) -> Transition:
     _endpoint(state, cmd.name)
     tx = _Tx(state)
-    tx.endpoints = tx.endpoints.delete(cmd.name)
+    tx.drop_endpoint(cmd.name)
     return tx.finish()
 
 
@@ -533,9 +616,7 @@ def _create_backend(state: State, cmd: CreateBackend) -> Transition:
             return _unchanged(state)
         raise BackendExists(cmd.tag)
     tx = _Tx(state)
-    tx.put_backend(new)
-    tx.index = tx.index.set(cmd.tag, _NO_INDEX)
-    tx.routes = tx.routes.set(cmd.tag, BackendRoute.of(new))
+    tx.add_backend(new)
     tx.reconcile(cmd.tag)
     return tx.finish()
 
@@ -554,9 +635,7 @@ def _delete_backend(state: State, cmd: DeleteBackend) -> Transition:
     tx = _Tx(state)
     for rtag in state.replicas_of(cmd.tag):
         tx.begin_stop(tx.replicas[rtag], b.config.graceful_shutdown_timeout_s)
-    tx.backends = tx.backends.delete(cmd.tag)
-    tx.index = tx.index.delete(cmd.tag)
-    tx.routes = tx.routes.delete(cmd.tag)
+    tx.drop_backend(cmd.tag)
     if cmd.tag in tx.observations:
         tx.observations = tx.observations.delete(cmd.tag)
     return tx.finish()
@@ -628,8 +707,10 @@ def _load_report(state: State, ev: LoadReport) -> Transition:
     )
     decided = decide(scaling, b.autoscale, ev.ongoing, ev.now)
     if decided is b.autoscale:
+        # Nothing checkpointed changed: an empty change set.
         return Transition(
-            state=attrs.evolve(state, observations=state.observations.set(b.tag, seen))
+            state=attrs.evolve(state, observations=state.observations.set(b.tag, seen)),
+            changes=Changes(replica_counter=state.replica_counter),
         )
     tx = _Tx(state)
     tx.observations = tx.observations.set(b.tag, seen)
@@ -660,7 +741,7 @@ def _set_traffic(state: State, cmd: SetTraffic) -> Transition:
     if ep.traffic == cmd.traffic:
         return _unchanged(state)
     tx = _Tx(state)
-    tx.endpoints = tx.endpoints.set(ep.name, attrs.evolve(ep, traffic=cmd.traffic))
+    tx.put_endpoint(attrs.evolve(ep, traffic=cmd.traffic))
     return tx.finish()
 
 
@@ -674,7 +755,7 @@ def _set_shadow_traffic(state: State, cmd: SetShadowTraffic) -> Transition:
     if shadow == ep.shadow:
         return _unchanged(state)
     tx = _Tx(state)
-    tx.endpoints = tx.endpoints.set(ep.name, attrs.evolve(ep, shadow=shadow))
+    tx.put_endpoint(attrs.evolve(ep, shadow=shadow))
     return tx.finish()
 
 

@@ -204,8 +204,9 @@ class InvalidCommand(CommandError, TypeError):
 
 
 class CheckpointError(ServecoreError):
-    """Saving a checkpoint failed. The message says exactly what was applied: for a
-    command's own save, nothing (the state is unchanged and no effect ran)."""
+    """Committing to the checkpoint store failed. The message says exactly what was
+    applied: for a command's own commit, nothing (the state is unchanged and no effect
+    ran), and the same for every other command committed with it."""
 
 
 class CheckpointCorrupt(ServecoreError):

@@ -251,7 +251,7 @@ def recovered(controller: Any, before: State, live: Iterable[str]) -> None:
 
 
 def checkpoint_saved(controller: Any, seconds: float, size: int) -> None:
-    """A checkpoint of ``size`` bytes was made durable in ``seconds``."""
+    """A commit writing ``size`` bytes of records was made durable in ``seconds``."""
     c = counts(controller)
     c.checkpoint_seconds.observe(seconds)
     c.checkpoint_bytes = size

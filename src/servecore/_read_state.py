@@ -1,71 +1,90 @@
 """Read a checkpoint without owning its store: for status tools and backups.
 
 A running controller holds its store's lock (a second controller gets
-:class:`~servecore.StoreLocked`), but reading never needs it: a :class:`FileStore` is
-replaced atomically, and a :class:`SQLiteStore` in WAL mode lets a read-only
-connection see the last committed transaction while the owner writes.
+:class:`~servecore.StoreLocked`), but reading never needs it: a :class:`FileStore`'s
+snapshot is replaced atomically and its log only grows by whole, checksummed frames
+(a frame still being written reads as a torn tail, i.e. not yet committed), and a
+:class:`SQLiteStore` in WAL mode lets a read-only connection see the last committed
+transaction while the owner writes.
 """
 
 from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Mapping
 from pathlib import Path
 
-from servecore._checkpoint import decode
+from servecore._checkpoint import decode_blob, load_records
 from servecore._core import State
-from servecore._errors import CheckpointCorrupt
-from servecore.stores import FileStore, SQLiteStore, Store
+from servecore._errors import CheckpointCorrupt, CheckpointVersionError
+from servecore.stores import BlobStore, FileStore, SQLiteStore, Store, as_store
 
 __all__ = ["load_checkpoint", "load_state", "read_state"]
 
+_SQLITE_HEADER = b"SQLite format 3\x00"
 
-def _read_sqlite(path: Path) -> bytes | None:
+
+def _read_sqlite(path: Path) -> tuple[int, Mapping[str, bytes]]:
+    """``(seq, records)`` of a SQLite store's database, opened read-only."""
+    where = str(path)
     if not path.exists():
-        return None
+        return 0, {}
     with open(path, "rb") as f:
         header = f.read(16)
     if not header:
-        return None
-    if header != b"SQLite format 3\x00":
-        raise CheckpointCorrupt(str(path), "not a SQLite database (bad header)")
+        return 0, {}
+    if header != _SQLITE_HEADER:
+        raise CheckpointCorrupt(where, "not a SQLite database (bad header)")
     try:
         db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
     except sqlite3.Error as exc:
-        raise CheckpointCorrupt(str(path), f"cannot open it read-only ({exc})") from exc
+        raise CheckpointCorrupt(where, f"cannot open it read-only ({exc})") from exc
     try:
-        row = db.execute("SELECT data FROM checkpoint WHERE id = 1").fetchone()
-    except sqlite3.OperationalError as exc:
-        if "no such table" in str(exc):
-            return None  # created, never saved to
-        raise CheckpointCorrupt(str(path), f"cannot read the table ({exc})") from exc
+        # One read transaction: the records and the seq of the same commit.
+        db.execute("BEGIN")
+        (version,) = db.execute("PRAGMA user_version").fetchone()
+        if version > SQLiteStore.SCHEMA_VERSION:
+            raise CheckpointVersionError(where, version, SQLiteStore.SCHEMA_VERSION)
+        if version == 0:
+            return 0, {}  # created, never committed to
+        if version == 1:  # the whole checkpoint in one row; upgraded when next opened
+            row = db.execute("SELECT data FROM checkpoint WHERE id = 1").fetchone()
+            return (0, {}) if row is None else decode_blob(bytes(row[0]), where)
+        meta = db.execute("SELECT seq FROM meta WHERE id = 1").fetchone()
+        rows = db.execute("SELECT key, value FROM records").fetchall()
     except sqlite3.DatabaseError as exc:
-        raise CheckpointCorrupt(str(path), f"cannot read the table ({exc})") from exc
+        raise CheckpointCorrupt(where, f"cannot read the tables ({exc})") from exc
     finally:
         db.close()
-    return None if row is None else bytes(row[0])
+    if meta is None:
+        raise CheckpointCorrupt(where, "the meta table has no row")
+    return meta[0], {key: bytes(value) for key, value in rows}
 
 
-def load_checkpoint(store: Store) -> tuple[State, int] | None:
+def load_checkpoint(store: Store | BlobStore) -> tuple[State, int] | None:
     """``(state, seq)`` of the last checkpoint in ``store``, or ``None`` if it has none.
 
     Read-only and lock-free for :class:`~servecore.SQLiteStore` and
     :class:`~servecore.FileStore`, so it works while a controller owns the store; any
-    other store is asked through its own ``load()``.
+    other store is asked through its own ``load()`` (a whole-blob store's bytes are
+    decoded as the controller would).
     """
     where = str(getattr(store, "where", repr(store)))
+    seq: int
+    records: Mapping[str, bytes]
     if isinstance(store, SQLiteStore):
-        data = _read_sqlite(store.path)
+        seq, records = _read_sqlite(store.path)
     elif isinstance(store, FileStore):
-        data = store.load()
+        seq, records = store.read()
     else:
-        data = store.load()
-    if data is None:
+        seq, records = as_store(store).load()
+    if not records:
         return None
-    return decode(data, where)
+    return load_records(seq, records, where), seq
 
 
-def load_state(store: Store) -> State:
+def load_state(store: Store | BlobStore) -> State:
     """The state of the last checkpoint in ``store`` (empty if it has none), read
     without taking the store's lock::
 
@@ -83,7 +102,7 @@ def store_at(path: str | os.PathLike[str]) -> Store:
         return SQLiteStore(p)
     try:
         with open(p, "rb") as f:
-            if f.read(16) == b"SQLite format 3\x00":
+            if f.read(16) == _SQLITE_HEADER:
                 return SQLiteStore(p)
     except OSError:
         pass

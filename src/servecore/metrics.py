@@ -126,7 +126,9 @@ class ControllerCollector(Collector):
         commits.add_metric([], _buckets(h), h.sum)
         yield commits
         yield GaugeMetricFamily(
-            f"{p}_checkpoint_bytes", "Size of the last checkpoint.", value=lc.checkpoint_bytes
+            f"{p}_checkpoint_bytes",
+            "Bytes of records the last commit wrote.",
+            value=lc.checkpoint_bytes,
         )
         yield GaugeMetricFamily(f"{p}_checkpoint_seq", "Last checkpoint number.", value=ctl.seq)
 

@@ -6,11 +6,12 @@ tests use, and anyone can run them against their own runtime or store:
 
 * :class:`InMemoryRuntime` — a deterministic runtime whose replicas outlive a simulated
   controller crash, with fault injection (fail starts, kill replicas);
-* :class:`FaultyStore` — fails, tears or crashes saves;
+* :class:`FaultyStore` — fails, tears or crashes commits;
 * :class:`InjectedFailure` — the error of an injected start failure (any other start
   failure fails the crash checks);
-* :class:`CrashPlan` / :class:`SimulatedCrash` — numbered crash points before and after
-  every save, start and stop;
+* :class:`CrashPlan` / :class:`SimulatedCrash` — numbered crash points before, midway
+  through (part of the change set written) and after every commit, and before and
+  after every start and stop;
 * :class:`CrashWorld`, :func:`enumerate_crashes` — crash at *every* point of a script;
 * :class:`CrashConsistencyMachine` — the Hypothesis stateful machine checking the five
   properties against a :class:`ReferenceModel`;
@@ -31,12 +32,15 @@ from servecore.testing._crash import (
     CrashWorld,
     Kill,
     Outcome,
+    Together,
     check_all_or_nothing,
     check_store_holds,
     corrupt,
     enumerate_crashes,
+    restore,
 )
 from servecore.testing._faults import CrashPlan, InjectedFailure, SimulatedCrash
+from servecore.testing._group import check_some_order
 from servecore.testing._machine import CrashConsistencyMachine
 from servecore.testing._model import ReferenceModel, desired
 from servecore.testing._runtime import InMemoryRuntime
@@ -55,10 +59,13 @@ __all__ = [
     "ReferenceModel",
     "SimulatedCrash",
     "StoreFault",
+    "Together",
     "check_all_or_nothing",
     "check_runtime",
+    "check_some_order",
     "check_store_holds",
     "corrupt",
     "desired",
     "enumerate_crashes",
+    "restore",
 ]

@@ -4,8 +4,11 @@ A :class:`CrashWorld` is what survives a controller: a store and a runtime. Each
 :meth:`CrashWorld.run` opens a controller on them (which recovers), performs one action
 (a command, or killing a replica), waits for it to settle and closes it, optionally
 crashing at crash point ``k``. Crash points are numbered by a :class:`CrashPlan`:
-before and after every save, and before and after every replica start and stop, during
-recovery as well as during the action. :meth:`CrashWorld.count_points` runs the same
+before, midway through (part of the change set written) and after every commit, and
+before and after every replica start and stop, during recovery as well as during the
+action. Controllers in a world take a batch of messages only once every other task is
+blocked, so which messages share a commit (group commit), and so the count of crash
+points, does not depend on timing. :meth:`CrashWorld.count_points` runs the same
 action on an in-memory copy of the world to learn how many points there are, so a test
 can visit each one (:func:`enumerate_crashes`), never hoping a random crash fires.
 """
@@ -13,15 +16,24 @@ can visit each one (:func:`enumerate_crashes`), never hoping a random crash fire
 from __future__ import annotations
 
 import inspect
-import json
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
 import trio
+from trio.testing import MockClock
 
-from servecore._checkpoint import VERSION
+from servecore._checkpoint import (
+    FORMAT,
+    META_KEY,
+    VERSION,
+    _record,
+    encode_blob,
+    meta_record,
+    read_meta,
+)
+from servecore._commit import deterministic_batches
 from servecore._controller import Controller, open_controller
 from servecore._core import (
     BackendStatus,
@@ -43,7 +55,7 @@ from servecore._errors import (
     CommandError,
 )
 from servecore.runtimes import Query, Report, Runtime, close_runtime, open_runtime
-from servecore.stores import MemoryStore, Store
+from servecore.stores import BlobAdapter, BlobStore, MemoryStore, Store
 from servecore.testing._faults import CrashPlan, InjectedFailure, SimulatedCrash
 from servecore.testing._model import ReferenceModel, desired
 from servecore.testing._runtime import InMemoryRuntime
@@ -58,6 +70,7 @@ __all__ = [
     "check_store_holds",
     "corrupt",
     "enumerate_crashes",
+    "restore",
 ]
 
 _EXPECTED_ERRORS = (
@@ -76,7 +89,15 @@ class Kill:
     tag: str
 
 
-Action = Command | Kill | LoadReport | None
+@attrs.frozen
+class Together:
+    """An action: submit ``commands`` concurrently, so they share commits (group
+    commit). Each one's error (or ``None``) is in :attr:`Outcome.errors`, in order."""
+
+    commands: tuple[Command, ...]
+
+
+Action = Command | Kill | LoadReport | Together | None
 
 
 @attrs.frozen
@@ -98,6 +119,7 @@ class Outcome:
     table_unchanged: bool = True
     live: frozenset[str] | None = None
     action_log: tuple[tuple[str, str], ...] = ()
+    errors: tuple[BaseException | None, ...] = ()
 
 
 class CrashingRuntime:
@@ -227,7 +249,7 @@ class CrashWorld:
 
     def __init__(
         self,
-        store: Store | None = None,
+        store: Store | BlobStore | None = None,
         runtime: Runtime | None = None,
         *,
         kill: Callable[[str], Any] | None = None,
@@ -260,9 +282,20 @@ class CrashWorld:
         self.runtime.problems.clear()
         box: dict[str, Any] = {}
 
+        # On the in-memory runtime nothing waits for the real world: a mock clock and
+        # inline commits make every run with the same history take the same course.
+        in_memory = isinstance(self.inner_runtime, InMemoryRuntime)
+
         async def session() -> None:
+            with deterministic_batches(0.0 if in_memory else 0.005):
+                await controlled()
+
+        async def controlled() -> None:
             async with open_controller(
-                runtime=self.runtime, store=self.store, name=self.name, **self.controller_options
+                runtime=self.runtime,
+                store=self.store,
+                name=self.name,
+                **{"save_in_thread": not in_memory, **self.controller_options},
             ) as ctl:
                 await ctl.settle()
                 box["table"] = ctl.routing_table
@@ -270,7 +303,9 @@ class CrashWorld:
                     prepare(ctl)
                 box["mark"] = len(self.runtime.log)
                 try:
-                    if isinstance(action, Kill):
+                    if isinstance(action, Together):
+                        box["errors"] = await _together(ctl, action.commands)
+                    elif isinstance(action, Kill):
                         if action.tag in await self.runtime.list_replicas():
                             await self.runtime.kill(action.tag)
                     elif isinstance(action, LoadReport):
@@ -285,7 +320,7 @@ class CrashWorld:
                 box["live"] = await self.runtime.list_replicas()
 
         try:
-            trio.run(session)
+            trio.run(session, clock=MockClock(autojump_threshold=0) if in_memory else None)
         except SimulatedCrash as crash:
             self._check_promises()
             return Outcome(state=None, error=None, crashed=crash.label, points=self.plan.count)
@@ -306,6 +341,7 @@ class CrashWorld:
             table_unchanged=box["unchanged"],
             live=box["live"],
             action_log=tuple(self.runtime.log[box["mark"] :]),
+            errors=tuple(box.get("errors", ())),
         )
 
     def _check_promises(self, error: BaseException | None = None) -> None:
@@ -324,8 +360,9 @@ class CrashWorld:
             effect = getattr(inner, "live", {}).get(tag)
             copy.live[tag] = effect if effect is not None else _placeholder(tag)
         copy._failures = dict(getattr(inner, "_failures", {}))
+        seq, records = self.store.load()
         return CrashWorld(
-            store=MemoryStore(self.store.load()),
+            store=MemoryStore(records, seq),
             runtime=copy,
             name=self.name,
             controller_options=self.controller_options,
@@ -374,6 +411,31 @@ class CrashWorld:
         assert state.replica_counter >= self.highest_counter, "replica counter went back"
         for tag in self.live():
             assert replica_number(tag) < state.replica_counter, f"{tag} >= counter"
+
+
+async def _together(ctl: Controller, commands: Sequence[Command]) -> list[BaseException | None]:
+    """Submit ``commands`` concurrently, arriving in their order: each is queued before
+    the next one's task starts. This task stays runnable meanwhile, so the committer
+    (waiting for every task to block) takes them as one batch."""
+    errors: list[BaseException | None] = [None] * len(commands)
+    finished = [False] * len(commands)
+
+    async def one(i: int, command: Command) -> None:
+        try:
+            await ctl.submit(command)
+        except _EXPECTED_ERRORS as exc:
+            errors[i] = exc
+        finally:
+            finished[i] = True
+
+    committer = ctl._committer
+    async with trio.open_nursery() as nursery:
+        for i, command in enumerate(commands):
+            before = committer.queued
+            nursery.start_soon(one, i, command)
+            while committer.queued == before and not finished[i]:
+                await trio.lowlevel.checkpoint()
+    return errors
 
 
 async def _list_live(runtime: Runtime, name: str) -> frozenset[str]:
@@ -451,7 +513,7 @@ def check_all_or_nothing(model: ReferenceModel, action: Action, state: State) ->
     if got == model.desired():
         return False
     if (
-        isinstance(action, (Kill, LoadReport))
+        isinstance(action, (Kill, LoadReport, Together))
         or action is None
         or model.expected_error(action) is not None
     ):
@@ -463,34 +525,85 @@ def check_all_or_nothing(model: ReferenceModel, action: Action, state: State) ->
     return True
 
 
-def corrupt(store: FaultyStore, how: str) -> bytes | None:
-    """Damage the checkpoint in ``store`` (``"torn"``, ``"garbage"``, ``"checksum"``,
-    ``"too-new"``); return the good bytes so the caller can restore them."""
-    good = store.inner.load()
-    if good is None:
+Snapshot = tuple[int, Mapping[str, bytes]]
+
+
+def corrupt(store: FaultyStore, how: str) -> Snapshot | None:
+    """Damage the checkpoint in ``store`` with one more commit through its own
+    ``commit`` (``"torn"``: a record cut short; ``"garbage"``: a meta record of noise;
+    ``"checksum"``: a record edited under its checksum; ``"too-new"``: a meta record of
+    a newer version). Return the good ``(seq, records)`` so the caller can
+    :func:`restore` them; ``None`` if the store is empty."""
+    seq, records = store.inner.load()
+    if not records:
         return None
-    if how == "torn":
-        bad = good[: len(good) // 2]
-    elif how == "garbage":
-        bad = b"\x00\xffnot json"
-    else:
-        envelope = json.loads(good)
-        if how == "checksum":
-            envelope["state"]["replica_counter"] += 1
+    good = (seq, dict(records))
+    counter = read_meta(records, seq, store.where)
+    key = max(k for k in records) if len(records) > 1 else META_KEY
+    if how in ("torn", "checksum") and key != META_KEY:
+        data = records[key]
+        if how == "torn":
+            bad = data[: len(data) // 2]
         else:
-            envelope["version"] = VERSION + 1
-        bad = json.dumps(envelope).encode()
-    check_store_holds(store.inner, bad)
+            i = data.index(b'"value":') + len(b'"value":') + 1
+            bad = data[:i] + b" " + data[i:]  # the same JSON value in other bytes
+        puts = {key: bad, META_KEY: meta_record(seq + 1, counter)}
+    elif how == "too-new":
+        body = b'{"format":"%s","replica_counter":%d,"seq":%d,"version":%d}' % (
+            FORMAT.encode(),
+            counter,
+            seq + 1,
+            VERSION + 1,
+        )
+        puts = {META_KEY: _record(META_KEY, body)}
+    else:
+        puts = {META_KEY: b"\x00\xffnot json"}
+    inner = store.inner
+    if isinstance(inner, BlobAdapter):
+        # The whole-blob store underneath gets the damaged envelope, and must hold it.
+        # (The adapter keeps the good records: restore() commits through it.)
+        check_store_holds(inner.blob, encode_blob(seq + 1, {**records, **puts}))
+    else:
+        check_store_holds(inner, puts, seq=seq + 1)
     return good
 
 
-def check_store_holds(store: Store, data: bytes) -> None:
-    """Save ``data`` and check that ``load()`` gives exactly those bytes back.
+def check_store_holds(
+    store: Store | BlobStore, data: bytes | Mapping[str, bytes], *, seq: int | None = None
+) -> None:
+    """Write ``data`` and check that ``load()`` gives exactly those bytes back.
 
+    A whole-blob store (``save``/``load``) saves ``data`` (bytes) as its blob; a
+    key-value store commits ``data`` (records, or bytes as the ``meta`` record) as
+    checkpoint ``seq`` (default: the one after its last) and must load them unchanged.
     A store receives arbitrary bytes (a torn or foreign checkpoint is not UTF-8, nor
     JSON); one that cannot hold them fails here with an ``AssertionError`` naming it.
+    Either way the store is left holding ``data``: use a scratch store, or restore it.
     """
     name = type(store).__qualname__
+    sample = data if isinstance(data, bytes) else b"".join(data.values())
+    if isinstance(store, Store):
+        puts = {META_KEY: data} if isinstance(data, bytes) else dict(data)
+        try:
+            if seq is None:
+                seq = store.load()[0] + 1
+            store.commit(seq, puts, ())
+            back_seq, records = store.load()
+        except Exception as exc:
+            raise AssertionError(
+                f"store {name} cannot hold arbitrary bytes: committing and loading "
+                f"{sample[:16]!r} raised {_describe(exc)}; Store.commit receives any bytes, "
+                f"not only UTF-8 text"
+            ) from exc
+        changed = sorted(k for k, v in puts.items() if records.get(k) != v)
+        assert back_seq == seq and not changed, (
+            f"store {name} did not give back what it was given: committed {seq} with "
+            f"{sample[:16]!r}..., loaded {back_seq} with other bytes under {changed}; "
+            f"Store.load must return exactly what commit got"
+        )
+        return
+    if not isinstance(data, bytes):
+        raise TypeError(f"a whole-blob store holds bytes, not {type(data).__name__}")
     try:
         store.save(data)
         back = store.load()
@@ -503,3 +616,17 @@ def check_store_holds(store: Store, data: bytes) -> None:
         f"store {name} did not give back the bytes it was given: saved {data[:16]!r}..., "
         f"loaded {(back or b'')[:16]!r}...; Store.load must return exactly what save got"
     )
+
+
+def restore(store: FaultyStore, snapshot: Snapshot) -> None:
+    """Make ``store`` hold the records of ``snapshot`` again (a backup put back), as
+    its next commit: the sequence number goes on, the state goes back."""
+    seq, records = snapshot
+    try:
+        now_seq, now = store.inner.load()
+    except (CheckpointCorrupt, CheckpointVersionError):
+        # Unreadable as a whole (a blob): :func:`corrupt` changed no key, added none.
+        now_seq, now = seq + 1, records
+    counter = read_meta(records, seq, store.where)
+    puts = {**records, META_KEY: meta_record(now_seq + 1, counter)}
+    store.inner.commit(now_seq + 1, puts, [k for k in now if k not in records])

@@ -1,9 +1,10 @@
 """Fault injection shared by the fake runtime and the faulty store.
 
-A :class:`CrashPlan` numbers every *crash point* the controller passes (before and
-after each save, each replica start and each stop). Armed with ``at=k``, it raises
-:class:`SimulatedCrash` at point ``k``; unarmed, it only counts, which is how the
-crash-consistency checks learn how many points a command has, to visit every one.
+A :class:`CrashPlan` numbers every *crash point* the controller passes (before,
+midway through and after each commit, before and after each replica start and stop).
+Armed with ``at=k``, it raises :class:`SimulatedCrash` at point ``k``; unarmed, it
+only counts, which is how the crash-consistency checks learn how many points a command
+has, to visit every one.
 """
 
 from __future__ import annotations

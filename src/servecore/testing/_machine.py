@@ -48,15 +48,25 @@ from servecore._errors import (
     CheckpointVersionError,
 )
 from servecore.runtimes import Runtime, close_runtime, open_runtime
-from servecore.stores import MemoryStore, Store
-from servecore.testing._crash import CrashWorld, Kill, Outcome, check_all_or_nothing, corrupt
+from servecore.stores import BlobStore, MemoryStore, Store
+from servecore.testing._crash import (
+    CrashWorld,
+    Kill,
+    Outcome,
+    Snapshot,
+    Together,
+    check_all_or_nothing,
+    corrupt,
+    restore,
+)
+from servecore.testing._group import check_some_order
 from servecore.testing._model import ReferenceModel, desired
 from servecore.testing._runtime import InMemoryRuntime
 from servecore.testing.strategies import BACKEND_TAGS, backend_definitions, commands
 
 __all__ = ["CrashConsistencyMachine"]
 
-#: A command that always changes the state, so that its save can be torn.
+#: A command that changes the state (the first time), so that its commit can be torn.
 _PROBE = CreateEndpoint(name="torn-save-probe")
 
 
@@ -69,12 +79,14 @@ class CrashConsistencyMachine(RuleBasedStateMachine):
         self.world = CrashWorld(self.make_store(), self.make_runtime(), kill=self.kill_hook())
         self.model = ReferenceModel()
         self.last: Outcome | None = None
-        self.backup: tuple[bytes | None, ReferenceModel] | None = None
+        self.backup: tuple[Snapshot, ReferenceModel] | None = None
 
     # -- what subclasses override -------------------------------------------------------
 
-    def make_store(self) -> Store:
-        """A fresh, empty store (``self.tmp`` is a private directory, new per example)."""
+    def make_store(self) -> Store | BlobStore:
+        """A fresh, empty store (``self.tmp`` is a private directory, new per example):
+        a key-value store, or a whole-blob one (run through
+        :class:`~servecore.BlobAdapter`)."""
         return MemoryStore()
 
     def make_runtime(self) -> Runtime:
@@ -139,10 +151,10 @@ class CrashConsistencyMachine(RuleBasedStateMachine):
         """Each example starts from nothing (an empty store, an empty runtime, both
         checked), then creates one backend with running replicas, so that even a short
         example has replicas to kill, crash around and recover."""
-        stored = self.world.store.load()
-        assert stored is None, (
+        _, stored = self.world.store.load()
+        assert not stored, (
             f"make_store() gave a store that already holds a checkpoint ({len(stored)} "
-            f"bytes); each example needs a fresh, empty store (e.g. under self.tmp)"
+            f"records); each example needs a fresh, empty store (e.g. under self.tmp)"
         )
         live = self.world.live()
         assert not live, (
@@ -266,26 +278,60 @@ class CrashConsistencyMachine(RuleBasedStateMachine):
         if isinstance(runtime, InMemoryRuntime):
             runtime.heal(tag)
 
-    @rule(how=st.sampled_from(["torn", "garbage", "checksum", "too-new", "torn-save"]))
+    @rule(cmds=st.lists(commands(), min_size=2, max_size=3))
+    def commands_together(self, cmds: list[Command]) -> None:
+        """Concurrent commands share commits: each is applied or rejected alone, as in
+        some arrival order."""
+        outcome = self.world.run(Together(tuple(cmds)))
+        assert outcome.state is not None, outcome
+        self.model = check_some_order(self.model, cmds, outcome.state, outcome.errors)
+        self._settled(outcome)
+
+    @rule(cmds=st.lists(commands(), min_size=2, max_size=3), data=st.data())
+    def commands_together_with_crash(self, cmds: list[Command], data: st.DataObject) -> None:
+        """Crash anywhere in (recovery +) a group commit: whole batches survive, in order."""
+        total = self.world.count_points(Together(tuple(cmds)))
+        k = data.draw(st.integers(0, total - 1), label="crash point")
+        assert self.world.run(Together(tuple(cmds)), crash_at=k).crashed is not None
+        recovered = self.world.run(None)
+        assert recovered.state is not None, recovered
+        self.model = check_some_order(self.model, cmds, recovered.state)
+        self._settled(recovered)
+
+    @rule(cmds=st.lists(commands(), min_size=2, max_size=3))
+    def commands_together_with_failed_commit(self, cmds: list[Command]) -> None:
+        """A failed group commit fails every command in it and runs no effect."""
+        outcome = self.world.run(
+            Together(tuple(cmds)), prepare=lambda _ctl: self.world.store.fail_next(1)
+        )
+        self.world.store.fail_next(0)
+        assert outcome.state is not None, outcome
+        self.model = check_some_order(self.model, cmds, outcome.state, outcome.errors)
+        if any(isinstance(e, CheckpointError) for e in outcome.errors):
+            assert not outcome.action_log, f"an effect ran after a failed commit: {outcome}"
+            assert outcome.table_unchanged, "the router saw a state that was never committed"
+        self._settled(outcome)
+
+    @rule()
+    def torn_commit(self) -> None:
+        """A commit that fails half-way is kept by no store: not now, not on reopening."""
+        store = self.world.store
+        outcome = self.world.run(_PROBE, prepare=lambda _ctl: store.tear_next())
+        store.tear_next(False)
+        if isinstance(outcome.error, CheckpointError):
+            assert not outcome.action_log, f"an effect ran after a torn commit: {outcome}"
+        else:
+            assert outcome.error is None, outcome.error
+            self.model.apply(_PROBE)  # already there: nothing to commit, nothing torn
+        self._settled(outcome)
+        self._settled(self.world.run(None))
+
+    @rule(how=st.sampled_from(["torn", "garbage", "checksum", "too-new"]))
     def corrupt_checkpoint(self, how: str) -> None:
         """Property 5: a corrupt or too-new checkpoint raises; never read as empty."""
         store = self.world.store
-        if how == "torn-save":
-            saved: list[bytes | None] = []
-
-            def tear(_ctl: Any) -> None:
-                # The good checkpoint is the one just before the torn save: recovery in
-                # this very run may have saved a newer one than before the run.
-                saved.append(store.inner.load())
-                store.tear_next()
-
-            outcome = self.world.run(_PROBE, prepare=tear)
-            if not isinstance(outcome.error, CheckpointError):
-                return  # nothing was saved (no-op command): nothing to tear
-            good = saved[0]
-        else:
-            good = corrupt(store, how)
         before = list(self.world.runtime.log)
+        good = corrupt(store, how)
         if good is None:
             return
         reopened = self.world.run(None)
@@ -293,13 +339,14 @@ class CrashConsistencyMachine(RuleBasedStateMachine):
         assert isinstance(reopened.error, wanted), reopened
         assert reopened.state is None
         assert self.world.runtime.log == before, "a replica was touched on a bad checkpoint"
-        store.inner.save(good)
+        restore(store, good)
         self._settled(self.world.run(None))
 
     @rule()
     def snapshot_checkpoint(self) -> None:
         """Remember the checkpoint as it is now (to restore it later, as from a backup)."""
-        self.backup = (self.world.store.inner.load(), self.model.copy())
+        seq, records = self.world.store.inner.load()
+        self.backup = ((seq, dict(records)), self.model.copy())
 
     @precondition(lambda self: getattr(self, "backup", None) is not None)
     @rule()
@@ -307,11 +354,11 @@ class CrashConsistencyMachine(RuleBasedStateMachine):
         """Roll the store back to an older checkpoint. Replicas started since then are
         orphans: recovery must stop them, and never mint their tags again."""
         assert self.backup is not None
-        data, model = self.backup
-        if data is None:
+        snapshot, model = self.backup
+        if not snapshot[1]:
             return
         live_before = self.world.live()
-        self.world.store.inner.save(data)
+        restore(self.world.store, snapshot)
         self.model = model.copy()
         # Tags retired after the backup may be minted again: the old checkpoint cannot
         # know them. Live ones must not be: recovery bumps the counter past them.

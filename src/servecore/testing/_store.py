@@ -1,45 +1,71 @@
-"""A store wrapper that fails, tears or crashes saves on demand."""
+"""A store wrapper that fails, tears or crashes commits on demand."""
 
 from __future__ import annotations
 
-from servecore.stores import MemoryStore, Store
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
+
+from servecore.stores import BlobStore, MemoryStore, Store, as_store
 from servecore.testing._faults import CrashPlan
 
 __all__ = ["FaultyStore", "StoreFault"]
 
 
 class StoreFault(OSError):
-    """The error an injected save failure raises (the disk said no)."""
+    """The error an injected commit failure raises (the disk said no)."""
 
 
 class FaultyStore:
-    """Wraps ``inner`` (a :class:`~servecore.MemoryStore` by default).
+    """Wraps ``inner`` (a :class:`~servecore.MemoryStore` by default; a whole-blob
+    store or a callable is wrapped as the controller would, in a
+    :class:`~servecore.BlobAdapter`).
 
-    * :meth:`fail_next` — the next ``n`` saves raise :class:`StoreFault` and write nothing;
-    * :meth:`tear_next` — the next save writes only a prefix of the bytes, then raises
-      (a store without atomic replace, torn by a crash);
-    * ``crash_plan`` — crash points just before a save and just after it is durable.
+    * :meth:`fail_next` — the next ``n`` commits raise :class:`StoreFault` and write
+      nothing;
+    * :meth:`tear_next` — the next commit writes part of its change set, then raises
+      (the store must keep none of it);
+    * ``crash_plan`` — three crash points per commit: before it, *midway* (part of the
+      change set written, none of it durable: the built-in stores call back from
+      inside their commit; other stores get the point just before theirs) and after it
+      is durable.
     """
 
-    def __init__(self, inner: Store | None = None, crash_plan: CrashPlan | None = None) -> None:
-        self.inner = inner if inner is not None else MemoryStore()
+    def __init__(
+        self,
+        inner: Store | BlobStore | Callable[[bytes], object] | None = None,
+        crash_plan: CrashPlan | None = None,
+    ) -> None:
+        self.inner: Store = as_store(inner if inner is not None else MemoryStore())
         self.crash_plan = crash_plan or CrashPlan()
         self.where = f"faulty {getattr(self.inner, 'where', self.inner)!s}"
         self._fail = 0
         self._fail_after = 0
         self._tear = False
-        self.saves = 0
+        self.commits = 0
+        self._hooked = hasattr(self.inner, "_midway")
+        if self._hooked:
+            self.inner._midway = self._midway  # type: ignore[attr-defined]
+
+    @property
+    def saves(self) -> int:
+        """The old name of :attr:`commits`."""
+        return self.commits
+
+    @property
+    def store_id(self) -> Any:
+        return getattr(self.inner, "store_id", None)
 
     def fail_next(self, n: int = 1, *, after: int = 0) -> None:
-        """Make ``n`` saves fail without writing: the next ones, or those that come
-        after ``after`` more saves succeed (an outage that begins once a command's own
-        save is done, and so hits the events that follow it)."""
+        """Make ``n`` commits fail without writing: the next ones, or those that come
+        after ``after`` more commits succeed (an outage that begins once a command's
+        own commit is done, and so hits the events that follow it)."""
         self._fail = n
         self._fail_after = after
 
-    def tear_next(self) -> None:
-        """Make the next save write a torn prefix, then fail."""
-        self._tear = True
+    def tear_next(self, on: bool = True) -> None:
+        """Make the next commit fail half-way, after writing part of its change set
+        (``False`` takes it back)."""
+        self._tear = on
 
     def open(self) -> None:
         opener = getattr(self.inner, "open", None)
@@ -51,20 +77,24 @@ class FaultyStore:
         if closer is not None:
             closer()
 
-    def save(self, data: bytes) -> None:
-        self.crash_plan.point("before save")
+    def _midway(self) -> None:
+        self.crash_plan.point("midway commit")
+        if self._tear:
+            self._tear = False
+            raise StoreFault("injected torn commit")
+
+    def commit(self, seq: int, puts: Mapping[str, bytes], deletes: Collection[str]) -> None:
+        self.crash_plan.point("before commit")
         if self._fail and self._fail_after:
             self._fail_after -= 1
         elif self._fail:
             self._fail -= 1
-            raise StoreFault("injected save failure")
-        if self._tear:
-            self._tear = False
-            self.inner.save(data[: len(data) // 2])
-            raise StoreFault("injected torn write")
-        self.inner.save(data)
-        self.saves += 1
-        self.crash_plan.point("after save")
+            raise StoreFault("injected commit failure")
+        if not self._hooked:
+            self._midway()
+        self.inner.commit(seq, puts, deletes)
+        self.commits += 1
+        self.crash_plan.point("after commit")
 
-    def load(self) -> bytes | None:
+    def load(self) -> tuple[int, Mapping[str, bytes]]:
         return self.inner.load()

@@ -39,6 +39,7 @@ from collections.abc import Collection, Mapping
 from math import inf
 from typing import TYPE_CHECKING, Any
 
+from servecore._checkpoint import META_KEY, decode_blob, meta_record, read_meta
 from servecore._errors import (
     CheckpointError,
     CheckpointVersionError,
@@ -623,6 +624,9 @@ class PostgresRecords:
     def __init__(self, store: PostgresStore) -> None:
         self.store = store
         self.where = store.where
+        # Loaded from a whole-blob checkpoint: its records, which the first commit
+        # writes (with its own change set) in place of the blob.
+        self._upgrade: dict[str, bytes] | None = None
 
     @property
     def store_id(self) -> str:
@@ -643,12 +647,30 @@ class PostgresRecords:
         self.store.close()
 
     def load(self) -> tuple[int, dict[str, bytes]]:
-        """See :meth:`PostgresStore.load_records`."""
-        return self.store.load_records()
+        """See :meth:`PostgresStore.load_records`. A checkpoint saved whole (through
+        :meth:`PostgresStore.save`, as controllers did before keyed checkpoints) is
+        read as its records, and the next :meth:`commit` replaces it by them."""
+        seq, records = self.store.load_records()
+        self._upgrade = None
+        if set(records) != {BLOB_KEY}:
+            return seq, records
+        found, records = decode_blob(records[BLOB_KEY], self.where)
+        # Keyed commits must move the stored sequence number forward: go on from the
+        # larger of the blob's and the store's.
+        seq = max(seq, found)
+        records[META_KEY] = meta_record(seq, read_meta(records, found, self.where))
+        self._upgrade = dict(records)
+        return seq, records
 
     def commit(self, seq: int, puts: Mapping[str, bytes], deletes: Collection[str]) -> None:
         """See :meth:`PostgresStore.commit_records`."""
+        upgrade = self._upgrade
+        if upgrade is not None:
+            gone = set(deletes)
+            puts = {**{k: v for k, v in upgrade.items() if k not in gone}, **puts}
+            deletes = [BLOB_KEY] if BLOB_KEY not in puts else []
         self.store.commit_records(seq, puts, deletes)
+        self._upgrade = None
 
     def __repr__(self) -> str:
         return f"PostgresRecords({self.where!r})"

@@ -1,0 +1,174 @@
+"""The SQLite store: one row per record, one transaction per commit."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, Collection, Mapping
+from pathlib import Path
+
+from servecore._checkpoint import decode_blob
+from servecore._errors import CheckpointCorrupt, CheckpointVersionError
+from servecore.stores._locking import StoreLock, open_private, resolve
+
+__all__ = ["SQLiteStore"]
+
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+class SQLiteStore:
+    """A SQLite database in WAL mode with ``synchronous=FULL``, one transaction per commit.
+
+    (``NORMAL`` may drop the last commit on power loss, which would break "persist, then
+    act".) Schema version 2, in ``PRAGMA user_version``::
+
+        records (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID
+        meta    (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL)
+
+    A commit is ``BEGIN IMMEDIATE``, the puts and deletes and the new ``seq``,
+    ``COMMIT``: SQLite's journal makes it all or nothing, so a crash half-way leaves the
+    previous commit. A version 1 database (one row holding the whole checkpoint) is
+    upgraded in place, in one transaction, when it is opened; a newer version raises
+    :class:`~servecore.CheckpointVersionError`. Resolved and locked like
+    :class:`~servecore.FileStore`. The database is created 0600 before SQLite opens it,
+    and SQLite gives its ``-wal`` and ``-shm`` files the database's mode.
+    """
+
+    SCHEMA_VERSION = 2
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.resolved = resolve(path)
+        self.where = str(self.path)
+        self._lock = StoreLock(self.resolved, self.where)
+        self._db: sqlite3.Connection | None = None
+        self._mutex = threading.Lock()  # commits come from the controller's writer thread
+        self._midway: Callable[[], None] | None = None
+
+    @property
+    def store_id(self) -> str:
+        """``"sqlite:"`` followed by the resolved absolute path."""
+        return f"sqlite:{self.resolved}"
+
+    def open(self) -> None:
+        self.resolved.parent.mkdir(parents=True, exist_ok=True)
+        # The database file itself is the inode lock. It is opened before SQLite and
+        # closed after it: closing any descriptor of a file drops the process's POSIX
+        # locks on it, which SQLite relies on. (An opener locked out through a hard
+        # link closes its descriptor; the flock still keeps it from writing.)
+        self._lock.acquire(lambda: open_private(self.resolved, os.O_RDWR))
+        try:
+            self._connect()
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _check_header(self) -> None:
+        # SQLite takes a short or empty file for an empty database and would write a
+        # fresh schema over a damaged one: check the header of a non-empty file first.
+        fd = self._lock.inode_fd
+        if fd is not None:
+            header = os.pread(fd, 16, 0)
+        else:
+            try:
+                with open(self.resolved, "rb") as f:
+                    header = f.read(16)
+            except FileNotFoundError:
+                header = b""
+        if header and header != _SQLITE_HEADER:
+            raise CheckpointCorrupt(self.where, "not a SQLite database (bad header)")
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._db is not None:
+            return self._db
+        self._check_header()
+        if self._lock.inode_fd is None:
+            os.close(open_private(self.resolved, os.O_RDWR))  # owner-only before SQLite
+        try:
+            db = sqlite3.connect(self.resolved, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            (version,) = db.execute("PRAGMA user_version").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise CheckpointCorrupt(self.where, f"not a readable SQLite database ({exc})") from exc
+        try:
+            if version > self.SCHEMA_VERSION:
+                raise CheckpointVersionError(self.where, version, self.SCHEMA_VERSION)
+            if version < self.SCHEMA_VERSION:
+                self._upgrade(db, version)
+        except BaseException:
+            db.close()
+            raise
+        self._db = db
+        return db
+
+    def _upgrade(self, db: sqlite3.Connection, version: int) -> None:
+        """Create the schema, or move a version 1 checkpoint row into records."""
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            seq, records = 0, dict[str, bytes]()
+            if version == 1:
+                try:
+                    row = db.execute("SELECT data FROM checkpoint WHERE id = 1").fetchone()
+                except sqlite3.DatabaseError as exc:
+                    raise CheckpointCorrupt(self.where, f"cannot read the table ({exc})") from exc
+                if row is not None:
+                    seq, records = decode_blob(bytes(row[0]), self.where)
+            db.execute(
+                "CREATE TABLE records (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID"
+            )
+            db.execute(
+                "CREATE TABLE meta (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL)"
+            )
+            db.execute("INSERT INTO meta (id, seq) VALUES (1, ?)", (seq,))
+            db.executemany("INSERT INTO records (key, value) VALUES (?, ?)", records.items())
+            db.execute("DROP TABLE IF EXISTS checkpoint")
+            db.execute(f"PRAGMA user_version={self.SCHEMA_VERSION}")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._mutex:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+        self._lock.release()
+
+    def commit(self, seq: int, puts: Mapping[str, bytes], deletes: Collection[str]) -> None:
+        """One transaction: the puts, the deletes, the new ``seq``."""
+        with self._mutex:
+            db = self._connect()
+            items = list(puts.items())
+            half = len(items) // 2
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                upsert = "INSERT OR REPLACE INTO records (key, value) VALUES (?, ?)"
+                db.executemany(upsert, items[:half])
+                if self._midway is not None:
+                    self._midway()
+                db.executemany(upsert, items[half:])
+                db.executemany("DELETE FROM records WHERE key = ?", ((k,) for k in deletes))
+                db.execute("UPDATE meta SET seq = ? WHERE id = 1", (seq,))
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+
+    def load(self) -> tuple[int, dict[str, bytes]]:
+        with self._mutex:
+            if self._db is None and not self.resolved.exists():
+                return 0, {}
+            db = self._connect()
+            try:
+                (seq,) = db.execute("SELECT seq FROM meta WHERE id = 1").fetchone()
+                rows = db.execute("SELECT key, value FROM records").fetchall()
+            except (sqlite3.DatabaseError, TypeError) as exc:
+                raise CheckpointCorrupt(self.where, f"cannot read the tables ({exc})") from exc
+            return seq, {key: bytes(value) for key, value in rows}
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({self.where!r})"
