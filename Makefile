@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.demo-installed
 HYPOTHESIS_PROFILE ?= ci
 
-.PHONY: test demo lint typecheck bench bench-ray bench-autoscale clean venv
+.PHONY: test demo lint typecheck bench bench-ray bench-autoscale bench-scale clean venv
 
 venv: $(STAMP)
 
@@ -46,6 +46,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_subprocess.py
 	$(BIN)/python benchmarks/bench_http.py
 	$(BIN)/python benchmarks/bench_postgres.py
+
+# The control plane at 10 to 10,000 replicas, per store; the plot needs the bench extra.
+bench-scale: $(STAMP)
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python benchmarks/bench_scale.py
 
 # Autoscaling under a load profile beside fixed counts; the plot needs the bench extra.
 bench-autoscale: $(STAMP)
