@@ -18,9 +18,9 @@ Sections, all in one run (medians):
 * ``concurrent`` -- 64 tasks each sending ``set_traffic`` to its own endpoint, through
   one controller on ``SQLiteStore`` (group commit), against sequential bare inserts of
   one command's records. Target: at least 4x the bare rate.
-* ``main`` -- the same deploy and ``set_traffic`` with the servecore of ``--main``
-  (default ``/work/main/src``: the whole-state checkpoint of today), in a subprocess,
-  up to ``--main-max`` replicas.
+* ``main`` -- with ``--main PATH`` only: the same deploy and ``set_traffic`` with the
+  servecore whose ``src`` directory is PATH (an older checkout, e.g. made with
+  ``git worktree add /tmp/old <rev>``), in a subprocess, up to ``--main-max`` replicas.
 
 Results print as a table, go to ``benchmarks/results/bench_scale.json`` and, if
 matplotlib is installed (the ``bench`` extra), to ``benchmarks/results/bench_scale.png``.
@@ -464,7 +464,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="sizes up to 1,000, fewer reps")
     parser.add_argument("--dir", type=Path, default=None, help="where the stores write")
     parser.add_argument("--sizes", type=int, nargs="*", default=None)
-    parser.add_argument("--main", type=Path, default=Path("/work/main/src"))
+    parser.add_argument(
+        "--main", type=Path, default=None, help="src/ of an older servecore to compare with"
+    )
     parser.add_argument("--main-max", type=int, default=1_000)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -492,7 +494,11 @@ def main() -> None:
                 )
     results["concurrent"] = bench_concurrent(base, 64, 8 if args.quick else 30)
     main_sizes = [n for n in sizes if n <= args.main_max]
-    results["main"] = bench_main(args.main, main_sizes, base) if args.main.exists() else []
+    results["main"] = (
+        bench_main(args.main, main_sizes, base)
+        if args.main is not None and args.main.exists()
+        else []
+    )
     results["targets"] = targets(results)
     print()
     print(table(results))
