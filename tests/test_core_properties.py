@@ -44,7 +44,6 @@ from servecore import (
     Transition,
     UpdateRouter,
     step,
-    validate_state,
 )
 from servecore._checkpoint import (
     META_KEY,
@@ -56,6 +55,7 @@ from servecore._checkpoint import (
     records_of,
 )
 from servecore._core import replica_number
+from servecore._invariants import validate_state
 from servecore.testing import strategies as public
 
 ENDPOINTS = ("e1", "e2", "e3")

@@ -62,7 +62,6 @@ if TYPE_CHECKING:
         Transition,
         UpdateRouter,
         step,
-        validate_state,
     )
     from servecore._errors import (
         BackendExists,
@@ -94,6 +93,7 @@ if TYPE_CHECKING:
         ServecoreError,
         StoreLocked,
     )
+    from servecore._invariants import validate_state
     from servecore._limits import (
         Limits,
     )
@@ -229,7 +229,7 @@ _LAZY: dict[str, str] = {
     "open_controller": "servecore._controller",
     "start": "servecore._sync",
     "step": "servecore._core",
-    "validate_state": "servecore._core",
+    "validate_state": "servecore._invariants",
 }
 
 __all__ = [

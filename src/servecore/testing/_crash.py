@@ -45,7 +45,6 @@ from servecore._core import (
     StartReplica,
     State,
     replica_number,
-    validate_state,
 )
 from servecore._errors import (
     BackendStartError,
@@ -54,6 +53,7 @@ from servecore._errors import (
     CheckpointVersionError,
     CommandError,
 )
+from servecore._invariants import validate_state
 from servecore.runtimes import Query, Report, Runtime, close_runtime, open_runtime
 from servecore.stores import BlobAdapter, BlobStore, MemoryStore, Store
 from servecore.testing._faults import CrashPlan, InjectedFailure, SimulatedCrash
