@@ -61,7 +61,7 @@ from servecore import (
     open_controller,
     step,
 )
-from servecore._checkpoint import decode, encode, encode_changes, meta_record, records_of
+from servecore._core.records import decode, encode, encode_changes, meta_record, records_of
 from servecore.testing import InMemoryRuntime
 
 HERE = Path(__file__).resolve().parent

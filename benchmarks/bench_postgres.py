@@ -41,7 +41,7 @@ import trio
 
 import servecore
 from servecore import PostgresStore
-from servecore._checkpoint import encode
+from servecore._core.records import encode
 from servecore.testing import InMemoryRuntime
 from servecore.testing.postgres import PostgresServer
 

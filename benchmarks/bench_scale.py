@@ -47,7 +47,7 @@ from typing import Any
 import trio
 
 from servecore import BlobAdapter, FileStore, MemoryStore, SQLiteStore, open_controller
-from servecore._checkpoint import load_records
+from servecore._core.records import load_records
 from servecore.testing import InMemoryRuntime
 
 TARGET = "servecore.testing.targets:echo"

@@ -35,24 +35,8 @@ from collections.abc import Iterator  # noqa: E402
 
 import pytest  # noqa: E402
 
-from servecore.testing.postgres import PostgresServer, find_postgres_bin  # noqa: E402
-
-
-def postgres_or_skip(*, module: bool = False) -> None:
-    """Skip unless the server binaries and psycopg are here (in CI, fail instead);
-    ``module``: called while a test module is imported."""
-    missing = []
-    if find_postgres_bin() is None:
-        missing.append("PostgreSQL server binaries (apt-get install postgresql)")
-    try:
-        import psycopg  # noqa: F401
-    except ImportError:
-        missing.append("psycopg (pip install 'servecore[postgres]')")
-    if missing:
-        why = "needs " + " and ".join(missing)
-        if os.environ.get("CI"):
-            pytest.fail(f"{why}; .ci/run installs them")
-        pytest.skip(why, allow_module_level=module)
+from postgres_setup import postgres_or_skip  # noqa: E402
+from servecore.testing.postgres import PostgresServer  # noqa: E402
 
 
 @pytest.fixture(scope="session")

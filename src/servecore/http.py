@@ -37,16 +37,16 @@ from urllib.parse import parse_qsl
 
 import trio
 
-from servecore._controller import Controller
-from servecore._errors import (
+from servecore._controller.controller import Controller
+from servecore._core.errors import (
     BackpressureError,
     EndpointNotFound,
     NoReplicaError,
     ReplicaDiedError,
     ServecoreError,
 )
-from servecore._ops_http import PREFIX as OPS_PREFIX
-from servecore._ops_http import answer_ops
+from servecore._serving.ops_http import PREFIX as OPS_PREFIX
+from servecore._serving.ops_http import answer_ops
 
 __all__ = ["HTTPIngress", "serve_http"]
 

@@ -2,7 +2,7 @@
 
 One custom collector reads what the controller already keeps (its state, the router's
 :class:`~servecore.router.Router.statistics` and query counters, the lifecycle counts
-of :mod:`servecore._lifecycle`) at scrape time, so nothing is counted twice and
+of :mod:`servecore._controller.lifecycle`) at scrape time, so nothing is counted twice and
 attaching it late loses nothing. The HTTP ingress serves it at ``/-/metrics``; an
 embedding host registers it on its own registry::
 
@@ -28,8 +28,8 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
-from servecore._core import BackendStatus, ReplicaStatus
-from servecore._lifecycle import Histogram, counts
+from servecore._controller.lifecycle import Histogram, counts
+from servecore._core.transitions import BackendStatus, ReplicaStatus
 
 try:
     from prometheus_client import CollectorRegistry

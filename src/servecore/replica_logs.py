@@ -23,7 +23,7 @@ from typing import Any
 
 import trio
 
-from servecore._lifecycle import replica_log_path
+from servecore._controller.lifecycle import replica_log_path
 
 __all__ = ["forward_replica_logs"]
 

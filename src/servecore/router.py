@@ -57,14 +57,14 @@ from typing import Any
 import trio
 from immutables import Map
 
-from servecore._core import BackendRoute, Endpoint, RoutingTable
-from servecore._errors import (
+from servecore._core.errors import (
     BackpressureError,
     EndpointNotFound,
     NoReplicaError,
     ReplicaDiedError,
 )
-from servecore._router_stats import BackendLoad, QueryStats, RouterStatistics, outcome_of
+from servecore._core.transitions import BackendRoute, Endpoint, RoutingTable
+from servecore._serving.router_stats import BackendLoad, QueryStats, RouterStatistics, outcome_of
 from servecore.runtimes._protocol import Query, Runtime
 from servecore.runtimes.toolkit import batch_argument
 

@@ -29,7 +29,8 @@ from typing import Any
 
 import attrs
 
-from servecore._core import (
+from servecore._core.errors import BackendStartError
+from servecore._core.transitions import (
     BackendStatus,
     Command,
     CreateBackend,
@@ -41,7 +42,6 @@ from servecore._core import (
     SetTraffic,
     State,
 )
-from servecore._errors import BackendStartError
 from servecore.app._schema import App, BackendSpec, EndpointSpec, load_app
 
 __all__ = ["Applied", "apply", "declared", "describe", "plan"]

@@ -30,19 +30,19 @@ import attrs
 import msgspec
 from msgspec import UNSET, UnsetType
 
-from servecore._core import (
-    BackendConfig,
-    CreateBackend,
-    CreateEndpoint,
-    SetShadowTraffic,
-    SetTraffic,
-)
-from servecore._errors import (
+from servecore._core.errors import (
     CommandError,
     InvalidConfig,
     InvalidRoute,
     InvalidTarget,
     InvalidTraffic,
+)
+from servecore._core.transitions import (
+    BackendConfig,
+    CreateBackend,
+    CreateEndpoint,
+    SetShadowTraffic,
+    SetTraffic,
 )
 
 __all__ = ["App", "AppFileError", "BackendSpec", "EndpointSpec", "load_app", "parse_app"]

@@ -25,7 +25,7 @@ from typing import Any
 
 import trio
 
-from servecore._errors import ServecoreError
+from servecore._core.errors import ServecoreError
 from servecore.app import AppFileError, apply, describe, parse_app
 
 log = logging.getLogger("servecore.cli")

@@ -25,9 +25,9 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
-from servecore._errors import ServecoreError
-from servecore._read_state import load_checkpoint
-from servecore._status import status_of
+from servecore._controller.read_state import load_checkpoint
+from servecore._controller.status import status_of
+from servecore._core.errors import ServecoreError
 from servecore.app import AppFileError, load_app
 from servecore.cli._control import ControlUnavailable, request, socket_path
 from servecore.cli._render import print_status
@@ -188,7 +188,7 @@ def status(store: Path, as_json: bool) -> None:
         except ServecoreError as exc:
             _fail(str(exc))
         state, seq = found if found is not None else (None, 0)
-        from servecore._core import State
+        from servecore._core.transitions import State
 
         data = status_of(state or State(), seq).as_dict()
     if as_json:

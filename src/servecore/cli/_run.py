@@ -23,8 +23,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from servecore._controller import Controller, open_controller
-from servecore._core import ReplicaStatus
+from servecore._controller.controller import Controller, open_controller
+from servecore._core.transitions import ReplicaStatus
 from servecore.app import App, apply, describe
 from servecore.cli._control import serve_control, socket_path
 from servecore.http import HTTPIngress

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
 
-from servecore._errors import InvalidRuntime, InvalidRuntimeOption
+from servecore._core.errors import InvalidRuntime, InvalidRuntimeOption
 from servecore.runtimes._protocol import (
     OPTIONAL_METHODS,
     REQUIRED_METHODS,

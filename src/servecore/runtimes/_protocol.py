@@ -68,7 +68,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import attrs
 
-from servecore._core import Event, StartReplica
+from servecore._core.transitions import Event, StartReplica
 
 __all__ = ["OPTIONAL_METHODS", "REQUIRED_METHODS", "Lifecycle", "Query", "Report", "Runtime"]
 

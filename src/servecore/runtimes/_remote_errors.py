@@ -15,7 +15,7 @@ import pickle
 from collections.abc import Mapping
 from typing import Any
 
-from servecore._errors import RemoteError
+from servecore._core.errors import RemoteError
 
 __all__ = ["rebuild_exception"]
 

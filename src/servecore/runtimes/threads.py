@@ -45,8 +45,8 @@ from typing import Any
 import outcome
 import trio
 
-from servecore._core import ReplicaDied, StartReplica
-from servecore._errors import InvalidConfig, ReplicaDiedError
+from servecore._core.errors import InvalidConfig, ReplicaDiedError
+from servecore._core.transitions import ReplicaDied, StartReplica
 from servecore.runtimes._protocol import Query, Report
 from servecore.runtimes._waker import Waker
 from servecore.runtimes.toolkit import prepare_replica

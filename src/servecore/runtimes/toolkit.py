@@ -53,8 +53,8 @@ from typing import Any, TypeVar
 
 import attrs
 
-from servecore._core import StartReplica
-from servecore._errors import InvalidConfig, ServecoreError
+from servecore._core.errors import InvalidConfig, ServecoreError
+from servecore._core.transitions import StartReplica
 from servecore.runtimes._protocol import Query
 
 __all__ = [

@@ -4,7 +4,7 @@ A store (:class:`Store`) is a small key-value store: ``load()`` returns the sequ
 number and every record, ``commit(seq, puts, deletes)`` applies one change set
 atomically and durably, or raises having changed nothing. The controller commits only
 what each batch of messages changed (one record per endpoint, backend and replica,
-plus a ``meta`` record; see :mod:`servecore._checkpoint`), so a command costs what it
+plus a ``meta`` record; see :mod:`servecore._core.records`), so a command costs what it
 changes, not what the state holds. Stores that must belong to one controller at a
 time also have ``open()`` and ``close()``; the controller calls them around its life.
 

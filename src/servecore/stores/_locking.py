@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from servecore._errors import StoreLocked
+from servecore._core.errors import StoreLocked
 
 __all__ = ["PRIVATE", "StoreLock", "fsync_dir", "memory_id", "open_private", "resolve"]
 

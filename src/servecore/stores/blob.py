@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
 
-from servecore._checkpoint import decode_blob, encode_blob
+from servecore._core.records import decode_blob, encode_blob
 from servecore.stores._locking import memory_id
 from servecore.stores._protocol import BlobStore
 
@@ -14,7 +14,7 @@ __all__ = ["BlobAdapter", "CallbackStore"]
 class CallbackStore:
     """Wraps a plain callable as a save-only blob store: ``load`` always returns
     ``None``. Each commit calls it with the whole checkpoint (see
-    :func:`servecore._checkpoint.decode_blob` for the format)."""
+    :func:`servecore._core.records.decode_blob` for the format)."""
 
     def __init__(self, callback: Callable[[bytes], object]) -> None:
         self.callback = callback

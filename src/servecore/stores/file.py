@@ -37,8 +37,8 @@ from typing import Any
 
 import msgspec
 
-from servecore._checkpoint import decode_blob
-from servecore._errors import CheckpointCorrupt, CheckpointVersionError
+from servecore._core.errors import CheckpointCorrupt, CheckpointVersionError
+from servecore._core.records import decode_blob
 from servecore.stores._locking import StoreLock, fsync_dir, open_private, resolve
 
 __all__ = ["FileStore"]

@@ -39,8 +39,7 @@ from collections.abc import Collection, Mapping
 from math import inf
 from typing import TYPE_CHECKING, Any
 
-from servecore._checkpoint import META_KEY, decode_blob, meta_record, read_meta
-from servecore._errors import (
+from servecore._core.errors import (
     CheckpointError,
     CheckpointVersionError,
     InvalidConfig,
@@ -48,6 +47,7 @@ from servecore._errors import (
     ServecoreError,
     StoreLocked,
 )
+from servecore._core.records import META_KEY, decode_blob, meta_record, read_meta
 
 if TYPE_CHECKING:
     import psycopg

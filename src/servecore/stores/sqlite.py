@@ -8,8 +8,8 @@ import threading
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
-from servecore._checkpoint import decode_blob
-from servecore._errors import CheckpointCorrupt, CheckpointVersionError
+from servecore._core.errors import CheckpointCorrupt, CheckpointVersionError
+from servecore._core.records import decode_blob
 from servecore.stores._locking import StoreLock, open_private, resolve
 
 __all__ = ["SQLiteStore"]

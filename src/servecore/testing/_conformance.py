@@ -23,7 +23,7 @@ from typing import Any
 
 import trio
 
-from servecore._core import BackendConfig, Event, ReplicaDied, StartReplica
+from servecore._core.transitions import BackendConfig, Event, ReplicaDied, StartReplica
 from servecore.runtimes import Query, Runtime, close_runtime, open_runtime
 
 __all__ = ["check_runtime"]

@@ -24,7 +24,17 @@ import attrs
 import trio
 from trio.testing import MockClock
 
-from servecore._checkpoint import (
+from servecore._controller.committer import deterministic_batches
+from servecore._controller.controller import Controller, open_controller
+from servecore._core.errors import (
+    BackendStartError,
+    CheckpointCorrupt,
+    CheckpointError,
+    CheckpointVersionError,
+    CommandError,
+)
+from servecore._core.invariants import validate_state
+from servecore._core.records import (
     FORMAT,
     META_KEY,
     VERSION,
@@ -33,9 +43,7 @@ from servecore._checkpoint import (
     meta_record,
     read_meta,
 )
-from servecore._commit import deterministic_batches
-from servecore._controller import Controller, open_controller
-from servecore._core import (
+from servecore._core.transitions import (
     BackendStatus,
     Command,
     Event,
@@ -46,14 +54,6 @@ from servecore._core import (
     State,
     replica_number,
 )
-from servecore._errors import (
-    BackendStartError,
-    CheckpointCorrupt,
-    CheckpointError,
-    CheckpointVersionError,
-    CommandError,
-)
-from servecore._invariants import validate_state
 from servecore.runtimes import Query, Report, Runtime, close_runtime, open_runtime
 from servecore.stores import BlobAdapter, BlobStore, MemoryStore, Store
 from servecore.testing._faults import CrashPlan, InjectedFailure, SimulatedCrash
@@ -447,7 +447,7 @@ async def _list_live(runtime: Runtime, name: str) -> frozenset[str]:
 
 
 def _placeholder(tag: str) -> StartReplica:
-    from servecore._core import BackendConfig
+    from servecore._core.transitions import BackendConfig
 
     backend = tag.rsplit("#", 1)[0]
     return StartReplica(

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from itertools import permutations
 
-from servecore._core import Command, State
-from servecore._errors import BackendStartError, CheckpointError
+from servecore._core.errors import BackendStartError, CheckpointError
+from servecore._core.transitions import Command, State
 from servecore.testing._model import ReferenceModel, desired
 
 __all__ = ["check_some_order"]

@@ -33,19 +33,19 @@ import trio
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from servecore._core import (
+from servecore._core.errors import (
+    BackendStartError,
+    CheckpointCorrupt,
+    CheckpointError,
+    CheckpointVersionError,
+)
+from servecore._core.transitions import (
     BackendStatus,
     Command,
     CreateBackend,
     CreateEndpoint,
     RetryBackend,
     SetBackendConfig,
-)
-from servecore._errors import (
-    BackendStartError,
-    CheckpointCorrupt,
-    CheckpointError,
-    CheckpointVersionError,
 )
 from servecore.runtimes import Runtime, close_runtime, open_runtime
 from servecore.stores import BlobStore, MemoryStore, Store

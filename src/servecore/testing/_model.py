@@ -11,7 +11,16 @@ from typing import Any
 
 import attrs
 
-from servecore._core import (
+from servecore._core.errors import (
+    BackendExists,
+    BackendInUse,
+    BackendNotFound,
+    CommandError,
+    EndpointExists,
+    EndpointNotFound,
+    RouteConflict,
+)
+from servecore._core.transitions import (
     Command,
     CreateBackend,
     CreateEndpoint,
@@ -22,15 +31,6 @@ from servecore._core import (
     SetShadowTraffic,
     SetTraffic,
     State,
-)
-from servecore._errors import (
-    BackendExists,
-    BackendInUse,
-    BackendNotFound,
-    CommandError,
-    EndpointExists,
-    EndpointNotFound,
-    RouteConflict,
 )
 
 __all__ = ["ReferenceModel", "desired"]

@@ -12,8 +12,8 @@ from typing import Any
 
 import trio
 
-from servecore._core import Event, ReplicaDied, StartReplica
-from servecore._errors import ReplicaDiedError
+from servecore._core.errors import ReplicaDiedError
+from servecore._core.transitions import Event, ReplicaDied, StartReplica
 from servecore.runtimes import Query, Report
 from servecore.runtimes.toolkit import ReplicaCode, build_replica, check_runtime_options
 from servecore.testing._faults import CrashPlan, InjectedFailure

@@ -18,7 +18,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from servecore._core import (
+from servecore._core.transitions import (
     BackendConfig,
     Command,
     CreateBackend,

@@ -18,7 +18,7 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
-from servecore._core import StartReplica
+from servecore._core.transitions import StartReplica
 from servecore.runtimes.toolkit import build_replica
 
 

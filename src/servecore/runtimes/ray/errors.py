@@ -15,7 +15,7 @@ from typing import Any
 
 import ray.exceptions
 
-from servecore._errors import RemoteError, ReplicaDiedError
+from servecore._core.errors import RemoteError, ReplicaDiedError
 from servecore.runtimes._remote_errors import rebuild_exception
 
 __all__ = ["ActorDiedError", "Carried", "carry", "encodable", "rebuild", "short", "user_error"]

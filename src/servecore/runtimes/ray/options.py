@@ -6,8 +6,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from servecore._core import StartReplica
-from servecore._errors import InvalidConfig
+from servecore._core.errors import InvalidConfig
+from servecore._core.transitions import StartReplica
 
 __all__ = ["RUNTIME_OPTIONS", "actor_options"]
 

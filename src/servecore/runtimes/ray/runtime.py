@@ -13,8 +13,8 @@ import ray.exceptions
 import ray.util
 import trio
 
-from servecore._core import StartReplica
-from servecore._errors import ReplicaDiedError
+from servecore._core.errors import ReplicaDiedError
+from servecore._core.transitions import StartReplica
 from servecore.runtimes._protocol import Query, Report
 from servecore.runtimes.ray.actor import ServecoreReplica
 from servecore.runtimes.ray.connection import connect, disconnect

@@ -18,7 +18,7 @@ import ray
 import ray.exceptions
 import trio
 
-from servecore._core import ReplicaDied
+from servecore._core.transitions import ReplicaDied
 from servecore.runtimes._protocol import Report
 from servecore.runtimes.ray.errors import ActorDiedError, short, user_error
 from servecore.runtimes.ray.results import on_done

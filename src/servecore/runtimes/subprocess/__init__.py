@@ -83,7 +83,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from servecore._errors import (
+from servecore._core.errors import (
     RemoteError,
     RuntimeDirectoryLocked,
     RuntimeDirectoryStoreMismatch,

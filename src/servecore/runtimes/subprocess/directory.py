@@ -34,7 +34,7 @@ import stat
 import tempfile
 from pathlib import Path
 
-from servecore._errors import (
+from servecore._core.errors import (
     InvalidConfig,
     RuntimeDirectoryLocked,
     RuntimeDirectoryStoreMismatch,

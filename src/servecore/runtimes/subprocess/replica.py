@@ -10,7 +10,7 @@ from typing import Any
 import outcome
 import trio
 
-from servecore._errors import ReplicaDiedError
+from servecore._core.errors import ReplicaDiedError
 from servecore.runtimes._protocol import Query
 from servecore.runtimes._remote_errors import rebuild_exception
 from servecore.runtimes.subprocess.channel import Channel

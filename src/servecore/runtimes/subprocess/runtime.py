@@ -19,8 +19,8 @@ from typing import Any
 import psutil
 import trio
 
-from servecore._core import ReplicaDied, StartReplica
-from servecore._errors import ReplicaDiedError
+from servecore._core.errors import ReplicaDiedError
+from servecore._core.transitions import ReplicaDied, StartReplica
 from servecore.runtimes._protocol import Query, Report
 from servecore.runtimes.subprocess.channel import Channel
 from servecore.runtimes.subprocess.directory import RuntimeDirectory

@@ -14,8 +14,8 @@ from typing import Any
 
 import trio
 
-from servecore._core import StartReplica
-from servecore._errors import InvalidConfig, ReplicaDiedError
+from servecore._core.errors import InvalidConfig, ReplicaDiedError
+from servecore._core.transitions import StartReplica
 from servecore.runtimes.subprocess.channel import read_frame
 from servecore.runtimes.subprocess.files import ReplicaFiles
 from servecore.runtimes.subprocess.process import Process

@@ -1,0 +1,137 @@
+"""The controller's autoscaling loop: sample the router, report load, wake from zero.
+
+The policy is pure (:mod:`servecore._core.autoscaling`) and its decisions are checkpointed
+with the backend; this is the shell around it, owned by one
+:class:`~servecore.Controller`:
+
+* every ``interval_s / SAMPLES_PER_REPORT`` it samples the router's ongoing queries
+  (running + queued) of each autoscaling backend into a :class:`LoadSampler`;
+* every ``interval_s`` (the bounded rate) it steps one :class:`~servecore.LoadReport`
+  per autoscaling backend, carrying the mean over that backend's look-back window.
+  A report that changes no decision is adopted without a save (only the state's
+  ``observations`` change); one that does is saved first, like any event, and its
+  starts and stops are carried out in the background;
+* a query that starts to wait for a backend scaled to zero wakes it at once: a report
+  of the queries waiting now, which the policy answers without the upscale delay.
+
+Time is the controller's clock (``Controller.clock``): trio's clock anchored to the
+wall clock when the controller opened, so a countdown written to the checkpoint by one
+process means the same to the next.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import trio
+
+from servecore._controller.load_sampler import LoadSampler
+from servecore._core.errors import CheckpointError
+from servecore._core.transitions import LoadReport, State
+
+if TYPE_CHECKING:
+    from servecore._controller.controller import Controller, _Group
+
+__all__ = ["AUTOSCALE_INTERVAL_S", "SAMPLES_PER_REPORT", "Autoscaler"]
+
+log = logging.getLogger("servecore.autoscaler")
+
+#: Default interval between load reports per autoscaling backend.
+AUTOSCALE_INTERVAL_S = 0.5
+#: Samples of the router's load taken per report interval.
+SAMPLES_PER_REPORT = 5
+
+
+def _autoscaling(state: State) -> dict[str, float]:
+    """Autoscaling backends of ``state`` and their look-back windows."""
+    return {
+        tag: b.config.autoscaling.look_back_period_s
+        for tag, b in state.backends.items()
+        if b.config.autoscaling is not None
+    }
+
+
+class Autoscaler:
+    """Feeds one controller's core with load reports (see the module docstring)."""
+
+    def __init__(self, ctl: Controller) -> None:
+        self.ctl = ctl
+        self.sampler = LoadSampler()
+        self._waking: set[str] = set()
+
+    # -- reports --------------------------------------------------------------------------
+
+    async def report(self, report: LoadReport, group: _Group) -> None:
+        """Step ``report``; it is committed only if it changed a decision (the commit
+        path adopts a report that only refreshed ``observations`` without writing)."""
+        await self.ctl._execute(report, group)
+
+    def sample(self) -> dict[str, float]:
+        """Sample the router once; return the autoscaling backends and their windows."""
+        windows = _autoscaling(self.ctl._state)
+        self.sampler.keep_only(windows)
+        if windows:
+            router = self.ctl._router
+            counts = router.ongoing_queries() if router is not None else {}
+            self.sampler.add(self.ctl.clock(), {tag: counts.get(tag, 0) for tag in windows})
+        return windows
+
+    async def report_all(self, windows: dict[str, float]) -> None:
+        """Report every autoscaling backend's windowed mean load now."""
+        now = self.ctl.clock()
+        for tag, window_s in sorted(windows.items()):
+            if tag not in self.ctl._state.backends:
+                continue
+            ongoing = self.sampler.mean(tag, now, window_s)
+            try:
+                await self.report(
+                    LoadReport(backend=tag, ongoing=ongoing, now=now), self.ctl._background
+                )
+            except CheckpointError as exc:
+                # Level-triggered: the next report decides again from fresh load.
+                log.warning("load report for backend %r not recorded: %s", tag, exc)
+
+    async def run(self, interval_s: float) -> None:
+        """Sample and report forever, at a bounded rate."""
+        every = interval_s / SAMPLES_PER_REPORT
+        next_report = trio.current_time() + interval_s
+        while True:
+            await trio.sleep(every)
+            windows = self.sample()
+            if trio.current_time() >= next_report - every / 2:
+                next_report = trio.current_time() + interval_s
+                if windows:
+                    await self.report_all(windows)
+
+    # -- scale from zero ------------------------------------------------------------------
+
+    def on_demand(self, tag: str) -> None:
+        """A router's demand listener: a query waits for ``tag``, which has no replica."""
+        if tag in self._waking:
+            return
+        self._waking.add(tag)
+        try:
+            self.ctl._nursery.start_soon(self._wake, tag)
+        except RuntimeError:  # the controller is closing
+            self._waking.discard(tag)
+
+    async def _wake(self, tag: str) -> None:
+        try:
+            b = self.ctl._state.backends.get(tag)
+            if b is None or b.autoscale is None or b.autoscale.replicas != 0:
+                return  # not at zero: its replicas are on their way
+            router = self.ctl._router
+            waiting = router.ongoing_queries().get(tag, 0) if router is not None else 0
+            if waiting == 0:
+                return  # its callers gave up before we got here
+            now = self.ctl.clock()
+            self.sampler.add(now, {tag: waiting})
+            log.info("backend %r scales from zero: %d queries wait", tag, waiting)
+            await self.report(
+                LoadReport(backend=tag, ongoing=waiting, now=now), self.ctl._background
+            )
+        except CheckpointError as exc:
+            log.warning("could not record scale-from-zero of backend %r: %s", tag, exc)
+        finally:
+            self._waking.discard(tag)

@@ -1,0 +1,165 @@
+"""A controller's status, as an operator reads it: one frozen value.
+
+:func:`status_of` computes it from a :class:`~servecore.State` alone (what a checkpoint
+says) or, for a running controller, with what the runtime knows (replica pids, actor
+ids) and what the router sees (queued and running queries). ``ctl.status()``,
+``SyncController.status()`` and ``servecore status`` all return this value;
+:meth:`Status.as_dict` is its JSON form (``servecore status --json``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from servecore._controller.lifecycle import replica_actor_id, replica_log_path, replica_pid
+from servecore._core.transitions import State
+from servecore._serving.router_stats import RouterStatistics
+
+__all__ = ["BackendView", "EndpointView", "ReplicaView", "Status", "live_status", "status_of"]
+
+
+@attrs.frozen(kw_only=True)
+class ReplicaView:
+    """One replica: its status and, where the runtime has them, pid, actor, log."""
+
+    tag: str
+    backend: str
+    status: str
+    version: int
+    pid: int | None = None
+    actor_id: str | None = None
+    log_path: str | None = None
+    #: Queries running on it now (live status only).
+    running: int | None = None
+
+
+@attrs.frozen(kw_only=True)
+class BackendView:
+    """One backend: its definition, health and replicas."""
+
+    tag: str
+    target: str
+    status: str
+    num_replicas: int
+    running_replicas: int
+    version: int
+    last_error: str | None
+    config: dict[str, Any]
+    replicas: tuple[ReplicaView, ...]
+    #: Queries waiting and running on it now (live status only).
+    queued: int | None = None
+    running: int | None = None
+
+
+@attrs.frozen(kw_only=True)
+class EndpointView:
+    """One endpoint: its route, methods, traffic split and shadows."""
+
+    name: str
+    route: str | None
+    methods: tuple[str, ...]
+    traffic: dict[str, float]
+    shadow: dict[str, float]
+
+
+@attrs.frozen(kw_only=True)
+class Status:
+    """Everything ``servecore status`` shows. ``live`` is False when it was read from a
+    checkpoint with no controller running (no pids, no load)."""
+
+    seq: int
+    live: bool
+    runtime: str | None
+    endpoints: tuple[EndpointView, ...]
+    backends: tuple[BackendView, ...]
+
+    @property
+    def healthy(self) -> bool:
+        """Whether every backend runs all the replicas it should."""
+        return all(b.status == "HEALTHY" for b in self.backends)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-ready), with ``healthy`` included."""
+        data: dict[str, Any] = attrs.asdict(self)
+        data["healthy"] = self.healthy
+        return data
+
+
+def status_of(
+    state: State,
+    seq: int,
+    *,
+    runtime: Any = None,
+    statistics: RouterStatistics | None = None,
+) -> Status:
+    """The :class:`Status` of ``state`` (checkpoint number ``seq``); with ``runtime``
+    (a live controller's), replicas carry their pid/actor/log; with ``statistics``
+    (its router's), backends and replicas carry their load."""
+    live = runtime is not None
+    backends = []
+    for tag in sorted(state.backends):
+        b = state.backends[tag]
+        load = statistics.backends.get(tag) if statistics is not None else None
+        replicas = []
+        for rtag in sorted(
+            (t for t, r in state.replicas.items() if r.backend == tag),
+            key=lambda t: int(t.rsplit("#", 1)[1]) if t.rsplit("#", 1)[-1].isdigit() else -1,
+        ):
+            r = state.replicas[rtag]
+            replicas.append(
+                ReplicaView(
+                    tag=rtag,
+                    backend=tag,
+                    status=r.status.value,
+                    version=r.version,
+                    pid=replica_pid(runtime, rtag) if live else None,
+                    actor_id=replica_actor_id(runtime, rtag) if live else None,
+                    log_path=replica_log_path(runtime, rtag) if live else None,
+                    running=(load.running_by_replica.get(rtag, 0) if load is not None else None),
+                )
+            )
+        backends.append(
+            BackendView(
+                tag=tag,
+                target=b.target,
+                status=b.status.value,
+                num_replicas=b.wanted_replicas,
+                running_replicas=sum(1 for r in replicas if r.status == "RUNNING"),
+                version=b.version,
+                last_error=b.last_error,
+                config=attrs.asdict(b.config),
+                replicas=tuple(replicas),
+                queued=load.queued if load is not None else (0 if statistics else None),
+                running=load.running if load is not None else (0 if statistics else None),
+            )
+        )
+    endpoints = tuple(
+        EndpointView(
+            name=name,
+            route=ep.route,
+            methods=tuple(ep.methods),
+            traffic=dict(sorted(ep.traffic.items())),
+            shadow=dict(sorted(ep.shadow.items())),
+        )
+        for name, ep in sorted(state.endpoints.items())
+    )
+    return Status(
+        seq=seq,
+        live=live,
+        runtime=type(runtime).__name__ if live else None,
+        endpoints=endpoints,
+        backends=tuple(backends),
+    )
+
+
+def live_status(controller: Any) -> Status:
+    """The :class:`Status` of a running controller: its state, runtime and router."""
+    router = getattr(controller, "_router", None)  # none yet: no query was ever sent
+    return status_of(
+        controller.state,
+        controller.seq,
+        runtime=controller.runtime,
+        statistics=router.statistics() if router is not None else None,
+    )

@@ -1,0 +1,199 @@
+"""The app file: parsed by its schema; every invalid file names file, key path and value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import servecore
+from servecore.app import AppFileError, load_app, parse_app
+
+GOOD = """
+[backends.v1]
+target = "servecore.testing.targets:Echo"
+init_kwargs = { prefix = ">" }
+num_replicas = 2
+max_batch_size = 4
+batch_wait_timeout_s = 0
+user_config = { threshold = 0.5 }
+runtime_options = { startup_timeout_s = 30 }
+
+[backends.v2]
+target = "servecore.testing.targets:echo"
+
+[endpoints.main]
+route = "/main"
+methods = ["get", "POST"]
+traffic = { v1 = 0.75, v2 = 0.25 }
+shadow = { v2 = 0.5 }
+
+[endpoints.internal]
+route = ""
+
+[endpoints.plain]
+traffic = { v2 = 1 }
+"""
+
+
+def test_a_good_file_reads_as_the_api_would_take_it(tmp_path: Path) -> None:
+    path = tmp_path / "app.toml"
+    path.write_text(GOOD)
+    app = load_app(path)
+    assert app.source == str(path)
+    v1 = app.backends["v1"]
+    assert v1.target == "servecore.testing.targets:Echo"
+    assert v1.init_kwargs == {"prefix": ">"}
+    assert v1.config == servecore.BackendConfig(
+        num_replicas=2,
+        max_batch_size=4,
+        user_config={"threshold": 0.5},
+        runtime_options={"startup_timeout_s": 30},
+    )
+    assert app.backends["v2"].config == servecore.BackendConfig()  # unset keys: defaults
+    main = app.endpoints["main"]
+    assert (main.route, main.methods) == ("/main", ("GET", "POST"))
+    assert (main.traffic, main.shadow) == ({"v1": 0.75, "v2": 0.25}, {"v2": 0.5})
+    assert app.endpoints["internal"].route is None  # "" serves no HTTP route
+    assert app.endpoints["plain"].route == "/plain"  # default: /<name>
+    assert app.endpoints["plain"].methods == ("GET",)
+
+
+def test_the_example_app_file_is_valid() -> None:
+    app = load_app(Path(__file__).parents[2] / "examples" / "app.toml")
+    assert set(app.backends) == {"sentiment-v1", "sentiment-v2"}
+    assert app.endpoints["sentiment"].route == "/sentiment"
+
+
+BAD = [
+    # (what, file text, key path, bad value)
+    (
+        "wrong type",
+        '[backends.v1]\ntarget = "m:f"\nnum_replicas = "two"\n',
+        "backends.v1.num_replicas",
+        "two",
+    ),
+    (
+        "negative replicas",
+        '[backends.v1]\ntarget = "m:f"\nnum_replicas = -1\n',
+        "backends.v1.num_replicas",
+        -1,
+    ),
+    (
+        "unknown backend key",
+        '[backends.v1]\ntarget = "m:f"\nreplicas = 2\n',
+        "backends.v1.replicas",
+        2,
+    ),
+    (
+        "unknown top-level table",
+        '[backend.v1]\ntarget = "m:f"\n',
+        "backend",
+        {"v1": {"target": "m:f"}},
+    ),
+    (
+        "unknown endpoint key",
+        '[endpoints.e]\nrout = "/e"\n',
+        "endpoints.e.rout",
+        "/e",
+    ),
+    ("missing target", "[backends.v1]\nnum_replicas = 1\n", "backends.v1.target", None),
+    ("malformed target", '[backends.v1]\ntarget = "no_colon"\n', "backends.v1.target", "no_colon"),
+    (
+        "traffic to a backend the file does not declare",
+        '[backends.v1]\ntarget = "m:f"\n[endpoints.e]\ntraffic = { v1 = 0.5, nope = 0.5 }\n',
+        "endpoints.e.traffic.nope",
+        0.5,
+    ),
+    (
+        "shadow to a backend the file does not declare",
+        "[endpoints.e]\nshadow = { ghost = 0.1 }\n",
+        "endpoints.e.shadow.ghost",
+        0.1,
+    ),
+    (
+        "weights that do not sum to 1",
+        '[backends.v1]\ntarget = "m:f"\n[endpoints.e]\ntraffic = { v1 = 0.5 }\n',
+        "endpoints.e.traffic",
+        {"v1": 0.5},
+    ),
+    (
+        "a method that is not HTTP",
+        '[endpoints.e]\nmethods = ["GET", "FETCH"]\n',
+        "endpoints.e.methods",
+        ["GET", "FETCH"],
+    ),
+    ("a route without a slash", '[endpoints.e]\nroute = "e"\n', "endpoints.e.route", "e"),
+    (
+        "two endpoints on one route",
+        '[endpoints.a]\nroute = "/x"\n[endpoints.b]\nroute = "/x"\n',
+        "endpoints.b.route",
+        "/x",
+    ),
+    (
+        "a list item of the wrong type",
+        '[endpoints.e]\nmethods = ["GET", 3]\n',
+        "endpoints.e.methods[1]",
+        3,
+    ),
+    (
+        "autoscaling with a bad bound",
+        '[backends.v1]\ntarget = "m:f"\n[backends.v1.autoscaling]\nmax_replicas = -4\n',
+        "backends.v1.autoscaling.max_replicas",
+        -4,
+    ),
+    (
+        "autoscaling beside num_replicas",
+        '[backends.v1]\ntarget = "m:f"\nnum_replicas = 2\n[backends.v1.autoscaling]\n',
+        "backends.v1.num_replicas",
+        2,
+    ),
+    (
+        "a runtime option that is not JSON-shaped",
+        '[backends.v1]\ntarget = "m:f"\nruntime_options = { when = 1979-05-27 }\n',
+        "backends.v1.runtime_options",
+        None,
+    ),
+]
+
+
+@pytest.mark.parametrize(("what", "text", "key", "value"), BAD, ids=[b[0] for b in BAD])
+def test_an_invalid_file_names_file_key_and_value(
+    tmp_path: Path, what: str, text: str, key: str, value: object
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(AppFileError) as info:
+        load_app(path)
+    err = info.value
+    assert isinstance(err, servecore.CommandError)
+    assert (err.file, err.key) == (str(path), key), str(err)
+    message = str(err)
+    assert message.startswith(f"{path}: {key}"), message
+    if value is not None:
+        assert err.value == value
+        assert repr(value)[:60] in message
+
+
+def test_invalid_toml_names_the_line(tmp_path: Path) -> None:
+    with pytest.raises(AppFileError, match=r"bad\.toml: not valid TOML: .*line 2"):
+        parse_app("[backends.v1]\ntarget = \n", "bad.toml")
+
+
+def test_unknown_key_lists_the_known_ones() -> None:
+    with pytest.raises(AppFileError, match="known keys here: target, init_args"):
+        parse_app('[backends.v1]\ntarget = "m:f"\nreplicas = 2\n', "app.toml")
+
+
+def test_an_autoscaling_backend_is_read_from_its_table(tmp_path: Path) -> None:
+    path = tmp_path / "app.toml"
+    path.write_text(
+        '[backends.v1]\ntarget = "m:f"\n'
+        "[backends.v1.autoscaling]\nmin_replicas = 0\nmax_replicas = 4\n"
+        "target_ongoing_requests = 3\n"
+    )
+    spec = load_app(path).backends["v1"]
+    scaling = spec.config.autoscaling
+    assert scaling is not None and spec.config.num_replicas is None
+    assert (scaling.min_replicas, scaling.max_replicas) == (0, 4)
+    assert scaling.target_ongoing_requests == 3
