@@ -11,7 +11,8 @@ sends one query through the controller's router:
 
 The result is answered as JSON. Errors map onto status codes: no endpoint at the path
 404, a method the endpoint does not take 405, a body that is not strict JSON 400 (not
-UTF-8, not JSON, ``NaN``/``Infinity``, nested deeper than ``max_depth``, or holding a
+UTF-8, not JSON, ``NaN``/``Infinity`` or a number too large for a float such as
+``1e999``, nested deeper than ``max_depth``, or holding a
 lone surrogate), the user's own exception 500, a result that is not JSON 500, a replica
 that died 502, no replica or too many queries waiting 503, a timeout 504; the body is
 ``{"error": ..., "type": ...}``. No traceback is ever sent to the client; failures that
@@ -22,6 +23,9 @@ bound to it)::
 
     async with servecore.open_controller(...) as ctl, trio.open_nursery() as nursery:
         await nursery.start(servecore.http.serve_http, ctl, "127.0.0.1:8000")
+
+It listens with a backlog of :data:`LISTEN_BACKLOG` connections, so that a burst of
+clients waits in the kernel's queue instead of being reset (hypercorn's default is 100).
 
 hypercorn is an optional extra: ``pip install 'servecore[http]'``.
 """
@@ -45,16 +49,33 @@ from servecore._core.errors import (
     ReplicaDiedError,
     ServecoreError,
 )
+from servecore._core.validation import MAX_SECONDS, positive_number
 from servecore._serving.ops_http import PREFIX as OPS_PREFIX
 from servecore._serving.ops_http import answer_ops
 
-__all__ = ["HTTPIngress", "serve_http"]
+__all__ = ["LISTEN_BACKLOG", "HTTPIngress", "check_timeout", "serve_http"]
 
 log = logging.getLogger(__name__)
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+#: Connections the kernel queues for the server while it is busy: bursts of hundreds of
+#: clients are common, and a full queue resets connections (the kernel caps it at
+#: ``net.core.somaxconn``).
+LISTEN_BACKLOG = 2048
+
+
+def check_timeout(value: float | None) -> float | None:
+    """A request timeout: ``None`` (wait as long as it takes) or a finite number of
+    seconds above 0 and at most a day; anything else raises
+    :class:`~servecore.InvalidConfig` (a NaN or negative timeout would fail every
+    request)."""
+    if value is None:
+        return None
+    return positive_number("timeout_s", value, MAX_SECONDS)
+
 
 #: Status codes for errors that are not the user's own.
 _STATUS: tuple[tuple[type[BaseException], int], ...] = (
@@ -83,7 +104,7 @@ class HTTPIngress:
         max_depth: int = 100,
     ) -> None:
         self.controller = controller
-        self.timeout_s = timeout_s
+        self.timeout_s = check_timeout(timeout_s)
         self.max_body_bytes = max_body_bytes
         self.max_depth = max_depth
 
@@ -194,6 +215,17 @@ def _reject_constant(name: str) -> Any:
     )
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        # 1e999 is valid JSON syntax but no float holds it: user code would get inf.
+        raise _BadBody(
+            f"the body is not strict JSON: the number {text[:40]} is too large for a "
+            f"float; send a finite number"
+        )
+    return value
+
+
 def _parse(body: bytes, max_depth: int) -> Any:
     """``body`` parsed as strict JSON, or :class:`_BadBody` naming what is wrong."""
     try:
@@ -203,7 +235,7 @@ def _parse(body: bytes, max_depth: int) -> Any:
             f"the body is not UTF-8: byte 0x{body[exc.start]:02x} at offset {exc.start}"
         ) from None
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except RecursionError:
         raise _BadBody(f"the body nests deeper than {max_depth} levels") from None
     except _BadBody:
@@ -267,6 +299,16 @@ def _error(status: int, kind: str, message: str) -> tuple[int, bytes, list[tuple
     return status, json.dumps({"error": message, "type": kind}).encode(), []
 
 
+def hypercorn_config(config: Any, bind: str) -> Any:
+    """``config`` (a ``hypercorn.config.Config``) set up to serve at ``bind``: quiet, and
+    with a listen backlog sized for bursts."""
+    config.bind = [bind]
+    config.accesslog = None
+    config.loglevel = "WARNING"  # no banner; errors still show
+    config.backlog = LISTEN_BACKLOG
+    return config
+
+
 async def serve_http(
     controller: Controller,
     bind: str = "127.0.0.1:8000",
@@ -287,9 +329,6 @@ async def serve_http(
         raise ImportError(
             "serving HTTP needs hypercorn; install it with: pip install 'servecore[http]'"
         ) from exc
-    config = Config()
-    config.bind = [bind]
-    config.accesslog = None
-    config.loglevel = "WARNING"  # no banner; errors still show
+    config = hypercorn_config(Config(), bind)
     app = HTTPIngress(controller, timeout_s=timeout_s, max_depth=max_depth)
     await serve(app, config, mode="asgi", task_status=task_status)  # type: ignore[arg-type]

@@ -260,6 +260,17 @@ def test_invalid_route_is_rejected(route: Any) -> None:
     )
 
 
+@pytest.mark.parametrize("route", ["/-/predict", "/-/healthz", "/-/"])
+def test_routes_under_the_operator_prefix_are_refused_as_unreachable(route: str) -> None:
+    error = assert_rejected(
+        State(), lambda: CreateEndpoint(name="api", route=route), InvalidRoute, route, "/-/"
+    )
+    assert "pick a route outside /-/" in str(error)
+    # Near misses stay valid: only the ingress's own prefix is reserved.
+    assert CreateEndpoint(name="api", route="/-x").route == "/-x"
+    assert CreateEndpoint(name="api", route="/api/-/x").route == "/api/-/x"
+
+
 @pytest.mark.parametrize("methods", [("FETCH",), (), [5], "BREW"])
 def test_invalid_methods_are_rejected(methods: Any) -> None:
     assert_rejected(State(), lambda: CreateEndpoint(name="api", methods=methods), InvalidRoute)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import select
+import socket
+from pathlib import Path
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -128,6 +131,8 @@ BAD_BODIES = {
     "NaN": (b'{"x": NaN}', "NaN is not a JSON value"),
     "Infinity": (b"[1, Infinity]", "Infinity is not a JSON value"),
     "-Infinity": (b"-Infinity", "-Infinity is not a JSON value"),
+    "1e999": (b'{"x": 1e999}', "the number 1e999 is too large for a float"),
+    "-1e999 nested": (b"[[-1e999]]", "the number -1e999 is too large for a float"),
     "5,000 deep": (_deep(5000), "nests deeper than 100 levels"),
     "101 deep": (_deep(101), "nests deeper than 100 levels"),
     "101 deep objects": (b'{"a":' * 101 + b"1" + b"}" * 101, "nests deeper than 100 levels"),
@@ -219,3 +224,58 @@ def test_a_synchronous_host_serves_http_in_the_background() -> None:
         ctl.set_traffic("echo", {"echo": 1.0})
         url = ctl.serve_http("127.0.0.1:0")
         assert _request(url, "POST", "/echo", b"[1, 2, 3]") == (200, [1, 2, 3])
+
+
+def _burst_connects(port: int, count: int) -> tuple[int, int]:
+    """Open ``count`` TCP connections at once without the server accepting any (the
+    caller blocks its loop); return how many the kernel completed and how many it reset."""
+    clients = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            clients.append(s)
+        pending = set(clients)
+        # A full accept queue drops the handshake; with room, every one completes at once.
+        while pending:
+            _, writable, _ = select.select([], list(pending), [], 5.0)
+            if not writable:
+                break
+            pending -= set(writable)
+        errors = [s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) for s in clients]
+        done = sum(1 for s, e in zip(clients, errors, strict=True) if s not in pending and not e)
+        return done, sum(1 for e in errors if e)
+    finally:
+        for s in clients:
+            s.close()
+
+
+@pytest.mark.skipif(
+    int(Path("/proc/sys/net/core/somaxconn").read_text()) < 1024
+    if Path("/proc/sys/net/core/somaxconn").exists()
+    else True,
+    reason="the kernel caps listen backlogs below the burst",
+)
+async def test_a_burst_of_connections_waits_while_the_server_is_busy(
+    ctl: servecore.Controller,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(serve_http, ctl, "127.0.0.1:0")
+        url = next(b for b in binds if b.startswith("http://"))
+        port = int(url.rsplit(":", 1)[1])
+        # Called without awaiting: the server's loop is busy for the whole burst, so
+        # only the kernel's listen queue holds the 500 clients.
+        assert _burst_connects(port, 500) == (500, 0)
+        status, _ = await trio.to_thread.run_sync(_request, url, "POST", "/echo", b"1")
+        assert status == 200
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_timeout_that_is_not_a_finite_positive_number_is_refused(
+    ctl: servecore.Controller,
+) -> None:
+    for bad in (float("nan"), -1.0, 0.0, float("inf")):
+        with pytest.raises(servecore.InvalidConfig, match="timeout_s"):
+            HTTPIngress(ctl, timeout_s=bad)
+    assert HTTPIngress(ctl, timeout_s=None).timeout_s is None

@@ -20,7 +20,14 @@ from servecore._core.errors import (
     InvalidRoute,
     InvalidTraffic,
 )
-from servecore._core.validation import MAX_ROUTE_LENGTH, check_name, encodable, reason_text, seconds
+from servecore._core.validation import (
+    MAX_ROUTE_LENGTH,
+    OPERATOR_PREFIX,
+    check_name,
+    encodable,
+    reason_text,
+    seconds,
+)
 from servecore._core.values import (
     WEIGHT_TOLERANCE,
     BackendConfig,
@@ -73,6 +80,16 @@ def _route(_inst: CreateEndpoint, _attr: Any, value: Any) -> None:
         raise InvalidRoute(_inst.name, "route", value, why)
     if not value.isprintable() or encodable(value) != value:
         raise InvalidRoute(_inst.name, "route", value, why)
+    if value.startswith(OPERATOR_PREFIX):
+        # The ingress answers these paths itself (/-/healthz, /-/routes, /-/metrics):
+        # an endpoint there would be listed but never reached.
+        raise InvalidRoute(
+            _inst.name,
+            "route",
+            value,
+            f"routes under {OPERATOR_PREFIX} are the ingress's own (health, routes, "
+            f"metrics); pick a route outside {OPERATOR_PREFIX}",
+        )
 
 
 _HTTP_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})

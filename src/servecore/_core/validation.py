@@ -28,6 +28,7 @@ __all__ = [
     "MAX_REPLICAS",
     "MAX_ROUTE_LENGTH",
     "MAX_SECONDS",
+    "OPERATOR_PREFIX",
     "check_name",
     "check_namespace",
     "encodable",
@@ -51,6 +52,9 @@ MAX_ROUTE_LENGTH = 2_000
 MAX_REASON_LENGTH = 4_000
 #: A day: longer batch waits or drain timeouts are mistakes, not policies.
 MAX_SECONDS = 86_400.0
+#: Paths under this prefix are the HTTP ingress's operator routes (``/-/healthz``,
+#: ``/-/routes``, ``/-/metrics``), never an endpoint's.
+OPERATOR_PREFIX = "/-/"
 _INT64 = (-(2**63), 2**63 - 1)
 
 

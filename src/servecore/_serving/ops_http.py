@@ -15,10 +15,12 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from servecore._core.transitions import BackendStatus
+from servecore._core.validation import OPERATOR_PREFIX
 
 __all__ = ["PREFIX", "answer_ops"]
 
-PREFIX = "/-/"
+#: The core refuses endpoint routes under it (``InvalidRoute``).
+PREFIX = OPERATOR_PREFIX
 
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
