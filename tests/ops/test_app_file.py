@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import servecore
-from servecore.app import AppFileError, load_app, parse_app
+from servecore.app import MAX_APP_FILE_BYTES, AppFileError, load_app, parse_app, read_app_text
 
 GOOD = """
 [backends.v1]
@@ -149,6 +151,31 @@ BAD = [
         2,
     ),
     (
+        "a traffic weight of the wrong type",
+        '[backends.v1]\ntarget = "m:f"\n[endpoints.e]\ntraffic = { v1 = "all" }\n',
+        "endpoints.e.traffic.v1",
+        "all",
+    ),
+    (
+        "a shadow weight of the wrong type, under a quoted key",
+        '[backends."v.1"]\ntarget = "m:f"\n[endpoints.e]\nshadow = { "v.1" = true }\n',
+        'endpoints.e.shadow."v.1"',
+        True,
+    ),
+    (
+        "the second of two traffic weights",
+        '[backends.a]\ntarget = "m:f"\n[backends.b]\ntarget = "m:f"\n'
+        '[endpoints.e]\ntraffic = { a = 0.5, b = [0.5] }\n',
+        "endpoints.e.traffic.b",
+        [0.5],
+    ),
+    (
+        "a route under the operator prefix",
+        '[endpoints.e]\nroute = "/-/healthz"\n',
+        "endpoints.e.route",
+        "/-/healthz",
+    ),
+    (
         "a runtime option that is not JSON-shaped",
         '[backends.v1]\ntarget = "m:f"\nruntime_options = { when = 1979-05-27 }\n',
         "backends.v1.runtime_options",
@@ -197,3 +224,38 @@ def test_an_autoscaling_backend_is_read_from_its_table(tmp_path: Path) -> None:
     assert scaling is not None and spec.config.num_replicas is None
     assert (scaling.min_replicas, scaling.max_replicas) == (0, 4)
     assert scaling.target_ongoing_requests == 3
+
+
+def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    fifo = tmp_path / "app.toml"
+    os.mkfifo(fifo)
+    with pytest.raises(AppFileError, match="is a pipe or FIFO; an app file must be a regular"):
+        load_app(fifo)
+
+
+def test_a_device_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(AppFileError, match="/dev/null: is not a regular file"):
+        load_app("/dev/null")
+
+
+def test_a_file_over_the_size_limit_is_refused_by_its_size(tmp_path: Path) -> None:
+    path = tmp_path / "weights.toml"
+    with open(path, "wb") as f:
+        f.truncate(MAX_APP_FILE_BYTES + 1)
+    with pytest.raises(AppFileError, match=f"is {MAX_APP_FILE_BYTES + 1} bytes, over the"):
+        load_app(path)
+
+
+def test_the_file_is_read_exactly_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "app.toml"
+    path.write_text(GOOD)
+    opened: list[str] = []
+    real_open = os.open
+
+    def counting_open(file: Any, *args: Any, **kwargs: Any) -> int:
+        opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", counting_open)
+    assert read_app_text(path) == GOOD
+    assert opened == [str(path)]

@@ -11,15 +11,18 @@ for the order commands are applied in.
 
 from servecore.app._apply import Applied, apply, declared, describe, plan
 from servecore.app._schema import (
+    MAX_APP_FILE_BYTES,
     App,
     AppFileError,
     BackendSpec,
     EndpointSpec,
     load_app,
     parse_app,
+    read_app_text,
 )
 
 __all__ = [
+    "MAX_APP_FILE_BYTES",
     "App",
     "AppFileError",
     "Applied",
@@ -31,4 +34,5 @@ __all__ = [
     "load_app",
     "parse_app",
     "plan",
+    "read_app_text",
 ]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tomllib
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -45,7 +46,16 @@ from servecore._core.transitions import (
     SetTraffic,
 )
 
-__all__ = ["App", "AppFileError", "BackendSpec", "EndpointSpec", "load_app", "parse_app"]
+__all__ = [
+    "MAX_APP_FILE_BYTES",
+    "App",
+    "AppFileError",
+    "BackendSpec",
+    "EndpointSpec",
+    "load_app",
+    "parse_app",
+    "read_app_text",
+]
 
 
 class AppFileError(CommandError):
@@ -156,17 +166,56 @@ _UNKNOWN = re.compile(r"^Object contains unknown field `(?P<field>[^`]*)`")
 _MISSING = re.compile(r"^Object missing required field `(?P<field>[^`]*)`")
 
 
-def _split_path(path: str) -> list[str | int]:
-    """``.backends.echo.init_args[0]`` -> ``["backends", "echo", "init_args", 0]``."""
-    parts: list[str | int] = []
-    for m in re.finditer(r"\.([^.\[]+)|\[(\d+)\]|\[\"([^\"]*)\"\]", path):
+#: Where msgspec says ``[...]``: the value of some key of a table, not named.
+_SOME_KEY = object()
+_GOT = re.compile(r"got `?(?P<kind>[a-z]+)`?")
+
+
+def _split_path(path: str) -> list[Any]:
+    """``.backends.echo.init_args[0]`` -> ``["backends", "echo", "init_args", 0]``;
+    msgspec's ``[...]`` (a table's value, key not named) becomes :data:`_SOME_KEY`."""
+    parts: list[Any] = []
+    for m in re.finditer(r"\.([^.\[]+)|\[(\d+)\]|\[\"([^\"]*)\"\]|(\[\.\.\.\])", path):
         if m.group(1) is not None:
             parts.append(m.group(1))
         elif m.group(2) is not None:
             parts.append(int(m.group(2)))
-        else:
+        elif m.group(3) is not None:
             parts.append(m.group(3))
+        else:
+            parts.append(_SOME_KEY)
     return parts
+
+
+def _kind(value: Any) -> str:
+    """msgspec's name for the type of a parsed TOML value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _resolve(raw: Any, parts: list[Any], why: str) -> list[str | int]:
+    """``parts`` with each :data:`_SOME_KEY` replaced by the key msgspec complained
+    about: the first whose value has the type the error says it got."""
+    got = _GOT.search(why)
+    resolved: list[str | int] = []
+    node = raw
+    for p in parts:
+        if p is _SOME_KEY:
+            keys = list(node) if isinstance(node, dict) else []
+            bad = [k for k in keys if got is not None and _kind(node[k]) == got.group("kind")]
+            if not (bad or keys):
+                break
+            p = (bad or keys)[0]
+        resolved.append(p)
+        node = _lookup(node, [p])
+    return resolved
 
 
 def _dotted(parts: list[str | int]) -> str:
@@ -195,8 +244,8 @@ def _shape_error(
 ) -> AppFileError:
     message = str(exc)
     m = _PATH.search(message)
-    parts = [*prefix, *(_split_path(m.group("path")) if m else [])]
     why = message[: m.start()] if m else message
+    parts = _resolve(raw, [*prefix, *(_split_path(m.group("path")) if m else [])], why)
     unknown = _UNKNOWN.match(why)
     missing = _MISSING.match(why)
     if unknown:
@@ -347,12 +396,60 @@ def parse_app(text: str, source: str = "<app>") -> App:
     return App(backends=backends, endpoints=endpoints, source=source)
 
 
-def load_app(path: str | os.PathLike[str]) -> App:
-    """Read and validate the app file at ``path``. Raises :class:`AppFileError`
-    (or ``OSError`` if it cannot be read)."""
-    p = Path(path)
+#: The largest app file read (an app file is a few kilobytes; this keeps a mistaken
+#: path, say a model's weights, from being read whole and sent to a server).
+MAX_APP_FILE_BYTES = 4 * 1024 * 1024
+
+
+def read_app_text(path: str | os.PathLike[str]) -> str:
+    """The text of the app file at ``path``, read exactly once.
+
+    Only a regular file is read: a FIFO or a device is refused without blocking on it
+    (opening a FIFO with no writer would wait for ever, and a pipe such as
+    ``<(cat app.toml)`` can be read only once, so a second reading would see an empty
+    app). Raises :class:`AppFileError` for a file that is not a regular file, too large,
+    or not UTF-8, and ``OSError`` if it cannot be opened.
+    """
+    p = str(Path(path))
+    # O_NONBLOCK: opening a FIFO must not wait for a writer before fstat can refuse it.
+    fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
     try:
-        text = p.read_text(encoding="utf-8")
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a pipe or FIFO" if stat.S_ISFIFO(info.st_mode) else "not a regular file"
+            raise AppFileError(
+                p,
+                "",
+                None,
+                f"is {kind}; an app file must be a regular file (it is read once, as a "
+                f"whole): write it to a file and pass that path",
+            )
+        if info.st_size > MAX_APP_FILE_BYTES:
+            raise AppFileError(p, "", None, _too_large(info.st_size))
+        data = bytearray()
+        while len(data) <= MAX_APP_FILE_BYTES:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(fd)
+    if len(data) > MAX_APP_FILE_BYTES:  # it grew while being read
+        raise AppFileError(p, "", None, _too_large(len(data)))
+    try:
+        return bytes(data).decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise AppFileError(str(p), "", None, f"not UTF-8 text: {exc}") from exc
-    return parse_app(text, source=str(p))
+        raise AppFileError(p, "", None, f"not UTF-8 text: {exc}") from exc
+
+
+def _too_large(size: int) -> str:
+    return (
+        f"is {size} bytes, over the {MAX_APP_FILE_BYTES} bytes an app file may have; "
+        f"is this the right file?"
+    )
+
+
+def load_app(path: str | os.PathLike[str]) -> App:
+    """Read (once, see :func:`read_app_text`) and validate the app file at ``path``.
+    Raises :class:`AppFileError` (or ``OSError`` if it cannot be read)."""
+    return parse_app(read_app_text(path), source=str(Path(path)))
