@@ -9,12 +9,22 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
 import servecore
-from servecore.app import App, BackendSpec, EndpointSpec, apply, declared, plan
+from servecore.app import (
+    App,
+    AppFileError,
+    BackendSpec,
+    EndpointSpec,
+    apply,
+    check_plan,
+    declared,
+    plan,
+)
 from servecore.testing import InMemoryRuntime
 
 TARGETS = ["servecore.testing.targets:echo", "servecore.testing.targets:Echo"]
@@ -191,3 +201,44 @@ def test_sync_controller_applies_a_file(tmp_path: Any) -> None:
         assert ctl.state.endpoints["echo"].route == "/echo"
         assert ctl.get_handle("echo").call("hi") == "hi"
         assert not ctl.apply(path).changed
+
+
+def test_a_file_that_breaks_the_limits_at_its_last_backend_changes_nothing() -> None:
+    app = App(
+        backends={
+            tag: BackendSpec(
+                tag=tag,
+                target=TARGETS[0],
+                config=servecore.BackendConfig(num_replicas=5 if tag == "z" else 1),
+            )
+            for tag in ("a", "b", "z")
+        },
+        endpoints={"e": EndpointSpec(name="e", route="/e", methods=("GET",), traffic={"a": 1})},
+    )
+
+    async def main() -> None:
+        limits = servecore.Limits(max_replicas=2)
+        async with servecore.open_controller(InMemoryRuntime(), limits=limits) as ctl:
+            seq, state = ctl.seq, ctl.state
+            with pytest.raises(AppFileError) as info:
+                await apply(ctl, app)
+            assert (ctl.seq, ctl.state) == (seq, state)  # not even backend 'a'
+            err = info.value
+            assert (err.key, err.value) == ("backends.z.num_replicas", 5)
+            assert "nothing was applied" in str(err) and "limit of 2" in str(err)
+
+    trio.run(main)
+
+
+def test_check_plan_steps_the_whole_plan_without_submitting_it() -> None:
+    app = App(backends={"a": BackendSpec(tag="a", target=TARGETS[0])})
+    commands = plan(servecore.State(), app)
+    check_plan(servecore.State(), commands, servecore.Limits(), "app.toml")
+    with pytest.raises(AppFileError, match=r"app\.toml: endpoints\.e"):
+        # A plan out of order: traffic to an endpoint that does not exist yet.
+        check_plan(
+            servecore.State(),
+            [*commands, servecore.SetTraffic(endpoint="e", traffic={"a": 1.0})],
+            servecore.Limits(),
+            "app.toml",
+        )

@@ -9,7 +9,7 @@ See :mod:`servecore.app._schema` for the file's keys and :mod:`servecore.app._ap
 for the order commands are applied in.
 """
 
-from servecore.app._apply import Applied, apply, declared, describe, plan
+from servecore.app._apply import Applied, apply, check_plan, declared, describe, plan
 from servecore.app._schema import (
     MAX_APP_FILE_BYTES,
     App,
@@ -29,6 +29,7 @@ __all__ = [
     "BackendSpec",
     "EndpointSpec",
     "apply",
+    "check_plan",
     "declared",
     "describe",
     "load_app",

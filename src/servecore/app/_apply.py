@@ -19,6 +19,12 @@ conflict or a traffic check:
 
 Applying the same file again plans nothing; applying after a crash half-way plans
 only what is still missing, so applying again converges.
+
+:func:`apply` is all or nothing for what can be known in advance: before the first
+command is submitted, :func:`check_plan` steps the whole plan through the pure core,
+with the controller's :class:`~servecore.Limits`, on a copy of the current state. A
+plan any command of which would be refused changes nothing. (A replica that fails to
+start is found only by starting it; that is reported in :attr:`Applied.failed`.)
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ from typing import Any
 
 import attrs
 
-from servecore._core.errors import BackendStartError
+from servecore._core.errors import BackendStartError, CommandError, InvalidConfig
+from servecore._core.limits import Limits
 from servecore._core.transitions import (
     BackendStatus,
     Command,
@@ -41,10 +48,11 @@ from servecore._core.transitions import (
     SetShadowTraffic,
     SetTraffic,
     State,
+    step,
 )
-from servecore.app._schema import App, BackendSpec, EndpointSpec, load_app
+from servecore.app._schema import App, AppFileError, BackendSpec, EndpointSpec, load_app
 
-__all__ = ["Applied", "apply", "declared", "describe", "plan"]
+__all__ = ["Applied", "apply", "check_plan", "declared", "describe", "plan"]
 
 log = logging.getLogger("servecore.app")
 
@@ -133,6 +141,35 @@ def plan(state: State, app: App) -> list[Command]:
     return [*detach, *create, *wire, *delete]
 
 
+def _key_of(command: Command, exc: CommandError) -> str:
+    """The app file's key path for what ``command`` was refused for."""
+    if isinstance(command, (CreateBackend, SetBackendConfig, DeleteBackend)):
+        at = f"backends.{command.tag}"
+        if isinstance(exc, InvalidConfig) and exc.field and " " not in exc.field:
+            return f"{at}.{exc.field}"
+        return at
+    name = getattr(command, "name", None) or getattr(command, "endpoint", "")
+    return f"endpoints.{name}"
+
+
+def check_plan(state: State, commands: list[Command], limits: Limits, source: str) -> None:
+    """Step ``commands`` one after the other through the pure core from ``state``, as
+    the controller would, with its ``limits``; raise :class:`AppFileError` naming the
+    first one refused. Nothing is submitted, so a refused plan changes nothing."""
+    for command in commands:
+        try:
+            limits.check(command)
+            state = step(state, command).state
+        except CommandError as exc:
+            value = getattr(exc, "value", None)
+            raise AppFileError(
+                source,
+                _key_of(command, exc),
+                value,
+                f"{exc}; nothing was applied (the plan was refused at: {describe(command)})",
+            ) from exc
+
+
 @attrs.frozen(kw_only=True)
 class Applied:
     """What :func:`apply` did: the commands it ran, in order, and the backends whose
@@ -173,13 +210,18 @@ async def apply(controller: Any, app: App | str | os.PathLike[str]) -> Applied:
 
         applied = await servecore.apply(ctl, "app.toml")
 
-    Re-applying the same app does nothing. A backend whose replicas fail to start is
-    reported in :attr:`Applied.failed` and the rest of the app is still applied; any
-    other error stops here, and applying again carries on where this stopped.
+    Re-applying the same app does nothing. A plan that the core or the controller's
+    limits would refuse at any command raises :class:`AppFileError` before the first
+    command is submitted, so it changes nothing. A backend whose replicas fail to
+    start is reported in :attr:`Applied.failed` and the rest of the app is still
+    applied; any other error stops here, and applying again carries on where this
+    stopped.
     """
     if not isinstance(app, App):
         app = load_app(app)
     commands = plan(controller.state, app)
+    limits = getattr(controller, "limits", None)
+    check_plan(controller.state, commands, limits if isinstance(limits, Limits) else Limits(), app.source)
     failed: dict[str, str] = {}
     for command in commands:
         log.info("apply %s: %s", app.source, describe(command))
