@@ -165,7 +165,7 @@ BAD = [
     (
         "the second of two traffic weights",
         '[backends.a]\ntarget = "m:f"\n[backends.b]\ntarget = "m:f"\n'
-        '[endpoints.e]\ntraffic = { a = 0.5, b = [0.5] }\n',
+        "[endpoints.e]\ntraffic = { a = 0.5, b = [0.5] }\n",
         "endpoints.e.traffic.b",
         [0.5],
     ),

@@ -7,8 +7,8 @@ import json
 import logging
 import select
 import socket
-from pathlib import Path
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest

@@ -221,7 +221,9 @@ async def apply(controller: Any, app: App | str | os.PathLike[str]) -> Applied:
         app = load_app(app)
     commands = plan(controller.state, app)
     limits = getattr(controller, "limits", None)
-    check_plan(controller.state, commands, limits if isinstance(limits, Limits) else Limits(), app.source)
+    if not isinstance(limits, Limits):
+        limits = Limits()  # a controller-like object without limits: the defaults
+    check_plan(controller.state, commands, limits, app.source)
     failed: dict[str, str] = {}
     for command in commands:
         log.info("apply %s: %s", app.source, describe(command))

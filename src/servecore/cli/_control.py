@@ -1,7 +1,19 @@
 """The control API of a running ``servecore run``: a Unix socket in the state directory.
 
-Not reachable from the network: it is a filesystem socket, ``chmod 0600`` inside a
-``0700`` directory, so only the user who runs the server (and root) can connect.
+Not reachable from the network: it is a filesystem socket, ``0600`` from the moment it
+is bound, in a directory only its user may write to, so only the user who runs the
+server (and root) can connect. Both ends check that directory first
+(:func:`check_state_dir`): a state directory owned by another user, or one that others
+may write to, is refused, since whoever can write there can put their own socket in
+place of the server's and read the app files (and their secrets) sent to it.
+
+The socket listens with a backlog of :data:`CONTROL_BACKLOG`, and a client whose
+connection finds the queue full retries for a while, then says the server is busy;
+"no server" is said only when there is no socket or nothing listens on it. One
+``apply`` runs at a time; another waits at most ``apply_wait_s`` for it, then is told
+the server is busy with the first (so one apply stuck on a replica that never starts
+does not wedge every later one).
+
 One request per connection, one JSON object each way, newline-terminated::
 
     {"op": "status"}                          -> {"ok": true, "status": {...}}
@@ -20,22 +32,48 @@ import json
 import logging
 import os
 import socket
+import stat
+import time
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from servecore._core.errors import ServecoreError
-from servecore.app import AppFileError, apply, describe, parse_app
+from servecore.app import MAX_APP_FILE_BYTES, AppFileError, apply, describe, parse_app
 
 log = logging.getLogger("servecore.cli")
 
-__all__ = ["SOCKET_NAME", "ControlUnavailable", "request", "serve_control", "socket_path"]
+__all__ = [
+    "SOCKET_NAME",
+    "ControlBusy",
+    "ControlNoAnswer",
+    "ControlUnavailable",
+    "UnsafeStateDir",
+    "check_socket_path",
+    "check_state_dir",
+    "request",
+    "serve_control",
+    "socket_path",
+]
 
 SOCKET_NAME = "control.sock"
 
-#: A request larger than this is refused (an app file is a few kilobytes).
-MAX_REQUEST_BYTES = 4 * 1024 * 1024
+#: A request larger than this is refused: an app file (at most MAX_APP_FILE_BYTES),
+#: JSON-escaped, with room to spare.
+MAX_REQUEST_BYTES = 4 * MAX_APP_FILE_BYTES
+
+#: Connections the kernel queues while the server is busy (capped by somaxconn).
+CONTROL_BACKLOG = 1024
+
+#: How long a client keeps retrying a connection that finds the queue full.
+BUSY_RETRY_S = 10.0
+
+#: How long an apply waits for the one in progress before it is told the server is busy.
+APPLY_WAIT_S = 30.0
+
+#: The longest path a Unix socket can bind (sun_path holds 108 bytes with its NUL).
+MAX_SOCKET_PATH_BYTES = 107
 
 
 def socket_path(state_dir: Path) -> Path:
@@ -44,13 +82,104 @@ def socket_path(state_dir: Path) -> Path:
 
 
 class ControlUnavailable(ServecoreError):
-    """No server answers on the control socket."""
+    """No server answers on the control socket: there is none, or nothing listens."""
 
     def __init__(self, path: Path, why: str) -> None:
         self.path = path
         super().__init__(
             f"no running servecore server answers at {path} ({why}); "
             f"start one with: servecore run APP.toml"
+        )
+
+
+class ControlBusy(ServecoreError):
+    """A server listens on the control socket but is too busy to take the connection."""
+
+    def __init__(self, path: Path, waited_s: float) -> None:
+        self.path = path
+        super().__init__(
+            f"the servecore server at {path} is running but too busy to take a connection "
+            f"(its queue stayed full for {waited_s:g}s); try again in a moment"
+        )
+
+
+class ControlNoAnswer(ServecoreError):
+    """A server took the request but gave no answer (it stopped, or timed out)."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        self.path = path
+        super().__init__(
+            f"the servecore server at {path} took the request but did not answer ({why}); "
+            f"see its log, and check with: servecore status"
+        )
+
+
+class UnsafeStateDir(ServecoreError):
+    """A state directory (or its control socket) that another user controls."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        self.path = path
+        super().__init__(
+            f"refusing to use the state directory {path}: {why}. Whoever can write there "
+            f"can replace the control socket and read the app files sent to it; use a "
+            f"directory of your own (--store DIR/state.db; servecore creates DIR with "
+            f"mode 0700)"
+        )
+
+
+class SocketPathTooLong(ServecoreError):
+    """The control socket's path is longer than a Unix socket may have."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        size = len(os.fsencode(path))
+        super().__init__(
+            f"the control socket path {path} is {size} bytes, over the "
+            f"{MAX_SOCKET_PATH_BYTES} a Unix socket may have; put --store in a directory "
+            f"with a shorter path"
+        )
+
+
+def check_socket_path(path: Path) -> Path:
+    """``path`` if a Unix socket can be bound there, else :class:`SocketPathTooLong`."""
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
+        raise SocketPathTooLong(path)
+    return path
+
+
+def _owner(uid: int) -> str:
+    try:
+        import pwd
+
+        return f"user {pwd.getpwuid(uid).pw_name!r} (uid {uid})"
+    except (ImportError, KeyError):
+        return f"uid {uid}"
+
+
+def check_state_dir(state_dir: Path) -> None:
+    """Raise :class:`UnsafeStateDir` unless ``state_dir`` is a directory owned by this
+    user that no group or other user may write to. Its mode is never changed: it may
+    be a shared directory such as ``/tmp``, which must stay as it is."""
+    info = os.stat(state_dir)
+    if not stat.S_ISDIR(info.st_mode):
+        raise UnsafeStateDir(state_dir, "it is not a directory")
+    if info.st_uid != os.geteuid():
+        raise UnsafeStateDir(state_dir, f"it is owned by {_owner(info.st_uid)}, not by you")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        mode = f"{stat.S_IMODE(info.st_mode):04o}"
+        raise UnsafeStateDir(state_dir, f"group or other users may write to it (mode {mode})")
+
+
+def _check_socket_owner(path: Path) -> None:
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return  # no socket: the caller says "no server"
+    if not stat.S_ISSOCK(info.st_mode):
+        raise UnsafeStateDir(path.parent, f"{path.name} is not a socket")
+    if info.st_uid != os.geteuid():
+        raise UnsafeStateDir(
+            path.parent, f"its {path.name} is owned by {_owner(info.st_uid)}, not by you"
         )
 
 
@@ -72,11 +201,25 @@ async def _read_request(stream: trio.SocketStream) -> bytes:
             break
         data += chunk
         if len(data) > MAX_REQUEST_BYTES:
-            raise ValueError(f"request over {MAX_REQUEST_BYTES} bytes")
+            raise _TooLarge(f"the request is over the {MAX_REQUEST_BYTES} bytes this server takes")
     return bytes(data)
 
 
-async def _answer(controller: Any, lock: trio.Lock, request: dict[str, Any]) -> dict[str, Any]:
+class _TooLarge(ValueError):
+    """A request over MAX_REQUEST_BYTES: refused with an answer, not a dropped line."""
+
+
+class _Applying:
+    """The one apply at a time, and what it is (for the message to the next one)."""
+
+    def __init__(self, wait_s: float) -> None:
+        self.lock = trio.Lock()
+        self.wait_s = wait_s
+        self.source = ""
+        self.since = 0.0
+
+
+async def _answer(controller: Any, applying: _Applying, request: dict[str, Any]) -> dict[str, Any]:
     op = request.get("op")
     if op == "status":
         status = await controller.status()
@@ -89,11 +232,29 @@ async def _answer(controller: Any, lock: trio.Lock, request: dict[str, Any]) -> 
             app = parse_app(text, source)
         except AppFileError as exc:
             return {"ok": False, "type": "AppFileError", "error": str(exc), "key": exc.key}
-        async with lock:  # one apply at a time: each plans from the state the last left
-            try:
-                applied = await apply(controller, app)
-            except ServecoreError as exc:
-                return {"ok": False, "type": type(exc).__name__, "error": str(exc)}
+        # One apply at a time: each plans from the state the last one left.
+        acquired = False
+        with trio.move_on_after(applying.wait_s):
+            await applying.lock.acquire()
+            acquired = True
+        if not acquired:
+            running_s = trio.current_time() - applying.since
+            return {
+                "ok": False,
+                "type": "Busy",
+                "error": (
+                    f"the server is busy applying {applying.source} (for {running_s:.0f}s; a "
+                    f"replica may be slow to start or stuck, see servecore status and the "
+                    f"server's log); nothing of {source} was applied, try again later"
+                ),
+            }
+        try:
+            applying.source, applying.since = source, trio.current_time()
+            applied = await apply(controller, app)
+        except ServecoreError as exc:
+            return {"ok": False, "type": type(exc).__name__, "error": str(exc)}
+        finally:
+            applying.lock.release()
         return {
             "ok": True,
             "changes": [describe(c) for c in applied.commands],
@@ -106,9 +267,16 @@ async def serve_control(
     controller: Any,
     path: Path,
     *,
+    apply_wait_s: float = APPLY_WAIT_S,
     task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the control API for ``controller`` at ``path`` until cancelled."""
+    """Serve the control API for ``controller`` at ``path`` until cancelled.
+
+    ``path``'s directory must pass :func:`check_state_dir`. An ``apply`` waits at most
+    ``apply_wait_s`` for the one in progress, then is answered that the server is busy.
+    """
+    check_socket_path(path)
+    check_state_dir(path.parent)
     if path.exists() or path.is_symlink():
         if _is_live(path):
             raise OSError(
@@ -118,14 +286,17 @@ async def serve_control(
         path.unlink()  # left by a server that was killed
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        # On Linux the socket file takes the mode of the socket's inode when bound:
+        # 0600 from its first instant, not after a chmod that others could race.
+        with contextlib.suppress(OSError):
+            os.fchmod(sock.fileno(), 0o600)
         await sock.bind(str(path))
-        # The directory is 0700 already; 0600 on the socket says the same on its own.
         os.chmod(path, 0o600)
-        sock.listen(16)
+        sock.listen(CONTROL_BACKLOG)
     except BaseException:
         sock.close()
         raise
-    lock = trio.Lock()
+    applying = _Applying(apply_wait_s)
 
     async def handle(stream: trio.SocketStream) -> None:
         async with stream:
@@ -133,7 +304,9 @@ async def serve_control(
                 request = json.loads(await _read_request(stream))
                 if not isinstance(request, dict):
                     raise ValueError("a request is a JSON object")
-                reply = await _answer(controller, lock, request)
+                reply = await _answer(controller, applying, request)
+            except _TooLarge as exc:
+                reply = {"ok": False, "type": "TooLarge", "error": str(exc)}
             except (ValueError, UnicodeDecodeError) as exc:
                 reply = {"ok": False, "type": "BadRequest", "error": str(exc)}
             except Exception as exc:  # one bad request must not take the server down
@@ -150,26 +323,80 @@ async def serve_control(
             path.unlink()
 
 
-def request(path: Path, message: dict[str, Any], timeout_s: float | None = None) -> Any:
-    """Send one request to the server at ``path`` and return its reply (blocking)."""
-    if not path.exists():
-        raise ControlUnavailable(path, "no control socket")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout_s)
+#: connect() errors that mean nobody serves the socket (as opposed to a busy server).
+_NO_SERVER = {errno.ENOENT, errno.ECONNREFUSED, errno.ENOTSOCK}
+
+
+def _connect(path: Path, busy_retry_s: float) -> socket.socket:
+    """A socket connected to ``path``; a full queue (EAGAIN) is retried with backoff."""
+    waited, pause = 0.0, 0.01
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Non-blocking connect: a full listen queue answers EAGAIN at once.
+        s.setblocking(False)
         try:
             s.connect(str(path))
+        except BlockingIOError:
+            s.close()
+            if waited >= busy_retry_s:
+                raise ControlBusy(path, busy_retry_s) from None
+            time.sleep(pause)
+            waited += pause
+            pause = min(pause * 2, 0.5)
+            continue
         except OSError as exc:
-            raise ControlUnavailable(path, exc.strerror or str(exc)) from exc
+            s.close()
+            if exc.errno in _NO_SERVER:
+                raise ControlUnavailable(path, exc.strerror or str(exc)) from exc
+            raise ControlNoAnswer(path, f"cannot connect: {exc.strerror or exc}") from exc
+        s.setblocking(True)
+        return s
+
+
+def request(
+    path: Path,
+    message: dict[str, Any],
+    timeout_s: float | None = None,
+    *,
+    busy_retry_s: float = BUSY_RETRY_S,
+) -> Any:
+    """Send one request to the server at ``path`` and return its reply (blocking).
+
+    Raises :class:`UnsafeStateDir` before sending anything to a socket in a directory
+    another user controls, :class:`ControlUnavailable` when no server listens,
+    :class:`ControlBusy` when one does but its queue stays full for ``busy_retry_s``,
+    and :class:`ControlNoAnswer` when it took the request but did not answer.
+    """
+    check_socket_path(path)
+    if not path.parent.is_dir():
+        raise ControlUnavailable(path, f"no state directory {path.parent}")
+    check_state_dir(path.parent)
+    _check_socket_owner(path)
+    if not path.exists():
+        raise ControlUnavailable(path, "no control socket")
+    payload = json.dumps(message).encode() + b"\n"
+    if len(payload) > MAX_REQUEST_BYTES:
+        raise ControlNoAnswer(
+            path, f"not sent: the request is over the {MAX_REQUEST_BYTES} bytes a server takes"
+        )
+    with _connect(path, busy_retry_s) as s:
+        s.settimeout(timeout_s)
         data = bytearray()
+        sent_error: OSError | None = None
         try:
-            s.sendall(json.dumps(message).encode() + b"\n")
+            s.sendall(payload)
+        except OSError as exc:  # the server may have refused it and said why: read on
+            sent_error = exc
+        try:
             while True:
                 chunk = s.recv(65536)
                 if not chunk:
                     break
                 data += chunk
         except OSError as exc:  # a timeout, or the server went away mid-request
-            raise ControlUnavailable(path, f"no answer: {exc.strerror or exc!r}") from exc
+            if not data:
+                why = sent_error or exc
+                raise ControlNoAnswer(path, f"{why.strerror or why!r}") from exc
     if not data:
-        raise ControlUnavailable(path, "the server closed the connection without answering")
+        raise ControlNoAnswer(path, "it closed the connection without answering")
     return json.loads(data)

@@ -9,15 +9,21 @@
 
 State lives under ``.servecore/`` by default: the SQLite checkpoint ``state.db``, the
 control socket ``control.sock`` and (subprocess runtime) ``replicas/``.
+
+Every error is one paragraph on stderr (``error: ...``) and exit status 1, never a
+traceback: the command's own checks, the server's refusals, and anything unforeseen.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 import click
 import trio
@@ -28,9 +34,10 @@ from rich.markup import escape
 from servecore._controller.read_state import load_checkpoint
 from servecore._controller.status import status_of
 from servecore._core.errors import ServecoreError
-from servecore.app import AppFileError, load_app
+from servecore.app import App, AppFileError, parse_app, read_app_text
 from servecore.cli._control import ControlUnavailable, request, socket_path
 from servecore.cli._render import print_status
+from servecore.http import check_timeout
 from servecore.stores import SQLiteStore
 
 __all__ = ["main"]
@@ -54,18 +61,71 @@ def _console(stderr: bool = False) -> Console:
     return console
 
 
-def _fail(message: str, code: int = 1) -> None:
+def _fail(message: str, code: int = 1) -> NoReturn:
     _console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     sys.exit(code)
 
 
-def _load(app_file: Path) -> Any:
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, in order."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def _message(exc: BaseException) -> str:
+    """One paragraph for a person: our errors say all; others get their type named."""
+    if isinstance(exc, ServecoreError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    return f"{type(exc).__name__}: {exc} (unexpected; please report it with the command run)"
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _one_paragraph(command: F) -> F:
+    """Turn any error escaping ``command`` into one ``error:`` paragraph, exit 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (SystemExit, KeyboardInterrupt, click.exceptions.Exit, click.ClickException):
+            raise
+        except BaseException as exc:
+            leaves = [e for e in _leaves(exc) if not isinstance(e, KeyboardInterrupt)]
+            if not leaves:
+                raise
+            logging.getLogger("servecore.cli").debug("command failed", exc_info=True)
+            _fail("; ".join(dict.fromkeys(_message(e) for e in leaves)))
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _read(app_file: Path) -> tuple[str, App]:
+    """The app file's text, read once, and the app parsed from that same text."""
     try:
-        return load_app(app_file)
+        text = read_app_text(app_file)
+        return text, parse_app(text, source=str(app_file))
     except AppFileError as exc:
         _fail(str(exc))
     except OSError as exc:
         _fail(f"cannot read {app_file}: {exc.strerror or exc}")
+
+
+def _timeout(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    try:
+        checked = check_timeout(value)
+    except ServecoreError:
+        checked = None
+    if checked is None or math.isnan(value):
+        raise click.BadParameter(
+            f"{value!r} is not a finite number of seconds above 0 (at most a day)"
+        )
+    return checked
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -85,7 +145,13 @@ def main() -> None:
 )
 @_store_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8000, show_default=True, type=int, help="Port to listen on.")
+@click.option(
+    "--port",
+    default=8000,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port to listen on (0: any free port).",
+)
 @click.option("--name", default="servecore", show_default=True, help="Controller namespace.")
 @click.option(
     "--app-dir",
@@ -111,6 +177,7 @@ def main() -> None:
     type=float,
     default=30.0,
     show_default=True,
+    callback=_timeout,
     help="Seconds a request may take before 504.",
 )
 @click.option(
@@ -119,6 +186,7 @@ def main() -> None:
     default="INFO",
     show_default=True,
 )
+@_one_paragraph
 def run(
     app_file: Path,
     runtime: str,
@@ -137,10 +205,10 @@ def run(
     A restart on the same --store recovers from the checkpoint (live subprocess and
     Ray replicas are adopted, not restarted), then applies the file again.
     """
-    from servecore.cli._run import RunOptions, add_app_dir, run_server
+    from servecore.cli._run import RunOptions, add_app_dir, preflight, run_server
 
     add_app_dir(app_dir)
-    app = _load(app_file)
+    _, app = _read(app_file)
     err = _console(stderr=True)
     logging.basicConfig(
         level=log_level.upper(),
@@ -159,18 +227,17 @@ def run(
         timeout_s=timeout_s,
         replica_logs=replica_logs,
     )
-    try:
-        code = trio.run(run_server, options, err)
-    except ServecoreError as exc:
-        _fail(str(exc))
-    except OSError as exc:
-        _fail(str(exc))
+    # Before any replica starts: state directory, socket path, a server already
+    # running there, the HTTP port.
+    http_socket = preflight(options)
+    code = trio.run(run_server, options, err, http_socket)
     sys.exit(code)
 
 
 @main.command()
 @_store_option
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@_one_paragraph
 def status(store: Path, as_json: bool) -> None:
     """Show endpoints, backends and replicas: live from a running server, or read
     from the checkpoint (without locking it) when none runs."""
@@ -200,19 +267,18 @@ def status(store: Path, as_json: bool) -> None:
 @main.command("apply")
 @click.argument("app_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @_store_option
+@_one_paragraph
 def apply_command(app_file: Path, store: Path) -> None:
     """Apply APP_FILE to the server running on --store. An invalid file changes
     nothing and says why."""
-    _load(app_file)  # say what is wrong before reaching the server
-    text = app_file.read_text(encoding="utf-8")
-    try:
-        reply = request(
-            socket_path(store.parent), {"op": "apply", "text": text, "source": str(app_file)}
-        )
-    except ControlUnavailable as exc:
-        _fail(str(exc))
+    # Read once: the server gets exactly the text checked here (a pipe such as
+    # <(cat app.toml) could not be read a second time).
+    text, _ = _read(app_file)
+    reply = request(
+        socket_path(store.parent), {"op": "apply", "text": text, "source": str(app_file)}
+    )
     if not reply.get("ok"):
-        _fail(reply.get("error", "the server refused the file"))
+        _fail(f"the server refused it: {reply.get('error', 'no reason given')}")
     out = _console()
     for change in reply["changes"]:
         out.print(f"  {escape(change)}")

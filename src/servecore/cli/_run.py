@@ -7,6 +7,14 @@ finish (hypercorn's graceful timeout), close the control socket, then close the
 controller. The checkpoint stays. In-process (threads) replicas stop with the
 process; out-of-process replicas keep running, to be adopted by the next
 ``servecore run`` on the same store, unless ``--stop-replicas`` is given.
+
+Everything that can be checked before a replica starts is checked first
+(:func:`preflight`): the state directory (created ``0700`` if missing; refused if
+another user owns it or others may write to it; an existing directory's mode is never
+changed), the control socket's path length, another server already running there, and
+the HTTP port, which is bound then and held until serving starts.
+A signal during the apply stops it: the exit status is ``128 + signal`` and, with
+``--stop-replicas``, the replicas are stopped.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,14 +33,21 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from servecore._controller.controller import Controller, open_controller
+from servecore._core.errors import ServecoreError
 from servecore._core.transitions import ReplicaStatus
 from servecore.app import App, apply, describe
-from servecore.cli._control import serve_control, socket_path
-from servecore.http import HTTPIngress
+from servecore.cli._control import (
+    _is_live,
+    check_socket_path,
+    check_state_dir,
+    serve_control,
+    socket_path,
+)
+from servecore.http import LISTEN_BACKLOG, HTTPIngress, hypercorn_config
 from servecore.replica_logs import forward_replica_logs
 from servecore.stores import SQLiteStore
 
-__all__ = ["RunOptions", "run_server"]
+__all__ = ["AlreadyRunning", "CannotListen", "RunOptions", "preflight", "run_server"]
 
 log = logging.getLogger("servecore.cli")
 
@@ -70,6 +86,65 @@ class RunOptions:
         return self.store.parent
 
 
+class CannotListen(ServecoreError):
+    """The HTTP address cannot be listened on (in use, not this host's, out of range)."""
+
+    def __init__(self, host: str, port: int, why: str) -> None:
+        self.host = host
+        self.port = port
+        super().__init__(
+            f"cannot listen on {host}:{port}: {why}; nothing was started. Stop what uses "
+            f"it, or pick another --host/--port"
+        )
+
+
+class AlreadyRunning(ServecoreError):
+    """Another server already runs on the state directory."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        super().__init__(
+            f"another servecore server is already running on {state_dir} (its control "
+            f"socket answers); nothing was started. Use it (servecore status, servecore "
+            f"apply), stop it first, or give this one another --store"
+        )
+
+
+def _prepare_state_dir(state_dir: Path) -> None:
+    if not state_dir.exists():
+        # Only the directory made here gets 0700; existing ones keep their mode.
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    check_state_dir(state_dir)
+
+
+def _bind_http(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (not yet listening), or :class:`CannotListen`."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (socket.gaierror, OverflowError, UnicodeError) as exc:
+        raise CannotListen(host, port, str(exc)) from exc
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise CannotListen(host, port, exc.strerror or str(exc)) from exc
+    return sock
+
+
+def preflight(options: RunOptions) -> socket.socket:
+    """Check what can fail before a replica starts; return the bound HTTP socket."""
+    _prepare_state_dir(options.state_dir)
+    control = check_socket_path(socket_path(options.state_dir))
+    if (control.exists() or control.is_symlink()) and _is_live(control):
+        raise AlreadyRunning(options.state_dir)
+    return _bind_http(options.host, options.port)
+
+
 def _runtime_options(options: RunOptions) -> dict[str, Any]:
     if options.runtime == "subprocess":
         # Beside the checkpoint, so that one directory holds the whole deployment.
@@ -106,16 +181,16 @@ async def _serve_http(
     ctl: Controller,
     options: RunOptions,
     shutdown: trio.Event,
+    sock: socket.socket,
     *,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
-    config = Config()
-    config.bind = [f"{options.host}:{options.port}"]
-    config.accesslog = None
-    config.loglevel = "WARNING"
+    # hypercorn takes the socket bound in preflight by its descriptor, and owns it now.
+    config = hypercorn_config(Config(), f"fd://{sock.detach()}")
+    assert config.backlog == LISTEN_BACKLOG
     config.graceful_timeout = GRACEFUL_TIMEOUT_S
     app = HTTPIngress(ctl, timeout_s=options.timeout_s)
     await serve(
@@ -127,11 +202,21 @@ async def _serve_http(
     )
 
 
-async def run_server(options: RunOptions, console: Console) -> int:
-    """The whole life of ``servecore run``; returns the exit status."""
-    options.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(options.state_dir, 0o700)
+async def run_server(
+    options: RunOptions, console: Console, http_socket: socket.socket | None = None
+) -> int:
+    """The whole life of ``servecore run``; returns the exit status. ``http_socket``
+    is :func:`preflight`'s (it runs here when not given)."""
+    if http_socket is None:
+        http_socket = preflight(options)
+    with http_socket:
+        return await _run(options, console, http_socket)
+
+
+async def _run(options: RunOptions, console: Console, http_socket: socket.socket) -> int:
     shutdown = trio.Event()
+    received: list[int] = []
+    interrupted = False
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_controller(
             options.runtime,
@@ -139,62 +224,83 @@ async def run_server(options: RunOptions, console: Console) -> int:
             name=options.name,
             runtime_options=_runtime_options(options),
         ) as ctl:
-            async with trio.open_nursery() as nursery:
+            try:
+                async with trio.open_nursery() as nursery:
 
-                async def watch_signals() -> None:
-                    async for signum in signals:
+                    async def watch_signals() -> None:
+                        async for signum in signals:
+                            received.append(signum)
+                            console.print(
+                                f"[bold]{signal.Signals(signum).name}[/]: draining requests "
+                                f"and stopping (the checkpoint is kept)"
+                            )
+                            shutdown.set()
+                            return
+
+                    nursery.start_soon(watch_signals)
+                    if options.replica_logs:
+                        nursery.start_soon(forward_replica_logs, ctl)
+                    applying = trio.CancelScope()
+
+                    async def cancel_apply_on_shutdown() -> None:
+                        await shutdown.wait()
+                        applying.cancel()
+
+                    nursery.start_soon(cancel_apply_on_shutdown)
+                    with applying:
+                        async with trio.open_nursery() as progress_nursery:
+                            progress_nursery.start_soon(_show_progress, ctl, console)
+                            applied = await apply(ctl, options.app)
+                            progress_nursery.cancel_scope.cancel()
+                        for command in applied.commands:
+                            console.print(f"  {escape(describe(command))}")
+                        if not applied.commands:
+                            console.print(
+                                f"{escape(options.app.source)}: already applied, nothing to do"
+                            )
+                        for tag, error in applied.failed.items():
+                            failed = f"[red]backend {escape(repr(tag))} failed to start:[/]"
+                            console.print(f"{failed} {escape(error)}")
+                    if shutdown.is_set():
+                        # Interrupted mid-apply: the app is not (all) applied; the exit
+                        # status says so, and --stop-replicas still holds (below).
+                        nursery.cancel_scope.cancel()
                         console.print(
-                            f"[bold]{signal.Signals(signum).name}[/]: draining requests "
-                            f"and stopping (the checkpoint is kept)"
+                            "[bold]interrupted[/] while applying: the app may be partly "
+                            "applied; the next servecore run or apply finishes it"
                         )
-                        shutdown.set()
-                        return
+                        interrupted = True
+                    else:
+                        await _serve(ctl, options, console, shutdown, http_socket, nursery)
+            finally:
+                if options.stop_replicas:
+                    with trio.CancelScope(shield=True):
+                        await _stop_replicas(ctl, console)
+    return 128 + received[0] if interrupted and received else 0
 
-                nursery.start_soon(watch_signals)
-                if options.replica_logs:
-                    nursery.start_soon(forward_replica_logs, ctl)
-                applying = trio.CancelScope()
 
-                async def cancel_apply_on_shutdown() -> None:
-                    await shutdown.wait()
-                    applying.cancel()
-
-                nursery.start_soon(cancel_apply_on_shutdown)
-                with applying:
-                    async with trio.open_nursery() as progress_nursery:
-                        progress_nursery.start_soon(_show_progress, ctl, console)
-                        applied = await apply(ctl, options.app)
-                        progress_nursery.cancel_scope.cancel()
-                    for command in applied.commands:
-                        console.print(f"  {escape(describe(command))}")
-                    if not applied.commands:
-                        console.print(
-                            f"{escape(options.app.source)}: already applied, nothing to do"
-                        )
-                    for tag, error in applied.failed.items():
-                        console.print(
-                            f"[red]backend {escape(repr(tag))} failed to start:[/] {escape(error)}"
-                        )
-                if shutdown.is_set():
-                    nursery.cancel_scope.cancel()
-                    return 0
-                binds = await nursery.start(_serve_http, ctl, options, shutdown)
-                control = await nursery.start(serve_control, ctl, socket_path(options.state_dir))
-                url = next((b for b in binds if b.startswith("http://")), binds[0])
-                # One plain line on stdout, flushed: scripts wait for it.
-                print(f"servecore: serving {url} (control socket {control})", flush=True)
-                await shutdown.wait()
-                # hypercorn returns once connections drained; then stop the rest.
-                with trio.move_on_after(GRACEFUL_TIMEOUT_S + 1):
-                    while ctl.router is not None and any(
-                        load.running or load.queued
-                        for load in ctl.router.statistics().backends.values()
-                    ):
-                        await trio.sleep(0.05)
-                nursery.cancel_scope.cancel()
-            if options.stop_replicas:
-                await _stop_replicas(ctl, console)
-    return 0
+async def _serve(
+    ctl: Controller,
+    options: RunOptions,
+    console: Console,
+    shutdown: trio.Event,
+    http_socket: socket.socket,
+    nursery: trio.Nursery,
+) -> None:
+    """Serve HTTP and the control socket until ``shutdown``, then drain."""
+    binds = await nursery.start(_serve_http, ctl, options, shutdown, http_socket)
+    control = await nursery.start(serve_control, ctl, socket_path(options.state_dir))
+    url = next((b for b in binds if b.startswith("http://")), binds[0])
+    # One plain line on stdout, flushed: scripts wait for it.
+    print(f"servecore: serving {url} (control socket {control})", flush=True)
+    await shutdown.wait()
+    # hypercorn returns once connections drained; then stop the rest.
+    with trio.move_on_after(GRACEFUL_TIMEOUT_S + 1):
+        while ctl.router is not None and any(
+            load.running or load.queued for load in ctl.router.statistics().backends.values()
+        ):
+            await trio.sleep(0.05)
+    nursery.cancel_scope.cancel()
 
 
 async def _stop_replicas(ctl: Controller, console: Console) -> None:
