@@ -11,6 +11,7 @@ runtime directory.
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import json
 import os
@@ -290,3 +291,320 @@ def test_threads_runtime_and_errors_a_user_meets(deployment: Deployment) -> None
     assert "replica echo#0 ready" in log.read_text()
     server.send_signal(signal.SIGINT)
     assert server.wait(timeout=60) == 0, log.read_text()
+
+
+# ---------------------------------------------------------------------------------------
+# The edges: hostile input and a running server.
+
+HANG = """
+import time
+
+
+class Hang:
+    def __init__(self) -> None:
+        time.sleep(3600)  # a constructor that never returns
+
+    def __call__(self, request):
+        return request
+"""
+
+APP_HANG = (
+    APP_V1
+    + """
+[backends.stuck]
+target = "hang:Hang"
+"""
+)
+
+
+def _one_paragraph(result: subprocess.CompletedProcess[str], *expected: str) -> None:
+    assert result.returncode != 0, result
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("error:") or "Error:" in result.stderr, result.stderr
+    for text in expected:
+        assert text in " ".join(result.stderr.split()), result.stderr
+
+
+def test_a_running_server_is_safe_from_bad_apply_input(deployment: Deployment) -> None:
+    port = _free_port()
+    server, log = deployment.run(deployment.write("app.toml", APP_V1), port)
+    before = deployment.status()
+
+    # Over the server's limits at the last backend: not even the first one is created.
+    over = APP_V1 + '[backends.a]\ntarget = "m:f"\n[backends.z]\ntarget = "m:f"\n'
+    over += "num_replicas = 20000\n"
+    refused = deployment.cli("apply", str(deployment.write("over.toml", over)))
+    _one_paragraph(refused, "the server refused it", "backends.z.num_replicas = 20000")
+    assert "nothing was applied" in refused.stderr
+    assert deployment.status()["seq"] == before["seq"]
+
+    # A pipe (as <(cat app.toml) gives) and a FIFO are refused, never read as empty.
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"")
+    os.close(write_end)
+    try:
+        piped = subprocess.run(
+            [
+                *(sys.executable, "-m", "servecore", "apply", f"/dev/fd/{read_end}"),
+                *("--store", str(deployment.store)),
+            ],
+            cwd=deployment.directory,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            pass_fds=(read_end,),
+        )
+    finally:
+        os.close(read_end)
+    _one_paragraph(piped, "is a pipe or FIFO; an app file must be a regular file")
+    fifo = deployment.directory / "fifo.toml"
+    os.mkfifo(fifo)
+    _one_paragraph(deployment.cli("apply", str(fifo)), "is a pipe or FIFO")
+
+    # Too large: said so, not "no server".
+    huge = deployment.directory / "huge.toml"
+    with open(huge, "wb") as f:
+        f.truncate(4 * 1024 * 1024 + 1)
+    too_large = deployment.cli("apply", str(huge))
+    _one_paragraph(too_large, "bytes an app file may have")
+    assert "no running servecore server" not in too_large.stderr
+
+    # A route under /-/ would never be reached: refused with the key and value.
+    ops = APP_V1.replace('methods = ["GET", "POST"]', 'route = "/-/predict"')
+    _one_paragraph(
+        deployment.cli("apply", str(deployment.write("ops.toml", ops))),
+        'endpoints.echo.route = "/-/predict"'.replace('"', "'"),
+        "pick a route outside /-/",
+    )
+
+    # A second server on the same state directory: one paragraph, nothing started.
+    second = _servecore(
+        deployment.directory,
+        *("run", "app.toml", "--store", str(deployment.store), "--port", str(_free_port())),
+    )
+    _one_paragraph(second, "another servecore server is already running on")
+
+    assert deployment.status()["seq"] == before["seq"]
+    assert _http(port, "POST", "/echo", "hi") == (200, "v1:hi")
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(timeout=60) == 0, log.read_text()
+
+
+def _servecore(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "servecore", *args],
+        cwd=cwd,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_run_checks_its_edges_before_any_replica_starts(tmp_path: Path) -> None:
+    app = tmp_path / "app.toml"
+    app.write_text(APP_V1)
+    store = tmp_path / "state" / "state.db"
+
+    def run(*extra: str, store: Path = store) -> subprocess.CompletedProcess[str]:
+        return _servecore(tmp_path, "run", str(app), "--store", str(store), *extra)
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        in_use = run("--port", str(taken.getsockname()[1]))
+    _one_paragraph(in_use, "cannot listen on 127.0.0.1:", "nothing was started")
+    assert not store.exists()  # no checkpoint, so no replica was ever started
+    _one_paragraph(run("--port", "70000"), "--port", "70000")
+    for bad in ("nan", "-1", "0", "inf"):
+        _one_paragraph(run("--timeout", bad), "--timeout", "finite number of seconds")
+
+    deep = tmp_path / ("d" * 60) / ("e" * 60) / "state.db"
+    _one_paragraph(run(store=deep), "over the 107 a Unix socket may have")
+    assert not deep.exists()
+
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    _one_paragraph(_servecore(tmp_path, "run", str(fifo), "--store", str(store)), "pipe or FIFO")
+
+    # A shared directory (as /tmp) is refused, and its mode left as it was.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    _one_paragraph(run(store=shared / "state.db"), "group or other users may write to it")
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
+    assert not store.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory to another user")
+def test_a_state_directory_of_another_user_is_refused_before_sending_the_app(
+    tmp_path: Path,
+) -> None:
+    app = tmp_path / "app.toml"
+    app.write_text(APP_V1 + '\n[backends.secret]\ntarget = "m:f"\ninit_kwargs = {key = "s3"}\n')
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    # Their own socket, listening where the server's would be: it must hear nothing.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as spy:
+        spy.bind(str(theirs / "control.sock"))
+        spy.listen(8)
+        spy.settimeout(0)
+        os.chown(theirs / "control.sock", 65534, 65534)
+        os.chown(theirs, 65534, 65534)
+        store = str(theirs / "state.db")
+        applied = _servecore(tmp_path, "apply", str(app), "--store", store)
+        _one_paragraph(applied, "refusing to use the state directory", "owned by", "not by you")
+        with pytest.raises(BlockingIOError):
+            spy.accept()  # nobody connected
+        _one_paragraph(_servecore(tmp_path, "status", "--store", store), "not by you")
+        _one_paragraph(_servecore(tmp_path, "run", str(app), "--store", store), "not by you")
+
+
+class _FakeController:
+    """Just what the control socket uses; a submitted command never finishes (as a
+    replica whose constructor hangs)."""
+
+    def __init__(self) -> None:
+        import servecore
+
+        self.state = servecore.State()
+        self.limits = servecore.Limits()
+
+    async def status(self) -> Any:
+        from servecore._controller.status import status_of
+
+        return status_of(self.state, 0)
+
+    async def submit(self, command: Any) -> None:
+        import trio
+
+        await trio.sleep_forever()
+
+
+def _private_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "s"
+    directory.mkdir(mode=0o700)
+    return directory
+
+
+async def test_the_control_socket_queues_a_burst_while_the_server_is_busy(
+    tmp_path: Path,
+) -> None:
+    import trio
+
+    from servecore.cli._control import serve_control
+
+    path = _private_dir(tmp_path) / "control.sock"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_control, _FakeController(), path)
+        clients = []
+        # Not awaited: the server's loop is busy for the whole burst, so only the
+        # listen queue holds the 50 clients (16 used to fit, the rest were refused).
+        for _ in range(50):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            s.connect(str(path))  # BlockingIOError here: the queue was full
+            s.setblocking(True)
+            s.sendall(b'{"op": "status"}\n')
+            clients.append(s)
+
+        def replies() -> list[Any]:
+            return [json.loads(s.makefile().readline()) for s in clients]
+
+        answers = await trio.to_thread.run_sync(replies)
+        assert [a["ok"] for a in answers] == [True] * 50
+        for s in clients:
+            s.close()
+        nursery.cancel_scope.cancel()
+
+
+def test_a_full_queue_is_reported_as_busy_not_as_no_server(tmp_path: Path) -> None:
+    from servecore.cli._control import ControlBusy, ControlUnavailable, request
+
+    path = _private_dir(tmp_path) / "control.sock"
+    with pytest.raises(ControlUnavailable, match="no control socket"):
+        request(path, {"op": "status"})
+    clients = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(path))
+        server.listen(0)  # a server that never accepts
+        try:
+            while True:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                clients.append(s)
+                s.setblocking(False)
+                s.connect(str(path))
+        except BlockingIOError:
+            pass
+        with pytest.raises(ControlBusy, match="running but too busy"):
+            request(path, {"op": "status"}, busy_retry_s=0.05)
+    for s in clients:
+        s.close()
+    with pytest.raises(ControlUnavailable, match="Connection refused"):
+        request(path, {"op": "status"})  # the socket is left, nothing listens
+
+
+async def test_an_apply_stuck_on_a_hung_constructor_does_not_wedge_the_next(
+    tmp_path: Path,
+) -> None:
+    import trio
+
+    from servecore.cli._control import serve_control
+
+    path = _private_dir(tmp_path) / "control.sock"
+    apply = {"op": "apply", "text": APP_V1, "source": "app.toml"}
+    async with trio.open_nursery() as nursery:
+        serve = functools.partial(serve_control, apply_wait_s=0.05)
+        await nursery.start(serve, _FakeController(), path)
+        first = await trio.open_unix_socket(str(path))
+        await first.send_all(json.dumps(apply).encode() + b"\n")
+        second = await trio.open_unix_socket(str(path))
+        await second.send_all(json.dumps({**apply, "source": "again.toml"}).encode() + b"\n")
+        answer = json.loads(await second.receive_some(65536))
+        assert (answer["ok"], answer["type"]) == (False, "Busy")
+        assert "busy applying app.toml" in answer["error"]
+        assert "nothing of again.toml was applied" in answer["error"]
+        # Status still answers while the first apply hangs.
+        third = await trio.open_unix_socket(str(path))
+        await third.send_all(b'{"op": "status"}\n')
+        assert json.loads(await third.receive_some(65536))["ok"]
+        for stream in (first, second, third):
+            await stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
+def test_sigterm_during_apply_exits_non_zero_and_stops_the_replicas(
+    deployment: Deployment,
+) -> None:
+    deployment.write("hang.py", HANG)
+    app = deployment.write("app.toml", APP_HANG)
+    log = deployment.directory / "server.log"
+    with open(log, "w") as err:
+        server = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "servecore", "run", str(app)),
+                *("--port", str(_free_port()), "--store", str(deployment.store)),
+                *("--runtime", "subprocess", "--stop-replicas"),
+            ],
+            cwd=deployment.directory,
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            text=True,
+        )
+    deployment.servers.append(server)
+    # Wait until both replica processes exist: 'echo' running, 'stuck' in its constructor.
+    deadline = time.monotonic() + 120
+    while len(deployment.replica_pids()) < 2 and server.poll() is None:
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
+    pids = deployment.replica_pids()
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(timeout=60) == 128 + signal.SIGTERM, log.read_text()
+    text = " ".join(log.read_text().split())
+    assert "interrupted while applying" in text and "Traceback" not in text
+    deadline = time.monotonic() + 60
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in pids)
