@@ -84,6 +84,7 @@ from servecore._core.transitions import (
     same_checkpoint,
 )
 from servecore._core.validation import check_name, check_namespace, reason_text
+from servecore._text import describe_exception
 from servecore.router import Handle, Router
 from servecore.runtimes import Runtime, check_runtime_methods, resolve_runtime
 from servecore.stores import BlobStore, MemoryStore, Store, as_store
@@ -648,11 +649,8 @@ class Controller:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    described = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     # Runtimes attach what the replica printed before failing as notes.
-    notes = [n for n in getattr(exc, "__notes__", ()) if isinstance(n, str)]
-    return reason_text("\n".join([described, *notes]))
+    return reason_text(describe_exception(exc, notes=True))
 
 
 def _store_id(store: Store) -> str | None:

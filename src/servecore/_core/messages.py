@@ -20,7 +20,7 @@ from servecore._core.errors import (
     InvalidRoute,
     InvalidTraffic,
 )
-from servecore._core.validation import MAX_ROUTE_LENGTH, check_name, encodable, reason_text, seconds
+from servecore._core.validation import MAX_ROUTE_LENGTH, check_name, reason_text, seconds
 from servecore._core.values import (
     WEIGHT_TOLERANCE,
     BackendConfig,
@@ -31,6 +31,7 @@ from servecore._core.values import (
     _traffic_map,
     target_path,
 )
+from servecore._text import encodable
 
 __all__ = [
     "Command",

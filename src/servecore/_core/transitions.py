@@ -89,7 +89,9 @@ from servecore._core.values import (
     RoutingTable,
     _init_args,
     _init_kwargs,
+    backend_of,
     replica_number,
+    replica_tag,
     target_path,
 )
 
@@ -346,7 +348,7 @@ class _Tx:
     def mint(self, backend: Backend) -> None:
         n = self.counter
         self.counter += 1
-        tag = f"{backend.tag}#{n}"
+        tag = replica_tag(backend.tag, n)
         self._put_replica(Replica(tag=tag, backend=backend.tag, version=backend.version))
         idx = self.index.get(backend.tag, _NO_INDEX)
         self._set_index(backend.tag, attrs.evolve(idx, starting=idx.starting.set(n, tag)))
@@ -856,7 +858,7 @@ def _resync(state: State, ev: Resync) -> Transition:
 
 
 def _stop_timeout(state: State, tag: str) -> float:
-    b = state.backends.get(tag.rsplit("#", 1)[0])
+    b = state.backends.get(backend_of(tag))
     return (b.config if b else BackendConfig()).graceful_shutdown_timeout_s
 
 
@@ -888,7 +890,7 @@ def _recover(state: State, ev: Recover) -> Transition:
     for tag in sorted(t for t in ev.live if t not in state.replicas):
         # An orphan: alive, but no checkpoint names it. Stop it, and make sure its number
         # is never minted again even if the checkpoint it came from was lost.
-        b = state.backends.get(tag.rsplit("#", 1)[0])
+        b = state.backends.get(backend_of(tag))
         timeout = (
             b.config.graceful_shutdown_timeout_s
             if b
