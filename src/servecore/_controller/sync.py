@@ -297,8 +297,7 @@ class SyncController:
         from servecore.http import serve_http
 
         async def start() -> list[str]:
-            nursery = self.controller._nursery  # stops with the controller
-            binds: list[str] = await nursery.start(
+            binds: list[str] = await self.controller.run_in_background(
                 functools.partial(
                     serve_http, self.controller, bind, timeout_s=timeout_s, max_depth=max_depth
                 )

@@ -298,7 +298,7 @@ class Transition:
 # The transition function.
 
 
-class _Tx:
+class _TransitionBuilder:
     """A transaction over one step: local copies of the persistent maps plus the
     effects gathered so far. Nothing outside the step ever sees it.
 
@@ -587,14 +587,14 @@ def _create_endpoint(state: State, cmd: CreateEndpoint) -> Transition:
         for other in state.endpoints.values():
             if other.route == cmd.route:
                 raise RouteConflict(cmd.route, cmd.name, other.name)
-    tx = _Tx(state)
+    tx = _TransitionBuilder(state)
     tx.put_endpoint(new)
     return tx.finish()
 
 
 def _delete_endpoint(state: State, cmd: DeleteEndpoint) -> Transition:
     _endpoint(state, cmd.name)
-    tx = _Tx(state)
+    tx = _TransitionBuilder(state)
     tx.drop_endpoint(cmd.name)
     return tx.finish()
 
@@ -614,7 +614,7 @@ def _create_backend(state: State, cmd: CreateBackend) -> Transition:
         if old.same_definition(new):
             return _unchanged(state)
         raise BackendExists(cmd.tag)
-    tx = _Tx(state)
+    tx = _TransitionBuilder(state)
     tx.add_backend(new)
     tx.reconcile(cmd.tag)
     return tx.finish()
@@ -631,7 +631,7 @@ def _delete_backend(state: State, cmd: DeleteBackend) -> Transition:
     users = _users_of(state, cmd.tag)
     if users:
         raise BackendInUse(cmd.tag, users)
-    tx = _Tx(state)
+    tx = _TransitionBuilder(state)
     for rtag in state.replicas_of(cmd.tag):
         tx.begin_stop(tx.replicas[rtag], b.config.graceful_shutdown_timeout_s)
     tx.drop_backend(cmd.tag)
@@ -644,7 +644,7 @@ def _set_backend_config(state: State, cmd: SetBackendConfig) -> Transition:
     b = _backend(state, cmd.tag)
     if b.config == cmd.config:
         return _unchanged(state)
-    tx = _Tx(state)
+    tx = _TransitionBuilder(state)
     # A new config is a new chance: clear the failure budget (and FAILED).
     renew = b.config.needs_new_replicas(cmd.config)
     tx.put_backend(
@@ -711,7 +711,7 @@ def _load_report(state: State, ev: LoadReport) -> Transition:
             state=attrs.evolve(state, observations=state.observations.set(b.tag, seen)),
             changes=Changes(replica_counter=state.replica_counter),
         )
-    tx = _Tx(state)
+    tx = _TransitionBuilder(state)
     tx.observations = tx.observations.set(b.tag, seen)
     tx.put_backend(attrs.evolve(b, autoscale=decided))
     if decided.replicas != b.autoscale.replicas:
@@ -723,7 +723,7 @@ def _retry_backend(state: State, cmd: RetryBackend) -> Transition:
     b = _backend(state, cmd.tag)
     if b.status is not BackendStatus.FAILED:
         return _unchanged(state)
-    tx = _Tx(state)
+    tx = _TransitionBuilder(state)
     tx.put_backend(
         attrs.evolve(
             b, status=BackendStatus.UPDATING, start_failures=0, early_deaths=0, last_error=None
@@ -739,7 +739,7 @@ def _set_traffic(state: State, cmd: SetTraffic) -> Transition:
         _backend(state, tag)
     if ep.traffic == cmd.traffic:
         return _unchanged(state)
-    tx = _Tx(state)
+    tx = _TransitionBuilder(state)
     tx.put_endpoint(attrs.evolve(ep, traffic=cmd.traffic))
     return tx.finish()
 
@@ -753,7 +753,7 @@ def _set_shadow_traffic(state: State, cmd: SetShadowTraffic) -> Transition:
         shadow = ep.shadow.set(cmd.backend, cmd.proportion)
     if shadow == ep.shadow:
         return _unchanged(state)
-    tx = _Tx(state)
+    tx = _TransitionBuilder(state)
     tx.put_endpoint(attrs.evolve(ep, shadow=shadow))
     return tx.finish()
 
@@ -762,7 +762,7 @@ def _replica_started(state: State, ev: ReplicaStarted) -> Transition:
     r = state.replicas.get(ev.tag)
     if r is None or r.status is not ReplicaStatus.STARTING:
         return _unchanged(state)
-    tx = _Tx(state)
+    tx = _TransitionBuilder(state)
     tx.mark_running(r)
     b = tx.backends[r.backend]
     # A late success does not lift FAILED: only a config change or a retry does. It
@@ -779,7 +779,7 @@ def _replica_start_failed(state: State, ev: ReplicaStartFailed) -> Transition:
     r = state.replicas.get(ev.tag)
     if r is None or r.status is ReplicaStatus.RUNNING:
         return _unchanged(state)
-    tx = _Tx(state)
+    tx = _TransitionBuilder(state)
     if r.status is ReplicaStatus.STOPPING:
         tx.forget(r)
     else:
@@ -791,7 +791,7 @@ def _replica_gone(state: State, tag: str, reason: str, *, early: bool = False) -
     r = state.replicas.get(tag)
     if r is None:
         return _unchanged(state)
-    tx = _Tx(state)
+    tx = _TransitionBuilder(state)
     if r.status is ReplicaStatus.STARTING:
         tx.start_failed(r, reason)
     elif r.status is ReplicaStatus.RUNNING and early:
@@ -819,7 +819,7 @@ def _resync(state: State, ev: Resync) -> Transition:
     (:data:`~servecore._core.reconcile.LIVENESS_FIXES`). Nothing changes, and nothing
     is saved, when the two agree.
     """
-    tx = _Tx(state)
+    tx = _TransitionBuilder(state)
     touched: set[str] = set()
     # Only the replicas where state and runtime may disagree: O(change), not O(state).
     for tag in sorted((set(state.replicas.keys()) - ev.live - ev.busy) | (ev.live - ev.busy)):
@@ -852,7 +852,9 @@ def _stop_timeout(state: State, tag: str) -> float:
     return (b.config if b else BackendConfig()).graceful_shutdown_timeout_s
 
 
-def _apply_fix(tx: _Tx, state: State, tag: str, found: Replica | None, fix: Fix) -> str:
+def _apply_fix(
+    tx: _TransitionBuilder, state: State, tag: str, found: Replica | None, fix: Fix
+) -> str:
     """Carry out ``fix`` (from the liveness table) on replica ``tag``; return its backend."""
     if fix is Fix.MARK_RUNNING and found is not None:
         tx.mark_running(found)
@@ -876,7 +878,7 @@ def _apply_fix(tx: _Tx, state: State, tag: str, found: Replica | None, fix: Fix)
 def _recover(state: State, ev: Recover) -> Transition:
     """Everything recorded, and everything alive, through the liveness table; then
     every backend is reconciled and the router is told the whole table."""
-    tx = _Tx(state)
+    tx = _TransitionBuilder(state)
     tx.force_router_update = True
     for tag in sorted(set(state.replicas.keys()) | ev.live):
         found = state.replicas.get(tag)

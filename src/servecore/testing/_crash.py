@@ -425,12 +425,11 @@ async def _together(ctl: Controller, commands: Sequence[Command]) -> list[BaseEx
         finally:
             finished[i] = True
 
-    committer = ctl._committer
     async with trio.open_nursery() as nursery:
         for i, command in enumerate(commands):
-            before = committer.queued
+            before = ctl.queued
             nursery.start_soon(one, i, command)
-            while committer.queued == before and not finished[i]:
+            while ctl.queued == before and not finished[i]:
                 await trio.lowlevel.checkpoint()
     return errors
 
