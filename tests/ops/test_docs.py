@@ -284,7 +284,7 @@ def test_the_example_app_file_loads_and_its_autoscaling_alternative_is_valid() -
 # ---------------------------------------------------------------------------------------
 # References between the documents.
 
-_LINK = re.compile(r"\]\((?P<target>[^)#\s]+)(?:#[^)]*)?\)")
+_LINK = re.compile(r"\]\((?P<target>[^)#\s]*)(?:#(?P<anchor>[^)\s]*))?\)")
 _SECTION = re.compile(r"§(?P<n>\d+)(?P<sub>\.\d+)?")
 
 
@@ -296,10 +296,26 @@ def _documents() -> list[Path]:
 def test_relative_links_resolve(doc: Path) -> None:
     text = doc.read_text(encoding="utf-8")
     for found in _LINK.finditer(text):
-        target = found["target"]
+        target, anchor = found["target"], found["anchor"]
         if "://" in target or target.startswith("mailto:"):
             continue
-        assert (doc.parent / target).exists(), f"{doc.name} links to {target}, which is missing"
+        linked = doc.parent / target if target else doc
+        assert linked.exists(), f"{doc.name} links to {target}, which is missing"
+        if anchor:
+            assert anchor in _anchors(linked), f"{doc.name} links to {target}#{anchor}: no such heading"
+
+
+def _anchors(path: Path) -> set[str]:
+    """The anchors GitHub makes of a Markdown file's headings (outside code blocks)."""
+    anchors: set[str] = set()
+    fenced = False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            anchors.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return anchors
 
 
 def test_every_section_reference_names_design_md_and_an_existing_section() -> None:
