@@ -28,12 +28,12 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pytest
-from subprocess_helpers import kill_everything_under
 
 from servecore.app import load_app, parse_app
+from subprocess_helpers import kill_everything_under
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -102,9 +102,14 @@ def run_python(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def run_snippet(code: str, cwd: Path) -> str:
-    """Run ``code`` and return what it printed; fail with its stderr if it fails."""
-    result = run_python(["-c", code], cwd)
+def run_snippet(code: str, cwd: Path, *argv: str) -> str:
+    """Run ``python -c CODE ARGV`` and return what it printed; fail with its stderr."""
+    return run_ok(["-c", code, *argv], cwd)
+
+
+def run_ok(args: list[str], cwd: Path) -> str:
+    """Run ``python ARGS`` and return what it printed; fail with its stderr."""
+    result = run_python(args, cwd)
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stderr[-3000:]}"
     return result.stdout
 
@@ -152,13 +157,8 @@ def _subprocess_store(code: str) -> str | None:
 
 
 def _replicas(db: str, cwd: Path, action: str) -> dict[str, int]:
-    return json.loads(run_snippet_args(["-c", _TEARDOWN, db, action], cwd).splitlines()[-1])
-
-
-def run_snippet_args(args: list[str], cwd: Path) -> str:
-    result = run_python(args, cwd)
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stderr[-3000:]}"
-    return result.stdout
+    """The replicas (tag -> pid) a controller on ``db`` adopts; ``"stop"`` stops them."""
+    return json.loads(run_snippet(_TEARDOWN, cwd, db, action).splitlines()[-1])
 
 
 def test_the_readme_has_snippets_to_run() -> None:
@@ -238,14 +238,14 @@ def test_every_file_in_examples_is_checked() -> None:
 
 @pytest.mark.slow
 def test_make_demo_runs_end_to_end(workdir: Path) -> None:
-    printed = run_snippet_args(["-m", "examples.demo"], workdir)
+    printed = run_ok(["-m", "examples.demo"], workdir)
     assert "3. Controller closed. Reopen it from the checkpoint:" in printed
     assert re.search(r"POST http://127\.0\.0\.1:\d+/sentiment -> 200 \{", printed)
     assert printed.rstrip().endswith("(`make clean` removes it).")
     assert (workdir / ".servecore" / "demo.db").exists()
 
 
-def _textapp() -> object:
+def _textapp() -> Any:
     spec = importlib.util.spec_from_file_location("textapp", EXAMPLES / "textapp.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -255,11 +255,11 @@ def _textapp() -> object:
 
 def test_the_example_models_answer_as_the_readme_shows() -> None:
     textapp = _textapp()
-    v1 = textapp.SentimentV1(threshold=0.0, cost_s=0)  # type: ignore[attr-defined]
+    v1 = textapp.SentimentV1(threshold=0.0, cost_s=0)
     # The answer the README's curl example prints.
     assert v1({"text": "I love this"}) == {"label": "positive", "score": 1.667, "model": "v1"}
-    v2 = textapp.SentimentV2(cost_s=0, cost_per_text_s=0)  # type: ignore[attr-defined]
-    texts = textapp.SAMPLE_TEXTS  # type: ignore[attr-defined]
+    v2 = textapp.SentimentV2(cost_s=0, cost_per_text_s=0)
+    texts = textapp.SAMPLE_TEXTS
     answers = v2([{"text": t} for t in texts])
     assert len(answers) == len(texts) and {a["batch"] for a in answers} == {len(texts)}
     assert v2([{"text": "not good"}])[0]["label"] == "negative"  # v2 reads negation
@@ -302,7 +302,8 @@ def test_relative_links_resolve(doc: Path) -> None:
         linked = doc.parent / target if target else doc
         assert linked.exists(), f"{doc.name} links to {target}, which is missing"
         if anchor:
-            assert anchor in _anchors(linked), f"{doc.name} links to {target}#{anchor}: no such heading"
+            missing = f"{doc.name} links to {target}#{anchor}: no such heading"
+            assert anchor in _anchors(linked), missing
 
 
 def _anchors(path: Path) -> set[str]:
