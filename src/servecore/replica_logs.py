@@ -24,6 +24,7 @@ from typing import Any
 import trio
 
 from servecore._controller.lifecycle import replica_log_path
+from servecore._core.values import backend_of
 
 __all__ = ["forward_replica_logs"]
 
@@ -83,7 +84,7 @@ async def forward_replica_logs(
             follower = followers[tag]
             for line in follower.read_lines():
                 if line:
-                    backend = tag.rsplit("#", 1)[0]
+                    backend = backend_of(tag)
                     log.log(level, "[%s] %s", tag, line, extra={"replica": tag, "backend": backend})
             if tag not in replicas:
                 del followers[tag]  # gone: its last lines were just read

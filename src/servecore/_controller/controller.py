@@ -42,7 +42,7 @@ import trio
 
 from servecore._controller import lifecycle as _lifecycle
 from servecore._controller.autoscaler import AUTOSCALE_INTERVAL_S, Autoscaler
-from servecore._controller.committer import Committer, Writer, what
+from servecore._controller.committer import Committer, Writer
 from servecore._controller.standby import open_store
 from servecore._controller.status import Status, live_status
 from servecore._core.errors import (
@@ -53,6 +53,7 @@ from servecore._core.errors import (
     LeaseLost,
 )
 from servecore._core.limits import Limits
+from servecore._core.messages import describe
 from servecore._core.records import load_records
 from servecore._core.transitions import (
     EARLY_DEATH_S,
@@ -84,6 +85,7 @@ from servecore._core.transitions import (
     same_checkpoint,
 )
 from servecore._core.validation import check_name, check_namespace, reason_text
+from servecore._text import describe_exception
 from servecore.router import Handle, Router
 from servecore.runtimes import Runtime, check_runtime_methods, resolve_runtime
 from servecore.stores import BlobStore, MemoryStore, Store, as_store
@@ -518,10 +520,14 @@ class Controller:
                 await trio.sleep(delay)
                 try:
                     await self._execute(event, self._background)
-                    log.info("%s recorded after the store recovered", what(event))
+                    log.info("that %s was recorded after the store recovered", describe(event))
                     return
                 except LeaseLost as exc:
-                    log.error("%s; giving up on %s (this controller is fenced)", exc, what(event))
+                    log.error(
+                        "%s; giving up on recording that %s (this controller is fenced)",
+                        exc,
+                        describe(event),
+                    )
                     return
                 except CheckpointError as exc:
                     delay = min(_RETRY_CAP_S, delay * 2)
@@ -648,11 +654,8 @@ class Controller:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    described = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     # Runtimes attach what the replica printed before failing as notes.
-    notes = [n for n in getattr(exc, "__notes__", ()) if isinstance(n, str)]
-    return reason_text("\n".join([described, *notes]))
+    return reason_text(describe_exception(exc, notes=True))
 
 
 def _store_id(store: Store) -> str | None:

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from servecore._core.transitions import ReplicaDied, ReplicaStatus, StartReplica, State
+from servecore._core.values import backend_of
 
 __all__ = [
     "CHECKPOINT_SECONDS_BUCKETS",
@@ -111,10 +112,6 @@ def counts(controller: Any) -> LifecycleCounts:
     return found
 
 
-def _backend_of(tag: str) -> str:
-    return tag.rsplit("#", 1)[0]
-
-
 def replica_pid(runtime: Any, tag: str) -> int | None:
     """The process id of replica ``tag``, if the runtime runs replicas in processes."""
     pid = getattr(runtime, "pid", None)
@@ -155,7 +152,7 @@ def replica_log_path(runtime: Any, tag: str) -> str | None:
 
 
 def _fields(event: str, tag: str, **more: Any) -> dict[str, Any]:
-    return {"event": event, "replica": tag, "backend": _backend_of(tag), **more}
+    return {"event": event, "replica": tag, "backend": backend_of(tag), **more}
 
 
 def starting(controller: Any, effect: StartReplica) -> None:
@@ -175,7 +172,7 @@ def ready(controller: Any, tag: str) -> None:
     pid = replica_pid(runtime, tag)
     actor = replica_actor_id(runtime, tag)
     path = replica_log_path(runtime, tag)
-    counts(controller).ready[_backend_of(tag)] += 1
+    counts(controller).ready[backend_of(tag)] += 1
     where = "".join(
         [
             f" pid={pid}" if pid is not None else "",
@@ -193,7 +190,7 @@ def ready(controller: Any, tag: str) -> None:
 
 def start_failed(controller: Any, tag: str, reason: str) -> None:
     """Replica ``tag`` could not start."""
-    counts(controller).start_failures[_backend_of(tag)] += 1
+    counts(controller).start_failures[backend_of(tag)] += 1
     log.info("replica %s failed to start: %s", tag, reason, extra=_fields("failed", tag))
 
 
@@ -204,13 +201,13 @@ def stopping(controller: Any, tag: str) -> None:
 
 def stopped(controller: Any, tag: str) -> None:
     """Replica ``tag`` has stopped."""
-    counts(controller).stops[_backend_of(tag)] += 1
+    counts(controller).stops[backend_of(tag)] += 1
     log.info("replica %s stopped", tag, extra=_fields("stopped", tag))
 
 
 def dead(controller: Any, event: ReplicaDied) -> None:
     """Replica ``event.tag`` died on its own."""
-    counts(controller).deaths[_backend_of(event.tag)] += 1
+    counts(controller).deaths[backend_of(event.tag)] += 1
     reason = event.reason or "the replica died"
     log.info(
         "replica %s dead: %s", event.tag, reason, extra=_fields("dead", event.tag, reason=reason)

@@ -15,6 +15,7 @@ import attrs
 
 from servecore._controller.lifecycle import replica_actor_id, replica_log_path, replica_pid
 from servecore._core.transitions import State
+from servecore._core.values import replica_order
 from servecore._serving.router_stats import RouterStatistics
 
 __all__ = ["BackendView", "EndpointView", "ReplicaView", "Status", "live_status", "status_of"]
@@ -105,7 +106,7 @@ def status_of(
         replicas = []
         for rtag in sorted(
             (t for t, r in state.replicas.items() if r.backend == tag),
-            key=lambda t: int(t.rsplit("#", 1)[1]) if t.rsplit("#", 1)[-1].isdigit() else -1,
+            key=replica_order,
         ):
             r = state.replicas[rtag]
             replicas.append(

@@ -21,6 +21,7 @@ import trio
 
 from servecore._core.errors import ReplicaDiedError
 from servecore._core.transitions import ReplicaDied, StartReplica
+from servecore._text import encodable
 from servecore.runtimes._protocol import Query, Report
 from servecore.runtimes.subprocess.channel import Channel
 from servecore.runtimes.subprocess.directory import RuntimeDirectory
@@ -34,7 +35,7 @@ from servecore.runtimes.subprocess.spawn import (
     launch,
     replica_spec,
 )
-from servecore.runtimes.subprocess.wire import OK, PING, encodable, frame, socket_address
+from servecore.runtimes.subprocess.wire import OK, PING, frame, socket_address
 
 __all__ = ["SubprocessRuntime"]
 
