@@ -2,7 +2,7 @@
 
 One custom collector reads what the controller already keeps (its state, the router's
 :class:`~servecore.router.Router.statistics` and query counters, the lifecycle counts
-of :mod:`servecore._controller.lifecycle`) at scrape time, so nothing is counted twice and
+of :mod:`servecore._controller.replica_lifecycle`) at scrape time, so nothing is counted twice and
 attaching it late loses nothing. The HTTP ingress serves it at ``/-/metrics``; an
 embedding host registers it on its own registry::
 
@@ -28,8 +28,8 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
-from servecore._controller.lifecycle import Histogram, counts
 from servecore._core.transitions import BackendStatus, ReplicaStatus
+from servecore._histogram import Histogram
 
 try:
     from prometheus_client import CollectorRegistry
@@ -79,7 +79,7 @@ class ControllerCollector(Collector):
             return
         p = self.prefix
         state = ctl.state
-        lc = counts(ctl)
+        lc = ctl.lifecycle_counts
 
         replicas = GaugeMetricFamily(
             f"{p}_replicas", "Replicas by backend and status.", labels=["backend", "status"]
@@ -132,7 +132,7 @@ class ControllerCollector(Collector):
         )
         yield GaugeMetricFamily(f"{p}_checkpoint_seq", "Last checkpoint number.", value=ctl.seq)
 
-        router = getattr(ctl, "_router", None)
+        router = ctl.active_router  # None until a handle was made
         queries = CounterMetricFamily(
             f"{p}_queries",
             "Queries by endpoint, backend and outcome (ok, error, timeout, no_replica, "

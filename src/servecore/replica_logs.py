@@ -23,7 +23,8 @@ from typing import Any
 
 import trio
 
-from servecore._controller.lifecycle import replica_log_path
+from servecore._controller.replica_lifecycle import replica_info
+from servecore._core.values import backend_of
 
 __all__ = ["forward_replica_logs"]
 
@@ -75,7 +76,7 @@ async def forward_replica_logs(
         replicas = controller.state.replicas
         for tag in replicas:
             if tag not in followers:
-                path = replica_log_path(controller.runtime, tag)
+                path = replica_info(controller.runtime, tag).log_path
                 if path is None:
                     continue
                 followers[tag] = _Follower(path, from_start=tag not in known_at_start)
@@ -83,7 +84,7 @@ async def forward_replica_logs(
             follower = followers[tag]
             for line in follower.read_lines():
                 if line:
-                    backend = tag.rsplit("#", 1)[0]
+                    backend = backend_of(tag)
                     log.log(level, "[%s] %s", tag, line, extra={"replica": tag, "backend": backend})
             if tag not in replicas:
                 del followers[tag]  # gone: its last lines were just read

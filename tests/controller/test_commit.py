@@ -76,10 +76,10 @@ async def _queue_behind_a_held_commit(
         await store.wait_entered()
         for i, call in enumerate(rest):
             # One at a time, so that they arrive in this order.
-            queued = ctl._committer.queued  # type: ignore[attr-defined]
+            queued = ctl.queued
             nursery.start_soon(one, i, call)
             with trio.fail_after(10):
-                while ctl._committer.queued == queued:  # type: ignore[attr-defined]
+                while ctl.queued == queued:  # type: ignore[attr-defined]
                     await trio.sleep(0.001)
         store.gate.set()
     return errors
@@ -162,11 +162,11 @@ async def test_a_failed_group_commit_fails_every_command_in_it_and_runs_no_effec
         async with trio.open_nursery() as nursery:
             nursery.start_soon(attempt, lambda: ctl.create_backend("b", ECHO, num_replicas=2))
             await store.wait_entered()  # the first batch is at the gate, and will fail
-            queued = ctl._committer.queued
+            queued = ctl.queued
             nursery.start_soon(attempt, lambda: ctl.create_backend("c", ECHO, num_replicas=1))
             nursery.start_soon(attempt, lambda: ctl.create_endpoint("z"))
             with trio.fail_after(10):
-                while ctl._committer.queued < queued + 2:
+                while ctl.queued < queued + 2:
                     await trio.sleep(0.001)
             store.fail = 2  # the first batch and the one behind it both fail
             store.gate.set()

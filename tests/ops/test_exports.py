@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -11,42 +12,54 @@ import servecore.testing
 
 SRC = Path(servecore.__file__).parent
 
-PUBLIC = {
-    # core values, commands, events, effects
-    "State", "Transition", "Changes", "step", "validate_state", "MAX_START_FAILURES",
-    "Endpoint", "Backend", "Replica", "BackendConfig", "BackendRoute", "RoutingTable",
-    "ReplicaStatus", "BackendStatus", "Command", "Event", "Effect", "Message",
-    "CreateEndpoint", "DeleteEndpoint", "CreateBackend", "DeleteBackend",
-    "SetBackendConfig", "RetryBackend", "SetTraffic", "SetShadowTraffic",
-    "ReplicaStarted", "ReplicaStartFailed", "ReplicaStopped", "ReplicaDied", "Recover",
-    "Resync", "EARLY_DEATH_S",
-    "StartReplica", "StopReplica", "UpdateRouter",
-    "AutoscalingConfig", "AutoscaleState", "ScaleProposal", "ScaleDirection",
-    "LoadObservation", "LoadReport",
-    # shell
-    "open_controller", "Controller", "start", "SyncController", "SyncHandle", "Limits",
-    "Router", "Handle", "batch", "Query", "Runtime",
-    "Store", "MemoryStore", "FileStore", "SQLiteStore", "CallbackStore",
-    "BlobStore", "BlobAdapter", "PostgresStore",
-    # errors
-    "ServecoreError", "CommandError", "EndpointExists", "EndpointNotFound",
-    "RouteConflict", "InvalidRoute", "BackendExists", "BackendNotFound", "BackendInUse",
-    "InvalidTraffic", "InvalidConfig", "InvalidTarget", "InvalidCommand", "CheckpointError",
-    "CheckpointCorrupt", "CheckpointVersionError", "StoreLocked", "BackendStartError",
-    "ReplicaDiedError", "BackpressureError", "NoReplicaError", "BatchSizeError",
-    "RemoteError", "RuntimeDirectoryLocked", "RuntimeDirectoryStoreMismatch",
-    "RuntimeDirectoryUnsafe", "InvalidRuntimeOption", "InvalidRuntime", "LeaseLost",
-    # operating it
-    "App", "AppFileError", "Applied", "apply", "load_app", "Status", "load_state", "read_state",
-}  # fmt: skip
+PUBLIC = set(servecore.__all__)
+
+
+def _type_checking_names() -> set[str]:
+    """The names the ``TYPE_CHECKING`` block of ``servecore/__init__.py`` imports."""
+    tree = ast.parse((SRC / "__init__.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            return {
+                alias.asname or alias.name
+                for stmt in node.body
+                if isinstance(stmt, ast.ImportFrom)
+                for alias in stmt.names
+            }
+    raise AssertionError("servecore/__init__.py has no TYPE_CHECKING block")
+
+
+def test_the_type_checking_block_names_exactly_the_public_table() -> None:
+    """Type checkers read the ``TYPE_CHECKING`` imports; the lazy loader and ``__all__``
+    read the table. A name added to one and not the other fails here."""
+    assert _type_checking_names() == PUBLIC
+
+
+def test_the_public_api_keeps_its_core_names() -> None:
+    """Renaming or dropping one of these breaks users: it must be a decision."""
+    kept = {
+        "open_controller", "start", "Controller", "SyncController", "SyncHandle", "step",
+        "State", "BackendConfig", "Handle", "Router", "ServecoreError", "CommandError",
+        "CheckpointError", "MemoryStore", "FileStore", "SQLiteStore", "PostgresStore",
+        "apply", "load_app", "Status", "validate_state", "batch", "Limits",
+    }  # fmt: skip
+    assert kept <= PUBLIC, kept - PUBLIC
 
 
 def test_public_names_are_exported_and_documented() -> None:
-    assert set(servecore.__all__) == PUBLIC
     for name in servecore.__all__:
         obj = getattr(servecore, name)
         if callable(obj) and not isinstance(obj, int):
             assert getattr(obj, "__doc__", None), f"servecore.{name} has no docstring"
+
+
+def test_every_public_controller_method_has_its_sync_twin() -> None:
+    """``servecore.start`` offers the same API to synchronous hosts: a method added to
+    :class:`~servecore.Controller` and forgotten in :class:`~servecore.SyncController`
+    fails here."""
+    public = {n for n in dir(servecore.Controller) if not n.startswith("_")}
+    twins = {n for n in dir(servecore.SyncController) if not n.startswith("_")}
+    assert public - twins == set(), f"SyncController lacks {sorted(public - twins)}"
 
 
 def test_testing_kit_names_resolve() -> None:

@@ -40,6 +40,7 @@ from servecore._core.errors import (  # noqa: E402
     ReplicaDiedError,
 )
 from servecore._core.transitions import BackendConfig, ReplicaStatus, StartReplica  # noqa: E402
+from servecore._core.values import backend_of  # noqa: E402
 from servecore.runtimes import Query  # noqa: E402
 from servecore.runtimes.ray import (  # noqa: E402
     RUNTIME_OPTIONS,
@@ -112,7 +113,7 @@ def effect(tag: str, target: str, *init_args: Any, **config: Any) -> StartReplic
     config.setdefault("runtime_options", NO_CPU)
     return StartReplica(
         tag=tag,
-        backend=tag.rsplit("#", 1)[0],
+        backend=backend_of(tag),
         target=f"ray_driver:{target}",
         init_args=tuple(init_args),
         init_kwargs={},

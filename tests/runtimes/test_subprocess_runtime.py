@@ -36,6 +36,7 @@ from servecore import (
     StartReplica,
     Store,
 )
+from servecore._core.values import backend_of
 from servecore.runtimes import Query, Runtime, resolve_runtime
 from servecore.runtimes.subprocess import (
     RemoteError,
@@ -79,7 +80,7 @@ async def runtime(rt_dir: Path) -> AsyncIterator[SubprocessRuntime]:
 def effect(tag: str, target: str, *args: Any, **config: Any) -> StartReplica:
     return StartReplica(
         tag=tag,
-        backend=tag.split("#")[0],
+        backend=backend_of(tag),
         target=f"subprocess_targets:{target}",
         init_args=args,
         init_kwargs={},

@@ -17,6 +17,7 @@ import targets
 from opened_runtime import Opened
 from servecore._core.errors import InvalidConfig, ReplicaDiedError
 from servecore._core.transitions import BackendConfig, StartReplica, target_path
+from servecore._core.values import backend_of
 from servecore.runtimes import Query, Runtime, resolve_runtime
 from servecore.runtimes.threads import ThreadRuntime
 from servecore.runtimes.toolkit import BatchSizeError, batch, is_batch
@@ -28,7 +29,7 @@ WAIT = 10.0  # seconds; only ever a guard against hanging
 def effect(tag: str, target: Any, *init_args: Any, **config: Any) -> StartReplica:
     return StartReplica(
         tag=tag,
-        backend=tag.rsplit("#", 1)[0],
+        backend=backend_of(tag),
         target=target_path(target),
         init_args=tuple(init_args),
         init_kwargs={},

@@ -1,4 +1,4 @@
-"""The three built-in checkpoint stores agree with each other (docs/design.md §3, §7.4-5).
+"""The three built-in checkpoint stores agree with each other (docs/design.md §3, §7).
 
 Each test runs the same sequence against :class:`MemoryStore`, :class:`FileStore` and
 :class:`SQLiteStore`: commit/load round trips with real checkpoints, corrupt and

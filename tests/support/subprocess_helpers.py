@@ -10,6 +10,7 @@ from typing import Any
 import psutil
 
 from servecore import BackendConfig, StartReplica
+from servecore._core.values import backend_of
 
 
 def replica_processes(runtime_dir: Path) -> dict[str, psutil.Process]:
@@ -57,7 +58,7 @@ def replica_effect(tag: str, target: str, *args: Any, **config: Any) -> StartRep
     """A ``StartReplica`` of ``subprocess_targets:TARGET`` for tag ``backend#n``."""
     return StartReplica(
         tag=tag,
-        backend=tag.split("#")[0],
+        backend=backend_of(tag),
         target=f"subprocess_targets:{target}",
         init_args=args,
         init_kwargs={},

@@ -2,7 +2,8 @@
 
 The policy is pure (:mod:`servecore._core.autoscaling`) and its decisions are checkpointed
 with the backend; this is the shell around it, owned by one
-:class:`~servecore.Controller`:
+:class:`~servecore.Controller`, which passes in everything it needs (the state, the
+clock, the router's load, the commit path): it imports nothing of the controller.
 
 * every ``interval_s / SAMPLES_PER_REPORT`` it samples the router's ongoing queries
   (running + queued) of each autoscaling backend into a :class:`LoadSampler`;
@@ -14,7 +15,7 @@ with the backend; this is the shell around it, owned by one
 * a query that starts to wait for a backend scaled to zero wakes it at once: a report
   of the queries waiting now, which the policy answers without the upscale delay.
 
-Time is the controller's clock (``Controller.clock``): trio's clock anchored to the
+Time is the controller's clock (``Controller.clock``, passed in): trio's clock anchored to the
 wall clock when the controller opened, so a countdown written to the checkpoint by one
 process means the same to the next.
 """
@@ -22,16 +23,15 @@ process means the same to the next.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import trio
 
+from servecore._controller.effects import EffectGroup
 from servecore._controller.load_sampler import LoadSampler
 from servecore._core.errors import CheckpointError
 from servecore._core.transitions import LoadReport, State
-
-if TYPE_CHECKING:
-    from servecore._controller.controller import Controller, _Group
 
 __all__ = ["AUTOSCALE_INTERVAL_S", "SAMPLES_PER_REPORT", "Autoscaler"]
 
@@ -55,38 +55,50 @@ def _autoscaling(state: State) -> dict[str, float]:
 class Autoscaler:
     """Feeds one controller's core with load reports (see the module docstring)."""
 
-    def __init__(self, ctl: Controller) -> None:
-        self.ctl = ctl
+    def __init__(
+        self,
+        *,
+        state: Callable[[], State],
+        clock: Callable[[], float],
+        ongoing: Callable[[], Mapping[str, int]],
+        report: Callable[[LoadReport, EffectGroup], Awaitable[None]],
+        background: EffectGroup,
+        start_soon: Callable[..., Any],
+    ) -> None:
+        """``state()`` is the committed state; ``clock()`` the controller's clock;
+        ``ongoing()`` the router's queries running or queued per backend; ``report``
+        steps a load report through the commit path; ``background`` is the effect group
+        no command waits on; ``start_soon`` starts a task in the controller's nursery."""
+        self._state = state
+        self._clock = clock
+        self._ongoing = ongoing
+        self.report = report
+        self._background = background
+        self._start_soon = start_soon
         self.sampler = LoadSampler()
         self._waking: set[str] = set()
 
     # -- reports --------------------------------------------------------------------------
 
-    async def report(self, report: LoadReport, group: _Group) -> None:
-        """Step ``report``; it is committed only if it changed a decision (the commit
-        path adopts a report that only refreshed ``observations`` without writing)."""
-        await self.ctl._execute(report, group)
-
     def sample(self) -> dict[str, float]:
         """Sample the router once; return the autoscaling backends and their windows."""
-        windows = _autoscaling(self.ctl._state)
+        windows = _autoscaling(self._state())
         self.sampler.keep_only(windows)
         if windows:
-            router = self.ctl._router
-            counts = router.ongoing_queries() if router is not None else {}
-            self.sampler.add(self.ctl.clock(), {tag: counts.get(tag, 0) for tag in windows})
+            counts = self._ongoing()
+            self.sampler.add(self._clock(), {tag: counts.get(tag, 0) for tag in windows})
         return windows
 
     async def report_all(self, windows: dict[str, float]) -> None:
         """Report every autoscaling backend's windowed mean load now."""
-        now = self.ctl.clock()
+        now = self._clock()
         for tag, window_s in sorted(windows.items()):
-            if tag not in self.ctl._state.backends:
+            if tag not in self._state().backends:
                 continue
             ongoing = self.sampler.mean(tag, now, window_s)
             try:
                 await self.report(
-                    LoadReport(backend=tag, ongoing=ongoing, now=now), self.ctl._background
+                    LoadReport(backend=tag, ongoing=ongoing, now=now), self._background
                 )
             except CheckpointError as exc:
                 # Level-triggered: the next report decides again from fresh load.
@@ -112,25 +124,22 @@ class Autoscaler:
             return
         self._waking.add(tag)
         try:
-            self.ctl._nursery.start_soon(self._wake, tag)
+            self._start_soon(self._wake, tag)
         except RuntimeError:  # the controller is closing
             self._waking.discard(tag)
 
     async def _wake(self, tag: str) -> None:
         try:
-            b = self.ctl._state.backends.get(tag)
+            b = self._state().backends.get(tag)
             if b is None or b.autoscale is None or b.autoscale.replicas != 0:
                 return  # not at zero: its replicas are on their way
-            router = self.ctl._router
-            waiting = router.ongoing_queries().get(tag, 0) if router is not None else 0
+            waiting = self._ongoing().get(tag, 0)
             if waiting == 0:
                 return  # its callers gave up before we got here
-            now = self.ctl.clock()
+            now = self._clock()
             self.sampler.add(now, {tag: waiting})
             log.info("backend %r scales from zero: %d queries wait", tag, waiting)
-            await self.report(
-                LoadReport(backend=tag, ongoing=waiting, now=now), self.ctl._background
-            )
+            await self.report(LoadReport(backend=tag, ongoing=waiting, now=now), self._background)
         except CheckpointError as exc:
             log.warning("could not record scale-from-zero of backend %r: %s", tag, exc)
         finally:

@@ -37,15 +37,12 @@ import trio
 
 from servecore._core.errors import CheckpointError, LeaseLost
 from servecore._core.limits import Limits
+from servecore._core.messages import describe
 from servecore._core.records import META_KEY, encode_changes, meta_record
 from servecore._core.transitions import (
     Command,
     Effect,
     Message,
-    ReplicaDied,
-    ReplicaStarted,
-    ReplicaStartFailed,
-    ReplicaStopped,
     State,
     Transition,
     UpdateRouter,
@@ -54,7 +51,7 @@ from servecore._core.transitions import (
 )
 from servecore.stores import Store
 
-__all__ = ["Committer", "Writer", "deterministic_batches", "what"]
+__all__ = ["Committer", "Writer", "deterministic_batches"]
 
 log = logging.getLogger("servecore.controller")
 
@@ -257,7 +254,7 @@ class Committer:
                 delta = encode_changes(transition.changes)
             except Exception as exc:  # a value no check foresaw: this message alone
                 item.fail(_not_applied(f"encoding checkpoint {seq} failed: {exc!r}", message))
-                log.exception("encoding %s failed", what(message))
+                log.exception("encoding %s failed", describe(message))
                 continue
             records.update(delta)
             state = transition.state
@@ -331,17 +328,6 @@ def _not_applied(why: str, message: Message, *, yet: bool = False) -> Checkpoint
         return CheckpointError(
             f"{why}; the command was not applied and nothing was started or stopped"
         )
-    return CheckpointError(f"{why}; {what(message)} was not recorded{' yet' if yet else ''}")
-
-
-def what(message: Message) -> str:
-    """A message, in words, for errors and logs."""
-    if isinstance(message, ReplicaStarted):
-        return f"that replica {message.tag} started"
-    if isinstance(message, ReplicaStartFailed):
-        return f"that replica {message.tag} failed to start"
-    if isinstance(message, ReplicaStopped):
-        return f"that replica {message.tag} stopped"
-    if isinstance(message, ReplicaDied):
-        return f"that replica {message.tag} died"
-    return type(message).__name__
+    return CheckpointError(
+        f"{why}; that {describe(message)} was not recorded{' yet' if yet else ''}"
+    )

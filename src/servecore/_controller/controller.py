@@ -32,30 +32,26 @@ import logging
 import math
 import time
 import warnings
-from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, get_args
 
-import attrs
 import trio
 
-from servecore._controller import lifecycle as _lifecycle
 from servecore._controller.autoscaler import AUTOSCALE_INTERVAL_S, Autoscaler
-from servecore._controller.committer import Committer, Writer, what
+from servecore._controller.committer import Committer, Writer
+from servecore._controller.effects import EffectGroup, EffectRunner
+from servecore._controller.replica_lifecycle import LifecycleCounts, ReplicaLifecycle
 from servecore._controller.standby import open_store
 from servecore._controller.status import Status, live_status
 from servecore._core.errors import (
     BackendStartError,
-    CheckpointError,
     InvalidCommand,
     InvalidConfig,
-    LeaseLost,
 )
 from servecore._core.limits import Limits
 from servecore._core.records import load_records
 from servecore._core.transitions import (
-    EARLY_DEATH_S,
     BackendConfig,
     BackendStatus,
     Command,
@@ -63,27 +59,20 @@ from servecore._core.transitions import (
     CreateEndpoint,
     DeleteBackend,
     DeleteEndpoint,
-    Event,
     LoadReport,
     Message,
     Recover,
-    ReplicaDied,
-    ReplicaStarted,
-    ReplicaStartFailed,
-    ReplicaStopped,
     Resync,
     RetryBackend,
     RoutingTable,
     SetBackendConfig,
     SetShadowTraffic,
     SetTraffic,
-    StartReplica,
     State,
-    StopReplica,
-    UpdateRouter,
     same_checkpoint,
 )
-from servecore._core.validation import check_name, check_namespace, reason_text
+from servecore._core.validation import check_name, check_namespace
+from servecore._serving.router_stats import RouterStatistics
 from servecore.router import Handle, Router
 from servecore.runtimes import Runtime, check_runtime_methods, resolve_runtime
 from servecore.stores import BlobStore, MemoryStore, Store, as_store
@@ -93,41 +82,8 @@ __all__ = ["Controller", "open_controller"]
 log = logging.getLogger("servecore.controller")
 
 _COMMANDS = get_args(Command)
-_EVENTS = get_args(Event)
-#: Retries of an event whose save failed start here and double up to the cap.
-_RETRY_FIRST_S = 0.01
-_RETRY_CAP_S = 2.0
 #: The default interval of the level-triggered resync with the runtime.
 RESYNC_INTERVAL_S = 10.0
-
-
-class _Group:
-    """The effect tasks one command caused, including those its events caused in turn."""
-
-    def __init__(self) -> None:
-        self.pending = 0
-        self.settled = trio.Event()
-        self.settled.set()
-        self.errors: list[BaseException] = []
-
-    def enter(self) -> None:
-        if self.pending == 0:
-            self.settled = trio.Event()
-        self.pending += 1
-
-    def leave(self) -> None:
-        self.pending -= 1
-        if self.pending == 0:
-            self.settled.set()
-
-
-class _Start:
-    """A start in flight: when it is done, and how to cancel it (a stop of the same
-    tag does, once the stop's own timeout has passed)."""
-
-    def __init__(self) -> None:
-        self.done = trio.Event()
-        self.scope = trio.CancelScope()
 
 
 class Controller:
@@ -157,6 +113,17 @@ class Controller:
         self.limits = limits or Limits()
         self.resync_interval_s = resync_interval_s
         self._nursery = nursery
+        self._lifecycle = ReplicaLifecycle(runtime)
+        self._table = RoutingTable()
+        self._table_listeners: list[Callable[[RoutingTable], None]] = []
+        self._effects = EffectRunner(
+            runtime=runtime,
+            nursery=nursery,
+            execute=self._execute,
+            lifecycle=self._lifecycle,
+            push_table=self._push_table,
+            report_load=self._report_load,
+        )
         # An in-memory store has nothing to wait for: its commits run inline.
         in_memory = isinstance(store, MemoryStore)
         self._writer = Writer(name) if save_in_thread and not in_memory else None
@@ -164,23 +131,13 @@ class Controller:
             store=store,
             where=str(getattr(store, "where", repr(store))),
             limits=self.limits,
-            dispatch=self._dispatch,
+            dispatch=self._effects.dispatch,
             writer=self._writer,
-            on_commit=lambda seconds, size: _lifecycle.checkpoint_saved(self, seconds, size),
+            on_commit=self._lifecycle.checkpoint_saved,
         )
-        self._table = RoutingTable()
-        self._table_listeners: list[Callable[[RoutingTable], None]] = []
-        # A stop for a tag waits (up to its timeout) for that tag's start still in flight.
-        self._starts: dict[str, _Start] = {}
-        # Tags with a start, a stop or an unsaved event in flight: a resync leaves them be.
-        self._busy: Counter[str] = Counter()
-        # When each replica was seen to start (trio time), to tell a crash loop.
-        self._started_at: dict[str, float] = {}
-        self._background = _Group()
         self._where = self._committer.where
         self._router: Router | None = None  # made on first get_handle (or use_router)
         self.autoscale_interval_s = autoscale_interval_s
-        self._autoscaler = Autoscaler(self)
         if clock is None:
             # trio's clock (so tests can mock it), anchored to the wall clock, so the
             # times in a checkpoint mean the same to the next process.
@@ -190,6 +147,14 @@ class Controller:
                 return epoch + trio.current_time()
 
         self._clock: Callable[[], float] = clock
+        self._autoscaler = Autoscaler(
+            state=lambda: self._committer.state,
+            clock=self._clock,
+            ongoing=self._ongoing_queries,
+            report=self._report_load,
+            background=self._effects.background,
+            start_soon=nursery.start_soon,
+        )
 
     # -- queries (never block) ------------------------------------------------------------
 
@@ -215,6 +180,32 @@ class Controller:
     def routing_table(self) -> RoutingTable:
         """The table last pushed to the router."""
         return self._table
+
+    @property
+    def queued(self) -> int:
+        """Messages waiting for the committer now (for tests that build a group commit)."""
+        return self._committer.queued
+
+    @property
+    def lifecycle_counts(self) -> LifecycleCounts:
+        """What this controller has done to replicas since it opened, by backend
+        (starts, ready, failures, stops, deaths) and its commits: what metrics export."""
+        return self._lifecycle.counts
+
+    @property
+    def active_router(self) -> Router | None:
+        """The router behind this controller's handles, or ``None`` before the first
+        handle (unlike :attr:`router`, it never makes one)."""
+        return self._router
+
+    def router_statistics(self) -> RouterStatistics | None:
+        """The router's query counts and load, or ``None`` if no handle was ever made."""
+        return self._router.statistics() if self._router is not None else None
+
+    async def run_in_background(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        """Start ``fn(*args, task_status=...)`` in the controller's nursery (it stops with
+        the controller) and return what it passes to ``task_status.started()``."""
+        return await self._nursery.start(fn, *args)
 
     async def status(self) -> Status:
         """What ``servecore status`` shows: endpoints, backends, replicas (with pids
@@ -242,12 +233,9 @@ class Controller:
     async def _submit(self, make: Callable[[State], Command]) -> State:
         """Apply the command ``make(state)`` builds from the state under the lock (so a
         read-modify-write such as :meth:`update_backend_config` cannot lose a change)."""
-        group = _Group()
+        group = EffectGroup()
         command = await self._execute(make, group)
-        if group.pending:  # (waiting on a set event would cost a scheduling round)
-            await group.settled.wait()
-        if group.errors:
-            raise group.errors[0]
+        await group.wait()
         if isinstance(command, (CreateBackend, SetBackendConfig, RetryBackend)):
             backend = self._state.backends.get(command.tag)
             if backend is not None and backend.status is BackendStatus.FAILED:
@@ -355,11 +343,9 @@ class Controller:
         report = LoadReport(
             backend=backend, ongoing=ongoing, now=self.clock() if now is None else now
         )
-        group = _Group()
-        await self._autoscaler.report(report, group)
-        await group.settled.wait()
-        if group.errors:
-            raise group.errors[0]
+        group = EffectGroup()
+        await self._report_load(report, group)
+        await group.wait()
         return self._state
 
     async def retry_backend(self, tag: str) -> State:
@@ -380,25 +366,20 @@ class Controller:
     # -- the one path every message takes --------------------------------------------------
 
     async def _execute(
-        self, message: Message | Callable[[State], Message | None], group: _Group
+        self, message: Message | Callable[[State], Message | None], group: EffectGroup
     ) -> Message | None:
-        """Step, commit, adopt, dispatch (:class:`~servecore._controller.committer.Committer`), the
-        effects going to ``group``. ``message`` may be built from the state it is
+        """Step, commit, adopt, dispatch (:class:`~servecore._controller.committer.Committer`),
+        the effects going to ``group``. ``message`` may be built from the state it is
         stepped on; a builder that returns None skips the step."""
         return await self._committer.run(message, group)
 
-    def _dispatch(self, effect: Any, group: _Group) -> None:
-        if isinstance(effect, UpdateRouter):
-            self._push_table(effect.table)
-        elif isinstance(effect, StopReplica):
-            self._spawn(group, self._stop, effect, group)
-        elif isinstance(effect, StartReplica):
-            # Registered now, not when the task runs: a stop dispatched right after
-            # (in the same batch) must find the start it has to wait for.
-            self._starts[effect.tag] = start = _Start()
-            self._spawn(group, self._start, effect, group, start)
-        else:  # an effect this shell does not know is a bug: say so loudly
-            raise TypeError(f"the controller cannot carry out {effect!r}")
+    async def _report_load(self, report: LoadReport, group: EffectGroup) -> None:
+        """Step a load report; it is committed only if it changed a decision (the commit
+        path adopts a report that only refreshed ``observations`` without writing)."""
+        await self._execute(report, group)
+
+    def _ongoing_queries(self) -> dict[str, int]:
+        return self._router.ongoing_queries() if self._router is not None else {}
 
     def _push_table(self, table: RoutingTable) -> None:
         self._table = table
@@ -407,143 +388,6 @@ class Controller:
                 listener(table)
             except Exception:
                 log.exception("a routing-table listener failed; the controller carries on")
-
-    def _spawn(self, group: _Group, fn: Callable[..., Any], *args: Any) -> None:
-        group.enter()
-
-        async def run() -> None:
-            try:
-                await fn(*args)
-            except Exception as exc:
-                # Never into the nursery: the command that caused it hears of it.
-                log.exception("controller task %s failed", getattr(fn, "__name__", fn))
-                group.errors.append(exc)
-            finally:
-                group.leave()
-
-        self._nursery.start_soon(run)
-
-    async def _start(self, effect: StartReplica, group: _Group, start: _Start) -> None:
-        tag = effect.tag
-        self._busy[tag] += 1
-        event: Event | None = None
-        _lifecycle.starting(self, effect)
-        try:
-            with start.scope:
-                if effect.delay_s > 0:
-                    log.info("replica %s starts in %.2gs (backing off)", tag, effect.delay_s)
-                    await trio.sleep(effect.delay_s)
-                await self.runtime.start_replica(effect)
-                event = ReplicaStarted(tag=tag)
-                _lifecycle.ready(self, tag)
-            if start.scope.cancelled_caught:
-                log.warning("replica %s was stopped while it was still starting", tag)
-        except Exception as exc:
-            log.warning("replica %s failed to start: %s", tag, _describe(exc))
-            event = ReplicaStartFailed(tag=tag, reason=_describe(exc))
-            _lifecycle.start_failed(self, tag, event.reason)
-        finally:
-            start.done.set()
-            if self._starts.get(tag) is start:
-                del self._starts[tag]
-        try:
-            if event is not None:
-                if isinstance(event, ReplicaStarted):
-                    self._started_at[tag] = trio.current_time()
-                await self._feed(event, group)
-        finally:
-            self._unbusy(tag)
-
-    async def _stop(self, effect: StopReplica, group: _Group) -> None:
-        tag = effect.tag
-        self._busy[tag] += 1
-        try:
-            deadline = trio.current_time() + effect.timeout_s
-            start = self._starts.get(tag)
-            if start is not None:
-                # Never wait on a hung start longer than the stop's own timeout.
-                with trio.move_on_at(deadline):
-                    await start.done.wait()
-                if not start.done.is_set():
-                    start.scope.cancel()
-                    with trio.move_on_after(1.0):
-                        await start.done.wait()
-            remaining = max(0.0, deadline - trio.current_time())
-            _lifecycle.stopping(self, tag)
-            try:
-                await self.runtime.stop_replica(tag, remaining)
-            except Exception as exc:
-                # The replica may linger; the resync or recovery finds and stops it.
-                log.warning("replica %s did not stop cleanly: %s", tag, _describe(exc))
-            self._started_at.pop(tag, None)
-            _lifecycle.stopped(self, tag)
-            await self._feed(ReplicaStopped(tag=tag), group)
-        finally:
-            self._unbusy(tag)
-
-    def _unbusy(self, tag: str) -> None:
-        self._busy[tag] -= 1
-        if self._busy[tag] <= 0:
-            del self._busy[tag]
-
-    async def _feed(self, event: Event, group: _Group) -> None:
-        """Step a runtime's answer through the same path as a command. If its save
-        fails, the event is kept and retried (never dropped), and the waiting command
-        is told what was and was not recorded."""
-        try:
-            await self._execute(event, group)
-            return
-        except LeaseLost as exc:
-            # Fenced out: another controller owns the store now; retrying cannot help.
-            group.errors.append(exc)
-            return
-        except CheckpointError as exc:
-            group.errors.append(
-                CheckpointError(
-                    f"the command was saved and its effects were carried out, but {exc}; "
-                    f"the controller keeps retrying in the background (await ctl.settle() "
-                    f"to wait for it)"
-                )
-            )
-            log.warning("%s; retrying", exc)
-        tag = getattr(event, "tag", None)
-        if tag is not None:
-            self._busy[tag] += 1
-        self._spawn(self._background, self._retry, event, tag)
-
-    async def _retry(self, event: Event, tag: str | None) -> None:
-        delay = _RETRY_FIRST_S
-        try:
-            while True:
-                await trio.sleep(delay)
-                try:
-                    await self._execute(event, self._background)
-                    log.info("%s recorded after the store recovered", what(event))
-                    return
-                except LeaseLost as exc:
-                    log.error("%s; giving up on %s (this controller is fenced)", exc, what(event))
-                    return
-                except CheckpointError as exc:
-                    delay = min(_RETRY_CAP_S, delay * 2)
-                    log.warning("%s; retrying in %.2gs", exc, delay)
-        finally:
-            if tag is not None:
-                self._unbusy(tag)
-
-    def _report(self, event: Event) -> None:
-        """The callback runtimes report deaths through (called on the trio thread)."""
-        if not isinstance(event, _EVENTS):
-            log.error("the runtime reported %r, which is not a servecore event; ignored", event)
-            return
-        if isinstance(event, LoadReport):  # a runtime that measures load itself
-            self._spawn(self._background, self._autoscaler.report, event, self._background)
-            return
-        if isinstance(event, ReplicaDied) and event.uptime_s is None:
-            started = self._started_at.pop(event.tag, None)
-            if started is not None:
-                event = attrs.evolve(event, uptime_s=max(0.0, trio.current_time() - started))
-        _lifecycle.reported(self, event)
-        self._spawn(self._background, self._feed, event, self._background)
 
     # -- convergence ------------------------------------------------------------------------
 
@@ -561,14 +405,11 @@ class Controller:
             # the time, and must not keep a slow listing from ever being used.)
             if self._seq != seq or not same_checkpoint(listed, state):
                 return None  # the state moved while we listed: the next round decides
-            proven: frozenset[str] = frozenset()
-            if any(b.early_deaths for b in state.backends.values()):
-                proven = frozenset(
-                    t for t, at in self._started_at.items() if now - at >= EARLY_DEATH_S
-                )
-            return Resync(live=live, busy=frozenset(self._busy), proven=proven)
+            return Resync(
+                live=live, busy=self._effects.busy(), proven=self._effects.proven(state, now)
+            )
 
-        await self._execute(message, self._background)
+        await self._execute(message, self._effects.background)
         return self._seq != seq
 
     async def _resync_forever(self, interval_s: float) -> None:
@@ -589,18 +430,18 @@ class Controller:
         if opener is not None:
             await opener(
                 **_open_kwargs(
-                    opener, namespace=self.name, report=self._report, store_id=_store_id(self.store)
+                    opener,
+                    namespace=self.name,
+                    report=self._effects.report,
+                    store_id=_store_id(self.store),
                 )
             )
         live = await self.runtime.list_replicas()
-        _lifecycle.recovered(self, self._state, live)
-        group = _Group()
+        self._lifecycle.recovered(self._state, live)
+        group = EffectGroup()
         await self._execute(Recover(live=live), group)
-        # Replicas found alive have been running for an unknown while: not a crash loop.
-        self._started_at.update(dict.fromkeys(live, -math.inf))
-        await group.settled.wait()
-        if group.errors:
-            raise group.errors[0]
+        self._effects.adopted(live)
+        await group.wait()
         if self.resync_interval_s is not None:
             self._nursery.start_soon(self._resync_forever, self.resync_interval_s)
         if self.autoscale_interval_s is not None:
@@ -609,7 +450,7 @@ class Controller:
     async def settle(self) -> None:
         """Wait until background work (replacements of dead replicas, retries of
         events whose save failed) has settled."""
-        await self._background.settled.wait()
+        await self._effects.background.settled.wait()
 
     # -- serving queries: the router and handles ------------------------------------------
     # One self-contained block: the router is just another listener of this controller's
@@ -645,14 +486,6 @@ class Controller:
         The endpoint is looked up on each call, so a handle may be made before it exists.
         """
         return self.router.handle(endpoint)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    described = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    # Runtimes attach what the replica printed before failing as notes.
-    notes = [n for n in getattr(exc, "__notes__", ()) if isinstance(n, str)]
-    return reason_text("\n".join([described, *notes]))
 
 
 def _store_id(store: Store) -> str | None:

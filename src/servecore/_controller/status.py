@@ -13,8 +13,9 @@ from typing import Any
 
 import attrs
 
-from servecore._controller.lifecycle import replica_actor_id, replica_log_path, replica_pid
+from servecore._controller.replica_lifecycle import replica_info
 from servecore._core.transitions import State
+from servecore._core.values import replica_order
 from servecore._serving.router_stats import RouterStatistics
 
 __all__ = ["BackendView", "EndpointView", "ReplicaView", "Status", "live_status", "status_of"]
@@ -105,18 +106,19 @@ def status_of(
         replicas = []
         for rtag in sorted(
             (t for t, r in state.replicas.items() if r.backend == tag),
-            key=lambda t: int(t.rsplit("#", 1)[1]) if t.rsplit("#", 1)[-1].isdigit() else -1,
+            key=replica_order,
         ):
             r = state.replicas[rtag]
+            info = replica_info(runtime, rtag) if live else None
             replicas.append(
                 ReplicaView(
                     tag=rtag,
                     backend=tag,
                     status=r.status.value,
                     version=r.version,
-                    pid=replica_pid(runtime, rtag) if live else None,
-                    actor_id=replica_actor_id(runtime, rtag) if live else None,
-                    log_path=replica_log_path(runtime, rtag) if live else None,
+                    pid=info.pid if info is not None else None,
+                    actor_id=info.actor_id if info is not None else None,
+                    log_path=info.log_path if info is not None else None,
                     running=(load.running_by_replica.get(rtag, 0) if load is not None else None),
                 )
             )
@@ -156,10 +158,9 @@ def status_of(
 
 def live_status(controller: Any) -> Status:
     """The :class:`Status` of a running controller: its state, runtime and router."""
-    router = getattr(controller, "_router", None)  # none yet: no query was ever sent
     return status_of(
         controller.state,
         controller.seq,
         runtime=controller.runtime,
-        statistics=router.statistics() if router is not None else None,
+        statistics=controller.router_statistics(),
     )

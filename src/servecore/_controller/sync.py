@@ -33,8 +33,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import trio
 
 from servecore._controller.controller import Controller, open_controller
+from servecore._controller.replica_lifecycle import LifecycleCounts
 from servecore._controller.status import Status
 from servecore._core.transitions import BackendConfig, Command, RoutingTable, State
+from servecore._serving.router_stats import RouterStatistics
 from servecore.router import Handle, Router
 from servecore.runtimes import Runtime
 from servecore.stores import Store
@@ -183,6 +185,40 @@ class SyncController:
         """The runtime carrying out effects."""
         return self.controller.runtime
 
+    @property
+    def queued(self) -> int:
+        """Messages waiting for the committer now."""
+        return self.controller.queued
+
+    @property
+    def lifecycle_counts(self) -> LifecycleCounts:
+        """See :attr:`servecore.Controller.lifecycle_counts`."""
+        return self.controller.lifecycle_counts
+
+    @property
+    def active_router(self) -> Router | None:
+        """The router behind the handles, or ``None`` before the first handle."""
+        return self.controller.active_router
+
+    @property
+    def router(self) -> Router:
+        """The router behind the handles (made on first use, on the trio thread)."""
+        return self._run_sync(lambda: self.controller.router)
+
+    def router_statistics(self) -> RouterStatistics | None:
+        """The router's query counts and load, or ``None`` if no handle was ever made."""
+        return self._run_sync(self.controller.router_statistics)
+
+    def add_table_listener(self, listener: Callable[[RoutingTable], None]) -> None:
+        """Call ``listener(table)`` now and on every routing-table change; it runs on the
+        controller's trio thread, so it must return quickly and not block."""
+        self._run_sync(self.controller.add_table_listener, listener)
+
+    def run_in_background(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        """Start the async ``fn(*args, task_status=...)`` in the controller's nursery
+        (it stops with the controller); return what it passes to ``task_status.started``."""
+        return self._run(self.controller.run_in_background, fn, *args)
+
     # -- commands (block until saved and carried out) -------------------------------------
 
     def submit(self, command: Command) -> State:
@@ -297,8 +333,7 @@ class SyncController:
         from servecore.http import serve_http
 
         async def start() -> list[str]:
-            nursery = self.controller._nursery  # stops with the controller
-            binds: list[str] = await nursery.start(
+            binds: list[str] = await self.controller.run_in_background(
                 functools.partial(
                     serve_http, self.controller, bind, timeout_s=timeout_s, max_depth=max_depth
                 )

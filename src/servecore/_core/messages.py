@@ -24,7 +24,6 @@ from servecore._core.validation import (
     MAX_ROUTE_LENGTH,
     OPERATOR_PREFIX,
     check_name,
-    encodable,
     reason_text,
     seconds,
 )
@@ -38,6 +37,7 @@ from servecore._core.values import (
     _traffic_map,
     target_path,
 )
+from servecore._text import encodable
 
 __all__ = [
     "Command",
@@ -62,6 +62,7 @@ __all__ = [
     "StartReplica",
     "StopReplica",
     "UpdateRouter",
+    "describe",
 ]
 
 # ---------------------------------------------------------------------------------------
@@ -378,3 +379,47 @@ Event: TypeAlias = (
 )
 Message: TypeAlias = Command | Event
 Effect: TypeAlias = StartReplica | StopReplica | UpdateRouter
+
+
+def describe(message: Message | Effect) -> str:
+    """A message in words for a person, one line: ``create backend 'echo' (2
+    replica(s))``, ``replica echo#3 started``. Logs, errors, ``servecore apply`` and its
+    plan all use it, so a message reads the same everywhere."""
+    if isinstance(message, CreateBackend):
+        return f"create backend {message.tag!r} ({_replicas(message.config)})"
+    if isinstance(message, SetBackendConfig):
+        return f"update backend {message.tag!r} ({_replicas(message.config)})"
+    if isinstance(message, DeleteBackend):
+        return f"delete backend {message.tag!r}"
+    if isinstance(message, RetryBackend):
+        return f"retry backend {message.tag!r}"
+    if isinstance(message, CreateEndpoint):
+        return f"create endpoint {message.name!r} at {message.route or '(no route)'}"
+    if isinstance(message, DeleteEndpoint):
+        return f"delete endpoint {message.name!r}"
+    if isinstance(message, SetTraffic):
+        return f"set traffic of {message.endpoint!r} to {dict(sorted(message.traffic.items()))}"
+    if isinstance(message, SetShadowTraffic):
+        return f"shadow {message.proportion:g} of {message.endpoint!r} to {message.backend!r}"
+    if isinstance(message, ReplicaStarted):
+        return f"replica {message.tag} started"
+    if isinstance(message, ReplicaStartFailed):
+        return f"replica {message.tag} failed to start"
+    if isinstance(message, ReplicaStopped):
+        return f"replica {message.tag} stopped"
+    if isinstance(message, ReplicaDied):
+        return f"replica {message.tag} died"
+    if isinstance(message, LoadReport):
+        return f"a load report of {message.ongoing:g} for backend {message.backend!r}"
+    if isinstance(message, StartReplica):
+        return f"start replica {message.tag}"
+    if isinstance(message, StopReplica):
+        return f"stop replica {message.tag}"
+    return type(message).__name__  # Recover, Resync, UpdateRouter: their name says it
+
+
+def _replicas(config: BackendConfig) -> str:
+    scaling = config.autoscaling
+    if scaling is not None:
+        return f"autoscaling {scaling.min_replicas}-{scaling.max_replicas} replica(s)"
+    return f"{config.num_replicas} replica(s)"

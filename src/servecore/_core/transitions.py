@@ -77,6 +77,7 @@ from servecore._core.messages import (
     StopReplica,
     UpdateRouter,
 )
+from servecore._core.reconcile import Fix, fix_for
 from servecore._core.values import (
     EMPTY,
     Backend,
@@ -89,7 +90,9 @@ from servecore._core.values import (
     RoutingTable,
     _init_args,
     _init_kwargs,
+    backend_of,
     replica_number,
+    replica_tag,
     target_path,
 )
 
@@ -295,7 +298,7 @@ class Transition:
 # The transition function.
 
 
-class _Tx:
+class _TransitionBuilder:
     """A transaction over one step: local copies of the persistent maps plus the
     effects gathered so far. Nothing outside the step ever sees it.
 
@@ -346,7 +349,7 @@ class _Tx:
     def mint(self, backend: Backend) -> None:
         n = self.counter
         self.counter += 1
-        tag = f"{backend.tag}#{n}"
+        tag = replica_tag(backend.tag, n)
         self._put_replica(Replica(tag=tag, backend=backend.tag, version=backend.version))
         idx = self.index.get(backend.tag, _NO_INDEX)
         self._set_index(backend.tag, attrs.evolve(idx, starting=idx.starting.set(n, tag)))
@@ -584,14 +587,14 @@ def _create_endpoint(state: State, cmd: CreateEndpoint) -> Transition:
         for other in state.endpoints.values():
             if other.route == cmd.route:
                 raise RouteConflict(cmd.route, cmd.name, other.name)
-    tx = _Tx(state)
+    tx = _TransitionBuilder(state)
     tx.put_endpoint(new)
     return tx.finish()
 
 
 def _delete_endpoint(state: State, cmd: DeleteEndpoint) -> Transition:
     _endpoint(state, cmd.name)
-    tx = _Tx(state)
+    tx = _TransitionBuilder(state)
     tx.drop_endpoint(cmd.name)
     return tx.finish()
 
@@ -611,7 +614,7 @@ def _create_backend(state: State, cmd: CreateBackend) -> Transition:
         if old.same_definition(new):
             return _unchanged(state)
         raise BackendExists(cmd.tag)
-    tx = _Tx(state)
+    tx = _TransitionBuilder(state)
     tx.add_backend(new)
     tx.reconcile(cmd.tag)
     return tx.finish()
@@ -628,7 +631,7 @@ def _delete_backend(state: State, cmd: DeleteBackend) -> Transition:
     users = _users_of(state, cmd.tag)
     if users:
         raise BackendInUse(cmd.tag, users)
-    tx = _Tx(state)
+    tx = _TransitionBuilder(state)
     for rtag in state.replicas_of(cmd.tag):
         tx.begin_stop(tx.replicas[rtag], b.config.graceful_shutdown_timeout_s)
     tx.drop_backend(cmd.tag)
@@ -641,7 +644,7 @@ def _set_backend_config(state: State, cmd: SetBackendConfig) -> Transition:
     b = _backend(state, cmd.tag)
     if b.config == cmd.config:
         return _unchanged(state)
-    tx = _Tx(state)
+    tx = _TransitionBuilder(state)
     # A new config is a new chance: clear the failure budget (and FAILED).
     renew = b.config.needs_new_replicas(cmd.config)
     tx.put_backend(
@@ -708,7 +711,7 @@ def _load_report(state: State, ev: LoadReport) -> Transition:
             state=attrs.evolve(state, observations=state.observations.set(b.tag, seen)),
             changes=Changes(replica_counter=state.replica_counter),
         )
-    tx = _Tx(state)
+    tx = _TransitionBuilder(state)
     tx.observations = tx.observations.set(b.tag, seen)
     tx.put_backend(attrs.evolve(b, autoscale=decided))
     if decided.replicas != b.autoscale.replicas:
@@ -720,7 +723,7 @@ def _retry_backend(state: State, cmd: RetryBackend) -> Transition:
     b = _backend(state, cmd.tag)
     if b.status is not BackendStatus.FAILED:
         return _unchanged(state)
-    tx = _Tx(state)
+    tx = _TransitionBuilder(state)
     tx.put_backend(
         attrs.evolve(
             b, status=BackendStatus.UPDATING, start_failures=0, early_deaths=0, last_error=None
@@ -736,7 +739,7 @@ def _set_traffic(state: State, cmd: SetTraffic) -> Transition:
         _backend(state, tag)
     if ep.traffic == cmd.traffic:
         return _unchanged(state)
-    tx = _Tx(state)
+    tx = _TransitionBuilder(state)
     tx.put_endpoint(attrs.evolve(ep, traffic=cmd.traffic))
     return tx.finish()
 
@@ -750,7 +753,7 @@ def _set_shadow_traffic(state: State, cmd: SetShadowTraffic) -> Transition:
         shadow = ep.shadow.set(cmd.backend, cmd.proportion)
     if shadow == ep.shadow:
         return _unchanged(state)
-    tx = _Tx(state)
+    tx = _TransitionBuilder(state)
     tx.put_endpoint(attrs.evolve(ep, shadow=shadow))
     return tx.finish()
 
@@ -759,7 +762,7 @@ def _replica_started(state: State, ev: ReplicaStarted) -> Transition:
     r = state.replicas.get(ev.tag)
     if r is None or r.status is not ReplicaStatus.STARTING:
         return _unchanged(state)
-    tx = _Tx(state)
+    tx = _TransitionBuilder(state)
     tx.mark_running(r)
     b = tx.backends[r.backend]
     # A late success does not lift FAILED: only a config change or a retry does. It
@@ -776,7 +779,7 @@ def _replica_start_failed(state: State, ev: ReplicaStartFailed) -> Transition:
     r = state.replicas.get(ev.tag)
     if r is None or r.status is ReplicaStatus.RUNNING:
         return _unchanged(state)
-    tx = _Tx(state)
+    tx = _TransitionBuilder(state)
     if r.status is ReplicaStatus.STOPPING:
         tx.forget(r)
     else:
@@ -788,7 +791,7 @@ def _replica_gone(state: State, tag: str, reason: str, *, early: bool = False) -
     r = state.replicas.get(tag)
     if r is None:
         return _unchanged(state)
-    tx = _Tx(state)
+    tx = _TransitionBuilder(state)
     if r.status is ReplicaStatus.STARTING:
         tx.start_failed(r, reason)
     elif r.status is ReplicaStatus.RUNNING and early:
@@ -812,29 +815,18 @@ def _replica_died(state: State, ev: ReplicaDied) -> Transition:
 def _resync(state: State, ev: Resync) -> Transition:
     """Correct what the state believes about live replicas, leaving busy tags alone.
 
-    Like :func:`_recover` with the shell's in-flight work excluded: STARTING & live ->
-    RUNNING; STARTING & not live -> started again; RUNNING & not live -> replaced;
-    STOPPING & live -> stopped again; STOPPING & not live -> forgotten; live & unknown
-    -> stopped. Nothing changes, and nothing is saved, when the two agree.
+    Like :func:`_recover` with the shell's in-flight work excluded, by the same table
+    (:data:`~servecore._core.reconcile.LIVENESS_FIXES`). Nothing changes, and nothing
+    is saved, when the two agree.
     """
-    tx = _Tx(state)
+    tx = _TransitionBuilder(state)
     touched: set[str] = set()
-    for tag in set(state.replicas.keys()) - ev.live - ev.busy:
-        r = state.replicas[tag]
-        if r.status is ReplicaStatus.STARTING:
-            tx.starts.append(tx.start_effect(r.tag, state.backends[r.backend]))
-        else:
-            tx.forget(r)
-            touched.add(r.backend)
-    for tag in ev.live - ev.busy:
+    # Only the replicas where state and runtime may disagree: O(change), not O(state).
+    for tag in sorted((set(state.replicas.keys()) - ev.live - ev.busy) | (ev.live - ev.busy)):
         found = state.replicas.get(tag)
-        if found is None:
-            tx.stops.append(StopReplica(tag=tag, timeout_s=_stop_timeout(state, tag)))
-        elif found.status is ReplicaStatus.STARTING:
-            tx.mark_running(found)
-            touched.add(found.backend)
-        elif found.status is ReplicaStatus.STOPPING:
-            tx.stops.append(StopReplica(tag=tag, timeout_s=_stop_timeout(state, tag)))
+        fix = fix_for(found.status if found is not None else None, tag in ev.live)
+        if fix is not Fix.KEEP:
+            touched.add(_apply_fix(tx, state, tag, found, fix))
     for tag in ev.proven & ev.live:
         found = tx.replicas.get(tag)
         if found is None or found.status is not ReplicaStatus.RUNNING:
@@ -856,47 +848,43 @@ def _resync(state: State, ev: Resync) -> Transition:
 
 
 def _stop_timeout(state: State, tag: str) -> float:
-    b = state.backends.get(tag.rsplit("#", 1)[0])
+    b = state.backends.get(backend_of(tag))
     return (b.config if b else BackendConfig()).graceful_shutdown_timeout_s
 
 
-def _recover(state: State, ev: Recover) -> Transition:
-    tx = _Tx(state)
-    tx.force_router_update = True
-    for r in state.replicas.values():
-        alive = r.tag in ev.live
-        if r.status is ReplicaStatus.STARTING:
-            if alive:
-                tx.mark_running(r)
-            elif r.version == state.backends[r.backend].version:
-                tx.starts.append(tx.start_effect(r.tag, state.backends[r.backend]))
-            else:
-                tx.forget(r)  # never start a replica of an outdated config
-        elif r.status is ReplicaStatus.RUNNING:
-            if not alive:
-                tx.forget(r)
-        elif alive:
-            b = state.backends.get(r.backend)
-            timeout = (
-                b.config.graceful_shutdown_timeout_s
-                if b
-                else BackendConfig().graceful_shutdown_timeout_s
-            )
-            tx.stops.append(StopReplica(tag=r.tag, timeout_s=timeout))
+def _apply_fix(
+    tx: _TransitionBuilder, state: State, tag: str, found: Replica | None, fix: Fix
+) -> str:
+    """Carry out ``fix`` (from the liveness table) on replica ``tag``; return its backend."""
+    if fix is Fix.MARK_RUNNING and found is not None:
+        tx.mark_running(found)
+    elif fix is Fix.START_AGAIN and found is not None:
+        backend = state.backends[found.backend]
+        if found.version == backend.version:
+            tx.starts.append(tx.start_effect(tag, backend))
         else:
-            tx.forget(r)
-    for tag in sorted(t for t in ev.live if t not in state.replicas):
-        # An orphan: alive, but no checkpoint names it. Stop it, and make sure its number
-        # is never minted again even if the checkpoint it came from was lost.
-        b = state.backends.get(tag.rsplit("#", 1)[0])
-        timeout = (
-            b.config.graceful_shutdown_timeout_s
-            if b
-            else BackendConfig().graceful_shutdown_timeout_s
-        )
-        tx.stops.append(StopReplica(tag=tag, timeout_s=timeout))
-        if re.fullmatch(r".+#\d+", tag):
+            tx.forget(found)  # never start a replica of an outdated config
+    elif fix is Fix.FORGET and found is not None:
+        tx.forget(found)
+    elif fix is Fix.STOP:
+        tx.stops.append(StopReplica(tag=tag, timeout_s=_stop_timeout(state, tag)))
+        if found is None and re.fullmatch(r".+#\d+", tag):
+            # An orphan: make sure its number is never minted again, even if the
+            # checkpoint that named it was lost.
             tx.counter = max(tx.counter, replica_number(tag) + 1)
+    return found.backend if found is not None else backend_of(tag)
+
+
+def _recover(state: State, ev: Recover) -> Transition:
+    """Everything recorded, and everything alive, through the liveness table; then
+    every backend is reconciled and the router is told the whole table."""
+    tx = _TransitionBuilder(state)
+    tx.force_router_update = True
+    for tag in sorted(set(state.replicas.keys()) | ev.live):
+        found = state.replicas.get(tag)
+        fix = fix_for(found.status if found is not None else None, tag in ev.live)
+        if fix is not Fix.KEEP:
+            _apply_fix(tx, state, tag, found, fix)
     for tag in state.backends:
         tx.reconcile(tag)
     return tx.finish()

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from servecore._core.errors import InvalidConfig
+from servecore._text import encodable
 
 __all__ = [
     "MAX_BATCH_SIZE",
@@ -31,7 +32,6 @@ __all__ = [
     "OPERATOR_PREFIX",
     "check_name",
     "check_namespace",
-    "encodable",
     "int_between",
     "json_depth",
     "json_object",
@@ -56,16 +56,6 @@ MAX_SECONDS = 86_400.0
 #: ``/-/routes``, ``/-/metrics``), never an endpoint's.
 OPERATOR_PREFIX = "/-/"
 _INT64 = (-(2**63), 2**63 - 1)
-
-
-def encodable(text: str) -> str:
-    """``text`` with anything UTF-8 cannot hold (lone surrogates, as left by
-    ``surrogateescape``) written as backslash escapes, so it can be checkpointed."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text
 
 
 def reason_text(value: Any) -> str:

@@ -293,9 +293,30 @@ class Replica:
     version: int = 0
 
 
+# Replica tags, ``"{backend}#{n}"``: minted, parsed and sorted here and nowhere else.
+# (A backend name cannot hold ``#``, so the last ``#`` always splits a tag.)
+
+
+def replica_tag(backend: str, number: int) -> str:
+    """The tag of replica ``number`` of ``backend``: ``"{backend}#{number}"``."""
+    return f"{backend}#{number}"
+
+
+def backend_of(tag: str) -> str:
+    """The backend a replica tag belongs to (the whole text, for a tag without ``#``)."""
+    return tag.rsplit("#", 1)[0]
+
+
 def replica_number(tag: str) -> int:
     """The counter value ``n`` a replica tag ``"{backend}#{n}"`` was minted from."""
     return int(tag.rsplit("#", 1)[1])
+
+
+def replica_order(tag: str) -> tuple[str, int]:
+    """A sort key that puts ``a#2`` before ``a#10``; a tag that is not
+    ``"{backend}#{n}"`` (a runtime's stray) sorts first within its prefix."""
+    backend, _, number = tag.rpartition("#")
+    return (backend, int(number)) if number.isdigit() else (tag, -1)
 
 
 @attrs.frozen(kw_only=True)

@@ -14,13 +14,13 @@ from typing import Any
 import attrs
 from immutables import Map
 
-from servecore._controller.lifecycle import Histogram
 from servecore._core.errors import (
     BackpressureError,
     NoReplicaError,
     RemoteError,
     ReplicaDiedError,
 )
+from servecore._histogram import Histogram
 
 __all__ = [
     "QUERY_SECONDS_BUCKETS",

@@ -37,6 +37,7 @@ import attrs
 
 from servecore._core.errors import BackendStartError, CommandError, InvalidConfig
 from servecore._core.limits import Limits
+from servecore._core.messages import describe
 from servecore._core.transitions import (
     BackendStatus,
     Command,
@@ -183,25 +184,6 @@ class Applied:
     def changed(self) -> bool:
         """Whether anything was changed."""
         return bool(self.commands)
-
-
-def describe(command: Command) -> str:
-    """One line for a person: ``create backend 'echo' (2 replicas)``."""
-    if isinstance(command, CreateBackend):
-        return f"create backend {command.tag!r} ({command.config.num_replicas} replica(s))"
-    if isinstance(command, SetBackendConfig):
-        return f"update backend {command.tag!r} ({command.config.num_replicas} replica(s))"
-    if isinstance(command, DeleteBackend):
-        return f"delete backend {command.tag!r}"
-    if isinstance(command, CreateEndpoint):
-        return f"create endpoint {command.name!r} at {command.route or '(no route)'}"
-    if isinstance(command, DeleteEndpoint):
-        return f"delete endpoint {command.name!r}"
-    if isinstance(command, SetTraffic):
-        return f"set traffic of {command.endpoint!r} to {dict(sorted(command.traffic.items()))}"
-    if isinstance(command, SetShadowTraffic):
-        return f"shadow {command.proportion:g} of {command.endpoint!r} to {command.backend!r}"
-    return repr(command)  # pragma: no cover - every command is listed above
 
 
 async def apply(controller: Any, app: App | str | os.PathLike[str]) -> Applied:

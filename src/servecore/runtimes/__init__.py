@@ -24,8 +24,10 @@ from servecore._core.errors import InvalidRuntime, InvalidRuntimeOption
 from servecore.runtimes._protocol import (
     OPTIONAL_METHODS,
     REQUIRED_METHODS,
+    Introspection,
     Lifecycle,
     Query,
+    ReplicaInfo,
     Report,
     Runtime,
 )
@@ -35,8 +37,10 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "OPTIONAL_METHODS",
     "REQUIRED_METHODS",
+    "Introspection",
     "Lifecycle",
     "Query",
+    "ReplicaInfo",
     "Report",
     "Runtime",
     "check_runtime_methods",

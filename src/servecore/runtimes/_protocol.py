@@ -70,7 +70,16 @@ import attrs
 
 from servecore._core.transitions import Event, StartReplica
 
-__all__ = ["OPTIONAL_METHODS", "REQUIRED_METHODS", "Lifecycle", "Query", "Report", "Runtime"]
+__all__ = [
+    "OPTIONAL_METHODS",
+    "REQUIRED_METHODS",
+    "Introspection",
+    "Lifecycle",
+    "Query",
+    "ReplicaInfo",
+    "Report",
+    "Runtime",
+]
 
 #: The callback a runtime uses to report events (``ReplicaDied``; see the module
 #: docstring). Call it on the trio thread the runtime was opened in; from another
@@ -79,9 +88,9 @@ Report = Callable[[Event], None]
 
 #: What every runtime must have.
 REQUIRED_METHODS = ("start_replica", "stop_replica", "list_replicas", "call")
-#: What a runtime may have (see :class:`Lifecycle`); the controller calls each only if
-#: it is there.
-OPTIONAL_METHODS = ("open", "close")
+#: What a runtime may have (see :class:`Lifecycle` and :class:`Introspection`); the
+#: controller calls each only if it is there.
+OPTIONAL_METHODS = ("open", "close", "replica_info")
 
 
 @attrs.frozen(kw_only=True)
@@ -149,3 +158,26 @@ class Lifecycle(Protocol):
 
         Cancel background work started in :meth:`open`; report nothing after this.
         """
+
+
+@attrs.frozen(kw_only=True)
+class ReplicaInfo:
+    """Where one replica runs, for an operator: every field is optional, since each
+    runtime knows different things (a process id, a Ray actor and node, a log file)."""
+
+    pid: int | None = None
+    actor_id: str | None = None
+    node: str | None = None
+    log_path: str | None = None
+
+
+@runtime_checkable
+class Introspection(Protocol):
+    """The optional view into a runtime that status, logs and lifecycle records use.
+
+    A runtime without it still works; status then shows no pid or log path.
+    """
+
+    def replica_info(self, tag: str) -> ReplicaInfo | None:
+        """Where replica ``tag`` runs, or ``None`` if it is not known here. Must not
+        block or raise (it is called from status and logging)."""

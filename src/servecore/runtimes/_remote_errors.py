@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from servecore._core.errors import RemoteError
+from servecore._text import encodable
 
 __all__ = ["rebuild_exception"]
 
@@ -50,8 +51,7 @@ def rebuild_exception(info: Mapping[str, Any]) -> Exception:
 
 
 def _encodable(text: object) -> str:
-    """``text`` as valid UTF-8 (lone surrogates become ``\\udcff`` escapes)."""
-    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+    return encodable(str(text))
 
 
 def _made_encodable(exc: Exception, info: Mapping[str, Any]) -> Exception:

@@ -48,6 +48,7 @@ from servecore._core.errors import (
     StoreLocked,
 )
 from servecore._core.records import META_KEY, decode_blob, meta_record, read_meta
+from servecore._text import describe_exception
 
 if TYPE_CHECKING:
     import psycopg
@@ -677,5 +678,4 @@ class PostgresRecords:
 
 
 def _reason(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return describe_exception(exc, one_line=True)

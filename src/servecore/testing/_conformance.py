@@ -24,6 +24,7 @@ from typing import Any
 import trio
 
 from servecore._core.transitions import BackendConfig, Event, ReplicaDied, StartReplica
+from servecore._core.values import backend_of
 from servecore.runtimes import Query, Runtime, close_runtime, open_runtime
 
 __all__ = ["check_runtime"]
@@ -34,7 +35,7 @@ _TARGETS = "servecore.testing.targets"
 def _effect(tag: str, target: str, **options: Any) -> StartReplica:
     return StartReplica(
         tag=tag,
-        backend=tag.rsplit("#", 1)[0],
+        backend=backend_of(tag),
         target=f"{_TARGETS}:{target}",
         init_args=(),
         init_kwargs={},

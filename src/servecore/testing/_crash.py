@@ -54,6 +54,8 @@ from servecore._core.transitions import (
     State,
     replica_number,
 )
+from servecore._core.values import backend_of
+from servecore._text import describe_exception as _describe
 from servecore.runtimes import Query, Report, Runtime, close_runtime, open_runtime
 from servecore.stores import BlobAdapter, BlobStore, MemoryStore, Store
 from servecore.testing._faults import CrashPlan, InjectedFailure, SimulatedCrash
@@ -230,11 +232,6 @@ class CrashingRuntime:
                 f"the kill hook of {self._name} returned before ReplicaDied({tag!r}) was "
                 f"reported; report the death before the kill returns"
             )
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class CrashWorld:
@@ -428,12 +425,11 @@ async def _together(ctl: Controller, commands: Sequence[Command]) -> list[BaseEx
         finally:
             finished[i] = True
 
-    committer = ctl._committer
     async with trio.open_nursery() as nursery:
         for i, command in enumerate(commands):
-            before = committer.queued
+            before = ctl.queued
             nursery.start_soon(one, i, command)
-            while committer.queued == before and not finished[i]:
+            while ctl.queued == before and not finished[i]:
                 await trio.lowlevel.checkpoint()
     return errors
 
@@ -449,7 +445,7 @@ async def _list_live(runtime: Runtime, name: str) -> frozenset[str]:
 def _placeholder(tag: str) -> StartReplica:
     from servecore._core.transitions import BackendConfig
 
-    backend = tag.rsplit("#", 1)[0]
+    backend = backend_of(tag)
     return StartReplica(
         tag=tag, backend=backend, target="x:y", init_args=(), init_kwargs={}, config=BackendConfig()
     )

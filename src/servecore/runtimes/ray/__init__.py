@@ -1,4 +1,4 @@
-"""The ``ray`` runtime: each replica is a named, detached Ray actor (DESIGN §6).
+"""The ``ray`` runtime: each replica is a named, detached Ray actor (docs/design.md §6).
 
 Ray is an optional extra (``pip install 'servecore[ray]'``) and this package is the only
 place that imports it; ``import servecore`` never does::

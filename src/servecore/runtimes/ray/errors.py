@@ -16,23 +16,15 @@ from typing import Any
 import ray.exceptions
 
 from servecore._core.errors import RemoteError, ReplicaDiedError
+from servecore._text import encodable
 from servecore.runtimes._remote_errors import rebuild_exception
 
-__all__ = ["ActorDiedError", "Carried", "carry", "encodable", "rebuild", "short", "user_error"]
+__all__ = ["ActorDiedError", "Carried", "carry", "rebuild", "short", "user_error"]
 
 #: "The actor is dead" (as opposed to "unreachable for now"); older Rays only have the base.
 ActorDiedError: type[BaseException] = getattr(
     ray.exceptions, "ActorDiedError", ray.exceptions.RayActorError
 )
-
-
-def encodable(text: str) -> str:
-    """``text`` with anything UTF-8 cannot encode (lone surrogates) as ``\\\\udcXX``."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text
 
 
 class Carried(Exception):

@@ -1,4 +1,4 @@
-"""The subprocess runtime: each replica is a child Python process (DESIGN §6).
+"""The subprocess runtime: each replica is a child Python process (docs/design.md §6).
 
 Replicas outlive their host. Each one runs in its own session (``start_new_session``),
 so a SIGKILL of the host, or a Ctrl-C in its terminal, leaves it running; the next
@@ -6,7 +6,7 @@ controller on the same store finds it again in the *runtime directory* and adopt
 
     async with servecore.open_controller(
         runtime="subprocess",
-        runtime_options={"directory": "/var/run/myapp/replicas"},
+        runtime_kwargs={"directory": "/var/run/myapp/replicas"},
         store=servecore.SQLiteStore("state.db"),
     ) as ctl:
         await ctl.create_backend("echo", "myapp.models:Echo", num_replicas=2)

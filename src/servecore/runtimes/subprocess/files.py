@@ -42,7 +42,8 @@ import stat
 import time
 from typing import Any
 
-from servecore.runtimes.subprocess.wire import encodable
+from servecore._core.values import backend_of
+from servecore._text import encodable
 
 __all__ = [
     "FAILED_MARKER",
@@ -254,7 +255,7 @@ class ReplicaFiles:
             return None
         about = self.read_record() or self.read_spec() or {}
         tag = about.get("tag")
-        group = replica_key(str(tag).rsplit("#", 1)[0]) if tag else self.key
+        group = replica_key(backend_of(str(tag))) if tag else self.key
         logs = os.path.join(self.directory, LOGS_DIR)
         kept = os.path.join(logs, f"{group}~{time.time_ns():020d}~{self.key}.log")
         try:

@@ -11,12 +11,13 @@ import outcome
 import trio
 
 from servecore._core.errors import ReplicaDiedError
+from servecore._text import encodable
 from servecore.runtimes._protocol import Query
 from servecore.runtimes._remote_errors import rebuild_exception
 from servecore.runtimes.subprocess.channel import Channel
 from servecore.runtimes.subprocess.files import ReplicaFiles
 from servecore.runtimes.subprocess.process import Process
-from servecore.runtimes.subprocess.wire import CALL, ERROR, GONE, OK, dumps, encodable, frame
+from servecore.runtimes.subprocess.wire import CALL, ERROR, GONE, OK, dumps, frame
 
 __all__ = ["RemoteTraceback", "Replica", "rebuild_remote_exception"]
 

@@ -16,7 +16,7 @@ The replica writes its record first thing, then imports and constructs the targe
 binds its socket (mode 0600), writes the record again (``ready``) and answers on the
 status pipe: ``OK``, or ``ERROR`` with its exception (after writing
 :data:`~servecore.runtimes.subprocess.files.FAILED_MARKER` and the traceback to its
-log). Every text it sends is encodable UTF-8 (see ``wire.encodable``).
+log). Every text it sends is encodable UTF-8 (see ``servecore._text.encodable``).
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ import trio
 
 from servecore._core.errors import ReplicaDiedError
 from servecore._core.transitions import ReplicaDied, StartReplica
-from servecore.runtimes._protocol import Query, Report
+from servecore._text import encodable
+from servecore.runtimes._protocol import Query, ReplicaInfo, Report
 from servecore.runtimes.subprocess.channel import Channel
 from servecore.runtimes.subprocess.directory import RuntimeDirectory
 from servecore.runtimes.subprocess.files import ReplicaFiles, open_lock, replica_key
@@ -34,7 +35,7 @@ from servecore.runtimes.subprocess.spawn import (
     launch,
     replica_spec,
 )
-from servecore.runtimes.subprocess.wire import OK, PING, encodable, frame, socket_address
+from servecore.runtimes.subprocess.wire import OK, PING, frame, socket_address
 
 __all__ = ["SubprocessRuntime"]
 
@@ -262,6 +263,11 @@ class SubprocessRuntime:
         """The process id of replica ``tag`` if it is connected here, else ``None``."""
         replica = self._replicas.get(tag)
         return None if replica is None or replica.dead else replica.process.pid
+
+    def replica_info(self, tag: str) -> ReplicaInfo:
+        """Replica ``tag``'s process id (if connected here) and its kept log file."""
+        log_path = str(self._files(tag).log) if self._opened is not None else None
+        return ReplicaInfo(pid=self.pid(tag), log_path=log_path)
 
     def kill(self, tag: str) -> None:
         """SIGKILL replica ``tag``'s process, as a crash would, and report it now.

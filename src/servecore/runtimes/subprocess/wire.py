@@ -17,6 +17,8 @@ import struct
 import traceback
 from typing import Any
 
+from servecore._text import encodable, exception_message
+
 __all__ = [
     "CALL",
     "ERROR",
@@ -73,25 +75,9 @@ def parse_frame(buffer: bytearray) -> tuple[int, int, bytes] | None:
     return kind, request_id, body
 
 
-def encodable(text: str) -> str:
-    """``text`` as valid UTF-8: lone surrogates (a non-UTF-8 path decoded with
-    ``surrogateescape``, say) become ``\\udcff`` escapes.
-
-    Everything a replica says (error messages, tracebacks, log lines) passes through
-    this before it reaches the controller, whose checkpoint must encode it.
-    """
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text
-
-
-def _describe(exc: BaseException) -> str:
-    try:
-        return encodable(str(exc))
-    except Exception:  # a broken __str__ must not hide the error itself
-        return f"<{type(exc).__qualname__}: its str() failed>"
+# Everything a replica says (error messages, tracebacks, log lines) passes through
+# encodable() before it reaches the controller, whose checkpoint must encode it.
+_describe = exception_message
 
 
 def error_info(exc: BaseException) -> dict[str, Any]:
