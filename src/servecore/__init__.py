@@ -35,6 +35,7 @@ if TYPE_CHECKING:
         BackpressureError,
         CheckpointCorrupt,
         CheckpointError,
+        CheckpointOutcomeUnknown,
         CheckpointVersionError,
         CommandError,
         EndpointExists,
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
         RuntimeDirectoryUnsafe,
         ServecoreError,
         StoreLocked,
+        StoreUnwritable,
     )
     from servecore._core.invariants import validate_state
     from servecore._core.limits import (
@@ -170,6 +172,7 @@ _LAZY: dict[str, str] = {
     "Changes": "servecore._core.transitions",
     "CheckpointCorrupt": "servecore._core.errors",
     "CheckpointError": "servecore._core.errors",
+    "CheckpointOutcomeUnknown": "servecore._core.errors",
     "CheckpointVersionError": "servecore._core.errors",
     "Command": "servecore._core.transitions",
     "CommandError": "servecore._core.errors",
@@ -221,6 +224,7 @@ _LAZY: dict[str, str] = {
     "StopReplica": "servecore._core.transitions",
     "Store": "servecore.stores",
     "StoreLocked": "servecore._core.errors",
+    "StoreUnwritable": "servecore._core.errors",
     "SyncController": "servecore._controller.sync",
     "SyncHandle": "servecore._controller.sync",
     "Transition": "servecore._core.transitions",
@@ -256,6 +260,7 @@ __all__ = [
     "Changes",
     "CheckpointCorrupt",
     "CheckpointError",
+    "CheckpointOutcomeUnknown",
     "CheckpointVersionError",
     "Command",
     "CommandError",
@@ -318,6 +323,7 @@ __all__ = [
     "StopReplica",
     "Store",
     "StoreLocked",
+    "StoreUnwritable",
     "SyncController",
     "SyncHandle",
     "Transition",

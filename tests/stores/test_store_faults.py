@@ -25,6 +25,7 @@ from servecore import (
     ServecoreError,
     SQLiteStore,
     StoreLocked,
+    StoreUnwritable,
     open_controller,
 )
 from servecore._core.records import load_records, records_of
@@ -112,3 +113,98 @@ def test_a_format_2_store_opens_and_is_rewritten_in_format_3(tmp_path: Path) -> 
     assert path.read_bytes().startswith(b"servecore-snapshot 3\n")
     assert Path(f"{path}.log").read_bytes().startswith(b"servecore-log 3\n")
     assert loaded(FileStore(path)) == (states()[3], 3)
+
+
+# ---------------------------------------------------------------------------------------
+# A lock held by another process is a lock, not corruption
+
+
+def test_a_sqlite_database_locked_by_another_process_is_store_locked(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    store = SQLiteStore(path)
+    store.open()
+    commit_state(store, states()[2], 1)
+    store.close()
+    # A sqlite3 shell (or a backup tool) holding an exclusive lock on the database.
+    shell = sqlite3.connect(path, isolation_level=None)
+    shell.execute("PRAGMA locking_mode=EXCLUSIVE")
+    shell.execute("BEGIN EXCLUSIVE")
+    try:
+        locked = SQLiteStore(path, busy_timeout_s=0.05)
+        with pytest.raises(StoreLocked) as info:
+            locked.open()
+        assert not isinstance(info.value, CheckpointCorrupt)
+        assert info.value.where == str(path)
+        assert "intact" in str(info.value) and "corrupt" not in str(info.value)
+        locked.close()
+    finally:
+        shell.execute("COMMIT")
+        shell.close()
+    again = SQLiteStore(path)
+    again.open()
+    assert loaded(again) == (states()[2], 1)  # untouched
+    again.close()
+
+
+# ---------------------------------------------------------------------------------------
+# A place the store cannot write (as root, permissions do not stop us: a regular file
+# where a directory should be does)
+
+
+@pytest.mark.parametrize("make", [FileStore, SQLiteStore], ids=["file", "sqlite"])
+def test_a_store_under_a_regular_file_raises_a_typed_error_naming_the_path(
+    tmp_path: Path, make: type[FileStore] | type[SQLiteStore]
+) -> None:
+    (tmp_path / "plain").write_text("not a directory")
+    store = make(tmp_path / "plain" / "sub" / "state")
+    with pytest.raises(StoreUnwritable) as info:
+        store.open()
+    assert isinstance(info.value, CheckpointError)  # a ServecoreError, not a bare OSError
+    assert str(tmp_path / "plain") in info.value.path
+    assert info.value.path in str(info.value)
+
+
+@pytest.mark.parametrize("make", [FileStore, SQLiteStore], ids=["file", "sqlite"])
+async def test_a_controller_on_a_directory_that_is_a_file_says_which_path(
+    tmp_path: Path, make: type[FileStore] | type[SQLiteStore]
+) -> None:
+    (tmp_path / "plain").write_text("not a directory")
+    with pytest.raises(ServecoreError, match="plain"):
+        async with open_controller(
+            runtime=InMemoryRuntime(), store=make(tmp_path / "plain" / "state")
+        ):
+            pass
+
+
+# ---------------------------------------------------------------------------------------
+# Records gone from under a sequence number
+
+
+def _emptied(kind: str, tmp_path: Path) -> MemoryStore | FileStore | SQLiteStore:
+    """A store at checkpoint 5 holding no record at all."""
+    if kind == "memory":
+        return MemoryStore({}, seq=5)
+    store: FileStore | SQLiteStore
+    store = FileStore(tmp_path / "s.json") if kind == "file" else SQLiteStore(tmp_path / "s.db")
+    store.open()
+    for seq in range(1, 6):
+        commit_state(store, states()[min(seq, 5)], seq)
+    _, records = store.load()
+    store.commit(6, {}, list(records))  # every record deleted under checkpoint 6
+    store.close()
+    return store
+
+
+@pytest.mark.parametrize("kind", ["memory", "file", "sqlite"])
+async def test_a_checkpoint_with_no_records_under_a_nonzero_seq_is_corrupt(
+    tmp_path: Path, kind: str
+) -> None:
+    store = _emptied(kind, tmp_path)
+    seq, records = store.load()
+    assert seq > 0 and not records
+    with pytest.raises(CheckpointCorrupt, match="holds no records"):
+        load_records(seq, records, "x")
+    runtime = InMemoryRuntime()
+    with pytest.raises(CheckpointCorrupt, match="orphan"):
+        async with open_controller(runtime=runtime, store=store):
+            pass

@@ -48,7 +48,14 @@ import msgspec
 
 from servecore._core.errors import CheckpointCorrupt, CheckpointVersionError
 from servecore._core.records import decode_blob
-from servecore.stores._locking import StoreLock, fsync_dir, open_private, resolve
+from servecore.stores._locking import (
+    StoreLock,
+    fsync_dir,
+    open_private,
+    prepare_directory,
+    resolve,
+    unwritable,
+)
 
 __all__ = ["FileStore"]
 
@@ -65,9 +72,7 @@ _HEADER = struct.Struct(">III")  # length, CRC-32 of the payload, CRC-32 of thos
 COMPACT_MIN_BYTES = 1 << 16
 
 
-def _frame(
-    seq: int, puts: Mapping[str, bytes], deletes: Collection[str], prev: int = -1
-) -> bytes:
+def _frame(seq: int, puts: Mapping[str, bytes], deletes: Collection[str], prev: int = -1) -> bytes:
     payload = msgspec.msgpack.encode([seq, dict(puts), list(deletes), prev])
     head = _LENGTH_CRC.pack(len(payload), zlib.crc32(payload))
     return head + struct.pack(">I", zlib.crc32(head)) + payload
@@ -138,13 +143,22 @@ class FileStore:
     # -- life -------------------------------------------------------------------------------
 
     def open(self) -> None:
-        self.resolved.parent.mkdir(parents=True, exist_ok=True)
-        self._lock.acquire(self._open_checkpoint)
+        """Take the store's locks (:class:`~servecore.StoreLocked` if another holds
+        them); :class:`~servecore.StoreUnwritable` naming the path if its files cannot
+        be created or opened there."""
+        prepare_directory(self.where, self.resolved)
+        try:
+            self._lock.acquire(self._open_checkpoint)
+        except OSError as exc:
+            raise unwritable(self.where, exc, self.resolved) from exc
         self._records = None  # read again from disk: another process may have written
         if self._lock.inode_fd is None and not self.resolved.exists():
             # An empty snapshot now, so the checkpoint's inode is locked from the start.
             try:
                 self._replace(self.resolved, _magic(_SNAPSHOT) + _frame(0, {}, ()), lock=True)
+            except OSError as exc:
+                self._lock.release()
+                raise unwritable(self.where, exc, self.resolved) from exc
             except BaseException:
                 self._lock.release()
                 raise
