@@ -56,6 +56,7 @@ if TYPE_CHECKING:
         RuntimeDirectoryStoreMismatch,
         RuntimeDirectoryUnsafe,
         ServecoreError,
+        StoreAccessDenied,
         StoreLocked,
         StoreUnwritable,
     )
@@ -223,6 +224,7 @@ _LAZY: dict[str, str] = {
     "State": "servecore._core.transitions",
     "StopReplica": "servecore._core.transitions",
     "Store": "servecore.stores",
+    "StoreAccessDenied": "servecore._core.errors",
     "StoreLocked": "servecore._core.errors",
     "StoreUnwritable": "servecore._core.errors",
     "SyncController": "servecore._controller.sync",
@@ -322,6 +324,7 @@ __all__ = [
     "Status",
     "StopReplica",
     "Store",
+    "StoreAccessDenied",
     "StoreLocked",
     "StoreUnwritable",
     "SyncController",

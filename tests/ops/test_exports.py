@@ -36,7 +36,7 @@ PUBLIC = {
     "ReplicaDiedError", "BackpressureError", "NoReplicaError", "BatchSizeError",
     "RemoteError", "RuntimeDirectoryLocked", "RuntimeDirectoryStoreMismatch",
     "RuntimeDirectoryUnsafe", "InvalidRuntimeOption", "InvalidRuntime", "LeaseLost",
-    "CheckpointOutcomeUnknown", "StoreUnwritable",
+    "CheckpointOutcomeUnknown", "StoreUnwritable", "StoreAccessDenied",
     # operating it
     "App", "AppFileError", "Applied", "apply", "load_app", "Status", "load_state", "read_state",
 }  # fmt: skip

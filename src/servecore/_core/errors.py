@@ -40,6 +40,7 @@ __all__ = [
     "RuntimeDirectoryStoreMismatch",
     "RuntimeDirectoryUnsafe",
     "ServecoreError",
+    "StoreAccessDenied",
     "StoreLocked",
     "StoreUnwritable",
 ]
@@ -273,7 +274,7 @@ class LeaseLost(CheckpointError):
         self.epoch = epoch
         self.new_holder = new_holder
         self.new_epoch = new_epoch
-        self.outcome = outcome or "the write was refused and wrote nothing"
+        self.outcome = outcome or "the write was refused: nothing was written"
         now = f"{new_holder!r} holds it" if new_holder is not None else "it was released"
         super().__init__(
             f"lost the lease on checkpoint store {where}: {holder!r} held epoch {epoch}, and "
@@ -301,6 +302,20 @@ class StoreLocked(ServecoreError):
             "close that controller first (two controllers on one store would split the brain)"
         )
         super().__init__(f"checkpoint store {where} is held by {self.by}{held}; {way_out}")
+
+
+class StoreAccessDenied(CheckpointError):
+    """The database refused this client for good (a wrong password, an unknown user or
+    database): waiting or retrying cannot help. Nothing was read or written."""
+
+    def __init__(self, where: str, reason: str) -> None:
+        self.where = where
+        self.reason = reason
+        super().__init__(
+            f"checkpoint store {where} refused this client: {reason}; check the user, "
+            f"password and database of the DSN (the password is never shown); nothing "
+            f"was read or written"
+        )
 
 
 class StoreUnwritable(CheckpointError):
