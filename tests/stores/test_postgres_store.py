@@ -590,7 +590,7 @@ def test_a_write_whose_answer_was_lost_is_checked_on_a_new_connection(
         store.save(b"new")  # it landed: the save succeeds
         assert store.load() == b"new"
     else:
-        with pytest.raises(CheckpointError, match="did not confirm"):
+        with pytest.raises(CheckpointError, match="it did not land"):
             store.save(b"new")
         assert store.load() == GOOD
     store.save(b"after")  # and the store goes on, on a new connection

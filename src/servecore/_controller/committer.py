@@ -344,7 +344,7 @@ def _not_applied(why: str, message: Message, *, yet: bool = False) -> Checkpoint
 def _fenced(message: Message) -> str:
     """What a commit refused by the fence means for ``message``: no more than is known."""
     if isinstance(message, _COMMANDS):
-        return "the command was not written, so it was not applied and no effect ran"
+        return "nothing was written: the command was not applied and no effect ran"
     return (
         f"recording {what(message)} was refused (the command that led to it was saved "
         f"earlier and its effects ran); the controller holding the lease finds the "

@@ -628,8 +628,14 @@ class PostgresStore:
                             f"{_reason(exc)}; the database did not confirm the write (if "
                             f"it landed anyway, the next write supersedes it)"
                         ) from exc
-                    # A hung server is not asked again: the call's deadline is spent.
-                    landed = None if hung else self._landed(lease, target)
+                    # An error the server sent (it has a SQLSTATE, as a shutdown's does)
+                    # means the statement did not commit; a hung server is not asked
+                    # again (the call's deadline is spent); otherwise ask.
+                    landed: bool | None
+                    if getattr(exc, "sqlstate", None) is not None:
+                        landed = False
+                    else:
+                        landed = None if hung else self._landed(lease, target)
                     if landed:
                         self._seq = target
                         return  # the answer was lost, not the write
