@@ -35,6 +35,7 @@ if TYPE_CHECKING:
         BackpressureError,
         CheckpointCorrupt,
         CheckpointError,
+        CheckpointOutcomeUnknown,
         CheckpointVersionError,
         CommandError,
         EndpointExists,
@@ -55,7 +56,9 @@ if TYPE_CHECKING:
         RuntimeDirectoryStoreMismatch,
         RuntimeDirectoryUnsafe,
         ServecoreError,
+        StoreAccessDenied,
         StoreLocked,
+        StoreUnwritable,
     )
     from servecore._core.invariants import validate_state
     from servecore._core.limits import (
@@ -156,6 +159,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
         "BackpressureError",
         "CheckpointCorrupt",
         "CheckpointError",
+        "CheckpointOutcomeUnknown",
         "CheckpointVersionError",
         "CommandError",
         "EndpointExists",
@@ -176,7 +180,9 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
         "RuntimeDirectoryStoreMismatch",
         "RuntimeDirectoryUnsafe",
         "ServecoreError",
+        "StoreAccessDenied",
         "StoreLocked",
+        "StoreUnwritable",
     ),
     "servecore._core.invariants": ("validate_state",),
     "servecore._core.limits": ("Limits",),

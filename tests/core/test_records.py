@@ -244,8 +244,8 @@ def test_damage_before_the_last_frame_raises_naming_the_path(tmp_path: Path) -> 
 @pytest.mark.parametrize(
     "name, content, error",
     [
-        ("state.json", b"servecore-snapshot 3\n", CheckpointVersionError),
-        ("state.json.log", b"servecore-log 3\n", CheckpointVersionError),
+        ("state.json", b"servecore-snapshot 4\n", CheckpointVersionError),
+        ("state.json.log", b"servecore-log 4\n", CheckpointVersionError),
         ("state.json", b"servecore-snapshot 2\n\x00\x00", CheckpointCorrupt),
         ("state.json", b"", CheckpointCorrupt),
         ("state.json.log", b"garbage\n", CheckpointCorrupt),

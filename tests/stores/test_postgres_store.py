@@ -6,7 +6,10 @@ Runs against a private PostgreSQL server started for the session (see conftest.p
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import signal
 import threading
 import uuid
 from collections.abc import Iterator
@@ -26,6 +29,7 @@ from servecore import (
     BlobAdapter,
     CheckpointCorrupt,
     CheckpointError,
+    CheckpointOutcomeUnknown,
     CheckpointVersionError,
     CreateBackend,
     CreateEndpoint,
@@ -34,6 +38,7 @@ from servecore import (
     PostgresStore,
     SetTraffic,
     State,
+    StoreAccessDenied,
     StoreLocked,
     open_controller,
     step,
@@ -585,8 +590,126 @@ def test_a_write_whose_answer_was_lost_is_checked_on_a_new_connection(
         store.save(b"new")  # it landed: the save succeeds
         assert store.load() == b"new"
     else:
-        with pytest.raises(CheckpointError, match="did not confirm"):
+        with pytest.raises(CheckpointError, match="it did not land"):
             store.save(b"new")
         assert store.load() == GOOD
     store.save(b"after")  # and the store goes on, on a new connection
     assert kind.blob().load() == b"after"
+
+
+# ---------------------------------------------------------------------------------------
+# Faults at the edges: the epoch as the only fence, vanished records, a wrong password,
+# a restarted and a hung database
+
+
+def test_a_restarted_holder_reusing_its_name_is_fenced_by_the_epoch(kind: PostgresKind) -> None:
+    """A pod restarted under the same name: the holder check passes, the epoch must not."""
+    old = kind.opened_blob(holder="pod-0")
+    old.save(GOOD)
+    assert old._lease is not None
+    old._lease.stop.set()  # paused, as SIGSTOP would
+    new = kind.blob(holder="pod-0")
+    new.open(standby=True, timeout_s=30)
+    assert new.epoch is not None and old.epoch is not None and new.epoch > old.epoch
+    new.save(b"new")
+    for write in (lambda: old.save(b"stale"), lambda: old.commit_records(10**6, {"x": b"1"}, [])):
+        with pytest.raises(LeaseLost) as info:
+            write()
+        assert (info.value.holder, info.value.new_holder) == ("pod-0", "pod-0")
+        assert info.value.new_epoch == new.epoch
+    assert new.load_records()[1] == {BLOB_KEY: b"new"}
+
+
+async def test_a_checkpoint_whose_records_vanished_is_corrupt(kind: PostgresKind) -> None:
+    store = kind.opened()
+    commit_state(store, agreement.states()[3], 5)
+    store.close()
+    with psycopg.connect(kind.dsn, autocommit=True) as conn:
+        conn.execute("DELETE FROM servecore_records WHERE checkpoint = %s", (kind.checkpoint,))
+    runtime = InMemoryRuntime()
+    with pytest.raises(CheckpointCorrupt, match="holds no records"):
+        async with open_controller(runtime=runtime, store=kind.new()):
+            pass
+    assert not runtime.started and not runtime.live  # nothing started, nothing stopped
+
+
+def test_a_standby_with_a_wrong_password_fails_at_once_naming_the_user(
+    postgres_server: PostgresServer,
+) -> None:
+    hba = postgres_server.data / "pg_hba.conf"
+    rule = "host all servecore_pw 127.0.0.1/32 scram-sha-256\n"
+    if not hba.read_text().startswith(rule):
+        hba.write_text(rule + hba.read_text())
+    with psycopg.connect(postgres_server.dsn, autocommit=True) as conn:
+        conn.execute(
+            "DO $$ BEGIN CREATE ROLE servecore_pw LOGIN PASSWORD 'right'; "
+            "EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+        )
+        conn.execute("SELECT pg_reload_conf()")
+    dsn = f"postgresql://servecore_pw:wr0ng@127.0.0.1:{postgres_server.port}/postgres"
+    store = PostgresStore(dsn, checkpoint="pw")
+    with pytest.raises(StoreAccessDenied) as info:
+        store.open(standby=True)  # no timeout: it must not wait for ever
+    text = str(info.value)
+    assert "servecore_pw@127.0.0.1" in text and "wr0ng" not in text
+    assert "password authentication failed" in text
+
+
+def _server_pids(server: PostgresServer) -> list[int]:
+    """The postmaster this test's server started, and its children (the backends)."""
+    assert server.pid is not None
+    pids = [server.pid]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stat = (entry / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == server.pid:
+                    pids.append(int(entry.name))
+    return pids
+
+
+async def test_a_hung_database_fails_a_command_within_the_deadline_and_frees_the_store() -> None:
+    postgres_or_skip()
+    with PostgresServer() as server:
+        store = PostgresStore(server.dsn, lease_s=30, call_timeout_s=1.0, connect_timeout_s=2)
+        runtime = InMemoryRuntime()
+        async with open_controller(runtime=runtime, store=store, resync_interval_s=None) as ctl:
+            await ctl.create_backend("a", ECHO, num_replicas=1)
+            state = ctl.state
+            pids = _server_pids(server)
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                with trio.fail_after(60):  # a guard against hanging for ever, not a timing
+                    with pytest.raises(CheckpointOutcomeUnknown) as info:
+                        await ctl.create_backend("b", ECHO, num_replicas=1)
+            finally:
+                for pid in pids:
+                    os.kill(pid, signal.SIGCONT)
+            # It says what it does not know (the write was sent), and how to find out.
+            assert "within 1s" in str(info.value) and "read_state" in str(info.value)
+            assert ctl.state is state and set(runtime.live) == {"a#0"}
+            # The store is free again: it answers as soon as the server does.
+            seq, _ = await trio.to_thread.run_sync(store.load_records)
+            assert seq >= 3
+        # Reopened, the controller carries on from whatever landed.
+        store = PostgresStore(server.dsn, lease_s=30, call_timeout_s=1.0)
+        async with open_controller(runtime=runtime, store=store, resync_interval_s=None) as ctl:
+            await ctl.create_backend("c", ECHO, num_replicas=1)
+            assert {"a", "c"} <= set(ctl.state.backends)
+
+
+async def test_the_first_command_after_a_database_restart_succeeds() -> None:
+    postgres_or_skip()
+    with PostgresServer() as server:
+        store = PostgresStore(server.dsn, lease_s=30)
+        async with open_controller(
+            runtime=InMemoryRuntime(), store=store, resync_interval_s=None
+        ) as ctl:
+            await ctl.create_backend("a", ECHO, num_replicas=1)
+            server.stop()
+            server.start()
+            await ctl.create_backend("b", ECHO, num_replicas=1)  # a dead connection, replaced
+            assert set(ctl.state.backends) == {"a", "b"}
+        again = PostgresStore(server.dsn, lease_s=30).records
+        assert set(loaded(again)[0].backends) == {"a", "b"}

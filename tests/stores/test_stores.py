@@ -42,6 +42,7 @@ from servecore import (
     SQLiteStore,
     State,
     StoreLocked,
+    StoreUnwritable,
     open_controller,
     step,
 )
@@ -918,8 +919,9 @@ def test_a_symlink_planted_at_the_lock_file_is_not_followed(tmp_path: Path) -> N
     victim = tmp_path / "victim"
     victim.write_bytes(b"precious")
     (tmp_path / "state.json.lock").symlink_to(victim)
-    with pytest.raises(OSError):
+    with pytest.raises(StoreUnwritable) as info:
         FileStore(tmp_path / "state.json").open()
+    assert info.value.path == str(tmp_path / "state.json.lock")
     assert victim.read_bytes() == b"precious"
 
 

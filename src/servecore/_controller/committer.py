@@ -10,7 +10,9 @@ state and hands each message's effects to the controller, in order. For each mes
 * rejected by ``step`` (or by the limits): it alone fails, at once, and the others go on;
 * the commit fails: every message of the batch fails with a
   :class:`~servecore.CheckpointError` (a fenced store's :class:`~servecore.LeaseLost`
-  as it is), the state stays as it was and no effect runs;
+  saying what it means for that message, a lost answer's
+  :class:`~servecore.CheckpointOutcomeUnknown` as it is), the state stays as it was
+  and no effect runs;
 * it has no effect and changed nothing checkpointed (a no-op, or a load report that
   only refreshed the state's ``observations``): an empty change set, so no commit; the
   new state is adopted with its batch;
@@ -35,7 +37,7 @@ from typing import Any, TypeVar, get_args
 import outcome
 import trio
 
-from servecore._core.errors import CheckpointError, LeaseLost
+from servecore._core.errors import CheckpointError, CheckpointOutcomeUnknown, LeaseLost
 from servecore._core.limits import Limits
 from servecore._core.messages import describe
 from servecore._core.records import META_KEY, encode_changes, meta_record
@@ -271,7 +273,12 @@ class Committer:
         started = time.perf_counter()
         try:
             await self.call(lambda: self.store.commit(seq, puts, deletes))
-        except LeaseLost as exc:  # fenced: it says itself that nothing was applied
+        except LeaseLost as exc:  # fenced: this commit wrote nothing, and none ever will
+            for item, _ in stepped:
+                assert item.message is not None
+                item.fail(exc.with_outcome(_fenced(item.message)))
+            return
+        except CheckpointOutcomeUnknown as exc:  # it says itself what is not known
             for item, _ in stepped:
                 item.fail(exc)
             return
@@ -330,4 +337,15 @@ def _not_applied(why: str, message: Message, *, yet: bool = False) -> Checkpoint
         )
     return CheckpointError(
         f"{why}; that {describe(message)} was not recorded{' yet' if yet else ''}"
+    )
+
+
+def _fenced(message: Message) -> str:
+    """What a commit refused by the fence means for ``message``: no more than is known."""
+    if isinstance(message, _COMMANDS):
+        return "nothing was written: the command was not applied and no effect ran"
+    return (
+        f"recording that {describe(message)} was refused (the command that led to it was "
+        f"saved earlier and its effects ran); the controller holding the lease finds the "
+        f"replicas as they are when it recovers: ask it (its status) for the outcome"
     )

@@ -19,6 +19,7 @@ __all__ = [
     "BackpressureError",
     "CheckpointCorrupt",
     "CheckpointError",
+    "CheckpointOutcomeUnknown",
     "CheckpointVersionError",
     "CommandError",
     "EndpointExists",
@@ -39,7 +40,9 @@ __all__ = [
     "RuntimeDirectoryStoreMismatch",
     "RuntimeDirectoryUnsafe",
     "ServecoreError",
+    "StoreAccessDenied",
     "StoreLocked",
+    "StoreUnwritable",
 ]
 
 
@@ -233,38 +236,101 @@ class CheckpointVersionError(ServecoreError):
         )
 
 
+class CheckpointOutcomeUnknown(CheckpointError):
+    """A write was sent to the store and its answer was lost (the connection broke), and
+    the store could not find out whether it landed. The controller's state is as it was
+    and no effect ran, but the checkpoint may hold the write: reopening the controller
+    (or ``servecore.read_state``) shows which."""
+
+    def __init__(self, where: str, seq: int, reason: str) -> None:
+        self.where = where
+        self.seq = seq
+        self.reason = reason
+        super().__init__(
+            f"the answer to writing checkpoint {seq} to {where} was lost ({reason}) and the "
+            f"store could not say whether it landed; read the store (servecore.read_state) "
+            f"or reopen the controller to find out: a reopened controller finishes it if it "
+            f"landed"
+        )
+
+
 class LeaseLost(CheckpointError):
     """This controller's lease on its store was taken over by another holder, so the
-    store refuses its writes (fencing): nothing was written, no effect ran, and none
-    ever will through this store object."""
+    store refuses its writes (fencing): the refused write wrote nothing, and no write
+    through this store object ever will again. ``outcome`` says what that means for
+    the command or event whose write it was (set by the controller, which knows)."""
 
     def __init__(
-        self, where: str, holder: str, epoch: int, new_holder: str | None, new_epoch: int
+        self,
+        where: str,
+        holder: str,
+        epoch: int,
+        new_holder: str | None,
+        new_epoch: int,
+        outcome: str = "",
     ) -> None:
         self.where = where
         self.holder = holder
         self.epoch = epoch
         self.new_holder = new_holder
         self.new_epoch = new_epoch
+        self.outcome = outcome or "the write was refused: nothing was written"
         now = f"{new_holder!r} holds it" if new_holder is not None else "it was released"
         super().__init__(
             f"lost the lease on checkpoint store {where}: {holder!r} held epoch {epoch}, and "
-            f"now {now} at epoch {new_epoch}; nothing was written, the command was not "
-            f"applied and no effect ran; close this controller (the one holding the lease "
-            f"serves now)"
+            f"now {now} at epoch {new_epoch}; {self.outcome}; close this controller (the "
+            f"one holding the lease serves now)"
+        )
+
+    def with_outcome(self, outcome: str) -> LeaseLost:
+        """The same loss, saying what it means for one command or event."""
+        return LeaseLost(
+            self.where, self.holder, self.epoch, self.new_holder, self.new_epoch, outcome
         )
 
 
 class StoreLocked(ServecoreError):
-    """Another controller holds this store open."""
+    """Another controller (or another process: a backup tool, a database shell) holds
+    this store; the checkpoint itself is intact."""
 
-    def __init__(self, where: str, detail: str = "") -> None:
+    def __init__(self, where: str, detail: str = "", *, by: str = "", way_out: str = "") -> None:
         self.where = where
         self.detail = detail
+        self.by = by or "another controller"
         held = f" ({detail})" if detail else ""
+        way_out = way_out or (
+            "close that controller first (two controllers on one store would split the brain)"
+        )
+        super().__init__(f"checkpoint store {where} is held by {self.by}{held}; {way_out}")
+
+
+class StoreAccessDenied(CheckpointError):
+    """The database refused this client for good (a wrong password, an unknown user or
+    database): waiting or retrying cannot help. Nothing was read or written."""
+
+    def __init__(self, where: str, reason: str) -> None:
+        self.where = where
+        self.reason = reason
         super().__init__(
-            f"checkpoint store {where} is held by another controller{held}; close that "
-            f"controller first (two controllers on one store would split the brain)"
+            f"checkpoint store {where} refused this client: {reason}; check the user, "
+            f"password and database of the DSN (the password is never shown); nothing "
+            f"was read or written"
+        )
+
+
+class StoreUnwritable(CheckpointError):
+    """The store's files cannot be created or opened where it was told to keep them (a
+    directory that cannot be written, a path under a regular file). Nothing was read or
+    written."""
+
+    def __init__(self, where: str, path: str, reason: str) -> None:
+        self.where = where
+        self.path = path
+        self.reason = reason
+        super().__init__(
+            f"checkpoint store {where} cannot use {path}: {reason}; nothing was read or "
+            f"written; make that directory exist and writable by this user, or give the "
+            f"store another path"
         )
 
 

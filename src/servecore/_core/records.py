@@ -218,11 +218,19 @@ def read_meta(records: Mapping[str, bytes], seq: int, where: str) -> int:
 def load_records(seq: int, records: Mapping[str, bytes], where: str) -> State:
     """Assemble and check the state of checkpoint ``seq`` from all its records.
 
-    No records at all is the empty state. Raises :class:`~servecore.CheckpointCorrupt`
-    or :class:`~servecore.CheckpointVersionError` naming ``where``; never returns a
-    partial state for bad data.
+    No records at all is the empty state, but only at ``seq`` 0: every commit writes
+    the ``meta`` record, so a later checkpoint with none lost its records, and reading
+    it as empty would make recovery stop every replica as an orphan. Raises
+    :class:`~servecore.CheckpointCorrupt` or :class:`~servecore.CheckpointVersionError`
+    naming ``where``; never returns a partial state for bad data.
     """
     if not records:
+        if seq != 0:
+            raise CheckpointCorrupt(
+                where,
+                f"the store is at checkpoint {seq} but holds no records (they were lost or "
+                f"deleted); an empty state would stop every running replica as an orphan",
+            )
         return State()
     counter = read_meta(records, seq, where)
     endpoints: dict[str, Endpoint] = {}

@@ -13,9 +13,18 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from servecore._core.errors import StoreLocked
+from servecore._core.errors import StoreLocked, StoreUnwritable
 
-__all__ = ["PRIVATE", "StoreLock", "fsync_dir", "memory_id", "open_private", "resolve"]
+__all__ = [
+    "PRIVATE",
+    "StoreLock",
+    "fsync_dir",
+    "memory_id",
+    "open_private",
+    "prepare_directory",
+    "resolve",
+    "unwritable",
+]
 
 # Files that hold the checkpoint (or guard it) are readable by their owner only: a
 # checkpoint holds init arguments, which may hold secrets.
@@ -134,3 +143,21 @@ def resolve(path: str | os.PathLike[str]) -> Path:
     # Resolved once, when the store is made: the store's identity (its lock and its
     # store_id) must not change under it if the working directory or a symlink does.
     return Path(os.path.realpath(os.fspath(path)))
+
+
+def unwritable(where: str, exc: OSError, path: Path) -> StoreUnwritable:
+    """``exc``, met while creating or opening a store's files, as the typed error naming
+    the path it was about (the one the OS names, else ``path``)."""
+    named = exc.filename if exc.filename is not None else path
+    return StoreUnwritable(where, os.fsdecode(named), exc.strerror or str(exc))
+
+
+def prepare_directory(where: str, resolved: Path) -> None:
+    """Create the directory a store's files go in; a typed error naming the path if it
+    cannot be (a regular file in the way, no permission)."""
+    try:
+        resolved.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise unwritable(where, exc, resolved.parent) from exc
+    if not resolved.parent.is_dir():  # mkdir(exist_ok=True) accepts no such thing quietly
+        raise StoreUnwritable(where, str(resolved.parent), "it is not a directory")

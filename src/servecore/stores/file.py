@@ -6,22 +6,31 @@ Two files hold the checkpoint: the snapshot at the store's path and the log besi
     snapshot   b"servecore-snapshot 2\\n" + one frame: every record at some seq S
     log        b"servecore-log 2\\n" + frames: one change set per commit, S+1, S+2, …
 
-A frame is ``length (4 bytes, big-endian) + CRC-32 of the payload (4) + payload``, the
-payload a msgpack array ``[seq, {key: value, …}, [deleted key, …]]``. A commit appends
-one frame and fsyncs the log; when the log has grown past the live records (and a
-floor), the records are written as a new snapshot (temporary file, fsync,
+A frame is ``length (4 bytes, big-endian) + CRC-32 of the payload (4) + CRC-32 of
+those eight bytes (4) + payload``, the payload a msgpack array ``[seq, {key: value, …},
+[deleted key, …], prev]``, ``prev`` being the sequence number the change set applies
+to. A commit appends one frame and fsyncs the log; when the log has grown past the live
+records (and a floor), the records are written as a new snapshot (temporary file, fsync,
 ``os.replace``, directory fsync) and the log is replaced by an empty one, so a commit
 costs what it changed and the files stay proportional to the state.
 
 Sequence numbers must grow from commit to commit. On load, frames at or below the
 snapshot's seq (left by a compaction that crashed before emptying the log) are
-skipped; the seqs of the rest must grow. An
-incomplete last frame, or a last frame whose checksum fails, is a *torn tail*: a
-commit that crashed before its fsync returned, so never acknowledged. It is the only
-thing ever discarded (and cut off the log). Damage anywhere else raises
-:class:`~servecore.CheckpointCorrupt`; a newer format raises
-:class:`~servecore.CheckpointVersionError`. A file in the old single-envelope format
-(version 1) loads and is rewritten as a snapshot.
+skipped; each later frame must apply to the one before it (its ``prev`` is the seq
+reached so far), so a frame missing from the middle is a gap, and a gap raises.
+
+A *torn tail* is a commit that crashed before its fsync returned, so was never
+acknowledged: what an append leaves when it stops part-way. It is recognised only at
+the very end of the log: fewer bytes than a header; zeros to the end of the file (what
+a filesystem shows for blocks it had not written); or a header that checks out whose
+frame runs past the end of the file, or ends exactly there with a payload that fails
+its checksum. It is the only thing ever discarded (and cut off the log). A header that
+fails its own checksum is damage, wherever it is: a length field read wrong could make
+any frame look like the last, so it is never taken for a torn tail. Damage anywhere
+else raises :class:`~servecore.CheckpointCorrupt`; a newer format raises
+:class:`~servecore.CheckpointVersionError`. Files of format 2 (frames without the
+header checksum and ``prev``) load and are rewritten as format 3 at once; a file in
+the old single-envelope format (version 1) loads and is rewritten as a snapshot.
 """
 
 from __future__ import annotations
@@ -39,23 +48,34 @@ import msgspec
 
 from servecore._core.errors import CheckpointCorrupt, CheckpointVersionError
 from servecore._core.records import decode_blob
-from servecore.stores._locking import StoreLock, fsync_dir, open_private, resolve
+from servecore.stores._locking import (
+    StoreLock,
+    fsync_dir,
+    open_private,
+    prepare_directory,
+    resolve,
+    unwritable,
+)
 
 __all__ = ["FileStore"]
 
 log = logging.getLogger("servecore.stores")
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+#: The oldest framed format still read (and rewritten as the current one when loaded).
+_OLDEST_FRAMED = 2
 _SNAPSHOT = b"servecore-snapshot "
 _LOG = b"servecore-log "
-_HEADER = struct.Struct(">II")
+_LENGTH_CRC = struct.Struct(">II")
+_HEADER = struct.Struct(">III")  # length, CRC-32 of the payload, CRC-32 of those 8 bytes
 #: Below this many bytes of log, no compaction, whatever the state's size.
 COMPACT_MIN_BYTES = 1 << 16
 
 
-def _frame(seq: int, puts: Mapping[str, bytes], deletes: Collection[str]) -> bytes:
-    payload = msgspec.msgpack.encode([seq, dict(puts), list(deletes)])
-    return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+def _frame(seq: int, puts: Mapping[str, bytes], deletes: Collection[str], prev: int = -1) -> bytes:
+    payload = msgspec.msgpack.encode([seq, dict(puts), list(deletes), prev])
+    head = _LENGTH_CRC.pack(len(payload), zlib.crc32(payload))
+    return head + struct.pack(">I", zlib.crc32(head)) + payload
 
 
 def _magic(prefix: bytes) -> bytes:
@@ -81,6 +101,7 @@ class _Payload(msgspec.Struct, array_like=True):
     seq: int
     puts: dict[str, bytes]
     deletes: list[str]
+    prev: int = -1  # the seq this change set applies to; -1: not recorded (format 2)
 
 
 _payload_decoder = msgspec.msgpack.Decoder(_Payload)
@@ -122,13 +143,22 @@ class FileStore:
     # -- life -------------------------------------------------------------------------------
 
     def open(self) -> None:
-        self.resolved.parent.mkdir(parents=True, exist_ok=True)
-        self._lock.acquire(self._open_checkpoint)
+        """Take the store's locks (:class:`~servecore.StoreLocked` if another holds
+        them); :class:`~servecore.StoreUnwritable` naming the path if its files cannot
+        be created or opened there."""
+        prepare_directory(self.where, self.resolved)
+        try:
+            self._lock.acquire(self._open_checkpoint)
+        except OSError as exc:
+            raise unwritable(self.where, exc, self.resolved) from exc
         self._records = None  # read again from disk: another process may have written
         if self._lock.inode_fd is None and not self.resolved.exists():
             # An empty snapshot now, so the checkpoint's inode is locked from the start.
             try:
                 self._replace(self.resolved, _magic(_SNAPSHOT) + _frame(0, {}, ()), lock=True)
+            except OSError as exc:
+                self._lock.release()
+                raise unwritable(self.where, exc, self.resolved) from exc
             except BaseException:
                 self._lock.release()
                 raise
@@ -166,7 +196,7 @@ class FileStore:
             if _identity(self.resolved) != before:
                 continue
             if data is not None:
-                seq, _, _ = self._replay(data, seq, records)
+                seq, _, _, _ = self._replay(data, seq, records)
             return seq, records
         raise CheckpointCorrupt(self.where, "the snapshot kept changing while it was read")
 
@@ -179,7 +209,9 @@ class FileStore:
         except FileNotFoundError:
             data = None
         if data is not None:
-            seq, end, torn = self._replay(data, seq, records)
+            seq, end, torn, old_log = self._replay(data, seq, records)
+            # Frames of the current format may not follow the older ones: rewrite.
+            upgraded = upgraded or old_log
         self._records, self._seq = records, seq
         self._live_bytes = sum(len(k) + len(v) for k, v in records.items())
         if self._log_fd is not None:
@@ -205,8 +237,8 @@ class FileStore:
         if data.startswith(b"{"):
             seq, records = decode_blob(data, self.where)
             return seq, records, True
-        body = self._check_magic(data, _SNAPSHOT, "snapshot")
-        frames = list(self._frames(body, what="snapshot"))
+        version, body = self._check_magic(data, _SNAPSHOT, "snapshot")
+        frames = list(self._frames(body, version, what="snapshot"))
         if len(frames) != 1 or frames[0][2]:
             raise CheckpointCorrupt(self.where, "the snapshot is not one whole frame")
         payload = frames[0][0]
@@ -214,7 +246,7 @@ class FileStore:
             raise CheckpointCorrupt(self.where, "the snapshot deletes records")
         return payload.seq, payload.puts, False
 
-    def _check_magic(self, data: bytes, prefix: bytes, what: str) -> memoryview:
+    def _check_magic(self, data: bytes, prefix: bytes, what: str) -> tuple[int, memoryview]:
         line, newline, _ = data[:64].partition(b"\n")
         if not newline or not line.startswith(prefix):
             raise CheckpointCorrupt(self.where, f"the {what} file is not a servecore {what}")
@@ -224,23 +256,37 @@ class FileStore:
             raise CheckpointCorrupt(self.where, f"the {what} has no version number") from exc
         if version > FORMAT_VERSION:
             raise CheckpointVersionError(self.where, version, FORMAT_VERSION)
-        if version != FORMAT_VERSION:
+        if version < _OLDEST_FRAMED:
             raise CheckpointCorrupt(self.where, f"the {what} has version {version}")
-        return memoryview(data)[len(line) + 1 :]
+        return version, memoryview(data)[len(line) + 1 :]
 
-    def _frames(self, body: memoryview, *, what: str) -> Any:
+    def _frames(self, body: memoryview, version: int, *, what: str) -> Any:
         """Yield ``(payload, end offset, torn)``; a torn frame is yielded last, alone."""
+        header = _HEADER if version >= 3 else _LENGTH_CRC
         offset, size = 0, len(body)
         while offset < size:
-            if size - offset < _HEADER.size:
-                yield None, offset, True
+            if size - offset < header.size:
+                yield None, offset, True  # a header cut short
                 return
-            length, crc = _HEADER.unpack_from(body, offset)
-            end = offset + _HEADER.size + length
+            if version >= 3:
+                length, crc, head_crc = _HEADER.unpack_from(body, offset)
+                if zlib.crc32(body[offset : offset + _LENGTH_CRC.size]) != head_crc:
+                    if not bytes(body[offset:]).strip(b"\x00"):
+                        yield None, offset, True  # blocks the filesystem never wrote
+                        return
+                    # Never a torn tail: an append that stops part-way leaves a short
+                    # header, not a wrong one, and a wrong length could make any frame
+                    # look like the last one, hiding every acknowledged frame after it.
+                    raise CheckpointCorrupt(
+                        self.where, f"{what} frame at byte {offset}: header checksum mismatch"
+                    )
+            else:
+                length, crc = _LENGTH_CRC.unpack_from(body, offset)
+            end = offset + header.size + length
             if end > size:
                 yield None, offset, True
                 return
-            raw = body[offset + _HEADER.size : end]
+            raw = body[offset + header.size : end]
             if zlib.crc32(raw) != crc:
                 if end == size:
                     yield None, offset, True
@@ -257,11 +303,16 @@ class FileStore:
             yield payload, end, False
             offset = end
 
-    def _replay(self, data: bytes, seq: int, records: dict[str, bytes]) -> tuple[int, int, bool]:
-        body = self._check_magic(data, _LOG, "log")
+    def _replay(
+        self, data: bytes, seq: int, records: dict[str, bytes]
+    ) -> tuple[int, int, bool, bool]:
+        """Apply the log's frames to ``(seq, records)``: the seq reached, where the last
+        good frame ends, whether a torn tail follows it, whether the log is of an older
+        format."""
+        version, body = self._check_magic(data, _LOG, "log")
         start = len(data) - len(body)
         end, torn, base = start, False, seq
-        for payload, offset, is_torn in self._frames(body, what="log"):
+        for payload, offset, is_torn in self._frames(body, version, what="log"):
             if is_torn:
                 torn = True
                 break
@@ -272,11 +323,18 @@ class FileStore:
                 raise CheckpointCorrupt(
                     self.where, f"the log goes back from checkpoint {seq} to {payload.seq}"
                 )
+            if payload.prev != -1 and payload.prev != seq:
+                raise CheckpointCorrupt(
+                    self.where,
+                    f"the log has a gap: checkpoint {payload.seq} applies to checkpoint "
+                    f"{payload.prev}, but the snapshot and the frames before it reach "
+                    f"{seq} (a frame is missing)",
+                )
             for key in payload.deletes:
                 records.pop(key, None)
             records.update(payload.puts)
             seq = payload.seq
-        return seq, end, torn
+        return seq, end, torn, version < FORMAT_VERSION
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -300,7 +358,7 @@ class FileStore:
         if self._records is None:
             self.load()
         assert self._records is not None
-        frame = _frame(seq, puts, deletes)
+        frame = _frame(seq, puts, deletes, self._seq)
         fd = self._log()
         try:
             half = len(frame) // 2

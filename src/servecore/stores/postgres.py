@@ -35,16 +35,18 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Collection, Mapping
-from math import inf
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Collection, Mapping
+from math import ceil, inf
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from servecore._core.errors import (
     CheckpointError,
+    CheckpointOutcomeUnknown,
     CheckpointVersionError,
     InvalidConfig,
     LeaseLost,
     ServecoreError,
+    StoreAccessDenied,
     StoreLocked,
 )
 from servecore._core.records import META_KEY, decode_blob, meta_record, read_meta
@@ -186,6 +188,54 @@ def _import_psycopg() -> Any:
     return psycopg
 
 
+T = TypeVar("T")
+
+# What libpq says when the server will never let this client in, however long it waits:
+# connection errors carry no SQLSTATE, so the message is all there is.
+_DENIED = (
+    "password authentication failed",
+    "no password supplied",
+    "authentication failed",
+    "no pg_hba.conf entry",
+    "does not exist",  # the role or the database
+    "permission denied for database",
+)
+
+
+def _denied(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return any(marker in text for marker in _DENIED)
+
+
+@functools.cache
+def _deadline_connection() -> Any:
+    """A psycopg connection whose every wait on the server ends after ``deadline_s``:
+    a database whose processes hang (stopped, swapped out) keeps its sockets open, so
+    neither TCP keepalive nor a server-side timeout ever fires; only the client's own
+    deadline does. A wait that times out leaves the protocol mid-way, so the
+    connection is closed and marked ``timed_out``."""
+    pg = _import_psycopg()
+    timeout_error = getattr(pg.errors, "_WaitTimeout", pg.errors.OperationalError)
+
+    class DeadlineConnection(pg.Connection):  # type: ignore[misc, name-defined]
+        deadline_s: float | None = None
+        timed_out = False
+
+        def wait(self, gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:
+            try:
+                return super().wait(gen, interval, self.deadline_s if timeout is None else timeout)
+            except timeout_error:
+                if self.closed:
+                    raise
+                self.timed_out = True
+                self.pgconn.finish()
+                raise pg.OperationalError(
+                    f"no answer from the server within {self.deadline_s:g}s (it may be hung)"
+                ) from None
+
+    return DeadlineConnection
+
+
 def _default_holder() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
@@ -208,8 +258,15 @@ class PostgresStore:
     ``checkpoint`` names this checkpoint among those in the database; ``lease_s`` is how
     long a lease lasts unrenewed (a standby takes over at most that long after the
     holder dies); ``holder`` names this opener in the lease row (default: host, pid and
-    a random suffix); ``connect_timeout_s`` bounds each connection attempt. The password,
-    if the DSN has one, appears in no message.
+    a random suffix); ``connect_timeout_s`` bounds each connection attempt;
+    ``call_timeout_s`` (default half the lease) bounds every call on an open connection,
+    on the client (a hung server answers nothing) and on the server
+    (``statement_timeout``, ``lock_timeout``), with TCP keepalive besides, so a hung
+    database fails a command with :class:`~servecore.CheckpointError` and frees the
+    store within it. A connection found dead (the server restarted) is replaced once
+    before a call fails. A server that refuses this client (a wrong password, an
+    unknown user or database) raises :class:`~servecore.StoreAccessDenied` at once, a
+    standby too. The password, if the DSN has one, appears in no message.
     """
 
     SCHEMA_VERSION = SCHEMA_VERSION
@@ -222,13 +279,21 @@ class PostgresStore:
         lease_s: float = 10.0,
         holder: str | None = None,
         connect_timeout_s: float = 5.0,
+        call_timeout_s: float | None = None,
     ) -> None:
         pg = _import_psycopg()
         if not isinstance(checkpoint, str) or not checkpoint or "\x00" in checkpoint:
             raise InvalidConfig(
                 "checkpoint", checkpoint, "must be a non-empty string without NUL characters"
             )
-        for field, value in (("lease_s", lease_s), ("connect_timeout_s", connect_timeout_s)):
+        if call_timeout_s is None and not isinstance(lease_s, bool):
+            with contextlib.suppress(TypeError):
+                call_timeout_s = lease_s / 2
+        for field, value in (
+            ("lease_s", lease_s),
+            ("connect_timeout_s", connect_timeout_s),
+            ("call_timeout_s", call_timeout_s),
+        ):
             if (
                 isinstance(value, bool)
                 or not isinstance(value, (int, float))
@@ -244,6 +309,9 @@ class PostgresStore:
         self.lease_s = float(lease_s)
         self.holder = holder or _default_holder()
         self.connect_timeout_s = connect_timeout_s
+        assert call_timeout_s is not None
+        self.call_timeout_s = float(call_timeout_s)
+        self._user_options = str(params.get("options") or "")
         host = str(params.get("host") or os.environ.get("PGHOST") or "localhost")
         port = str(params.get("port") or os.environ.get("PGPORT") or "5432")
         user = str(params.get("user") or os.environ.get("PGUSER") or "")
@@ -279,14 +347,25 @@ class PostgresStore:
 
     def _connect(self) -> psycopg.Connection[Any]:
         pg = _import_psycopg()
+        call_ms = max(1, round(self.call_timeout_s * 1000))
         try:
-            conn: psycopg.Connection[Any] = pg.connect(
+            conn: psycopg.Connection[Any] = _deadline_connection().connect(
                 self.dsn,
                 autocommit=True,
-                connect_timeout=max(1, round(self.connect_timeout_s)),
+                connect_timeout=max(1, ceil(self.connect_timeout_s)),
                 application_name="servecore",
+                keepalives=1,
+                keepalives_idle=max(1, ceil(self.call_timeout_s / 2)),
+                keepalives_interval=1,
+                keepalives_count=3,
+                tcp_user_timeout=call_ms,
+                options=(
+                    f"{self._user_options} -c statement_timeout={call_ms} -c lock_timeout={call_ms}"
+                ).strip(),
             )
         except pg.Error as exc:
+            if _denied(exc):
+                raise StoreAccessDenied(self.where, _reason(exc)) from exc
             raise CheckpointError(
                 f"cannot connect to the checkpoint store {self.where}: {_reason(exc)}; "
                 f"nothing was read or written (check that the server is up and reachable)"
@@ -296,6 +375,7 @@ class PostgresStore:
         except BaseException:
             conn.close()
             raise
+        conn.deadline_s = self.call_timeout_s  # type: ignore[attr-defined]
         return conn
 
     def _ensure_schema(self, conn: psycopg.Connection[Any]) -> None:
@@ -319,6 +399,22 @@ class PostgresStore:
         if self._conn is None or self._conn.closed:
             self._conn = self._connect()
         return self._conn
+
+    def _call(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
+        """``fn`` on the connection (a read, or a write safe to repeat). A connection
+        found dead by it (the server restarted since it was opened) is replaced and
+        ``fn`` tried once more; a hung server is not asked twice."""
+        pg = _import_psycopg()
+        reused = self._conn is not None and not self._conn.closed
+        conn = self._connection()
+        try:
+            return fn(conn)
+        except pg.Error:
+            if not reused or not conn.closed or getattr(conn, "timed_out", False):
+                raise
+            log.info("the connection to %s was dead (a restart?): reconnecting", self.where)
+            self._drop_connection()
+        return fn(self._connection())
 
     def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
@@ -344,6 +440,8 @@ class PostgresStore:
                     return
                 try:
                     remaining_s = self._try_acquire()
+                except StoreAccessDenied:
+                    raise  # waiting cannot fix a wrong password
                 except CheckpointError as exc:
                     if not standby:
                         raise
@@ -369,10 +467,11 @@ class PostgresStore:
         the holder's lease (by the database's clock)."""
         pg = _import_psycopg()
         try:
-            conn = self._connection()
-            row = conn.execute(_ACQUIRE, self._params()).fetchone()
+            # Taking the lease twice is harmless: a second _ACQUIRE finds it ours, unexpired,
+            # and returns no row, and _LEASE_ROW shows our own holder name; so repeat it.
+            row = self._call(lambda conn: conn.execute(_ACQUIRE, self._params()).fetchone())
             if row is None:
-                held = conn.execute(_LEASE_ROW, self._params()).fetchone()
+                held = self._call(lambda conn: conn.execute(_LEASE_ROW, self._params()).fetchone())
                 self._holder_seen = held
                 return 0.0 if held is None else max(0.0, float(held[3]))
         except pg.Error as exc:
@@ -515,18 +614,44 @@ class PostgresStore:
             sql = _write_sql(
                 held=lease is not None, keyed=keyed, puts=min(len(puts), 2), deletes=bool(deletes)
             )
-            try:
-                row = self._connection().execute(sql, params, prepare=True).fetchone()
-            except pg.Error as exc:
-                self._drop_connection()
-                if lease is not None and self._landed(lease, target):
-                    self._seq = target
-                    return  # the answer was lost, not the write
-                raise CheckpointError(
-                    f"writing to the checkpoint store {self.where} failed: {_reason(exc)}; "
-                    f"the database did not confirm the write (if it landed anyway, the "
-                    f"next write supersedes it)"
-                ) from exc
+            for attempt in (1, 2):
+                reused = self._conn is not None and not self._conn.closed
+                conn = self._connection()
+                try:
+                    row = conn.execute(sql, params, prepare=True).fetchone()
+                    break
+                except pg.Error as exc:
+                    self._drop_connection()
+                    hung = getattr(conn, "timed_out", False)
+                    if lease is None:
+                        raise CheckpointError(
+                            f"writing to the checkpoint store {self.where} failed: "
+                            f"{_reason(exc)}; the database did not confirm the write (if "
+                            f"it landed anyway, the next write supersedes it)"
+                        ) from exc
+                    # An error the server sent (it has a SQLSTATE, as a shutdown's does)
+                    # means the statement did not commit; a hung server is not asked
+                    # again (the call's deadline is spent); otherwise ask.
+                    landed: bool | None
+                    if getattr(exc, "sqlstate", None) is not None:
+                        landed = False
+                    else:
+                        landed = None if hung else self._landed(lease, target)
+                    if landed:
+                        self._seq = target
+                        return  # the answer was lost, not the write
+                    if landed is None:
+                        raise CheckpointOutcomeUnknown(self.where, target, _reason(exc)) from exc
+                    if attempt == 1 and reused and conn.closed:
+                        # A connection the server had closed (a restart): it did not
+                        # land, so write again, once, on the new connection.
+                        log.info("the connection to %s was dead: writing again", self.where)
+                        continue
+                    raise CheckpointError(
+                        f"writing to the checkpoint store {self.where} failed: "
+                        f"{_reason(exc)}; it did not land (the lease row says so): nothing "
+                        f"was written"
+                    ) from exc
             if row is not None:
                 self._seq = int(row[0])
                 return
@@ -539,9 +664,9 @@ class PostgresStore:
                     f"be asked why: {_reason(exc)}; nothing was written"
                 ) from exc
 
-    def _landed(self, lease: _Lease, target: int) -> bool:
+    def _landed(self, lease: _Lease, target: int) -> bool | None:
         """After a write whose answer never came: did it land? Asked once, on a new
-        connection; ``False`` if the database cannot say."""
+        connection; ``None`` if the database cannot say."""
         with contextlib.suppress(Exception):
             row = self._connection().execute(_LEASE_ROW, self._params()).fetchone()
             return (
@@ -551,7 +676,7 @@ class PostgresStore:
                 and int(row[2]) == target
             )
         self._drop_connection()
-        return False
+        return None
 
     def _refused(self, lease: _Lease | None, target: int) -> None:
         """The fence refused a write: say why (a newer holder, or a stale sequence)."""
@@ -577,13 +702,11 @@ class PostgresStore:
         pg = _import_psycopg()
         with self._mutex:
             try:
-                row = (
-                    self._connection()
-                    .execute(
+                row = self._call(
+                    lambda conn: conn.execute(
                         "SELECT value FROM servecore_records WHERE checkpoint = %s AND key = %s",
                         (self.checkpoint, BLOB_KEY),
-                    )
-                    .fetchone()
+                    ).fetchone()
                 )
             except pg.Error as exc:
                 self._drop_connection()
@@ -596,16 +719,20 @@ class PostgresStore:
         """The sequence number and every record, read from one snapshot; ``(0, {})`` for
         a checkpoint never written."""
         pg = _import_psycopg()
+
+        def read(conn: psycopg.Connection[Any]) -> tuple[Any, list[Any]]:
+            with conn.transaction():
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                row = conn.execute(_LEASE_ROW, self._params()).fetchone()
+                rows = conn.execute(
+                    "SELECT key, value FROM servecore_records WHERE checkpoint = %s",
+                    (self.checkpoint,),
+                ).fetchall()
+            return row, rows
+
         with self._mutex:
-            conn = self._connection()
             try:
-                with conn.transaction():
-                    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                    row = conn.execute(_LEASE_ROW, self._params()).fetchone()
-                    rows = conn.execute(
-                        "SELECT key, value FROM servecore_records WHERE checkpoint = %s",
-                        (self.checkpoint,),
-                    ).fetchall()
+                row, rows = self._call(read)
             except pg.Error as exc:
                 self._drop_connection()
                 raise CheckpointError(

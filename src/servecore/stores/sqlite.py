@@ -8,13 +8,27 @@ import threading
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
-from servecore._core.errors import CheckpointCorrupt, CheckpointVersionError
+from servecore._core.errors import (
+    CheckpointCorrupt,
+    CheckpointVersionError,
+    ServecoreError,
+    StoreLocked,
+    StoreUnwritable,
+)
 from servecore._core.records import decode_blob
-from servecore.stores._locking import StoreLock, open_private, resolve
+from servecore.stores._locking import (
+    StoreLock,
+    open_private,
+    prepare_directory,
+    resolve,
+    unwritable,
+)
 
 __all__ = ["SQLiteStore"]
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
+#: SQLite's answers that mean "someone else holds a lock", not "the file is bad".
+_BUSY = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 class SQLiteStore:
@@ -33,12 +47,17 @@ class SQLiteStore:
     :class:`~servecore.CheckpointVersionError`. Resolved and locked like
     :class:`~servecore.FileStore`. The database is created 0600 before SQLite opens it,
     and SQLite gives its ``-wal`` and ``-shm`` files the database's mode.
+
+    A lock another process holds on the database (a backup tool, a ``sqlite3`` shell in
+    exclusive mode) is waited for ``busy_timeout_s``, then raises
+    :class:`~servecore.StoreLocked`: the database is intact, never called corrupt.
     """
 
     SCHEMA_VERSION = 2
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout_s: float = 5.0) -> None:
         self.path = Path(path)
+        self.busy_timeout_s = busy_timeout_s
         self.resolved = resolve(path)
         self.where = str(self.path)
         self._lock = StoreLock(self.resolved, self.where)
@@ -52,12 +71,15 @@ class SQLiteStore:
         return f"sqlite:{self.resolved}"
 
     def open(self) -> None:
-        self.resolved.parent.mkdir(parents=True, exist_ok=True)
+        prepare_directory(self.where, self.resolved)
         # The database file itself is the inode lock. It is opened before SQLite and
         # closed after it: closing any descriptor of a file drops the process's POSIX
         # locks on it, which SQLite relies on. (An opener locked out through a hard
         # link closes its descriptor; the flock still keeps it from writing.)
-        self._lock.acquire(lambda: open_private(self.resolved, os.O_RDWR))
+        try:
+            self._lock.acquire(lambda: open_private(self.resolved, os.O_RDWR))
+        except OSError as exc:
+            raise unwritable(self.where, exc, self.resolved) from exc
         try:
             self._connect()
         except BaseException:
@@ -84,24 +106,51 @@ class SQLiteStore:
             return self._db
         self._check_header()
         if self._lock.inode_fd is None:
-            os.close(open_private(self.resolved, os.O_RDWR))  # owner-only before SQLite
+            try:
+                os.close(open_private(self.resolved, os.O_RDWR))  # owner-only before SQLite
+            except OSError as exc:
+                raise unwritable(self.where, exc, self.resolved) from exc
+        db: sqlite3.Connection | None = None
         try:
-            db = sqlite3.connect(self.resolved, isolation_level=None, check_same_thread=False)
+            db = sqlite3.connect(
+                self.resolved,
+                isolation_level=None,
+                check_same_thread=False,
+                timeout=self.busy_timeout_s,
+            )
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             (version,) = db.execute("PRAGMA user_version").fetchone()
-        except sqlite3.DatabaseError as exc:
-            raise CheckpointCorrupt(self.where, f"not a readable SQLite database ({exc})") from exc
-        try:
             if version > self.SCHEMA_VERSION:
                 raise CheckpointVersionError(self.where, version, self.SCHEMA_VERSION)
             if version < self.SCHEMA_VERSION:
                 self._upgrade(db, version)
+        except sqlite3.DatabaseError as exc:
+            if db is not None:
+                db.close()
+            raise self._failure(exc, "not a readable SQLite database") from exc
         except BaseException:
-            db.close()
+            if db is not None:
+                db.close()
             raise
         self._db = db
         return db
+
+    def _failure(self, exc: sqlite3.Error, what: str) -> ServecoreError:
+        """A SQLite error as what it means: a lock held elsewhere, a file that cannot be
+        opened, or (only then) damage."""
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is not None and code & 0xFF in _BUSY:
+            return StoreLocked(
+                self.where,
+                f"SQLite says: {exc}, after waiting {self.busy_timeout_s:g}s",
+                by="another process's lock on the database (a backup tool, a sqlite3 shell)",
+                way_out="the checkpoint is intact: let that process finish or close it, "
+                "then open the store again",
+            )
+        if code is not None and code & 0xFF == sqlite3.SQLITE_CANTOPEN:
+            return StoreUnwritable(self.where, str(self.resolved), str(exc))
+        return CheckpointCorrupt(self.where, f"{what} ({exc})")
 
     def _upgrade(self, db: sqlite3.Connection, version: int) -> None:
         """Create the schema, or move a version 1 checkpoint row into records."""
@@ -166,7 +215,9 @@ class SQLiteStore:
             try:
                 (seq,) = db.execute("SELECT seq FROM meta WHERE id = 1").fetchone()
                 rows = db.execute("SELECT key, value FROM records").fetchall()
-            except (sqlite3.DatabaseError, TypeError) as exc:
+            except sqlite3.DatabaseError as exc:
+                raise self._failure(exc, "cannot read the tables") from exc
+            except TypeError as exc:
                 raise CheckpointCorrupt(self.where, f"cannot read the tables ({exc})") from exc
             return seq, {key: bytes(value) for key, value in rows}
 

@@ -528,12 +528,23 @@ def corrupt(store: FaultyStore, how: str) -> Snapshot | None:
     """Damage the checkpoint in ``store`` with one more commit through its own
     ``commit`` (``"torn"``: a record cut short; ``"garbage"``: a meta record of noise;
     ``"checksum"``: a record edited under its checksum; ``"too-new"``: a meta record of
-    a newer version). Return the good ``(seq, records)`` so the caller can
-    :func:`restore` them; ``None`` if the store is empty."""
+    a newer version; ``"emptied"``: every record deleted under a new sequence number,
+    which the store must give back as it is, never as a fresh, empty store). Return the
+    good ``(seq, records)`` so the caller can :func:`restore` them; ``None`` if the
+    store is empty."""
     seq, records = store.inner.load()
     if not records:
         return None
     good = (seq, dict(records))
+    if how == "emptied":
+        store.inner.commit(seq + 1, {}, list(records))
+        back = store.inner.load()
+        assert (back[0], dict(back[1])) == (seq + 1, {}), (
+            f"store {type(store.inner).__qualname__} did not give back a commit that "
+            f"deleted every record: committed {seq + 1} with no records, loaded {back[0]} "
+            f"with {sorted(back[1])[:8]}; Store.load must return exactly what commit left"
+        )
+        return good
     counter = read_meta(records, seq, store.where)
     key = max(k for k in records) if len(records) > 1 else META_KEY
     if how in ("torn", "checksum") and key != META_KEY:

@@ -326,7 +326,7 @@ class CrashConsistencyMachine(RuleBasedStateMachine):
         self._settled(outcome)
         self._settled(self.world.run(None))
 
-    @rule(how=st.sampled_from(["torn", "garbage", "checksum", "too-new"]))
+    @rule(how=st.sampled_from(["torn", "garbage", "checksum", "too-new", "emptied"]))
     def corrupt_checkpoint(self, how: str) -> None:
         """Property 5: a corrupt or too-new checkpoint raises; never read as empty."""
         store = self.world.store
