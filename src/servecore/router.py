@@ -59,6 +59,7 @@ from immutables import Map
 
 from servecore._core.errors import (
     BackpressureError,
+    ControllerClosed,
     EndpointNotFound,
     NoReplicaError,
     ReplicaDiedError,
@@ -809,7 +810,7 @@ def _from_thread(
     try:
         return trio.from_thread.run(afn, *args, trio_token=token)
     except trio.RunFinishedError:
-        raise RuntimeError("the servecore controller is closed") from None
+        raise ControllerClosed("the query") from None
 
 
 def _waits_for_replicas(b: _Backend) -> bool:

@@ -36,6 +36,7 @@ PUBLIC = {
     "ReplicaDiedError", "BackpressureError", "NoReplicaError", "BatchSizeError",
     "RemoteError", "RuntimeDirectoryLocked", "RuntimeDirectoryStoreMismatch",
     "RuntimeDirectoryUnsafe", "InvalidRuntimeOption", "InvalidRuntime", "LeaseLost",
+    "ResultDecodeError", "UnpicklableResult", "ControllerClosed",
     # operating it
     "App", "AppFileError", "Applied", "apply", "load_app", "Status", "load_state", "read_state",
 }  # fmt: skip
