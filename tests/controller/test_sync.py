@@ -192,7 +192,7 @@ def test_close_fails_queries_in_flight_with_typed_errors() -> None:
     # Each query either finished or failed with a servecore error saying why: never a
     # bare RuntimeError that reads as a bug in the caller's code.
     assert all(isinstance(f, ServecoreError) for f in failures), failures
-    with pytest.raises(ControllerClosed, match="closed.*open a new controller"):
+    with pytest.raises(ControllerClosed, match=r"closed.*open a new controller"):
         handle.call(9)
     with pytest.raises(ControllerClosed):
         c.create_endpoint("x")
