@@ -41,7 +41,7 @@ import attrs
 import trio
 
 from servecore._controller import lifecycle as _lifecycle
-from servecore._controller.autoscaler import AUTOSCALE_INTERVAL_S, Autoscaler
+from servecore._controller.autoscaler import AUTOSCALE_INTERVAL_S, Autoscaler, check_report_time
 from servecore._controller.committer import Committer, Writer, what
 from servecore._controller.standby import open_store
 from servecore._controller.status import Status, live_status
@@ -351,9 +351,11 @@ class Controller:
         :meth:`clock`). Returns once any decision it caused is saved and carried out.
         The controller reports the router's load by itself every
         ``autoscale_interval_s``; this is for hosts that measure load elsewhere, and for
-        tests. A report that changes no decision writes nothing."""
+        tests. A report that changes no decision writes nothing. ``now`` must be within
+        :data:`~servecore._controller.autoscaler.MAX_REPORT_SKEW_S` of :meth:`clock`
+        (``InvalidConfig`` otherwise), and ``backend`` must exist (``BackendNotFound``)."""
         report = LoadReport(
-            backend=backend, ongoing=ongoing, now=self.clock() if now is None else now
+            backend=backend, ongoing=ongoing, now=check_report_time(now, self.clock())
         )
         group = _Group()
         await self._autoscaler.report(report, group)

@@ -296,7 +296,8 @@ class LoadReport:
     ``now`` the time of the measurement (the controller's clock). It feeds the
     autoscaling policy (:mod:`servecore._core.autoscaling`); a report that changes no decision
     changes nothing that is checkpointed. Ignored for a backend that does not
-    autoscale or does not exist."""
+    autoscale; refused (:class:`~servecore.BackendNotFound`) for one that does not
+    exist."""
 
     backend: str = attrs.field(converter=_report_backend)
     ongoing: float = attrs.field(converter=_ongoing)
