@@ -55,7 +55,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
-from immutables import Map
 
 from servecore._core.errors import (
     BackpressureError,
@@ -64,6 +63,7 @@ from servecore._core.errors import (
     NoReplicaError,
     ReplicaDiedError,
 )
+from servecore._core.maps import Map
 from servecore._core.transitions import BackendRoute, Endpoint, RoutingTable
 from servecore._serving.router_stats import BackendLoad, QueryStats, RouterStatistics, outcome_of
 from servecore.runtimes._protocol import Query, Runtime

@@ -12,7 +12,6 @@ from collections.abc import Iterable
 from typing import Any, TypeAlias
 
 import attrs
-from immutables import Map
 
 from servecore._core.autoscaling import MAX_ONGOING
 from servecore._core.errors import (
@@ -20,6 +19,7 @@ from servecore._core.errors import (
     InvalidRoute,
     InvalidTraffic,
 )
+from servecore._core.maps import Map
 from servecore._core.validation import MAX_ROUTE_LENGTH, check_name, encodable, reason_text, seconds
 from servecore._core.values import (
     WEIGHT_TOLERANCE,

@@ -32,7 +32,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
-from immutables import Map
 
 from servecore._core.autoscaling import (
     AutoscaleState,
@@ -53,6 +52,7 @@ from servecore._core.errors import (
     EndpointNotFound,
     RouteConflict,
 )
+from servecore._core.maps import Map
 from servecore._core.messages import (
     Command,
     CreateBackend,

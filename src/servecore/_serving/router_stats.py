@@ -12,7 +12,6 @@ import threading
 from typing import Any
 
 import attrs
-from immutables import Map
 
 from servecore._controller.lifecycle import Histogram
 from servecore._core.errors import (
@@ -21,6 +20,7 @@ from servecore._core.errors import (
     RemoteError,
     ReplicaDiedError,
 )
+from servecore._core.maps import Map
 
 __all__ = [
     "QUERY_SECONDS_BUCKETS",
