@@ -38,6 +38,7 @@ if TYPE_CHECKING:
         CheckpointOutcomeUnknown,
         CheckpointVersionError,
         CommandError,
+        ControllerClosed,
         EndpointExists,
         EndpointNotFound,
         InvalidCommand,
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
         NoReplicaError,
         RemoteError,
         ReplicaDiedError,
+        ResultDecodeError,
         RouteConflict,
         RuntimeDirectoryLocked,
         RuntimeDirectoryStoreMismatch,
@@ -59,6 +61,7 @@ if TYPE_CHECKING:
         StoreAccessDenied,
         StoreLocked,
         StoreUnwritable,
+        UnpicklableResult,
     )
     from servecore._core.invariants import validate_state
     from servecore._core.limits import (
@@ -183,6 +186,9 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
         "StoreAccessDenied",
         "StoreLocked",
         "StoreUnwritable",
+        "ControllerClosed",
+        "ResultDecodeError",
+        "UnpicklableResult",
     ),
     "servecore._core.invariants": ("validate_state",),
     "servecore._core.limits": ("Limits",),

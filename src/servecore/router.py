@@ -55,14 +55,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
-from immutables import Map
 
 from servecore._core.errors import (
     BackpressureError,
+    ControllerClosed,
     EndpointNotFound,
     NoReplicaError,
     ReplicaDiedError,
 )
+from servecore._core.maps import Map
 from servecore._core.transitions import BackendRoute, Endpoint, RoutingTable
 from servecore._serving.router_stats import BackendLoad, QueryStats, RouterStatistics, outcome_of
 from servecore.runtimes._protocol import Query, Runtime
@@ -809,7 +810,7 @@ def _from_thread(
     try:
         return trio.from_thread.run(afn, *args, trio_token=token)
     except trio.RunFinishedError:
-        raise RuntimeError("the servecore controller is closed") from None
+        raise ControllerClosed("the query") from None
 
 
 def _waits_for_replicas(b: _Backend) -> bool:

@@ -14,6 +14,7 @@ import trio
 import servecore
 from servecore import (
     AutoscalingConfig,
+    BackendNotFound,
     CreateBackend,
     InvalidConfig,
     LoadReport,
@@ -21,6 +22,7 @@ from servecore import (
     ScaleDirection,
     open_controller,
 )
+from servecore._controller.autoscaler import MAX_REPORT_SKEW_S
 from servecore.runtimes import Query
 from servecore.testing import CrashWorld, InMemoryRuntime
 
@@ -286,7 +288,8 @@ async def test_report_load_api_and_mode_switches(autojump_clock: trio.abc.Clock)
         assert state.backends["a"].autoscale is None
         seq = ctl.seq
         await ctl.report_load("a", 100.0)  # a fixed backend ignores load
-        await ctl.report_load("nope", 1.0)
+        with pytest.raises(BackendNotFound, match="'nope' does not exist"):
+            await ctl.report_load("nope", 1.0)
         assert ctl.seq == seq and len(ctl.state.replicas) == 6
         with pytest.raises(InvalidConfig, match="ongoing"):
             await ctl.report_load("a", -1.0)
@@ -315,7 +318,9 @@ SCRIPT: list[Any] = [
     LoadReport(backend="a", ongoing=8.0, now=110.0),  # fires: saved, two starts
     LoadReport(backend="a", ongoing=8.0, now=111.0),  # settled
 ]
-OPTIONS = {"autoscale_interval_s": None, "resync_interval_s": None}
+# The script's times are trio's (mock) clock: the controller refuses report times far
+# from its own clock, and its default clock is anchored to the wall clock.
+OPTIONS = {"autoscale_interval_s": None, "resync_interval_s": None, "clock": trio.current_time}
 
 
 def world() -> CrashWorld:
@@ -423,3 +428,21 @@ async def test_hostile_load_reports_change_nothing(autojump_clock: trio.abc.Cloc
             with pytest.raises(InvalidConfig):
                 await ctl.report_load(backend, ongoing, now)  # type: ignore[arg-type]
         assert ctl.seq == seq and ctl.state == state
+
+
+async def test_a_report_time_far_from_the_clock_is_refused(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # Milliseconds passed for seconds: checkpointed, such a time would make every
+    # honest report after it stale, and the backend would never scale down again.
+    async with opened(InMemoryRuntime(), autoscale_interval_s=None) as ctl:
+        await serve(ctl, config(upscale_delay_s=0, downscale_delay_s=0))
+        seq, state = ctl.seq, ctl.state
+        now_ms = ctl.clock() * 1000 + 10_000_000
+        for now in (now_ms, ctl.clock() - 2 * MAX_REPORT_SKEW_S):
+            with pytest.raises(InvalidConfig, match="within 3600s of the controller's clock"):
+                await ctl.report_load("a", 12.0, now=now)
+        assert ctl.seq == seq and ctl.state == state
+        honest = ctl.clock() + 1.0  # within the bound: taken as it is
+        await ctl.report_load("a", 12.0, now=honest)
+        assert ctl.state.observations["a"].at == honest

@@ -75,7 +75,7 @@ def test_a_sync_host_scales_from_zero_and_reports_load() -> None:
         # From a host thread: the query waits for the replica it wakes.
         assert ctl.get_handle("z").call("hi") == "hi"
         assert ctl.state.backends["z"].wanted_replicas == 1
-        later = ctl.clock() + 3600  # past every delay and window
+        later = ctl.clock() + 1200  # past every default delay and window
         state = ctl.report_load("z", 6.0, now=later)  # needs 3: a proposal begins
         assert state.backends["z"].autoscale.pending is not None  # type: ignore[union-attr]
         state = ctl.report_load("z", 6.0, now=later + 30)  # upscale_delay_s later

@@ -12,7 +12,14 @@ import pytest
 
 import targets
 from servecore._controller.sync import SyncController, start
-from servecore._core.errors import EndpointExists, NoReplicaError, ReplicaDiedError, StoreLocked
+from servecore._core.errors import (
+    ControllerClosed,
+    EndpointExists,
+    NoReplicaError,
+    ReplicaDiedError,
+    ServecoreError,
+    StoreLocked,
+)
 from servecore.router import Router
 from servecore.runtimes.threads import ThreadRuntime
 from servecore.stores import SQLiteStore
@@ -163,3 +170,29 @@ def test_sync_handles_take_every_path(ctl: SyncController) -> None:
     ctl.update_backend_config("one", num_replicas=0)
     with pytest.raises(NoReplicaError, match="no running replica"):
         one.call(1)
+
+
+def test_close_fails_queries_in_flight_with_typed_errors() -> None:
+    gate = targets.Gate.named("sync-close-in-flight")
+    c = start(runtime=ThreadRuntime(), name="sync-close-in-flight")
+    c.create_backend(
+        "g", targets.Gated, init_args=["sync-close-in-flight"], max_concurrent_queries=1
+    )
+    c.create_endpoint("e")
+    c.set_traffic("e", {"g": 1.0})
+    handle = c.get_handle("e")
+    with ThreadPoolExecutor(4) as pool:
+        calls = [pool.submit(handle.call, i) for i in range(4)]
+        assert gate.entered.acquire(timeout=30)  # one query runs, the others wait
+        closing = pool.submit(c.close)
+        gate.release.set()
+        closing.result(timeout=30)
+        outcomes = [call.exception(timeout=30) or call.result() for call in calls]
+    failures = [o for o in outcomes if isinstance(o, BaseException)]
+    # Each query either finished or failed with a servecore error saying why: never a
+    # bare RuntimeError that reads as a bug in the caller's code.
+    assert all(isinstance(f, ServecoreError) for f in failures), failures
+    with pytest.raises(ControllerClosed, match=r"closed.*open a new controller"):
+        handle.call(9)
+    with pytest.raises(ControllerClosed):
+        c.create_endpoint("x")

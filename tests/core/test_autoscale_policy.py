@@ -15,6 +15,7 @@ from servecore import (
     AutoscaleState,
     AutoscalingConfig,
     BackendConfig,
+    BackendNotFound,
     CreateBackend,
     DeleteBackend,
     InvalidConfig,
@@ -272,10 +273,15 @@ def test_a_report_that_changes_no_decision_checkpoints_as_before() -> None:
         assert encode(t.state, 1) == encode(state, 1)
         assert t.state.observations["a"].at == now and t.state.observations["a"].desired == 2
         state = t.state
-    # Unknown or fixed backends: the very same state.
-    assert step(state, LoadReport(backend="zz", ongoing=1, now=1)).state is state
+    # A fixed backend: the very same state.
     fixed = step(state, CreateBackend(tag="f", target=TARGET)).state
     assert step(fixed, LoadReport(backend="f", ongoing=9, now=9)).state is fixed
+
+
+def test_a_report_for_an_unknown_backend_is_refused() -> None:
+    state = created(cfg())
+    with pytest.raises(BackendNotFound, match=r"'zz' does not exist \(known backends: 'a'\)"):
+        step(state, LoadReport(backend="zz", ongoing=1, now=1))
 
 
 def test_report_values_are_validated() -> None:

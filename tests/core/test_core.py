@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from servecore import (
+    EARLY_DEATH_S,
     MAX_START_FAILURES,
     BackendConfig,
     BackendExists,
@@ -39,6 +40,7 @@ from servecore import (
     ReplicaStartFailed,
     ReplicaStatus,
     ReplicaStopped,
+    Resync,
     RouteConflict,
     SetBackendConfig,
     SetShadowTraffic,
@@ -1267,3 +1269,72 @@ def test_outdated_replicas_survive_a_checkpoint_and_recovery() -> None:
     t = check(t.state, ReplicaStarted(tag="a#3"))
     assert stops(t.effects) == ["a#1"]
     assert t.state.backends["a"].status is BackendStatus.HEALTHY
+
+
+# -- public values compare with plain ones --------------------------------------------------
+
+
+def test_state_compares_equal_to_plain_mappings() -> None:
+    state = served()
+    assert state.endpoints["api"].traffic == {"a": 1.0}
+    assert state.endpoints["api"].traffic == {"a": 1.0}
+    assert state.endpoints["api"].traffic != {"a": 0.5}
+    assert state.endpoints["api"].shadow == {}
+    assert state.endpoints == {"api": state.endpoints["api"]}
+    assert state.backends == dict(state.backends.items())
+    assert state.replicas == {tag: state.replicas[tag] for tag in ("a#0", "a#1", "b#2")}
+    assert state.replicas != {}
+    assert state.routing_table().backends == dict(state.routing_table().backends.items())
+    # Persistent updates stay: a set returns a new map and leaves the old one as it was.
+    traffic = state.endpoints["api"].traffic
+    assert traffic.set("b", 0.5) == {"a": 1.0, "b": 0.5} and traffic == {"a": 1.0}
+
+
+# -- change sets delete the replicas that leave ---------------------------------------------
+
+
+def test_a_failed_start_deletes_the_replica_from_the_change_set() -> None:
+    state = apply(State(), backend("a", 1))
+    t = check(state, ReplicaStartFailed(tag="a#0", reason="boom"))
+    assert t.changes.replicas["a#0"] is None and "a#0" not in t.state.replicas
+
+
+def test_a_scale_down_deletes_the_stopped_replica_from_the_change_set() -> None:
+    state = apply(running("a", 2), scale("a", 1, running("a", 2)))
+    (stopping,) = [t for t, r in state.replicas.items() if r.status is ReplicaStatus.STOPPING]
+    t = check(state, ReplicaStopped(tag=stopping))
+    assert t.changes.replicas == {stopping: None}
+
+
+def test_a_stop_deletes_every_replica_from_the_change_sets() -> None:
+    state = apply(running("a", 2), DeleteBackend(tag="a"))
+    for tag in ("a#0", "a#1"):
+        t = check(state, ReplicaStopped(tag=tag))
+        assert t.changes.replicas == {tag: None}
+        state = t.state
+    assert not state.replicas
+
+
+# -- deaths with and without an uptime; resync ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("uptime_s", "early"),
+    [(None, False), (0.0, True), (EARLY_DEATH_S - 0.001, True), (EARLY_DEATH_S, False)],
+)
+def test_a_death_counts_as_early_only_by_its_uptime(uptime_s: float | None, early: bool) -> None:
+    state = running("a", 1)
+    t = check(state, ReplicaDied(tag="a#0", reason="gone", uptime_s=uptime_s))
+    assert t.state.backends["a"].early_deaths == (1 if early else 0)
+    assert starts(t.effects) == ["a#1"]  # replaced either way
+
+
+def test_resync_replaces_the_dead_stops_orphans_and_writes_nothing_when_in_step() -> None:
+    state = running("a", 2)
+    in_step = check(state, Resync(live=frozenset({"a#0", "a#1"})))
+    assert in_step.effects == () and len(in_step.changes) == 0
+    t = check(state, Resync(live=frozenset({"a#0", "zz#9"})))
+    assert "a#1" not in t.state.replicas and t.changes.replicas["a#1"] is None
+    assert starts(t.effects) == ["a#2"] and stops(t.effects) == ["zz#9"]
+    busy = check(state, Resync(live=frozenset({"a#0"}), busy=frozenset({"a#1"})))
+    assert busy.state == state  # a tag still being started or stopped is left alone

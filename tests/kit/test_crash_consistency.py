@@ -12,20 +12,16 @@ from typing import Any
 import pytest
 
 from checkpoints import MemoryBlob
+from crash_script import SCRIPT, config
 from servecore import (
     MAX_START_FAILURES,
-    BackendConfig,
     BackendStartError,
     BackendStatus,
     CreateBackend,
     CreateEndpoint,
-    DeleteBackend,
     FileStore,
     MemoryStore,
     RetryBackend,
-    SetBackendConfig,
-    SetShadowTraffic,
-    SetTraffic,
     SQLiteStore,
     Store,
 )
@@ -33,7 +29,6 @@ from servecore.testing import (
     CrashConsistencyMachine,
     CrashWorld,
     InMemoryRuntime,
-    Kill,
     check_runtime,
     enumerate_crashes,
 )
@@ -75,28 +70,6 @@ TestFileCrashes = FileCrashes.TestCase
 TestSQLiteCrashes = SQLiteCrashes.TestCase
 TestBlobCrashes = BlobCrashes.TestCase
 TestCompactingFileCrashes = CompactingFileCrashes.TestCase
-
-
-def config(n: int) -> BackendConfig:
-    return BackendConfig(num_replicas=n, graceful_shutdown_timeout_s=0.0)
-
-
-SCRIPT = [
-    CreateBackend(tag="a", target=ECHO, config=config(3)),
-    CreateEndpoint(name="e", route="/e"),
-    SetTraffic(endpoint="e", traffic={"a": 1.0}),
-    CreateBackend(tag="b", target=ECHO, config=config(2)),
-    SetTraffic(endpoint="e", traffic={"a": 0.5, "b": 0.5}),
-    SetShadowTraffic(endpoint="e", backend="b", proportion=0.25),
-    SetBackendConfig(tag="a", config=config(1)),
-    SetBackendConfig(tag="b", config=config(4)),
-    Kill("b#5"),
-    # A new user_config rolls b's four replicas onto new ones.
-    SetBackendConfig(tag="b", config=config(4).evolve(user_config={"v": 2})),
-    SetTraffic(endpoint="e", traffic={"b": 1.0}),
-    SetShadowTraffic(endpoint="e", backend="b", proportion=0.0),
-    DeleteBackend(tag="a"),
-]
 
 
 @pytest.mark.parametrize("kind", ["memory", "file", "compacting-file", "sqlite", "blob"])

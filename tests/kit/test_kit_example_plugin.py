@@ -87,3 +87,29 @@ class PluginCrashes(CrashConsistencyMachine):
 
 PluginCrashes.TestCase.settings = settings(SLOW_RUNTIME)
 TestPluginCrashes = SOAK_TIMEOUT(PluginCrashes.TestCase)
+
+
+def test_the_plugin_reports_results_it_cannot_carry_as_typed_errors() -> None:
+    runtime = servecore_mp.MultiprocessingRuntime()
+
+    async def main() -> None:
+        async with servecore.open_controller(runtime=runtime) as ctl:
+            await ctl.create_backend("h", "subprocess_targets:hostile_result")
+            await ctl.create_backend("lock", "subprocess_targets:unpicklable_result")
+            await ctl.create_endpoint("h")
+            await ctl.set_traffic("h", {"h": 1.0})
+            await ctl.create_endpoint("lock")
+            await ctl.set_traffic("lock", {"lock": 1.0})
+            handle = ctl.get_handle("h")
+            # A result whose unpickling raises SystemExit must not end the host.
+            for kind in ("exit", "fails", "replica_only"):
+                with pytest.raises(servecore.ResultDecodeError, match=r"'h#0'.*mp runtime"):
+                    await handle.call(kind)
+            with pytest.raises(servecore.UnpicklableResult, match=r"_thread\.lock"):
+                await ctl.get_handle("lock").call()
+            assert await handle.call("plain") == "plain"
+
+    try:
+        trio.run(main)
+    finally:
+        runtime.shutdown()

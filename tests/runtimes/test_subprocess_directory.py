@@ -24,6 +24,7 @@ from servecore import (
 )
 from servecore.runtimes import Query
 from servecore.runtimes.subprocess import SubprocessRuntime, replica_key
+from servecore.runtimes.subprocess.files import KEPT_LOG_BYTES, LOGS_DIR, ReplicaFiles
 from subprocess_helpers import gone, kill_everything_under, replica_effect, replica_processes
 
 pytestmark = pytest.mark.slow
@@ -274,3 +275,26 @@ async def test_a_store_mismatch_leaves_the_directory_free_for_the_right_controll
         await rt.stop_replica("echo#1", 5.0)
     finally:
         await rt.close()
+
+
+def test_a_kept_log_is_cut_to_its_last_bytes(tmp_path: Path) -> None:
+    # A replica that printed far more than the bound keeps only the end of its output.
+    (tmp_path / LOGS_DIR).mkdir()
+    files = ReplicaFiles(str(tmp_path), replica_key("loud#1"))
+    files.write_record({"tag": "loud#1"})
+    line = b"x" * 99 + b"\n"
+    lines = 3 * KEPT_LOG_BYTES // len(line)
+    with open(files.log, "wb") as f:
+        f.write(line * (lines - 1) + b"the last line\n")
+    kept = files.retire_log()
+    assert kept is not None and not os.path.exists(files.log)
+    data = Path(kept).read_bytes()
+    assert len(data) <= KEPT_LOG_BYTES + 100
+    first, _, rest = data.partition(b"\n")
+    assert first.startswith(b"servecore: the first ") and first.endswith(
+        b"bytes of this log were dropped"
+    )
+    assert rest.startswith(line) and rest.endswith(b"the last line\n")  # whole lines, the end
+    small = ReplicaFiles(str(tmp_path), replica_key("quiet#1"))
+    Path(small.log).write_bytes(b"short\n")
+    assert Path(small.retire_log() or "").read_bytes() == b"short\n"  # under the bound: as is

@@ -32,9 +32,11 @@ from servecore import (
     ReplicaDied,
     ReplicaDiedError,
     ReplicaStatus,
+    ResultDecodeError,
     SQLiteStore,
     StartReplica,
     Store,
+    UnpicklableResult,
 )
 from servecore._core.values import backend_of
 from servecore.runtimes import Query, Runtime, resolve_runtime
@@ -284,9 +286,37 @@ async def test_unpicklable_arguments_and_results_raise_type_errors(
     with pytest.raises(TypeError, match="cannot be pickled"):
         await call1(runtime, "echo#1", lambda: None)
     await runtime.start_replica(effect("lock#1", "unpicklable_result"))
-    with pytest.raises(TypeError, match="cannot send its result back"):
+    with pytest.raises(UnpicklableResult, match="cannot send its result back") as info:
         await call1(runtime, "lock#1")
+    assert isinstance(info.value, TypeError)  # what it was before it had a type of its own
+    assert info.value.tag == "lock#1"
+    assert info.value.type_name == "_thread.lock"
+    assert "return plain data" in str(info.value)
     assert await call1(runtime, "echo#1", "still fine") == "still fine"
+
+
+@pytest.mark.parametrize(
+    ("kind", "type_name", "reason"),
+    [
+        ("exit", "sys.exit", "SystemExit: 3"),
+        ("fails", "subprocess_targets.refuse_to_rebuild", "ValueError: this object refuses"),
+        ("replica_only", "replica_only_module.Secret", "ModuleNotFoundError"),
+    ],
+)
+async def test_a_result_the_host_cannot_rebuild_is_a_result_decode_error(
+    runtime: SubprocessRuntime, kind: str, type_name: str, reason: str
+) -> None:
+    # Not the user's exception (it would read as if their code raised), and never a
+    # BaseException unwinding the host's trio run.
+    await runtime.start_replica(effect("hostile#1", "hostile_result"))
+    with pytest.raises(ResultDecodeError) as info:
+        await call1(runtime, "hostile#1", kind)
+    error = info.value
+    assert (error.tag, error.backend, error.type_name) == ("hostile#1", "hostile", type_name)
+    assert reason in error.reason
+    assert "subprocess runtime" in str(error) and "return plain data" in str(error)
+    assert not runtime.events  # the replica is fine, and keeps serving
+    assert await call1(runtime, "hostile#1", "plain") == "plain"
 
 
 async def test_calls_run_concurrently_up_to_max_concurrent_queries(

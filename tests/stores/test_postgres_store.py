@@ -543,8 +543,7 @@ def test_postgres_crash_consistency_machine(postgres_server: PostgresServer) -> 
 def test_every_crash_point_of_a_script_recovers_on_postgres(
     postgres_server: PostgresServer, whole: bool
 ) -> None:
-    from test_crash_consistency import SCRIPT
-
+    from crash_script import SCRIPT
     from servecore.testing import enumerate_crashes
 
     def make_world() -> CrashWorld:

@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import time
+import types
 from typing import Any
 
 import servecore
@@ -119,6 +120,44 @@ def raise_local() -> None:
 def unpicklable_result() -> Any:
     """Return something pickle refuses."""
     return threading.Lock()
+
+
+class _ExitsWhenRebuilt:
+    """Pickles fine; unpickling it calls ``sys.exit(3)`` (in the host, which rebuilds it)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (sys.exit, (3,))
+
+
+def refuse_to_rebuild() -> None:
+    """Called by unpickling :class:`_FailsWhenRebuilt`: its rebuilding fails."""
+    raise ValueError("this object refuses to be rebuilt")
+
+
+class _FailsWhenRebuilt:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (refuse_to_rebuild, ())
+
+
+def hostile_result(kind: str) -> Any:
+    """A result that pickles in the replica but cannot be rebuilt in the host: ``exit``
+    raises SystemExit there, ``fails`` a ValueError, ``replica_only`` is an instance of
+    a class whose module only the replica has; ``plain`` is a plain string."""
+    if kind == "plain":
+        return "plain"
+    if kind == "exit":
+        return _ExitsWhenRebuilt()
+    if kind == "fails":
+        return _FailsWhenRebuilt()
+    module = sys.modules.setdefault("replica_only_module", types.ModuleType("replica_only_module"))
+
+    class Secret:
+        pass
+
+    Secret.__module__ = module.__name__
+    Secret.__qualname__ = "Secret"
+    module.Secret = Secret  # type: ignore[attr-defined]
+    return Secret()
 
 
 def exit_process() -> None:

@@ -30,10 +30,16 @@ import trio
 
 from servecore._controller.effects import EffectGroup
 from servecore._controller.load_sampler import LoadSampler
-from servecore._core.errors import CheckpointError
+from servecore._core.errors import CheckpointError, InvalidConfig
 from servecore._core.transitions import LoadReport, State
 
-__all__ = ["AUTOSCALE_INTERVAL_S", "SAMPLES_PER_REPORT", "Autoscaler"]
+__all__ = [
+    "AUTOSCALE_INTERVAL_S",
+    "MAX_REPORT_SKEW_S",
+    "SAMPLES_PER_REPORT",
+    "Autoscaler",
+    "check_report_time",
+]
 
 log = logging.getLogger("servecore.autoscaler")
 
@@ -52,6 +58,30 @@ def _autoscaling(state: State) -> dict[str, float]:
     }
 
 
+#: How far a load report's ``now`` may be from the controller's clock. A report time in
+#: the far future (milliseconds passed for seconds, say) would be checkpointed as the
+#: last decision's time, and every honest report after it would look stale: the backend
+#: would never scale down again.
+MAX_REPORT_SKEW_S = 3600.0
+
+
+def check_report_time(now: float | None, clock_now: float) -> float:
+    """``now`` (``clock_now`` if None), refused with ``InvalidConfig`` when it is more
+    than :data:`MAX_REPORT_SKEW_S` from the controller's clock."""
+    if now is None:
+        return clock_now
+    if isinstance(now, bool) or not isinstance(now, int | float):
+        return now  # not a time at all: LoadReport refuses it with its own message
+    if not abs(now - clock_now) <= MAX_REPORT_SKEW_S:  # also refuses NaN
+        raise InvalidConfig(
+            "now",
+            now,
+            f"a load report's time must be within {MAX_REPORT_SKEW_S:g}s of the "
+            f"controller's clock (now {clock_now:g}, seconds); omit now= to use the clock",
+        )
+    return now
+
+
 class Autoscaler:
     """Feeds one controller's core with load reports (see the module docstring)."""
 
@@ -61,7 +91,9 @@ class Autoscaler:
         state: Callable[[], State],
         clock: Callable[[], float],
         ongoing: Callable[[], Mapping[str, int]],
-        report: Callable[[LoadReport, EffectGroup], Awaitable[None]],
+        report: Callable[
+            [LoadReport | Callable[[State], LoadReport | None], EffectGroup], Awaitable[None]
+        ],
         background: EffectGroup,
         start_soon: Callable[..., Any],
     ) -> None:
@@ -96,10 +128,9 @@ class Autoscaler:
             if tag not in self._state().backends:
                 continue
             ongoing = self.sampler.mean(tag, now, window_s)
+            report = LoadReport(backend=tag, ongoing=ongoing, now=now)
             try:
-                await self.report(
-                    LoadReport(backend=tag, ongoing=ongoing, now=now), self._background
-                )
+                await self.report(_unless_deleted(report), self._background)
             except CheckpointError as exc:
                 # Level-triggered: the next report decides again from fresh load.
                 log.warning("load report for backend %r not recorded: %s", tag, exc)
@@ -144,3 +175,13 @@ class Autoscaler:
             log.warning("could not record scale-from-zero of backend %r: %s", tag, exc)
         finally:
             self._waking.discard(tag)
+
+
+def _unless_deleted(report: LoadReport) -> Callable[[State], LoadReport | None]:
+    """``report``, built at step time: a backend deleted since it was sampled is
+    skipped, not refused as unknown (the core refuses reports for unknown backends)."""
+
+    def build(state: State) -> LoadReport | None:
+        return report if report.backend in state.backends else None
+
+    return build

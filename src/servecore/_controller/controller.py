@@ -38,7 +38,7 @@ from typing import Any, get_args
 
 import trio
 
-from servecore._controller.autoscaler import AUTOSCALE_INTERVAL_S, Autoscaler
+from servecore._controller.autoscaler import AUTOSCALE_INTERVAL_S, Autoscaler, check_report_time
 from servecore._controller.committer import Committer, Writer
 from servecore._controller.effects import EffectGroup, EffectRunner
 from servecore._controller.replica_lifecycle import LifecycleCounts, ReplicaLifecycle
@@ -339,9 +339,11 @@ class Controller:
         :meth:`clock`). Returns once any decision it caused is saved and carried out.
         The controller reports the router's load by itself every
         ``autoscale_interval_s``; this is for hosts that measure load elsewhere, and for
-        tests. A report that changes no decision writes nothing."""
+        tests. A report that changes no decision writes nothing. ``now`` must be within
+        :data:`~servecore._controller.autoscaler.MAX_REPORT_SKEW_S` of :meth:`clock`
+        (``InvalidConfig`` otherwise), and ``backend`` must exist (``BackendNotFound``)."""
         report = LoadReport(
-            backend=backend, ongoing=ongoing, now=self.clock() if now is None else now
+            backend=backend, ongoing=ongoing, now=check_report_time(now, self.clock())
         )
         group = EffectGroup()
         await self._report_load(report, group)
@@ -373,7 +375,9 @@ class Controller:
         stepped on; a builder that returns None skips the step."""
         return await self._committer.run(message, group)
 
-    async def _report_load(self, report: LoadReport, group: EffectGroup) -> None:
+    async def _report_load(
+        self, report: LoadReport | Callable[[State], LoadReport | None], group: EffectGroup
+    ) -> None:
         """Step a load report; it is committed only if it changed a decision (the commit
         path adopts a report that only refreshed ``observations`` without writing)."""
         await self._execute(report, group)

@@ -122,7 +122,7 @@ class EffectRunner:
         execute: Execute,
         lifecycle: ReplicaLifecycle,
         push_table: Callable[[RoutingTable], None],
-        report_load: Callable[[LoadReport, EffectGroup], Awaitable[None]],
+        report_load: Callable[[Any, EffectGroup], Awaitable[None]],
     ) -> None:
         self.runtime = runtime
         self.nursery = nursery

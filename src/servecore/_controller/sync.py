@@ -35,6 +35,7 @@ import trio
 from servecore._controller.controller import Controller, open_controller
 from servecore._controller.replica_lifecycle import LifecycleCounts
 from servecore._controller.status import Status
+from servecore._core.errors import ControllerClosed
 from servecore._core.transitions import BackendConfig, Command, RoutingTable, State
 from servecore._serving.router_stats import RouterStatistics
 from servecore.router import Handle, Router
@@ -87,7 +88,7 @@ def _enter(token: trio.lowlevel.TrioToken, afn: Callable[[], Awaitable[T]]) -> T
     try:
         return trio.from_thread.run(afn, trio_token=token)
     except trio.RunFinishedError:
-        raise RuntimeError("the servecore controller is closed") from None
+        raise ControllerClosed() from None
 
 
 class SyncController:
@@ -146,16 +147,16 @@ class SyncController:
 
     def _run(self, afn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         if self._closed or self._token is None:
-            raise RuntimeError("this servecore controller is closed")
+            raise ControllerClosed()
         return _enter(self._token, functools.partial(afn, *args, **kwargs))
 
     def _run_sync(self, fn: Callable[..., T], *args: Any) -> T:
         if self._closed or self._token is None:
-            raise RuntimeError("this servecore controller is closed")
+            raise ControllerClosed()
         try:
             return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
         except trio.RunFinishedError:
-            raise RuntimeError("the servecore controller is closed") from None
+            raise ControllerClosed() from None
 
     @property
     def controller(self) -> Controller:

@@ -22,6 +22,7 @@ __all__ = [
     "CheckpointOutcomeUnknown",
     "CheckpointVersionError",
     "CommandError",
+    "ControllerClosed",
     "EndpointExists",
     "EndpointNotFound",
     "InvalidCommand",
@@ -35,6 +36,7 @@ __all__ = [
     "NoReplicaError",
     "RemoteError",
     "ReplicaDiedError",
+    "ResultDecodeError",
     "RouteConflict",
     "RuntimeDirectoryLocked",
     "RuntimeDirectoryStoreMismatch",
@@ -43,6 +45,7 @@ __all__ = [
     "StoreAccessDenied",
     "StoreLocked",
     "StoreUnwritable",
+    "UnpicklableResult",
 ]
 
 
@@ -425,6 +428,56 @@ class RemoteError(ServecoreError):
         self.type_name = type_name
         self.message = message
         super().__init__(f"{type_name}: {message}" if message else type_name)
+
+
+class ResultDecodeError(ServecoreError):
+    """What a replica sent back cannot be turned into a value on the caller's side.
+
+    The replica ran the query; its answer did not survive the trip: its class cannot be
+    imported where the caller runs, rebuilding it raised, or (:class:`UnpicklableResult`)
+    the replica could not encode it at all. Never the user's own exception: that comes
+    back as its own type.
+    """
+
+    def __init__(self, tag: str, type_name: str, reason: str, *, runtime: str = "") -> None:
+        self.tag = tag
+        self.backend = tag.rsplit("#", 1)[0]
+        self.type_name = type_name
+        self.reason = reason
+        self.runtime = runtime
+        where = f" ({runtime} runtime)" if runtime else ""
+        super().__init__(
+            f"replica {tag!r} of backend {self.backend!r}{where} sent back a result of type "
+            f"{type_name} that the caller cannot decode: {reason}; return plain data (or "
+            f"instances of classes importable in the caller's process, whose pickling works)"
+        )
+
+
+class UnpicklableResult(ResultDecodeError, TypeError):
+    """A replica's result cannot be encoded to travel back (pickle refused it)."""
+
+    def __init__(self, tag: str, type_name: str, reason: str, *, runtime: str = "") -> None:
+        super().__init__(tag, type_name, reason, runtime=runtime)
+        self.args = (
+            f"replica {tag!r} of backend {self.backend!r}"
+            f"{f' ({runtime} runtime)' if runtime else ''} cannot send its result back: a "
+            f"{type_name} cannot be pickled ({reason}); return plain data, or give the "
+            f"class a __reduce__",
+        )
+
+
+class ControllerClosed(ServecoreError, RuntimeError):
+    """The controller closed (or is closing) before this call could complete.
+
+    Also a ``RuntimeError``, which it was before it had a type of its own.
+    """
+
+    def __init__(self, what: str = "the call") -> None:
+        self.what = what
+        super().__init__(
+            f"the servecore controller is closed: {what} did not complete; open a new "
+            f"controller (servecore.open_controller or servecore.start) to go on"
+        )
 
 
 class InvalidRuntimeOption(ServecoreError, TypeError):

@@ -12,7 +12,6 @@ from collections.abc import Iterable
 from typing import Any, TypeAlias
 
 import attrs
-from immutables import Map
 
 from servecore._core.autoscaling import MAX_ONGOING
 from servecore._core.errors import (
@@ -20,6 +19,7 @@ from servecore._core.errors import (
     InvalidRoute,
     InvalidTraffic,
 )
+from servecore._core.maps import Map
 from servecore._core.validation import (
     MAX_ROUTE_LENGTH,
     OPERATOR_PREFIX,
@@ -314,7 +314,8 @@ class LoadReport:
     ``now`` the time of the measurement (the controller's clock). It feeds the
     autoscaling policy (:mod:`servecore._core.autoscaling`); a report that changes no decision
     changes nothing that is checkpointed. Ignored for a backend that does not
-    autoscale or does not exist."""
+    autoscale; refused (:class:`~servecore.BackendNotFound`) for one that does not
+    exist."""
 
     backend: str = attrs.field(converter=_report_backend)
     ongoing: float = attrs.field(converter=_ongoing)

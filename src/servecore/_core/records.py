@@ -44,9 +44,9 @@ from typing import Any, get_args, get_origin
 import attrs
 import cattrs
 import msgspec
-from immutables import Map
 
 from servecore._core.errors import CheckpointCorrupt, CheckpointVersionError
+from servecore._core.maps import Map
 from servecore._core.transitions import Backend, Changes, Endpoint, Replica, ReplicaStatus, State
 from servecore._core.values import replica_number
 
@@ -109,7 +109,7 @@ _converter = _make_converter()
 
 def _enc_hook(obj: Any) -> Any:
     if isinstance(obj, Map):
-        return dict(obj)
+        return dict(obj.items())
     raise NotImplementedError(f"cannot checkpoint a {type(obj).__name__}")
 
 

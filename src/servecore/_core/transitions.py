@@ -32,7 +32,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
-from immutables import Map
 
 from servecore._core.autoscaling import (
     AutoscaleState,
@@ -53,6 +52,7 @@ from servecore._core.errors import (
     EndpointNotFound,
     RouteConflict,
 )
+from servecore._core.maps import Map
 from servecore._core.messages import (
     Command,
     CreateBackend,
@@ -696,10 +696,14 @@ def _autoscale_after(b: Backend, config: BackendConfig) -> AutoscaleState | None
 def _load_report(state: State, ev: LoadReport) -> Transition:
     """Feed the policy: a decision that fires reconciles the backend; a report that
     changes no decision returns a state that checkpoints as before
-    (:func:`same_checkpoint`), with only its ``observations`` refreshed."""
+    (:func:`same_checkpoint`), with only its ``observations`` refreshed. A report for
+    a backend that does not exist is refused (:class:`BackendNotFound`): it is the
+    shell's or the host's mistake, not news."""
     b = state.backends.get(ev.backend)
-    scaling = b.config.autoscaling if b is not None else None
-    if b is None or scaling is None or b.autoscale is None:
+    if b is None:
+        raise BackendNotFound(ev.backend, tuple(sorted(state.backends)))
+    scaling = b.config.autoscaling
+    if scaling is None or b.autoscale is None:
         return _unchanged(state)
     seen = LoadObservation(
         ongoing=ev.ongoing, at=ev.now, desired=recommend(scaling, b.autoscale.replicas, ev.ongoing)

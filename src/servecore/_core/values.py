@@ -15,13 +15,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
-from immutables import Map
 
 from servecore._core.autoscaling import AutoscaleState, AutoscalingConfig, autoscaling_config, begin
 from servecore._core.errors import (
     InvalidConfig,
     InvalidTarget,
 )
+from servecore._core.maps import Map
 from servecore._core.validation import (
     MAX_BATCH_SIZE,
     MAX_CONCURRENT_QUERIES,

@@ -12,7 +12,6 @@ import threading
 from typing import Any
 
 import attrs
-from immutables import Map
 
 from servecore._core.errors import (
     BackpressureError,
@@ -20,6 +19,7 @@ from servecore._core.errors import (
     RemoteError,
     ReplicaDiedError,
 )
+from servecore._core.maps import Map
 from servecore._histogram import Histogram
 
 __all__ = [

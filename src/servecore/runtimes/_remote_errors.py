@@ -5,20 +5,66 @@ the exception as a dict (``pickled``, ``state``, ``module``, ``qualname``, ``mes
 ``traceback``; see ``error_info`` in ``subprocess/wire.py``); :func:`rebuild_exception`
 turns it back into an exception of its own type whenever that type can be imported,
 with its text made encodable: what a replica says must never break the checkpoint.
+
+:func:`decode_reply` is how a host reads anything a replica sent back: whatever
+unpickling raises (an exception class the host cannot import, a ``__reduce__`` that
+raises ``SystemExit``) comes out as :class:`~servecore.ResultDecodeError`, never as a
+``BaseException`` unwinding the controller, nor as a bare error that reads as if the
+user's code raised it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import io
 import pickle
 from collections.abc import Mapping
 from typing import Any
 
-from servecore._core.errors import RemoteError
+from servecore._core.errors import RemoteError, ResultDecodeError
 from servecore._text import encodable
 
-__all__ = ["rebuild_exception"]
+__all__ = ["decode_reply", "rebuild_exception"]
+
+
+class _NamingUnpickler(pickle.Unpickler):
+    """An unpickler that remembers the last class it looked up, so that a failure can
+    name the type being rebuilt."""
+
+    last_class = ""
+
+    def find_class(self, module: str, name: str) -> Any:
+        self.last_class = f"{module}.{name}"
+        return super().find_class(module, name)
+
+
+def decode_reply(data: bytes, tag: str, runtime: str) -> Any:
+    """Unpickle what replica ``tag`` sent back.
+
+    Raises :class:`~servecore.ResultDecodeError` naming the replica, the type being
+    rebuilt and what went wrong, whatever the unpickling raised: a ``SystemExit`` or
+    ``KeyboardInterrupt`` raised by a hostile ``__reduce__`` included (the replica's data
+    must never stop the host). Unpickling runs no trio code, so nothing caught here is
+    trio's own cancellation.
+    """
+    unpickler = _NamingUnpickler(io.BytesIO(data))
+    try:
+        return unpickler.load()
+    except BaseException as exc:  # see the docstring
+        type_name = unpickler.last_class or "<unknown>"
+        reason = _encodable(_describe(exc))
+        raise ResultDecodeError(tag, type_name, reason, runtime=runtime) from (
+            exc if isinstance(exc, Exception) else None
+        )
+
+
+def _describe(exc: BaseException) -> str:
+    try:
+        text = str(exc)
+    except Exception:
+        text = "<its str() failed>"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def rebuild_exception(info: Mapping[str, Any]) -> Exception:
@@ -31,11 +77,12 @@ def rebuild_exception(info: Mapping[str, Any]) -> Exception:
     :class:`~servecore.RemoteError` naming the type.
     """
     exc: BaseException | None = None
+    # BaseException is suppressed: a hostile __reduce__ or __init__ may raise SystemExit.
     if info.get("pickled") is not None:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(BaseException):
             exc = pickle.loads(info["pickled"])
     if exc is None:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(BaseException):
             cls: Any = importlib.import_module(info["module"])
             for part in info["qualname"].split("."):
                 cls = getattr(cls, part)

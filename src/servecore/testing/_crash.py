@@ -239,7 +239,9 @@ class CrashWorld:
 
     ``store`` defaults to a :class:`~servecore.MemoryStore`; ``runtime`` to a new
     :class:`InMemoryRuntime`. Both are wrapped to add crash points. An action may also
-    be a :class:`~servecore.LoadReport` (fed through ``ctl.report_load``), to crash an
+    be a :class:`~servecore.LoadReport` (fed through ``ctl.report_load``, so its ``now``
+    must be within an hour of the controller's clock: give a script's times on trio's
+    clock with ``controller_options={"clock": trio.current_time}``), to crash an
     autoscaling decision. ``controller_options`` go to every ``open_controller`` (e.g.
     ``autoscale_interval_s=None`` so that only the actions report load).
     """

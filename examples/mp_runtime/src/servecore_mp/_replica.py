@@ -6,8 +6,11 @@ calls in arrival order until told to stop, checking health between calls.
 
 Messages, host to replica: ``("call", id, queries)``, ``("stop",)``. Replica to host:
 ``("ready",)``, ``("failed", error, text)``, ``("ok", id, results)``,
-``("error", id, error, text)``, ``("died", reason)``. ``error`` is the exception
-itself when it pickles, else ``None`` (``text`` always describes it).
+``("error", id, error, text)``, ``("died", reason)``. ``results`` is the pickled list
+of results and ``error`` the pickled exception (``None`` when it does not pickle;
+``text`` always describes it): bytes inside a message of plain values, so that the
+host reads every message whatever the user's values are, and unpickles those values
+where a failure can be told apart (see ``_runtime.decode``).
 """
 
 from __future__ import annotations
@@ -18,17 +21,42 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
-from servecore._core.transitions import StartReplica
+from servecore import StartReplica, UnpicklableResult
 from servecore.runtimes.toolkit import build_replica
 
 
-def _portable(exc: BaseException) -> tuple[BaseException | None, str]:
+def _portable(exc: BaseException) -> tuple[bytes | None, str]:
     text = f"{type(exc).__name__}: {exc}"
     try:
-        pickle.loads(pickle.dumps(exc))
+        data = pickle.dumps(exc)
+        pickle.loads(data)
     except Exception:
         return None, text
-    return exc, text
+    return data, text
+
+
+def _results(tag: str, results: list[Any]) -> tuple[Any, ...]:
+    """The answer for ``results``: pickled, or the typed error saying which did not."""
+    try:
+        return ("ok", pickle.dumps(results))
+    except Exception as exc:
+        culprit = next((r for r in results if not _pickles(r)), results)
+        cls = type(culprit)
+        error = UnpicklableResult(
+            tag,
+            f"{cls.__module__}.{cls.__qualname__}",
+            f"{type(exc).__name__}: {exc}",
+            runtime="mp",
+        )
+        return ("error", *_portable(error))
+
+
+def _pickles(value: Any) -> bool:
+    try:
+        pickle.dumps(value)
+    except Exception:
+        return False
+    return True
 
 
 def main(conn: Connection, effect: StartReplica, health_check_period_s: float) -> None:
@@ -63,6 +91,9 @@ def main(conn: Connection, effect: StartReplica, health_check_period_s: float) -
             return
         _, request, queries = message
         try:
-            conn.send(("ok", request, code.run(queries)))
+            results = code.run(queries)
         except Exception as exc:
             conn.send(("error", request, *_portable(exc)))
+            continue
+        kind, *rest = _results(effect.tag, results)
+        conn.send((kind, request, *rest))

@@ -17,17 +17,25 @@ where it is kept:
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import logging
 import multiprocessing
 import multiprocessing.connection
+import pickle
 from collections.abc import Sequence
 from multiprocessing.process import BaseProcess
 from typing import Any
 
 import trio
 
-from servecore import RemoteError, ReplicaDied, ReplicaDiedError, StartReplica
+from servecore import (
+    RemoteError,
+    ReplicaDied,
+    ReplicaDiedError,
+    ResultDecodeError,
+    StartReplica,
+)
 from servecore.runtimes import Query, Report
 from servecore.runtimes.toolkit import check_runtime_options
 from servecore_mp import _replica
@@ -176,11 +184,10 @@ class MultiprocessingRuntime:
         answer = waiting.answer
         assert answer is not None
         if answer[0] == "ok":
-            results: list[Any] = answer[2]
+            results: list[Any] = decode(answer[2], tag)
             return results
         if answer[0] == "error":
-            error, text = answer[2], answer[3]
-            raise error if error is not None else RemoteError(text.split(":")[0], text)
+            raise _error(answer[2], answer[3], tag)
         raise ReplicaDiedError(tag, answer[1])
 
     # -- operations -----------------------------------------------------------------------
@@ -240,10 +247,12 @@ class MultiprocessingRuntime:
                 raise
             return replica
         if first is None or first[0] != "ready":
-            error, text = (first[1], first[2]) if first and first[0] == "failed" else (None, "")
-            replica.start_error = error or RuntimeError(
-                f"replica {effect.tag} could not start: {text or 'it exited'}"
-            )
+            if first is not None and first[0] == "failed":
+                replica.start_error = _error(first[1], first[2], effect.tag)
+            else:
+                replica.start_error = RuntimeError(
+                    f"replica {effect.tag} could not start: it exited"
+                )
             self._end(replica, "its start failed", report=False)
         else:
             self._watch(replica)
@@ -318,3 +327,39 @@ class MultiprocessingRuntime:
             self._report(ReplicaDied(tag=replica.tag, reason=reason))
         if self._replicas.get(replica.tag) is replica and not replica.stopping:
             del self._replicas[replica.tag]
+
+
+def decode(data: bytes, tag: str) -> Any:
+    """Unpickle what replica ``tag`` sent back; whatever that raises (a class this
+    process cannot import, a ``__reduce__`` raising ``SystemExit``) becomes
+    :class:`~servecore.ResultDecodeError`, never a BaseException that would end the
+    host's trio run."""
+    unpickler = _NamingUnpickler(io.BytesIO(data))
+    try:
+        return unpickler.load()
+    except BaseException as exc:  # the replica's data must never stop the host
+        reason = f"{type(exc).__name__}: {exc}"
+        name = unpickler.last_class or "<unknown>"
+        raise ResultDecodeError(tag, name, reason, runtime="mp") from None
+
+
+class _NamingUnpickler(pickle.Unpickler):
+    """Remembers the last class it looked up, so that a failure names the type."""
+
+    last_class = ""
+
+    def find_class(self, module: str, name: str) -> Any:
+        self.last_class = f"{module}.{name}"
+        return super().find_class(module, name)
+
+
+def _error(pickled: bytes | None, text: str, tag: str) -> Exception:
+    """The replica's exception as its own type when it unpickles, else a RemoteError."""
+    if pickled is not None:
+        try:
+            error = decode(pickled, tag)
+        except ResultDecodeError:
+            error = None
+        if isinstance(error, Exception):
+            return error
+    return RemoteError(text.split(":")[0], text)

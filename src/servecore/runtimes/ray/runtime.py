@@ -13,7 +13,7 @@ import ray.exceptions
 import ray.util
 import trio
 
-from servecore._core.errors import ReplicaDiedError
+from servecore._core.errors import ReplicaDiedError, ResultDecodeError
 from servecore._core.transitions import StartReplica
 from servecore.runtimes._protocol import Query, Report
 from servecore.runtimes.ray.actor import ServecoreReplica
@@ -307,6 +307,10 @@ class RayRuntime(ReplicaWatch):
                 raise user_error(tag, value)
             if isinstance(value, ray.exceptions.RayActorError):
                 raise ReplicaDiedError(tag, short(value))
+            if isinstance(value, ray.exceptions.RaySystemError):
+                # Ray could not deserialize the result here (a class this process
+                # cannot import, a rebuild that raises): the replica's answer, not ours.
+                raise ResultDecodeError(tag, "<unknown>", short(value), runtime="ray")
             raise value
         result: list[Any] = value
         return result

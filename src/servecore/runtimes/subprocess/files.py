@@ -21,7 +21,9 @@ Files of one replica, named after its *key* (a filename-safe form of its tag, se
     The replica's Unix socket, bound once the target is constructed.
 ``KEY.log``
     The replica's stdout and stderr. When the replica is gone its log moves to
-    ``logs/``, where the last :data:`LOGS_PER_BACKEND` of each backend are kept.
+    ``logs/``, where the last :data:`LOGS_PER_BACKEND` of each backend are kept, each
+    cut to its last :data:`KEPT_LOG_BYTES` (the tail, where a failure shows; a first
+    line says how much was dropped). A live replica's log is not cut.
 
 Nothing here follows a symbolic link: files are created with ``O_EXCL | O_NOFOLLOW``
 and mode 0600 (replaced atomically by ``rename``, which replaces a link, never its
@@ -47,6 +49,7 @@ from servecore._text import encodable
 
 __all__ = [
     "FAILED_MARKER",
+    "KEPT_LOG_BYTES",
     "LOGS_DIR",
     "LOGS_PER_BACKEND",
     "ReplicaFiles",
@@ -64,6 +67,9 @@ LOGS_DIR = "logs"
 LOGS_PER_BACKEND = 3
 #: How many are kept in all, whatever their backend (the newest).
 LOGS_IN_ALL = 64
+#: The most of one dead replica's log that is kept: its end. So ``logs/`` holds at
+#: most ``LOGS_IN_ALL * KEPT_LOG_BYTES`` (64 MiB), whatever the replicas printed.
+KEPT_LOG_BYTES = 1024 * 1024
 #: The line a replica writes to its log before the traceback of a failed start.
 FAILED_MARKER = "servecore: the replica failed to start:"
 
@@ -259,11 +265,36 @@ class ReplicaFiles:
         logs = os.path.join(self.directory, LOGS_DIR)
         kept = os.path.join(logs, f"{group}~{time.time_ns():020d}~{self.key}.log")
         try:
-            os.rename(self.log, kept)
+            if info.st_size > KEPT_LOG_BYTES:
+                _keep_tail(self.log, kept, info.st_size)
+                os.unlink(self.log)
+            else:
+                os.rename(self.log, kept)
         except OSError:  # no logs/ (or not a directory): the log goes with the rest
             return None
         _prune(logs, group)
         return kept
+
+
+def _keep_tail(source: str, kept: str, size: int) -> None:
+    """Write the last :data:`KEPT_LOG_BYTES` of ``source`` (from a line start) to the
+    new file ``kept``, after a line saying how much was dropped."""
+    with os.fdopen(os.open(source, os.O_RDONLY | _NOFOLLOW), "rb") as f:
+        f.seek(size - KEPT_LOG_BYTES)
+        tail = f.read(KEPT_LOG_BYTES)
+    newline = tail.find(b"\n")
+    if 0 <= newline < len(tail) - 1:
+        tail = tail[newline + 1 :]  # start at a whole line
+    dropped = size - len(tail)
+    header = f"servecore: the first {dropped} bytes of this log were dropped\n".encode()
+    fd = create_exclusive(kept)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(header + tail)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(kept)
+        raise
 
 
 def _prune(logs: str, group: str) -> None:

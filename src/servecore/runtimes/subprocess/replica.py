@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import itertools
-import pickle
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import outcome
 import trio
 
-from servecore._core.errors import ReplicaDiedError
+from servecore._core.errors import ReplicaDiedError, ResultDecodeError
 from servecore._text import encodable
 from servecore.runtimes._protocol import Query
-from servecore.runtimes._remote_errors import rebuild_exception
+from servecore.runtimes._remote_errors import decode_reply, rebuild_exception
 from servecore.runtimes.subprocess.channel import Channel
 from servecore.runtimes.subprocess.files import ReplicaFiles
 from servecore.runtimes.subprocess.process import Process
@@ -112,18 +111,22 @@ class Replica:
         answer: outcome.Outcome[Any]
         try:
             if kind == OK:
-                answer = outcome.Value(pickle.loads(body))
+                answer = outcome.Value(decode_reply(body, self.tag, "subprocess"))
             elif kind == ERROR:
-                answer = outcome.Error(rebuild_remote_exception(pickle.loads(body), self.tag))
+                info = decode_reply(body, self.tag, "subprocess")
+                answer = outcome.Error(rebuild_remote_exception(info, self.tag))
             elif kind == GONE:
-                answer = outcome.Error(
-                    ReplicaDiedError(self.tag, encodable(str(pickle.loads(body))))
-                )
+                reason = encodable(str(decode_reply(body, self.tag, "subprocess")))
+                answer = outcome.Error(ReplicaDiedError(self.tag, reason))
             else:
                 error = RuntimeError(f"replica {self.tag!r} sent message kind {kind}")
                 answer = outcome.Error(error)
-        except Exception as exc:  # e.g. a result whose class the host cannot import
+        except ResultDecodeError as exc:  # e.g. a result whose class the host cannot import
             answer = outcome.Error(exc)
+        except Exception as exc:  # a malformed error description: still the replica's fault
+            answer = outcome.Error(
+                ResultDecodeError(self.tag, "error description", repr(exc), runtime="subprocess")
+            )
         trio.lowlevel.reschedule(task, answer)
 
     def fail_pending(self, reason: str) -> None:

@@ -338,10 +338,29 @@ class _Connection:
         try:
             out = dumps(results)
         except Exception as exc:
-            error = TypeError(f"replica {server.tag!r} cannot send its result back: {exc}")
-            self._reply(ERROR, request_id, dumps(error_info(error)))
+            self._reply(
+                ERROR, request_id, dumps(error_info(_unpicklable(server.tag, results, exc)))
+            )
             return
         self._reply(OK, request_id, out)
+
+
+def _unpicklable(tag: str, results: Any, exc: Exception) -> Exception:
+    """The typed error for a result pickle refuses, naming the first such value's type."""
+    from servecore._core.errors import UnpicklableResult  # with the toolkit, already loaded
+
+    culprit: Any = results
+    for value in results if isinstance(results, list) else ():
+        try:
+            dumps(value)
+        except Exception:
+            culprit = value
+            break
+    cls = type(culprit)
+    reason = encodable(f"{type(exc).__name__}: {exc}")
+    return UnpicklableResult(
+        tag, f"{cls.__module__}.{cls.__qualname__}", reason, runtime="subprocess"
+    )
 
 
 def _send_status(status: BinaryIO | None, kind: int, body: bytes) -> None:

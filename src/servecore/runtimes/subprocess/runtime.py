@@ -7,7 +7,6 @@ import fcntl
 import logging
 import math
 import os
-import pickle
 import select
 import signal
 import socket
@@ -23,6 +22,7 @@ from servecore._core.errors import ReplicaDiedError
 from servecore._core.transitions import ReplicaDied, StartReplica
 from servecore._text import encodable
 from servecore.runtimes._protocol import Query, ReplicaInfo, Report
+from servecore.runtimes._remote_errors import decode_reply
 from servecore.runtimes.subprocess.channel import Channel
 from servecore.runtimes.subprocess.directory import RuntimeDirectory
 from servecore.runtimes.subprocess.files import ReplicaFiles, open_lock, replica_key
@@ -463,8 +463,12 @@ class SubprocessRuntime:
                 answer = await channel.receive()
             if answer is None or answer[0] != OK:
                 raise ValueError(f"replica {tag!r} closed the connection during the handshake")
-            hello = pickle.loads(answer[2])
-            if hello.get("tag") != tag or hello.get("pid") != process.pid:
+            hello = decode_reply(answer[2], tag, "subprocess")
+            if (
+                not isinstance(hello, dict)
+                or hello.get("tag") != tag
+                or hello.get("pid") != process.pid
+            ):
                 raise ValueError(f"socket {files.socket} is served by {hello!r}, not {tag!r}")
         except BaseException:
             channel.close()

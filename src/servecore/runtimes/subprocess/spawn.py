@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -16,6 +15,7 @@ import trio
 
 from servecore._core.errors import InvalidConfig, ReplicaDiedError
 from servecore._core.transitions import StartReplica
+from servecore.runtimes._remote_errors import decode_reply
 from servecore.runtimes.subprocess.channel import read_frame
 from servecore.runtimes.subprocess.files import ReplicaFiles
 from servecore.runtimes.subprocess.process import Process
@@ -169,7 +169,8 @@ async def launch(
             f"it was killed. Last lines of its log:\n{files.log_tail()}"
         )
     if answer is not None and answer[0] == ERROR:
-        exc = rebuild_remote_exception(pickle.loads(answer[2]), starting.tag)
+        info = decode_reply(answer[2], starting.tag, "subprocess")
+        exc = rebuild_remote_exception(info, starting.tag)
         printed = files.log_tail(before_failure=True)
         if printed:
             exc.add_note(f"last lines the replica printed before it failed:\n{printed}")
