@@ -180,6 +180,60 @@ async def test_a_failed_group_commit_fails_every_command_in_it_and_runs_no_effec
         assert set(runtime.live) == {"b#0", "b#1"}
 
 
+async def test_a_restated_command_in_a_failed_group_commit_is_not_acknowledged() -> None:
+    """The second copy is a no-op only against the first copy's state, which was never
+    committed: acknowledging it would claim a backend that does not exist."""
+    store, runtime = GateStore(), InMemoryRuntime()
+    async with open_controller(runtime=runtime, store=store) as ctl:
+        seq = ctl.seq
+        store.fail = 1
+        store.hold()
+        results: list[BaseException | None] = []
+
+        async def attempt() -> None:
+            try:
+                await ctl.create_backend("b", ECHO, num_replicas=1)
+                results.append(None)
+            except CheckpointError as exc:
+                results.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(attempt)
+            await store.wait_entered()
+            queued = ctl.queued
+            nursery.start_soon(attempt)
+            with trio.fail_after(10):
+                while ctl.queued < queued + 1:
+                    await trio.sleep(0.001)
+            store.fail = 2  # the batch at the gate and the one behind it both fail
+            store.gate.set()
+        assert len(results) == 2
+        assert all(isinstance(r, CheckpointError) for r in results), results
+        assert ctl.seq == seq and dict(ctl.state.backends) == {}
+        assert runtime.started == []
+
+
+async def test_a_restated_command_batched_with_its_original_fails_with_it() -> None:
+    """Both copies queue behind a held commit, so they share the next one; it fails:
+    neither copy is acknowledged."""
+    store, runtime = GateStore(), InMemoryRuntime()
+    async with open_controller(runtime=runtime, store=store) as ctl:
+        seq = ctl.seq
+
+        async def first() -> None:
+            with pytest.raises(CheckpointError):
+                await ctl.create_endpoint("z")
+
+        def create_b() -> object:
+            return ctl.create_backend("b", ECHO, num_replicas=1)
+
+        store.fail = 2  # the held batch and the one behind it
+        errors = await _queue_behind_a_held_commit(ctl, store, first, [create_b, create_b])
+        assert all(isinstance(e, CheckpointError) for e in errors), errors
+        assert ctl.seq == seq and dict(ctl.state.backends) == {}
+        assert runtime.started == []
+
+
 async def test_commits_run_on_one_long_lived_writer_thread() -> None:
     store = GateStore()
     async with open_controller(runtime=InMemoryRuntime(), store=store, name="w") as ctl:
