@@ -17,6 +17,7 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from servecore import (
+    EARLY_DEATH_S,
     AutoscalingConfig,
     BackendConfig,
     CommandError,
@@ -160,7 +161,12 @@ def events(state: State) -> st.SearchStrategy[Message]:
         st.builds(ReplicaStarted, tag=tags),
         st.builds(ReplicaStartFailed, tag=tags, reason=reasons),
         st.builds(ReplicaStopped, tag=tags),
-        st.builds(ReplicaDied, tag=tags, reason=reasons),
+        st.builds(
+            ReplicaDied,
+            tag=tags,
+            reason=reasons,
+            uptime_s=st.sampled_from([None, 0.0, 1.0, EARLY_DEATH_S, 3600.0]),
+        ),
         st.builds(Recover, live=live),
         st.builds(
             LoadReport,

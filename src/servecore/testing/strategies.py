@@ -19,6 +19,7 @@ from typing import Any
 from hypothesis import strategies as st
 
 from servecore._core.transitions import (
+    EARLY_DEATH_S,
     BackendConfig,
     Command,
     CreateBackend,
@@ -181,5 +182,10 @@ def events(state: State) -> st.SearchStrategy[Event]:
         st.builds(ReplicaStarted, tag=tags),
         st.builds(ReplicaStartFailed, tag=tags, reason=reason),
         st.builds(ReplicaStopped, tag=tags),
-        st.builds(ReplicaDied, tag=tags, reason=reason),
+        st.builds(ReplicaDied, tag=tags, reason=reason, uptime_s=_UPTIMES),
     )
+
+
+#: No uptime known, a death soon after start (a crash loop), one at the boundary, and
+#: one long after: every branch of the early-death rule.
+_UPTIMES = st.sampled_from([None, 0.0, 1.0, EARLY_DEATH_S, 3600.0])
