@@ -40,7 +40,11 @@ demo: $(DEMO_STAMP)
 	$(BIN)/python -m examples.demo
 
 # Each benchmark prints a table and writes JSON to benchmarks/results/.
+# bench_http loads with wrk (a C load generator) from the distribution's packages, and
+# compares with uvicorn (the bench extra).
 bench: $(STAMP)
+	command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/bench_core.py
 	$(BIN)/python benchmarks/bench_router.py
 	$(BIN)/python benchmarks/bench_subprocess.py

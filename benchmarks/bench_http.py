@@ -1,26 +1,25 @@
-"""Requests per second and latency of a trivial endpoint over HTTP: servecore's ingress
-beside a bare hypercorn ASGI app returning the same JSON, in the same run.
+"""Requests per second and latency of a trivial endpoint over HTTP, loaded by ``wrk``
+(a C load generator), beside bare ASGI apps on each server stack servecore could use.
 
-Rows:
+Rows (each server in a process of its own, started by this script with ``--serve``):
 
-* ``bare hypercorn ASGI app`` -- an ASGI app that parses the query string and answers
-  ``{"x": "1"}`` as JSON, served by hypercorn on trio: what any Python ASGI service
-  pays for HTTP alone.
-* ``servecore ingress (threads)`` -- ``GET /echo?x=1`` through servecore's ingress,
-  router and a threads-runtime replica of a function returning its argument (the same
-  JSON), with the metrics counters on.
+* ``bare ASGI, hypercorn/trio`` -- an ASGI app that parses the query string and answers
+  ``{"x": "1"}`` as JSON: what servecore's ingress pays for HTTP alone, on the same stack.
+* ``bare ASGI, hypercorn/asyncio`` and ``bare ASGI, uvicorn`` (if installed; uvicorn is
+  Ray Serve's proxy server) -- the same app on the other stacks, for the choice of stack.
+* ``servecore ingress (threads)`` / ``(subprocess)`` -- ``GET /echo?x=1`` through
+  servecore's ingress, router and a replica of a function returning its argument (the
+  same JSON), metrics counters on: what ``servecore run`` serves.
 
-Each server runs in a process of its own (started by this script with ``--serve``), so
-it does not share a GIL with the load generator. The load generator is a bounded async
-HTTP/1.1 client on trio: ``CONNECTIONS`` keep-alive connections to 127.0.0.1, each
-sending its next request when the last is answered. ``ROUNDS`` rounds alternate the
-rows in ABBA order, so noise from other work on the machine, and any advantage of going
-second, spread over both alike. Latency is per
-request, under that load. Results print as a table and go to
-``benchmarks/results/bench_http.json``. Goal: the ingress within 1.3x of the bare
-app's throughput.
+``wrk -t1 -cCONNECTIONS`` loads each row for ``--seconds`` per round; ``ROUNDS`` rounds
+alternate the rows in ABBA order, so noise from other work on the machine spreads over
+all rows alike. The Python load generator this replaced saturated before the servers
+did (it reported 1.00x); wrk does not. Results print as a table and go to
+``benchmarks/results/bench_http.json``. Goal: the ingress within 1.3x of the bare app
+on the same stack (hypercorn/trio).
 
-Run: ``.venv/bin/python benchmarks/bench_http.py [--quick]``.
+Run: ``.venv/bin/python benchmarks/bench_http.py [--quick]`` (needs ``wrk``: ``apt-get
+install wrk``; ``make bench`` installs it).
 """
 
 from __future__ import annotations
@@ -29,6 +28,8 @@ import argparse
 import json
 import os
 import platform
+import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -47,7 +48,7 @@ ROOT = HERE.parent
 CONNECTIONS = 32
 ROUNDS = 6
 REQUEST = b"GET /echo?x=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-EXPECTED = b'{"x": "1"}'
+WRK = "wrk"
 
 
 # -- the servers (each in its own process) -------------------------------------------------
@@ -95,77 +96,80 @@ async def _serve_bare(port: int) -> None:
     await serve(_bare_app, _config(port), mode="asgi")  # type: ignore[arg-type]
 
 
-async def _serve_ingress(port: int) -> None:
+def _serve_bare_asyncio(port: int) -> None:
+    import asyncio
+
+    from hypercorn.asyncio import serve
+
+    asyncio.run(serve(_bare_app, _config(port), mode="asgi"))  # type: ignore[arg-type]
+
+
+def _serve_bare_uvicorn(port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(_bare_app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+async def _serve_ingress(port: int, runtime: str) -> None:
+    import tempfile
+
     import servecore
     from servecore.http import serve_http
 
-    async with servecore.open_controller("threads") as ctl:
+    options = {}
+    if runtime == "subprocess":
+        options = {"directory": tempfile.mkdtemp(prefix="bench-http-")}
+    async with servecore.open_controller(runtime, runtime_kwargs=options) as ctl:
         await ctl.create_backend("echo", "bench_targets:echo")
         await ctl.create_endpoint("echo", route="/echo")
         await ctl.set_traffic("echo", {"echo": 1.0})
-        await serve_http(ctl, f"127.0.0.1:{port}")
+        try:
+            await serve_http(ctl, f"127.0.0.1:{port}")
+        finally:
+            with trio.CancelScope(shield=True):
+                await ctl.delete_backend("echo")
 
 
 def serve(kind: str, port: int) -> None:
     """The ``--serve`` entry point of the server processes."""
     sys.path.insert(0, str(HERE))
-    trio.run(_serve_bare if kind == "bare" else _serve_ingress, port)
+    if kind == "bare":
+        trio.run(_serve_bare, port)
+    elif kind == "bare-asyncio":
+        _serve_bare_asyncio(port)
+    elif kind == "bare-uvicorn":
+        _serve_bare_uvicorn(port)
+    else:
+        trio.run(_serve_ingress, port, kind.removeprefix("ingress-"))
 
 
-# -- the load generator --------------------------------------------------------------------
+# -- the load generator: wrk -------------------------------------------------------------
+
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
-async def _read_response(stream: trio.SocketStream, buffer: bytearray) -> bytes:
-    while True:
-        end = buffer.find(b"\r\n\r\n")
-        if end >= 0:
-            head = bytes(buffer[:end]).lower()
-            start = head.find(b"content-length:")
-            if start < 0:
-                raise AssertionError(f"no content-length in {head!r}")
-            stop = head.find(b"\r\n", start)
-            length = int(head[start + 15 : stop if stop >= 0 else len(head)].strip())
-            total = end + 4 + length
-            while len(buffer) < total:
-                chunk = await stream.receive_some(65536)
-                if not chunk:
-                    raise ConnectionError("the server closed the connection")
-                buffer += chunk
-            body = bytes(buffer[end + 4 : total])
-            del buffer[:total]
-            if not head.startswith(b"http/1.1 200"):
-                raise AssertionError(f"unexpected answer {head[:40]!r} {body!r}")
-            return body
-        chunk = await stream.receive_some(65536)
-        if not chunk:
-            raise ConnectionError("the server closed the connection")
-        buffer += chunk
+def _seconds(text: str) -> float:
+    match = re.fullmatch(r"([0-9.]+)(us|ms|s)", text.strip())
+    if match is None:
+        raise ValueError(f"wrk printed a latency {text!r} this script cannot read")
+    return float(match.group(1)) * _UNITS[match.group(2)]
 
 
-async def load(port: int, seconds: float, connections: int) -> tuple[int, list[float]]:
-    """Keep ``connections`` requests in flight for ``seconds``; return (answered, latencies)."""
-    latencies: list[float] = []
-    deadline = time.perf_counter() + seconds
-
-    async def one_connection() -> None:
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        buffer = bytearray()
-        async with stream:
-            while True:
-                began = time.perf_counter()
-                if began >= deadline:
-                    return
-                await stream.send_all(REQUEST)
-                body = await _read_response(stream, buffer)
-                latencies.append(time.perf_counter() - began)
-                if body != EXPECTED:
-                    raise AssertionError(f"unexpected body {body!r}")
-
-    async with trio.open_nursery() as nursery:
-        for _ in range(connections):
-            nursery.start_soon(one_connection)
-    return len(latencies), latencies
+def load(port: int, seconds: float, connections: int) -> dict[str, float]:
+    """Run ``wrk`` against the server for ``seconds``; return requests/s, p50 and p99."""
+    out = subprocess.run(
+        [
+            WRK, "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency",
+            f"http://127.0.0.1:{port}/echo?x=1",
+        ],
+        capture_output=True, text=True, check=True, timeout=seconds + 60,
+    ).stdout  # fmt: skip
+    if "Non-2xx" in out or "Socket errors" in out:
+        raise AssertionError(f"wrk saw failed requests:\n{out}")
+    rps = float(re.search(r"Requests/sec:\s+([0-9.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _seconds(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p99 = _seconds(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    return {"rps": rps, "p50": p50, "p99": p99}
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -208,14 +212,30 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-ROWS = {"bare": "bare hypercorn ASGI app", "ingress": "servecore ingress (threads)"}
+ROWS = {
+    "bare": "bare ASGI, hypercorn/trio",
+    "bare-asyncio": "bare ASGI, hypercorn/asyncio",
+    "bare-uvicorn": "bare ASGI, uvicorn",
+    "ingress-threads": "servecore ingress (threads)",
+    "ingress-subprocess": "servecore ingress (subprocess)",
+}
+
+
+def _available() -> dict[str, str]:
+    rows = dict(ROWS)
+    try:
+        import uvicorn  # noqa: F401
+    except ImportError:
+        del rows["bare-uvicorn"]  # pip install uvicorn to compare with it
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Start both servers, load them in alternating rounds, print and write results."""
+    """Start the servers, load them with wrk in alternating rounds, print and write."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter rounds (a smoke run)")
     parser.add_argument("--connections", type=int, default=CONNECTIONS)
+    parser.add_argument("--seconds", type=float, default=None)
     parser.add_argument("--out", default=str(HERE / "results" / "bench_http.json"))
     parser.add_argument("--serve", choices=sorted(ROWS), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -223,42 +243,39 @@ def main(argv: list[str] | None = None) -> None:
     if args.serve:
         serve(args.serve, args.port)
         return
-    seconds = 1.0 if args.quick else 3.0
-    servers = {kind: _start(kind) for kind in ROWS}
-    answered: dict[str, int] = dict.fromkeys(ROWS, 0)
-    elapsed: dict[str, float] = dict.fromkeys(ROWS, 0.0)
-    latencies: dict[str, list[float]] = {kind: [] for kind in ROWS}
-    per_round: dict[str, list[float]] = {kind: [] for kind in ROWS}
+    if shutil.which(WRK) is None:
+        sys.exit("bench_http needs wrk, a C load generator: apt-get install wrk")
+    seconds = args.seconds or (1.0 if args.quick else 3.0)
+    rounds = 2 if args.quick else ROUNDS
+    kinds = _available()
+    servers = {kind: _start(kind) for kind in kinds}
+    per_round: dict[str, list[dict[str, float]]] = {kind: [] for kind in kinds}
     try:
         for _, port in servers.values():  # warm-up, not recorded
-            trio.run(load, port, 1.0, args.connections)
-        for i in range(ROUNDS):
-            # ABBA order: whichever row runs first in a round measured slower on a busy
-            # machine, so each row goes first in half the rounds.
+            load(port, 1.0, args.connections)
+        for i in range(rounds):
+            # ABBA order: each row goes first in half the rounds.
             order = list(servers.items()) if i % 2 == 0 else list(servers.items())[::-1]
             for kind, (_, port) in order:
-                began = time.perf_counter()
-                n, samples = trio.run(load, port, seconds, args.connections)
-                took = time.perf_counter() - began
-                elapsed[kind] += took
-                answered[kind] += n
-                per_round[kind].append(n / took)
-                latencies[kind].extend(samples)
+                per_round[kind].append(load(port, seconds, args.connections))
     finally:
         for proc, _ in servers.values():
             proc.terminate()
-            proc.wait(timeout=30)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     rows = []
-    for kind, name in ROWS.items():
+    for kind, name in kinds.items():
+        runs = per_round[kind]
         rows.append(
             {
+                "kind": kind,
                 "name": name,
-                "requests": answered[kind],
-                "requests_per_s": answered[kind] / elapsed[kind],
-                "p50_ms": _percentile(latencies[kind], 0.50) * 1e3,
-                "p99_ms": _percentile(latencies[kind], 0.99) * 1e3,
-                "mean_ms": statistics.fmean(latencies[kind]) * 1e3,
-                "requests_per_s_by_round": per_round[kind],
+                "requests_per_s": statistics.median(r["rps"] for r in runs),
+                "p50_ms": statistics.median(r["p50"] for r in runs) * 1e3,
+                "p99_ms": statistics.median(r["p99"] for r in runs) * 1e3,
+                "requests_per_s_by_round": [r["rps"] for r in runs],
             }
         )
     bare = rows[0]["requests_per_s"]
@@ -266,23 +283,24 @@ def main(argv: list[str] | None = None) -> None:
         r["bare_rps_over_this"] = bare / r["requests_per_s"]
     # Rounds run back to back, so a round's ratio compares the rows under the same
     # background load; their median is the figure least moved by a noisy machine.
-    ratios = [b / i for b, i in zip(per_round["bare"], per_round["ingress"], strict=True)]
-    median_ratio = statistics.median(ratios)
-    head = f"{'':<32}{'requests/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'bare/this':>11}"
+    ratios = {
+        kind: statistics.median(
+            b["rps"] / x["rps"] for b, x in zip(per_round["bare"], per_round[kind], strict=True)
+        )
+        for kind in kinds
+    }
+    head = f"{'':<34}{'requests/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'bare/this':>11}"
     print(head)
     print("-" * len(head))
     for r in rows:
         print(
-            f"{r['name']:<32}{r['requests_per_s']:>12,.0f}{r['p50_ms']:>10.2f}"
-            f"{r['p99_ms']:>10.2f}{r['bare_rps_over_this']:>11.2f}"
+            f"{r['name']:<34}{r['requests_per_s']:>12,.0f}{r['p50_ms']:>10.2f}"
+            f"{r['p99_ms']:>10.2f}{ratios[r['kind']]:>11.2f}"
         )
     print(
-        f"median over rounds of bare/ingress requests/s: {median_ratio:.2f} "
-        f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})"
-    )
-    print(
-        f"({ROUNDS} alternating rounds of {seconds:g} s per row; {args.connections} keep-alive "
-        f"connections; {os.cpu_count()} CPUs; goal: bare/this <= 1.3)"
+        f"(wrk -t1 -c{args.connections}; {rounds} alternating rounds of {seconds:g} s per row, "
+        f"medians; bare/this is the median of per-round ratios to hypercorn/trio; "
+        f"{os.cpu_count()} CPUs; goal: servecore ingress <= 1.3)"
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -293,15 +311,15 @@ def main(argv: list[str] | None = None) -> None:
                 "python": platform.python_version(),
                 "platform": platform.platform(),
                 "cpus": os.cpu_count(),
+                "load_generator": "wrk",
                 "settings": {
                     "quick": args.quick,
-                    "rounds": ROUNDS,
+                    "rounds": rounds,
                     "seconds_per_round": seconds,
                     "connections": args.connections,
                 },
                 "rows": rows,
-                "bare_over_ingress_by_round": ratios,
-                "bare_over_ingress_median": median_ratio,
+                "bare_over_this_median": ratios,
             },
             indent=2,
         )
