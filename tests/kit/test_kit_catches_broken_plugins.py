@@ -329,3 +329,42 @@ def test_the_kit_checks_the_controller_records_the_users_error() -> None:
     world.runtime.refused["a"] = (effect, InvalidConfig("max_batch_size", 4, "no batching"))
     with pytest.raises(AssertionError, match="must leave the backend FAILED"):
         world._check_refusals_recorded(healthy)
+
+
+# -- what a kit user sees when the machine finds a bug, shrinking on -------------------------
+
+
+class ForgetfulStops(InMemoryRuntime):
+    """Says a replica stopped, but leaves it running."""
+
+    async def stop_replica(self, tag: str, timeout_s: float) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+class ForgetfulStopsCrashes(CrashConsistencyMachine):
+    shrink_budget_s = 5.0
+
+    def make_runtime(self) -> Runtime:
+        return ForgetfulStops()
+
+
+# The kit's own settings (shrinking on), made repeatable; only the budget is the test's.
+ForgetfulStopsCrashes.TestCase.settings = settings(
+    ForgetfulStopsCrashes.TestCase.settings,
+    max_examples=60, stateful_step_count=10, database=None, derandomize=True,
+)  # fmt: skip
+
+
+def test_a_shrunk_failure_shows_the_failing_step_and_its_own_assertion() -> None:
+    case = ForgetfulStopsCrashes.TestCase
+    assert Phase.shrink in case.settings.phases
+    with pytest.raises(Exception) as info:
+        run_machine(case)
+    error = info.value
+    # The planted bug's own assertion, not Hypothesis's Flaky* or a timeout.
+    assert type(error) is AssertionError, repr(error)
+    assert "live" in str(error) and "!= RUNNING" in str(error), error
+    report = "\n".join(getattr(error, "__notes__", []))
+    assert "state = ForgetfulStopsCrashes()" in report, report
+    assert "state.open_empty(" in report, report
+    assert "Flaky" not in report and "Timeout" not in report
