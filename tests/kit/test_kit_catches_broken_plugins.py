@@ -16,9 +16,12 @@ from hypothesis import HealthCheck, Phase, settings
 
 from servecore import (
     BackendConfig,
+    BackendStartError,
+    BackendStatus,
     Command,
     CreateBackend,
     DeleteBackend,
+    InvalidConfig,
     ReplicaDied,
     StartReplica,
     Store,
@@ -255,3 +258,117 @@ def test_a_store_that_cannot_hold_non_utf8_bytes_is_caught() -> None:
 def test_a_correct_runtime_and_store_pass_with_the_same_settings() -> None:
     run_machine(machine_for(InMemoryRuntime))
     assert BACKEND_TAGS  # the strategies' pools are what the machine draws from
+
+
+# -- the user's error is not the runtime's ------------------------------------------------
+
+#: Batching asked of a plain target: the runtime rightly refuses it (InvalidConfig).
+BATCH_ON_PLAIN = CreateBackend(
+    tag="a",
+    target="servecore.testing.targets:Echo",
+    config=BackendConfig(num_replicas=2, max_batch_size=4, graceful_shutdown_timeout_s=0.0),
+)
+#: Batching asked of a batch target: a valid start every runtime must carry out.
+BATCH_ON_BATCH = CreateBackend(
+    tag="a",
+    target="servecore.testing.targets:echo_all",
+    config=BackendConfig(num_replicas=2, max_batch_size=4, graceful_shutdown_timeout_s=0.0),
+)
+
+
+class NoBatching(InMemoryRuntime):
+    """Cannot batch at all, and says so with an untyped error: even to a batch target."""
+
+    async def start_replica(self, effect: StartReplica) -> None:
+        if effect.config.max_batch_size is not None:
+            raise RuntimeError("this runtime cannot batch")
+        await super().start_replica(effect)
+
+
+class RefusesBatchTargets(InMemoryRuntime):
+    """Refuses batching with the user's error type, but to a target that can batch."""
+
+    async def start_replica(self, effect: StartReplica) -> None:
+        if effect.config.max_batch_size is not None:
+            raise InvalidConfig("max_batch_size", effect.config.max_batch_size, "no batching")
+        await super().start_replica(effect)
+
+
+def test_batching_asked_of_a_plain_target_is_the_users_error_not_the_runtimes() -> None:
+    outcome = CrashWorld().run(BATCH_ON_PLAIN)
+    assert isinstance(outcome.error, BackendStartError)
+    assert outcome.state is not None
+    backend = outcome.state.backends["a"]
+    assert backend.status is BackendStatus.FAILED
+    assert "not marked @servecore.batch" in (backend.last_error or "")
+    # Crashing anywhere, then deleting the backend, blames nothing either.
+    assert enumerate_crashes(CrashWorld, [BATCH_ON_PLAIN, DeleteBackend(tag="a")]) > 0
+
+
+def test_an_untyped_error_for_a_valid_start_is_still_the_runtimes() -> None:
+    with pytest.raises(AssertionError, match=r"injected no failure: RuntimeError: this runtime"):
+        CrashWorld(runtime=NoBatching()).run(BATCH_ON_BATCH)
+    with pytest.raises(AssertionError, match=r"failed to start replica a#\d.*cannot batch"):
+        enumerate_crashes(lambda: CrashWorld(runtime=NoBatching()), [BATCH_ON_BATCH])
+
+
+def test_a_typed_refusal_of_what_the_command_did_not_ask_for_is_the_runtimes() -> None:
+    with pytest.raises(AssertionError, match=r"echo_all is marked @servecore.batch"):
+        CrashWorld(runtime=RefusesBatchTargets()).run(BATCH_ON_BATCH)
+    # The same runtime is right to refuse batching of a plain target.
+    outcome = CrashWorld(runtime=RefusesBatchTargets()).run(BATCH_ON_PLAIN)
+    assert isinstance(outcome.error, BackendStartError)
+
+
+def test_the_kit_checks_the_controller_records_the_users_error() -> None:
+    world = CrashWorld()
+    healthy = world.run(CreateBackend(tag="a", target=BATCH_ON_PLAIN.target)).state
+    assert healthy is not None
+    b = healthy.backends["a"]
+    effect = StartReplica(
+        tag="a#9", backend="a", target=b.target, init_args=b.init_args,
+        init_kwargs=dict(b.init_kwargs), config=b.config,
+    )  # fmt: skip
+    # A refusal of the backend as it is now, yet the backend is not FAILED: caught.
+    world.runtime.refused["a"] = (effect, InvalidConfig("max_batch_size", 4, "no batching"))
+    with pytest.raises(AssertionError, match="must leave the backend FAILED"):
+        world._check_refusals_recorded(healthy)
+
+
+# -- what a kit user sees when the machine finds a bug, shrinking on -------------------------
+
+
+class ForgetfulStops(InMemoryRuntime):
+    """Says a replica stopped, but leaves it running."""
+
+    async def stop_replica(self, tag: str, timeout_s: float) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+class ForgetfulStopsCrashes(CrashConsistencyMachine):
+    shrink_budget_s = 5.0
+
+    def make_runtime(self) -> Runtime:
+        return ForgetfulStops()
+
+
+# The kit's own settings (shrinking on), made repeatable; only the budget is the test's.
+ForgetfulStopsCrashes.TestCase.settings = settings(
+    ForgetfulStopsCrashes.TestCase.settings,
+    max_examples=60, stateful_step_count=10, database=None, derandomize=True,
+)  # fmt: skip
+
+
+def test_a_shrunk_failure_shows_the_failing_step_and_its_own_assertion() -> None:
+    case = ForgetfulStopsCrashes.TestCase
+    assert Phase.shrink in case.settings.phases
+    with pytest.raises(Exception) as info:
+        run_machine(case)
+    error = info.value
+    # The planted bug's own assertion, not Hypothesis's Flaky* or a timeout.
+    assert type(error) is AssertionError, repr(error)
+    assert "live" in str(error) and "!= RUNNING" in str(error), error
+    report = "\n".join(getattr(error, "__notes__", []))
+    assert "state = ForgetfulStopsCrashes()" in report, report
+    assert "state.open_empty(" in report, report
+    assert "Flaky" not in report and "Timeout" not in report

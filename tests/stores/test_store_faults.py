@@ -15,11 +15,14 @@ from pathlib import Path
 
 import msgspec
 import pytest
+import trio
 from test_stores import commit_state, loaded, states
 
 from servecore import (
     CheckpointCorrupt,
     CheckpointError,
+    CheckpointLocked,
+    CreateEndpoint,
     FileStore,
     MemoryStore,
     ServecoreError,
@@ -208,3 +211,43 @@ async def test_a_checkpoint_with_no_records_under_a_nonzero_seq_is_corrupt(
     with pytest.raises(CheckpointCorrupt, match="orphan"):
         async with open_controller(runtime=runtime, store=store):
             pass
+
+
+def test_a_sqlite_lock_met_during_a_commit_is_a_retryable_lock_not_a_bare_failure(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "state.db"
+    store = SQLiteStore(path, busy_timeout_s=0.05)
+
+    async def main() -> None:
+        async with open_controller(runtime=InMemoryRuntime(), store=store, name="t") as ctl:
+            await ctl.submit(CreateEndpoint(name="before"))
+            seq = ctl.seq
+            # A sqlite3 shell (or a backup tool) takes the write lock while the
+            # controller runs.
+            shell = sqlite3.connect(path, isolation_level=None)
+            shell.execute("BEGIN EXCLUSIVE")
+            try:
+                with pytest.raises(CheckpointLocked) as info:
+                    await ctl.submit(CreateEndpoint(name="during"))
+            finally:
+                shell.execute("COMMIT")
+                shell.close()
+            error = info.value
+            assert isinstance(error, CheckpointError) and isinstance(error, StoreLocked)
+            assert not isinstance(error, CheckpointCorrupt)
+            assert error.where == str(path)
+            text = str(error)
+            assert str(path) in text and "locked by another process" in text
+            assert "the command was not applied" in text and "intact" in text
+            assert "during" not in ctl.state.endpoints and ctl.seq == seq
+            # The lock is gone: the same command, sent again, lands.
+            await ctl.submit(CreateEndpoint(name="during"))
+            assert set(ctl.state.endpoints) == {"before", "during"}
+
+    trio.run(main)
+    again = SQLiteStore(path)
+    again.open()
+    _, records = again.load()
+    again.close()
+    assert "endpoint/during" in records

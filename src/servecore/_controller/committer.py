@@ -37,7 +37,12 @@ from typing import Any, TypeVar, get_args
 import outcome
 import trio
 
-from servecore._core.errors import CheckpointError, CheckpointOutcomeUnknown, LeaseLost
+from servecore._core.errors import (
+    CheckpointError,
+    CheckpointLocked,
+    CheckpointOutcomeUnknown,
+    LeaseLost,
+)
 from servecore._core.limits import Limits
 from servecore._core.messages import describe
 from servecore._core.records import META_KEY, encode_changes, meta_record
@@ -282,6 +287,11 @@ class Committer:
             for item, _ in stepped:
                 item.fail(exc)
             return
+        except CheckpointLocked as exc:  # a lock held elsewhere: nothing was written
+            for item, _ in stepped:
+                assert item.message is not None
+                item.fail(exc.with_outcome(_outcome(item.message, yet=True)))
+            return
         except Exception as exc:
             for item, _ in stepped:
                 assert item.message is not None
@@ -331,13 +341,14 @@ class Committer:
 
 
 def _not_applied(why: str, message: Message, *, yet: bool = False) -> CheckpointError:
+    return CheckpointError(f"{why}; {_outcome(message, yet=yet)}")
+
+
+def _outcome(message: Message, *, yet: bool = False) -> str:
+    """What a commit that wrote nothing means for ``message``."""
     if isinstance(message, _COMMANDS):
-        return CheckpointError(
-            f"{why}; the command was not applied and nothing was started or stopped"
-        )
-    return CheckpointError(
-        f"{why}; that {describe(message)} was not recorded{' yet' if yet else ''}"
-    )
+        return "the command was not applied and nothing was started or stopped"
+    return f"that {describe(message)} was not recorded{' yet' if yet else ''}"
 
 
 def _fenced(message: Message) -> str:

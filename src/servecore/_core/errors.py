@@ -19,6 +19,7 @@ __all__ = [
     "BackpressureError",
     "CheckpointCorrupt",
     "CheckpointError",
+    "CheckpointLocked",
     "CheckpointOutcomeUnknown",
     "CheckpointVersionError",
     "CommandError",
@@ -305,6 +306,30 @@ class StoreLocked(ServecoreError):
             "close that controller first (two controllers on one store would split the brain)"
         )
         super().__init__(f"checkpoint store {where} is held by {self.by}{held}; {way_out}")
+
+
+class CheckpointLocked(CheckpointError, StoreLocked):
+    """A commit met a lock another process holds on the store (a backup tool, a
+    ``sqlite3`` shell) and gave up after waiting for it. Nothing was written: the
+    checkpoint is intact, and the same commit may be retried once the lock is gone (the
+    controller retries events itself). Both a :class:`CheckpointError` (the save
+    failed) and a :class:`StoreLocked` (a lock, not corruption)."""
+
+    def __init__(self, where: str, detail: str, *, outcome: str = "nothing was written") -> None:
+        self.where = where
+        self.detail = detail
+        self.by = "another process's lock on the store"
+        self.outcome = outcome
+        ServecoreError.__init__(
+            self,
+            f"checkpoint store {where} was locked by another process (a backup tool, a "
+            f"sqlite3 shell) during a commit ({detail}); {outcome}; the checkpoint is "
+            f"intact, not corrupt: let that process finish, then retry",
+        )
+
+    def with_outcome(self, outcome: str) -> CheckpointLocked:
+        """The same lock, saying what it means for one command or event."""
+        return CheckpointLocked(self.where, self.detail, outcome=outcome)
 
 
 class StoreAccessDenied(CheckpointError):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from servecore._core.errors import (
     CheckpointCorrupt,
+    CheckpointLocked,
     CheckpointVersionError,
     ServecoreError,
     StoreLocked,
@@ -50,7 +51,9 @@ class SQLiteStore:
 
     A lock another process holds on the database (a backup tool, a ``sqlite3`` shell in
     exclusive mode) is waited for ``busy_timeout_s``, then raises
-    :class:`~servecore.StoreLocked`: the database is intact, never called corrupt.
+    :class:`~servecore.StoreLocked`: the database is intact, never called corrupt. Met
+    during a commit, it is :class:`~servecore.CheckpointLocked` (a ``CheckpointError``
+    and a ``StoreLocked``): that commit wrote nothing, and may be retried.
     """
 
     SCHEMA_VERSION = 2
@@ -192,7 +195,10 @@ class SQLiteStore:
             db = self._connect()
             items = list(puts.items())
             half = len(items) // 2
-            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise self._commit_failure(exc, seq) from exc
             try:
                 upsert = "INSERT OR REPLACE INTO records (key, value) VALUES (?, ?)"
                 db.executemany(upsert, items[:half])
@@ -202,10 +208,25 @@ class SQLiteStore:
                 db.executemany("DELETE FROM records WHERE key = ?", ((k,) for k in deletes))
                 db.execute("UPDATE meta SET seq = ? WHERE id = 1", (seq,))
                 db.execute("COMMIT")
-            except BaseException:
+            except BaseException as exc:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.OperationalError):
+                    raise self._commit_failure(exc, seq) from exc
                 raise
+
+    def _commit_failure(self, exc: sqlite3.OperationalError, seq: int) -> Exception:
+        """A lock met during a commit (``BEGIN IMMEDIATE`` or ``COMMIT`` waited
+        ``busy_timeout_s`` for another process) is :class:`~servecore.CheckpointLocked`:
+        the transaction was rolled back, nothing was written, and it may be retried."""
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is not None and code & 0xFF in _BUSY:
+            return CheckpointLocked(
+                self.where,
+                f"SQLite says: {exc}, after waiting {self.busy_timeout_s:g}s for "
+                f"{self.resolved}; checkpoint {seq} was rolled back",
+            )
+        return exc
 
     def load(self) -> tuple[int, dict[str, bytes]]:
         with self._mutex:

@@ -32,6 +32,7 @@ from servecore._core.errors import (
     CheckpointError,
     CheckpointVersionError,
     CommandError,
+    InvalidConfig,
 )
 from servecore._core.invariants import validate_state
 from servecore._core.records import (
@@ -56,7 +57,9 @@ from servecore._core.transitions import (
 )
 from servecore._core.values import backend_of
 from servecore._text import describe_exception as _describe
+from servecore._text import exception_message
 from servecore.runtimes import Query, Report, Runtime, close_runtime, open_runtime
+from servecore.runtimes.toolkit import BatchSizeError, import_target, is_batch
 from servecore.stores import BlobAdapter, BlobStore, MemoryStore, Store
 from servecore.testing._faults import CrashPlan, InjectedFailure, SimulatedCrash
 from servecore.testing._model import ReferenceModel, desired
@@ -134,6 +137,15 @@ class CrashingRuntime:
     without an injected failure (:class:`InjectedFailure`), a stop that raised, a death
     nobody caused, a kill whose ``ReplicaDied`` came after the kill returned, a report
     made off the trio thread.
+
+    ``refused`` maps a backend to the last start of it the runtime refused with a typed
+    user error (a :class:`~servecore.CommandError` such as ``InvalidConfig`` for
+    ``max_batch_size`` on a target not marked ``@servecore.batch``): the command asked
+    for something the runtime rightly cannot do, so that is not a broken promise, and
+    :meth:`CrashWorld.run` checks instead that the controller left the backend FAILED
+    with that error. A typed refusal of something the start did not ask for (batching
+    refused to a batch target, ``runtime_options`` refused when there are none) is the
+    runtime's bug, and goes to ``problems``.
     """
 
     def __init__(
@@ -146,6 +158,7 @@ class CrashingRuntime:
         self.plan = plan
         self.log: list[tuple[str, str]] = []
         self.problems: list[str] = []
+        self.refused: dict[str, tuple[StartReplica, BaseException]] = {}
         self._kill = kill
         self._killed: set[str] = set()
         self._stopping: set[str] = set()
@@ -185,10 +198,15 @@ class CrashingRuntime:
             raise
         except Exception as exc:
             if effect.tag not in self._stopping:
-                self.problems.append(
-                    f"{self._name} failed to start replica {effect.tag} (target "
-                    f"{effect.target}) though the kit injected no failure: {_describe(exc)}"
-                )
+                unjustified = _unjustified_refusal(effect, exc)
+                if unjustified is None:
+                    self.refused[effect.backend] = (effect, exc)
+                else:
+                    self.problems.append(
+                        f"{self._name} failed to start replica {effect.tag} (target "
+                        f"{effect.target}) though the kit injected no failure: "
+                        f"{_describe(exc)}{unjustified}"
+                    )
             raise
         self.log.append(("start", effect.tag))
         self.plan.point(f"after start {effect.tag}")
@@ -232,6 +250,35 @@ class CrashingRuntime:
                 f"the kill hook of {self._name} returned before ReplicaDied({tag!r}) was "
                 f"reported; report the death before the kill returns"
             )
+
+
+#: What a runtime may raise when the *command* asked for something it cannot do: the
+#: user's error, which the controller records (backend FAILED with it), not the runtime's.
+_USER_ERRORS: tuple[type[Exception], ...] = (CommandError, BatchSizeError)
+
+
+def _unjustified_refusal(effect: StartReplica, exc: BaseException) -> str | None:
+    """``None`` when ``exc`` is a typed user error that ``effect`` really earned;
+    otherwise why the failure is the runtime's (a suffix for its problem line, empty
+    for an untyped error)."""
+    if not isinstance(exc, _USER_ERRORS):
+        return ""
+    if isinstance(exc, InvalidConfig) and exc.field == "max_batch_size":
+        if effect.config.max_batch_size is None:
+            return "; the start asked for no batching, so refusing max_batch_size is wrong"
+        try:
+            target = import_target(effect.target)
+        except Exception:  # the kit cannot tell: trust the runtime's typed answer
+            return None
+        if is_batch(target):
+            return (
+                f"; {effect.target} is marked @servecore.batch, so it takes "
+                f"max_batch_size={effect.config.max_batch_size}"
+            )
+    unknown_options = isinstance(exc, InvalidConfig) and exc.field == "runtime_options"
+    if unknown_options and not effect.config.runtime_options:
+        return "; the start gave no runtime_options, so refusing them is wrong"
+    return None
 
 
 class CrashWorld:
@@ -279,6 +326,7 @@ class CrashWorld:
         """
         self.plan.arm(crash_at)  # restarts the count too
         self.runtime.problems.clear()
+        self.runtime.refused.clear()
         box: dict[str, Any] = {}
 
         # On the in-memory runtime nothing waits for the real world: a mock clock and
@@ -331,6 +379,7 @@ class CrashWorld:
             raise
         self._check_promises(box.get("error"))
         state = box["state"]
+        self._check_refusals_recorded(state)
         self.highest_counter = max(self.highest_counter, state.replica_counter)
         return Outcome(
             state=state,
@@ -349,6 +398,23 @@ class CrashWorld:
         if problems:
             message = "the runtime broke its promises:\n- " + "\n- ".join(problems)
             raise AssertionError(message) from error
+
+    def _check_refusals_recorded(self, state: State) -> None:
+        """A start the runtime refused with the user's error must leave its backend
+        FAILED with that error, while the backend still asks for what was refused."""
+        for backend, (effect, exc) in sorted(self.runtime.refused.items()):
+            b = state.backends.get(backend)
+            asked = (effect.target, effect.init_args, effect.init_kwargs, effect.config)
+            if b is None or (b.target, b.init_args, b.init_kwargs, b.config) != asked:
+                continue  # deleted or changed since: the refusal no longer applies
+            reason = exception_message(exc)
+            recorded = b.last_error or ""
+            assert b.status is BackendStatus.FAILED and reason[:80] in recorded, (
+                f"the runtime refused replica {effect.tag} with the user's error "
+                f"{_describe(exc)}, but the controller left backend {backend} "
+                f"{b.status.name} with last error {recorded!r}; a start refused for what "
+                f"the command asked for must leave the backend FAILED with that error"
+            )
 
     def clone(self) -> CrashWorld:
         """An in-memory copy: same checkpoint bytes, same live tags, same faults."""

@@ -19,19 +19,38 @@ Only what the machine injects may fail: a start failure it did not inject, a sto
 raises, or a death it did not cause fails the example, naming the tag and the runtime's
 own error. Each example starts from an empty store and an empty runtime (checked).
 For settings that suit slow runtimes, see docs/plugins.md.
+
+A failure is reported as its own ``AssertionError`` after the steps that led to it.
+The machine's ``TestCase`` runs with the kit's settings (no deadline, one bug
+reported, a ``@reproduce_failure`` blob) and bounds shrinking to
+:attr:`CrashConsistencyMachine.shrink_budget_s`, well under pytest's timeout, so a slow
+shrink shows a partly shrunk example instead of a ``Timeout``. Every draw is from a
+range that does not depend on the world (a crash point or a victim is an index taken
+modulo what there is), so replaying a failure draws the same values and a timing
+difference cannot turn it into ``FlakyStrategyDefinition``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
-from collections.abc import Callable
+import unittest
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
+from hypothesis import HealthCheck, note, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from servecore._core.errors import (
     BackendStartError,
@@ -69,9 +88,93 @@ __all__ = ["CrashConsistencyMachine"]
 #: A command that changes the state (the first time), so that its commit can be torn.
 _PROBE = CreateEndpoint(name="torn-save-probe")
 
+#: Draws of a crash point or a victim come from this fixed range, then are taken
+#: modulo what there is: the strategy never depends on the world.
+_INDEX = st.integers(0, 1023)
+
+_T = TypeVar("_T")
+
+
+@contextlib.contextmanager
+def shrink_budget(seconds: float) -> Iterator[None]:
+    """Stop Hypothesis shrinking a failure after ``seconds`` (its own limit is five
+    minutes, as long as pytest's timeout); the failure is then reported partly shrunk.
+
+    Hypothesis offers no setting for this; its engine keeps the limit in a module
+    constant it documents as patchable. On a Hypothesis without it this does nothing.
+    """
+    from hypothesis.internal.conjecture import engine
+
+    before = getattr(engine, "MAX_SHRINKING_SECONDS", None)
+    if before is None:
+        yield
+        return
+    engine.MAX_SHRINKING_SECONDS = seconds  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        engine.MAX_SHRINKING_SECONDS = before
+
+
+def _kit_settings() -> settings:
+    """The machine's default settings, on top of the profile loaded now: no deadline
+    (a start takes what it takes), no health check that a slow world trips, one bug
+    reported (its own assertion, not a group of them), and a blob to replay it."""
+    return settings(
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        report_multiple_bugs=False,
+        print_blob=True,
+    )
+
+
+class _KitTestCase:
+    """``Machine.TestCase``: a ``unittest.TestCase`` running the machine with the kit's
+    settings (assign ``Machine.TestCase.settings`` to change them) and with shrinking
+    bounded by ``Machine.shrink_budget_s``."""
+
+    def __get__(
+        self, obj: object, owner: type[CrashConsistencyMachine] | None = None
+    ) -> type[unittest.TestCase]:
+        machine = type(obj) if isinstance(obj, CrashConsistencyMachine) else owner
+        assert machine is not None
+        case = machine.__dict__.get("_kit_test_case")
+        if case is None:
+            case = _test_case_for(machine)
+            setattr(machine, "_kit_test_case", case)  # noqa: B010 (one per class)
+        return case
+
+
+def _test_case_for(machine: type[CrashConsistencyMachine]) -> type[unittest.TestCase]:
+    class KitTestCase(unittest.TestCase):
+        settings = _kit_settings()
+
+        def runTest(self) -> None:
+            with shrink_budget(machine.shrink_budget_s):
+                run_state_machine_as_test(machine, settings=self.settings)
+
+        runTest.is_hypothesis_test = True  # type: ignore[attr-defined]
+        runTest._hypothesis_state_machine_class = machine  # type: ignore[attr-defined]
+
+    KitTestCase.__name__ = f"{machine.__name__}.TestCase"
+    KitTestCase.__qualname__ = f"{machine.__qualname__}.TestCase"
+    return KitTestCase
+
+
+def _pick(data: st.DataObject, choices: Sequence[_T], label: str) -> _T:
+    """One of ``choices``, drawn as an index from a fixed range (see :data:`_INDEX`)."""
+    chosen = choices[data.draw(_INDEX, label=f"{label} (index)") % len(choices)]
+    note(f"{label}: {chosen!r}")
+    return chosen
+
 
 class CrashConsistencyMachine(RuleBasedStateMachine):
     """Crash a controller anywhere; check it always recovers to what was acknowledged."""
+
+    #: Seconds Hypothesis may spend shrinking a failure before reporting it as it is.
+    shrink_budget_s: float = 60.0
+
+    TestCase = _KitTestCase()  # type: ignore[assignment]
 
     def __init__(self) -> None:
         super().__init__()
@@ -122,6 +225,12 @@ class CrashConsistencyMachine(RuleBasedStateMachine):
             self.model.desired(),
         )
         self.last = outcome
+
+    def _crash_point(self, data: st.DataObject, total: int) -> int:
+        """One of the ``total`` crash points, noted with its label in the report."""
+        k = data.draw(_INDEX, label="crash point (index)") % total
+        note(f"crash point {k} of {total}")
+        return k
 
     def _failed_before(self, cmd: Command) -> bool:
         """Whether ``cmd`` names a backend that was FAILED when last seen."""
@@ -176,7 +285,7 @@ class CrashConsistencyMachine(RuleBasedStateMachine):
     def command_with_crash(self, cmd: Command, data: st.DataObject) -> None:
         """Crash at one enumerated point of (recovery +) the command, then recover."""
         total = self.world.count_points(cmd)
-        k = data.draw(st.integers(0, total - 1), label="crash point")
+        k = self._crash_point(data, total)
         outcome = self.world.run(cmd, crash_at=k)
         assert outcome.crashed is not None, f"crash point {k} of {total} did not fire"
         recovered = self.world.run(None)
@@ -237,7 +346,7 @@ class CrashConsistencyMachine(RuleBasedStateMachine):
         """A replica dies while the store is failing: its death and its replacement
         are recorded once the store recovers."""
         assert self.last is not None and self.last.state is not None
-        tag = data.draw(st.sampled_from(sorted(self.last.state.replicas)), label="victim")
+        tag = _pick(data, sorted(self.last.state.replicas), "victim")
         store = self.world.store
         outcome = self.world.run(Kill(tag), prepare=lambda _ctl: store.fail_next(n))
         store.fail_next(0)
@@ -248,7 +357,7 @@ class CrashConsistencyMachine(RuleBasedStateMachine):
     def kill_replica(self, data: st.DataObject) -> None:
         """A replica dies while the controller runs: it is replaced."""
         assert self.last is not None and self.last.state is not None
-        tag = data.draw(st.sampled_from(sorted(self.last.state.replicas)), label="victim")
+        tag = _pick(data, sorted(self.last.state.replicas), "victim")
         self._settled(self.world.run(Kill(tag)))
 
     @precondition(lambda self: self.last is not None and bool(self.last.state.replicas))
@@ -256,9 +365,9 @@ class CrashConsistencyMachine(RuleBasedStateMachine):
     def kill_replica_with_crash(self, data: st.DataObject) -> None:
         """A replica dies, and the controller crashes while replacing it."""
         assert self.last is not None and self.last.state is not None
-        tag = data.draw(st.sampled_from(sorted(self.last.state.replicas)), label="victim")
+        tag = _pick(data, sorted(self.last.state.replicas), "victim")
         total = self.world.count_points(Kill(tag))
-        k = data.draw(st.integers(0, total - 1), label="crash point")
+        k = self._crash_point(data, total)
         assert self.world.run(Kill(tag), crash_at=k).crashed is not None
         recovered = self.world.run(None)
         assert recovered.state is not None
@@ -291,7 +400,7 @@ class CrashConsistencyMachine(RuleBasedStateMachine):
     def commands_together_with_crash(self, cmds: list[Command], data: st.DataObject) -> None:
         """Crash anywhere in (recovery +) a group commit: whole batches survive, in order."""
         total = self.world.count_points(Together(tuple(cmds)))
-        k = data.draw(st.integers(0, total - 1), label="crash point")
+        k = self._crash_point(data, total)
         assert self.world.run(Together(tuple(cmds)), crash_at=k).crashed is not None
         recovered = self.world.run(None)
         assert recovered.state is not None, recovered
