@@ -107,6 +107,7 @@ if TYPE_CHECKING:
         State,
         StopReplica,
         Transition,
+        UpdateBackend,
         UpdateRouter,
         step,
     )
@@ -232,6 +233,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
         "State",
         "StopReplica",
         "Transition",
+        "UpdateBackend",
         "UpdateRouter",
         "step",
     ),
