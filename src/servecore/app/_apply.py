@@ -217,7 +217,7 @@ async def apply(controller: Any, app: App | str | os.PathLike[str]) -> Applied:
         try:
             await controller.submit(command)
         except BackendStartError as exc:
-            failed[exc.tag] = str(exc)
+            failed[exc.tag] = exc.reason
             log.warning("apply %s: %s", app.source, exc)
     for tag in app.backends:
         b = controller.state.backends.get(tag)
