@@ -4,7 +4,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# The demo needs servecore and its HTTP ingress only (not Ray, not the test tools).
+# The demo needs servecore, its HTTP ingress and the servecore command (not Ray, not
+# the test tools): after make demo, both `servecore` and `python -m servecore` work.
 DEMO_STAMP := $(VENV)/.demo-installed
 HYPOTHESIS_PROFILE ?= ci
 
@@ -23,7 +24,7 @@ $(STAMP): pyproject.toml examples/mp_runtime/pyproject.toml | $(BIN)/python
 	touch $(STAMP) $(DEMO_STAMP)
 
 $(DEMO_STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[http]'
+	$(BIN)/pip install -q -e '.[http,cli]'
 	touch $(DEMO_STAMP)
 
 lint: $(STAMP)

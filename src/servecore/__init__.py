@@ -108,6 +108,7 @@ if TYPE_CHECKING:
         State,
         StopReplica,
         Transition,
+        UpdateBackend,
         UpdateRouter,
         step,
     )
@@ -234,6 +235,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
         "State",
         "StopReplica",
         "Transition",
+        "UpdateBackend",
         "UpdateRouter",
         "step",
     ),

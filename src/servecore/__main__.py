@@ -8,8 +8,9 @@ def _main() -> None:
         from servecore.cli import main
     except ImportError as exc:  # click or rich missing
         raise SystemExit(
-            f"the servecore command needs its extra ({exc.name} is missing): "
-            f"pip install 'servecore[cli]'"
+            f"error: the servecore command needs its extra ({exc.name} is missing); "
+            f"install it with: pip install 'servecore[cli]' (in this repository: "
+            f"make demo, or .venv/bin/pip install -e '.[cli]')"
         ) from None
     main(prog_name="servecore")
 

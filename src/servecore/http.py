@@ -51,7 +51,7 @@ from servecore._core.errors import (
 )
 from servecore._core.validation import MAX_SECONDS, positive_number
 from servecore._serving.ops_http import PREFIX as OPS_PREFIX
-from servecore._serving.ops_http import answer_ops
+from servecore._serving.ops_http import answer_ops, count_response
 
 __all__ = ["LISTEN_BACKLOG", "HTTPIngress", "check_timeout", "serve_http"]
 
@@ -112,6 +112,7 @@ class HTTPIngress:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
         elif scope["type"] == "http":
+            send = _counting(self.controller, send)
             if scope["path"].startswith(OPS_PREFIX) and await answer_ops(
                 self.controller, scope, send
             ):
@@ -203,6 +204,18 @@ class HTTPIngress:
             )
             why = f"endpoint {endpoint.name!r} returned a result that is not JSON: {_describe(exc)}"
             return _error(500, "ResultNotJSON", why)
+
+
+def _counting(controller: Any, send: Send) -> Send:
+    """``send``, counting the status of each response (404s, 405s, 400s too) for the
+    ``servecore_http_responses_total`` metric."""
+
+    async def counted(message: MutableMapping[str, Any]) -> None:
+        if message.get("type") == "http.response.start":
+            count_response(controller, int(message["status"]))
+        await send(message)
+
+    return counted
 
 
 class _BadBody(ValueError):

@@ -17,7 +17,9 @@ Families (all prefixed ``servecore_``): ``queries_total{endpoint,backend,outcome
 ``backend_status{backend,status}``, ``replica_starts_total{backend}``,
 ``replica_start_failures_total{backend}``, ``replica_deaths_total{backend}``,
 ``replica_stops_total{backend}``, ``checkpoint_commit_seconds`` (histogram),
-``checkpoint_bytes``, ``checkpoint_seq``, ``shadow_queries_total{outcome}``.
+``checkpoint_bytes``, ``checkpoint_seq``, ``shadow_queries_total{outcome}``,
+``http_responses_total{code}`` (every response of the HTTP ingress, 404, 405 and 400
+included).
 
 Needs prometheus-client: ``pip install 'servecore[metrics]'``.
 """
@@ -30,6 +32,7 @@ from typing import Any
 
 from servecore._core.transitions import BackendStatus, ReplicaStatus
 from servecore._histogram import Histogram
+from servecore._serving.ops_http import http_responses
 
 try:
     from prometheus_client import CollectorRegistry
@@ -171,6 +174,14 @@ class ControllerCollector(Collector):
             for tag in sorted(state.backends):
                 queued.add_metric([tag], 0)
                 running.add_metric([tag], 0)
+        responses = CounterMetricFamily(
+            f"{p}_http_responses",
+            "HTTP responses of the ingress by status code (refusals such as 404 included).",
+            labels=["code"],
+        )
+        for code, n in http_responses(ctl).items():
+            responses.add_metric([str(code)], n)
+        yield responses
         yield queries
         yield latency
         yield queued

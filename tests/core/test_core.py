@@ -49,6 +49,7 @@ from servecore import (
     State,
     StopReplica,
     Transition,
+    UpdateBackend,
     UpdateRouter,
     step,
     validate_state,
@@ -1253,6 +1254,70 @@ def test_a_change_while_new_replicas_start_stops_them_and_starts_newer_ones() ->
     t = check(state, new_user_config(state, "a", 2))
     assert stops(t.effects) == ["a#1"] and starts(t.effects) == ["a#2"]
     assert set(routed(t.state, "a")) == {"a#0"}
+
+
+def redefined(state: State, tag: str, **changes: Any) -> UpdateBackend:
+    b = state.backends[tag]
+    fields: dict[str, Any] = {
+        "tag": tag,
+        "target": b.target,
+        "init_args": b.init_args,
+        "init_kwargs": b.init_kwargs,
+        "config": b.config,
+    }
+    fields.update(changes)
+    return UpdateBackend(**fields)
+
+
+def test_new_init_kwargs_roll_replicas_while_the_endpoint_keeps_its_route() -> None:
+    state = served()
+    t = check(state, redefined(state, "a", init_kwargs={"v": 2}))
+    # The endpoint and its route are untouched; the old replicas keep serving.
+    assert t.state.endpoints == state.endpoints
+    assert set(routed(t.state, "a")) == {"a#0", "a#1"}
+    assert kinds(t.effects) == ["StartReplica", "StartReplica"]
+    assert [e.init_kwargs for e in t.effects] == [{"v": 2}] * 2
+    assert t.state.backends["a"].version == 1
+    assert t.state.backends["a"].status is BackendStatus.UPDATING
+    # Each new replica that comes up retires one old one; the route is never empty.
+    state = t.state
+    for tag in starts(t.effects):
+        state = apply(state, ReplicaStarted(tag=tag))
+        assert routed(state, "a")
+    assert set(routed(state, "a")) == {"a#3", "a#4"}
+    assert state.backends["a"].init_kwargs == {"v": 2}
+    assert state.backends["a"].status is BackendStatus.HEALTHY
+
+
+def test_a_new_target_or_init_args_rolls_too() -> None:
+    state = running("a", 1)
+    for change in ({"target": OTHER_TARGET}, {"init_args": (1,)}):
+        t = check(state, redefined(state, "a", **change))
+        assert len(starts(t.effects)) == 1
+        assert t.state.backends["a"].version == state.backends["a"].version + 1
+
+
+def test_update_backend_restating_the_definition_is_a_noop() -> None:
+    state = running("a", 2)
+    t = step(state, redefined(state, "a"))
+    assert t.state is state and t.effects == ()
+
+
+def test_update_backend_of_a_failed_backend_clears_its_failures() -> None:
+    state = apply(State(), backend("a", 1))
+    for n in range(MAX_START_FAILURES):
+        tag = next(t for t, r in state.replicas.items() if r.status is ReplicaStatus.STARTING)
+        state = apply(state, ReplicaStartFailed(tag=tag, reason=f"No module named 'x' {n}"))
+    assert state.backends["a"].status is BackendStatus.FAILED
+    t = check(state, redefined(state, "a", init_kwargs={"fixed": True}))
+    b = t.state.backends["a"]
+    assert b.status is BackendStatus.UPDATING and b.last_error is None
+    assert b.start_failures == 0 and len(starts(t.effects)) == 1
+
+
+def test_update_backend_of_a_missing_backend_is_rejected() -> None:
+    state = running("a", 1)
+    assert_rejected(state, UpdateBackend(tag="nope", target=TARGET), BackendNotFound, "nope")
 
 
 def test_outdated_replicas_survive_a_checkpoint_and_recovery() -> None:

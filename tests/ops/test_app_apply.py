@@ -144,26 +144,84 @@ def test_order_creates_then_wires_then_deletes() -> None:
     ]
 
 
-def test_a_changed_target_replaces_the_backend_and_its_endpoint() -> None:
-    def app(target: str) -> App:
-        return App(
-            backends={"m": BackendSpec(tag="m", target=target)},
-            endpoints={"e": EndpointSpec(name="e", route="/e", methods=("GET",), traffic={"m": 1})},
-        )
+def _echo_app(target: str = TARGETS[1], **init_kwargs: Any) -> App:
+    return App(
+        backends={
+            "m": BackendSpec(
+                tag="m",
+                target=target,
+                init_kwargs=init_kwargs,
+                config=servecore.BackendConfig(num_replicas=2),
+            )
+        },
+        endpoints={"e": EndpointSpec(name="e", route="/e", methods=("GET",), traffic={"m": 1})},
+    )
 
+
+def test_a_changed_target_rolls_the_backend_in_place() -> None:
     async def main() -> None:
         async with servecore.open_controller(InMemoryRuntime()) as ctl:
-            await apply(ctl, app(TARGETS[0]))
-            applied = await apply(ctl, app(TARGETS[1]))
-            assert [type(c).__name__ for c in applied.commands] == [
-                "DeleteEndpoint",
-                "DeleteBackend",
-                "CreateBackend",
-                "CreateEndpoint",
-                "SetTraffic",
-            ]
+            await apply(ctl, _echo_app(TARGETS[0]))
+            applied = await apply(ctl, _echo_app(TARGETS[1]))
+            assert [type(c).__name__ for c in applied.commands] == ["UpdateBackend"]
             assert ctl.state.backends["m"].target == TARGETS[1]
             assert await ctl.get_handle("e").call("hi") == "hi"
+
+    trio.run(main)
+
+
+def test_the_plan_for_changed_init_kwargs_deletes_nothing() -> None:
+    state = servecore.State()
+    for command in plan(state, _echo_app(prefix="v1:")):
+        state = servecore.step(state, command).state
+    commands = plan(state, _echo_app(prefix="v2:"))
+    assert commands == [
+        servecore.UpdateBackend(
+            tag="m",
+            target=TARGETS[1],
+            init_kwargs={"prefix": "v2:"},
+            config=servecore.BackendConfig(num_replicas=2),
+        )
+    ]
+    assert not any(
+        isinstance(c, servecore.DeleteEndpoint | servecore.DeleteBackend) for c in commands
+    )
+
+
+class _HeldStarts(InMemoryRuntime):
+    """Starts of replicas of a newer version wait until the test lets them go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = trio.Event()
+        self.held = trio.Event()
+
+    async def start_replica(self, effect: servecore.StartReplica) -> None:
+        if effect.init_kwargs.get("prefix") == "v2:":
+            self.held.set()
+            await self.release.wait()
+        await super().start_replica(effect)
+
+
+def test_the_endpoint_keeps_answering_while_new_init_kwargs_roll_out() -> None:
+    async def main() -> None:
+        runtime = _HeldStarts()
+        async with servecore.open_controller(runtime) as ctl:
+            await apply(ctl, _echo_app(prefix="v1:"))
+            handle = ctl.get_handle("e")
+            assert await handle.call("x") == "v1:x"
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(apply, ctl, _echo_app(prefix="v2:"))
+                await runtime.held.wait()
+                # New replicas are starting: the endpoint is still there, and the
+                # old replicas answer every query.
+                assert "e" in ctl.state.endpoints
+                for _ in range(20):
+                    assert await handle.call("x") == "v1:x"
+                runtime.release.set()
+            assert await handle.call("x") == "v2:x"
+            assert ctl.state.backends["m"].status is servecore.BackendStatus.HEALTHY
+            assert {r.version for r in ctl.state.replicas.values()} == {1}
 
     trio.run(main)
 
@@ -183,8 +241,11 @@ def test_a_backend_that_fails_to_start_is_reported_and_the_rest_applied() -> Non
             assert set(applied.failed) == {"bad"}
             assert ctl.state.backends["bad"].status is servecore.BackendStatus.FAILED
             assert await ctl.get_handle("e").call(1) == 1
+            # Applying the same file again means "try again": a FAILED backend it
+            # restates is retried (and fails again here, so it is reported again).
             again = await apply(ctl, app)
-            assert again.commands == () and set(again.failed) == {"bad"}
+            assert again.commands == (servecore.RetryBackend(tag="bad"),)
+            assert set(again.failed) == {"bad"}
 
     trio.run(main)
 

@@ -608,3 +608,106 @@ def test_sigterm_during_apply_exits_non_zero_and_stops_the_replicas(
     while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(_alive(pid) for pid in pids)
+
+
+APP_OPS = """
+[backends.echo]
+target = "servecore.testing.targets:Echo"
+init_kwargs = { prefix = "v1:" }
+
+[backends.bad]
+target = "no_such_module_anywhere:Model"
+
+[endpoints.echo]
+methods = ["GET", "POST"]
+traffic = { echo = 1.0 }
+"""
+
+
+def test_every_operator_action_is_a_command(deployment: Deployment) -> None:
+    app = deployment.write("app.toml", APP_OPS)
+    port = _free_port()
+    server, log = deployment.run(app, port)
+
+    # A FAILED backend no endpoint uses: alive and ready; its hint names the real fix.
+    assert _http(port, "GET", "/-/healthz") == (200, {"status": "ok"})
+    assert _http(port, "GET", "/-/readyz") == (200, {"status": "ready"})
+    text = deployment.cli("status")
+    assert text.returncode == 0, text.stderr
+    assert "FAILED" in text.stdout and "--app-dir" in text.stdout
+    assert "servecore retry bad" in text.stdout and "retry_backend(" not in text.stdout
+    live = deployment.status()
+    assert [(b["queued"], b["running"]) for b in live["backends"]] == [(0, 0), (0, 0)]
+
+    retried = deployment.cli("retry", "bad")
+    assert retried.returncode == 1 and "No module named" in retried.stdout
+    assert "servecore retry bad" in retried.stdout and "Traceback" not in retried.stderr
+
+    # Changed init_kwargs: the plan rolls the backend in place; a dry run changes nothing.
+    v2 = deployment.write("app-v2.toml", APP_OPS.replace('"v1:"', '"v2:"'))
+    seq = deployment.status()["seq"]
+    dry = deployment.cli("apply", "--dry-run", str(v2))
+    assert dry.returncode == 0, dry.stderr
+    assert "roll backend 'echo'" in dry.stdout and "delete" not in dry.stdout
+    assert "retry backend 'bad'" in dry.stdout  # restating a FAILED backend retries it
+    assert deployment.status()["seq"] == seq
+    assert _http(port, "POST", "/echo", "hi") == (200, "v1:hi")
+    applied = deployment.cli("apply", str(v2))
+    assert "roll backend 'echo'" in applied.stdout, applied.stderr
+    assert _http(port, "POST", "/echo", "hi") == (200, "v2:hi")
+
+    in_use = deployment.cli("delete", "backend", "echo")
+    assert in_use.returncode == 1 and "error:" in in_use.stderr and "'echo'" in in_use.stderr
+    assert "Traceback" not in in_use.stderr
+    debug = deployment.cli("--debug", "logs", "nothing")
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+    no_logs = deployment.cli("logs", "echo")
+    assert no_logs.returncode == 1 and "threads runtime" in no_logs.stderr
+    assert "Traceback" not in no_logs.stderr
+    assert deployment.cli("delete", "backend", "bad").returncode == 0
+    assert deployment.cli("delete", "endpoint", "echo").returncode == 0
+    assert _http(port, "POST", "/echo", "hi")[0] == 404
+    assert [b["tag"] for b in deployment.status()["backends"]] == ["echo"]
+
+    stopped = deployment.cli("shutdown")
+    assert stopped.returncode == 0, stopped.stderr
+    assert server.wait(timeout=60) == 0, log.read_text()
+    # Offline: the threads replicas stopped with the server, and status says so.
+    offline = deployment.cli("status", "--json")
+    data = json.loads(offline.stdout)
+    assert not data["live"] and "no replica is running" in data["note"]
+    assert [r["status"] for b in data["backends"] for r in b["replicas"]] == ["STOPPED"]
+    assert "RUNNING" not in deployment.cli("status").stdout
+
+
+def test_logs_of_a_backend_without_a_server_kept_then_live(tmp_path: Path) -> None:
+    import io
+
+    from rich.console import Console
+
+    from servecore.cli._logs import NoLogs, show_logs
+    from servecore.runtimes.subprocess.files import replica_key
+
+    state_dir = tmp_path / ".servecore"
+    kept = state_dir / "replicas" / "logs"
+    kept.mkdir(parents=True)
+    state_dir.chmod(0o700)
+    group = replica_key("echo")
+    (kept / f"{group}~{1:020d}~{replica_key('echo#0')}.log").write_text("first death\n")
+    (kept / f"{group}~{2:020d}~{replica_key('echo#1')}.log").write_text("second death\n")
+    other = replica_key("other")
+    (kept / f"{other}~{3:020d}~{replica_key('other#2')}.log").write_text("not echo\n")
+    live = state_dir / "replicas" / f"{replica_key('echo#3')}.log"
+    live.write_text("serving\n")
+    live.with_suffix(".json").write_text(json.dumps({"tag": "echo#3", "phase": "ready"}))
+
+    out = io.StringIO()
+    show_logs("echo", state_dir / "state.db", follow=False, console=Console(file=out, width=300))
+    text = out.getvalue()
+    assert text.index("first death") < text.index("second death") < text.index("serving")
+    assert "not echo" not in text and "echo#3 (live)" in text
+    out = io.StringIO()
+    show_logs("echo#1", state_dir / "state.db", follow=False, console=Console(file=out))
+    assert "second death" in out.getvalue() and "first death" not in out.getvalue()
+    with pytest.raises(NoLogs, match="no logs of 'nothing'"):
+        show_logs("nothing", state_dir / "state.db", follow=False, console=Console(file=out))

@@ -93,27 +93,86 @@ async def test_metrics_from_a_real_server() -> None:
     assert _value(samples, "servecore_checkpoint_bytes") > 100
 
 
-async def test_healthz_and_routes() -> None:
+async def test_healthz_is_liveness_and_readyz_is_readiness() -> None:
     async with servecore.open_controller(runtime="threads") as ctl:
         await ctl.create_backend("echo", "servecore.testing.targets:echo")
         await ctl.create_endpoint("echo", route="/echo")
         await ctl.create_endpoint("hidden")
+        async with trio.open_nursery() as nursery:
+            [url, *_] = await nursery.start(serve_http, ctl, "127.0.0.1:0")
+
+            async def get(path: str, method: str = "GET") -> tuple[int, Any]:
+                code, _, body = await trio.to_thread.run_sync(_get, url, path, method)
+                return code, json.loads(body)
+
+            # A routed endpoint with no traffic yet: alive, not ready.
+            assert await get("/-/healthz") == (200, {"status": "ok"})
+            code, body = await get("/-/readyz")
+            assert code == 503 and body["status"] == "not ready"
+            assert body["reasons"] == ["endpoint 'echo' at /echo has no traffic set"]
+            await ctl.set_traffic("echo", {"echo": 1.0})
+            assert await get("/-/readyz") == (200, {"status": "ready"})
+            assert await get("/-/routes") == (200, {"/echo": "echo"})
+            post = await get("/-/healthz", "POST")
+            unknown = await get("/-/nothing")
+            # A FAILED backend no endpoint uses: still alive, still ready.
+            with pytest.raises(servecore.BackendStartError):
+                await ctl.create_backend("broken", "servecore.testing.targets:FailingInit")
+            assert await get("/-/healthz") == (200, {"status": "ok"})
+            assert await get("/-/readyz") == (200, {"status": "ready"})
+            # The routed endpoint's only backend FAILED: alive, and not ready, saying why.
+            with pytest.warns(RuntimeWarning, match="FAILED"):
+                await ctl.set_traffic("echo", {"broken": 1.0})
+            assert await get("/-/healthz") == (200, {"status": "ok"})
+            code, body = await get("/-/readyz")
+            nursery.cancel_scope.cancel()
+    assert post[0] == 405 and unknown[0] == 404
+    assert code == 503
+    assert body["reasons"] == [
+        "endpoint 'echo' at /echo has no RUNNING replica (backends 'broken' FAILED)"
+    ]
+
+
+def test_readyz_is_503_for_a_controller_that_lost_its_lease() -> None:
+    from servecore._serving.ops_http import readyz
+
+    class Fenced:
+        holds_lease = False
+        where = "postgresql://db/servecore"
+
+    class Ctl:
+        store = Fenced()
+        state = servecore.State()
+        routing_table = state.routing_table()
+
+    code, body = readyz(Ctl())
+    assert code == 503
+    assert "does not hold the lease" in body["reasons"][0]
+    assert "postgresql://db/servecore" in body["reasons"][0]
+    Ctl.store.holds_lease = True
+    assert readyz(Ctl()) == (200, {"status": "ready"})
+
+
+async def test_http_metrics_count_refusals_too() -> None:
+    async with servecore.open_controller(runtime="threads") as ctl:
+        await ctl.create_backend("echo", "servecore.testing.targets:echo")
+        await ctl.create_endpoint("echo", route="/echo", methods=("GET", "POST"))
         await ctl.set_traffic("echo", {"echo": 1.0})
         async with trio.open_nursery() as nursery:
             [url, *_] = await nursery.start(serve_http, ctl, "127.0.0.1:0")
-            ok = await trio.to_thread.run_sync(_get, url, "/-/healthz")
-            routes = await trio.to_thread.run_sync(_get, url, "/-/routes")
-            post = await trio.to_thread.run_sync(_get, url, "/-/healthz", "POST")
-            unknown = await trio.to_thread.run_sync(_get, url, "/-/nothing")
-            with pytest.raises(servecore.BackendStartError):
-                await ctl.create_backend("broken", "servecore.testing.targets:FailingInit")
-            unhealthy = await trio.to_thread.run_sync(_get, url, "/-/healthz")
+            for path, method in [
+                ("/echo", "GET"),
+                ("/nowhere", "GET"),
+                ("/nowhere", "GET"),
+                ("/echo", "DELETE"),
+            ]:
+                await trio.to_thread.run_sync(_get, url, path, method)
             nursery.cancel_scope.cancel()
-    assert (ok[0], json.loads(ok[2])) == (200, {"status": "ok"})
-    assert (routes[0], json.loads(routes[2])) == (200, {"/echo": "echo"})
-    assert post[0] == 405 and unknown[0] == 404
-    assert unhealthy[0] == 503
-    assert json.loads(unhealthy[2]) == {"status": "unhealthy", "backends": {"broken": "FAILED"}}
+        samples = _samples(servecore.metrics.exposition(ctl).decode())
+    name = "servecore_http_responses_total"
+    assert _value(samples, name, code="200") == 1
+    assert _value(samples, name, code="404") == 2
+    assert _value(samples, name, code="405") == 1
 
 
 def test_a_host_registers_the_collector_on_its_own_registry() -> None:

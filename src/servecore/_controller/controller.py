@@ -69,6 +69,7 @@ from servecore._core.transitions import (
     SetShadowTraffic,
     SetTraffic,
     State,
+    UpdateBackend,
     same_checkpoint,
 )
 from servecore._core.validation import check_name, check_namespace
@@ -236,7 +237,7 @@ class Controller:
         group = EffectGroup()
         command = await self._execute(make, group)
         await group.wait()
-        if isinstance(command, (CreateBackend, SetBackendConfig, RetryBackend)):
+        if isinstance(command, (CreateBackend, SetBackendConfig, UpdateBackend, RetryBackend)):
             backend = self._state.backends.get(command.tag)
             if backend is not None and backend.status is BackendStatus.FAILED:
                 raise BackendStartError(command.tag, backend.last_error or "unknown error")
@@ -295,6 +296,46 @@ class Controller:
         cfg = (config or BackendConfig()).evolve(**config_fields)
         return await self.submit(
             CreateBackend(
+                tag=tag,
+                target=target,
+                init_args=init_args,
+                init_kwargs={} if init_kwargs is None else init_kwargs,
+                config=cfg,
+            )
+        )
+
+    async def update_backend(
+        self,
+        tag: str,
+        target: Any,
+        *,
+        init_args: tuple[Any, ...] | list[Any] = (),
+        init_kwargs: Mapping[str, Any] | None = None,
+        config: BackendConfig | None = None,
+        **config_fields: Any,
+    ) -> State:
+        """Give backend ``tag`` a new definition (target, init arguments, config) in
+        place: its replicas roll, old ones serving until new ones run, and the
+        endpoints routing to it keep answering throughout::
+
+            await ctl.update_backend("echo", "myapp.models:Echo", init_kwargs={"v": 2})
+
+        Restating the current definition does nothing. Raises
+        :class:`~servecore.BackendStartError` if the new replicas cannot start (the
+        backend is then FAILED; replicas of the old definition that were still
+        running keep serving until they are replaced).
+        """
+        if config is not None and not isinstance(config, BackendConfig):
+            raise InvalidConfig(
+                "config",
+                config,
+                "must be a servecore.BackendConfig; or pass its fields as keywords, e.g. "
+                "update_backend(tag, target, num_replicas=2)",
+                backend=tag if isinstance(tag, str) else None,
+            )
+        cfg = (config or BackendConfig()).evolve(**config_fields)
+        return await self.submit(
+            UpdateBackend(
                 tag=tag,
                 target=target,
                 init_args=init_args,

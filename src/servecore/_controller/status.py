@@ -18,7 +18,18 @@ from servecore._core.transitions import State
 from servecore._core.values import replica_order
 from servecore._serving.router_stats import RouterStatistics
 
-__all__ = ["BackendView", "EndpointView", "ReplicaView", "Status", "live_status", "status_of"]
+__all__ = [
+    "STOPPED",
+    "BackendView",
+    "EndpointView",
+    "ReplicaView",
+    "Status",
+    "live_status",
+    "status_of",
+]
+
+#: Offline status of replicas (and backends) known to have stopped with their server.
+STOPPED = "STOPPED"
 
 
 @attrs.frozen(kw_only=True)
@@ -75,6 +86,9 @@ class Status:
     runtime: str | None
     endpoints: tuple[EndpointView, ...]
     backends: tuple[BackendView, ...]
+    #: What the reader should know that the table does not say (offline status of a
+    #: server whose replicas stopped with it), or ``None``.
+    note: str | None = None
 
     @property
     def healthy(self) -> bool:
@@ -94,11 +108,19 @@ def status_of(
     *,
     runtime: Any = None,
     statistics: RouterStatistics | None = None,
+    replicas_gone: str | None = None,
 ) -> Status:
     """The :class:`Status` of ``state`` (checkpoint number ``seq``); with ``runtime``
-    (a live controller's), replicas carry their pid/actor/log; with ``statistics``
-    (its router's), backends and replicas carry their load."""
+    (a live controller's), replicas carry their pid/actor/log and backends their load
+    (0 before the first query: nothing is queued or running yet), from ``statistics``
+    (its router's).
+
+    ``replicas_gone`` (offline only) says that the replicas the checkpoint records are
+    not running, and why (the ``threads`` runtime's replicas stop with their server):
+    they are shown ``STOPPED``, as is every backend that wants replicas, and the
+    reason becomes :attr:`Status.note`."""
     live = runtime is not None
+    gone = replicas_gone is not None and not live
     backends = []
     for tag in sorted(state.backends):
         b = state.backends[tag]
@@ -114,27 +136,31 @@ def status_of(
                 ReplicaView(
                     tag=rtag,
                     backend=tag,
-                    status=r.status.value,
+                    status=STOPPED if gone else r.status.value,
                     version=r.version,
                     pid=info.pid if info is not None else None,
                     actor_id=info.actor_id if info is not None else None,
                     log_path=info.log_path if info is not None else None,
-                    running=(load.running_by_replica.get(rtag, 0) if load is not None else None),
+                    running=(
+                        load.running_by_replica.get(rtag, 0)
+                        if load is not None
+                        else (0 if live else None)
+                    ),
                 )
             )
         backends.append(
             BackendView(
                 tag=tag,
                 target=b.target,
-                status=b.status.value,
+                status=STOPPED if gone and b.wanted_replicas else b.status.value,
                 num_replicas=b.wanted_replicas,
                 running_replicas=sum(1 for r in replicas if r.status == "RUNNING"),
                 version=b.version,
                 last_error=b.last_error,
                 config=attrs.asdict(b.config),
                 replicas=tuple(replicas),
-                queued=load.queued if load is not None else (0 if statistics else None),
-                running=load.running if load is not None else (0 if statistics else None),
+                queued=load.queued if load is not None else (0 if live else None),
+                running=load.running if load is not None else (0 if live else None),
             )
         )
     endpoints = tuple(
@@ -153,6 +179,7 @@ def status_of(
         runtime=type(runtime).__name__ if live else None,
         endpoints=endpoints,
         backends=tuple(backends),
+        note=replicas_gone if gone else None,
     )
 
 

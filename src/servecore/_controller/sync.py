@@ -262,6 +262,28 @@ class SyncController:
         """Stop all replicas of a backend and forget it."""
         return self._run(self.controller.delete_backend, tag)
 
+    def update_backend(
+        self,
+        tag: str,
+        target: Any,
+        *,
+        init_args: tuple[Any, ...] | list[Any] = (),
+        init_kwargs: Mapping[str, Any] | None = None,
+        config: BackendConfig | None = None,
+        **config_fields: Any,
+    ) -> State:
+        """Give a backend a new definition in place, rolling its replicas (see the
+        async :meth:`servecore.Controller.update_backend`)."""
+        return self._run(
+            self.controller.update_backend,
+            tag,
+            target,
+            init_args=init_args,
+            init_kwargs=init_kwargs,
+            config=config,
+            **config_fields,
+        )
+
     def set_backend_config(self, tag: str, config: BackendConfig) -> State:
         """Replace a backend's whole config."""
         return self._run(self.controller.set_backend_config, tag, config)

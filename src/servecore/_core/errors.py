@@ -205,8 +205,8 @@ class InvalidCommand(CommandError, TypeError):
         self.value = value
         super().__init__(
             f"{_shown(value)} is not a servecore command; pass one of CreateEndpoint, "
-            f"DeleteEndpoint, CreateBackend, DeleteBackend, SetBackendConfig, RetryBackend, "
-            f"SetTraffic, SetShadowTraffic"
+            f"DeleteEndpoint, CreateBackend, DeleteBackend, SetBackendConfig, UpdateBackend, "
+            f"RetryBackend, SetTraffic, SetShadowTraffic"
         )
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import attrs
 
 from servecore._core.errors import InvalidConfig
-from servecore._core.messages import CreateBackend, Message, SetBackendConfig
+from servecore._core.messages import CreateBackend, Message, SetBackendConfig, UpdateBackend
 from servecore._core.validation import MAX_JSON_DEPTH, MAX_REPLICAS, int_between, json_depth
 
 __all__ = ["Limits"]
@@ -40,7 +40,7 @@ class Limits:
 
     def check(self, message: Message) -> None:
         """Raise :class:`~servecore.InvalidConfig` if ``message`` exceeds a limit."""
-        if isinstance(message, CreateBackend):
+        if isinstance(message, (CreateBackend, UpdateBackend)):
             tag, config = message.tag, message.config
             nested: list[tuple[str, Any]] = [
                 ("init_args", message.init_args),

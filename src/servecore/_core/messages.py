@@ -61,6 +61,7 @@ __all__ = [
     "SetTraffic",
     "StartReplica",
     "StopReplica",
+    "UpdateBackend",
     "UpdateRouter",
     "describe",
 ]
@@ -165,6 +166,26 @@ class SetBackendConfig:
 
     tag: str = attrs.field(validator=_name("backend"))
     config: BackendConfig = attrs.field(validator=lambda _i, _a, v: _is_config(v))
+
+
+@attrs.frozen(kw_only=True)
+class UpdateBackend:
+    """Replace a backend's whole definition (target, init arguments, config) in place.
+
+    Its replicas roll as for a config change that needs new replicas: the version is
+    bumped, replicas of the old definition keep serving until new ones run in their
+    place, and the endpoints routing to it are never touched, so its routes never
+    answer 404 during the change. A new definition is a new chance: the failure budget
+    (and FAILED) is cleared. Restating the current definition changes nothing.
+    """
+
+    tag: str = attrs.field(validator=_name("backend"))
+    target: str = attrs.field(converter=target_path)
+    init_args: tuple[Any, ...] = attrs.field(default=(), converter=_init_args)
+    init_kwargs: dict[str, Any] = attrs.field(factory=dict, converter=_init_kwargs)
+    config: BackendConfig = attrs.field(
+        factory=BackendConfig, validator=lambda _i, _a, v: _is_config(v)
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -365,6 +386,7 @@ Command: TypeAlias = (
     | CreateBackend
     | DeleteBackend
     | SetBackendConfig
+    | UpdateBackend
     | RetryBackend
     | SetTraffic
     | SetShadowTraffic
@@ -390,6 +412,8 @@ def describe(message: Message | Effect) -> str:
         return f"create backend {message.tag!r} ({_replicas(message.config)})"
     if isinstance(message, SetBackendConfig):
         return f"update backend {message.tag!r} ({_replicas(message.config)})"
+    if isinstance(message, UpdateBackend):
+        return f"roll backend {message.tag!r} to a new definition ({_replicas(message.config)})"
     if isinstance(message, DeleteBackend):
         return f"delete backend {message.tag!r}"
     if isinstance(message, RetryBackend):

@@ -75,6 +75,7 @@ from servecore._core.messages import (
     SetTraffic,
     StartReplica,
     StopReplica,
+    UpdateBackend,
     UpdateRouter,
 )
 from servecore._core.reconcile import Fix, fix_for
@@ -138,6 +139,7 @@ __all__ = [
     "State",
     "StopReplica",
     "Transition",
+    "UpdateBackend",
     "UpdateRouter",
     "replica_number",
     "same_checkpoint",
@@ -644,40 +646,65 @@ def _set_backend_config(state: State, cmd: SetBackendConfig) -> Transition:
     b = _backend(state, cmd.tag)
     if b.config == cmd.config:
         return _unchanged(state)
+    return _redefine(state, b, attrs.evolve(b, config=cmd.config))
+
+
+def _update_backend(state: State, cmd: UpdateBackend) -> Transition:
+    b = _backend(state, cmd.tag)
+    wanted = attrs.evolve(
+        b,
+        target=cmd.target,
+        init_args=cmd.init_args,
+        init_kwargs=cmd.init_kwargs,
+        config=cmd.config,
+    )
+    if b.same_definition(wanted):
+        return _unchanged(state)
+    return _redefine(state, b, wanted)
+
+
+def _redefine(state: State, b: Backend, wanted: Backend) -> Transition:
+    """Give ``b`` the definition and config of ``wanted``, rolling its replicas when
+    they must be rebuilt (new code, new init arguments, or a config that needs them):
+    old replicas serve until new ones run in their place (:meth:`reconcile`)."""
     tx = _TransitionBuilder(state)
-    # A new config is a new chance: clear the failure budget (and FAILED).
-    renew = b.config.needs_new_replicas(cmd.config)
+    new_code = (b.target, b.init_args, b.init_kwargs) != (
+        wanted.target,
+        wanted.init_args,
+        wanted.init_kwargs,
+    )
+    renew = new_code or b.config.needs_new_replicas(wanted.config)
+    # A new definition or config is a new chance: clear the failure budget (and FAILED).
     tx.put_backend(
         attrs.evolve(
-            b,
-            config=cmd.config,
+            wanted,
             status=BackendStatus.UPDATING,
             start_failures=0,
             early_deaths=0,
             last_error=None,
             version=b.version + 1 if renew else b.version,
-            autoscale=_autoscale_after(b, cmd.config),
+            autoscale=_autoscale_after(b, wanted.config),
         )
     )
-    if cmd.config.autoscaling is None and cmd.tag in tx.observations:
-        tx.observations = tx.observations.delete(cmd.tag)
+    if wanted.config.autoscaling is None and b.tag in tx.observations:
+        tx.observations = tx.observations.delete(b.tag)
     if renew:
-        # Replicas of the old config: those still starting serve nothing yet and go
-        # now; running ones become outdated and keep serving until replaced.
-        idx = tx.index[cmd.tag]
+        # Replicas of the old definition: those still starting serve nothing yet and
+        # go now; running ones become outdated and keep serving until replaced.
+        idx = tx.index[b.tag]
         for _, rtag in sorted(idx.starting.items()):
             tx.begin_stop(tx.replicas[rtag], b.config.graceful_shutdown_timeout_s)
-        idx = tx.index[cmd.tag]
+        idx = tx.index[b.tag]
         tx._set_index(
-            cmd.tag,
+            b.tag,
             _BackendIndex(outdated=Map({**dict(idx.outdated), **dict(idx.running)})),
         )
-    route = tx.routes[cmd.tag]
-    new_route = BackendRoute.of(tx.backends[cmd.tag], route.replicas)
-    # Same replicas tuple on both sides: compare only what comes from the config.
+    route = tx.routes[b.tag]
+    new_route = BackendRoute.of(tx.backends[b.tag], route.replicas)
+    # Same replicas tuple on both sides: compare only what comes from the definition.
     if attrs.evolve(new_route, replicas=()) != attrs.evolve(route, replicas=()):
-        tx.routes = tx.routes.set(cmd.tag, new_route)
-    tx.reconcile(cmd.tag)
+        tx.routes = tx.routes.set(b.tag, new_route)
+    tx.reconcile(b.tag)
     return tx.finish()
 
 
@@ -900,6 +927,7 @@ _HANDLERS: dict[type, Callable[[State, Any], Transition]] = {
     CreateBackend: _create_backend,
     DeleteBackend: _delete_backend,
     SetBackendConfig: _set_backend_config,
+    UpdateBackend: _update_backend,
     RetryBackend: _retry_backend,
     SetTraffic: _set_traffic,
     SetShadowTraffic: _set_shadow_traffic,

@@ -1,9 +1,15 @@
 """The ingress's own routes, under ``/-/`` (as Ray Serve's): for operators and load
 balancers, not for user endpoints.
 
-* ``GET /-/healthz``: 200 ``{"status": "ok"}`` when every backend runs all its
-  replicas; 503 ``{"status": "unhealthy", "backends": {...}}`` naming those that do
-  not (UPDATING or FAILED), so a load balancer sends traffic elsewhere meanwhile.
+* ``GET /-/healthz``: *liveness* (Kubernetes' livenessProbe): 200 ``{"status": "ok"}``
+  whenever the process and its loop answer, whatever its backends do. A FAILED backend
+  is not cured by restarting the server, so it never fails this probe.
+* ``GET /-/readyz``: *readiness* (readinessProbe, a load balancer's check): 200
+  ``{"status": "ready"}`` once the state is loaded, this controller leads its store
+  (holds its lease, for a store that has one), and every endpoint with a route has a
+  RUNNING replica to send a query to (or a backend that wakes on demand); 503
+  ``{"status": "not ready", "reasons": [...]}`` otherwise, each reason naming what is
+  missing, so traffic goes elsewhere meanwhile.
 * ``GET /-/routes``: ``{route: endpoint}`` for every endpoint with a route.
 * ``GET /-/metrics``: the Prometheus text format (see :mod:`servecore.metrics`).
 """
@@ -11,13 +17,13 @@ balancers, not for user endpoints.
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from servecore._core.transitions import BackendStatus
 from servecore._core.validation import OPERATOR_PREFIX
 
-__all__ = ["PREFIX", "answer_ops"]
+__all__ = ["PREFIX", "answer_ops", "count_response", "http_responses", "readyz"]
 
 #: The core refuses endpoint routes under it (``InvalidRoute``).
 PREFIX = OPERATOR_PREFIX
@@ -25,16 +31,64 @@ PREFIX = OPERATOR_PREFIX
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
+#: Responses the ingress sent, by status code, per controller (read by the metrics).
+_RESPONSES: weakref.WeakKeyDictionary[Any, dict[int, int]] = weakref.WeakKeyDictionary()
+
+
+def count_response(controller: Any, status: int) -> None:
+    """Count one HTTP response of ``status`` sent for ``controller``."""
+    counts = _RESPONSES.setdefault(controller, {})
+    counts[status] = counts.get(status, 0) + 1
+
+
+def http_responses(controller: Any) -> dict[int, int]:
+    """The HTTP responses sent for ``controller`` so far, by status code: every one,
+    404s, 405s and 400s included, not only the queries that reached the router."""
+    return dict(sorted(_RESPONSES.get(controller, {}).items()))
+
+
 def healthz(controller: Any) -> tuple[int, dict[str, Any]]:
-    """Status code and body of ``/-/healthz``."""
-    unhealthy = {
-        tag: b.status.value
-        for tag, b in sorted(controller.state.backends.items())
-        if b.status is not BackendStatus.HEALTHY
-    }
-    if unhealthy:
-        return 503, {"status": "unhealthy", "backends": unhealthy}
+    """Status code and body of ``/-/healthz``: liveness only (see the module)."""
     return 200, {"status": "ok"}
+
+
+def _leads(store: Any) -> str | None:
+    """Why ``store`` says this controller does not lead it, or ``None``."""
+    holds = getattr(store, "holds_lease", None)
+    if holds is None or holds:
+        return None  # a store without a lease is held by its lock while open
+    return (
+        f"this controller does not hold the lease of its store "
+        f"({getattr(store, 'where', store)!r}); another controller leads it"
+    )
+
+
+def readyz(controller: Any) -> tuple[int, dict[str, Any]]:
+    """Status code and body of ``/-/readyz``: readiness (see the module)."""
+    reasons: list[str] = []
+    not_leader = _leads(getattr(controller, "store", None))
+    if not_leader is not None:
+        reasons.append(not_leader)
+    state = controller.state
+    table = controller.routing_table
+    for name, ep in sorted(state.endpoints.items()):
+        if ep.route is None:
+            continue  # reached by handles only: not this ingress's to be ready for
+        serving = [t for t, w in ep.traffic.items() if w > 0]
+        if not serving:
+            reasons.append(f"endpoint {name!r} at {ep.route} has no traffic set")
+            continue
+        routes = [table.backends.get(t) for t in serving]
+        if any(r is not None and (r.replicas or r.wakes_on_demand) for r in routes):
+            continue
+        why = ", ".join(
+            f"{t!r} {b.status.value}" if (b := state.backends.get(t)) is not None else repr(t)
+            for t in serving
+        )
+        reasons.append(f"endpoint {name!r} at {ep.route} has no RUNNING replica (backends {why})")
+    if reasons:
+        return 503, {"status": "not ready", "reasons": reasons}
+    return 200, {"status": "ready"}
 
 
 def routes(controller: Any) -> dict[str, str]:
@@ -64,8 +118,10 @@ async def answer_ops(controller: Any, scope: MutableMapping[str, Any], send: Sen
         return False
     name = path[len(PREFIX) :]
     json_type = b"application/json"
-    if name not in {"healthz", "routes", "metrics"}:
-        body = {"error": f"no operator route {path}; try /-/healthz, /-/routes, /-/metrics"}
+    if name not in {"healthz", "readyz", "routes", "metrics"}:
+        body = {
+            "error": f"no operator route {path}; try /-/healthz, /-/readyz, /-/routes, /-/metrics"
+        }
         await _send(send, 404, json.dumps({**body, "type": "NotFound"}).encode(), json_type)
         return True
     if scope["method"] not in {"GET", "HEAD"}:
@@ -74,6 +130,9 @@ async def answer_ops(controller: Any, scope: MutableMapping[str, Any], send: Sen
         return True
     if name == "healthz":
         status, data = healthz(controller)
+        await _send(send, status, json.dumps(data).encode(), json_type)
+    elif name == "readyz":
+        status, data = readyz(controller)
         await _send(send, status, json.dumps(data).encode(), json_type)
     elif name == "routes":
         await _send(send, 200, json.dumps(routes(controller)).encode(), json_type)

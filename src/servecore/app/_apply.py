@@ -7,13 +7,13 @@ conflict or a traffic check:
 
 1. **detach** what must be rebuilt: an endpoint whose route or methods changed (or
    whose traffic the file empties) is deleted, and so is one the file drops whose
-   route another endpoint takes; a backend whose target or arguments changed loses its
-   shadows, the endpoints routing to it, and is then deleted (the core cannot change a
-   backend's code in place; to roll new code without a gap, add it under a new tag and
-   move traffic);
-2. **create** new backends, and set the config of those whose config changed (a new
-   ``user_config`` rolls replicas, as :meth:`~servecore.Controller.set_backend_config`
-   does);
+   route another endpoint takes (the core has no command to change a route in place);
+2. **backends**: create new ones; a backend whose target, init arguments or config
+   changed is given its new definition in place (:class:`UpdateBackend`, or
+   :class:`SetBackendConfig` when only the config changed), so its replicas roll, old
+   ones serving until new ones run, and the endpoints routing to it are never deleted
+   and never answer 404 during the change; a FAILED backend the file restates as it is
+   is retried (:class:`RetryBackend`), since applying it again means "try again";
 3. **endpoints**: create the new ones, then set traffic and shadows that differ;
 4. **delete** what the file no longer names: endpoints first, then backends.
 
@@ -45,10 +45,12 @@ from servecore._core.transitions import (
     CreateEndpoint,
     DeleteBackend,
     DeleteEndpoint,
+    RetryBackend,
     SetBackendConfig,
     SetShadowTraffic,
     SetTraffic,
     State,
+    UpdateBackend,
     step,
 )
 from servecore.app._schema import App, AppFileError, BackendSpec, EndpointSpec, load_app
@@ -72,9 +74,6 @@ def plan(state: State, app: App) -> list[Command]:
 
     # What the state will hold after the detach phase, tracked as the plan goes.
     endpoints = dict(state.endpoints)
-    redefined = {
-        t for t, spec in app.backends.items() if t in state.backends and not _same_code(spec, state)
-    }
 
     def delete_endpoint(name: str) -> None:
         detach.append(DeleteEndpoint(name=name))
@@ -83,9 +82,7 @@ def plan(state: State, app: App) -> list[Command]:
     wanted_routes = {e.route: e.name for e in app.endpoints.values() if e.route is not None}
     for name, ep in sorted(state.endpoints.items()):
         spec = app.endpoints.get(name)
-        if any(t in redefined for t in ep.traffic):
-            delete_endpoint(name)  # routes to a backend that is being rebuilt
-        elif spec is None:
+        if spec is None:
             owner = wanted_routes.get(ep.route) if ep.route is not None else None
             if owner is not None and owner != name:
                 delete_endpoint(name)  # its route is about to be taken
@@ -93,18 +90,10 @@ def plan(state: State, app: App) -> list[Command]:
             ep.traffic and not spec.traffic
         ):
             delete_endpoint(name)  # the core has no command to change these in place
-    for tag in sorted(redefined):
-        for name, ep in sorted(endpoints.items()):
-            if tag in ep.shadow:
-                detach.append(SetShadowTraffic(endpoint=name, backend=tag, proportion=0.0))
-                endpoints[name] = attrs.evolve(
-                    ep, shadow={k: v for k, v in ep.shadow.items() if k != tag}
-                )
-        detach.append(DeleteBackend(tag=tag))
 
     for tag, bspec in sorted(app.backends.items()):
         current = state.backends.get(tag)
-        if current is None or tag in redefined:
+        if current is None:
             create.append(
                 CreateBackend(
                     tag=tag,
@@ -114,8 +103,21 @@ def plan(state: State, app: App) -> list[Command]:
                     config=bspec.config,
                 )
             )
+        elif not _same_code(bspec, state):
+            # New code or arguments: roll in place, never delete and recreate.
+            create.append(
+                UpdateBackend(
+                    tag=tag,
+                    target=bspec.target,
+                    init_args=bspec.init_args,
+                    init_kwargs=bspec.init_kwargs,
+                    config=bspec.config,
+                )
+            )
         elif current.config != bspec.config:
             create.append(SetBackendConfig(tag=tag, config=bspec.config))
+        elif current.status is BackendStatus.FAILED:
+            create.append(RetryBackend(tag=tag))
 
     for name, spec in sorted(app.endpoints.items()):
         current_ep = endpoints.get(name)
@@ -144,7 +146,9 @@ def plan(state: State, app: App) -> list[Command]:
 
 def _key_of(command: Command, exc: CommandError) -> str:
     """The app file's key path for what ``command`` was refused for."""
-    if isinstance(command, (CreateBackend, SetBackendConfig, DeleteBackend)):
+    if isinstance(
+        command, (CreateBackend, UpdateBackend, SetBackendConfig, RetryBackend, DeleteBackend)
+    ):
         at = f"backends.{command.tag}"
         if isinstance(exc, InvalidConfig) and exc.field and " " not in exc.field:
             return f"{at}.{exc.field}"
@@ -175,7 +179,8 @@ def check_plan(state: State, commands: list[Command], limits: Limits, source: st
 class Applied:
     """What :func:`apply` did: the commands it ran, in order, and the backends whose
     replicas failed to start (tag -> the replica's own error; they stay FAILED, as
-    ``servecore status`` shows, until their config changes)."""
+    ``servecore status`` shows, until their definition changes or they are retried:
+    ``servecore retry TAG``, or applying the same file again)."""
 
     commands: tuple[Command, ...]
     failed: dict[str, str] = attrs.field(factory=dict)
@@ -212,7 +217,7 @@ async def apply(controller: Any, app: App | str | os.PathLike[str]) -> Applied:
         try:
             await controller.submit(command)
         except BackendStartError as exc:
-            failed[exc.tag] = str(exc)
+            failed[exc.tag] = exc.reason
             log.warning("apply %s: %s", app.source, exc)
     for tag in app.backends:
         b = controller.state.backends.get(tag)

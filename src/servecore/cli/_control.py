@@ -17,9 +17,19 @@ does not wedge every later one).
 One request per connection, one JSON object each way, newline-terminated::
 
     {"op": "status"}                          -> {"ok": true, "status": {...}}
-    {"op": "apply", "text": "...", "source": "app.toml"}
+    {"op": "apply", "text": "...", "source": "app.toml", "dry_run": false}
         -> {"ok": true, "changes": ["create backend 'echo' (1 replica(s))"], "failed": {}}
         -> {"ok": false, "type": "AppFileError", "error": "app.toml: ...", "key": "..."}
+    {"op": "retry", "backend": "echo"}        -> {"ok": true, "status": "HEALTHY"}
+        -> {"ok": false, "type": "BackendStartError", "error": "...", "reason": "..."}
+    {"op": "delete", "kind": "endpoint" | "backend", "name": "echo"} -> {"ok": true}
+    {"op": "shutdown", "stop_replicas": false} -> {"ok": true}  (then the server stops)
+    {"op": "logs", "target": "echo" | "echo#3"}
+        -> {"ok": true, "runtime": "subprocess", "directory": ".../replicas",
+            "live": {"echo#3": ".../echo_3-....log"}}
+
+Every refusal is ``{"ok": false, "type": ..., "error": ...}``, ``error`` being the
+one paragraph the client prints.
 
 An invalid file changes nothing: the server parses it again before applying.
 """
@@ -34,13 +44,16 @@ import os
 import socket
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from servecore._core.errors import ServecoreError
-from servecore.app import MAX_APP_FILE_BYTES, AppFileError, apply, describe, parse_app
+from servecore._controller.replica_lifecycle import replica_info
+from servecore._core.errors import BackendStartError, ServecoreError
+from servecore._core.values import backend_of
+from servecore.app import MAX_APP_FILE_BYTES, AppFileError, apply, describe, parse_app, plan
 
 log = logging.getLogger("servecore.cli")
 
@@ -219,11 +232,88 @@ class _Applying:
         self.since = 0.0
 
 
-async def _answer(controller: Any, applying: _Applying, request: dict[str, Any]) -> dict[str, Any]:
+#: What ``servecore run`` does on a ``shutdown`` request: stop the server (and, when
+#: told, its replicas).
+Shutdown = Callable[[bool], None]
+
+
+def _text_field(request: dict[str, Any], name: str) -> str:
+    value = request.get(name)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{request.get('op')} needs {name} (a non-empty string)")
+    return value
+
+
+async def _command(controller: Any, request: dict[str, Any]) -> dict[str, Any]:
+    """retry and delete: one controller command each."""
+    op = request["op"]
+    if op == "retry":
+        tag = _text_field(request, "backend")
+        try:
+            state = await controller.retry_backend(tag)
+        except BackendStartError as exc:
+            return {
+                "ok": False,
+                "type": type(exc).__name__,
+                "error": str(exc),
+                "reason": exc.reason,
+            }
+        return {"ok": True, "status": state.backends[tag].status.value}
+    kind, name = _text_field(request, "kind"), _text_field(request, "name")
+    if kind == "endpoint":
+        await controller.delete_endpoint(name)
+    elif kind == "backend":
+        await controller.delete_backend(name)
+    else:
+        raise ValueError(f"delete takes kind 'endpoint' or 'backend', not {kind!r}")
+    return {"ok": True}
+
+
+def _logs(controller: Any, target: str) -> dict[str, Any]:
+    """Where the replicas of ``target`` (a backend or a replica tag) log now."""
+    state = controller.state
+    if "#" in target:
+        tags = [target] if target in state.replicas else []
+    else:
+        tags = sorted(t for t in state.replicas if backend_of(t) == target)
+    live = {}
+    for tag in tags:
+        path = replica_info(controller.runtime, tag).log_path
+        if path is not None:
+            live[tag] = path
+    runtime = controller.runtime
+    directory = getattr(runtime, "directory", None)
+    return {
+        "ok": True,
+        "runtime": type(runtime).__name__,
+        "directory": None if directory is None else str(directory),
+        "known": target in state.backends or target in state.replicas,
+        "live": live,
+    }
+
+
+async def _answer(
+    controller: Any,
+    applying: _Applying,
+    request: dict[str, Any],
+    shutdown: Shutdown | None = None,
+) -> dict[str, Any]:
     op = request.get("op")
     if op == "status":
         status = await controller.status()
         return {"ok": True, "status": status.as_dict()}
+    if op in {"retry", "delete"}:
+        try:
+            return await _command(controller, request)
+        except ServecoreError as exc:
+            return {"ok": False, "type": type(exc).__name__, "error": str(exc)}
+    if op == "logs":
+        return _logs(controller, _text_field(request, "target"))
+    if op == "shutdown":
+        if shutdown is None:
+            return {"ok": False, "type": "BadRequest", "error": "this server cannot be stopped"}
+        shutdown(bool(request.get("stop_replicas", False)))
+        return {"ok": True}
     if op == "apply":
         text, source = request.get("text"), request.get("source", "<app>")
         if not isinstance(text, str) or not isinstance(source, str):
@@ -232,6 +322,9 @@ async def _answer(controller: Any, applying: _Applying, request: dict[str, Any])
             app = parse_app(text, source)
         except AppFileError as exc:
             return {"ok": False, "type": "AppFileError", "error": str(exc), "key": exc.key}
+        if request.get("dry_run"):
+            commands = plan(controller.state, app)
+            return {"ok": True, "changes": [describe(c) for c in commands], "failed": {}}
         # One apply at a time: each plans from the state the last one left.
         acquired = False
         with trio.move_on_after(applying.wait_s):
@@ -268,12 +361,14 @@ async def serve_control(
     path: Path,
     *,
     apply_wait_s: float = APPLY_WAIT_S,
+    shutdown: Shutdown | None = None,
     task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the control API for ``controller`` at ``path`` until cancelled.
 
     ``path``'s directory must pass :func:`check_state_dir`. An ``apply`` waits at most
     ``apply_wait_s`` for the one in progress, then is answered that the server is busy.
+    A ``shutdown`` request calls ``shutdown(stop_replicas)`` (refused without one).
     """
     check_socket_path(path)
     check_state_dir(path.parent)
@@ -304,7 +399,7 @@ async def serve_control(
                 request = json.loads(await _read_request(stream))
                 if not isinstance(request, dict):
                     raise ValueError("a request is a JSON object")
-                reply = await _answer(controller, applying, request)
+                reply = await _answer(controller, applying, request, shutdown)
             except _TooLarge as exc:
                 reply = {"ok": False, "type": "TooLarge", "error": str(exc)}
             except (ValueError, UnicodeDecodeError) as exc:

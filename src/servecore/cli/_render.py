@@ -8,7 +8,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-__all__ = ["render_status"]
+__all__ = ["failed_hint", "print_status", "render_status"]
 
 _STYLE = {"HEALTHY": "green", "UPDATING": "yellow", "FAILED": "red", "RUNNING": "green"}
 
@@ -26,9 +26,30 @@ def _row(table: Table, *cells: str | Text) -> None:
     table.add_row(*(c if isinstance(c, Text) else Text(c) for c in cells))
 
 
+def failed_hint(tag: str, error: str | None) -> str:
+    """What to do about FAILED backend ``tag`` whose last error is ``error``: the real
+    fix first (an import that failed is a path to check), then the command to run."""
+    error = error or ""
+    if "ModuleNotFoundError" in error or "ImportError" in error:
+        fix = (
+            "its target could not be imported: check the import path in the app file, "
+            "and that --app-dir (given to servecore run) is the directory it is imported "
+            "from"
+        )
+    else:
+        fix = f"see why with: servecore logs {tag}, and fix it"
+    return (
+        f"backend {tag!r} is FAILED: {fix}; then start it again with: servecore retry "
+        f"{tag} (or change its definition and servecore apply, or servecore delete "
+        f"backend {tag})"
+    )
+
+
 def render_status(status: dict[str, Any], source: str) -> Group:
     """Endpoints, backends and replicas of ``status`` (as :meth:`Status.as_dict`)."""
     live = "live" if status["live"] else "from the checkpoint (no server running)"
+    if status.get("runtime") and status["live"]:
+        live = f"live ({status['runtime']})"
     health = "healthy" if status["healthy"] else "not healthy"
     head = Text.assemble(
         (f"{source}", "bold"),
@@ -79,7 +100,13 @@ def render_status(status: dict[str, Any], source: str) -> Group:
                 _dash(r["running"]),
                 _dash(r["log_path"]),
             )
-    return Group(head, endpoints, backends, replicas)
+    notes = [Text(status["note"], style="yellow")] if status.get("note") else []
+    hints = [
+        Text(failed_hint(b["tag"], b["last_error"]), style="red")
+        for b in status["backends"]
+        if b["status"] == "FAILED"
+    ]
+    return Group(head, *notes, endpoints, backends, replicas, *hints)
 
 
 def print_status(status: dict[str, Any], source: str, console: Console) -> None:

@@ -19,6 +19,8 @@ A signal during the apply stops it: the exit status is ``128 + signal`` and, wit
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
 import signal
@@ -47,12 +49,44 @@ from servecore.http import LISTEN_BACKLOG, HTTPIngress, hypercorn_config
 from servecore.replica_logs import forward_replica_logs
 from servecore.stores import SQLiteStore
 
-__all__ = ["AlreadyRunning", "CannotListen", "RunOptions", "preflight", "run_server"]
+__all__ = [
+    "RUN_RECORD",
+    "AlreadyRunning",
+    "CannotListen",
+    "RunOptions",
+    "last_run",
+    "preflight",
+    "run_server",
+]
 
 log = logging.getLogger("servecore.cli")
 
 #: How long requests in flight may take to finish after SIGINT/SIGTERM.
 GRACEFUL_TIMEOUT_S = 5.0
+
+#: In the state directory: the runtime the last ``servecore run`` used and whether
+#: its replicas are known to have stopped with it, so that ``servecore status`` read
+#: from the checkpoint does not call replicas RUNNING that cannot be (threads).
+RUN_RECORD = "last-run.json"
+
+
+def _record_run(state_dir: Path, runtime: str, *, replicas_stopped: bool) -> None:
+    record = {"runtime": runtime, "replicas_stopped": replicas_stopped}
+    temp = state_dir / f".{RUN_RECORD}.tmp"
+    try:
+        temp.write_text(json.dumps(record))
+        os.replace(temp, state_dir / RUN_RECORD)
+    except OSError as exc:  # only status's wording depends on it
+        log.warning("cannot write %s: %s", state_dir / RUN_RECORD, exc)
+
+
+def last_run(state_dir: Path) -> dict[str, Any] | None:
+    """What :data:`RUN_RECORD` says of the last ``servecore run`` here, if anything."""
+    try:
+        data = json.loads((state_dir / RUN_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 class RunOptions:
@@ -217,6 +251,7 @@ async def _run(options: RunOptions, console: Console, http_socket: socket.socket
     shutdown = trio.Event()
     received: list[int] = []
     interrupted = False
+    _record_run(options.state_dir, options.runtime, replicas_stopped=False)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_controller(
             options.runtime,
@@ -276,6 +311,9 @@ async def _run(options: RunOptions, console: Console, http_socket: socket.socket
                 if options.stop_replicas:
                     with trio.CancelScope(shield=True):
                         await _stop_replicas(ctl, console)
+                # Threads replicas lived in this process: they are gone with it.
+                gone = options.stop_replicas or options.runtime == "threads"
+                _record_run(options.state_dir, options.runtime, replicas_stopped=gone)
     return 128 + received[0] if interrupted and received else 0
 
 
@@ -289,7 +327,17 @@ async def _serve(
 ) -> None:
     """Serve HTTP and the control socket until ``shutdown``, then drain."""
     binds = await nursery.start(_serve_http, ctl, options, shutdown, http_socket)
-    control = await nursery.start(serve_control, ctl, socket_path(options.state_dir))
+
+    def stop(stop_replicas: bool) -> None:
+        # servecore shutdown [--stop-replicas]: as SIGTERM, and maybe the replicas too.
+        if stop_replicas:
+            options.stop_replicas = True
+        console.print("[bold]servecore shutdown[/]: draining requests and stopping")
+        shutdown.set()
+
+    control = await nursery.start(
+        functools.partial(serve_control, shutdown=stop), ctl, socket_path(options.state_dir)
+    )
     url = next((b for b in binds if b.startswith("http://")), binds[0])
     # One plain line on stdout, flushed: scripts wait for it.
     print(f"servecore: serving {url} (control socket {control})", flush=True)

@@ -343,6 +343,13 @@ class PostgresStore:
         lease = self._lease
         return None if lease is None else lease.epoch
 
+    @property
+    def holds_lease(self) -> bool:
+        """Whether this store holds its lease, not known to be lost (the ingress's
+        ``/-/readyz`` reads it: a fenced controller is not ready)."""
+        lease = self._lease
+        return lease is not None and lease.lost_to is None
+
     # -- connections ----------------------------------------------------------------------
 
     def _connect(self) -> psycopg.Connection[Any]:
@@ -765,6 +772,11 @@ class PostgresRecords:
     def epoch(self) -> int | None:
         """The store's :attr:`PostgresStore.epoch`."""
         return self.store.epoch
+
+    @property
+    def holds_lease(self) -> bool:
+        """The store's :attr:`PostgresStore.holds_lease`."""
+        return self.store.holds_lease
 
     def open(self, *, standby: bool = False, timeout_s: float | None = None) -> None:
         """See :meth:`PostgresStore.open`."""
