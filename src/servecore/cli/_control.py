@@ -20,6 +20,9 @@ One request per connection, one JSON object each way, newline-terminated::
     {"op": "apply", "text": "...", "source": "app.toml"}
         -> {"ok": true, "changes": ["create backend 'echo' (1 replica(s))"], "failed": {}}
         -> {"ok": false, "type": "AppFileError", "error": "app.toml: ...", "key": "..."}
+    {"op": "subscribe"}
+        -> the routing-table feed: the connection stays open, one line per table
+           (servecore._serving.table_feed)
 
 An invalid file changes nothing: the server parses it again before applying.
 """
@@ -40,6 +43,7 @@ from typing import Any
 import trio
 
 from servecore._core.errors import ServecoreError
+from servecore._serving.table_feed import TableFeed
 from servecore.app import MAX_APP_FILE_BYTES, AppFileError, apply, describe, parse_app
 
 log = logging.getLogger("servecore.cli")
@@ -297,6 +301,23 @@ async def serve_control(
         sock.close()
         raise
     applying = _Applying(apply_wait_s)
+    feeds: list[TableFeed] = []  # made on the first subscriber (one table listener)
+
+    async def subscribe(stream: trio.SocketStream) -> None:
+        if not feeds:
+            feeds.append(TableFeed(controller))
+        async with trio.open_nursery() as nursery:
+
+            async def until_gone() -> None:
+                # A subscriber sends nothing more: end of stream means it went away.
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    while await stream.receive_some(4096):
+                        pass
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(until_gone)
+            await feeds[0].serve(stream)
+            nursery.cancel_scope.cancel()
 
     async def handle(stream: trio.SocketStream) -> None:
         async with stream:
@@ -304,6 +325,9 @@ async def serve_control(
                 request = json.loads(await _read_request(stream))
                 if not isinstance(request, dict):
                     raise ValueError("a request is a JSON object")
+                if request.get("op") == "subscribe":
+                    await subscribe(stream)
+                    return
                 reply = await _answer(controller, applying, request)
             except _TooLarge as exc:
                 reply = {"ok": False, "type": "TooLarge", "error": str(exc)}
