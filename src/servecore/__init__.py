@@ -52,6 +52,7 @@ if TYPE_CHECKING:
         NoReplicaError,
         RemoteError,
         ReplicaDiedError,
+        ReplicasUnreachable,
         ResultDecodeError,
         RouteConflict,
         RuntimeDirectoryLocked,
@@ -110,6 +111,7 @@ if TYPE_CHECKING:
         UpdateRouter,
         step,
     )
+    from servecore._serving.connect import Client, SyncClient, connect, open_client
     from servecore.app import App, AppFileError, Applied, apply, load_app
     from servecore.router import (
         Handle,
@@ -178,6 +180,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
         "NoReplicaError",
         "RemoteError",
         "ReplicaDiedError",
+        "ReplicasUnreachable",
         "RouteConflict",
         "RuntimeDirectoryLocked",
         "RuntimeDirectoryStoreMismatch",
@@ -191,6 +194,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
         "UnpicklableResult",
     ),
     "servecore._core.invariants": ("validate_state",),
+    "servecore._serving.connect": ("Client", "SyncClient", "connect", "open_client"),
     "servecore._core.limits": ("Limits",),
     "servecore._core.transitions": (
         "EARLY_DEATH_S",

@@ -110,8 +110,12 @@ def runtime_hello(runtime: object) -> dict[str, Any]:
     if isinstance(runtime, SubprocessRuntime):
         hello.update(runtime="subprocess", directory=str(runtime.directory))
     else:
-        name = getattr(runtime, "name", None)
-        hello.update(runtime=name if isinstance(name, str) else type(runtime).__name__)
+        from servecore.runtimes import BUILTIN_RUNTIMES
+
+        cls = type(runtime)
+        path = f"{cls.__module__}:{cls.__qualname__}"
+        names = [name for name, (where, _) in BUILTIN_RUNTIMES.items() if where == path]
+        hello.update(runtime=names[0] if names else path)
     return hello
 
 
