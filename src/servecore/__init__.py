@@ -53,6 +53,7 @@ if TYPE_CHECKING:
         NoReplicaError,
         RemoteError,
         ReplicaDiedError,
+        ReplicasUnreachable,
         ResultDecodeError,
         RouteConflict,
         RuntimeDirectoryLocked,
@@ -112,6 +113,7 @@ if TYPE_CHECKING:
         UpdateRouter,
         step,
     )
+    from servecore._serving.connect import Client, SyncClient, connect, open_client
     from servecore.app import App, AppFileError, Applied, apply, load_app
     from servecore.router import (
         Handle,
@@ -181,6 +183,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
         "NoReplicaError",
         "RemoteError",
         "ReplicaDiedError",
+        "ReplicasUnreachable",
         "RouteConflict",
         "RuntimeDirectoryLocked",
         "RuntimeDirectoryStoreMismatch",
@@ -194,6 +197,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
         "UnpicklableResult",
     ),
     "servecore._core.invariants": ("validate_state",),
+    "servecore._serving.connect": ("Client", "SyncClient", "connect", "open_client"),
     "servecore._core.limits": ("Limits",),
     "servecore._core.transitions": (
         "EARLY_DEATH_S",

@@ -37,6 +37,7 @@ __all__ = [
     "NoReplicaError",
     "RemoteError",
     "ReplicaDiedError",
+    "ReplicasUnreachable",
     "ResultDecodeError",
     "RouteConflict",
     "RuntimeDirectoryLocked",
@@ -529,4 +530,19 @@ class InvalidRuntime(ServecoreError, TypeError):
             f"{runtime} is not a servecore runtime: it has no {', '.join(missing)}; a "
             f"runtime needs start_replica, stop_replica, list_replicas and call (open and "
             f"close are optional), see docs/plugins.md"
+        )
+
+
+class ReplicasUnreachable(ServecoreError):
+    """``servecore.connect`` found a controller whose replicas another process cannot
+    reach: they run inside the controller's own process (the threads runtime)."""
+
+    def __init__(self, where: str, runtime: str) -> None:
+        self.where = where
+        self.runtime = runtime
+        super().__init__(
+            f"the servecore controller at {where} runs its replicas on the {runtime!r} "
+            f"runtime, inside its own process, so they cannot be reached from another "
+            f"process; run it with --runtime subprocess to connect to it, or send queries "
+            f"through its HTTP ingress"
         )

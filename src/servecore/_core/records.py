@@ -39,7 +39,7 @@ from __future__ import annotations
 import hashlib
 import zlib
 from collections.abc import Iterable, Mapping
-from typing import Any, get_args, get_origin
+from typing import Any, TypeVar, get_args, get_origin
 
 import attrs
 import cattrs
@@ -56,9 +56,11 @@ __all__ = [
     "VERSION",
     "decode",
     "decode_blob",
+    "decode_value",
     "encode",
     "encode_blob",
     "encode_changes",
+    "encode_value",
     "load_records",
     "meta_record",
     "read_meta",
@@ -69,6 +71,7 @@ FORMAT = "servecore-checkpoint"
 #: The format version written; versions 1 (whole-state blobs) and 2 are read.
 VERSION = 2
 META_KEY = "meta"
+T = TypeVar("T")
 _ENDPOINT = "endpoint/"
 _BACKEND = "backend/"
 _REPLICA = "replica/"
@@ -115,6 +118,19 @@ def _enc_hook(obj: Any) -> Any:
 
 _encoder = msgspec.json.Encoder(enc_hook=_enc_hook, order="sorted")
 _DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError, ValueError)
+
+
+def encode_value(value: Any) -> bytes:
+    """JSON bytes of one of the core's values (keys sorted), as records hold them: what
+    other processes are sent (the routing-table feed) uses the checkpoint's codec."""
+    return _encoder.encode(value)
+
+
+def decode_value(data: object, cls: type[T]) -> T:
+    """The value of type ``cls`` that :func:`encode_value` gave ``data`` for (already
+    parsed JSON); raises ``ValueError`` (or a cattrs error) on anything else."""
+    return _converter.structure(data, cls)
+
 
 # -- records ------------------------------------------------------------------------------
 

@@ -27,6 +27,9 @@ One request per connection, one JSON object each way, newline-terminated::
     {"op": "logs", "target": "echo" | "echo#3"}
         -> {"ok": true, "runtime": "subprocess", "directory": ".../replicas",
             "live": {"echo#3": ".../echo_3-....log"}}
+    {"op": "subscribe"}
+        -> the routing-table feed: the connection stays open, one line per table
+           (servecore._serving.table_feed)
 
 Every refusal is ``{"ok": false, "type": ..., "error": ...}``, ``error`` being the
 one paragraph the client prints.
@@ -53,6 +56,7 @@ import trio
 from servecore._controller.replica_lifecycle import replica_info
 from servecore._core.errors import BackendStartError, ServecoreError
 from servecore._core.values import backend_of
+from servecore._serving.table_feed import TableFeed
 from servecore.app import MAX_APP_FILE_BYTES, AppFileError, apply, describe, parse_app, plan
 
 log = logging.getLogger("servecore.cli")
@@ -392,6 +396,23 @@ async def serve_control(
         sock.close()
         raise
     applying = _Applying(apply_wait_s)
+    feeds: list[TableFeed] = []  # made on the first subscriber (one table listener)
+
+    async def subscribe(stream: trio.SocketStream) -> None:
+        if not feeds:
+            feeds.append(TableFeed(controller))
+        async with trio.open_nursery() as nursery:
+
+            async def until_gone() -> None:
+                # A subscriber sends nothing more: end of stream means it went away.
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    while await stream.receive_some(4096):
+                        pass
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(until_gone)
+            await feeds[0].serve(stream)
+            nursery.cancel_scope.cancel()
 
     async def handle(stream: trio.SocketStream) -> None:
         async with stream:
@@ -399,6 +420,9 @@ async def serve_control(
                 request = json.loads(await _read_request(stream))
                 if not isinstance(request, dict):
                     raise ValueError("a request is a JSON object")
+                if request.get("op") == "subscribe":
+                    await subscribe(stream)
+                    return
                 reply = await _answer(controller, applying, request, shutdown)
             except _TooLarge as exc:
                 reply = {"ok": False, "type": "TooLarge", "error": str(exc)}

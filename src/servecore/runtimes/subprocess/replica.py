@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import socket
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,9 +17,15 @@ from servecore.runtimes._remote_errors import decode_reply, rebuild_exception
 from servecore.runtimes.subprocess.channel import Channel
 from servecore.runtimes.subprocess.files import ReplicaFiles
 from servecore.runtimes.subprocess.process import Process
-from servecore.runtimes.subprocess.wire import CALL, ERROR, GONE, OK, dumps, frame
+from servecore.runtimes.subprocess.wire import CALL, ERROR, GONE, OK, PING, dumps, frame
 
-__all__ = ["RemoteTraceback", "Replica", "rebuild_remote_exception"]
+__all__ = [
+    "RemoteTraceback",
+    "Replica",
+    "ReplicaConnection",
+    "open_replica_channel",
+    "rebuild_remote_exception",
+]
 
 
 class RemoteTraceback(Exception):
@@ -45,15 +52,38 @@ def rebuild_remote_exception(info: Mapping[str, Any], tag: str) -> Exception:
     return exc
 
 
-class Replica:
-    """A connected replica: calls go out on its socket, answers come back by id."""
+async def open_replica_channel(address: str, tag: str, timeout_s: float) -> tuple[Channel, Any]:
+    """Connect to the replica socket at ``address`` and check that it serves ``tag``.
 
-    def __init__(
-        self, *, tag: str, files: ReplicaFiles, process: Process, channel: Channel
-    ) -> None:
+    Returns the channel and the replica's hello (``{"tag", "pid", "key"}``). What the
+    host's runtime and a client in another process (``servecore.connect``) both do.
+    Raises ``OSError`` when nothing listens there, ``ValueError`` when something else does.
+    """
+    stream = await trio.open_unix_socket(address)
+    channel = Channel(socket.socket(fileno=stream.socket.detach()))
+    try:
+        channel.send(frame(PING, 0, b""))
+        with trio.fail_after(timeout_s):
+            answer = await channel.receive()
+        if answer is None or answer[0] != OK:
+            raise ValueError(f"replica {tag!r} closed the connection during the handshake")
+        hello = decode_reply(answer[2], tag, "subprocess")
+        if not isinstance(hello, dict) or hello.get("tag") != tag:
+            raise ValueError(f"socket {address} is served by {hello!r}, not {tag!r}")
+    except BaseException:
+        channel.close()
+        raise
+    return channel, hello
+
+
+class ReplicaConnection:
+    """A connection to a replica: calls go out on its socket, answers come back by id.
+
+    Whoever owns it reads the channel and passes each frame to :meth:`deliver`.
+    """
+
+    def __init__(self, *, tag: str, channel: Channel) -> None:
         self.tag = tag
-        self.files = files
-        self.process = process
         self.channel = channel
         #: request id -> the task waiting for its answer
         self.pending: dict[int, trio.lowlevel.Task] = {}
@@ -134,3 +164,14 @@ class Replica:
         pending, self.pending = self.pending, {}
         for task in pending.values():
             trio.lowlevel.reschedule(task, outcome.Error(ReplicaDiedError(self.tag, reason)))
+
+
+class Replica(ReplicaConnection):
+    """A replica the host's runtime connected to: its connection, files and process."""
+
+    def __init__(
+        self, *, tag: str, files: ReplicaFiles, process: Process, channel: Channel
+    ) -> None:
+        super().__init__(tag=tag, channel=channel)
+        self.files = files
+        self.process = process

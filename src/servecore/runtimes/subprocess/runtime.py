@@ -9,7 +9,6 @@ import math
 import os
 import select
 import signal
-import socket
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,12 +21,10 @@ from servecore._core.errors import ReplicaDiedError
 from servecore._core.transitions import ReplicaDied, StartReplica
 from servecore._text import encodable
 from servecore.runtimes._protocol import Query, ReplicaInfo, Report
-from servecore.runtimes._remote_errors import decode_reply
-from servecore.runtimes.subprocess.channel import Channel
 from servecore.runtimes.subprocess.directory import RuntimeDirectory
 from servecore.runtimes.subprocess.files import ReplicaFiles, open_lock, replica_key
 from servecore.runtimes.subprocess.process import Process, reap_finished
-from servecore.runtimes.subprocess.replica import Replica
+from servecore.runtimes.subprocess.replica import Replica, open_replica_channel
 from servecore.runtimes.subprocess.spawn import (
     KILL_WAIT_S,
     Starting,
@@ -35,7 +32,7 @@ from servecore.runtimes.subprocess.spawn import (
     launch,
     replica_spec,
 )
-from servecore.runtimes.subprocess.wire import OK, PING, frame, socket_address
+from servecore.runtimes.subprocess.wire import socket_address
 
 __all__ = ["SubprocessRuntime"]
 
@@ -455,24 +452,11 @@ class SubprocessRuntime:
     async def _connect(self, tag: str, files: ReplicaFiles, process: Process) -> Replica:
         """Open the replica's socket, check it is ``tag``, and start its watcher."""
         assert self._opened is not None
-        stream = await trio.open_unix_socket(socket_address(files.socket, self._opened.dir_fd))
-        channel = Channel(socket.socket(fileno=stream.socket.detach()))
-        try:
-            channel.send(frame(PING, 0, b""))
-            with trio.fail_after(_RECORD_WAIT_S):
-                answer = await channel.receive()
-            if answer is None or answer[0] != OK:
-                raise ValueError(f"replica {tag!r} closed the connection during the handshake")
-            hello = decode_reply(answer[2], tag, "subprocess")
-            if (
-                not isinstance(hello, dict)
-                or hello.get("tag") != tag
-                or hello.get("pid") != process.pid
-            ):
-                raise ValueError(f"socket {files.socket} is served by {hello!r}, not {tag!r}")
-        except BaseException:
+        address = socket_address(files.socket, self._opened.dir_fd)
+        channel, hello = await open_replica_channel(address, tag, _RECORD_WAIT_S)
+        if hello.get("pid") != process.pid:
             channel.close()
-            raise
+            raise ValueError(f"socket {files.socket} is served by {hello!r}, not {tag!r}")
         replica = Replica(tag=tag, files=files, process=process, channel=channel)
         self._replicas[tag] = replica
         trio.lowlevel.spawn_system_task(self._watch, replica, name=f"replica {tag} watcher")

@@ -1,0 +1,354 @@
+"""Handles in any process: ``servecore.connect`` (docs/design.md §5, "The data plane").
+
+A client in a process other than the controller's subscribes to the routing-table
+feed of a running ``servecore run`` (its control socket, see
+:mod:`servecore._serving.table_feed`), runs its own :class:`~servecore.router.Router`
+over a :class:`~servecore._serving.remote_runtime.ReplicaClient`, and sends queries
+straight to the replica processes' sockets: the controller is not on the query path.
+
+While the controller is down the client keeps routing to the replicas it knows, and
+resubscribes in the background (every :data:`RESUBSCRIBE_S` at most); the restarted
+controller's full table replaces the old one only if it is newer. What this first
+slice does not do yet: the client reports no load to the controller (autoscaling sees
+only the controller's own handles and ingress), so a backend scaled to zero is not
+woken by a query here -- the query waits in the client's queue until a replica appears
+or its timeout passes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import random
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+
+from servecore._controller.sync import SyncHandle
+from servecore._core.errors import ControllerClosed, ReplicasUnreachable
+from servecore._core.transitions import RoutingTable
+from servecore._serving.remote_runtime import ReplicaClient
+from servecore._serving.table_feed import VersionedTable, decode_table, read_lines
+from servecore.router import DEFAULT_MAX_QUEUED_QUERIES, Handle, Router
+
+__all__ = ["Client", "SyncClient", "connect", "open_client"]
+
+log = logging.getLogger("servecore.connect")
+
+T = TypeVar("T")
+
+#: The same default as ``servecore run --store``.
+DEFAULT_STORE = Path(".servecore") / "state.db"
+#: The longest pause between two attempts to resubscribe while the controller is away.
+RESUBSCRIBE_S = 1.0
+#: How long the first subscription may take to bring its first table.
+CONNECT_TIMEOUT_S = 30.0
+
+
+class _Feed:
+    """One subscription: the socket, what is buffered, and the hello."""
+
+    def __init__(self, stream: trio.SocketStream, hello: dict[str, Any]) -> None:
+        self.stream = stream
+        self.hello = hello
+        self.buffer = bytearray()
+
+    async def next_table(self) -> VersionedTable | None:
+        line = await read_lines(self.stream, self.buffer)
+        return None if line is None else decode_table(line)
+
+
+async def _subscribe(path: Path) -> _Feed:
+    # The CLI's checks: never talk to a socket in a directory another user controls.
+    from servecore.cli._control import (
+        ControlNoAnswer,
+        ControlUnavailable,
+        _check_socket_owner,
+        check_socket_path,
+        check_state_dir,
+    )
+
+    check_socket_path(path)
+    if not path.parent.is_dir():
+        raise ControlUnavailable(path, f"no state directory {path.parent}")
+    check_state_dir(path.parent)
+    _check_socket_owner(path)
+    try:
+        stream = await trio.open_unix_socket(str(path))
+    except OSError as exc:
+        raise ControlUnavailable(path, exc.strerror or str(exc)) from exc
+    try:
+        await stream.send_all(b'{"op": "subscribe"}\n')
+        feed = _Feed(stream, {})
+        line = await read_lines(stream, feed.buffer)
+        if line is None:
+            raise ControlNoAnswer(path, "it closed the connection without answering")
+        hello = json.loads(line)
+        if not isinstance(hello, dict) or not hello.get("ok"):
+            why = hello.get("error") if isinstance(hello, dict) else hello
+            raise ControlNoAnswer(path, f"it refused the subscription: {why}")
+        feed.hello = hello
+    except BaseException:
+        await stream.aclose()
+        raise
+    return feed
+
+
+class Client:
+    """Handles to the endpoints of a controller in another process (async; from
+    :func:`open_client`). Queries go from this process straight to the replicas."""
+
+    def __init__(self, where: Path, router: Router, replicas: ReplicaClient) -> None:
+        self.where = where
+        self.router = router
+        self.replicas = replicas
+        self._table: VersionedTable | None = None
+        self._changed = trio.Event()
+        #: Whether the feed is connected now (False while the controller is away).
+        self.feed_connected = False
+
+    @property
+    def table(self) -> VersionedTable | None:
+        """The routing table in use, with its version (``seq``, ``epoch``)."""
+        return self._table
+
+    @property
+    def routing_table(self) -> RoutingTable:
+        """The routing table in use."""
+        return self._table.table if self._table is not None else RoutingTable()
+
+    @property
+    def seq(self) -> int:
+        """The checkpoint sequence number of the table in use (-1 before the first)."""
+        return self._table.seq if self._table is not None else -1
+
+    def get_handle(self, endpoint: str) -> Handle:
+        """A handle sending queries to ``endpoint`` (looked up on each call)."""
+        return self.router.handle(endpoint)
+
+    async def wait_for_seq(self, seq: int) -> VersionedTable:
+        """Wait until a table of checkpoint ``seq`` or later is in use; return it."""
+        while self._table is None or self._table.seq < seq:
+            await self._changed.wait()
+        return self._table
+
+    def _offer(self, versioned: VersionedTable) -> bool:
+        """Use ``versioned`` if it is newer than the table in use; never go back."""
+        if not versioned.newer_than(self._table):
+            log.debug("ignored table %s (have %s)", versioned.version, self._version())
+            return False
+        self._table = versioned
+        self.router.update(versioned.table)
+        self._changed.set()
+        self._changed = trio.Event()
+        return True
+
+    def _version(self) -> tuple[int, int] | None:
+        return self._table.version if self._table is not None else None
+
+    async def _follow(self, feed: _Feed | None) -> None:
+        """Apply every table of the feed; resubscribe whenever it ends."""
+        pause = 0.05
+        while True:
+            if feed is None:
+                try:
+                    feed = await _subscribe(self.where)
+                except Exception as exc:
+                    log.debug("resubscribing to %s failed: %r", self.where, exc)
+                    await trio.sleep(pause)
+                    pause = min(pause * 2, RESUBSCRIBE_S)
+                    continue
+            self.feed_connected, pause = True, 0.05
+            try:
+                async with feed.stream:
+                    while (versioned := await feed.next_table()) is not None:
+                        self._offer(versioned)
+            except (OSError, ValueError, trio.BrokenResourceError) as exc:
+                log.warning("the table feed at %s failed: %r", self.where, exc)
+            self.feed_connected, feed = False, None
+            log.info("the controller at %s went away; routing on table %s", *self._where())
+
+    def _where(self) -> tuple[Path, tuple[int, int] | None]:
+        return self.where, self._version()
+
+
+@contextlib.asynccontextmanager
+async def open_client(
+    store: str | os.PathLike[str] = DEFAULT_STORE,
+    *,
+    rng: random.Random | None = None,
+    max_queued_queries: int = DEFAULT_MAX_QUEUED_QUERIES,
+) -> AsyncIterator[Client]:
+    """Connect to the ``servecore run`` serving ``store`` (its ``--store``), from trio::
+
+        async with servecore.open_client(".servecore/state.db") as client:
+            print(await client.get_handle("echo").call("hi"))
+
+    Returns once the first routing table has arrived. Raises
+    :class:`~servecore.ReplicasUnreachable` for a controller on the threads runtime
+    (its replicas live inside its process), and the control socket's errors when no
+    server answers. ``rng`` and ``max_queued_queries`` are the client's router's (see
+    :class:`~servecore.Router`).
+    """
+    where = Path(store).absolute().parent / "control.sock"
+    with trio.fail_after(CONNECT_TIMEOUT_S):
+        feed = await _subscribe(where)
+        try:
+            first = await feed.next_table()
+        except BaseException:
+            await feed.stream.aclose()
+            raise
+    if first is None or feed.hello.get("runtime") != "subprocess":
+        await feed.stream.aclose()
+        if first is None:
+            from servecore.cli._control import ControlNoAnswer
+
+            raise ControlNoAnswer(where, "it closed the feed before sending a table")
+        raise ReplicasUnreachable(str(where.parent), str(feed.hello.get("runtime")))
+    replicas = ReplicaClient(str(feed.hello["directory"]))
+    router = Router(replicas, rng=rng, max_queued_queries=max_queued_queries)
+    async with trio.open_nursery() as nursery:
+        replicas.start(nursery)
+        router.start(nursery)
+        client = Client(where, router, replicas)
+        client._offer(first)
+        client.feed_connected = True
+        nursery.start_soon(client._follow, feed)
+        try:
+            yield client
+        finally:
+            nursery.cancel_scope.cancel()
+            replicas.close()
+
+
+class SyncClient:
+    """:class:`Client` for synchronous code: trio runs in a background thread, and
+    every method blocks. Get one from :func:`connect`; close it (or use ``with``)."""
+
+    def __init__(self, store: str | os.PathLike[str], **options: Any) -> None:
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._client: Client | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._closing: trio.Event | None = None
+        self._closed = False
+        self._thread = threading.Thread(
+            target=self._thread_main, args=(store, options), name="servecore-client", daemon=True
+        )
+        self._thread.start()
+        self._ready.wait()
+        if self._client is None:
+            self._thread.join()
+            assert self._error is not None
+            raise self._error
+
+    def _thread_main(self, store: str | os.PathLike[str], options: dict[str, Any]) -> None:
+        try:
+            trio.run(self._main, store, options)
+        except BaseException as exc:
+            self._error = exc
+        finally:
+            self._ready.set()
+
+    async def _main(self, store: str | os.PathLike[str], options: dict[str, Any]) -> None:
+        async with open_client(store, **options) as client:
+            self._closing = trio.Event()
+            self._token = trio.lowlevel.current_trio_token()
+            self._client = client
+            self._ready.set()
+            await self._closing.wait()
+
+    def _run(self, afn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        if self._closed or self._token is None:
+            raise ControllerClosed("the client's call")
+        try:
+            return trio.from_thread.run(functools.partial(afn, *args), trio_token=self._token)
+        except trio.RunFinishedError:
+            raise ControllerClosed("the client's call") from None
+
+    @property
+    def client(self) -> Client:
+        """The :class:`Client` behind this one (use it on its trio thread only)."""
+        assert self._client is not None
+        return self._client
+
+    @property
+    def seq(self) -> int:
+        """The checkpoint sequence number of the routing table in use."""
+        return self.client.seq
+
+    @property
+    def table(self) -> VersionedTable | None:
+        """The routing table in use, with its version."""
+        return self.client.table
+
+    @property
+    def routing_table(self) -> RoutingTable:
+        """The routing table in use."""
+        return self.client.routing_table
+
+    @property
+    def feed_connected(self) -> bool:
+        """Whether the table feed is connected now (False while the controller is away)."""
+        return self.client.feed_connected
+
+    def get_handle(self, endpoint: str) -> SyncHandle:
+        """A blocking, thread-safe handle to ``endpoint``."""
+        assert self._token is not None
+        return SyncHandle(self.client.get_handle(endpoint), self._token)
+
+    def wait_for_seq(self, seq: int, timeout_s: float | None = None) -> VersionedTable:
+        """Block until a table of checkpoint ``seq`` or later is in use (``TimeoutError``
+        after ``timeout_s``)."""
+
+        async def wait() -> VersionedTable:
+            if timeout_s is None:
+                return await self.client.wait_for_seq(seq)
+            with trio.fail_after(timeout_s):
+                return await self.client.wait_for_seq(seq)
+
+        try:
+            return self._run(wait)
+        except trio.TooSlowError:
+            raise TimeoutError(
+                f"no routing table of seq {seq} or later within {timeout_s}s "
+                f"(the client has seq {self.seq})"
+            ) from None
+
+    def close(self) -> None:
+        """Disconnect: stop routing and close every connection (replicas keep running)."""
+        if self._closed:
+            return
+        token, closing = self._token, self._closing
+        if token is not None and closing is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                trio.from_thread.run_sync(closing.set, trio_token=token)
+        self._closed = True
+        self._thread.join()
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(store: str | os.PathLike[str] = DEFAULT_STORE, **options: Any) -> SyncClient:
+    """Connect to the ``servecore run`` serving ``store`` (its ``--store``) from
+    another process on the same host, and query its endpoints from here::
+
+        with servecore.connect(".servecore/state.db") as client:
+            print(client.get_handle("echo").call("hi"))
+
+    Queries go straight to the replica processes (the subprocess runtime), not
+    through the controller, and keep working while the controller is down. The
+    options are :func:`open_client`'s; the async form, for trio, is
+    :func:`open_client`.
+    """
+    return SyncClient(store, **options)

@@ -1,0 +1,287 @@
+"""Handles in another process: ``servecore.connect`` to a real ``servecore run``.
+
+The controller is a real ``servecore run --runtime subprocess`` (a process of its own,
+with a private directory and port); this test process is the other process. It
+connects, queries, sees a scale-up arrive as a newer table, SIGKILLs the controller and
+keeps querying the replicas it knows. A fake feed (a socket in this test) checks that an
+older table is never applied, whatever order the lines come in.
+
+Every process started here is stopped by its pid at the end: the servers, and the
+replica processes whose command line names this test's runtime directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import servecore
+from servecore._core.maps import Map
+from servecore._core.transitions import BackendRoute, Endpoint, RoutingTable
+from servecore._serving.table_feed import VersionedTable, encode_table
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+
+APP = """
+[backends.echo]
+target = "servecore.testing.targets:Echo"
+init_kwargs = {{ prefix = "v1:" }}
+num_replicas = {n}
+
+[endpoints.echo]
+traffic = {{ echo = 1.0 }}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
+    return env
+
+
+class Server:
+    """``servecore run`` processes on one private store, stopped by pid at the end."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.store = directory / ".servecore" / "state.db"
+        self.replica_dir = directory / ".servecore" / "replicas"
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def write(self, name: str, text: str) -> Path:
+        path = self.directory / name
+        path.write_text(text)
+        return path
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "servecore", *args, "--store", str(self.store)],
+            cwd=self.directory,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    def run(self, app: Path, *extra: str) -> subprocess.Popen[str]:
+        log = self.directory / f"server-{len(self.procs)}.log"
+        with open(log, "w") as err:
+            proc = subprocess.Popen(
+                [
+                    *(sys.executable, "-m", "servecore", "run", str(app)),
+                    *("--port", str(_free_port()), "--store", str(self.store), *extra),
+                ],
+                cwd=self.directory,
+                env=_env(),
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+            )
+        self.procs.append(proc)
+        lines: queue.Queue[str] = queue.Queue()
+
+        def read() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.put(line)
+
+        threading.Thread(target=read, daemon=True).start()
+        while True:
+            try:
+                line = lines.get(timeout=0.5)
+            except queue.Empty:
+                if proc.poll() is not None:
+                    raise AssertionError(f"servecore run exited: {log.read_text()}") from None
+                continue
+            if line.startswith("servecore: serving"):
+                return proc
+
+    def replica_pids(self) -> set[int]:
+        found = set()
+        marker = str(self.replica_dir).encode()
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):
+                    if marker in (entry / "cmdline").read_bytes():
+                        found.add(int(entry.name))
+        return found
+
+    def stop_everything(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+        for pid in self.replica_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    s = Server(tmp_path)
+    try:
+        yield s
+    finally:
+        s.stop_everything()
+
+
+def _replicas(client: servecore.SyncClient) -> tuple[str, ...]:
+    return client.routing_table.backends["echo"].replicas
+
+
+def test_a_connected_handle_queries_sees_a_scale_up_and_outlives_the_controller(
+    server: Server,
+) -> None:
+    proc = server.run(server.write("app.toml", APP.format(n=1)), "--runtime", "subprocess")
+    with servecore.connect(server.store) as client:
+        echo = client.get_handle("echo")
+        assert echo.call("hi") == "v1:hi"
+        first = client.seq
+        assert len(_replicas(client)) == 1
+
+        # Scale up through the controller: the new table reaches this process.
+        applied = server.cli("apply", str(server.write("app2.toml", APP.format(n=2))))
+        assert applied.returncode == 0, applied.stderr
+        while len(_replicas(client)) < 2:
+            client.wait_for_seq(client.seq + 1, timeout_s=60)
+        assert client.seq > first
+        instances = {echo.call("__identity__") for _ in range(40)}
+        assert len(instances) == 2  # least-outstanding spreads over both replicas
+
+        # The controller dies; queries keep going straight to the replicas.
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert [echo.call(i) for i in range(20)] == [f"v1:{i}" for i in range(20)]
+        seq_before_restart = client.seq
+
+        # A controller on the same store comes back: the feed resumes, never older.
+        server.run(server.write("app3.toml", APP.format(n=2)), "--runtime", "subprocess")
+        while not client.feed_connected or client.seq < seq_before_restart:
+            with contextlib.suppress(TimeoutError):
+                client.wait_for_seq(seq_before_restart, timeout_s=1)
+        assert client.seq >= seq_before_restart
+        assert echo.call("again") == "v1:again"
+
+
+def test_connect_refuses_a_controller_whose_replicas_live_in_its_process(
+    server: Server,
+) -> None:
+    server.run(server.write("app.toml", APP.format(n=1)), "--runtime", "threads")
+    with pytest.raises(servecore.ReplicasUnreachable, match=r"'threads' runtime.*another process"):
+        servecore.connect(server.store)
+
+
+def test_connect_without_a_server_says_so(tmp_path: Path) -> None:
+    (tmp_path / "state").mkdir(mode=0o700)
+    with pytest.raises(servecore.ServecoreError, match="no running servecore server"):
+        servecore.connect(tmp_path / "state" / "state.db")
+
+
+# -- an older table is never applied ----------------------------------------------------
+
+
+def _table(marker: str) -> RoutingTable:
+    return RoutingTable(
+        endpoints=Map({marker: Endpoint(name=marker, traffic={"b": 1.0})}),
+        backends=Map({"b": BackendRoute(tag="b", replicas=("b#1",))}),
+    )
+
+
+class FakeFeed:
+    """A control socket that answers each subscription with the next script of lines."""
+
+    def __init__(self, directory: Path, scripts: list[list[VersionedTable]]) -> None:
+        self.directory = directory
+        self.scripts = scripts
+        self.subscriptions = 0
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(directory / "control.sock"))
+        self.listener.listen(8)
+        self.release = threading.Event()  # the last script's connection stays open until set
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        hello = (
+            b'{"ok": true, "feed": 1, "runtime": "subprocess", "directory": "%s"}\n'
+            % str(self.directory).encode()
+        )
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.subscriptions += 1
+            with conn:
+                conn.recv(4096)
+                if not self.scripts:
+                    continue  # close at once: nothing more to say
+                conn.sendall(hello + b"".join(encode_table(t) for t in self.scripts.pop(0)))
+                if not self.scripts:
+                    self.release.wait()
+
+    def close(self) -> None:
+        self.release.set()
+        self.listener.close()
+
+
+def test_an_older_table_is_never_applied_whatever_order_lines_arrive_in(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    feed = FakeFeed(
+        state,
+        [
+            # The first subscription: seq 5, then an older seq 3; then the feed ends.
+            [
+                VersionedTable(seq=5, table=_table("five")),
+                VersionedTable(seq=3, table=_table("stale")),
+            ],
+            # After resubscribing: an older seq 4, then seq 6.
+            [
+                VersionedTable(seq=4, table=_table("four")),
+                VersionedTable(seq=6, table=_table("six")),
+            ],
+        ],
+    )
+    try:
+        with (
+            caplog.at_level(logging.DEBUG, logger="servecore.connect"),
+            servecore.connect(state / "state.db") as client,
+        ):
+            client.wait_for_seq(6, timeout_s=60)
+            assert client.seq == 6
+            assert set(client.routing_table.endpoints) == {"six"}
+            assert feed.subscriptions == 2
+        ignored = [r.args[0] for r in caplog.records if r.getMessage().startswith("ignored")]
+        assert ignored == [(3, -1), (4, -1)]  # both older lines were read, and refused
+    finally:
+        feed.close()
+
+
+def test_a_table_is_taken_only_when_newer_by_seq_then_epoch() -> None:
+    old = VersionedTable(seq=7, epoch=2)
+    assert VersionedTable(seq=8, epoch=1).newer_than(old)  # a later commit wins
+    assert VersionedTable(seq=7, epoch=3).newer_than(old)  # a new leader at the same seq
+    assert not VersionedTable(seq=7, epoch=2).newer_than(old)  # the same table again
+    assert not VersionedTable(seq=6, epoch=9).newer_than(old)
+    assert VersionedTable(seq=0).newer_than(None)
