@@ -2,7 +2,8 @@
 
 :class:`HTTPIngress` is an ASGI 3 application that finds the endpoint whose ``route``
 matches the request path, checks the method against the endpoint's ``methods``, and
-sends one query through the controller's router:
+sends one query through a router (the controller's own, or that of an ingress worker
+process, ``servecore run --workers``; see :mod:`servecore._serving.worker`):
 
 * a request with a body passes the body parsed as JSON (``POST /echo {"text": "hi"}``
   calls the target with ``{"text": "hi"}``);
@@ -32,11 +33,12 @@ hypercorn is an optional extra: ``pip install 'servecore[http]'``.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
 import trio
@@ -49,17 +51,32 @@ from servecore._core.errors import (
     ReplicaDiedError,
     ServecoreError,
 )
+from servecore._core.transitions import RoutingTable
 from servecore._core.validation import MAX_SECONDS, positive_number
 from servecore._serving.ops_http import PREFIX as OPS_PREFIX
 from servecore._serving.ops_http import answer_ops, count_response
 
-__all__ = ["LISTEN_BACKLOG", "HTTPIngress", "check_timeout", "serve_http"]
+__all__ = ["LISTEN_BACKLOG", "HTTPIngress", "HandleSource", "check_timeout", "serve_http"]
 
 log = logging.getLogger(__name__)
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+#: Answers a ``/-/`` route if it is one (``True``), as :func:`answer_ops` does.
+OpsAnswer = Callable[[Scope, Send], Awaitable[bool]]
+
+
+class HandleSource(Protocol):
+    """What the ingress needs to serve: the routing table to find an endpoint by its
+    route, and a handle to query it. A :class:`~servecore.Controller` is one; so is a
+    :class:`servecore.Client` (an ingress worker's, in another process)."""
+
+    @property
+    def routing_table(self) -> RoutingTable: ...
+
+    def get_handle(self, endpoint: str) -> Any: ...
+
 
 #: Connections the kernel queues for the server while it is busy: bursts of hundreds of
 #: clients are common, and a full queue resets connections (the kernel caps it at
@@ -88,22 +105,27 @@ _STATUS: tuple[tuple[type[BaseException], int], ...] = (
 
 
 class HTTPIngress:
-    """An ASGI app serving ``controller``'s endpoints at their routes.
+    """An ASGI app serving the endpoints of ``source`` (a controller, or a client of
+    one in another process) at their routes.
 
-    ``timeout_s`` bounds each query (504 past it; ``None`` waits as long as it takes);
-    ``max_body_bytes`` bounds a request body (413 past it); ``max_depth`` bounds how
-    deeply a JSON body may nest arrays and objects (400 past it).
+    ``ops`` answers the ``/-/`` routes (default: :func:`answer_ops` on ``source``,
+    which needs a controller); ``timeout_s`` bounds each query (504 past it; ``None``
+    waits as long as it takes); ``max_body_bytes`` bounds a request body (413 past
+    it); ``max_depth`` bounds how deeply a JSON body may nest arrays and objects (400
+    past it).
     """
 
     def __init__(
         self,
-        controller: Controller,
+        source: HandleSource,
         *,
         timeout_s: float | None = 30.0,
         max_body_bytes: int = 16 * 1024 * 1024,
         max_depth: int = 100,
+        ops: OpsAnswer | None = None,
     ) -> None:
-        self.controller = controller
+        self.source = source
+        self.ops: OpsAnswer = ops if ops is not None else functools.partial(answer_ops, source)
         self.timeout_s = check_timeout(timeout_s)
         self.max_body_bytes = max_body_bytes
         self.max_depth = max_depth
@@ -112,10 +134,8 @@ class HTTPIngress:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
         elif scope["type"] == "http":
-            send = _counting(self.controller, send)
-            if scope["path"].startswith(OPS_PREFIX) and await answer_ops(
-                self.controller, scope, send
-            ):
+            send = _counting(self.source, send)
+            if scope["path"].startswith(OPS_PREFIX) and await self.ops(scope, send):
                 return  # /-/healthz, /-/routes, /-/metrics
             try:
                 status, body, headers = await self._answer(scope, receive)
@@ -152,7 +172,7 @@ class HTTPIngress:
                 return
 
     def _endpoint_at(self, path: str) -> Any:
-        for endpoint in self.controller.routing_table.endpoints.values():
+        for endpoint in self.source.routing_table.endpoints.values():
             if endpoint.route == path:
                 return endpoint
         return None
@@ -183,7 +203,7 @@ class HTTPIngress:
                 return _error(400, "BadRequest", str(exc))
         else:
             payload = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
-        handle = self.controller.get_handle(endpoint.name).options(timeout_s=self.timeout_s)
+        handle = self.source.get_handle(endpoint.name).options(timeout_s=self.timeout_s)
         try:
             result = await handle.call(payload)
         except Exception as exc:

@@ -3,7 +3,7 @@
 ::
 
     servecore run app.toml [--runtime threads|subprocess|ray] [--store PATH]
-                           [--host 127.0.0.1] [--port 8000]
+                           [--host 127.0.0.1] [--port 8000] [--workers N]
     servecore status [--store PATH] [--json] [-w/--watch]
     servecore apply app.toml [--store PATH] [--dry-run]
     servecore retry BACKEND
@@ -25,6 +25,7 @@ import functools
 import json
 import logging
 import math
+import os
 import sys
 import time
 import traceback
@@ -205,6 +206,20 @@ def _ask(store: Path, message: dict[str, Any], timeout_s: float | None = None) -
     help="Seconds a request may take before 504.",
 )
 @click.option(
+    "--workers",
+    type=click.IntRange(0, 256),
+    default=None,
+    help="Ingress worker processes serving HTTP, each with its own router, all on the "
+    "same port; they keep serving while this process is down. 0: serve HTTP from this "
+    "process. [default: the CPU count with --runtime subprocess, else 0]",
+)
+@click.option(
+    "--worker-stack",
+    type=click.Choice(["asyncio", "trio"]),
+    default=None,
+    hidden=True,  # for benchmarks: the workers' server stack
+)
+@click.option(
     "--log-level",
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
     default="INFO",
@@ -222,13 +237,27 @@ def run(
     stop_replicas: bool,
     replica_logs: bool,
     timeout_s: float,
+    workers: int | None,
+    worker_stack: str | None,
     log_level: str,
 ) -> None:
     """Apply APP_FILE and serve its endpoints over HTTP until Ctrl-C or SIGTERM.
 
     A restart on the same --store recovers from the checkpoint (live subprocess and
     Ray replicas are adopted, not restarted), then applies the file again.
+
+    With --runtime subprocess, HTTP is served by --workers processes (default: one per
+    CPU) that query the replicas directly and keep serving while this process is down.
     """
+    if workers is None:
+        workers = (os.cpu_count() or 1) if runtime == "subprocess" else 0
+    elif workers and runtime != "subprocess":
+        where = "threads of this process" if runtime == "threads" else "reached through Ray"
+        _fail(
+            f"--workers {workers} needs --runtime subprocess: {runtime} replicas are {where}, "
+            f"so worker processes cannot query them. "
+            f"Use --workers 0 to serve HTTP from this process, or --runtime subprocess"
+        )
     from servecore.cli._run import RunOptions, add_app_dir, preflight, run_server
 
     add_app_dir(app_dir)
@@ -250,6 +279,8 @@ def run(
         stop_replicas=stop_replicas,
         timeout_s=timeout_s,
         replica_logs=replica_logs,
+        workers=workers,
+        worker_stack=worker_stack,
     )
     # Before any replica starts: state directory, socket path, a server already
     # running there, the HTTP port.

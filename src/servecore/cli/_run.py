@@ -45,6 +45,7 @@ from servecore.cli._control import (
     serve_control,
     socket_path,
 )
+from servecore.cli._workers import WorkerPool, stop_stale_workers
 from servecore.http import LISTEN_BACKLOG, HTTPIngress, hypercorn_config
 from servecore.replica_logs import forward_replica_logs
 from servecore.stores import SQLiteStore
@@ -104,6 +105,8 @@ class RunOptions:
         stop_replicas: bool,
         timeout_s: float | None,
         replica_logs: bool = True,
+        workers: int = 0,
+        worker_stack: str | None = None,
     ) -> None:
         self.app = app
         self.runtime = runtime
@@ -114,6 +117,10 @@ class RunOptions:
         self.stop_replicas = stop_replicas
         self.timeout_s = timeout_s
         self.replica_logs = replica_logs
+        #: Ingress worker processes (0: serve HTTP from this process).
+        self.workers = workers
+        #: The workers' server stack (None: the worker's default).
+        self.worker_stack = worker_stack
 
     @property
     def state_dir(self) -> Path:
@@ -176,6 +183,15 @@ def preflight(options: RunOptions) -> socket.socket:
     control = check_socket_path(socket_path(options.state_dir))
     if (control.exists() or control.is_symlink()) and _is_live(control):
         raise AlreadyRunning(options.state_dir)
+    # Workers of a server that was killed still serve (and hold the port): this
+    # server takes over from them.
+    stale = stop_stale_workers(options.state_dir)
+    if stale:
+        log.warning(
+            "stopped %d ingress worker(s) a previous server left running (pids %s)",
+            len(stale),
+            ", ".join(map(str, stale)),
+        )
     return _bind_http(options.host, options.port)
 
 
@@ -326,18 +342,12 @@ async def _serve(
     nursery: trio.Nursery,
 ) -> None:
     """Serve HTTP and the control socket until ``shutdown``, then drain."""
+    if options.workers:
+        await _serve_with_workers(ctl, options, console, shutdown, http_socket, nursery)
+        return
     binds = await nursery.start(_serve_http, ctl, options, shutdown, http_socket)
 
-    def stop(stop_replicas: bool) -> None:
-        # servecore shutdown [--stop-replicas]: as SIGTERM, and maybe the replicas too.
-        if stop_replicas:
-            options.stop_replicas = True
-        console.print("[bold]servecore shutdown[/]: draining requests and stopping")
-        shutdown.set()
-
-    control = await nursery.start(
-        functools.partial(serve_control, shutdown=stop), ctl, socket_path(options.state_dir)
-    )
+    control = await _start_control(ctl, options, console, shutdown, nursery)
     url = next((b for b in binds if b.startswith("http://")), binds[0])
     # One plain line on stdout, flushed: scripts wait for it.
     print(f"servecore: serving {url} (control socket {control})", flush=True)
@@ -348,6 +358,60 @@ async def _serve(
             load.running or load.queued for load in ctl.router.statistics().backends.values()
         ):
             await trio.sleep(0.05)
+    nursery.cancel_scope.cancel()
+
+
+async def _start_control(
+    ctl: Controller,
+    options: RunOptions,
+    console: Console,
+    shutdown: trio.Event,
+    nursery: trio.Nursery,
+) -> Any:
+    def stop(stop_replicas: bool) -> None:
+        # servecore shutdown [--stop-replicas]: as SIGTERM, and maybe the replicas too.
+        if stop_replicas:
+            options.stop_replicas = True
+        console.print("[bold]servecore shutdown[/]: draining requests and stopping")
+        shutdown.set()
+
+    return await nursery.start(
+        functools.partial(serve_control, shutdown=stop), ctl, socket_path(options.state_dir)
+    )
+
+
+async def _serve_with_workers(
+    ctl: Controller,
+    options: RunOptions,
+    console: Console,
+    shutdown: trio.Event,
+    http_socket: socket.socket,
+    nursery: trio.Nursery,
+) -> None:
+    """Serve the control socket (and its table feed) here and HTTP from
+    ``options.workers`` worker processes sharing ``http_socket``, until ``shutdown``."""
+    # The feed first: each worker subscribes to it before it serves.
+    control = await _start_control(ctl, options, console, shutdown, nursery)
+    http_socket.listen(LISTEN_BACKLOG)
+    pool = WorkerPool(
+        store=options.store,
+        sock=http_socket,
+        count=options.workers,
+        timeout_s=options.timeout_s,
+        stack=options.worker_stack,
+    )
+    async with trio.open_nursery() as serving:
+        pids = await serving.start(pool.run)
+        host, port = http_socket.getsockname()[:2]
+        host = f"[{host}]" if ":" in host else host
+        print(
+            f"servecore: serving http://{host}:{port} (control socket {control}; "
+            f"{len(pids)} ingress workers, pids {' '.join(map(str, pids))})",
+            flush=True,
+        )
+        await shutdown.wait()
+        # Cancelled, the pool drains and stops its workers (by pid) before it returns.
+        serving.cancel_scope.cancel()
     nursery.cancel_scope.cancel()
 
 

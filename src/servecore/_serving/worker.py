@@ -1,0 +1,341 @@
+"""An ingress worker process: ``servecore run --workers N`` (docs/design.md §5, "Ingress
+workers").
+
+Each worker is a process of its own that opens a client of the controller
+(:func:`servecore._serving.connect.open_client`: the routing-table feed over the
+control socket, its own :class:`~servecore.router.Router`, calls straight to the
+subprocess replicas) and serves :class:`~servecore.http.HTTPIngress` -- the same
+routes, JSON in and out, and error mapping as the controller's own ingress -- on the
+listening socket it inherited from ``servecore run`` (descriptor ``--fd``). All the
+workers accept on that one socket, and the kernel hands each connection to one of
+them. The controller is not on the query path: while it is down, a worker keeps
+routing on the last table it received, and resubscribes in the background.
+
+Two server stacks (``--stack``):
+
+* ``asyncio`` (the default): hypercorn on asyncio, with trio run as a *guest* of the
+  asyncio loop on the same thread (``trio.lowlevel.start_guest_run``). The ingress's
+  request handling runs on asyncio; each query hops to a trio task running the
+  client's router (:class:`_TrioGuest`) and its result comes back through an asyncio
+  future, without a second thread.
+* ``trio``: hypercorn on trio, as the controller's own ingress.
+
+Why asyncio by default is measured in docs/benchmarks.md ("HTTP").
+
+The ``/-/`` routes of a worker answer from what the worker knows: ``/-/healthz``
+(alive), ``/-/readyz`` (every endpoint with a route has a replica or wakes on demand in
+the worker's table), ``/-/routes``; ``/-/metrics`` is the controller's business and
+is not served by workers (501).
+
+Start-up: the worker writes one line, ``ready``, to descriptor ``--ready-fd`` once its
+client holds the first table, then closes it. SIGTERM or SIGINT: stop taking
+connections, let requests in flight finish, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+
+from servecore._serving.connect import Client, open_client
+from servecore._serving.ops_http import PREFIX, _send
+
+__all__ = ["STACKS", "answer_worker_ops", "main", "serve_worker", "worker_readyz"]
+
+log = logging.getLogger("servecore.worker")
+
+T = TypeVar("T")
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+#: The server stacks a worker can run; the first is the default.
+STACKS = ("asyncio", "trio")
+#: How long requests in flight may take to finish after SIGTERM.
+GRACEFUL_TIMEOUT_S = 5.0
+
+
+# -- the /-/ routes, from the worker's table ----------------------------------------------
+
+
+def worker_readyz(client: Client) -> tuple[int, dict[str, Any]]:
+    """``/-/readyz`` of a worker: ready when every endpoint with a route can be sent a
+    query from here (a backend with traffic and a replica, or one that wakes on demand)."""
+    table = client.routing_table
+    reasons = []
+    for name, ep in sorted(table.endpoints.items()):
+        if ep.route is None:
+            continue
+        routes = [table.backends.get(t) for t, w in ep.traffic.items() if w > 0]
+        if not any(r is not None and (r.replicas or r.wakes_on_demand) for r in routes):
+            reasons.append(f"endpoint {name!r} at {ep.route} has no RUNNING replica")
+    if reasons:
+        return 503, {"status": "not ready", "reasons": reasons}
+    return 200, {"status": "ready"}
+
+
+async def answer_worker_ops(client: Client, scope: MutableMapping[str, Any], send: Send) -> bool:
+    """Answer ``scope`` if its path is one of the ``/-/`` routes; return whether it was."""
+    path = scope["path"]
+    if not path.startswith(PREFIX):
+        return False
+    name = path[len(PREFIX) :]
+    json_type = b"application/json"
+    if name not in {"healthz", "readyz", "routes", "metrics"}:
+        body = {"error": f"no operator route {path}; try /-/healthz, /-/readyz, /-/routes"}
+        await _send(send, 404, json.dumps({**body, "type": "NotFound"}).encode(), json_type)
+    elif scope["method"] not in {"GET", "HEAD"}:
+        body = {"error": f"{path} takes GET", "type": "MethodNotAllowed"}
+        await _send(send, 405, json.dumps(body).encode(), json_type)
+    elif name == "healthz":
+        await _send(send, 200, json.dumps({"status": "ok"}).encode(), json_type)
+    elif name == "readyz":
+        status, data = worker_readyz(client)
+        await _send(send, status, json.dumps(data).encode(), json_type)
+    elif name == "routes":
+        table = client.routing_table
+        found = {ep.route: n for n, ep in sorted(table.endpoints.items()) if ep.route}
+        await _send(send, 200, json.dumps(found).encode(), json_type)
+    else:
+        body = {
+            "error": "ingress workers (servecore run --workers) do not serve /-/metrics; "
+            "run with --workers 0 to scrape the ingress, or read servecore status",
+            "type": "NotImplemented",
+        }
+        await _send(send, 501, json.dumps(body).encode(), json_type)
+    return True
+
+
+# -- trio as a guest of asyncio ------------------------------------------------------------
+
+
+class _TrioGuest:
+    """Runs trio functions from asyncio, with trio a guest of the same loop and thread.
+
+    :meth:`run` starts ``afn`` as a trio task and awaits its result in an asyncio
+    future; cancelling the asyncio side (a client that went away) cancels the trio task.
+    """
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, token: trio.lowlevel.TrioToken, nursery: Any
+    ) -> None:
+        self._loop = loop
+        self._token = token
+        self._nursery = nursery
+
+    async def run(self, afn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        future: asyncio.Future[T] = self._loop.create_future()
+        scope = trio.CancelScope()
+
+        async def task() -> None:
+            # Trio tasks of a guest run on the host loop's thread: the future may be
+            # completed directly.
+            try:
+                with scope:
+                    result = await afn(*args)
+                    if not future.done():
+                        future.set_result(result)
+            except Exception as exc:
+                if not future.done():
+                    future.set_exception(exc)
+            finally:
+                if not future.done():
+                    future.cancel()
+
+        self._token.run_sync_soon(self._nursery.start_soon, task)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self._token.run_sync_soon(scope.cancel)
+            raise
+
+
+class _GuestHandle:
+    def __init__(self, guest: _TrioGuest, handle: Any) -> None:
+        self._guest = guest
+        self._handle = handle
+
+    def options(self, *, timeout_s: float | None = None) -> _GuestHandle:
+        return _GuestHandle(self._guest, self._handle.options(timeout_s=timeout_s))
+
+    async def call(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._guest.run(functools.partial(self._handle.call, *args, **kwargs))
+
+
+class _GuestSource:
+    """A :class:`~servecore.http.HandleSource` for asyncio: the client's table, and
+    handles whose calls run on the client's router in trio."""
+
+    def __init__(self, client: Client, guest: _TrioGuest) -> None:
+        self._client = client
+        self._guest = guest
+
+    @property
+    def routing_table(self) -> Any:
+        return self._client.routing_table
+
+    def get_handle(self, endpoint: str) -> _GuestHandle:
+        return _GuestHandle(self._guest, self._client.get_handle(endpoint))
+
+
+# -- serving -------------------------------------------------------------------------------
+
+
+def _config(fd: int) -> Any:
+    from hypercorn.config import Config
+
+    from servecore.http import hypercorn_config
+
+    config = hypercorn_config(Config(), f"fd://{fd}")
+    config.graceful_timeout = GRACEFUL_TIMEOUT_S
+    return config
+
+
+def _say_ready(ready_fd: int | None) -> None:
+    if ready_fd is None:
+        return
+    try:
+        os.write(ready_fd, b"ready\n")
+    finally:
+        os.close(ready_fd)  # nothing more is ever written: the server may be gone
+
+
+async def _serve_trio(store: Path, fd: int, timeout_s: float | None, ready_fd: int | None) -> None:
+    from hypercorn.trio import serve
+
+    from servecore.http import HTTPIngress
+
+    stop = trio.Event()
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with open_client(store) as client, trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                async for _ in signals:
+                    stop.set()
+                    return
+
+            nursery.start_soon(watch)
+            app = HTTPIngress(
+                client, timeout_s=timeout_s, ops=functools.partial(answer_worker_ops, client)
+            )
+            await nursery.start(
+                functools.partial(
+                    serve,
+                    app,  # type: ignore[arg-type]
+                    _config(fd),
+                    shutdown_trigger=stop.wait,
+                    mode="asgi",
+                )
+            )
+            _say_ready(ready_fd)
+            await stop.wait()
+            # serve returns once connections drained; then the client closes.
+            nursery.cancel_scope.deadline = trio.current_time() + GRACEFUL_TIMEOUT_S + 1
+
+
+async def _serve_asyncio(
+    store: Path, fd: int, timeout_s: float | None, ready_fd: int | None
+) -> None:
+    from hypercorn.asyncio import serve
+
+    from servecore.http import HTTPIngress
+
+    loop = asyncio.get_running_loop()
+    started: asyncio.Future[tuple[Client, _TrioGuest]] = loop.create_future()
+    finished: asyncio.Future[None] = loop.create_future()
+    release = trio.Event()
+
+    async def trio_main() -> None:
+        async with open_client(store) as client, trio.open_nursery() as nursery:
+            guest = _TrioGuest(loop, trio.lowlevel.current_trio_token(), nursery)
+            started.set_result((client, guest))
+            await release.wait()
+            nursery.cancel_scope.cancel()
+
+    def done(outcome: Any) -> None:
+        if not started.done():
+            try:
+                outcome.unwrap()
+                started.set_exception(RuntimeError("the client stopped before its first table"))
+            except BaseException as exc:
+                started.set_exception(exc)
+        if not finished.done():
+            finished.set_result(None)
+
+    trio.lowlevel.start_guest_run(
+        trio_main,
+        run_sync_soon_threadsafe=loop.call_soon_threadsafe,
+        run_sync_soon_not_threadsafe=loop.call_soon,
+        done_callback=done,
+        host_uses_signal_set_wakeup_fd=True,
+    )
+    client, guest = await started
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    app = HTTPIngress(
+        _GuestSource(client, guest),
+        timeout_s=timeout_s,
+        ops=functools.partial(answer_worker_ops, client),
+    )
+    server = asyncio.ensure_future(
+        serve(app, _config(fd), shutdown_trigger=stop.wait, mode="asgi")  # type: ignore[arg-type]
+    )
+    _say_ready(ready_fd)
+    try:
+        await server
+    finally:
+        guest._token.run_sync_soon(release.set)
+        await finished
+
+
+def serve_worker(
+    store: Path,
+    fd: int,
+    *,
+    timeout_s: float | None = 30.0,
+    stack: str = STACKS[0],
+    ready_fd: int | None = None,
+) -> None:
+    """Serve the ingress of the controller on ``store`` at the listening socket ``fd``
+    until SIGTERM or SIGINT (see the module)."""
+    if stack == "trio":
+        trio.run(_serve_trio, store, fd, timeout_s, ready_fd)
+    elif stack == "asyncio":
+        asyncio.run(_serve_asyncio(store, fd, timeout_s, ready_fd))
+    else:
+        raise ValueError(f"stack={stack!r} is not one of {', '.join(STACKS)}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m servecore._serving.worker``: what ``servecore run --workers`` starts."""
+    parser = argparse.ArgumentParser(description="A servecore ingress worker.")
+    parser.add_argument("--store", type=Path, required=True)
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--ready-fd", type=int, default=None)
+    parser.add_argument("--timeout", type=float, default=None)
+    parser.add_argument("--stack", choices=STACKS, default=STACKS[0])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="servecore worker %(process)d: %(message)s")
+    try:
+        serve_worker(
+            args.store, args.fd, timeout_s=args.timeout, stack=args.stack, ready_fd=args.ready_fd
+        )
+    except KeyboardInterrupt:
+        pass
+    except Exception as exc:  # one paragraph, not a traceback: the server restarts us
+        print(f"servecore worker {os.getpid()}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
