@@ -9,7 +9,13 @@ Rows (each server in a process of its own, started by this script with ``--serve
   Ray Serve's proxy server) -- the same app on the other stacks, for the choice of stack.
 * ``servecore ingress (threads)`` / ``(subprocess)`` -- ``GET /echo?x=1`` through
   servecore's ingress, router and a replica of a function returning its argument (the
-  same JSON), metrics counters on: what ``servecore run`` serves.
+  same JSON), metrics counters on: what ``servecore run --workers 0`` serves.
+* ``bare ASGI, hypercorn/asyncio x2`` -- the bare app in 2 processes accepting on one
+  inherited listening socket, as ``servecore run --workers 2`` does.
+* ``servecore run --workers 1`` / ``2`` -- a real ``servecore run --runtime subprocess``
+  whose HTTP is served by ingress worker processes (hypercorn on asyncio, the client's
+  router on trio as its guest), one replica; ``--workers 1 (trio stack)`` runs the
+  workers on hypercorn/trio instead, for the choice of stack.
 
 ``wrk -t1 -cCONNECTIONS`` loads each row for ``--seconds`` per round; ``ROUNDS`` rounds
 alternate the rows in ABBA order, so noise from other work on the machine spreads over
@@ -104,6 +110,66 @@ def _serve_bare_asyncio(port: int) -> None:
     asyncio.run(serve(_bare_app, _config(port), mode="asgi"))  # type: ignore[arg-type]
 
 
+def _serve_bare_asyncio_processes(port: int, count: int) -> None:
+    """The bare app on hypercorn/asyncio in ``count`` forked processes sharing one
+    listening socket (what ``servecore run --workers`` does with its workers)."""
+    import asyncio
+    import signal
+
+    from hypercorn.asyncio import serve
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(2048)
+    children = []
+    for _ in range(count):
+        pid = os.fork()
+        if pid == 0:
+            config = _config(port)
+            config.bind = [f"fd://{sock.fileno()}"]
+            asyncio.run(serve(_bare_app, config, mode="asgi"))  # type: ignore[arg-type]
+            os._exit(0)
+        children.append(pid)
+
+    def stop(signum: int, frame: Any) -> None:
+        for child in children:
+            os.kill(child, signal.SIGKILL)
+        for child in children:
+            os.waitpid(child, 0)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    for child in children:
+        os.waitpid(child, 0)
+
+
+APP_FILE = """
+[backends.echo]
+target = "bench_targets:echo"
+
+[endpoints.echo]
+traffic = { echo = 1.0 }
+"""
+
+
+def _exec_run(port: int, workers: int, stack: str | None) -> None:
+    """Become ``servecore run --workers N`` (the same pid, so SIGTERM reaches it)."""
+    import tempfile
+
+    directory = Path(tempfile.mkdtemp(prefix="bench-http-run-"))
+    (directory / "app.toml").write_text(APP_FILE)
+    command = [
+        *(sys.executable, "-m", "servecore", "run", str(directory / "app.toml")),
+        *("--runtime", "subprocess", "--workers", str(workers), "--port", str(port)),
+        *("--store", str(directory / "state.db"), "--app-dir", str(HERE)),
+        *("--stop-replicas", "--log-level", "WARNING", "--no-replica-logs"),
+    ]
+    if stack is not None:
+        command += ["--worker-stack", stack]
+    os.execv(sys.executable, command)
+
+
 def _serve_bare_uvicorn(port: int) -> None:
     import uvicorn
 
@@ -139,6 +205,11 @@ def serve(kind: str, port: int) -> None:
         _serve_bare_asyncio(port)
     elif kind == "bare-uvicorn":
         _serve_bare_uvicorn(port)
+    elif kind == "bare-asyncio-x2":
+        _serve_bare_asyncio_processes(port, 2)
+    elif kind.startswith("run-workers-"):
+        workers, _, stack = kind.removeprefix("run-workers-").partition("-")
+        _exec_run(port, int(workers), stack or None)
     else:
         trio.run(_serve_ingress, port, kind.removeprefix("ingress-"))
 
@@ -191,7 +262,7 @@ def _start(kind: str) -> tuple[subprocess.Popen[bytes], int]:
         [sys.executable, str(Path(__file__).resolve()), "--serve", kind, "--port", str(port)],
         env=env,
     )
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the {kind} server exited with {proc.returncode}")
@@ -204,7 +275,7 @@ def _start(kind: str) -> tuple[subprocess.Popen[bytes], int]:
             pass
         time.sleep(0.1)
     proc.kill()
-    raise RuntimeError(f"the {kind} server did not answer within 60 s")
+    raise RuntimeError(f"the {kind} server did not answer within 120 s")
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -218,6 +289,10 @@ ROWS = {
     "bare-uvicorn": "bare ASGI, uvicorn",
     "ingress-threads": "servecore ingress (threads)",
     "ingress-subprocess": "servecore ingress (subprocess)",
+    "bare-asyncio-x2": "bare ASGI, hypercorn/asyncio x2",
+    "run-workers-1": "servecore run --workers 1",
+    "run-workers-2": "servecore run --workers 2",
+    "run-workers-1-trio": "servecore run --workers 1 (trio stack)",
 }
 
 
@@ -236,6 +311,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="shorter rounds (a smoke run)")
     parser.add_argument("--connections", type=int, default=CONNECTIONS)
     parser.add_argument("--seconds", type=float, default=None)
+    parser.add_argument(
+        "--only", default=None, help="comma-separated rows to run (bare is always run)"
+    )
     parser.add_argument("--out", default=str(HERE / "results" / "bench_http.json"))
     parser.add_argument("--serve", choices=sorted(ROWS), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -248,6 +326,9 @@ def main(argv: list[str] | None = None) -> None:
     seconds = args.seconds or (1.0 if args.quick else 3.0)
     rounds = 2 if args.quick else ROUNDS
     kinds = _available()
+    if args.only:
+        wanted = {"bare", *args.only.split(",")}
+        kinds = {kind: name for kind, name in kinds.items() if kind in wanted}
     servers = {kind: _start(kind) for kind in kinds}
     per_round: dict[str, list[dict[str, float]]] = {kind: [] for kind in kinds}
     try:

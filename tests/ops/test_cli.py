@@ -154,12 +154,23 @@ class Deployment:
                     found.add(int(entry.name))
         return found
 
+    def worker_pids(self) -> set[int]:
+        """Live ingress workers (``--workers``) whose command line names this store."""
+        found = set()
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):
+                    args = (entry / "cmdline").read_bytes().split(b"\0")
+                    if b"servecore._serving.worker" in args and str(self.store).encode() in args:
+                        found.add(int(entry.name))
+        return found
+
     def stop_everything(self) -> None:
         for proc in self.servers:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=30)
-        for pid in self.replica_pids() | self.seen_pids:
+        for pid in self.worker_pids() | self.replica_pids() | self.seen_pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
@@ -711,3 +722,64 @@ def test_logs_of_a_backend_without_a_server_kept_then_live(tmp_path: Path) -> No
     assert "second death" in out.getvalue() and "first death" not in out.getvalue()
     with pytest.raises(NoLogs, match="no logs of 'nothing'"):
         show_logs("nothing", state_dir / "state.db", follow=False, console=Console(file=out))
+
+
+def _worker_pids_of(log: Path) -> set[int]:
+    """The ingress workers' pids ``servecore run --workers`` recorded in its state."""
+    record = json.loads((log.parent / ".servecore" / "workers.json").read_text())
+    return set(record["pids"])
+
+
+def test_ingress_workers_serve_and_survive_a_killed_controller(deployment: Deployment) -> None:
+    app = deployment.write("app.toml", APP_V2)
+    port = _free_port()
+    server, log = deployment.run(app, port, "--runtime", "subprocess", "--workers", "2")
+    workers = _worker_pids_of(log)
+    assert len(workers) == 2 and workers == deployment.worker_pids()
+    assert server.pid not in workers
+
+    # The same ingress as --workers 0: routes, JSON in and out, the error mapping.
+    assert _http(port, "POST", "/echo", "hi") == (200, "v1:hi")
+    assert _http(port, "GET", "/echo?x=1") == (200, "v1:{'x': '1'}")
+    assert _http(port, "POST", "/shout", "hey") == (200, "v1:hey")
+    assert _http(port, "GET", "/shout")[0] == 405
+    assert _http(port, "GET", "/nowhere") == (
+        404,
+        {"error": "no endpoint serves /nowhere", "type": "NotFound"},
+    )
+    assert _http(port, "GET", "/-/readyz") == (200, {"status": "ready"})
+    assert _http(port, "GET", "/-/routes") == (200, {"/echo": "echo", "/shout": "shout"})
+
+    # SIGKILL the controller only: the workers keep answering from the replicas.
+    os.kill(server.pid, signal.SIGKILL)
+    server.wait(timeout=30)
+    for i in range(20):  # a new connection each: the kernel spreads them over the workers
+        assert _http(port, "POST", "/echo", f"q{i}") == (200, f"v1:q{i}")
+    assert deployment.worker_pids() == workers
+
+    # A worker that dies is started again (by a server: start one on the same store,
+    # which first stops the workers the killed one left behind).
+    server, log = deployment.run(app, port, "--runtime", "subprocess", "--workers", "2")
+    assert "stopped 2 ingress worker(s) a previous server left running" in log.read_text()
+    fresh = _worker_pids_of(log)
+    assert not fresh & workers and deployment.worker_pids() == fresh
+    victim = min(fresh)
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while len(deployment.worker_pids() - {victim}) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(deployment.worker_pids() - {victim}) == 2, log.read_text()
+    assert _http(port, "POST", "/echo", "after") == (200, "v1:after")
+
+    # SIGTERM stops the server and its workers.
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(timeout=60) == 0, log.read_text()
+    assert deployment.worker_pids() == set()
+
+
+def test_workers_are_refused_where_replicas_live_in_the_server(deployment: Deployment) -> None:
+    app = deployment.write("app.toml", APP_V1)
+    result = deployment.cli("run", str(app), "--workers", "2")
+    assert result.returncode == 1
+    _one_paragraph(result, "--workers 2 needs --runtime subprocess", "threads of this process")
+    assert not deployment.store.exists()  # nothing was started

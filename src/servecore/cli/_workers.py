@@ -121,15 +121,19 @@ class WorkerPool:
         finally:
             os.close(write_fd)
         said = b""
-        async with trio.lowlevel.FdStream(read_fd) as ready:
-            with trio.move_on_after(READY_TIMEOUT_S):
-                while b"\n" not in said and (chunk := await ready.receive_some(64)):
-                    said += chunk
+        try:
+            async with trio.lowlevel.FdStream(read_fd) as ready:
+                with trio.move_on_after(READY_TIMEOUT_S):
+                    while b"\n" not in said and (chunk := await ready.receive_some(64)):
+                        said += chunk
+        finally:
+            if said.strip() != b"ready":
+                # Not serving, or the server is stopping meanwhile: never leave it behind.
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                with trio.CancelScope(shield=True):
+                    await process.wait()
         if said.strip() != b"ready":
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            with trio.CancelScope(shield=True):
-                await process.wait()
             why = (
                 f"it exited with status {process.returncode}"
                 if said == b""
