@@ -8,6 +8,11 @@ controller. The checkpoint stays. In-process (threads) replicas stop with the
 process; out-of-process replicas keep running, to be adopted by the next
 ``servecore run`` on the same store, unless ``--stop-replicas`` is given.
 
+With ``--workers N`` (N > 0; subprocess runtime only) this process serves the control
+socket and its routing-table feed, and HTTP is served by N ingress worker processes
+sharing the bound socket (:mod:`servecore.cli._workers`); they keep serving while this
+process is down, and the next run on the same state directory takes over from them.
+
 Everything that can be checked before a replica starts is checked first
 (:func:`preflight`): the state directory (created ``0700`` if missing; refused if
 another user owns it or others may write to it; an existing directory's mode is never
@@ -390,6 +395,16 @@ async def _serve_with_workers(
 ) -> None:
     """Serve the control socket (and its table feed) here and HTTP from
     ``options.workers`` worker processes sharing ``http_socket``, until ``shutdown``."""
+    autoscaled = sorted(t for t, b in ctl.state.backends.items() if b.config.autoscaling)
+    if autoscaled:
+        # Workers do not report their queries yet: say so rather than let a backend
+        # scale down under load unnoticed.
+        log.warning(
+            "autoscaling backends (%s) do not see the queries of ingress workers yet, "
+            "only those of this process's handles; use --workers 0 to autoscale on "
+            "HTTP traffic",
+            ", ".join(autoscaled),
+        )
     # The feed first: each worker subscribes to it before it serves.
     control = await _start_control(ctl, options, console, shutdown, nursery)
     http_socket.listen(LISTEN_BACKLOG)
