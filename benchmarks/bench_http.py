@@ -13,9 +13,10 @@ Rows (each server in a process of its own, started by this script with ``--serve
 * ``bare ASGI, hypercorn/asyncio x2`` -- the bare app in 2 processes accepting on one
   inherited listening socket, as ``servecore run --workers 2`` does.
 * ``servecore run --workers 1`` / ``2`` -- a real ``servecore run --runtime subprocess``
-  whose HTTP is served by ingress worker processes (hypercorn on asyncio, the client's
-  router on trio as its guest), one replica; ``--workers 1 (trio stack)`` runs the
-  workers on hypercorn/trio instead, for the choice of stack.
+  whose HTTP is served by ingress worker processes (the default stack: uvicorn on
+  asyncio, the client's router on trio as its guest), one replica; the rows marked
+  ``(hypercorn/asyncio)`` and ``(hypercorn/trio)`` run the workers on those stacks
+  instead, for the choice of stack.
 
 ``wrk -t1 -cCONNECTIONS`` loads each row for ``--seconds`` per round; ``ROUNDS`` rounds
 alternate the rows in ABBA order, so noise from other work on the machine spreads over
@@ -292,7 +293,8 @@ ROWS = {
     "bare-asyncio-x2": "bare ASGI, hypercorn/asyncio x2",
     "run-workers-1": "servecore run --workers 1",
     "run-workers-2": "servecore run --workers 2",
-    "run-workers-1-trio": "servecore run --workers 1 (trio stack)",
+    "run-workers-1-asyncio": "servecore run --workers 1 (hypercorn/asyncio)",
+    "run-workers-1-trio": "servecore run --workers 1 (hypercorn/trio)",
 }
 
 
@@ -370,12 +372,12 @@ def main(argv: list[str] | None = None) -> None:
         )
         for kind in kinds
     }
-    head = f"{'':<34}{'requests/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'bare/this':>11}"
+    head = f"{'':<40}{'requests/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'bare/this':>11}"
     print(head)
     print("-" * len(head))
     for r in rows:
         print(
-            f"{r['name']:<34}{r['requests_per_s']:>12,.0f}{r['p50_ms']:>10.2f}"
+            f"{r['name']:<40}{r['requests_per_s']:>12,.0f}{r['p50_ms']:>10.2f}"
             f"{r['p99_ms']:>10.2f}{ratios[r['kind']]:>11.2f}"
         )
     print(

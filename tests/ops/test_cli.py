@@ -730,10 +730,16 @@ def _worker_pids_of(log: Path) -> set[int]:
     return set(record["pids"])
 
 
-def test_ingress_workers_serve_and_survive_a_killed_controller(deployment: Deployment) -> None:
+@pytest.mark.parametrize("stack", ["default", "asyncio", "trio"])
+def test_ingress_workers_serve_and_survive_a_killed_controller(
+    deployment: Deployment, stack: str
+) -> None:
     app = deployment.write("app.toml", APP_V2)
     port = _free_port()
-    server, log = deployment.run(app, port, "--runtime", "subprocess", "--workers", "2")
+    workers_options = ("--runtime", "subprocess", "--workers", "2")
+    if stack != "default":
+        workers_options += ("--worker-stack", stack)
+    server, log = deployment.run(app, port, *workers_options)
     workers = _worker_pids_of(log)
     assert len(workers) == 2 and workers == deployment.worker_pids()
     assert server.pid not in workers
@@ -759,7 +765,7 @@ def test_ingress_workers_serve_and_survive_a_killed_controller(deployment: Deplo
 
     # A worker that dies is started again (by a server: start one on the same store,
     # which first stops the workers the killed one left behind).
-    server, log = deployment.run(app, port, "--runtime", "subprocess", "--workers", "2")
+    server, log = deployment.run(app, port, *workers_options)
     assert "stopped 2 ingress worker(s) a previous server left running" in log.read_text()
     fresh = _worker_pids_of(log)
     assert not fresh & workers and deployment.worker_pids() == fresh

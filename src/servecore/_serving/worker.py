@@ -11,16 +11,17 @@ workers accept on that one socket, and the kernel hands each connection to one o
 them. The controller is not on the query path: while it is down, a worker keeps
 routing on the last table it received, and resubscribes in the background.
 
-Two server stacks (``--stack``):
+Three server stacks (``--stack``):
 
-* ``asyncio`` (the default): hypercorn on asyncio, with trio run as a *guest* of the
-  asyncio loop on the same thread (``trio.lowlevel.start_guest_run``). The ingress's
-  request handling runs on asyncio; each query hops to a trio task running the
-  client's router (:class:`_TrioGuest`) and its result comes back through an asyncio
-  future, without a second thread.
+* ``uvicorn`` (the default when uvicorn is installed) and ``asyncio`` (hypercorn on
+  asyncio, the default otherwise): trio runs as a *guest* of the asyncio loop on the
+  same thread (``trio.lowlevel.start_guest_run``). The ingress's request handling
+  runs on asyncio; each query hops to a trio task running the client's router
+  (:class:`_TrioGuest`) and its result comes back through an asyncio future, without
+  a second thread.
 * ``trio``: hypercorn on trio, as the controller's own ingress.
 
-Why asyncio by default is measured in docs/benchmarks.md ("HTTP").
+Why asyncio is the default is measured in docs/benchmarks.md ("HTTP").
 
 The ``/-/`` routes of a worker answer from what the worker knows: ``/-/healthz``
 (alive), ``/-/readyz`` (every endpoint with a route has a replica or wakes on demand in
@@ -36,11 +37,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import json
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
@@ -51,15 +54,34 @@ import trio
 from servecore._serving.connect import Client, open_client
 from servecore._serving.ops_http import PREFIX, _send
 
-__all__ = ["STACKS", "answer_worker_ops", "main", "serve_worker", "worker_readyz"]
+__all__ = [
+    "STACKS",
+    "answer_worker_ops",
+    "default_stack",
+    "main",
+    "serve_worker",
+    "worker_readyz",
+]
 
 log = logging.getLogger("servecore.worker")
 
 T = TypeVar("T")
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
-#: The server stacks a worker can run; the first is the default.
-STACKS = ("asyncio", "trio")
+#: The server stacks a worker can run: uvicorn on asyncio, hypercorn on asyncio,
+#: hypercorn on trio.
+STACKS = ("uvicorn", "asyncio", "trio")
+
+
+def default_stack() -> str:
+    """The fastest stack installed: uvicorn if it is, else hypercorn on asyncio."""
+    try:
+        import uvicorn  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvicorn"
+
+
 #: How long requests in flight may take to finish after SIGTERM.
 GRACEFUL_TIMEOUT_S = 5.0
 
@@ -243,10 +265,8 @@ async def _serve_trio(store: Path, fd: int, timeout_s: float | None, ready_fd: i
 
 
 async def _serve_asyncio(
-    store: Path, fd: int, timeout_s: float | None, ready_fd: int | None
+    store: Path, fd: int, timeout_s: float | None, ready_fd: int | None, server: str
 ) -> None:
-    from hypercorn.asyncio import serve
-
     from servecore.http import HTTPIngress
 
     loop = asyncio.get_running_loop()
@@ -279,23 +299,68 @@ async def _serve_asyncio(
         host_uses_signal_set_wakeup_fd=True,
     )
     client, guest = await started
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     app = HTTPIngress(
         _GuestSource(client, guest),
         timeout_s=timeout_s,
         ops=functools.partial(answer_worker_ops, client),
     )
-    server = asyncio.ensure_future(
-        serve(app, _config(fd), shutdown_trigger=stop.wait, mode="asgi")  # type: ignore[arg-type]
-    )
-    _say_ready(ready_fd)
     try:
-        await server
+        if server == "uvicorn":
+            await _run_uvicorn(app, fd, ready_fd)
+        else:
+            await _run_hypercorn_asyncio(app, fd, ready_fd)
     finally:
         guest._token.run_sync_soon(release.set)
         await finished
+
+
+def _on_stop_signals(callback: Callable[[], object]) -> None:
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, callback)
+
+
+async def _run_hypercorn_asyncio(app: Any, fd: int, ready_fd: int | None) -> None:
+    from hypercorn.asyncio import serve
+
+    stop = asyncio.Event()
+    _on_stop_signals(stop.set)
+    server = asyncio.ensure_future(serve(app, _config(fd), shutdown_trigger=stop.wait, mode="asgi"))
+    _say_ready(ready_fd)
+    await server
+
+
+async def _run_uvicorn(app: Any, fd: int, ready_fd: int | None) -> None:
+    import uvicorn
+
+    from servecore.http import LISTEN_BACKLOG
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Any:
+            # The worker's own handlers (below) ask for a graceful exit; uvicorn's would
+            # re-raise the signal after it, and kill the worker before its client closes.
+            yield
+
+    config = uvicorn.Config(
+        app,
+        lifespan="off",
+        ws="none",
+        log_level="warning",
+        access_log=False,
+        backlog=LISTEN_BACKLOG,
+        timeout_graceful_shutdown=int(GRACEFUL_TIMEOUT_S),
+    )
+    server = Server(config)
+
+    def stop() -> None:
+        server.should_exit = True
+
+    _on_stop_signals(stop)
+    sock = socket.socket(fileno=fd)
+    serving = asyncio.ensure_future(server.serve(sockets=[sock]))
+    _say_ready(ready_fd)
+    await serving
 
 
 def serve_worker(
@@ -303,15 +368,18 @@ def serve_worker(
     fd: int,
     *,
     timeout_s: float | None = 30.0,
-    stack: str = STACKS[0],
+    stack: str | None = None,
     ready_fd: int | None = None,
 ) -> None:
     """Serve the ingress of the controller on ``store`` at the listening socket ``fd``
-    until SIGTERM or SIGINT (see the module)."""
+    until SIGTERM or SIGINT (see the module). ``stack`` is one of :data:`STACKS`
+    (None: :func:`default_stack`)."""
+    stack = stack or default_stack()
     if stack == "trio":
         trio.run(_serve_trio, store, fd, timeout_s, ready_fd)
-    elif stack == "asyncio":
-        asyncio.run(_serve_asyncio(store, fd, timeout_s, ready_fd))
+    elif stack in {"uvicorn", "asyncio"}:
+        server = "uvicorn" if stack == "uvicorn" else "hypercorn"
+        asyncio.run(_serve_asyncio(store, fd, timeout_s, ready_fd, server))
     else:
         raise ValueError(f"stack={stack!r} is not one of {', '.join(STACKS)}")
 
@@ -323,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--ready-fd", type=int, default=None)
     parser.add_argument("--timeout", type=float, default=None)
-    parser.add_argument("--stack", choices=STACKS, default=STACKS[0])
+    parser.add_argument("--stack", choices=STACKS, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="servecore worker %(process)d: %(message)s")
     try:

@@ -215,7 +215,7 @@ def _ask(store: Path, message: dict[str, Any], timeout_s: float | None = None) -
 )
 @click.option(
     "--worker-stack",
-    type=click.Choice(["asyncio", "trio"]),
+    type=click.Choice(["uvicorn", "asyncio", "trio"]),
     default=None,
     hidden=True,  # for benchmarks: the workers' server stack
 )
