@@ -10,8 +10,8 @@ Rows (each server in a process of its own, started by this script with ``--serve
 * ``servecore ingress (threads)`` / ``(subprocess)`` -- ``GET /echo?x=1`` through
   servecore's ingress, router and a replica of a function returning its argument (the
   same JSON), metrics counters on: what ``servecore run --workers 0`` serves.
-* ``bare ASGI, hypercorn/asyncio x2`` -- the bare app in 2 processes accepting on one
-  inherited listening socket, as ``servecore run --workers 2`` does.
+* ``bare ASGI, uvicorn x2`` / ``hypercorn/asyncio x2`` -- the bare app in 2 processes
+  accepting on one inherited listening socket, as ``servecore run --workers 2`` does.
 * ``servecore run --workers 1`` / ``2`` -- a real ``servecore run --runtime subprocess``
   whose HTTP is served by ingress worker processes (the default stack: uvicorn on
   asyncio, the client's router on trio as its guest), one replica; the rows marked
@@ -111,9 +111,10 @@ def _serve_bare_asyncio(port: int) -> None:
     asyncio.run(serve(_bare_app, _config(port), mode="asgi"))  # type: ignore[arg-type]
 
 
-def _serve_bare_asyncio_processes(port: int, count: int) -> None:
-    """The bare app on hypercorn/asyncio in ``count`` forked processes sharing one
-    listening socket (what ``servecore run --workers`` does with its workers)."""
+def _serve_bare_processes(port: int, count: int, server: str) -> None:
+    """The bare app on hypercorn/asyncio or uvicorn in ``count`` forked processes
+    sharing one listening socket (what ``servecore run --workers`` does with its
+    workers)."""
     import asyncio
     import signal
 
@@ -121,15 +122,26 @@ def _serve_bare_asyncio_processes(port: int, count: int) -> None:
 
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # As servecore run's socket: accepted connections inherit it (uvicorn does not set
+    # it per connection, and answers 10x slower without it).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind(("127.0.0.1", port))
     sock.listen(2048)
     children = []
     for _ in range(count):
         pid = os.fork()
         if pid == 0:
-            config = _config(port)
-            config.bind = [f"fd://{sock.fileno()}"]
-            asyncio.run(serve(_bare_app, config, mode="asgi"))  # type: ignore[arg-type]
+            if server == "uvicorn":
+                import uvicorn
+
+                config = uvicorn.Config(
+                    _bare_app, lifespan="off", ws="none", log_level="warning", access_log=False
+                )
+                uvicorn.Server(config).run(sockets=[sock])
+            else:
+                config = _config(port)
+                config.bind = [f"fd://{sock.fileno()}"]
+                asyncio.run(serve(_bare_app, config, mode="asgi"))  # type: ignore[arg-type]
             os._exit(0)
         children.append(pid)
 
@@ -207,7 +219,9 @@ def serve(kind: str, port: int) -> None:
     elif kind == "bare-uvicorn":
         _serve_bare_uvicorn(port)
     elif kind == "bare-asyncio-x2":
-        _serve_bare_asyncio_processes(port, 2)
+        _serve_bare_processes(port, 2, "hypercorn")
+    elif kind == "bare-uvicorn-x2":
+        _serve_bare_processes(port, 2, "uvicorn")
     elif kind.startswith("run-workers-"):
         workers, _, stack = kind.removeprefix("run-workers-").partition("-")
         _exec_run(port, int(workers), stack or None)
@@ -291,6 +305,7 @@ ROWS = {
     "ingress-threads": "servecore ingress (threads)",
     "ingress-subprocess": "servecore ingress (subprocess)",
     "bare-asyncio-x2": "bare ASGI, hypercorn/asyncio x2",
+    "bare-uvicorn-x2": "bare ASGI, uvicorn x2",
     "run-workers-1": "servecore run --workers 1",
     "run-workers-2": "servecore run --workers 2",
     "run-workers-1-asyncio": "servecore run --workers 1 (hypercorn/asyncio)",
@@ -303,7 +318,7 @@ def _available() -> dict[str, str]:
     try:
         import uvicorn  # noqa: F401
     except ImportError:
-        del rows["bare-uvicorn"]  # pip install uvicorn to compare with it
+        del rows["bare-uvicorn"], rows["bare-uvicorn-x2"]  # pip install uvicorn
     return rows
 
 
@@ -372,12 +387,12 @@ def main(argv: list[str] | None = None) -> None:
         )
         for kind in kinds
     }
-    head = f"{'':<40}{'requests/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'bare/this':>11}"
+    head = f"{'':<48}{'requests/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'bare/this':>11}"
     print(head)
     print("-" * len(head))
     for r in rows:
         print(
-            f"{r['name']:<40}{r['requests_per_s']:>12,.0f}{r['p50_ms']:>10.2f}"
+            f"{r['name']:<48}{r['requests_per_s']:>12,.0f}{r['p50_ms']:>10.2f}"
             f"{r['p99_ms']:>10.2f}{ratios[r['kind']]:>11.2f}"
         )
     print(
