@@ -37,6 +37,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -116,7 +117,6 @@ def _serve_bare_processes(port: int, count: int, server: str) -> None:
     sharing one listening socket (what ``servecore run --workers`` does with its
     workers)."""
     import asyncio
-    import signal
 
     from hypercorn.asyncio import serve
 
@@ -206,6 +206,7 @@ async def _serve_ingress(port: int, runtime: str) -> None:
             await serve_http(ctl, f"127.0.0.1:{port}")
         finally:
             with trio.CancelScope(shield=True):
+                await ctl.delete_endpoint("echo")  # then the backend is no longer in use
                 await ctl.delete_backend("echo")
 
 
@@ -357,8 +358,10 @@ def main(argv: list[str] | None = None) -> None:
             for kind, (_, port) in order:
                 per_round[kind].append(load(port, seconds, args.connections))
     finally:
-        for proc, _ in servers.values():
-            proc.terminate()
+        for kind, (proc, _) in servers.items():
+            # SIGINT reaches trio as KeyboardInterrupt, so the ingress rows delete their
+            # backend (and stop their replica) on the way out; SIGTERM would not.
+            proc.send_signal(signal.SIGINT if kind.startswith("ingress-") else signal.SIGTERM)
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:

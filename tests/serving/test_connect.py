@@ -130,9 +130,20 @@ class Server:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=30)
-        for pid in self.replica_pids():
+        for pid in self.replica_pids() | self.worker_pids():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+    def worker_pids(self) -> set[int]:
+        """Ingress workers (``--workers``, on by default with subprocess) of this store:
+        a SIGKILLed server leaves them serving."""
+        found = set()
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):
+                    if str(self.store).encode() in (entry / "cmdline").read_bytes().split(b"\0"):
+                        found.add(int(entry.name))
+        return found
 
 
 @pytest.fixture
