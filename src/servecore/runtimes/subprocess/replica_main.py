@@ -57,6 +57,7 @@ from servecore.runtimes.subprocess.wire import (
     PING,
     dumps,
     encodable,
+    encode_results,
     error_info,
     frame,
     socket_address,
@@ -336,31 +337,11 @@ class _Connection:
             self._reply(GONE, request_id, dumps(reason))
             server.die(reason)
         try:
-            out = dumps(results)
-        except Exception as exc:
-            self._reply(
-                ERROR, request_id, dumps(error_info(_unpicklable(server.tag, results, exc)))
-            )
+            out = encode_results(server.tag, results, "subprocess")
+        except Exception as exc:  # UnpicklableResult, naming the value's type
+            self._reply(ERROR, request_id, dumps(error_info(exc)))
             return
         self._reply(OK, request_id, out)
-
-
-def _unpicklable(tag: str, results: Any, exc: Exception) -> Exception:
-    """The typed error for a result pickle refuses, naming the first such value's type."""
-    from servecore._core.errors import UnpicklableResult  # with the toolkit, already loaded
-
-    culprit: Any = results
-    for value in results if isinstance(results, list) else ():
-        try:
-            dumps(value)
-        except Exception:
-            culprit = value
-            break
-    cls = type(culprit)
-    reason = encodable(f"{type(exc).__name__}: {exc}")
-    return UnpicklableResult(
-        tag, f"{cls.__module__}.{cls.__qualname__}", reason, runtime="subprocess"
-    )
 
 
 def _send_status(status: BinaryIO | None, kind: int, body: bytes) -> None:

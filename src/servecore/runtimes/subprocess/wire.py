@@ -28,6 +28,7 @@ __all__ = [
     "PING",
     "dumps",
     "encodable",
+    "encode_results",
     "error_info",
     "frame",
     "parse_frame",
@@ -54,6 +55,37 @@ _MAX_SOCKET_PATH = 100
 def dumps(obj: Any) -> bytes:
     """Pickle ``obj`` with the highest protocol (both ends run the same Python)."""
     return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def encode_results(tag: str, results: Any, runtime: str) -> bytes:
+    """(replica) Pickle a batch's ``results`` for the host, which reads them with
+    ``servecore.runtimes._remote_errors.decode_reply``.
+
+    A value pickle refuses raises :class:`~servecore.UnpicklableResult` naming replica
+    ``tag``, the first such value's type and why (the Ray replica actor sends its results
+    this way too, so both runtimes refuse the same values with the same error).
+    """
+    try:
+        return dumps(results)
+    except Exception as exc:
+        raise _unpicklable(tag, results, exc, runtime) from None
+
+
+def _unpicklable(tag: str, results: Any, exc: Exception, runtime: str) -> Exception:
+    """The typed error for a result pickle refuses, naming the first such value's type."""
+    # Imported here: the replica imports this module before anything else of servecore.
+    from servecore._core.errors import UnpicklableResult
+
+    culprit: Any = results
+    for value in results if isinstance(results, list) else ():
+        try:
+            dumps(value)
+        except Exception:
+            culprit = value
+            break
+    cls = type(culprit)
+    reason = encodable(f"{type(exc).__name__}: {exception_message(exc)}")
+    return UnpicklableResult(tag, f"{cls.__module__}.{cls.__qualname__}", reason, runtime=runtime)
 
 
 def frame(kind: int, request_id: int, body: bytes) -> bytes:
