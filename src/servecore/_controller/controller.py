@@ -32,7 +32,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, get_args
 
@@ -41,6 +41,7 @@ import trio
 from servecore._controller.autoscaler import AUTOSCALE_INTERVAL_S, Autoscaler, check_report_time
 from servecore._controller.committer import Committer, Writer
 from servecore._controller.effects import EffectGroup, EffectRunner
+from servecore._controller.remote_load import RemoteLoad, check_load_report
 from servecore._controller.replica_lifecycle import LifecycleCounts, ReplicaLifecycle
 from servecore._controller.standby import open_store
 from servecore._controller.status import Status, live_status
@@ -148,10 +149,12 @@ class Controller:
                 return epoch + trio.current_time()
 
         self._clock: Callable[[], float] = clock
+        self._remote_load = RemoteLoad(clock=self._clock)
         self._autoscaler = Autoscaler(
             state=lambda: self._committer.state,
             clock=self._clock,
             ongoing=self._ongoing_queries,
+            remote=self._remote_load.ongoing,
             report=self._report_load,
             background=self._effects.background,
             start_soon=nursery.start_soon,
@@ -390,6 +393,32 @@ class Controller:
         await self._report_load(report, group)
         await group.wait()
         return self._state
+
+    def report_router_load(
+        self, reporter: str, ongoing: Mapping[str, int], wake: Iterable[str] = ()
+    ) -> None:
+        """Count the load of a router in another process (a ``servecore.connect``
+        client: the control socket's ``load`` op) in autoscaling decisions.
+
+        ``ongoing`` is that router's queries running or queued per backend now; it
+        replaces ``reporter``'s last report, and is added to this controller's own
+        router's load at each sample until ``reporter`` has not reported for
+        :data:`~servecore._controller.remote_load.STALE_AFTER_S` (then it is aged out).
+        Backends this controller does not know are ignored (the client's table may be a
+        step behind). Each backend in ``wake`` has a query waiting for it with no
+        replica to take it: one scaled to zero starts a replica at once, as for a query
+        waiting in this process. A malformed report raises ``InvalidConfig`` and counts
+        for nothing."""
+        reporter, counts, woken = check_load_report(reporter, ongoing, wake)
+        self._remote_load.report(reporter, counts)
+        for tag in woken:
+            if tag in self._state.backends:
+                self._autoscaler.on_demand(tag)
+
+    def remote_load(self) -> dict[str, dict[str, int]]:
+        """The last load report of each router in another process still counted
+        (not aged out), by reporter: what :meth:`report_router_load` keeps."""
+        return self._remote_load.reporters()
 
     async def retry_backend(self, tag: str) -> State:
         """Start a FAILED backend again with the same definition and config (after

@@ -26,7 +26,7 @@ import contextlib
 import functools
 import os
 import threading
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -313,6 +313,17 @@ class SyncController:
         """Report a backend's load to its autoscaler (see the async
         :meth:`servecore.Controller.report_load`)."""
         return self._run(self.controller.report_load, backend, ongoing, now)
+
+    def report_router_load(
+        self, reporter: str, ongoing: Mapping[str, int], wake: Iterable[str] = ()
+    ) -> None:
+        """Count a router's load from another process (see
+        :meth:`servecore.Controller.report_router_load`)."""
+        self._run_sync(self.controller.report_router_load, reporter, ongoing, wake)
+
+    def remote_load(self) -> dict[str, dict[str, int]]:
+        """See :meth:`servecore.Controller.remote_load`."""
+        return self._run_sync(self.controller.remote_load)
 
     def settle(self) -> None:
         """Wait until replacements of dead replicas and retried saves have settled."""

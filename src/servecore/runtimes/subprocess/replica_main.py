@@ -50,11 +50,13 @@ from servecore.runtimes.subprocess.files import (
 )
 from servecore.runtimes.subprocess.wire import (
     CALL,
+    DRAINED,
     ERROR,
     GONE,
     HEADER,
     OK,
     PING,
+    REFUSED,
     dumps,
     encodable,
     encode_results,
@@ -141,6 +143,10 @@ class _Server:
         self.stopping = False
         self.in_flight = 0
         self.idle = threading.Condition()
+        #: Calls refused because they arrived while draining (never begun).
+        self.refused = 0
+        #: Open host connections, told DRAINED before the process exits.
+        self.connections: set[_Connection] = set()
 
     def begin(self) -> None:
         with self.idle:
@@ -151,6 +157,12 @@ class _Server:
             self.in_flight -= 1
             if self.in_flight == 0:
                 self.idle.notify_all()
+
+    def refuse(self) -> int:
+        """Count one call refused while draining; return how many so far."""
+        with self.idle:
+            self.refused += 1
+            return self.refused
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self.stopping = True
@@ -187,13 +199,24 @@ class _Server:
             pass
         # Stop taking connections, finish what is running, then leave. The host sends
         # SIGKILL if this takes longer than the backend's graceful_shutdown_timeout_s.
+        # Calls that arrive meanwhile on open connections (a client whose routing
+        # table is a step behind) are refused unbegun, so their router resends them.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         self.listener.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.files.socket)
         with self.idle:
+            print(f"replica {self.tag} draining: {self.in_flight} call(s) in flight", flush=True)
             while self.in_flight:
                 self.idle.wait()
+            refused = self.refused
+        print(f"replica {self.tag} drained; refused {refused} call(s) unbegun", flush=True)
+        # Every call that ran was answered before in_flight reached 0: whatever a
+        # host still waits for was never begun, and DRAINED says so.
+        with self.idle:
+            connections = list(self.connections)
+        for connection in connections:
+            connection._reply(DRAINED, 0, b"")
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
@@ -232,6 +255,8 @@ class _Connection:
         self.call_time = 0.0  # moving average of how long calls take, in seconds
 
     def start(self) -> None:
+        with self.server.idle:
+            self.server.connections.add(self)
         for i in range(self.server.concurrency):
             threading.Thread(target=self._worker, name=f"replica-conn-{i}", daemon=True).start()
         if self.server.concurrency > 1:
@@ -259,6 +284,8 @@ class _Connection:
                 self.threads_alive -= 1
                 last = self.threads_alive == 0
             if last:  # nobody writes any more: the socket can go
+                with self.server.idle:
+                    self.server.connections.discard(self)
                 self.closed = True
                 self.rfile.close()
                 self.conn.close()
@@ -323,7 +350,10 @@ class _Connection:
             self._reply(GONE, request_id, dumps(f"unknown message kind {kind}"))
             return
         if server.stopping:
-            self._reply(GONE, request_id, dumps("the replica is stopping"))
+            # Checked after begin(): a call past this line is drained, never refused.
+            n = server.refuse()
+            print(f"replica {server.tag} refused a call: draining ({n} so far)", flush=True)
+            self._reply(REFUSED, request_id, dumps("the replica is draining"))
             return
         try:
             results = server.run(pickle.loads(body))

@@ -21,11 +21,13 @@ from servecore._text import encodable, exception_message
 
 __all__ = [
     "CALL",
+    "DRAINED",
     "ERROR",
     "GONE",
     "HEADER",
     "OK",
     "PING",
+    "REFUSED",
     "dumps",
     "encodable",
     "encode_results",
@@ -45,8 +47,16 @@ PING = 2
 OK = 3
 #: replica -> host: the body is an :func:`error_info` dict.
 ERROR = 4
-#: replica -> host: the replica is stopping and did not run the batch; body: a reason.
+#: replica -> host: the replica ends and did not run the batch (or the kind is
+#: unknown); body: a reason. The batch may have begun: it is never sent elsewhere.
 GONE = 5
+#: replica -> host: the replica is draining (SIGTERM) and refused the batch before
+#: beginning it; body: a reason. Safe to send to another replica.
+REFUSED = 6
+#: replica -> host, request id 0: the replica has drained and exits now. Every call
+#: still unanswered on this connection was never begun (all that ran were answered
+#: first), so each is safe to send to another replica.
+DRAINED = 7
 
 #: Longest socket path that ``bind``/``connect`` take (``sun_path`` is 108 bytes on Linux).
 _MAX_SOCKET_PATH = 100
