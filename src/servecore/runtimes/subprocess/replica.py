@@ -17,7 +17,7 @@ from servecore.runtimes._remote_errors import decode_reply, rebuild_exception
 from servecore.runtimes.subprocess.channel import Channel
 from servecore.runtimes.subprocess.files import ReplicaFiles
 from servecore.runtimes.subprocess.process import Process
-from servecore.runtimes.subprocess.wire import CALL, ERROR, GONE, OK, PING, dumps, frame
+from servecore.runtimes.subprocess.wire import CALL, CANCEL, ERROR, GONE, OK, PING, dumps, frame
 
 __all__ = [
     "RemoteTraceback",
@@ -122,8 +122,13 @@ class ReplicaConnection:
             self.idle = trio.Event()
 
         def abort(_: Any) -> trio.lowlevel.Abort:
-            # The caller gave up (cancelled): its answer will be dropped on arrival.
-            self.pending.pop(request_id, None)
+            # The caller gave up (cancelled): its answer will be dropped on arrival, and
+            # the replica cancels the call's task if it runs on its loop (async targets).
+            if self.pending.pop(request_id, None) is not None and not self.channel.closed:
+                try:  # noqa: SIM105 - a dead connection fails the query anyway
+                    self.channel.send(frame(CANCEL, request_id, b""))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
             return trio.lowlevel.Abort.SUCCEEDED
 
         try:

@@ -21,6 +21,7 @@ from servecore._text import encodable, exception_message
 
 __all__ = [
     "CALL",
+    "CANCEL",
     "ERROR",
     "GONE",
     "HEADER",
@@ -46,6 +47,10 @@ OK = 3
 ERROR = 4
 #: replica -> host: the replica is stopping and did not run the batch; body: a reason.
 GONE = 5
+#: host -> replica: the caller of request ``request_id`` gave up; cancel its task if
+#: it runs on the replica's asyncio loop (an async target). No reply; a sync target's
+#: call runs to its end. An older replica answers GONE, which the host drops.
+CANCEL = 6
 
 #: Longest socket path that ``bind``/``connect`` take (``sun_path`` is 108 bytes on Linux).
 _MAX_SOCKET_PATH = 100
