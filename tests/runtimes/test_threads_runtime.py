@@ -15,9 +15,10 @@ import trio
 import trio.testing
 
 import async_targets
+import servecore
 import targets
 from opened_runtime import Opened
-from servecore._core.errors import InvalidConfig, ReplicaDiedError
+from servecore._core.errors import InvalidConfig, InvalidTarget, ReplicaDiedError
 from servecore._core.transitions import BackendConfig, StartReplica, target_path
 from servecore._core.values import backend_of
 from servecore.runtimes import Query, Runtime, resolve_runtime
@@ -223,9 +224,7 @@ async def test_max_concurrent_queries_bounds_the_overlap(rt: Opened) -> None:
 
 
 async def test_async_batch_target(rt: Opened) -> None:
-    await rt.runtime.start_replica(
-        effect("ab#0", async_targets.async_double_all, max_batch_size=4)
-    )
+    await rt.runtime.start_replica(effect("ab#0", async_targets.async_double_all, max_batch_size=4))
     assert await rt.runtime.call("ab#0", [q(1), q(2), q(3)]) == [(2, 3), (4, 3), (6, 3)]
 
 
@@ -517,3 +516,37 @@ async def test_call_blocking_from_a_host_thread(rt: Opened) -> None:
     # A replica that takes no queries runs nothing and says so with None.
     assert await trio.to_thread.run_sync(call, "hb#0", [q(2)]) is None
     assert await trio.to_thread.run_sync(call, "never#0", [q(2)]) is None
+
+
+# -- async targets through a controller ---------------------------------------------------
+
+
+async def test_a_controller_serves_an_async_backend_through_handles() -> None:
+    async with servecore.open_controller(runtime="threads", name="async-e2e") as ctl:
+        await ctl.create_backend("rec", async_targets.Recorder, init_args=(0.0,))
+        await ctl.create_endpoint("rec")
+        await ctl.set_traffic("rec", {"rec": 1.0})
+        handle = ctl.get_handle("rec")
+        assert (await handle.call(3))[0] == 3
+        with pytest.raises(TimeoutError):
+            await handle.options(timeout_s=0.2).call("hang")
+        with trio.fail_after(WAIT):
+            while await handle.call("cancelled") != ["hang"]:
+                await trio.sleep(0.01)
+
+
+class _SyncOnlyRuntime(ThreadRuntime):
+    supports_async_targets = False
+
+
+async def test_create_backend_refuses_what_cannot_run() -> None:
+    async with servecore.open_controller(runtime=_SyncOnlyRuntime(), name="refuse") as ctl:
+        seq = ctl.seq
+        with pytest.raises(InvalidTarget, match="is an async generator"):
+            await ctl.create_backend("s", async_targets.async_stream)
+        with pytest.raises(InvalidTarget, match="'threads' or 'subprocess' runtime"):
+            await ctl.create_backend("a", async_targets.async_echo)
+        with pytest.raises(InvalidTarget, match="is async"):
+            await ctl.create_backend("a", "async_targets:Recorder")
+        assert ctl.seq == seq and not ctl.state.backends
+        await ctl.create_backend("p", targets.plain)  # a plain target still runs

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import importlib
 import inspect
 import threading
@@ -181,9 +182,9 @@ def _call_of(obj: Any) -> Any:
     the object itself (a function, or an instance's bound ``__call__``)."""
     if isinstance(obj, type):
         return inspect.getattr_static(obj, "__call__", None)
-    if inspect.isfunction(obj) or inspect.ismethod(obj) or not hasattr(obj, "__call__"):
+    if inspect.isfunction(obj) or inspect.ismethod(obj) or not callable(obj):
         return obj
-    return getattr(obj, "__call__", obj)
+    return inspect.getattr_static(type(obj), "__call__", obj)
 
 
 def is_async(obj: Any) -> bool:
@@ -344,10 +345,8 @@ class ReplicaLoop:
         if self._closed:
             return
         self._closed = True
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop closed already
             self.loop.call_soon_threadsafe(self.loop.stop)
-        except RuntimeError:
-            pass  # already closed
 
 
 def make_runner(obj: Any, name: str) -> Callable[[Sequence[Query]], list[Any]]:
@@ -377,9 +376,7 @@ def make_runner(obj: Any, name: str) -> Callable[[Sequence[Query]], list[Any]]:
     return run_each
 
 
-def make_async_runner(
-    obj: Any, name: str
-) -> Callable[[Sequence[Query]], Awaitable[list[Any]]]:
+def make_async_runner(obj: Any, name: str) -> Callable[[Sequence[Query]], Awaitable[list[Any]]]:
     """:func:`make_runner` for an async target: ``await run(batch) -> results``.
 
     A plain target's queries of one batch run one after another (the router sends a

@@ -390,8 +390,8 @@ class _Connection:
             results = task.result()
             try:
                 out = dumps(results)
-            except Exception as exc:
-                info = error_info(_unpicklable(server.tag, results, exc))
+            except Exception as error:
+                info = error_info(_unpicklable(server.tag, results, error))
                 self._reply(ERROR, request_id, dumps(info))
                 return
             self._reply(OK, request_id, out)
