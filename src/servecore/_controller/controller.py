@@ -30,6 +30,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import sys
 import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -49,6 +50,7 @@ from servecore._core.errors import (
     BackendStartError,
     InvalidCommand,
     InvalidConfig,
+    InvalidTarget,
 )
 from servecore._core.limits import Limits
 from servecore._core.records import load_records
@@ -76,7 +78,7 @@ from servecore._core.transitions import (
 from servecore._core.validation import check_name, check_namespace
 from servecore._serving.router_stats import RouterStatistics
 from servecore.router import Handle, Router
-from servecore.runtimes import Runtime, check_runtime_methods, resolve_runtime
+from servecore.runtimes import Runtime, check_runtime_methods, resolve_runtime, toolkit
 from servecore.stores import BlobStore, MemoryStore, Store, as_store
 
 __all__ = ["Controller", "open_controller"]
@@ -232,6 +234,8 @@ class Controller:
         """Apply any command; return the state once its effects have settled."""
         if not isinstance(command, _COMMANDS):
             raise InvalidCommand(command)
+        if isinstance(command, (CreateBackend, UpdateBackend)):
+            refuse_unservable_target(command.tag, command.target, self.runtime)
         return await self._submit(lambda _state: command)
 
     async def _submit(self, make: Callable[[State], Command]) -> State:
@@ -692,3 +696,44 @@ async def open_controller(
         closer = getattr(st, "close", None)
         if closer is not None:
             closer()
+
+
+def _loaded_target(path: str) -> Any:
+    """The object ``path`` names if its module is already imported, else ``None``: the
+    controller never imports user code itself (a replica does, wherever it runs)."""
+    module_name, _, attribute = path.partition(":")
+    found: Any = sys.modules.get(module_name)
+    for part in attribute.split("."):
+        if found is None:
+            return None
+        found = getattr(found, part, None)
+    return found
+
+
+def refuse_unservable_target(backend: str, target: str, runtime: object) -> None:
+    """Refuse, before anything is saved, a target the controller can already tell will
+    never start: an async generator (a stream; a query has one answer), or an async
+    target on a runtime that does not declare ``supports_async_targets``.
+
+    Only a target whose module the host has imported is inspected (passing the class
+    or function itself always is); any other is checked by the replica as it starts.
+    """
+    found = _loaded_target(target)
+    if found is None:
+        return
+    if toolkit.is_async_generator(found):
+        raise InvalidTarget(
+            target,
+            "it is an async generator, which streams its answer, and a query has one answer",
+            backend=backend,
+            fix="return the whole result (a list, say) from a plain 'async def'",
+        )
+    if toolkit.is_async(found) and not getattr(runtime, "supports_async_targets", False):
+        name = type(runtime).__name__
+        raise InvalidTarget(
+            target,
+            f"it is async, and the runtime {name} calls targets synchronously",
+            backend=backend,
+            fix="serve it with the 'threads' or 'subprocess' runtime, or define it with "
+            "plain 'def'",
+        )

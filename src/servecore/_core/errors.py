@@ -187,16 +187,17 @@ class InvalidConfig(CommandError):
 
 
 class InvalidTarget(CommandError):
-    """The target cannot be named by an import path that survives a crash."""
+    """The target cannot be named by an import path that survives a crash, or cannot
+    run on this controller's runtime (``fix`` then says what to do instead)."""
 
-    def __init__(self, target: Any, why: str, backend: str | None = None) -> None:
+    def __init__(
+        self, target: Any, why: str, backend: str | None = None, *, fix: str | None = None
+    ) -> None:
         self.target = target
         self.backend = backend
         where = f"backend {backend!r}: " if backend else ""
-        super().__init__(
-            f"{where}target {_shown(target)} is invalid: {why}; pass 'package.module:attribute' "
-            f"naming a module-level class or function"
-        )
+        fix = fix or "pass 'package.module:attribute' naming a module-level class or function"
+        super().__init__(f"{where}target {_shown(target)} is invalid: {why}; {fix}")
 
 
 class InvalidCommand(CommandError, TypeError):

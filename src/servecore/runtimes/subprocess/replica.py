@@ -19,6 +19,7 @@ from servecore.runtimes.subprocess.files import ReplicaFiles
 from servecore.runtimes.subprocess.process import Process
 from servecore.runtimes.subprocess.wire import (
     CALL,
+    CANCEL,
     DRAINED,
     ERROR,
     GONE,
@@ -144,8 +145,13 @@ class ReplicaConnection:
             self.idle = trio.Event()
 
         def abort(_: Any) -> trio.lowlevel.Abort:
-            # The caller gave up (cancelled): its answer will be dropped on arrival.
-            self.pending.pop(request_id, None)
+            # The caller gave up (cancelled): its answer will be dropped on arrival, and
+            # the replica cancels the call's task if it runs on its loop (async targets).
+            if self.pending.pop(request_id, None) is not None and not self.channel.closed:
+                try:  # noqa: SIM105 - a dead connection fails the query anyway
+                    self.channel.send(frame(CANCEL, request_id, b""))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
             return trio.lowlevel.Abort.SUCCEEDED
 
         try:

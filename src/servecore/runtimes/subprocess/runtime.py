@@ -64,6 +64,9 @@ class SubprocessRuntime:
     runtime_options={"directory": "/srv/replicas"})``.
     """
 
+    #: Serves ``async def`` targets (on an asyncio loop in each replica process).
+    supports_async_targets = True
+
     def __init__(
         self,
         directory: str | os.PathLike[str] | None = None,

@@ -21,6 +21,7 @@ from servecore._text import encodable, exception_message
 
 __all__ = [
     "CALL",
+    "CANCEL",
     "DRAINED",
     "ERROR",
     "GONE",
@@ -57,6 +58,10 @@ REFUSED = 6
 #: still unanswered on this connection was never begun (all that ran were answered
 #: first), so each is safe to send to another replica.
 DRAINED = 7
+#: host -> replica: the caller of request ``request_id`` gave up; cancel its task if
+#: it runs on the replica's asyncio loop (an async target). No reply; a sync target's
+#: call runs to its end. An older replica answers GONE, which the host drops.
+CANCEL = 8
 
 #: Longest socket path that ``bind``/``connect`` take (``sun_path`` is 108 bytes on Linux).
 _MAX_SOCKET_PATH = 100
