@@ -3,7 +3,9 @@ balancers, not for user endpoints.
 
 * ``GET /-/healthz``: 200 ``{"status": "ok"}`` when every backend runs all its
   replicas; 503 ``{"status": "unhealthy", "backends": {...}}`` naming those that do
-  not (UPDATING or FAILED), so a load balancer sends traffic elsewhere meanwhile.
+  not (UPDATING or FAILED), so a load balancer sends traffic elsewhere meanwhile;
+  503 ``{"status": "stepped_down", "error": ...}`` once the controller lost its lease
+  to another (it serves nothing any more).
 * ``GET /-/routes``: ``{route: endpoint}`` for every endpoint with a route.
 * ``GET /-/metrics``: the Prometheus text format (see :mod:`servecore.metrics`).
 """
@@ -27,6 +29,9 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 def healthz(controller: Any) -> tuple[int, dict[str, Any]]:
     """Status code and body of ``/-/healthz``."""
+    stepped = getattr(controller, "stepped_down", None)
+    if stepped is not None:
+        return 503, {"status": "stepped_down", "error": str(stepped)}
     unhealthy = {
         tag: b.status.value
         for tag, b in sorted(controller.state.backends.items())
