@@ -65,6 +65,21 @@ def _shutdown_timeout(value: Any) -> float:
     return seconds("graceful_shutdown_timeout_s", value)
 
 
+def _positive_seconds(field: str, value: Any) -> float:
+    result = seconds(field, value)
+    if result <= 0:
+        raise InvalidConfig(field, value, "must be a number of seconds above 0")
+    return result
+
+
+def _health_period(value: Any) -> float:
+    return _positive_seconds("health_check_period_s", value)
+
+
+def _health_timeout(value: Any) -> float:
+    return _positive_seconds("health_check_timeout_s", value)
+
+
 def _user_config(value: Any) -> Any:
     return json_value(value, "user_config")
 
@@ -159,7 +174,11 @@ class BackendConfig:
     ``num_replicas`` left out means 1 without autoscaling and ``None`` with it.
     ``num_replicas=0`` parks a backend without deleting it. ``runtime_options`` is
     passed untouched to the runtime (e.g. Ray's ``num_cpus``); the runtime rejects keys
-    it does not know.
+    it does not know. ``health_check_period_s`` (default 10) and
+    ``health_check_timeout_s`` (default 30), as Ray Serve's: a runtime that can probe a
+    replica from outside (the subprocess runtime) does so every period, and declares a
+    replica that has not answered within the timeout dead (docs/design.md §6); they
+    apply to replicas started after a change.
     """
 
     num_replicas: int | None = attrs.field(
@@ -176,6 +195,8 @@ class BackendConfig:
     user_config: Any = attrs.field(default=None, converter=_user_config)
     runtime_options: dict[str, Any] = attrs.field(factory=dict, converter=_runtime_options)
     autoscaling: AutoscalingConfig | None = attrs.field(default=None, converter=autoscaling_config)
+    health_check_period_s: float = attrs.field(default=10.0, converter=_health_period)
+    health_check_timeout_s: float = attrs.field(default=30.0, converter=_health_timeout)
 
     def __attrs_post_init__(self) -> None:
         if self.autoscaling is None:
