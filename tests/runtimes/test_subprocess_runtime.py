@@ -682,3 +682,61 @@ async def test_a_handle_timeout_cancels_the_async_task(tmp_path: Path, rt_dir: P
                 await trio.sleep(0.01)
             await ctl.delete_endpoint("rec")
             await ctl.delete_backend("rec")
+
+
+# -- liveness probed from outside ---------------------------------------------------------
+
+
+async def test_a_stopped_replica_is_declared_dead_by_its_probe_and_replaced(
+    tmp_path: Path, rt_dir: Path
+) -> None:
+    """SIGSTOP freezes the whole process, its own health-check thread too: only the
+    host's probe, unanswered for health_check_timeout_s, finds it; then it is killed,
+    reported dead, and the controller starts another."""
+    runtime = SubprocessRuntime(rt_dir)
+    with trio.fail_after(BOUND_S * 2):
+        async with servecore.open_controller(
+            runtime=runtime, store=SQLiteStore(tmp_path / "s.db"), name="probe"
+        ) as ctl:
+            await ctl.create_backend(
+                "echo",
+                "subprocess_targets:Echo",
+                health_check_period_s=0.1,
+                health_check_timeout_s=0.5,
+                graceful_shutdown_timeout_s=1.0,
+            )
+            await ctl.create_endpoint("echo")
+            await ctl.set_traffic("echo", {"echo": 1.0})
+            pid = runtime.pid("echo#0")
+            assert pid is not None
+            os.kill(pid, signal.SIGSTOP)
+            await wait_until(lambda: "echo#0" not in ctl.state.replicas)
+            await wait_until(
+                lambda: any(r.status is ReplicaStatus.RUNNING for r in ctl.state.replicas.values())
+            )
+            assert set(ctl.state.replicas) == {"echo#1"}
+            assert gone(pid)
+            assert await ctl.get_handle("echo").call("after") == "after"
+
+
+async def test_a_replica_busy_with_slow_queries_still_answers_its_probe(
+    tmp_path: Path, rt_dir: Path
+) -> None:
+    """The probe has a connection of its own: queries longer than the timeout, filling
+    every slot, do not make a healthy replica look dead."""
+    runtime = SubprocessRuntime(rt_dir)
+    with trio.fail_after(BOUND_S * 2):
+        async with servecore.open_controller(
+            runtime=runtime, store=SQLiteStore(tmp_path / "s.db"), name="busy"
+        ) as ctl:
+            await ctl.create_backend(
+                "slow",
+                "subprocess_targets:Slow",
+                max_concurrent_queries=1,
+                health_check_period_s=0.1,
+                health_check_timeout_s=0.5,
+            )
+            await ctl.create_endpoint("slow")
+            await ctl.set_traffic("slow", {"slow": 1.0})
+            await ctl.get_handle("slow").call(2.0)  # four timeouts long
+            assert set(ctl.state.replicas) == {"slow#0"}

@@ -35,7 +35,7 @@ import trio
 from servecore._controller.controller import Controller, open_controller
 from servecore._controller.replica_lifecycle import LifecycleCounts
 from servecore._controller.status import Status
-from servecore._core.errors import ControllerClosed
+from servecore._core.errors import ControllerClosed, SteppedDown
 from servecore._core.transitions import BackendConfig, Command, RoutingTable, State
 from servecore._serving.router_stats import RouterStatistics
 from servecore.router import Handle, Router
@@ -185,6 +185,11 @@ class SyncController:
     def runtime(self) -> Runtime:
         """The runtime carrying out effects."""
         return self.controller.runtime
+
+    @property
+    def stepped_down(self) -> SteppedDown | None:
+        """See :attr:`Controller.stepped_down`."""
+        return self.controller.stepped_down
 
     @property
     def queued(self) -> int:

@@ -116,6 +116,10 @@ class ReplicaConnection:
         self.draining = False
         self.dead_reason: str | None = None
         self.watcher_scope = trio.CancelScope()
+        #: The liveness probe's scope (cancelled when the replica is forgotten).
+        self.probe_scope = trio.CancelScope()
+        #: Why the probe declared the replica dead (it did not answer in time), if it did.
+        self.unresponsive: str | None = None
 
     @property
     def dead(self) -> bool:
