@@ -1330,14 +1330,17 @@ def test_new_init_kwargs_roll_replicas_while_the_endpoint_keeps_its_route() -> N
     # The endpoint and its route are untouched; the old replicas keep serving.
     assert t.state.endpoints == state.endpoints
     assert set(routed(t.state, "a")) == {"a#0", "a#1"}
-    assert kinds(t.effects) == ["StartReplica", "StartReplica"]
-    assert [e.init_kwargs for e in t.effects] == [{"v": 2}] * 2
+    # The surge bound (max_surge 25% of 2, at least 1) starts one new replica at a time.
+    assert kinds(t.effects) == ["StartReplica"]
+    assert [e.init_kwargs for e in t.effects] == [{"v": 2}]
     assert t.state.backends["a"].version == 1
     assert t.state.backends["a"].status is BackendStatus.UPDATING
     # Each new replica that comes up retires one old one; the route is never empty.
-    state = t.state
-    for tag in starts(t.effects):
-        state = apply(state, ReplicaStarted(tag=tag))
+    state, pending = t.state, starts(t.effects)
+    while pending:
+        out = step(state, ReplicaStarted(tag=pending.pop(0)))
+        state = out.state
+        pending += starts(out.effects)
         assert routed(state, "a")
     assert set(routed(state, "a")) == {"a#3", "a#4"}
     assert state.backends["a"].init_kwargs == {"v": 2}
