@@ -50,3 +50,15 @@ def service(value: Any) -> Any:
     """A query with a fixed service time."""
     time.sleep(SERVICE_S)
     return value
+
+
+#: How long one query of :func:`async_wait` awaits (think: a call to another service).
+ASYNC_WAIT_S = 0.01
+
+
+async def async_wait(value: Any) -> Any:
+    """An async target that awaits ``ASYNC_WAIT_S`` and returns its argument."""
+    import asyncio
+
+    await asyncio.sleep(ASYNC_WAIT_S)
+    return value

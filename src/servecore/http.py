@@ -15,7 +15,8 @@ The result is answered as JSON. Errors map onto status codes: no endpoint at the
 UTF-8, not JSON, ``NaN``/``Infinity`` or a number too large for a float such as
 ``1e999``, nested deeper than ``max_depth``, or holding a
 lone surrogate), the user's own exception 500, a result that is not JSON 500, a replica
-that died 502, no replica or too many queries waiting 503, a timeout 504; the body is
+that died 502, no replica or too many queries waiting 503 (and every request once
+the controller stepped down, having lost its lease), a timeout 504; the body is
 ``{"error": ..., "type": ...}``. No traceback is ever sent to the client; failures that
 are not the caller's are logged once on the ``servecore.http`` logger.
 
@@ -50,6 +51,7 @@ from servecore._core.errors import (
     NoReplicaError,
     ReplicaDiedError,
     ServecoreError,
+    SteppedDown,
 )
 from servecore._core.transitions import RoutingTable
 from servecore._core.validation import MAX_SECONDS, positive_number
@@ -100,6 +102,7 @@ _STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (ReplicaDiedError, 502),
     (NoReplicaError, 503),
     (BackpressureError, 503),
+    (SteppedDown, 503),
     (TimeoutError, 504),
 )
 
@@ -181,6 +184,9 @@ class HTTPIngress:
         self, scope: Scope, receive: Receive
     ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
         path, method = scope["path"], scope["method"]
+        stepped = getattr(self.source, "stepped_down", None)
+        if stepped is not None:  # its table may be stale: answer nothing from it
+            return _error(503, type(stepped).__name__, str(stepped))
         endpoint = self._endpoint_at(path)
         if endpoint is None:
             return _error(404, "NotFound", f"no endpoint serves {path}")

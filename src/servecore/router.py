@@ -262,6 +262,8 @@ class Router:
         self._direct: Callable[[str, Sequence[Query], float | None], list[Any] | None] | None
         self._direct = getattr(runtime, "call_blocking", None)
         self._closed = False
+        # Set once the controller stepped down: every query raises what it makes.
+        self._refusal: Callable[[], BaseException] | None = None
         #: Shadow copies sent, and how many of them failed (their errors are dropped).
         self.shadow_sent = 0
         self.shadow_failed = 0
@@ -291,8 +293,22 @@ class Router:
         for b in self._backends.values():
             self._fail_waiting(b, "the controller is closed")
 
+    def refuse(self, error: Callable[[], BaseException]) -> None:
+        """Refuse every query from now on with ``error()``, and fail the queued ones
+        with it: the controller stepped down, and its table may be stale. Queries
+        already running on a replica finish."""
+        self._refusal = error
+        for b in self._backends.values():
+            while b.waiting:
+                w = b.waiting.popleft()
+                if not w.done:
+                    w.finish(error=error())
+            b.n_waiting = 0
+
     def update(self, table: RoutingTable) -> None:
         """Adopt a routing table (the controller calls this on every ``UpdateRouter``)."""
+        if self._refusal is not None:
+            return  # stepped down: the table stays frozen, and refused
         endpoints: dict[str, _EndpointRoute] = {}
         for name, ep in table.endpoints.items():
             old = self._endpoints.get(name)
@@ -373,6 +389,8 @@ class Router:
         self, endpoint: str, query: Query, timeout_s: float | None, backend: str | None = None
     ) -> Any:
         """:meth:`call` with a timeout (``TimeoutError``); ``backend`` if already chosen."""
+        if self._refusal is not None:
+            raise self._refusal()
         if timeout_s is None:
             return await self._call_on(endpoint, query, backend)
         with trio.move_on_after(timeout_s):
@@ -396,6 +414,8 @@ class Router:
 
     async def call(self, endpoint: str, query: Query) -> Any:
         """Send one query to ``endpoint``; return its result or raise its error."""
+        if self._refusal is not None:
+            raise self._refusal()
         ep = self._endpoints.get(endpoint)
         if ep is None:
             raise EndpointNotFound(endpoint, tuple(sorted(self._endpoints)))
@@ -672,7 +692,7 @@ class Router:
             raise RuntimeError("call_blocking() would block trio; use 'await handle.call()'")
         ep = self._endpoints.get(endpoint)
         direct = self._direct
-        if direct is None or ep is None or not ep.tags or self._closed:
+        if direct is None or ep is None or not ep.tags or self._closed or self._refusal:
             return _from_thread(token, self.call_timed, endpoint, query, timeout_s)
         tag = ep.choose(self.rng)
         for shadow_tag, proportion in ep.shadows:

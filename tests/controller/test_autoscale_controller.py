@@ -23,6 +23,7 @@ from servecore import (
     open_controller,
 )
 from servecore._controller.autoscaler import MAX_REPORT_SKEW_S
+from servecore._controller.remote_load import STALE_AFTER_S
 from servecore.runtimes import Query
 from servecore.testing import CrashWorld, InMemoryRuntime
 
@@ -446,3 +447,87 @@ async def test_a_report_time_far_from_the_clock_is_refused(
         honest = ctl.clock() + 1.0  # within the bound: taken as it is
         await ctl.report_load("a", 12.0, now=honest)
         assert ctl.state.observations["a"].at == honest
+
+
+# -- load from routers in other processes ------------------------------------------------
+
+
+def observed(ctl: servecore.Controller) -> float | None:
+    """The windowed load the policy last read for backend ``a``."""
+    o = ctl.state.observations.get("a")
+    return None if o is None else o.ongoing
+
+
+async def test_every_live_reporters_load_is_summed_and_a_silent_one_ages_out(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    c = config(look_back_period_s=1.0, upscale_delay_s=1000.0)
+    async with opened() as ctl, trio.open_nursery() as nursery:
+        await serve(ctl, c)
+
+        async def steady() -> None:  # a client that keeps reporting
+            while True:
+                ctl.report_router_load("steady", {"a": 3})
+                await trio.sleep(STALE_AFTER_S / 3)
+
+        nursery.start_soon(steady)
+        # One report, then silence (a client that exited), naming a backend the
+        # controller no longer has (its table was a step behind): ignored.
+        ctl.report_router_load("gone", {"a": 4, "deleted": 9})
+        silent_since = trio.current_time()
+        await when(lambda: observed(ctl) == 7.0)  # 3 + 4: both count
+        assert ctl.remote_load() == {"gone": {"a": 4, "deleted": 9}, "steady": {"a": 3}}
+
+        # Past the bound "gone" no longer counts, and the window forgets it.
+        aged = await when(lambda: "gone" not in ctl.remote_load())
+        assert silent_since + STALE_AFTER_S <= aged <= silent_since + STALE_AFTER_S + 0.1
+        await when(lambda: observed(ctl) == 3.0)
+        assert ctl.remote_load() == {"steady": {"a": 3}}
+        assert wanted(ctl) == 1  # the upscale delay is far off: nothing decided
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_remote_query_waiting_at_zero_wakes_the_backend_at_once(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    c = config(
+        min_replicas=0, initial_replicas=0, upscale_delay_s=100.0, downscale_to_zero_delay_s=5.0
+    )
+    async with opened() as ctl:
+        await serve(ctl, c)
+        assert wanted(ctl) == 0
+        asked = trio.current_time()
+        ctl.report_router_load("client", {"a": 1}, wake=["a", "unknown"])
+        woke = await when(lambda: wanted(ctl) == 1)
+        assert woke - asked < INTERVAL_S / 2  # before the next periodic report
+        await when(lambda: running(ctl) == 1)
+
+
+@pytest.mark.parametrize(
+    ("reporter", "ongoing", "wake"),
+    [
+        ("", {"a": 1}, ()),
+        (["x"], {"a": 1}, ()),
+        ("r", {"a": -1}, ()),
+        ("r", {"a": True}, ()),
+        ("r", {"a": 1.5}, ()),
+        ("r", [("a", 1)], ()),
+        ("r", {"a": 1}, "a"),
+    ],
+)
+async def test_a_malformed_router_load_report_is_refused_and_counts_for_nothing(
+    reporter: Any, ongoing: Any, wake: Any
+) -> None:
+    async with opened(autoscale_interval_s=None) as ctl:
+        await serve(ctl, config())
+        seq = ctl.seq
+        with pytest.raises(InvalidConfig):
+            ctl.report_router_load(reporter, ongoing, wake)
+        assert ctl.remote_load() == {} and ctl.seq == seq
+
+
+def test_the_sync_facade_reports_router_load() -> None:
+    with servecore.start(runtime=SlowRuntime(service_s=0.0)) as ctl:
+        ctl.create_backend("a", ECHO, autoscaling=config())
+        ctl.report_router_load("sync", {"a": 2})
+        assert ctl.remote_load() == {"sync": {"a": 2}}

@@ -1207,7 +1207,7 @@ def new_user_config(state: State, tag: str, value: Any) -> SetBackendConfig:
 
 
 def test_a_user_config_change_rolls_replicas_without_losing_capacity() -> None:
-    state = running("a", 2)
+    state = running("a", 2, max_surge=1.0)  # all new replicas at once
     t = check(state, new_user_config(state, "a", {"threshold": 1}))
     # New replicas start; the old ones keep serving (the table does not change yet).
     assert kinds(t.effects) == ["StartReplica", "StartReplica"]
@@ -1236,7 +1236,7 @@ def test_scale_batching_and_timeouts_apply_without_new_replicas() -> None:
 
 
 def test_a_new_config_that_cannot_start_leaves_the_old_replicas_serving() -> None:
-    state = running("a", 2)
+    state = running("a", 2, max_surge=1.0)
     state = apply(state, new_user_config(state, "a", "broken"))
     for n in range(MAX_START_FAILURES):
         tag = next(t for t, r in state.replicas.items() if r.status is ReplicaStatus.STARTING)
@@ -1246,6 +1246,61 @@ def test_a_new_config_that_cannot_start_leaves_the_old_replicas_serving() -> Non
     # Fixing the config rolls again, onto the fixed one.
     t = check(state, new_user_config(state, "a", "fixed"))
     assert len(starts(t.effects)) == 2 and t.state.backends["a"].version == 2
+
+
+def _active(state: State, tag: str) -> int:
+    """Replicas of ``tag`` starting or serving (a STOPPING one is draining)."""
+    return sum(
+        1
+        for r in state.replicas.values()
+        if r.backend == tag and r.status is not ReplicaStatus.STOPPING
+    )
+
+
+@pytest.mark.parametrize(
+    ("replicas", "max_surge", "most"), [(8, 0.25, 10), (8, 1.0, 16), (3, 0.25, 4), (1, 0.25, 2)]
+)
+def test_a_roll_never_runs_more_than_max_surge_beyond_the_wanted_count_and_finishes(
+    replicas: int, max_surge: float, most: int
+) -> None:
+    state = running("a", replicas, max_surge=max_surge)
+    t = check(state, new_user_config(state, "a", {"v": 2}))
+    assert len(starts(t.effects)) == most - replicas
+    state, seen = t.state, [_active(t.state, "a")]
+    while True:
+        starting = sorted(
+            t for t, r in state.replicas.items() if r.status is ReplicaStatus.STARTING
+        )
+        stopping = sorted(
+            t for t, r in state.replicas.items() if r.status is ReplicaStatus.STOPPING
+        )
+        if not starting and not stopping:
+            break
+        # One answer at a time: stops first (the runtime finishes them), then a start.
+        message = ReplicaStopped(tag=stopping[0]) if stopping else ReplicaStarted(tag=starting[0])
+        state = check(state, message).state
+        seen.append(_active(state, "a"))
+    assert max(seen) == most
+    assert state.backends["a"].status is BackendStatus.HEALTHY
+    assert {r.version for r in state.replicas.values()} == {1}
+    assert len(state.replicas) == replicas
+    assert all(r.status is ReplicaStatus.RUNNING for r in state.replicas.values())
+
+
+def test_a_roll_never_drops_below_the_wanted_count_of_serving_replicas() -> None:
+    state = running("a", 8)
+    state = apply(state, new_user_config(state, "a", {"v": 2}))
+    for _ in range(8):
+        tag = min(t for t, r in state.replicas.items() if r.status is ReplicaStatus.STARTING)
+        state = apply(state, ReplicaStarted(tag=tag))
+        assert len(routed(state, "a")) == 8
+
+
+def test_max_surge_is_a_fraction_above_0_and_at_most_1() -> None:
+    assert BackendConfig().max_surge == 0.25
+    for bad in (0, -0.5, 1.5, float("nan"), True, "25%"):
+        with pytest.raises(InvalidConfig, match="max_surge"):
+            BackendConfig(max_surge=bad)
 
 
 def test_a_change_while_new_replicas_start_stops_them_and_starts_newer_ones() -> None:
@@ -1275,14 +1330,17 @@ def test_new_init_kwargs_roll_replicas_while_the_endpoint_keeps_its_route() -> N
     # The endpoint and its route are untouched; the old replicas keep serving.
     assert t.state.endpoints == state.endpoints
     assert set(routed(t.state, "a")) == {"a#0", "a#1"}
-    assert kinds(t.effects) == ["StartReplica", "StartReplica"]
-    assert [e.init_kwargs for e in t.effects] == [{"v": 2}] * 2
+    # The surge bound (max_surge 25% of 2, at least 1) starts one new replica at a time.
+    assert kinds(t.effects) == ["StartReplica"]
+    assert [e.init_kwargs for e in t.effects] == [{"v": 2}]
     assert t.state.backends["a"].version == 1
     assert t.state.backends["a"].status is BackendStatus.UPDATING
     # Each new replica that comes up retires one old one; the route is never empty.
-    state = t.state
-    for tag in starts(t.effects):
-        state = apply(state, ReplicaStarted(tag=tag))
+    state, pending = t.state, starts(t.effects)
+    while pending:
+        out = step(state, ReplicaStarted(tag=pending.pop(0)))
+        state = out.state
+        pending += starts(out.effects)
         assert routed(state, "a")
     assert set(routed(state, "a")) == {"a#3", "a#4"}
     assert state.backends["a"].init_kwargs == {"v": 2}

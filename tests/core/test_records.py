@@ -323,3 +323,22 @@ def test_a_commit_that_fails_half_way_leaves_nothing_behind(tmp_path: Path, kind
         assert (seq, load_records(seq, records, "x")) == (3, STATES[2])
     finally:
         reopened.close()
+
+
+def test_a_backend_record_written_before_newer_config_fields_loads_with_their_defaults() -> None:
+    """Checkpoints written before health_check_period_s, health_check_timeout_s and
+    max_surge existed open, the missing fields taking their defaults."""
+    import json
+
+    state = big_state(2)
+    records = records_of(state, 5)
+    value = json.loads(records["backend/a"])["value"]
+    newer = ("health_check_period_s", "health_check_timeout_s", "max_surge")
+    for field in newer:
+        value["config"].pop(field, None)
+    body = json.dumps(value, separators=(",", ":"), sort_keys=True).encode()
+    records["backend/a"] = _record("backend/a", body)
+    loaded = load_records(5, records, "test")
+    config = loaded.backends["a"].config
+    assert config == BackendConfig(num_replicas=2)
+    assert (config.health_check_period_s, config.health_check_timeout_s) == (10.0, 30.0)

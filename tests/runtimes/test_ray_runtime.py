@@ -38,6 +38,8 @@ from servecore._core.errors import (  # noqa: E402
     InvalidConfig,
     RemoteError,
     ReplicaDiedError,
+    ResultDecodeError,
+    UnpicklableResult,
 )
 from servecore._core.transitions import BackendConfig, ReplicaStatus, StartReplica  # noqa: E402
 from servecore._core.values import backend_of  # noqa: E402
@@ -48,6 +50,7 @@ from servecore.runtimes.ray import (  # noqa: E402
     RayRuntime,
     actor_options,
 )
+from servecore.runtimes.ray.actor import PROTOCOL  # noqa: E402
 from servecore.testing import check_runtime  # noqa: E402
 
 pytestmark = pytest.mark.ray
@@ -429,6 +432,62 @@ async def test_replica_error_text_is_encodable_utf8(rt: Opened) -> None:
         assert "/data/caf\\udce9.bin" in str(info.value)
 
 
+#: What each hostile result of ``ray_driver.HostileResults`` becomes: the type named, and
+#: what rebuilding it raised in the host.
+HOSTILE = [
+    ("exit", "sys.exit", "SystemExit: 3"),
+    ("fails", "ray_driver.refuse_to_rebuild", "ValueError: this object refuses"),
+    ("replica_only", "replica_only_module.Secret", "ModuleNotFoundError"),
+]
+
+
+async def test_results_the_host_cannot_rebuild_or_the_replica_cannot_pickle_are_typed(
+    rt: Opened,
+) -> None:
+    await rt.runtime.start_replica(effect("hostile#0", "HostileResults"))
+    for kind, type_name, reason in HOSTILE:
+        # Never a BaseException unwinding trio, nor a call left waiting on Ray's thread.
+        with trio.fail_after(WAIT), pytest.raises(ResultDecodeError) as info:
+            await rt.runtime.call("hostile#0", [q(kind)])
+        error = info.value
+        assert (error.tag, error.backend, error.type_name) == ("hostile#0", "hostile", type_name)
+        assert reason in error.reason, kind
+        assert "ray runtime" in str(error) and "return plain data" in str(error)
+
+    with pytest.raises(UnpicklableResult, match="cannot send its result back") as unpicklable:
+        await rt.runtime.call("hostile#0", [q("plain"), q("lock")])
+    assert isinstance(unpicklable.value, TypeError)  # what a bare pickle error was
+    assert unpicklable.value.tag == "hostile#0"
+    assert unpicklable.value.type_name == "_thread.lock"  # the culprit, not the list
+
+    assert not rt.events  # the replica is fine, and keeps serving
+    assert await rt.runtime.call("hostile#0", [q("plain"), q(2)]) == ["plain", 2]
+
+
+async def test_actors_of_other_servecore_versions_when_adopted(rt: Opened, namespace: str) -> None:
+    # This version's actors say which protocol they speak.
+    await rt.runtime.start_replica(effect("new#0", "Echo", "n:"))
+    ready = await trio.to_thread.run_sync(
+        lambda: ray.get(ray.get_actor("new#0", namespace=namespace).ready.remote(), timeout=WAIT)
+    )
+    assert ready["protocol"] == PROTOCOL
+
+    def older_and_newer() -> None:
+        for tag, protocol in [("old#1", None), ("newer#2", PROTOCOL + 1)]:
+            ray.remote(ray_driver.ReplicaOfProtocol).options(
+                name=tag, namespace=namespace, lifetime="detached", num_cpus=0, max_concurrency=3
+            ).remote(protocol)
+
+    await trio.to_thread.run_sync(older_and_newer)
+    # An actor of an earlier servecore (an upgrade) is adopted and serves on as it did;
+    # one of a newer servecore (a downgrade) speaks what this one does not: it is killed,
+    # and the controller replaces it.
+    assert await rt.runtime.list_replicas() == {"new#0", "old#1"}
+    assert await rt.runtime.call("old#1", [q("x"), q("y")]) == ["old:x", "old:y"]
+    assert await rt.runtime.call("new#0", [q("x")]) == ["n:x"]
+    assert await alive_in(namespace) == {"new#0", "old#1"}
+
+
 # ---------------------------------------------------------------------------------------
 # Through the controller and handles
 
@@ -495,6 +554,28 @@ async def test_end_to_end_split_scale_and_replace(cluster: LocalRayCluster, name
             )
         await ctl.create_backend("after", "ray_driver:Echo", runtime_options=NO_CPU)
         assert "after#" in " ".join(running(ctl))
+
+
+async def test_a_hostile_result_fails_its_call_and_the_controller_keeps_serving(
+    cluster: LocalRayCluster, namespace: str
+) -> None:
+    runtime = RayRuntime(address=cluster.address, start_timeout_s=WAIT)
+    async with servecore.open_controller(runtime=runtime, name=namespace) as ctl:
+        await ctl.create_backend("hostile", "ray_driver:HostileResults", runtime_options=NO_CPU)
+        await ctl.create_endpoint("hostile")
+        await ctl.set_traffic("hostile", {"hostile": 1.0})
+        handle = ctl.get_handle("hostile")
+        before = running(ctl)
+        for kind, type_name, _reason in HOSTILE:
+            with trio.fail_after(WAIT), pytest.raises(ResultDecodeError) as info:
+                await handle.call(kind)
+            assert info.value.type_name == type_name
+        with trio.fail_after(WAIT), pytest.raises(UnpicklableResult, match=r"_thread\.lock"):
+            await handle.call("lock")
+        # The same replica serves on: nothing died, nothing was replaced.
+        assert await handle.call("plain") == "plain"
+        assert running(ctl) == before == await alive_in(namespace)
+        assert ctl.state.backends["hostile"].status.name == "HEALTHY"
 
 
 async def test_batching_through_handles(cluster: LocalRayCluster, namespace: str) -> None:

@@ -584,3 +584,159 @@ TestSubprocessCrashes = SubprocessCrashes.TestCase
 TestSubprocessCrashes.settings = settings(
     max_examples=10, stateful_step_count=10, deadline=None, suppress_health_check=list(HealthCheck)
 )
+
+
+# -- async targets ------------------------------------------------------------------------
+
+
+def async_effect(tag: str, target: str, *args: Any, **config: Any) -> StartReplica:
+    return StartReplica(
+        tag=tag,
+        backend=backend_of(tag),
+        target=f"async_targets:{target}",
+        init_args=args,
+        init_kwargs={},
+        config=BackendConfig(**config),
+    )
+
+
+async def overlapping(rt: SubprocessRuntime, tag: str, n: int) -> list[tuple[float, float]]:
+    answers: list[Any] = []
+
+    async def one(i: int) -> None:
+        answers.append(await call1(rt, tag, i))
+
+    with trio.fail_after(BOUND_S):
+        async with trio.open_nursery() as nursery:
+            for i in range(n):
+                nursery.start_soon(one, i)
+    assert sorted(a[0] for a in answers) == list(range(n))
+    return [(start, end) for _, start, end in answers]
+
+
+async def test_async_function_class_and_batch_targets_answer(
+    runtime: SubprocessRuntime,
+) -> None:
+    await runtime.start_replica(async_effect("aecho#1", "async_echo"))
+    assert await call1(runtime, "aecho#1", value="hi") == "hi"
+    await runtime.start_replica(async_effect("arec#1", "Recorder", 0.0))
+    assert (await call1(runtime, "arec#1", 5))[0] == 5
+    on_its_loop, thread = await call1(runtime, "arec#1", "where")
+    assert on_its_loop and thread.startswith("servecore-loop-")
+    await runtime.start_replica(async_effect("abat#1", "async_double_all", max_batch_size=4))
+    batch = [Query(args=(v,)) for v in (1, 2, 3)]
+    assert await runtime.call("abat#1", batch) == [(2, 3), (4, 3), (6, 3)]
+
+
+async def test_async_queries_overlap_up_to_max_concurrent_queries(
+    runtime: SubprocessRuntime,
+) -> None:
+    import async_targets
+
+    await runtime.start_replica(async_effect("ov#1", "Recorder", 0.2, max_concurrent_queries=8))
+    assert async_targets.peak_overlap(await overlapping(runtime, "ov#1", 8)) == 8
+    await runtime.start_replica(async_effect("mc#1", "Recorder", 0.05, max_concurrent_queries=3))
+    assert async_targets.peak_overlap(await overlapping(runtime, "mc#1", 8)) == 3
+
+
+async def test_an_async_target_that_raises_gives_the_users_error(
+    runtime: SubprocessRuntime,
+) -> None:
+    await runtime.start_replica(async_effect("afail#1", "async_fail"))
+    with pytest.raises(LookupError, match="no model named 'm'"):
+        await call1(runtime, "afail#1", "m")
+    assert not runtime.events  # a user error is not a death
+    assert await runtime.list_replicas() == {"afail#1"}
+
+
+async def test_a_cancelled_query_cancels_its_task_in_the_replica(
+    runtime: SubprocessRuntime,
+) -> None:
+    await runtime.start_replica(async_effect("acx#1", "Recorder", 0.0, max_concurrent_queries=4))
+    with trio.fail_after(BOUND_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call1, runtime, "acx#1", "hang")
+            while not await call1(runtime, "acx#1", "hanging"):
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        while await call1(runtime, "acx#1", "cancelled") != ["hang"]:
+            await trio.sleep(0.01)
+    assert (await call1(runtime, "acx#1", 1))[0] == 1
+    assert not runtime.events
+
+
+async def test_a_handle_timeout_cancels_the_async_task(tmp_path: Path, rt_dir: Path) -> None:
+    with trio.fail_after(BOUND_S * 2):
+        async with servecore.open_controller(
+            runtime="subprocess", runtime_options={"directory": rt_dir}, name="atimeout"
+        ) as ctl:
+            await ctl.create_backend(
+                "rec", "async_targets:Recorder", init_args=(0.0,), max_concurrent_queries=4
+            )
+            await ctl.create_endpoint("rec")
+            await ctl.set_traffic("rec", {"rec": 1.0})
+            handle = ctl.get_handle("rec")
+            with pytest.raises(TimeoutError):
+                await handle.options(timeout_s=0.3).call("hang")
+            while await handle.call("cancelled") != ["hang"]:
+                await trio.sleep(0.01)
+            await ctl.delete_endpoint("rec")
+            await ctl.delete_backend("rec")
+
+
+# -- liveness probed from outside ---------------------------------------------------------
+
+
+async def test_a_stopped_replica_is_declared_dead_by_its_probe_and_replaced(
+    tmp_path: Path, rt_dir: Path
+) -> None:
+    """SIGSTOP freezes the whole process, its own health-check thread too: only the
+    host's probe, unanswered for health_check_timeout_s, finds it; then it is killed,
+    reported dead, and the controller starts another."""
+    runtime = SubprocessRuntime(rt_dir)
+    with trio.fail_after(BOUND_S * 2):
+        async with servecore.open_controller(
+            runtime=runtime, store=SQLiteStore(tmp_path / "s.db"), name="probe"
+        ) as ctl:
+            await ctl.create_backend(
+                "echo",
+                "subprocess_targets:Echo",
+                health_check_period_s=0.1,
+                health_check_timeout_s=0.5,
+                graceful_shutdown_timeout_s=1.0,
+            )
+            await ctl.create_endpoint("echo")
+            await ctl.set_traffic("echo", {"echo": 1.0})
+            pid = runtime.pid("echo#0")
+            assert pid is not None
+            os.kill(pid, signal.SIGSTOP)
+            await wait_until(lambda: "echo#0" not in ctl.state.replicas)
+            await wait_until(
+                lambda: any(r.status is ReplicaStatus.RUNNING for r in ctl.state.replicas.values())
+            )
+            assert set(ctl.state.replicas) == {"echo#1"}
+            assert gone(pid)
+            assert await ctl.get_handle("echo").call("after") == "after"
+
+
+async def test_a_replica_busy_with_slow_queries_still_answers_its_probe(
+    tmp_path: Path, rt_dir: Path
+) -> None:
+    """The probe has a connection of its own: queries longer than the timeout, filling
+    every slot, do not make a healthy replica look dead."""
+    runtime = SubprocessRuntime(rt_dir)
+    with trio.fail_after(BOUND_S * 2):
+        async with servecore.open_controller(
+            runtime=runtime, store=SQLiteStore(tmp_path / "s.db"), name="busy"
+        ) as ctl:
+            await ctl.create_backend(
+                "slow",
+                "subprocess_targets:Slow",
+                max_concurrent_queries=1,
+                health_check_period_s=0.1,
+                health_check_timeout_s=0.5,
+            )
+            await ctl.create_endpoint("slow")
+            await ctl.set_traffic("slow", {"slow": 1.0})
+            await ctl.get_handle("slow").call(2.0)  # four timeouts long
+            assert set(ctl.state.replicas) == {"slow#0"}

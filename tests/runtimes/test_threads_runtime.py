@@ -12,10 +12,13 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
+import async_targets
+import servecore
 import targets
 from opened_runtime import Opened
-from servecore._core.errors import InvalidConfig, ReplicaDiedError
+from servecore._core.errors import InvalidConfig, InvalidTarget, ReplicaDiedError
 from servecore._core.transitions import BackendConfig, StartReplica, target_path
 from servecore._core.values import backend_of
 from servecore.runtimes import Query, Runtime, resolve_runtime
@@ -166,11 +169,159 @@ async def test_batching_needs_a_batch_target(rt: Opened) -> None:
     await rt.runtime.start_replica(effect("b#0", targets.double_all, max_batch_size=4))
 
 
-async def test_function_with_init_args_and_async_targets_are_rejected(rt: Opened) -> None:
+async def test_function_with_init_args_and_async_generators_are_rejected(rt: Opened) -> None:
     with pytest.raises(TypeError, match="takes no init_args"):
         await rt.runtime.start_replica(effect("fa#0", targets.plain, 1))
-    with pytest.raises(TypeError, match="is async"):
-        await rt.runtime.start_replica(effect("as#0", targets.async_target))
+    with pytest.raises(TypeError, match="is an async generator"):
+        await rt.runtime.start_replica(effect("ag#0", async_targets.async_stream))
+
+
+# -- async targets ------------------------------------------------------------------------
+
+
+async def test_async_function_and_async_class_answer(rt: Opened) -> None:
+    await rt.runtime.start_replica(effect("af#0", targets.async_target))
+    assert await rt.runtime.call("af#0", [q(41)]) == [41]
+    await rt.runtime.start_replica(effect("ae#0", async_targets.async_echo))
+    assert await rt.runtime.call("ae#0", [q(value="hi")]) == ["hi"]
+    await rt.runtime.start_replica(effect("ac#0", async_targets.Recorder, 0.0))
+    ((value, start, end),) = await rt.runtime.call("ac#0", [q(7)])
+    assert value == 7 and start <= end
+    # The constructor and the queries share the replica's one loop, on its own thread.
+    (where,) = await rt.runtime.call("ac#0", [q("where")])
+    assert where[0] is True and where[1].startswith("servecore-loop-")
+
+
+async def _overlap(rt: Opened, tag: str, n: int) -> list[tuple[float, float]]:
+    answers: list[Any] = []
+
+    async def one(i: int) -> None:
+        answers.extend(await rt.runtime.call(tag, [q(i)]))
+
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            for i in range(n):
+                nursery.start_soon(one, i)
+    assert sorted(a[0] for a in answers) == list(range(n))
+    return [(start, end) for _, start, end in answers]
+
+
+async def test_async_queries_overlap_on_one_replica(rt: Opened) -> None:
+    await rt.runtime.start_replica(
+        effect("ov#0", async_targets.Recorder, 0.2, max_concurrent_queries=8)
+    )
+    intervals = await _overlap(rt, "ov#0", 8)
+    # All eight were awaiting asyncio.sleep at once, as the target's own clock says.
+    assert async_targets.peak_overlap(intervals) == 8
+
+
+async def test_max_concurrent_queries_bounds_the_overlap(rt: Opened) -> None:
+    await rt.runtime.start_replica(
+        effect("mc#0", async_targets.Recorder, 0.05, max_concurrent_queries=3)
+    )
+    intervals = await _overlap(rt, "mc#0", 8)
+    assert async_targets.peak_overlap(intervals) == 3
+
+
+async def test_async_batch_target(rt: Opened) -> None:
+    await rt.runtime.start_replica(effect("ab#0", async_targets.async_double_all, max_batch_size=4))
+    assert await rt.runtime.call("ab#0", [q(1), q(2), q(3)]) == [(2, 3), (4, 3), (6, 3)]
+
+
+async def test_async_target_raises_the_users_error(rt: Opened) -> None:
+    await rt.runtime.start_replica(effect("ax#0", async_targets.async_fail))
+    with pytest.raises(LookupError, match="no model named 'm'"):
+        await rt.runtime.call("ax#0", [q("m")])
+    assert await rt.runtime.list_replicas() == {"ax#0"}  # an error is not a death
+
+
+async def _cancel_a_hang(call_hang: Any, ask: Any) -> None:
+    """Start a query that hangs, wait until the target runs it, cancel the caller, and
+    wait until the target recorded its CancelledError."""
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call_hang)
+            while not await ask("hanging"):
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        while await ask("cancelled") != ["hang"]:
+            await trio.sleep(0.01)
+
+
+async def test_a_cancelled_query_cancels_its_task(rt: Opened) -> None:
+    await rt.runtime.start_replica(
+        effect("cx#0", async_targets.Recorder, 0.0, max_concurrent_queries=4)
+    )
+
+    async def ask(what: str) -> Any:
+        (answer,) = await rt.runtime.call("cx#0", [q(what)])
+        return answer
+
+    async def call_hang() -> None:
+        await rt.runtime.call("cx#0", [q("hang")])
+
+    await _cancel_a_hang(call_hang, ask)
+    assert (await ask(1))[0] == 1  # the replica serves on after a cancellation
+
+
+async def test_a_blocking_caller_that_times_out_cancels_its_task(rt: Opened) -> None:
+    runtime = rt.runtime
+    assert isinstance(runtime, ThreadRuntime)
+    await runtime.start_replica(
+        effect("bt#0", async_targets.Recorder, 0.0, max_concurrent_queries=4)
+    )
+
+    def blocking_hang() -> None:
+        with pytest.raises(TimeoutError):
+            runtime.call_blocking("bt#0", [q("hang")], timeout_s=0.2)
+
+    await trio.to_thread.run_sync(blocking_hang)
+    with trio.fail_after(WAIT):
+        while await runtime.call("bt#0", [q("cancelled")]) != [["hang"]]:
+            await trio.sleep(0.01)
+
+
+async def test_stopping_an_async_replica_drains_its_tasks(rt: Opened) -> None:
+    await rt.runtime.start_replica(
+        effect("sd#0", async_targets.Recorder, 0.05, max_concurrent_queries=4)
+    )
+    answers: list[Any] = []
+
+    async def one(i: int) -> None:
+        answers.extend(await rt.runtime.call("sd#0", [q(i)]))
+
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            for i in range(4):
+                nursery.start_soon(one, i)
+            await trio.sleep(0)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(rt.runtime.stop_replica, "sd#0", WAIT)
+    assert sorted(a[0] for a in answers) == [0, 1, 2, 3]
+    assert await rt.runtime.list_replicas() == frozenset()
+
+
+async def test_killing_an_async_replica_cancels_its_tasks(rt: Opened) -> None:
+    runtime = rt.runtime
+    assert isinstance(runtime, ThreadRuntime)
+    await runtime.start_replica(
+        effect("kx#0", async_targets.Recorder, 0.0, max_concurrent_queries=4)
+    )
+    failed: list[BaseException] = []
+
+    async def call_hang() -> None:
+        try:
+            await runtime.call("kx#0", [q("hang")])
+        except ReplicaDiedError as exc:
+            failed.append(exc)
+
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call_hang)
+            while await runtime.call("kx#0", [q("hanging")]) != [True]:
+                await trio.sleep(0.01)
+            runtime.kill("kx#0", "test")
+    assert len(failed) == 1
 
 
 # -- batches ------------------------------------------------------------------------------
@@ -365,3 +516,37 @@ async def test_call_blocking_from_a_host_thread(rt: Opened) -> None:
     # A replica that takes no queries runs nothing and says so with None.
     assert await trio.to_thread.run_sync(call, "hb#0", [q(2)]) is None
     assert await trio.to_thread.run_sync(call, "never#0", [q(2)]) is None
+
+
+# -- async targets through a controller ---------------------------------------------------
+
+
+async def test_a_controller_serves_an_async_backend_through_handles() -> None:
+    async with servecore.open_controller(runtime="threads", name="async-e2e") as ctl:
+        await ctl.create_backend("rec", async_targets.Recorder, init_args=(0.0,))
+        await ctl.create_endpoint("rec")
+        await ctl.set_traffic("rec", {"rec": 1.0})
+        handle = ctl.get_handle("rec")
+        assert (await handle.call(3))[0] == 3
+        with pytest.raises(TimeoutError):
+            await handle.options(timeout_s=0.2).call("hang")
+        with trio.fail_after(WAIT):
+            while await handle.call("cancelled") != ["hang"]:
+                await trio.sleep(0.01)
+
+
+class _SyncOnlyRuntime(ThreadRuntime):
+    supports_async_targets = False
+
+
+async def test_create_backend_refuses_what_cannot_run() -> None:
+    async with servecore.open_controller(runtime=_SyncOnlyRuntime(), name="refuse") as ctl:
+        seq = ctl.seq
+        with pytest.raises(InvalidTarget, match="is an async generator"):
+            await ctl.create_backend("s", async_targets.async_stream)
+        with pytest.raises(InvalidTarget, match="'threads' or 'subprocess' runtime"):
+            await ctl.create_backend("a", async_targets.async_echo)
+        with pytest.raises(InvalidTarget, match="is async"):
+            await ctl.create_backend("a", "async_targets:Recorder")
+        assert ctl.seq == seq and not ctl.state.backends
+        await ctl.create_backend("p", targets.plain)  # a plain target still runs

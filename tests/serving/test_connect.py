@@ -54,7 +54,8 @@ def _free_port() -> int:
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
+    # tests/support too: replicas import its targets (subprocess_targets:Slow).
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT), str(ROOT / "tests/support")])
     return env
 
 
@@ -191,6 +192,54 @@ def test_a_connected_handle_queries_sees_a_scale_up_and_outlives_the_controller(
                 client.wait_for_seq(seq_before_restart, timeout_s=1)
         assert client.seq >= seq_before_restart
         assert echo.call("again") == "v1:again"
+
+
+AUTOSCALING_APP = """
+[backends.slow]
+target = "subprocess_targets:Slow"
+autoscaling = { min_replicas = 0, max_replicas = 3, target_ongoing_requests = 1.0, \
+look_back_period_s = 1.0, upscale_delay_s = 0.5, downscale_delay_s = 600.0 }
+
+[endpoints.slow]
+traffic = { slow = 1.0 }
+"""
+
+
+def test_load_from_a_connected_client_wakes_a_backend_at_zero_and_scales_it_up(
+    server: Server,
+) -> None:
+    """Only this process sends queries, so only its load reports can move the
+    controller's autoscaler: a query at zero replicas wakes the backend, and steady
+    load from six callers here scales it up to its maximum."""
+    server.run(server.write("app.toml", AUTOSCALING_APP), "--runtime", "subprocess")
+    with servecore.connect(server.store) as client:
+        assert client.routing_table.backends["slow"].replicas == ()
+        slow = client.get_handle("slow")
+        assert slow.call(0.0) == "slept 0.0"  # waited for the replica it woke
+        assert client.client.reports_sent >= 1
+
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def caller() -> None:
+            while not stop.is_set():
+                try:
+                    slow.call(0.2)
+                except BaseException as exc:
+                    errors.append(exc)
+                    return
+
+        callers = [threading.Thread(target=caller, daemon=True) for _ in range(6)]
+        for t in callers:
+            t.start()
+        try:
+            while len(client.routing_table.backends["slow"].replicas) < 3:
+                client.wait_for_seq(client.seq + 1, timeout_s=60)
+        finally:
+            stop.set()
+            for t in callers:
+                t.join(timeout=60)
+        assert not errors
 
 
 def test_connect_refuses_a_controller_whose_replicas_live_in_its_process(

@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 import time
+import types
 from typing import Any
 
 from servecore.runtimes.toolkit import batch
@@ -132,6 +134,73 @@ class FailsWithNotUTF8:
         if custom:
             raise NotUTF8Error(NOT_UTF8_PATH)
         raise FileNotFoundError(f"no model at {NOT_UTF8_PATH}")
+
+
+class _ExitsWhenRebuilt:
+    """Pickles fine; unpickling it calls ``sys.exit(3)`` (in the host, which rebuilds it)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (sys.exit, (3,))
+
+
+def refuse_to_rebuild() -> None:
+    """Called by unpickling :class:`_FailsWhenRebuilt`: its rebuilding fails."""
+    raise ValueError("this object refuses to be rebuilt")
+
+
+class _FailsWhenRebuilt:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (refuse_to_rebuild, ())
+
+
+class HostileResults:
+    """Answers with a result the host cannot rebuild, or that cannot be pickled at all:
+    ``"exit"`` raises SystemExit as it is rebuilt, ``"fails"`` a ValueError,
+    ``"replica_only"`` is an instance of a class whose module only the replica has,
+    ``"lock"`` a lock (pickle refuses it); anything else comes back as it is."""
+
+    def __call__(self, kind: Any = None) -> Any:
+        if kind == "exit":
+            return _ExitsWhenRebuilt()
+        if kind == "fails":
+            return _FailsWhenRebuilt()
+        if kind == "lock":
+            return threading.Lock()
+        if kind != "replica_only":
+            return kind
+        module = sys.modules.setdefault(
+            "replica_only_module", types.ModuleType("replica_only_module")
+        )
+
+        class Secret:
+            pass
+
+        Secret.__module__ = module.__name__
+        Secret.__qualname__ = "Secret"
+        module.Secret = Secret  # type: ignore[attr-defined]
+        return Secret()
+
+
+class ReplicaOfProtocol:
+    """A stand-in for the replica actor of another servecore version: ``ready()``
+    reports ``protocol`` (none for ``None``, as actors before versions did), and
+    ``run()`` returns the results list itself, as those actors did."""
+
+    def __init__(self, protocol: int | None) -> None:
+        self.protocol = protocol
+
+    def ready(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"pid": os.getpid(), "health_check": False}
+        if self.protocol is not None:
+            info["protocol"] = self.protocol
+        return info
+
+    def run(self, batch: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> list[Any]:
+        return [f"old:{args[0]}" for args, _kwargs in batch]
+
+    def watch(self, period_s: float) -> bool:
+        time.sleep(period_s)
+        return True
 
 
 # ---------------------------------------------------------------------------------------

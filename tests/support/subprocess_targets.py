@@ -249,3 +249,20 @@ class SurrogateInit:
 def raise_surrogate() -> None:
     """A call whose error message holds a lone surrogate."""
     raise RuntimeError(f"cannot read {SURROGATE_PATH}")
+
+
+class Gated:
+    """Answers ``(pid, value)``, printing ``ran VALUE`` to its log first; a ``"hold"``
+    call prints ``holding`` and waits until the file ``gate`` exists."""
+
+    def __init__(self, gate: str) -> None:
+        self.gate = gate
+
+    def __call__(self, value: str) -> tuple[int, str]:
+        if value == "hold":
+            print("holding", flush=True)
+            deadline = time.monotonic() + 60
+            while not os.path.exists(self.gate) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        print(f"ran {value}", flush=True)
+        return os.getpid(), value

@@ -147,7 +147,7 @@ def plain(value: Any) -> Any:
 
 
 async def async_target(value: Any) -> Any:
-    """An async target, which the threads runtime rejects."""
+    """An async function target (served on the replica's asyncio loop)."""
     return value
 
 

@@ -1,19 +1,22 @@
-"""The controller's autoscaling loop: sample the router, report load, wake from zero.
+"""The controller's autoscaling loop: sample the routers, report load, wake from zero.
 
 The policy is pure (:mod:`servecore._core.autoscaling`) and its decisions are checkpointed
 with the backend; this is the shell around it, owned by one
 :class:`~servecore.Controller`, which passes in everything it needs (the state, the
 clock, the router's load, the commit path): it imports nothing of the controller.
 
-* every ``interval_s / SAMPLES_PER_REPORT`` it samples the router's ongoing queries
-  (running + queued) of each autoscaling backend into a :class:`LoadSampler`;
+* every ``interval_s / SAMPLES_PER_REPORT`` it samples the ongoing queries (running +
+  queued) of each autoscaling backend into a :class:`LoadSampler`: its own router's,
+  plus the latest of every live router in another process (the remote load source,
+  :class:`~servecore._controller.remote_load.RemoteLoad`);
 * every ``interval_s`` (the bounded rate) it steps one :class:`~servecore.LoadReport`
   per autoscaling backend, carrying the mean over that backend's look-back window.
   A report that changes no decision is adopted without a save (only the state's
   ``observations`` change); one that does is saved first, like any event, and its
   starts and stops are carried out in the background;
-* a query that starts to wait for a backend scaled to zero wakes it at once: a report
-  of the queries waiting now, which the policy answers without the upscale delay.
+* a query that starts to wait for a backend scaled to zero, in this process or in a
+  connected client (whose report asks to wake it), wakes it at once: a report of the
+  queries waiting now, which the policy answers without the upscale delay.
 
 Time is the controller's clock (``Controller.clock``, passed in): trio's clock anchored to the
 wall clock when the controller opened, so a countdown written to the checkpoint by one
@@ -91,6 +94,7 @@ class Autoscaler:
         state: Callable[[], State],
         clock: Callable[[], float],
         ongoing: Callable[[], Mapping[str, int]],
+        remote: Callable[[], Mapping[str, int]],
         report: Callable[
             [LoadReport | Callable[[State], LoadReport | None], EffectGroup], Awaitable[None]
         ],
@@ -98,12 +102,14 @@ class Autoscaler:
         start_soon: Callable[..., Any],
     ) -> None:
         """``state()`` is the committed state; ``clock()`` the controller's clock;
-        ``ongoing()`` the router's queries running or queued per backend; ``report``
+        ``ongoing()`` the router's queries running or queued per backend; ``remote()``
+        the same, summed over the live routers of other processes; ``report``
         steps a load report through the commit path; ``background`` is the effect group
         no command waits on; ``start_soon`` starts a task in the controller's nursery."""
         self._state = state
         self._clock = clock
-        self._ongoing = ongoing
+        self._local = ongoing
+        self._remote = remote
         self.report = report
         self._background = background
         self._start_soon = start_soon
@@ -112,8 +118,15 @@ class Autoscaler:
 
     # -- reports --------------------------------------------------------------------------
 
+    def _ongoing(self) -> dict[str, int]:
+        """Queries ongoing per backend: this process's router plus the remote ones."""
+        total = dict(self._local())
+        for tag, n in self._remote().items():
+            total[tag] = total.get(tag, 0) + n
+        return total
+
     def sample(self) -> dict[str, float]:
-        """Sample the router once; return the autoscaling backends and their windows."""
+        """Sample the routers once; return the autoscaling backends and their windows."""
         windows = _autoscaling(self._state())
         self.sampler.keep_only(windows)
         if windows:

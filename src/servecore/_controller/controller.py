@@ -23,6 +23,13 @@ It converges whatever it loses, the way Kubernetes controllers do (level-trigger
 * nothing user code or a caller sends can kill it: bad arguments are typed errors,
   text is made encodable before it reaches the state, and a failure in an effect task
   is raised to the command that caused it, never into the controller's nursery.
+
+On a store with a lease (:class:`~servecore.PostgresStore`) it heartbeats from its own
+loop, so the lease is renewed only while that loop runs, and it *steps down* once the
+lease is lost (taken by another, or not renewed before it expired): no more effects,
+commits, resyncs or autoscaling; handles and the HTTP ingress refuse queries with
+:class:`~servecore.SteppedDown` rather than route by a table that may be stale; and the
+host's ``on_step_down`` is called once (docs/design.md §3).
 """
 
 from __future__ import annotations
@@ -30,9 +37,10 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import sys
 import time
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, get_args
 
@@ -41,6 +49,7 @@ import trio
 from servecore._controller.autoscaler import AUTOSCALE_INTERVAL_S, Autoscaler, check_report_time
 from servecore._controller.committer import Committer, Writer
 from servecore._controller.effects import EffectGroup, EffectRunner
+from servecore._controller.remote_load import RemoteLoad, check_load_report
 from servecore._controller.replica_lifecycle import LifecycleCounts, ReplicaLifecycle
 from servecore._controller.standby import open_store
 from servecore._controller.status import Status, live_status
@@ -48,6 +57,9 @@ from servecore._core.errors import (
     BackendStartError,
     InvalidCommand,
     InvalidConfig,
+    InvalidTarget,
+    LeaseLost,
+    SteppedDown,
 )
 from servecore._core.limits import Limits
 from servecore._core.records import load_records
@@ -75,7 +87,7 @@ from servecore._core.transitions import (
 from servecore._core.validation import check_name, check_namespace
 from servecore._serving.router_stats import RouterStatistics
 from servecore.router import Handle, Router
-from servecore.runtimes import Runtime, check_runtime_methods, resolve_runtime
+from servecore.runtimes import Runtime, check_runtime_methods, resolve_runtime, toolkit
 from servecore.stores import BlobStore, MemoryStore, Store, as_store
 
 __all__ = ["Controller", "open_controller"]
@@ -85,6 +97,8 @@ log = logging.getLogger("servecore.controller")
 _COMMANDS = get_args(Command)
 #: The default interval of the level-triggered resync with the runtime.
 RESYNC_INTERVAL_S = 10.0
+#: The longest wait between two heartbeats to a leased store (shorter for short leases).
+HEARTBEAT_MAX_S = 1.0
 
 
 class Controller:
@@ -107,6 +121,7 @@ class Controller:
         resync_interval_s: float | None = RESYNC_INTERVAL_S,
         autoscale_interval_s: float | None = AUTOSCALE_INTERVAL_S,
         clock: Callable[[], float] | None = None,
+        on_step_down: Callable[[SteppedDown], object] | None = None,
     ) -> None:
         self.runtime = runtime
         self.store = store
@@ -117,6 +132,10 @@ class Controller:
         self._lifecycle = ReplicaLifecycle(runtime)
         self._table = RoutingTable()
         self._table_listeners: list[Callable[[RoutingTable], None]] = []
+        self._on_step_down = on_step_down
+        self._stepped_down: SteppedDown | None = None
+        # The periodic loops (resync, autoscaling): cancelled when the controller steps down.
+        self._loop_scopes: list[trio.CancelScope] = []
         self._effects = EffectRunner(
             runtime=runtime,
             nursery=nursery,
@@ -148,10 +167,12 @@ class Controller:
                 return epoch + trio.current_time()
 
         self._clock: Callable[[], float] = clock
+        self._remote_load = RemoteLoad(clock=self._clock)
         self._autoscaler = Autoscaler(
             state=lambda: self._committer.state,
             clock=self._clock,
             ongoing=self._ongoing_queries,
+            remote=self._remote_load.ongoing,
             report=self._report_load,
             background=self._effects.background,
             start_soon=nursery.start_soon,
@@ -181,6 +202,13 @@ class Controller:
     def routing_table(self) -> RoutingTable:
         """The table last pushed to the router."""
         return self._table
+
+    @property
+    def stepped_down(self) -> SteppedDown | None:
+        """Why this controller stepped down (it lost its store's lease), or ``None``
+        while it leads. Once stepped down it orders no effects, commits nothing, and
+        its handles raise this error; close it (docs/design.md §3)."""
+        return self._stepped_down
 
     @property
     def queued(self) -> int:
@@ -229,6 +257,8 @@ class Controller:
         """Apply any command; return the state once its effects have settled."""
         if not isinstance(command, _COMMANDS):
             raise InvalidCommand(command)
+        if isinstance(command, (CreateBackend, UpdateBackend)):
+            refuse_unservable_target(command.tag, command.target, self.runtime)
         return await self._submit(lambda _state: command)
 
     async def _submit(self, make: Callable[[State], Command]) -> State:
@@ -391,6 +421,32 @@ class Controller:
         await group.wait()
         return self._state
 
+    def report_router_load(
+        self, reporter: str, ongoing: Mapping[str, int], wake: Iterable[str] = ()
+    ) -> None:
+        """Count the load of a router in another process (a ``servecore.connect``
+        client: the control socket's ``load`` op) in autoscaling decisions.
+
+        ``ongoing`` is that router's queries running or queued per backend now; it
+        replaces ``reporter``'s last report, and is added to this controller's own
+        router's load at each sample until ``reporter`` has not reported for
+        :data:`~servecore._controller.remote_load.STALE_AFTER_S` (then it is aged out).
+        Backends this controller does not know are ignored (the client's table may be a
+        step behind). Each backend in ``wake`` has a query waiting for it with no
+        replica to take it: one scaled to zero starts a replica at once, as for a query
+        waiting in this process. A malformed report raises ``InvalidConfig`` and counts
+        for nothing."""
+        reporter, counts, woken = check_load_report(reporter, ongoing, wake)
+        self._remote_load.report(reporter, counts)
+        for tag in woken:
+            if tag in self._state.backends:
+                self._autoscaler.on_demand(tag)
+
+    def remote_load(self) -> dict[str, dict[str, int]]:
+        """The last load report of each router in another process still counted
+        (not aged out), by reporter: what :meth:`report_router_load` keeps."""
+        return self._remote_load.reporters()
+
     async def retry_backend(self, tag: str) -> State:
         """Start a FAILED backend again with the same definition and config (after
         fixing what made it fail: a file, a service it needs). A no-op otherwise."""
@@ -414,7 +470,15 @@ class Controller:
         """Step, commit, adopt, dispatch (:class:`~servecore._controller.committer.Committer`),
         the effects going to ``group``. ``message`` may be built from the state it is
         stepped on; a builder that returns None skips the step."""
-        return await self._committer.run(message, group)
+        if self._stepped_down is not None:
+            raise self._stepped_down.lease_lost.with_outcome(
+                "this controller stepped down: it was not applied, and nothing was written"
+            )
+        try:
+            return await self._committer.run(message, group)
+        except LeaseLost as exc:
+            self._step_down(exc)
+            raise
 
     async def _report_load(
         self, report: LoadReport | Callable[[State], LoadReport | None], group: EffectGroup
@@ -438,7 +502,10 @@ class Controller:
 
     async def resync(self) -> bool:
         """Compare the runtime's live replicas with the state now and correct the state
-        (what the periodic resync does); return whether anything changed."""
+        (what the periodic resync does); return whether anything changed. A controller
+        that stepped down does nothing (its successor resyncs)."""
+        if self._stepped_down is not None:
+            return False
         seq = self._seq
         live = await self.runtime.list_replicas()
         now = trio.current_time()
@@ -465,9 +532,55 @@ class Controller:
             except Exception as exc:
                 log.warning("resync with the runtime failed (next try in %gs): %r", interval_s, exc)
 
+    # -- the lease: heartbeats and stepping down -----------------------------------------
+
+    async def _keep_lease(self, heartbeat: Callable[[], None], lost: Callable[[], Any]) -> None:
+        """Heartbeat to the store from this loop (its renewer renews only while they
+        come) and step down once it says the lease is lost."""
+        lease_s = getattr(self.store, "lease_s", None)
+        interval = HEARTBEAT_MAX_S
+        if isinstance(lease_s, (int, float)) and lease_s > 0:
+            interval = min(interval, lease_s / 10)
+        while self._stepped_down is None:
+            heartbeat()
+            loss = lost()
+            if isinstance(loss, LeaseLost):
+                self._step_down(loss)
+                return
+            await trio.sleep(interval)
+
+    def _step_down(self, loss: LeaseLost) -> None:
+        """Stop acting on a lease this controller no longer holds (once)."""
+        if self._stepped_down is not None:
+            return
+        self._stepped_down = stepped = SteppedDown(loss)
+        log.error("%s", stepped)
+        for scope in self._loop_scopes:
+            scope.cancel()
+        self._effects.refusing = True
+        if self._router is not None:
+            self._router.refuse(lambda: SteppedDown(loss))
+        if self._on_step_down is not None:
+            try:
+                self._on_step_down(stepped)
+            except Exception:
+                log.exception("the on_step_down callback failed; the controller stays down")
+
+    async def _periodic(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Run a periodic loop until the controller closes or steps down."""
+        with trio.CancelScope() as scope:
+            self._loop_scopes.append(scope)
+            if self._stepped_down is not None:
+                return
+            await fn(*args)
+
     # -- life -----------------------------------------------------------------------------
 
     async def _recover(self) -> None:
+        heartbeat = getattr(self.store, "heartbeat", None)
+        lost = getattr(self.store, "lease_lost", None)
+        if callable(heartbeat) and callable(lost):
+            self._nursery.start_soon(self._keep_lease, heartbeat, lost)
         seq, records = await self._committer.call(self.store.load)
         self._committer.adopt_loaded(load_records(seq, records, self._where), seq)
         self._nursery.start_soon(self._committer.serve)
@@ -488,9 +601,11 @@ class Controller:
         self._effects.adopted(live)
         await group.wait()
         if self.resync_interval_s is not None:
-            self._nursery.start_soon(self._resync_forever, self.resync_interval_s)
+            self._nursery.start_soon(self._periodic, self._resync_forever, self.resync_interval_s)
         if self.autoscale_interval_s is not None:
-            self._nursery.start_soon(self._autoscaler.run, self.autoscale_interval_s)
+            self._nursery.start_soon(
+                self._periodic, self._autoscaler.run, self.autoscale_interval_s
+            )
 
     async def settle(self) -> None:
         """Wait until background work (replacements of dead replicas, retries of
@@ -518,6 +633,9 @@ class Controller:
         if self._router is not None:
             raise RuntimeError("this controller already has a router; call use_router first")
         router.start(self._nursery)
+        stepped = self._stepped_down
+        if stepped is not None:
+            router.refuse(lambda: SteppedDown(stepped.lease_lost))
         router.add_demand_listener(self._autoscaler.on_demand)
         self.add_table_listener(router.update)
         self._router = router
@@ -567,6 +685,7 @@ async def open_controller(
     standby: bool = False,
     autoscale_interval_s: float | None = AUTOSCALE_INTERVAL_S,
     clock: Callable[[], float] | None = None,
+    on_step_down: Callable[[SteppedDown], object] | None = None,
 ) -> AsyncIterator[Controller]:
     """Open a controller: load the checkpoint, ask the runtime which replicas are alive,
     step ``Recover(live)``, commit, and carry out its effects, then yield it::
@@ -596,6 +715,13 @@ async def open_controller(
     ``standby=True`` (with a store that has a lease, :class:`~servecore.PostgresStore`)
     waits until the controller holding the store is gone, then takes over: it recovers,
     adopting the replicas still alive, and serves.
+    On such a store the controller heartbeats from its trio loop (the lease is renewed
+    only while the loop runs) and steps down once the lease is lost: taken by another,
+    or not renewed before it expired (a loop blocked, the database out of reach). Then
+    it orders no effects and commits nothing, its handles and the HTTP ingress refuse
+    queries with :class:`~servecore.SteppedDown`, ``/-/healthz`` answers 503,
+    :attr:`Controller.stepped_down` says why, and ``on_step_down(error)`` is called once
+    on the trio thread (a host usually exits, or closes this controller).
     """
     check_namespace(name)
     if limits is not None and not isinstance(limits, Limits):
@@ -617,6 +743,10 @@ async def open_controller(
             raise InvalidConfig(field, interval, "must be a positive number of seconds or None")
     if clock is not None and not callable(clock):
         raise InvalidConfig("clock", clock, "must be a function returning seconds, or None")
+    if on_step_down is not None and not callable(on_step_down):
+        raise InvalidConfig(
+            "on_step_down", on_step_down, "must be a function taking the SteppedDown error"
+        )
     if runtime_options is not None:
         if runtime_kwargs is not None:
             raise InvalidConfig(
@@ -641,6 +771,7 @@ async def open_controller(
                 resync_interval_s=resync_interval_s,
                 autoscale_interval_s=autoscale_interval_s,
                 clock=clock,
+                on_step_down=on_step_down,
             )
             try:
                 await ctl._recover()
@@ -663,3 +794,44 @@ async def open_controller(
         closer = getattr(st, "close", None)
         if closer is not None:
             closer()
+
+
+def _loaded_target(path: str) -> Any:
+    """The object ``path`` names if its module is already imported, else ``None``: the
+    controller never imports user code itself (a replica does, wherever it runs)."""
+    module_name, _, attribute = path.partition(":")
+    found: Any = sys.modules.get(module_name)
+    for part in attribute.split("."):
+        if found is None:
+            return None
+        found = getattr(found, part, None)
+    return found
+
+
+def refuse_unservable_target(backend: str, target: str, runtime: object) -> None:
+    """Refuse, before anything is saved, a target the controller can already tell will
+    never start: an async generator (a stream; a query has one answer), or an async
+    target on a runtime that does not declare ``supports_async_targets``.
+
+    Only a target whose module the host has imported is inspected (passing the class
+    or function itself always is); any other is checked by the replica as it starts.
+    """
+    found = _loaded_target(target)
+    if found is None:
+        return
+    if toolkit.is_async_generator(found):
+        raise InvalidTarget(
+            target,
+            "it is an async generator, which streams its answer, and a query has one answer",
+            backend=backend,
+            fix="return the whole result (a list, say) from a plain 'async def'",
+        )
+    if toolkit.is_async(found) and not getattr(runtime, "supports_async_targets", False):
+        name = type(runtime).__name__
+        raise InvalidTarget(
+            target,
+            f"it is async, and the runtime {name} calls targets synchronously",
+            backend=backend,
+            fix="serve it with the 'threads' or 'subprocess' runtime, or define it with "
+            "plain 'def'",
+        )

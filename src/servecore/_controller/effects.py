@@ -139,6 +139,9 @@ class EffectRunner:
         self._busy: Counter[str] = Counter()
         # When each replica was seen to start (trio time), to tell a crash loop.
         self._started_at: dict[str, float] = {}
+        #: Set when the controller stepped down: no effect is carried out any more
+        #: (the controller holding the lease now decides what runs).
+        self.refusing = False
 
     # -- what is in flight ----------------------------------------------------------------
 
@@ -161,6 +164,9 @@ class EffectRunner:
 
     def dispatch(self, effect: Any, group: EffectGroup) -> None:
         """Carry out one effect of a durable commit (the committer calls this in order)."""
+        if self.refusing:
+            log.warning("stepped down: not carrying out %r", effect)
+            return
         if isinstance(effect, UpdateRouter):
             self._push_table(effect.table)
         elif isinstance(effect, StopReplica):
@@ -305,6 +311,8 @@ class EffectRunner:
 
     def report(self, event: Event) -> None:
         """The callback runtimes report deaths through (called on the trio thread)."""
+        if self.refusing:
+            return  # stepped down: the controller holding the lease hears of it
         if not isinstance(event, _EVENTS):
             log.error("the runtime reported %r, which is not a servecore event; ignored", event)
             return

@@ -26,7 +26,7 @@ import contextlib
 import functools
 import os
 import threading
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -35,7 +35,7 @@ import trio
 from servecore._controller.controller import Controller, open_controller
 from servecore._controller.replica_lifecycle import LifecycleCounts
 from servecore._controller.status import Status
-from servecore._core.errors import ControllerClosed
+from servecore._core.errors import ControllerClosed, SteppedDown
 from servecore._core.transitions import BackendConfig, Command, RoutingTable, State
 from servecore._serving.router_stats import RouterStatistics
 from servecore.router import Handle, Router
@@ -187,6 +187,11 @@ class SyncController:
         return self.controller.runtime
 
     @property
+    def stepped_down(self) -> SteppedDown | None:
+        """See :attr:`Controller.stepped_down`."""
+        return self.controller.stepped_down
+
+    @property
     def queued(self) -> int:
         """Messages waiting for the committer now."""
         return self.controller.queued
@@ -313,6 +318,17 @@ class SyncController:
         """Report a backend's load to its autoscaler (see the async
         :meth:`servecore.Controller.report_load`)."""
         return self._run(self.controller.report_load, backend, ongoing, now)
+
+    def report_router_load(
+        self, reporter: str, ongoing: Mapping[str, int], wake: Iterable[str] = ()
+    ) -> None:
+        """Count a router's load from another process (see
+        :meth:`servecore.Controller.report_router_load`)."""
+        self._run_sync(self.controller.report_router_load, reporter, ongoing, wake)
+
+    def remote_load(self) -> dict[str, dict[str, int]]:
+        """See :meth:`servecore.Controller.remote_load`."""
+        return self._run_sync(self.controller.remote_load)
 
     def settle(self) -> None:
         """Wait until replacements of dead replicas and retried saves have settled."""

@@ -187,16 +187,17 @@ class InvalidConfig(CommandError):
 
 
 class InvalidTarget(CommandError):
-    """The target cannot be named by an import path that survives a crash."""
+    """The target cannot be named by an import path that survives a crash, or cannot
+    run on this controller's runtime (``fix`` then says what to do instead)."""
 
-    def __init__(self, target: Any, why: str, backend: str | None = None) -> None:
+    def __init__(
+        self, target: Any, why: str, backend: str | None = None, *, fix: str | None = None
+    ) -> None:
         self.target = target
         self.backend = backend
         where = f"backend {backend!r}: " if backend else ""
-        super().__init__(
-            f"{where}target {_shown(target)} is invalid: {why}; pass 'package.module:attribute' "
-            f"naming a module-level class or function"
-        )
+        fix = fix or "pass 'package.module:attribute' naming a module-level class or function"
+        super().__init__(f"{where}target {_shown(target)} is invalid: {why}; {fix}")
 
 
 class InvalidCommand(CommandError, TypeError):
@@ -273,24 +274,62 @@ class LeaseLost(CheckpointError):
         new_holder: str | None,
         new_epoch: int,
         outcome: str = "",
+        *,
+        expired: bool = False,
     ) -> None:
         self.where = where
         self.holder = holder
         self.epoch = epoch
         self.new_holder = new_holder
         self.new_epoch = new_epoch
+        #: True when the lease was not renewed before it expired (the holder's own loop
+        #: stalled, or the database was out of reach), whoever holds it now.
+        self.expired = expired
         self.outcome = outcome or "the write was refused: nothing was written"
-        now = f"{new_holder!r} holds it" if new_holder is not None else "it was released"
+        if expired:
+            now = (
+                "it was not renewed before it expired (this controller's loop was blocked, "
+                "or the database out of reach, for longer than the lease), so another "
+                "controller may hold it now"
+            )
+        elif new_holder is not None:
+            now = f"now {new_holder!r} holds it at epoch {new_epoch}"
+        else:
+            now = f"now it was released at epoch {new_epoch}"
         super().__init__(
             f"lost the lease on checkpoint store {where}: {holder!r} held epoch {epoch}, and "
-            f"now {now} at epoch {new_epoch}; {self.outcome}; close this controller (the "
-            f"one holding the lease serves now)"
+            f"{now}; {self.outcome}; close this controller (the one holding the lease "
+            f"serves now)"
         )
 
     def with_outcome(self, outcome: str) -> LeaseLost:
         """The same loss, saying what it means for one command or event."""
         return LeaseLost(
-            self.where, self.holder, self.epoch, self.new_holder, self.new_epoch, outcome
+            self.where,
+            self.holder,
+            self.epoch,
+            self.new_holder,
+            self.new_epoch,
+            outcome,
+            expired=self.expired,
+        )
+
+
+class SteppedDown(ServecoreError):
+    """This controller lost its lease to another (or could not renew it before it
+    expired) and stepped down: it orders no more effects, and its handles and HTTP
+    ingress refuse queries rather than route them by a table that may be stale.
+    ``lease_lost`` is the loss that made it step down."""
+
+    def __init__(self, lease_lost: LeaseLost) -> None:
+        self.lease_lost = lease_lost
+        self.where = lease_lost.where
+        super().__init__(
+            f"this controller lost its lease on checkpoint store {lease_lost.where} to "
+            f"another and stepped down, so it serves no queries ({lease_lost.holder!r}, "
+            f"epoch {lease_lost.epoch}{': not renewed in time' if lease_lost.expired else ''}"
+            f"); send queries to the controller that holds the lease now, and close this "
+            f"one"
         )
 
 

@@ -84,7 +84,11 @@ def validate_state(state: State) -> None:
         if b.status is BackendStatus.FAILED:
             assert len(idx) <= want and _failures(b) >= MAX_START_FAILURES, b
         else:
-            assert len(idx) == want, f"{tag} has {len(idx)} active replicas, wants {want}"
+            # All wanted replicas are active, or a roll runs as many as max_surge allows.
+            active = len(idx) + len(idx.outdated)
+            assert len(idx) == want or (
+                len(idx) < want and active == want + b.config.surge(want)
+            ), f"{tag} has {len(idx)} active replicas, wants {want} ({len(idx.outdated)} outdated)"
             assert b.status is _status_of(b, idx), b
     # The JSON shape of every stored value is what a round trip gives back.
     for b in state.backends.values():

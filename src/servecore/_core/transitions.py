@@ -472,10 +472,7 @@ class _TransitionBuilder:
         idx = self.index.get(tag, _NO_INDEX)
         want = b.wanted_replicas
         have = len(idx)
-        if have < want and b.status is not BackendStatus.FAILED:
-            for _ in range(want - have):
-                self.mint(b)
-        elif have > want:
+        if have > want:
             # Surplus: STARTING ones first (they serve nothing yet), then newest RUNNING.
             surplus = have - want
             doomed = heapq.nlargest(surplus, idx.starting.items())
@@ -489,6 +486,14 @@ class _TransitionBuilder:
         if len(idx.outdated) > keep:
             for _, rtag in heapq.nsmallest(len(idx.outdated) - keep, idx.outdated.items()):
                 self.begin_stop(self.replicas[rtag], b.config.graceful_shutdown_timeout_s)
+            idx = self.index.get(tag, _NO_INDEX)
+        # Missing replicas start, but a roll runs at most max_surge beyond the wanted
+        # count at once (outdated ones still serving count): the rest start as those
+        # are retired.
+        if len(idx) < want and b.status is not BackendStatus.FAILED:
+            room = want + b.config.surge(want) - len(idx) - len(idx.outdated)
+            for _ in range(min(want - len(idx), max(0, room))):
+                self.mint(b)
         b = self.backends[tag]
         if b.status is not BackendStatus.FAILED:
             status = _status_of(b, self.index.get(tag, _NO_INDEX))

@@ -9,6 +9,7 @@ construction, so a bad value cannot exist; validation errors are the typed
 from __future__ import annotations
 
 import enum
+import math
 import re
 import sys
 from collections.abc import Callable, Mapping
@@ -63,6 +64,36 @@ def _batch_wait(value: Any) -> float:
 
 def _shutdown_timeout(value: Any) -> float:
     return seconds("graceful_shutdown_timeout_s", value)
+
+
+def _positive_seconds(field: str, value: Any) -> float:
+    result = seconds(field, value)
+    if result <= 0:
+        raise InvalidConfig(field, value, "must be a number of seconds above 0")
+    return result
+
+
+def _health_period(value: Any) -> float:
+    return _positive_seconds("health_check_period_s", value)
+
+
+def _health_timeout(value: Any) -> float:
+    return _positive_seconds("health_check_timeout_s", value)
+
+
+def _max_surge(value: Any) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not 0 < value <= 1
+    ):
+        raise InvalidConfig(
+            "max_surge",
+            value,
+            "must be a fraction of num_replicas above 0 and at most 1 (0.25 is 25%)",
+        )
+    return float(value)
 
 
 def _user_config(value: Any) -> Any:
@@ -159,7 +190,14 @@ class BackendConfig:
     ``num_replicas`` left out means 1 without autoscaling and ``None`` with it.
     ``num_replicas=0`` parks a backend without deleting it. ``runtime_options`` is
     passed untouched to the runtime (e.g. Ray's ``num_cpus``); the runtime rejects keys
-    it does not know.
+    it does not know. ``health_check_period_s`` (default 10) and
+    ``health_check_timeout_s`` (default 30), as Ray Serve's: a runtime that can probe a
+    replica from outside (the subprocess runtime) does so every period, and declares a
+    replica that has not answered within the timeout dead (docs/design.md §6); they
+    apply to replicas started after a change. ``max_surge`` (default 0.25, as
+    Kubernetes' 25%) is the fraction of the wanted count that a rolling replacement may
+    start beyond it at once (rounded up, at least one replica): a roll of 8 replicas
+    runs at most 10 at a time.
     """
 
     num_replicas: int | None = attrs.field(
@@ -176,6 +214,9 @@ class BackendConfig:
     user_config: Any = attrs.field(default=None, converter=_user_config)
     runtime_options: dict[str, Any] = attrs.field(factory=dict, converter=_runtime_options)
     autoscaling: AutoscalingConfig | None = attrs.field(default=None, converter=autoscaling_config)
+    health_check_period_s: float = attrs.field(default=10.0, converter=_health_period)
+    health_check_timeout_s: float = attrs.field(default=30.0, converter=_health_timeout)
+    max_surge: float = attrs.field(default=0.25, converter=_max_surge)
 
     def __attrs_post_init__(self) -> None:
         if self.autoscaling is None:
@@ -188,6 +229,10 @@ class BackendConfig:
                 "cannot be given with autoscaling (the autoscaler sets the count); "
                 "give one of num_replicas and autoscaling",
             )
+
+    def surge(self, wanted: int) -> int:
+        """How many replicas a rolling replacement may run beyond ``wanted`` at once."""
+        return max(1, math.ceil(wanted * self.max_surge))
 
     def needs_new_replicas(self, other: BackendConfig) -> bool:
         """Whether going from this config to ``other`` changes what a replica was

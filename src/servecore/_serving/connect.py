@@ -8,11 +8,16 @@ straight to the replica processes' sockets: the controller is not on the query p
 
 While the controller is down the client keeps routing to the replicas it knows, and
 resubscribes in the background (every :data:`RESUBSCRIBE_S` at most); the restarted
-controller's full table replaces the old one only if it is newer. What this first
-slice does not do yet: the client reports no load to the controller (autoscaling sees
-only the controller's own handles and ingress), so a backend scaled to zero is not
-woken by a query here -- the query waits in the client's queue until a replica appears
-or its timeout passes.
+controller's full table replaces the old one only if it is newer.
+
+Load from everywhere: while its router has queries running or queued, the client
+reports them per backend to the controller every
+:data:`~servecore._controller.remote_load.LOAD_REPORT_INTERVAL_S` (the control
+socket's ``load`` op; one report of zero when they are done, then silence), and the
+controller's autoscaler adds them to its own router's load. A query that starts to
+wait for a backend with no replica (one scaled to zero) sends a report at once that
+asks the controller to wake it. A report that fails (the controller is away) is not
+retried: the next one carries the load of its own moment.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import json
 import logging
 import os
 import random
+import secrets
+import socket
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -30,6 +37,7 @@ from typing import Any, TypeVar
 
 import trio
 
+from servecore._controller.remote_load import LOAD_REPORT_INTERVAL_S
 from servecore._controller.sync import SyncHandle
 from servecore._core.errors import ControllerClosed, ReplicasUnreachable
 from servecore._core.transitions import RoutingTable
@@ -49,6 +57,8 @@ DEFAULT_STORE = Path(".servecore") / "state.db"
 RESUBSCRIBE_S = 1.0
 #: How long the first subscription may take to bring its first table.
 CONNECT_TIMEOUT_S = 30.0
+#: How long a load report may take to be answered before it is given up.
+REPORT_TIMEOUT_S = 5.0
 
 
 class _Feed:
@@ -64,10 +74,10 @@ class _Feed:
         return None if line is None else decode_table(line)
 
 
-async def _subscribe(path: Path) -> _Feed:
-    # The CLI's checks: never talk to a socket in a directory another user controls.
+async def _open_control(path: Path) -> trio.SocketStream:
+    """A connection to the control socket at ``path``, after the CLI's checks: never
+    talk to a socket in a directory another user controls."""
     from servecore.cli._control import (
-        ControlNoAnswer,
         ControlUnavailable,
         _check_socket_owner,
         check_socket_path,
@@ -80,9 +90,30 @@ async def _subscribe(path: Path) -> _Feed:
     check_state_dir(path.parent)
     _check_socket_owner(path)
     try:
-        stream = await trio.open_unix_socket(str(path))
+        return await trio.open_unix_socket(str(path))
     except OSError as exc:
         raise ControlUnavailable(path, exc.strerror or str(exc)) from exc
+
+
+async def _request(path: Path, request: dict[str, Any]) -> dict[str, Any]:
+    """One request on the control socket, and its answer."""
+    from servecore.cli._control import ControlNoAnswer
+
+    async with await _open_control(path) as stream:
+        await stream.send_all(json.dumps(request).encode() + b"\n")
+        line = await read_lines(stream, bytearray())
+    if line is None:
+        raise ControlNoAnswer(path, "it closed the connection without answering")
+    answer = json.loads(line)
+    if not isinstance(answer, dict):
+        raise ControlNoAnswer(path, f"it answered {answer!r}")
+    return answer
+
+
+async def _subscribe(path: Path) -> _Feed:
+    from servecore.cli._control import ControlNoAnswer
+
+    stream = await _open_control(path)
     try:
         await stream.send_all(b'{"op": "subscribe"}\n')
         feed = _Feed(stream, {})
@@ -112,6 +143,12 @@ class Client:
         self._changed = trio.Event()
         #: Whether the feed is connected now (False while the controller is away).
         self.feed_connected = False
+        #: How this client names itself in its load reports (unique per client).
+        self.reporter = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(4)}"
+        #: Load reports the controller accepted (for tests and diagnostics).
+        self.reports_sent = 0
+        self._waking: set[str] = set()
+        self._report_now = trio.Event()
 
     @property
     def table(self) -> VersionedTable | None:
@@ -177,6 +214,40 @@ class Client:
     def _where(self) -> tuple[Path, tuple[int, int] | None]:
         return self.where, self._version()
 
+    # -- load reports ----------------------------------------------------------------
+
+    def _on_demand(self, backend: str) -> None:
+        """The router's demand listener: a query waits for ``backend``, which has no
+        replica. Report at once, asking the controller to wake it."""
+        self._waking.add(backend)
+        self._report_now.set()
+
+    async def _report_load(self, interval_s: float) -> None:
+        """Report the router's ongoing queries every ``interval_s`` while there are
+        any (and once more when they are done), and at once when a backend must wake."""
+        reported_load = False
+        while True:
+            with trio.move_on_after(interval_s):
+                await self._report_now.wait()
+            self._report_now = trio.Event()
+            wake, self._waking = sorted(self._waking), set()
+            ongoing = {tag: n for tag, n in self.router.ongoing_queries().items() if n}
+            if not (ongoing or wake or reported_load):
+                continue
+            request = {"op": "load", "reporter": self.reporter, "ongoing": ongoing, "wake": wake}
+            try:
+                with trio.fail_after(REPORT_TIMEOUT_S):
+                    answer = await _request(self.where, request)
+            except Exception as exc:  # includes TooSlowError
+                log.debug("load report to %s failed: %r", self.where, exc)
+                continue  # the next report carries the load of its own moment
+            if answer.get("ok"):
+                self.reports_sent += 1
+                reported_load = bool(ongoing)
+            else:
+                why = answer.get("error")
+                log.warning("the controller at %s refused a load report: %s", self.where, why)
+
 
 @contextlib.asynccontextmanager
 async def open_client(
@@ -184,6 +255,7 @@ async def open_client(
     *,
     rng: random.Random | None = None,
     max_queued_queries: int = DEFAULT_MAX_QUEUED_QUERIES,
+    load_report_interval_s: float | None = LOAD_REPORT_INTERVAL_S,
 ) -> AsyncIterator[Client]:
     """Connect to the ``servecore run`` serving ``store`` (its ``--store``), from trio::
 
@@ -194,7 +266,10 @@ async def open_client(
     :class:`~servecore.ReplicasUnreachable` for a controller on the threads runtime
     (its replicas live inside its process), and the control socket's errors when no
     server answers. ``rng`` and ``max_queued_queries`` are the client's router's (see
-    :class:`~servecore.Router`).
+    :class:`~servecore.Router`). While queries run or wait, the router's load is
+    reported to the controller's autoscaler every ``load_report_interval_s`` (``None``:
+    never; the controller ages out a client silent for three default intervals, so a
+    longer one makes its load count only part of the time).
     """
     where = Path(store).absolute().parent / "control.sock"
     with trio.fail_after(CONNECT_TIMEOUT_S):
@@ -220,6 +295,9 @@ async def open_client(
         client._offer(first)
         client.feed_connected = True
         nursery.start_soon(client._follow, feed)
+        if load_report_interval_s is not None:
+            router.add_demand_listener(client._on_demand)
+            nursery.start_soon(client._report_load, load_report_interval_s)
         try:
             yield client
         finally:

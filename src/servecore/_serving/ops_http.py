@@ -3,7 +3,10 @@ balancers, not for user endpoints.
 
 * ``GET /-/healthz``: *liveness* (Kubernetes' livenessProbe): 200 ``{"status": "ok"}``
   whenever the process and its loop answer, whatever its backends do. A FAILED backend
-  is not cured by restarting the server, so it never fails this probe.
+  is not cured by restarting the server, so it never fails this probe. The one
+  exception: 503 ``{"status": "stepped_down", "error": ...}`` once the controller
+  lost its lease to another, since it serves nothing any more and a restart (as a
+  standby) is what it needs.
 * ``GET /-/readyz``: *readiness* (readinessProbe, a load balancer's check): 200
   ``{"status": "ready"}`` once the state is loaded, this controller leads its store
   (holds its lease, for a store that has one), and every endpoint with a route has a
@@ -49,6 +52,9 @@ def http_responses(controller: Any) -> dict[int, int]:
 
 def healthz(controller: Any) -> tuple[int, dict[str, Any]]:
     """Status code and body of ``/-/healthz``: liveness only (see the module)."""
+    stepped = getattr(controller, "stepped_down", None)
+    if stepped is not None:
+        return 503, {"status": "stepped_down", "error": str(stepped)}
     return 200, {"status": "ok"}
 
 

@@ -28,7 +28,11 @@ from servecore._core.errors import ReplicaDiedError
 from servecore._core.transitions import StartReplica
 from servecore.runtimes._protocol import Query
 from servecore.runtimes.subprocess.files import ReplicaFiles, replica_key
-from servecore.runtimes.subprocess.replica import ReplicaConnection, open_replica_channel
+from servecore.runtimes.subprocess.replica import (
+    ReplicaConnection,
+    not_begun,
+    open_replica_channel,
+)
 from servecore.runtimes.subprocess.wire import socket_address
 
 __all__ = ["ReplicaClient"]
@@ -38,9 +42,7 @@ HANDSHAKE_TIMEOUT_S = 10.0
 
 
 def _unreachable(tag: str, why: str) -> ReplicaDiedError:
-    error = ReplicaDiedError(tag, f"cannot reach it from this process ({why})")
-    error.retry_safe = True  # type: ignore[attr-defined]  # see servecore.router
-    return error
+    return not_begun(tag, f"cannot reach it from this process ({why})")
 
 
 class ReplicaClient:

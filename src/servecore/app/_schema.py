@@ -93,6 +93,9 @@ class _BackendFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     batch_wait_timeout_s: float | UnsetType = UNSET
     max_concurrent_queries: int | UnsetType = UNSET
     graceful_shutdown_timeout_s: float | UnsetType = UNSET
+    health_check_period_s: float | UnsetType = UNSET
+    health_check_timeout_s: float | UnsetType = UNSET
+    max_surge: float | UnsetType = UNSET
     user_config: Any = UNSET
     runtime_options: dict[str, Any] | UnsetType = UNSET
     # servecore.AutoscalingConfig's fields, as a table (instead of num_replicas).

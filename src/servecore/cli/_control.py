@@ -27,6 +27,8 @@ One request per connection, one JSON object each way, newline-terminated::
     {"op": "logs", "target": "echo" | "echo#3"}
         -> {"ok": true, "runtime": "subprocess", "directory": ".../replicas",
             "live": {"echo#3": ".../echo_3-....log"}}
+    {"op": "load", "reporter": "host/pid/token", "ongoing": {"echo": 3}, "wake": []}
+        -> {"ok": true}  (a connected client's router load, for autoscaling)
     {"op": "subscribe"}
         -> the routing-table feed: the connection stays open, one line per table
            (servecore._serving.table_feed)
@@ -313,6 +315,14 @@ async def _answer(
             return {"ok": False, "type": type(exc).__name__, "error": str(exc)}
     if op == "logs":
         return _logs(controller, _text_field(request, "target"))
+    if op == "load":
+        try:
+            controller.report_router_load(
+                request.get("reporter"), request.get("ongoing"), request.get("wake", ())
+            )
+        except ServecoreError as exc:
+            return {"ok": False, "type": type(exc).__name__, "error": str(exc)}
+        return {"ok": True}
     if op == "shutdown":
         if shutdown is None:
             return {"ok": False, "type": "BadRequest", "error": "this server cannot be stopped"}

@@ -19,7 +19,9 @@ another user owns it or others may write to it; an existing directory's mode is 
 changed), the control socket's path length, another server already running there, and
 the HTTP port, which is bound then and held until serving starts.
 A signal during the apply stops it: the exit status is ``128 + signal`` and, with
-``--stop-replicas``, the replicas are stopped.
+``--stop-replicas``, the replicas are stopped. A controller that loses its store's lease
+(a store with one) steps down: the server says so in one paragraph, drains and exits
+with :data:`STEPPED_DOWN_EXIT`, leaving the replicas to the controller that holds it.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from servecore._controller.controller import Controller, open_controller
-from servecore._core.errors import ServecoreError
+from servecore._core.errors import ServecoreError, SteppedDown
 from servecore._core.transitions import ReplicaStatus
 from servecore.app import App, apply, describe
 from servecore.cli._control import (
@@ -57,6 +59,7 @@ from servecore.stores import SQLiteStore
 
 __all__ = [
     "RUN_RECORD",
+    "STEPPED_DOWN_EXIT",
     "AlreadyRunning",
     "CannotListen",
     "RunOptions",
@@ -69,6 +72,8 @@ log = logging.getLogger("servecore.cli")
 
 #: How long requests in flight may take to finish after SIGINT/SIGTERM.
 GRACEFUL_TIMEOUT_S = 5.0
+#: The exit status of a server whose controller lost its store's lease and stepped down.
+STEPPED_DOWN_EXIT = 3
 
 #: In the state directory: the runtime the last ``servecore run`` used and whether
 #: its replicas are known to have stopped with it, so that ``servecore status`` read
@@ -268,17 +273,33 @@ async def run_server(
         return await _run(options, console, http_socket)
 
 
+def _store(options: RunOptions) -> Any:
+    return SQLiteStore(options.store)
+
+
 async def _run(options: RunOptions, console: Console, http_socket: socket.socket) -> int:
     shutdown = trio.Event()
     received: list[int] = []
     interrupted = False
     _record_run(options.state_dir, options.runtime, replicas_stopped=False)
+    stepped_down: list[SteppedDown] = []
+
+    def on_step_down(error: SteppedDown) -> None:
+        stepped_down.append(error)
+        console.print(
+            f"[bold red]stepped down:[/] {escape(str(error))}. This server stops serving "
+            f"and exits with status {STEPPED_DOWN_EXIT}; its replicas are left to the "
+            f"controller that holds the lease now."
+        )
+        shutdown.set()
+
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_controller(
             options.runtime,
-            SQLiteStore(options.store),
+            _store(options),
             name=options.name,
             runtime_options=_runtime_options(options),
+            on_step_down=on_step_down,
         ) as ctl:
             try:
                 async with trio.open_nursery() as nursery:
@@ -321,20 +342,23 @@ async def _run(options: RunOptions, console: Console, http_socket: socket.socket
                         # Interrupted mid-apply: the app is not (all) applied; the exit
                         # status says so, and --stop-replicas still holds (below).
                         nursery.cancel_scope.cancel()
-                        console.print(
-                            "[bold]interrupted[/] while applying: the app may be partly "
-                            "applied; the next servecore run or apply finishes it"
-                        )
+                        if not stepped_down:
+                            console.print(
+                                "[bold]interrupted[/] while applying: the app may be partly "
+                                "applied; the next servecore run or apply finishes it"
+                            )
                         interrupted = True
                     else:
                         await _serve(ctl, options, console, shutdown, http_socket, nursery)
             finally:
-                if options.stop_replicas:
+                if options.stop_replicas and not stepped_down:
                     with trio.CancelScope(shield=True):
                         await _stop_replicas(ctl, console)
                 # Threads replicas lived in this process: they are gone with it.
                 gone = options.stop_replicas or options.runtime == "threads"
                 _record_run(options.state_dir, options.runtime, replicas_stopped=gone)
+    if stepped_down:
+        return STEPPED_DOWN_EXIT
     return 128 + received[0] if interrupted and received else 0
 
 
@@ -395,16 +419,6 @@ async def _serve_with_workers(
 ) -> None:
     """Serve the control socket (and its table feed) here and HTTP from
     ``options.workers`` worker processes sharing ``http_socket``, until ``shutdown``."""
-    autoscaled = sorted(t for t, b in ctl.state.backends.items() if b.config.autoscaling)
-    if autoscaled:
-        # Workers do not report their queries yet: say so rather than let a backend
-        # scale down under load unnoticed.
-        log.warning(
-            "autoscaling backends (%s) do not see the queries of ingress workers yet, "
-            "only those of this process's handles; use --workers 0 to autoscale on "
-            "HTTP traffic",
-            ", ".join(autoscaled),
-        )
     # The feed first: each worker subscribes to it before it serves.
     control = await _start_control(ctl, options, console, shutdown, nursery)
     http_socket.listen(LISTEN_BACKLOG)

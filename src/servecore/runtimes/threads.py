@@ -27,6 +27,14 @@ takes longer than ``timeout_s``. If the object has ``user_config`` set in its ba
 config and a ``reconfigure(user_config)`` method, that is called once after
 construction. The threads runtime knows no ``runtime_options``; any key is rejected.
 
+Async targets (``async def``, see ``servecore.runtimes.toolkit``) run on an asyncio
+loop the replica owns, on a thread of its own (``servecore.runtimes.toolkit.ReplicaLoop``):
+the worker thread hands each batch to the loop without waiting for it, so up to
+``max_concurrent_queries`` of them run at once. A caller that gives up (a cancelled
+query, a handle's timeout) cancels its task on the loop: the target sees
+``asyncio.CancelledError``. A stop drains the tasks in flight like queued queries; a
+death cancels them.
+
 Round trips: a trio caller waits on a pooled ``eventfd`` (a socket pair off Linux) that
 the worker signals, which wakes it straight from trio's I/O manager. A host thread
 (a synchronous handle) may skip trio altogether with :meth:`ThreadRuntime.call_blocking`,
@@ -35,6 +43,7 @@ an optional extension of the Runtime protocol that the router uses when it can.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -49,7 +58,7 @@ from servecore._core.errors import InvalidConfig, ReplicaDiedError
 from servecore._core.transitions import ReplicaDied, StartReplica
 from servecore.runtimes._protocol import Query, Report
 from servecore.runtimes._waker import Waker
-from servecore.runtimes.toolkit import prepare_replica
+from servecore.runtimes.toolkit import ReplicaCode, UserCodeEscaped, prepare_replica_code
 
 __all__ = ["ThreadRuntime"]
 
@@ -72,6 +81,7 @@ class _Job:
         "batch",
         "done",
         "finished",
+        "future",
         "lock",
         "outcome",
         "started",
@@ -93,6 +103,17 @@ class _Job:
         self.finished = False
         # (worker) the user code was (about to be) called: not safe to run it elsewhere.
         self.started = False
+        # (worker) an async target's task on the replica's loop; cancelled when the
+        # caller gives up.
+        self.future: concurrent.futures.Future[list[Any]] | None = None
+
+    def give_up(self) -> None:
+        """The caller stopped waiting: skip the job if not begun, cancel its task if
+        it runs on a loop (the worker checks `done` again after setting `future`)."""
+        self.done = True
+        future = self.future
+        if future is not None:
+            future.cancel()
 
 
 _CHECK_HEALTH = object()  # sentinel: the idle wait ran out, time for a health check
@@ -118,6 +139,7 @@ class _Replica:
         # Read by the worker thread; written once, on the trio thread.
         self.dead = False
         self.thread: threading.Thread | None = None
+        self.code: ReplicaCode | None = None  # (worker) set once built
 
 
 class ThreadRuntime:
@@ -129,6 +151,10 @@ class ThreadRuntime:
         servecore.open_controller(runtime="threads",
                                   runtime_kwargs={"health_check_period_s": 1.0})
     """
+
+    #: Serves ``async def`` targets (on a loop per replica); the controller refuses
+    #: async targets at ``create_backend`` for runtimes that do not say this.
+    supports_async_targets = True
 
     def __init__(self, *, health_check_period_s: float = 10.0) -> None:
         if not health_check_period_s > 0:
@@ -250,7 +276,7 @@ class ThreadRuntime:
             def abort(_: Any) -> trio.lowlevel.Abort:
                 # The caller gave up (timeout or cancel). The worker skips the job if it
                 # has not begun; otherwise its result is dropped when it arrives.
-                job.done = True
+                job.give_up()
                 rep.jobs.discard(job)
                 return trio.lowlevel.Abort.SUCCEEDED
 
@@ -260,7 +286,7 @@ class ThreadRuntime:
         try:
             await trio.lowlevel.wait_readable(waker.fileno)
         except BaseException:
-            job.done = True  # the caller gave up; its result, if any, is dropped
+            job.give_up()  # the caller gave up; its result, if any, is dropped
             rep.jobs.discard(job)
             self._dirty.append(job)
             raise
@@ -318,7 +344,7 @@ class ThreadRuntime:
             rep.jobs.add(job)
             rep.inbox.put(job)
         if not lock.acquire(timeout=-1 if timeout_s is None else timeout_s):
-            job.done = True  # the worker skips it if it has not begun
+            job.give_up()  # the worker skips it if it has not begun
             rep.jobs.discard(job)
             raise TimeoutError(f"replica {tag!r} gave no answer within {timeout_s}s")
         job.done = True
@@ -370,6 +396,9 @@ class ThreadRuntime:
                 job.answered = True
                 to_wake.append(job)
         rep.jobs.clear()
+        code = rep.code
+        if code is not None:
+            code.close()  # cancels what still runs on an async replica's loop
         for job in to_wake:
             if job.waker is not None:
                 job.waker.signal()
@@ -417,13 +446,15 @@ class ThreadRuntime:
         try:
             effect = rep.effect
             try:
-                run, check_health = prepare_replica(
+                code = prepare_replica_code(
                     effect.target,
                     effect.init_args,
                     effect.init_kwargs,
                     backend=effect.backend,
                     max_batch_size=effect.config.max_batch_size,
                     user_config=effect.config.user_config,
+                    allow_async=True,
+                    max_concurrent_queries=effect.config.max_concurrent_queries,
                 )
             except Exception as exc:
                 post(self._on_started, rep, exc)
@@ -433,9 +464,12 @@ class ThreadRuntime:
                 error = RuntimeError(f"{type(exc).__name__} escaped the constructor: {exc}")
                 post(self._on_started, rep, error)
                 return
+            rep.code = code
             post(self._on_started, rep, None)
-            death = self._serve_inbox(rep, run, check_health, post)
+            death = self._serve_inbox(rep, code, post)
         finally:
+            if rep.code is not None:
+                rep.code.close()
             # Queries left behind are failed by the trio side; this thread will not
             # signal their wakers, so those may be reused.
             while True:
@@ -448,13 +482,13 @@ class ThreadRuntime:
             post(self._on_finished, rep, death)
 
     def _serve_inbox(
-        self,
-        rep: _Replica,
-        run: Callable[[Sequence[Query]], list[Any]],
-        check_health: Callable[[], object] | None,
-        post: Callable[..., None],
+        self, rep: _Replica, code: ReplicaCode, post: Callable[..., None]
     ) -> str | None:
         """Serve jobs until the stop sentinel; return why the replica died, if it did."""
+        run = code.run
+        check_health = code.check_health
+        run_async = code.run_async
+        in_flight: set[concurrent.futures.Future[list[Any]]] = set()
         get = rep.inbox.get
         admit_lock = rep.admit_lock
         period = self.health_check_period_s
@@ -478,6 +512,8 @@ class ThreadRuntime:
                 if job is _CHECK_HEALTH:
                     continue
             if job is None:
+                if in_flight:  # a stop drains the async tasks too (a death cancels them)
+                    concurrent.futures.wait(list(in_flight))
                 return None
             if job.done:
                 job.finished = True  # its caller gave up before it began
@@ -488,6 +524,9 @@ class ThreadRuntime:
             if rep.dead:
                 job.finished = True
                 return None
+            if run_async is not None and code.loop is not None:
+                self._submit(rep, job, code, in_flight, post)
+                continue
             try:
                 result: outcome.Outcome[Any] = outcome.Value(run(job.batch))
             except Exception as exc:
@@ -495,26 +534,71 @@ class ThreadRuntime:
             except BaseException as exc:
                 job.finished = True
                 return f"{type(exc).__name__} escaped the user code: {exc}"
-            # Exactly one answer per job, and one wake-up: a death (_fail) may have
-            # answered first, and then this late result is dropped.
-            with admit_lock:
-                late = job.answered
-                if not late:
-                    job.outcome = result
-                    job.answered = True
-            if late:
-                job.finished = True
-                continue
-            waker = job.waker
-            if waker is not None:
-                waker.signal()
-                job.finished = True  # after the signal: now its waker may be reused
-            elif job.lock is not None:
-                job.finished = True
-                _unlock(job.lock)
+            self._answer(rep, job, result, admit_lock, post)
+
+    def _submit(
+        self,
+        rep: _Replica,
+        job: _Job,
+        code: ReplicaCode,
+        in_flight: set[concurrent.futures.Future[list[Any]]],
+        post: Callable[..., None],
+    ) -> None:
+        """Hand an async target's batch to the replica's loop; answer when it ends."""
+        assert code.loop is not None and code.run_async is not None
+        run_async = code.run_async
+        batch = job.batch
+        future = code.loop.submit(lambda: run_async(batch))
+        in_flight.add(future)
+        job.future = future
+        if job.done:  # the caller gave up while we submitted (see _Job.give_up)
+            future.cancel()
+
+        def done(future: concurrent.futures.Future[list[Any]]) -> None:
+            in_flight.discard(future)
+            result: outcome.Outcome[Any]
+            if future.cancelled():
+                result = outcome.Error(_not_run(rep.tag, "its query was cancelled"))
             else:
-                job.finished = True
-                post(self._deliver, rep, job)
+                exc = future.exception()
+                if isinstance(exc, UserCodeEscaped):
+                    job.finished = True
+                    post(self._died, rep, str(exc))
+                    return
+                result = outcome.Value(future.result()) if exc is None else outcome.Error(exc)
+            self._answer(rep, job, result, rep.admit_lock, post)
+
+        future.add_done_callback(done)
+
+    def _answer(
+        self,
+        rep: _Replica,
+        job: _Job,
+        result: outcome.Outcome[Any],
+        admit_lock: threading.Lock,
+        post: Callable[..., None],
+    ) -> None:
+        """Give ``job`` its answer and wake its caller (on a worker or loop thread)."""
+        # Exactly one answer per job, and one wake-up: a death (_fail) may have
+        # answered first, and then this late result is dropped.
+        with admit_lock:
+            late = job.answered
+            if not late:
+                job.outcome = result
+                job.answered = True
+        if late:
+            job.finished = True
+            return
+        waker = job.waker
+        if waker is not None:
+            waker.signal()
+            job.finished = True  # after the signal: now its waker may be reused
+        elif job.lock is not None:
+            job.finished = True
+            _unlock(job.lock)
+        else:
+            job.finished = True
+            post(self._deliver, rep, job)
 
 
 def _unlock(lock: threading.Lock) -> None:

@@ -19,8 +19,18 @@ What a built replica follows:
 * **Loading.** ``effect.target`` is ``"package.module:attribute"`` (the attribute may be
   dotted); :func:`import_target` imports it. A class is constructed with
   ``init_args``/``init_kwargs``; a function is used as is and takes no init arguments
-  (:func:`instantiate`). Async callables are refused: replicas call targets
-  synchronously.
+  (:func:`instantiate`).
+* **Async targets.** A target whose call is ``async def`` (a coroutine function, or a
+  class whose ``__call__`` is one; batch targets too) runs on an asyncio event loop the
+  replica owns (:class:`ReplicaLoop`, a thread of its own), up to
+  ``max_concurrent_queries`` queries at once on that loop. Its constructor, an async
+  ``reconfigure`` and an async ``check_health`` run on that loop too, so they may use
+  ``asyncio.get_running_loop()``. A runtime opts in with ``allow_async=True`` (it then
+  calls :attr:`ReplicaCode.run_async`, or the blocking :attr:`ReplicaCode.run`, and
+  :meth:`ReplicaCode.close` when the replica ends); without it an async target is
+  refused with ``TypeError``. An async *generator* is always refused: a query has one
+  answer. Trio code runs inside an asyncio target through ``trio-asyncio``, or as a
+  plain ``def`` target that calls ``trio.run`` (each replica thread may run its own).
 * **Batching.** A target marked with :func:`batch` receives a *list* (one element per
   query) and must return a list of the same length, in the same order
   (:class:`BatchSizeError` otherwise). A backend may set ``max_batch_size`` only for
@@ -46,9 +56,13 @@ for what it uses.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
 import importlib
 import inspect
-from collections.abc import Callable, Collection, Sequence
+import threading
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any, TypeVar
 
 import attrs
@@ -61,6 +75,8 @@ __all__ = [
     "BATCH_MARKER",
     "BatchSizeError",
     "ReplicaCode",
+    "ReplicaLoop",
+    "UserCodeEscaped",
     "apply_user_config",
     "batch",
     "batch_argument",
@@ -69,9 +85,13 @@ __all__ = [
     "find_health_check",
     "import_target",
     "instantiate",
+    "is_async",
+    "is_async_generator",
     "is_batch",
+    "make_async_runner",
     "make_runner",
     "prepare_replica",
+    "prepare_replica_code",
 ]
 
 #: The attribute :func:`batch` sets on what it marks.
@@ -157,30 +177,176 @@ def import_target(path: str) -> Any:
     return found
 
 
-def instantiate(target: Any, init_args: Sequence[Any], init_kwargs: dict[str, Any]) -> Any:
+def _call_of(obj: Any) -> Any:
+    """What a call of ``obj`` runs: a class's ``__call__`` (not the metaclass's), else
+    the object itself (a function, or an instance's bound ``__call__``)."""
+    if isinstance(obj, type):
+        return inspect.getattr_static(obj, "__call__", None)
+    if inspect.isfunction(obj) or inspect.ismethod(obj) or not callable(obj):
+        return obj
+    return inspect.getattr_static(type(obj), "__call__", obj)
+
+
+def is_async(obj: Any) -> bool:
+    """Whether calling ``obj`` (a function, a class, or an instance) gives a coroutine:
+    an ``async def`` function, or a class whose ``__call__`` is ``async def``."""
+    return inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(_call_of(obj))
+
+
+def is_async_generator(obj: Any) -> bool:
+    """Whether calling ``obj`` gives an async generator (a stream, which no runtime
+    serves: a query has one answer)."""
+    return inspect.isasyncgenfunction(obj) or inspect.isasyncgenfunction(_call_of(obj))
+
+
+def _name_of(obj: Any) -> str:
+    return str(getattr(obj, "__qualname__", obj))
+
+
+def instantiate(
+    target: Any,
+    init_args: Sequence[Any],
+    init_kwargs: dict[str, Any],
+    *,
+    allow_async: bool = False,
+) -> Any:
     """The replica object: ``target(*init_args, **init_kwargs)`` for a class, the
-    function itself otherwise. Async callables are rejected (replicas run in threads)."""
+    function itself otherwise. An async generator is refused (``TypeError``), and so is
+    any async target unless the runtime serves them (``allow_async=True``)."""
+    if not isinstance(target, type) and not callable(target):
+        raise TypeError(f"{target!r} is neither a class nor a function")
+    if is_async_generator(target):
+        raise TypeError(
+            f"{_name_of(target)!r} is an async generator, which streams its answer; a "
+            f"replica answers each query with one value, so return the whole result "
+            f"(a list, say) from a plain 'async def'"
+        )
+    if is_async(target) and not allow_async:
+        raise TypeError(
+            f"{_name_of(target)!r} is async, and this runtime calls targets "
+            f"synchronously; serve it with the 'threads' or 'subprocess' runtime, or "
+            f"define it with plain 'def'"
+        )
     if isinstance(target, type):
         obj = target(*init_args, **init_kwargs)
         if not callable(obj):
             raise TypeError(f"{target.__qualname__} instances are not callable; define __call__")
-        call = obj.__call__
-    else:
-        if not callable(target):
-            raise TypeError(f"{target!r} is neither a class nor a function")
-        if init_args or init_kwargs:
-            raise TypeError(
-                f"{getattr(target, '__qualname__', target)!r} is a function, so it takes no "
-                f"init_args/init_kwargs; use a class to hold state"
-            )
-        obj = target
-        call = target
-    if inspect.iscoroutinefunction(call):
+        return obj
+    if init_args or init_kwargs:
         raise TypeError(
-            f"{getattr(call, '__qualname__', call)!r} is async; replicas call targets "
-            f"synchronously, so define it with plain 'def'"
+            f"{_name_of(target)!r} is a function, so it takes no "
+            f"init_args/init_kwargs; use a class to hold state"
         )
-    return obj
+    return target
+
+
+class UserCodeEscaped(Exception):
+    """A ``BaseException`` that is not an ``Exception`` (``SystemExit``,
+    ``KeyboardInterrupt``) escaped an async target: the replica must end, as a thread
+    or process would. ``exc`` is what escaped; the runtime reports the replica dead."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+        super().__init__(f"{type(exc).__name__} escaped the user code: {exc}")
+
+
+class ReplicaLoop:
+    """An asyncio event loop on a thread of its own, owned by one replica.
+
+    Async targets run here, at most ``max_concurrent`` coroutines of user code at once
+    (more wait their turn in order). Every method but the loop's own callbacks may be
+    called from any thread::
+
+        loop = ReplicaLoop(name="replica-a#1", max_concurrent=8)
+        future = loop.submit(lambda: target(1))   # a concurrent.futures.Future
+        future.cancel()                           # cancels the task on the loop
+        loop.close()                              # cancels what is left, ends the thread
+    """
+
+    def __init__(self, *, name: str, max_concurrent: int) -> None:
+        if max_concurrent < 1:
+            raise ValueError(f"max_concurrent={max_concurrent!r} must be at least 1")
+        self.loop = asyncio.new_event_loop()
+        self.max_concurrent = max_concurrent
+        self._semaphore = asyncio.Semaphore(max_concurrent)
+        self._closed = False
+        running = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(running,), name=f"servecore-loop-{name}", daemon=True
+        )
+        self._thread.start()
+        running.wait()
+
+    def _run(self, running: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.call_soon(running.set)
+        try:
+            self.loop.run_forever()
+            # Closed: cancel what is left (abandoned queries) and let it unwind.
+            left = asyncio.all_tasks(self.loop)
+            for task in left:
+                task.cancel()
+            if left:
+                self.loop.run_until_complete(asyncio.wait(left, timeout=5.0))
+                # One more turn: the tasks' done callbacks answer their futures.
+                self.loop.run_until_complete(asyncio.sleep(0))
+        finally:
+            self.loop.close()
+
+    @property
+    def thread(self) -> threading.Thread:
+        """The loop's thread."""
+        return self._thread
+
+    def submit(
+        self, make: Callable[[], Awaitable[T]], *, bounded: bool = True
+    ) -> concurrent.futures.Future[T]:
+        """Run ``await make()`` on the loop, within the concurrency bound (outside it
+        with ``bounded=False``: a health check must not queue behind queries).
+
+        Cancelling the returned future cancels the task (the user's code sees
+        ``asyncio.CancelledError``). A ``BaseException`` other than an ``Exception`` or
+        a cancellation comes out as :class:`UserCodeEscaped`.
+        """
+        if bounded:
+            return asyncio.run_coroutine_threadsafe(self._bounded(make), self.loop)
+        return asyncio.run_coroutine_threadsafe(self._guarded(make), self.loop)
+
+    async def _bounded(self, make: Callable[[], Awaitable[T]]) -> T:
+        async with self._semaphore:
+            return await self._guarded(make)
+
+    async def _guarded(self, make: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await make()
+        except (Exception, asyncio.CancelledError):
+            raise
+        except BaseException as exc:
+            # SystemExit & co. would stop the loop (and every other query on it).
+            raise UserCodeEscaped(exc) from exc
+
+    def run(self, make: Callable[[], Awaitable[T]], *, bounded: bool = True) -> T:
+        """Blocking :meth:`submit`: wait for the answer on the calling thread (never
+        the loop's own)."""
+        return self.submit(make, bounded=bounded).result()
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run plain ``fn()`` on the loop's thread (so it sees the running loop) and
+        wait for it: how an async target's constructor runs."""
+
+        async def call_fn() -> T:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(call_fn(), self.loop).result()
+
+    def close(self) -> None:
+        """Stop the loop: tasks still running are cancelled. Returns at once;
+        idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(RuntimeError):  # the loop closed already
+            self.loop.call_soon_threadsafe(self.loop.stop)
 
 
 def make_runner(obj: Any, name: str) -> Callable[[Sequence[Query]], list[Any]]:
@@ -206,6 +372,29 @@ def make_runner(obj: Any, name: str) -> Callable[[Sequence[Query]], list[Any]]:
             q = queries[0]
             return [obj(*q.args, **q.kwargs)]
         return [obj(*q.args, **q.kwargs) for q in queries]
+
+    return run_each
+
+
+def make_async_runner(obj: Any, name: str) -> Callable[[Sequence[Query]], Awaitable[list[Any]]]:
+    """:func:`make_runner` for an async target: ``await run(batch) -> results``.
+
+    A plain target's queries of one batch run one after another (the router sends a
+    plain target one query per call; concurrency comes from concurrent calls).
+    """
+    if is_batch(obj):
+
+        async def run_batch(queries: Sequence[Query]) -> list[Any]:
+            inputs = [batch_argument(q, f"batch target {name}") for q in queries]
+            results = await obj(inputs)
+            if not isinstance(results, list) or len(results) != len(inputs):
+                raise BatchSizeError(name, len(inputs), results)
+            return results
+
+        return run_batch
+
+    async def run_each(queries: Sequence[Query]) -> list[Any]:
+        return [await obj(*q.args, **q.kwargs) for q in queries]
 
     return run_each
 
@@ -243,28 +432,73 @@ def prepare_replica(
     (``check_health`` is ``None`` when the object has none).
 
     The arguments are plain values, so a runtime may ship them to another process as
-    they are; in-process, :func:`build_replica` takes the effect itself.
+    they are; in-process, :func:`build_replica` takes the effect itself. Async targets
+    are refused here (``TypeError``); a runtime that serves them calls
+    :func:`prepare_replica_code` with ``allow_async=True``.
     """
     code = _build(target, init_args, init_kwargs, backend, max_batch_size, user_config)
     return code.run, code.check_health
 
 
+def prepare_replica_code(
+    target: str,
+    init_args: Sequence[Any],
+    init_kwargs: dict[str, Any],
+    *,
+    backend: str,
+    max_batch_size: int | None,
+    user_config: Any,
+    allow_async: bool = False,
+    max_concurrent_queries: int = 1,
+) -> ReplicaCode:
+    """:func:`prepare_replica`, returning the whole :class:`ReplicaCode`.
+
+    With ``allow_async=True`` an async target is built on a :class:`ReplicaLoop` of its
+    own that runs up to ``max_concurrent_queries`` of its queries at once; the caller
+    owns the code and calls :meth:`ReplicaCode.close` when the replica ends.
+    """
+    return _build(
+        target,
+        init_args,
+        init_kwargs,
+        backend,
+        max_batch_size,
+        user_config,
+        allow_async=allow_async,
+        max_concurrent_queries=max_concurrent_queries,
+    )
+
+
 @attrs.frozen(kw_only=True)
 class ReplicaCode:
     """A built replica: the user's ``obj``, ``run(batch) -> results``, and its
-    ``check_health`` (``None`` when the object has none)."""
+    ``check_health`` (``None`` when the object has none).
+
+    For an async target (built with ``allow_async=True``) ``loop`` is the replica's
+    :class:`ReplicaLoop`, ``run_async(batch)`` the coroutine function to submit to it,
+    and ``run`` a blocking call of it from any thread but the loop's; ``check_health``
+    is a plain callable either way (an async one runs on the loop).
+    """
 
     obj: Any
     run: Callable[[Sequence[Query]], list[Any]]
     check_health: Callable[[], object] | None
+    run_async: Callable[[Sequence[Query]], Awaitable[list[Any]]] | None = None
+    loop: ReplicaLoop | None = None
+
+    def close(self) -> None:
+        """End the replica's loop, if it has one (cancelling what still runs there)."""
+        if self.loop is not None:
+            self.loop.close()
 
 
-def build_replica(effect: StartReplica) -> ReplicaCode:
+def build_replica(effect: StartReplica, *, allow_async: bool = False) -> ReplicaCode:
     """Import, construct and configure the replica ``effect`` asks for.
 
     Raises the user's own exception when the import or constructor fails,
     :class:`~servecore.InvalidConfig` for ``max_batch_size`` on a target not marked
-    :func:`batch`, and ``TypeError`` for a target that cannot be a replica. Blocking:
+    :func:`batch`, and ``TypeError`` for a target that cannot be a replica (an async
+    one too, unless ``allow_async``: see :func:`prepare_replica_code`). Blocking:
     call it off the trio thread (``trio.to_thread.run_sync``) or in the replica's own
     process, never on the loop.
     """
@@ -276,6 +510,8 @@ def build_replica(effect: StartReplica) -> ReplicaCode:
         effect.backend,
         config.max_batch_size,
         config.user_config,
+        allow_async=allow_async,
+        max_concurrent_queries=config.max_concurrent_queries,
     )
 
 
@@ -286,8 +522,53 @@ def _build(
     backend: str,
     max_batch_size: int | None,
     user_config: Any,
+    *,
+    allow_async: bool = False,
+    max_concurrent_queries: int = 1,
 ) -> ReplicaCode:
-    obj = instantiate(import_target(target), init_args, init_kwargs)
+    found = import_target(target)
+    if not (allow_async and is_async(found)):
+        obj = instantiate(found, init_args, init_kwargs)
+        _check_batching(obj, target, backend, max_batch_size)
+        apply_user_config(obj, user_config)
+        return ReplicaCode(
+            obj=obj, run=make_runner(obj, target), check_health=find_health_check(obj)
+        )
+    loop = ReplicaLoop(name=backend, max_concurrent=max_concurrent_queries)
+    try:
+
+        def construct() -> Any:
+            return instantiate(found, init_args, init_kwargs, allow_async=True)
+
+        # On the loop's thread, so a constructor may use the running loop.
+        obj = loop.call(construct)
+        _check_batching(obj, target, backend, max_batch_size)
+        reconfigure = getattr(obj, "reconfigure", None)
+        if user_config is not None and callable(reconfigure):
+            if inspect.iscoroutinefunction(reconfigure):
+                loop.run(lambda: reconfigure(user_config), bounded=False)
+            else:
+                loop.call(lambda: reconfigure(user_config))
+        run_async = make_async_runner(obj, target)
+        check = find_health_check(obj)
+        if check is not None and inspect.iscoroutinefunction(check):
+            async_check = check
+
+            def check_on_loop() -> object:
+                return loop.run(async_check, bounded=False)
+
+            check = check_on_loop
+    except BaseException:
+        loop.close()
+        raise
+
+    def run(queries: Sequence[Query]) -> list[Any]:
+        return loop.run(lambda: run_async(queries))
+
+    return ReplicaCode(obj=obj, run=run, check_health=check, run_async=run_async, loop=loop)
+
+
+def _check_batching(obj: Any, target: str, backend: str, max_batch_size: int | None) -> None:
     if max_batch_size is not None and not is_batch(obj):
         raise InvalidConfig(
             "max_batch_size",
@@ -296,8 +577,6 @@ def _build(
             f"mark it or leave max_batch_size unset",
             backend=backend,
         )
-    apply_user_config(obj, user_config)
-    return ReplicaCode(obj=obj, run=make_runner(obj, target), check_health=find_health_check(obj))
 
 
 def check_runtime_options(effect: StartReplica, *, known: Collection[str], runtime: str) -> None:

@@ -13,7 +13,16 @@ store protocols:
 **Leases and fencing.** ``open()`` takes the checkpoint's lease: a row naming the holder,
 an *epoch* that only grows (bumped by every new holder) and an expiry computed by the
 database's clock, so no two hosts' clocks are ever compared. A background thread renews
-it every ``lease_s / 3``. Every write is one statement whose first part updates the lease
+it every ``lease_s / 3``, but only while its holder's own loop is alive: a controller
+calls :meth:`PostgresStore.heartbeat` from its trio loop, and once heartbeats have
+begun the renewer refuses to renew when the last one is older than
+:attr:`PostgresStore.heartbeat_max_age_s` (half the lease), so a controller whose loop
+is blocked loses its lease to a standby instead of keeping it from a side thread. A
+lease not renewed before it expires (by this host's monotonic clock, counted from the
+moment the last renewal was sent, so never later than the database's expiry) is lost
+for good: :meth:`PostgresStore.lease_lost` says so, and the renewer stops.
+
+Every write is one statement whose first part updates the lease
 row *only if it still names this holder and epoch*; the rest of the statement writes
 through that update's result, so a controller whose lease was taken over (it was paused,
 partitioned, or slow) writes nothing and gets :class:`~servecore.LeaseLost`. Once the
@@ -249,6 +258,10 @@ class _Lease:
         self.thread: threading.Thread | None = None
         # Set by the renewer (or a refused write) once another holder took the lease.
         self.lost_to: tuple[str | None, int] | None = None
+        # time.monotonic() past which the lease may have expired unless renewed: counted
+        # from when the last acquire or renewal was *sent*, so it is never later than
+        # the expiry the database computed.
+        self.valid_until = -inf
 
 
 class PostgresStore:
@@ -323,6 +336,11 @@ class PostgresStore:
         self._lease: _Lease | None = None
         self._seq = 0  # the lease row's sequence number after our last write
         self._holder_seen: tuple[Any, ...] | None = None  # the lease row that locked us out
+        #: A renewal is refused when the holder's last heartbeat is older than this.
+        self.heartbeat_max_age_s = self.lease_s / 2
+        # time.monotonic() of the holder's last heartbeat; None: no heartbeats (a store
+        # used without a controller), and the lease is renewed unconditionally.
+        self._heartbeat: float | None = None
         self._warned_unreachable = False
 
     # -- identity -------------------------------------------------------------------------
@@ -473,6 +491,7 @@ class PostgresStore:
         """Take the lease now (and start renewing it): ``None``; or the seconds left on
         the holder's lease (by the database's clock)."""
         pg = _import_psycopg()
+        sent = time.monotonic()
         try:
             # Taking the lease twice is harmless: a second _ACQUIRE finds it ours, unexpired,
             # and returns no row, and _LEASE_ROW shows our own holder name; so repeat it.
@@ -488,7 +507,9 @@ class PostgresStore:
             ) from exc
         epoch, seq = int(row[0]), int(row[1])
         lease = _Lease(epoch)
+        lease.valid_until = sent + self.lease_s
         self._lease, self._seq = lease, seq
+        self._heartbeat = None  # a new holding: heartbeats (if any) begin again
         lease.thread = threading.Thread(
             target=self._renew_forever,
             args=(lease,),
@@ -509,18 +530,64 @@ class PostgresStore:
             f"left unless renewed; open_controller(..., standby=True) waits for it instead",
         )
 
+    def heartbeat(self) -> None:
+        """Say that the holder's own loop is alive (a controller calls this from its
+        trio loop, well within :attr:`heartbeat_max_age_s`). Once called, the lease is
+        renewed only while the heartbeats keep coming."""
+        self._heartbeat = time.monotonic()
+
+    def lease_lost(self) -> LeaseLost | None:
+        """Why this store no longer holds its lease, or ``None`` while it does (or
+        holds none): another holder took it, or it was not renewed before it expired.
+        A loss is final: the lease is never renewed again by this store."""
+        lease = self._lease
+        if lease is None:
+            return None
+        if lease.lost_to is not None:
+            return self._lost_error(lease)
+        if time.monotonic() >= lease.valid_until:
+            return LeaseLost(self.where, self.holder, lease.epoch, None, lease.epoch, expired=True)
+        return None
+
+    def _stalled_s(self) -> float | None:
+        """Seconds since the holder's last heartbeat, if that is too long to renew."""
+        beat = self._heartbeat
+        if beat is None:
+            return None
+        age = time.monotonic() - beat
+        return age if age > self.heartbeat_max_age_s else None
+
     def _renew_forever(self, lease: _Lease) -> None:
         """Renew every third of the lease, on a connection of its own (so a renewal
-        never queues behind a write). A failure to reach the database is retried: the
-        lease may still be ours when it is back. Seeing it taken is final."""
+        never queues behind a write), while the holder's heartbeats come. A failure to
+        reach the database is retried: the lease may still be ours when it is back.
+        Seeing it taken, or letting it expire, is final."""
         pg = _import_psycopg()
         conn: psycopg.Connection[Any] | None = None
         failing = False
+        stalled = False
         try:
             while not lease.stop.wait(self.lease_s / 3):
+                if time.monotonic() >= lease.valid_until:
+                    log.error("%s", self.lease_lost())
+                    return  # expired: another may hold it now; never renew it again
+                age = self._stalled_s()
+                if age is not None:
+                    if not stalled:
+                        log.warning(
+                            "not renewing the lease on %s: its holder's loop has not ticked "
+                            "for %.1fs (more than %.1fs); it expires unless the loop recovers",
+                            self.where,
+                            age,
+                            self.heartbeat_max_age_s,
+                        )
+                    stalled = True
+                    continue
+                stalled = False
                 try:
                     if conn is None:
                         conn = self._connect()
+                    sent = time.monotonic()
                     row = conn.execute(_RENEW, self._params(epoch=lease.epoch)).fetchone()
                     if row is None:
                         if lease.stop.is_set():
@@ -528,6 +595,7 @@ class PostgresStore:
                         held = conn.execute(_LEASE_ROW, self._params()).fetchone()
                         self._lose(lease, held)
                         return
+                    lease.valid_until = sent + self.lease_s
                     if failing:
                         log.info("renewed the lease on %s again", self.where)
                     failing = False
@@ -777,6 +845,18 @@ class PostgresRecords:
     def holds_lease(self) -> bool:
         """The store's :attr:`PostgresStore.holds_lease`."""
         return self.store.holds_lease
+
+    def lease_s(self) -> float:
+        """The store's :attr:`PostgresStore.lease_s`."""
+        return self.store.lease_s
+
+    def heartbeat(self) -> None:
+        """See :meth:`PostgresStore.heartbeat`."""
+        self.store.heartbeat()
+
+    def lease_lost(self) -> LeaseLost | None:
+        """See :meth:`PostgresStore.lease_lost`."""
+        return self.store.lease_lost()
 
     def open(self, *, standby: bool = False, timeout_s: float | None = None) -> None:
         """See :meth:`PostgresStore.open`."""

@@ -44,9 +44,13 @@ Calls
     A batch is one Ray actor call. Its result is delivered into trio by a completion
     callback on the object reference (on a Ray thread): a lone call is woken through a
     pooled event file descriptor, and while calls overlap, results that arrive together
-    are handed to trio with one ``run_sync_soon``. No thread per call, no polling. A
-    user exception is raised as its own type (rebuilt even when its constructor takes
-    other arguments than its ``args``), with the replica's traceback as a note.
+    are handed to trio with one ``run_sync_soon``. No thread per call, no polling. The
+    replica pickles the batch's results itself and the caller unpickles them on the trio
+    thread, so a result that cannot be rebuilt (even one raising ``SystemExit``) is a
+    :class:`~servecore.ResultDecodeError` for that call, and one that cannot be pickled
+    an :class:`~servecore.UnpicklableResult` naming its type. A user exception is raised
+    as its own type (rebuilt even when its constructor takes other arguments than its
+    ``args``), with the replica's traceback as a note.
 
 Targets are imported by the Ray workers, so they must be importable there: installed
 in the workers' environment, or shipped with a ``runtime_env``. By default Ray puts the

@@ -2,6 +2,13 @@
 
 Ray imports this module in its workers by the actor class's path, so it imports only
 what a replica needs.
+
+The actor sends each batch's results back pickled by itself (``bytes``, with the
+subprocess replica's :func:`~servecore.runtimes.subprocess.wire.encode_results`), and
+the host unpickles them on its trio thread with ``decode_reply``. Left to Ray, the
+results would be unpickled on one of Ray's threads, where whatever unpickling raises is
+out of the caller's reach: a ``SystemExit`` there ends that thread and the call never
+completes. Bytes are all Ray has to decode, and that cannot fail.
 """
 
 from __future__ import annotations
@@ -16,9 +23,16 @@ import ray
 
 from servecore.runtimes._protocol import Query
 from servecore.runtimes.ray.errors import carry
+from servecore.runtimes.subprocess.wire import encode_results
 from servecore.runtimes.toolkit import prepare_replica
 
-__all__ = ["ServecoreReplica"]
+__all__ = ["PROTOCOL", "ServecoreReplica"]
+
+#: What this actor speaks, reported by ``ready()`` as ``"protocol"``. 2: ``run()``
+#: returns the batch's results pickled (``bytes``). Actors started by a servecore before
+#: versions existed (1: ``run()`` returns the list itself, for Ray to pickle) report
+#: none. Detached actors outlive an upgrade of the controller, which may adopt them.
+PROTOCOL = 2
 
 
 @ray.remote(concurrency_groups={"servecore": 2})  # type: ignore[call-overload]
@@ -65,6 +79,7 @@ class ServecoreReplica:
         except Exception as exc:
             raise carry(exc) from None
         return {
+            "protocol": PROTOCOL,
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "health_check": self._check is not None,
@@ -81,8 +96,10 @@ class ServecoreReplica:
             raise carry(exc) from None
         return True
 
-    def run(self, batch: Sequence[tuple[tuple[Any, ...], dict[str, Any]]]) -> list[Any]:
-        """Run one batch of ``(args, kwargs)`` pairs; one result per query, in order.
+    def run(self, batch: Sequence[tuple[tuple[Any, ...], dict[str, Any]]]) -> bytes:
+        """Run one batch of ``(args, kwargs)`` pairs; one result per query, in order,
+        pickled (see the module docstring). A result pickle refuses raises
+        :class:`~servecore.UnpicklableResult` naming its type.
 
         Pairs, not :class:`Query` objects, cross the wire: Ray serializes plain tuples
         faster than objects it has to pickle.
@@ -91,7 +108,8 @@ class ServecoreReplica:
             run = self._run
             if run is None:
                 run = self._build()
-            return run([Query(args=args, kwargs=kwargs) for args, kwargs in batch])
+            results = run([Query(args=args, kwargs=kwargs) for args, kwargs in batch])
+            return encode_results(self._spec["tag"], results, "ray")
         except Exception as exc:
             raise carry(exc) from None
 

@@ -16,7 +16,8 @@ import trio
 from servecore._core.errors import ReplicaDiedError, ResultDecodeError
 from servecore._core.transitions import StartReplica
 from servecore.runtimes._protocol import Query, Report
-from servecore.runtimes.ray.actor import ServecoreReplica
+from servecore.runtimes._remote_errors import decode_reply
+from servecore.runtimes.ray.actor import PROTOCOL, ServecoreReplica
 from servecore.runtimes.ray.connection import connect, disconnect
 from servecore.runtimes.ray.errors import short, user_error
 from servecore.runtimes.ray.options import actor_options
@@ -36,6 +37,37 @@ _START_ATTEMPTS = 3
 
 #: How long a stop waits for Ray to confirm the actor's death after ``ray.kill``.
 _KILL_CONFIRM_S = 15.0
+
+
+def _unusable(tag: str, info: Mapping[str, Any]) -> str | None:
+    """Why the actor ``tag``, whose ``ready()`` said ``info``, cannot serve here, or
+    ``None``.
+
+    An actor of an earlier servecore (no ``"protocol"``: its ``run()`` returns the
+    results for Ray to decode) serves on, with a warning: Ray decodes its results on a
+    Ray thread, where a result whose unpickling raises ``SystemExit`` leaves its call
+    waiting for ever. It goes when the replica is next replaced. One of a newer
+    servecore (a downgrade) speaks a protocol this one does not know.
+    """
+    protocol = info.get("protocol", 1) if isinstance(info, Mapping) else None
+    if not isinstance(protocol, int):
+        return f"its ready() answered {type(info).__name__}, not a servecore replica's dict"
+    if protocol > PROTOCOL:
+        return (
+            f"it speaks actor protocol {protocol}, newer than this servecore's {PROTOCOL} "
+            f"(a newer servecore started it)"
+        )
+    if protocol < PROTOCOL:
+        log.warning(
+            "replica %s was started by an earlier servecore (actor protocol %d, this one "
+            "speaks %d): it keeps serving, but Ray decodes its results, and a result that "
+            "fails to decode can leave its call hanging. Roll its backend to replace it "
+            "(any change to its definition or config, e.g. update_backend)",
+            tag,
+            protocol,
+            PROTOCOL,
+        )
+    return None
 
 
 class _Start:
@@ -166,6 +198,13 @@ class RayRuntime(ReplicaWatch):
             raise RuntimeError(
                 f"replica {effect.tag!r} died as it started: {short(died or value)}"
             ) from value
+        unusable = _unusable(effect.tag, value)
+        if unusable is not None:  # an actor of a newer servecore held the name
+            await self._kill(handle, effect.tag)
+            raise RuntimeError(
+                f"replica {effect.tag!r} cannot serve: {unusable}; it was killed, and the "
+                f"next start makes a new one"
+            )
         actor = self._actors[effect.tag] = Actor(effect.tag, handle, value)
         self._watch(actor)
 
@@ -302,18 +341,32 @@ class RayRuntime(ReplicaWatch):
             actor.outstanding -= 1
             if actor.outstanding == 0 and actor.idle is not None:
                 actor.idle.set()
+        if isinstance(value, bytes):
+            # Decoded here, on the trio thread, so that whatever unpickling raises (even
+            # SystemExit) becomes a ResultDecodeError for this call alone.
+            result: list[Any] = decode_reply(value, tag, "ray")
+            return result
         if isinstance(value, BaseException):
             if isinstance(value, ray.exceptions.RayTaskError):
                 raise user_error(tag, value)
             if isinstance(value, ray.exceptions.RayActorError):
                 raise ReplicaDiedError(tag, short(value))
             if isinstance(value, ray.exceptions.RaySystemError):
-                # Ray could not deserialize the result here (a class this process
+                # Ray could not deserialize the reply here (a class this process
                 # cannot import, a rebuild that raises): the replica's answer, not ours.
                 raise ResultDecodeError(tag, "<unknown>", short(value), runtime="ray")
             raise value
-        result: list[Any] = value
-        return result
+        if isinstance(value, list) and actor.protocol != PROTOCOL:
+            # An actor of an earlier servecore sends the list itself, decoded by Ray.
+            return value
+        cls = type(value)
+        raise ResultDecodeError(
+            tag,
+            f"{cls.__module__}.{cls.__qualname__}",
+            f"a replica speaking actor protocol {actor.protocol} sent it in place of "
+            f"its pickled results",
+            runtime="ray",
+        )
 
     # -- operations -----------------------------------------------------------------------
 
@@ -364,19 +417,22 @@ class RayRuntime(ReplicaWatch):
         value: Any = None
         with trio.move_on_after(self.start_timeout_s):
             value = await self._wait(handle.ready.remote())
-            if not isinstance(value, BaseException):
+        if isinstance(value, ray.exceptions.RayActorError):
+            return False  # died meanwhile
+        if value is None:
+            reason = f"not ready in {self.start_timeout_s}s"
+        elif isinstance(value, BaseException):
+            reason = short(value)
+        else:
+            unusable = _unusable(tag, value)
+            if unusable is None:
                 actor = self._actors.get(tag)
                 if actor is None or actor.dead.is_set():
                     actor = self._actors[tag] = Actor(tag, handle, value)
                 self._watch(actor)
                 return True
-        if isinstance(value, ray.exceptions.RayActorError):
-            return False  # died meanwhile
-        log.warning(
-            "replica %s found in Ray cannot serve (%s); killing it",
-            tag,
-            short(value) if value is not None else f"not ready in {self.start_timeout_s}s",
-        )
+            reason = unusable
+        log.warning("replica %s found in Ray cannot serve (%s); killing it", tag, reason)
         await self._kill(handle, tag)
         return False
 

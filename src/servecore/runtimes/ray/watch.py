@@ -38,6 +38,7 @@ class Actor:
         "handle",
         "idle",
         "outstanding",
+        "protocol",
         "stopping",
         "tag",
         "watching",
@@ -47,6 +48,9 @@ class Actor:
         self.tag = tag
         self.handle = handle
         self.checks_health = bool(info and info.get("health_check"))
+        # The actor protocol its ready() reported (1: it reported none, an actor of an
+        # earlier servecore); None when this runtime has not asked (found by a call).
+        self.protocol: int | None = None if info is None else int(info.get("protocol", 1))
         self.checking = False
         self.outstanding = 0  # calls in flight through this runtime
         self.idle: trio.Event | None = None  # set when outstanding drops to 0

@@ -17,15 +17,35 @@ from servecore.runtimes._remote_errors import decode_reply, rebuild_exception
 from servecore.runtimes.subprocess.channel import Channel
 from servecore.runtimes.subprocess.files import ReplicaFiles
 from servecore.runtimes.subprocess.process import Process
-from servecore.runtimes.subprocess.wire import CALL, ERROR, GONE, OK, PING, dumps, frame
+from servecore.runtimes.subprocess.wire import (
+    CALL,
+    CANCEL,
+    DRAINED,
+    ERROR,
+    GONE,
+    OK,
+    PING,
+    REFUSED,
+    dumps,
+    frame,
+)
 
 __all__ = [
     "RemoteTraceback",
     "Replica",
     "ReplicaConnection",
+    "not_begun",
     "open_replica_channel",
     "rebuild_remote_exception",
 ]
+
+
+def not_begun(tag: str, reason: str) -> ReplicaDiedError:
+    """A death error for a query the replica never began: the router may send it to
+    another replica (see ``servecore.router``, "retry_safe")."""
+    error = ReplicaDiedError(tag, reason)
+    error.retry_safe = True  # type: ignore[attr-defined]
+    return error
 
 
 class RemoteTraceback(Exception):
@@ -91,8 +111,15 @@ class ReplicaConnection:
         self.idle = trio.Event()
         self.idle.set()
         self.stopping = False
+        #: The replica said it is draining (it refused a call, or drained): it takes
+        #: no new call, though it may still be alive, and its death is still news.
+        self.draining = False
         self.dead_reason: str | None = None
         self.watcher_scope = trio.CancelScope()
+        #: The liveness probe's scope (cancelled when the replica is forgotten).
+        self.probe_scope = trio.CancelScope()
+        #: Why the probe declared the replica dead (it did not answer in time), if it did.
+        self.unresponsive: str | None = None
 
     @property
     def dead(self) -> bool:
@@ -103,8 +130,8 @@ class ReplicaConnection:
         """Send one batch and wait for its answer (its results, or its error raised)."""
         if self.dead_reason is not None:
             raise ReplicaDiedError(self.tag, self.dead_reason)
-        if self.stopping:
-            raise ReplicaDiedError(self.tag, "the replica is stopping")
+        if self.stopping or self.draining:
+            raise not_begun(self.tag, "the replica is stopping; the query was not sent")
         try:
             body = dumps([(q.args, q.kwargs) for q in batch])
         except Exception as exc:
@@ -122,8 +149,13 @@ class ReplicaConnection:
             self.idle = trio.Event()
 
         def abort(_: Any) -> trio.lowlevel.Abort:
-            # The caller gave up (cancelled): its answer will be dropped on arrival.
-            self.pending.pop(request_id, None)
+            # The caller gave up (cancelled): its answer will be dropped on arrival, and
+            # the replica cancels the call's task if it runs on its loop (async targets).
+            if self.pending.pop(request_id, None) is not None and not self.channel.closed:
+                try:  # noqa: SIM105 - a dead connection fails the query anyway
+                    self.channel.send(frame(CANCEL, request_id, b""))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
             return trio.lowlevel.Abort.SUCCEEDED
 
         try:
@@ -135,6 +167,10 @@ class ReplicaConnection:
 
     def deliver(self, kind: int, request_id: int, body: bytes) -> None:
         """Wake the caller waiting for ``request_id`` with the answer in ``body``."""
+        if kind == DRAINED:
+            self.draining = True
+            self.fail_pending("the replica drained and stopped before beginning it", True)
+            return
         task = self.pending.pop(request_id, None)
         if task is None:  # the caller gave up (cancelled); drop the answer
             return
@@ -145,6 +181,10 @@ class ReplicaConnection:
             elif kind == ERROR:
                 info = decode_reply(body, self.tag, "subprocess")
                 answer = outcome.Error(rebuild_remote_exception(info, self.tag))
+            elif kind == REFUSED:
+                self.draining = True
+                reason = encodable(str(decode_reply(body, self.tag, "subprocess")))
+                answer = outcome.Error(not_begun(self.tag, f"{reason}; it did not begin it"))
             elif kind == GONE:
                 reason = encodable(str(decode_reply(body, self.tag, "subprocess")))
                 answer = outcome.Error(ReplicaDiedError(self.tag, reason))
@@ -159,11 +199,13 @@ class ReplicaConnection:
             )
         trio.lowlevel.reschedule(task, answer)
 
-    def fail_pending(self, reason: str) -> None:
-        """Fail every call in flight with :class:`~servecore.ReplicaDiedError`."""
+    def fail_pending(self, reason: str, never_begun: bool = False) -> None:
+        """Fail every call in flight with :class:`~servecore.ReplicaDiedError`
+        (marked safe to send elsewhere when the replica says it never began them)."""
         pending, self.pending = self.pending, {}
         for task in pending.values():
-            trio.lowlevel.reschedule(task, outcome.Error(ReplicaDiedError(self.tag, reason)))
+            error = (not_begun if never_begun else ReplicaDiedError)(self.tag, reason)
+            trio.lowlevel.reschedule(task, outcome.Error(error))
 
 
 class Replica(ReplicaConnection):

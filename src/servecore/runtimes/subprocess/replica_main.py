@@ -17,6 +17,14 @@ binds its socket (mode 0600), writes the record again (``ready``) and answers on
 status pipe: ``OK``, or ``ERROR`` with its exception (after writing
 :data:`~servecore.runtimes.subprocess.files.FAILED_MARKER` and the traceback to its
 log). Every text it sends is encodable UTF-8 (see ``servecore._text.encodable``).
+
+An async target (``async def``) runs on the replica's asyncio loop, on a thread of its
+own (``servecore.runtimes.toolkit.ReplicaLoop``): each connection's one reading thread
+hands every call to the loop and reads on, the loop runs up to
+``max_concurrent_queries`` of them at once (across all connections), and each answer
+is written from the loop's thread as its task ends. A ``CANCEL`` frame cancels the
+task of a call whose caller gave up; a host whose connection closes has its tasks
+cancelled.
 """
 
 from __future__ import annotations
@@ -40,8 +48,8 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Callable
-from typing import Any, BinaryIO
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from servecore.runtimes.subprocess.files import (
     FAILED_MARKER,
@@ -50,17 +58,26 @@ from servecore.runtimes.subprocess.files import (
 )
 from servecore.runtimes.subprocess.wire import (
     CALL,
+    CANCEL,
+    DRAINED,
     ERROR,
     GONE,
     HEADER,
     OK,
     PING,
+    REFUSED,
     dumps,
     encodable,
+    encode_results,
     error_info,
     frame,
     socket_address,
 )
+
+if TYPE_CHECKING:
+    import concurrent.futures
+
+    from servecore.runtimes.toolkit import ReplicaCode, ReplicaLoop
 
 __all__ = ["main"]
 
@@ -92,30 +109,33 @@ class _Query:
 
 def _build(
     spec: dict[str, Any],
-) -> tuple[Callable[[list[tuple[Any, Any]]], list[Any]], Callable[[], object] | None]:
+) -> tuple[Callable[[list[tuple[Any, Any]]], list[Any]], ReplicaCode]:
     """Import and construct the target exactly as the threads runtime does; return
-    ``run(batch)`` taking ``(args, kwargs)`` pairs, and the object's ``check_health``
-    if it has one.
+    ``run(batch)`` taking ``(args, kwargs)`` pairs, and the built code (its
+    ``check_health``, and for an async target its loop and ``run_async``).
 
     servecore itself is imported here, not at the top of the file: only after the
     record is written, and inside the start's error handling.
     """
-    from servecore.runtimes.toolkit import prepare_replica
+    from servecore.runtimes.toolkit import prepare_replica_code
 
-    runner, check = prepare_replica(
+    code = prepare_replica_code(
         spec["target"],
         spec["init_args"],
         spec["init_kwargs"],
         backend=spec["backend"],
         max_batch_size=spec["max_batch_size"],
         user_config=spec["user_config"],
+        allow_async=True,
+        max_concurrent_queries=max(1, int(spec["concurrency"])),
     )
+    runner = code.run
 
     def run(batch: list[tuple[Any, Any]]) -> list[Any]:
         queries: Any = [_Query(args, kwargs) for args, kwargs in batch]
         return runner(queries)
 
-    return run, check
+    return run, code
 
 
 class _Server:
@@ -130,8 +150,14 @@ class _Server:
         tag: str,
         concurrency: int,
         record: dict[str, Any],
+        code: ReplicaCode | None = None,
     ) -> None:
         self.run = run
+        #: An async target's loop and coroutine function (``None`` for a sync target).
+        self.loop: ReplicaLoop | None = code.loop if code is not None else None
+        self.run_async: Callable[[Any], Awaitable[list[Any]]] | None = (
+            code.run_async if code is not None else None
+        )
         self.record = record
         self.listener = listener
         self.files = files
@@ -140,6 +166,10 @@ class _Server:
         self.stopping = False
         self.in_flight = 0
         self.idle = threading.Condition()
+        #: Calls refused because they arrived while draining (never begun).
+        self.refused = 0
+        #: Open host connections, told DRAINED before the process exits.
+        self.connections: set[_Connection] = set()
 
     def begin(self) -> None:
         with self.idle:
@@ -150,6 +180,12 @@ class _Server:
             self.in_flight -= 1
             if self.in_flight == 0:
                 self.idle.notify_all()
+
+    def refuse(self) -> int:
+        """Count one call refused while draining; return how many so far."""
+        with self.idle:
+            self.refused += 1
+            return self.refused
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self.stopping = True
@@ -186,13 +222,24 @@ class _Server:
             pass
         # Stop taking connections, finish what is running, then leave. The host sends
         # SIGKILL if this takes longer than the backend's graceful_shutdown_timeout_s.
+        # Calls that arrive meanwhile on open connections (a client whose routing
+        # table is a step behind) are refused unbegun, so their router resends them.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         self.listener.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.files.socket)
         with self.idle:
+            print(f"replica {self.tag} draining: {self.in_flight} call(s) in flight", flush=True)
             while self.in_flight:
                 self.idle.wait()
+            refused = self.refused
+        print(f"replica {self.tag} drained; refused {refused} call(s) unbegun", flush=True)
+        # Every call that ran was answered before in_flight reached 0: whatever a
+        # host still waits for was never begun, and DRAINED says so.
+        with self.idle:
+            connections = list(self.connections)
+        for connection in connections:
+            connection._reply(DRAINED, 0, b"")
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
@@ -212,6 +259,9 @@ class _Connection:
     * Otherwise the thread passes the reading role on before it runs the call.
 
     Either way at most ``concurrency`` calls run at once: there are that many threads.
+
+    For an async target one thread reads, hands each call to the replica's loop
+    (:meth:`_submit`) and reads on; the loop bounds how many run at once.
     """
 
     def __init__(self, server: _Server, conn: socket.socket) -> None:
@@ -221,7 +271,10 @@ class _Connection:
         self.read_lock = threading.Lock()
         self.write_lock = threading.Lock()
         self.closed = False
-        self.threads_alive = server.concurrency
+        self.threads = 1 if server.loop is not None else server.concurrency
+        self.threads_alive = self.threads
+        #: request id -> an async call's task on the loop (for CANCEL)
+        self.tasks: dict[int, concurrent.futures.Future[list[Any]]] = {}
         self.threads_lock = threading.Lock()
         # Guards the fields below, shared by the threads and the watchdog.
         self.state_lock = threading.Lock()
@@ -231,9 +284,11 @@ class _Connection:
         self.call_time = 0.0  # moving average of how long calls take, in seconds
 
     def start(self) -> None:
-        for i in range(self.server.concurrency):
+        with self.server.idle:
+            self.server.connections.add(self)
+        for i in range(self.threads):
             threading.Thread(target=self._worker, name=f"replica-conn-{i}", daemon=True).start()
-        if self.server.concurrency > 1:
+        if self.threads > 1:
             threading.Thread(target=self._watchdog, name="replica-watchdog", daemon=True).start()
 
     def _read(self) -> tuple[int, int, bytes] | None:
@@ -258,7 +313,11 @@ class _Connection:
                 self.threads_alive -= 1
                 last = self.threads_alive == 0
             if last:  # nobody writes any more: the socket can go
+                with self.server.idle:
+                    self.server.connections.discard(self)
                 self.closed = True
+                for task in list(self.tasks.values()):
+                    task.cancel()  # nobody is left to read their answers
                 self.rfile.close()
                 self.conn.close()
 
@@ -271,6 +330,9 @@ class _Connection:
                 self.closed = True
                 self.read_lock.release()
                 return False
+            if self.server.loop is not None and message[0] in (CALL, CANCEL):
+                self._submit(*message)  # the loop runs it; this thread reads on
+                continue
             # Counted before the reading role can pass on: a drain cannot miss it.
             self.server.begin()
             with self.state_lock:
@@ -312,8 +374,61 @@ class _Connection:
             except OSError:
                 pass  # the host is gone (crashed): its answers are dropped, we stay
 
+    def _submit(self, kind: int, request_id: int, body: bytes) -> None:
+        """Hand an async target's call to the loop (or cancel one, for ``CANCEL``)."""
+        server = self.server
+        if kind == CANCEL:
+            task = self.tasks.get(request_id)
+            if task is not None:
+                task.cancel()
+            return
+        if server.stopping:
+            self._reply(GONE, request_id, dumps("the replica is stopping"))
+            return
+        assert server.loop is not None and server.run_async is not None
+        try:
+            queries = [_Query(args, kwargs) for args, kwargs in pickle.loads(body)]
+        except Exception as exc:
+            self._reply(ERROR, request_id, dumps(error_info(exc)))
+            return
+        run_async = server.run_async
+        server.begin()
+        task = server.loop.submit(lambda: run_async(queries))
+        # Registered before the callback is added: a task already done runs it at once.
+        self.tasks[request_id] = task
+        task.add_done_callback(lambda done: self._answer(request_id, done))
+
+    def _answer(self, request_id: int, task: concurrent.futures.Future[list[Any]]) -> None:
+        """Write an async call's answer (on the loop's thread, as its task ends)."""
+        from servecore.runtimes.toolkit import UserCodeEscaped
+
+        server = self.server
+        self.tasks.pop(request_id, None)
+        try:
+            if task.cancelled():
+                self._reply(GONE, request_id, dumps("the query was cancelled"))
+                return
+            exc = task.exception()
+            if isinstance(exc, UserCodeEscaped):
+                self._reply(GONE, request_id, dumps(str(exc)))
+                server.die(str(exc))
+            if exc is not None:
+                self._reply(ERROR, request_id, dumps(error_info(exc)))
+                return
+            results = task.result()
+            try:
+                out = encode_results(server.tag, results, "subprocess")
+            except Exception as error:
+                self._reply(ERROR, request_id, dumps(error_info(error)))
+                return
+            self._reply(OK, request_id, out)
+        finally:
+            server.end()
+
     def _handle(self, kind: int, request_id: int, body: bytes) -> None:
         server = self.server
+        if kind == CANCEL:
+            return  # a sync call cannot be cancelled: it runs to its end
         if kind == PING:
             answer = {"tag": server.tag, "pid": os.getpid(), "key": server.files.key}
             self._reply(OK, request_id, dumps(answer))
@@ -322,7 +437,10 @@ class _Connection:
             self._reply(GONE, request_id, dumps(f"unknown message kind {kind}"))
             return
         if server.stopping:
-            self._reply(GONE, request_id, dumps("the replica is stopping"))
+            # Checked after begin(): a call past this line is drained, never refused.
+            n = server.refuse()
+            print(f"replica {server.tag} refused a call: draining ({n} so far)", flush=True)
+            self._reply(REFUSED, request_id, dumps("the replica is draining"))
             return
         try:
             results = server.run(pickle.loads(body))
@@ -336,31 +454,11 @@ class _Connection:
             self._reply(GONE, request_id, dumps(reason))
             server.die(reason)
         try:
-            out = dumps(results)
-        except Exception as exc:
-            self._reply(
-                ERROR, request_id, dumps(error_info(_unpicklable(server.tag, results, exc)))
-            )
+            out = encode_results(server.tag, results, "subprocess")
+        except Exception as exc:  # UnpicklableResult, naming the value's type
+            self._reply(ERROR, request_id, dumps(error_info(exc)))
             return
         self._reply(OK, request_id, out)
-
-
-def _unpicklable(tag: str, results: Any, exc: Exception) -> Exception:
-    """The typed error for a result pickle refuses, naming the first such value's type."""
-    from servecore._core.errors import UnpicklableResult  # with the toolkit, already loaded
-
-    culprit: Any = results
-    for value in results if isinstance(results, list) else ():
-        try:
-            dumps(value)
-        except Exception:
-            culprit = value
-            break
-    cls = type(culprit)
-    reason = encodable(f"{type(exc).__name__}: {exc}")
-    return UnpicklableResult(
-        tag, f"{cls.__module__}.{cls.__qualname__}", reason, runtime="subprocess"
-    )
 
 
 def _send_status(status: BinaryIO | None, kind: int, body: bytes) -> None:
@@ -412,7 +510,8 @@ def main(argv: list[str] | None = None) -> int:
         # Import the user's code the way the host would have.
         extra = [p for p in spec["sys_path"] if p not in sys.path]
         sys.path[:0] = extra
-        run, check_health = _build(spec)
+        run, code = _build(spec)
+        check_health = code.check_health
         dir_fd = os.open(files.directory, os.O_RDONLY | os.O_DIRECTORY)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         with contextlib.suppress(FileNotFoundError):
@@ -444,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
         tag=tag,
         concurrency=max(1, int(spec["concurrency"])),
         record=record,
+        code=code,
     )
     if check_health is not None:
         period = float(spec["health_check_period_s"])

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import logging
 import math
 import os
 import select
 import signal
+import socket
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,6 +23,7 @@ from servecore._core.errors import ReplicaDiedError
 from servecore._core.transitions import ReplicaDied, StartReplica
 from servecore._text import encodable
 from servecore.runtimes._protocol import Query, ReplicaInfo, Report
+from servecore.runtimes.subprocess.channel import Channel
 from servecore.runtimes.subprocess.directory import RuntimeDirectory
 from servecore.runtimes.subprocess.files import ReplicaFiles, open_lock, replica_key
 from servecore.runtimes.subprocess.process import Process, reap_finished
@@ -32,7 +35,7 @@ from servecore.runtimes.subprocess.spawn import (
     launch,
     replica_spec,
 )
-from servecore.runtimes.subprocess.wire import socket_address
+from servecore.runtimes.subprocess.wire import PING, frame, socket_address
 
 __all__ = ["SubprocessRuntime"]
 
@@ -63,6 +66,9 @@ class SubprocessRuntime:
     Chosen by name with options: ``open_controller(runtime="subprocess",
     runtime_options={"directory": "/srv/replicas"})``.
     """
+
+    #: Serves ``async def`` targets (on an asyncio loop in each replica process).
+    supports_async_targets = True
 
     def __init__(
         self,
@@ -138,6 +144,7 @@ class SubprocessRuntime:
         replicas, self._replicas = self._replicas, {}
         for replica in replicas.values():
             replica.watcher_scope.cancel()
+            replica.probe_scope.cancel()  # detached: no longer this host's to judge
             replica.fail_pending("the runtime was closed")
             replica.channel.close()
             replica.process.close()
@@ -460,7 +467,61 @@ class SubprocessRuntime:
         replica = Replica(tag=tag, files=files, process=process, channel=channel)
         self._replicas[tag] = replica
         trio.lowlevel.spawn_system_task(self._watch, replica, name=f"replica {tag} watcher")
+        spec = files.read_spec() or {}
+        period, timeout = spec.get("probe_period_s"), spec.get("probe_timeout_s")
+        if isinstance(period, (int, float)) and isinstance(timeout, (int, float)):
+            trio.lowlevel.spawn_system_task(
+                self._probe, replica, float(period), float(timeout), name=f"replica {tag} probe"
+            )
         return replica
+
+    async def _probe(self, replica: Replica, period_s: float, timeout_s: float) -> None:
+        """Ask the replica "are you there?" every ``period_s`` on a connection of its
+        own (so queries queued on the main one never delay the answer: the replica
+        serves each connection with its own threads); one that has not answered within
+        ``timeout_s`` (stopped, frozen, wedged in C code holding the GIL) is killed and
+        reported dead, and the controller replaces it."""
+        channel: Channel | None = None
+        try:
+            with replica.probe_scope:
+                if self._opened is None or replica.dead:
+                    return  # the runtime closed (or the replica died) before it began
+                address = socket_address(replica.files.socket, self._opened.dir_fd)
+                stream = await trio.open_unix_socket(address)
+                channel = Channel(socket.socket(fileno=stream.socket.detach()))
+                for request_id in itertools.count(1):
+                    await trio.sleep(period_s)
+                    if replica.stopping or replica.dead:
+                        return  # a stop drains and forces on its own deadline
+                    channel.send(frame(PING, request_id, b""))
+                    with trio.move_on_after(timeout_s):
+                        while True:
+                            answer = await channel.receive()
+                            if answer is None:
+                                return  # the connection closed: the watcher sees why
+                            if answer[1] == request_id:
+                                break
+                        continue
+                    if replica.stopping or replica.dead:
+                        return
+                    replica.unresponsive = (
+                        f"it did not answer a health probe within {timeout_s:g}s "
+                        f"(health_check_timeout_s; stopped, frozen or hung), so it was killed"
+                    )
+                    log.warning("replica %s %s", replica.tag, replica.unresponsive)
+                    replica.process.signal(signal.SIGKILL)
+                    with trio.move_on_after(KILL_WAIT_S):
+                        await replica.process.wait()
+                    self._on_death(replica)
+                    return
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            if not (replica.dead or replica.stopping):
+                log.warning("the health probe of replica %s stopped: %r", replica.tag, exc)
+        except Exception:
+            log.exception("the health probe of replica %s failed", replica.tag)
+        finally:
+            if channel is not None:
+                channel.close()
 
     async def _spawn(
         self,
@@ -543,6 +604,8 @@ class SubprocessRuntime:
     def _on_death(self, replica: Replica, reason: str | None = None) -> None:
         if replica.dead:  # already handled (stopped, killed, or the runtime closed)
             return
+        if reason is None and replica.unresponsive is not None:
+            reason = f"{replica.unresponsive} ({replica.process.exit_reason()})"
         reason = reason or replica.process.exit_reason()
         record = replica.files.read_record()
         if record is not None and record.get("phase") == "dead" and record.get("error"):
@@ -567,6 +630,7 @@ class SubprocessRuntime:
         replica.dead_reason = replica.dead_reason or reason
         replica.fail_pending(replica.dead_reason)
         replica.watcher_scope.cancel()
+        replica.probe_scope.cancel()
         if self._replicas.get(replica.tag) is replica:
             del self._replicas[replica.tag]
         replica.channel.close()

@@ -103,6 +103,9 @@ def replica_spec(
         "user_config": effect.config.user_config,
         "startup_timeout_s": startup_timeout_s,
         "health_check_period_s": health_check_period_s,
+        # The host's liveness probe (BackendConfig), read again when it adopts the replica.
+        "probe_period_s": effect.config.health_check_period_s,
+        "probe_timeout_s": effect.config.health_check_timeout_s,
         "sys_path": [os.path.abspath(p or ".") for p in sys.path],
     }
 

@@ -21,13 +21,17 @@ from servecore._text import encodable, exception_message
 
 __all__ = [
     "CALL",
+    "CANCEL",
+    "DRAINED",
     "ERROR",
     "GONE",
     "HEADER",
     "OK",
     "PING",
+    "REFUSED",
     "dumps",
     "encodable",
+    "encode_results",
     "error_info",
     "frame",
     "parse_frame",
@@ -44,8 +48,20 @@ PING = 2
 OK = 3
 #: replica -> host: the body is an :func:`error_info` dict.
 ERROR = 4
-#: replica -> host: the replica is stopping and did not run the batch; body: a reason.
+#: replica -> host: the replica ends and did not run the batch (or the kind is
+#: unknown); body: a reason. The batch may have begun: it is never sent elsewhere.
 GONE = 5
+#: replica -> host: the replica is draining (SIGTERM) and refused the batch before
+#: beginning it; body: a reason. Safe to send to another replica.
+REFUSED = 6
+#: replica -> host, request id 0: the replica has drained and exits now. Every call
+#: still unanswered on this connection was never begun (all that ran were answered
+#: first), so each is safe to send to another replica.
+DRAINED = 7
+#: host -> replica: the caller of request ``request_id`` gave up; cancel its task if
+#: it runs on the replica's asyncio loop (an async target). No reply; a sync target's
+#: call runs to its end. An older replica answers GONE, which the host drops.
+CANCEL = 8
 
 #: Longest socket path that ``bind``/``connect`` take (``sun_path`` is 108 bytes on Linux).
 _MAX_SOCKET_PATH = 100
@@ -54,6 +70,37 @@ _MAX_SOCKET_PATH = 100
 def dumps(obj: Any) -> bytes:
     """Pickle ``obj`` with the highest protocol (both ends run the same Python)."""
     return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def encode_results(tag: str, results: Any, runtime: str) -> bytes:
+    """(replica) Pickle a batch's ``results`` for the host, which reads them with
+    ``servecore.runtimes._remote_errors.decode_reply``.
+
+    A value pickle refuses raises :class:`~servecore.UnpicklableResult` naming replica
+    ``tag``, the first such value's type and why (the Ray replica actor sends its results
+    this way too, so both runtimes refuse the same values with the same error).
+    """
+    try:
+        return dumps(results)
+    except Exception as exc:
+        raise _unpicklable(tag, results, exc, runtime) from None
+
+
+def _unpicklable(tag: str, results: Any, exc: Exception, runtime: str) -> Exception:
+    """The typed error for a result pickle refuses, naming the first such value's type."""
+    # Imported here: the replica imports this module before anything else of servecore.
+    from servecore._core.errors import UnpicklableResult
+
+    culprit: Any = results
+    for value in results if isinstance(results, list) else ():
+        try:
+            dumps(value)
+        except Exception:
+            culprit = value
+            break
+    cls = type(culprit)
+    reason = encodable(f"{type(exc).__name__}: {exception_message(exc)}")
+    return UnpicklableResult(tag, f"{cls.__module__}.{cls.__qualname__}", reason, runtime=runtime)
 
 
 def frame(kind: int, request_id: int, body: bytes) -> bytes:
