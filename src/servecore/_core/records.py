@@ -24,10 +24,10 @@ carries the sequence number and the replica counter. The ``runtime`` record name
 runtime of the controllers that wrote the checkpoint (written by the first commit of a
 controller that finds it missing or, with no replica recorded, different), so that one
 opened with another runtime is refused before it touches a replica
-(:class:`~servecore.RuntimeMismatch`); checkpoints written before it have none. :func:`load_records` assembles a
-:class:`~servecore.State` from all records and checks that they fit together (keys
-match names, replicas below the counter, routes to backends that exist); the routing
-table and index are derived again on load.
+(:class:`~servecore.RuntimeMismatch`); checkpoints written before it have none.
+:func:`load_records` assembles a :class:`~servecore.State` from all records and checks
+that they fit together (keys match names, replicas below the counter, routes to
+backends that exist); the routing table and index are derived again on load.
 
 A whole-state *blob* (for stores that save one byte string, see
 :class:`~servecore.stores.BlobAdapter`) is an envelope around all records::
