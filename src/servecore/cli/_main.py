@@ -351,7 +351,8 @@ def run(
         replica_logs=replica_logs,
         workers=workers,
         worker_stack=worker_stack,
-        runtime_options=server.runtime_options,
+        # The table's options are for the table's runtime, not one a flag chose instead.
+        runtime_options=server.runtime_options if server.runtime in (None, runtime) else None,
         standby=standby,
     )
     # Before any replica starts: state directory, socket path, a server already
