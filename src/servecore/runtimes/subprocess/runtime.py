@@ -54,9 +54,9 @@ _POLL_S = 0.02
 class SubprocessRuntime:
     """Runs each replica in its own Python process; replicas outlive the host.
 
-    ``directory`` is the runtime directory (default: derived from the controller's
-    namespace, see the package doc). ``python`` is the interpreter for replicas
-    (default: the host's). ``startup_timeout_s`` bounds how long a replica may take to
+    ``directory`` is the runtime directory (default: beside a file store, else derived
+    from the controller's namespace, see the package doc). ``python`` is the interpreter
+    for replicas (default: the host's). ``startup_timeout_s`` bounds how long a replica may take to
     import and construct its target before it is killed and the start fails (a
     backend's ``runtime_options["startup_timeout_s"]`` overrides it). ``env`` adds
     environment variables for every replica. A target with a ``check_health()`` method
