@@ -144,6 +144,7 @@ class Controller:
         self._table_listeners: list[Callable[[RoutingTable], None]] = []
         self._on_step_down = on_step_down
         self._stepped_down: SteppedDown | None = None
+        self._announced_step_down: SteppedDown | None = None
         # The periodic loops (resync, autoscaling): cancelled when the controller steps down.
         self._loop_scopes: list[trio.CancelScope] = []
         self._effects = EffectRunner(
@@ -217,8 +218,9 @@ class Controller:
     def stepped_down(self) -> SteppedDown | None:
         """Why this controller stepped down (it lost its store's lease), or ``None``
         while it leads. Once stepped down it orders no effects, commits nothing, and
-        its handles raise this error; close it (docs/design.md §3)."""
-        return self._stepped_down
+        its handles raise this error; close it (docs/design.md §3). It is published
+        only after ``on_step_down`` has returned, so a host that sees it has been told."""
+        return self._announced_step_down
 
     @property
     def queued(self) -> int:
@@ -575,6 +577,7 @@ class Controller:
                 self._on_step_down(stepped)
             except Exception:
                 log.exception("the on_step_down callback failed; the controller stays down")
+        self._announced_step_down = stepped
 
     async def _periodic(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """Run a periodic loop until the controller closes or steps down."""
