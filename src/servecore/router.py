@@ -698,8 +698,7 @@ class Router:
             raise StreamMismatch(f"of backend {b.tag!r} (it batches its queries)", streams=False)
         if getattr(self.runtime, "stream", None) is None:
             raise StreamMismatch(
-                f"of backend {b.tag!r} (its runtime {type(self.runtime).__name__} does "
-                f"not stream)",
+                f"of backend {b.tag!r} (its runtime {type(self.runtime).__name__} does not stream)",
                 streams=False,
             )
         stream = _RouterStream(self, endpoint, b, query)
@@ -869,11 +868,7 @@ class _RouterStream:
                 tag = self.tag
                 if exc.tag == tag and tag is not None:
                     self.router._lost_replica(self.backend, tag)
-                    if (
-                        _never_ran(exc)
-                        and self.items.delivered == 0
-                        and self.resends < MAX_RESENDS
-                    ):
+                    if _never_ran(exc) and self.items.delivered == 0 and self.resends < MAX_RESENDS:
                         # Refused unbegun (a draining replica): open it elsewhere.
                         self.resends += 1
                         self.router._release(self.backend, tag, 1)

@@ -834,8 +834,7 @@ def refuse_unservable_target(backend: str, target: str, runtime: object) -> None
         if toolkit.is_batch(found):
             raise InvalidTarget(
                 target,
-                "it is both @servecore.batch and a generator, and a batch has one answer "
-                "per query",
+                "it is both @servecore.batch and a generator, and a batch has one answer per query",
                 backend=backend,
                 fix="drop @servecore.batch to stream, or return a list to batch",
             )

@@ -76,8 +76,8 @@ __all__ = [
     "DEFAULT_STREAM_WINDOW",
     "BatchSizeError",
     "ReplicaCode",
-    "StreamRun",
     "ReplicaLoop",
+    "StreamRun",
     "UserCodeEscaped",
     "apply_user_config",
     "batch",
@@ -755,9 +755,10 @@ def _build(
         loop.close()
         raise
 
-    def run(queries: Sequence[Query]) -> list[Any]:
+    def run_on_loop(queries: Sequence[Query]) -> list[Any]:
         return loop.run(lambda: run_async(queries))
 
+    run = run_on_loop
     if streams:
         run = _refuse_call(target)
 

@@ -260,7 +260,9 @@ class ReplicaConnection:
         except ResultDecodeError as exc:
             error = exc
         except Exception as exc:
-            error = ResultDecodeError(self.tag, "error description", repr(exc), runtime="subprocess")
+            error = ResultDecodeError(
+                self.tag, "error description", repr(exc), runtime="subprocess"
+            )
         items.end(error)
 
     def deliver(self, kind: int, request_id: int, body: bytes) -> None:
