@@ -206,27 +206,32 @@ class HTTPIngress:
                 "headers": [(b"content-type", media), (b"cache-control", b"no-cache")],
             }
         )
+        reading = trio.CancelScope()
         async with trio.open_nursery() as nursery:
 
             async def watch_disconnect() -> None:
                 while (await receive())["type"] != "http.disconnect":
                     pass
-                nursery.cancel_scope.cancel()  # the client left: stop the generator
+                reading.cancel()  # the client left: stop the generator
 
             nursery.start_soon(watch_disconnect)
-            try:
-                if first is not _NOTHING:
-                    await send(_chunk(first, sse, answer.endpoint))
-                    async for item in items:
-                        await send(_chunk(item, sse, answer.endpoint))
-                tail = b"event: end\ndata: {}\n\n" if sse else b""
-            except Exception as exc:
-                # The status is gone already: the error is the stream's last record.
-                _, body, _ = _failure(exc)
-                tail = b"event: error\ndata: " + body + b"\n\n" if sse else body + b"\n"
-            finally:
-                await items.aclose()
-            with contextlib.suppress(OSError):
+            tail = b""
+            with reading:
+                try:
+                    if first is not _NOTHING:
+                        await send(_chunk(first, sse, answer.endpoint))
+                        async for item in items:
+                            await send(_chunk(item, sse, answer.endpoint))
+                    tail = b"event: end\ndata: {}\n\n" if sse else b""
+                except Exception as exc:
+                    # The status is gone already: the error is the stream's last record.
+                    _, body, _ = _failure(exc)
+                    tail = b"event: error\ndata: " + body + b"\n\n" if sse else body + b"\n"
+                finally:
+                    await items.aclose()
+            if not reading.cancelled_caught:
+                # Outside the reading scope: a disconnect now must not cut this send
+                # short (the server closes the connection from inside it).
                 await send({"type": "http.response.body", "body": tail})
             nursery.cancel_scope.cancel()
 

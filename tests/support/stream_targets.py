@@ -14,8 +14,8 @@ from typing import Any
 
 
 class Counter:
-    """A sync generator target. ``n`` yields ``(i, produced_at)`` for ``i < n``, sleeping
-    ``delay`` seconds before each; ``"stats"`` yields one dict: how many items it has
+    """A sync generator target. ``n`` (or ``[n, delay]``) yields ``(i, produced_at)`` for
+    ``i < n``, sleeping ``delay`` seconds before each; ``"stats"`` yields one dict: how many items it has
     produced in all, and for each stream stopped early, how far it had got."""
 
     def __init__(self) -> None:
@@ -26,6 +26,8 @@ class Counter:
         if n == "stats":
             yield {"produced": self.produced, "stopped": list(self.stopped)}
             return
+        if isinstance(n, list):  # over HTTP: one JSON argument, [n, delay]
+            n, delay = n
         i = 0
         try:
             for i in range(n):
@@ -50,6 +52,8 @@ class AsyncCounter:
         if n == "stats":
             yield {"produced": self.produced, "stopped": list(self.stopped)}
             return
+        if isinstance(n, list):  # over HTTP: one JSON argument, [n, delay]
+            n, delay = n
         i = 0
         try:
             for i in range(n):
