@@ -34,7 +34,6 @@ hypercorn is an optional extra: ``pip install 'servecore[http]'``.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging

@@ -7,6 +7,7 @@ the consumer's receipt order, and bounded waits only guard against a hang.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -79,7 +80,7 @@ async def test_items_arrive_one_by_one_as_the_generator_yields_them(
             received.append((i, produced_at, time.monotonic()))
     assert [i for i, _, _ in received] == [0, 1, 2, 3]
     # Each item reached the consumer before the generator even made the next one.
-    for (_, _, got), (_, next_made, _) in zip(received, received[1:], strict=False):
+    for (_, _, got), (_, next_made, _) in itertools.pairwise(received):
         assert got < next_made
 
 
@@ -132,12 +133,12 @@ async def test_a_replica_death_mid_stream_raises_after_the_delivered_items(runti
 async def test_streams_and_calls_are_not_mixed_up(runtime: Any) -> None:
     tag = await start(runtime, "p#1", "plain")
     with trio.fail_after(BOUND_S):
-        with pytest.raises(StreamMismatch, match="use\\s+handle.call") as caught:
+        with pytest.raises(StreamMismatch, match=r"use\s+handle\.call") as caught:
             await collect(runtime, tag, 1)
         assert caught.value.streams is False
         assert await runtime.call(tag, [Query(args=(7,))]) == [7]
         counter = await start(runtime, "c#1", "Counter")
-        with pytest.raises(StreamMismatch, match="handle.stream") as caught:
+        with pytest.raises(StreamMismatch, match=r"handle\.stream") as caught:
             await runtime.call(counter, [Query(args=(3,))])
         assert caught.value.streams is True
         assert [i for i, _ in await collect(runtime, counter, 3)] == [0, 1, 2]

@@ -15,8 +15,8 @@ import trio
 import trio.testing
 
 import async_targets
-import stream_targets
 import servecore
+import stream_targets
 import targets
 from opened_runtime import Opened
 from servecore._core.errors import InvalidConfig, InvalidTarget, ReplicaDiedError

@@ -22,9 +22,7 @@ BOUND_S = 30.0  # only ever a guard against hanging
 @pytest.fixture
 async def ctl() -> AsyncIterator[servecore.Controller]:
     async with servecore.open_controller(runtime="threads") as ctl:
-        await ctl.create_backend(
-            "counter", stream_targets.AsyncCounter, max_concurrent_queries=1
-        )
+        await ctl.create_backend("counter", stream_targets.AsyncCounter, max_concurrent_queries=1)
         await ctl.create_endpoint("count", route="/count", methods=["GET", "POST"])
         await ctl.set_traffic("count", {"counter": 1.0})
         await ctl.create_backend("plain", stream_targets.plain)
@@ -65,9 +63,9 @@ async def test_a_handle_streams_and_a_stream_holds_its_replica_slot(
             assert (await items.__anext__())[0] == 0
         assert running(ctl) == 0
         assert len(await stopped(ctl)) == 1
-        with pytest.raises(StreamMismatch, match="handle.stream"):
+        with pytest.raises(StreamMismatch, match=r"handle\.stream"):
             await handle.call(3)
-        with pytest.raises(StreamMismatch, match="handle.call"):
+        with pytest.raises(StreamMismatch, match=r"handle\.call"):
             [x async for x in ctl.get_handle("plain").stream(3)]
 
 
@@ -94,7 +92,7 @@ async def test_create_backend_refuses_a_batching_generator(ctl: servecore.Contro
         yield values
 
     stream_targets.stream_batches = stream_batches  # type: ignore[attr-defined]
-    with pytest.raises(InvalidTarget, match="both @servecore.batch and a generator"):
+    with pytest.raises(InvalidTarget, match=r"both @servecore\.batch and a generator"):
         await ctl.create_backend("sb", "stream_targets:stream_batches")
     assert ctl.seq == seq
 
@@ -144,9 +142,7 @@ async def test_http_streams_json_lines_or_server_sent_events(ctl: servecore.Cont
         assert "200" in head.splitlines()[0]
         assert "application/x-ndjson" in head and "chunked" in head.lower()
         assert [json.loads(line)[0] for line in body.splitlines()] == [0, 1, 2]
-        head, body = await trio.to_thread.run_sync(
-            _http, port, "/count", b"2", "text/event-stream"
-        )
+        head, body = await trio.to_thread.run_sync(_http, port, "/count", b"2", "text/event-stream")
         assert "text/event-stream" in head
         events = body.decode().split("\n\n")
         assert [json.loads(e.removeprefix("data: "))[0] for e in events[:2]] == [0, 1]

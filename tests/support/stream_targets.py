@@ -14,9 +14,10 @@ from typing import Any
 
 
 class Counter:
-    """A sync generator target. ``n`` (or ``[n, delay]``) yields ``(i, produced_at)`` for
-    ``i < n``, sleeping ``delay`` seconds before each; ``"stats"`` yields one dict: how many items it has
-    produced in all, and for each stream stopped early, how far it had got."""
+    """A sync generator target. ``n`` (or ``[n, delay]``) yields ``(i, produced_at)``
+    for ``i < n``, sleeping ``delay`` seconds before each; ``"stats"`` yields one dict:
+    how many items it has produced in all, and for each stream stopped early, how far
+    it had got."""
 
     def __init__(self) -> None:
         self.produced = 0
