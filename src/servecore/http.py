@@ -192,7 +192,12 @@ class HTTPIngress:
                 # The target answers once (a stream was asked for, or its backend was
                 # redefined since it streamed): answer it as one JSON value.
                 self._streaming.discard(answer.endpoint)
-                status, body, _ = await self._call(answer.endpoint, answer.handle, answer.payload)
+                try:
+                    status, body, _ = await self._call(
+                        answer.endpoint, answer.handle, answer.payload
+                    )
+                except StreamMismatch as again:  # redefined once more meanwhile
+                    status, body, _ = _failure(again)
             else:
                 status, body, _ = _failure(exc)
             await _send_whole(send, status, body, [])
@@ -281,6 +286,13 @@ class HTTPIngress:
         handle = self.source.get_handle(endpoint.name).options(timeout_s=self.timeout_s)
         accept = _header(scope, b"accept")
         sse = b"text/event-stream" in accept
+        if not hasattr(handle, "stream"):
+            # An ingress worker on asyncio (servecore run --workers N) does not stream
+            # yet: it answers every endpoint with one value.
+            try:
+                return await self._call(endpoint.name, handle, payload)
+            except StreamMismatch as exc:
+                return _error(501, "StreamingNotServedHere", f"{exc}; {_NO_WORKER_STREAMS}")
         if sse or b"application/x-ndjson" in accept or endpoint.name in self._streaming:
             cached = not sse and b"application/x-ndjson" not in accept
             return _Streaming(endpoint.name, handle.stream(payload), sse, handle, payload, cached)
@@ -301,6 +313,8 @@ class HTTPIngress:
     ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
         try:
             result = await handle.call(payload)
+        except StreamMismatch:
+            raise
         except Exception as exc:
             return _failure(exc)
         return self._result(name, "", result)
@@ -323,6 +337,12 @@ class HTTPIngress:
             )
             why = f"endpoint {name!r} returned a result that is not JSON: {_describe(exc)}"
             return _error(500, "ResultNotJSON", why)
+
+
+_NO_WORKER_STREAMS = (
+    "ingress workers do not stream yet: serve streaming endpoints with "
+    "'servecore run --workers 0' (the controller's own ingress)"
+)
 
 
 class _Streaming:
