@@ -28,11 +28,12 @@ from typing import Any
 
 __all__ = ["TinyLM"]
 
-_STORY = (
+_TEXT = (
     "Once upon a time a small model lived on two shared cores . Every morning it "
     "woke , read a prompt , and answered it one token at a time , so that nobody "
     "had to wait for the whole story to see how it began . The end ."
-).split()
+)
+_STORY = _TEXT.split()
 
 
 class TinyLM:

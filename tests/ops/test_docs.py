@@ -398,7 +398,7 @@ def test_the_llm_stream_example_streams_tokens_and_a_client_that_leaves_stops_it
             assert b"application/x-ndjson" in data and b"0\r\n\r\n" not in data
             while not data.endswith(b"0\r\n\r\n"):
                 data += sock.recv(65536)
-        assert data.count(b'"Once "') == 1 and data.count(b"\"\n\r\n") == 5
+        assert data.count(b'"Once "') == 1 and data.count(b'"\n\r\n') == 5
         # A client that leaves after three tokens stops the generator in the replica.
         with _post_stream(port, b'{"prompt": "a long one"}') as sock:
             data = b""
