@@ -28,8 +28,13 @@ What a built replica follows:
   ``asyncio.get_running_loop()``. A runtime opts in with ``allow_async=True`` (it then
   calls :attr:`ReplicaCode.run_async`, or the blocking :attr:`ReplicaCode.run`, and
   :meth:`ReplicaCode.close` when the replica ends); without it an async target is
-  refused with ``TypeError``. An async *generator* is always refused: a query has one
-  answer. Trio code runs inside an asyncio target through ``trio-asyncio``, or as a
+  refused with ``TypeError``.
+* **Streams.** A generator target (``def`` or ``async def`` with ``yield``, or a class
+  whose ``__call__`` is one) streams: a runtime that serves async targets opens each
+  stream with :meth:`ReplicaCode.open_stream` (a :class:`StreamRun`: items against
+  credit, cancellable); its ``run`` refuses a query asking for one answer with
+  :class:`~servecore.StreamMismatch`. Without ``allow_async`` (``allow_stream``) a
+  generator is refused with ``TypeError``; a ``@batch`` generator always is. Trio code runs inside an asyncio target through ``trio-asyncio``, or as a
   plain ``def`` target that calls ``trio.run`` (each replica thread may run its own).
 * **Batching.** A target marked with :func:`batch` receives a *list* (one element per
   query) and must return a list of the same length, in the same order
