@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import platform
 import socket
@@ -38,8 +39,8 @@ import trio
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import servecore  # noqa: E402
-from servecore.http import serve_http  # noqa: E402
+import servecore
+from servecore.http import serve_http
 
 
 async def tokens(n: int) -> AsyncIterator[int]:
@@ -172,7 +173,9 @@ async def bench(items: int, rounds: int) -> list[tuple[str, float, float]]:
                 await ctl.set_traffic("stream", {"tokens": 1.0})
                 handle = ctl.get_handle("stream")
                 await through_handle(handle, 10)  # warm up
-                ttft, rate = await median_of(rounds, lambda: through_handle(handle, items))
+                ttft, rate = await median_of(
+                    rounds, functools.partial(through_handle, handle, items)
+                )
                 rows.append((f"handle.stream, {runtime}", ttft, rate))
                 if runtime == "subprocess":
                     async with trio.open_nursery() as nursery:
@@ -180,8 +183,8 @@ async def bench(items: int, rounds: int) -> list[tuple[str, float, float]]:
                         port = int(binds[0].rsplit(":", 1)[1])
                         ttft, rate = await median_of(
                             rounds,
-                            lambda: trio.to_thread.run_sync(
-                                read_http_stream, port, "/stream", items
+                            functools.partial(
+                                trio.to_thread.run_sync, read_http_stream, port, "/stream", items
                             ),
                         )
                         rows.append(("servecore ingress, subprocess", ttft, rate))

@@ -34,7 +34,8 @@ What a built replica follows:
   stream with :meth:`ReplicaCode.open_stream` (a :class:`StreamRun`: items against
   credit, cancellable); its ``run`` refuses a query asking for one answer with
   :class:`~servecore.StreamMismatch`. Without ``allow_async`` (``allow_stream``) a
-  generator is refused with ``TypeError``; a ``@batch`` generator always is. Trio code runs inside an asyncio target through ``trio-asyncio``, or as a
+  generator is refused with ``TypeError``; a ``@batch`` generator always is.
+* **Trio.** Trio code runs inside an asyncio target through ``trio-asyncio``, or as a
   plain ``def`` target that calls ``trio.run`` (each replica thread may run its own).
 * **Batching.** A target marked with :func:`batch` receives a *list* (one element per
   query) and must return a list of the same length, in the same order
