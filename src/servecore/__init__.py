@@ -65,6 +65,7 @@ if TYPE_CHECKING:
         StoreAccessDenied,
         StoreLocked,
         StoreUnwritable,
+        StreamMismatch,
         UnpicklableResult,
     )
     from servecore._core.invariants import validate_state
@@ -195,6 +196,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
         "StoreAccessDenied",
         "StoreLocked",
         "StoreUnwritable",
+        "StreamMismatch",
         "ControllerClosed",
         "SteppedDown",
         "ResultDecodeError",

@@ -52,6 +52,7 @@ from servecore._core.errors import (
     ReplicaDiedError,
     ServecoreError,
     SteppedDown,
+    StreamMismatch,
 )
 from servecore._core.transitions import RoutingTable
 from servecore._core.validation import MAX_SECONDS, positive_number
@@ -132,6 +133,8 @@ class HTTPIngress:
         self.timeout_s = check_timeout(timeout_s)
         self.max_body_bytes = max_body_bytes
         self.max_depth = max_depth
+        # Endpoints whose target answered a call with StreamMismatch (it streams).
+        self._streaming: set[str] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -141,7 +144,11 @@ class HTTPIngress:
             if scope["path"].startswith(OPS_PREFIX) and await self.ops(scope, send):
                 return  # /-/healthz, /-/routes, /-/metrics
             try:
-                status, body, headers = await self._answer(scope, receive)
+                answer = await self._answer(scope, receive)
+                if isinstance(answer, _Streaming):
+                    await self._stream(answer, scope, receive, send)
+                    return
+                status, body, headers = answer
             except Exception:
                 # A bug of ours must still answer as JSON, not as the server's bare 500
                 # with a traceback in its log.
@@ -165,6 +172,73 @@ class HTTPIngress:
             )
             await send({"type": "http.response.body", "body": body})
 
+    async def _stream(self, answer: _Streaming, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer a stream: JSON lines (chunked), or Server-Sent Events when asked for.
+
+        The first item is awaited before the status goes out, so a stream that fails
+        at once (no replica, a target that does not stream) still answers with its
+        error status. A client that disconnects cancels the generator in the replica.
+        """
+        items = answer.items
+        sse = answer.sse
+        try:
+            try:
+                first = await items.__anext__()
+            except StopAsyncIteration:
+                first = _NOTHING
+        except Exception as exc:
+            await items.aclose()
+            if isinstance(exc, StreamMismatch) and not exc.streams:
+                # The target answers once (a stream was asked for, or its backend was
+                # redefined since it streamed): answer it as one JSON value.
+                self._streaming.discard(answer.endpoint)
+                try:
+                    status, body, _ = await self._call(
+                        answer.endpoint, answer.handle, answer.payload
+                    )
+                except StreamMismatch as again:  # redefined once more meanwhile
+                    status, body, _ = _failure(again)
+            else:
+                status, body, _ = _failure(exc)
+            await _send_whole(send, status, body, [])
+            return
+        media = b"text/event-stream" if sse else b"application/x-ndjson"
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", media), (b"cache-control", b"no-cache")],
+            }
+        )
+        reading = trio.CancelScope()
+        async with trio.open_nursery() as nursery:
+
+            async def watch_disconnect() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                reading.cancel()  # the client left: stop the generator
+
+            nursery.start_soon(watch_disconnect)
+            tail = b""
+            with reading:
+                try:
+                    if first is not _NOTHING:
+                        await send(_chunk(first, sse, answer.endpoint))
+                        async for item in items:
+                            await send(_chunk(item, sse, answer.endpoint))
+                    tail = b"event: end\ndata: {}\n\n" if sse else b""
+                except Exception as exc:
+                    # The status is gone already: the error is the stream's last record.
+                    _, body, _ = _failure(exc)
+                    tail = b"event: error\ndata: " + body + b"\n\n" if sse else body + b"\n"
+                finally:
+                    await items.aclose()
+            if not reading.cancelled_caught:
+                # Outside the reading scope: a disconnect now must not cut this send
+                # short (the server closes the connection from inside it).
+                await send({"type": "http.response.body", "body": tail})
+            nursery.cancel_scope.cancel()
+
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
@@ -182,7 +256,7 @@ class HTTPIngress:
 
     async def _answer(
         self, scope: Scope, receive: Receive
-    ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+    ) -> tuple[int, bytes, list[tuple[bytes, bytes]]] | _Streaming:
         path, method = scope["path"], scope["method"]
         stepped = getattr(self.source, "stepped_down", None)
         if stepped is not None:  # its table may be stale: answer nothing from it
@@ -210,13 +284,46 @@ class HTTPIngress:
         else:
             payload = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
         handle = self.source.get_handle(endpoint.name).options(timeout_s=self.timeout_s)
+        accept = _header(scope, b"accept")
+        sse = b"text/event-stream" in accept
+        if not hasattr(handle, "stream"):
+            # An ingress worker on asyncio (servecore run --workers N) does not stream
+            # yet: it answers every endpoint with one value.
+            try:
+                return await self._call(endpoint.name, handle, payload)
+            except StreamMismatch as exc:
+                return _error(501, "StreamingNotServedHere", f"{exc}; {_NO_WORKER_STREAMS}")
+        if sse or b"application/x-ndjson" in accept or endpoint.name in self._streaming:
+            cached = not sse and b"application/x-ndjson" not in accept
+            return _Streaming(endpoint.name, handle.stream(payload), sse, handle, payload, cached)
         try:
             result = await handle.call(payload)
+        except StreamMismatch as exc:
+            if not exc.streams:
+                return _failure(exc)
+            # A generator target: remember it, so later requests stream at once.
+            self._streaming.add(endpoint.name)
+            return _Streaming(endpoint.name, handle.stream(payload), sse, handle, payload, False)
         except Exception as exc:
-            status = next((code for kind, code in _STATUS if isinstance(exc, kind)), 500)
-            if status == 500 and isinstance(exc, ServecoreError) and exc.__cause__:
-                exc = exc.__cause__  # type: ignore[assignment]
-            return _error(status, type(exc).__name__, str(exc))
+            return _failure(exc)
+        return self._result(endpoint.name, path, result)
+
+    async def _call(
+        self, name: str, handle: Any, payload: Any
+    ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        try:
+            result = await handle.call(payload)
+        except StreamMismatch:
+            raise
+        except Exception as exc:
+            return _failure(exc)
+        return self._result(name, "", result)
+
+    def _result(
+        self, name: str, path: str, result: Any
+    ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        endpoint = self.source.routing_table.endpoints.get(name)
+        path = path or (endpoint.route or "" if endpoint is not None else "")
         try:
             return 200, _dumps(result), []
         except (TypeError, ValueError, RecursionError) as exc:
@@ -224,12 +331,87 @@ class HTTPIngress:
             # log (once, here) gets the details.
             log.error(
                 "servecore.http: endpoint %r at %s returned a result that is not JSON: %s",
-                endpoint.name,
+                name,
                 path,
                 _describe(exc),
             )
-            why = f"endpoint {endpoint.name!r} returned a result that is not JSON: {_describe(exc)}"
+            why = f"endpoint {name!r} returned a result that is not JSON: {_describe(exc)}"
             return _error(500, "ResultNotJSON", why)
+
+
+_NO_WORKER_STREAMS = (
+    "ingress workers do not stream yet: serve streaming endpoints with "
+    "'servecore run --workers 0' (the controller's own ingress)"
+)
+
+
+class _Streaming:
+    """An answer that streams: the endpoint's items, sent as they come."""
+
+    __slots__ = ("cached", "endpoint", "handle", "items", "payload", "sse")
+
+    def __init__(
+        self, endpoint: str, items: Any, sse: bool, handle: Any, payload: Any, cached: bool
+    ) -> None:
+        self.endpoint = endpoint
+        self.items = items
+        self.sse = sse
+        self.handle = handle
+        self.payload = payload
+        #: Streamed only because the endpoint streamed before (not asked for).
+        self.cached = cached
+
+
+_NOTHING = object()
+
+
+def _header(scope: Scope, name: bytes) -> bytes:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return bytes(value).lower()
+    return b""
+
+
+def _chunk(item: Any, sse: bool, endpoint: str) -> MutableMapping[str, Any]:
+    """One item as a body chunk: a JSON line, or an SSE ``data:`` event."""
+    try:
+        data = _dumps(item)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise _ItemNotJSON(endpoint, _describe(exc)) from None
+    body = b"data: " + data + b"\n\n" if sse else data + b"\n"
+    return {"type": "http.response.body", "body": body, "more_body": True}
+
+
+class _ItemNotJSON(ServecoreError, TypeError):
+    """A streamed item that is not JSON: the stream ends with this as its error."""
+
+    def __init__(self, endpoint: str, why: str) -> None:
+        super().__init__(f"endpoint {endpoint!r} streamed an item that is not JSON: {why}")
+
+
+def _failure(exc: BaseException) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+    """The status and JSON body for a query that failed with ``exc``."""
+    status = next((code for kind, code in _STATUS if isinstance(exc, kind)), 500)
+    if status == 500 and isinstance(exc, ServecoreError) and exc.__cause__:
+        exc = exc.__cause__
+    return _error(status, type(exc).__name__, str(exc))
+
+
+async def _send_whole(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 def _counting(controller: Any, send: Send) -> Send:

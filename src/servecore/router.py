@@ -62,6 +62,7 @@ from servecore._core.errors import (
     EndpointNotFound,
     NoReplicaError,
     ReplicaDiedError,
+    StreamMismatch,
 )
 from servecore._core.maps import Map
 from servecore._core.transitions import BackendRoute, Endpoint, RoutingTable
@@ -69,7 +70,7 @@ from servecore._serving.router_stats import BackendLoad, QueryStats, RouterStati
 from servecore.runtimes._protocol import Query, Runtime
 from servecore.runtimes.toolkit import batch_argument
 
-__all__ = ["DEFAULT_MAX_QUEUED_QUERIES", "MAX_RESENDS", "Handle", "Router"]
+__all__ = ["DEFAULT_MAX_QUEUED_QUERIES", "MAX_RESENDS", "Handle", "HandleStream", "Router"]
 
 log = logging.getLogger("servecore.router")
 
@@ -672,6 +673,63 @@ class Router:
                 w.finish(result=result)
         self._release(b, tag, len(batch))
 
+    # -- streams --------------------------------------------------------------------------
+
+    async def open_stream(self, endpoint: str, query: Query) -> _RouterStream:
+        """Open a stream on ``endpoint`` (a generator target): a replica slot is taken
+        for the stream's whole life, and given back when it ends or is closed.
+
+        Never batched and never shadowed. A replica that refuses it unbegun (draining)
+        or cannot be reached passes it to another, as a query; once an item has
+        arrived, a death ends the stream with :class:`~servecore.ReplicaDiedError`
+        and it is never restarted.
+        """
+        if self._refusal is not None:
+            raise self._refusal()
+        ep = self._endpoints.get(endpoint)
+        if ep is None:
+            raise EndpointNotFound(endpoint, tuple(sorted(self._endpoints)))
+        if not ep.tags:
+            raise NoReplicaError(
+                endpoint, "it has no traffic; call set_traffic to send it to a backend"
+            )
+        b = self._backends[ep.choose(self.rng)]
+        if b.route.max_batch_size is not None:
+            raise StreamMismatch(f"of backend {b.tag!r} (it batches its queries)", streams=False)
+        if getattr(self.runtime, "stream", None) is None:
+            raise StreamMismatch(
+                f"of backend {b.tag!r} (its runtime {type(self.runtime).__name__} does not stream)",
+                streams=False,
+            )
+        stream = _RouterStream(self, endpoint, b, query)
+        await stream.open()
+        return stream
+
+    async def _open_on_replica(self, endpoint: str, b: _Backend, query: Query) -> tuple[str, Any]:
+        """Take a slot and open the stream there; resend what a replica never began."""
+        resends = 0
+        while True:
+            if self._closed:
+                raise NoReplicaError(endpoint, "the controller is closed")
+            tag = None if b.n_waiting else b.acquire(b.route.max_concurrent_queries)
+            if tag is None:
+                tag = await self._wait_for_slot(endpoint, b, query)  # its slot comes counted
+            try:
+                items = await self.runtime.stream(tag, query)  # type: ignore[attr-defined]
+            except ReplicaDiedError as exc:
+                self._release(b, tag, 1)
+                if exc.tag != tag:
+                    raise
+                self._lost_replica(b, tag)
+                if not _never_ran(exc) or resends >= MAX_RESENDS:
+                    raise
+                resends += 1
+                continue
+            except BaseException:
+                self._release(b, tag, 1)
+                raise
+            return tag, items
+
     # -- host threads ---------------------------------------------------------------------
 
     def call_blocking(self, endpoint: str, query: Query, timeout_s: float | None = None) -> Any:
@@ -758,6 +816,148 @@ class Router:
             log.debug("shadow copy to backend %r failed: %r", b.tag, exc)
 
 
+class _RouterStream:
+    """A stream through the router: its replica slot, its statistics, resends of a
+    stream no replica began (trio thread)."""
+
+    def __init__(self, router: Router, endpoint: str, b: _Backend, query: Query) -> None:
+        self.router = router
+        self.endpoint = endpoint
+        self.backend = b
+        self.query = query
+        self.tag: str | None = None
+        self.items: Any = None
+        self.resends = 0
+        self.finished = False
+        self.started = time.perf_counter()
+
+    async def open(self) -> None:
+        try:
+            self.tag, self.items = await self.router._open_on_replica(
+                self.endpoint, self.backend, self.query
+            )
+        except BaseException as exc:
+            self.finished = True
+            self._record(outcome_of(exc))
+            raise
+
+    def _record(self, outcome: str) -> None:
+        self.router.stats.record(
+            self.endpoint, self.backend.tag, outcome, time.perf_counter() - self.started
+        )
+
+    def _finish(self, outcome: str) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.tag is not None:
+            self.router._release(self.backend, self.tag, 1)
+        self._record(outcome)
+
+    async def next(self) -> Any:
+        """The next item; ``StopAsyncIteration`` at the end."""
+        while True:
+            if self.finished:
+                raise StopAsyncIteration
+            try:
+                return await self.items.__anext__()
+            except StopAsyncIteration:
+                self._finish("ok")
+                raise
+            except ReplicaDiedError as exc:
+                tag = self.tag
+                if exc.tag == tag and tag is not None:
+                    self.router._lost_replica(self.backend, tag)
+                    if _never_ran(exc) and self.items.delivered == 0 and self.resends < MAX_RESENDS:
+                        # Refused unbegun (a draining replica): open it elsewhere.
+                        self.resends += 1
+                        self.router._release(self.backend, tag, 1)
+                        self.tag = None
+                        await self.open()
+                        continue
+                self._finish("replica_died")
+                raise
+            except BaseException as exc:
+                # The consumer gave up mid-wait (cancelled): stop the generator too.
+                self.close(outcome_of(exc))
+                raise
+
+    def close(self, outcome: str = "cancelled") -> None:
+        """Stop reading; a stream still running is cancelled in its replica."""
+        if self.finished:
+            return
+        if self.items is not None:
+            self.items.close()
+        self._finish(outcome)
+
+
+class HandleStream:
+    """The items of one streamed query, as its replica yields them::
+
+        async with handle.stream("a prompt") as tokens:
+            async for token in tokens:
+                ...
+
+    The stream is opened on the first item asked for. Leaving the ``async with``
+    block (or :meth:`aclose`, or dropping the object) before the end cancels the
+    generator in the replica. A replica death mid-stream raises
+    :class:`~servecore.ReplicaDiedError` after the items already delivered; a stream
+    is never restarted. With ``timeout_s`` on the handle, each item must come within
+    it (``TimeoutError``, and the stream is cancelled).
+    """
+
+    __slots__ = ("__weakref__", "_handle", "_query", "_stream")
+
+    def __init__(self, handle: Handle, query: Query) -> None:
+        self._handle = handle
+        self._query = query
+        self._stream: _RouterStream | None = None
+
+    def __aiter__(self) -> HandleStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        router = self._handle.router
+        timeout_s = self._handle.timeout_s
+        if timeout_s is None:
+            return await self._next(router)
+        with trio.move_on_after(timeout_s):
+            return await self._next(router)
+        if self._stream is not None:
+            self._stream.close("timeout")
+        raise TimeoutError(
+            f"stream from endpoint {self._handle.endpoint!r} gave no item within {timeout_s}s"
+        )
+
+    async def _next(self, router: Router) -> Any:
+        if self._stream is None:
+            self._stream = await router.open_stream(self._handle.endpoint, self._query)
+        return await self._stream.next()
+
+    async def aclose(self) -> None:
+        """Stop reading: the generator in the replica is cancelled if still running."""
+        self.close()
+
+    def close(self) -> None:
+        """:meth:`aclose` for the trio thread, without awaiting."""
+        stream = self._stream
+        if stream is not None:
+            stream.close()
+
+    async def __aenter__(self) -> HandleStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # A consumer that broke out of its loop and dropped us: stop the generator.
+        stream = self._stream
+        token = self._handle.router._token
+        if stream is not None and not stream.finished and token is not None:
+            _post(token, stream.close)
+
+
 class Handle:
     """Sends queries to one endpoint: ``await ctl.get_handle("echo").call("hi")``.
 
@@ -803,6 +1003,17 @@ class Handle:
         if self.timeout_s is None:
             return await self._router.call(self.endpoint, query)
         return await self._router.call_timed(self.endpoint, query, self.timeout_s)
+
+    def stream(self, *args: Any, **kwargs: Any) -> HandleStream:
+        """Stream the items a generator target yields for one query (see
+        :class:`HandleStream`)::
+
+            async for token in handle.stream("once upon a time"):
+                print(token, end="")
+
+        A target that answers once raises :class:`~servecore.StreamMismatch`.
+        """
+        return HandleStream(self, Query(args=args, kwargs=kwargs))
 
     def call_blocking(self, *args: Any, **kwargs: Any) -> Any:
         """Run one query from a host thread (not the trio thread), blocking for the result.

@@ -24,6 +24,8 @@ import importlib.util
 import json
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -227,7 +229,15 @@ def test_only_fragments_are_marked_not_run() -> None:
 # examples/
 
 
-CHECKED_EXAMPLES = {"__init__.py", "demo.py", "textapp.py", "app.toml", "mp_runtime"}
+CHECKED_EXAMPLES = {
+    "__init__.py",
+    "demo.py",
+    "textapp.py",
+    "app.toml",
+    "mp_runtime",
+    "llm_stream.py",
+    "llm_stream.toml",
+}
 
 
 def test_every_file_in_examples_is_checked() -> None:
@@ -335,3 +345,79 @@ def test_every_section_reference_names_design_md_and_an_existing_section() -> No
     # This file's own patterns are not references.
     wrong = [w for w in wrong if not w.startswith("tests/ops/test_docs.py")]
     assert not wrong, "\n".join(wrong)
+
+
+def _serve_llm_stream(workdir: Path) -> tuple[subprocess.Popen[str], int, Path]:
+    """``servecore run examples/llm_stream.toml`` on the subprocess runtime, as its
+    docstring says; answers the server, its port and its store."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    store = workdir / "st" / "state.db"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    server = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "servecore", "run", str(EXAMPLES / "llm_stream.toml")),
+            *("--runtime", "subprocess", "--workers", "0", "--stop-replicas"),
+            *("--port", str(port), "--store", str(store)),
+        ],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert server.stdout is not None
+    for line in server.stdout:
+        if line.startswith("servecore: serving"):
+            return server, port, store
+    raise AssertionError(f"servecore run exited with {server.wait()}")
+
+
+def _post_stream(port: int, body: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    sock.sendall(
+        b"POST /generate HTTP/1.1\r\nHost: x\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    return sock
+
+
+@pytest.mark.slow
+def test_the_llm_stream_example_streams_tokens_and_a_client_that_leaves_stops_it(
+    workdir: Path,
+) -> None:
+    server, port, store = _serve_llm_stream(workdir)
+    try:
+        # Tokens arrive one by one: the first read holds a token but not the end.
+        with _post_stream(port, b'{"prompt": "hi", "max_tokens": 5}') as sock:
+            data = sock.recv(65536)
+            while b'"' not in data.partition(b"\r\n\r\n")[2]:
+                data += sock.recv(65536)
+            assert b"application/x-ndjson" in data and b"0\r\n\r\n" not in data
+            while not data.endswith(b"0\r\n\r\n"):
+                data += sock.recv(65536)
+        assert data.count(b'"Once "') == 1 and data.count(b'"\n\r\n') == 5
+        # A client that leaves after three tokens stops the generator in the replica.
+        with _post_stream(port, b'{"prompt": "a long one"}') as sock:
+            data = b""
+            while data.count(b'"') < 6:
+                data += sock.recv(65536)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+        logs = ""
+        for _ in range(600):  # a bounded wait for the replica to log it
+            logs = subprocess.run(
+                [sys.executable, "-m", "servecore", "logs", "tinylm", "--store", str(store)],
+                cwd=workdir,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            ).stdout
+            if "the client went away" in logs:
+                break
+        assert re.search(r"TinyLM: stopped after \d+ of 50 tokens: the client went away", logs)
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=60)

@@ -16,6 +16,7 @@ import trio.testing
 
 import async_targets
 import servecore
+import stream_targets
 import targets
 from opened_runtime import Opened
 from servecore._core.errors import InvalidConfig, InvalidTarget, ReplicaDiedError
@@ -169,11 +170,13 @@ async def test_batching_needs_a_batch_target(rt: Opened) -> None:
     await rt.runtime.start_replica(effect("b#0", targets.double_all, max_batch_size=4))
 
 
-async def test_function_with_init_args_and_async_generators_are_rejected(rt: Opened) -> None:
+async def test_function_with_init_args_is_rejected_and_async_generators_stream(
+    rt: Opened,
+) -> None:
     with pytest.raises(TypeError, match="takes no init_args"):
         await rt.runtime.start_replica(effect("fa#0", targets.plain, 1))
-    with pytest.raises(TypeError, match="is an async generator"):
-        await rt.runtime.start_replica(effect("ag#0", async_targets.async_stream))
+    await rt.runtime.start_replica(effect("ag#0", async_targets.async_stream))
+    assert [x async for x in await rt.runtime.stream("ag#0", q(5))] == [5]
 
 
 # -- async targets ------------------------------------------------------------------------
@@ -537,13 +540,16 @@ async def test_a_controller_serves_an_async_backend_through_handles() -> None:
 
 class _SyncOnlyRuntime(ThreadRuntime):
     supports_async_targets = False
+    supports_streaming = False
 
 
 async def test_create_backend_refuses_what_cannot_run() -> None:
     async with servecore.open_controller(runtime=_SyncOnlyRuntime(), name="refuse") as ctl:
         seq = ctl.seq
-        with pytest.raises(InvalidTarget, match="is an async generator"):
+        with pytest.raises(InvalidTarget, match="streaming is not yet supported"):
             await ctl.create_backend("s", async_targets.async_stream)
+        with pytest.raises(InvalidTarget, match="streaming is not yet supported"):
+            await ctl.create_backend("s", stream_targets.Counter)
         with pytest.raises(InvalidTarget, match="'threads' or 'subprocess' runtime"):
             await ctl.create_backend("a", async_targets.async_echo)
         with pytest.raises(InvalidTarget, match="is async"):

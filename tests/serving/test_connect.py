@@ -345,3 +345,25 @@ def test_a_table_is_taken_only_when_newer_by_seq_then_epoch() -> None:
     assert not VersionedTable(seq=7, epoch=2).newer_than(old)  # the same table again
     assert not VersionedTable(seq=6, epoch=9).newer_than(old)
     assert VersionedTable(seq=0).newer_than(None)
+
+
+STREAM_APP = """
+[backends.counter]
+target = "stream_targets:Counter"
+
+[endpoints.count]
+traffic = { counter = 1.0 }
+"""
+
+
+def test_a_connected_handle_streams_from_a_subprocess_replica(server: Server) -> None:
+    app = server.write("app.toml", STREAM_APP)
+    server.run(app, "--runtime", "subprocess", "--workers", "0", "--stop-replicas")
+    with servecore.connect(server.store) as client:
+        count = client.get_handle("count")
+        assert [i for i, _ in count.stream(5)] == [0, 1, 2, 3, 4]
+        with count.stream(1000) as items:
+            assert next(items)[0] == 0
+        with count.stream("stats") as items:
+            record = next(items)
+        assert 1 <= record["produced"] <= 5 + 1 + 16

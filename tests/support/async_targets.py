@@ -33,7 +33,7 @@ async def async_double_all(values: list[Any]) -> list[Any]:
     return [(v * 2, len(values)) for v in values]
 
 
-async def async_stream(value: Any) -> Any:  # an async generator: refused
+async def async_stream(value: Any) -> Any:  # an async generator: a stream
     yield value
 
 

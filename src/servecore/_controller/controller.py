@@ -847,8 +847,9 @@ def _loaded_target(path: str) -> Any:
 
 def refuse_unservable_target(backend: str, target: str, runtime: object) -> None:
     """Refuse, before anything is saved, a target the controller can already tell will
-    never start: an async generator (a stream; a query has one answer), or an async
-    target on a runtime that does not declare ``supports_async_targets``.
+    never start: a generator (a stream) on a runtime that does not declare
+    ``supports_streaming``, a ``@servecore.batch`` generator, or an async target on a
+    runtime that does not declare ``supports_async_targets``.
 
     Only a target whose module the host has imported is inspected (passing the class
     or function itself always is); any other is checked by the replica as it starts.
@@ -856,13 +857,25 @@ def refuse_unservable_target(backend: str, target: str, runtime: object) -> None
     found = _loaded_target(target)
     if found is None:
         return
-    if toolkit.is_async_generator(found):
-        raise InvalidTarget(
-            target,
-            "it is an async generator, which streams its answer, and a query has one answer",
-            backend=backend,
-            fix="return the whole result (a list, say) from a plain 'async def'",
-        )
+    if toolkit.is_stream(found):
+        if not getattr(runtime, "supports_streaming", False):
+            name = type(runtime).__name__
+            raise InvalidTarget(
+                target,
+                f"it is a generator, which streams its answer, and streaming is not yet "
+                f"supported on the runtime {name}",
+                backend=backend,
+                fix="serve it with the 'threads' or 'subprocess' runtime, or return the "
+                "whole result (a list, say)",
+            )
+        if toolkit.is_batch(found):
+            raise InvalidTarget(
+                target,
+                "it is both @servecore.batch and a generator, and a batch has one answer per query",
+                backend=backend,
+                fix="drop @servecore.batch to stream, or return a list to batch",
+            )
+        return
     if toolkit.is_async(found) and not getattr(runtime, "supports_async_targets", False):
         name = type(runtime).__name__
         raise InvalidTarget(

@@ -38,14 +38,14 @@ from servecore._controller.status import Status
 from servecore._core.errors import ControllerClosed, SteppedDown
 from servecore._core.transitions import BackendConfig, Command, RoutingTable, State
 from servecore._serving.router_stats import RouterStatistics
-from servecore.router import Handle, Router
+from servecore.router import Handle, HandleStream, Router
 from servecore.runtimes import Runtime
 from servecore.stores import Store
 
 if TYPE_CHECKING:
     from servecore.app import App, Applied
 
-__all__ = ["SyncController", "SyncHandle", "start"]
+__all__ = ["SyncController", "SyncHandle", "SyncStream", "start"]
 
 T = TypeVar("T")
 
@@ -80,8 +80,61 @@ class SyncHandle:
         """
         return self._handle.call_blocking(*args, **kwargs)
 
+    def stream(self, *args: Any, **kwargs: Any) -> SyncStream:
+        """Stream the items a generator target yields for one query, from any thread::
+
+            with handle.stream("once upon a time") as tokens:
+                for token in tokens:
+                    print(token, end="")
+
+        Leaving the ``with`` block (or :meth:`SyncStream.close`, or dropping the
+        iterator) before the end cancels the generator in the replica. See
+        :class:`~servecore.router.HandleStream`.
+        """
+        return SyncStream(self._handle.stream(*args, **kwargs), self._token)
+
     def __repr__(self) -> str:
         return f"SyncHandle(endpoint={self.endpoint!r}, timeout_s={self._handle.timeout_s!r})"
+
+
+class SyncStream:
+    """A blocking iterator over a streamed query's items (see :meth:`SyncHandle.stream`)."""
+
+    __slots__ = ("_closed", "_stream", "_token")
+
+    def __init__(self, stream: HandleStream, token: trio.lowlevel.TrioToken) -> None:
+        self._stream = stream
+        self._token = token
+        self._closed = False
+
+    def __iter__(self) -> SyncStream:
+        return self
+
+    def __next__(self) -> Any:
+        if self._closed:
+            raise StopIteration
+        try:
+            return trio.from_thread.run(self._stream.__anext__, trio_token=self._token)
+        except StopAsyncIteration:
+            self._closed = True
+            raise StopIteration from None
+        except trio.RunFinishedError:
+            self._closed = True
+            raise ControllerClosed() from None
+
+    def close(self) -> None:
+        """Stop reading; the generator in the replica is cancelled if still running."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(trio.RunFinishedError):
+            trio.from_thread.run_sync(self._stream.close, trio_token=self._token)
+
+    def __enter__(self) -> SyncStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def _enter(token: trio.lowlevel.TrioToken, afn: Callable[[], Awaitable[T]]) -> T:

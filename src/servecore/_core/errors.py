@@ -48,6 +48,7 @@ __all__ = [
     "StoreAccessDenied",
     "StoreLocked",
     "StoreUnwritable",
+    "StreamMismatch",
     "UnpicklableResult",
 ]
 
@@ -423,6 +424,29 @@ class ReplicaDiedError(ServecoreError):
         self.tag = tag
         self.reason = reason
         super().__init__(f"replica {tag!r} died while serving the query: {reason or 'unknown'}")
+
+
+class StreamMismatch(ServecoreError, TypeError):
+    """A query asked for one answer from a target that streams (a generator), or for a
+    stream from a target that answers once. ``streams`` says which the target is."""
+
+    def __init__(self, target: str, streams: bool) -> None:
+        self.target = target
+        self.streams = streams
+        if streams:
+            why = (
+                f"target {target} is a generator: it streams its answer item by item; "
+                f"iterate handle.stream(...) instead of handle.call(...)"
+            )
+        else:
+            why = (
+                f"target {target} answers each query with one value, not a stream; use "
+                f"handle.call(...), or make it a generator to stream"
+            )
+        super().__init__(why)
+
+    def __reduce__(self) -> Any:
+        return (type(self), (self.target, self.streams))
 
 
 class BackpressureError(ServecoreError):

@@ -27,6 +27,7 @@ import trio
 from servecore._core.errors import ReplicaDiedError
 from servecore._core.transitions import StartReplica
 from servecore.runtimes._protocol import Query
+from servecore.runtimes._streams import ItemStream
 from servecore.runtimes.subprocess.blocking import BlockingCalls
 from servecore.runtimes.subprocess.files import ReplicaFiles, replica_key
 from servecore.runtimes.subprocess.replica import (
@@ -35,6 +36,7 @@ from servecore.runtimes.subprocess.replica import (
     open_replica_channel,
 )
 from servecore.runtimes.subprocess.wire import socket_address
+from servecore.runtimes.toolkit import DEFAULT_STREAM_WINDOW
 
 __all__ = ["ReplicaClient"]
 
@@ -94,6 +96,15 @@ class ReplicaClient:
         if connection is None or connection.dead:
             connection = await self._connect(tag)
         return await connection.call(batch)
+
+    async def stream(
+        self, tag: str, query: Query, window: int = DEFAULT_STREAM_WINDOW
+    ) -> ItemStream:
+        """Open a stream of a generator target on replica ``tag`` (as the host does)."""
+        connection = self._connections.get(tag)
+        if connection is None or connection.dead:
+            connection = await self._connect(tag)
+        return await connection.stream(query, window)
 
     def call_blocking(
         self, tag: str, batch: Sequence[Query], timeout_s: float | None

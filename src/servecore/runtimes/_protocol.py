@@ -79,6 +79,7 @@ __all__ = [
     "ReplicaInfo",
     "Report",
     "Runtime",
+    "Streaming",
 ]
 
 #: The callback a runtime uses to report events (``ReplicaDied``; see the module
@@ -88,9 +89,9 @@ Report = Callable[[Event], None]
 
 #: What every runtime must have.
 REQUIRED_METHODS = ("start_replica", "stop_replica", "list_replicas", "call")
-#: What a runtime may have (see :class:`Lifecycle` and :class:`Introspection`); the
-#: controller calls each only if it is there.
-OPTIONAL_METHODS = ("open", "close", "replica_info")
+#: What a runtime may have (see :class:`Lifecycle`, :class:`Introspection` and
+#: :class:`Streaming`); the controller and router call each only if it is there.
+OPTIONAL_METHODS = ("open", "close", "replica_info", "stream")
 
 
 @attrs.frozen(kw_only=True)
@@ -181,3 +182,20 @@ class Introspection(Protocol):
     def replica_info(self, tag: str) -> ReplicaInfo | None:
         """Where replica ``tag`` runs, or ``None`` if it is not known here. Must not
         block or raise (it is called from status and logging)."""
+
+
+@runtime_checkable
+class Streaming(Protocol):
+    """The optional streaming half of the protocol (a runtime that has it also sets
+    ``supports_streaming = True``; see docs/plugins.md, "Streams")."""
+
+    async def stream(self, tag: str, query: Query) -> Any:
+        """Open a stream of a generator target on replica ``tag``; return an async
+        iterator of its items (with ``close()``, which stops the generator).
+
+        Items come in order as the generator yields them, at most a bounded window
+        ahead of the consumer. A death mid-stream ends it with
+        :class:`~servecore.ReplicaDiedError` after the items already delivered; a
+        stream the replica never began raises one marked ``retry_safe``. A target that
+        does not stream raises :class:`~servecore.StreamMismatch`.
+        """

@@ -57,8 +57,15 @@ import trio
 from servecore._core.errors import InvalidConfig, ReplicaDiedError
 from servecore._core.transitions import ReplicaDied, StartReplica
 from servecore.runtimes._protocol import Query, Report
+from servecore.runtimes._streams import ItemStream
 from servecore.runtimes._waker import Waker
-from servecore.runtimes.toolkit import ReplicaCode, UserCodeEscaped, prepare_replica_code
+from servecore.runtimes.toolkit import (
+    DEFAULT_STREAM_WINDOW,
+    ReplicaCode,
+    StreamRun,
+    UserCodeEscaped,
+    prepare_replica_code,
+)
 
 __all__ = ["ThreadRuntime"]
 
@@ -140,6 +147,10 @@ class _Replica:
         self.dead = False
         self.thread: threading.Thread | None = None
         self.code: ReplicaCode | None = None  # (worker) set once built
+        # (trio) streams still open, and their producers (to cancel on a death)
+        self.streams: dict[ItemStream, StreamRun] = {}
+        self.streams_idle = trio.Event()  # (trio) set whenever no stream is open
+        self.streams_idle.set()
 
 
 class ThreadRuntime:
@@ -155,6 +166,8 @@ class ThreadRuntime:
     #: Serves ``async def`` targets (on a loop per replica); the controller refuses
     #: async targets at ``create_backend`` for runtimes that do not say this.
     supports_async_targets = True
+    #: Serves generator targets through :meth:`stream`.
+    supports_streaming = True
 
     def __init__(self, *, health_check_period_s: float = 10.0) -> None:
         if not health_check_period_s > 0:
@@ -237,12 +250,14 @@ class ThreadRuntime:
         rep = self._replicas.get(tag)
         if rep is None:
             return
-        if not rep.stopping:
-            rep.stopping = True
-            with rep.admit_lock:
-                rep.accepting = False
-                rep.inbox.put(None)  # after every query already queued: FIFO drains them
         with trio.move_on_after(timeout_s):
+            if not rep.stopping:
+                rep.stopping = True
+                with rep.admit_lock:
+                    rep.accepting = False
+                # Streams drain first: the worker's end closes an async replica's loop.
+                await rep.streams_idle.wait()
+                rep.inbox.put(None)  # after every query already queued: FIFO drains them
             await rep.finished.wait()
         if not rep.finished.is_set():
             log.warning(
@@ -297,6 +312,58 @@ class ThreadRuntime:
         assert job.outcome is not None
         answer: list[Any] = job.outcome.unwrap()
         return answer
+
+    async def stream(
+        self, tag: str, query: Query, window: int = DEFAULT_STREAM_WINDOW
+    ) -> ItemStream:
+        """Open a stream of a generator target on replica ``tag``: its items, as the
+        generator yields them, at most ``window`` ahead of the consumer."""
+        rep = self._replicas.get(tag)
+        if rep is None or not rep.accepting or rep.code is None or self._token is None:
+            why = "it is stopping" if rep is not None and rep.stopping else "it is not alive"
+            raise _not_run(tag, f"the threads runtime cannot serve it: {why}")
+        token = self._token
+
+        def post(fn: Callable[..., object], *args: Any) -> None:
+            try:  # noqa: SIM105
+                token.run_sync_soon(fn, *args)
+            except trio.RunFinishedError:
+                pass
+
+        run: StreamRun | None = None
+
+        def grant(n: int) -> None:
+            if run is not None:
+                run.grant(n)
+
+        def cancel() -> None:
+            if run is not None:
+                run.cancel()
+
+        items = ItemStream(tag=tag, grant=grant, cancel=cancel)
+
+        def finish(error: BaseException | None, cancelled: bool) -> None:
+            post(self._stream_ended, rep, items, error)
+
+        # Raises StreamMismatch at once for a target that does not stream.
+        run = rep.code.open_stream(
+            query, window=window, emit=lambda item: post(items.push, item), finish=finish
+        )
+        rep.streams[items] = run
+        rep.streams_idle = trio.Event()
+        run.start()
+        return items
+
+    def _stream_ended(self, rep: _Replica, items: ItemStream, error: BaseException | None) -> None:
+        if rep.streams.pop(items, None) is None:
+            return  # a death ended it already
+        if not rep.streams:
+            rep.streams_idle.set()
+        if isinstance(error, UserCodeEscaped):
+            items.end(ReplicaDiedError(rep.tag, str(error)))
+            self._died(rep, str(error))
+            return
+        items.end(error)
 
     def _new_waker_reclaim(self) -> None:
         """Put back in the pool the wakers of abandoned jobs no worker can signal now."""
@@ -396,6 +463,11 @@ class ThreadRuntime:
                 job.answered = True
                 to_wake.append(job)
         rep.jobs.clear()
+        streams, rep.streams = rep.streams, {}
+        for items, run in streams.items():
+            run.cancel()
+            items.end(ReplicaDiedError(rep.tag, reason))
+        rep.streams_idle.set()
         code = rep.code
         if code is not None:
             code.close()  # cancels what still runs on an async replica's loop

@@ -28,8 +28,14 @@ What a built replica follows:
   ``asyncio.get_running_loop()``. A runtime opts in with ``allow_async=True`` (it then
   calls :attr:`ReplicaCode.run_async`, or the blocking :attr:`ReplicaCode.run`, and
   :meth:`ReplicaCode.close` when the replica ends); without it an async target is
-  refused with ``TypeError``. An async *generator* is always refused: a query has one
-  answer. Trio code runs inside an asyncio target through ``trio-asyncio``, or as a
+  refused with ``TypeError``.
+* **Streams.** A generator target (``def`` or ``async def`` with ``yield``, or a class
+  whose ``__call__`` is one) streams: a runtime that serves async targets opens each
+  stream with :meth:`ReplicaCode.open_stream` (a :class:`StreamRun`: items against
+  credit, cancellable); its ``run`` refuses a query asking for one answer with
+  :class:`~servecore.StreamMismatch`. Without ``allow_async`` (``allow_stream``) a
+  generator is refused with ``TypeError``; a ``@batch`` generator always is.
+* **Trio.** Trio code runs inside an asyncio target through ``trio-asyncio``, or as a
   plain ``def`` target that calls ``trio.run`` (each replica thread may run its own).
 * **Batching.** A target marked with :func:`batch` receives a *list* (one element per
   query) and must return a list of the same length, in the same order
@@ -67,15 +73,17 @@ from typing import Any, TypeVar
 
 import attrs
 
-from servecore._core.errors import InvalidConfig, ServecoreError
+from servecore._core.errors import InvalidConfig, ServecoreError, StreamMismatch
 from servecore._core.transitions import StartReplica
 from servecore.runtimes._protocol import Query
 
 __all__ = [
     "BATCH_MARKER",
+    "DEFAULT_STREAM_WINDOW",
     "BatchSizeError",
     "ReplicaCode",
     "ReplicaLoop",
+    "StreamRun",
     "UserCodeEscaped",
     "apply_user_config",
     "batch",
@@ -88,6 +96,7 @@ __all__ = [
     "is_async",
     "is_async_generator",
     "is_batch",
+    "is_stream",
     "make_async_runner",
     "make_runner",
     "prepare_replica",
@@ -194,9 +203,20 @@ def is_async(obj: Any) -> bool:
 
 
 def is_async_generator(obj: Any) -> bool:
-    """Whether calling ``obj`` gives an async generator (a stream, which no runtime
-    serves: a query has one answer)."""
+    """Whether calling ``obj`` gives an async generator (a stream, served item by item
+    on the replica's asyncio loop)."""
     return inspect.isasyncgenfunction(obj) or inspect.isasyncgenfunction(_call_of(obj))
+
+
+def is_stream(obj: Any) -> bool:
+    """Whether ``obj`` streams its answer: calling it gives a generator or an async
+    generator (a function, or a class whose ``__call__`` is one)."""
+    call = _call_of(obj)
+    return (
+        inspect.isgeneratorfunction(obj)
+        or inspect.isgeneratorfunction(call)
+        or is_async_generator(obj)
+    )
 
 
 def _name_of(obj: Any) -> str:
@@ -209,17 +229,27 @@ def instantiate(
     init_kwargs: dict[str, Any],
     *,
     allow_async: bool = False,
+    allow_stream: bool | None = None,
 ) -> Any:
     """The replica object: ``target(*init_args, **init_kwargs)`` for a class, the
-    function itself otherwise. An async generator is refused (``TypeError``), and so is
-    any async target unless the runtime serves them (``allow_async=True``)."""
+    function itself otherwise. A streaming target (a generator) is refused
+    (``TypeError``) unless the runtime streams (``allow_stream``, which defaults to
+    ``allow_async``), and so is any async target unless the runtime serves them
+    (``allow_async=True``)."""
+    if allow_stream is None:
+        allow_stream = allow_async
     if not isinstance(target, type) and not callable(target):
         raise TypeError(f"{target!r} is neither a class nor a function")
-    if is_async_generator(target):
+    if is_stream(target) and not allow_stream:
         raise TypeError(
-            f"{_name_of(target)!r} is an async generator, which streams its answer; a "
-            f"replica answers each query with one value, so return the whole result "
-            f"(a list, say) from a plain 'async def'"
+            f"{_name_of(target)!r} is a generator, which streams its answer, and this "
+            f"runtime does not stream yet; serve it with the 'threads' or 'subprocess' "
+            f"runtime, or return the whole result (a list, say)"
+        )
+    if is_stream(target) and is_batch(target):
+        raise TypeError(
+            f"{_name_of(target)!r} is both @servecore.batch and a generator; a batch "
+            f"has one answer per query, so a batch target cannot stream"
         )
     if is_async(target) and not allow_async:
         raise TypeError(
@@ -485,11 +515,174 @@ class ReplicaCode:
     check_health: Callable[[], object] | None
     run_async: Callable[[Sequence[Query]], Awaitable[list[Any]]] | None = None
     loop: ReplicaLoop | None = None
+    #: The target streams (a generator): queries go through :meth:`open_stream`, and
+    #: ``run`` refuses them with :class:`~servecore.StreamMismatch`.
+    streams: bool = False
+    #: The import path of the target, for messages.
+    target: str = ""
 
     def close(self) -> None:
         """End the replica's loop, if it has one (cancelling what still runs there)."""
         if self.loop is not None:
             self.loop.close()
+
+    def open_stream(
+        self,
+        query: Query,
+        *,
+        window: int,
+        emit: Callable[[Any], object],
+        finish: Callable[[BaseException | None, bool], object],
+    ) -> StreamRun:
+        """Prepare one stream of a streaming target (call :meth:`StreamRun.start`).
+
+        Raises :class:`~servecore.StreamMismatch` at once for a target that does not
+        stream. See :class:`StreamRun` for ``window``, ``emit`` and ``finish``.
+        """
+        if not self.streams:
+            raise StreamMismatch(self.target, streams=False)
+        return StreamRun(self, query, window=window, emit=emit, finish=finish)
+
+
+#: Items a stream's producer may run ahead of its consumer (the credit a host grants
+#: first): a slow consumer holds the generator at most this many items ahead.
+DEFAULT_STREAM_WINDOW = 16
+
+
+class StreamRun:
+    """One stream being produced in a replica, with credit-based backpressure.
+
+    The generator runs on a thread of its own (a sync generator) or as a task on the
+    replica's :class:`ReplicaLoop` (an async generator, within the loop's concurrency
+    bound). It takes the next item only while it holds credit: ``window`` items at
+    first, and one more for each :meth:`grant`, so a slow consumer slows the producer
+    and no buffer grows past ``window``. ``emit(item)`` is called for each item (on the
+    producer's thread); ``finish(error, cancelled)`` once at the end: ``error`` is the
+    user's exception (:class:`UserCodeEscaped` for ``SystemExit`` and the like), or
+    ``None``. :meth:`cancel` (from any thread) stops the generator: an async one is
+    cancelled where it awaits, or closed at its ``yield``; a sync one is closed
+    (``GeneratorExit`` at its ``yield``) before it is asked for another item.
+    """
+
+    def __init__(
+        self,
+        code: ReplicaCode,
+        query: Query,
+        *,
+        window: int,
+        emit: Callable[[Any], object],
+        finish: Callable[[BaseException | None, bool], object],
+    ) -> None:
+        if window < 1:
+            raise ValueError(f"window={window!r} must be at least 1")
+        self._code = code
+        self._query = query
+        self._emit = emit
+        self._finish = finish
+        self._credit = window
+        self._cancelled = False
+        self._cond = threading.Condition()
+        self._more: asyncio.Event | None = None
+        self._future: concurrent.futures.Future[None] | None = None
+        #: Items emitted so far.
+        self.emitted = 0
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether :meth:`cancel` was called."""
+        return self._cancelled
+
+    def start(self) -> None:
+        """Begin producing (returns at once)."""
+        loop = self._code.loop
+        if loop is not None and is_async_generator(self._code.obj):
+            self._more = asyncio.Event()
+            future = loop.submit(self._produce_async)
+            self._future = future
+            future.add_done_callback(self._async_done)
+            if self._cancelled:
+                future.cancel()
+            return
+        threading.Thread(target=self._produce_sync, name="servecore-stream", daemon=True).start()
+
+    def grant(self, n: int) -> None:
+        """Let the producer take ``n`` more items (any thread)."""
+        with self._cond:
+            self._credit += n
+            self._cond.notify_all()
+        more, loop = self._more, self._code.loop
+        if more is not None and loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed already
+                loop.loop.call_soon_threadsafe(more.set)
+
+    def cancel(self) -> None:
+        """Stop the generator (any thread; idempotent)."""
+        with self._cond:
+            self._cancelled = True
+            self._cond.notify_all()
+        if self._future is not None:
+            self._future.cancel()
+
+    def _take_credit(self) -> bool:
+        with self._cond:
+            while self._credit <= 0 and not self._cancelled:
+                self._cond.wait()
+            if self._cancelled:
+                return False
+            self._credit -= 1
+            return True
+
+    def _produce_sync(self) -> None:
+        error: BaseException | None = None
+        try:
+            q = self._query
+            gen = self._code.obj(*q.args, **q.kwargs)
+            try:
+                while self._take_credit():
+                    try:
+                        item = next(gen)
+                    except StopIteration:
+                        break
+                    self._emit(item)
+                    self.emitted += 1
+            finally:
+                gen.close()  # GeneratorExit at its yield when it was stopped early
+        except Exception as exc:
+            error = exc
+        except BaseException as exc:
+            error = UserCodeEscaped(exc)
+        self._finish(error, self._cancelled and error is None)
+
+    async def _produce_async(self) -> None:
+        more = self._more
+        assert more is not None
+        q = self._query
+        agen = self._code.obj(*q.args, **q.kwargs)
+        try:
+            while True:
+                while True:
+                    with self._cond:
+                        if self._credit > 0:
+                            self._credit -= 1
+                            break
+                        # Cleared under the lock: a grant after this sets it again.
+                        more.clear()
+                    await more.wait()
+                try:
+                    item = await agen.__anext__()
+                except StopAsyncIteration:
+                    return
+                self._emit(item)
+                self.emitted += 1
+        finally:
+            await agen.aclose()
+
+    def _async_done(self, future: concurrent.futures.Future[None]) -> None:
+        if future.cancelled():
+            self._finish(None, True)
+            return
+        error = future.exception()
+        self._finish(error, False)
 
 
 def build_replica(effect: StartReplica, *, allow_async: bool = False) -> ReplicaCode:
@@ -527,12 +720,18 @@ def _build(
     max_concurrent_queries: int = 1,
 ) -> ReplicaCode:
     found = import_target(target)
-    if not (allow_async and is_async(found)):
-        obj = instantiate(found, init_args, init_kwargs)
+    streams = allow_async and is_stream(found)
+    if not (allow_async and (is_async(found) or is_async_generator(found))):
+        obj = instantiate(found, init_args, init_kwargs, allow_stream=allow_async)
         _check_batching(obj, target, backend, max_batch_size)
         apply_user_config(obj, user_config)
+        run = _refuse_call(target) if streams else make_runner(obj, target)
         return ReplicaCode(
-            obj=obj, run=make_runner(obj, target), check_health=find_health_check(obj)
+            obj=obj,
+            run=run,
+            check_health=find_health_check(obj),
+            streams=streams,
+            target=target,
         )
     loop = ReplicaLoop(name=backend, max_concurrent=max_concurrent_queries)
     try:
@@ -562,10 +761,35 @@ def _build(
         loop.close()
         raise
 
-    def run(queries: Sequence[Query]) -> list[Any]:
+    def run_on_loop(queries: Sequence[Query]) -> list[Any]:
         return loop.run(lambda: run_async(queries))
 
-    return ReplicaCode(obj=obj, run=run, check_health=check, run_async=run_async, loop=loop)
+    run = run_on_loop
+    if streams:
+        run = _refuse_call(target)
+
+        async def refuse_async(queries: Sequence[Query]) -> list[Any]:
+            raise StreamMismatch(target, streams=True)
+
+        run_async = refuse_async
+    return ReplicaCode(
+        obj=obj,
+        run=run,
+        check_health=check,
+        run_async=run_async,
+        loop=loop,
+        streams=streams,
+        target=target,
+    )
+
+
+def _refuse_call(target: str) -> Callable[[Sequence[Query]], list[Any]]:
+    """``run`` for a streaming target: a query asking for one answer is refused."""
+
+    def refuse(queries: Sequence[Query]) -> list[Any]:
+        raise StreamMismatch(target, streams=True)
+
+    return refuse
 
 
 def _check_batching(obj: Any, target: str, backend: str, max_batch_size: int | None) -> None:

@@ -14,21 +14,28 @@ from servecore._core.errors import ReplicaDiedError, ResultDecodeError
 from servecore._text import encodable
 from servecore.runtimes._protocol import Query
 from servecore.runtimes._remote_errors import decode_reply, rebuild_exception
+from servecore.runtimes._streams import ItemStream
 from servecore.runtimes.subprocess.channel import Channel
 from servecore.runtimes.subprocess.files import ReplicaFiles
 from servecore.runtimes.subprocess.process import Process
 from servecore.runtimes.subprocess.wire import (
     CALL,
     CANCEL,
+    COUNT,
+    CREDIT,
     DRAINED,
+    END,
     ERROR,
     GONE,
+    ITEM,
     OK,
     PING,
     REFUSED,
+    STREAM,
     dumps,
     frame,
 )
+from servecore.runtimes.toolkit import DEFAULT_STREAM_WINDOW
 
 __all__ = [
     "RemoteTraceback",
@@ -133,6 +140,8 @@ class ReplicaConnection:
         self.channel = channel
         #: request id -> the task waiting for its answer
         self.pending: dict[int, trio.lowlevel.Task] = {}
+        #: request id -> a stream still open
+        self.streams: dict[int, ItemStream] = {}
         self.ids = itertools.count(1)
         self.idle = trio.Event()
         self.idle.set()
@@ -187,15 +196,110 @@ class ReplicaConnection:
         try:
             result: list[Any] = await trio.lowlevel.wait_task_rescheduled(abort)
         finally:
-            if not self.pending:
+            if not self.pending and not self.streams:
                 self.idle.set()
         return result
+
+    async def stream(self, query: Query, window: int = DEFAULT_STREAM_WINDOW) -> ItemStream:
+        """Open a stream of a generator target: its items as the replica sends them.
+
+        The replica sends at most ``window`` items ahead of the consumer; credit goes
+        back as the consumer takes items (half a window at a time), and closing the
+        stream early sends ``CANCEL``, which stops the generator.
+        """
+        if self.dead_reason is not None:
+            raise ReplicaDiedError(self.tag, self.dead_reason)
+        if self.stopping or self.draining:
+            raise not_begun(self.tag, "the replica is stopping; the stream was not opened")
+        try:
+            body = dumps((query.args, query.kwargs, window))
+        except Exception as exc:
+            raise TypeError(
+                f"the arguments of a stream to replica {self.tag!r} cannot be pickled: {exc}"
+            ) from exc
+        request_id = next(self.ids)
+
+        def grant(n: int) -> None:
+            if request_id in self.streams:
+                self._send_quietly(frame(CREDIT, request_id, COUNT.pack(n)))
+
+        def cancel() -> None:
+            if self.streams.pop(request_id, None) is not None:
+                self._send_quietly(frame(CANCEL, request_id, b""))
+                self._maybe_idle()
+
+        items = ItemStream(
+            tag=self.tag, grant=grant, cancel=cancel, grant_every=max(1, window // 2)
+        )
+        try:
+            self.channel.send(frame(STREAM, request_id, body))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            reason = self.dead_reason or f"connection lost: {exc}"
+            raise ReplicaDiedError(self.tag, reason) from exc
+        self.streams[request_id] = items
+        if self.idle.is_set():
+            self.idle = trio.Event()
+        return items
+
+    def _send_quietly(self, data: bytes) -> None:
+        """Send a frame no answer depends on (a dead connection fails the stream anyway)."""
+        if self.channel.closed:
+            return
+        try:  # noqa: SIM105
+            self.channel.send(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    def _maybe_idle(self) -> None:
+        if not self.pending and not self.streams:
+            self.idle.set()
+
+    def _deliver_stream(self, items: ItemStream, kind: int, request_id: int, body: bytes) -> None:
+        """One frame of an open stream: an item, or how it ended."""
+        if kind == ITEM:
+            try:
+                items.push(decode_reply(body, self.tag, "subprocess"))
+            except ResultDecodeError as exc:
+                items.end(exc)
+                self.streams.pop(request_id, None)
+                self._send_quietly(frame(CANCEL, request_id, b""))
+                self._maybe_idle()
+            return
+        self.streams.pop(request_id, None)
+        self._maybe_idle()
+        error: BaseException | None = None
+        try:
+            if kind == END:
+                error = None
+            elif kind == ERROR:
+                info = decode_reply(body, self.tag, "subprocess")
+                error = rebuild_remote_exception(info, self.tag)
+            elif kind == REFUSED:
+                self.draining = True
+                reason = encodable(str(decode_reply(body, self.tag, "subprocess")))
+                error = not_begun(self.tag, f"{reason}; it did not begin the stream")
+            elif kind == GONE:
+                reason = encodable(str(decode_reply(body, self.tag, "subprocess")))
+                error = ReplicaDiedError(self.tag, reason)
+            else:
+                error = RuntimeError(f"replica {self.tag!r} sent message kind {kind}")
+        except ResultDecodeError as exc:
+            error = exc
+        except Exception as exc:
+            error = ResultDecodeError(
+                self.tag, "error description", repr(exc), runtime="subprocess"
+            )
+        items.end(error)
 
     def deliver(self, kind: int, request_id: int, body: bytes) -> None:
         """Wake the caller waiting for ``request_id`` with the answer in ``body``."""
         if kind == DRAINED:
             self.draining = True
             self.fail_pending("the replica drained and stopped before beginning it", True)
+            return
+        items = self.streams.get(request_id)
+        if items is not None:
+            self._deliver_stream(items, kind, request_id, body)
             return
         task = self.pending.pop(request_id, None)
         if kind == REFUSED:
@@ -211,6 +315,11 @@ class ReplicaConnection:
         for task in pending.values():
             error = (not_begun if never_begun else ReplicaDiedError)(self.tag, reason)
             trio.lowlevel.reschedule(task, outcome.Error(error))
+        streams, self.streams = self.streams, {}
+        for items in streams.values():
+            # Items already delivered are read first; then the stream ends with this.
+            items.end((not_begun if never_begun else ReplicaDiedError)(self.tag, reason))
+        self.idle.set()
 
 
 class Replica(ReplicaConnection):

@@ -59,13 +59,18 @@ from servecore.runtimes.subprocess.files import (
 from servecore.runtimes.subprocess.wire import (
     CALL,
     CANCEL,
+    COUNT,
+    CREDIT,
     DRAINED,
+    END,
     ERROR,
     GONE,
     HEADER,
+    ITEM,
     OK,
     PING,
     REFUSED,
+    STREAM,
     dumps,
     encodable,
     encode_results,
@@ -77,7 +82,7 @@ from servecore.runtimes.subprocess.wire import (
 if TYPE_CHECKING:
     import concurrent.futures
 
-    from servecore.runtimes.toolkit import ReplicaCode, ReplicaLoop
+    from servecore.runtimes.toolkit import ReplicaCode, ReplicaLoop, StreamRun
 
 __all__ = ["main"]
 
@@ -153,6 +158,8 @@ class _Server:
         code: ReplicaCode | None = None,
     ) -> None:
         self.run = run
+        #: The built target (``None`` only in tests that serve a bare ``run``).
+        self.code = code
         #: An async target's loop and coroutine function (``None`` for a sync target).
         self.loop: ReplicaLoop | None = code.loop if code is not None else None
         self.run_async: Callable[[Any], Awaitable[list[Any]]] | None = (
@@ -275,6 +282,8 @@ class _Connection:
         self.threads_alive = self.threads
         #: request id -> an async call's task on the loop (for CANCEL)
         self.tasks: dict[int, concurrent.futures.Future[list[Any]]] = {}
+        #: request id -> a stream being produced (for CREDIT and CANCEL)
+        self.streams: dict[int, StreamRun] = {}
         self.threads_lock = threading.Lock()
         # Guards the fields below, shared by the threads and the watchdog.
         self.state_lock = threading.Lock()
@@ -318,6 +327,8 @@ class _Connection:
                 self.closed = True
                 for task in list(self.tasks.values()):
                     task.cancel()  # nobody is left to read their answers
+                for stream in list(self.streams.values()):
+                    stream.cancel()
                 self.rfile.close()
                 self.conn.close()
 
@@ -330,7 +341,11 @@ class _Connection:
                 self.closed = True
                 self.read_lock.release()
                 return False
-            if self.server.loop is not None and message[0] in (CALL, CANCEL):
+            kind = message[0]
+            if kind in (STREAM, CREDIT) or (kind == CANCEL and message[1] in self.streams):
+                self._stream_frame(*message)  # the producer runs elsewhere; read on
+                continue
+            if self.server.loop is not None and kind in (CALL, CANCEL):
                 self._submit(*message)  # the loop runs it; this thread reads on
                 continue
             # Counted before the reading role can pass on: a drain cannot miss it.
@@ -373,6 +388,70 @@ class _Connection:
                 self.conn.sendall(data)
             except OSError:
                 pass  # the host is gone (crashed): its answers are dropped, we stay
+
+    def _stream_frame(self, kind: int, request_id: int, body: bytes) -> None:
+        """Open a stream (``STREAM``), give it credit (``CREDIT``) or stop it (``CANCEL``)."""
+        server = self.server
+        if kind == CREDIT:
+            stream = self.streams.get(request_id)
+            if stream is not None and len(body) == COUNT.size:
+                stream.grant(COUNT.unpack(body)[0])
+            return
+        if kind == CANCEL:
+            stream = self.streams.get(request_id)
+            if stream is not None:
+                stream.cancel()
+            return
+        server.begin()  # counted before the stopping check, as a call is
+        if server.stopping:
+            n = server.refuse()
+            print(f"replica {server.tag} refused a stream: draining ({n} so far)", flush=True)
+            self._reply(REFUSED, request_id, dumps("the replica is draining"))
+            server.end()
+            return
+        try:
+            if server.code is None:
+                raise RuntimeError(f"replica {server.tag} serves no target that streams")
+            args, kwargs, window = pickle.loads(body)
+            stream = server.code.open_stream(
+                _Query(args, kwargs),  # type: ignore[arg-type]
+                window=max(1, int(window)),
+                emit=lambda item: self._reply(
+                    ITEM, request_id, encode_results(server.tag, item, "subprocess")
+                ),
+                finish=lambda error, cancelled: self._stream_ended(request_id, error, cancelled),
+            )
+        except Exception as exc:
+            self._reply(ERROR, request_id, dumps(error_info(exc)))
+            server.end()
+            return
+        self.streams[request_id] = stream
+        stream.start()
+
+    def _stream_ended(self, request_id: int, error: BaseException | None, cancelled: bool) -> None:
+        """Say how stream ``request_id`` ended (on its producer's thread)."""
+        from servecore.runtimes.toolkit import UserCodeEscaped
+
+        server = self.server
+        stream = self.streams.pop(request_id, None)
+        emitted = stream.emitted if stream is not None else 0
+        try:
+            if cancelled:
+                # Its caller stopped reading (or went away): no answer is awaited.
+                print(
+                    f"replica {server.tag}: stream {request_id} cancelled by its caller "
+                    f"after {emitted} item(s)",
+                    flush=True,
+                )
+            elif isinstance(error, UserCodeEscaped):
+                self._reply(GONE, request_id, dumps(str(error)))
+                server.die(str(error))
+            elif error is not None:
+                self._reply(ERROR, request_id, dumps(error_info(error)))
+            else:
+                self._reply(END, request_id, b"")
+        finally:
+            server.end()
 
     def _submit(self, kind: int, request_id: int, body: bytes) -> None:
         """Hand an async target's call to the loop (or cancel one, for ``CANCEL``)."""

@@ -23,6 +23,7 @@ from servecore._core.errors import ReplicaDiedError
 from servecore._core.transitions import ReplicaDied, StartReplica
 from servecore._text import encodable
 from servecore.runtimes._protocol import Query, ReplicaInfo, Report
+from servecore.runtimes._streams import ItemStream
 from servecore.runtimes.subprocess.blocking import BlockingCalls
 from servecore.runtimes.subprocess.channel import Channel
 from servecore.runtimes.subprocess.directory import RuntimeDirectory
@@ -37,6 +38,7 @@ from servecore.runtimes.subprocess.spawn import (
     replica_spec,
 )
 from servecore.runtimes.subprocess.wire import PING, frame, socket_address
+from servecore.runtimes.toolkit import DEFAULT_STREAM_WINDOW
 
 __all__ = ["SubprocessRuntime"]
 
@@ -70,6 +72,8 @@ class SubprocessRuntime:
 
     #: Serves ``async def`` targets (on an asyncio loop in each replica process).
     supports_async_targets = True
+    #: Serves generator targets through :meth:`stream`.
+    supports_streaming = True
 
     def __init__(
         self,
@@ -282,6 +286,16 @@ class SubprocessRuntime:
         if replica is None:
             raise ReplicaDiedError(tag, f"no live replica with this tag in {self!r}")
         return await replica.call(batch)
+
+    async def stream(
+        self, tag: str, query: Query, window: int = DEFAULT_STREAM_WINDOW
+    ) -> ItemStream:
+        """Open a stream of a generator target on replica ``tag``: its items as the
+        replica yields them, at most ``window`` ahead of the consumer."""
+        replica = self._replicas.get(tag)
+        if replica is None:
+            raise ReplicaDiedError(tag, f"no live replica with this tag in {self!r}")
+        return await replica.stream(query, window)
 
     # -- operations -----------------------------------------------------------------------
 

@@ -22,13 +22,18 @@ from servecore._text import encodable, exception_message
 __all__ = [
     "CALL",
     "CANCEL",
+    "COUNT",
+    "CREDIT",
     "DRAINED",
+    "END",
     "ERROR",
     "GONE",
     "HEADER",
+    "ITEM",
     "OK",
     "PING",
     "REFUSED",
+    "STREAM",
     "dumps",
     "encodable",
     "encode_results",
@@ -62,6 +67,20 @@ DRAINED = 7
 #: it runs on the replica's asyncio loop (an async target). No reply; a sync target's
 #: call runs to its end. An older replica answers GONE, which the host drops.
 CANCEL = 8
+#: host -> replica: open a stream of a generator target; the body is
+#: ``(args, kwargs, window)``: the replica may send ``window`` items before more
+#: credit. Answered by ITEMs then END, or ERROR/GONE/REFUSED; a CANCEL stops it
+#: (no answer follows). An older replica answers GONE (unknown kind).
+STREAM = 9
+#: replica -> host: one item of stream ``request_id`` (pickled).
+ITEM = 10
+#: replica -> host: stream ``request_id`` ended normally (empty body).
+END = 11
+#: host -> replica: the consumer took items; the body is :data:`COUNT` (how many more
+#: items the replica may send).
+CREDIT = 12
+#: The body of a CREDIT frame.
+COUNT = struct.Struct("!I")
 
 #: Longest socket path that ``bind``/``connect`` take (``sun_path`` is 108 bytes on Linux).
 _MAX_SOCKET_PATH = 100

@@ -1,0 +1,210 @@
+"""Streams: time to first item and items per second, through the handle and over HTTP.
+
+Rows (N items of a tiny generator that yields at once, ``--items``; each row run
+``--rounds`` times, the median kept):
+
+* ``bare async generator, in-process`` -- the generator iterated on asyncio: the floor.
+* ``handle.stream, threads`` / ``handle.stream, subprocess`` -- ``async for`` over
+  ``ctl.get_handle(...).stream(n)`` (the router, the runtime's credit window, and for
+  subprocess the socket and pickling per item).
+* ``bare ASGI streaming, hypercorn/trio`` -- an ASGI app that sends N chunks, on the
+  same stack as servecore's own ingress, read by a raw-socket client in this process:
+  what HTTP alone costs.
+* ``servecore ingress, subprocess`` -- ``POST /stream`` (JSON lines) through servecore's
+  ingress to a subprocess replica, read by the same raw-socket client.
+
+Time to first item (TTFT) is from sending the request (opening the stream) to the first
+item; items/s counts the whole stream. wrk cannot read a stream item by item, hence the
+raw socket reader (it reads the chunked body and stamps the first chunk).
+
+Run: ``.venv/bin/python benchmarks/bench_stream.py [--items 2000] [--rounds 5]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import os
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import trio
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import servecore
+from servecore.http import serve_http
+
+
+async def tokens(n: int) -> AsyncIterator[int]:
+    """The streamed target: ``n`` small items, as fast as they can go."""
+    for i in range(n):
+        yield i
+
+
+def bare_generator(n: int) -> tuple[float, float]:
+    async def run() -> tuple[float, float]:
+        start = time.perf_counter()
+        first = 0.0
+        count = 0
+        async for _ in tokens(n):
+            if not count:
+                first = time.perf_counter() - start
+            count += 1
+        return first, count / (time.perf_counter() - start)
+
+    return asyncio.run(run())
+
+
+async def through_handle(handle: Any, n: int) -> tuple[float, float]:
+    start = time.perf_counter()
+    first = 0.0
+    count = 0
+    async for _ in handle.stream(n):
+        if not count:
+            first = time.perf_counter() - start
+        count += 1
+    assert count == n
+    return first, count / (time.perf_counter() - start)
+
+
+def read_http_stream(port: int, path: str, n: int) -> tuple[float, float]:
+    """POST ``n`` and read the chunked answer on a raw socket: (TTFT, items/s)."""
+    body = str(n).encode()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        start = time.perf_counter()
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+            f"Accept: application/x-ndjson\r\n\r\n".encode()
+            + body
+        )
+        data = b""
+        first = 0.0
+        while True:
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                break
+            data += chunk
+            if not first and b"\r\n\r\n" in data and data.partition(b"\r\n\r\n")[2].strip():
+                first = time.perf_counter() - start
+            if data.endswith(b"\r\n0\r\n\r\n"):
+                break
+        elapsed = time.perf_counter() - start
+    lines = data.partition(b"\r\n\r\n")[2].count(b"\n\r\n")
+    assert lines >= n, (lines, data[-200:])
+    return first, n / elapsed
+
+
+async def bare_asgi(scope: Any, receive: Any, send: Any) -> None:
+    """An ASGI app that streams ``n`` JSON lines (n from the body)."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"application/x-ndjson")],
+        }
+    )
+    for i in range(int(body)):
+        await send({"type": "http.response.body", "body": b"%d\n" % i, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def median_of(rounds: int, one: Callable[[], Awaitable[tuple[float, float]]]) -> Any:
+    runs = [await one() for _ in range(rounds)]
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+
+async def bench(items: int, rounds: int) -> list[tuple[str, float, float]]:
+    rows: list[tuple[str, float, float]] = []
+    runs = [bare_generator(items) for _ in range(rounds)]
+    rows.append(
+        (
+            "bare async generator, in-process",
+            statistics.median(r[0] for r in runs),
+            statistics.median(r[1] for r in runs),
+        )
+    )
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    from servecore.http import hypercorn_config
+
+    async with trio.open_nursery() as nursery:
+        config = hypercorn_config(Config(), "127.0.0.1:0")
+        binds = await nursery.start(
+            lambda task_status: serve(bare_asgi, config, mode="asgi", task_status=task_status)
+        )
+        port = int(binds[0].rsplit(":", 1)[1])
+        ttft, rate = await median_of(
+            rounds, lambda: trio.to_thread.run_sync(read_http_stream, port, "/", items)
+        )
+        rows.append(("bare ASGI streaming, hypercorn/trio", ttft, rate))
+        nursery.cancel_scope.cancel()
+
+    for runtime in ("threads", "subprocess"):
+        with tempfile.TemporaryDirectory() as tmp:
+            kwargs = {"runtime_kwargs": {"directory": tmp}} if runtime == "subprocess" else {}
+            async with servecore.open_controller(
+                runtime=runtime, name=f"bench-stream-{os.getpid()}", **kwargs
+            ) as ctl:
+                await ctl.create_backend("tokens", "bench_stream:tokens")
+                await ctl.create_endpoint("stream", route="/stream", methods=["POST"])
+                await ctl.set_traffic("stream", {"tokens": 1.0})
+                handle = ctl.get_handle("stream")
+                await through_handle(handle, 10)  # warm up
+                ttft, rate = await median_of(
+                    rounds, functools.partial(through_handle, handle, items)
+                )
+                rows.append((f"handle.stream, {runtime}", ttft, rate))
+                if runtime == "subprocess":
+                    async with trio.open_nursery() as nursery:
+                        binds = await nursery.start(serve_http, ctl, "127.0.0.1:0")
+                        port = int(binds[0].rsplit(":", 1)[1])
+                        ttft, rate = await median_of(
+                            rounds,
+                            functools.partial(
+                                trio.to_thread.run_sync, read_http_stream, port, "/stream", items
+                            ),
+                        )
+                        rows.append(("servecore ingress, subprocess", ttft, rate))
+                        nursery.cancel_scope.cancel()
+                await ctl.delete_endpoint("stream")
+                await ctl.delete_backend("tokens")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--items", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    rows = trio.run(bench, args.items, args.rounds)
+    print(f"{args.items} items per stream, median of {args.rounds}; {platform.python_version()}")
+    print(f"{'row':<40} {'TTFT (ms)':>10} {'items/s':>10}")
+    for name, ttft, rate in rows:
+        print(f"{name:<40} {ttft * 1000:>10.2f} {rate:>10,.0f}")
+
+
+if __name__ == "__main__":
+    main()
