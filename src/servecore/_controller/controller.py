@@ -63,10 +63,11 @@ from servecore._core.errors import (
     InvalidConfig,
     InvalidTarget,
     LeaseLost,
+    RuntimeMismatch,
     SteppedDown,
 )
 from servecore._core.limits import Limits
-from servecore._core.records import load_records
+from servecore._core.records import RUNTIME_KEY, load_records, read_runtime, runtime_record
 from servecore._core.transitions import (
     BackendConfig,
     BackendStatus,
@@ -91,7 +92,13 @@ from servecore._core.transitions import (
 from servecore._core.validation import check_name, check_namespace
 from servecore._serving.router_stats import RouterStatistics
 from servecore.router import Handle, Router
-from servecore.runtimes import Runtime, check_runtime_methods, resolve_runtime, toolkit
+from servecore.runtimes import (
+    Runtime,
+    check_runtime_methods,
+    resolve_runtime,
+    runtime_name,
+    toolkit,
+)
 from servecore.stores import BlobStore, MemoryStore, Store, as_store
 
 __all__ = ["Controller", "open_controller"]
@@ -126,8 +133,11 @@ class Controller:
         autoscale_interval_s: float | None = AUTOSCALE_INTERVAL_S,
         clock: Callable[[], float] | None = None,
         on_step_down: Callable[[SteppedDown], object] | None = None,
+        runtime_name: str | None = None,
     ) -> None:
         self.runtime = runtime
+        #: The runtime's registered name, recorded in the checkpoint (None: not known).
+        self.runtime_name = runtime_name
         self.store = store
         self.name = name
         self.limits = limits or Limits()
@@ -595,7 +605,16 @@ class Controller:
         if callable(heartbeat) and callable(lost):
             self._nursery.start_soon(self._keep_lease, heartbeat, lost)
         seq, records = await self._committer.call(self.store.load)
-        self._committer.adopt_loaded(load_records(seq, records, self._where), seq)
+        state = load_records(seq, records, self._where)
+        record_runtime = self._claim_runtime(read_runtime(records, self._where), state)
+        self._committer.adopt_loaded(state, seq)
+        if record_runtime:
+            assert self.runtime_name is not None
+            self._committer.pending_records[RUNTIME_KEY] = runtime_record(self.runtime_name)
+            if seq > 0:
+                # An existing checkpoint learns its runtime now, not at some later
+                # command; a new one gets it with its first commit.
+                await self._committer.commit_pending()
         self._nursery.start_soon(self._committer.serve)
         opener = getattr(self.runtime, "open", None)
         if opener is not None:
@@ -619,6 +638,20 @@ class Controller:
             self._nursery.start_soon(
                 self._periodic, self._autoscaler.run, self.autoscale_interval_s
             )
+
+    def _claim_runtime(self, recorded: str | None, state: State) -> bool:
+        """Refuse a checkpoint whose replicas run on another runtime (before any replica
+        is touched); return whether the checkpoint should record this runtime."""
+        given = self.runtime_name
+        if given is None or recorded == given:
+            return False
+        # Threads replicas lived in the process of the controller that wrote the
+        # checkpoint, and cannot outlive it: none is left to leak, so any runtime may
+        # take over (Recover finds them dead and starts them again on it).
+        if recorded is not None and recorded != "threads" and state.replicas:
+            raise RuntimeMismatch(self._where, recorded, given, len(state.replicas))
+        # No record (an older checkpoint), or no replica left to leak: this runtime's.
+        return True
 
     async def settle(self) -> None:
         """Wait until background work (replacements of dead replicas, retries of
@@ -785,6 +818,7 @@ async def open_controller(
                 autoscale_interval_s=autoscale_interval_s,
                 clock=clock,
                 on_step_down=on_step_down,
+                runtime_name=runtime_name(runtime),
             )
             try:
                 await ctl._recover()
