@@ -66,8 +66,9 @@ log = logging.getLogger(__name__)
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-#: Answers a ``/-/`` route if it is one (``True``), as :func:`answer_ops` does.
-OpsAnswer = Callable[[Scope, Send], Awaitable[bool]]
+#: Answers a ``/-/`` route if it is one (``True``), as :func:`answer_ops` does; it takes
+#: ``receive`` too, for streams that end when their client goes away.
+OpsAnswer = Callable[[Scope, Receive, Send], Awaitable[bool]]
 
 
 class HandleSource(Protocol):
@@ -141,8 +142,8 @@ class HTTPIngress:
             await self._lifespan(receive, send)
         elif scope["type"] == "http":
             send = _counting(self.source, send)
-            if scope["path"].startswith(OPS_PREFIX) and await self.ops(scope, send):
-                return  # /-/healthz, /-/routes, /-/metrics
+            if scope["path"].startswith(OPS_PREFIX) and await self.ops(scope, receive, send):
+                return  # /-/healthz, /-/routes, /-/metrics, /-/dashboard, ...
             try:
                 answer = await self._answer(scope, receive)
                 if isinstance(answer, _Streaming):

@@ -120,8 +120,11 @@ def _ops(client: Any, path: str, method: str = "GET") -> tuple[int, Any]:
     async def send(message: Any) -> None:
         sent.append(message)
 
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
     async def run() -> bool:
-        return await answer_worker_ops(client, {"path": path, "method": method}, send)
+        return await answer_worker_ops(client, {"path": path, "method": method}, receive, send)
 
     assert trio.run(run)
     return sent[0]["status"], json.loads(sent[1]["body"])
@@ -133,5 +136,8 @@ def test_a_worker_answers_the_operator_routes_from_its_table() -> None:
     assert _ops(client, "/-/routes") == (200, {"/echo": "echo"})
     status, body = _ops(client, "/-/metrics")
     assert status == 501 and "--workers 0" in body["error"]
+    for page in ("/-/dashboard", "/-/status.json", "/-/events"):
+        status, body = _ops(client, page)
+        assert status == 501 and page in body["error"] and "--workers 0" in body["error"]
     assert _ops(client, "/-/readyz", "POST")[0] == 405
     assert _ops(client, "/-/nope")[0] == 404

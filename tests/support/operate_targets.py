@@ -14,3 +14,14 @@ class Chatty:
     def __call__(self, value: Any = None) -> Any:
         print(f"serving {value}", flush=True)
         return value
+
+
+class FailsWith:
+    """A constructor that fails with the message it is given (markup, for the
+    dashboard's escaping test)."""
+
+    def __init__(self, message: str) -> None:
+        raise ValueError(message)
+
+    def __call__(self, value: Any = None) -> Any:  # pragma: no cover - never constructed
+        return value

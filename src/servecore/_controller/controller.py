@@ -50,7 +50,11 @@ from servecore._controller.autoscaler import AUTOSCALE_INTERVAL_S, Autoscaler, c
 from servecore._controller.committer import Committer, Writer
 from servecore._controller.effects import EffectGroup, EffectRunner
 from servecore._controller.remote_load import RemoteLoad, check_load_report
-from servecore._controller.replica_lifecycle import LifecycleCounts, ReplicaLifecycle
+from servecore._controller.replica_lifecycle import (
+    LifecycleCounts,
+    LifecycleEvent,
+    ReplicaLifecycle,
+)
 from servecore._controller.standby import open_store
 from servecore._controller.status import Status, live_status
 from servecore._core.errors import (
@@ -139,7 +143,8 @@ class Controller:
         self.limits = limits or Limits()
         self.resync_interval_s = resync_interval_s
         self._nursery = nursery
-        self._lifecycle = ReplicaLifecycle(runtime)
+        # Its events are dated by the controller's clock, set below.
+        self._lifecycle = ReplicaLifecycle(runtime, clock=lambda: self._clock())
         self._table = RoutingTable()
         self._table_listeners: list[Callable[[RoutingTable], None]] = []
         self._on_step_down = on_step_down
@@ -232,6 +237,14 @@ class Controller:
         """What this controller has done to replicas since it opened, by backend
         (starts, ready, failures, stops, deaths) and its commits: what metrics export."""
         return self._lifecycle.counts
+
+    def recent_events(self) -> tuple[LifecycleEvent, ...]:
+        """The last lifecycle events of this controller's replicas, oldest first
+        (starting, ready, failed, stopping, stopped, dead, and one ``recovered`` at
+        start-up), at most :data:`~servecore._controller.replica_lifecycle.RECENT_EVENTS`:
+        what the dashboard's "recent events" shows. Kept in memory only; the
+        ``servecore.lifecycle`` log has them all."""
+        return self._lifecycle.recent()
 
     @property
     def active_router(self) -> Router | None:

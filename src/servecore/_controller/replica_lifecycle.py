@@ -4,8 +4,11 @@ The controller owns one :class:`ReplicaLifecycle` and calls it at each point of 
 replica's life (starting, ready, start failed, stopping, stopped, dead), once after
 recovery, and once per saved checkpoint. Each logs an INFO record on the
 ``servecore.lifecycle`` logger with structured fields in ``extra`` (``event``,
-``replica``, ``backend``, ``pid``, ``log_path``, ``reason``), and counts what happened,
-so that :mod:`servecore.metrics` can export the counts.
+``replica``, ``backend``, ``pid``, ``log_path``, ``reason``), counts what happened,
+so that :mod:`servecore.metrics` can export the counts, and keeps the last
+:data:`RECENT_EVENTS` of them as :class:`LifecycleEvent` values
+(``ctl.recent_events()``, the dashboard's "recent events"), so that an operator sees
+what just happened without reading the log.
 
 Nothing here may raise into the controller: a failing log handler is the logging
 module's business, and the counters are plain integers.
@@ -14,16 +17,26 @@ module's business, and the counters are plain integers.
 from __future__ import annotations
 
 import logging
-from collections import Counter
-from collections.abc import Iterable
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
 from typing import Any
+
+import attrs
 
 from servecore._core.transitions import ReplicaDied, ReplicaStatus, StartReplica, State
 from servecore._core.values import backend_of
 from servecore._histogram import Histogram
 from servecore.runtimes._protocol import ReplicaInfo
 
-__all__ = ["CHECKPOINT_SECONDS_BUCKETS", "LifecycleCounts", "ReplicaLifecycle", "replica_info"]
+__all__ = [
+    "CHECKPOINT_SECONDS_BUCKETS",
+    "RECENT_EVENTS",
+    "LifecycleCounts",
+    "LifecycleEvent",
+    "ReplicaLifecycle",
+    "replica_info",
+]
 
 log = logging.getLogger("servecore.lifecycle")
 
@@ -43,6 +56,29 @@ CHECKPOINT_SECONDS_BUCKETS: tuple[float, ...] = (
     1.0,
     2.5,
 )
+
+
+#: Lifecycle events a controller keeps in memory (the oldest are dropped): enough for a
+#: few rolling updates of a large backend, a few kilobytes.
+RECENT_EVENTS = 200
+
+
+@attrs.frozen(kw_only=True)
+class LifecycleEvent:
+    """One point of a replica's life (or one recovery), as the controller saw it."""
+
+    #: When it happened (the controller's clock, in seconds since the epoch).
+    at: float
+    #: ``starting``, ``ready``, ``failed``, ``stopping``, ``stopped``, ``dead`` or
+    #: ``recovered``.
+    event: str
+    #: The replica's tag (``None`` for ``recovered``).
+    replica: str | None = None
+    #: Its backend's tag (``None`` for ``recovered``).
+    backend: str | None = None
+    #: What else the log record says: the target being started, where a ready replica
+    #: runs, why a start failed or a replica died, what recovery found.
+    detail: str | None = None
 
 
 class LifecycleCounts:
@@ -65,16 +101,34 @@ class ReplicaLifecycle:
     The controller owns one and calls it as things happen; :mod:`servecore.metrics`
     reads :attr:`counts`. ``runtime`` is asked (through the optional
     :class:`~servecore.runtimes.Introspection` protocol) where a replica runs, for the
-    "ready" record.
+    "ready" record. ``clock`` (the controller's, seconds since the epoch; default the
+    wall clock) dates the events kept for :meth:`recent`.
     """
 
-    def __init__(self, runtime: Any) -> None:
+    def __init__(self, runtime: Any, clock: Callable[[], float] | None = None) -> None:
         self.runtime = runtime
         self.counts = LifecycleCounts()
+        self._clock = clock if clock is not None else time.time
+        self._recent: deque[LifecycleEvent] = deque(maxlen=RECENT_EVENTS)
+
+    def recent(self) -> tuple[LifecycleEvent, ...]:
+        """The last :data:`RECENT_EVENTS` events, oldest first."""
+        return tuple(self._recent)
+
+    def _keep(self, event: str, tag: str | None, detail: str | None = None) -> None:
+        try:
+            at = self._clock()
+        except Exception:  # an operator's view must not fail the controller
+            at = time.time()
+        backend = backend_of(tag) if tag is not None else None
+        self._recent.append(
+            LifecycleEvent(at=at, event=event, replica=tag, backend=backend, detail=detail)
+        )
 
     def starting(self, effect: StartReplica) -> None:
         """Replica ``effect.tag`` is about to be started."""
         self.counts.starts[effect.backend] += 1
+        self._keep("starting", effect.tag, effect.target)
         log.info(
             "replica %s starting (%s)",
             effect.tag,
@@ -94,6 +148,7 @@ class ReplicaLifecycle:
                 f" log={info.log_path}" if info.log_path is not None else "",
             ]
         )
+        self._keep("ready", tag, where.strip() or None)
         log.info(
             "replica %s ready%s",
             tag,
@@ -106,21 +161,25 @@ class ReplicaLifecycle:
     def start_failed(self, tag: str, reason: str) -> None:
         """Replica ``tag`` could not start."""
         self.counts.start_failures[backend_of(tag)] += 1
+        self._keep("failed", tag, reason)
         log.info("replica %s failed to start: %s", tag, reason, extra=_fields("failed", tag))
 
     def stopping(self, tag: str) -> None:
         """Replica ``tag`` is being drained and stopped."""
+        self._keep("stopping", tag)
         log.info("replica %s stopping", tag, extra=_fields("stopping", tag))
 
     def stopped(self, tag: str) -> None:
         """Replica ``tag`` has stopped."""
         self.counts.stops[backend_of(tag)] += 1
+        self._keep("stopped", tag)
         log.info("replica %s stopped", tag, extra=_fields("stopped", tag))
 
     def dead(self, event: ReplicaDied) -> None:
         """Replica ``event.tag`` died on its own (a runtime reported it)."""
         self.counts.deaths[backend_of(event.tag)] += 1
         reason = event.reason or "the replica died"
+        self._keep("dead", event.tag, reason)
         log.info(
             "replica %s dead: %s",
             event.tag,
@@ -138,6 +197,12 @@ class ReplicaLifecycle:
             if t not in alive and r.status is not ReplicaStatus.STOPPING
         )
         orphans = sorted(t for t in alive if t not in before.replicas)
+        summary = (
+            f"recovered {len(before.endpoints)} endpoint(s), {len(before.backends)} "
+            f"backend(s): {len(adopted)} replica(s) adopted, {len(lost)} restarted, "
+            f"{len(orphans)} orphan(s) stopped"
+        )
+        self._keep("recovered", None, summary)
         log.info(
             "recovered %d endpoint(s), %d backend(s): %d replica(s) adopted, %d restarted, "
             "%d orphan(s) stopped",

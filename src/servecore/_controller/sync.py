@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import trio
 
 from servecore._controller.controller import Controller, open_controller
-from servecore._controller.replica_lifecycle import LifecycleCounts
+from servecore._controller.replica_lifecycle import LifecycleCounts, LifecycleEvent
 from servecore._controller.status import Status
 from servecore._core.errors import ControllerClosed, SteppedDown
 from servecore._core.transitions import BackendConfig, Command, RoutingTable, State
@@ -253,6 +253,10 @@ class SyncController:
     def lifecycle_counts(self) -> LifecycleCounts:
         """See :attr:`servecore.Controller.lifecycle_counts`."""
         return self.controller.lifecycle_counts
+
+    def recent_events(self) -> tuple[LifecycleEvent, ...]:
+        """See :meth:`servecore.Controller.recent_events`."""
+        return self._run_sync(self.controller.recent_events)
 
     @property
     def active_router(self) -> Router | None:

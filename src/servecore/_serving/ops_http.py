@@ -15,6 +15,8 @@ balancers, not for user endpoints.
   missing, so traffic goes elsewhere meanwhile.
 * ``GET /-/routes``: ``{route: endpoint}`` for every endpoint with a route.
 * ``GET /-/metrics``: the Prometheus text format (see :mod:`servecore.metrics`).
+* ``GET /-/status.json``, ``GET /-/events``, ``GET /-/dashboard``: the live status page,
+  its JSON and its Server-Sent Events feed (see :mod:`servecore._serving.dashboard`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ __all__ = ["PREFIX", "answer_ops", "count_response", "http_responses", "readyz"]
 PREFIX = OPERATOR_PREFIX
 
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+
+#: The routes, in the order a 404 lists them.
+ROUTES = ("healthz", "readyz", "routes", "metrics", "status.json", "events", "dashboard")
 
 
 #: Responses the ingress sent, by status code, per controller (read by the metrics).
@@ -106,28 +112,47 @@ def routes(controller: Any) -> dict[str, str]:
     }
 
 
-async def _send(send: Send, status: int, body: bytes, content_type: bytes) -> None:
+async def _send(
+    send: Send,
+    status: int,
+    body: bytes,
+    content_type: bytes,
+    headers: tuple[tuple[bytes, bytes], ...] = (),
+) -> None:
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", content_type)],
+            "headers": [(b"content-type", content_type), *headers],
         }
     )
     await send({"type": "http.response.body", "body": body})
 
 
-async def answer_ops(controller: Any, scope: MutableMapping[str, Any], send: Send) -> bool:
+#: The page is ours alone: no script, style or connection from anywhere else, no frame.
+_PAGE_HEADERS = (
+    (
+        b"content-security-policy",
+        b"default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+        b"connect-src 'self'; img-src data:; frame-ancestors 'none'; base-uri 'none'",
+    ),
+    (b"x-content-type-options", b"nosniff"),
+    (b"cache-control", b"no-cache"),
+)
+
+
+async def answer_ops(
+    controller: Any, scope: MutableMapping[str, Any], receive: Receive, send: Send
+) -> bool:
     """Answer ``scope`` if its path is one of the ``/-/`` routes; return whether it was."""
     path = scope["path"]
     if not path.startswith(PREFIX):
         return False
     name = path[len(PREFIX) :]
     json_type = b"application/json"
-    if name not in {"healthz", "readyz", "routes", "metrics"}:
-        body = {
-            "error": f"no operator route {path}; try /-/healthz, /-/readyz, /-/routes, /-/metrics"
-        }
+    if name not in ROUTES:
+        listed = ", ".join(PREFIX + route for route in ROUTES)
+        body = {"error": f"no operator route {path}; try {listed}"}
         await _send(send, 404, json.dumps({**body, "type": "NotFound"}).encode(), json_type)
         return True
     if scope["method"] not in {"GET", "HEAD"}:
@@ -142,6 +167,17 @@ async def answer_ops(controller: Any, scope: MutableMapping[str, Any], send: Sen
         await _send(send, status, json.dumps(data).encode(), json_type)
     elif name == "routes":
         await _send(send, 200, json.dumps(routes(controller)).encode(), json_type)
+    elif name in {"status.json", "events", "dashboard"}:
+        from servecore._serving import dashboard
+
+        if name == "status.json":
+            feed = json.dumps(dashboard.status_feed(controller), default=str).encode()
+            await _send(send, 200, feed, json_type, ((b"cache-control", b"no-cache"),))
+        elif name == "events":
+            await dashboard.stream_events(controller, receive, send)
+        else:
+            page = dashboard.dashboard_html()
+            await _send(send, 200, page, b"text/html; charset=utf-8", _PAGE_HEADERS)
     else:
         try:
             from servecore.metrics import CONTENT_TYPE_LATEST, exposition

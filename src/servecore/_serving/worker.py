@@ -25,8 +25,9 @@ Why asyncio is the default is measured in docs/benchmarks.md ("HTTP").
 
 The ``/-/`` routes of a worker answer from what the worker knows: ``/-/healthz``
 (alive), ``/-/readyz`` (every endpoint with a route has a replica or wakes on demand in
-the worker's table), ``/-/routes``; ``/-/metrics`` is the controller's business and
-is not served by workers (501).
+the worker's table), ``/-/routes``; ``/-/metrics`` and the status page
+(``/-/dashboard``, ``/-/status.json``, ``/-/events``) are the controller's business and
+are not served by workers (501, saying where to look instead).
 
 Start-up: the worker writes one line, ``ready``, to descriptor ``--ready-fd`` once its
 client holds the first table, then closes it. SIGTERM or SIGINT: stop taking
@@ -105,14 +106,23 @@ def worker_readyz(client: Client) -> tuple[int, dict[str, Any]]:
     return 200, {"status": "ready"}
 
 
-async def answer_worker_ops(client: Client, scope: MutableMapping[str, Any], send: Send) -> bool:
+#: The controller's own routes, which a worker answers with 501 and a way out.
+_CONTROLLER_ONLY = {"metrics", "status.json", "events", "dashboard"}
+
+
+async def answer_worker_ops(
+    client: Client,
+    scope: MutableMapping[str, Any],
+    receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
+    send: Send,
+) -> bool:
     """Answer ``scope`` if its path is one of the ``/-/`` routes; return whether it was."""
     path = scope["path"]
     if not path.startswith(PREFIX):
         return False
     name = path[len(PREFIX) :]
     json_type = b"application/json"
-    if name not in {"healthz", "readyz", "routes", "metrics"}:
+    if name not in {"healthz", "readyz", "routes"} | _CONTROLLER_ONLY:
         body = {"error": f"no operator route {path}; try /-/healthz, /-/readyz, /-/routes"}
         await _send(send, 404, json.dumps({**body, "type": "NotFound"}).encode(), json_type)
     elif scope["method"] not in {"GET", "HEAD"}:
@@ -127,10 +137,20 @@ async def answer_worker_ops(client: Client, scope: MutableMapping[str, Any], sen
         table = client.routing_table
         found = {ep.route: n for n, ep in sorted(table.endpoints.items()) if ep.route}
         await _send(send, 200, json.dumps(found).encode(), json_type)
-    else:
+    elif name == "metrics":
         body = {
             "error": "ingress workers (servecore run --workers) do not serve /-/metrics; "
             "run with --workers 0 to scrape the ingress, or read servecore status",
+            "type": "NotImplemented",
+        }
+        await _send(send, 501, json.dumps(body).encode(), json_type)
+    else:
+        # The status page reads the controller's state, events and router: a worker
+        # holds none of them, and the controller serves no HTTP beside its workers.
+        body = {
+            "error": f"ingress workers (servecore run --workers) do not serve {path}; "
+            f"run with --workers 0 to serve the status page from the controller, or "
+            f"read servecore status",
             "type": "NotImplemented",
         }
         await _send(send, 501, json.dumps(body).encode(), json_type)

@@ -45,6 +45,7 @@ from servecore._controller.controller import Controller, open_controller
 from servecore._controller.standby import open_store
 from servecore._core.errors import ServecoreError, SteppedDown
 from servecore._core.transitions import ReplicaStatus
+from servecore._serving.dashboard import end_streams
 from servecore.app import App, apply, describe
 from servecore.cli._control import (
     _is_live,
@@ -434,6 +435,8 @@ async def _serve(
     # One plain line on stdout, flushed: scripts wait for it.
     print(f"servecore: serving {url} (control socket {control})", flush=True)
     await shutdown.wait()
+    # Status-page streams never finish on their own: end them, or they hold the drain.
+    end_streams(ctl)
     # hypercorn returns once connections drained; then stop the rest.
     with trio.move_on_after(GRACEFUL_TIMEOUT_S + 1):
         while ctl.router is not None and any(
