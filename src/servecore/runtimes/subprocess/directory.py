@@ -43,6 +43,7 @@ import os
 import re
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from servecore._core.errors import (
@@ -151,7 +152,7 @@ class RuntimeDirectory:
         path: Path,
         dir_fd: int,
         owner_fd: int,
-        fence_fd: int,
+        fence_fd: int | None,
         *,
         store_id: str | None = None,
         epoch: int | None = None,
@@ -184,28 +185,39 @@ class RuntimeDirectory:
             path = requested
             path.parent.mkdir(parents=True, exist_ok=True)
             dir_fd = _open_private_dir(path, follow=True)
+        leased = epoch if store_id is not None else None
         fds: list[int] = []
         try:
             fds.append(open_lock(str(path / ".owner.lock")))
-            fds.append(open_lock(str(path / FENCE_LOCK)))
+            if leased is not None:  # (only leaders of a leased store write the fence)
+                fds.append(open_lock(str(path / FENCE_LOCK)))
         except BaseException:
             for fd in fds:
                 os.close(fd)
             os.close(dir_fd)
             raise
-        leased = epoch if store_id is not None else None
-        opened = cls(path, dir_fd, fds[0], fds[1], store_id=store_id, epoch=leased)
+        fence_fd = fds[1] if len(fds) > 1 else None
+        opened = cls(path, dir_fd, fds[0], fence_fd, store_id=store_id, epoch=leased)
         try:
-            # Held only while the fence is read and written: a few file operations.
-            fcntl.flock(opened.fence_fd, fcntl.LOCK_EX)
-            try:
+            with opened._fence_locked():
                 opened._take(namespace, store_id)
-            finally:
-                fcntl.flock(opened.fence_fd, fcntl.LOCK_UN)
         except BaseException:
             opened.close()
             raise
         return opened
+
+    @contextlib.contextmanager
+    def _fence_locked(self) -> Iterator[None]:
+        """Hold ``.fence.lock`` while the fence is read and written: a few file
+        operations (a runtime without an epoch writes no fence, and takes no lock)."""
+        if self.fence_fd is None:
+            yield
+            return
+        fcntl.flock(self.fence_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self.fence_fd, fcntl.LOCK_UN)
 
     def _take(self, namespace: str, store_id: str | None) -> None:
         fence = self.read_fence()
@@ -251,21 +263,21 @@ class RuntimeDirectory:
         directory now), or ``None``. Cheap: one small file read, no lock."""
         if self.epoch is None or self.store_id is None:
             return None
-        fence = self.read_fence()
-        if fence is None or fence.get("store_id") != self.store_id:
-            return None
-        newer = fence.get("epoch")
-        if isinstance(newer, int) and newer > self.epoch:
-            return RuntimeFenced(str(self.path), self.store_id, self.epoch, newer)
-        return None
+        return self._stale_by(self.read_fence())
 
     def _refuse_if_stale(self, fence: dict[str, object] | None) -> None:
+        stale = self._stale_by(fence)
+        if stale is not None:
+            raise stale
+
+    def _stale_by(self, fence: dict[str, object] | None) -> RuntimeFenced | None:
+        """The refusal due when ``fence`` names a newer epoch of this runtime's store."""
         if fence is None or self.epoch is None or self.store_id is None:
-            return
+            return None
         newer = fence.get("epoch")
-        if fence.get("store_id") == self.store_id and isinstance(newer, int):
-            if newer > self.epoch:
-                raise RuntimeFenced(str(self.path), self.store_id, self.epoch, newer)
+        if fence.get("store_id") == self.store_id and isinstance(newer, int) and newer > self.epoch:
+            return RuntimeFenced(str(self.path), self.store_id, self.epoch, newer)
+        return None
 
     def _newer_than(self, fence: dict[str, object] | None) -> bool:
         """Whether this runtime leads a newer epoch of the store the fence names."""
@@ -292,23 +304,20 @@ class RuntimeDirectory:
         its epoch (older owners stay fenced) but no longer names this process."""
         try:
             if self.epoch is not None:
-                with contextlib.suppress(OSError):
-                    fcntl.flock(self.fence_fd, fcntl.LOCK_EX)
-                    try:
-                        fence = self.read_fence()
-                        if (
-                            fence is not None
-                            and fence.get("epoch") == self.epoch
-                            and fence.get("store_id") == self.store_id
-                            and fence.get("pid") == os.getpid()
-                        ):
-                            self._write_fence(None, None)
-                    finally:
-                        fcntl.flock(self.fence_fd, fcntl.LOCK_UN)
+                with contextlib.suppress(OSError), self._fence_locked():
+                    fence = self.read_fence()
+                    if (
+                        fence is not None
+                        and fence.get("epoch") == self.epoch
+                        and fence.get("store_id") == self.store_id
+                        and fence.get("pid") == os.getpid()
+                    ):
+                        self._write_fence(None, None)
         finally:
             os.close(self.dir_fd)
             os.close(self.owner_fd)
-            os.close(self.fence_fd)
+            if self.fence_fd is not None:
+                os.close(self.fence_fd)
 
     def _claim_namespace(self, namespace: str) -> None:
         marker = str(self.path / ".namespace")
