@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_core.py
 	$(BIN)/python benchmarks/bench_router.py
 	$(BIN)/python benchmarks/bench_subprocess.py
+	$(BIN)/python benchmarks/bench_sync_handle.py
 	$(BIN)/python benchmarks/bench_http.py
 	$(BIN)/python benchmarks/bench_postgres.py
 

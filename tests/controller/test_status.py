@@ -72,9 +72,10 @@ def test_load_state_of_a_file_store(tmp_path: Path) -> None:
 
 def test_load_state_follows_the_file_log_across_compactions(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
-    store = servecore.FileStore(path, compact_min_bytes=0)  # compacts at every commit
+    # Compacts whenever the log outgrows the live records.
+    store = servecore.FileStore(path, compact_min_bytes=0)
     with servecore.start(runtime="threads", store=store) as ctl:
-        for n in range(3):
+        for n in range(6):
             ctl.create_endpoint(f"e{n}")
             assert servecore.load_state(servecore.FileStore(path)) == ctl.state
         assert store.compactions >= 3

@@ -259,3 +259,48 @@ def test_the_file_is_read_exactly_once(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr(os, "open", counting_open)
     assert read_app_text(path) == GOOD
     assert opened == [str(path)]
+
+
+# -- the [server] table -------------------------------------------------------------------
+
+
+def test_the_server_table_is_read_and_left_out_of_the_app() -> None:
+    text = """
+[backends.echo]
+target = "servecore.testing.targets:Echo"
+
+[server]
+runtime = "subprocess"
+runtime_options = { startup_timeout_s = 60 }
+host = "0.0.0.0"
+port = 9000
+workers = 2
+store = "state/app.db"
+name = "project"
+"""
+    app = parse_app(text, "app.toml")
+    server = app.server
+    assert (server.runtime, server.port, server.workers) == ("subprocess", 9000, 2)
+    assert server.runtime_options == {"startup_timeout_s": 60}
+    assert (server.host, server.store, server.name) == ("0.0.0.0", "state/app.db", "project")
+    assert server.state_dir is None
+    assert app == parse_app(text.split("[server]")[0], "app.toml")  # not part of the app
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ("prot = 1", "app.toml: server.prot = 1: unknown key; known keys here: runtime,"),
+        ('port = "80"', "app.toml: server.port = '80': Expected int, got str"),
+        ("port = 70000", "app.toml: server.port = 70000: must be a port number"),
+        ("workers = -1", "app.toml: server.workers = -1: must be from 0"),
+        ('name = "../x"', "app.toml: server.name = '../x': controller name"),
+        ('store = ""', "app.toml: server.store = '': must be a non-empty string"),
+        ("runtime = 3", "app.toml: server.runtime = 3: Expected str, got int"),
+    ],
+)
+def test_a_bad_server_table_names_its_key(table: str, message: str) -> None:
+    with pytest.raises(AppFileError) as caught:
+        parse_app(f"[server]\n{table}\n", "app.toml")
+    assert str(caught.value).startswith(message)
+    assert caught.value.key.startswith("server.")

@@ -15,7 +15,6 @@ import functools
 import http.client
 import json
 import os
-import queue
 import signal
 import socket
 import stat
@@ -81,6 +80,8 @@ class Deployment:
         self.directory = directory
         self.store = directory / ".servecore" / "state.db"
         self.replica_dir = directory / ".servecore" / "replicas"
+        #: How each command names the store (empty: the app file's [server] table does).
+        self.store_args: tuple[str, ...] = ("--store", str(self.store))
         self.servers: list[subprocess.Popen[str]] = []
         self.seen_pids: set[int] = set()
 
@@ -91,7 +92,7 @@ class Deployment:
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "servecore", *args, "--store", str(self.store)],
+            [sys.executable, "-m", "servecore", *args, *self.store_args],
             cwd=self.directory,
             env=_env(),
             capture_output=True,
@@ -99,13 +100,24 @@ class Deployment:
             timeout=120,
         )
 
-    def run(self, app: Path, port: int, *extra: str) -> tuple[subprocess.Popen[str], Path]:
+    def run(self, app: Path, port: int | None, *extra: str) -> tuple[subprocess.Popen[str], Path]:
+        """Start ``servecore run`` (``port`` None: the app file's) and wait until it
+        serves."""
+        proc, log, serving = self.spawn(app, port, *extra)
+        self.wait_serving(proc, log, serving)
+        return proc, log
+
+    def spawn(
+        self, app: Path, port: int | None, *extra: str
+    ) -> tuple[subprocess.Popen[str], Path, threading.Event]:
+        """Start ``servecore run``; the event is set once it says it serves."""
         log = self.directory / f"server-{len(self.servers)}.log"
+        port_args = () if port is None else ("--port", str(port))
         with open(log, "w") as err:
             proc = subprocess.Popen(
                 [
                     *(sys.executable, "-m", "servecore", "run", str(app)),
-                    *("--port", str(port), "--store", str(self.store), *extra),
+                    *(*port_args, *self.store_args, *extra),
                 ],
                 cwd=self.directory,
                 env=_env(),
@@ -114,24 +126,25 @@ class Deployment:
                 text=True,
             )
         self.servers.append(proc)
-        lines: queue.Queue[str] = queue.Queue()
+        serving = threading.Event()
 
         def read() -> None:
             assert proc.stdout is not None
             for line in proc.stdout:
-                lines.put(line)
+                if line.startswith("servecore: serving"):
+                    serving.set()
 
         threading.Thread(target=read, daemon=True).start()
+        return proc, log, serving
+
+    @staticmethod
+    def wait_serving(proc: subprocess.Popen[str], log: Path, serving: threading.Event) -> None:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            try:
-                line = lines.get(timeout=0.5)
-            except queue.Empty:
-                if proc.poll() is not None:
-                    raise AssertionError(f"servecore run exited: {log.read_text()}") from None
-                continue
-            if line.startswith("servecore: serving"):
-                return proc, log
+            if serving.wait(timeout=0.5):
+                return
+            if proc.poll() is not None:
+                raise AssertionError(f"servecore run exited: {log.read_text()}")
         raise AssertionError(f"servecore run did not start serving: {log.read_text()}")
 
     def status(self) -> dict[str, Any]:
@@ -789,3 +802,115 @@ def test_workers_are_refused_where_replicas_live_in_the_server(deployment: Deplo
     assert result.returncode == 1
     _one_paragraph(result, "--workers 2 needs --runtime subprocess", "threads of this process")
     assert not deployment.store.exists()  # nothing was started
+
+
+def test_the_server_table_is_honoured_flags_override_it_and_a_wrong_runtime_is_refused(
+    deployment: Deployment,
+) -> None:
+    port = _free_port()
+    app = deployment.write(
+        "app.toml",
+        APP_V1
+        + f"""
+[server]
+runtime = "subprocess"
+workers = 0
+port = {port}
+store = "state/app.db"
+name = "project"
+""",
+    )
+    # The store named by the table, relative to the app file (not to the command's
+    # working directory), and its runtime directory beside it.
+    deployment.store = deployment.directory / "state" / "app.db"
+    deployment.replica_dir = deployment.directory / "state" / "replicas"
+    deployment.store_args = ()
+    server, log = deployment.run(app, None)
+    assert _http(port, "POST", "/echo", "hi") == (200, "v1:hi")
+    assert deployment.store.exists()
+    store_args = ("--store", str(deployment.store))
+    deployment.store_args = store_args
+    pids = _pids(deployment.status())
+    assert len(pids) == 1 and deployment.replica_pids() == set(pids.values())
+    server.send_signal(signal.SIGINT)
+    assert server.wait(timeout=60) == 0, log.read_text()
+
+    # --runtime overrides the table: threads would not find the subprocess replicas,
+    # so the run is refused before any replica is touched.
+    deployment.store_args = ()
+    refused = deployment.cli("run", str(app), "--runtime", "threads")
+    assert refused.returncode == 1
+    assert "error:" in refused.stderr and "Traceback" not in refused.stderr
+    message = " ".join(refused.stderr.split())
+    assert "runtime 'subprocess'" in message and "runtime 'threads'" in message
+    assert "--runtime subprocess" in message
+    assert all(_alive(pid) for pid in pids.values())
+
+    # --port overrides the table's port; the table's runtime adopts the replicas.
+    other = _free_port()
+    server, log = deployment.run(app, other)
+    assert _http(other, "POST", "/echo", "again") == (200, "v1:again")
+    deployment.store_args = store_args
+    assert _pids(deployment.status()) == pids  # adopted, not restarted
+    assert deployment.cli("shutdown", "--stop-replicas").returncode == 0
+    assert server.wait(timeout=60) == 0, log.read_text()
+
+
+def test_an_invalid_server_table_is_one_paragraph_naming_the_key(
+    deployment: Deployment,
+) -> None:
+    app = deployment.write("app.toml", APP_V1 + '\n[server]\nport = "eighty"\n')
+    result = deployment.cli("run", str(app))
+    assert result.returncode == 1
+    assert "app.toml: server.port = 'eighty'" in result.stderr
+    assert not deployment.store.exists()
+
+
+def test_a_plugin_runtime_is_chosen_by_name(deployment: Deployment) -> None:
+    pytest.importorskip("servecore_mp")
+    app = deployment.write("app.toml", APP_V1)
+    port = _free_port()
+    server, log = deployment.run(app, port, "--runtime", "mp")
+    assert _http(port, "POST", "/echo", "hi") == (200, "v1:hi")
+    server.send_signal(signal.SIGINT)
+    assert server.wait(timeout=60) == 0, log.read_text()
+    unknown = deployment.cli("run", str(app), "--runtime", "nope")
+    assert unknown.returncode == 1
+    assert "no runtime named 'nope'" in unknown.stderr and "mp" in unknown.stderr
+
+
+def test_a_standby_on_postgresql_takes_over_from_a_killed_server(
+    deployment: Deployment, postgres_server: Any, checkpoint_name: str
+) -> None:
+    dsn = f"{postgres_server.dsn}{'&' if '?' in postgres_server.dsn else '?'}"
+    dsn += f"checkpoint={checkpoint_name}&lease_s=2"
+    deployment.store_args = ("--store", dsn)
+    app = deployment.write("app.toml", APP_V1)
+    port, standby_port = _free_port(), _free_port()
+    leader, _ = deployment.run(app, port)
+    assert _http(port, "POST", "/echo", "one") == (200, "v1:one")
+    first = deployment.cli("status", "--json")
+    assert first.returncode == 0, first.stderr
+    lease = json.loads(first.stdout)["lease"]
+    assert lease["holder"] and lease["epoch"] == 1 and lease["expires_in_s"] > 0
+
+    # A standby on the same host: its own state directory and port.
+    standby, standby_log, serving = deployment.spawn(
+        app, standby_port, "--standby", "--state-dir", "standby-state"
+    )
+    deadline = time.monotonic() + 60
+    while "waiting for the lease" not in standby_log.read_text():
+        assert time.monotonic() < deadline and standby.poll() is None, standby_log.read_text()
+        time.sleep(0.1)
+    assert not serving.is_set()
+    leader.kill()
+    leader.wait(timeout=30)
+    deployment.wait_serving(standby, standby_log, serving)
+    assert "took the lease (epoch 2)" in standby_log.read_text()
+    assert _http(standby_port, "POST", "/echo", "two") == (200, "v1:two")
+    shown = deployment.cli("status", "--state-dir", "standby-state")
+    assert shown.returncode == 0, shown.stderr
+    text = " ".join(shown.stdout.split())
+    assert "lease: leader" in text and "epoch 2" in text and "live" in text
+    standby.send_signal(signal.SIGINT)
+    assert standby.wait(timeout=60) == 0, standby_log.read_text()

@@ -199,7 +199,7 @@ def test_the_sync_quickstart_answers_from_the_example_model(workdir: Path) -> No
     [block] = [b for b in PYTHON if "servecore.start(runtime=" in b.code]
     answer = run_snippet(block.code, workdir)
     assert "'label': 'positive'" in answer
-    assert (workdir / ".servecore" / "state.db").exists()  # the checkpoint it names
+    assert (workdir / ".servecore" / "quickstart.db").exists()  # its own, not servecore run's
 
 
 @pytest.mark.parametrize("block", TOML, ids=str)

@@ -71,7 +71,7 @@ def test_errors_form_two_families() -> None:
     command_errors = {
         "EndpointExists", "EndpointNotFound", "RouteConflict", "InvalidRoute",
         "BackendExists", "BackendNotFound", "BackendInUse", "InvalidTraffic",
-        "InvalidConfig", "InvalidTarget", "InvalidCommand",
+        "InvalidConfig", "InvalidTarget", "InvalidCommand", "RuntimeMismatch",
 
         "AppFileError",
     }  # fmt: skip

@@ -182,6 +182,8 @@ class Committer:
         self._on_commit = on_commit
         self.state = State()
         self.seq = 0
+        #: Records outside the state (the ``runtime`` record) to go with the next commit.
+        self.pending_records: dict[str, bytes] = {}
         self.commits = 0  # how many commits reached the store (a batch is one)
         self.queued = 0  # how many messages were ever queued
         self._queue: list[_Item] = []
@@ -190,6 +192,17 @@ class Committer:
     def adopt_loaded(self, state: State, seq: int) -> None:
         """Start from a checkpoint just loaded."""
         self.state, self.seq = state, seq
+
+    async def commit_pending(self) -> None:
+        """Commit :attr:`pending_records` alone, as the next checkpoint (before
+        :meth:`serve` runs: nothing else may commit meanwhile). Raises what the store
+        raised; then nothing was adopted."""
+        seq = self.seq + 1
+        puts = {**self.pending_records, META_KEY: meta_record(seq, self.state.replica_counter)}
+        await self.call(lambda: self.store.commit(seq, puts, []))
+        self.seq = seq
+        self.pending_records = {}
+        self.commits += 1
 
     async def call(self, fn: Callable[[], T]) -> T:
         """Run a store call where commits run (the writer thread, or inline)."""
@@ -272,6 +285,7 @@ class Committer:
             for item, _ in stepped:
                 item.done.set()
             return
+        records.update(self.pending_records)
         records[META_KEY] = meta_record(seq, state.replica_counter)
         puts = {k: v for k, v in records.items() if v is not None}
         deletes = [k for k, v in records.items() if v is None]
@@ -304,6 +318,7 @@ class Committer:
                 )
             return
         self.seq, self.state = seq, state
+        self.pending_records = {k: v for k, v in self.pending_records.items() if k not in puts}
         self.commits += 1
         if self._on_commit is not None:
             try:

@@ -60,11 +60,12 @@ from servecore._core.errors import (
     InvalidTarget,
     LeaseLost,
     RuntimeFenced,
+    RuntimeMismatch,
     RuntimeUnresponsive,
     SteppedDown,
 )
 from servecore._core.limits import Limits
-from servecore._core.records import load_records
+from servecore._core.records import RUNTIME_KEY, load_records, read_runtime, runtime_record
 from servecore._core.transitions import (
     BackendConfig,
     BackendStatus,
@@ -89,7 +90,13 @@ from servecore._core.transitions import (
 from servecore._core.validation import check_name, check_namespace
 from servecore._serving.router_stats import RouterStatistics
 from servecore.router import Handle, Router
-from servecore.runtimes import Runtime, check_runtime_methods, resolve_runtime, toolkit
+from servecore.runtimes import (
+    Runtime,
+    check_runtime_methods,
+    resolve_runtime,
+    runtime_name,
+    toolkit,
+)
 from servecore.stores import BlobStore, MemoryStore, Store, as_store
 
 __all__ = ["Controller", "open_controller"]
@@ -127,9 +134,12 @@ class Controller:
         autoscale_interval_s: float | None = AUTOSCALE_INTERVAL_S,
         clock: Callable[[], float] | None = None,
         on_step_down: Callable[[SteppedDown], object] | None = None,
+        runtime_name: str | None = None,
         runtime_call_timeout_s: float = RUNTIME_CALL_TIMEOUT_S,
     ) -> None:
         self.runtime = runtime
+        #: The runtime's registered name, recorded in the checkpoint (None: not known).
+        self.runtime_name = runtime_name
         self.runtime_call_timeout_s = runtime_call_timeout_s
         self.store = store
         self.name = name
@@ -141,6 +151,7 @@ class Controller:
         self._table_listeners: list[Callable[[RoutingTable], None]] = []
         self._on_step_down = on_step_down
         self._stepped_down: SteppedDown | None = None
+        self._announced_step_down: SteppedDown | None = None
         # The periodic loops (resync, autoscaling): cancelled when the controller steps down.
         self._loop_scopes: list[trio.CancelScope] = []
         self._effects = EffectRunner(
@@ -216,8 +227,9 @@ class Controller:
     def stepped_down(self) -> SteppedDown | None:
         """Why this controller stepped down (it lost its store's lease), or ``None``
         while it leads. Once stepped down it orders no effects, commits nothing, and
-        its handles raise this error; close it (docs/design.md §3)."""
-        return self._stepped_down
+        its handles raise this error; close it (docs/design.md §3). It is published
+        only after ``on_step_down`` has returned, so a host that sees it has been told."""
+        return self._announced_step_down
 
     @property
     def queued(self) -> int:
@@ -605,6 +617,7 @@ class Controller:
                 self._on_step_down(stepped)
             except Exception:
                 log.exception("the on_step_down callback failed; the controller stays down")
+        self._announced_step_down = stepped
 
     async def _periodic(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """Run a periodic loop until the controller closes or steps down."""
@@ -622,7 +635,16 @@ class Controller:
         if callable(heartbeat) and callable(lost):
             self._nursery.start_soon(self._keep_lease, heartbeat, lost)
         seq, records = await self._committer.call(self.store.load)
-        self._committer.adopt_loaded(load_records(seq, records, self._where), seq)
+        state = load_records(seq, records, self._where)
+        record_runtime = self._claim_runtime(read_runtime(records, self._where), state)
+        self._committer.adopt_loaded(state, seq)
+        if record_runtime:
+            assert self.runtime_name is not None
+            self._committer.pending_records[RUNTIME_KEY] = runtime_record(self.runtime_name)
+            if seq > 0:
+                # An existing checkpoint learns its runtime now, not at some later
+                # command; a new one gets it with its first commit.
+                await self._committer.commit_pending()
         self._nursery.start_soon(self._committer.serve)
         opener = getattr(self.runtime, "open", None)
         opened = False
@@ -654,6 +676,20 @@ class Controller:
             self._nursery.start_soon(
                 self._periodic, self._autoscaler.run, self.autoscale_interval_s
             )
+
+    def _claim_runtime(self, recorded: str | None, state: State) -> bool:
+        """Refuse a checkpoint whose replicas run on another runtime (before any replica
+        is touched); return whether the checkpoint should record this runtime."""
+        given = self.runtime_name
+        if given is None or recorded == given:
+            return False
+        # Threads replicas lived in the process of the controller that wrote the
+        # checkpoint, and cannot outlive it: none is left to leak, so any runtime may
+        # take over (Recover finds them dead and starts them again on it).
+        if recorded is not None and recorded != "threads" and state.replicas:
+            raise RuntimeMismatch(self._where, recorded, given, len(state.replicas))
+        # No record (an older checkpoint), or no replica left to leak: this runtime's.
+        return True
 
     async def settle(self) -> None:
         """Wait until background work (replacements of dead replicas, retries of
@@ -845,6 +881,7 @@ async def open_controller(
                 autoscale_interval_s=autoscale_interval_s,
                 clock=clock,
                 on_step_down=on_step_down,
+                runtime_name=runtime_name(runtime),
                 runtime_call_timeout_s=runtime_call_timeout_s,
             )
             try:

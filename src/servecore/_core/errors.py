@@ -44,6 +44,7 @@ __all__ = [
     "RuntimeDirectoryStoreMismatch",
     "RuntimeDirectoryUnsafe",
     "RuntimeFenced",
+    "RuntimeMismatch",
     "RuntimeUnresponsive",
     "ServecoreError",
     "StoreAccessDenied",
@@ -521,6 +522,31 @@ class RuntimeUnresponsive(ServecoreError):
             f"(runtime_call_timeout_s); check that what it runs on is reachable (a lost "
             f"node, a hung cluster), or raise runtime_call_timeout_s in open_controller "
             f"if it is only slow"
+        )
+
+
+class RuntimeMismatch(CommandError):
+    """The checkpoint was written by controllers of another runtime.
+
+    Opening it with this runtime would not find the recorded runtime's replicas (so
+    they would be started again and the old ones leaked), so nothing is opened: no
+    replica was started, stopped or adopted, and the checkpoint is as it was.
+    ``recorded`` is the runtime the checkpoint names, ``given`` the one asked for.
+    """
+
+    def __init__(self, where: str, recorded: str, given: str, replicas: int) -> None:
+        self.where = where
+        self.recorded = recorded
+        self.given = given
+        self.replicas = replicas
+        super().__init__(
+            f"the checkpoint {where} was written with runtime {recorded!r} and records "
+            f"{replicas} replica(s) of it, so it cannot be opened with runtime {given!r} "
+            f"(the {recorded} replicas would not be found, and would be started again "
+            f"beside the old ones); nothing was started or stopped. Open it with runtime "
+            f"{recorded!r} (servecore run --runtime {recorded}), or, to switch runtimes, "
+            f"first delete its backends with runtime {recorded!r} so that none of its "
+            f"replicas is left running"
         )
 
 

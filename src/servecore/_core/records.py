@@ -7,6 +7,7 @@ A checkpoint (format version 2) is a set of *records*, one per entity, each keye
     endpoint/<name>     an Endpoint
     backend/<tag>       a Backend
     replica/<tag>       a Replica
+    runtime             {"runtime": "subprocess"}: the runtime the replicas run on
 
 Each record's bytes are a small JSON object that checks itself::
 
@@ -19,10 +20,14 @@ the attrs values (keys sorted, so equal values give equal bytes) and decoded thr
 cattrs; never pickle, never a hand-written ``to_dict``. A transition's
 :class:`~servecore.Changes` become records put (or deleted) with :func:`encode_changes`,
 in time proportional to the change; every commit also puts the ``meta`` record, which
-carries the sequence number and the replica counter. :func:`load_records` assembles a
-:class:`~servecore.State` from all records and checks that they fit together (keys
-match names, replicas below the counter, routes to backends that exist); the routing
-table and index are derived again on load.
+carries the sequence number and the replica counter. The ``runtime`` record names the
+runtime of the controllers that wrote the checkpoint (written by the first commit of a
+controller that finds it missing or, with no replica recorded, different), so that one
+opened with another runtime is refused before it touches a replica
+(:class:`~servecore.RuntimeMismatch`); checkpoints written before it have none.
+:func:`load_records` assembles a :class:`~servecore.State` from all records and checks
+that they fit together (keys match names, replicas below the counter, routes to
+backends that exist); the routing table and index are derived again on load.
 
 A whole-state *blob* (for stores that save one byte string, see
 :class:`~servecore.stores.BlobAdapter`) is an envelope around all records::
@@ -53,6 +58,7 @@ from servecore._core.values import replica_number
 __all__ = [
     "FORMAT",
     "META_KEY",
+    "RUNTIME_KEY",
     "VERSION",
     "decode",
     "decode_blob",
@@ -64,13 +70,17 @@ __all__ = [
     "load_records",
     "meta_record",
     "read_meta",
+    "read_runtime",
     "records_of",
+    "runtime_record",
 ]
 
 FORMAT = "servecore-checkpoint"
 #: The format version written; versions 1 (whole-state blobs) and 2 are read.
 VERSION = 2
 META_KEY = "meta"
+#: The record naming the runtime the checkpoint's replicas run on.
+RUNTIME_KEY = "runtime"
 T = TypeVar("T")
 _ENDPOINT = "endpoint/"
 _BACKEND = "backend/"
@@ -150,6 +160,29 @@ def meta_record(seq: int, replica_counter: int) -> bytes:
         b'{"format":"%s","replica_counter":%d,"seq":%d,"version":%d}'
         % (FORMAT.encode(), replica_counter, seq, VERSION),
     )
+
+
+def runtime_record(runtime: str) -> bytes:
+    """The ``runtime`` record naming ``runtime`` (a registered runtime name)."""
+    return _record(RUNTIME_KEY, _encoder.encode({"runtime": runtime}))
+
+
+def read_runtime(records: Mapping[str, bytes], where: str) -> str | None:
+    """The runtime the ``runtime`` record names, or ``None`` for a checkpoint without
+    one (written before it existed); a damaged record is
+    :class:`~servecore.CheckpointCorrupt`."""
+    data = records.get(RUNTIME_KEY)
+    if data is None:
+        return None
+    body = _body(RUNTIME_KEY, data, where)
+    try:
+        value = msgspec.json.decode(body)
+    except _DECODE_ERRORS as exc:
+        raise CheckpointCorrupt(where, f"the runtime record does not parse ({exc!r:.200})") from exc
+    name = value.get("runtime") if isinstance(value, dict) else None
+    if not isinstance(name, str) or not name:
+        raise CheckpointCorrupt(where, f"the runtime record names no runtime ({value!r:.200})")
+    return name
 
 
 def _put(out: dict[str, bytes | None], prefix: str, values: Mapping[str, Any]) -> None:
@@ -252,8 +285,9 @@ def load_records(seq: int, records: Mapping[str, bytes], where: str) -> State:
     endpoints: dict[str, Endpoint] = {}
     backends: dict[str, Backend] = {}
     replicas: dict[str, Replica] = {}
+    read_runtime(records, where)  # checked, though the state does not hold it
     for key, data in records.items():
-        if key == META_KEY:
+        if key in (META_KEY, RUNTIME_KEY):
             continue
         kind, sep, name = key.partition("/")
         target: dict[str, Any]

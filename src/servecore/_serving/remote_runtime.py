@@ -27,6 +27,7 @@ import trio
 from servecore._core.errors import ReplicaDiedError
 from servecore._core.transitions import StartReplica
 from servecore.runtimes._protocol import Query
+from servecore.runtimes.subprocess.blocking import BlockingCalls
 from servecore.runtimes.subprocess.files import ReplicaFiles, replica_key
 from servecore.runtimes.subprocess.replica import (
     ReplicaConnection,
@@ -58,6 +59,7 @@ class ReplicaClient:
         self._nursery: trio.Nursery | None = None
         self._connections: dict[str, ReplicaConnection] = {}
         self._connecting: dict[str, trio.Lock] = {}
+        self._blocking = BlockingCalls(self._address_for_threads)
 
     def __repr__(self) -> str:
         return f"ReplicaClient({str(self.directory)!r})"
@@ -92,6 +94,22 @@ class ReplicaClient:
         if connection is None or connection.dead:
             connection = await self._connect(tag)
         return await connection.call(batch)
+
+    def call_blocking(
+        self, tag: str, batch: Sequence[Query], timeout_s: float | None
+    ) -> list[Any] | None:
+        """Run ``batch`` on replica ``tag`` from a host thread over that thread's own
+        connection, without entering trio (a ``SyncClient`` handle's path); ``None``
+        when it cannot be reached that way (the router then uses :meth:`call`)."""
+        return self._blocking.call(tag, batch, timeout_s)
+
+    def _address_for_threads(self, tag: str) -> tuple[str, object] | None:
+        dir_fd = self._dir_fd
+        if dir_fd is None:
+            return None
+        files = ReplicaFiles(str(self.directory), replica_key(tag))
+        # Tags are never reused, so a tag names one process: no pid to compare.
+        return socket_address(files.socket, dir_fd), None
 
     async def _connect(self, tag: str) -> ReplicaConnection:
         if self._nursery is None or self._dir_fd is None:

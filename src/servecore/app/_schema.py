@@ -11,6 +11,20 @@
     methods = ["GET", "POST"]
     traffic = { sentiment_v1 = 1.0 }
 
+    [server]                     # optional: how ``servecore run`` serves this app
+    runtime = "subprocess"       # threads, subprocess, ray, or a plugin's name
+    runtime_options = { startup_timeout_s = 60 }
+    host = "127.0.0.1"
+    port = 8000
+    workers = 2
+    store = ".servecore/state.db"    # or "postgresql://host/db?..." (a DSN)
+    name = "servecore"
+
+``[server]`` is read by ``servecore run`` only (its command-line flags override each
+key); ``servecore apply`` and :func:`apply` ignore it. A relative ``store`` or
+``state_dir`` is relative to the app file's directory, so a project's state stays with
+the project wherever the command runs.
+
 The shape is checked by msgspec structs (types, unknown keys, missing keys); the values
 by the core's own constructors (:class:`~servecore.BackendConfig`,
 :class:`~servecore.CreateEndpoint`, :class:`~servecore.SetTraffic`), so a file accepts
@@ -45,6 +59,7 @@ from servecore._core.transitions import (
     SetShadowTraffic,
     SetTraffic,
 )
+from servecore._core.validation import check_namespace
 
 __all__ = [
     "MAX_APP_FILE_BYTES",
@@ -52,6 +67,7 @@ __all__ = [
     "AppFileError",
     "BackendSpec",
     "EndpointSpec",
+    "ServerSpec",
     "load_app",
     "parse_app",
     "read_app_text",
@@ -110,11 +126,23 @@ class _EndpointFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     shadow: dict[str, float] = msgspec.field(default_factory=dict)
 
 
+class _ServerFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    runtime: str | UnsetType = UNSET
+    runtime_options: dict[str, Any] | UnsetType = UNSET
+    host: str | UnsetType = UNSET
+    port: int | UnsetType = UNSET
+    workers: int | UnsetType = UNSET
+    store: str | UnsetType = UNSET
+    state_dir: str | UnsetType = UNSET
+    name: str | UnsetType = UNSET
+
+
 class _AppFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Entries are converted one by one, so that an error can name the entry's key
     # (msgspec reports a dict key as "[...]").
     backends: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
     endpoints: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+    server: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 T = TypeVar("T")
@@ -149,6 +177,22 @@ class EndpointSpec:
 
 
 @attrs.frozen(kw_only=True)
+class ServerSpec:
+    """The ``[server]`` table: how ``servecore run`` serves the app. ``None``: not
+    given (the command line's flag, or its default, decides). ``store`` and
+    ``state_dir`` are as written (relative to the app file's directory)."""
+
+    runtime: str | None = None
+    runtime_options: dict[str, Any] | None = None
+    host: str | None = None
+    port: int | None = None
+    workers: int | None = None
+    store: str | None = None
+    state_dir: str | None = None
+    name: str | None = None
+
+
+@attrs.frozen(kw_only=True)
 class App:
     """A whole app: every backend and endpoint the controller should have, and no other.
 
@@ -159,6 +203,8 @@ class App:
     endpoints: dict[str, EndpointSpec] = attrs.field(factory=dict)
     #: Where it was read from (for messages).
     source: str = attrs.field(default="<app>", eq=False)
+    #: The ``[server]`` table (how ``servecore run`` serves it; not part of the app).
+    server: ServerSpec = attrs.field(factory=ServerSpec, eq=False)
 
 
 # ---------------------------------------------------------------------------------------
@@ -270,6 +316,8 @@ def _known_keys(parts: list[str | int]) -> list[str]:
         return list(_BackendFile.__struct_fields__)
     if parts[0] == "endpoints" and len(parts) == 2:
         return list(_EndpointFile.__struct_fields__)
+    if parts == ["server"]:
+        return list(_ServerFile.__struct_fields__)
     return []
 
 
@@ -357,6 +405,43 @@ def _endpoint_spec(
     )
 
 
+#: The highest ``[server] workers`` (as ``servecore run --workers``).
+MAX_WORKERS = 256
+
+
+def _server_spec(file: str, s: _ServerFile) -> ServerSpec:
+    def bad(key: str, value: Any, why: str) -> NoReturn:
+        raise AppFileError(file, f"server.{key}", value, why)
+
+    given = {k: getattr(s, k) for k in _ServerFile.__struct_fields__ if getattr(s, k) is not UNSET}
+    for key in ("runtime", "host", "store", "state_dir"):
+        value = given.get(key)
+        if value is not None and (not value.strip() or "\x00" in value):
+            bad(key, value, "must be a non-empty string")
+    port = given.get("port")
+    if port is not None and not 0 <= port <= 65535:
+        bad("port", port, "must be a port number from 0 to 65535 (0: any free port)")
+    workers = given.get("workers")
+    if workers is not None and not 0 <= workers <= MAX_WORKERS:
+        bad("workers", workers, f"must be from 0 (serve HTTP from the server) to {MAX_WORKERS}")
+    name = given.get("name")
+    if name is not None:
+        try:
+            check_namespace(name)
+        except InvalidConfig as exc:
+            _raise(file, "server.name", name, exc)
+    options = given.get("runtime_options")
+    if options is not None:
+        for option in options:
+            if not option.isidentifier():
+                bad(
+                    f"runtime_options.{option}",
+                    options[option],
+                    "is not a keyword a runtime's constructor can take",
+                )
+    return ServerSpec(**given)
+
+
 def _convert(
     source: str, raw: dict[str, Any], value: Any, into: type[T], prefix: list[str | int]
 ) -> T:
@@ -384,6 +469,7 @@ def parse_app(text: str, source: str = "<app>") -> App:
         )
         for name, e in parsed.endpoints.items()
     }
+    server = _server_spec(source, _convert(source, raw, parsed.server, _ServerFile, ["server"]))
     routes: dict[str, str] = {}
     for name, ep in endpoints.items():
         if ep.route is None:
@@ -396,7 +482,7 @@ def parse_app(text: str, source: str = "<app>") -> App:
                 f"endpoint {routes[ep.route]!r} already serves this route; pick another",
             )
         routes[ep.route] = name
-    return App(backends=backends, endpoints=endpoints, source=source)
+    return App(backends=backends, endpoints=endpoints, source=source, server=server)
 
 
 #: The largest app file read (an app file is a few kilobytes; this keeps a mistaken

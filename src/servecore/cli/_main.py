@@ -2,17 +2,23 @@
 
 ::
 
-    servecore run app.toml [--runtime threads|subprocess|ray] [--store PATH]
-                           [--host 127.0.0.1] [--port 8000] [--workers N]
-    servecore status [--store PATH] [--json] [-w/--watch]
-    servecore apply app.toml [--store PATH] [--dry-run]
+    servecore run app.toml [--runtime threads|subprocess|ray|PLUGIN] [--store PATH|DSN]
+                           [--host 127.0.0.1] [--port 8000] [--workers N] [--standby]
+    servecore status [--store PATH|DSN] [--json] [-w/--watch]
+    servecore apply app.toml [--store PATH|DSN] [--dry-run]
     servecore retry BACKEND
     servecore delete endpoint NAME | servecore delete backend TAG
     servecore logs BACKEND|REPLICA [--follow]
     servecore shutdown [--stop-replicas]
 
 State lives under ``.servecore/`` by default: the SQLite checkpoint ``state.db``, the
-control socket ``control.sock`` and (subprocess runtime) ``replicas/``.
+control socket ``control.sock`` and (subprocess runtime) ``replicas/``. ``--store`` may
+name a PostgreSQL database instead (``postgresql://...``, see
+:mod:`servecore.cli._stores`); the control socket is then in ``--state-dir``.
+
+``servecore run`` takes its settings from the app file's ``[server]`` table where the
+command line does not give them (a flag overrides the table; a relative ``store`` there
+is relative to the app file), then from the defaults below.
 
 Every error is one paragraph on stderr (``error: ...``) and exit status 1, never a
 traceback: the command's own checks, the server's refusals, and anything unforeseen
@@ -45,20 +51,44 @@ from servecore._core.errors import ServecoreError
 from servecore.app import App, AppFileError, parse_app, read_app_text
 from servecore.cli._control import ControlUnavailable, request, socket_path
 from servecore.cli._render import failed_hint, print_status, render_status
+from servecore.cli._stores import DEFAULT_STORE, StoreChoice, choose_store, is_dsn
 from servecore.http import check_timeout
-from servecore.stores import SQLiteStore
+from servecore.runtimes import BUILTIN_RUNTIMES, ENTRY_POINT_GROUP
 
 __all__ = ["main"]
 
-DEFAULT_STORE = Path(".servecore") / "state.db"
-
-_store_option = click.option(
-    "--store",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=DEFAULT_STORE,
-    show_default=True,
-    help="The SQLite checkpoint; its directory also holds the control socket.",
+_STORE_HELP = (
+    "The SQLite checkpoint (its directory also holds the control socket), or a "
+    "PostgreSQL DSN postgresql://... (optional ?checkpoint=NAME&lease_s=SECONDS). "
+    f"[default: {DEFAULT_STORE}]"
 )
+_STATE_DIR_HELP = (
+    "With a PostgreSQL --store: the directory of the control socket and run files "
+    "[default: .servecore/postgres-CHECKPOINT]."
+)
+
+
+def _store_option(command: F) -> F:
+    """``--store`` and ``--state-dir``, given to the command as one ``store``
+    (:class:`StoreChoice`)."""
+
+    command = click.option(
+        "--state-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help=_STATE_DIR_HELP,
+    )(command)
+    command = click.option("--store", default=None, metavar="PATH|DSN", help=_STORE_HELP)(command)
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, store: str | None, state_dir: Path | None, **kwargs: Any) -> Any:
+        try:
+            choice = choose_store(store, state_dir)
+        except ServecoreError as exc:
+            _fail(str(exc))
+        return command(*args, store=choice, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _console(stderr: bool = False) -> Console:
@@ -151,9 +181,9 @@ def main(debug: bool) -> None:
     _DEBUG = debug
 
 
-def _ask(store: Path, message: dict[str, Any], timeout_s: float | None = None) -> Any:
+def _ask(store: StoreChoice, message: dict[str, Any], timeout_s: float | None = None) -> Any:
     """The running server's answer to ``message``; its refusal is this command's error."""
-    reply = request(socket_path(store.parent), message, timeout_s=timeout_s)
+    reply = request(socket_path(store.state_dir), message, timeout_s=timeout_s)
     if not reply.get("ok"):
         _fail(str(reply.get("error", "the server refused it, and gave no reason")))
     return reply
@@ -163,21 +193,33 @@ def _ask(store: Path, message: dict[str, Any], timeout_s: float | None = None) -
 @click.argument("app_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option(
     "--runtime",
-    type=click.Choice(["threads", "subprocess", "ray"]),
-    default="threads",
-    show_default=True,
-    help="Where replicas run: threads of this process, processes of their own, Ray actors.",
+    default=None,
+    metavar="NAME",
+    help="Where replicas run: threads (of this process), subprocess (processes of their "
+    "own), ray (Ray actors), or a plugin registered under the entry-point group "
+    f"{ENTRY_POINT_GROUP}. [default: [server] runtime, else threads]",
 )
-@_store_option
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--store", default=None, metavar="PATH|DSN", help=_STORE_HELP)
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help=_STATE_DIR_HELP,
+)
+@click.option(
+    "--standby",
+    is_flag=True,
+    help="With a PostgreSQL --store: wait until the server holding its lease is gone, then "
+    "take over (adopting its replicas) and serve.",
+)
+@click.option("--host", default=None, help="Address to listen on. [default: 127.0.0.1]")
 @click.option(
     "--port",
-    default=8000,
-    show_default=True,
+    default=None,
     type=click.IntRange(0, 65535),
-    help="Port to listen on (0: any free port).",
+    help="Port to listen on (0: any free port). [default: 8000]",
 )
-@click.option("--name", default="servecore", show_default=True, help="Controller namespace.")
+@click.option("--name", default=None, help="Controller namespace. [default: servecore]")
 @click.option(
     "--app-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -228,11 +270,13 @@ def _ask(store: Path, message: dict[str, Any], timeout_s: float | None = None) -
 @_one_paragraph
 def run(
     app_file: Path,
-    runtime: str,
-    store: Path,
-    host: str,
-    port: int,
-    name: str,
+    runtime: str | None,
+    store: str | None,
+    state_dir: Path | None,
+    standby: bool,
+    host: str | None,
+    port: int | None,
+    name: str | None,
     app_dir: Path,
     stop_replicas: bool,
     replica_logs: bool,
@@ -248,7 +292,34 @@ def run(
 
     With --runtime subprocess, HTTP is served by --workers processes (default: one per
     CPU) that query the replicas directly and keep serving while this process is down.
+
+    Settings not given here come from the app file's [server] table (runtime,
+    runtime_options, host, port, workers, store, state_dir, name), then the defaults.
     """
+    _, app = _read(app_file)
+    server = app.server
+    here = app_file.parent
+    runtime = runtime or server.runtime or "threads"
+    _check_runtime_name(runtime)
+    if store is None and server.store is not None:
+        store = server.store if is_dsn(server.store) else str(here / server.store)
+    if state_dir is None and server.state_dir is not None:
+        state_dir = here / server.state_dir
+    try:
+        choice = choose_store(store, state_dir)
+    except ServecoreError as exc:
+        _fail(str(exc))
+    if standby and not choice.is_postgres:
+        _fail(
+            f"--standby needs a store with a lease, a PostgreSQL --store (postgresql://...); "
+            f"the SQLite store {choice.path} is locked by the server that has it, so a "
+            f"second server on it cannot wait to take over"
+        )
+    host = host if host is not None else server.host or "127.0.0.1"
+    port = port if port is not None else (server.port if server.port is not None else 8000)
+    name = name or server.name or "servecore"
+    if workers is None:
+        workers = server.workers
     if workers is None:
         workers = (os.cpu_count() or 1) if runtime == "subprocess" else 0
     elif workers and runtime != "subprocess":
@@ -261,7 +332,6 @@ def run(
     from servecore.cli._run import RunOptions, add_app_dir, preflight, run_server
 
     add_app_dir(app_dir)
-    _, app = _read(app_file)
     err = _console(stderr=True)
     logging.basicConfig(
         level=log_level.upper(),
@@ -272,7 +342,7 @@ def run(
     options = RunOptions(
         app=app,
         runtime=runtime,
-        store=store,
+        store=choice,
         host=host,
         port=port,
         name=name,
@@ -281,6 +351,9 @@ def run(
         replica_logs=replica_logs,
         workers=workers,
         worker_stack=worker_stack,
+        # The table's options are for the table's runtime, not one a flag chose instead.
+        runtime_options=server.runtime_options if server.runtime in (None, runtime) else None,
+        standby=standby,
     )
     # Before any replica starts: state directory, socket path, a server already
     # running there, the HTTP port.
@@ -289,26 +362,70 @@ def run(
     sys.exit(code)
 
 
-def _status_data(store: Path) -> dict[str, Any]:
-    """Live from the running server, or read from the checkpoint when none runs."""
+def _check_runtime_name(runtime: str) -> None:
+    """Refuse a runtime that is neither built in nor a plugin's, before anything starts."""
+    if runtime in BUILTIN_RUNTIMES:
+        return
+    from importlib.metadata import entry_points
+
+    plugins = sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
+    if runtime not in plugins:
+        _fail(
+            f"no runtime named {runtime!r}: built-ins are {', '.join(BUILTIN_RUNTIMES)}; "
+            f"installed plugins: {', '.join(plugins) or 'none'}. A plugin registers under "
+            f"the entry-point group {ENTRY_POINT_GROUP!r} (pip install it first)"
+        )
+
+
+def _lease(store: StoreChoice) -> dict[str, Any] | None:
+    """A PostgreSQL store's lease (leader, epoch, expiry), read from the database."""
+    if not store.is_postgres:
+        return None
+    opened = store.open()
     try:
-        reply = request(socket_path(store.parent), {"op": "status"}, timeout_s=10.0)
+        info: dict[str, Any] | None = opened.lease_info()
+    finally:
+        opened.close()
+    return info or {"holder": None, "epoch": 0, "expires_in_s": 0.0}
+
+
+def _status_data(store: StoreChoice) -> dict[str, Any]:
+    """Live from the running server, or read from the checkpoint when none runs."""
+    data = _status_here(store)
+    try:
+        lease = _lease(store)
+    except ServecoreError as exc:
+        _fail(str(exc))
+    if lease is not None:
+        data["lease"] = lease
+    return data
+
+
+def _status_here(store: StoreChoice) -> dict[str, Any]:
+    try:
+        reply = request(socket_path(store.state_dir), {"op": "status"}, timeout_s=10.0)
     except ControlUnavailable:
         reply = None
     if reply is not None and reply.get("ok"):
         data: dict[str, Any] = reply["status"]
         return data
-    if not store.exists():
-        _fail(f"no checkpoint at {store}; start a server with: servecore run APP.toml")
+    if store.path is not None and not store.path.exists():
+        _fail(f"no checkpoint at {store.path}; start a server with: servecore run APP.toml")
     try:
-        found = load_checkpoint(SQLiteStore(store))
+        opened = store.open()
+        try:
+            found = load_checkpoint(opened)
+        finally:
+            close = getattr(opened, "close", None)
+            if close is not None and store.is_postgres:
+                close()
     except ServecoreError as exc:
         _fail(str(exc))
     state, seq = found if found is not None else (None, 0)
     from servecore._core.transitions import State
     from servecore.cli._run import last_run
 
-    run = last_run(store.parent) or {}
+    run = last_run(store.state_dir) or {}
     gone = None
     if run.get("replicas_stopped") and state is not None and state.replicas:
         runtime = run.get("runtime")
@@ -338,7 +455,7 @@ def _status_data(store: Path) -> dict[str, Any]:
     help="Seconds between two looks with --watch.",
 )
 @_one_paragraph
-def status(store: Path, as_json: bool, watch: bool, interval: float) -> None:
+def status(store: StoreChoice, as_json: bool, watch: bool, interval: float) -> None:
     """Show endpoints, backends and replicas: live from a running server, or read
     from the checkpoint (without locking it) when none runs."""
     if not watch:
@@ -346,7 +463,7 @@ def status(store: Path, as_json: bool, watch: bool, interval: float) -> None:
         if as_json:
             click.echo(json.dumps(data, indent=2, sort_keys=True))
         else:
-            print_status(data, str(store), _console())
+            print_status(data, store.label, _console())
         return
     try:
         if as_json:  # one JSON object a line, for a script to follow
@@ -357,7 +474,7 @@ def status(store: Path, as_json: bool, watch: bool, interval: float) -> None:
 
         with Live(console=_console(), auto_refresh=False) as live:
             while True:
-                live.update(render_status(_status_data(store), str(store)), refresh=True)
+                live.update(render_status(_status_data(store), store.label), refresh=True)
                 time.sleep(interval)
     except KeyboardInterrupt:
         return
@@ -376,7 +493,7 @@ def _print_failed(out: Console, failed: dict[str, str]) -> None:
     "--dry-run", is_flag=True, help="Print the plan (the commands apply would run); run none."
 )
 @_one_paragraph
-def apply_command(app_file: Path, store: Path, dry_run: bool) -> None:
+def apply_command(app_file: Path, store: StoreChoice, dry_run: bool) -> None:
     """Apply APP_FILE to the server running on --store. An invalid file changes
     nothing and says why. A changed backend rolls its replicas in place; a FAILED
     backend the file restates as it is is retried."""
@@ -384,7 +501,7 @@ def apply_command(app_file: Path, store: Path, dry_run: bool) -> None:
     # <(cat app.toml) could not be read a second time).
     text, _ = _read(app_file)
     message = {"op": "apply", "text": text, "source": str(app_file), "dry_run": dry_run}
-    reply = request(socket_path(store.parent), message)
+    reply = request(socket_path(store.state_dir), message)
     if not reply.get("ok"):
         _fail(f"the server refused it: {reply.get('error', 'no reason given')}")
     out = _console()
@@ -402,10 +519,10 @@ def apply_command(app_file: Path, store: Path, dry_run: bool) -> None:
 @click.argument("backend")
 @_store_option
 @_one_paragraph
-def retry(backend: str, store: Path) -> None:
+def retry(backend: str, store: StoreChoice) -> None:
     """Start FAILED backend BACKEND again with the same definition (after fixing what
     made it fail). A backend that is not FAILED is left as it is."""
-    reply = request(socket_path(store.parent), {"op": "retry", "backend": backend})
+    reply = request(socket_path(store.state_dir), {"op": "retry", "backend": backend})
     out = _console()
     if reply.get("ok"):
         out.print(f"backend {escape(repr(backend))}: {escape(str(reply['status']))}")
@@ -421,7 +538,7 @@ def retry(backend: str, store: Path) -> None:
 @click.argument("name")
 @_store_option
 @_one_paragraph
-def delete(kind: str, name: str, store: Path) -> None:
+def delete(kind: str, name: str, store: StoreChoice) -> None:
     """Delete endpoint NAME (its route goes) or backend TAG (its replicas stop). A
     backend an endpoint still sends traffic to is refused, naming the endpoint. The
     next apply of a file that names it creates it again."""
@@ -445,10 +562,10 @@ def delete(kind: str, name: str, store: Path) -> None:
     help="Seconds to wait for the server to exit.",
 )
 @_one_paragraph
-def shutdown(store: Path, stop_replicas: bool, wait_s: float) -> None:
+def shutdown(store: StoreChoice, stop_replicas: bool, wait_s: float) -> None:
     """Stop the server running on --store, as SIGTERM does: requests in flight
     finish, the checkpoint is kept."""
-    path = socket_path(store.parent)
+    path = socket_path(store.state_dir)
     _ask(store, {"op": "shutdown", "stop_replicas": stop_replicas})
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
@@ -458,9 +575,9 @@ def shutdown(store: Path, stop_replicas: bool, wait_s: float) -> None:
             break  # no server answers any more
         time.sleep(0.1)
     else:
-        _fail(f"the server on {store.parent} was told to stop but still runs after {wait_s:g}s")
+        _fail(f"the server on {store.state_dir} was told to stop but still runs after {wait_s:g}s")
     what = " and its replicas" if stop_replicas else ""
-    _console().print(f"stopped the server on {escape(str(store.parent))}{what}")
+    _console().print(f"stopped the server on {escape(str(store.state_dir))}{what}")
 
 
 @main.command()
@@ -468,9 +585,9 @@ def shutdown(store: Path, stop_replicas: bool, wait_s: float) -> None:
 @_store_option
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until Ctrl-C.")
 @_one_paragraph
-def logs(target: str, store: Path, follow: bool) -> None:
+def logs(target: str, store: StoreChoice, follow: bool) -> None:
     """Print the logs of backend TARGET's replicas, or of replica TARGET (such as
     echo#3): the kept logs of dead ones (subprocess runtime), then the live ones."""
     from servecore.cli._logs import show_logs
 
-    show_logs(target, store, follow=follow, console=_console())
+    show_logs(target, store.anchor, follow=follow, console=_console())

@@ -8,7 +8,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-__all__ = ["failed_hint", "print_status", "render_status"]
+__all__ = ["describe_lease", "failed_hint", "print_status", "render_status"]
 
 _STYLE = {"HEALTHY": "green", "UPDATING": "yellow", "FAILED": "red", "RUNNING": "green"}
 
@@ -45,6 +45,20 @@ def failed_hint(tag: str, error: str | None) -> str:
     )
 
 
+def describe_lease(lease: dict[str, Any]) -> str:
+    """One line on a PostgreSQL store's lease: who leads, its epoch, when it expires."""
+    holder, epoch, left = lease.get("holder"), lease.get("epoch"), lease.get("expires_in_s")
+    if holder is None:
+        return f"lease: free (released; epoch {epoch}): no leader"
+    if not isinstance(left, (int, float)) or left <= 0:
+        ago = f" {-left:.1f}s ago" if isinstance(left, (int, float)) else ""
+        return (
+            f"lease: expired{ago} (last leader {holder}, epoch {epoch}): no leader; a "
+            f"standby takes over"
+        )
+    return f"lease: leader {holder}, epoch {epoch}, expires in {left:.1f}s unless renewed"
+
+
 def render_status(status: dict[str, Any], source: str) -> Group:
     """Endpoints, backends and replicas of ``status`` (as :meth:`Status.as_dict`)."""
     live = "live" if status["live"] else "from the checkpoint (no server running)"
@@ -56,6 +70,9 @@ def render_status(status: dict[str, Any], source: str) -> Group:
         f"  checkpoint {status['seq']}, {live}, ",
         (health, "green" if status["healthy"] else "yellow"),
     )
+    lease = status.get("lease")
+    if isinstance(lease, dict):
+        head.append("\n" + describe_lease(lease))
 
     endpoints = Table(title="Endpoints", title_justify="left", expand=False)
     for column in ("endpoint", "route", "methods", "traffic", "shadow"):

@@ -42,6 +42,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from servecore._controller.controller import Controller, open_controller
+from servecore._controller.standby import open_store
 from servecore._core.errors import ServecoreError, SteppedDown
 from servecore._core.transitions import ReplicaStatus
 from servecore.app import App, apply, describe
@@ -52,10 +53,10 @@ from servecore.cli._control import (
     serve_control,
     socket_path,
 )
+from servecore.cli._stores import StoreChoice, choose_store
 from servecore.cli._workers import WorkerPool, stop_stale_workers
 from servecore.http import LISTEN_BACKLOG, HTTPIngress, hypercorn_config
 from servecore.replica_logs import forward_replica_logs
-from servecore.stores import SQLiteStore
 
 __all__ = [
     "RUN_RECORD",
@@ -108,7 +109,7 @@ class RunOptions:
         *,
         app: App,
         runtime: str,
-        store: Path,
+        store: Path | StoreChoice,
         host: str,
         port: int,
         name: str,
@@ -117,10 +118,15 @@ class RunOptions:
         replica_logs: bool = True,
         workers: int = 0,
         worker_stack: str | None = None,
+        runtime_options: dict[str, Any] | None = None,
+        standby: bool = False,
     ) -> None:
         self.app = app
         self.runtime = runtime
-        self.store = store
+        #: What to open, and the state directory.
+        self.store_choice = store if isinstance(store, StoreChoice) else choose_store(store)
+        #: A path in the state directory standing for the store (workers are given it).
+        self.store = self.store_choice.anchor
         self.host = host
         self.port = port
         self.name = name
@@ -131,10 +137,14 @@ class RunOptions:
         self.workers = workers
         #: The workers' server stack (None: the worker's default).
         self.worker_stack = worker_stack
+        #: Keywords for the runtime's constructor ([server] runtime_options).
+        self.runtime_options = dict(runtime_options or {})
+        #: Wait for the store's lease, then take over (PostgreSQL).
+        self.standby = standby
 
     @property
     def state_dir(self) -> Path:
-        return self.store.parent
+        return self.store_choice.state_dir
 
 
 class CannotListen(ServecoreError):
@@ -206,10 +216,11 @@ def preflight(options: RunOptions) -> socket.socket:
 
 
 def _runtime_options(options: RunOptions) -> dict[str, Any]:
-    if options.runtime == "subprocess":
-        # Beside the checkpoint, so that one directory holds the whole deployment.
-        return {"directory": str(options.state_dir / "replicas")}
-    return {}
+    if options.runtime == "subprocess" and "directory" not in options.runtime_options:
+        # In the state directory, so that one directory holds the whole deployment
+        # and two projects never share one.
+        return {**options.runtime_options, "directory": str(options.state_dir / "replicas")}
+    return options.runtime_options
 
 
 async def _show_progress(ctl: Controller, console: Console) -> None:
@@ -274,14 +285,43 @@ async def run_server(
 
 
 def _store(options: RunOptions) -> Any:
-    return SQLiteStore(options.store)
+    return options.store_choice.open()
+
+
+async def _wait_for_lease(
+    store: Any, options: RunOptions, console: Console, signals: Any, received: list[int]
+) -> bool:
+    """``--standby``: wait until the store's lease is free and take it; ``False`` if a
+    signal came first (nothing was started)."""
+    console.print(
+        f"[bold]standby[/]: waiting for the lease on {escape(options.store_choice.label)}; "
+        f"this server takes over when the controller holding it is gone"
+    )
+    with trio.CancelScope() as waiting:
+        async with trio.open_nursery() as nursery:
+
+            async def stop_on_signal() -> None:
+                async for signum in signals:
+                    received.append(signum)
+                    console.print(f"[bold]{signal.Signals(signum).name}[/]: stopped waiting")
+                    waiting.cancel()
+                    return
+
+            nursery.start_soon(stop_on_signal)
+            await open_store(store, standby=True)
+            nursery.cancel_scope.cancel()
+    if waiting.cancelled_caught:
+        return False
+    epoch = getattr(store, "epoch", None)
+    took = f" (epoch {epoch})" if epoch is not None else ""
+    console.print(f"[bold]standby[/]: took the lease{took}; recovering and serving")
+    return True
 
 
 async def _run(options: RunOptions, console: Console, http_socket: socket.socket) -> int:
     shutdown = trio.Event()
     received: list[int] = []
     interrupted = False
-    _record_run(options.state_dir, options.runtime, replicas_stopped=False)
     stepped_down: list[SteppedDown] = []
 
     def on_step_down(error: SteppedDown) -> None:
@@ -294,13 +334,26 @@ async def _run(options: RunOptions, console: Console, http_socket: socket.socket
         shutdown.set()
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        store = _store(options)
+        if options.standby:
+            try:
+                took = await _wait_for_lease(store, options, console, signals, received)
+            except BaseException:
+                store.close()
+                raise
+            if not took:
+                store.close()
+                return 128 + received[0]
         async with open_controller(
             options.runtime,
-            _store(options),
+            store,
             name=options.name,
             runtime_options=_runtime_options(options),
             on_step_down=on_step_down,
         ) as ctl:
+            # Recorded once the controller opened: a refused open (another runtime's
+            # checkpoint) changes nothing here either.
+            _record_run(options.state_dir, options.runtime, replicas_stopped=False)
             try:
                 async with trio.open_nursery() as nursery:
 

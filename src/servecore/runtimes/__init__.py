@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
@@ -47,6 +48,7 @@ __all__ = [
     "close_runtime",
     "open_runtime",
     "resolve_runtime",
+    "runtime_name",
 ]
 
 ENTRY_POINT_GROUP = "servecore.runtimes"
@@ -120,6 +122,22 @@ def resolve_runtime(runtime: str | Runtime, **kwargs: Any) -> Runtime:
         raise InvalidRuntimeOption(runtime, bad, accepted)
     instance: Runtime = factory(**kwargs)
     return instance
+
+
+def runtime_name(runtime: str | object) -> str | None:
+    """The name ``runtime`` is registered under: the name itself, or, for an instance,
+    the built-in name of its exact class; ``None`` for any other instance (a wrapper, a
+    test double, a plugin passed as an object), which a checkpoint then does not
+    record. Imports nothing: a built-in whose module is not imported yet cannot be the
+    class of an instance that exists."""
+    if isinstance(runtime, str):
+        return runtime
+    for name, (path, _) in BUILTIN_RUNTIMES.items():
+        module_name, _, attr = path.partition(":")
+        module = sys.modules.get(module_name)
+        if module is not None and type(runtime) is getattr(module, attr, None):
+            return name
+    return None
 
 
 def check_runtime_methods(runtime: object) -> None:

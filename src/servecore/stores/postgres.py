@@ -368,6 +368,17 @@ class PostgresStore:
         lease = self._lease
         return lease is not None and lease.lost_to is None
 
+    def lease_info(self) -> dict[str, Any] | None:
+        """The checkpoint's lease as the database has it now, for status tools:
+        ``{"holder": str | None, "epoch": int, "expires_in_s": float}`` (``holder``
+        ``None``: released; ``expires_in_s`` at most 0: expired, so free to take), or
+        ``None`` if no controller ever held it. Reads only; needs no lease."""
+        row = self._call(lambda conn: conn.execute(_LEASE_ROW, {"cp": self.checkpoint}).fetchone())
+        if row is None:
+            return None
+        holder, epoch, _seq, left_s = row
+        return {"holder": holder, "epoch": int(epoch), "expires_in_s": float(left_s)}
+
     # -- connections ----------------------------------------------------------------------
 
     def _connect(self) -> psycopg.Connection[Any]:

@@ -12,7 +12,9 @@ controller on the same store finds it again in the *runtime directory* and adopt
         await ctl.create_backend("echo", "myapp.models:Echo", num_replicas=2)
 
 The runtime directory (``directory.py``)
-    One directory per controller namespace. By default it is
+    One directory per controller namespace. By default it is beside a file store
+    (``SQLiteStore("state.db")``: ``state.db.replicas/NAMESPACE``), so two projects
+    never share one; for other stores (memory, PostgreSQL)
     ``$XDG_RUNTIME_DIR/servecore/NAMESPACE``, or ``TMPDIR/servecore-UID/NAMESPACE``
     without ``XDG_RUNTIME_DIR``; pass ``directory=`` to choose it (it is then used as is).
     It is created with mode 0700, and refused (:class:`~servecore.RuntimeDirectoryUnsafe`)

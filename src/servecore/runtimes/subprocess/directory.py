@@ -1,7 +1,9 @@
 """The runtime directory: one per controller, private to its user, bound to its store.
 
-By default it is ``$XDG_RUNTIME_DIR/servecore/NAME``, or ``TMPDIR/servecore-UID/NAME``
-without ``XDG_RUNTIME_DIR``; ``directory=`` chooses it (used as is). Opening it
+By default it is beside the controller's store when the store is a file
+(``state.db`` -> ``state.db.replicas/NAME``), so two projects never share one; for other
+stores ``$XDG_RUNTIME_DIR/servecore/NAME``, or ``TMPDIR/servecore-UID/NAME`` without
+``XDG_RUNTIME_DIR``; ``directory=`` chooses it (used as is). Opening it
 (:meth:`RuntimeDirectory.open`) checks, in this order:
 
 * the controller name: no path separators, not ``.`` or ``..``, no NUL, printable,
@@ -102,8 +104,27 @@ def directory_name(namespace: object) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", namespace)
 
 
+#: Store ids (``store_id``) that name a file: the default directory goes beside it.
+_FILE_STORE_SCHEMES = ("sqlite:", "file:")
+
+
+def store_base(store_id: str | None) -> Path | None:
+    """Beside a file store, the base of its runtime directories: ``state.db`` ->
+    ``state.db.replicas/``, so each checkpoint (each project) has its own; ``None``
+    for a store that is not a file (memory, PostgreSQL) or is not named."""
+    if store_id is None:
+        return None
+    for scheme in _FILE_STORE_SCHEMES:
+        if store_id.startswith(scheme):
+            path = Path(store_id[len(scheme) :])
+            if path.is_absolute() and path.name:
+                return path.parent / f"{path.name}.replicas"
+    return None
+
+
 def default_base() -> Path:
-    """Where the default runtime directories are made (see the module doc)."""
+    """Where the default runtime directories of a store without a file are made (see
+    the module doc)."""
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg:
         return Path(xdg) / "servecore"
@@ -176,7 +197,7 @@ class RuntimeDirectory:
         """Check and take the directory of ``namespace`` (see the module doc)."""
         name = directory_name(namespace)
         if requested is None:
-            base = default_base()
+            base = store_base(store_id) or default_base()
             base.parent.mkdir(parents=True, exist_ok=True)
             os.close(_open_private_dir(base, follow=False))
             path = base / name

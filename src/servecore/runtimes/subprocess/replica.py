@@ -34,6 +34,7 @@ __all__ = [
     "RemoteTraceback",
     "Replica",
     "ReplicaConnection",
+    "answer_of",
     "not_begun",
     "open_replica_channel",
     "rebuild_remote_exception",
@@ -94,6 +95,31 @@ async def open_replica_channel(address: str, tag: str, timeout_s: float) -> tupl
         channel.close()
         raise
     return channel, hello
+
+
+def answer_of(kind: int, body: bytes, tag: str) -> outcome.Outcome[Any]:
+    """What a replica's answer frame means for the caller: the batch's results, the
+    user's exception, or a typed error (never a ``BaseException`` the host cannot
+    handle). Shared by the trio path and the blocking path of host threads."""
+    try:
+        if kind == OK:
+            return outcome.Value(decode_reply(body, tag, "subprocess"))
+        if kind == ERROR:
+            info = decode_reply(body, tag, "subprocess")
+            return outcome.Error(rebuild_remote_exception(info, tag))
+        if kind == REFUSED:
+            reason = encodable(str(decode_reply(body, tag, "subprocess")))
+            return outcome.Error(not_begun(tag, f"{reason}; it did not begin it"))
+        if kind == GONE:
+            reason = encodable(str(decode_reply(body, tag, "subprocess")))
+            return outcome.Error(ReplicaDiedError(tag, reason))
+        return outcome.Error(RuntimeError(f"replica {tag!r} sent message kind {kind}"))
+    except ResultDecodeError as exc:  # e.g. a result whose class the host cannot import
+        return outcome.Error(exc)
+    except Exception as exc:  # a malformed error description: still the replica's fault
+        return outcome.Error(
+            ResultDecodeError(tag, "error description", repr(exc), runtime="subprocess")
+        )
 
 
 class ReplicaConnection:
@@ -172,32 +198,11 @@ class ReplicaConnection:
             self.fail_pending("the replica drained and stopped before beginning it", True)
             return
         task = self.pending.pop(request_id, None)
+        if kind == REFUSED:
+            self.draining = True
         if task is None:  # the caller gave up (cancelled); drop the answer
             return
-        answer: outcome.Outcome[Any]
-        try:
-            if kind == OK:
-                answer = outcome.Value(decode_reply(body, self.tag, "subprocess"))
-            elif kind == ERROR:
-                info = decode_reply(body, self.tag, "subprocess")
-                answer = outcome.Error(rebuild_remote_exception(info, self.tag))
-            elif kind == REFUSED:
-                self.draining = True
-                reason = encodable(str(decode_reply(body, self.tag, "subprocess")))
-                answer = outcome.Error(not_begun(self.tag, f"{reason}; it did not begin it"))
-            elif kind == GONE:
-                reason = encodable(str(decode_reply(body, self.tag, "subprocess")))
-                answer = outcome.Error(ReplicaDiedError(self.tag, reason))
-            else:
-                error = RuntimeError(f"replica {self.tag!r} sent message kind {kind}")
-                answer = outcome.Error(error)
-        except ResultDecodeError as exc:  # e.g. a result whose class the host cannot import
-            answer = outcome.Error(exc)
-        except Exception as exc:  # a malformed error description: still the replica's fault
-            answer = outcome.Error(
-                ResultDecodeError(self.tag, "error description", repr(exc), runtime="subprocess")
-            )
-        trio.lowlevel.reschedule(task, answer)
+        trio.lowlevel.reschedule(task, answer_of(kind, body, self.tag))
 
     def fail_pending(self, reason: str, never_begun: bool = False) -> None:
         """Fail every call in flight with :class:`~servecore.ReplicaDiedError`

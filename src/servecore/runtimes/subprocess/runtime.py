@@ -23,6 +23,7 @@ from servecore._core.errors import ReplicaDiedError, RuntimeFenced
 from servecore._core.transitions import ReplicaDied, StartReplica
 from servecore._text import encodable
 from servecore.runtimes._protocol import Query, ReplicaInfo, Report
+from servecore.runtimes.subprocess.blocking import BlockingCalls
 from servecore.runtimes.subprocess.channel import Channel
 from servecore.runtimes.subprocess.directory import RuntimeDirectory
 from servecore.runtimes.subprocess.files import ReplicaFiles, open_lock, replica_key
@@ -53,9 +54,9 @@ _POLL_S = 0.02
 class SubprocessRuntime:
     """Runs each replica in its own Python process; replicas outlive the host.
 
-    ``directory`` is the runtime directory (default: derived from the controller's
-    namespace, see the package doc). ``python`` is the interpreter for replicas
-    (default: the host's). ``startup_timeout_s`` bounds how long a replica may take to
+    ``directory`` is the runtime directory (default: beside a file store, else derived
+    from the controller's namespace, see the package doc). ``python`` is the interpreter
+    for replicas (default: the host's). ``startup_timeout_s`` bounds how long a replica may take to
     import and construct its target before it is killed and the start fails (a
     backend's ``runtime_options["startup_timeout_s"]`` overrides it). ``env`` adds
     environment variables for every replica. A target with a ``check_health()`` method
@@ -98,6 +99,7 @@ class SubprocessRuntime:
         self._opened: RuntimeDirectory | None = None
         self._report: Report | None = None
         self._replicas: dict[str, Replica] = {}
+        self._blocking = BlockingCalls(self._address_for_threads)
         #: tag -> the starts of it in flight (a stop cuts them all short)
         self._starting: dict[str, list[Starting]] = {}
         self._key_locks: dict[str, trio.Lock] = {}
@@ -275,6 +277,26 @@ class SubprocessRuntime:
             for key in keys:
                 nursery.start_soon(visit, key)
         return frozenset(tag for tag, r in self._replicas.items() if not r.dead)
+
+    def call_blocking(
+        self, tag: str, batch: Sequence[Query], timeout_s: float | None
+    ) -> list[Any] | None:
+        """Run ``batch`` on replica ``tag`` from a host thread, over that thread's own
+        connection, without entering trio (see :mod:`.blocking`); ``None`` when the
+        replica cannot take it here (the router then routes it through trio)."""
+        return self._blocking.call(tag, batch, timeout_s)
+
+    def _address_for_threads(self, tag: str) -> tuple[str, object] | None:
+        # Read from host threads: a replica seen a moment late is caught by its
+        # connection (EOF) or the handshake, never by a wrong answer.
+        replica = self._replicas.get(tag)
+        opened = self._opened
+        if opened is None or replica is None:
+            return None
+        if replica.dead or replica.stopping or replica.draining:
+            return None
+        address = socket_address(str(replica.files.socket), opened.dir_fd)
+        return address, replica.process.pid
 
     async def call(self, tag: str, batch: Sequence[Query]) -> list[Any]:
         """Run one batch on replica ``tag`` in its process; see the package doc for how
