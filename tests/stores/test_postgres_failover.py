@@ -5,6 +5,10 @@
   nothing, and the subprocess replicas are adopted (the same processes), not restarted.
 * SIGSTOP the leader until its lease expires; the standby takes over; SIGCONT the old
   leader: its next command is fenced (LeaseLost) and runs no effect.
+* The same on one subprocess runtime directory: the standby takes the runtime over from
+  the frozen leader that still holds its lock, adopts the replicas (the same pids) and
+  serves; the old leader, awake, can neither stop, kill nor adopt them
+  (RuntimeFenced), and steps down.
 * Stop the database under a running controller: commands fail with CheckpointError while
   it is down and succeed once it is back; nothing acknowledged is lost.
 
@@ -190,6 +194,58 @@ def test_a_paused_leader_is_fenced_when_it_wakes(
     standby.send("state")
     now = json.loads(standby.expect("STATE"))
     assert "late" not in now["backends"] and "new-leader" in now["endpoints"]
+
+
+def test_a_standby_takes_the_runtime_over_from_a_frozen_leader_which_wakes_fenced(
+    postgres_server: PostgresServer, hosts: list[Host], tmp_path: Path
+) -> None:
+    checkpoint = f"takeover-{uuid.uuid4().hex[:8]}"
+    runtime_dir = tmp_path / "rt"
+    leader = start_host(hosts, postgres_server, checkpoint, str(runtime_dir), "leader")
+    leader.expect("SERVING")
+    for line in ("backend echo 2", "endpoint api", "route api echo"):
+        leader.send(line)
+        leader.expect("ACK")
+    pids = {key: p.pid for key, p in replica_processes(runtime_dir).items()}
+    assert len(pids) == 2
+    standby = start_host(hosts, postgres_server, checkpoint, str(runtime_dir), "standby")
+    standby.expect("WAITING")
+
+    # Frozen, the leader still holds the runtime directory's lock: the lease decides.
+    leader.proc.send_signal(signal.SIGSTOP)
+    standby.expect("TOOK")
+    state = json.loads(standby.expect("SERVING"))
+    assert state["replicas"] == {"echo#0": "RUNNING", "echo#1": "RUNNING"}
+    assert state["live"] == ["echo#0", "echo#1"]
+    assert {key: p.pid for key, p in replica_processes(runtime_dir).items()} == pids
+    standby.send("call api hello")
+    assert json.loads(standby.expect("RESULT")) == "hello"
+
+    leader.proc.send_signal(signal.SIGCONT)
+    for order in ("rt-stop echo#0", "rt-kill echo#1", "rt-adopt"):
+        leader.send(order)
+        err = leader.expect("ERR")
+        assert err.startswith("RuntimeFenced") and f"epoch {state['epoch']}" in err, err
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        leader.send("stepped")
+        if leader.expect("STEPPED") == "SteppedDown" or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    leader.send("stepped")
+    assert leader.expect("STEPPED") == "SteppedDown"
+    leader.send("backend late 1")
+    assert leader.expect("ERR").startswith("LeaseLost")
+
+    # Nothing of the new leader's was touched: the same processes serve.
+    assert {key: p.pid for key, p in replica_processes(runtime_dir).items()} == pids
+    standby.send("call api again")
+    assert json.loads(standby.expect("RESULT")) == "again"
+    standby.send("backend more 1")
+    standby.expect("ACK")
+    standby.send("state")
+    now = json.loads(standby.expect("STATE"))
+    assert now["live"][:2] == ["echo#0", "echo#1"] and len(now["live"]) == 3
 
 
 @pytest.fixture

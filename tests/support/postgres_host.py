@@ -15,6 +15,11 @@ recovered, then reads commands, one a line, and answers each:
 * ``stream PREFIX`` -- create endpoints PREFIX0, PREFIX1, ... until killed, printing
   ``SENT <name>`` before each command and ``ACK <name>`` once it returned;
 * ``state`` -- ``STATE <json>``: endpoints, backends, replicas and the runtime's live ones;
+* ``rt-stop TAG`` / ``rt-kill TAG`` / ``rt-adopt`` -- order the runtime itself to stop
+  or kill a replica, or to list (and so adopt) the live ones: what a controller that
+  lost its place might still try; ``ACK`` or ``ERR``;
+* ``stepped`` -- ``STEPPED <error type>`` once the controller stepped down, else
+  ``STEPPED None``;
 * ``exit`` -- close the controller, print ``BYE``.
 
 ``time.monotonic`` is the system's monotonic clock, the same in every process, so the
@@ -71,6 +76,15 @@ async def serve(ctl: servecore.Controller) -> None:
                 await ctl.set_traffic(args[0], {args[1]: 1.0})
             elif word == "call":
                 say("RESULT", json.dumps(await ctl.get_handle(args[0]).call(args[1])))
+                continue
+            elif word == "rt-stop":
+                await ctl.runtime.stop_replica(args[0], 1.0)
+            elif word == "rt-kill":
+                ctl.runtime.kill(args[0])  # type: ignore[attr-defined]
+            elif word == "rt-adopt":
+                await ctl.runtime.list_replicas()
+            elif word == "stepped":
+                say("STEPPED", type(ctl.stepped_down).__name__ if ctl.stepped_down else None)
                 continue
             elif word == "state":
                 say("STATE", await describe(ctl))

@@ -63,7 +63,9 @@ from servecore._core.errors import (
     InvalidConfig,
     InvalidTarget,
     LeaseLost,
+    RuntimeFenced,
     RuntimeMismatch,
+    RuntimeUnresponsive,
     SteppedDown,
 )
 from servecore._core.limits import Limits
@@ -108,6 +110,9 @@ log = logging.getLogger("servecore.controller")
 _COMMANDS = get_args(Command)
 #: The default interval of the level-triggered resync with the runtime.
 RESYNC_INTERVAL_S = 10.0
+#: How long the controller waits for a runtime's control calls (``list_replicas``,
+#: ``open``; a stop waits this long past its own drain timeout) before giving up on them.
+RUNTIME_CALL_TIMEOUT_S = 30.0
 #: The longest wait between two heartbeats to a leased store (shorter for short leases).
 HEARTBEAT_MAX_S = 1.0
 
@@ -134,10 +139,12 @@ class Controller:
         clock: Callable[[], float] | None = None,
         on_step_down: Callable[[SteppedDown], object] | None = None,
         runtime_name: str | None = None,
+        runtime_call_timeout_s: float = RUNTIME_CALL_TIMEOUT_S,
     ) -> None:
         self.runtime = runtime
         #: The runtime's registered name, recorded in the checkpoint (None: not known).
         self.runtime_name = runtime_name
+        self.runtime_call_timeout_s = runtime_call_timeout_s
         self.store = store
         self.name = name
         self.limits = limits or Limits()
@@ -159,6 +166,8 @@ class Controller:
             lifecycle=self._lifecycle,
             push_table=self._push_table,
             report_load=self._report_load,
+            on_fenced=self._runtime_fenced,
+            call_timeout_s=runtime_call_timeout_s,
         )
         # An in-memory store has nothing to wait for: its commits run inline.
         in_memory = isinstance(store, MemoryStore)
@@ -532,7 +541,14 @@ class Controller:
         if self._stepped_down is not None:
             return False
         seq = self._seq
-        live = await self.runtime.list_replicas()
+        try:
+            live = await self._list_replicas("a resync")
+        except RuntimeUnresponsive as exc:
+            log.warning("%s; this resync is skipped (the next one tries again)", exc)
+            return False
+        except RuntimeFenced as exc:
+            self._runtime_fenced(exc)
+            return False
         now = trio.current_time()
 
         listed = self._state
@@ -557,6 +573,14 @@ class Controller:
             except Exception as exc:
                 log.warning("resync with the runtime failed (next try in %gs): %r", interval_s, exc)
 
+    async def _list_replicas(self, during: str) -> frozenset[str]:
+        """The runtime's live replicas, within ``runtime_call_timeout_s``."""
+        with trio.move_on_after(self.runtime_call_timeout_s):
+            return await self.runtime.list_replicas()
+        raise RuntimeUnresponsive(
+            repr(self.runtime), "list_replicas", self.runtime_call_timeout_s, during
+        )
+
     # -- the lease: heartbeats and stepping down -----------------------------------------
 
     async def _keep_lease(self, heartbeat: Callable[[], None], lost: Callable[[], Any]) -> None:
@@ -573,6 +597,22 @@ class Controller:
                 self._step_down(loss)
                 return
             await trio.sleep(interval)
+
+    def _runtime_fenced(self, fenced: RuntimeFenced) -> None:
+        """The runtime refused to act: a newer leader took it over. Step down, with the
+        store's own word on the lease if it has one yet."""
+        lost = getattr(self.store, "lease_lost", None)
+        loss = lost() if callable(lost) else None
+        if not isinstance(loss, LeaseLost):
+            loss = LeaseLost(
+                self._where,
+                str(getattr(self.store, "holder", self.name)),
+                fenced.epoch,
+                f"the controller that took runtime {fenced.where} over",
+                fenced.newer_epoch,
+                "the runtime refused to act for this controller",
+            )
+        self._step_down(loss)
 
     def _step_down(self, loss: LeaseLost) -> None:
         """Stop acting on a lease this controller no longer holds (once)."""
@@ -620,16 +660,24 @@ class Controller:
                 await self._committer.commit_pending()
         self._nursery.start_soon(self._committer.serve)
         opener = getattr(self.runtime, "open", None)
+        opened = False
         if opener is not None:
-            await opener(
-                **_open_kwargs(
-                    opener,
-                    namespace=self.name,
-                    report=self._effects.report,
-                    store_id=_store_id(self.store),
+            with trio.move_on_after(self.runtime_call_timeout_s):
+                await opener(
+                    **_open_kwargs(
+                        opener,
+                        namespace=self.name,
+                        report=self._effects.report,
+                        store_id=_store_id(self.store),
+                        epoch=_store_epoch(self.store),
+                    )
                 )
-            )
-        live = await self.runtime.list_replicas()
+                opened = True
+            if not opened:
+                raise RuntimeUnresponsive(
+                    repr(self.runtime), "open", self.runtime_call_timeout_s, "recovery"
+                )
+        live = await self._list_replicas("recovery")
         self._lifecycle.recovered(self._state, live)
         group = EffectGroup()
         await self._execute(Recover(live=live), group)
@@ -708,8 +756,15 @@ def _store_id(store: Store) -> str | None:
     return found if isinstance(found, str) else None
 
 
+def _store_epoch(store: Store) -> int | None:
+    """The lease epoch ``store`` holds (a :class:`~servecore.PostgresStore`), passed to
+    the runtime so that its ownership follows the lease; ``None`` without a lease."""
+    found = getattr(store, "epoch", None)
+    return found if isinstance(found, int) and not isinstance(found, bool) else None
+
+
 def _open_kwargs(opener: Callable[..., Any], **kwargs: Any) -> dict[str, Any]:
-    """The keywords ``opener`` accepts: newer ones (``store_id``) only if it takes them,
+    """The keywords ``opener`` accepts: newer ones (``store_id``, ``epoch``) only if it takes them,
     so plugins written against an older protocol keep working."""
     try:
         params = inspect.signature(opener).parameters
@@ -735,6 +790,7 @@ async def open_controller(
     autoscale_interval_s: float | None = AUTOSCALE_INTERVAL_S,
     clock: Callable[[], float] | None = None,
     on_step_down: Callable[[SteppedDown], object] | None = None,
+    runtime_call_timeout_s: float = RUNTIME_CALL_TIMEOUT_S,
 ) -> AsyncIterator[Controller]:
     """Open a controller: load the checkpoint, ask the runtime which replicas are alive,
     step ``Recover(live)``, commit, and carry out its effects, then yield it::
@@ -771,6 +827,13 @@ async def open_controller(
     queries with :class:`~servecore.SteppedDown`, ``/-/healthz`` answers 503,
     :attr:`Controller.stepped_down` says why, and ``on_step_down(error)`` is called once
     on the trio thread (a host usually exits, or closes this controller).
+    The runtime is opened with the lease's epoch too: a standby takes over the
+    runtime of a leader frozen past its lease, and the old leader's runtime refuses
+    to act (:class:`~servecore.RuntimeFenced`), whereupon it steps down as well.
+    ``runtime_call_timeout_s`` bounds the runtime's control calls: a ``list_replicas``
+    (or ``open``) not answered within it fails recovery with
+    :class:`~servecore.RuntimeUnresponsive` and skips a resync (logged); a stop is
+    given up on that long after its own drain timeout (the resync finds what lingers).
     """
     check_namespace(name)
     if limits is not None and not isinstance(limits, Limits):
@@ -782,6 +845,16 @@ async def open_controller(
     ):
         raise InvalidConfig(
             "resync_interval_s", resync_interval_s, "must be a positive number of seconds or None"
+        )
+    if (
+        isinstance(runtime_call_timeout_s, bool)
+        or not isinstance(runtime_call_timeout_s, (int, float))
+        or not 0 < runtime_call_timeout_s < math.inf
+    ):
+        raise InvalidConfig(
+            "runtime_call_timeout_s",
+            runtime_call_timeout_s,
+            "must be a positive, finite number of seconds",
         )
     for field, interval in (("autoscale_interval_s", autoscale_interval_s),):
         if interval is not None and (
@@ -822,6 +895,7 @@ async def open_controller(
                 clock=clock,
                 on_step_down=on_step_down,
                 runtime_name=runtime_name(runtime),
+                runtime_call_timeout_s=runtime_call_timeout_s,
             )
             try:
                 await ctl._recover()

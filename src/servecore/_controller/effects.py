@@ -30,7 +30,7 @@ import attrs
 import trio
 
 from servecore._controller.replica_lifecycle import ReplicaLifecycle
-from servecore._core.errors import CheckpointError, LeaseLost
+from servecore._core.errors import CheckpointError, LeaseLost, RuntimeFenced
 from servecore._core.messages import describe
 from servecore._core.transitions import (
     EARLY_DEATH_S,
@@ -123,6 +123,8 @@ class EffectRunner:
         lifecycle: ReplicaLifecycle,
         push_table: Callable[[RoutingTable], None],
         report_load: Callable[[Any, EffectGroup], Awaitable[None]],
+        on_fenced: Callable[[RuntimeFenced], None] | None = None,
+        call_timeout_s: float = math.inf,
     ) -> None:
         self.runtime = runtime
         self.nursery = nursery
@@ -130,6 +132,9 @@ class EffectRunner:
         self._execute = execute
         self._push_table = push_table
         self._report_load = report_load
+        self._on_fenced = on_fenced
+        #: How long past its own timeout a stop is waited for (a runtime that hangs).
+        self.call_timeout_s = call_timeout_s
         #: Background work (replacements of dead replicas, retried events): no command
         #: waits on it, but ``Controller.settle`` does.
         self.background = EffectGroup()
@@ -210,6 +215,9 @@ class EffectRunner:
                 self.lifecycle.ready(tag)
             if start.scope.cancelled_caught:
                 log.warning("replica %s was stopped while it was still starting", tag)
+        except RuntimeFenced as exc:
+            # Not a failed start (no budget is spent): this controller is not the leader.
+            self.fenced(exc, group)
         except Exception as exc:
             reason = describe_failure(exc)
             log.warning("replica %s failed to start: %s", tag, reason)
@@ -244,7 +252,17 @@ class EffectRunner:
             remaining = max(0.0, deadline - trio.current_time())
             self.lifecycle.stopping(tag)
             try:
-                await self.runtime.stop_replica(tag, remaining)
+                with trio.move_on_after(remaining + self.call_timeout_s) as scope:
+                    await self.runtime.stop_replica(tag, remaining)
+                if scope.cancelled_caught:
+                    log.warning(
+                        "replica %s: the runtime did not answer its stop within %gs past "
+                        "the drain timeout; a resync stops it if it lingers",
+                        tag, self.call_timeout_s,
+                    )  # fmt: skip
+            except RuntimeFenced as exc:
+                self.fenced(exc, group)
+                return
             except Exception as exc:
                 # The replica may linger; the resync or recovery finds and stops it.
                 log.warning("replica %s did not stop cleanly: %s", tag, describe_failure(exc))
@@ -253,6 +271,14 @@ class EffectRunner:
             await self.feed(ReplicaStopped(tag=tag), group)
         finally:
             self._unbusy(tag)
+
+    def fenced(self, exc: RuntimeFenced, group: EffectGroup) -> None:
+        """The runtime refused an effect: a newer leader owns it. Nothing is recorded
+        (that leader decides what runs); the controller steps down."""
+        log.error("%s", exc)
+        group.errors.append(exc)
+        if self._on_fenced is not None:
+            self._on_fenced(exc)
 
     def _unbusy(self, tag: str) -> None:
         self._busy[tag] -= 1

@@ -43,7 +43,9 @@ __all__ = [
     "RuntimeDirectoryLocked",
     "RuntimeDirectoryStoreMismatch",
     "RuntimeDirectoryUnsafe",
+    "RuntimeFenced",
     "RuntimeMismatch",
+    "RuntimeUnresponsive",
     "ServecoreError",
     "StoreAccessDenied",
     "StoreLocked",
@@ -508,6 +510,42 @@ class RuntimeDirectoryUnsafe(ServecoreError):
         super().__init__(
             f"runtime directory {directory} is unsafe: {why}; remove it (another user may "
             f"have created it first) or choose another with directory= or XDG_RUNTIME_DIR"
+        )
+
+
+class RuntimeFenced(ServecoreError):
+    """A newer leader of the same store took this runtime over: the runtime carries out
+    no more starts, stops, kills or adoptions for this controller (fencing reaches the
+    runtime as it reaches the store). ``epoch`` is this controller's lease epoch,
+    ``newer_epoch`` the one that owns the runtime now."""
+
+    def __init__(self, where: str, store_id: str, epoch: int, newer_epoch: int) -> None:
+        self.where = where
+        self.store_id = store_id
+        self.epoch = epoch
+        self.newer_epoch = newer_epoch
+        super().__init__(
+            f"runtime {where} was taken over by the controller holding epoch {newer_epoch} "
+            f"of store {store_id!r}, and this one holds epoch {epoch}: it starts, stops, "
+            f"kills and adopts nothing any more; close this controller (the one holding "
+            f"the lease owns the replicas now)"
+        )
+
+
+class RuntimeUnresponsive(ServecoreError):
+    """A call to the runtime (``call``: ``list_replicas``, ``open``, ``stop_replica``)
+    did not return within the controller's ``runtime_call_timeout_s``."""
+
+    def __init__(self, runtime: str, call: str, timeout_s: float, during: str = "") -> None:
+        self.runtime = runtime
+        self.call = call
+        self.timeout_s = timeout_s
+        when = f" during {during}" if during else ""
+        super().__init__(
+            f"runtime {runtime} did not answer {call}() within {timeout_s:g}s{when} "
+            f"(runtime_call_timeout_s); check that what it runs on is reachable (a lost "
+            f"node, a hung cluster), or raise runtime_call_timeout_s in open_controller "
+            f"if it is only slow"
         )
 
 

@@ -152,6 +152,14 @@ class Lifecycle(Protocol):
         A runtime whose replicas outlive the host (subprocess, Ray) finds them again
         here. Capture ``trio.lowlevel.current_trio_token()`` here if other threads will
         report.
+
+        Two more keywords are passed only to a runtime whose ``open`` names them (or
+        takes ``**kwargs``): ``store_id`` (what identifies the controller's store, so
+        replicas are adopted only by a controller on the same store) and ``epoch``
+        (the store's lease epoch, ``None`` without a lease). A runtime that takes
+        ``epoch`` lets a newer epoch of the same store take it over from a controller
+        that may only be frozen, and then refuses to act for the older one
+        (:class:`~servecore.RuntimeFenced`, upon which that controller steps down).
         """
 
     async def close(self) -> None:

@@ -7,6 +7,9 @@ tests use, and anyone can run them against their own runtime or store:
 * :class:`InMemoryRuntime` — a deterministic runtime whose replicas outlive a simulated
   controller crash, with fault injection (fail starts, kill replicas);
 * :class:`FaultyStore` — fails, tears or crashes commits;
+* :class:`LeasedMemoryStore` and :meth:`InMemoryRuntime.view` — *the old leader wakes
+  up*: a standby takes the lease and the runtime over from a leader that was only
+  paused, whose late effects the runtime must then refuse;
 * :class:`InjectedFailure` — the error of an injected start failure (any other start
   failure fails the crash checks);
 * :class:`CrashPlan` / :class:`SimulatedCrash` — numbered crash points before, midway
@@ -41,6 +44,7 @@ from servecore.testing._crash import (
 )
 from servecore.testing._faults import CrashPlan, InjectedFailure, SimulatedCrash
 from servecore.testing._group import check_some_order
+from servecore.testing._lease import LeasedMemoryStore
 from servecore.testing._machine import CrashConsistencyMachine
 from servecore.testing._model import ReferenceModel, desired
 from servecore.testing._runtime import InMemoryRuntime
@@ -55,6 +59,7 @@ __all__ = [
     "InMemoryRuntime",
     "InjectedFailure",
     "Kill",
+    "LeasedMemoryStore",
     "Outcome",
     "ReferenceModel",
     "SimulatedCrash",

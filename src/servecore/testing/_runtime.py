@@ -12,7 +12,7 @@ from typing import Any
 
 import trio
 
-from servecore._core.errors import ReplicaDiedError
+from servecore._core.errors import ReplicaDiedError, RuntimeFenced
 from servecore._core.transitions import Event, ReplicaDied, StartReplica
 from servecore.runtimes import Query, Report
 from servecore.runtimes.toolkit import ReplicaCode, build_replica, check_runtime_options
@@ -30,7 +30,14 @@ class InMemoryRuntime:
       with :class:`InjectedFailure`;
     * :meth:`kill` kills a live replica and reports ``ReplicaDied``;
     * ``crash_plan`` (a :class:`CrashPlan`) crashes the controller before or after any
-      start or stop.
+      start or stop;
+    * *the old leader wakes up*: :meth:`view` gives a second runtime on the same
+      replicas, for a second controller; opened with a lease epoch (the controller
+      passes its store's, e.g. :class:`LeasedMemoryStore`'s), each view refuses to
+      start, stop or list once a view of a newer epoch was opened
+      (:class:`~servecore.RuntimeFenced`), as the subprocess runtime does; setting
+      ``paused`` (a ``trio.Event``) holds this view's starts and stops until it is set,
+      as a frozen host holds the effects it had begun.
 
     A start builds the target in-process with :func:`servecore.runtimes.toolkit.build_replica`
     (a failing constructor fails the start, batching rules apply); ``call`` runs it, so
@@ -50,6 +57,24 @@ class InMemoryRuntime:
         self._report: Report | None = None
         self.namespace: str | None = None
         self.opened = 0
+        #: The lease epoch this view acts for (``None``: a store without a lease).
+        self.epoch: int | None = None
+        #: When set to an unset event, starts and stops wait for it (a paused host).
+        self.paused: trio.Event | None = None
+        # The newest epoch any view of these replicas was opened with (shared).
+        self._fence: list[int | None] = [None]
+
+    def view(self) -> InMemoryRuntime:
+        """Another runtime on the same replicas (and faults), for a second controller:
+        a standby taking over from a leader that may only be paused."""
+        other = InMemoryRuntime(self.crash_plan)
+        other.live, other.started, other.stopped = self.live, self.started, self.stopped
+        other._failures, other._instances, other._fence = (
+            self._failures,
+            self._instances,
+            self._fence,
+        )
+        return other
 
     # -- fault injection ------------------------------------------------------------------
 
@@ -72,10 +97,32 @@ class InMemoryRuntime:
 
     # -- the Runtime protocol -------------------------------------------------------------
 
-    async def open(self, *, namespace: str, report: Report) -> None:
+    async def open(
+        self,
+        *,
+        namespace: str,
+        report: Report,
+        store_id: str | None = None,
+        epoch: int | None = None,
+    ) -> None:
         self.namespace = namespace
         self._report = report
         self.opened += 1
+        self.epoch = epoch
+        if epoch is not None:
+            newest = self._fence[0]
+            if newest is not None and epoch < newest:
+                raise RuntimeFenced("in-memory", str(store_id), epoch, newest)
+            self._fence[0] = epoch
+
+    def _check_fence(self) -> None:
+        newest = self._fence[0]
+        if self.epoch is not None and newest is not None and self.epoch < newest:
+            raise RuntimeFenced("in-memory", "the in-memory world", self.epoch, newest)
+
+    async def _wait_if_paused(self) -> None:
+        if self.paused is not None:
+            await self.paused.wait()
 
     async def close(self) -> None:
         self._report = None
@@ -83,6 +130,8 @@ class InMemoryRuntime:
     async def start_replica(self, effect: StartReplica) -> None:
         self.crash_plan.point(f"before start {effect.tag}")
         await trio.lowlevel.checkpoint()
+        await self._wait_if_paused()
+        self._check_fence()
         if effect.tag in self.live:
             return
         check_runtime_options(effect, known=(), runtime="in-memory")
@@ -103,12 +152,15 @@ class InMemoryRuntime:
     async def stop_replica(self, tag: str, timeout_s: float) -> None:
         self.crash_plan.point(f"before stop {tag}")
         await trio.lowlevel.checkpoint()
+        await self._wait_if_paused()
+        self._check_fence()
         if self.live.pop(tag, None) is not None:
             self._instances.pop(tag, None)
             self.stopped.append(tag)
         self.crash_plan.point(f"after stop {tag}")
 
     async def list_replicas(self) -> frozenset[str]:
+        self._check_fence()
         return frozenset(self.live)
 
     async def call(self, tag: str, batch: Sequence[Query]) -> list[Any]:

@@ -15,7 +15,17 @@ stores ``$XDG_RUNTIME_DIR/servecore/NAME``, or ``TMPDIR/servecore-UID/NAME`` wit
   (:class:`~servecore.RuntimeDirectoryUnsafe`) before anything is read from it;
 * ``.owner.lock``: an ``flock`` held while the runtime is open, so that a second
   runtime on the directory fails at once (:class:`~servecore.RuntimeDirectoryLocked`)
-  instead of adopting, and stopping, the first one's replicas;
+  instead of adopting, and stopping, the first one's replicas -- unless the second
+  one leads a newer *epoch* of the same store (below);
+* ``.fence``: the owner's store and lease epoch (stores with a lease,
+  :class:`~servecore.PostgresStore`), read and written under the short lock
+  ``.fence.lock``. Ownership follows the store's lease, not the liveness of a
+  process that may only be frozen: a runtime opened with a newer epoch of the same
+  store takes the directory over even while the old owner (SIGSTOPped, a frozen VM)
+  still holds ``.owner.lock``, and the old owner, when it wakes, finds the newer
+  epoch here and refuses to act (:class:`~servecore.RuntimeFenced`); an older epoch
+  is refused at open. Without an epoch nothing is recorded, and an open directory
+  whose fence names a live owner is refused as locked;
 * ``.namespace``: the controller name the directory belongs to;
 * ``.store``: the store the directory's replicas belong to. A controller on another
   store is refused (:class:`~servecore.RuntimeDirectoryStoreMismatch`) while any of
@@ -30,10 +40,12 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import re
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from servecore._core.errors import (
@@ -41,6 +53,7 @@ from servecore._core.errors import (
     RuntimeDirectoryLocked,
     RuntimeDirectoryStoreMismatch,
     RuntimeDirectoryUnsafe,
+    RuntimeFenced,
 )
 from servecore.runtimes.subprocess.files import (
     LOGS_DIR,
@@ -51,6 +64,12 @@ from servecore.runtimes.subprocess.files import (
 )
 
 __all__ = ["MAX_NAME_LENGTH", "RuntimeDirectory", "default_base", "directory_name"]
+
+log = logging.getLogger("servecore.runtimes.subprocess")
+
+#: The owner's store and lease epoch (see the module doc), and the lock it is changed under.
+FENCE_FILE = ".fence"
+FENCE_LOCK = ".fence.lock"
 
 #: The longest controller name a runtime directory is made for.
 MAX_NAME_LENGTH = 128
@@ -142,15 +161,39 @@ def _open_private_dir(path: Path, *, follow: bool) -> int:
 
 
 class RuntimeDirectory:
-    """An opened runtime directory: its path, an fd on it, and its owner lock."""
+    """An opened runtime directory: its path, an fd on it, and its owner lock.
 
-    def __init__(self, path: Path, dir_fd: int, owner_fd: int) -> None:
+    ``epoch`` is the store's lease epoch this runtime acts for (``None`` without a
+    lease); ``holds_owner_lock`` is false for a directory taken over from a frozen
+    owner that still holds ``.owner.lock``.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        dir_fd: int,
+        owner_fd: int,
+        fence_fd: int | None,
+        *,
+        store_id: str | None = None,
+        epoch: int | None = None,
+    ) -> None:
         self.path = path
         self.dir_fd = dir_fd
         self.owner_fd = owner_fd
+        self.fence_fd = fence_fd
+        self.store_id = store_id
+        self.epoch = epoch
+        self.holds_owner_lock = False
 
     @classmethod
-    def open(cls, requested: Path | None, namespace: str, store_id: str | None) -> RuntimeDirectory:
+    def open(
+        cls,
+        requested: Path | None,
+        namespace: str,
+        store_id: str | None,
+        epoch: int | None = None,
+    ) -> RuntimeDirectory:
         """Check and take the directory of ``namespace`` (see the module doc)."""
         name = directory_name(namespace)
         if requested is None:
@@ -163,30 +206,139 @@ class RuntimeDirectory:
             path = requested
             path.parent.mkdir(parents=True, exist_ok=True)
             dir_fd = _open_private_dir(path, follow=True)
+        leased = epoch if store_id is not None else None
+        fds: list[int] = []
         try:
-            owner_fd = open_lock(str(path / ".owner.lock"))
+            fds.append(open_lock(str(path / ".owner.lock")))
+            if leased is not None:  # (only leaders of a leased store write the fence)
+                fds.append(open_lock(str(path / FENCE_LOCK)))
         except BaseException:
+            for fd in fds:
+                os.close(fd)
             os.close(dir_fd)
             raise
-        opened = cls(path, dir_fd, owner_fd)
+        fence_fd = fds[1] if len(fds) > 1 else None
+        opened = cls(path, dir_fd, fds[0], fence_fd, store_id=store_id, epoch=leased)
         try:
-            try:
-                fcntl.flock(owner_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise RuntimeDirectoryLocked(str(path)) from None
-            opened._claim_namespace(namespace)
-            if store_id is not None:
-                opened._claim_store(store_id)
-            opened._make_logs_dir()
+            with opened._fence_locked():
+                opened._take(namespace, store_id)
         except BaseException:
             opened.close()
             raise
         return opened
 
+    @contextlib.contextmanager
+    def _fence_locked(self) -> Iterator[None]:
+        """Hold ``.fence.lock`` while the fence is read and written: a few file
+        operations (a runtime without an epoch writes no fence, and takes no lock)."""
+        if self.fence_fd is None:
+            yield
+            return
+        fcntl.flock(self.fence_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self.fence_fd, fcntl.LOCK_UN)
+
+    def _take(self, namespace: str, store_id: str | None) -> None:
+        fence = self.read_fence()
+        self._refuse_if_stale(fence)
+        try:
+            fcntl.flock(self.owner_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.holds_owner_lock = True
+        except BlockingIOError:
+            if not self._newer_than(fence):
+                raise RuntimeDirectoryLocked(str(self.path)) from None
+            assert fence is not None
+            log.warning(
+                "runtime directory %s: taking it over from the owner of epoch %s (pid %s), "
+                "which still holds its lock (frozen?); this controller holds epoch %s of "
+                "store %s",
+                self.path, fence.get("epoch"), fence.get("pid"), self.epoch, store_id,
+            )  # fmt: skip
+        else:
+            # A taker-over holds no .owner.lock: its fence, naming a live process, is
+            # what keeps others out once the frozen owner it fenced let go of the lock.
+            if fence is not None and _alive(fence) and not self._newer_than(fence):
+                raise RuntimeDirectoryLocked(str(self.path))
+        self._claim_namespace(namespace)
+        if store_id is not None:
+            self._claim_store(store_id)
+        self._make_logs_dir()
+        if self.epoch is not None:
+            self._write_fence(os.getpid(), process_create_time())
+
+    def read_fence(self) -> dict[str, object] | None:
+        """The recorded owner's store and epoch (``None`` when none is recorded)."""
+        data = read_nofollow(str(self.path / FENCE_FILE))
+        if data is None:
+            return None
+        with contextlib.suppress(ValueError):
+            found = json.loads(data)
+            if isinstance(found, dict):
+                return found
+        return None
+
+    def fenced(self) -> RuntimeFenced | None:
+        """Why this runtime must not act any more (a newer epoch of its store owns the
+        directory now), or ``None``. Cheap: one small file read, no lock."""
+        if self.epoch is None or self.store_id is None:
+            return None
+        return self._stale_by(self.read_fence())
+
+    def _refuse_if_stale(self, fence: dict[str, object] | None) -> None:
+        stale = self._stale_by(fence)
+        if stale is not None:
+            raise stale
+
+    def _stale_by(self, fence: dict[str, object] | None) -> RuntimeFenced | None:
+        """The refusal due when ``fence`` names a newer epoch of this runtime's store."""
+        if fence is None or self.epoch is None or self.store_id is None:
+            return None
+        newer = fence.get("epoch")
+        if fence.get("store_id") == self.store_id and isinstance(newer, int) and newer > self.epoch:
+            return RuntimeFenced(str(self.path), self.store_id, self.epoch, newer)
+        return None
+
+    def _newer_than(self, fence: dict[str, object] | None) -> bool:
+        """Whether this runtime leads a newer epoch of the store the fence names."""
+        if fence is None or self.epoch is None or self.store_id is None:
+            return False
+        recorded = fence.get("epoch")
+        return (
+            fence.get("store_id") == self.store_id
+            and isinstance(recorded, int)
+            and recorded < self.epoch
+        )
+
+    def _write_fence(self, pid: int | None, create_time: float | None) -> None:
+        record = {
+            "store_id": self.store_id,
+            "epoch": self.epoch,
+            "pid": pid,
+            "create_time": create_time,
+        }
+        write_atomically(str(self.path / FENCE_FILE), json.dumps(record).encode("utf-8"))
+
     def close(self) -> None:
-        """Let go of the directory (the replicas in it are left alone)."""
-        os.close(self.dir_fd)
-        os.close(self.owner_fd)
+        """Let go of the directory (the replicas in it are left alone). The fence keeps
+        its epoch (older owners stay fenced) but no longer names this process."""
+        try:
+            if self.epoch is not None:
+                with contextlib.suppress(OSError), self._fence_locked():
+                    fence = self.read_fence()
+                    if (
+                        fence is not None
+                        and fence.get("epoch") == self.epoch
+                        and fence.get("store_id") == self.store_id
+                        and fence.get("pid") == os.getpid()
+                    ):
+                        self._write_fence(None, None)
+        finally:
+            os.close(self.dir_fd)
+            os.close(self.owner_fd)
+            if self.fence_fd is not None:
+                os.close(self.fence_fd)
 
     def _claim_namespace(self, namespace: str) -> None:
         marker = str(self.path / ".namespace")
@@ -251,3 +403,15 @@ class RuntimeDirectory:
             finally:
                 os.close(fd)  # closing drops a lock taken here
         return alive
+
+
+def _alive(fence: dict[str, object]) -> bool:
+    """Whether the process a fence names is alive (the same process: its start time
+    matches), and is not this one."""
+    pid, created = fence.get("pid"), fence.get("create_time")
+    if not isinstance(pid, int) or not isinstance(created, (int, float)) or pid == os.getpid():
+        return False
+    try:
+        return abs(process_create_time(pid) - created) < _CREATE_TIME_TOLERANCE_S
+    except Exception:  # no such process
+        return False
