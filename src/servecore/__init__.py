@@ -115,6 +115,7 @@ if TYPE_CHECKING:
         StopReplica,
         Transition,
         UpdateBackend,
+        UpdateEndpoint,
         UpdateRouter,
         step,
     )
@@ -250,6 +251,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
         "StopReplica",
         "Transition",
         "UpdateBackend",
+        "UpdateEndpoint",
         "UpdateRouter",
         "step",
     ),

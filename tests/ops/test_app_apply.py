@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 import pytest
 import trio
 from hypothesis import given
@@ -186,6 +187,47 @@ def test_the_plan_for_changed_init_kwargs_deletes_nothing() -> None:
     assert not any(
         isinstance(c, servecore.DeleteEndpoint | servecore.DeleteBackend) for c in commands
     )
+
+
+def _moved(app: App, route: str, methods: tuple[str, ...] = ("GET",)) -> App:
+    ep = app.endpoints["e"]
+    moved = EndpointSpec(name="e", route=route, methods=methods, traffic=ep.traffic)
+    return attrs.evolve(app, endpoints={"e": moved})
+
+
+def test_a_new_route_or_methods_move_the_endpoint_in_place() -> None:
+    """The plan never deletes an endpoint to change its route: its traffic, its
+    handles and its queries carry on."""
+
+    async def main() -> None:
+        async with servecore.open_controller(InMemoryRuntime()) as ctl:
+            await apply(ctl, _echo_app(TARGETS[0]))
+            handle = ctl.get_handle("e")
+            applied = await apply(ctl, _moved(_echo_app(TARGETS[0]), "/v2", ("GET", "POST")))
+            assert list(applied.commands) == [
+                servecore.UpdateEndpoint(name="e", route="/v2", methods=("GET", "POST"))
+            ]
+            ep = ctl.state.endpoints["e"]
+            assert (ep.route, tuple(ep.methods)) == ("/v2", ("GET", "POST"))
+            assert ep.traffic == {"m": 1.0}
+            assert await handle.call("hi") == "hi"
+
+    trio.run(main)
+
+
+def test_a_route_another_endpoint_holds_is_still_refused_by_the_core() -> None:
+    state = servecore.State()
+    for command in (
+        servecore.CreateEndpoint(name="a", route="/a"),
+        servecore.CreateEndpoint(name="b", route="/b"),
+    ):
+        state = servecore.step(state, command).state
+    with pytest.raises(servecore.RouteConflict):
+        servecore.step(state, servecore.UpdateEndpoint(name="a", route="/b"))
+    with pytest.raises(servecore.EndpointNotFound):
+        servecore.step(state, servecore.UpdateEndpoint(name="zz", route="/z"))
+    same = servecore.step(state, servecore.UpdateEndpoint(name="a", route="/a"))
+    assert same.state is state and same.effects == ()
 
 
 class _HeldStarts(InMemoryRuntime):

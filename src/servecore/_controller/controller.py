@@ -89,6 +89,7 @@ from servecore._core.transitions import (
     SetTraffic,
     State,
     UpdateBackend,
+    UpdateEndpoint,
     same_checkpoint,
 )
 from servecore._core.validation import check_name, check_namespace
@@ -326,6 +327,13 @@ class Controller:
     ) -> State:
         """Register an endpoint, with an optional HTTP route."""
         return await self.submit(CreateEndpoint(name=name, route=route, methods=methods))
+
+    async def update_endpoint(
+        self, name: str, route: str | None = None, methods: Any = ("GET",)
+    ) -> State:
+        """Give endpoint ``name`` a new route or methods in place: its traffic and its
+        handles stay, and queries meet no gap. ``route=None`` takes its route away."""
+        return await self.submit(UpdateEndpoint(name=name, route=route, methods=methods))
 
     async def delete_endpoint(self, name: str) -> State:
         """Remove an endpoint and its route."""

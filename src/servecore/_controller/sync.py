@@ -294,6 +294,13 @@ class SyncController:
         """Register an endpoint, with an optional HTTP route."""
         return self._run(self.controller.create_endpoint, name, route, methods)
 
+    def update_endpoint(
+        self, name: str, route: str | None = None, methods: Any = ("GET",)
+    ) -> State:
+        """Give an endpoint a new route or methods in place; see
+        :meth:`servecore.Controller.update_endpoint`."""
+        return self._run(self.controller.update_endpoint, name, route, methods)
+
     def delete_endpoint(self, name: str) -> State:
         """Remove an endpoint and its route."""
         return self._run(self.controller.delete_endpoint, name)

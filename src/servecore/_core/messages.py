@@ -62,6 +62,7 @@ __all__ = [
     "StartReplica",
     "StopReplica",
     "UpdateBackend",
+    "UpdateEndpoint",
     "UpdateRouter",
     "describe",
 ]
@@ -126,6 +127,20 @@ class CreateEndpoint:
 
     def __attrs_post_init__(self) -> None:
         # Validated here, not by a converter, so the error can name the endpoint.
+        object.__setattr__(self, "methods", _methods(self.name, self.methods))
+
+
+@attrs.frozen(kw_only=True)
+class UpdateEndpoint:
+    """Give an existing endpoint a new route or methods in place: its traffic split,
+    shadows and handles stay, so its queries never meet a gap (deleting and creating
+    it again would answer 404 in between)."""
+
+    name: str = attrs.field(validator=_name("endpoint"))
+    route: str | None = attrs.field(default=None, validator=_route)
+    methods: tuple[str, ...] = ("GET",)
+
+    def __attrs_post_init__(self) -> None:
         object.__setattr__(self, "methods", _methods(self.name, self.methods))
 
 
@@ -382,6 +397,7 @@ class UpdateRouter:
 
 Command: TypeAlias = (
     CreateEndpoint
+    | UpdateEndpoint
     | DeleteEndpoint
     | CreateBackend
     | DeleteBackend
@@ -420,6 +436,8 @@ def describe(message: Message | Effect) -> str:
         return f"retry backend {message.tag!r}"
     if isinstance(message, CreateEndpoint):
         return f"create endpoint {message.name!r} at {message.route or '(no route)'}"
+    if isinstance(message, UpdateEndpoint):
+        return f"move endpoint {message.name!r} to {message.route or '(no route)'}"
     if isinstance(message, DeleteEndpoint):
         return f"delete endpoint {message.name!r}"
     if isinstance(message, SetTraffic):

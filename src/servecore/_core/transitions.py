@@ -76,6 +76,7 @@ from servecore._core.messages import (
     StartReplica,
     StopReplica,
     UpdateBackend,
+    UpdateEndpoint,
     UpdateRouter,
 )
 from servecore._core.reconcile import Fix, fix_for
@@ -140,6 +141,7 @@ __all__ = [
     "StopReplica",
     "Transition",
     "UpdateBackend",
+    "UpdateEndpoint",
     "UpdateRouter",
     "replica_number",
     "same_checkpoint",
@@ -599,6 +601,19 @@ def _create_endpoint(state: State, cmd: CreateEndpoint) -> Transition:
     return tx.finish()
 
 
+def _update_endpoint(state: State, cmd: UpdateEndpoint) -> Transition:
+    old = _endpoint(state, cmd.name)
+    if (old.route, tuple(old.methods)) == (cmd.route, cmd.methods):
+        return _unchanged(state)
+    if cmd.route is not None:
+        for other in state.endpoints.values():
+            if other.name != cmd.name and other.route == cmd.route:
+                raise RouteConflict(cmd.route, cmd.name, other.name)
+    tx = _TransitionBuilder(state)
+    tx.put_endpoint(attrs.evolve(old, route=cmd.route, methods=cmd.methods))
+    return tx.finish()
+
+
 def _delete_endpoint(state: State, cmd: DeleteEndpoint) -> Transition:
     _endpoint(state, cmd.name)
     tx = _TransitionBuilder(state)
@@ -933,6 +948,7 @@ _HANDLERS: dict[type, Callable[[State, Any], Transition]] = {
     DeleteBackend: _delete_backend,
     SetBackendConfig: _set_backend_config,
     UpdateBackend: _update_backend,
+    UpdateEndpoint: _update_endpoint,
     RetryBackend: _retry_backend,
     SetTraffic: _set_traffic,
     SetShadowTraffic: _set_shadow_traffic,

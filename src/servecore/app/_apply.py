@@ -51,6 +51,7 @@ from servecore._core.transitions import (
     SetTraffic,
     State,
     UpdateBackend,
+    UpdateEndpoint,
     step,
 )
 from servecore.app._schema import App, AppFileError, BackendSpec, EndpointSpec, load_app
@@ -86,10 +87,22 @@ def plan(state: State, app: App) -> list[Command]:
             owner = wanted_routes.get(ep.route) if ep.route is not None else None
             if owner is not None and owner != name:
                 delete_endpoint(name)  # its route is about to be taken
-        elif (ep.route, tuple(ep.methods)) != (spec.route, spec.methods) or (
-            ep.traffic and not spec.traffic
-        ):
-            delete_endpoint(name)  # the core has no command to change these in place
+        elif ep.traffic and not spec.traffic:
+            delete_endpoint(name)  # no command takes an endpoint's traffic away
+        elif (ep.route, tuple(ep.methods)) != (spec.route, spec.methods):
+            holder = next(
+                (
+                    other
+                    for other, o in state.endpoints.items()
+                    if other != name and spec.route is not None and o.route == spec.route
+                ),
+                None,
+            )
+            if holder is None:
+                # Moved in place: its traffic and handles stay, and queries meet no gap.
+                detach.append(UpdateEndpoint(name=name, route=spec.route, methods=spec.methods))
+            else:
+                delete_endpoint(name)  # another endpoint gives up that route first
 
     for tag, bspec in sorted(app.backends.items()):
         current = state.backends.get(tag)
