@@ -2,8 +2,8 @@
 
 The controller owns one :class:`ReplicaLifecycle` and calls it at each point of a
 replica's life (starting, ready, start failed, stopping, stopped, dead), once after
-recovery, and once per saved checkpoint. Each logs an INFO record on the
-``servecore.lifecycle`` logger with structured fields in ``extra`` (``event``,
+recovery, and once per saved checkpoint. Each logs a record (INFO; a death, WARNING,
+once: runtimes log theirs at DEBUG) on the ``servecore.lifecycle`` logger with structured fields in ``extra`` (``event``,
 ``replica``, ``backend``, ``pid``, ``log_path``, ``reason``), counts what happened,
 so that :mod:`servecore.metrics` can export the counts, and keeps the last
 :data:`RECENT_EVENTS` of them as :class:`LifecycleEvent` values
@@ -180,7 +180,7 @@ class ReplicaLifecycle:
         self.counts.deaths[backend_of(event.tag)] += 1
         reason = event.reason or "the replica died"
         self._keep("dead", event.tag, reason)
-        log.info(
+        log.warning(
             "replica %s dead: %s",
             event.tag,
             reason,

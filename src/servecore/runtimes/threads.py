@@ -487,7 +487,8 @@ class ThreadRuntime:
         if self._replicas.get(rep.tag) is rep and not rep.stopping:
             del self._replicas[rep.tag]
         if news and rep.ready.is_set() and self._report is not None:
-            log.warning("replica %s died: %s", rep.tag, reason)
+            # The controller logs each death once (servecore.lifecycle, WARNING).
+            log.debug("replica %s died: %s", rep.tag, reason)
             self._report(ReplicaDied(tag=rep.tag, reason=reason))
 
     def _on_started(self, rep: _Replica, error: BaseException | None) -> None:

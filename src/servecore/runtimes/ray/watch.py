@@ -138,5 +138,6 @@ class ReplicaWatch:
         if self._actors.get(actor.tag) is actor:
             del self._actors[actor.tag]
         if not actor.stopping and self._report is not None:
-            log.warning("replica %s died: %s", actor.tag, reason)
+            # The controller logs each death once (servecore.lifecycle, WARNING).
+            log.debug("replica %s died: %s", actor.tag, reason)
             self._report(ReplicaDied(tag=actor.tag, reason=reason))

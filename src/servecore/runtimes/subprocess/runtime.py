@@ -702,7 +702,8 @@ class SubprocessRuntime:
         reason = encodable(reason)
         if len(reason) > _MAX_REASON_CHARS:
             reason = reason[: _MAX_REASON_CHARS - 3] + "..."
-        log.warning("replica %s died: %s", replica.tag, reason)
+        # The controller logs each death once (servecore.lifecycle, WARNING).
+        log.debug("replica %s died: %s", replica.tag, reason)
         if self._report is not None:
             self._report(ReplicaDied(tag=replica.tag, reason=reason))
 
