@@ -3,8 +3,9 @@
 The controller owns one :class:`ReplicaLifecycle` and calls it at each point of a
 replica's life (starting, ready, start failed, stopping, stopped, dead), once after
 recovery, and once per saved checkpoint. Each logs a record (INFO; a death, WARNING,
-once: runtimes log theirs at DEBUG) on the ``servecore.lifecycle`` logger with structured fields in ``extra`` (``event``,
-``replica``, ``backend``, ``pid``, ``log_path``, ``reason``), counts what happened,
+once: runtimes log theirs at DEBUG) on the ``servecore.lifecycle`` logger with
+structured fields in ``extra`` (``event``, ``replica``, ``backend``, ``pid``,
+``log_path``, ``reason``), counts what happened,
 so that :mod:`servecore.metrics` can export the counts, and keeps the last
 :data:`RECENT_EVENTS` of them as :class:`LifecycleEvent` values
 (``ctl.recent_events()``, the dashboard's "recent events"), so that an operator sees
