@@ -35,6 +35,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -179,6 +180,11 @@ def main(debug: bool) -> None:
     """Serve model or function code from an app file, crash-consistently."""
     global _DEBUG
     _DEBUG = debug
+    # The controller also logs what its RuntimeWarnings say (traffic sent to a FAILED
+    # backend), and the command prints that as a line of its own: a second, raw copy
+    # from the warnings module is noise on a terminal.
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"servecore(\.|$)")
+    warnings.filterwarnings("ignore", message=r"endpoint .* now sends traffic to backend")
 
 
 def _ask(store: StoreChoice, message: dict[str, Any], timeout_s: float | None = None) -> Any:
