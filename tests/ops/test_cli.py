@@ -265,6 +265,8 @@ def test_run_status_apply_sigint_and_adopt(deployment: Deployment) -> None:
     assert all(_alive(pid) for pid in pids.values())  # kept for the next run
     offline = deployment.cli("status")
     assert offline.returncode == 0 and "from the checkpoint" in offline.stdout
+    # Subprocess replicas outlive the server: offline status shows their pids.
+    assert _pids(deployment.status()) == pids
 
     server, log = deployment.run(app.with_name("app-v2.toml"), port, "--runtime", "subprocess")
     adopted = deployment.status()

@@ -444,7 +444,40 @@ def _status_here(store: StoreChoice) -> dict[str, Any]:
             f"no replica is running: the last servecore run on this store {why}; "
             f"the next servecore run starts them again"
         )
-    return status_of(state or State(), seq, replicas_gone=gone).as_dict()
+    data = status_of(state or State(), seq, replicas_gone=gone).as_dict()
+    if run.get("runtime") == "subprocess" and not run.get("replicas_stopped"):
+        _add_offline_pids(data, store.state_dir / "replicas")
+    return data
+
+
+def _add_offline_pids(data: dict[str, Any], replica_dir: Path) -> None:
+    """With no server running, subprocess replicas may still be alive (they outlive
+    their host): show the pid of each one whose record names a live process (the same
+    pid *and* start time, so a reused pid is not taken for it)."""
+    from servecore.runtimes.subprocess.files import process_create_time, replica_key
+
+    records: dict[str, dict[str, Any]] = {}
+    for path in replica_dir.glob("**/*.json"):
+        if path.name.endswith(".spec.json"):
+            continue
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and isinstance(record.get("key"), str):
+            records[record["key"]] = record
+    for backend in data.get("backends", ()):
+        for replica in backend.get("replicas", ()):
+            record = records.get(replica_key(replica["tag"]))
+            if record is None or not isinstance(record.get("pid"), int):
+                continue
+            pid: int = record["pid"]
+            try:
+                alive = abs(process_create_time(pid) - float(record["create_time"])) < 1.0
+            except Exception:  # gone (psutil's NoSuchProcess too), or a torn record
+                alive = False
+            if alive:
+                replica["pid"] = pid
 
 
 @main.command()
