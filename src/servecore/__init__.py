@@ -145,6 +145,7 @@ if TYPE_CHECKING:
     from servecore.stores.postgres import (
         PostgresStore,
     )
+    from servecore.web import Request, Response
 
 #: The public names, by the module that defines them: the one table. ``__all__`` and
 #: the lazy loader are derived from it; ``tests/ops/test_exports.py`` checks that the
@@ -284,6 +285,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
         "Store",
     ),
     "servecore.stores.postgres": ("PostgresStore",),
+    "servecore.web": ("Request", "Response"),
 }
 
 _LAZY: dict[str, str] = {name: module for module, names in _PUBLIC.items() for name in names}

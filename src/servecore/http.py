@@ -58,6 +58,7 @@ from servecore._core.transitions import RoutingTable
 from servecore._core.validation import MAX_SECONDS, positive_number
 from servecore._serving.ops_http import PREFIX as OPS_PREFIX
 from servecore._serving.ops_http import answer_ops, count_response
+from servecore.web import Request, Response
 
 __all__ = ["LISTEN_BACKLOG", "HTTPIngress", "HandleSource", "check_timeout", "serve_http"]
 
@@ -159,19 +160,8 @@ class HTTPIngress:
                 status, body, headers = _error(
                     500, "InternalError", "the server failed to answer; see its log"
                 )
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": status,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        # A length, not chunks: one write fewer per answer.
-                        (b"content-length", str(len(body)).encode()),
-                        *headers,
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
+            # A length, not chunks: one write fewer per answer.
+            await _send_whole(send, status, body, headers)
 
     async def _stream(self, answer: _Streaming, scope: Scope, receive: Receive, send: Send) -> None:
         """Answer a stream: JSON lines (chunked), or Server-Sent Events when asked for.
@@ -249,11 +239,23 @@ class HTTPIngress:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    def _endpoint_at(self, path: str) -> Any:
+    def _endpoint_at(self, path: str) -> tuple[Any, str]:
+        """The endpoint whose route is the longest prefix of ``path`` on a segment
+        boundary (``/classify`` serves ``/classify/sub``, never ``/classifyx``), and the
+        rest of the path below it (``""`` for the route itself); ``(None, "")`` if none."""
+        found, length = None, -1
         for endpoint in self.source.routing_table.endpoints.values():
-            if endpoint.route == path:
-                return endpoint
-        return None
+            route = endpoint.route
+            if route is None:
+                continue
+            if route == path:
+                return endpoint, ""
+            stem = route.rstrip("/")
+            if len(stem) > length and path.startswith(stem + "/"):
+                found, length = endpoint, len(stem)
+        if found is None:
+            return None, ""
+        return found, path[length:]
 
     async def _answer(
         self, scope: Scope, receive: Receive
@@ -262,7 +264,7 @@ class HTTPIngress:
         stepped = getattr(self.source, "stepped_down", None)
         if stepped is not None:  # its table may be stale: answer nothing from it
             return _error(503, type(stepped).__name__, str(stepped))
-        endpoint = self._endpoint_at(path)
+        endpoint, rest = self._endpoint_at(path)
         if endpoint is None:
             return _error(404, "NotFound", f"no endpoint serves {path}")
         if method not in endpoint.methods:
@@ -277,13 +279,25 @@ class HTTPIngress:
                 return _error(413, "PayloadTooLarge", f"body over {self.max_body_bytes} bytes")
             if not message.get("more_body", False):
                 break
-        if body:
+        query = scope.get("query_string", b"").decode("latin-1")
+        media = _header(scope, b"content-type").split(b";")[0].strip()
+        if rest or (body and not _is_json(media)):
+            # The JSON value alone would lose what the client sent: the target gets it all.
+            payload: Any = Request(
+                method,
+                rest,
+                endpoint.route or "",
+                tuple(parse_qsl(query, keep_blank_values=True)),
+                [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope.get("headers", ())],
+                bytes(body),
+            )
+        elif body:
             try:
-                payload: Any = _parse(bytes(body), self.max_depth)
+                payload = _parse(bytes(body), self.max_depth)
             except _BadBody as exc:
                 return _error(400, "BadRequest", str(exc))
         else:
-            payload = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+            payload = dict(parse_qsl(query))
         handle = self.source.get_handle(endpoint.name).options(timeout_s=self.timeout_s)
         accept = _header(scope, b"accept")
         sse = b"text/event-stream" in accept
@@ -325,6 +339,12 @@ class HTTPIngress:
     ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
         endpoint = self.source.routing_table.endpoints.get(name)
         path = path or (endpoint.route or "" if endpoint is not None else "")
+        if isinstance(result, Response):
+            try:
+                return _response(result)
+            except _BadResponse as exc:
+                log.error("servecore.http: endpoint %r at %s: %s", name, path, exc)
+                return _error(500, "BadResponse", f"endpoint {name!r} {exc}")
         try:
             return 200, _dumps(result), []
         except (TypeError, ValueError, RecursionError) as exc:
@@ -366,6 +386,64 @@ class _Streaming:
 _NOTHING = object()
 
 
+def _is_json(media: bytes) -> bool:
+    """Whether a body of this media type is parsed as JSON: no type (as before request
+    objects), ``application/json``, or a ``+json`` type."""
+    return media in (b"", b"application/json") or media.endswith(b"+json")
+
+
+class _BadResponse(ValueError):
+    """A target's :class:`Response` that cannot be sent; its message says why."""
+
+
+#: Headers the ingress sets itself: a target's own would contradict the body it sends.
+_OWN_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"connection"})
+
+
+def _response(result: Response) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+    """The status, body and headers of a target's :class:`Response`."""
+    status = result.status
+    if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
+        raise _BadResponse(f"returned a Response with status {status!r}; use 100 to 599")
+    headers: list[tuple[bytes, bytes]] = []
+    for name, value in result.headers:
+        if any(c in text for text in (name, value) for c in "\r\n\0") or not name:
+            raise _BadResponse(
+                f"returned a Response with header {name!r}: {value!r}, which holds a line "
+                f"break or is empty; send one line per header"
+            )
+        try:
+            raw = (name.encode("latin-1"), value.encode("latin-1"))
+        except UnicodeEncodeError:
+            raise _BadResponse(
+                f"returned a Response with header {name!r} that is not Latin-1 text; "
+                f"percent-encode it"
+            ) from None
+        if raw[0] not in _OWN_HEADERS:
+            headers.append(raw)
+    body = result.body
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        media = b"application/octet-stream"
+        data = bytes(body)
+    elif isinstance(body, str):
+        media = b"text/plain; charset=utf-8"
+        try:
+            data = body.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise _BadResponse(f"returned a Response body that {_describe(exc)}") from None
+    else:
+        media = b"application/json"
+        try:
+            data = _dumps(body)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise _BadResponse(
+                f"returned a Response body that is not JSON: {_describe(exc)}"
+            ) from None
+    if not any(name == b"content-type" for name, _ in headers):
+        headers.insert(0, (b"content-type", media))
+    return status, data, headers
+
+
 def _header(scope: Scope, name: bytes) -> bytes:
     for key, value in scope.get("headers", ()):
         if key.lower() == name:
@@ -401,12 +479,14 @@ def _failure(exc: BaseException) -> tuple[int, bytes, list[tuple[bytes, bytes]]]
 async def _send_whole(
     send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]
 ) -> None:
+    # JSON unless the answer names its own type (a target's Response).
+    typed = any(name == b"content-type" for name, _ in headers)
     await send(
         {
             "type": "http.response.start",
             "status": status,
             "headers": [
-                (b"content-type", b"application/json"),
+                *(() if typed else ((b"content-type", b"application/json"),)),
                 (b"content-length", str(len(body)).encode()),
                 *headers,
             ],
