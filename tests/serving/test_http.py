@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import pickle
 import select
 import socket
 from collections.abc import AsyncIterator
@@ -279,3 +280,170 @@ async def test_a_timeout_that_is_not_a_finite_positive_number_is_refused(
         with pytest.raises(servecore.InvalidConfig, match="timeout_s"):
             HTTPIngress(ctl, timeout_s=bad)
     assert HTTPIngress(ctl, timeout_s=None).timeout_s is None
+
+
+def describe(request: Any) -> Any:
+    """A target that answers with what it was given: a Request as a custom Response."""
+    if not isinstance(request, servecore.Request):
+        return {"plain": request}
+    text = f"{request.method} {request.route} {request.path!r} {request.body!r}"
+    return servecore.Response(
+        status=201 if request.body else 200,
+        headers={"content-type": "text/plain", "x-seen-type": request.content_type},
+        body=text + (f" {request.query_params}" if request.query else ""),
+    )
+
+
+def where(request: servecore.Request) -> dict[str, str]:
+    """A target that says where a request went."""
+    return {"method": request.method, "route": request.route, "path": request.path}
+
+
+def respond(request: dict[str, str]) -> servecore.Response:
+    """A target returning the Response its query asks for."""
+    kind = request.get("kind")
+    if kind == "status":
+        return servecore.Response(status=int(request["status"]))
+    if kind == "json":
+        return servecore.Response({"made": True}, status=202, headers=[("x-a", "1")])
+    if kind == "bytes":
+        return servecore.Response(b"\x00\xff")
+    return servecore.Response("x", headers={"x-evil": "a\r\nset-cookie: s=1"})
+
+
+async def asgi_raw(
+    app: HTTPIngress,
+    method: str,
+    path: str,
+    body: bytes = b"",
+    query: bytes = b"",
+    headers: tuple[tuple[bytes, bytes], ...] = (),
+) -> tuple[int, dict[str, str], bytes]:
+    """Drive one request through the ASGI app; the answer's body as bytes."""
+    sent: list[dict[str, Any]] = []
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "query_string": query,
+        "headers": list(headers),
+    }
+    await app(scope, receive, send)
+    start, payload = sent
+    return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, payload["body"]
+
+
+@pytest.fixture
+async def web(ctl: servecore.Controller) -> servecore.Controller:
+    await ctl.create_backend("describe", "test_http:describe")
+    await ctl.create_backend("respond", "test_http:respond")
+    await ctl.create_endpoint("classify", route="/classify", methods=["GET", "POST"])
+    await ctl.set_traffic("classify", {"describe": 1.0})
+    await ctl.create_endpoint("classify_v2", route="/classify/v2/", methods=["GET", "POST"])
+    await ctl.create_backend("where", "test_http:where")
+    await ctl.set_traffic("classify_v2", {"where": 1.0})
+    await ctl.create_endpoint("respond", route="/respond")
+    await ctl.set_traffic("respond", {"respond": 1.0})
+    return ctl
+
+
+TEXT = ((b"content-type", b"text/plain; charset=utf-8"),)
+
+
+async def test_a_text_body_reaches_the_target_as_bytes_with_its_request(
+    web: servecore.Controller,
+) -> None:
+    app = HTTPIngress(web)
+    status, headers, body = await asgi_raw(app, "POST", "/classify", b"caf\xc3\xa9", headers=TEXT)
+    assert status == 201
+    assert headers["content-type"] == "text/plain" and headers["x-seen-type"] == "text/plain"
+    assert body == b"POST /classify '' b'caf\\xc3\\xa9'"
+    # Bytes that are not text at all reach it too, as they came.
+    status, _, body = await asgi_raw(
+        app, "POST", "/classify", b"\xff\x00", headers=((b"content-type", b"image/png"),)
+    )
+    assert (status, body) == (201, b"POST /classify '' b'\\xff\\x00'")
+    # A JSON body at the route itself is the JSON value, as before.
+    status, _, body = await asgi_raw(app, "POST", "/classify", b"[1]")
+    assert (status, json.loads(body)) == (200, {"plain": [1]})
+
+
+async def test_a_path_below_a_route_reaches_it_and_the_longest_route_wins(
+    web: servecore.Controller,
+) -> None:
+    app = HTTPIngress(web)
+    status, _, body = await asgi_raw(app, "GET", "/classify/sub/x", query=b"k=v")
+    assert (status, body) == (200, b"GET /classify '/sub/x' b'' {'k': 'v'}")
+    # /classify/v2/ is the longer route: what lies below it goes there, not to /classify.
+    status, _, body = await asgi_raw(app, "GET", "/classify/v2/deep")
+    answer = json.loads(body)
+    assert status == 200 and answer["path"] == "/deep" and answer["route"] == "/classify/v2/"
+    assert answer["method"] == "GET"
+    # A route matches whole segments only.
+    status, _, body = await asgi_raw(app, "GET", "/classifyx")
+    assert status == 404 and b"/classifyx" in body
+    status, headers, _ = await asgi_raw(app, "DELETE", "/classify/sub")
+    assert (status, headers["allow"]) == (405, "GET, POST")
+
+
+async def test_a_returned_response_sets_status_headers_and_body(
+    web: servecore.Controller, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = HTTPIngress(web)
+    status, headers, body = await asgi_raw(app, "GET", "/respond", query=b"kind=json")
+    assert (status, headers["x-a"], headers["content-type"]) == (202, "1", "application/json")
+    assert json.loads(body) == {"made": True}
+    status, headers, body = await asgi_raw(app, "GET", "/respond", query=b"kind=bytes")
+    assert (status, headers["content-type"], body) == (200, "application/octet-stream", b"\0\xff")
+    status, _, body = await asgi_raw(app, "GET", "/respond", query=b"kind=status&status=418")
+    assert (status, body) == (418, b"")
+    # What cannot be sent is the target's fault, said as such: never a split header.
+    for query, why in ((b"kind=status&status=99", "status 99"), (b"kind=evil", "line break")):
+        status, headers, body = await asgi_raw(app, "GET", "/respond", query=query)
+        assert status == 500 and "set-cookie" not in headers
+        assert json.loads(body)["type"] == "BadResponse" and why in json.loads(body)["error"]
+    assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) == 2
+
+
+async def test_the_body_size_limit_holds_for_every_kind_of_body(web: servecore.Controller) -> None:
+    app = HTTPIngress(web, max_body_bytes=8)
+    for headers in (TEXT, ()):
+        status, _, body = await asgi_raw(app, "POST", "/classify/sub", b"x" * 9, headers=headers)
+        assert (status, json.loads(body)["type"]) == (413, "PayloadTooLarge")
+
+
+def test_requests_and_responses_cross_processes_by_pickle() -> None:
+    request = servecore.Request("POST", "/a", "/r", (("q", "1"),), {"X-Y": "z"}, b"\0")
+    assert pickle.loads(pickle.dumps(request)) == request and request.header("x-y") == "z"
+    response = servecore.Response(b"1", status=204, headers={"A": "b"})
+    assert pickle.loads(pickle.dumps(response)) == response
+
+
+async def test_a_real_client_sends_text_and_reads_a_custom_answer(
+    web: servecore.Controller,
+) -> None:
+    def post() -> tuple[int, str | None, bytes]:
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        try:
+            csv = {"content-type": "text/csv"}
+            conn.request("POST", "/classify/a?b=c", body=b"hi", headers=csv)
+            response = conn.getresponse()
+            return response.status, response.getheader("x-seen-type"), response.read()
+        finally:
+            conn.close()
+
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(serve_http, web, "127.0.0.1:0")
+        url = next(b for b in binds if b.startswith("http://"))
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        answer = await trio.to_thread.run_sync(post)
+        nursery.cancel_scope.cancel()
+    assert answer == (201, "text/csv", b"POST /classify '/a' b'hi' {'b': 'c'}")
