@@ -1,16 +1,21 @@
 """HTTP ingress: serve endpoints at their routes (the top layer of docs/design.md §1).
 
 :class:`HTTPIngress` is an ASGI 3 application that finds the endpoint whose ``route``
-matches the request path, checks the method against the endpoint's ``methods``, and
-sends one query through a router (the controller's own, or that of an ingress worker
-process, ``servecore run --workers``; see :mod:`servecore._serving.worker`):
+is the longest prefix of the request path (on a segment boundary), checks the method
+against the endpoint's ``methods``, and sends one query through a router (the
+controller's own, or that of an ingress worker process, ``servecore run --workers``;
+see :mod:`servecore._serving.worker`):
 
-* a request with a body passes the body parsed as JSON (``POST /echo {"text": "hi"}``
-  calls the target with ``{"text": "hi"}``);
+* a request with a JSON body (no ``Content-Type``, or a JSON one) at the route itself
+  passes the body parsed as JSON (``POST /echo {"text": "hi"}`` calls the target with
+  ``{"text": "hi"}``);
 * a request without one passes its query string as a dict of strings
-  (``GET /echo?text=hi`` calls it with ``{"text": "hi"}``).
+  (``GET /echo?text=hi`` calls it with ``{"text": "hi"}``);
+* a body of another type, or a path below the route, passes a
+  :class:`servecore.Request` (method, the rest of the path, query, headers, raw body).
 
-The result is answered as JSON. Errors map onto status codes: no endpoint at the path
+The result is answered as JSON, or as the :class:`servecore.Response` the target
+returned (its status, headers and body). Errors map onto status codes: no endpoint at the path
 404, a method the endpoint does not take 405, a body that is not strict JSON 400 (not
 UTF-8, not JSON, ``NaN``/``Infinity`` or a number too large for a float such as
 ``1e999``, nested deeper than ``max_depth``, or holding a
