@@ -286,7 +286,7 @@ class HTTPIngress:
                 break
         query = scope.get("query_string", b"").decode("latin-1")
         media = _header(scope, b"content-type").split(b";")[0].strip()
-        if rest or (body and not _is_json(media)):
+        if rest or (body and not _is_json(media, body)):
             # The JSON value alone would lose what the client sent: the target gets it all.
             payload: Any = Request(
                 method,
@@ -391,10 +391,20 @@ class _Streaming:
 _NOTHING = object()
 
 
-def _is_json(media: bytes) -> bool:
+def _is_json(media: bytes, body: bytes | bytearray) -> bool:
     """Whether a body of this media type is parsed as JSON: no type (as before request
-    objects), ``application/json``, or a ``+json`` type."""
-    return media in (b"", b"application/json") or media.endswith(b"+json")
+    objects), ``application/json``, or a ``+json`` type; and a form type whose body is
+    JSON all the same, since ``curl -d`` and ``urllib`` label every body so and JSON
+    endpoints served such clients before request objects existed."""
+    if media in (b"", b"application/json") or media.endswith(b"+json"):
+        return True
+    if media != b"application/x-www-form-urlencoded":
+        return False
+    try:
+        json.loads(body)
+    except ValueError:
+        return False  # a real form: the target gets the Request
+    return True
 
 
 class _BadResponse(ValueError):

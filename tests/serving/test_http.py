@@ -374,6 +374,13 @@ async def test_a_text_body_reaches_the_target_as_bytes_with_its_request(
     # A JSON body at the route itself is the JSON value, as before.
     status, _, body = await asgi_raw(app, "POST", "/classify", b"[1]")
     assert (status, json.loads(body)) == (200, {"plain": [1]})
+    # curl -d and urllib label every body as a form: one that is JSON stays JSON...
+    form = ((b"content-type", b"application/x-www-form-urlencoded"),)
+    status, _, body = await asgi_raw(app, "POST", "/classify", b"[1]", headers=form)
+    assert (status, json.loads(body)) == (200, {"plain": [1]})
+    # ...and a real form reaches the target whole.
+    status, _, body = await asgi_raw(app, "POST", "/classify", b"a=1&b=2", headers=form)
+    assert (status, body) == (201, b"POST /classify '' b'a=1&b=2'")
 
 
 async def test_a_path_below_a_route_reaches_it_and_the_longest_route_wins(
