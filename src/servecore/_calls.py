@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -210,3 +211,32 @@ def wrap_async_runner(
             leave(token)
 
     return run_composed
+
+
+class ConnectComposer:
+    """Composition from a replica process of the subprocess runtime: one
+    :func:`servecore.connect` client per process, opened on first use (so a replica
+    that never composes never imports trio nor holds a subscription)."""
+
+    def __init__(self, control_socket: str) -> None:
+        self.control_socket = control_socket
+        self._lock = threading.Lock()
+        self._client: Any = None
+
+    def _connected(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                from pathlib import Path
+
+                from servecore._serving.connect import connect
+
+                # connect() names a server by a path in its state directory (its store).
+                self._client = connect(Path(self.control_socket).parent / "state")
+            return self._client
+
+    def backends_of(self, endpoint: str) -> Sequence[str]:
+        found = self._connected().routing_table.endpoints.get(endpoint)
+        return () if found is None else tuple(found.traffic)
+
+    def call(self, endpoint: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return self._connected().get_handle(endpoint).call(*args, **kwargs)

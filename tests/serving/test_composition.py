@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +54,58 @@ def test_nesting_past_the_depth_limit_fails_with_a_typed_error(ctl) -> None:
 def test_get_handle_outside_replica_code_says_where_it_works() -> None:
     with pytest.raises(servecore.NotInReplica, match="inside replica code only"):
         servecore.get_handle("inner")
+
+
+COMPOSED_APP = """
+[backends.inner]
+target = "composed_targets:inner"
+
+[backends.outer]
+target = "composed_targets:outer"
+
+[backends.outer_async]
+target = "composed_targets:outer_async"
+
+[backends.ping]
+target = "composed_targets:ping"
+
+[backends.pong]
+target = "composed_targets:pong"
+
+[endpoints.inner]
+traffic = { inner = 1.0 }
+
+[endpoints.outer]
+traffic = { outer = 1.0 }
+
+[endpoints.outer_async]
+traffic = { outer_async = 1.0 }
+
+[endpoints.ping]
+traffic = { ping = 1.0 }
+
+[endpoints.pong]
+traffic = { pong = 1.0 }
+"""
+
+
+@pytest.mark.slow
+def test_subprocess_replicas_call_other_endpoints_and_a_cycle_fails_typed(
+    tmp_path: Path,
+) -> None:
+    from test_connect import Server
+
+    server = Server(tmp_path)
+    try:
+        server.run(
+            server.write("app.toml", COMPOSED_APP), "--runtime", "subprocess", "--workers", "0"
+        )
+        with servecore.connect(server.store) as client:
+            assert client.get_handle("outer").call(7) == "outer(inner(7))"
+            assert client.get_handle("outer_async").call(8) == "outer_async(inner(8))"
+            with pytest.raises(servecore.CallCycle) as caught:
+                client.get_handle("ping").call(1)
+            assert caught.value.chain == ("ping", "pong")
+            assert "ping -> pong" in str(caught.value)
+    finally:
+        server.stop_everything()
