@@ -16,6 +16,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from servecore._calls import NotInReplica, ReplicaHandle, get_handle
     from servecore._controller.controller import (
         Controller,
         open_controller,
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
         BackendNotFound,
         BackendStartError,
         BackpressureError,
+        CallCycle,
+        CallDepthExceeded,
         CheckpointCorrupt,
         CheckpointError,
         CheckpointLocked,
@@ -167,6 +170,8 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     ),
     "servecore._core.errors": (
         "BackendExists",
+        "CallCycle",
+        "CallDepthExceeded",
         "BackendInUse",
         "BackendNotFound",
         "BackendStartError",
@@ -210,6 +215,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     ),
     "servecore._core.invariants": ("validate_state",),
     "servecore._serving.connect": ("Client", "SyncClient", "connect", "open_client"),
+    "servecore._calls": ("NotInReplica", "ReplicaHandle", "get_handle"),
     "servecore._core.limits": ("Limits",),
     "servecore._core.transitions": (
         "EARLY_DEATH_S",

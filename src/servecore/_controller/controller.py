@@ -738,6 +738,9 @@ class Controller:
         if self._router is not None:
             raise RuntimeError("this controller already has a router; call use_router first")
         router.start(self._nursery)
+        attach = getattr(self.runtime, "attach_router", None)
+        if attach is not None:  # replica code in this process calls endpoints through it
+            attach(router)
         stepped = self._stepped_down
         if stepped is not None:
             router.refuse(lambda: SteppedDown(stepped.lease_lost))

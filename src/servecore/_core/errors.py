@@ -17,6 +17,8 @@ __all__ = [
     "BackendNotFound",
     "BackendStartError",
     "BackpressureError",
+    "CallCycle",
+    "CallDepthExceeded",
     "CheckpointCorrupt",
     "CheckpointError",
     "CheckpointLocked",
@@ -672,4 +674,34 @@ class ReplicasUnreachable(ServecoreError):
             f"runtime, inside its own process, so they cannot be reached from another "
             f"process; run it with --runtime subprocess to connect to it, or send queries "
             f"through its HTTP ingress"
+        )
+
+
+class CallCycle(ServecoreError):
+    """Replica code called an endpoint whose backend is already on its call chain:
+    waiting for it could take the last slot the chain itself holds (a deadlock)."""
+
+    def __init__(self, endpoint: str, backend: str, chain: tuple[str, ...]) -> None:
+        self.endpoint = endpoint
+        self.backend = backend
+        self.chain = tuple(chain)
+        super().__init__(
+            f"calling endpoint {endpoint!r} would cycle: it routes to backend {backend!r}, "
+            f"already on the call chain {' -> '.join(self.chain)}; a nested call must not "
+            f"come back to a backend that is waiting for it (restructure the calls, or "
+            f"serve the inner step from a backend of its own)"
+        )
+
+
+class CallDepthExceeded(ServecoreError):
+    """Replica code called an endpoint from a call chain already at the depth limit."""
+
+    def __init__(self, endpoint: str, chain: tuple[str, ...], limit: int) -> None:
+        self.endpoint = endpoint
+        self.chain = tuple(chain)
+        self.limit = limit
+        super().__init__(
+            f"calling endpoint {endpoint!r} from the call chain {' -> '.join(self.chain)} "
+            f"would nest {len(self.chain) + 1} replicas deep, past the limit of {limit}; "
+            f"flatten the calls"
         )

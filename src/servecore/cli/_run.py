@@ -217,11 +217,16 @@ def preflight(options: RunOptions) -> socket.socket:
 
 
 def _runtime_options(options: RunOptions) -> dict[str, Any]:
-    if options.runtime == "subprocess" and "directory" not in options.runtime_options:
+    if options.runtime != "subprocess":
+        return options.runtime_options
+    found = options.runtime_options
+    # Replica code calls other endpoints through this server's control socket.
+    found = {"control_socket": str(socket_path(options.state_dir)), **found}
+    if "directory" not in found:
         # In the state directory, so that one directory holds the whole deployment
         # and two projects never share one.
-        return {**options.runtime_options, "directory": str(options.state_dir / "replicas")}
-    return options.runtime_options
+        found = {**found, "directory": str(options.state_dir / "replicas")}
+    return found
 
 
 async def _show_progress(ctl: Controller, console: Console) -> None:

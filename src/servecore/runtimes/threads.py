@@ -182,6 +182,13 @@ class ThreadRuntime:
         self._wakers: list[Waker] = []  # (trio) clean, ready to reuse
         self._dirty: list[_Job] = []  # (trio) jobs whose waker a worker may still signal
         self._n_wakers = 0
+        #: What replica code reaches other endpoints through (``servecore.get_handle``):
+        #: the controller's router, attached when it makes one.
+        self._composer: _RouterComposer | None = None
+
+    def attach_router(self, router: Any) -> None:
+        """Let replica code call endpoints through ``router`` (the controller's)."""
+        self._composer = _RouterComposer(router)
 
     # -- the Runtime protocol -------------------------------------------------------------
 
@@ -528,6 +535,7 @@ class ThreadRuntime:
                     user_config=effect.config.user_config,
                     allow_async=True,
                     max_concurrent_queries=effect.config.max_concurrent_queries,
+                    composer=lambda: self._composer,
                 )
             except Exception as exc:
                 post(self._on_started, rep, exc)
@@ -672,6 +680,20 @@ class ThreadRuntime:
         else:
             job.finished = True
             post(self._deliver, rep, job)
+
+
+class _RouterComposer:
+    """Composition through a router in this process (see ``servecore._calls``)."""
+
+    def __init__(self, router: Any) -> None:
+        self.router = router
+
+    def backends_of(self, endpoint: str) -> Sequence[str]:
+        ep = self.router._endpoints.get(endpoint)
+        return () if ep is None else ep.tags
+
+    def call(self, endpoint: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return self.router.call_blocking(endpoint, Query(args=args, kwargs=kwargs))
 
 
 def _unlock(lock: threading.Lock) -> None:

@@ -73,6 +73,7 @@ from typing import Any, TypeVar
 
 import attrs
 
+from servecore._calls import Composer, wrap_async_runner, wrap_runner
 from servecore._core.errors import InvalidConfig, ServecoreError, StreamMismatch
 from servecore._core.transitions import StartReplica
 from servecore.runtimes._protocol import Query
@@ -480,12 +481,15 @@ def prepare_replica_code(
     user_config: Any,
     allow_async: bool = False,
     max_concurrent_queries: int = 1,
+    composer: Callable[[], Composer | None] | None = None,
 ) -> ReplicaCode:
     """:func:`prepare_replica`, returning the whole :class:`ReplicaCode`.
 
     With ``allow_async=True`` an async target is built on a :class:`ReplicaLoop` of its
     own that runs up to ``max_concurrent_queries`` of its queries at once; the caller
     owns the code and calls :meth:`ReplicaCode.close` when the replica ends.
+    ``composer`` returns how user code reaches other endpoints (``servecore.get_handle``;
+    see ``servecore._calls``), or ``None`` where it cannot.
     """
     return _build(
         target,
@@ -496,6 +500,7 @@ def prepare_replica_code(
         user_config,
         allow_async=allow_async,
         max_concurrent_queries=max_concurrent_queries,
+        composer=composer,
     )
 
 
@@ -718,14 +723,20 @@ def _build(
     *,
     allow_async: bool = False,
     max_concurrent_queries: int = 1,
+    composer: Callable[[], Composer | None] | None = None,
 ) -> ReplicaCode:
     found = import_target(target)
+    compose = composer or _no_composer
     streams = allow_async and is_stream(found)
     if not (allow_async and (is_async(found) or is_async_generator(found))):
         obj = instantiate(found, init_args, init_kwargs, allow_stream=allow_async)
         _check_batching(obj, target, backend, max_batch_size)
         apply_user_config(obj, user_config)
-        run = _refuse_call(target) if streams else make_runner(obj, target)
+        run = (
+            _refuse_call(target)
+            if streams
+            else wrap_runner(make_runner(obj, target), backend, compose, _make_query)
+        )
         return ReplicaCode(
             obj=obj,
             run=run,
@@ -748,7 +759,7 @@ def _build(
                 loop.run(lambda: reconfigure(user_config), bounded=False)
             else:
                 loop.call(lambda: reconfigure(user_config))
-        run_async = make_async_runner(obj, target)
+        run_async = wrap_async_runner(make_async_runner(obj, target), backend, compose, _make_query)
         check = find_health_check(obj)
         if check is not None and inspect.iscoroutinefunction(check):
             async_check = check
@@ -781,6 +792,14 @@ def _build(
         streams=streams,
         target=target,
     )
+
+
+def _no_composer() -> Composer | None:
+    return None
+
+
+def _make_query(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Query:
+    return Query(args=args, kwargs=kwargs)
 
 
 def _refuse_call(target: str) -> Callable[[Sequence[Query]], list[Any]]:

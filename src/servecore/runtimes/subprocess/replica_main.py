@@ -122,8 +122,11 @@ def _build(
     servecore itself is imported here, not at the top of the file: only after the
     record is written, and inside the start's error handling.
     """
+    from servecore._calls import ConnectComposer
     from servecore.runtimes.toolkit import prepare_replica_code
 
+    where = spec.get("control_socket")
+    composer = ConnectComposer(where) if isinstance(where, str) else None
     code = prepare_replica_code(
         spec["target"],
         spec["init_args"],
@@ -133,6 +136,7 @@ def _build(
         user_config=spec["user_config"],
         allow_async=True,
         max_concurrent_queries=max(1, int(spec["concurrency"])),
+        composer=lambda: composer,
     )
     runner = code.run
 

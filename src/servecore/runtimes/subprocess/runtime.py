@@ -64,7 +64,9 @@ class SubprocessRuntime:
     environment variables for every replica. A target with a ``check_health()`` method
     has it called every ``health_check_period_s`` on a thread of its replica; if it
     raises, the replica's process ends and it is reported dead with that error (as in
-    the threads runtime).
+    the threads runtime). ``control_socket`` is the control socket of the
+    ``servecore run`` serving this runtime's controller (the CLI passes it): replica
+    code's ``servecore.get_handle`` connects there (``servecore.connect``), on first use.
 
     Chosen by name with options: ``open_controller(runtime="subprocess",
     runtime_options={"directory": "/srv/replicas"})``.
@@ -83,6 +85,7 @@ class SubprocessRuntime:
         startup_timeout_s: float = 120.0,
         env: Mapping[str, str] | None = None,
         health_check_period_s: float = 10.0,
+        control_socket: str | os.PathLike[str] | None = None,
     ) -> None:
         for name, value in [
             ("startup_timeout_s", startup_timeout_s),
@@ -96,6 +99,10 @@ class SubprocessRuntime:
         self.python = python or sys.executable
         self.startup_timeout_s = float(startup_timeout_s)
         self.env = dict(env or {})
+        #: Where replica code connects to call other endpoints (None: it cannot).
+        self.control_socket = (
+            None if control_socket is None else str(Path(control_socket).absolute())
+        )
         self.namespace: str | None = None
         self.store_id: str | None = None
         #: The store's lease epoch this runtime acts for (``None``: a store without one).
@@ -616,7 +623,9 @@ class SubprocessRuntime:
         reap_finished()
         try:
             files.remove(keep_lock=True)  # leftovers of an earlier process of this tag
-            files.write_spec(replica_spec(effect, timeout, self.health_check_period_s))
+            files.write_spec(
+                replica_spec(effect, timeout, self.health_check_period_s, self.control_socket)
+            )
         except BaseException:
             os.close(lock_fd)
             raise

@@ -89,7 +89,10 @@ def check_options(effect: StartReplica) -> tuple[dict[str, str], float | None]:
 
 
 def replica_spec(
-    effect: StartReplica, startup_timeout_s: float, health_check_period_s: float
+    effect: StartReplica,
+    startup_timeout_s: float,
+    health_check_period_s: float,
+    control_socket: str | None = None,
 ) -> dict[str, Any]:
     """What the replica process reads to know what to run."""
     return {
@@ -107,6 +110,8 @@ def replica_spec(
         "probe_period_s": effect.config.health_check_period_s,
         "probe_timeout_s": effect.config.health_check_timeout_s,
         "sys_path": [os.path.abspath(p or ".") for p in sys.path],
+        # Where replica code's servecore.get_handle connects (None: nowhere).
+        "control_socket": control_socket,
     }
 
 
