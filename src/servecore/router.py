@@ -358,6 +358,12 @@ class Router:
             except Exception:
                 log.exception("a demand listener failed; the query keeps waiting")
 
+    def backends_of(self, endpoint: str) -> tuple[str, ...]:
+        """The backends ``endpoint`` sends traffic to now (by its last table), or ``()``
+        for an endpoint it does not know. Safe from any thread (a read of a tuple)."""
+        ep = self._endpoints.get(endpoint)
+        return () if ep is None else ep.tags
+
     def handle(self, endpoint: str) -> Handle:
         """A :class:`Handle` for ``endpoint`` (the endpoint is looked up per call)."""
         return Handle(self, endpoint)

@@ -689,8 +689,8 @@ class _RouterComposer:
         self.router = router
 
     def backends_of(self, endpoint: str) -> Sequence[str]:
-        ep = self.router._endpoints.get(endpoint)
-        return () if ep is None else ep.tags
+        backends: Sequence[str] = self.router.backends_of(endpoint)
+        return backends
 
     def call(self, endpoint: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return self.router.call_blocking(endpoint, Query(args=args, kwargs=kwargs))
