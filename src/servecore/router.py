@@ -42,15 +42,12 @@ offers ``call_blocking`` (the threads runtime does), and through trio otherwise.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
-import itertools
 import logging
 import math
 import random
 import threading
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -65,7 +62,14 @@ from servecore._core.errors import (
     StreamMismatch,
 )
 from servecore._core.maps import Map
-from servecore._core.transitions import BackendRoute, Endpoint, RoutingTable
+from servecore._core.transitions import RoutingTable
+from servecore._serving.backend_routes import (
+    BackendState,
+    EndpointRoute,
+    Waiter,
+    no_replica_why,
+    waits_for_replicas,
+)
 from servecore._serving.router_stats import BackendLoad, QueryStats, RouterStatistics, outcome_of
 from servecore.runtimes._protocol import Query, Runtime
 from servecore.runtimes.toolkit import batch_argument
@@ -83,152 +87,6 @@ MAX_RESENDS = 3
 #: :class:`~servecore.BackpressureError`. Generous enough for bursts of a few hundred
 #: callers, small enough that an overloaded backend pushes back within a few batches.
 DEFAULT_MAX_QUEUED_QUERIES = 256
-
-
-class _Waiter:
-    """A query waiting in a backend's queue, for a replica slot or for its batch."""
-
-    __slots__ = (
-        "arrival",
-        "batched",
-        "dispatched",
-        "done",
-        "endpoint",
-        "error",
-        "event",
-        "query",
-        "resends",
-        "result",
-        "tag",
-    )
-
-    def __init__(self, endpoint: str, query: Query, *, batched: bool, arrival: float) -> None:
-        self.endpoint = endpoint
-        self.query = query
-        self.batched = batched
-        self.arrival = arrival
-        self.event = trio.Event()
-        self.done = False  # its caller gave up, or it was answered
-        self.dispatched = False  # (batched) sent in a batch
-        self.tag: str | None = None  # (not batched) the replica slot it was handed, counted
-        self.result: Any = None
-        self.resends = 0  # times it was queued again because its replica died first
-        self.error: BaseException | None = None
-
-    def finish(self, result: Any = None, error: BaseException | None = None) -> None:
-        if not self.done:
-            self.done = True
-            self.result = result
-            self.error = error
-        self.event.set()
-
-
-class _Backend:
-    """Per-backend routing state: live replicas, their load, and the wait queue.
-
-    The wait queue is touched on the trio thread only. The replicas and their load are
-    also used by host threads calling synchronous handles directly
-    (:meth:`Router.call_blocking`), so they change only under ``lock``.
-    """
-
-    def __init__(self, route: BackendRoute) -> None:
-        self.tag = route.tag
-        self.route = route
-        self.lock = threading.Lock()
-        self.live: list[str] = list(route.replicas)
-        self.outstanding: dict[str, int] = dict.fromkeys(route.replicas, 0)
-        self.dead: set[str] = set()  # answered ReplicaDiedError; skipped until the table drops them
-        self.waiting: deque[_Waiter] = deque()
-        self.n_waiting = 0
-        self._turn = itertools.count()
-
-    def set_route(self, route: BackendRoute | None) -> None:
-        """Adopt the backend's new route (None: the backend is gone)."""
-        with self.lock:
-            if route is None:
-                self.live = []
-                return
-            self.route = route
-            self.dead &= set(route.replicas)
-            self.live = [t for t in route.replicas if t not in self.dead]
-            old = self.outstanding
-            self.outstanding = {t: n for t, n in old.items() if n > 0}
-            for t in self.live:
-                self.outstanding.setdefault(t, 0)
-
-    def acquire(self, limit: int) -> str | None:
-        """Pick a replica below ``limit`` outstanding queries and count one more on it."""
-        with self.lock:
-            tag = self.pick(limit)
-            if tag is not None:
-                self.outstanding[tag] += 1
-            return tag
-
-    def add(self, tag: str, n: int) -> None:
-        """Count ``n`` more queries on ``tag`` (negative: fewer)."""
-        with self.lock:
-            left = self.outstanding.get(tag, 0) + n
-            if left > 0 or tag in self.live:
-                self.outstanding[tag] = left
-            else:
-                self.outstanding.pop(tag, None)
-
-    def pick(self, limit: int) -> str | None:
-        """The live replica with the fewest outstanding queries below ``limit``."""
-        live = self.live
-        n = len(live)
-        if n == 1:
-            only = live[0]
-            return only if self.outstanding[only] < limit else None
-        best: str | None = None
-        best_load = limit
-        start = next(self._turn) % n if n else 0
-        outstanding = self.outstanding
-        for i in range(n):
-            tag = live[(start + i) % n]
-            load = outstanding[tag]
-            if load < best_load:
-                best, best_load = tag, load
-                if load == 0:
-                    break
-        return best
-
-    def mark_dead(self, tag: str) -> None:
-        with self.lock:
-            if tag in self.live:
-                self.dead.add(tag)
-                self.live = [t for t in self.live if t != tag]
-
-
-class _EndpointRoute:
-    """An endpoint's traffic split, prepared for drawing."""
-
-    __slots__ = ("cumulative", "endpoint", "shadows", "tags")
-
-    def __init__(self, endpoint: Endpoint) -> None:
-        self.endpoint = endpoint
-        items = sorted(endpoint.traffic.items())
-        self.tags = tuple(tag for tag, _ in items)
-        self.cumulative = list(itertools.accumulate(w for _, w in items))
-        self.shadows = tuple(sorted(endpoint.shadow.items()))
-
-    def choose(self, rng: random.Random) -> str:
-        if len(self.tags) == 1:
-            return self.tags[0]
-        i = bisect.bisect_right(self.cumulative, rng.random() * self.cumulative[-1])
-        return self.tags[min(i, len(self.tags) - 1)]
-
-
-def _no_replica_why(b: _Backend) -> str:
-    if b.route.failure is not None:
-        return (
-            f"backend {b.tag!r} is FAILED: {b.route.failure}; fix the code, then "
-            f"retry_backend({b.tag!r}), change its config, or send traffic elsewhere"
-        )
-    return (
-        f"backend {b.tag!r} has no running replica (num_replicas is 0, or its replicas "
-        f"are starting or being replaced); retry once it has one"
-    )
 
 
 class Router:
@@ -254,8 +112,8 @@ class Router:
         self.runtime = runtime
         self.rng = rng if rng is not None else random.Random()
         self.max_queued_queries = max_queued_queries
-        self._endpoints: dict[str, _EndpointRoute] = {}
-        self._backends: dict[str, _Backend] = {}
+        self._endpoints: dict[str, EndpointRoute] = {}
+        self._backends: dict[str, BackendState] = {}
         self._nursery: trio.Nursery | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._trio_thread: int | None = None
@@ -310,16 +168,16 @@ class Router:
         """Adopt a routing table (the controller calls this on every ``UpdateRouter``)."""
         if self._refusal is not None:
             return  # stepped down: the table stays frozen, and refused
-        endpoints: dict[str, _EndpointRoute] = {}
+        endpoints: dict[str, EndpointRoute] = {}
         for name, ep in table.endpoints.items():
             old = self._endpoints.get(name)
-            endpoints[name] = old if old is not None and old.endpoint is ep else _EndpointRoute(ep)
+            endpoints[name] = old if old is not None and old.endpoint is ep else EndpointRoute(ep)
         self._endpoints = endpoints
-        backends: dict[str, _Backend] = {}
+        backends: dict[str, BackendState] = {}
         for tag, route in table.backends.items():
             b = self._backends.get(tag)
             if b is None:
-                b = _Backend(route)
+                b = BackendState(route)
             elif b.route is not route:
                 b.set_route(route)
             backends[tag] = b
@@ -332,8 +190,8 @@ class Router:
             if b.n_waiting:
                 if b.live:
                     self._pump(b)
-                elif not _waits_for_replicas(b):
-                    self._fail_waiting(b, _no_replica_why(b))
+                elif not waits_for_replicas(b):
+                    self._fail_waiting(b, no_replica_why(b))
 
     # -- load, for the autoscaler ---------------------------------------------------------
 
@@ -351,7 +209,7 @@ class Router:
         for a backend that has no replica and may scale from zero."""
         self._demand_listeners.append(listener)
 
-    def _wake(self, b: _Backend) -> None:
+    def _wake(self, b: BackendState) -> None:
         for listener in self._demand_listeners:
             try:
                 listener(b.tag)
@@ -444,7 +302,7 @@ class Router:
         self.stats.record(endpoint, tag, "ok", time.perf_counter() - started)
         return result
 
-    async def _call_backend(self, endpoint: str, b: _Backend, query: Query) -> Any:
+    async def _call_backend(self, endpoint: str, b: BackendState, query: Query) -> Any:
         # The hot path, inlined (one coroutine fewer): a free replica and no queue.
         route = b.route
         if self._closed or route.max_batch_size is not None or b.n_waiting:
@@ -466,7 +324,7 @@ class Router:
             self._release(b, rtag, 1)
         return await self._query(endpoint, b, query, 1)  # it never ran: send it again
 
-    async def _query(self, endpoint: str, b: _Backend, query: Query, resends: int = 0) -> Any:
+    async def _query(self, endpoint: str, b: BackendState, query: Query, resends: int = 0) -> Any:
         if self._closed:
             raise NoReplicaError(endpoint, "the controller is closed")
         if b.route.max_batch_size is not None:
@@ -477,7 +335,7 @@ class Router:
         return await self._send_one(endpoint, b, tag, query, resends)
 
     async def _send_one(
-        self, endpoint: str, b: _Backend, tag: str, query: Query, resends: int
+        self, endpoint: str, b: BackendState, tag: str, query: Query, resends: int
     ) -> Any:
         """Run ``query`` alone on replica ``tag`` (its slot already counted).
 
@@ -498,9 +356,9 @@ class Router:
             self._release(b, tag, 1)
         return await self._query(endpoint, b, query, resends + 1)
 
-    async def _wait_for_slot(self, endpoint: str, b: _Backend, query: Query) -> str:
+    async def _wait_for_slot(self, endpoint: str, b: BackendState, query: Query) -> str:
         self._admit(endpoint, b)
-        w = _Waiter(endpoint, query, batched=False, arrival=0.0)
+        w = Waiter(endpoint, query, batched=False, arrival=0.0)
         b.waiting.append(w)
         b.n_waiting += 1
         try:
@@ -518,11 +376,11 @@ class Router:
         return w.tag
 
     async def _query_batched(
-        self, endpoint: str, b: _Backend, query: Query, resends: int = 0
+        self, endpoint: str, b: BackendState, query: Query, resends: int = 0
     ) -> Any:
         batch_argument(query, f"endpoint {endpoint!r}")  # reject a bad shape up front
         self._admit(endpoint, b)
-        w = _Waiter(endpoint, query, batched=True, arrival=trio.current_time())
+        w = Waiter(endpoint, query, batched=True, arrival=trio.current_time())
         w.resends = resends
         b.waiting.append(w)
         b.n_waiting += 1
@@ -552,9 +410,9 @@ class Router:
             raise w.error
         return w.result
 
-    def _admit(self, endpoint: str, b: _Backend) -> None:
-        if not b.live and not _waits_for_replicas(b):
-            raise NoReplicaError(endpoint, _no_replica_why(b))
+    def _admit(self, endpoint: str, b: BackendState) -> None:
+        if not b.live and not waits_for_replicas(b):
+            raise NoReplicaError(endpoint, no_replica_why(b))
         if b.n_waiting >= self.max_queued_queries:
             raise BackpressureError(b.tag, b.n_waiting, self.max_queued_queries)
         if not b.live:
@@ -562,17 +420,17 @@ class Router:
 
     # -- dispatch -------------------------------------------------------------------------
 
-    def _release(self, b: _Backend, tag: str, n: int) -> None:
+    def _release(self, b: BackendState, tag: str, n: int) -> None:
         b.add(tag, -n)
         if b.n_waiting:
             self._pump(b)
 
-    def _lost_replica(self, b: _Backend, tag: str) -> None:
+    def _lost_replica(self, b: BackendState, tag: str) -> None:
         b.mark_dead(tag)
-        if not b.live and b.n_waiting and not _waits_for_replicas(b):
-            self._fail_waiting(b, _no_replica_why(b))
+        if not b.live and b.n_waiting and not waits_for_replicas(b):
+            self._fail_waiting(b, no_replica_why(b))
 
-    def _fail_waiting(self, b: _Backend, why: str) -> None:
+    def _fail_waiting(self, b: BackendState, why: str) -> None:
         """Fail every query still queued on ``b`` with :class:`NoReplicaError`."""
         while b.waiting:
             w = b.waiting.popleft()
@@ -580,7 +438,7 @@ class Router:
                 w.finish(error=NoReplicaError(w.endpoint, why))
         b.n_waiting = 0
 
-    def _pump(self, b: _Backend, own: _Waiter | None = None) -> str | None:
+    def _pump(self, b: BackendState, own: Waiter | None = None) -> str | None:
         """Hand free replicas to the queries at the head of ``b``'s queue.
 
         If the batch formed is just ``own`` (the calling task's query), it is not sent:
@@ -612,7 +470,7 @@ class Router:
                 head.arrival + route.batch_wait_timeout_s
             ):
                 return None  # the head's own task comes back when its window closes
-            batch: list[_Waiter] = []
+            batch: list[Waiter] = []
             while waiting and len(batch) < size:
                 w = waiting[0]
                 if w.done:
@@ -631,7 +489,7 @@ class Router:
             self._spawn_batch(b, tag, batch)
         return None
 
-    def _spawn_batch(self, b: _Backend, tag: str, batch: list[_Waiter]) -> None:
+    def _spawn_batch(self, b: BackendState, tag: str, batch: list[Waiter]) -> None:
         try:
             if self._nursery is None:
                 raise RuntimeError("the router was not started")
@@ -641,14 +499,14 @@ class Router:
                 w.finish(error=NoReplicaError(w.endpoint, "the controller is closed"))
             b.add(tag, -len(batch))
 
-    async def _run_batch(self, b: _Backend, tag: str, batch: list[_Waiter]) -> None:
+    async def _run_batch(self, b: BackendState, tag: str, batch: list[Waiter]) -> None:
         try:
             results = await self.runtime.call(tag, [w.query for w in batch])
         except BaseException as exc:
             died_here = isinstance(exc, ReplicaDiedError) and exc.tag == tag
             if died_here:
                 b.mark_dead(tag)
-            again: list[_Waiter] = []
+            again: list[Waiter] = []
             for w in batch:
                 if died_here and _never_ran(exc) and w.resends < MAX_RESENDS and not w.done:
                     w.resends += 1  # the batch never ran: queue it again, at the front
@@ -711,7 +569,9 @@ class Router:
         await stream.open()
         return stream
 
-    async def _open_on_replica(self, endpoint: str, b: _Backend, query: Query) -> tuple[str, Any]:
+    async def _open_on_replica(
+        self, endpoint: str, b: BackendState, query: Query
+    ) -> tuple[str, Any]:
         """Take a slot and open the stream there; resend what a replica never began."""
         resends = 0
         while True:
@@ -797,7 +657,7 @@ class Router:
         self.stats.record(endpoint, tag, "ok", time.perf_counter() - started)
         return results[0]
 
-    def _pump_waiting(self, b: _Backend) -> None:
+    def _pump_waiting(self, b: BackendState) -> None:
         if b.n_waiting:
             self._pump(b)
 
@@ -813,7 +673,7 @@ class Router:
         except RuntimeError:
             self.shadow_failed += 1
 
-    async def _shadow(self, endpoint: str, b: _Backend, query: Query) -> None:
+    async def _shadow(self, endpoint: str, b: BackendState, query: Query) -> None:
         try:
             await self._query(endpoint, b, query)
         except Exception as exc:
@@ -826,7 +686,7 @@ class _RouterStream:
     """A stream through the router: its replica slot, its statistics, resends of a
     stream no replica began (trio thread)."""
 
-    def __init__(self, router: Router, endpoint: str, b: _Backend, query: Query) -> None:
+    def __init__(self, router: Router, endpoint: str, b: BackendState, query: Query) -> None:
         self.router = router
         self.endpoint = endpoint
         self.backend = b
@@ -1048,12 +908,6 @@ def _from_thread(
         return trio.from_thread.run(afn, *args, trio_token=token)
     except trio.RunFinishedError:
         raise ControllerClosed("the query") from None
-
-
-def _waits_for_replicas(b: _Backend) -> bool:
-    """Whether queries to ``b`` wait for a replica instead of failing when it has none:
-    it may scale from zero, and it has not FAILED."""
-    return b.route.wakes_on_demand and b.route.failure is None
 
 
 def _never_ran(error: BaseException) -> bool:
