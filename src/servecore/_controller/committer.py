@@ -19,8 +19,14 @@ state and hands each message's effects to the controller, in order. For each mes
 * otherwise it returns once the commit holding it is durable and its effects have been
   dispatched.
 
-Commits run on one long-lived writer thread (:class:`Writer`), not one fresh
-``trio.to_thread`` hand-off per save, or inline on the trio thread.
+Commits run on one long-lived writer thread (:class:`~servecore._controller.writer.Writer`),
+not one fresh ``trio.to_thread`` hand-off per save, or inline on the trio thread. On the
+writer thread every store call has a deadline (``store_call_timeout_s``): a call not
+answered within it fails its messages with :class:`~servecore.StoreUnresponsive`, and
+its answer, when it comes, is still heeded: a commit that landed late is adopted and
+its effects carried out then (the state cannot have moved meanwhile, since every batch
+that comes while a call is unanswered waits for it, at most the deadline, and fails
+unsent if it is still unanswered).
 """
 
 from __future__ import annotations
@@ -28,20 +34,20 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-import queue
-import threading
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar, get_args
 
-import outcome
 import trio
 
+from servecore._controller.writer import Answer, Writer
 from servecore._core.errors import (
     CheckpointError,
     CheckpointLocked,
     CheckpointOutcomeUnknown,
     LeaseLost,
+    StoreUnresponsive,
 )
 from servecore._core.limits import Limits
 from servecore._core.messages import describe
@@ -58,7 +64,7 @@ from servecore._core.transitions import (
 )
 from servecore.stores import Store
 
-__all__ = ["Committer", "Writer", "deterministic_batches"]
+__all__ = ["Committer", "deterministic_batches"]
 
 log = logging.getLogger("servecore.controller")
 
@@ -87,56 +93,6 @@ def deterministic_batches(cushion_s: float = 0.0) -> Iterator[None]:
         yield
     finally:
         _GATHER.reset(token)
-
-
-class Writer:
-    """One long-lived thread that runs store calls, handed over through a queue.
-
-    Cheaper than ``trio.to_thread.run_sync`` per call (no thread-cache lookup, no
-    limiter), and one thread means the store sees its calls in order.
-    """
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-
-    async def run(self, fn: Callable[[], T]) -> T:
-        """Run ``fn()`` on the writer thread; return or raise what it did. Not
-        cancellable once handed over: a write in progress finishes."""
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._serve, name=f"servecore-writer-{self._name}", daemon=True
-            )
-            self._thread.start()
-        token = trio.lowlevel.current_trio_token()
-        task = trio.lowlevel.current_task()
-
-        def deliver(result: outcome.Outcome[T]) -> None:
-            token.run_sync_soon(trio.lowlevel.reschedule, task, result)
-
-        self._jobs.put((fn, deliver))
-        result: T = await trio.lowlevel.wait_task_rescheduled(
-            lambda _raise_cancel: trio.lowlevel.Abort.FAILED
-        )
-        return result
-
-    def _serve(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            fn, deliver = job
-            result = outcome.capture(fn)
-            # If the run is over, the controller is gone: nobody waits for this write.
-            with contextlib.suppress(trio.RunFinishedError):
-                deliver(result)
-
-    def stop(self) -> None:
-        """Let the thread finish after the calls already handed over."""
-        if self._thread is not None:
-            self._jobs.put(None)
-            self._thread = None
 
 
 class _Item:
@@ -173,6 +129,8 @@ class Committer:
         dispatch: Dispatch,
         writer: Writer | None,
         on_commit: OnCommit | None = None,
+        call_timeout_s: float = math.inf,
+        late_group: Any = None,
     ) -> None:
         self.store = store
         self.where = where
@@ -188,6 +146,27 @@ class Committer:
         self.queued = 0  # how many messages were ever queued
         self._queue: list[_Item] = []
         self._wake = trio.Event()
+        #: How long a store call on the writer thread is waited for.
+        self.call_timeout_s = call_timeout_s
+        # Where the effects of a commit that landed after its deadline go (the commands
+        # that caused them have already been told StoreUnresponsive).
+        self._late_group = late_group
+        # A store call given up on and not answered yet, and what to do if it landed.
+        self._unanswered: tuple[Answer[Any], Callable[[], None] | None] | None = None
+
+    @property
+    def unanswered(self) -> str | None:
+        """The store call given up on that has not answered yet, in words, or ``None``."""
+        return None if self._unanswered is None else self._unanswered[0].what
+
+    def after_unanswered(self, fn: Callable[[], object]) -> bool:
+        """If a store call is still unanswered, hand ``fn`` to the writer thread to run
+        after it (closing the store must not cut a call in progress) and return True;
+        otherwise return False and do nothing."""
+        if self._unanswered is None or self._writer is None:
+            return False
+        self._writer.submit(fn, "close")
+        return True
 
     def adopt_loaded(self, state: State, seq: int) -> None:
         """Start from a checkpoint just loaded."""
@@ -199,16 +178,81 @@ class Committer:
         raised; then nothing was adopted."""
         seq = self.seq + 1
         puts = {**self.pending_records, META_KEY: meta_record(seq, self.state.replica_counter)}
-        await self.call(lambda: self.store.commit(seq, puts, []))
+        await self.call(lambda: self.store.commit(seq, puts, []), "commit", seq=seq)
         self.seq = seq
         self.pending_records = {}
         self.commits += 1
 
-    async def call(self, fn: Callable[[], T]) -> T:
-        """Run a store call where commits run (the writer thread, or inline)."""
+    async def call(
+        self,
+        fn: Callable[[], T],
+        what: str = "load",
+        *,
+        seq: int | None = None,
+        landed: Callable[[], None] | None = None,
+    ) -> T:
+        """Run a store call where commits run (the writer thread, or inline).
+
+        On the writer thread it is waited for at most :attr:`call_timeout_s`; then it
+        raises :class:`~servecore.StoreUnresponsive` (``what`` and ``seq`` name the
+        call), and if the call answers later, successfully, ``landed()`` runs then.
+        Inline, a call cannot be given up on: the trio thread is the one blocked.
+        """
         if self._writer is None:
             return fn()
-        return await self._writer.run(fn)
+        name = what if seq is None else f"{what} of checkpoint {seq}"
+        answer = self._writer.submit(fn, name)
+        # Not cancellable (a write in progress finishes), but bounded.
+        with trio.CancelScope(shield=True), trio.move_on_after(self.call_timeout_s):
+            await answer.wait()
+        if answer.answered:
+            return answer.unwrap()
+        self._unanswered = (answer, landed)
+        answer.on_answer(self._wake.set)  # the committer heeds the late answer at once
+        log.error(
+            "the checkpoint store %s has not answered %s within %gs (store_call_timeout_s)",
+            self.where, name, self.call_timeout_s,
+        )  # fmt: skip
+        raise StoreUnresponsive(self.where, what, self.call_timeout_s, seq)
+
+    async def _heed_unanswered(self) -> bool:
+        """Wait (at most :attr:`call_timeout_s`) for a store call given up on; heed its
+        answer. Return False if it is still unanswered."""
+        if self._unanswered is None:
+            return True
+        answer = self._unanswered[0]
+        with trio.CancelScope(shield=True), trio.move_on_after(self.call_timeout_s):
+            await answer.wait()
+        if not answer.answered:
+            return False
+        self._heed_late()
+        return True
+
+    def _heed_late(self) -> None:
+        """The store answered a call given up on: adopt the commit if it landed."""
+        assert self._unanswered is not None
+        answer, landed = self._unanswered
+        self._unanswered = None
+        try:
+            answer.unwrap()
+        except LeaseLost as exc:
+            log.error("the store answered %s late, refusing it: %s", answer.what, exc)
+            return
+        except CheckpointOutcomeUnknown as exc:
+            log.error("the store answered %s late, and could not say more: %s", answer.what, exc)
+            return
+        except Exception as exc:
+            log.warning(
+                "the store answered %s late: it failed (%r), so nothing of it was written",
+                answer.what, exc,
+            )  # fmt: skip
+            return
+        log.warning(
+            "the store answered %s late: it landed, so it is adopted now and its effects "
+            "carried out", answer.what,
+        )  # fmt: skip
+        if landed is not None:
+            landed()
 
     async def run(
         self, message: Message | Callable[[State], Message | None], group: Any
@@ -234,6 +278,8 @@ class Committer:
             gather = _GATHER.get()
             if gather is not None:
                 await gather()
+            if self._unanswered is not None and self._unanswered[0].answered:
+                self._heed_late()
             batch, self._queue = self._queue, []
             if not batch:
                 continue
@@ -246,6 +292,26 @@ class Committer:
                         item.fail(exc)
 
     async def _commit(self, batch: list[_Item]) -> None:
+        if not await self._heed_unanswered():
+            what = self.unanswered
+            for item in batch:
+                # (Not stepped: a builder sees only states that are committed.)
+                described = item.build if not callable(item.build) else None
+                item.fail(
+                    CheckpointError(
+                        f"the checkpoint store {self.where} has still not answered {what} "
+                        f"after {self.call_timeout_s:g}s more (store_call_timeout_s), so "
+                        f"nothing more was sent to it: "
+                        + (
+                            _outcome(described, yet=True)
+                            if described is not None
+                            else "nothing was applied"
+                        )
+                        + "; check that the store answers, or raise store_call_timeout_s "
+                        "in open_controller if it is only slow"
+                    )
+                )
+            return
         state, seq = self.state, self.seq + 1
         records: dict[str, bytes | None] = {}
         stepped: list[tuple[_Item, Transition | None]] = []
@@ -290,8 +356,15 @@ class Committer:
         puts = {k: v for k, v in records.items() if v is not None}
         deletes = [k for k, v in records.items() if v is None]
         started = time.perf_counter()
+
+        def landed() -> None:  # the commit landed after its deadline
+            self._adopt(seq, state, puts, started)
+            self._carry_out(stepped, late=True)
+
         try:
-            await self.call(lambda: self.store.commit(seq, puts, deletes))
+            await self.call(
+                lambda: self.store.commit(seq, puts, deletes), "commit", seq=seq, landed=landed
+            )
         except LeaseLost as exc:  # fenced: this commit wrote nothing, and none ever will
             for item, _ in stepped:
                 assert item.message is not None
@@ -317,6 +390,11 @@ class Committer:
                     )
                 )
             return
+        self._adopt(seq, state, puts, started)
+        self._carry_out(stepped)
+
+    def _adopt(self, seq: int, state: State, puts: dict[str, bytes], started: float) -> None:
+        """A commit is durable: make its state and sequence number the adopted ones."""
         self.seq, self.state = seq, state
         self.pending_records = {k: v for k, v in self.pending_records.items() if k not in puts}
         self.commits += 1
@@ -325,9 +403,10 @@ class Committer:
                 self._on_commit(time.perf_counter() - started, sum(map(len, puts.values())))
             except Exception:  # bookkeeping must not undo a durable commit
                 log.exception("recording a commit's figures failed")
-        self._carry_out(stepped)
 
-    def _carry_out(self, stepped: list[tuple[_Item, Transition | None]]) -> None:
+    def _carry_out(
+        self, stepped: list[tuple[_Item, Transition | None]], late: bool = False
+    ) -> None:
         # The last routing table holds every earlier one's changes: push only it, first,
         # so the router stops sending to a replica before anything is asked to stop.
         table = None
@@ -338,20 +417,22 @@ class Committer:
                         table = effect
         for item, t in stepped:
             if table is not None:
-                self._effect(table, item)
+                self._effect(table, item, late)
                 table = None
             if t is not None:
                 for effect in t.effects:
                     if not isinstance(effect, UpdateRouter):
-                        self._effect(effect, item)
+                        self._effect(effect, item, late)
             item.done.set()
 
-    def _effect(self, effect: Effect, item: _Item) -> None:
+    def _effect(self, effect: Effect, item: _Item, late: bool = False) -> None:
+        # A late commit's messages were answered already: its effects are background work.
+        group = self._late_group if late and self._late_group is not None else item.group
         try:
-            self._dispatch(effect, item.group)
+            self._dispatch(effect, group)
         except Exception as exc:  # an effect the shell does not know: that message fails
             log.exception("dispatching %r failed", effect)
-            if item.error is None:
+            if item.error is None and not late:
                 item.error = exc
 
 

@@ -47,7 +47,7 @@ from typing import Any, get_args
 import trio
 
 from servecore._controller.autoscaler import AUTOSCALE_INTERVAL_S, Autoscaler, check_report_time
-from servecore._controller.committer import Committer, Writer
+from servecore._controller.committer import Committer
 from servecore._controller.effects import EffectGroup, EffectRunner
 from servecore._controller.remote_load import RemoteLoad, check_load_report
 from servecore._controller.replica_lifecycle import (
@@ -57,6 +57,7 @@ from servecore._controller.replica_lifecycle import (
 )
 from servecore._controller.standby import open_store
 from servecore._controller.status import Status, live_status
+from servecore._controller.writer import Writer
 from servecore._core.errors import (
     BackendStartError,
     InvalidCommand,
@@ -114,6 +115,11 @@ RESYNC_INTERVAL_S = 10.0
 #: How long the controller waits for a runtime's control calls (``list_replicas``,
 #: ``open``; a stop waits this long past its own drain timeout) before giving up on them.
 RUNTIME_CALL_TIMEOUT_S = 30.0
+#: How long the controller waits for a store call on its writer thread (a ``load``, a
+#: ``commit``) before it fails the messages waiting on it with ``StoreUnresponsive``:
+#: well above an fsync on a slow disk, and above a ``PostgresStore``'s own deadlines
+#: (so that the store's exact answer comes first).
+STORE_CALL_TIMEOUT_S = 60.0
 #: The longest wait between two heartbeats to a leased store (shorter for short leases).
 HEARTBEAT_MAX_S = 1.0
 
@@ -141,6 +147,7 @@ class Controller:
         on_step_down: Callable[[SteppedDown], object] | None = None,
         runtime_name: str | None = None,
         runtime_call_timeout_s: float = RUNTIME_CALL_TIMEOUT_S,
+        store_call_timeout_s: float = STORE_CALL_TIMEOUT_S,
     ) -> None:
         self.runtime = runtime
         #: The runtime's registered name, recorded in the checkpoint (None: not known).
@@ -180,6 +187,8 @@ class Controller:
             dispatch=self._effects.dispatch,
             writer=self._writer,
             on_commit=self._lifecycle.checkpoint_saved,
+            call_timeout_s=store_call_timeout_s,
+            late_group=self._effects.background,
         )
         self._where = self._committer.where
         self._router: Router | None = None  # made on first get_handle (or use_router)
@@ -802,6 +811,7 @@ async def open_controller(
     clock: Callable[[], float] | None = None,
     on_step_down: Callable[[SteppedDown], object] | None = None,
     runtime_call_timeout_s: float = RUNTIME_CALL_TIMEOUT_S,
+    store_call_timeout_s: float = STORE_CALL_TIMEOUT_S,
 ) -> AsyncIterator[Controller]:
     """Open a controller: load the checkpoint, ask the runtime which replicas are alive,
     step ``Recover(live)``, commit, and carry out its effects, then yield it::
@@ -845,6 +855,15 @@ async def open_controller(
     (or ``open``) not answered within it fails recovery with
     :class:`~servecore.RuntimeUnresponsive` and skips a resync (logged); a stop is
     given up on that long after its own drain timeout (the resync finds what lingers).
+    ``store_call_timeout_s`` (default 60 s) bounds each store call (``load``,
+    ``commit``) on the writer thread: one not answered within it fails the commands
+    waiting on it with :class:`~servecore.StoreUnresponsive` (a
+    :class:`~servecore.CheckpointOutcomeUnknown`: the commit may still land, and is
+    then adopted and carried out), and frees the controller; commands that come while
+    the call is unanswered wait for it at most as long, then fail without being sent.
+    Keep it above the store's own deadlines (a ``PostgresStore``'s ``call_timeout_s``),
+    so the store's exact answer comes first. With ``save_in_thread=False`` the store
+    is called on the trio thread, where no deadline can interrupt it.
     """
     check_namespace(name)
     if limits is not None and not isinstance(limits, Limits):
@@ -865,6 +884,16 @@ async def open_controller(
         raise InvalidConfig(
             "runtime_call_timeout_s",
             runtime_call_timeout_s,
+            "must be a positive, finite number of seconds",
+        )
+    if (
+        isinstance(store_call_timeout_s, bool)
+        or not isinstance(store_call_timeout_s, (int, float))
+        or not 0 < store_call_timeout_s < math.inf
+    ):
+        raise InvalidConfig(
+            "store_call_timeout_s",
+            store_call_timeout_s,
             "must be a positive, finite number of seconds",
         )
     for field, interval in (("autoscale_interval_s", autoscale_interval_s),):
@@ -892,6 +921,7 @@ async def open_controller(
     check_runtime_methods(rt)
     st = as_store(store)
     await open_store(st, standby=standby)
+    store_closed = False
     try:
         async with trio.open_nursery() as nursery:
             ctl = Controller(
@@ -907,12 +937,23 @@ async def open_controller(
                 on_step_down=on_step_down,
                 runtime_name=runtime_name(runtime),
                 runtime_call_timeout_s=runtime_call_timeout_s,
+                store_call_timeout_s=store_call_timeout_s,
             )
             try:
                 await ctl._recover()
                 yield ctl
             finally:
                 nursery.cancel_scope.cancel()
+                store_closer = getattr(st, "close", None)
+                if store_closer is not None and ctl._committer.after_unanswered(store_closer):
+                    # The store is closed once the call in progress returns: until then
+                    # it stays locked, so no other controller writes beside that call.
+                    log.warning(
+                        "closing the controller while the store has not answered %s: the "
+                        "store is closed once it answers",
+                        ctl._committer.unanswered,
+                    )
+                    store_closed = True
                 if ctl._writer is not None:
                     ctl._writer.stop()
                 closer = getattr(rt, "close", None)
@@ -927,7 +968,7 @@ async def open_controller(
         raise
     finally:
         closer = getattr(st, "close", None)
-        if closer is not None:
+        if closer is not None and not store_closed:
             closer()
 
 

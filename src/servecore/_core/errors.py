@@ -51,6 +51,7 @@ __all__ = [
     "ServecoreError",
     "StoreAccessDenied",
     "StoreLocked",
+    "StoreUnresponsive",
     "StoreUnwritable",
     "StreamMismatch",
     "UnpicklableResult",
@@ -264,6 +265,46 @@ class CheckpointOutcomeUnknown(CheckpointError):
             f"or reopen the controller to find out: a reopened controller finishes it if it "
             f"landed"
         )
+
+
+class StoreUnresponsive(CheckpointOutcomeUnknown):
+    """The checkpoint store did not answer a call (``call``: ``"load"``, or the commit
+    of checkpoint ``seq``) within the controller's ``store_call_timeout_s``: a hung
+    database, a stuck disk or network file system.
+
+    The controller stopped waiting; the call itself may still be running in the store.
+    A load that never answered opened nothing. For a commit, the state here is unchanged
+    and no effect ran, but the commit may still land when the store answers: the
+    controller then adopts it and carries out its effects (and a reopened controller
+    would find it), so a command that raised this may yet be applied. Until the store
+    answers, later commits wait for it (each at most ``store_call_timeout_s``), then
+    fail without being sent."""
+
+    def __init__(self, where: str, call: str, timeout_s: float, seq: int | None = None) -> None:
+        self.where = where
+        self.call = call
+        self.timeout_s = timeout_s
+        self.seq = seq if seq is not None else 0
+        self.reason = f"no answer within {timeout_s:g}s"
+        fix = (
+            "check that the store answers (the database is up and not locked, the disk or "
+            "network file system responds), or raise store_call_timeout_s in "
+            "open_controller if it is only slow"
+        )
+        if seq is None:
+            text = (
+                f"the checkpoint store {where} did not answer {call}() within {timeout_s:g}s "
+                f"(store_call_timeout_s): nothing was written; {fix}"
+            )
+        else:
+            text = (
+                f"the checkpoint store {where} did not answer {call} of checkpoint {seq} "
+                f"within {timeout_s:g}s (store_call_timeout_s): the state here is unchanged "
+                f"and no effect ran, but the commit may still land when the store answers, "
+                f"and this controller then adopts it and carries out its effects "
+                f"(servecore.read_state shows the checkpoint); {fix}"
+            )
+        CheckpointError.__init__(self, text)
 
 
 class LeaseLost(CheckpointError):

@@ -10,6 +10,10 @@ tests use, and anyone can run them against their own runtime or store:
 * :class:`LeasedMemoryStore` and :meth:`InMemoryRuntime.view` — *the old leader wakes
   up*: a standby takes the lease and the runtime over from a leader that was only
   paused, whose late effects the runtime must then refuse;
+* :class:`HangingStore` and :func:`check_store_hangs` — *the database hangs*: chosen
+  store calls block until released (or a real medium is frozen), and every call of a
+  script is hung in turn to check that commands fail typed and in time, that the
+  store is free again once it answers, and that nothing acknowledged is lost;
 * :class:`InjectedFailure` — the error of an injected start failure (any other start
   failure fails the crash checks);
 * :class:`CrashPlan` / :class:`SimulatedCrash` — numbered crash points before, midway
@@ -44,6 +48,8 @@ from servecore.testing._crash import (
 )
 from servecore.testing._faults import CrashPlan, InjectedFailure, SimulatedCrash
 from servecore.testing._group import check_some_order
+from servecore.testing._hang import HangingStore
+from servecore.testing._hang_check import HANG_SCRIPT, check_store_hangs
 from servecore.testing._lease import LeasedMemoryStore
 from servecore.testing._machine import CrashConsistencyMachine
 from servecore.testing._model import ReferenceModel, desired
@@ -51,11 +57,13 @@ from servecore.testing._runtime import InMemoryRuntime
 from servecore.testing._store import FaultyStore, StoreFault
 
 __all__ = [
+    "HANG_SCRIPT",
     "CrashConsistencyMachine",
     "CrashPlan",
     "CrashWorld",
     "CrashingRuntime",
     "FaultyStore",
+    "HangingStore",
     "InMemoryRuntime",
     "InjectedFailure",
     "Kill",
@@ -68,6 +76,7 @@ __all__ = [
     "check_all_or_nothing",
     "check_runtime",
     "check_some_order",
+    "check_store_hangs",
     "check_store_holds",
     "corrupt",
     "desired",
