@@ -293,24 +293,15 @@ class Committer:
 
     async def _commit(self, batch: list[_Item]) -> None:
         if not await self._heed_unanswered():
-            what = self.unanswered
-            for item in batch:
-                # (Not stepped: a builder sees only states that are committed.)
-                described = item.build if not callable(item.build) else None
-                item.fail(
-                    CheckpointError(
-                        f"the checkpoint store {self.where} has still not answered {what} "
-                        f"after {self.call_timeout_s:g}s more (store_call_timeout_s), so "
-                        f"nothing more was sent to it: "
-                        + (
-                            _outcome(described, yet=True)
-                            if described is not None
-                            else "nothing was applied"
-                        )
-                        + "; check that the store answers, or raise store_call_timeout_s "
-                        "in open_controller if it is only slow"
-                    )
-                )
+            error = CheckpointError(
+                f"the checkpoint store {self.where} has still not answered {self.unanswered} "
+                f"after {self.call_timeout_s:g}s more (store_call_timeout_s), so nothing more "
+                f"was sent to it: this was not applied or recorded, and nothing was started "
+                f"or stopped for it; check that the store answers, or raise "
+                f"store_call_timeout_s in open_controller if it is only slow"
+            )
+            for item in batch:  # (not stepped: builders see only committed states)
+                item.fail(error)
             return
         state, seq = self.state, self.seq + 1
         records: dict[str, bytes | None] = {}

@@ -67,16 +67,26 @@ _SLACK_S = 30.0
 
 
 class _Phase:
-    """What the run is doing, with a deadline a hang must not outlast."""
+    """What the replay is doing, and the deadline a hang must not make it outlast."""
 
-    def __init__(self, scope: trio.CancelScope, bound_s: float) -> None:
-        self.scope = scope
+    def __init__(self, bound_s: float) -> None:
         self.bound_s = bound_s
         self.what = "starting"
+        self.expired = False
+        self._timer = trio.CancelScope()
 
-    def __call__(self, what: str, bound_s: float | None = None) -> None:
+    def __call__(self, what: str) -> None:
         self.what = what
-        self.scope.deadline = trio.current_time() + (bound_s or self.bound_s)
+        self._timer.deadline = trio.current_time() + self.bound_s
+
+    async def watch(self, replay: trio.CancelScope, store: HangingStore) -> None:
+        """Once a phase outlasts its deadline, release the store (so that nothing stays
+        blocked on it, even a wait the controller shields) and cancel the replay."""
+        with self._timer:
+            await trio.sleep_forever()
+        self.expired = True
+        store.release(land=False)
+        replay.cancel()
 
 
 def check_store_hangs(
@@ -87,6 +97,7 @@ def check_store_hangs(
     outcomes: Sequence[bool] = (True, False),
     make_runtime: Callable[[], Runtime] | None = None,
     points: Sequence[int] | None = None,
+    bound_s: float | None = None,
 ) -> int:
     """Hang every store call of ``script`` in turn; check what the controller makes of it.
 
@@ -97,7 +108,9 @@ def check_store_hangs(
     deadline answers, and each call is replayed once). ``store_call_timeout_s`` is the
     controllers' deadline; a real hang's store should answer well within it. ``points``
     picks calls by index (default: all; index 0 is the load at open). Replicas run on
-    ``make_runtime()`` (default: a new :class:`InMemoryRuntime`). Returns how many
+    ``make_runtime()`` (default: a new :class:`InMemoryRuntime`). ``bound_s`` is the
+    longest any step may take (default: twice ``store_call_timeout_s`` plus 30 s for
+    its effects; a guard, not a measurement). Returns how many
     replays were checked; a broken promise raises ``AssertionError`` saying which call
     hung and what went wrong, never a timeout.
 
@@ -127,7 +140,10 @@ def check_store_hangs(
         return made if isinstance(made, HangingStore) else HangingStore(made)
 
     probe = wrapped()
-    made = trio.run(_replay, probe, runtime_maker(), script, store_call_timeout_s, None, True)
+    bound = bound_s if bound_s is not None else 2 * store_call_timeout_s + _SLACK_S
+    made = trio.run(
+        _replay, probe, runtime_maker(), script, store_call_timeout_s, bound, None, True
+    )
     labels = probe.labels[:made]  # (not the calls of the reopening that checks the end)
     real = probe.freeze is not None
     chosen = range(len(labels)) if points is None else points
@@ -140,7 +156,9 @@ def check_store_hangs(
             if not real:
                 where += ", released to " + ("land" if land else "fail")
             try:
-                trio.run(_replay, store, runtime_maker(), script, store_call_timeout_s, k, land)
+                trio.run(
+                    _replay, store, runtime_maker(), script, store_call_timeout_s, bound, k, land
+                )
             except AssertionError as exc:
                 raise AssertionError(f"with {where} hung: {exc}") from exc
             finally:
@@ -154,21 +172,52 @@ async def _replay(
     runtime: Runtime,
     script: Sequence[Command],
     timeout_s: float,
+    bound: float,
     hang_at: int | None,
     land: bool,
 ) -> int:
     """One replay of ``script``; with ``hang_at``, the store's call ``hang_at`` hangs.
     Returns how many store calls came before the reopening at the end."""
-    model = ReferenceModel()
     options: dict[str, Any] = {
         "store_call_timeout_s": timeout_s,
         "resync_interval_s": None,
         "autoscale_interval_s": None,
     }
-    bound = 2 * timeout_s + _SLACK_S
+    phase = _Phase(bound)
+    made, error = 0, None
+    async with trio.open_nursery() as nursery:
+        with trio.CancelScope() as replay:
+            nursery.start_soon(phase.watch, replay, store)
+            try:
+                made = await _replay_watched(store, runtime, script, options, phase, land)
+            except Exception as exc:  # raised below as itself, not in an exception group
+                error = exc
+        nursery.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    if phase.expired:
+        hung = f"; the store hung {store.hung} call(s)" if hang_at is not None else ""
+        raise AssertionError(
+            f"{phase.what} did not end within {phase.bound_s:g}s{hung}: the controller "
+            f"does not bound its store calls (open_controller's store_call_timeout_s is "
+            f"{timeout_s:g}s), or a hung call was never given up on"
+        )
+    if hang_at is not None:
+        assert store.hung, f"the hang never happened: the replay made only {store.calls} calls"
+    return made
+
+
+async def _replay_watched(
+    store: HangingStore,
+    runtime: Runtime,
+    script: Sequence[Command],
+    options: dict[str, Any],
+    phase: _Phase,
+    land: bool,
+) -> int:
+    model = ReferenceModel()
     highest = 0
-    with trio.CancelScope() as scope, deterministic_batches():
-        phase = _Phase(scope, bound)
+    with deterministic_batches():
         # (the hang may land in the load at open: then opening fails, and is tried again)
         for attempt in (1, 2):
             phase("opening the controller")
@@ -187,27 +236,25 @@ async def _replay(
                 )
                 store.release(land=land)
                 phase("waiting for the hung store to answer and be closed")
-                await trio.to_thread.run_sync(store.wait_idle, bound)
+                await trio.to_thread.run_sync(store.wait_idle, phase.bound_s)
         made = store.calls
         phase("reopening the controller (recovery)")
-        async with open_controller(runtime=runtime, store=store, **options) as ctl:
-            await ctl.settle()
-            recovered = ctl.state
-            assert desired(recovered) == model.desired(), (
-                f"the reopened controller recovered {desired(recovered)}, but the commands "
-                f"acknowledged (and those found applied) were {model.desired()}"
-            )
-            assert recovered.replica_counter >= highest, "the replica counter went back"
-            _check_settled(recovered, await runtime.list_replicas(), model)
-    if scope.cancelled_caught:
-        hung = f"; the store hung {store.hung} call(s)" if hang_at is not None else ""
-        raise AssertionError(
-            f"{phase.what} did not end within {phase.bound_s:g}s{hung}: the controller "
-            f"does not bound its store calls (open_controller's store_call_timeout_s is "
-            f"{timeout_s:g}s), or a hung call was never given up on"
+        try:
+            async with open_controller(runtime=runtime, store=store, **options) as ctl:
+                await ctl.settle()
+                recovered, live = ctl.state, await runtime.list_replicas()
+        except Exception as exc:
+            raise AssertionError(
+                f"reopening the controller on the store after the hang failed: "
+                f"{describe_exception(exc)}; a store that hung must hold the last commit "
+                f"it acknowledged, and nothing of one it failed"
+            ) from exc
+        assert desired(recovered) == model.desired(), (
+            f"the reopened controller recovered {desired(recovered)}, but the commands "
+            f"acknowledged (and those found applied) were {model.desired()}"
         )
-    if hang_at is not None:
-        assert store.hung, f"the hang never happened: the replay made only {store.calls} calls"
+        assert recovered.replica_counter >= highest, "the replica counter went back"
+        _check_settled(recovered, live, model)
     return made
 
 
