@@ -200,7 +200,7 @@ def test_a_torn_log_tail_is_the_only_thing_discarded(
     good = log.read_bytes()
     store = _file(tmp_path)
     store.load()
-    store._midway = lambda: (_ for _ in ()).throw(KeyboardInterrupt)  # a crash, half-way
+    store.midway_hook = lambda: (_ for _ in ()).throw(KeyboardInterrupt)  # a crash, half-way
     with pytest.raises(KeyboardInterrupt):
         store.commit(3, records_of(STATES[2], 3), ())
     store.close()
@@ -309,10 +309,10 @@ def test_a_commit_that_fails_half_way_leaves_nothing_behind(tmp_path: Path, kind
     def fail() -> None:
         raise OSError(5, "I/O error")
 
-    store._midway = fail  # part of the change set is written when the disk fails
+    store.midway_hook = fail  # part of the change set is written when the disk fails
     with pytest.raises(OSError, match="I/O error"):
         store.commit(3, records_of(STATES[2], 3), _gone(STATES[1], STATES[2]))
-    store._midway = None
+    store.midway_hook = None
     seq, records = store.load()
     assert (seq, load_records(seq, records, "x")) == (2, STATES[1])
     store.commit(3, records_of(STATES[2], 3), _gone(STATES[1], STATES[2]))

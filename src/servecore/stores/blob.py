@@ -47,7 +47,9 @@ class BlobAdapter:
         found = getattr(blob, "store_id", None)
         self._store_id = found if isinstance(found, str) else memory_id()
         self._records: dict[str, bytes] = {}
-        self._midway: Callable[[], None] | None = None
+        #: Called (if set) where a commit has written part of its change set and none of
+        #: it is visible yet: the crash kit's *midway* crash point (``FaultyStore``).
+        self.midway_hook: Callable[[], None] | None = None
 
     @property
     def store_id(self) -> str:
@@ -79,8 +81,8 @@ class BlobAdapter:
             records.pop(key, None)
         records.update(puts)
         data = encode_blob(seq, records)
-        if self._midway is not None:
-            self._midway()  # a blob save is all or nothing: nothing is written yet
+        if self.midway_hook is not None:
+            self.midway_hook()  # a blob save is all or nothing: nothing is written yet
         self.blob.save(data)
         self._records = records
 

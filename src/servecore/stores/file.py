@@ -132,7 +132,9 @@ class FileStore:
         self._live_bytes = 0
         self._log_fd: int | None = None
         self._log_end = 0  # where the last good frame ends
-        self._midway: Callable[[], None] | None = None
+        #: Called (if set) where a commit has written part of its change set and none of
+        #: it is visible yet: the crash kit's *midway* crash point (``FaultyStore``).
+        self.midway_hook: Callable[[], None] | None = None
         self.compactions = 0
 
     @property
@@ -363,8 +365,8 @@ class FileStore:
         try:
             half = len(frame) // 2
             _write_all(fd, frame[:half])
-            if self._midway is not None:
-                self._midway()
+            if self.midway_hook is not None:
+                self.midway_hook()
             _write_all(fd, frame[half:])
             os.fdatasync(fd)
         except Exception:

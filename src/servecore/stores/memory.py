@@ -21,8 +21,9 @@ class MemoryStore:
         self.seq = seq
         self.where = "memory"
         self._store_id = memory_id()
-        # Called where part of a commit is written but none of it visible (the crash kit).
-        self._midway: Callable[[], None] | None = None
+        #: Called (if set) where a commit has written part of its change set and none of
+        #: it is visible yet: the crash kit's *midway* crash point (``FaultyStore``).
+        self.midway_hook: Callable[[], None] | None = None
 
     @property
     def store_id(self) -> str:
@@ -35,8 +36,8 @@ class MemoryStore:
 
     def commit(self, seq: int, puts: Mapping[str, bytes], deletes: Collection[str]) -> None:
         """Apply one change set; nothing can fail half-way in memory."""
-        if self._midway is not None:
-            self._midway()
+        if self.midway_hook is not None:
+            self.midway_hook()
         records = self.records
         for key in deletes:
             records.pop(key, None)

@@ -66,7 +66,9 @@ class SQLiteStore:
         self._lock = StoreLock(self.resolved, self.where)
         self._db: sqlite3.Connection | None = None
         self._mutex = threading.Lock()  # commits come from the controller's writer thread
-        self._midway: Callable[[], None] | None = None
+        #: Called (if set) where a commit has written part of its change set and none of
+        #: it is visible yet: the crash kit's *midway* crash point (``FaultyStore``).
+        self.midway_hook: Callable[[], None] | None = None
 
     @property
     def store_id(self) -> str:
@@ -202,8 +204,8 @@ class SQLiteStore:
             try:
                 upsert = "INSERT OR REPLACE INTO records (key, value) VALUES (?, ?)"
                 db.executemany(upsert, items[:half])
-                if self._midway is not None:
-                    self._midway()
+                if self.midway_hook is not None:
+                    self.midway_hook()
                 db.executemany(upsert, items[half:])
                 db.executemany("DELETE FROM records WHERE key = ?", ((k,) for k in deletes))
                 db.execute("UPDATE meta SET seq = ? WHERE id = 1", (seq,))

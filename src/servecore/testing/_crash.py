@@ -424,7 +424,9 @@ class CrashWorld:
         for tag in live:
             effect = getattr(inner, "live", {}).get(tag)
             copy.live[tag] = effect if effect is not None else _placeholder(tag)
-        copy._failures = dict(getattr(inner, "_failures", {}))
+        if isinstance(inner, InMemoryRuntime):
+            for backend, (reason, times) in inner.injected_failures.items():
+                copy.fail_starts(backend, reason, times)
         seq, records = self.store.load()
         return CrashWorld(
             store=MemoryStore(records, seq),

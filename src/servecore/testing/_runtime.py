@@ -21,6 +21,19 @@ from servecore.testing._faults import CrashPlan, InjectedFailure
 __all__ = ["InMemoryRuntime"]
 
 
+class _World:
+    """What every view of one in-memory runtime shares: its replicas and its faults."""
+
+    def __init__(self) -> None:
+        self.live: dict[str, StartReplica] = {}
+        self.started: list[str] = []
+        self.stopped: list[str] = []
+        self.failures: dict[str, tuple[str, int | None]] = {}
+        self.instances: dict[str, ReplicaCode] = {}
+        #: The newest lease epoch any view was opened with.
+        self.newest_epoch: int | None = None
+
+
 class InMemoryRuntime:
     """A runtime whose replicas are records in memory. For tests, not for serving.
 
@@ -44,16 +57,20 @@ class InMemoryRuntime:
     the router can be tested against it too.
     """
 
-    def __init__(self, crash_plan: CrashPlan | None = None) -> None:
+    def __init__(
+        self, crash_plan: CrashPlan | None = None, *, _world: _World | None = None
+    ) -> None:
         self.crash_plan = crash_plan or CrashPlan()
+        world = _world or _World()
+        self._world = world
         #: tag -> the effect that started it, for every replica alive now.
-        self.live: dict[str, StartReplica] = {}
+        self.live: dict[str, StartReplica] = world.live
         #: Every tag ever started, in order (to check tags are never reused).
-        self.started: list[str] = []
+        self.started: list[str] = world.started
         #: Every tag ever stopped, in order.
-        self.stopped: list[str] = []
-        self._failures: dict[str, tuple[str, int | None]] = {}
-        self._instances: dict[str, ReplicaCode] = {}
+        self.stopped: list[str] = world.stopped
+        self._failures = world.failures
+        self._instances = world.instances
         self._report: Report | None = None
         self.namespace: str | None = None
         self.opened = 0
@@ -61,22 +78,20 @@ class InMemoryRuntime:
         self.epoch: int | None = None
         #: When set to an unset event, starts and stops wait for it (a paused host).
         self.paused: trio.Event | None = None
-        # The newest epoch any view of these replicas was opened with (shared).
-        self._fence: list[int | None] = [None]
 
     def view(self) -> InMemoryRuntime:
         """Another runtime on the same replicas (and faults), for a second controller:
         a standby taking over from a leader that may only be paused."""
-        other = InMemoryRuntime(self.crash_plan)
-        other.live, other.started, other.stopped = self.live, self.started, self.stopped
-        other._failures, other._instances, other._fence = (
-            self._failures,
-            self._instances,
-            self._fence,
-        )
-        return other
+        return InMemoryRuntime(self.crash_plan, _world=self._world)
 
     # -- fault injection ------------------------------------------------------------------
+
+    @property
+    def injected_failures(self) -> dict[str, tuple[str, int | None]]:
+        """The start failures still to come, by backend: ``(reason, times)`` as given
+        to :meth:`fail_starts` (``times`` left, ``None`` for always). A copy: to copy
+        them to another runtime, call its :meth:`fail_starts` with each."""
+        return dict(self._failures)
 
     def fail_starts(
         self, backend: str, reason: str = "injected failure", times: int | None = None
@@ -110,13 +125,13 @@ class InMemoryRuntime:
         self.opened += 1
         self.epoch = epoch
         if epoch is not None:
-            newest = self._fence[0]
+            newest = self._world.newest_epoch
             if newest is not None and epoch < newest:
                 raise RuntimeFenced("in-memory", str(store_id), epoch, newest)
-            self._fence[0] = epoch
+            self._world.newest_epoch = epoch
 
     def _check_fence(self) -> None:
-        newest = self._fence[0]
+        newest = self._world.newest_epoch
         if self.epoch is not None and newest is not None and self.epoch < newest:
             raise RuntimeFenced("in-memory", "the in-memory world", self.epoch, newest)
 

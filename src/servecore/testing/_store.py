@@ -42,9 +42,10 @@ class FaultyStore:
         self._fail_after = 0
         self._tear = False
         self.commits = 0
-        self._hooked = hasattr(self.inner, "_midway")
+        # The built-in stores call a hook from inside their commit (``midway_hook``).
+        self._hooked = hasattr(self.inner, "midway_hook")
         if self._hooked:
-            self.inner._midway = self._midway  # type: ignore[attr-defined]
+            self.inner.midway_hook = self._midway  # type: ignore[attr-defined]
 
     @property
     def saves(self) -> int:
