@@ -10,7 +10,6 @@ runtime directory.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import http.client
 import json
@@ -20,7 +19,6 @@ import socket
 import stat
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,9 +26,9 @@ from typing import Any
 
 import pytest
 
-pytestmark = pytest.mark.slow
+from cli_server import CliServer, free_port, servecore_env
 
-ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
 
 APP_V1 = """
 [backends.echo]
@@ -61,136 +59,9 @@ traffic = { echo = 1.0 }
 APP_INVALID = APP_V2.replace("num_replicas = 2", 'num_replicas = "many"')
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
-    return env
-
-
-class Deployment:
-    """A working directory with app files, and the processes started in it."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.store = directory / ".servecore" / "state.db"
-        self.replica_dir = directory / ".servecore" / "replicas"
-        #: How each command names the store (empty: the app file's [server] table does).
-        self.store_args: tuple[str, ...] = ("--store", str(self.store))
-        self.servers: list[subprocess.Popen[str]] = []
-        self.seen_pids: set[int] = set()
-
-    def write(self, name: str, text: str) -> Path:
-        path = self.directory / name
-        path.write_text(text)
-        return path
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "servecore", *args, *self.store_args],
-            cwd=self.directory,
-            env=_env(),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-
-    def run(self, app: Path, port: int | None, *extra: str) -> tuple[subprocess.Popen[str], Path]:
-        """Start ``servecore run`` (``port`` None: the app file's) and wait until it
-        serves."""
-        proc, log, serving = self.spawn(app, port, *extra)
-        self.wait_serving(proc, log, serving)
-        return proc, log
-
-    def spawn(
-        self, app: Path, port: int | None, *extra: str
-    ) -> tuple[subprocess.Popen[str], Path, threading.Event]:
-        """Start ``servecore run``; the event is set once it says it serves."""
-        log = self.directory / f"server-{len(self.servers)}.log"
-        port_args = () if port is None else ("--port", str(port))
-        with open(log, "w") as err:
-            proc = subprocess.Popen(
-                [
-                    *(sys.executable, "-m", "servecore", "run", str(app)),
-                    *(*port_args, *self.store_args, *extra),
-                ],
-                cwd=self.directory,
-                env=_env(),
-                stdout=subprocess.PIPE,
-                stderr=err,
-                text=True,
-            )
-        self.servers.append(proc)
-        serving = threading.Event()
-
-        def read() -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                if line.startswith("servecore: serving"):
-                    serving.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        return proc, log, serving
-
-    @staticmethod
-    def wait_serving(proc: subprocess.Popen[str], log: Path, serving: threading.Event) -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if serving.wait(timeout=0.5):
-                return
-            if proc.poll() is not None:
-                raise AssertionError(f"servecore run exited: {log.read_text()}")
-        raise AssertionError(f"servecore run did not start serving: {log.read_text()}")
-
-    def status(self) -> dict[str, Any]:
-        result = self.cli("status", "--json")
-        assert result.returncode == 0, result.stderr
-        data: dict[str, Any] = json.loads(result.stdout)
-        for b in data["backends"]:
-            self.seen_pids.update(r["pid"] for r in b["replicas"] if r["pid"])
-        return data
-
-    def replica_pids(self) -> set[int]:
-        """Live processes whose command line names this deployment's replica directory."""
-        found = set()
-        marker = str(self.replica_dir).encode()
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            with contextlib.suppress(OSError):
-                if marker in (entry / "cmdline").read_bytes():
-                    found.add(int(entry.name))
-        return found
-
-    def worker_pids(self) -> set[int]:
-        """Live ingress workers (``--workers``) whose command line names this store."""
-        found = set()
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                with contextlib.suppress(OSError):
-                    args = (entry / "cmdline").read_bytes().split(b"\0")
-                    if b"servecore._serving.worker" in args and str(self.store).encode() in args:
-                        found.add(int(entry.name))
-        return found
-
-    def stop_everything(self) -> None:
-        for proc in self.servers:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=30)
-        for pid in self.worker_pids() | self.replica_pids() | self.seen_pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-
 @pytest.fixture
-def deployment(tmp_path: Path) -> Iterator[Deployment]:
-    d = Deployment(tmp_path)
+def deployment(tmp_path: Path) -> Iterator[CliServer]:
+    d = CliServer(tmp_path)
     try:
         yield d
     finally:
@@ -220,9 +91,9 @@ def _alive(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text()
 
 
-def test_run_status_apply_sigint_and_adopt(deployment: Deployment) -> None:
+def test_run_status_apply_sigint_and_adopt(deployment: CliServer) -> None:
     app = deployment.write("app.toml", APP_V1)
-    port = _free_port()
+    port = free_port()
     server, log = deployment.run(app, port, "--runtime", "subprocess")
 
     assert _http(port, "POST", "/echo", "hi") == (200, "v1:hi")
@@ -279,9 +150,9 @@ def test_run_status_apply_sigint_and_adopt(deployment: Deployment) -> None:
     assert server.wait(timeout=60) == 0, log.read_text()
 
 
-def test_stop_replicas_on_exit_and_restart_on_the_next_run(deployment: Deployment) -> None:
+def test_stop_replicas_on_exit_and_restart_on_the_next_run(deployment: CliServer) -> None:
     app = deployment.write("app.toml", APP_V1)
-    port = _free_port()
+    port = free_port()
     server, log = deployment.run(app, port, "--runtime", "subprocess", "--stop-replicas")
     [pid] = _pids(deployment.status()).values()
     server.send_signal(signal.SIGTERM)
@@ -297,7 +168,7 @@ def test_stop_replicas_on_exit_and_restart_on_the_next_run(deployment: Deploymen
     assert _http(port, "POST", "/echo", "hi") == (200, "v1:hi")
 
 
-def test_threads_runtime_and_errors_a_user_meets(deployment: Deployment) -> None:
+def test_threads_runtime_and_errors_a_user_meets(deployment: CliServer) -> None:
     missing = deployment.cli("status")
     assert missing.returncode == 1 and "no checkpoint at" in missing.stderr
     no_server = deployment.cli("apply", str(deployment.write("app.toml", APP_V1)))
@@ -305,13 +176,13 @@ def test_threads_runtime_and_errors_a_user_meets(deployment: Deployment) -> None
     invalid = subprocess.run(
         [sys.executable, "-m", "servecore", "run", str(deployment.write("bad.toml", APP_INVALID))],
         cwd=deployment.directory,
-        env=_env(),
+        env=servecore_env(),
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert invalid.returncode == 1 and "backends.echo.num_replicas" in invalid.stderr
-    port = _free_port()
+    port = free_port()
     server, log = deployment.run(deployment.directory / "app.toml", port)
     assert _http(port, "POST", "/echo", "hi") == (200, "v1:hi")
     assert "replica echo#0 ready" in log.read_text()
@@ -351,8 +222,8 @@ def _one_paragraph(result: subprocess.CompletedProcess[str], *expected: str) -> 
         assert text in " ".join(result.stderr.split()), result.stderr
 
 
-def test_a_running_server_is_safe_from_bad_apply_input(deployment: Deployment) -> None:
-    port = _free_port()
+def test_a_running_server_is_safe_from_bad_apply_input(deployment: CliServer) -> None:
+    port = free_port()
     server, log = deployment.run(deployment.write("app.toml", APP_V1), port)
     before = deployment.status()
 
@@ -375,7 +246,7 @@ def test_a_running_server_is_safe_from_bad_apply_input(deployment: Deployment) -
                 *("--store", str(deployment.store)),
             ],
             cwd=deployment.directory,
-            env=_env(),
+            env=servecore_env(),
             capture_output=True,
             text=True,
             timeout=120,
@@ -407,7 +278,7 @@ def test_a_running_server_is_safe_from_bad_apply_input(deployment: Deployment) -
     # A second server on the same state directory: one paragraph, nothing started.
     second = _servecore(
         deployment.directory,
-        *("run", "app.toml", "--store", str(deployment.store), "--port", str(_free_port())),
+        *("run", "app.toml", "--store", str(deployment.store), "--port", str(free_port())),
     )
     _one_paragraph(second, "another servecore server is already running on")
 
@@ -421,7 +292,7 @@ def _servecore(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "servecore", *args],
         cwd=cwd,
-        env=_env(),
+        env=servecore_env(),
         capture_output=True,
         text=True,
         timeout=120,
@@ -601,7 +472,7 @@ async def test_an_apply_stuck_on_a_hung_constructor_does_not_wedge_the_next(
 
 
 def test_sigterm_during_apply_exits_non_zero_and_stops_the_replicas(
-    deployment: Deployment,
+    deployment: CliServer,
 ) -> None:
     deployment.write("hang.py", HANG)
     app = deployment.write("app.toml", APP_HANG)
@@ -610,11 +481,11 @@ def test_sigterm_during_apply_exits_non_zero_and_stops_the_replicas(
         server = subprocess.Popen(
             [
                 *(sys.executable, "-m", "servecore", "run", str(app)),
-                *("--port", str(_free_port()), "--store", str(deployment.store)),
+                *("--port", str(free_port()), "--store", str(deployment.store)),
                 *("--runtime", "subprocess", "--stop-replicas"),
             ],
             cwd=deployment.directory,
-            env=_env(),
+            env=servecore_env(),
             stdout=subprocess.DEVNULL,
             stderr=err,
             text=True,
@@ -650,9 +521,9 @@ traffic = { echo = 1.0 }
 """
 
 
-def test_every_operator_action_is_a_command(deployment: Deployment) -> None:
+def test_every_operator_action_is_a_command(deployment: CliServer) -> None:
     app = deployment.write("app.toml", APP_OPS)
-    port = _free_port()
+    port = free_port()
     server, log = deployment.run(app, port)
 
     # A FAILED backend no endpoint uses: alive and ready; its hint names the real fix.
@@ -747,10 +618,10 @@ def _worker_pids_of(log: Path) -> set[int]:
 
 @pytest.mark.parametrize("stack", ["default", "asyncio", "trio"])
 def test_ingress_workers_serve_and_survive_a_killed_controller(
-    deployment: Deployment, stack: str
+    deployment: CliServer, stack: str
 ) -> None:
     app = deployment.write("app.toml", APP_V2)
-    port = _free_port()
+    port = free_port()
     workers_options = ("--runtime", "subprocess", "--workers", "2")
     if stack != "default":
         workers_options += ("--worker-stack", stack)
@@ -798,7 +669,7 @@ def test_ingress_workers_serve_and_survive_a_killed_controller(
     assert deployment.worker_pids() == set()
 
 
-def test_workers_are_refused_where_replicas_live_in_the_server(deployment: Deployment) -> None:
+def test_workers_are_refused_where_replicas_live_in_the_server(deployment: CliServer) -> None:
     app = deployment.write("app.toml", APP_V1)
     result = deployment.cli("run", str(app), "--workers", "2")
     assert result.returncode == 1
@@ -807,9 +678,9 @@ def test_workers_are_refused_where_replicas_live_in_the_server(deployment: Deplo
 
 
 def test_the_server_table_is_honoured_flags_override_it_and_a_wrong_runtime_is_refused(
-    deployment: Deployment,
+    deployment: CliServer,
 ) -> None:
-    port = _free_port()
+    port = free_port()
     app = deployment.write(
         "app.toml",
         APP_V1
@@ -849,7 +720,7 @@ name = "project"
     assert all(_alive(pid) for pid in pids.values())
 
     # --port overrides the table's port; the table's runtime adopts the replicas.
-    other = _free_port()
+    other = free_port()
     server, log = deployment.run(app, other)
     assert _http(other, "POST", "/echo", "again") == (200, "v1:again")
     deployment.store_args = store_args
@@ -859,7 +730,7 @@ name = "project"
 
 
 def test_an_invalid_server_table_is_one_paragraph_naming_the_key(
-    deployment: Deployment,
+    deployment: CliServer,
 ) -> None:
     app = deployment.write("app.toml", APP_V1 + '\n[server]\nport = "eighty"\n')
     result = deployment.cli("run", str(app))
@@ -868,10 +739,10 @@ def test_an_invalid_server_table_is_one_paragraph_naming_the_key(
     assert not deployment.store.exists()
 
 
-def test_a_plugin_runtime_is_chosen_by_name(deployment: Deployment) -> None:
+def test_a_plugin_runtime_is_chosen_by_name(deployment: CliServer) -> None:
     pytest.importorskip("servecore_mp")
     app = deployment.write("app.toml", APP_V1)
-    port = _free_port()
+    port = free_port()
     server, log = deployment.run(app, port, "--runtime", "mp")
     assert _http(port, "POST", "/echo", "hi") == (200, "v1:hi")
     server.send_signal(signal.SIGINT)
@@ -882,13 +753,13 @@ def test_a_plugin_runtime_is_chosen_by_name(deployment: Deployment) -> None:
 
 
 def test_a_standby_on_postgresql_takes_over_from_a_killed_server(
-    deployment: Deployment, postgres_server: Any, checkpoint_name: str
+    deployment: CliServer, postgres_server: Any, checkpoint_name: str
 ) -> None:
     dsn = f"{postgres_server.dsn}{'&' if '?' in postgres_server.dsn else '?'}"
     dsn += f"checkpoint={checkpoint_name}&lease_s=2"
     deployment.store_args = ("--store", dsn)
     app = deployment.write("app.toml", APP_V1)
-    port, standby_port = _free_port(), _free_port()
+    port, standby_port = free_port(), free_port()
     leader, _ = deployment.run(app, port)
     assert _http(port, "POST", "/echo", "one") == (200, "v1:one")
     first = deployment.cli("status", "--json")

@@ -15,9 +15,10 @@ from typing import Any
 
 import pytest
 import trio
-from test_cli import Deployment, _free_port, _http
+from test_cli import _http
 
 import servecore
+from cli_server import CliServer, free_port
 from headless_browser import Browser, chromium_or_skip
 from servecore._controller.replica_lifecycle import RECENT_EVENTS, ReplicaLifecycle
 from servecore._serving.dashboard import end_streams
@@ -216,15 +217,15 @@ REPLICAS = (
 
 
 @pytest.fixture
-def deployment(tmp_path: Path) -> Iterator[Deployment]:
-    d = Deployment(tmp_path)
+def deployment(tmp_path: Path) -> Iterator[CliServer]:
+    d = CliServer(tmp_path)
     try:
         yield d
     finally:
         d.stop_everything()
 
 
-def _running(deployment: Deployment) -> dict[str, int]:
+def _running(deployment: CliServer) -> dict[str, int]:
     """The echo replicas ``servecore status`` reports RUNNING, with their pids."""
     [echo] = [b for b in deployment.status()["backends"] if b["tag"] == "echo"]
     return {r["tag"]: r["pid"] for r in echo["replicas"] if r["status"] == "RUNNING"}
@@ -238,10 +239,10 @@ def _shows(tags: set[str]) -> str:
 
 @pytest.mark.slow
 def test_the_dashboard_shows_replicas_come_and_be_replaced_live(
-    deployment: Deployment, tmp_path: Path
+    deployment: CliServer, tmp_path: Path
 ) -> None:
     chromium = chromium_or_skip()
-    port = _free_port()
+    port = free_port()
     deployment.run(
         deployment.write("app.toml", APP_V1), port, "--runtime", "subprocess", "--workers", "0"
     )

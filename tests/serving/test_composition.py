@@ -93,11 +93,11 @@ traffic = { pong = 1.0 }
 def test_subprocess_replicas_call_other_endpoints_and_a_cycle_fails_typed(
     tmp_path: Path,
 ) -> None:
-    from test_connect import Server
+    from cli_server import CliServer
 
-    server = Server(tmp_path)
+    server = CliServer(tmp_path)
     try:
-        server.run(
+        server.serve(
             server.write("app.toml", COMPOSED_APP), "--runtime", "subprocess", "--workers", "0"
         )
         with servecore.connect(server.store) as client:

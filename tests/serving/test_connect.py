@@ -14,12 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import queue
 import signal
 import socket
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,13 +23,12 @@ from pathlib import Path
 import pytest
 
 import servecore
+from cli_server import CliServer
 from servecore._core.maps import Map
 from servecore._core.transitions import BackendRoute, Endpoint, RoutingTable
 from servecore._serving.table_feed import VersionedTable, encode_table
 
 pytestmark = pytest.mark.slow
-
-ROOT = Path(__file__).resolve().parents[2]
 
 APP = """
 [backends.echo]
@@ -46,110 +41,9 @@ traffic = {{ echo = 1.0 }}
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    # tests/support too: replicas import its targets (subprocess_targets:Slow).
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT), str(ROOT / "tests/support")])
-    return env
-
-
-class Server:
-    """``servecore run`` processes on one private store, stopped by pid at the end."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.store = directory / ".servecore" / "state.db"
-        self.replica_dir = directory / ".servecore" / "replicas"
-        self.procs: list[subprocess.Popen[str]] = []
-
-    def write(self, name: str, text: str) -> Path:
-        path = self.directory / name
-        path.write_text(text)
-        return path
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "servecore", *args, "--store", str(self.store)],
-            cwd=self.directory,
-            env=_env(),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-
-    def run(self, app: Path, *extra: str) -> subprocess.Popen[str]:
-        log = self.directory / f"server-{len(self.procs)}.log"
-        with open(log, "w") as err:
-            proc = subprocess.Popen(
-                [
-                    *(sys.executable, "-m", "servecore", "run", str(app)),
-                    *("--port", str(_free_port()), "--store", str(self.store), *extra),
-                ],
-                cwd=self.directory,
-                env=_env(),
-                stdout=subprocess.PIPE,
-                stderr=err,
-                text=True,
-            )
-        self.procs.append(proc)
-        lines: queue.Queue[str] = queue.Queue()
-
-        def read() -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                lines.put(line)
-
-        threading.Thread(target=read, daemon=True).start()
-        while True:
-            try:
-                line = lines.get(timeout=0.5)
-            except queue.Empty:
-                if proc.poll() is not None:
-                    raise AssertionError(f"servecore run exited: {log.read_text()}") from None
-                continue
-            if line.startswith("servecore: serving"):
-                return proc
-
-    def replica_pids(self) -> set[int]:
-        found = set()
-        marker = str(self.replica_dir).encode()
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                with contextlib.suppress(OSError):
-                    if marker in (entry / "cmdline").read_bytes():
-                        found.add(int(entry.name))
-        return found
-
-    def stop_everything(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=30)
-        for pid in self.replica_pids() | self.worker_pids():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-    def worker_pids(self) -> set[int]:
-        """Ingress workers (``--workers``, on by default with subprocess) of this store:
-        a SIGKILLed server leaves them serving."""
-        found = set()
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                with contextlib.suppress(OSError):
-                    if str(self.store).encode() in (entry / "cmdline").read_bytes().split(b"\0"):
-                        found.add(int(entry.name))
-        return found
-
-
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    s = Server(tmp_path)
+def server(tmp_path: Path) -> Iterator[CliServer]:
+    s = CliServer(tmp_path)
     try:
         yield s
     finally:
@@ -161,9 +55,9 @@ def _replicas(client: servecore.SyncClient) -> tuple[str, ...]:
 
 
 def test_a_connected_handle_queries_sees_a_scale_up_and_outlives_the_controller(
-    server: Server,
+    server: CliServer,
 ) -> None:
-    proc = server.run(server.write("app.toml", APP.format(n=1)), "--runtime", "subprocess")
+    proc = server.serve(server.write("app.toml", APP.format(n=1)), "--runtime", "subprocess")
     with servecore.connect(server.store) as client:
         echo = client.get_handle("echo")
         assert echo.call("hi") == "v1:hi"
@@ -186,7 +80,7 @@ def test_a_connected_handle_queries_sees_a_scale_up_and_outlives_the_controller(
         seq_before_restart = client.seq
 
         # A controller on the same store comes back: the feed resumes, never older.
-        server.run(server.write("app3.toml", APP.format(n=2)), "--runtime", "subprocess")
+        server.serve(server.write("app3.toml", APP.format(n=2)), "--runtime", "subprocess")
         while not client.feed_connected or client.seq < seq_before_restart:
             with contextlib.suppress(TimeoutError):
                 client.wait_for_seq(seq_before_restart, timeout_s=1)
@@ -206,12 +100,12 @@ traffic = { slow = 1.0 }
 
 
 def test_load_from_a_connected_client_wakes_a_backend_at_zero_and_scales_it_up(
-    server: Server,
+    server: CliServer,
 ) -> None:
     """Only this process sends queries, so only its load reports can move the
     controller's autoscaler: a query at zero replicas wakes the backend, and steady
     load from six callers here scales it up to its maximum."""
-    server.run(server.write("app.toml", AUTOSCALING_APP), "--runtime", "subprocess")
+    server.serve(server.write("app.toml", AUTOSCALING_APP), "--runtime", "subprocess")
     with servecore.connect(server.store) as client:
         assert client.routing_table.backends["slow"].replicas == ()
         slow = client.get_handle("slow")
@@ -243,9 +137,9 @@ def test_load_from_a_connected_client_wakes_a_backend_at_zero_and_scales_it_up(
 
 
 def test_connect_refuses_a_controller_whose_replicas_live_in_its_process(
-    server: Server,
+    server: CliServer,
 ) -> None:
-    server.run(server.write("app.toml", APP.format(n=1)), "--runtime", "threads")
+    server.serve(server.write("app.toml", APP.format(n=1)), "--runtime", "threads")
     with pytest.raises(servecore.ReplicasUnreachable, match=r"'threads' runtime.*another process"):
         servecore.connect(server.store)
 
@@ -356,9 +250,9 @@ traffic = { counter = 1.0 }
 """
 
 
-def test_a_connected_handle_streams_from_a_subprocess_replica(server: Server) -> None:
+def test_a_connected_handle_streams_from_a_subprocess_replica(server: CliServer) -> None:
     app = server.write("app.toml", STREAM_APP)
-    server.run(app, "--runtime", "subprocess", "--workers", "0", "--stop-replicas")
+    server.serve(app, "--runtime", "subprocess", "--workers", "0", "--stop-replicas")
     with servecore.connect(server.store) as client:
         count = client.get_handle("count")
         assert [i for i, _ in count.stream(5)] == [0, 1, 2, 3, 4]
