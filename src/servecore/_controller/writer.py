@@ -96,14 +96,6 @@ class Writer:
         self._jobs.put((fn, deliver))
         return answer
 
-    async def run(self, fn: Callable[[], T]) -> T:
-        """Run ``fn()`` on the writer thread; return or raise what it did. Not
-        cancellable once handed over: a write in progress finishes."""
-        answer = self.submit(fn)
-        with trio.CancelScope(shield=True):
-            await answer.wait()
-        return answer.unwrap()
-
     def _serve(self) -> None:
         while True:
             job = self._jobs.get()
