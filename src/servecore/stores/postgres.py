@@ -707,6 +707,9 @@ class PostgresStore:
                     row = conn.execute(sql, params, prepare=True).fetchone()
                     break
                 except pg.Error as exc:
+                    # Read before dropping: dropping closes it, and "the server had
+                    # closed it" is what tells a restart from an error it answered.
+                    server_closed = conn.closed
                     self._drop_connection()
                     hung = getattr(conn, "timed_out", False)
                     if lease is None:
@@ -728,7 +731,7 @@ class PostgresStore:
                         return  # the answer was lost, not the write
                     if landed is None:
                         raise CheckpointOutcomeUnknown(self.where, target, _reason(exc)) from exc
-                    if attempt == 1 and reused and conn.closed:
+                    if attempt == 1 and reused and server_closed:
                         # A connection the server had closed (a restart): it did not
                         # land, so write again, once, on the new connection.
                         log.info("the connection to %s was dead: writing again", self.where)
