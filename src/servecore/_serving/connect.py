@@ -323,7 +323,7 @@ async def open_client(
         if isinstance(store, StoreChoice)
         else choose_store(os.fspath(store), None if state_dir is None else Path(state_dir))
     )
-    where = check_socket_path(socket_path(choice.state_dir.absolute()))
+    where = socket_path(choice.state_dir.absolute())
     pg_store: Any = None
     feed: _Feed | None = None
     with trio.fail_after(CONNECT_TIMEOUT_S):

@@ -115,6 +115,8 @@ class PostgresFeed:
                         continue
                     versioned, _ = read_table(self.store)
                 except ServecoreError as exc:
+                    if self._stop.is_set():
+                        return
                     if not down:
                         log.warning("the routing-table feed from %s failed: %s", self.store, exc)
                         self._to_trio(self._connected, False)

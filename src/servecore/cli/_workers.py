@@ -268,6 +268,10 @@ def stop_workers(state_dir: Path, pids: list[int], timeout_s: float = 6.0) -> li
         if _cmdline(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+    # Gone, not merely signalled: the caller may bind the port they held.
+    deadline = time.monotonic() + 2.0
+    while any(_cmdline(pid) for pid in stopped) and time.monotonic() < deadline:
+        time.sleep(0.02)
     for pid in pids:
         with contextlib.suppress(OSError):
             handoff_path(state_dir, pid).unlink()
