@@ -781,11 +781,16 @@ def test_ingress_workers_serve_and_survive_a_killed_controller(
     assert deployment.worker_pids() == workers
 
     # A worker that dies is started again (by a server: start one on the same store,
-    # which first stops the workers the killed one left behind).
+    # which takes over the listening socket of the workers the killed one left behind,
+    # and stops them once its own serve).
     server, log = deployment.run(app, port, *workers_options)
-    assert "stopped 2 ingress worker(s) a previous server left running" in log.read_text()
+    assert "took over the HTTP socket of 2 ingress worker(s)" in log.read_text()
     fresh = _worker_pids_of(log)
-    assert not fresh & workers and deployment.worker_pids() == fresh
+    assert not fresh & workers
+    deadline = time.monotonic() + 60
+    while deployment.worker_pids() != fresh and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert deployment.worker_pids() == fresh, log.read_text()
     victim = min(fresh)
     os.kill(victim, signal.SIGKILL)
     deadline = time.monotonic() + 60
