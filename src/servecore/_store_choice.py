@@ -7,8 +7,9 @@ two query parameters of servecore's own, taken out before it reaches libpq:
 ``checkpoint`` (the checkpoint's name in the database, default ``servecore``) and
 ``lease_s`` (how long the lease lasts unrenewed, default 10). The state directory of a
 PostgreSQL store is ``--state-dir`` or, by default, ``.servecore/postgres-CHECKPOINT``
-under the current directory: each host running a server (a leader, a standby) has its
-own, since the control socket is local to the host.
+under the current directory: each host running a server has its own, since the
+control socket is local to the host; a standby on the leader's host shares the
+leader's (so it finds the same replicas, control socket path and ingress workers).
 """
 
 from __future__ import annotations
