@@ -8,7 +8,9 @@ straight to the replica processes' sockets: the controller is not on the query p
 
 While the controller is down the client keeps routing to the replicas it knows, and
 resubscribes in the background (every :data:`RESUBSCRIBE_S` at most); the restarted
-controller's full table replaces the old one only if it is newer.
+controller's full table replaces the old one only if it is newer. On a PostgreSQL
+store the client follows the committed checkpoint in the database instead
+(:mod:`servecore._serving.pg_feed`), whichever controller writes it.
 
 Load from everywhere: while its router has queries running or queued, the client
 reports them per backend to the controller every
