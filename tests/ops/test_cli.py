@@ -19,6 +19,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 
 import pytest
 
+import servecore
 from cli_server import CliServer, free_port, servecore_env
 
 pytestmark = pytest.mark.slow
@@ -650,11 +652,16 @@ def test_ingress_workers_serve_and_survive_a_killed_controller(
     assert deployment.worker_pids() == workers
 
     # A worker that dies is started again (by a server: start one on the same store,
-    # which first stops the workers the killed one left behind).
+    # which takes over the listening socket of the workers the killed one left behind,
+    # and stops them once its own serve).
     server, log = deployment.run(app, port, *workers_options)
-    assert "stopped 2 ingress worker(s) a previous server left running" in log.read_text()
+    assert "took over the HTTP socket of 2 ingress worker(s)" in log.read_text()
     fresh = _worker_pids_of(log)
-    assert not fresh & workers and deployment.worker_pids() == fresh
+    assert not fresh & workers
+    deadline = time.monotonic() + 60
+    while deployment.worker_pids() != fresh and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert deployment.worker_pids() == fresh, log.read_text()
     victim = min(fresh)
     os.kill(victim, signal.SIGKILL)
     deadline = time.monotonic() + 60
@@ -785,5 +792,129 @@ def test_a_standby_on_postgresql_takes_over_from_a_killed_server(
     assert shown.returncode == 0, shown.stderr
     text = " ".join(shown.stdout.split())
     assert "lease: leader" in text and "epoch 2" in text and "live" in text
+    standby.send_signal(signal.SIGINT)
+    assert standby.wait(timeout=60) == 0, standby_log.read_text()
+
+
+def _ask(port: int, body: str) -> tuple[int, Any]:
+    """One POST on a connection of its own (so no keep-alive connection a draining
+    server closes is ever reused: each request stands for a new client)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", "/echo", body=json.dumps(body).encode())
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+class Traffic:
+    """Queries sent without a pause from threads, over HTTP and through a connected
+    client, until stopped; every answer and every failure is kept."""
+
+    def __init__(self, port: int, client: Any) -> None:
+        self.port = port
+        self.client = client
+        self.answered = {"http": 0, "client": 0}
+        self.failed: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._run, args=(kind,), daemon=True)
+            for kind in ("http", "http", "client")
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self, kind: str) -> None:
+        i = 0
+        while not self._stop.is_set():
+            i += 1
+            body = f"{kind}-{threading.get_ident()}-{i}"
+            try:
+                if kind == "http":
+                    got = _ask(self.port, body)
+                    ok = got == (200, f"v1:{body}")
+                else:
+                    got = self.client.get_handle("echo").call(body)
+                    ok = got == f"v1:{body}"
+            except Exception as exc:
+                got, ok = repr(exc), False
+            if ok:
+                self.answered[kind] += 1
+            else:
+                self.failed.append(f"{kind} {body}: {got!r}")
+
+    def wait_for(self, kind: str, more: int, timeout_s: float = 60) -> None:
+        target = self.answered[kind] + more
+        deadline = time.monotonic() + timeout_s
+        while self.answered[kind] < target:
+            assert time.monotonic() < deadline, (kind, self.answered, self.failed[:5])
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+
+
+def test_a_standby_takes_over_from_a_killed_leader_without_a_failed_query(
+    deployment: CliServer, postgres_server: Any, checkpoint_name: str
+) -> None:
+    """Leader and standby on one host and one state directory (so one runtime
+    directory and one port). HTTP requests go to the leader's ingress workers and
+    queries through a connected client, without a pause; the leader is SIGKILLed. Its
+    workers and the client route on (their table comes from PostgreSQL), the standby
+    takes the lease, adopts the same replica processes, takes the workers' listening
+    socket and starts its own workers on it, then stops the old ones: every query is
+    answered, and the replicas are the same processes."""
+    dsn = f"{postgres_server.dsn}{'&' if '?' in postgres_server.dsn else '?'}"
+    dsn += f"checkpoint={checkpoint_name}&lease_s=2"
+    # A short state directory: the pytest directory is long for Unix socket paths.
+    deployment.store_args = ("--store", dsn, "--state-dir", "st")
+    state_dir = deployment.directory / "st"
+    # What the cleanup looks for: this state directory's workers and replicas.
+    deployment.store = state_dir / "postgres"
+    deployment.replica_dir = state_dir / "replicas"
+    app = deployment.write(
+        "app.toml", APP_V1.replace("[backends.echo]", "[backends.echo]\nnum_replicas = 2")
+    )
+    port = free_port()
+    args = ("--runtime", "subprocess", "--workers", "1")
+    leader, _ = deployment.run(app, port, *args)
+    old_workers = deployment.worker_pids()
+    assert len(old_workers) == 1
+    replicas = _pids(deployment.status())
+    assert len(replicas) == 2
+    standby, standby_log, serving = deployment.spawn(app, port, *args, "--standby")
+    deadline = time.monotonic() + 60
+    while "waiting for the lease" not in standby_log.read_text():
+        assert time.monotonic() < deadline and standby.poll() is None, standby_log.read_text()
+        time.sleep(0.1)
+
+    with servecore.connect(dsn, state_dir=state_dir) as client:
+        assert client.client.feed_source == "postgresql"
+        traffic = Traffic(port, client)
+        try:
+            traffic.wait_for("http", 20)
+            traffic.wait_for("client", 20)
+            leader.kill()
+            leader.wait(timeout=30)
+            deployment.wait_serving(standby, standby_log, serving)
+            assert "took the lease (epoch 2)" in standby_log.read_text()
+            # The old workers go once the standby's serve, and traffic goes on.
+            deadline = time.monotonic() + 60
+            while deployment.worker_pids() & old_workers:
+                assert time.monotonic() < deadline, standby_log.read_text()
+                time.sleep(0.1)
+            new_workers = deployment.worker_pids()
+            assert len(new_workers) == 1 and not new_workers & old_workers
+            traffic.wait_for("http", 50)
+            traffic.wait_for("client", 50)
+            assert client.table is not None and client.table.epoch == 2
+        finally:
+            traffic.stop()
+    assert traffic.failed == [], traffic.failed[:10]
+    assert "took over the HTTP socket" in standby_log.read_text()
+    assert _pids(deployment.status()) == replicas
     standby.send_signal(signal.SIGINT)
     assert standby.wait(timeout=60) == 0, standby_log.read_text()

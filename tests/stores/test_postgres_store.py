@@ -712,3 +712,34 @@ async def test_the_first_command_after_a_database_restart_succeeds() -> None:
             assert set(ctl.state.backends) == {"a", "b"}
         again = PostgresStore(server.dsn, lease_s=30).records
         assert set(loaded(again)[0].backends) == {"a", "b"}
+
+
+def test_a_commit_notifies_listeners_and_a_fenced_write_does_not(kind: PostgresKind) -> None:
+    """A notification means a commit: it is sent by the write's own statement, for its
+    checkpoint only, and a write the fence refused sends none."""
+    old = kind.opened_blob(holder="old")
+    listener = kind.blob().listen_for_commits()
+    other = PostgresStore(kind.dsn, checkpoint=f"{kind.checkpoint}-other", lease_s=LEASE_S)
+    kind.made.append(other)
+    try:
+        assert listener.wait(0.1) is True  # listening anew: whatever came before is unknown
+        assert listener.wait(0.2) is False
+        old.commit_records(1, {"a": b"1"}, [])
+        assert listener.wait(5) is True
+        other.save(b"elsewhere")  # another checkpoint's commit is not this one's
+        assert listener.wait(0.5) is False
+        old_epoch = old.epoch
+        assert old._lease is not None
+        old._lease.stop.set()  # paused, as SIGSTOP would: a standby takes over
+        new = kind.blob(holder="new")
+        new.open(standby=True, timeout_s=30)
+        with pytest.raises(LeaseLost):
+            old.commit_records(2, {"a": b"stale"}, [])
+        assert listener.wait(0.5) is False
+        committed = kind.blob().load_committed()
+        assert (committed.seq, committed.records) == (1, {"a": b"1"})
+        assert old_epoch is not None and committed.epoch == new.epoch == old_epoch + 1
+        new.commit_records(2, {"a": b"2"}, ["b"])
+        assert listener.wait(5) is True
+    finally:
+        listener.close()

@@ -8,7 +8,9 @@ straight to the replica processes' sockets: the controller is not on the query p
 
 While the controller is down the client keeps routing to the replicas it knows, and
 resubscribes in the background (every :data:`RESUBSCRIBE_S` at most); the restarted
-controller's full table replaces the old one only if it is newer.
+controller's full table replaces the old one only if it is newer. On a PostgreSQL
+store the client follows the committed checkpoint in the database instead
+(:mod:`servecore._serving.pg_feed`), whichever controller writes it.
 
 Load from everywhere: while its router has queries running or queued, the client
 reports them per backend to the controller every
@@ -37,12 +39,21 @@ from typing import Any, TypeVar
 
 import trio
 
+from servecore._control_socket import (
+    ControlNoAnswer,
+    ControlUnavailable,
+    check_socket_owner,
+    check_socket_path,
+    check_state_dir,
+    socket_path,
+)
 from servecore._controller.remote_load import LOAD_REPORT_INTERVAL_S
 from servecore._controller.sync import SyncHandle
 from servecore._core.errors import ControllerClosed, ReplicasUnreachable
 from servecore._core.transitions import RoutingTable
 from servecore._serving.remote_runtime import ReplicaClient
 from servecore._serving.table_feed import VersionedTable, decode_table, read_lines
+from servecore._store_choice import DEFAULT_STORE, StoreChoice, choose_store
 from servecore.router import DEFAULT_MAX_QUEUED_QUERIES, Handle, Router
 
 __all__ = ["Client", "SyncClient", "connect", "open_client"]
@@ -51,8 +62,6 @@ log = logging.getLogger("servecore.connect")
 
 T = TypeVar("T")
 
-#: The same default as ``servecore run --store``.
-DEFAULT_STORE = Path(".servecore") / "state.db"
 #: The longest pause between two attempts to resubscribe while the controller is away.
 RESUBSCRIBE_S = 1.0
 #: How long the first subscription may take to bring its first table.
@@ -77,18 +86,11 @@ class _Feed:
 async def _open_control(path: Path) -> trio.SocketStream:
     """A connection to the control socket at ``path``, after the CLI's checks: never
     talk to a socket in a directory another user controls."""
-    from servecore.cli._control import (
-        ControlUnavailable,
-        _check_socket_owner,
-        check_socket_path,
-        check_state_dir,
-    )
-
     check_socket_path(path)
     if not path.parent.is_dir():
         raise ControlUnavailable(path, f"no state directory {path.parent}")
     check_state_dir(path.parent)
-    _check_socket_owner(path)
+    check_socket_owner(path)
     try:
         return await trio.open_unix_socket(str(path))
     except OSError as exc:
@@ -97,8 +99,6 @@ async def _open_control(path: Path) -> trio.SocketStream:
 
 async def _request(path: Path, request: dict[str, Any]) -> dict[str, Any]:
     """One request on the control socket, and its answer."""
-    from servecore.cli._control import ControlNoAnswer
-
     async with await _open_control(path) as stream:
         await stream.send_all(json.dumps(request).encode() + b"\n")
         line = await read_lines(stream, bytearray())
@@ -111,8 +111,6 @@ async def _request(path: Path, request: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _subscribe(path: Path) -> _Feed:
-    from servecore.cli._control import ControlNoAnswer
-
     stream = await _open_control(path)
     try:
         await stream.send_all(b'{"op": "subscribe"}\n')
@@ -141,8 +139,11 @@ class Client:
         self.replicas = replicas
         self._table: VersionedTable | None = None
         self._changed = trio.Event()
-        #: Whether the feed is connected now (False while the controller is away).
+        #: Whether the feed is connected now (False while the controller is away, or the
+        #: database, for a PostgreSQL store).
         self.feed_connected = False
+        #: Where tables come from: ``"control socket"`` or ``"postgresql"``.
+        self.feed_source = "control socket"
         #: How this client names itself in its load reports (unique per client).
         self.reporter = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(4)}"
         #: Load reports the controller accepted (for tests and diagnostics).
@@ -185,6 +186,9 @@ class Client:
         self._changed.set()
         self._changed = trio.Event()
         return True
+
+    def _set_connected(self, connected: bool) -> None:
+        self.feed_connected = connected
 
     def _version(self) -> tuple[int, int] | None:
         return self._table.version if self._table is not None else None
@@ -249,60 +253,136 @@ class Client:
                 log.warning("the controller at %s refused a load report: %s", self.where, why)
 
 
+async def _hello(where: Path) -> dict[str, Any] | None:
+    """The feed's hello of the server at ``where`` (how replicas are reached), or
+    ``None`` when no server answers there now."""
+    try:
+        feed = await _subscribe(where)
+    except (ControlUnavailable, ControlNoAnswer):
+        return None
+    await feed.stream.aclose()
+    return feed.hello
+
+
+async def _first_from_postgres(
+    choice: StoreChoice, where: Path
+) -> tuple[Any, VersionedTable, str | None, str | None]:
+    """The store, its committed table, the runtime and the replica directory."""
+    from servecore._serving.pg_feed import read_table
+
+    store = choice.open()
+    try:
+        # Not abandoned on cancel: the read is bounded by the store's own timeouts, and
+        # the store must not be closed under the thread using it.
+        first, runtime = await trio.to_thread.run_sync(read_table, store)
+        hello = await _hello(where)
+    except BaseException:
+        store.close()
+        raise
+    if hello is not None:
+        directory = hello.get("directory")
+        return (
+            store,
+            first,
+            str(hello.get("runtime")),
+            None if directory is None else str(directory),
+        )
+    # No server on this host now (a failover under way): the checkpoint names the
+    # runtime, and the replicas are where servecore run puts them by default.
+    return store, first, runtime, str(choice.state_dir.absolute() / "replicas")
+
+
 @contextlib.asynccontextmanager
 async def open_client(
-    store: str | os.PathLike[str] = DEFAULT_STORE,
+    store: str | os.PathLike[str] | StoreChoice = DEFAULT_STORE,
     *,
+    state_dir: str | os.PathLike[str] | None = None,
     rng: random.Random | None = None,
     max_queued_queries: int = DEFAULT_MAX_QUEUED_QUERIES,
     load_report_interval_s: float | None = LOAD_REPORT_INTERVAL_S,
 ) -> AsyncIterator[Client]:
-    """Connect to the ``servecore run`` serving ``store`` (its ``--store``), from trio::
+    """Connect to the ``servecore run`` serving ``store`` (its ``--store``, and its
+    ``--state-dir`` if it was given one), from trio::
 
         async with servecore.open_client(".servecore/state.db") as client:
             print(await client.get_handle("echo").call("hi"))
 
-    Returns once the first routing table has arrived. Raises
+    Returns once the first routing table has arrived. For a SQLite store the table
+    comes from the server's control socket; for a PostgreSQL one
+    (``"postgresql://...?checkpoint=NAME"``) from the database itself, so the client
+    follows the committed checkpoint whichever controller (a leader, a standby that
+    took over) writes it, and starts even while no controller runs. Raises
     :class:`~servecore.ReplicasUnreachable` for a controller on the threads runtime
     (its replicas live inside its process), and the control socket's errors when no
-    server answers. ``rng`` and ``max_queued_queries`` are the client's router's (see
-    :class:`~servecore.Router`). While queries run or wait, the router's load is
-    reported to the controller's autoscaler every ``load_report_interval_s`` (``None``:
-    never; the controller ages out a client silent for three default intervals, so a
-    longer one makes its load count only part of the time).
+    server answers (SQLite). ``rng`` and ``max_queued_queries`` are the client's
+    router's (see :class:`~servecore.Router`). While queries run or wait, the router's
+    load is reported to the controller's autoscaler every ``load_report_interval_s``
+    (``None``: never; the controller ages out a client silent for three default
+    intervals, so a longer one makes its load count only part of the time).
     """
-    where = Path(store).absolute().parent / "control.sock"
+    choice = (
+        store
+        if isinstance(store, StoreChoice)
+        else choose_store(os.fspath(store), None if state_dir is None else Path(state_dir))
+    )
+    where = socket_path(choice.state_dir.absolute())
+    pg_store: Any = None
+    feed: _Feed | None = None
     with trio.fail_after(CONNECT_TIMEOUT_S):
-        feed = await _subscribe(where)
-        try:
-            first = await feed.next_table()
-        except BaseException:
+        if choice.is_postgres:
+            pg_store, first, runtime, directory = await _first_from_postgres(choice, where)
+        else:
+            feed = await _subscribe(where)
+            try:
+                got = await feed.next_table()
+            except BaseException:
+                await feed.stream.aclose()
+                raise
+            if got is None:
+                await feed.stream.aclose()
+                raise ControlNoAnswer(where, "it closed the feed before sending a table")
+            first, runtime = got, str(feed.hello.get("runtime"))
+            directory = feed.hello.get("directory")
+    if runtime != "subprocess" or directory is None:
+        if feed is not None:
             await feed.stream.aclose()
-            raise
-    if first is None or feed.hello.get("runtime") != "subprocess":
-        await feed.stream.aclose()
-        if first is None:
-            from servecore.cli._control import ControlNoAnswer
-
-            raise ControlNoAnswer(where, "it closed the feed before sending a table")
-        raise ReplicasUnreachable(str(where.parent), str(feed.hello.get("runtime")))
-    replicas = ReplicaClient(str(feed.hello["directory"]))
+        if pg_store is not None:
+            pg_store.close()
+        raise ReplicasUnreachable(str(where.parent), str(runtime))
+    replicas = ReplicaClient(str(directory))
     router = Router(replicas, rng=rng, max_queued_queries=max_queued_queries)
+    pg_feed = None
     async with trio.open_nursery() as nursery:
-        replicas.start(nursery)
-        router.start(nursery)
         client = Client(where, router, replicas)
-        client._offer(first)
-        client.feed_connected = True
-        nursery.start_soon(client._follow, feed)
-        if load_report_interval_s is not None:
-            router.add_demand_listener(client._on_demand)
-            nursery.start_soon(client._report_load, load_report_interval_s)
         try:
+            replicas.start(nursery)
+            router.start(nursery)
+            client._offer(first)
+            client.feed_connected = True
+            if pg_store is not None:
+                from servecore._serving.pg_feed import PostgresFeed
+
+                pg_feed = PostgresFeed(
+                    pg_store,
+                    offer=client._offer,
+                    connected=client._set_connected,
+                    token=trio.lowlevel.current_trio_token(),
+                )
+                client.feed_source = "postgresql"
+                pg_feed.start()
+            else:
+                nursery.start_soon(client._follow, feed)
+            if load_report_interval_s is not None:
+                router.add_demand_listener(client._on_demand)
+                nursery.start_soon(client._report_load, load_report_interval_s)
             yield client
         finally:
             nursery.cancel_scope.cancel()
             replicas.close()
+            if pg_feed is not None:
+                pg_feed.stop()  # the feed's thread closes the store
+            elif pg_store is not None:
+                pg_store.close()
 
 
 class SyncClient:

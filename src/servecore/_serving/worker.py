@@ -54,6 +54,8 @@ import trio
 
 from servecore._serving.connect import Client, open_client
 from servecore._serving.ops_http import PREFIX, _send
+from servecore._serving.socket_handoff import serve_handoff
+from servecore._store_choice import StoreChoice, store_from_environment
 
 __all__ = [
     "STACKS",
@@ -251,7 +253,9 @@ def _say_ready(ready_fd: int | None) -> None:
         os.close(ready_fd)  # nothing more is ever written: the server may be gone
 
 
-async def _serve_trio(store: Path, fd: int, timeout_s: float | None, ready_fd: int | None) -> None:
+async def _serve_trio(
+    store: Path | StoreChoice, fd: int, timeout_s: float | None, ready_fd: int | None
+) -> None:
     from hypercorn.trio import serve
 
     from servecore.http import HTTPIngress
@@ -285,7 +289,7 @@ async def _serve_trio(store: Path, fd: int, timeout_s: float | None, ready_fd: i
 
 
 async def _serve_asyncio(
-    store: Path, fd: int, timeout_s: float | None, ready_fd: int | None, server: str
+    store: Path | StoreChoice, fd: int, timeout_s: float | None, ready_fd: int | None, server: str
 ) -> None:
     from servecore.http import HTTPIngress
 
@@ -384,7 +388,7 @@ async def _run_uvicorn(app: Any, fd: int, ready_fd: int | None) -> None:
 
 
 def serve_worker(
-    store: Path,
+    store: Path | StoreChoice,
     fd: int,
     *,
     timeout_s: float | None = 30.0,
@@ -412,11 +416,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ready-fd", type=int, default=None)
     parser.add_argument("--timeout", type=float, default=None)
     parser.add_argument("--stack", choices=STACKS, default=None)
+    parser.add_argument("--handoff", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="servecore worker %(process)d: %(message)s")
     try:
+        # A PostgreSQL store comes in the environment, not in argv (its DSN may hold a
+        # password, and any user may read another's command line).
+        store = store_from_environment() or args.store
+        if args.handoff:
+            serve_handoff(args.store.parent, args.fd)
         serve_worker(
-            args.store, args.fd, timeout_s=args.timeout, stack=args.stack, ready_fd=args.ready_fd
+            store, args.fd, timeout_s=args.timeout, stack=args.stack, ready_fd=args.ready_fd
         )
     except KeyboardInterrupt:
         pass

@@ -26,6 +26,7 @@ with :data:`STEPPED_DOWN_EXIT`, leaving the replicas to the controller that hold
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -41,21 +42,18 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+from servecore._control_socket import check_socket_path, check_state_dir, is_live, socket_path
 from servecore._controller.controller import Controller, open_controller
 from servecore._controller.standby import open_store
 from servecore._core.errors import ServecoreError, SteppedDown
 from servecore._core.transitions import ReplicaStatus
 from servecore._serving.dashboard import end_streams
+from servecore._serving.socket_handoff import take_listening_socket
+from servecore._store_choice import store_environment
 from servecore.app import App, apply, describe
-from servecore.cli._control import (
-    _is_live,
-    check_socket_path,
-    check_state_dir,
-    serve_control,
-    socket_path,
-)
+from servecore.cli._control import serve_control
 from servecore.cli._stores import StoreChoice, choose_store
-from servecore.cli._workers import WorkerPool, stop_stale_workers
+from servecore.cli._workers import WorkerPool, find_stale_workers, stop_workers
 from servecore.http import LISTEN_BACKLOG, HTTPIngress, hypercorn_config
 from servecore.replica_logs import forward_replica_logs
 
@@ -142,6 +140,9 @@ class RunOptions:
         self.runtime_options = dict(runtime_options or {})
         #: Wait for the store's lease, then take over (PostgreSQL).
         self.standby = standby
+        #: Ingress workers of a previous server whose HTTP socket this one took over:
+        #: stopped once this server serves (:func:`claim_http`).
+        self.predecessors: list[int] = []
 
     @property
     def state_dir(self) -> Path:
@@ -179,14 +180,21 @@ def _prepare_state_dir(state_dir: Path) -> None:
     check_state_dir(state_dir)
 
 
-def _bind_http(host: str, port: int) -> socket.socket:
-    """A socket bound to ``host:port`` (not yet listening), or :class:`CannotListen`."""
+def _resolve(host: str, port: int) -> tuple[Any, ...]:
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     except (socket.gaierror, OverflowError, UnicodeError) as exc:
         raise CannotListen(host, port, str(exc)) from exc
+
+
+def _address(host: str, port: int) -> tuple[Any, ...]:
+    """The address ``host:port`` is bound at (as a socket's ``getsockname`` gives it)."""
+    return tuple(_resolve(host, port)[4])
+
+
+def _bind_http(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (not yet listening), or :class:`CannotListen`."""
+    family, kind, proto, _, address = _resolve(host, port)
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -198,22 +206,63 @@ def _bind_http(host: str, port: int) -> socket.socket:
     return sock
 
 
-def preflight(options: RunOptions) -> socket.socket:
-    """Check what can fail before a replica starts; return the bound HTTP socket."""
+def preflight(options: RunOptions) -> socket.socket | None:
+    """Check what can fail before a replica starts; return the HTTP socket
+    (:func:`claim_http`). A standby checks the state directory only and returns
+    ``None``: it claims the control socket and the port once it holds the lease, since
+    until then they are its leader's (on the same state directory)."""
     _prepare_state_dir(options.state_dir)
-    control = check_socket_path(socket_path(options.state_dir))
-    if (control.exists() or control.is_symlink()) and _is_live(control):
+    check_socket_path(socket_path(options.state_dir))
+    if options.standby:
+        return None
+    return claim_http(options)
+
+
+def claim_http(options: RunOptions, *, leader_gone: bool = False) -> socket.socket:
+    """The HTTP socket: taken from the ingress workers a previous server on this state
+    directory left serving, if they hand it over (they are stopped once this server
+    serves: :attr:`RunOptions.predecessors`), else bound now (not yet listening).
+    ``leader_gone``: this server holds the store's lease, so a control socket that
+    still answers is a fenced leader's, to be replaced rather than refused."""
+    control = socket_path(options.state_dir)
+    if not leader_gone and (control.exists() or control.is_symlink()) and is_live(control):
         raise AlreadyRunning(options.state_dir)
     # Workers of a server that was killed still serve (and hold the port): this
-    # server takes over from them.
-    stale = stop_stale_workers(options.state_dir)
+    # server takes their socket over, or stops them before it binds the port.
+    stale = find_stale_workers(options.state_dir)
     if stale:
+        try:
+            address = _address(options.host, options.port)
+        except CannotListen:
+            address = None
+        sock = None
+        if address is not None:
+            sock = take_listening_socket(options.state_dir, stale, address)
+        if sock is not None:
+            log.warning(
+                "took over the HTTP socket of %d ingress worker(s) a previous server left "
+                "serving (pids %s); they stop once this server serves",
+                len(stale),
+                ", ".join(map(str, stale)),
+            )
+            options.predecessors = stale
+            return sock
+        stop_workers(options.state_dir, stale)
         log.warning(
             "stopped %d ingress worker(s) a previous server left running (pids %s)",
             len(stale),
             ", ".join(map(str, stale)),
         )
     return _bind_http(options.host, options.port)
+
+
+async def _retire_predecessors(options: RunOptions) -> None:
+    """Stop the workers this server took the HTTP socket from, now that it serves on
+    it (they drain what they accepted)."""
+    stale, options.predecessors = options.predecessors, []
+    if stale:
+        await trio.to_thread.run_sync(stop_workers, options.state_dir, stale)
+        log.warning("stopped the previous server's ingress workers (pids %s)", stale)
 
 
 def _runtime_options(options: RunOptions) -> dict[str, Any]:
@@ -283,11 +332,15 @@ async def run_server(
     options: RunOptions, console: Console, http_socket: socket.socket | None = None
 ) -> int:
     """The whole life of ``servecore run``; returns the exit status. ``http_socket``
-    is :func:`preflight`'s (it runs here when not given)."""
-    if http_socket is None:
+    is :func:`preflight`'s (it runs here when not given; a standby claims it once it
+    holds the lease)."""
+    if http_socket is None and not options.standby:
         http_socket = preflight(options)
-    with http_socket:
+    try:
         return await _run(options, console, http_socket)
+    finally:
+        if http_socket is not None:
+            http_socket.close()
 
 
 def _store(options: RunOptions) -> Any:
@@ -324,7 +377,7 @@ async def _wait_for_lease(
     return True
 
 
-async def _run(options: RunOptions, console: Console, http_socket: socket.socket) -> int:
+async def _run(options: RunOptions, console: Console, http_socket: socket.socket | None) -> int:
     shutdown = trio.Event()
     received: list[int] = []
     interrupted = False
@@ -339,17 +392,25 @@ async def _run(options: RunOptions, console: Console, http_socket: socket.socket
         )
         shutdown.set()
 
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with (
+        trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
+        contextlib.ExitStack() as claimed,
+    ):
         store = _store(options)
         if options.standby:
             try:
                 took = await _wait_for_lease(store, options, console, signals, received)
+                if took and http_socket is None:
+                    # The leader is gone (or fenced): its control socket and port,
+                    # or its workers' socket, are this server's now.
+                    http_socket = claimed.enter_context(claim_http(options, leader_gone=True))
             except BaseException:
                 store.close()
                 raise
             if not took:
                 store.close()
                 return 128 + received[0]
+        assert http_socket is not None
         async with open_controller(
             options.runtime,
             store,
@@ -436,6 +497,7 @@ async def _serve(
     binds = await nursery.start(_serve_http, ctl, options, shutdown, http_socket)
 
     control = await _start_control(ctl, options, console, shutdown, nursery)
+    nursery.start_soon(_retire_predecessors, options)
     url = next((b for b in binds if b.startswith("http://")), binds[0])
     # One plain line on stdout, flushed: scripts wait for it.
     print(f"servecore: serving {url} (control socket {control})", flush=True)
@@ -465,9 +527,9 @@ async def _start_control(
         console.print("[bold]servecore shutdown[/]: draining requests and stopping")
         shutdown.set()
 
-    return await nursery.start(
-        functools.partial(serve_control, shutdown=stop), ctl, socket_path(options.state_dir)
-    )
+    # A standby holds the lease: a control socket still there is its fenced leader's.
+    serve = functools.partial(serve_control, shutdown=stop, replace=options.standby)
+    return await nursery.start(serve, ctl, socket_path(options.state_dir))
 
 
 async def _serve_with_workers(
@@ -489,9 +551,12 @@ async def _serve_with_workers(
         count=options.workers,
         timeout_s=options.timeout_s,
         stack=options.worker_stack,
+        environment=store_environment(options.store_choice),
     )
     async with trio.open_nursery() as serving:
         pids = await serving.start(pool.run)
+        # Its own workers serve: the previous server's (if any) can go.
+        serving.start_soon(_retire_predecessors, options)
         host, port = http_socket.getsockname()[:2]
         host = f"[{host}]" if ":" in host else host
         print(

@@ -9,8 +9,11 @@ the server drains and stops them (SIGTERM, then SIGKILL past the graceful timeou
 
 The workers' pids are kept in ``workers.json`` in the state directory: workers outlive
 a server that was SIGKILLed (that is the point: they keep serving), and the next
-``servecore run`` on the same state directory stops them (:func:`stop_stale_workers`)
-before it binds the port they hold.
+``servecore run`` on the same state directory (a restart, or a standby that took the
+lease) takes their listening socket from them
+(:mod:`servecore._serving.socket_handoff`), starts its own workers on it, and only
+then stops them (:func:`find_stale_workers`, :func:`stop_workers`): the port never
+closes. If they cannot hand it over, it stops them before it binds the port.
 """
 
 from __future__ import annotations
@@ -30,8 +33,16 @@ from typing import Any
 import trio
 
 from servecore._core.errors import ServecoreError
+from servecore._serving.socket_handoff import handoff_path
 
-__all__ = ["WORKERS_RECORD", "WorkerPool", "WorkersFailed", "stop_stale_workers"]
+__all__ = [
+    "WORKERS_RECORD",
+    "WorkerPool",
+    "WorkersFailed",
+    "find_stale_workers",
+    "stop_stale_workers",
+    "stop_workers",
+]
 
 log = logging.getLogger("servecore.cli")
 
@@ -70,8 +81,12 @@ class WorkerPool:
         count: int,
         timeout_s: float | None,
         stack: str | None = None,
+        environment: dict[str, str] | None = None,
     ) -> None:
         self.store = store.absolute()
+        #: Added to the workers' environment (a PostgreSQL store, see
+        #: :func:`servecore._store_choice.store_environment`).
+        self.environment = dict(environment or {})
         self.sock = sock
         self.count = count
         self.timeout_s = timeout_s
@@ -99,6 +114,7 @@ class WorkerPool:
             *(sys.executable, "-m", WORKER_MODULE),
             *("--store", str(self.store), "--fd", str(self.sock.fileno())),
             *("--ready-fd", str(ready_fd)),
+            "--handoff",
         ]
         if self.timeout_s is not None:
             command += ["--timeout", repr(self.timeout_s)]
@@ -117,6 +133,7 @@ class WorkerPool:
                 # A worker writes nothing there, and must not die writing to the pipe
                 # of a server that was killed.
                 stdout=subprocess.DEVNULL,
+                env={**os.environ, **self.environment},
             )
         finally:
             os.close(write_fd)
@@ -212,10 +229,11 @@ def _cmdline(pid: int) -> list[str]:
     return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
-def stop_stale_workers(state_dir: Path, timeout_s: float = 6.0) -> list[int]:
-    """Stop the workers a previous server on ``state_dir`` left behind (it was killed);
-    return their pids. Only processes that are this state directory's workers (their
-    command line runs the worker module on this store) are signalled."""
+def find_stale_workers(state_dir: Path) -> list[int]:
+    """The pids of the workers a previous server on ``state_dir`` left serving (it was
+    killed, or it was a leader a standby took over from): only processes that are this
+    state directory's workers (their command line runs the worker module on this
+    store) count."""
     path = state_dir / WORKERS_RECORD
     try:
         data: Any = json.loads(path.read_text())
@@ -223,20 +241,47 @@ def stop_stale_workers(state_dir: Path, timeout_s: float = 6.0) -> list[int]:
         store = str(data["store"])
     except (OSError, ValueError, KeyError, TypeError):
         return []
-    stale = []
+    return [pid for pid in pids if _is_worker(pid, store)]
+
+
+def _is_worker(pid: int, store: str) -> bool:
+    args = _cmdline(pid)
+    return WORKER_MODULE in args and store in args
+
+
+def stop_workers(state_dir: Path, pids: list[int], timeout_s: float = 6.0) -> list[int]:
+    """SIGTERM the workers ``pids`` of ``state_dir`` (they drain what they accepted),
+    SIGKILL those still alive after ``timeout_s``; return the pids signalled. Blocking.
+    Each pid's command line is checked again first: a pid reused by a process other
+    than a worker is left alone."""
+    stopped = []
     for pid in pids:
         args = _cmdline(pid)
-        if WORKER_MODULE in args and store in args:
+        if WORKER_MODULE in args:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-                stale.append(pid)
+                stopped.append(pid)
     deadline = time.monotonic() + timeout_s
-    for pid in stale:
+    for pid in stopped:
         while _cmdline(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         if _cmdline(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+    # Gone, not merely signalled: the caller may bind the port they held.
+    deadline = time.monotonic() + 2.0
+    while any(_cmdline(pid) for pid in stopped) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            handoff_path(state_dir, pid).unlink()
+    return stopped
+
+
+def stop_stale_workers(state_dir: Path, timeout_s: float = 6.0) -> list[int]:
+    """Stop the workers a previous server on ``state_dir`` left behind
+    (:func:`find_stale_workers`, :func:`stop_workers`); return their pids."""
+    stale = stop_workers(state_dir, find_stale_workers(state_dir), timeout_s)
     with contextlib.suppress(OSError):
-        path.unlink()
+        (state_dir / WORKERS_RECORD).unlink()
     return stale

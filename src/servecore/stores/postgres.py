@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import os
 import socket
@@ -47,6 +48,8 @@ import uuid
 from collections.abc import Callable, Collection, Mapping
 from math import ceil, inf
 from typing import TYPE_CHECKING, Any, TypeVar
+
+import attrs
 
 from servecore._core.errors import (
     CheckpointError,
@@ -64,7 +67,15 @@ from servecore._text import describe_exception
 if TYPE_CHECKING:
     import psycopg
 
-__all__ = ["BLOB_KEY", "SCHEMA_VERSION", "PostgresRecords", "PostgresStore"]
+__all__ = [
+    "BLOB_KEY",
+    "COMMIT_CHANNEL",
+    "SCHEMA_VERSION",
+    "CommitListener",
+    "Committed",
+    "PostgresRecords",
+    "PostgresStore",
+]
 
 log = logging.getLogger("servecore.stores.postgres")
 
@@ -72,6 +83,9 @@ log = logging.getLogger("servecore.stores.postgres")
 SCHEMA_VERSION = 1
 #: The record a whole-blob checkpoint (``save``/``load``) is kept in.
 BLOB_KEY = "checkpoint"
+#: The channel every write NOTIFYs on, in its own statement (so only once it commits);
+#: the payload is the md5 of the checkpoint's name (a name may be longer than a payload).
+COMMIT_CHANNEL = "servecore_commits"
 #: How often, at most, a waiting standby asks the database about the lease.
 _STANDBY_POLL_S = 0.25
 # Any constant: serializes the schema's creation between openers racing on a new database.
@@ -146,20 +160,28 @@ RETURNING checkpoint, seq
 # The rest of a write joins on the fence. Its shape follows the change set (one record
 # put, several, none; deletes or not), since the general one costs a bare upsert's time
 # again on the commonest write, one record: each shape is its own prepared statement.
+# The records are written through ``notified``, so the commit's notification is sent
+# by the same statement (delivered by PostgreSQL only if it commits) and only when the
+# fence let it through: a CTE calling a volatile function is evaluated once, never
+# folded into the query.
+_NOTIFIED = """,
+notified AS (
+    SELECT fence.checkpoint, fence.seq, pg_notify(%(channel)s, md5(fence.checkpoint)) FROM fence
+)"""
 _PUT_ONE = """
 INSERT INTO servecore_records (checkpoint, key, value)
-SELECT fence.checkpoint, %(key)s::text, %(value)s::bytea FROM fence
+SELECT notified.checkpoint, %(key)s::text, %(value)s::bytea FROM notified
 ON CONFLICT (checkpoint, key) DO UPDATE SET value = EXCLUDED.value
 RETURNING (SELECT seq FROM fence)
 """
 _PUT_MANY = """
 INSERT INTO servecore_records (checkpoint, key, value)
-SELECT fence.checkpoint, p.key, p.value
-FROM fence, unnest(%(keys)s::text[], %(values)s::bytea[]) AS p(key, value)
+SELECT notified.checkpoint, p.key, p.value
+FROM notified, unnest(%(keys)s::text[], %(values)s::bytea[]) AS p(key, value)
 ON CONFLICT (checkpoint, key) DO UPDATE SET value = EXCLUDED.value
 RETURNING (SELECT seq FROM fence)
 """
-_PUT_NONE = "SELECT seq FROM fence"
+_PUT_NONE = "SELECT seq FROM notified"
 _DELETE = """,
 gone AS (
     DELETE FROM servecore_records r USING fence
@@ -183,7 +205,8 @@ def _write_sql(*, held: bool, keyed: bool, puts: int, deletes: bool) -> str:
         first = "%(seq)s" if keyed else "1"
         fence = _FENCE_FREE.format(seq=seq, seq_check=check, first_seq=first)
     body = (_PUT_NONE, _PUT_ONE, _PUT_MANY)[puts]
-    return f"WITH fence AS ({fence.strip()}){_DELETE if deletes else ''}\n{body.strip()}"
+    gone = _DELETE if deletes else ""
+    return f"WITH fence AS ({fence.strip()}){gone}{_NOTIFIED}\n{body.strip()}"
 
 
 def _import_psycopg() -> Any:
@@ -381,11 +404,14 @@ class PostgresStore:
 
     # -- connections ----------------------------------------------------------------------
 
-    def _connect(self) -> psycopg.Connection[Any]:
+    def _connect(self, *, deadline: bool = True) -> psycopg.Connection[Any]:
+        """A new connection; ``deadline``: every wait on the server is bounded by the
+        call timeout (not for a connection that waits for notifications)."""
         pg = _import_psycopg()
         call_ms = max(1, round(self.call_timeout_s * 1000))
+        cls = _deadline_connection() if deadline else pg.Connection
         try:
-            conn: psycopg.Connection[Any] = _deadline_connection().connect(
+            conn: psycopg.Connection[Any] = cls.connect(
                 self.dsn,
                 autocommit=True,
                 connect_timeout=max(1, ceil(self.connect_timeout_s)),
@@ -411,7 +437,8 @@ class PostgresStore:
         except BaseException:
             conn.close()
             raise
-        conn.deadline_s = self.call_timeout_s  # type: ignore[attr-defined]
+        if deadline:
+            conn.deadline_s = self.call_timeout_s  # type: ignore[attr-defined]
         return conn
 
     def _ensure_schema(self, conn: psycopg.Connection[Any]) -> None:
@@ -459,7 +486,13 @@ class PostgresStore:
                 conn.close()
 
     def _params(self, **more: Any) -> dict[str, Any]:
-        return {"cp": self.checkpoint, "holder": self.holder, "lease_s": self.lease_s, **more}
+        return {
+            "cp": self.checkpoint,
+            "holder": self.holder,
+            "lease_s": self.lease_s,
+            "channel": COMMIT_CHANNEL,
+            **more,
+        }
 
     # -- the lease ------------------------------------------------------------------------
 
@@ -829,8 +862,111 @@ class PostgresStore:
                 ) from exc
         return (0 if row is None else int(row[2])), {k: bytes(v) for k, v in rows}
 
+    def load_committed(self) -> Committed:
+        """What is committed now, read from one snapshot: the lease's epoch, the
+        sequence number and every record. Reads only; needs no lease (a client of the
+        controller follows the checkpoint this way)."""
+        pg = _import_psycopg()
+
+        def read(conn: psycopg.Connection[Any]) -> tuple[Any, list[Any]]:
+            with conn.transaction():
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                row = conn.execute(_LEASE_ROW, self._params()).fetchone()
+                rows = conn.execute(
+                    "SELECT key, value FROM servecore_records WHERE checkpoint = %s",
+                    (self.checkpoint,),
+                ).fetchall()
+            return row, rows
+
+        with self._mutex:
+            try:
+                row, rows = self._call(read)
+            except pg.Error as exc:
+                self._drop_connection()
+                raise CheckpointError(
+                    f"reading the checkpoint from {self.where} failed: {_reason(exc)}"
+                ) from exc
+        return Committed(
+            epoch=None if row is None else int(row[1]),
+            seq=0 if row is None else int(row[2]),
+            records={k: bytes(v) for k, v in rows},
+        )
+
+    def listen_for_commits(self) -> CommitListener:
+        """A :class:`CommitListener` for this checkpoint, on a connection of its own."""
+        return CommitListener(
+            self.checkpoint, self.where, functools.partial(self._connect, deadline=False)
+        )
+
     def __repr__(self) -> str:
         return f"PostgresStore({self.where!r})"
+
+
+@attrs.frozen(kw_only=True)
+class Committed:
+    """A checkpoint as committed (:meth:`PostgresStore.load_committed`)."""
+
+    #: The epoch of the lease row (the last holder's); None if no one ever held it.
+    epoch: int | None
+    seq: int
+    records: dict[str, bytes]
+
+
+class CommitListener:
+    """Waits for commits to one checkpoint: ``LISTEN`` on :data:`COMMIT_CHANNEL`, on a
+    connection of its own. Blocking (run it in a thread); one thread at a time.
+
+    A notification says only that something committed: the listener's owner reads the
+    checkpoint (:meth:`PostgresStore.load_committed`). Notifications sent while the
+    connection was down are lost, so every (re)connection counts as one.
+    """
+
+    def __init__(
+        self, checkpoint: str, where: str, connect: Callable[[], psycopg.Connection[Any]]
+    ) -> None:
+        self.where = where
+        self._connect = connect
+        self._payload = hashlib.md5(checkpoint.encode(), usedforsecurity=False).hexdigest()
+        self._conn: psycopg.Connection[Any] | None = None
+        self._closed = False
+
+    def wait(self, timeout_s: float) -> bool:
+        """Block until a commit to the checkpoint is notified (``True``) or ``timeout_s``
+        passed (``False``). Listening anew returns ``True`` at once. Raises
+        :class:`~servecore.CheckpointError` if the database cannot be reached (the next
+        call connects again)."""
+        pg = _import_psycopg()
+        if self._closed:
+            raise CheckpointError(f"the commit listener on {self.where} is closed")
+        try:
+            if self._conn is None or self._conn.closed:
+                conn = self._connect()
+                try:
+                    conn.execute(f"LISTEN {COMMIT_CHANNEL}")
+                except BaseException:
+                    conn.close()
+                    raise
+                self._conn = conn
+                return True
+            deadline = time.monotonic() + timeout_s
+            while (left := deadline - time.monotonic()) > 0:
+                for notify in self._conn.notifies(timeout=left, stop_after=1):
+                    if notify.payload == self._payload:
+                        return True
+            return False
+        except pg.Error as exc:
+            self.close(final=False)
+            raise CheckpointError(
+                f"listening for commits on {self.where} failed: {_reason(exc)}"
+            ) from exc
+
+    def close(self, *, final: bool = True) -> None:
+        """Close the connection (``final``: for good)."""
+        self._closed = self._closed or final
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
 
 
 class PostgresRecords:
