@@ -12,14 +12,12 @@ Waits are bounded only so that a bug fails a test instead of hanging it.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +31,16 @@ ray = pytest.importorskip(
 import ray_driver  # noqa: E402
 import servecore  # noqa: E402
 from opened_runtime import Opened  # noqa: E402
+from ray_helpers import (  # noqa: E402
+    NO_CPU,
+    TESTS,
+    WAIT,
+    alive_in,
+    effect,
+    pid_of,
+    q,
+    running,
+)
 from servecore._core.errors import (  # noqa: E402
     BackendStartError,
     InvalidConfig,
@@ -41,9 +49,7 @@ from servecore._core.errors import (  # noqa: E402
     ResultDecodeError,
     UnpicklableResult,
 )
-from servecore._core.transitions import BackendConfig, ReplicaStatus, StartReplica  # noqa: E402
-from servecore._core.values import backend_of  # noqa: E402
-from servecore.runtimes import Query  # noqa: E402
+from servecore._core.transitions import ReplicaStatus  # noqa: E402
 from servecore.runtimes.ray import (  # noqa: E402
     RUNTIME_OPTIONS,
     LocalRayCluster,
@@ -55,77 +61,9 @@ from servecore.testing import check_runtime  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
-TESTS = Path(__file__).resolve().parents[1] / "support"
-# Workers import the targets, and the same servecore as this process (not whichever
-# one their interpreter would find first).
-WORKER_PATH = os.pathsep.join([str(TESTS), str(Path(servecore.__file__).resolve().parents[1])])
-WAIT = 60.0  # seconds; only ever a guard against hanging
-NO_CPU = {"num_cpus": 0}  # replicas need no CPU slot: 2 CPUs would fit only 2 of them
-
 
 # ---------------------------------------------------------------------------------------
-# Fixtures and helpers
-
-
-@pytest.fixture(scope="session")
-def cluster() -> Iterator[LocalRayCluster]:
-    """A Ray head node for the session; this process is connected to it as a driver."""
-    head = LocalRayCluster(num_cpus=2, object_store_memory=200 * 1024 * 1024)
-    head.start()
-    try:
-        head.connect(
-            namespace="servecore-tests",
-            runtime_env={"env_vars": {"PYTHONPATH": WORKER_PATH}},
-        )
-        yield head
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        head.stop()
-        assert not head.pids(), "processes of the test cluster survived its stop"
-
-
-@pytest.fixture
-def namespace(cluster: LocalRayCluster) -> Iterator[str]:
-    """A fresh Ray namespace; whatever the test leaves alive in it is killed."""
-    ns = f"t-{uuid.uuid4().hex[:8]}"
-    yield ns
-    for name in named_actors(ns):
-        with contextlib.suppress(ValueError):  # it died meanwhile
-            ray.kill(ray.get_actor(name, namespace=ns), no_restart=True)
-
-
-def named_actors(ns: str) -> set[str]:
-    """What Ray itself lists alive in namespace ``ns``."""
-    return {
-        entry["name"]
-        for entry in ray.util.list_named_actors(all_namespaces=True)
-        if entry["namespace"] == ns
-    }
-
-
-async def alive_in(ns: str) -> set[str]:
-    return await trio.to_thread.run_sync(named_actors, ns)
-
-
-def running(ctl: servecore.Controller) -> set[str]:
-    return {tag for tag, r in ctl.state.replicas.items() if r.status is ReplicaStatus.RUNNING}
-
-
-def effect(tag: str, target: str, *init_args: Any, **config: Any) -> StartReplica:
-    config.setdefault("runtime_options", NO_CPU)
-    return StartReplica(
-        tag=tag,
-        backend=backend_of(tag),
-        target=f"ray_driver:{target}",
-        init_args=tuple(init_args),
-        init_kwargs={},
-        config=BackendConfig(**config),
-    )
-
-
-def q(*args: Any) -> Query:
-    return Query(args=args)
+# Fixtures (the cluster and namespace fixtures are in conftest.py)
 
 
 @pytest.fixture
@@ -136,13 +74,6 @@ async def rt(cluster: LocalRayCluster, namespace: str) -> AsyncIterator[Opened]:
         yield opened
     finally:
         await opened.runtime.close()
-
-
-def pid_of(ns: str, tag: str) -> int:
-    """The process id of replica ``tag`` (asked of the actor itself)."""
-    info = ray.get(ray.get_actor(tag, namespace=ns).ready.remote(), timeout=WAIT)
-    pid: int = info["pid"]
-    return pid
 
 
 # ---------------------------------------------------------------------------------------

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import ray
 import ray.exceptions
 import trio
 
+from servecore._core.errors import RuntimeFenced
 from servecore._core.transitions import ReplicaDied
 from servecore.runtimes._protocol import Report
 from servecore.runtimes.ray.errors import ActorDiedError, short, user_error
@@ -70,6 +71,44 @@ class ReplicaWatch:
     _actors: dict[str, Actor]
     # Tags killed for a failed health check whose names Ray may still list a moment.
     _condemned: set[str]
+    _background: trio.Nursery | None
+
+    async def _check_fence(self) -> None:
+        raise NotImplementedError
+
+    async def _kill(self, handle: Any, tag: str | None = None) -> None:
+        raise NotImplementedError
+
+    def _spawn(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """Run ``fn(*args)`` in the runtime's background nursery (until it closes);
+        what it raises is logged, never left to crash the trio run."""
+        if self._background is None or self._closed:
+            return
+
+        async def guarded() -> None:
+            try:
+                await fn(*args)
+            except Exception:
+                log.exception("the Ray runtime's background task %s failed", fn.__name__)
+
+        self._background.start_soon(guarded)
+
+    async def _condemn(self, actor: Actor, reason: str) -> None:
+        """Kill ``actor`` and report it dead, for ``reason``, unless this runtime is
+        fenced (a newer leader owns it and judges it) or it died or is being stopped."""
+        if self._closed or actor.dead.is_set() or actor.stopping:
+            return
+        try:
+            await self._check_fence()
+        except RuntimeFenced:
+            log.warning("replica %s: not killed (%s), this runtime is fenced", actor.tag, reason)
+            return
+        if actor.dead.is_set() or actor.stopping:
+            return
+        self._condemned.add(actor.tag)
+        log.warning("replica %s: %s", actor.tag, reason)
+        self._died(actor, reason)
+        await self._kill(actor.handle)
 
     def _watch(self, actor: Actor) -> None:
         """Keep one ``watch()`` call in flight on ``actor``; its failure is a death."""
@@ -97,8 +136,8 @@ class ReplicaWatch:
             return
         if not isinstance(value, ActorDiedError):
             # Unreachable but not known dead: make sure, so it cannot linger unseen.
-            with contextlib.suppress(Exception):
-                ray.kill(actor.handle, no_restart=True)
+            self._spawn(self._condemn, actor, short(value))
+            return
         self._died(actor, short(value))
 
     def _check_health(self, actor: Actor) -> None:
@@ -120,11 +159,7 @@ class ReplicaWatch:
             return
         if isinstance(value, ray.exceptions.RayTaskError):
             error = user_error(actor.tag, value)
-            # Rare, and ray.kill only sends the request: fine on the trio thread.
-            with contextlib.suppress(Exception):
-                ray.kill(actor.handle, no_restart=True)
-            self._condemned.add(actor.tag)
-            self._died(actor, f"health check failed: {short(error)}")
+            self._spawn(self._condemn, actor, f"health check failed: {short(error)}")
         # A RayActorError here is a death, which the watch reports.
 
     def _died(self, actor: Actor, reason: str) -> None:

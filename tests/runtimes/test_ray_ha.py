@@ -1,0 +1,165 @@
+"""High availability on the Ray runtime, on a real (private, loopback) Ray cluster:
+fencing by the store's lease epoch, deaths confirmed before they are declared, health
+probes from outside, where replicas run, placement after a node loss, and deadlines.
+
+The cluster is the session's (``conftest.py``); each test works in a Ray namespace of
+its own. Waits are bounded only so that a bug fails a test instead of hanging it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+ray = pytest.importorskip(
+    "ray", reason="the Ray runtime tests need the 'ray' extra: pip install 'servecore[ray]'"
+)
+
+import servecore  # noqa: E402
+from opened_runtime import Opened  # noqa: E402
+from ray_helpers import WAIT, alive_in, effect, q  # noqa: E402
+from servecore import LeaseLost, MemoryStore, RuntimeFenced, SteppedDown  # noqa: E402
+from servecore.runtimes.ray import LocalRayCluster, RayRuntime  # noqa: E402
+
+pytestmark = pytest.mark.ray
+
+STORE = "postgres:db:5432/servecore#prod"
+
+
+async def open_runtime(
+    cluster: LocalRayCluster,
+    namespace: str,
+    epoch: int | None,
+    store_id: str | None = STORE,
+    **options: object,
+) -> Opened:
+    opened = Opened(RayRuntime(address=cluster.address, start_timeout_s=WAIT, **options))  # type: ignore[arg-type]
+    await opened.runtime.open(
+        namespace=namespace, report=opened.events.append, store_id=store_id, epoch=epoch
+    )
+    return opened
+
+
+@pytest.fixture
+async def rt(cluster: LocalRayCluster, namespace: str) -> AsyncIterator[Opened]:
+    opened = await open_runtime(cluster, namespace, epoch=None, store_id=None)
+    try:
+        yield opened
+    finally:
+        await opened.runtime.close()
+
+
+# ---------------------------------------------------------------------------------------
+# Fencing
+
+
+async def test_an_older_epoch_can_neither_stop_kill_start_nor_adopt(
+    cluster: LocalRayCluster, namespace: str
+) -> None:
+    old = await open_runtime(cluster, namespace, epoch=1)
+    new: Opened | None = None
+    try:
+        await old.runtime.start_replica(effect("echo#1", "Echo"))
+        # The old leader is still open (frozen past its lease, say) when the new one comes.
+        new = await open_runtime(cluster, namespace, epoch=2)
+        assert await new.runtime.list_replicas() == {"echo#1"}  # adopted, not restarted
+        await new.runtime.start_replica(effect("echo#2", "Echo", "n:"))
+
+        with pytest.raises(RuntimeFenced) as info:
+            await old.runtime.stop_replica("echo#2", 1.0)
+        assert info.value.epoch == 1 and info.value.newer_epoch == 2
+        assert namespace in str(info.value) and "close this controller" in str(info.value)
+        with pytest.raises(RuntimeFenced):
+            await old.runtime.stop_replica("echo#1", 1.0)
+        with pytest.raises(RuntimeFenced):
+            old.runtime.kill("echo#2")
+        with pytest.raises(RuntimeFenced):
+            await old.runtime.list_replicas()
+        with pytest.raises(RuntimeFenced):
+            await old.runtime.start_replica(effect("echo#3", "Echo"))
+        assert await alive_in(namespace) == {"echo#1", "echo#2"}
+        assert await new.runtime.call("echo#2", [q("x")]) == ["n:x"]
+        assert await new.runtime.call("echo#1", [q("y")]) == ["y"]
+        assert not new.events
+
+        # A stale leader opening late is refused at once; another store's epochs do not
+        # fence this one; a store without a lease is not fenced at all.
+        with pytest.raises(RuntimeFenced):
+            await open_runtime(cluster, namespace, epoch=1)
+        other = await open_runtime(cluster, namespace, epoch=1, store_id="postgres:other/x")
+        await other.runtime.close()
+        unleased = await open_runtime(cluster, namespace, epoch=None, store_id=None)
+        try:
+            assert await unleased.runtime.list_replicas() == {"echo#1", "echo#2"}
+        finally:
+            await unleased.runtime.close()
+
+        await old.runtime.close()  # the frozen leader goes; the new one carries on
+        await new.runtime.stop_replica("echo#1", 5.0)
+        assert await alive_in(namespace) == {"echo#2"}
+    finally:
+        await old.runtime.close()
+        if new is not None:
+            await new.runtime.close()
+    # Closed: the cluster still remembers epoch 2, so a stale leader stays out.
+    with pytest.raises(RuntimeFenced):
+        await open_runtime(cluster, namespace, epoch=1)
+    again = await open_runtime(cluster, namespace, epoch=3)
+    await again.runtime.close()
+
+
+class LeasedStore(MemoryStore):
+    """A memory store that says it holds a lease at ``epoch`` (the controller passes
+    it to the runtime), with the hooks a controller looks for."""
+
+    lease_s = 30.0
+
+    def __init__(self, epoch: int) -> None:
+        super().__init__()
+        self.epoch = epoch
+        self.holder = f"leader-{epoch}"
+
+    @property
+    def store_id(self) -> str:
+        return STORE
+
+    def heartbeat(self) -> None:
+        pass
+
+    def lease_lost(self) -> LeaseLost | None:
+        return None  # it has not noticed yet: the runtime is the first to say
+
+
+async def test_a_controller_whose_ray_namespace_was_taken_over_steps_down(
+    cluster: LocalRayCluster, namespace: str
+) -> None:
+    told: list[SteppedDown] = []
+    async with servecore.open_controller(
+        runtime=RayRuntime(address=cluster.address, start_timeout_s=WAIT),
+        store=LeasedStore(epoch=1),
+        name=namespace,
+        on_step_down=told.append,
+        resync_interval_s=None,
+        autoscale_interval_s=None,
+    ) as ctl:
+        await ctl.create_backend(
+            "echo", "ray_driver:Echo", num_replicas=1, runtime_options={"num_cpus": 0}
+        )
+        newer = await open_runtime(cluster, namespace, epoch=2)
+        try:
+            assert await newer.runtime.list_replicas() == {"echo#0"}
+            with pytest.raises(RuntimeFenced):
+                await ctl.set_backend_config(
+                    "echo",
+                    servecore.BackendConfig(num_replicas=0, runtime_options={"num_cpus": 0}),
+                )
+            stepped = ctl.stepped_down
+            assert stepped is not None and told == [stepped]
+            assert stepped.lease_lost.new_epoch == 2
+            assert await ctl.resync() is False
+            assert await alive_in(namespace) == {"echo#0"}
+            assert await newer.runtime.call("echo#0", [q("still")]) == ["still"]
+        finally:
+            await newer.runtime.stop_replica("echo#0", 5.0)
+            await newer.runtime.close()
