@@ -9,8 +9,10 @@ its own. Waits are bounded only so that a bug fails a test instead of hanging it
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
+import trio
 
 ray = pytest.importorskip(
     "ray", reason="the Ray runtime tests need the 'ray' extra: pip install 'servecore[ray]'"
@@ -21,6 +23,7 @@ from opened_runtime import Opened  # noqa: E402
 from ray_helpers import WAIT, alive_in, effect, q  # noqa: E402
 from servecore import LeaseLost, MemoryStore, RuntimeFenced, SteppedDown  # noqa: E402
 from servecore.runtimes.ray import LocalRayCluster, RayRuntime  # noqa: E402
+from servecore.runtimes.ray import watch as ray_watch  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -163,3 +166,58 @@ async def test_a_controller_whose_ray_namespace_was_taken_over_steps_down(
         finally:
             await newer.runtime.stop_replica("echo#0", 5.0)
             await newer.runtime.close()
+
+
+# ---------------------------------------------------------------------------------------
+# "Unavailable" is not dead
+
+
+class _Unavailable:
+    """An object reference whose call fails as one on an unreachable node's actor does
+    (Ray's ``ActorUnavailableError``): what a network partition looks like."""
+
+    def _on_completed(self, callback: Any) -> None:
+        callback(ray.exceptions.ActorUnavailableError("injected: its node is unreachable", None))
+
+
+async def test_an_unavailable_replica_is_confirmed_before_it_is_declared_dead(
+    cluster: LocalRayCluster, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_renew = ray_watch.renew
+    renewals: list[str] = []
+
+    def renew(handle: Any, period_s: float) -> Any:
+        renewals.append("x")
+        if len(renewals) == 1:
+            return _Unavailable()  # the first watch fails as a partition would
+        return real_renew(handle, period_s)
+
+    monkeypatch.setattr(ray_watch, "renew", renew)
+    opened = await open_runtime(
+        cluster, namespace, epoch=None, store_id=None, health_check_period_s=600.0
+    )
+    try:
+        # Reachable again (its pings answer): not dead, watched again, serving.
+        await opened.runtime.start_replica(effect("flaky#0", "Echo", health_check_timeout_s=5))
+        with trio.fail_after(WAIT):
+            while len(renewals) < 2:  # confirmed alive: the watch is renewed
+                await trio.sleep(0.01)
+        assert not opened.events
+        assert await opened.runtime.call("flaky#0", [q("x")]) == ["x"]
+        assert await opened.runtime.list_replicas() == {"flaky#0"}
+
+        await opened.runtime.stop_replica("flaky#0", 5.0)
+
+        # Unreachable for good (its pings fail too): after health_check_timeout_s it is
+        # killed and reported dead, saying why.
+        monkeypatch.setattr(ray_watch, "ping", lambda handle: _Unavailable())
+        renewals.clear()
+        await opened.runtime.start_replica(effect("gone#0", "Echo", health_check_timeout_s=1))
+        died = await opened.died("gone#0")
+        assert "unreachable" in died.reason and "health_check_timeout_s" in died.reason
+        with trio.fail_after(WAIT):
+            while "gone#0" in await alive_in(namespace):
+                await trio.sleep(0.05)
+        assert [e.tag for e in opened.events] == ["gone#0"]  # type: ignore[attr-defined]
+    finally:
+        await opened.runtime.close()
