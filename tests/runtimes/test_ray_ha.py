@@ -8,6 +8,9 @@ its own. Waits are bounded only so that a bug fails a test instead of hanging it
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,7 +23,7 @@ ray = pytest.importorskip(
 
 import servecore  # noqa: E402
 from opened_runtime import Opened  # noqa: E402
-from ray_helpers import WAIT, alive_in, effect, q  # noqa: E402
+from ray_helpers import NO_CPU, WAIT, alive_in, effect, pid_of, q, running  # noqa: E402
 from servecore import LeaseLost, MemoryStore, RuntimeFenced, SteppedDown  # noqa: E402
 from servecore.runtimes.ray import LocalRayCluster, RayRuntime  # noqa: E402
 from servecore.runtimes.ray import watch as ray_watch  # noqa: E402
@@ -221,3 +224,67 @@ async def test_an_unavailable_replica_is_confirmed_before_it_is_declared_dead(
         assert [e.tag for e in opened.events] == ["gone#0"]  # type: ignore[attr-defined]
     finally:
         await opened.runtime.close()
+
+
+# ---------------------------------------------------------------------------------------
+# Health probes from outside
+
+
+async def test_a_frozen_replica_is_killed_and_replaced_and_a_busy_one_is_not(
+    cluster: LocalRayCluster, namespace: str
+) -> None:
+    probe = {"health_check_period_s": 0.2, "health_check_timeout_s": 1.0, "runtime_options": NO_CPU}
+    runtime = RayRuntime(address=cluster.address, start_timeout_s=WAIT)
+    frozen: list[int] = []
+    try:
+        async with servecore.open_controller(
+            runtime=runtime, name=namespace, autoscale_interval_s=None
+        ) as ctl:
+            await ctl.create_backend("slow", "ray_driver:Slow", num_replicas=1, **probe)
+            await ctl.create_endpoint("slow")
+            await ctl.set_traffic("slow", {"slow": 1.0})
+            (busy,) = running(ctl)
+            # A query that outlasts the probe's timeout many times: the replica still
+            # answers its probes on its control threads, so it is not killed.
+            assert await ctl.get_handle("slow").call(3.0) == 3.0
+            assert running(ctl) == {busy}
+
+            # A frozen process (SIGSTOP) answers nothing: it is killed and replaced.
+            pid = await trio.to_thread.run_sync(pid_of, namespace, busy)
+            os.kill(pid, signal.SIGSTOP)
+            frozen.append(pid)
+            with trio.fail_after(WAIT):
+                while busy in ctl.state.replicas or len(running(ctl)) < 1:
+                    await trio.sleep(0.05)
+                await ctl.settle()
+            assert busy not in await alive_in(namespace)
+            assert await ctl.get_handle("slow").call(0.01) == 0.01
+            assert await alive_in(namespace) == running(ctl)
+    finally:
+        for pid in frozen:  # only if Ray left it: a worker of this test's own cluster
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+async def test_adoption_does_not_wait_behind_a_running_query(
+    cluster: LocalRayCluster, rt: Opened, namespace: str
+) -> None:
+    await rt.runtime.start_replica(effect("slow#0", "Slow"))
+    finished: list[object] = []
+
+    async def long_query() -> None:
+        finished.append(await rt.runtime.call("slow#0", [q(600.0)]))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(long_query)
+        await trio.sleep(0.5)  # let the query reach the replica
+        adopter = await open_runtime(cluster, namespace, epoch=None, store_id=None)
+        try:
+            with trio.fail_after(WAIT):
+                assert await adopter.runtime.list_replicas() == {"slow#0"}
+            assert not finished  # adopted while the query still runs
+        finally:
+            await adopter.runtime.close()
+        nursery.cancel_scope.cancel()
+    await rt.runtime.stop_replica("slow#0", 0.1)
+

@@ -20,9 +20,10 @@ How replicas map onto Ray
 
     A replica serves one batch at a time, in arrival order, like the threads and
     subprocess runtimes (the same ``servecore.runtimes.toolkit`` rules: ``@servecore.batch``
-    targets, ``reconfigure(user_config)``; targets must be plain ``def``). Two more
-    threads per actor (a Ray concurrency group) serve the runtime's own calls, so a
-    busy replica can still be watched.
+    targets, ``reconfigure(user_config)``; targets must be plain ``def``). Four more
+    threads per actor (the ``control`` concurrency group) serve the runtime's own calls
+    (``ready``, ``watch``, the health probe), so a busy replica can still be watched,
+    probed and adopted.
 
 Finding replicas again
     :meth:`RayRuntime.list_replicas` reads Ray's named-actor listing for this namespace
@@ -34,11 +35,16 @@ Deaths
     For each replica the runtime keeps one long-running ``watch()`` call in flight
     (renewed every ``health_check_period_s``); Ray fails it the moment the actor dies,
     and the death is reported as :class:`~servecore.ReplicaDied` at once -- not only
-    when a query fails. Calls in flight on a dead actor raise
+    when a query fails. A watch that fails otherwise (``ActorUnavailableError``: an
+    unreachable node) is confirmed first: the replica is pinged until it answers or
+    its backend's ``health_check_timeout_s`` passes. Every ``health_check_period_s`` of
+    its backend the runtime probes each replica on its control threads; one that does
+    not answer within ``health_check_timeout_s`` (frozen, hung, unreachable) is killed
+    and reported dead. Calls in flight on a dead actor raise
     :class:`~servecore.ReplicaDiedError`. As in Ray Serve (and the threads runtime), a
     replica object with a ``check_health()`` method has it called every
-    ``health_check_period_s``, between batches; if it raises, the replica is killed and
-    reported dead.
+    ``health_check_period_s`` of the runtime, between batches; if it raises, the
+    replica is killed and reported dead.
 
 Calls
     A batch is one Ray actor call. Its result is delivered into trio by a completion

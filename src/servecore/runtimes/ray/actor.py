@@ -28,19 +28,29 @@ from servecore.runtimes.toolkit import prepare_replica
 
 __all__ = ["PROTOCOL", "ServecoreReplica"]
 
-#: What this actor speaks, reported by ``ready()`` as ``"protocol"``. 2: ``run()``
-#: returns the batch's results pickled (``bytes``). Actors started by a servecore before
-#: versions existed (1: ``run()`` returns the list itself, for Ray to pickle) report
-#: none. Detached actors outlive an upgrade of the controller, which may adopt them.
-PROTOCOL = 2
+#: What this actor speaks, reported by ``ready()`` as ``"protocol"``. 3: ``ready()``
+#: and ``watch()`` run in the ``control`` concurrency group (never behind a query), and
+#: ``ready()`` reports the replica's health-probe settings and where it runs. 2:
+#: ``run()`` returns the batch's results pickled (``bytes``). Actors started by a
+#: servecore before versions existed (1: ``run()`` returns the list itself, for Ray to
+#: pickle) report none. Detached actors outlive an upgrade of the controller, which may
+#: adopt them.
+PROTOCOL = 3
+
+#: The concurrency group of the runtime's own calls, and its threads: the long
+#: ``watch()``, a ``watch(0)`` probe, an adoption's ``ready()`` and a spare.
+CONTROL_GROUP = "control"
+CONTROL_THREADS = 4
 
 
-@ray.remote(concurrency_groups={"servecore": 2})  # type: ignore[call-overload]
+@ray.remote(concurrency_groups={CONTROL_GROUP: CONTROL_THREADS})  # type: ignore[call-overload]
 class ServecoreReplica:
     """One replica: builds the user's object once, then runs batches on it.
 
-    Batches run in the default concurrency group, one at a time (``max_concurrency=1``).
-    The runtime's own ``watch`` runs in the ``servecore`` group, on threads of its own.
+    Batches (and the object's ``check_health()``) run in the default concurrency group,
+    one at a time (``max_concurrency=1``). The runtime's own calls (``ready``, ``watch``)
+    run in the ``control`` group, on threads of their own, so that a replica busy with
+    a long query still answers its health probe and an adopting controller at once.
     """
 
     def __init__(self, spec: dict[str, Any]) -> None:
@@ -71,18 +81,24 @@ class ServecoreReplica:
                 raise
             return self._run
 
+    @ray.method(concurrency_group=CONTROL_GROUP)
     def ready(self) -> dict[str, Any]:
-        """Build the replica object (once); return where it runs, and whether it has a
-        ``check_health()``."""
+        """Build the replica object (once); return where it runs, whether it has a
+        ``check_health()``, and its health-probe settings."""
         try:
             self._build()
         except Exception as exc:
             raise carry(exc) from None
+        context = ray.get_runtime_context()
         return {
             "protocol": PROTOCOL,
             "pid": os.getpid(),
-            "node_id": ray.get_runtime_context().get_node_id(),
+            "node_id": context.get_node_id(),
+            "node_ip": ray.util.get_node_ip_address(),
+            "actor_id": context.get_actor_id(),
             "health_check": self._check is not None,
+            "health_check_period_s": self._spec.get("health_check_period_s"),
+            "health_check_timeout_s": self._spec.get("health_check_timeout_s"),
         }
 
     def check_health(self) -> bool:
@@ -113,8 +129,9 @@ class ServecoreReplica:
         except Exception as exc:
             raise carry(exc) from None
 
-    @ray.method(concurrency_group="servecore")
+    @ray.method(concurrency_group=CONTROL_GROUP)
     def watch(self, period_s: float) -> bool:
-        """Return after ``period_s``; Ray fails the call if the actor dies first."""
+        """Return after ``period_s``; Ray fails the call if the actor dies first.
+        ``watch(0)`` is the health probe: it answers at once if the process can."""
         time.sleep(period_s)
         return True

@@ -65,7 +65,15 @@ def _unusable(tag: str, info: Mapping[str, Any]) -> str | None:
             f"it speaks actor protocol {protocol}, newer than this servecore's {PROTOCOL} "
             f"(a newer servecore started it)"
         )
-    if protocol < PROTOCOL:
+    if protocol == 2:
+        log.info(
+            "replica %s was started by an earlier servecore (actor protocol 2, this one "
+            "speaks %d): it serves on, probed with the default health-check settings; an "
+            "adopting controller's ready() waits behind its running query",
+            tag,
+            PROTOCOL,
+        )
+    elif protocol < PROTOCOL:
         log.warning(
             "replica %s was started by an earlier servecore (actor protocol %d, this one "
             "speaks %d): it keeps serving, but Ray decodes its results, and a result that "
@@ -247,6 +255,8 @@ class RayRuntime(ReplicaWatch):
             "init_kwargs": effect.init_kwargs,
             "max_batch_size": effect.config.max_batch_size,
             "user_config": effect.config.user_config,
+            "health_check_period_s": effect.config.health_check_period_s,
+            "health_check_timeout_s": effect.config.health_check_timeout_s,
         }
         start = _Start()
         self._starting.setdefault(effect.tag, set()).add(start)

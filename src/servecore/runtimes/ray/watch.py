@@ -11,6 +11,13 @@ moment, a network partition, a busy raylet) is not a death: the replica is pinge
 (``watch(0)``, on its control path) until it answers or its ``health_check_timeout_s``
 has passed; only then is it killed and reported dead.
 
+The health probe: every ``health_check_period_s`` of the replica's backend, the
+runtime pings it on its control path (threads of their own, never behind a query), and
+a replica that has not answered within ``health_check_timeout_s`` (a stopped or frozen
+process, code that holds the GIL, a node that is gone but not yet declared dead) is
+killed and reported dead. A replica busy with a long query answers its probe: it is not
+killed.
+
 A replica object with a ``check_health()`` method has it called on each renewal of the
 watch, between batches; if it raises, the replica is killed and reported dead.
 
@@ -163,6 +170,9 @@ class ReplicaWatch:
         doubt), and its health probe running."""
         if self._closed or self._token is None:
             return
+        if not actor.probing and not actor.stopping and not actor.dead.is_set():
+            actor.probing = True
+            self._spawn(self._probe, actor)
         if actor.watching:
             return
         actor.watching = True
@@ -229,6 +239,29 @@ class ReplicaWatch:
                 return _Reach.SILENT
             await trio.sleep(_RETRY_S)
         return _Reach.DIED if actor.dead.is_set() else _Reach.ANSWERS
+
+    # -- the health probe -------------------------------------------------------------------
+
+    async def _probe(self, actor: Actor) -> None:
+        """Every ``probe_period_s``, ping ``actor``; one that has not answered within
+        ``probe_timeout_s`` is killed and reported dead."""
+        try:
+            while True:
+                await trio.sleep(actor.probe_period_s)
+                if self._closed or actor.dead.is_set() or actor.stopping:
+                    return
+                reach = await self._reach(actor, actor.probe_timeout_s)
+                if reach is _Reach.SILENT:
+                    await self._condemn(
+                        actor,
+                        f"it did not answer a health probe within {actor.probe_timeout_s:g}s "
+                        f"(health_check_timeout_s; stopped, frozen, hung or unreachable), "
+                        f"so it was killed",
+                    )
+                if reach is not _Reach.ANSWERS:
+                    return
+        finally:
+            actor.probing = False
 
     # -- the replica's own check_health() ---------------------------------------------------
 
