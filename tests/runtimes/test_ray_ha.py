@@ -283,8 +283,35 @@ async def test_adoption_does_not_wait_behind_a_running_query(
             with trio.fail_after(WAIT):
                 assert await adopter.runtime.list_replicas() == {"slow#0"}
             assert not finished  # adopted while the query still runs
+            assert adopter.runtime.replica_info("slow#0") == rt.runtime.replica_info("slow#0")
         finally:
             await adopter.runtime.close()
         nursery.cancel_scope.cancel()
     await rt.runtime.stop_replica("slow#0", 0.1)
 
+
+# ---------------------------------------------------------------------------------------
+# Where replicas run
+
+
+async def test_status_shows_the_pid_actor_and_node_of_each_replica(
+    cluster: LocalRayCluster, namespace: str
+) -> None:
+    runtime = RayRuntime(address=cluster.address, start_timeout_s=WAIT)
+    async with servecore.open_controller(runtime=runtime, name=namespace) as ctl:
+        await ctl.create_backend("echo", "ray_driver:Echo", num_replicas=2, runtime_options=NO_CPU)
+        status = (await ctl.status()).as_dict()
+        (backend,) = status["backends"]
+        node_ids = {n["NodeID"] for n in await trio.to_thread.run_sync(ray.nodes)}
+        actors = {}
+        for replica in backend["replicas"]:
+            tag = replica["tag"]
+            assert replica["pid"] == await trio.to_thread.run_sync(pid_of, namespace, tag)
+            handle = await trio.to_thread.run_sync(
+                lambda tag=tag: ray.get_actor(tag, namespace=namespace)
+            )
+            assert replica["actor_id"] == handle._actor_id.hex()
+            assert replica["node"] in node_ids
+            assert replica["node_ip"] == "127.0.0.1"
+            actors[tag] = replica["actor_id"]
+        assert len(set(actors.values())) == 2

@@ -94,7 +94,7 @@ class ServecoreReplica:
             "protocol": PROTOCOL,
             "pid": os.getpid(),
             "node_id": context.get_node_id(),
-            "node_ip": ray.util.get_node_ip_address(),
+            "node_ip": ray.util.get_node_ip_address(),  # type: ignore[no-untyped-call]
             "actor_id": context.get_actor_id(),
             "health_check": self._check is not None,
             "health_check_period_s": self._spec.get("health_check_period_s"),

@@ -20,7 +20,7 @@ from servecore._core.errors import (
     RuntimeUnresponsive,
 )
 from servecore._core.transitions import StartReplica
-from servecore.runtimes._protocol import Query, Report
+from servecore.runtimes._protocol import Query, ReplicaInfo, Report
 from servecore.runtimes._remote_errors import decode_reply
 from servecore.runtimes.ray.actor import PROTOCOL, ServecoreReplica
 from servecore.runtimes.ray.connection import connect, disconnect
@@ -455,6 +455,26 @@ class RayRuntime(ReplicaWatch):
         )
 
     # -- operations -----------------------------------------------------------------------
+
+    def replica_info(self, tag: str) -> ReplicaInfo | None:
+        """Where replica ``tag`` runs: its process id, Ray actor id, node id and node
+        address, as its ``ready()`` reported them (``None`` if it is not known here)."""
+        actor = self._actors.get(tag)
+        if actor is None:
+            return None
+        info = actor.info
+
+        def text(key: str) -> str | None:
+            value = info.get(key)
+            return value if isinstance(value, str) and value else None
+
+        pid = info.get("pid")
+        return ReplicaInfo(
+            pid=pid if isinstance(pid, int) and not isinstance(pid, bool) else None,
+            actor_id=text("actor_id"),
+            node=text("node_id"),
+            node_ip=text("node_ip"),
+        )
 
     def kill(self, tag: str) -> None:
         """Kill replica ``tag``'s actor as a crash would (for operators and tests).
