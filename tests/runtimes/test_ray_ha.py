@@ -27,6 +27,7 @@ from ray_helpers import NO_CPU, WAIT, alive_in, effect, pid_of, q, running  # no
 from servecore import LeaseLost, MemoryStore, RuntimeFenced, SteppedDown  # noqa: E402
 from servecore.runtimes.ray import LocalRayCluster, RayRuntime  # noqa: E402
 from servecore.runtimes.ray import watch as ray_watch  # noqa: E402
+from servecore.runtimes.ray.placement import AvoidedNodes, steer_away  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -315,3 +316,60 @@ async def test_status_shows_the_pid_actor_and_node_of_each_replica(
             assert replica["node_ip"] == "127.0.0.1"
             actors[tag] = replica["actor_id"]
         assert len(set(actors.values())) == 2
+
+
+# ---------------------------------------------------------------------------------------
+# Placement after a node loss
+
+
+def test_replacements_prefer_nodes_other_than_the_ones_just_lost() -> None:
+    avoided = AvoidedNodes(avoid_for_s=100.0)
+    avoided.add("n1", now=0.0)
+    avoided.add("n2", now=50.0)
+    assert avoided.at(10.0) == {"n1", "n2"}
+    assert avoided.at(120.0) == {"n2"}  # n1's time is up: it is forgotten
+    assert avoided.at(200.0) == frozenset()
+
+    options = {"num_cpus": 0.5, "label_selector": {"zone": "a"}}
+    steered = steer_away(options, frozenset({"n2", "n1"}))
+    # The lost nodes are excluded, the backend's own selector kept, and falling back to
+    # that selector alone makes it a preference: a start is never refused for it.
+    assert steered == {
+        "num_cpus": 0.5,
+        "label_selector": {"zone": "a", "ray.io/node-id": "!in(n1,n2)"},
+        "fallback_strategy": [{"label_selector": {"zone": "a"}}],
+    }
+    assert options == {"num_cpus": 0.5, "label_selector": {"zone": "a"}}  # not changed
+    assert steer_away({"num_cpus": 1}, frozenset()) == {"num_cpus": 1}
+    # A backend that places its replicas by node id itself is left alone.
+    pinned = {"label_selector": {"ray.io/node-id": "abc"}}
+    assert steer_away(pinned, frozenset({"n1"})) == pinned
+
+
+async def test_a_replica_lost_with_the_only_node_is_still_replaced_there(
+    cluster: LocalRayCluster, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The node of a frozen replica is avoided, but only as a preference: with no other
+    # node, the replacement starts on the same one. (That it goes elsewhere when it can
+    # is Ray's label selection, checked above as the options it is given.)
+    node = (await trio.to_thread.run_sync(ray.nodes))[0]["NodeID"]
+    opened = await open_runtime(cluster, namespace, epoch=None, store_id=None)
+    try:
+        probe = {"health_check_period_s": 0.2, "health_check_timeout_s": 1.0}
+        await opened.runtime.start_replica(effect("frozen#0", "Echo", **probe))
+        pid = await trio.to_thread.run_sync(pid_of, namespace, "frozen#0")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            died = await opened.died("frozen#0")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        assert "health probe" in died.reason
+        assert f"lost with its node {node}" in caplog.text  # avoided from now on
+        with trio.fail_after(WAIT):
+            await opened.runtime.start_replica(effect("frozen#1", "Echo", **probe))
+        assert await opened.runtime.call("frozen#1", [q("x")]) == ["x"]
+        info = opened.runtime.replica_info("frozen#1")
+        assert info is not None and info.node == node
+    finally:
+        await opened.runtime.close()

@@ -27,6 +27,7 @@ from servecore.runtimes.ray.connection import connect, disconnect
 from servecore.runtimes.ray.errors import short, user_error
 from servecore.runtimes.ray.fence import RayFence
 from servecore.runtimes.ray.options import actor_options
+from servecore.runtimes.ray.placement import AvoidedNodes, steer_away
 from servecore.runtimes.ray.results import Results
 from servecore.runtimes.ray.watch import Actor, ReplicaWatch
 
@@ -155,6 +156,7 @@ class RayRuntime(ReplicaWatch):
         self._results: Results | None = None
         self._starting: dict[str, set[_Start]] = {}
         self._condemned = set()
+        self._avoided = AvoidedNodes()
         self._connected = False
         self._closed = False
 
@@ -242,7 +244,7 @@ class RayRuntime(ReplicaWatch):
         ``TimeoutError`` and is killed. A start that a :meth:`stop_replica` of the same
         tag overtakes raises :class:`~servecore.ReplicaDiedError` (the stop kills it).
         """
-        options = actor_options(effect)
+        options = steer_away(actor_options(effect), self._avoided.at(trio.current_time()))
         await self._check_fence()
         known = self._actors.get(effect.tag)
         if known is not None and not known.dead.is_set() and not known.stopping:

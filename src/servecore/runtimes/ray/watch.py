@@ -42,6 +42,7 @@ from servecore._core.transitions import ReplicaDied
 from servecore._core.values import BackendConfig
 from servecore.runtimes._protocol import Report
 from servecore.runtimes.ray.errors import ActorDiedError, short, user_error
+from servecore.runtimes.ray.placement import AvoidedNodes
 from servecore.runtimes.ray.results import on_done
 
 __all__ = ["Actor", "ReplicaWatch", "ping", "renew"]
@@ -118,6 +119,17 @@ class Actor:
         self.dead = trio.Event()
 
 
+def _node_died(error: BaseException) -> bool:
+    """Whether Ray says an actor died because its node did (or was preempted)."""
+    if getattr(error, "preempted", False):
+        return True
+    try:
+        text = str(error)
+    except Exception:
+        return False
+    return "its node has died" in text or "node is dead" in text
+
+
 class _Reach(enum.Enum):
     """What pinging an actor for a while found."""
 
@@ -139,6 +151,8 @@ class ReplicaWatch:
     # Tags killed for a failed health check whose names Ray may still list a moment.
     _condemned: set[str]
     _background: trio.Nursery | None
+    # Nodes whose replicas were just lost with them: replacements go elsewhere.
+    _avoided: AvoidedNodes
 
     async def _check_fence(self) -> None:
         raise NotImplementedError
@@ -196,6 +210,8 @@ class ReplicaWatch:
                 self._check_health(actor)
             return
         if isinstance(value, ActorDiedError):
+            if _node_died(value):
+                self._avoid_node(actor)
             self._died(actor, short(value))
             return
         # Unreachable, or failed in some other way, but not known dead: find out.
@@ -216,6 +232,7 @@ class ReplicaWatch:
                 actor,
                 f"it was unreachable ({short(error)}) and did not answer for "
                 f"{timeout_s:g}s (health_check_timeout_s), so it was killed",
+                lost_node=True,
             )
 
     async def _reach(self, actor: Actor, within_s: float) -> _Reach:
@@ -257,6 +274,7 @@ class ReplicaWatch:
                         f"it did not answer a health probe within {actor.probe_timeout_s:g}s "
                         f"(health_check_timeout_s; stopped, frozen, hung or unreachable), "
                         f"so it was killed",
+                        lost_node=True,
                     )
                 if reach is not _Reach.ANSWERS:
                     return
@@ -289,9 +307,24 @@ class ReplicaWatch:
 
     # -- deaths -----------------------------------------------------------------------------
 
-    async def _condemn(self, actor: Actor, reason: str) -> None:
+    def _avoid_node(self, actor: Actor) -> None:
+        """Place no replacement on ``actor``'s node for a while (see ``placement``)."""
+        node = actor.info.get("node_id")
+        if isinstance(node, str) and node:
+            log.warning(
+                "replica %s was lost with its node %s (%s): replacements avoid that node for %gs",
+                actor.tag,
+                node,
+                actor.info.get("node_ip", "address unknown"),
+                self._avoided.avoid_for_s,
+            )
+            self._avoided.add(node, trio.current_time())
+
+    async def _condemn(self, actor: Actor, reason: str, *, lost_node: bool = False) -> None:
         """Kill ``actor`` and report it dead, for ``reason``, unless this runtime is
-        fenced (a newer leader owns it and judges it) or it died or is being stopped."""
+        fenced (a newer leader owns it and judges it) or it died or is being stopped.
+        ``lost_node``: it stopped answering, so its node may be the trouble; its
+        replacement avoids that node."""
         if self._closed or actor.dead.is_set() or actor.stopping:
             return
         try:
@@ -303,6 +336,8 @@ class ReplicaWatch:
             return
         self._condemned.add(actor.tag)
         log.warning("replica %s: %s", actor.tag, reason)
+        if lost_node:
+            self._avoid_node(actor)  # before the report: the replacement starts at once
         self._died(actor, reason)
         await self._kill(actor.handle)
 
