@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -373,3 +374,37 @@ async def test_a_replica_lost_with_the_only_node_is_still_replaced_there(
         assert info is not None and info.node == node
     finally:
         await opened.runtime.close()
+
+
+# ---------------------------------------------------------------------------------------
+# Deadlines
+
+
+async def test_a_ray_call_that_never_answers_fails_within_call_timeout_s(
+    rt: Opened, cluster: LocalRayCluster, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await rt.runtime.start_replica(effect("echo#0", "Echo"))
+    release = threading.Event()  # lets the abandoned threads go at the end
+
+    def hangs(*_args: Any, **_kwargs: Any) -> Any:
+        release.wait(WAIT)
+        raise RuntimeError("released")
+
+    runtime = RayRuntime(address=cluster.address, start_timeout_s=WAIT, call_timeout_s=0.5)
+    await runtime.open(namespace=namespace, report=lambda _e: None)
+    try:
+        # A lost GCS, say: the listing and a stop's look-up never answer.
+        monkeypatch.setattr(ray.util, "list_named_actors", hangs)
+        monkeypatch.setattr(ray, "get_actor", hangs)
+        with trio.fail_after(WAIT), pytest.raises(servecore.RuntimeUnresponsive) as info:
+            await runtime.list_replicas()
+        assert "list_named_actors" in str(info.value) and "call_timeout_s" in str(info.value)
+        with trio.fail_after(WAIT), pytest.raises(servecore.RuntimeUnresponsive, match="get_actor"):
+            await runtime.stop_replica("echo#0", 1.0)
+        monkeypatch.undo()
+        assert await runtime.list_replicas() == {"echo#0"}  # answered again: all is well
+    finally:
+        release.set()
+        await runtime.close()
+    with pytest.raises(ValueError, match="call_timeout_s"):
+        RayRuntime(call_timeout_s=0)

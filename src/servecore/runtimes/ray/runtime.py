@@ -16,7 +16,6 @@ import trio
 from servecore._core.errors import (
     ReplicaDiedError,
     ResultDecodeError,
-    RuntimeFenced,
     RuntimeUnresponsive,
 )
 from servecore._core.transitions import StartReplica
@@ -190,14 +189,14 @@ class RayRuntime(ReplicaWatch):
         self._token = trio.lowlevel.current_trio_token()
         self._results = Results(self._token)
         self._closed = False
-        await trio.to_thread.run_sync(connect, self.address, self.namespace, self.init_options)
+        await self._blocking("ray.init", connect, self.address, self.namespace, self.init_options)
         self._connected = True
         self.epoch = epoch
         self._fence = None
         if epoch is not None and store_id is not None:
             fence = RayFence(self.namespace, store_id, epoch)
             try:
-                await self._blocking("the fence's claim", fence.claim)
+                await self._blocking("RayFence.claim", fence.claim)
             except BaseException:
                 await self.close()
                 raise
@@ -303,7 +302,9 @@ class RayRuntime(ReplicaWatch):
                 # It died before it was ready. Perhaps a dying actor of an earlier
                 # attempt still held the name: try again with a fresh one.
                 await trio.sleep(0.2 * attempt)
-            handle = start.handle = await trio.to_thread.run_sync(self._create, tag, spec, options)
+            handle = start.handle = await self._blocking(
+                "ServecoreReplica.remote", self._create, tag, spec, options
+            )
             value = await self._ready(tag, handle, options)
             if start.stopped or not isinstance(value, ray.exceptions.RayActorError):
                 break
@@ -518,7 +519,7 @@ class RayRuntime(ReplicaWatch):
             except ValueError:
                 return None
 
-        return await trio.to_thread.run_sync(get)
+        return await self._blocking("ray.get_actor", get)
 
     async def _adopt(self, tag: str) -> bool:
         """Take over a listed actor: wait until it is ready, then watch it."""
@@ -556,7 +557,7 @@ class RayRuntime(ReplicaWatch):
             with contextlib.suppress(Exception):  # already dead or gone
                 ray.kill(handle, no_restart=True)
 
-        await trio.to_thread.run_sync(kill)
+        await self._blocking("ray.kill", kill)
         if tag is not None:
             with trio.move_on_after(_KILL_CONFIRM_S):
                 while await self._lookup(tag) is not None:
@@ -577,12 +578,7 @@ class RayRuntime(ReplicaWatch):
     async def _check_fence(self) -> None:
         """Refuse to act for a controller whose epoch is older than the cluster's fence."""
         if self._fence is not None:
-            await self._blocking("the fence's read", self._fence.check)
-
-    def _fenced_now(self) -> RuntimeFenced | None:
-        """(trio thread, blocks briefly) Why this runtime must not act, or ``None``; for
-        the rare sync paths that would kill (a failed health check)."""
-        return None if self._fence is None else self._fence.fenced()
+            await self._blocking("RayFence.check", self._fence.check)
 
     async def _blocking(self, what: str, fn: Callable[..., _T], *args: Any) -> _T:
         """``fn(*args)`` on a worker thread, within ``call_timeout_s``; past it the thread
