@@ -46,6 +46,14 @@ Deaths
     ``health_check_period_s`` of the runtime, between batches; if it raises, the
     replica is killed and reported dead.
 
+High availability
+    Opened with a store's lease epoch, the runtime records it in the cluster (Ray's
+    internal key-value store) and refuses, once a newer epoch of the same store is
+    there, to start, stop, kill or adopt anything (:class:`~servecore.RuntimeFenced`).
+    The node of a replica lost for not answering is avoided by its replacement for a
+    while (a preference, never a refusal). Each control call to Ray has a deadline,
+    ``call_timeout_s``.
+
 Calls
     A batch is one Ray actor call. Its result is delivered into trio by a completion
     callback on the object reference (on a Ray thread): a lone call is woken through a
@@ -73,7 +81,9 @@ benchmarks and demos.
 
 Where things live: :mod:`~servecore.runtimes.ray.runtime` (the controller's side),
 :mod:`~servecore.runtimes.ray.actor` (the replica actor, in the Ray workers),
-:mod:`~servecore.runtimes.ray.watch` (deaths and health checks),
+:mod:`~servecore.runtimes.ray.watch` (deaths, health probes and health checks),
+:mod:`~servecore.runtimes.ray.fence` (the lease epoch, kept in the cluster),
+:mod:`~servecore.runtimes.ray.placement` (avoiding nodes just lost),
 :mod:`~servecore.runtimes.ray.results` (Ray results into trio),
 :mod:`~servecore.runtimes.ray.errors` (exceptions on their way home),
 :mod:`~servecore.runtimes.ray.options` (actor options),
