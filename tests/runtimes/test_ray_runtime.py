@@ -30,6 +30,7 @@ ray = pytest.importorskip(
 
 import ray_driver  # noqa: E402
 import servecore  # noqa: E402
+from async_targets import peak_overlap  # noqa: E402
 from opened_runtime import Opened  # noqa: E402
 from ray_helpers import (  # noqa: E402
     NO_CPU,
@@ -49,7 +50,8 @@ from servecore._core.errors import (  # noqa: E402
     ResultDecodeError,
     UnpicklableResult,
 )
-from servecore._core.transitions import ReplicaStatus  # noqa: E402
+from servecore._core.transitions import BackendConfig, ReplicaStatus, StartReplica  # noqa: E402
+from servecore._core.values import backend_of  # noqa: E402
 from servecore.runtimes.ray import (  # noqa: E402
     RUNTIME_OPTIONS,
     LocalRayCluster,
@@ -610,3 +612,72 @@ async def test_controller_killed_mid_scale_up_recovers_exactly(
         assert await alive_in(namespace) == running(ctl)
         handle = ctl.get_handle("slow")
         assert [await handle.call(i) for i in range(4)] == [0, 1, 2, 3]
+
+
+# ---------------------------------------------------------------------------------------
+# Async targets
+
+
+def async_effect(tag: str, target: str, *init_args: Any, **config: Any) -> StartReplica:
+    config.setdefault("runtime_options", NO_CPU)
+    return StartReplica(
+        tag=tag,
+        backend=backend_of(tag),
+        target=f"async_targets:{target}",
+        init_args=tuple(init_args),
+        init_kwargs={},
+        config=BackendConfig(**config),
+    )
+
+
+async def test_async_targets_run_concurrently_and_a_caller_that_gives_up_cancels(
+    rt: Opened,
+) -> None:
+    await rt.runtime.start_replica(async_effect("rec#0", "Recorder", 1.0, max_concurrent_queries=4))
+    # Constructed on the replica's own loop; queries run on that loop.
+    ((same_loop, thread),) = await rt.runtime.call("rec#0", [q("where")])
+    assert same_loop and thread.startswith("servecore-loop-")
+
+    answers: list[Any] = []
+
+    async def one(n: int) -> None:
+        answers.extend(await rt.runtime.call("rec#0", [q(n)]))
+
+    async with trio.open_nursery() as nursery:
+        for n in range(4):
+            nursery.start_soon(one, n)
+    assert sorted(a[0] for a in answers) == [0, 1, 2, 3]
+    assert peak_overlap([(start, end) for _n, start, end in answers]) == 4  # at once
+
+    # A caller that gives up cancels the task in the replica: the target sees it.
+    with trio.move_on_after(WAIT) as gave_up:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(rt.runtime.call, "rec#0", [q("hang")])
+            with trio.fail_after(WAIT):
+                while not (await rt.runtime.call("rec#0", [q("hanging")]))[0]:
+                    await trio.sleep(0.02)
+            nursery.cancel_scope.cancel()
+    assert not gave_up.cancelled_caught
+    with trio.fail_after(WAIT):
+        while (await rt.runtime.call("rec#0", [q("cancelled")]))[0] != ["hang"]:
+            await trio.sleep(0.02)
+    assert not rt.events
+
+    # Async batches and the user's own errors, as everywhere.
+    await rt.runtime.start_replica(async_effect("dbl#0", "async_double_all", max_batch_size=3))
+    assert await rt.runtime.call("dbl#0", [q(1), q(2), q(3)]) == [(2, 3), (4, 3), (6, 3)]
+    await rt.runtime.start_replica(async_effect("fail#0", "async_fail"))
+    with pytest.raises(LookupError, match="no model named 'x'"):
+        await rt.runtime.call("fail#0", [q("x")])
+
+
+async def test_async_backends_through_the_controller(
+    cluster: LocalRayCluster, namespace: str
+) -> None:
+    runtime = RayRuntime(address=cluster.address, start_timeout_s=WAIT)
+    async with servecore.open_controller(runtime=runtime, name=namespace) as ctl:
+        await ctl.create_backend("echo", "async_targets:async_echo", runtime_options=NO_CPU)
+        await ctl.create_endpoint("echo")
+        await ctl.set_traffic("echo", {"echo": 1.0})
+        handle = ctl.get_handle("echo")
+        assert [await handle.call(i) for i in range(5)] == list(range(5))

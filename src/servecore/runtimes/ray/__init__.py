@@ -20,7 +20,9 @@ How replicas map onto Ray
 
     A replica serves one batch at a time, in arrival order, like the threads and
     subprocess runtimes (the same ``servecore.runtimes.toolkit`` rules: ``@servecore.batch``
-    targets, ``reconfigure(user_config)``; targets must be plain ``def``). Four more
+    targets, ``reconfigure(user_config)``). An ``async def`` target runs on an asyncio
+    loop of the replica's own, up to ``max_concurrent_queries`` queries at once, and a
+    caller that gives up cancels its task there. Four more
     threads per actor (the ``control`` concurrency group) serve the runtime's own calls
     (``ready``, ``watch``, the health probe), so a busy replica can still be watched,
     probed and adopted.

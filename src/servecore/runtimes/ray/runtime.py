@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -117,6 +118,9 @@ class RayRuntime(ReplicaWatch):
 
         servecore.open_controller(runtime="ray", runtime_options={"address": "auto"})
     """
+
+    #: ``async def`` targets run on an asyncio loop in the replica (docs/plugins.md).
+    supports_async_targets = True
 
     def __init__(
         self,
@@ -256,6 +260,7 @@ class RayRuntime(ReplicaWatch):
             "init_kwargs": effect.init_kwargs,
             "max_batch_size": effect.config.max_batch_size,
             "user_config": effect.config.user_config,
+            "max_concurrent_queries": effect.config.max_concurrent_queries,
             "health_check_period_s": effect.config.health_check_period_s,
             "health_check_timeout_s": effect.config.health_check_timeout_s,
         }
@@ -423,9 +428,13 @@ class RayRuntime(ReplicaWatch):
                 self._watch(actor)
         if actor.dead.is_set() or actor.stopping:
             raise ReplicaDiedError(tag, "it is stopping" if actor.stopping else "it died")
+        pairs = [(q.args, q.kwargs) for q in batch]
         actor.outstanding += 1
         try:
-            value = await self._wait(actor.handle.run.remote([(q.args, q.kwargs) for q in batch]))
+            if actor.info.get("async"):
+                value = await self._call_async(actor, pairs)
+            else:
+                value = await self._wait(actor.handle.run.remote(pairs))
         finally:
             actor.outstanding -= 1
             if actor.outstanding == 0 and actor.idle is not None:
@@ -456,6 +465,18 @@ class RayRuntime(ReplicaWatch):
             f"its pickled results",
             runtime="ray",
         )
+
+    async def _call_async(self, actor: Actor, pairs: list[Any]) -> Any:
+        """A call of an async target: one whose caller gives up cancels its task in the
+        replica (``cancel(request_id)``, on the actor's control threads)."""
+        request_id = uuid.uuid4().hex
+        ref = actor.handle.run.remote(pairs, request_id)
+        try:
+            return await self._wait(ref)
+        except trio.Cancelled:
+            with contextlib.suppress(Exception):  # only sends the request
+                actor.handle.cancel.remote(request_id)
+            raise
 
     # -- operations -----------------------------------------------------------------------
 
@@ -506,7 +527,8 @@ class RayRuntime(ReplicaWatch):
             lifetime="detached",
             get_if_exists=True,
             max_restarts=0,
-            max_concurrency=1,
+            # Plain batches take turns in the replica; async ones run this many at once.
+            max_concurrency=max(1, int(spec.get("max_concurrent_queries") or 1)),
             **options,
         ).remote(spec)
 
