@@ -12,14 +12,12 @@ Waits are bounded only so that a bug fails a test instead of hanging it.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,18 @@ ray = pytest.importorskip(
 
 import ray_driver  # noqa: E402
 import servecore  # noqa: E402
+from async_targets import peak_overlap  # noqa: E402
 from opened_runtime import Opened  # noqa: E402
+from ray_helpers import (  # noqa: E402
+    NO_CPU,
+    TESTS,
+    WAIT,
+    alive_in,
+    effect,
+    pid_of,
+    q,
+    running,
+)
 from servecore._core.errors import (  # noqa: E402
     BackendStartError,
     InvalidConfig,
@@ -43,7 +52,6 @@ from servecore._core.errors import (  # noqa: E402
 )
 from servecore._core.transitions import BackendConfig, ReplicaStatus, StartReplica  # noqa: E402
 from servecore._core.values import backend_of  # noqa: E402
-from servecore.runtimes import Query  # noqa: E402
 from servecore.runtimes.ray import (  # noqa: E402
     RUNTIME_OPTIONS,
     LocalRayCluster,
@@ -55,77 +63,9 @@ from servecore.testing import check_runtime  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
-TESTS = Path(__file__).resolve().parents[1] / "support"
-# Workers import the targets, and the same servecore as this process (not whichever
-# one their interpreter would find first).
-WORKER_PATH = os.pathsep.join([str(TESTS), str(Path(servecore.__file__).resolve().parents[1])])
-WAIT = 60.0  # seconds; only ever a guard against hanging
-NO_CPU = {"num_cpus": 0}  # replicas need no CPU slot: 2 CPUs would fit only 2 of them
-
 
 # ---------------------------------------------------------------------------------------
-# Fixtures and helpers
-
-
-@pytest.fixture(scope="session")
-def cluster() -> Iterator[LocalRayCluster]:
-    """A Ray head node for the session; this process is connected to it as a driver."""
-    head = LocalRayCluster(num_cpus=2, object_store_memory=200 * 1024 * 1024)
-    head.start()
-    try:
-        head.connect(
-            namespace="servecore-tests",
-            runtime_env={"env_vars": {"PYTHONPATH": WORKER_PATH}},
-        )
-        yield head
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        head.stop()
-        assert not head.pids(), "processes of the test cluster survived its stop"
-
-
-@pytest.fixture
-def namespace(cluster: LocalRayCluster) -> Iterator[str]:
-    """A fresh Ray namespace; whatever the test leaves alive in it is killed."""
-    ns = f"t-{uuid.uuid4().hex[:8]}"
-    yield ns
-    for name in named_actors(ns):
-        with contextlib.suppress(ValueError):  # it died meanwhile
-            ray.kill(ray.get_actor(name, namespace=ns), no_restart=True)
-
-
-def named_actors(ns: str) -> set[str]:
-    """What Ray itself lists alive in namespace ``ns``."""
-    return {
-        entry["name"]
-        for entry in ray.util.list_named_actors(all_namespaces=True)
-        if entry["namespace"] == ns
-    }
-
-
-async def alive_in(ns: str) -> set[str]:
-    return await trio.to_thread.run_sync(named_actors, ns)
-
-
-def running(ctl: servecore.Controller) -> set[str]:
-    return {tag for tag, r in ctl.state.replicas.items() if r.status is ReplicaStatus.RUNNING}
-
-
-def effect(tag: str, target: str, *init_args: Any, **config: Any) -> StartReplica:
-    config.setdefault("runtime_options", NO_CPU)
-    return StartReplica(
-        tag=tag,
-        backend=backend_of(tag),
-        target=f"ray_driver:{target}",
-        init_args=tuple(init_args),
-        init_kwargs={},
-        config=BackendConfig(**config),
-    )
-
-
-def q(*args: Any) -> Query:
-    return Query(args=args)
+# Fixtures (the cluster and namespace fixtures are in conftest.py)
 
 
 @pytest.fixture
@@ -136,13 +76,6 @@ async def rt(cluster: LocalRayCluster, namespace: str) -> AsyncIterator[Opened]:
         yield opened
     finally:
         await opened.runtime.close()
-
-
-def pid_of(ns: str, tag: str) -> int:
-    """The process id of replica ``tag`` (asked of the actor itself)."""
-    info = ray.get(ray.get_actor(tag, namespace=ns).ready.remote(), timeout=WAIT)
-    pid: int = info["pid"]
-    return pid
 
 
 # ---------------------------------------------------------------------------------------
@@ -679,3 +612,72 @@ async def test_controller_killed_mid_scale_up_recovers_exactly(
         assert await alive_in(namespace) == running(ctl)
         handle = ctl.get_handle("slow")
         assert [await handle.call(i) for i in range(4)] == [0, 1, 2, 3]
+
+
+# ---------------------------------------------------------------------------------------
+# Async targets
+
+
+def async_effect(tag: str, target: str, *init_args: Any, **config: Any) -> StartReplica:
+    config.setdefault("runtime_options", NO_CPU)
+    return StartReplica(
+        tag=tag,
+        backend=backend_of(tag),
+        target=f"async_targets:{target}",
+        init_args=tuple(init_args),
+        init_kwargs={},
+        config=BackendConfig(**config),
+    )
+
+
+async def test_async_targets_run_concurrently_and_a_caller_that_gives_up_cancels(
+    rt: Opened,
+) -> None:
+    await rt.runtime.start_replica(async_effect("rec#0", "Recorder", 1.0, max_concurrent_queries=4))
+    # Constructed on the replica's own loop; queries run on that loop.
+    ((same_loop, thread),) = await rt.runtime.call("rec#0", [q("where")])
+    assert same_loop and thread.startswith("servecore-loop-")
+
+    answers: list[Any] = []
+
+    async def one(n: int) -> None:
+        answers.extend(await rt.runtime.call("rec#0", [q(n)]))
+
+    async with trio.open_nursery() as nursery:
+        for n in range(4):
+            nursery.start_soon(one, n)
+    assert sorted(a[0] for a in answers) == [0, 1, 2, 3]
+    assert peak_overlap([(start, end) for _n, start, end in answers]) == 4  # at once
+
+    # A caller that gives up cancels the task in the replica: the target sees it.
+    with trio.move_on_after(WAIT) as gave_up:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(rt.runtime.call, "rec#0", [q("hang")])
+            with trio.fail_after(WAIT):
+                while not (await rt.runtime.call("rec#0", [q("hanging")]))[0]:
+                    await trio.sleep(0.02)
+            nursery.cancel_scope.cancel()
+    assert not gave_up.cancelled_caught
+    with trio.fail_after(WAIT):
+        while (await rt.runtime.call("rec#0", [q("cancelled")]))[0] != ["hang"]:
+            await trio.sleep(0.02)
+    assert not rt.events
+
+    # Async batches and the user's own errors, as everywhere.
+    await rt.runtime.start_replica(async_effect("dbl#0", "async_double_all", max_batch_size=3))
+    assert await rt.runtime.call("dbl#0", [q(1), q(2), q(3)]) == [(2, 3), (4, 3), (6, 3)]
+    await rt.runtime.start_replica(async_effect("fail#0", "async_fail"))
+    with pytest.raises(LookupError, match="no model named 'x'"):
+        await rt.runtime.call("fail#0", [q("x")])
+
+
+async def test_async_backends_through_the_controller(
+    cluster: LocalRayCluster, namespace: str
+) -> None:
+    runtime = RayRuntime(address=cluster.address, start_timeout_s=WAIT)
+    async with servecore.open_controller(runtime=runtime, name=namespace) as ctl:
+        await ctl.create_backend("echo", "async_targets:async_echo", runtime_options=NO_CPU)
+        await ctl.create_endpoint("echo")
+        await ctl.set_traffic("echo", {"echo": 1.0})
+        handle = ctl.get_handle("echo")
+        assert [await handle.call(i) for i in range(5)] == list(range(5))

@@ -146,6 +146,7 @@ class ReplicaLifecycle:
                 f" pid={info.pid}" if info.pid is not None else "",
                 f" actor={info.actor_id}" if info.actor_id is not None else "",
                 f" node={info.node}" if info.node is not None else "",
+                f" node_ip={info.node_ip}" if info.node_ip is not None else "",
                 f" log={info.log_path}" if info.log_path is not None else "",
             ]
         )
@@ -155,7 +156,13 @@ class ReplicaLifecycle:
             tag,
             where,
             extra=_fields(
-                "ready", tag, pid=info.pid, actor_id=info.actor_id, log_path=info.log_path
+                "ready",
+                tag,
+                pid=info.pid,
+                actor_id=info.actor_id,
+                node=info.node,
+                node_ip=info.node_ip,
+                log_path=info.log_path,
             ),
         )
 

@@ -42,6 +42,9 @@ class ReplicaView:
     version: int
     pid: int | None = None
     actor_id: str | None = None
+    #: The node it runs on (a Ray node id) and its address, where the runtime says.
+    node: str | None = None
+    node_ip: str | None = None
     log_path: str | None = None
     #: Queries running on it now (live status only).
     running: int | None = None
@@ -140,6 +143,8 @@ def status_of(
                     version=r.version,
                     pid=info.pid if info is not None else None,
                     actor_id=info.actor_id if info is not None else None,
+                    node=info.node if info is not None else None,
+                    node_ip=info.node_ip if info is not None else None,
                     log_path=info.log_path if info is not None else None,
                     running=(
                         load.running_by_replica.get(rtag, 0)

@@ -577,17 +577,27 @@ class RuntimeFenced(ServecoreError):
 
 class RuntimeUnresponsive(ServecoreError):
     """A call to the runtime (``call``: ``list_replicas``, ``open``, ``stop_replica``)
-    did not return within the controller's ``runtime_call_timeout_s``."""
+    did not return within the controller's ``runtime_call_timeout_s``, or a runtime's
+    own call to what it runs on (``setting`` names the deadline that ran out)."""
 
-    def __init__(self, runtime: str, call: str, timeout_s: float, during: str = "") -> None:
+    def __init__(
+        self,
+        runtime: str,
+        call: str,
+        timeout_s: float,
+        during: str = "",
+        *,
+        setting: str = "runtime_call_timeout_s",
+        set_in: str = "open_controller",
+    ) -> None:
         self.runtime = runtime
         self.call = call
         self.timeout_s = timeout_s
         when = f" during {during}" if during else ""
         super().__init__(
             f"runtime {runtime} did not answer {call}() within {timeout_s:g}s{when} "
-            f"(runtime_call_timeout_s); check that what it runs on is reachable (a lost "
-            f"node, a hung cluster), or raise runtime_call_timeout_s in open_controller "
+            f"({setting}); check that what it runs on is reachable (a lost "
+            f"node, a hung cluster), or raise {setting} in {set_in} "
             f"if it is only slow"
         )
 

@@ -21,6 +21,15 @@ def _dash(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def _node(replica: dict[str, Any]) -> str | None:
+    """Where a replica runs, in one cell: its node's address, else its node id (a
+    status written by an older servecore has neither)."""
+    ip, node = replica.get("node_ip"), replica.get("node")
+    if ip and node:
+        return f"{ip} ({str(node)[:8]})"
+    return ip or (str(node)[:16] if node else None)
+
+
 def _row(table: Table, *cells: str | Text) -> None:
     # Names and paths are the user's: never read them as rich markup.
     table.add_row(*(c if isinstance(c, Text) else Text(c) for c in cells))
@@ -103,7 +112,8 @@ def render_status(status: dict[str, Any], source: str) -> Group:
         )
 
     replicas = Table(title="Replicas", title_justify="left")
-    for column in ("replica", "backend", "status", "version", "pid/actor", "running", "log"):
+    columns = ("replica", "backend", "status", "version", "pid/actor", "node", "running", "log")
+    for column in columns:
         replicas.add_column(column)
     for b in status["backends"]:
         for r in b["replicas"]:
@@ -114,6 +124,7 @@ def render_status(status: dict[str, Any], source: str) -> Group:
                 Text(r["status"], style=_STYLE.get(r["status"], "")),
                 str(r["version"]),
                 _dash(r["pid"] if r["pid"] is not None else r["actor_id"]),
+                _dash(_node(r)),
                 _dash(r["running"]),
                 _dash(r["log_path"]),
             )

@@ -172,12 +172,15 @@ class Lifecycle(Protocol):
 @attrs.frozen(kw_only=True)
 class ReplicaInfo:
     """Where one replica runs, for an operator: every field is optional, since each
-    runtime knows different things (a process id, a Ray actor and node, a log file)."""
+    runtime knows different things (a process id, a Ray actor and node, a log file).
+    ``node`` identifies the machine in its cluster (a Ray node id), ``node_ip`` its
+    address."""
 
     pid: int | None = None
     actor_id: str | None = None
     node: str | None = None
     log_path: str | None = None
+    node_ip: str | None = None
 
 
 @runtime_checkable

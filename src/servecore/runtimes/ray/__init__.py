@@ -20,9 +20,12 @@ How replicas map onto Ray
 
     A replica serves one batch at a time, in arrival order, like the threads and
     subprocess runtimes (the same ``servecore.runtimes.toolkit`` rules: ``@servecore.batch``
-    targets, ``reconfigure(user_config)``; targets must be plain ``def``). Two more
-    threads per actor (a Ray concurrency group) serve the runtime's own calls, so a
-    busy replica can still be watched.
+    targets, ``reconfigure(user_config)``). An ``async def`` target runs on an asyncio
+    loop of the replica's own, up to ``max_concurrent_queries`` queries at once, and a
+    caller that gives up cancels its task there. Four more
+    threads per actor (the ``control`` concurrency group) serve the runtime's own calls
+    (``ready``, ``watch``, the health probe), so a busy replica can still be watched,
+    probed and adopted.
 
 Finding replicas again
     :meth:`RayRuntime.list_replicas` reads Ray's named-actor listing for this namespace
@@ -34,11 +37,24 @@ Deaths
     For each replica the runtime keeps one long-running ``watch()`` call in flight
     (renewed every ``health_check_period_s``); Ray fails it the moment the actor dies,
     and the death is reported as :class:`~servecore.ReplicaDied` at once -- not only
-    when a query fails. Calls in flight on a dead actor raise
+    when a query fails. A watch that fails otherwise (``ActorUnavailableError``: an
+    unreachable node) is confirmed first: the replica is pinged until it answers or
+    its backend's ``health_check_timeout_s`` passes. Every ``health_check_period_s`` of
+    its backend the runtime probes each replica on its control threads; one that does
+    not answer within ``health_check_timeout_s`` (frozen, hung, unreachable) is killed
+    and reported dead. Calls in flight on a dead actor raise
     :class:`~servecore.ReplicaDiedError`. As in Ray Serve (and the threads runtime), a
     replica object with a ``check_health()`` method has it called every
-    ``health_check_period_s``, between batches; if it raises, the replica is killed and
-    reported dead.
+    ``health_check_period_s`` of the runtime, between batches; if it raises, the
+    replica is killed and reported dead.
+
+High availability
+    Opened with a store's lease epoch, the runtime records it in the cluster (Ray's
+    internal key-value store) and refuses, once a newer epoch of the same store is
+    there, to start, stop, kill or adopt anything (:class:`~servecore.RuntimeFenced`).
+    The node of a replica lost for not answering is avoided by its replacement for a
+    while (a preference, never a refusal). Each control call to Ray has a deadline,
+    ``call_timeout_s``.
 
 Calls
     A batch is one Ray actor call. Its result is delivered into trio by a completion
@@ -67,7 +83,9 @@ benchmarks and demos.
 
 Where things live: :mod:`~servecore.runtimes.ray.runtime` (the controller's side),
 :mod:`~servecore.runtimes.ray.actor` (the replica actor, in the Ray workers),
-:mod:`~servecore.runtimes.ray.watch` (deaths and health checks),
+:mod:`~servecore.runtimes.ray.watch` (deaths, health probes and health checks),
+:mod:`~servecore.runtimes.ray.fence` (the lease epoch, kept in the cluster),
+:mod:`~servecore.runtimes.ray.placement` (avoiding nodes just lost),
 :mod:`~servecore.runtimes.ray.results` (Ray results into trio),
 :mod:`~servecore.runtimes.ray.errors` (exceptions on their way home),
 :mod:`~servecore.runtimes.ray.options` (actor options),

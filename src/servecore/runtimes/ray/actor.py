@@ -13,10 +13,12 @@ completes. Bytes are all Ray has to decode, and that cannot fail.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import ray
@@ -24,97 +26,242 @@ import ray
 from servecore.runtimes._protocol import Query
 from servecore.runtimes.ray.errors import carry
 from servecore.runtimes.subprocess.wire import encode_results
-from servecore.runtimes.toolkit import prepare_replica
+from servecore.runtimes.toolkit import ReplicaCode, ReplicaLoop, prepare_replica_code
 
 __all__ = ["PROTOCOL", "ServecoreReplica"]
 
-#: What this actor speaks, reported by ``ready()`` as ``"protocol"``. 2: ``run()``
-#: returns the batch's results pickled (``bytes``). Actors started by a servecore before
-#: versions existed (1: ``run()`` returns the list itself, for Ray to pickle) report
-#: none. Detached actors outlive an upgrade of the controller, which may adopt them.
-PROTOCOL = 2
+#: What this actor speaks, reported by ``ready()`` as ``"protocol"``. 3: ``ready()``
+#: and ``watch()`` run in the ``control`` concurrency group (never behind a query), and
+#: ``ready()`` reports the replica's health-probe settings, where it runs and whether
+#: its target is async (``run(batch, request_id)``, ``cancel(request_id)``). 2:
+#: ``run()`` returns the batch's results pickled (``bytes``). Actors started by a
+#: servecore before versions existed (1: ``run()`` returns the list itself, for Ray to
+#: pickle) report none. Detached actors outlive an upgrade of the controller, which may
+#: adopt them.
+PROTOCOL = 3
+
+#: The concurrency group of the runtime's own calls, and its threads: the long
+#: ``watch()``, a ``watch(0)`` probe, an adoption's ``ready()`` and a spare.
+CONTROL_GROUP = "control"
+CONTROL_THREADS = 4
 
 
-@ray.remote(concurrency_groups={"servecore": 2})  # type: ignore[call-overload]
+#: How many cancellations of calls not (yet) running a replica remembers.
+_EARLY_CANCELS = 1024
+
+
+class _Turns:
+    """A lock taken in the order it was asked for: plain batches, one at a time, in the
+    order Ray handed them to the replica's threads."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._next = 0  # the next ticket to hand out
+        self._serving = 0  # the ticket whose turn it is
+
+    def __enter__(self) -> None:
+        with self._cond:
+            ticket = self._next
+            self._next += 1
+            self._cond.wait_for(lambda: self._serving == ticket)
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
+
+
+class _Running:
+    """The async calls running in a replica, by request id, so that a caller who gave
+    up can cancel one; a cancel that comes before its call is remembered (a few)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._futures: dict[str, concurrent.futures.Future[Any]] = {}
+        self._cancelled: set[str] = set()  # running ones whose caller cancelled them
+        self._early: collections.OrderedDict[str, None] = collections.OrderedDict()
+
+    def add(self, request_id: str | None, future: concurrent.futures.Future[Any]) -> None:
+        if request_id is None:
+            return
+        with self._lock:
+            early = request_id in self._early
+            if early:
+                del self._early[request_id]
+            else:
+                self._futures[request_id] = future
+        if early:
+            with self._lock:
+                self._cancelled.add(request_id)
+            future.cancel()
+
+    def remove(self, request_id: str | None) -> bool:
+        """Forget call ``request_id``; return whether its caller cancelled it."""
+        if request_id is None:
+            return False
+        with self._lock:
+            self._futures.pop(request_id, None)
+            if request_id in self._cancelled:
+                self._cancelled.discard(request_id)
+                return True
+            return False
+
+    def cancel(self, request_id: str) -> None:
+        with self._lock:
+            future = self._futures.pop(request_id, None)
+            if future is not None:
+                self._cancelled.add(request_id)
+            else:
+                self._early[request_id] = None
+                while len(self._early) > _EARLY_CANCELS:
+                    self._early.popitem(last=False)
+        if future is not None:
+            future.cancel()
+
+
+@ray.remote(concurrency_groups={CONTROL_GROUP: CONTROL_THREADS})  # type: ignore[call-overload]
 class ServecoreReplica:
     """One replica: builds the user's object once, then runs batches on it.
 
-    Batches run in the default concurrency group, one at a time (``max_concurrency=1``).
-    The runtime's own ``watch`` runs in the ``servecore`` group, on threads of its own.
+    Batches (and the object's ``check_health()``) run in the default concurrency group,
+    whose threads number the backend's ``max_concurrent_queries``: a plain target's
+    batches take turns, one at a time in the order they came; an ``async def`` target's
+    run concurrently on the replica's own asyncio loop (``toolkit.ReplicaLoop``), up to
+    ``max_concurrent_queries`` at once, and ``cancel(request_id)`` cancels one's task.
+    The runtime's own calls (``ready``, ``watch``, ``cancel``) run in the ``control``
+    group, on threads of their own, so that a replica busy with a long query still
+    answers its health probe and an adopting controller at once.
     """
 
     def __init__(self, spec: dict[str, Any]) -> None:
         self._spec = spec
         self._lock = threading.Lock()
-        self._run: Callable[[Sequence[Query]], list[Any]] | None = None
-        self._check: Callable[[], object] | None = None
+        self._code: ReplicaCode | None = None
         self._error: BaseException | None = None
+        self._turns = _Turns()
+        self._running = _Running()
 
-    def _build(self) -> Callable[[Sequence[Query]], list[Any]]:
+    def _build(self) -> ReplicaCode:
         with self._lock:
-            if self._run is not None:
-                return self._run
+            if self._code is not None:
+                return self._code
             if self._error is not None:
                 raise self._error
             spec = self._spec
             try:
-                self._run, self._check = prepare_replica(
+                self._code = prepare_replica_code(
                     spec["target"],
                     spec["init_args"],
                     spec["init_kwargs"],
                     backend=spec["backend"],
                     max_batch_size=spec["max_batch_size"],
                     user_config=spec["user_config"],
+                    allow_async=True,
+                    max_concurrent_queries=max(1, int(spec.get("max_concurrent_queries") or 1)),
                 )
             except Exception as exc:
                 self._error = exc
                 raise
-            return self._run
+            return self._code
 
+    @ray.method(concurrency_group=CONTROL_GROUP)
     def ready(self) -> dict[str, Any]:
-        """Build the replica object (once); return where it runs, and whether it has a
-        ``check_health()``."""
+        """Build the replica object (once); return where it runs, whether it has a
+        ``check_health()``, and its health-probe settings."""
         try:
             self._build()
         except Exception as exc:
             raise carry(exc) from None
+        context = ray.get_runtime_context()
         return {
             "protocol": PROTOCOL,
             "pid": os.getpid(),
-            "node_id": ray.get_runtime_context().get_node_id(),
-            "health_check": self._check is not None,
+            "node_id": context.get_node_id(),
+            "node_ip": ray.util.get_node_ip_address(),  # type: ignore[no-untyped-call]
+            "actor_id": context.get_actor_id(),
+            "health_check": self._code is not None and self._code.check_health is not None,
+            "async": self._code is not None and self._code.loop is not None,
+            "health_check_period_s": self._spec.get("health_check_period_s"),
+            "health_check_timeout_s": self._spec.get("health_check_timeout_s"),
         }
 
     def check_health(self) -> bool:
-        """Run the object's ``check_health()``: between batches, like a batch."""
-        check = self._check
+        """Run the object's ``check_health()``: between batches, like a batch (an async
+        one on the replica's loop)."""
+        code = self._code
+        check = None if code is None else code.check_health
         if check is None:
             return False
         try:
-            check()
+            if code is not None and code.loop is not None:
+                check()
+            else:
+                with self._turns:
+                    check()
         except Exception as exc:
             raise carry(exc) from None
         return True
 
-    def run(self, batch: Sequence[tuple[tuple[Any, ...], dict[str, Any]]]) -> bytes:
+    def run(
+        self,
+        batch: Sequence[tuple[tuple[Any, ...], dict[str, Any]]],
+        request_id: str | None = None,
+    ) -> bytes:
         """Run one batch of ``(args, kwargs)`` pairs; one result per query, in order,
         pickled (see the module docstring). A result pickle refuses raises
-        :class:`~servecore.UnpicklableResult` naming its type.
+        :class:`~servecore.UnpicklableResult` naming its type. ``request_id`` names
+        the call for :meth:`cancel` (async targets).
 
         Pairs, not :class:`Query` objects, cross the wire: Ray serializes plain tuples
         faster than objects it has to pickle.
         """
         try:
-            run = self._run
-            if run is None:
-                run = self._build()
-            results = run([Query(args=args, kwargs=kwargs) for args, kwargs in batch])
+            code = self._code
+            if code is None:
+                code = self._build()
+            queries = [Query(args=args, kwargs=kwargs) for args, kwargs in batch]
+            if code.loop is not None and code.run_async is not None:
+                results = self._run_async(code.loop, code.run_async, queries, request_id)
+                if results is None:
+                    return b""  # cancelled: its caller no longer waits for an answer
+            else:
+                with self._turns:
+                    results = code.run(queries)
             return encode_results(self._spec["tag"], results, "ray")
         except Exception as exc:
             raise carry(exc) from None
 
-    @ray.method(concurrency_group="servecore")
+    def _run_async(
+        self,
+        loop: ReplicaLoop,
+        run_async: Callable[[Sequence[Query]], Awaitable[list[Any]]],
+        queries: list[Query],
+        request_id: str | None,
+    ) -> list[Any] | None:
+        """Run an async target's batch as a task on the replica's loop; wait for it.
+        ``None``: it was cancelled (:meth:`cancel`)."""
+        future = loop.submit(lambda: run_async(queries))
+        self._running.add(request_id, future)
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError:
+            if self._running.remove(request_id):
+                return None
+            # The user's own code cancelled its task: that is its answer.
+            raise RuntimeError("the query's task was cancelled inside the replica") from None
+        finally:
+            self._running.remove(request_id)
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def cancel(self, request_id: str) -> None:
+        """Cancel the task of call ``request_id`` (its caller gave up): the target sees
+        ``asyncio.CancelledError``. One that has not begun yet is cancelled as it
+        begins; one that ended is left alone."""
+        self._running.cancel(request_id)
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
     def watch(self, period_s: float) -> bool:
-        """Return after ``period_s``; Ray fails the call if the actor dies first."""
+        """Return after ``period_s``; Ray fails the call if the actor dies first.
+        ``watch(0)`` is the health probe: it answers at once if the process can."""
         time.sleep(period_s)
         return True

@@ -5,28 +5,37 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import Mapping, Sequence
-from typing import Any
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import ray
 import ray.exceptions
 import ray.util
 import trio
 
-from servecore._core.errors import ReplicaDiedError, ResultDecodeError
+from servecore._core.errors import (
+    ReplicaDiedError,
+    ResultDecodeError,
+    RuntimeUnresponsive,
+)
 from servecore._core.transitions import StartReplica
-from servecore.runtimes._protocol import Query, Report
+from servecore.runtimes._protocol import Query, ReplicaInfo, Report
 from servecore.runtimes._remote_errors import decode_reply
 from servecore.runtimes.ray.actor import PROTOCOL, ServecoreReplica
 from servecore.runtimes.ray.connection import connect, disconnect
 from servecore.runtimes.ray.errors import short, user_error
+from servecore.runtimes.ray.fence import RayFence
 from servecore.runtimes.ray.options import actor_options
+from servecore.runtimes.ray.placement import AvoidedNodes, steer_away
 from servecore.runtimes.ray.results import Results
 from servecore.runtimes.ray.watch import Actor, ReplicaWatch
 
 __all__ = ["RayRuntime"]
 
 log = logging.getLogger("servecore.runtimes.ray")
+
+_T = TypeVar("_T")
 
 #: A Ray actor name that is a replica tag: ``"{backend}#{n}"``.
 _TAG = re.compile(r"^[^\s#/][^\s#]*#\d+$")
@@ -57,7 +66,15 @@ def _unusable(tag: str, info: Mapping[str, Any]) -> str | None:
             f"it speaks actor protocol {protocol}, newer than this servecore's {PROTOCOL} "
             f"(a newer servecore started it)"
         )
-    if protocol < PROTOCOL:
+    if protocol == 2:
+        log.info(
+            "replica %s was started by an earlier servecore (actor protocol 2, this one "
+            "speaks %d): it serves on, probed with the default health-check settings; an "
+            "adopting controller's ready() waits behind its running query",
+            tag,
+            PROTOCOL,
+        )
+    elif protocol < PROTOCOL:
         log.warning(
             "replica %s was started by an earlier servecore (actor protocol %d, this one "
             "speaks %d): it keeps serving, but Ray decodes its results, and a result that "
@@ -94,10 +111,16 @@ class RayRuntime(ReplicaWatch):
     ``start_timeout_s`` bounds how long a replica may take to be scheduled, import its
     target and construct it. ``health_check_period_s`` is how often a replica's
     ``check_health()`` (if it has one) runs, and how often the death watch on each
-    replica is renewed. ``init_options`` go to ``ray.init``. Through the controller::
+    replica is renewed. ``call_timeout_s`` is the deadline of each of the runtime's own
+    control calls to Ray (listing, looking up, creating and killing actors, reading the
+    fence): past it the call raises :class:`~servecore.RuntimeUnresponsive`.
+    ``init_options`` go to ``ray.init``. Through the controller::
 
         servecore.open_controller(runtime="ray", runtime_options={"address": "auto"})
     """
+
+    #: ``async def`` targets run on an asyncio loop in the replica (docs/plugins.md).
+    supports_async_targets = True
 
     def __init__(
         self,
@@ -106,6 +129,7 @@ class RayRuntime(ReplicaWatch):
         namespace: str | None = None,
         start_timeout_s: float = 300.0,
         health_check_period_s: float = 10.0,
+        call_timeout_s: float = 30.0,
         init_options: Mapping[str, Any] | None = None,
     ) -> None:
         if not start_timeout_s > 0:
@@ -114,38 +138,98 @@ class RayRuntime(ReplicaWatch):
             raise ValueError(
                 f"health_check_period_s={health_check_period_s!r} must be a number > 0"
             )
+        if not call_timeout_s > 0:
+            raise ValueError(f"call_timeout_s={call_timeout_s!r} must be a number > 0")
         self.address = address
         self.namespace_override = namespace
         self.start_timeout_s = float(start_timeout_s)
         self.health_check_period_s = float(health_check_period_s)
+        self.call_timeout_s = float(call_timeout_s)
         self.init_options = dict(init_options or {})
         #: The Ray namespace replicas live in (set by :meth:`open`).
         self.namespace: str | None = None
+        #: The store's lease epoch this runtime acts for (``None``: a store without one).
+        self.epoch: int | None = None
+        self._fence: RayFence | None = None
+        self._background: trio.Nursery | None = None
+        self._background_scope: trio.CancelScope | None = None
         self._report: Report | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._actors: dict[str, Actor] = {}
         self._results: Results | None = None
         self._starting: dict[str, set[_Start]] = {}
         self._condemned = set()
+        self._avoided = AvoidedNodes()
         self._connected = False
         self._closed = False
 
+    def __repr__(self) -> str:
+        return f"RayRuntime(namespace={self.namespace or self.namespace_override!r})"
+
     # -- the Runtime protocol -------------------------------------------------------------
 
-    async def open(self, *, namespace: str, report: Report) -> None:
-        """Connect to Ray (once per process) and attach to the controller ``namespace``."""
+    async def open(
+        self,
+        *,
+        namespace: str,
+        report: Report,
+        store_id: str | None = None,
+        epoch: int | None = None,
+    ) -> None:
+        """Connect to Ray (once per process) and attach to the controller ``namespace``.
+
+        ``store_id`` and ``epoch`` (a store with a lease) make the runtime's ownership
+        of the namespace follow the lease: the epoch is recorded in the cluster, and
+        from then on a runtime of an older epoch of the same store refuses to start,
+        stop, kill or adopt anything (:class:`~servecore.RuntimeFenced`). Opening with
+        an epoch older than the recorded one raises it at once.
+        """
+        if store_id is not None and not isinstance(store_id, str):
+            raise TypeError(f"store_id={store_id!r} must be a str or None")
+        if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)):
+            raise TypeError(f"epoch={epoch!r} must be an int or None")
         self.namespace = self.namespace_override or namespace
         self._report = report
         self._token = trio.lowlevel.current_trio_token()
         self._results = Results(self._token)
         self._closed = False
-        await trio.to_thread.run_sync(connect, self.address, self.namespace, self.init_options)
+        await self._blocking("ray.init", connect, self.address, self.namespace, self.init_options)
         self._connected = True
+        self.epoch = epoch
+        self._fence = None
+        if epoch is not None and store_id is not None:
+            fence = RayFence(self.namespace, store_id, epoch)
+            try:
+                await self._blocking("RayFence.claim", fence.claim)
+            except BaseException:
+                await self.close()
+                raise
+            self._fence = fence
+        await self._start_background()
+
+    async def _start_background(self) -> None:
+        """Open the nursery of the runtime's background work (probes, confirmations of
+        deaths) in a system task that lives until :meth:`close`."""
+        ready = trio.Event()
+        scope = self._background_scope = trio.CancelScope()
+
+        async def background() -> None:
+            with scope:
+                async with trio.open_nursery() as nursery:
+                    self._background = nursery
+                    ready.set()
+                    await trio.sleep_forever()
+
+        trio.lowlevel.spawn_system_task(background)
+        await ready.wait()
 
     async def close(self) -> None:
         """Detach. Replica actors keep running, to be found by the next controller."""
         self._closed = True
         self._report = None
+        if self._background_scope is not None:
+            self._background_scope.cancel()
+        self._background = self._background_scope = None
         self._actors.clear()
         if self._results is not None:
             self._results.close()
@@ -163,7 +247,8 @@ class RayRuntime(ReplicaWatch):
         ``TimeoutError`` and is killed. A start that a :meth:`stop_replica` of the same
         tag overtakes raises :class:`~servecore.ReplicaDiedError` (the stop kills it).
         """
-        options = actor_options(effect)
+        options = steer_away(actor_options(effect), self._avoided.at(trio.current_time()))
+        await self._check_fence()
         known = self._actors.get(effect.tag)
         if known is not None and not known.dead.is_set() and not known.stopping:
             return
@@ -175,6 +260,9 @@ class RayRuntime(ReplicaWatch):
             "init_kwargs": effect.init_kwargs,
             "max_batch_size": effect.config.max_batch_size,
             "user_config": effect.config.user_config,
+            "max_concurrent_queries": effect.config.max_concurrent_queries,
+            "health_check_period_s": effect.config.health_check_period_s,
+            "health_check_timeout_s": effect.config.health_check_timeout_s,
         }
         start = _Start()
         self._starting.setdefault(effect.tag, set()).add(start)
@@ -219,7 +307,9 @@ class RayRuntime(ReplicaWatch):
                 # It died before it was ready. Perhaps a dying actor of an earlier
                 # attempt still held the name: try again with a fresh one.
                 await trio.sleep(0.2 * attempt)
-            handle = start.handle = await trio.to_thread.run_sync(self._create, tag, spec, options)
+            handle = start.handle = await self._blocking(
+                "ServecoreReplica.remote", self._create, tag, spec, options
+            )
             value = await self._ready(tag, handle, options)
             if start.stopped or not isinstance(value, ray.exceptions.RayActorError):
                 break
@@ -257,6 +347,7 @@ class RayRuntime(ReplicaWatch):
         A start of ``tag`` still in progress gets the same ``timeout_s`` to end; then the
         actor is killed whether its constructor returned or not, and the start raises.
         """
+        await self._check_fence()
         deadline = trio.current_time() + timeout_s  # one budget for starts and calls
         made = await self._overtake_starts(tag, deadline)
         actor = self._actors.get(tag)
@@ -280,6 +371,7 @@ class RayRuntime(ReplicaWatch):
                     timeout_s,
                 )
         if not actor.dead.is_set():
+            await self._check_fence()  # again, just before the kill: a drain may be long
             self._watch(actor)  # to learn when Ray has it dead
             await self._kill(actor.handle)
             with trio.move_on_after(_KILL_CONFIRM_S):
@@ -294,10 +386,12 @@ class RayRuntime(ReplicaWatch):
 
         Actors this runtime has not seen yet (after a controller restart) are adopted:
         each must become ready (one whose constructor fails is killed and left out),
-        and is watched from then on.
+        and is watched from then on. A fenced runtime lists nothing and adopts nothing:
+        it raises :class:`~servecore.RuntimeFenced`.
         """
-        listed = await trio.to_thread.run_sync(
-            lambda: ray.util.list_named_actors(all_namespaces=True)
+        await self._check_fence()
+        listed = await self._blocking(
+            "ray.util.list_named_actors", ray.util.list_named_actors, True
         )
         tags = {
             entry["name"]
@@ -334,9 +428,13 @@ class RayRuntime(ReplicaWatch):
                 self._watch(actor)
         if actor.dead.is_set() or actor.stopping:
             raise ReplicaDiedError(tag, "it is stopping" if actor.stopping else "it died")
+        pairs = [(q.args, q.kwargs) for q in batch]
         actor.outstanding += 1
         try:
-            value = await self._wait(actor.handle.run.remote([(q.args, q.kwargs) for q in batch]))
+            if actor.info.get("async"):
+                value = await self._call_async(actor, pairs)
+            else:
+                value = await self._wait(actor.handle.run.remote(pairs))
         finally:
             actor.outstanding -= 1
             if actor.outstanding == 0 and actor.idle is not None:
@@ -368,15 +466,50 @@ class RayRuntime(ReplicaWatch):
             runtime="ray",
         )
 
+    async def _call_async(self, actor: Actor, pairs: list[Any]) -> Any:
+        """A call of an async target: one whose caller gives up cancels its task in the
+        replica (``cancel(request_id)``, on the actor's control threads)."""
+        request_id = uuid.uuid4().hex
+        ref = actor.handle.run.remote(pairs, request_id)
+        try:
+            return await self._wait(ref)
+        except trio.Cancelled:
+            with contextlib.suppress(Exception):  # only sends the request
+                actor.handle.cancel.remote(request_id)
+            raise
+
     # -- operations -----------------------------------------------------------------------
+
+    def replica_info(self, tag: str) -> ReplicaInfo | None:
+        """Where replica ``tag`` runs: its process id, Ray actor id, node id and node
+        address, as its ``ready()`` reported them (``None`` if it is not known here)."""
+        actor = self._actors.get(tag)
+        if actor is None:
+            return None
+        info = actor.info
+
+        def text(key: str) -> str | None:
+            value = info.get(key)
+            return value if isinstance(value, str) and value else None
+
+        pid = info.get("pid")
+        return ReplicaInfo(
+            pid=pid if isinstance(pid, int) and not isinstance(pid, bool) else None,
+            actor_id=text("actor_id"),
+            node=text("node_id"),
+            node_ip=text("node_ip"),
+        )
 
     def kill(self, tag: str) -> None:
         """Kill replica ``tag``'s actor as a crash would (for operators and tests).
 
         Its death is reported as ``ReplicaDied`` before this returns (the watch's own
         later report of the same death is then a no-op). Call it on the trio thread the
-        runtime was opened in. Blocks briefly.
+        runtime was opened in. Blocks briefly. A fenced runtime raises
+        :class:`~servecore.RuntimeFenced` and kills nothing.
         """
+        if self._fence is not None:
+            self._fence.check()
         handle = ray.get_actor(tag, namespace=self.namespace)
         ray.kill(handle, no_restart=True)
         actor = self._actors.get(tag)
@@ -394,7 +527,8 @@ class RayRuntime(ReplicaWatch):
             lifetime="detached",
             get_if_exists=True,
             max_restarts=0,
-            max_concurrency=1,
+            # Plain batches take turns in the replica; async ones run this many at once.
+            max_concurrency=max(1, int(spec.get("max_concurrent_queries") or 1)),
             **options,
         ).remote(spec)
 
@@ -407,7 +541,7 @@ class RayRuntime(ReplicaWatch):
             except ValueError:
                 return None
 
-        return await trio.to_thread.run_sync(get)
+        return await self._blocking("ray.get_actor", get)
 
     async def _adopt(self, tag: str) -> bool:
         """Take over a listed actor: wait until it is ready, then watch it."""
@@ -432,6 +566,7 @@ class RayRuntime(ReplicaWatch):
                 self._watch(actor)
                 return True
             reason = unusable
+        await self._check_fence()
         log.warning("replica %s found in Ray cannot serve (%s); killing it", tag, reason)
         await self._kill(handle, tag)
         return False
@@ -444,7 +579,7 @@ class RayRuntime(ReplicaWatch):
             with contextlib.suppress(Exception):  # already dead or gone
                 ray.kill(handle, no_restart=True)
 
-        await trio.to_thread.run_sync(kill)
+        await self._blocking("ray.kill", kill)
         if tag is not None:
             with trio.move_on_after(_KILL_CONFIRM_S):
                 while await self._lookup(tag) is not None:
@@ -460,6 +595,24 @@ class RayRuntime(ReplicaWatch):
             f"resources {dict(options) or '(Ray defaults)'} that no node has free, or a "
             f"slow constructor); it was killed. Check the cluster's free resources "
             f"(`ray status`) or raise the runtime's start_timeout_s"
+        )
+
+    async def _check_fence(self) -> None:
+        """Refuse to act for a controller whose epoch is older than the cluster's fence."""
+        if self._fence is not None:
+            await self._blocking("RayFence.check", self._fence.check)
+
+    async def _blocking(self, what: str, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(*args)`` on a worker thread, within ``call_timeout_s``; past it the thread
+        is abandoned and :class:`~servecore.RuntimeUnresponsive` raised."""
+        with trio.move_on_after(self.call_timeout_s):
+            return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
+        raise RuntimeUnresponsive(
+            repr(self),
+            what,
+            self.call_timeout_s,
+            setting="call_timeout_s",
+            set_in="the Ray runtime's options",
         )
 
     async def _wait(self, ref: Any) -> Any:
