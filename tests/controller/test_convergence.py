@@ -18,6 +18,7 @@ from servecore import (
     ReplicaStatus,
     open_controller,
 )
+from servecore._serving.ops_http import readyz
 from servecore.testing import InMemoryRuntime
 
 ECHO = "servecore.testing.targets:Echo"
@@ -309,3 +310,45 @@ async def test_load_reports_during_a_slow_listing_do_not_void_the_resync() -> No
         runtime.list_replicas = listed  # type: ignore[method-assign]
         await ctl.settle()
         assert tag not in ctl.state.replicas and len(runtime.live) == 1
+
+
+class EchoingRuntime(InMemoryRuntime):
+    """Reports each death twice, as a watcher and a resync both seeing it would."""
+
+    async def open(self, *, namespace: str, report: Any, **kwargs: Any) -> None:
+        self.report_twice = report
+        await super().open(namespace=namespace, report=report, **kwargs)
+
+
+async def test_a_death_the_store_cannot_save_shows_in_status_and_readiness_once() -> None:
+    store, runtime = OutageStore(), EchoingRuntime()
+    async with open_controller(runtime=runtime, store=store, resync_interval_s=None) as ctl:
+        await ctl.create_backend("a", ECHO, num_replicas=1)
+        await ctl.create_endpoint("e", route="/e")
+        await ctl.set_traffic("e", {"a": 1.0})
+        assert readyz(ctl)[0] == 200
+        store.down = True
+        runtime.kill("a#0", reason="segfault")
+        runtime.report_twice(servecore.ReplicaDied(tag="a#0", reason="segfault"))
+        await trio.sleep(0.3)
+        # The checkpoint still says RUNNING; status tells what the runtime saw.
+        assert ctl.state.replicas["a#0"].status is ReplicaStatus.RUNNING
+        assert ctl.unrecorded_deaths == {"a#0": "segfault"}
+        status = await ctl.status()
+        [backend] = status.backends
+        [replica] = backend.replicas
+        assert (replica.status, replica.death) == ("DIED", "segfault")
+        assert backend.status == "UNHEALTHY" and backend.running_replicas == 0
+        assert not status.healthy
+        assert status.note is not None and "a#0" in status.note and "not saved" in status.note
+        code, body = readyz(ctl)
+        assert code == 503 and "no RUNNING replica" in body["reasons"][0]
+        assert ctl.lifecycle_counts.deaths["a"] == 1  # reported twice, counted once
+        store.down = False
+        with trio.fail_after(10):
+            await ctl.settle()
+        assert ctl.unrecorded_deaths == {}
+        assert (await ctl.status()).note is None
+        assert ctl.lifecycle_counts.deaths["a"] == 1
+        assert_converged(ctl, runtime)
+        assert readyz(ctl)[0] == 200

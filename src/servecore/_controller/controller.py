@@ -257,6 +257,16 @@ class Controller:
         (starts, ready, failures, stops, deaths) and its commits: what metrics export."""
         return self._lifecycle.counts
 
+    @property
+    def unrecorded_deaths(self) -> dict[str, str]:
+        """Replicas the runtime reported dead whose death is not saved yet (the store
+        does not answer), with why they died: status shows them ``DIED`` and
+        readiness counts them out before the checkpoint says so."""
+        return {
+            tag: event.reason or "the replica died"
+            for tag, event in self._effects.unrecorded_deaths().items()
+        }
+
     def recent_events(self) -> tuple[LifecycleEvent, ...]:
         """The last lifecycle events of this controller's replicas, oldest first
         (starting, ready, failed, stopping, stopped, dead, and one ``recovered`` at

@@ -144,6 +144,9 @@ class EffectRunner:
         self._busy: Counter[str] = Counter()
         # When each replica was seen to start (trio time), to tell a crash loop.
         self._started_at: dict[str, float] = {}
+        # Deaths reported but not yet saved (the store does not answer): status shows
+        # them, and the same death reported again meanwhile is not counted twice.
+        self._unrecorded: dict[str, ReplicaDied] = {}
         #: Set when the controller stepped down: no effect is carried out any more
         #: (the controller holding the lease now decides what runs).
         self.refusing = False
@@ -153,6 +156,14 @@ class EffectRunner:
     def busy(self) -> frozenset[str]:
         """Tags with a start, a stop or an unsaved event in flight."""
         return frozenset(self._busy)
+
+    def unrecorded_deaths(self) -> dict[str, ReplicaDied]:
+        """Deaths the runtime reported that are not saved yet, by tag."""
+        return dict(self._unrecorded)
+
+    def _recorded(self, event: Event) -> None:
+        if isinstance(event, ReplicaDied) and self._unrecorded.get(event.tag) is event:
+            del self._unrecorded[event.tag]
 
     def proven(self, state: State, now: float) -> frozenset[str]:
         """Replicas that have run for at least ``EARLY_DEATH_S``: the end of a crash loop
@@ -293,9 +304,11 @@ class EffectRunner:
         is told what was and was not recorded."""
         try:
             await self._execute(event, group)
+            self._recorded(event)
             return
         except LeaseLost as exc:
             # Fenced out: another controller owns the store now; retrying cannot help.
+            self._recorded(event)
             group.errors.append(exc)
             return
         except CheckpointError as exc:
@@ -319,9 +332,11 @@ class EffectRunner:
                 await trio.sleep(delay)
                 try:
                     await self._execute(event, self.background)
+                    self._recorded(event)
                     log.info("that %s was recorded after the store recovered", describe(event))
                     return
                 except LeaseLost as exc:
+                    self._recorded(event)
                     log.error(
                         "%s; giving up on recording that %s (this controller is fenced)",
                         exc,
@@ -346,10 +361,15 @@ class EffectRunner:
             self.spawn(self.background, self._report_load, event, self.background)
             return
         if isinstance(event, ReplicaDied):
+            if event.tag in self._unrecorded:
+                # The watcher and a resync both saw it while the store was down.
+                log.debug("replica %s: its death was already reported", event.tag)
+                return
             if event.uptime_s is None:
                 started = self._started_at.pop(event.tag, None)
                 if started is not None:
                     uptime = max(0.0, trio.current_time() - started)
                     event = attrs.evolve(event, uptime_s=uptime)
             self.lifecycle.dead(event)
+            self._unrecorded[event.tag] = event
         self.spawn(self.background, self.feed, event, self.background)

@@ -19,6 +19,7 @@ from servecore._core.values import replica_order
 from servecore._serving.router_stats import RouterStatistics
 
 __all__ = [
+    "DIED",
     "STOPPED",
     "BackendView",
     "EndpointView",
@@ -30,6 +31,9 @@ __all__ = [
 
 #: Offline status of replicas (and backends) known to have stopped with their server.
 STOPPED = "STOPPED"
+#: Live status of a replica the runtime reported dead whose death is not saved yet (the
+#: store does not answer); its backend shows ``UNHEALTHY`` meanwhile.
+DIED = "DIED"
 
 
 @attrs.frozen(kw_only=True)
@@ -48,6 +52,8 @@ class ReplicaView:
     log_path: str | None = None
     #: Queries running on it now (live status only).
     running: int | None = None
+    #: Why it died, while its death is seen but not yet saved (status ``DIED``).
+    death: str | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -112,6 +118,7 @@ def status_of(
     runtime: Any = None,
     statistics: RouterStatistics | None = None,
     replicas_gone: str | None = None,
+    unrecorded_deaths: dict[str, str] | None = None,
 ) -> Status:
     """The :class:`Status` of ``state`` (checkpoint number ``seq``); with ``runtime``
     (a live controller's), replicas carry their pid/actor/log and backends their load
@@ -121,9 +128,14 @@ def status_of(
     ``replicas_gone`` (offline only) says that the replicas the checkpoint records are
     not running, and why (the ``threads`` runtime's replicas stop with their server):
     they are shown ``STOPPED``, as is every backend that wants replicas, and the
-    reason becomes :attr:`Status.note`."""
+    reason becomes :attr:`Status.note`.
+
+    ``unrecorded_deaths`` (live only: tag to reason) are deaths the runtime reported
+    that the store has not saved yet: those replicas show ``DIED`` (not the
+    checkpoint's ``RUNNING``), their backends ``UNHEALTHY``, and the note says why."""
     live = runtime is not None
     gone = replicas_gone is not None and not live
+    died = dict(unrecorded_deaths or {}) if live else {}
     backends = []
     for tag in sorted(state.backends):
         b = state.backends[tag]
@@ -139,7 +151,7 @@ def status_of(
                 ReplicaView(
                     tag=rtag,
                     backend=tag,
-                    status=STOPPED if gone else r.status.value,
+                    status=STOPPED if gone else DIED if rtag in died else r.status.value,
                     version=r.version,
                     pid=info.pid if info is not None else None,
                     actor_id=info.actor_id if info is not None else None,
@@ -151,13 +163,20 @@ def status_of(
                         if load is not None
                         else (0 if live else None)
                     ),
+                    death=died.get(rtag),
                 )
             )
         backends.append(
             BackendView(
                 tag=tag,
                 target=b.target,
-                status=STOPPED if gone and b.wanted_replicas else b.status.value,
+                status=(
+                    STOPPED
+                    if gone and b.wanted_replicas
+                    else "UNHEALTHY"
+                    if any(r.status == DIED for r in replicas)
+                    else b.status.value
+                ),
                 num_replicas=b.wanted_replicas,
                 running_replicas=sum(1 for r in replicas if r.status == "RUNNING"),
                 version=b.version,
@@ -184,7 +203,17 @@ def status_of(
         runtime=type(runtime).__name__ if live else None,
         endpoints=endpoints,
         backends=tuple(backends),
-        note=replicas_gone if gone else None,
+        note=replicas_gone if gone else _unrecorded_note(died),
+    )
+
+
+def _unrecorded_note(died: dict[str, str]) -> str | None:
+    if not died:
+        return None
+    tags = ", ".join(sorted(died, key=replica_order))
+    return (
+        f"{len(died)} replica death(s) seen but not saved yet ({tags}): the checkpoint "
+        f"store does not answer; they are replaced once it does"
     )
 
 
@@ -195,4 +224,5 @@ def live_status(controller: Any) -> Status:
         controller.seq,
         runtime=controller.runtime,
         statistics=controller.router_statistics(),
+        unrecorded_deaths=controller.unrecorded_deaths,
     )

@@ -254,6 +254,11 @@ class SyncController:
         """See :attr:`servecore.Controller.lifecycle_counts`."""
         return self.controller.lifecycle_counts
 
+    @property
+    def unrecorded_deaths(self) -> dict[str, str]:
+        """See :attr:`servecore.Controller.unrecorded_deaths`."""
+        return self.controller.unrecorded_deaths
+
     def recent_events(self) -> tuple[LifecycleEvent, ...]:
         """See :meth:`servecore.Controller.recent_events`."""
         return self._run_sync(self.controller.recent_events)

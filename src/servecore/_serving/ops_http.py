@@ -83,6 +83,8 @@ def readyz(controller: Any) -> tuple[int, dict[str, Any]]:
         reasons.append(not_leader)
     state = controller.state
     table = controller.routing_table
+    # Deaths seen but not saved yet (the store does not answer) count as gone.
+    died = set(getattr(controller, "unrecorded_deaths", {}))
     for name, ep in sorted(state.endpoints.items()):
         if ep.route is None:
             continue  # reached by handles only: not this ingress's to be ready for
@@ -91,7 +93,7 @@ def readyz(controller: Any) -> tuple[int, dict[str, Any]]:
             reasons.append(f"endpoint {name!r} at {ep.route} has no traffic set")
             continue
         routes = [table.backends.get(t) for t in serving]
-        if any(r is not None and (r.replicas or r.wakes_on_demand) for r in routes):
+        if any(r is not None and (set(r.replicas) - died or r.wakes_on_demand) for r in routes):
             continue
         why = ", ".join(
             f"{t!r} {b.status.value}" if (b := state.backends.get(t)) is not None else repr(t)

@@ -10,7 +10,14 @@ from rich.text import Text
 
 __all__ = ["describe_lease", "failed_hint", "print_status", "render_status"]
 
-_STYLE = {"HEALTHY": "green", "UPDATING": "yellow", "FAILED": "red", "RUNNING": "green"}
+_STYLE = {
+    "HEALTHY": "green",
+    "UPDATING": "yellow",
+    "UNHEALTHY": "yellow",
+    "FAILED": "red",
+    "RUNNING": "green",
+    "DIED": "red",
+}
 
 
 def _weights(mapping: dict[str, float]) -> str:
