@@ -187,3 +187,24 @@ def test_a_connected_client_streams_from_ray_with_backpressure(
         # The counter's total: the 5 of the first stream, and of the second at least the
         # 3 taken and at most a window (no credit comes back before half a window).
         assert 5 + 3 <= record["produced"] <= 5 + DEFAULT_STREAM_WINDOW
+
+
+async def test_a_client_says_a_query_never_reached_a_replica_it_cannot_find(
+    cluster: Any, namespace: str
+) -> None:
+    """No live actor of that name: retry-safe, so the router sends the query elsewhere."""
+    import trio
+
+    from servecore.runtimes import Query
+    from servecore.runtimes.ray.client import RayReplicaClient
+
+    client = RayReplicaClient(namespace, cluster.address, call_timeout_s=WAIT_S)
+    async with trio.open_nursery() as nursery:
+        await client.start(nursery)
+        try:
+            with pytest.raises(servecore.ReplicaDiedError) as caught:
+                await client.call("gone#1", [Query(args=(1,))])
+        finally:
+            client.close()
+    assert getattr(caught.value, "retry_safe", False)
+    assert caught.value.tag == "gone#1" and namespace in str(caught.value)
