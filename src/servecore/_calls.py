@@ -146,9 +146,10 @@ def get_handle(endpoint: str) -> ReplicaHandle:
     already waiting on the chain raises :class:`~servecore.CallCycle`, one nesting
     past :data:`MAX_CALL_DEPTH` replicas :class:`~servecore.CallDepthExceeded`.
 
-    Works on the threads runtime (through the controller's router) and the subprocess
-    runtime (through one :func:`servecore.connect` client per replica process, opened
-    on first use). Raises :class:`NotInReplica` anywhere else.
+    Works on the threads runtime (through the controller's router), and the subprocess
+    and Ray runtimes under ``servecore run`` (through one :func:`servecore.connect`
+    client per replica process, opened on first use). Raises :class:`NotInReplica`
+    anywhere else.
     """
     context = _current.get()
     if context is None:
@@ -214,7 +215,7 @@ def wrap_async_runner(
 
 
 class ConnectComposer:
-    """Composition from a replica process of the subprocess runtime: one
+    """Composition from a replica process of the subprocess or Ray runtime: one
     :func:`servecore.connect` client per process, opened on first use (so a replica
     that never composes never imports trio nor holds a subscription)."""
 

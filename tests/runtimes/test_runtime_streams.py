@@ -1,6 +1,8 @@
-"""Streams of generator targets through the threads and subprocess runtimes.
+"""Streams of generator targets through the threads, subprocess and Ray runtimes.
 
-Each test runs on both runtimes, with a sync and an async generator where it matters.
+Each test runs on every runtime (Ray's on the private cluster of
+``tests/runtimes/conftest.py``, in a namespace of its own), with a sync and an async
+generator where it matters.
 No wall-clock thresholds: order is checked with the replica's own timestamps against
 the consumer's receipt order, and bounded waits only guard against a hang.
 """
@@ -27,11 +29,23 @@ from subprocess_helpers import kill_everything_under
 BOUND_S = 30.0  # only ever a guard against hanging
 
 
-@pytest.fixture(params=["threads", "subprocess"])
+@pytest.fixture(params=["threads", "subprocess", pytest.param("ray", marks=pytest.mark.ray)])
 async def runtime(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
-    rt: Any = ThreadRuntime() if request.param == "threads" else SubprocessRuntime(tmp_path / "rt")
+    namespace = "stream"
+    rt: Any
+    if request.param == "threads":
+        rt = ThreadRuntime()
+    elif request.param == "subprocess":
+        rt = SubprocessRuntime(tmp_path / "rt")
+    else:
+        from servecore.runtimes.ray import RayRuntime
+
+        cluster = request.getfixturevalue("cluster")
+        namespace = request.getfixturevalue("namespace")
+        rt = RayRuntime(address=cluster.address, start_timeout_s=BOUND_S)
     rt.events = []
-    await rt.open(namespace="stream", report=rt.events.append)
+    rt.replica_options = {"num_cpus": 0} if request.param == "ray" else {}
+    await rt.open(namespace=namespace, report=rt.events.append)
     try:
         yield rt
     finally:
@@ -48,7 +62,8 @@ async def start(rt: Any, tag: str, target: str) -> str:
             target=f"stream_targets:{target}",
             init_args=(),
             init_kwargs={},
-            config=BackendConfig(max_concurrent_queries=4),
+            # Ray replicas take no CPU slot: the test cluster has 2.
+            config=BackendConfig(max_concurrent_queries=4, runtime_options=rt.replica_options),
         )
     )
     return tag

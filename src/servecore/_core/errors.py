@@ -723,8 +723,8 @@ class ReplicasUnreachable(ServecoreError):
         super().__init__(
             f"the servecore controller at {where} runs its replicas on the {runtime!r} "
             f"runtime, inside its own process, so they cannot be reached from another "
-            f"process; run it with --runtime subprocess to connect to it, or send queries "
-            f"through its HTTP ingress"
+            f"process; run it with --runtime subprocess or --runtime ray to connect to it, or "
+            f"send queries through its HTTP ingress"
         )
 
 

@@ -3,8 +3,11 @@
 A client in a process other than the controller's subscribes to the routing-table
 feed of a running ``servecore run`` (its control socket, see
 :mod:`servecore._serving.table_feed`), runs its own :class:`~servecore.router.Router`
-over a :class:`~servecore._serving.remote_runtime.ReplicaClient`, and sends queries
-straight to the replica processes' sockets: the controller is not on the query path.
+over a client-side runtime, and sends queries straight to the replicas: the
+controller is not on the query path. For the subprocess runtime that is a
+:class:`~servecore._serving.remote_runtime.ReplicaClient` (each replica's Unix socket);
+for Ray a :class:`~servecore.runtimes.ray.client.RayReplicaClient` (the replica actors,
+called by name from a Ray driver of this process's own).
 
 While the controller is down the client keeps routing to the replicas it knows, and
 resubscribes in the background (every :data:`RESUBSCRIBE_S` at most); the restarted
@@ -129,11 +132,15 @@ async def _subscribe(path: Path) -> _Feed:
     return feed
 
 
+#: The Ray namespace of a controller not named otherwise (``servecore run``'s default).
+DEFAULT_NAMESPACE = "servecore"
+
+
 class Client:
     """Handles to the endpoints of a controller in another process (async; from
     :func:`open_client`). Queries go from this process straight to the replicas."""
 
-    def __init__(self, where: Path, router: Router, replicas: ReplicaClient) -> None:
+    def __init__(self, where: Path, router: Router, replicas: Any) -> None:
         self.where = where
         self.router = router
         self.replicas = replicas
@@ -266,8 +273,8 @@ async def _hello(where: Path) -> dict[str, Any] | None:
 
 async def _first_from_postgres(
     choice: StoreChoice, where: Path
-) -> tuple[Any, VersionedTable, str | None, str | None]:
-    """The store, its committed table, the runtime and the replica directory."""
+) -> tuple[Any, VersionedTable, str | None, dict[str, Any]]:
+    """The store, its committed table, the runtime and how replicas are reached."""
     from servecore._serving.pg_feed import read_table
 
     store = choice.open()
@@ -280,16 +287,30 @@ async def _first_from_postgres(
         store.close()
         raise
     if hello is not None:
-        directory = hello.get("directory")
-        return (
-            store,
-            first,
-            str(hello.get("runtime")),
-            None if directory is None else str(directory),
-        )
+        return store, first, str(hello.get("runtime")), hello
     # No server on this host now (a failover under way): the checkpoint names the
-    # runtime, and the replicas are where servecore run puts them by default.
-    return store, first, runtime, str(choice.state_dir.absolute() / "replicas")
+    # runtime, and subprocess replicas are where servecore run puts them by default.
+    return store, first, runtime, {"directory": str(choice.state_dir.absolute() / "replicas")}
+
+
+def _replica_client(
+    runtime: str | None,
+    hello: dict[str, Any],
+    ray_address: str | None,
+    ray_namespace: str | None,
+) -> ReplicaClient | Any | None:
+    """The client-side runtime reaching the replicas ``hello`` describes, or ``None``
+    when no other process can reach them (threads, or a runtime unknown here)."""
+    if runtime == "subprocess" and hello.get("directory") is not None:
+        return ReplicaClient(str(hello["directory"]))
+    if runtime == "ray":
+        # Imported here: a client of a subprocess controller never loads Ray.
+        from servecore.runtimes.ray.client import RayReplicaClient
+
+        address = ray_address or hello.get("address")
+        namespace = ray_namespace or hello.get("namespace") or DEFAULT_NAMESPACE
+        return RayReplicaClient(str(namespace), None if address is None else str(address))
+    return None
 
 
 @contextlib.asynccontextmanager
@@ -300,6 +321,8 @@ async def open_client(
     rng: random.Random | None = None,
     max_queued_queries: int = DEFAULT_MAX_QUEUED_QUERIES,
     load_report_interval_s: float | None = LOAD_REPORT_INTERVAL_S,
+    ray_address: str | None = None,
+    ray_namespace: str | None = None,
 ) -> AsyncIterator[Client]:
     """Connect to the ``servecore run`` serving ``store`` (its ``--store``, and its
     ``--state-dir`` if it was given one), from trio::
@@ -319,6 +342,12 @@ async def open_client(
     load is reported to the controller's autoscaler every ``load_report_interval_s``
     (``None``: never; the controller ages out a client silent for three default
     intervals, so a longer one makes its load count only part of the time).
+
+    For a controller on the Ray runtime the client joins the Ray cluster as a driver of
+    its own and calls the replica actors by name: the cluster's address and the
+    namespace come from the server's hello, or else ``ray_address`` (else Ray's
+    default, ``RAY_ADDRESS``) and ``ray_namespace`` (else the controller's default
+    name, ``"servecore"``); given, they override the hello's.
     """
     choice = (
         store
@@ -330,7 +359,7 @@ async def open_client(
     feed: _Feed | None = None
     with trio.fail_after(CONNECT_TIMEOUT_S):
         if choice.is_postgres:
-            pg_store, first, runtime, directory = await _first_from_postgres(choice, where)
+            pg_store, first, runtime, hello = await _first_from_postgres(choice, where)
         else:
             feed = await _subscribe(where)
             try:
@@ -341,21 +370,22 @@ async def open_client(
             if got is None:
                 await feed.stream.aclose()
                 raise ControlNoAnswer(where, "it closed the feed before sending a table")
-            first, runtime = got, str(feed.hello.get("runtime"))
-            directory = feed.hello.get("directory")
-    if runtime != "subprocess" or directory is None:
+            first, runtime, hello = got, str(feed.hello.get("runtime")), feed.hello
+    replicas = _replica_client(runtime, hello, ray_address, ray_namespace)
+    if replicas is None:
         if feed is not None:
             await feed.stream.aclose()
         if pg_store is not None:
             pg_store.close()
         raise ReplicasUnreachable(str(where.parent), str(runtime))
-    replicas = ReplicaClient(str(directory))
     router = Router(replicas, rng=rng, max_queued_queries=max_queued_queries)
     pg_feed = None
     async with trio.open_nursery() as nursery:
         client = Client(where, router, replicas)
         try:
-            replicas.start(nursery)
+            started = replicas.start(nursery)
+            if started is not None:
+                await started  # the Ray client joins the cluster
             router.start(nursery)
             client._offer(first)
             client.feed_connected = True
@@ -372,6 +402,7 @@ async def open_client(
                 pg_feed.start()
             else:
                 nursery.start_soon(client._follow, feed)
+                feed = None  # _follow owns it now
             if load_report_interval_s is not None:
                 router.add_demand_listener(client._on_demand)
                 nursery.start_soon(client._report_load, load_report_interval_s)
@@ -379,6 +410,8 @@ async def open_client(
         finally:
             nursery.cancel_scope.cancel()
             replicas.close()
+            if feed is not None:
+                await feed.stream.aclose()
             if pg_feed is not None:
                 pg_feed.stop()  # the feed's thread closes the store
             elif pg_store is not None:
@@ -499,12 +532,13 @@ class SyncClient:
 
 def connect(store: str | os.PathLike[str] = DEFAULT_STORE, **options: Any) -> SyncClient:
     """Connect to the ``servecore run`` serving ``store`` (its ``--store``) from
-    another process on the same host, and query its endpoints from here::
+    another process, and query its endpoints from here::
 
         with servecore.connect(".servecore/state.db") as client:
             print(client.get_handle("echo").call("hi"))
 
-    Queries go straight to the replica processes (the subprocess runtime), not
+    Queries go straight to the replicas (the subprocess runtime's processes on this
+    host, or the Ray runtime's actors, from any machine that reaches the cluster), not
     through the controller, and keep working while the controller is down. The
     options are :func:`open_client`'s; the async form, for trio, is
     :func:`open_client`.

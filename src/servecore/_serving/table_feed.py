@@ -99,9 +99,12 @@ def decode_table(line: bytes) -> VersionedTable:
 def runtime_hello(runtime: object) -> dict[str, Any]:
     """The hello line: how a process other than the controller's reaches the replicas.
 
-    Only the subprocess runtime's replicas listen where another process can connect
-    (a Unix socket each, in the runtime directory); others are named, and refused by
-    the client with :class:`~servecore.ReplicasUnreachable`.
+    The subprocess runtime's replicas listen where another process on this host can
+    connect (a Unix socket each, in the runtime directory); a runtime with a
+    ``reach()`` method adds what it returns (Ray: its name, namespace and cluster
+    address);
+    others are named, and refused by the client with
+    :class:`~servecore.ReplicasUnreachable`.
     """
     hello: dict[str, Any] = {"ok": True, "feed": FEED_VERSION}
     # Imported here: a controller on another runtime never loads the subprocess one.
@@ -116,6 +119,11 @@ def runtime_hello(runtime: object) -> dict[str, Any]:
         path = f"{cls.__module__}:{cls.__qualname__}"
         names = [name for name, (where, _) in BUILTIN_RUNTIMES.items() if where == path]
         hello.update(runtime=names[0] if names else path)
+        reach = getattr(runtime, "reach", None)
+        if callable(reach):
+            # A runtime whose replicas other processes can reach says how (Ray: the
+            # namespace and the cluster's address).
+            hello.update({k: v for k, v in reach().items() if k not in ("ok", "feed")})
     return hello
 
 

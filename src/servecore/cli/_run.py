@@ -266,11 +266,13 @@ async def _retire_predecessors(options: RunOptions) -> None:
 
 
 def _runtime_options(options: RunOptions) -> dict[str, Any]:
-    if options.runtime != "subprocess":
+    if options.runtime not in ("subprocess", "ray"):
         return options.runtime_options
     found = options.runtime_options
     # Replica code calls other endpoints through this server's control socket.
     found = {"control_socket": str(socket_path(options.state_dir)), **found}
+    if options.runtime == "ray":
+        return found
     if "directory" not in found:
         # In the state directory, so that one directory holds the whole deployment
         # and two projects never share one.

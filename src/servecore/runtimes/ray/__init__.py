@@ -68,6 +68,13 @@ Calls
     as its own type (rebuilt even when its constructor takes other arguments than its
     ``args``), with the replica's traceback as a note.
 
+Streams and clients
+    A generator target streams (``RayRuntime.stream``): the actor produces against
+    credit and the caller pulls what it produced in chunks
+    (:mod:`~servecore.runtimes.ray.calls`). A ``servecore.connect`` client of a Ray
+    controller calls the actors itself (:mod:`~servecore.runtimes.ray.client`), and so
+    does replica code calling other endpoints (``servecore.get_handle``).
+
 Targets are imported by the Ray workers, so they must be importable there: installed
 in the workers' environment, or shipped with a ``runtime_env``. By default Ray puts the
 driver's working directory and script directory on the workers' path.
@@ -86,6 +93,8 @@ Where things live: :mod:`~servecore.runtimes.ray.runtime` (the controller's side
 :mod:`~servecore.runtimes.ray.watch` (deaths, health probes and health checks),
 :mod:`~servecore.runtimes.ray.fence` (the lease epoch, kept in the cluster),
 :mod:`~servecore.runtimes.ray.placement` (avoiding nodes just lost),
+:mod:`~servecore.runtimes.ray.calls` (the caller's half of the actor protocol),
+:mod:`~servecore.runtimes.ray.client` (the client-side runtime of ``servecore.connect``),
 :mod:`~servecore.runtimes.ray.results` (Ray results into trio),
 :mod:`~servecore.runtimes.ray.errors` (exceptions on their way home),
 :mod:`~servecore.runtimes.ray.options` (actor options),

@@ -23,14 +23,23 @@ from typing import Any
 
 import ray
 
+from servecore._calls import Composer, ConnectComposer
 from servecore.runtimes._protocol import Query
 from servecore.runtimes.ray.errors import carry
 from servecore.runtimes.subprocess.wire import encode_results
-from servecore.runtimes.toolkit import ReplicaCode, ReplicaLoop, prepare_replica_code
+from servecore.runtimes.toolkit import (
+    ReplicaCode,
+    ReplicaLoop,
+    StreamRun,
+    prepare_replica_code,
+)
 
 __all__ = ["PROTOCOL", "ServecoreReplica"]
 
-#: What this actor speaks, reported by ``ready()`` as ``"protocol"``. 3: ``ready()``
+#: What this actor speaks, reported by ``ready()`` as ``"protocol"``. 4: a generator
+#: target streams (``stream_open``, ``stream_credit`` and ``stream_cancel`` on the
+#: control threads, ``stream_next`` on the default group's), and ``ready()`` says whether the
+#: target streams and whether it may compose. 3: ``ready()``
 #: and ``watch()`` run in the ``control`` concurrency group (never behind a query), and
 #: ``ready()`` reports the replica's health-probe settings, where it runs and whether
 #: its target is async (``run(batch, request_id)``, ``cancel(request_id)``). 2:
@@ -38,7 +47,7 @@ __all__ = ["PROTOCOL", "ServecoreReplica"]
 #: servecore before versions existed (1: ``run()`` returns the list itself, for Ray to
 #: pickle) report none. Detached actors outlive an upgrade of the controller, which may
 #: adopt them.
-PROTOCOL = 3
+PROTOCOL = 4
 
 #: The concurrency group of the runtime's own calls, and its threads: the long
 #: ``watch()``, a ``watch(0)`` probe, an adoption's ``ready()`` and a spare.
@@ -119,6 +128,41 @@ class _Running:
             future.cancel()
 
 
+class _Stream:
+    """One stream being produced in this replica: the items pickled and waiting to be
+    pulled (never more than the credit the caller granted), and how it ended."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.items: list[bytes] = []
+        self.ended = False
+        self.error: BaseException | None = None
+        self.run: StreamRun | None = None
+
+    def emit(self, blob: bytes) -> None:
+        with self.cond:
+            self.items.append(blob)
+            self.cond.notify_all()
+
+    def finish(self, error: BaseException | None, cancelled: bool) -> None:
+        with self.cond:
+            self.ended = True
+            self.error = error
+            self.cond.notify_all()
+
+    def take(self, wait_s: float) -> tuple[list[bytes], bool]:
+        """The items produced so far (waiting up to ``wait_s`` for one), and whether
+        the stream is over; raises the error it ended with once its items are taken."""
+        with self.cond:
+            self.cond.wait_for(lambda: self.items or self.ended, timeout=wait_s)
+            items, self.items = self.items, []
+            if items or not self.ended:
+                return items, False
+            if self.error is not None:
+                raise self.error
+            return [], True
+
+
 @ray.remote(concurrency_groups={CONTROL_GROUP: CONTROL_THREADS})  # type: ignore[call-overload]
 class ServecoreReplica:
     """One replica: builds the user's object once, then runs batches on it.
@@ -136,10 +180,14 @@ class ServecoreReplica:
     def __init__(self, spec: dict[str, Any]) -> None:
         self._spec = spec
         self._lock = threading.Lock()
+        self._compose: ConnectComposer | None = None
+        self._compose_lock = threading.Lock()
         self._code: ReplicaCode | None = None
         self._error: BaseException | None = None
         self._turns = _Turns()
         self._running = _Running()
+        self._streams: dict[str, _Stream] = {}
+        self._streams_lock = threading.Lock()
 
     def _build(self) -> ReplicaCode:
         with self._lock:
@@ -158,11 +206,23 @@ class ServecoreReplica:
                     user_config=spec["user_config"],
                     allow_async=True,
                     max_concurrent_queries=max(1, int(spec.get("max_concurrent_queries") or 1)),
+                    composer=self._composer,
                 )
             except Exception as exc:
                 self._error = exc
                 raise
             return self._code
+
+    def _composer(self) -> Composer | None:
+        """How replica code reaches other endpoints: a ``servecore.connect`` client of
+        the controller's control socket, opened on the first nested call."""
+        where = self._spec.get("control_socket")
+        if not isinstance(where, str):
+            return None
+        with self._compose_lock:
+            if self._compose is None:
+                self._compose = ConnectComposer(where)
+            return self._compose
 
     @ray.method(concurrency_group=CONTROL_GROUP)
     def ready(self) -> dict[str, Any]:
@@ -181,6 +241,8 @@ class ServecoreReplica:
             "actor_id": context.get_actor_id(),
             "health_check": self._code is not None and self._code.check_health is not None,
             "async": self._code is not None and self._code.loop is not None,
+            "streams": self._code is not None and self._code.streams,
+            "composes": isinstance(self._spec.get("control_socket"), str),
             "health_check_period_s": self._spec.get("health_check_period_s"),
             "health_check_timeout_s": self._spec.get("health_check_timeout_s"),
         }
@@ -258,6 +320,85 @@ class ServecoreReplica:
         ``asyncio.CancelledError``. One that has not begun yet is cancelled as it
         begins; one that ended is left alone."""
         self._running.cancel(request_id)
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def stream_open(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], request_id: str, window: int
+    ) -> bool:
+        """Begin stream ``request_id`` of a generator target: it produces up to
+        ``window`` items ahead of what the caller has taken (:meth:`stream_credit`
+        gives more). Raises :class:`~servecore.StreamMismatch` for a target that does
+        not stream. Returns at once (the generator runs on a thread of its own, or as
+        a task on the replica's loop)."""
+        try:
+            code = self._code
+            if code is None:
+                code = self._build()
+            stream = _Stream()
+            tag = self._spec["tag"]
+
+            def emit(item: Any) -> None:
+                stream.emit(encode_results(tag, item, "ray"))
+
+            run = code.open_stream(
+                Query(args=args, kwargs=kwargs),
+                window=window,
+                emit=emit,
+                finish=stream.finish,
+            )
+        except Exception as exc:
+            raise carry(exc) from None
+        stream.run = run
+        with self._streams_lock:
+            self._streams[request_id] = stream
+        run.start()
+        return True
+
+    def stream_next(self, request_id: str, wait_s: float) -> tuple[list[bytes], bool]:
+        """The items of stream ``request_id`` produced since the last call, each
+        pickled (waiting up to ``wait_s`` for one), and whether the stream is over.
+        Once its items are taken, a stream the user's code ended with an exception
+        raises it here. An unknown (cancelled) stream is over.
+
+        On the default group's threads: a generator target takes no batches, and each
+        open stream holds one of its backend's ``max_concurrent_queries`` slots (the
+        group's size) with at most one ``stream_next`` waiting, for ``wait_s`` at most.
+        """
+        with self._streams_lock:
+            stream = self._streams.get(request_id)
+        if stream is None:
+            return [], True
+        try:
+            items, done = stream.take(wait_s)
+        except Exception as exc:
+            self._forget_stream(request_id)
+            raise carry(exc) from None
+        except BaseException as exc:  # UserCodeEscaped is an Exception; this is not ours
+            self._forget_stream(request_id)
+            raise carry(RuntimeError(repr(exc))) from None
+        if done:
+            self._forget_stream(request_id)
+        return items, done
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def stream_credit(self, request_id: str, n: int) -> None:
+        """The caller took ``n`` more items of stream ``request_id``: produce as many."""
+        with self._streams_lock:
+            stream = self._streams.get(request_id)
+        if stream is not None and stream.run is not None:
+            stream.run.grant(n)
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def stream_cancel(self, request_id: str) -> None:
+        """The caller left stream ``request_id``: stop its generator and forget it."""
+        stream = self._forget_stream(request_id)
+        if stream is not None and stream.run is not None:
+            stream.run.cancel()
+            stream.finish(None, True)
+
+    def _forget_stream(self, request_id: str) -> _Stream | None:
+        with self._streams_lock:
+            return self._streams.pop(request_id, None)
 
     @ray.method(concurrency_group=CONTROL_GROUP)
     def watch(self, period_s: float) -> bool:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
-import uuid
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import ray
@@ -16,13 +17,13 @@ import trio
 
 from servecore._core.errors import (
     ReplicaDiedError,
-    ResultDecodeError,
     RuntimeUnresponsive,
 )
 from servecore._core.transitions import StartReplica
 from servecore.runtimes._protocol import Query, ReplicaInfo, Report
-from servecore.runtimes._remote_errors import decode_reply
+from servecore.runtimes._streams import ItemStream
 from servecore.runtimes.ray.actor import PROTOCOL, ServecoreReplica
+from servecore.runtimes.ray.calls import ActorCalls
 from servecore.runtimes.ray.connection import connect, disconnect
 from servecore.runtimes.ray.errors import short, user_error
 from servecore.runtimes.ray.fence import RayFence
@@ -30,6 +31,7 @@ from servecore.runtimes.ray.options import actor_options
 from servecore.runtimes.ray.placement import AvoidedNodes, steer_away
 from servecore.runtimes.ray.results import Results
 from servecore.runtimes.ray.watch import Actor, ReplicaWatch
+from servecore.runtimes.toolkit import DEFAULT_STREAM_WINDOW
 
 __all__ = ["RayRuntime"]
 
@@ -74,6 +76,13 @@ def _unusable(tag: str, info: Mapping[str, Any]) -> str | None:
             tag,
             PROTOCOL,
         )
+    elif protocol == 3:
+        log.info(
+            "replica %s was started by an earlier servecore (actor protocol 3, this one "
+            "speaks %d): it serves on; it cannot stream and its code cannot compose",
+            tag,
+            PROTOCOL,
+        )
     elif protocol < PROTOCOL:
         log.warning(
             "replica %s was started by an earlier servecore (actor protocol %d, this one "
@@ -84,6 +93,14 @@ def _unusable(tag: str, info: Mapping[str, Any]) -> str | None:
             protocol,
             PROTOCOL,
         )
+    return None
+
+
+def _gcs_address() -> str | None:
+    """(thread) The GCS address of the cluster this process joined, if Ray says."""
+    with contextlib.suppress(Exception):  # Ray Client has no runtime context of this kind
+        address = ray.get_runtime_context().gcs_address
+        return address if isinstance(address, str) and address else None
     return None
 
 
@@ -114,13 +131,18 @@ class RayRuntime(ReplicaWatch):
     replica is renewed. ``call_timeout_s`` is the deadline of each of the runtime's own
     control calls to Ray (listing, looking up, creating and killing actors, reading the
     fence): past it the call raises :class:`~servecore.RuntimeUnresponsive`.
-    ``init_options`` go to ``ray.init``. Through the controller::
+    ``init_options`` go to ``ray.init``. ``control_socket`` is the control socket of
+    the ``servecore run`` this runtime serves (``servecore run`` passes it): replica
+    code calls other endpoints through it (``servecore.get_handle``), so the replicas
+    must run where that socket is reachable (this host). Through the controller::
 
         servecore.open_controller(runtime="ray", runtime_options={"address": "auto"})
     """
 
     #: ``async def`` targets run on an asyncio loop in the replica (docs/plugins.md).
     supports_async_targets = True
+    #: Generator targets stream (docs/design.md §5, "Streams").
+    supports_streaming = True
 
     def __init__(
         self,
@@ -131,6 +153,7 @@ class RayRuntime(ReplicaWatch):
         health_check_period_s: float = 10.0,
         call_timeout_s: float = 30.0,
         init_options: Mapping[str, Any] | None = None,
+        control_socket: str | os.PathLike[str] | None = None,
     ) -> None:
         if not start_timeout_s > 0:
             raise ValueError(f"start_timeout_s={start_timeout_s!r} must be a number > 0")
@@ -146,8 +169,16 @@ class RayRuntime(ReplicaWatch):
         self.health_check_period_s = float(health_check_period_s)
         self.call_timeout_s = float(call_timeout_s)
         self.init_options = dict(init_options or {})
+        #: The control socket replica code reaches other endpoints through
+        #: (``servecore.get_handle``); ``None``: replica code cannot compose.
+        self.control_socket = (
+            None if control_socket is None else str(Path(control_socket).absolute())
+        )
         #: The Ray namespace replicas live in (set by :meth:`open`).
         self.namespace: str | None = None
+        #: The Ray cluster's GCS address, as this process joined it (set by :meth:`open`;
+        #: ``None`` through Ray Client, which has none).
+        self.gcs_address: str | None = None
         #: The store's lease epoch this runtime acts for (``None``: a store without one).
         self.epoch: int | None = None
         self._fence: RayFence | None = None
@@ -157,6 +188,7 @@ class RayRuntime(ReplicaWatch):
         self._token: trio.lowlevel.TrioToken | None = None
         self._actors: dict[str, Actor] = {}
         self._results: Results | None = None
+        self._actor_calls: ActorCalls | None = None
         self._starting: dict[str, set[_Start]] = {}
         self._condemned = set()
         self._avoided = AvoidedNodes()
@@ -192,9 +224,11 @@ class RayRuntime(ReplicaWatch):
         self._report = report
         self._token = trio.lowlevel.current_trio_token()
         self._results = Results(self._token)
+        self._actor_calls = ActorCalls(self._results)
         self._closed = False
         await self._blocking("ray.init", connect, self.address, self.namespace, self.init_options)
         self._connected = True
+        self.gcs_address = await self._blocking("the GCS address", _gcs_address)
         self.epoch = epoch
         self._fence = None
         if epoch is not None and store_id is not None:
@@ -263,6 +297,7 @@ class RayRuntime(ReplicaWatch):
             "max_concurrent_queries": effect.config.max_concurrent_queries,
             "health_check_period_s": effect.config.health_check_period_s,
             "health_check_timeout_s": effect.config.health_check_timeout_s,
+            "control_socket": self.control_socket,
         }
         start = _Start()
         self._starting.setdefault(effect.tag, set()).add(start)
@@ -417,6 +452,39 @@ class RayRuntime(ReplicaWatch):
 
     async def call(self, tag: str, batch: Sequence[Query]) -> list[Any]:
         """Run ``batch`` on replica ``tag``: one Ray actor call, awaited without a thread."""
+        actor = await self._serving(tag)
+        actor.outstanding += 1
+        try:
+            return await self._calls().run(tag, actor.handle, actor.info, batch)
+        finally:
+            self._done(actor)
+
+    async def stream(
+        self, tag: str, query: Query, window: int = DEFAULT_STREAM_WINDOW
+    ) -> ItemStream:
+        """Open a stream of the generator target of replica ``tag``: its items as the
+        actor yields them, pulled in chunks against credit (see
+        :meth:`~servecore.runtimes.ray.calls.ActorCalls.stream`). A stop lets it end
+        (within its timeout), as it does a call."""
+        actor = await self._serving(tag)
+        assert self._background is not None, "the runtime is not open"
+        actor.outstanding += 1
+        try:
+            return await self._calls().stream(
+                tag,
+                actor.handle,
+                actor.info,
+                query,
+                window,
+                self._background,
+                on_end=lambda: self._done(actor),
+            )
+        except BaseException:
+            self._done(actor)
+            raise
+
+    async def _serving(self, tag: str) -> Actor:
+        """The actor of replica ``tag``, if it may take a query now."""
         actor = self._actors.get(tag)
         if actor is None:
             handle = None if tag in self._condemned else await self._lookup(tag)
@@ -428,55 +496,24 @@ class RayRuntime(ReplicaWatch):
                 self._watch(actor)
         if actor.dead.is_set() or actor.stopping:
             raise ReplicaDiedError(tag, "it is stopping" if actor.stopping else "it died")
-        pairs = [(q.args, q.kwargs) for q in batch]
-        actor.outstanding += 1
-        try:
-            if actor.info.get("async"):
-                value = await self._call_async(actor, pairs)
-            else:
-                value = await self._wait(actor.handle.run.remote(pairs))
-        finally:
-            actor.outstanding -= 1
-            if actor.outstanding == 0 and actor.idle is not None:
-                actor.idle.set()
-        if isinstance(value, bytes):
-            # Decoded here, on the trio thread, so that whatever unpickling raises (even
-            # SystemExit) becomes a ResultDecodeError for this call alone.
-            result: list[Any] = decode_reply(value, tag, "ray")
-            return result
-        if isinstance(value, BaseException):
-            if isinstance(value, ray.exceptions.RayTaskError):
-                raise user_error(tag, value)
-            if isinstance(value, ray.exceptions.RayActorError):
-                raise ReplicaDiedError(tag, short(value))
-            if isinstance(value, ray.exceptions.RaySystemError):
-                # Ray could not deserialize the reply here (a class this process
-                # cannot import, a rebuild that raises): the replica's answer, not ours.
-                raise ResultDecodeError(tag, "<unknown>", short(value), runtime="ray")
-            raise value
-        if isinstance(value, list) and actor.protocol != PROTOCOL:
-            # An actor of an earlier servecore sends the list itself, decoded by Ray.
-            return value
-        cls = type(value)
-        raise ResultDecodeError(
-            tag,
-            f"{cls.__module__}.{cls.__qualname__}",
-            f"a replica speaking actor protocol {actor.protocol} sent it in place of "
-            f"its pickled results",
-            runtime="ray",
-        )
+        return actor
 
-    async def _call_async(self, actor: Actor, pairs: list[Any]) -> Any:
-        """A call of an async target: one whose caller gives up cancels its task in the
-        replica (``cancel(request_id)``, on the actor's control threads)."""
-        request_id = uuid.uuid4().hex
-        ref = actor.handle.run.remote(pairs, request_id)
-        try:
-            return await self._wait(ref)
-        except trio.Cancelled:
-            with contextlib.suppress(Exception):  # only sends the request
-                actor.handle.cancel.remote(request_id)
-            raise
+    @staticmethod
+    def _done(actor: Actor) -> None:
+        """A call or stream of ``actor`` ended."""
+        actor.outstanding -= 1
+        if actor.outstanding == 0 and actor.idle is not None:
+            actor.idle.set()
+
+    def _calls(self) -> ActorCalls:
+        assert self._actor_calls is not None, "the runtime is not open"
+        return self._actor_calls
+
+    def reach(self) -> dict[str, Any]:
+        """How a process other than the controller's reaches the replicas (the table
+        feed's hello): the runtime's name, the Ray namespace and the cluster's address."""
+        address = self.gcs_address or self.address
+        return {"runtime": "ray", "namespace": self.namespace, "address": address}
 
     # -- operations -----------------------------------------------------------------------
 
