@@ -16,7 +16,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from servecore._calls import NotInReplica, ReplicaHandle, get_handle
+    from servecore._calls import NotInReplica, ReplicaHandle, get_handle, time_remaining
     from servecore._controller.controller import (
         Controller,
         open_controller,
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
         CheckpointVersionError,
         CommandError,
         ControllerClosed,
+        DeadlineExceeded,
         EndpointExists,
         EndpointNotFound,
         InvalidCommand,
@@ -182,6 +183,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
         "CheckpointOutcomeUnknown",
         "CheckpointVersionError",
         "CommandError",
+        "DeadlineExceeded",
         "EndpointExists",
         "EndpointNotFound",
         "InvalidCommand",
@@ -215,7 +217,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     ),
     "servecore._core.invariants": ("validate_state",),
     "servecore._serving.connect": ("Client", "SyncClient", "connect", "open_client"),
-    "servecore._calls": ("NotInReplica", "ReplicaHandle", "get_handle"),
+    "servecore._calls": ("NotInReplica", "ReplicaHandle", "get_handle", "time_remaining"),
     "servecore._core.limits": ("Limits",),
     "servecore._core.transitions": (
         "EARLY_DEATH_S",

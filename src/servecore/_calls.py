@@ -11,6 +11,12 @@ it; its handle refuses a call whose endpoint routes to a backend already on the 
 (:class:`~servecore.CallCycle`: every replica on a cycle may be waiting on the next,
 holding the slot the cycle needs) or that would nest past :data:`MAX_CALL_DEPTH`
 (:class:`~servecore.CallDepthExceeded`), and sends the rest with the longer chain.
+
+Each query may also carry a *deadline* (``Query.deadline``, wall-clock seconds): the
+runner drops a batch whose every deadline has passed before user code sees it
+(:class:`~servecore.DeadlineExceeded`: it reached the front of the replica's queue too
+late), keeps the earliest one in the call context for :func:`time_remaining`, and a
+nested call sends it on (its handle waits no longer than the time left).
 """
 
 from __future__ import annotations
@@ -18,10 +24,16 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from servecore._core.errors import CallCycle, CallDepthExceeded, ServecoreError
+from servecore._core.errors import (
+    CallCycle,
+    CallDepthExceeded,
+    DeadlineExceeded,
+    ServecoreError,
+)
 
 __all__ = [
     "CHAIN_KEY",
@@ -33,6 +45,7 @@ __all__ = [
     "get_handle",
     "running",
     "strip_chain",
+    "time_remaining",
 ]
 
 #: The reserved keyword a nested query carries its call chain in (never seen by user code).
@@ -47,19 +60,30 @@ class Composer(Protocol):
     def backends_of(self, endpoint: str) -> Sequence[str]:
         """The backends ``endpoint`` may route to now (its traffic split)."""
 
-    def call(self, endpoint: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """Send one query to ``endpoint`` and block for its answer."""
+    def call(
+        self,
+        endpoint: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        deadline: float | None = None,
+    ) -> Any:
+        """Send one query to ``endpoint`` and block for its answer, giving up at
+        ``deadline`` (wall-clock seconds; ``TimeoutError``) if there is one."""
 
 
 class CallContext:
-    """What user code runs inside: the call chain (this replica's backend last) and
-    the composer (``None`` where the runtime offers none)."""
+    """What user code runs inside: the call chain (this replica's backend last), the
+    composer (``None`` where the runtime offers none) and the query's deadline
+    (wall-clock seconds, the earliest of a batch's; ``None``: none)."""
 
-    __slots__ = ("chain", "composer")
+    __slots__ = ("chain", "composer", "deadline")
 
-    def __init__(self, chain: tuple[str, ...], composer: Composer | None) -> None:
+    def __init__(
+        self, chain: tuple[str, ...], composer: Composer | None, deadline: float | None = None
+    ) -> None:
         self.chain = chain
         self.composer = composer
+        self.deadline = deadline
 
 
 _current: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar(
@@ -78,11 +102,41 @@ def strip_chain(kwargs: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]
 
 
 def running(
-    chain: tuple[str, ...], backend: str, composer: Composer | None
+    chain: tuple[str, ...],
+    backend: str,
+    composer: Composer | None,
+    deadline: float | None = None,
 ) -> contextvars.Token[CallContext | None]:
-    """Enter user code of ``backend`` for a query that carried ``chain``; reset the
-    returned token when it returns."""
-    return _current.set(CallContext((*chain, backend), composer))
+    """Enter user code of ``backend`` for a query that carried ``chain`` (and
+    ``deadline``); reset the returned token when it returns."""
+    return _current.set(CallContext((*chain, backend), composer, deadline))
+
+
+def time_remaining() -> float | None:
+    """Seconds left before the caller of the query running now stops waiting, or
+    ``None`` when it has no deadline (its handle has no ``timeout_s``) or when called
+    outside replica code. Never negative: ``0.0`` once the deadline has passed.
+
+    A handle's ``timeout_s`` (the HTTP ingress's ``timeout_s`` for HTTP requests)
+    becomes the query's deadline, which travels with it to the replica, so a target
+    can cut its work short (fewer tokens, a cheaper model) instead of finishing an
+    answer nobody waits for::
+
+        def generate(prompt):
+            left = servecore.time_remaining()
+            steps = 50 if left is None else max(1, min(50, int(left / 0.02)))
+            ...
+
+    In a batch, the earliest deadline of its queries (none if one of them has none).
+    A nested call
+    (``servecore.get_handle(...).call``) waits at most this long. Works on the
+    threads and subprocess runtimes; not carried to Ray replicas, nor into generator
+    (streaming) targets, where it is ``None``.
+    """
+    context = _current.get()
+    if context is None or context.deadline is None:
+        return None
+    return max(0.0, context.deadline - time.time())
 
 
 def leave(token: contextvars.Token[CallContext | None]) -> None:
@@ -127,7 +181,10 @@ class ReplicaHandle:
                 raise CallCycle(self.endpoint, backend, chain)
         if len(chain) >= MAX_CALL_DEPTH:
             raise CallDepthExceeded(self.endpoint, chain, MAX_CALL_DEPTH)
-        return composer.call(self.endpoint, args, {**kwargs, CHAIN_KEY: list(chain)})
+        kwargs = {**kwargs, CHAIN_KEY: list(chain)}
+        if context.deadline is None:
+            return composer.call(self.endpoint, args, kwargs)
+        return composer.call(self.endpoint, args, kwargs, context.deadline)
 
     async def call_async(self, *args: Any, **kwargs: Any) -> Any:
         """:meth:`call` for an ``async def`` target: the blocking call runs on a worker
@@ -168,14 +225,35 @@ def wrap_runner(
     (a batch runs under the longest chain of its queries)."""
 
     def run_composed(queries: Sequence[Any]) -> list[Any]:
+        deadline = _deadline_of(queries, backend)
         stripped, chain = _strip_all(queries, make_query)
-        token = running(chain, backend, composer())
+        token = running(chain, backend, composer(), deadline)
         try:
             return run(stripped)
         finally:
             leave(token)
 
     return run_composed
+
+
+def _deadline_of(queries: Sequence[Any], backend: str) -> float | None:
+    """The earliest deadline of a batch's queries (``None`` if one has none); raises
+    :class:`~servecore.DeadlineExceeded` when every deadline has passed, so that a
+    batch nobody waits for any more is not run. (A query of a runtime that carries no
+    deadline has no ``deadline`` attribute.)"""
+    earliest: float | None = None
+    for q in queries:
+        d = getattr(q, "deadline", None)
+        if d is None:
+            return None
+        if earliest is None or d < earliest:
+            earliest = d
+    if earliest is None:
+        return None
+    late = time.time() - max(getattr(q, "deadline", 0.0) for q in queries)
+    if late >= 0:
+        raise DeadlineExceeded(f"a replica of backend {backend!r}", late)
+    return earliest
 
 
 def _strip_all(
@@ -202,8 +280,9 @@ def wrap_async_runner(
     """:func:`wrap_runner` for an async runner (the context is the task's own)."""
 
     async def run_composed(queries: Sequence[Any]) -> list[Any]:
+        deadline = _deadline_of(queries, backend)
         stripped, chain = _strip_all(queries, make_query)
-        token = running(chain, backend, composer())
+        token = running(chain, backend, composer(), deadline)
         try:
             result: list[Any] = await run(stripped)
             return result
@@ -238,5 +317,14 @@ class ConnectComposer:
         found = self._connected().routing_table.endpoints.get(endpoint)
         return () if found is None else tuple(found.traffic)
 
-    def call(self, endpoint: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        return self._connected().get_handle(endpoint).call(*args, **kwargs)
+    def call(
+        self,
+        endpoint: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        deadline: float | None = None,
+    ) -> Any:
+        handle = self._connected().get_handle(endpoint)
+        if deadline is not None:
+            handle = handle.options(timeout_s=max(0.0, deadline - time.time()))
+        return handle.call(*args, **kwargs)

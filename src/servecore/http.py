@@ -152,6 +152,8 @@ class HTTPIngress:
                 return  # /-/healthz, /-/routes, /-/metrics, /-/dashboard, ...
             try:
                 answer = await self._answer(scope, receive)
+                if isinstance(answer, _Gone):
+                    return  # the client left before its answer: nobody to send it to
                 if isinstance(answer, _Streaming):
                     await self._stream(answer, scope, receive, send)
                     return
@@ -264,7 +266,7 @@ class HTTPIngress:
 
     async def _answer(
         self, scope: Scope, receive: Receive
-    ) -> tuple[int, bytes, list[tuple[bytes, bytes]]] | _Streaming:
+    ) -> tuple[int, bytes, list[tuple[bytes, bytes]]] | _Streaming | _Gone:
         path, method = scope["path"], scope["method"]
         stepped = getattr(self.source, "stepped_down", None)
         if stepped is not None:  # its table may be stale: answer nothing from it
@@ -317,7 +319,7 @@ class HTTPIngress:
             cached = not sse and b"application/x-ndjson" not in accept
             return _Streaming(endpoint.name, handle.stream(payload), sse, handle, payload, cached)
         try:
-            result = await handle.call(payload)
+            result = await _unless_gone(receive, handle.call, payload)
         except StreamMismatch as exc:
             if not exc.streams:
                 return _failure(exc)
@@ -326,6 +328,8 @@ class HTTPIngress:
             return _Streaming(endpoint.name, handle.stream(payload), sse, handle, payload, False)
         except Exception as exc:
             return _failure(exc)
+        if isinstance(result, _Gone):
+            return result
         return self._result(endpoint.name, path, result)
 
     async def _call(
@@ -389,6 +393,43 @@ class _Streaming:
 
 
 _NOTHING = object()
+
+
+class _Gone:
+    """The client disconnected before its answer (its query was cancelled)."""
+
+
+_GONE = _Gone()
+
+
+async def _unless_gone(receive: Receive, call: Callable[[Any], Awaitable[Any]], arg: Any) -> Any:
+    """``await call(arg)``, cancelled if the client disconnects first (then
+    :data:`_GONE`): the query is cancelled in the router (counted ``cancelled``) and,
+    for an async target, in its replica. Trio only (the controller's ingress)."""
+    result: Any = _GONE
+    error: Exception | None = None
+    async with trio.open_nursery() as nursery:
+
+        async def watch() -> None:
+            # Once the body is read, an ASGI server's next message is the disconnect;
+            # anything else (or an error) means there is none to wait for.
+            try:
+                message = await receive()
+            except Exception:
+                return
+            if message.get("type") == "http.disconnect":
+                nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch)
+        try:
+            result = await call(arg)
+        except Exception as exc:  # raised below, not as an exception group
+            error = exc
+        finally:
+            nursery.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    return result
 
 
 def _is_json(media: bytes, body: bytes | bytearray) -> bool:
