@@ -171,7 +171,9 @@ class HTTPIngress:
             await _send_whole(send, status, body, headers)
 
     async def _stream(self, answer: _Streaming, scope: Scope, receive: Receive, send: Send) -> None:
-        """Answer a stream: JSON lines (chunked), or Server-Sent Events when asked for.
+        """Answer a stream: JSON lines (chunked), or Server-Sent Events when asked for,
+        or -- when the first item is a :class:`Response` -- that status and those
+        headers, then the items as the body, raw (see :func:`_raw_chunk`).
 
         The first item is awaited before the status goes out, so a stream that fails
         at once (no replica, a target that does not stream) still answers with its
@@ -199,6 +201,9 @@ class HTTPIngress:
             else:
                 status, body, _ = _failure(exc)
             await _send_whole(send, status, body, [])
+            return
+        if isinstance(first, Response):
+            await self._stream_response(answer, first, receive, send)
             return
         media = b"text/event-stream" if sse else b"application/x-ndjson"
         await send(
@@ -235,6 +240,62 @@ class HTTPIngress:
                 # Outside the reading scope: a disconnect now must not cut this send
                 # short (the server closes the connection from inside it).
                 await send({"type": "http.response.body", "body": tail})
+            nursery.cancel_scope.cancel()
+
+    async def _stream_response(
+        self, answer: _Streaming, head: Response, receive: Receive, send: Send
+    ) -> None:
+        """A stream whose first item is a :class:`Response`: its status and headers,
+        its body (if any) as the first chunk, then each later item as a raw chunk.
+
+        The target owns the framing here, so an error after the status cannot become
+        a JSON record: it is logged once and the response is cut short (no final
+        chunk), which HTTP clients report as an incomplete body.
+        """
+        items = answer.items
+        try:
+            status, headers = _head(head)
+            chunks = [] if head.body in (b"", "", None) else [_raw_chunk(head.body)]
+        except _BadResponse as exc:
+            await items.aclose()
+            log.error("servecore.http: endpoint %r: %s", answer.endpoint, exc)
+            await _send_whole(
+                send, *_error(500, "BadResponse", f"endpoint {answer.endpoint!r} {exc}")
+            )
+            return
+        if not any(name == b"content-type" for name, _ in headers):
+            headers.insert(0, (b"content-type", b"application/octet-stream"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        reading = trio.CancelScope()
+        complete = False
+        async with trio.open_nursery() as nursery:
+
+            async def watch_disconnect() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                reading.cancel()  # the client left: stop the generator
+
+            nursery.start_soon(watch_disconnect)
+            with reading:
+                try:
+                    for data in chunks:
+                        await send({"type": "http.response.body", "body": data, "more_body": True})
+                    async for item in items:
+                        data = _raw_chunk(item)
+                        await send({"type": "http.response.body", "body": data, "more_body": True})
+                    complete = True
+                except Exception as exc:
+                    log.error(
+                        "servecore.http: endpoint %r: its stream failed after the status was "
+                        "sent, so the response is cut short: %s: %s",
+                        answer.endpoint,
+                        type(exc).__name__,
+                        exc,
+                    )
+                finally:
+                    await items.aclose()
+            if complete and not reading.cancelled_caught:
+                await send({"type": "http.response.body", "body": b""})
             nursery.cancel_scope.cancel()
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -288,8 +349,9 @@ class HTTPIngress:
                 break
         query = scope.get("query_string", b"").decode("latin-1")
         media = _header(scope, b"content-type").split(b";")[0].strip()
-        if rest or (body and not _is_json(media, body)):
-            # The JSON value alone would lose what the client sent: the target gets it all.
+        if endpoint.http_request or rest or (body and not _is_json(media, body)):
+            # Asked for, or the JSON value alone would lose what the client sent: the
+            # target gets it all.
             payload: Any = Request(
                 method,
                 rest,
@@ -458,6 +520,16 @@ _OWN_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"connection"
 
 def _response(result: Response) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
     """The status, body and headers of a target's :class:`Response`."""
+    status, headers = _head(result)
+    media, data = _body(result.body)
+    if not any(name == b"content-type" for name, _ in headers):
+        headers.insert(0, (b"content-type", media))
+    return status, data, headers
+
+
+def _head(result: Response) -> tuple[int, list[tuple[bytes, bytes]]]:
+    """The status and headers of a target's :class:`Response`, checked (without the
+    ones the ingress sets itself)."""
     status = result.status
     if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
         raise _BadResponse(f"returned a Response with status {status!r}; use 100 to 599")
@@ -477,7 +549,11 @@ def _response(result: Response) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
             ) from None
         if raw[0] not in _OWN_HEADERS:
             headers.append(raw)
-    body = result.body
+    return status, headers
+
+
+def _body(body: Any) -> tuple[bytes, bytes]:
+    """The default media type and the bytes of a :class:`Response` body."""
     if isinstance(body, (bytes, bytearray, memoryview)):
         media = b"application/octet-stream"
         data = bytes(body)
@@ -495,9 +571,17 @@ def _response(result: Response) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
             raise _BadResponse(
                 f"returned a Response body that is not JSON: {_describe(exc)}"
             ) from None
-    if not any(name == b"content-type" for name, _ in headers):
-        headers.insert(0, (b"content-type", media))
-    return status, data, headers
+    return media, data
+
+
+def _raw_chunk(item: Any) -> bytes:
+    """One item of a stream that answers with its own :class:`Response`: ``bytes`` as
+    they are, ``str`` as UTF-8, anything else as one JSON line."""
+    if isinstance(item, Response):
+        raise _BadResponse("yielded a second Response; only the first item may be one")
+    if isinstance(item, (bytes, bytearray, memoryview, str)):
+        return _body(item)[1]
+    return _body(item)[1] + b"\n"
 
 
 def _header(scope: Scope, name: bytes) -> bytes:

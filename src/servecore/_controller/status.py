@@ -78,6 +78,8 @@ class EndpointView:
     methods: tuple[str, ...]
     traffic: dict[str, float]
     shadow: dict[str, float]
+    #: Its HTTP requests reach the target as ``servecore.Request`` values, JSON too.
+    http_request: bool = False
     #: Queries it received since the router was made, by outcome (as
     #: :attr:`BackendView.queries`), over all its backends (live status only).
     queries: dict[str, int] | None = None
@@ -184,6 +186,7 @@ def status_of(
             methods=tuple(ep.methods),
             traffic=dict(sorted(ep.traffic.items())),
             shadow=dict(sorted(ep.shadow.items())),
+            http_request=ep.http_request,
             queries=dict(sorted(by_endpoint.get(name, {}).items())) if live else None,
         )
         for name, ep in sorted(state.endpoints.items())

@@ -289,17 +289,32 @@ class SyncController:
         return self._run(self.controller.submit, command)
 
     def create_endpoint(
-        self, name: str, route: str | None = None, methods: Any = ("GET",)
+        self,
+        name: str,
+        route: str | None = None,
+        methods: Any = ("GET",),
+        *,
+        http_request: bool = False,
     ) -> State:
-        """Register an endpoint, with an optional HTTP route."""
-        return self._run(self.controller.create_endpoint, name, route, methods)
+        """Register an endpoint, with an optional HTTP route; see
+        :meth:`servecore.Controller.create_endpoint`."""
+        return self._run(
+            self.controller.create_endpoint, name, route, methods, http_request=http_request
+        )
 
     def update_endpoint(
-        self, name: str, route: str | None = None, methods: Any = ("GET",)
+        self,
+        name: str,
+        route: str | None = None,
+        methods: Any = ("GET",),
+        *,
+        http_request: bool = False,
     ) -> State:
-        """Give an endpoint a new route or methods in place; see
+        """Give an endpoint a new route, methods or ``http_request`` in place; see
         :meth:`servecore.Controller.update_endpoint`."""
-        return self._run(self.controller.update_endpoint, name, route, methods)
+        return self._run(
+            self.controller.update_endpoint, name, route, methods, http_request=http_request
+        )
 
     def delete_endpoint(self, name: str) -> State:
         """Remove an endpoint and its route."""

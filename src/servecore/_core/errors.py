@@ -99,8 +99,9 @@ class EndpointExists(CommandError):
     def __init__(self, name: str) -> None:
         self.name = name
         super().__init__(
-            f"endpoint {name!r} already exists with a different route or methods; "
-            f"delete it first or choose another name"
+            f"endpoint {name!r} already exists with a different route, methods or "
+            f"http_request; update_endpoint changes them in place, or "
+            f"delete it first, or choose another name"
         )
 
 
