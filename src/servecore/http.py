@@ -183,9 +183,13 @@ class HTTPIngress:
         sse = answer.sse
         try:
             try:
-                first = await items.__anext__()
+                # Watched: a client may leave while a model works on its first item.
+                first = await _unless_gone(receive, _next_item, items)
             except StopAsyncIteration:
                 first = _NOTHING
+            if isinstance(first, _Gone):
+                await items.aclose()
+                return
         except Exception as exc:
             await items.aclose()
             if isinstance(exc, StreamMismatch) and not exc.streams:
@@ -455,6 +459,10 @@ class _Streaming:
 
 
 _NOTHING = object()
+
+
+async def _next_item(items: Any) -> Any:
+    return await items.__anext__()
 
 
 class _Gone:

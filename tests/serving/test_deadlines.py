@@ -199,6 +199,25 @@ async def test_an_http_client_that_disconnects_is_counted_cancelled(
     assert counts(ctl, "held") == {"cancelled": 1}
 
 
+async def test_an_http_client_that_leaves_before_the_first_item_cancels_the_stream(
+    ctl: Any, tmp_path: Path
+) -> None:
+    ran_file, gate = tmp_path / "ran", tmp_path / "gate"
+    await serve(ctl, "tokens", "HeldStream", str(ran_file), str(gate), max_concurrent_queries=4)
+    async with trio.open_nursery() as nursery:
+        [url] = await nursery.start(serve_http, ctl, "127.0.0.1:0")
+        host, port = url.removeprefix("http://").split(":")
+        with trio.fail_after(BOUND_S):
+            accept = {"accept": "application/x-ndjson"}
+            sock = await trio.to_thread.run_sync(_post_and_keep, host, int(port), "/tokens", accept)
+            await until(lambda: ran(ran_file) == ["hold"])
+            sock.close()  # gone while the generator works on its first item
+            await until(lambda: counts(ctl, "tokens").get("cancelled") == 1)
+            await until(lambda: ctl.router_statistics().backends["tokens"].running == 0)
+        nursery.cancel_scope.cancel()
+    assert counts(ctl, "tokens") == {"cancelled": 1}
+
+
 def _get(host: str, port: int, path: str) -> str:
     with socket.create_connection((host, port), timeout=BOUND_S) as sock:
         sock.sendall(f"GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n".encode())
@@ -208,11 +227,14 @@ def _get(host: str, port: int, path: str) -> str:
     return data.split(b"\r\n\r\n", 1)[1].decode()
 
 
-def _post_and_keep(host: str, port: int, path: str) -> socket.socket:
+def _post_and_keep(
+    host: str, port: int, path: str, headers: dict[str, str] | None = None
+) -> socket.socket:
     sock = socket.create_connection((host, port), timeout=BOUND_S)
     body = b'"hold"'
+    more = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
     sock.sendall(
-        f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n{more}"
         f"content-length: {len(body)}\r\n\r\n".encode()
         + body
     )

@@ -62,3 +62,11 @@ class Held:
 def ran(path: Path) -> list[str]:
     """The values a :class:`Held` began, in order."""
     return path.read_text().split() if path.exists() else []
+
+
+class HeldStream(Held):
+    """A generator: records ``value`` as :class:`Held` does (holding a ``"hold..."``),
+    then yields it."""
+
+    def __call__(self, value: str = "") -> Any:  # type: ignore[override]
+        yield super().__call__(value)
