@@ -16,7 +16,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from servecore._calls import NotInReplica, ReplicaHandle, get_handle, time_remaining
+    from servecore._calls import (
+        NotInReplica,
+        ReplicaHandle,
+        get_handle,
+        get_multiplexed_model_id,
+        time_remaining,
+    )
     from servecore._controller.controller import (
         Controller,
         open_controller,
@@ -123,6 +129,7 @@ if TYPE_CHECKING:
         UpdateRouter,
         step,
     )
+    from servecore._multiplex import multiplexed
     from servecore._serving.connect import Client, SyncClient, connect, open_client
     from servecore.app import App, AppFileError, Applied, apply, load_app
     from servecore.router import (
@@ -217,7 +224,14 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     ),
     "servecore._core.invariants": ("validate_state",),
     "servecore._serving.connect": ("Client", "SyncClient", "connect", "open_client"),
-    "servecore._calls": ("NotInReplica", "ReplicaHandle", "get_handle", "time_remaining"),
+    "servecore._calls": (
+        "NotInReplica",
+        "ReplicaHandle",
+        "get_handle",
+        "get_multiplexed_model_id",
+        "time_remaining",
+    ),
+    "servecore._multiplex": ("multiplexed",),
     "servecore._core.limits": ("Limits",),
     "servecore._core.transitions": (
         "EARLY_DEATH_S",

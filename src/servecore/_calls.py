@@ -17,6 +17,10 @@ runner drops a batch whose every deadline has passed before user code sees it
 (:class:`~servecore.DeadlineExceeded`: it reached the front of the replica's queue too
 late), keeps the earliest one in the call context for :func:`time_remaining`, and a
 nested call sends it on (its handle waits no longer than the time left).
+
+A query sent with ``handle.options(multiplexed_model_id=...)`` carries the model id
+under the reserved keyword :data:`MODEL_KEY`; the runner strips it too, and
+:func:`get_multiplexed_model_id` reads it (see ``servecore._multiplex``).
 """
 
 from __future__ import annotations
@@ -38,11 +42,13 @@ from servecore._core.errors import (
 __all__ = [
     "CHAIN_KEY",
     "MAX_CALL_DEPTH",
+    "MODEL_KEY",
     "CallContext",
     "Composer",
     "NotInReplica",
     "ReplicaHandle",
     "get_handle",
+    "get_multiplexed_model_id",
     "running",
     "strip_chain",
     "time_remaining",
@@ -50,6 +56,9 @@ __all__ = [
 
 #: The reserved keyword a nested query carries its call chain in (never seen by user code).
 CHAIN_KEY = "__servecore_call_chain__"
+#: The reserved keyword a query carries its multiplexed model id in (never seen by
+#: user code; ``servecore.get_multiplexed_model_id()`` reads it).
+MODEL_KEY = "__servecore_model_id__"
 #: How many replicas deep a chain of nested calls may go.
 MAX_CALL_DEPTH = 16
 
@@ -73,17 +82,23 @@ class Composer(Protocol):
 
 class CallContext:
     """What user code runs inside: the call chain (this replica's backend last), the
-    composer (``None`` where the runtime offers none) and the query's deadline
-    (wall-clock seconds, the earliest of a batch's; ``None``: none)."""
+    composer (``None`` where the runtime offers none), the query's deadline
+    (wall-clock seconds, the earliest of a batch's; ``None``: none) and its
+    multiplexed model id (``""``: none)."""
 
-    __slots__ = ("chain", "composer", "deadline")
+    __slots__ = ("chain", "composer", "deadline", "model_id")
 
     def __init__(
-        self, chain: tuple[str, ...], composer: Composer | None, deadline: float | None = None
+        self,
+        chain: tuple[str, ...],
+        composer: Composer | None,
+        deadline: float | None = None,
+        model_id: str = "",
     ) -> None:
         self.chain = chain
         self.composer = composer
         self.deadline = deadline
+        self.model_id = model_id
 
 
 _current: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar(
@@ -106,10 +121,40 @@ def running(
     backend: str,
     composer: Composer | None,
     deadline: float | None = None,
+    model_id: str = "",
 ) -> contextvars.Token[CallContext | None]:
     """Enter user code of ``backend`` for a query that carried ``chain`` (and
-    ``deadline``); reset the returned token when it returns."""
-    return _current.set(CallContext((*chain, backend), composer, deadline))
+    ``deadline``, ``model_id``); reset the returned token when it returns."""
+    return _current.set(CallContext((*chain, backend), composer, deadline, model_id))
+
+
+def enter_stream(
+    kwargs: dict[str, Any],
+) -> tuple[dict[str, Any], contextvars.Token[CallContext | None] | None]:
+    """For a stream (a generator target, which the runner does not wrap): ``kwargs``
+    without the reserved keywords and, when it carried a model id, a token of the
+    context entered for :func:`get_multiplexed_model_id` (reset it with :func:`leave`)."""
+    if CHAIN_KEY not in kwargs and MODEL_KEY not in kwargs:
+        return kwargs, None
+    rest = {k: v for k, v in kwargs.items() if k not in (CHAIN_KEY, MODEL_KEY)}
+    model = str(kwargs.get(MODEL_KEY) or "")
+    if not model:
+        return rest, None
+    return rest, _current.set(CallContext((), None, None, model))
+
+
+def get_multiplexed_model_id() -> str:
+    """The model id the query running now was sent for
+    (``handle.options(multiplexed_model_id="m")``, or the HTTP header
+    ``serve_multiplexed_model_id``), or ``""`` when it names none or outside replica
+    code; as Ray Serve's ``serve.get_multiplexed_model_id()``. In a batch, the id its
+    queries share (``""`` if they differ). Pass it to a :func:`servecore.multiplexed`
+    loader::
+
+        model = await self.get_model(servecore.get_multiplexed_model_id())
+    """
+    context = _current.get()
+    return "" if context is None else context.model_id
 
 
 def time_remaining() -> float | None:
@@ -226,8 +271,8 @@ def wrap_runner(
 
     def run_composed(queries: Sequence[Any]) -> list[Any]:
         deadline = _deadline_of(queries, backend)
-        stripped, chain = _strip_all(queries, make_query)
-        token = running(chain, backend, composer(), deadline)
+        stripped, chain, model_id = _strip_all(queries, make_query)
+        token = running(chain, backend, composer(), deadline, model_id)
         try:
             return run(stripped)
         finally:
@@ -258,17 +303,25 @@ def _deadline_of(queries: Sequence[Any], backend: str) -> float | None:
 
 def _strip_all(
     queries: Sequence[Any], make_query: Callable[[tuple[Any, ...], dict[str, Any]], Any]
-) -> tuple[Sequence[Any], tuple[str, ...]]:
+) -> tuple[Sequence[Any], tuple[str, ...], str]:
+    """The queries without their reserved keywords, the longest chain among them, and
+    the model id they share (``""`` if none, or if they differ)."""
     longest: tuple[str, ...] = ()
-    if not any(CHAIN_KEY in q.kwargs for q in queries):
-        return queries, longest
+    if not any(CHAIN_KEY in q.kwargs or MODEL_KEY in q.kwargs for q in queries):
+        return queries, longest, ""
     out = []
+    models: set[str] = set()
     for q in queries:
         kwargs, chain = strip_chain(q.kwargs)
+        model = ""
+        if MODEL_KEY in kwargs:
+            kwargs = dict(kwargs)  # a copy: the query may be shared (shadows, resends)
+            model = str(kwargs.pop(MODEL_KEY) or "")
+        models.add(model)
         if len(chain) > len(longest):
             longest = chain
         out.append(make_query(q.args, kwargs))
-    return out, longest
+    return out, longest, models.pop() if len(models) == 1 else ""
 
 
 def wrap_async_runner(
@@ -281,8 +334,8 @@ def wrap_async_runner(
 
     async def run_composed(queries: Sequence[Any]) -> list[Any]:
         deadline = _deadline_of(queries, backend)
-        stripped, chain = _strip_all(queries, make_query)
-        token = running(chain, backend, composer(), deadline)
+        stripped, chain, model_id = _strip_all(queries, make_query)
+        token = running(chain, backend, composer(), deadline, model_id)
         try:
             result: list[Any] = await run(stripped)
             return result

@@ -371,7 +371,16 @@ class HTTPIngress:
                 return _error(400, "BadRequest", str(exc))
         else:
             payload = dict(parse_qsl(query))
-        handle = self.source.get_handle(endpoint.name).options(timeout_s=self.timeout_s)
+        handle = self.source.get_handle(endpoint.name)
+        model = _header(scope, MODEL_HEADER, lower=False).decode("latin-1").strip()
+        if model:
+            try:
+                handle = handle.options(timeout_s=self.timeout_s, multiplexed_model_id=model)
+            except TypeError:  # an ingress worker's handle (asyncio) does not take it yet
+                why = f"the {MODEL_HEADER.decode()} header is not served by ingress workers yet"
+                return _error(501, "MultiplexingNotServedHere", f"{why}; {_NO_WORKER_MODELS}")
+        else:
+            handle = handle.options(timeout_s=self.timeout_s)
         accept = _header(scope, b"accept")
         sse = b"text/event-stream" in accept
         if not hasattr(handle, "stream"):
@@ -434,6 +443,11 @@ class HTTPIngress:
             why = f"endpoint {name!r} returned a result that is not JSON: {_describe(exc)}"
             return _error(500, "ResultNotJSON", why)
 
+
+#: The request header naming the multiplexed model a request is for (Ray Serve's name).
+MODEL_HEADER = b"serve_multiplexed_model_id"
+
+_NO_WORKER_MODELS = "serve this endpoint with 'servecore run --workers 0'"
 
 _NO_WORKER_STREAMS = (
     "ingress workers do not stream yet: serve streaming endpoints with "
@@ -592,10 +606,10 @@ def _raw_chunk(item: Any) -> bytes:
     return _body(item)[1] + b"\n"
 
 
-def _header(scope: Scope, name: bytes) -> bytes:
+def _header(scope: Scope, name: bytes, *, lower: bool = True) -> bytes:
     for key, value in scope.get("headers", ()):
         if key.lower() == name:
-            return bytes(value).lower()
+            return bytes(value).lower() if lower else bytes(value)
     return b""
 
 

@@ -53,6 +53,7 @@ from typing import Any
 
 import trio
 
+from servecore._calls import MODEL_KEY
 from servecore._core.errors import (
     BackpressureError,
     ControllerClosed,
@@ -317,7 +318,7 @@ class Router:
         route = b.route
         if self._closed or route.max_batch_size is not None or b.n_waiting:
             return await self._query(endpoint, b, query)
-        rtag = b.acquire(route.max_concurrent_queries)
+        rtag = b.acquire(route.max_concurrent_queries, _model_of(query))
         if rtag is None:
             return await self._query(endpoint, b, query)
         try:
@@ -339,7 +340,7 @@ class Router:
             raise NoReplicaError(endpoint, "the controller is closed")
         if b.route.max_batch_size is not None:
             return await self._query_batched(endpoint, b, query, resends)
-        tag = None if b.n_waiting else b.acquire(b.route.max_concurrent_queries)
+        tag = None if b.n_waiting else b.acquire(b.route.max_concurrent_queries, _model_of(query))
         if tag is None:
             tag = await self._wait_for_slot(endpoint, b, query)  # its slot comes counted
         return await self._send_one(endpoint, b, tag, query, resends)
@@ -464,7 +465,7 @@ class Router:
             if head.query.deadline is not None and _drop_late(b, head):
                 continue
             if not head.batched:
-                tag = b.acquire(route.max_concurrent_queries)
+                tag = b.acquire(route.max_concurrent_queries, _model_of(head.query))
                 if tag is None:
                     return None
                 waiting.popleft()
@@ -593,7 +594,8 @@ class Router:
         while True:
             if self._closed:
                 raise NoReplicaError(endpoint, "the controller is closed")
-            tag = None if b.n_waiting else b.acquire(b.route.max_concurrent_queries)
+            model = _model_of(query)
+            tag = None if b.n_waiting else b.acquire(b.route.max_concurrent_queries, model)
             if tag is None:
                 tag = await self._wait_for_slot(endpoint, b, query)  # its slot comes counted
             try:
@@ -641,7 +643,7 @@ class Router:
         b = self._backends.get(tag)
         rtag = None
         if b is not None and b.route.max_batch_size is None and not b.n_waiting:
-            rtag = b.acquire(b.route.max_concurrent_queries)
+            rtag = b.acquire(b.route.max_concurrent_queries, _model_of(query))
         if b is None or rtag is None:
             return _from_thread(token, self.call_timed, endpoint, query, timeout_s, tag)
         started = time.perf_counter()
@@ -857,9 +859,16 @@ class Handle:
     :class:`~servecore.BackpressureError`.
     """
 
-    __slots__ = ("_router", "endpoint", "timeout_s")
+    __slots__ = ("_router", "endpoint", "multiplexed_model_id", "timeout_s")
 
-    def __init__(self, router: Router, endpoint: str, *, timeout_s: float | None = None) -> None:
+    def __init__(
+        self,
+        router: Router,
+        endpoint: str,
+        *,
+        timeout_s: float | None = None,
+        multiplexed_model_id: str = "",
+    ) -> None:
         if timeout_s is not None and (
             isinstance(timeout_s, bool)
             or not isinstance(timeout_s, (int, float))
@@ -867,13 +876,24 @@ class Handle:
             or timeout_s < 0
         ):
             raise ValueError(f"timeout_s={timeout_s!r} must be None or a number of seconds >= 0")
+        if not isinstance(multiplexed_model_id, str):
+            raise ValueError(
+                f"multiplexed_model_id={multiplexed_model_id!r} must be a string (a model "
+                f'id; "" for none)'
+            )
         self._router = router
         self.endpoint = endpoint
         self.timeout_s = timeout_s
+        self.multiplexed_model_id = multiplexed_model_id
 
-    def options(self, *, timeout_s: float | None = None) -> Handle:
-        """A copy of this handle with ``timeout_s`` (None: wait as long as it takes)."""
-        return Handle(self._router, self.endpoint, timeout_s=timeout_s)
+    def options(
+        self, *, timeout_s: float | None = None, multiplexed_model_id: str | None = None
+    ) -> Handle:
+        """A copy of this handle with ``timeout_s`` (None: wait as long as it takes)
+        and, if given, ``multiplexed_model_id``: the model its queries are for (see
+        :func:`servecore.multiplexed`; kept from this handle when not given)."""
+        model = self.multiplexed_model_id if multiplexed_model_id is None else multiplexed_model_id
+        return Handle(self._router, self.endpoint, timeout_s=timeout_s, multiplexed_model_id=model)
 
     @property
     def router(self) -> Router:
@@ -882,6 +902,8 @@ class Handle:
 
     async def call(self, *args: Any, **kwargs: Any) -> Any:
         """Run one query on the endpoint and return its result."""
+        if self.multiplexed_model_id:
+            kwargs[MODEL_KEY] = self.multiplexed_model_id
         timeout_s = self.timeout_s
         if timeout_s is None:
             return await self._router.call(self.endpoint, Query(args=args, kwargs=kwargs))
@@ -897,6 +919,8 @@ class Handle:
 
         A target that answers once raises :class:`~servecore.StreamMismatch`.
         """
+        if self.multiplexed_model_id:
+            kwargs[MODEL_KEY] = self.multiplexed_model_id
         return HandleStream(self, Query(args=args, kwargs=kwargs))
 
     def call_blocking(self, *args: Any, **kwargs: Any) -> Any:
@@ -904,13 +928,17 @@ class Handle:
 
         Thread-safe; what :class:`~servecore.SyncHandle` uses.
         """
+        if self.multiplexed_model_id:
+            kwargs[MODEL_KEY] = self.multiplexed_model_id
         timeout_s = self.timeout_s
         deadline = None if timeout_s is None else time.time() + timeout_s
         query = Query(args=args, kwargs=kwargs, deadline=deadline)
         return self._router.call_blocking(self.endpoint, query, timeout_s)
 
     def __repr__(self) -> str:
-        return f"Handle(endpoint={self.endpoint!r}, timeout_s={self.timeout_s!r})"
+        model = self.multiplexed_model_id
+        more = f", multiplexed_model_id={model!r}" if model else ""
+        return f"Handle(endpoint={self.endpoint!r}, timeout_s={self.timeout_s!r}{more})"
 
 
 def _post(token: trio.lowlevel.TrioToken, fn: Callable[..., object], *args: Any) -> None:
@@ -927,6 +955,13 @@ def _from_thread(
         return trio.from_thread.run(afn, *args, trio_token=token)
     except trio.RunFinishedError:
         raise ControllerClosed("the query") from None
+
+
+def _model_of(query: Query) -> str | None:
+    """The multiplexed model id ``query`` is for, if any (a replica that served it
+    recently is preferred; see ``BackendState.acquire``)."""
+    kwargs = query.kwargs
+    return kwargs.get(MODEL_KEY) if kwargs else None
 
 
 def _outcome(error: BaseException, timer: trio.CancelScope | None) -> str:

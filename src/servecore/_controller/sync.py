@@ -68,9 +68,16 @@ class SyncHandle:
         """The endpoint this handle queries."""
         return self._handle.endpoint
 
-    def options(self, *, timeout_s: float | None = None) -> SyncHandle:
-        """A copy with ``timeout_s`` (``TimeoutError`` past it; None waits as needed)."""
-        return SyncHandle(self._handle.options(timeout_s=timeout_s), self._token)
+    def options(
+        self, *, timeout_s: float | None = None, multiplexed_model_id: str | None = None
+    ) -> SyncHandle:
+        """A copy with ``timeout_s`` (``TimeoutError`` past it; None waits as needed)
+        and, if given, ``multiplexed_model_id`` (see
+        :meth:`servecore.router.Handle.options`)."""
+        handle = self._handle.options(
+            timeout_s=timeout_s, multiplexed_model_id=multiplexed_model_id
+        )
+        return SyncHandle(handle, self._token)
 
     def call(self, *args: Any, **kwargs: Any) -> Any:
         """Run one query on the endpoint from any thread; block for its result.
