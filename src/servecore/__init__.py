@@ -16,7 +16,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from servecore._calls import NotInReplica, ReplicaHandle, get_handle
+    from servecore._calls import (
+        NotInReplica,
+        ReplicaHandle,
+        get_handle,
+        get_multiplexed_model_id,
+        time_remaining,
+    )
     from servecore._controller.controller import (
         Controller,
         open_controller,
@@ -43,6 +49,7 @@ if TYPE_CHECKING:
         CheckpointVersionError,
         CommandError,
         ControllerClosed,
+        DeadlineExceeded,
         EndpointExists,
         EndpointNotFound,
         InvalidCommand,
@@ -123,6 +130,7 @@ if TYPE_CHECKING:
         UpdateRouter,
         step,
     )
+    from servecore._multiplex import multiplexed
     from servecore._serving.connect import Client, SyncClient, connect, open_client
     from servecore.app import App, AppFileError, Applied, apply, load_app
     from servecore.router import (
@@ -183,6 +191,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
         "CheckpointOutcomeUnknown",
         "CheckpointVersionError",
         "CommandError",
+        "DeadlineExceeded",
         "EndpointExists",
         "EndpointNotFound",
         "InvalidCommand",
@@ -217,7 +226,14 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     ),
     "servecore._core.invariants": ("validate_state",),
     "servecore._serving.connect": ("Client", "SyncClient", "connect", "open_client"),
-    "servecore._calls": ("NotInReplica", "ReplicaHandle", "get_handle"),
+    "servecore._calls": (
+        "NotInReplica",
+        "ReplicaHandle",
+        "get_handle",
+        "get_multiplexed_model_id",
+        "time_remaining",
+    ),
+    "servecore._multiplex": ("multiplexed",),
     "servecore._core.limits": ("Limits",),
     "servecore._core.transitions": (
         "EARLY_DEATH_S",

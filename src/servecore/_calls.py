@@ -11,6 +11,16 @@ it; its handle refuses a call whose endpoint routes to a backend already on the 
 (:class:`~servecore.CallCycle`: every replica on a cycle may be waiting on the next,
 holding the slot the cycle needs) or that would nest past :data:`MAX_CALL_DEPTH`
 (:class:`~servecore.CallDepthExceeded`), and sends the rest with the longer chain.
+
+Each query may also carry a *deadline* (``Query.deadline``, wall-clock seconds): the
+runner drops a batch whose every deadline has passed before user code sees it
+(:class:`~servecore.DeadlineExceeded`: it reached the front of the replica's queue too
+late), keeps the earliest one in the call context for :func:`time_remaining`, and a
+nested call sends it on (its handle waits no longer than the time left).
+
+A query sent with ``handle.options(multiplexed_model_id=...)`` carries the model id
+under the reserved keyword :data:`MODEL_KEY`; the runner strips it too, and
+:func:`get_multiplexed_model_id` reads it (see ``servecore._multiplex``).
 """
 
 from __future__ import annotations
@@ -18,25 +28,37 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from servecore._core.errors import CallCycle, CallDepthExceeded, ServecoreError
+from servecore._core.errors import (
+    CallCycle,
+    CallDepthExceeded,
+    DeadlineExceeded,
+    ServecoreError,
+)
 
 __all__ = [
     "CHAIN_KEY",
     "MAX_CALL_DEPTH",
+    "MODEL_KEY",
     "CallContext",
     "Composer",
     "NotInReplica",
     "ReplicaHandle",
     "get_handle",
+    "get_multiplexed_model_id",
     "running",
     "strip_chain",
+    "time_remaining",
 ]
 
 #: The reserved keyword a nested query carries its call chain in (never seen by user code).
 CHAIN_KEY = "__servecore_call_chain__"
+#: The reserved keyword a query carries its multiplexed model id in (never seen by
+#: user code; ``servecore.get_multiplexed_model_id()`` reads it).
+MODEL_KEY = "__servecore_model_id__"
 #: How many replicas deep a chain of nested calls may go.
 MAX_CALL_DEPTH = 16
 
@@ -47,19 +69,36 @@ class Composer(Protocol):
     def backends_of(self, endpoint: str) -> Sequence[str]:
         """The backends ``endpoint`` may route to now (its traffic split)."""
 
-    def call(self, endpoint: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """Send one query to ``endpoint`` and block for its answer."""
+    def call(
+        self,
+        endpoint: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        deadline: float | None = None,
+    ) -> Any:
+        """Send one query to ``endpoint`` and block for its answer, giving up at
+        ``deadline`` (wall-clock seconds; ``TimeoutError``) if there is one."""
 
 
 class CallContext:
-    """What user code runs inside: the call chain (this replica's backend last) and
-    the composer (``None`` where the runtime offers none)."""
+    """What user code runs inside: the call chain (this replica's backend last), the
+    composer (``None`` where the runtime offers none), the query's deadline
+    (wall-clock seconds, the earliest of a batch's; ``None``: none) and its
+    multiplexed model id (``""``: none)."""
 
-    __slots__ = ("chain", "composer")
+    __slots__ = ("chain", "composer", "deadline", "model_id")
 
-    def __init__(self, chain: tuple[str, ...], composer: Composer | None) -> None:
+    def __init__(
+        self,
+        chain: tuple[str, ...],
+        composer: Composer | None,
+        deadline: float | None = None,
+        model_id: str = "",
+    ) -> None:
         self.chain = chain
         self.composer = composer
+        self.deadline = deadline
+        self.model_id = model_id
 
 
 _current: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar(
@@ -78,11 +117,71 @@ def strip_chain(kwargs: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]
 
 
 def running(
-    chain: tuple[str, ...], backend: str, composer: Composer | None
+    chain: tuple[str, ...],
+    backend: str,
+    composer: Composer | None,
+    deadline: float | None = None,
+    model_id: str = "",
 ) -> contextvars.Token[CallContext | None]:
-    """Enter user code of ``backend`` for a query that carried ``chain``; reset the
-    returned token when it returns."""
-    return _current.set(CallContext((*chain, backend), composer))
+    """Enter user code of ``backend`` for a query that carried ``chain`` (and
+    ``deadline``, ``model_id``); reset the returned token when it returns."""
+    return _current.set(CallContext((*chain, backend), composer, deadline, model_id))
+
+
+def enter_stream(
+    kwargs: dict[str, Any],
+) -> tuple[dict[str, Any], contextvars.Token[CallContext | None] | None]:
+    """For a stream (a generator target, which the runner does not wrap): ``kwargs``
+    without the reserved keywords and, when it carried a model id, a token of the
+    context entered for :func:`get_multiplexed_model_id` (reset it with :func:`leave`)."""
+    if CHAIN_KEY not in kwargs and MODEL_KEY not in kwargs:
+        return kwargs, None
+    rest = {k: v for k, v in kwargs.items() if k not in (CHAIN_KEY, MODEL_KEY)}
+    model = str(kwargs.get(MODEL_KEY) or "")
+    if not model:
+        return rest, None
+    return rest, _current.set(CallContext((), None, None, model))
+
+
+def get_multiplexed_model_id() -> str:
+    """The model id the query running now was sent for
+    (``handle.options(multiplexed_model_id="m")``, or the HTTP header
+    ``serve_multiplexed_model_id``), or ``""`` when it names none or outside replica
+    code; as Ray Serve's ``serve.get_multiplexed_model_id()``. In a batch, the id its
+    queries share (``""`` if they differ). Pass it to a :func:`servecore.multiplexed`
+    loader::
+
+        model = await self.get_model(servecore.get_multiplexed_model_id())
+    """
+    context = _current.get()
+    return "" if context is None else context.model_id
+
+
+def time_remaining() -> float | None:
+    """Seconds left before the caller of the query running now stops waiting, or
+    ``None`` when it has no deadline (its handle has no ``timeout_s``) or when called
+    outside replica code. Never negative: ``0.0`` once the deadline has passed.
+
+    A handle's ``timeout_s`` (the HTTP ingress's ``timeout_s`` for HTTP requests)
+    becomes the query's deadline, which travels with it to the replica, so a target
+    can cut its work short (fewer tokens, a cheaper model) instead of finishing an
+    answer nobody waits for::
+
+        def generate(prompt):
+            left = servecore.time_remaining()
+            steps = 50 if left is None else max(1, min(50, int(left / 0.02)))
+            ...
+
+    In a batch, the earliest deadline of its queries (none if one of them has none).
+    A nested call
+    (``servecore.get_handle(...).call``) waits at most this long. Works on the
+    threads and subprocess runtimes; not carried to Ray replicas, nor into generator
+    (streaming) targets, where it is ``None``.
+    """
+    context = _current.get()
+    if context is None or context.deadline is None:
+        return None
+    return max(0.0, context.deadline - time.time())
 
 
 def leave(token: contextvars.Token[CallContext | None]) -> None:
@@ -127,7 +226,10 @@ class ReplicaHandle:
                 raise CallCycle(self.endpoint, backend, chain)
         if len(chain) >= MAX_CALL_DEPTH:
             raise CallDepthExceeded(self.endpoint, chain, MAX_CALL_DEPTH)
-        return composer.call(self.endpoint, args, {**kwargs, CHAIN_KEY: list(chain)})
+        kwargs = {**kwargs, CHAIN_KEY: list(chain)}
+        if context.deadline is None:
+            return composer.call(self.endpoint, args, kwargs)
+        return composer.call(self.endpoint, args, kwargs, context.deadline)
 
     async def call_async(self, *args: Any, **kwargs: Any) -> Any:
         """:meth:`call` for an ``async def`` target: the blocking call runs on a worker
@@ -169,8 +271,9 @@ def wrap_runner(
     (a batch runs under the longest chain of its queries)."""
 
     def run_composed(queries: Sequence[Any]) -> list[Any]:
-        stripped, chain = _strip_all(queries, make_query)
-        token = running(chain, backend, composer())
+        deadline = _deadline_of(queries, backend)
+        stripped, chain, model_id = _strip_all(queries, make_query)
+        token = running(chain, backend, composer(), deadline, model_id)
         try:
             return run(stripped)
         finally:
@@ -179,19 +282,47 @@ def wrap_runner(
     return run_composed
 
 
+def _deadline_of(queries: Sequence[Any], backend: str) -> float | None:
+    """The earliest deadline of a batch's queries (``None`` if one has none); raises
+    :class:`~servecore.DeadlineExceeded` when every deadline has passed, so that a
+    batch nobody waits for any more is not run. (A query of a runtime that carries no
+    deadline has no ``deadline`` attribute.)"""
+    earliest: float | None = None
+    for q in queries:
+        d = getattr(q, "deadline", None)
+        if d is None:
+            return None
+        if earliest is None or d < earliest:
+            earliest = d
+    if earliest is None:
+        return None
+    late = time.time() - max(getattr(q, "deadline", 0.0) for q in queries)
+    if late >= 0:
+        raise DeadlineExceeded(f"a replica of backend {backend!r}", late)
+    return earliest
+
+
 def _strip_all(
     queries: Sequence[Any], make_query: Callable[[tuple[Any, ...], dict[str, Any]], Any]
-) -> tuple[Sequence[Any], tuple[str, ...]]:
+) -> tuple[Sequence[Any], tuple[str, ...], str]:
+    """The queries without their reserved keywords, the longest chain among them, and
+    the model id they share (``""`` if none, or if they differ)."""
     longest: tuple[str, ...] = ()
-    if not any(CHAIN_KEY in q.kwargs for q in queries):
-        return queries, longest
+    if not any(CHAIN_KEY in q.kwargs or MODEL_KEY in q.kwargs for q in queries):
+        return queries, longest, ""
     out = []
+    models: set[str] = set()
     for q in queries:
         kwargs, chain = strip_chain(q.kwargs)
+        model = ""
+        if MODEL_KEY in kwargs:
+            kwargs = dict(kwargs)  # a copy: the query may be shared (shadows, resends)
+            model = str(kwargs.pop(MODEL_KEY) or "")
+        models.add(model)
         if len(chain) > len(longest):
             longest = chain
         out.append(make_query(q.args, kwargs))
-    return out, longest
+    return out, longest, models.pop() if len(models) == 1 else ""
 
 
 def wrap_async_runner(
@@ -203,8 +334,9 @@ def wrap_async_runner(
     """:func:`wrap_runner` for an async runner (the context is the task's own)."""
 
     async def run_composed(queries: Sequence[Any]) -> list[Any]:
-        stripped, chain = _strip_all(queries, make_query)
-        token = running(chain, backend, composer())
+        deadline = _deadline_of(queries, backend)
+        stripped, chain, model_id = _strip_all(queries, make_query)
+        token = running(chain, backend, composer(), deadline, model_id)
         try:
             result: list[Any] = await run(stripped)
             return result
@@ -239,5 +371,14 @@ class ConnectComposer:
         found = self._connected().routing_table.endpoints.get(endpoint)
         return () if found is None else tuple(found.traffic)
 
-    def call(self, endpoint: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        return self._connected().get_handle(endpoint).call(*args, **kwargs)
+    def call(
+        self,
+        endpoint: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        deadline: float | None = None,
+    ) -> Any:
+        handle = self._connected().get_handle(endpoint)
+        if deadline is not None:
+            handle = handle.options(timeout_s=max(0.0, deadline - time.time()))
+        return handle.call(*args, **kwargs)

@@ -152,6 +152,8 @@ class HTTPIngress:
                 return  # /-/healthz, /-/routes, /-/metrics, /-/dashboard, ...
             try:
                 answer = await self._answer(scope, receive)
+                if isinstance(answer, _Gone):
+                    return  # the client left before its answer: nobody to send it to
                 if isinstance(answer, _Streaming):
                     await self._stream(answer, scope, receive, send)
                     return
@@ -169,7 +171,9 @@ class HTTPIngress:
             await _send_whole(send, status, body, headers)
 
     async def _stream(self, answer: _Streaming, scope: Scope, receive: Receive, send: Send) -> None:
-        """Answer a stream: JSON lines (chunked), or Server-Sent Events when asked for.
+        """Answer a stream: JSON lines (chunked), or Server-Sent Events when asked for,
+        or -- when the first item is a :class:`Response` -- that status and those
+        headers, then the items as the body, raw (see :func:`_raw_chunk`).
 
         The first item is awaited before the status goes out, so a stream that fails
         at once (no replica, a target that does not stream) still answers with its
@@ -179,9 +183,13 @@ class HTTPIngress:
         sse = answer.sse
         try:
             try:
-                first = await items.__anext__()
+                # Watched: a client may leave while a model works on its first item.
+                first = await _unless_gone(receive, _next_item, items)
             except StopAsyncIteration:
                 first = _NOTHING
+            if isinstance(first, _Gone):
+                await items.aclose()
+                return
         except Exception as exc:
             await items.aclose()
             if isinstance(exc, StreamMismatch) and not exc.streams:
@@ -197,6 +205,9 @@ class HTTPIngress:
             else:
                 status, body, _ = _failure(exc)
             await _send_whole(send, status, body, [])
+            return
+        if isinstance(first, Response):
+            await self._stream_response(answer, first, receive, send)
             return
         media = b"text/event-stream" if sse else b"application/x-ndjson"
         await send(
@@ -235,6 +246,62 @@ class HTTPIngress:
                 await send({"type": "http.response.body", "body": tail})
             nursery.cancel_scope.cancel()
 
+    async def _stream_response(
+        self, answer: _Streaming, head: Response, receive: Receive, send: Send
+    ) -> None:
+        """A stream whose first item is a :class:`Response`: its status and headers,
+        its body (if any) as the first chunk, then each later item as a raw chunk.
+
+        The target owns the framing here, so an error after the status cannot become
+        a JSON record: it is logged once and the response is cut short (no final
+        chunk), which HTTP clients report as an incomplete body.
+        """
+        items = answer.items
+        try:
+            status, headers = _head(head)
+            chunks = [] if head.body in (b"", "", None) else [_raw_chunk(head.body)]
+        except _BadResponse as exc:
+            await items.aclose()
+            log.error("servecore.http: endpoint %r: %s", answer.endpoint, exc)
+            await _send_whole(
+                send, *_error(500, "BadResponse", f"endpoint {answer.endpoint!r} {exc}")
+            )
+            return
+        if not any(name == b"content-type" for name, _ in headers):
+            headers.insert(0, (b"content-type", b"application/octet-stream"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        reading = trio.CancelScope()
+        complete = False
+        async with trio.open_nursery() as nursery:
+
+            async def watch_disconnect() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                reading.cancel()  # the client left: stop the generator
+
+            nursery.start_soon(watch_disconnect)
+            with reading:
+                try:
+                    for data in chunks:
+                        await send({"type": "http.response.body", "body": data, "more_body": True})
+                    async for item in items:
+                        data = _raw_chunk(item)
+                        await send({"type": "http.response.body", "body": data, "more_body": True})
+                    complete = True
+                except Exception as exc:
+                    log.error(
+                        "servecore.http: endpoint %r: its stream failed after the status was "
+                        "sent, so the response is cut short: %s: %s",
+                        answer.endpoint,
+                        type(exc).__name__,
+                        exc,
+                    )
+                finally:
+                    await items.aclose()
+            if complete and not reading.cancelled_caught:
+                await send({"type": "http.response.body", "body": b""})
+            nursery.cancel_scope.cancel()
+
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
@@ -264,7 +331,7 @@ class HTTPIngress:
 
     async def _answer(
         self, scope: Scope, receive: Receive
-    ) -> tuple[int, bytes, list[tuple[bytes, bytes]]] | _Streaming:
+    ) -> tuple[int, bytes, list[tuple[bytes, bytes]]] | _Streaming | _Gone:
         path, method = scope["path"], scope["method"]
         stepped = getattr(self.source, "stepped_down", None)
         if stepped is not None:  # its table may be stale: answer nothing from it
@@ -286,8 +353,9 @@ class HTTPIngress:
                 break
         query = scope.get("query_string", b"").decode("latin-1")
         media = _header(scope, b"content-type").split(b";")[0].strip()
-        if rest or (body and not _is_json(media, body)):
-            # The JSON value alone would lose what the client sent: the target gets it all.
+        if endpoint.http_request or rest or (body and not _is_json(media, body)):
+            # Asked for, or the JSON value alone would lose what the client sent: the
+            # target gets it all.
             payload: Any = Request(
                 method,
                 rest,
@@ -303,7 +371,16 @@ class HTTPIngress:
                 return _error(400, "BadRequest", str(exc))
         else:
             payload = dict(parse_qsl(query))
-        handle = self.source.get_handle(endpoint.name).options(timeout_s=self.timeout_s)
+        handle = self.source.get_handle(endpoint.name)
+        model = _header(scope, MODEL_HEADER, lower=False).decode("latin-1").strip()
+        if model:
+            try:
+                handle = handle.options(timeout_s=self.timeout_s, multiplexed_model_id=model)
+            except TypeError:  # an ingress worker's handle (asyncio) does not take it yet
+                why = f"the {MODEL_HEADER.decode()} header is not served by ingress workers yet"
+                return _error(501, "MultiplexingNotServedHere", f"{why}; {_NO_WORKER_MODELS}")
+        else:
+            handle = handle.options(timeout_s=self.timeout_s)
         accept = _header(scope, b"accept")
         sse = b"text/event-stream" in accept
         if not hasattr(handle, "stream"):
@@ -317,7 +394,7 @@ class HTTPIngress:
             cached = not sse and b"application/x-ndjson" not in accept
             return _Streaming(endpoint.name, handle.stream(payload), sse, handle, payload, cached)
         try:
-            result = await handle.call(payload)
+            result = await _unless_gone(receive, handle.call, payload)
         except StreamMismatch as exc:
             if not exc.streams:
                 return _failure(exc)
@@ -326,6 +403,8 @@ class HTTPIngress:
             return _Streaming(endpoint.name, handle.stream(payload), sse, handle, payload, False)
         except Exception as exc:
             return _failure(exc)
+        if isinstance(result, _Gone):
+            return result
         return self._result(endpoint.name, path, result)
 
     async def _call(
@@ -365,6 +444,11 @@ class HTTPIngress:
             return _error(500, "ResultNotJSON", why)
 
 
+#: The request header naming the multiplexed model a request is for (Ray Serve's name).
+MODEL_HEADER = b"serve_multiplexed_model_id"
+
+_NO_WORKER_MODELS = "serve this endpoint with 'servecore run --workers 0'"
+
 _NO_WORKER_STREAMS = (
     "ingress workers do not stream yet: serve streaming endpoints with "
     "'servecore run --workers 0' (the controller's own ingress)"
@@ -389,6 +473,47 @@ class _Streaming:
 
 
 _NOTHING = object()
+
+
+async def _next_item(items: Any) -> Any:
+    return await items.__anext__()
+
+
+class _Gone:
+    """The client disconnected before its answer (its query was cancelled)."""
+
+
+_GONE = _Gone()
+
+
+async def _unless_gone(receive: Receive, call: Callable[[Any], Awaitable[Any]], arg: Any) -> Any:
+    """``await call(arg)``, cancelled if the client disconnects first (then
+    :data:`_GONE`): the query is cancelled in the router (counted ``cancelled``) and,
+    for an async target, in its replica. Trio only (the controller's ingress)."""
+    result: Any = _GONE
+    error: Exception | None = None
+    async with trio.open_nursery() as nursery:
+
+        async def watch() -> None:
+            # Once the body is read, an ASGI server's next message is the disconnect;
+            # anything else (or an error) means there is none to wait for.
+            try:
+                message = await receive()
+            except Exception:
+                return
+            if message.get("type") == "http.disconnect":
+                nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch)
+        try:
+            result = await call(arg)
+        except Exception as exc:  # raised below, not as an exception group
+            error = exc
+        finally:
+            nursery.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    return result
 
 
 def _is_json(media: bytes, body: bytes | bytearray) -> bool:
@@ -417,6 +542,16 @@ _OWN_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"connection"
 
 def _response(result: Response) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
     """The status, body and headers of a target's :class:`Response`."""
+    status, headers = _head(result)
+    media, data = _body(result.body)
+    if not any(name == b"content-type" for name, _ in headers):
+        headers.insert(0, (b"content-type", media))
+    return status, data, headers
+
+
+def _head(result: Response) -> tuple[int, list[tuple[bytes, bytes]]]:
+    """The status and headers of a target's :class:`Response`, checked (without the
+    ones the ingress sets itself)."""
     status = result.status
     if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
         raise _BadResponse(f"returned a Response with status {status!r}; use 100 to 599")
@@ -436,7 +571,11 @@ def _response(result: Response) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
             ) from None
         if raw[0] not in _OWN_HEADERS:
             headers.append(raw)
-    body = result.body
+    return status, headers
+
+
+def _body(body: Any) -> tuple[bytes, bytes]:
+    """The default media type and the bytes of a :class:`Response` body."""
     if isinstance(body, (bytes, bytearray, memoryview)):
         media = b"application/octet-stream"
         data = bytes(body)
@@ -454,15 +593,23 @@ def _response(result: Response) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
             raise _BadResponse(
                 f"returned a Response body that is not JSON: {_describe(exc)}"
             ) from None
-    if not any(name == b"content-type" for name, _ in headers):
-        headers.insert(0, (b"content-type", media))
-    return status, data, headers
+    return media, data
 
 
-def _header(scope: Scope, name: bytes) -> bytes:
+def _raw_chunk(item: Any) -> bytes:
+    """One item of a stream that answers with its own :class:`Response`: ``bytes`` as
+    they are, ``str`` as UTF-8, anything else as one JSON line."""
+    if isinstance(item, Response):
+        raise _BadResponse("yielded a second Response; only the first item may be one")
+    if isinstance(item, (bytes, bytearray, memoryview, str)):
+        return _body(item)[1]
+    return _body(item)[1] + b"\n"
+
+
+def _header(scope: Scope, name: bytes, *, lower: bool = True) -> bytes:
     for key, value in scope.get("headers", ()):
         if key.lower() == name:
-            return bytes(value).lower()
+            return bytes(value).lower() if lower else bytes(value)
     return b""
 
 

@@ -138,8 +138,8 @@ class ControllerCollector(Collector):
         router = ctl.active_router  # None until a handle was made
         queries = CounterMetricFamily(
             f"{p}_queries",
-            "Queries by endpoint, backend and outcome (ok, error, timeout, no_replica, "
-            "backpressure, replica_died, cancelled).",
+            "Queries by endpoint, backend and outcome (ok, error, timed_out, cancelled, "
+            "no_replica, backpressure, replica_died).",
             labels=["endpoint", "backend", "outcome"],
         )
         latency = HistogramMetricFamily(

@@ -53,9 +53,11 @@ from typing import Any
 
 import trio
 
+from servecore._calls import MODEL_KEY
 from servecore._core.errors import (
     BackpressureError,
     ControllerClosed,
+    DeadlineExceeded,
     EndpointNotFound,
     NoReplicaError,
     ReplicaDiedError,
@@ -257,14 +259,16 @@ class Router:
         if self._refusal is not None:
             raise self._refusal()
         if timeout_s is None:
-            return await self._call_on(endpoint, query, backend)
-        with trio.move_on_after(timeout_s):
-            return await self._call_on(endpoint, query, backend)
+            return await self._call_on(endpoint, query, backend, None)
+        with trio.move_on_after(timeout_s) as timer:
+            return await self._call_on(endpoint, query, backend, timer)
         raise TimeoutError(f"query to endpoint {endpoint!r} got no answer within {timeout_s}s")
 
-    async def _call_on(self, endpoint: str, query: Query, backend: str | None) -> Any:
+    async def _call_on(
+        self, endpoint: str, query: Query, backend: str | None, timer: trio.CancelScope | None
+    ) -> Any:
         if backend is None:
-            return await self.call(endpoint, query)
+            return await self.call(endpoint, query, timer=timer)
         b = self._backends.get(backend)
         if b is None:
             raise NoReplicaError(endpoint, f"backend {backend!r} was deleted")
@@ -272,13 +276,20 @@ class Router:
         try:
             result = await self._query(endpoint, b, query)
         except BaseException as exc:
-            self.stats.record(endpoint, backend, outcome_of(exc), time.perf_counter() - started)
+            outcome = _outcome(exc, timer)
+            self.stats.record(endpoint, backend, outcome, time.perf_counter() - started)
             raise
         self.stats.record(endpoint, backend, "ok", time.perf_counter() - started)
         return result
 
-    async def call(self, endpoint: str, query: Query) -> Any:
-        """Send one query to ``endpoint``; return its result or raise its error."""
+    async def call(
+        self, endpoint: str, query: Query, *, timer: trio.CancelScope | None = None
+    ) -> Any:
+        """Send one query to ``endpoint``; return its result or raise its error.
+
+        ``timer`` is the cancel scope of the caller's timeout, if it has one: a
+        cancellation by it is counted ``timed_out``, any other ``cancelled``.
+        """
         if self._refusal is not None:
             raise self._refusal()
         ep = self._endpoints.get(endpoint)
@@ -297,7 +308,7 @@ class Router:
         try:
             result = await self._call_backend(endpoint, b, query)
         except BaseException as exc:
-            self.stats.record(endpoint, tag, outcome_of(exc), time.perf_counter() - started)
+            self.stats.record(endpoint, tag, _outcome(exc, timer), time.perf_counter() - started)
             raise
         self.stats.record(endpoint, tag, "ok", time.perf_counter() - started)
         return result
@@ -307,7 +318,7 @@ class Router:
         route = b.route
         if self._closed or route.max_batch_size is not None or b.n_waiting:
             return await self._query(endpoint, b, query)
-        rtag = b.acquire(route.max_concurrent_queries)
+        rtag = b.acquire(route.max_concurrent_queries, _model_of(query))
         if rtag is None:
             return await self._query(endpoint, b, query)
         try:
@@ -329,7 +340,7 @@ class Router:
             raise NoReplicaError(endpoint, "the controller is closed")
         if b.route.max_batch_size is not None:
             return await self._query_batched(endpoint, b, query, resends)
-        tag = None if b.n_waiting else b.acquire(b.route.max_concurrent_queries)
+        tag = None if b.n_waiting else b.acquire(b.route.max_concurrent_queries, _model_of(query))
         if tag is None:
             tag = await self._wait_for_slot(endpoint, b, query)  # its slot comes counted
         return await self._send_one(endpoint, b, tag, query, resends)
@@ -451,8 +462,10 @@ class Router:
             if head.done:
                 waiting.popleft()
                 continue
+            if head.query.deadline is not None and _drop_late(b, head):
+                continue
             if not head.batched:
-                tag = b.acquire(route.max_concurrent_queries)
+                tag = b.acquire(route.max_concurrent_queries, _model_of(head.query))
                 if tag is None:
                     return None
                 waiting.popleft()
@@ -475,6 +488,8 @@ class Router:
                 w = waiting[0]
                 if w.done:
                     waiting.popleft()
+                    continue
+                if w.query.deadline is not None and _drop_late(b, w):
                     continue
                 if not w.batched:
                     break
@@ -539,7 +554,9 @@ class Router:
 
     # -- streams --------------------------------------------------------------------------
 
-    async def open_stream(self, endpoint: str, query: Query) -> _RouterStream:
+    async def open_stream(
+        self, endpoint: str, query: Query, timer: trio.CancelScope | None = None
+    ) -> _RouterStream:
         """Open a stream on ``endpoint`` (a generator target): a replica slot is taken
         for the stream's whole life, and given back when it ends or is closed.
 
@@ -566,7 +583,7 @@ class Router:
                 streams=False,
             )
         stream = _RouterStream(self, endpoint, b, query)
-        await stream.open()
+        await stream.open(timer)
         return stream
 
     async def _open_on_replica(
@@ -577,7 +594,8 @@ class Router:
         while True:
             if self._closed:
                 raise NoReplicaError(endpoint, "the controller is closed")
-            tag = None if b.n_waiting else b.acquire(b.route.max_concurrent_queries)
+            model = _model_of(query)
+            tag = None if b.n_waiting else b.acquire(b.route.max_concurrent_queries, model)
             if tag is None:
                 tag = await self._wait_for_slot(endpoint, b, query)  # its slot comes counted
             try:
@@ -625,7 +643,7 @@ class Router:
         b = self._backends.get(tag)
         rtag = None
         if b is not None and b.route.max_batch_size is None and not b.n_waiting:
-            rtag = b.acquire(b.route.max_concurrent_queries)
+            rtag = b.acquire(b.route.max_concurrent_queries, _model_of(query))
         if b is None or rtag is None:
             return _from_thread(token, self.call_timed, endpoint, query, timeout_s, tag)
         started = time.perf_counter()
@@ -641,7 +659,7 @@ class Router:
                 raise
             results = None  # it never ran: route it again, in trio
         except TimeoutError:
-            self.stats.record(endpoint, tag, "timeout", time.perf_counter() - started)
+            self.stats.record(endpoint, tag, "timed_out", time.perf_counter() - started)
             raise TimeoutError(
                 f"query to endpoint {endpoint!r} got no answer within {timeout_s}s"
             ) from None
@@ -697,14 +715,14 @@ class _RouterStream:
         self.finished = False
         self.started = time.perf_counter()
 
-    async def open(self) -> None:
+    async def open(self, timer: trio.CancelScope | None = None) -> None:
         try:
             self.tag, self.items = await self.router._open_on_replica(
                 self.endpoint, self.backend, self.query
             )
         except BaseException as exc:
             self.finished = True
-            self._record(outcome_of(exc))
+            self._record(_outcome(exc, timer))
             raise
 
     def _record(self, outcome: str) -> None:
@@ -720,8 +738,9 @@ class _RouterStream:
             self.router._release(self.backend, self.tag, 1)
         self._record(outcome)
 
-    async def next(self) -> Any:
-        """The next item; ``StopAsyncIteration`` at the end."""
+    async def next(self, timer: trio.CancelScope | None = None) -> Any:
+        """The next item; ``StopAsyncIteration`` at the end. ``timer``: the cancel
+        scope of the consumer's timeout, if any (see :meth:`Router.call`)."""
         while True:
             if self.finished:
                 raise StopAsyncIteration
@@ -739,13 +758,13 @@ class _RouterStream:
                         self.resends += 1
                         self.router._release(self.backend, tag, 1)
                         self.tag = None
-                        await self.open()
+                        await self.open(timer)
                         continue
                 self._finish("replica_died")
                 raise
             except BaseException as exc:
                 # The consumer gave up mid-wait (cancelled): stop the generator too.
-                self.close(outcome_of(exc))
+                self.close(_outcome(exc, timer))
                 raise
 
     def close(self, outcome: str = "cancelled") -> None:
@@ -786,19 +805,19 @@ class HandleStream:
         router = self._handle.router
         timeout_s = self._handle.timeout_s
         if timeout_s is None:
-            return await self._next(router)
-        with trio.move_on_after(timeout_s):
-            return await self._next(router)
+            return await self._next(router, None)
+        with trio.move_on_after(timeout_s) as timer:
+            return await self._next(router, timer)
         if self._stream is not None:
-            self._stream.close("timeout")
+            self._stream.close("timed_out")
         raise TimeoutError(
             f"stream from endpoint {self._handle.endpoint!r} gave no item within {timeout_s}s"
         )
 
-    async def _next(self, router: Router) -> Any:
+    async def _next(self, router: Router, timer: trio.CancelScope | None) -> Any:
         if self._stream is None:
-            self._stream = await router.open_stream(self._handle.endpoint, self._query)
-        return await self._stream.next()
+            self._stream = await router.open_stream(self._handle.endpoint, self._query, timer)
+        return await self._stream.next(timer)
 
     async def aclose(self) -> None:
         """Stop reading: the generator in the replica is cancelled if still running."""
@@ -840,9 +859,16 @@ class Handle:
     :class:`~servecore.BackpressureError`.
     """
 
-    __slots__ = ("_router", "endpoint", "timeout_s")
+    __slots__ = ("_router", "endpoint", "multiplexed_model_id", "timeout_s")
 
-    def __init__(self, router: Router, endpoint: str, *, timeout_s: float | None = None) -> None:
+    def __init__(
+        self,
+        router: Router,
+        endpoint: str,
+        *,
+        timeout_s: float | None = None,
+        multiplexed_model_id: str = "",
+    ) -> None:
         if timeout_s is not None and (
             isinstance(timeout_s, bool)
             or not isinstance(timeout_s, (int, float))
@@ -850,13 +876,24 @@ class Handle:
             or timeout_s < 0
         ):
             raise ValueError(f"timeout_s={timeout_s!r} must be None or a number of seconds >= 0")
+        if not isinstance(multiplexed_model_id, str):
+            raise ValueError(
+                f"multiplexed_model_id={multiplexed_model_id!r} must be a string (a model "
+                f'id; "" for none)'
+            )
         self._router = router
         self.endpoint = endpoint
         self.timeout_s = timeout_s
+        self.multiplexed_model_id = multiplexed_model_id
 
-    def options(self, *, timeout_s: float | None = None) -> Handle:
-        """A copy of this handle with ``timeout_s`` (None: wait as long as it takes)."""
-        return Handle(self._router, self.endpoint, timeout_s=timeout_s)
+    def options(
+        self, *, timeout_s: float | None = None, multiplexed_model_id: str | None = None
+    ) -> Handle:
+        """A copy of this handle with ``timeout_s`` (None: wait as long as it takes)
+        and, if given, ``multiplexed_model_id``: the model its queries are for (see
+        :func:`servecore.multiplexed`; kept from this handle when not given)."""
+        model = self.multiplexed_model_id if multiplexed_model_id is None else multiplexed_model_id
+        return Handle(self._router, self.endpoint, timeout_s=timeout_s, multiplexed_model_id=model)
 
     @property
     def router(self) -> Router:
@@ -865,10 +902,13 @@ class Handle:
 
     async def call(self, *args: Any, **kwargs: Any) -> Any:
         """Run one query on the endpoint and return its result."""
-        query = Query(args=args, kwargs=kwargs)
-        if self.timeout_s is None:
-            return await self._router.call(self.endpoint, query)
-        return await self._router.call_timed(self.endpoint, query, self.timeout_s)
+        if self.multiplexed_model_id:
+            kwargs[MODEL_KEY] = self.multiplexed_model_id
+        timeout_s = self.timeout_s
+        if timeout_s is None:
+            return await self._router.call(self.endpoint, Query(args=args, kwargs=kwargs))
+        query = Query(args=args, kwargs=kwargs, deadline=time.time() + timeout_s)
+        return await self._router.call_timed(self.endpoint, query, timeout_s)
 
     def stream(self, *args: Any, **kwargs: Any) -> HandleStream:
         """Stream the items a generator target yields for one query (see
@@ -879,6 +919,8 @@ class Handle:
 
         A target that answers once raises :class:`~servecore.StreamMismatch`.
         """
+        if self.multiplexed_model_id:
+            kwargs[MODEL_KEY] = self.multiplexed_model_id
         return HandleStream(self, Query(args=args, kwargs=kwargs))
 
     def call_blocking(self, *args: Any, **kwargs: Any) -> Any:
@@ -886,12 +928,17 @@ class Handle:
 
         Thread-safe; what :class:`~servecore.SyncHandle` uses.
         """
-        return self._router.call_blocking(
-            self.endpoint, Query(args=args, kwargs=kwargs), self.timeout_s
-        )
+        if self.multiplexed_model_id:
+            kwargs[MODEL_KEY] = self.multiplexed_model_id
+        timeout_s = self.timeout_s
+        deadline = None if timeout_s is None else time.time() + timeout_s
+        query = Query(args=args, kwargs=kwargs, deadline=deadline)
+        return self._router.call_blocking(self.endpoint, query, timeout_s)
 
     def __repr__(self) -> str:
-        return f"Handle(endpoint={self.endpoint!r}, timeout_s={self.timeout_s!r})"
+        model = self.multiplexed_model_id
+        more = f", multiplexed_model_id={model!r}" if model else ""
+        return f"Handle(endpoint={self.endpoint!r}, timeout_s={self.timeout_s!r}{more})"
 
 
 def _post(token: trio.lowlevel.TrioToken, fn: Callable[..., object], *args: Any) -> None:
@@ -908,6 +955,33 @@ def _from_thread(
         return trio.from_thread.run(afn, *args, trio_token=token)
     except trio.RunFinishedError:
         raise ControllerClosed("the query") from None
+
+
+def _model_of(query: Query) -> str | None:
+    """The multiplexed model id ``query`` is for, if any (a replica that served it
+    recently is preferred; see ``BackendState.acquire``)."""
+    kwargs = query.kwargs
+    return kwargs.get(MODEL_KEY) if kwargs else None
+
+
+def _outcome(error: BaseException, timer: trio.CancelScope | None) -> str:
+    """The outcome label of a query that ended with ``error``: a cancellation by the
+    caller's own timeout (``timer``) is ``timed_out``, not ``cancelled``."""
+    if timer is not None and timer.cancel_called and isinstance(error, trio.Cancelled):
+        return "timed_out"
+    return outcome_of(error)
+
+
+def _drop_late(b: BackendState, w: Waiter) -> bool:
+    """Drop ``w``, at the head of ``b``'s queue, if its deadline has passed: it fails
+    with :class:`~servecore.DeadlineExceeded` (counted ``timed_out``) without running."""
+    late = time.time() - w.query.deadline  # type: ignore[operator]
+    if late < 0:
+        return False
+    b.waiting.popleft()
+    b.n_waiting -= 1
+    w.finish(error=DeadlineExceeded(f"the queue of backend {b.tag!r}", late))
+    return True
 
 
 def _never_ran(error: BaseException) -> bool:

@@ -50,6 +50,7 @@ from servecore import (
     StopReplica,
     Transition,
     UpdateBackend,
+    UpdateEndpoint,
     UpdateRouter,
     step,
     validate_state,
@@ -235,6 +236,7 @@ def test_create_endpoint_restated_is_a_noop() -> None:
         CreateEndpoint(name="api", route="/other"),
         CreateEndpoint(name="api"),
         CreateEndpoint(name="api", route="/api", methods=("POST",)),
+        CreateEndpoint(name="api", route="/api", http_request=True),
     ],
 )
 def test_create_endpoint_twice_differently_is_rejected(other: CreateEndpoint) -> None:
@@ -261,6 +263,33 @@ def test_invalid_route_is_rejected(route: Any) -> None:
     assert_rejected(
         State(), lambda: CreateEndpoint(name="api", route=route), InvalidRoute, "api", route
     )
+
+
+@pytest.mark.parametrize("flag", ["yes", 1, None])
+def test_http_request_must_be_a_bool(flag: Any) -> None:
+    error = assert_rejected(
+        State(),
+        lambda: CreateEndpoint(name="api", http_request=flag),
+        InvalidRoute,
+        "api",
+        "http_request",
+    )
+    assert "true or false" in str(error)
+
+
+def test_update_endpoint_asks_for_requests_in_place() -> None:
+    state = apply(
+        State(),
+        CreateBackend(tag="b", target="m:f"),
+        CreateEndpoint(name="api", route="/api"),
+        SetTraffic(endpoint="api", traffic={"b": 1.0}),
+    )
+    t = check(state, UpdateEndpoint(name="api", route="/api", http_request=True))
+    ep = t.state.endpoints["api"]
+    assert ep.http_request is True and ep.traffic == {"b": 1.0}
+    assert t.state.routing_table().endpoints["api"].http_request is True
+    again = check(t.state, UpdateEndpoint(name="api", route="/api", http_request=True))
+    assert again.state is t.state
 
 
 @pytest.mark.parametrize("route", ["/-/predict", "/-/healthz", "/-/"])

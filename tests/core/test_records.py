@@ -342,3 +342,18 @@ def test_a_backend_record_written_before_newer_config_fields_loads_with_their_de
     config = loaded.backends["a"].config
     assert config == BackendConfig(num_replicas=2)
     assert (config.health_check_period_s, config.health_check_timeout_s) == (10.0, 30.0)
+
+
+def test_an_endpoint_record_written_before_http_request_loads_without_it() -> None:
+    import json
+
+    state = big_state(2)
+    records = records_of(state, 5)
+    key = next(k for k in records if k.startswith("endpoint/"))
+    value = json.loads(records[key])["value"]
+    assert value.pop("http_request") is False
+    body = json.dumps(value, separators=(",", ":"), sort_keys=True).encode()
+    records[key] = _record(key, body)
+    loaded = load_records(5, records, "test")
+    assert loaded == state
+    assert all(ep.http_request is False for ep in loaded.endpoints.values())

@@ -71,6 +71,7 @@ def apps(draw: Any) -> App:
             name=name,
             route=route,
             methods=tuple(draw(st.sampled_from([["GET"], ["GET", "POST"]]))),
+            http_request=draw(st.booleans()),
             traffic=traffic,
             shadow=shadow,
         )
@@ -211,6 +212,26 @@ def test_a_new_route_or_methods_move_the_endpoint_in_place() -> None:
             assert (ep.route, tuple(ep.methods)) == ("/v2", ("GET", "POST"))
             assert ep.traffic == {"m": 1.0}
             assert await handle.call("hi") == "hi"
+
+    trio.run(main)
+
+
+def test_asking_for_requests_changes_the_endpoint_in_place() -> None:
+    async def main() -> None:
+        async with servecore.open_controller(InMemoryRuntime()) as ctl:
+            app = _echo_app(TARGETS[0])
+            await apply(ctl, app)
+            e = app.endpoints["e"]
+            wanting = attrs.evolve(app, endpoints={"e": attrs.evolve(e, http_request=True)})
+            applied = await apply(ctl, wanting)
+            assert list(applied.commands) == [
+                servecore.UpdateEndpoint(
+                    name="e", route=e.route, methods=e.methods, http_request=True
+                )
+            ]
+            assert ctl.state.endpoints["e"].http_request is True
+            assert ctl.state.endpoints["e"].traffic == {"m": 1.0}
+            assert not (await apply(ctl, wanting)).commands
 
     trio.run(main)
 

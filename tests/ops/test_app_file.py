@@ -32,6 +32,7 @@ shadow = { v2 = 0.5 }
 
 [endpoints.internal]
 route = ""
+http_request = true
 
 [endpoints.plain]
 traffic = { v2 = 1 }
@@ -57,6 +58,8 @@ def test_a_good_file_reads_as_the_api_would_take_it(tmp_path: Path) -> None:
     assert (main.route, main.methods) == ("/main", ("GET", "POST"))
     assert (main.traffic, main.shadow) == ({"v1": 0.75, "v2": 0.25}, {"v2": 0.5})
     assert app.endpoints["internal"].route is None  # "" serves no HTTP route
+    assert app.endpoints["internal"].http_request is True
+    assert main.http_request is False  # unset: the JSON value, as before
     assert app.endpoints["plain"].route == "/plain"  # default: /<name>
     assert app.endpoints["plain"].methods == ("GET",)
 

@@ -342,17 +342,34 @@ class Controller:
                 warnings.warn(text, RuntimeWarning, stacklevel=4)
 
     async def create_endpoint(
-        self, name: str, route: str | None = None, methods: Any = ("GET",)
+        self,
+        name: str,
+        route: str | None = None,
+        methods: Any = ("GET",),
+        *,
+        http_request: bool = False,
     ) -> State:
-        """Register an endpoint, with an optional HTTP route."""
-        return await self.submit(CreateEndpoint(name=name, route=route, methods=methods))
+        """Register an endpoint, with an optional HTTP route. With ``http_request`` the
+        HTTP ingress passes its target a :class:`~servecore.Request` for every request
+        (JSON ones too), as Ray Serve passes a Starlette request."""
+        return await self.submit(
+            CreateEndpoint(name=name, route=route, methods=methods, http_request=http_request)
+        )
 
     async def update_endpoint(
-        self, name: str, route: str | None = None, methods: Any = ("GET",)
+        self,
+        name: str,
+        route: str | None = None,
+        methods: Any = ("GET",),
+        *,
+        http_request: bool = False,
     ) -> State:
-        """Give endpoint ``name`` a new route or methods in place: its traffic and its
-        handles stay, and queries meet no gap. ``route=None`` takes its route away."""
-        return await self.submit(UpdateEndpoint(name=name, route=route, methods=methods))
+        """Give endpoint ``name`` a new route, methods or ``http_request`` in place: its
+        traffic and its handles stay, and queries meet no gap. ``route=None`` takes
+        its route away."""
+        return await self.submit(
+            UpdateEndpoint(name=name, route=route, methods=methods, http_request=http_request)
+        )
 
     async def delete_endpoint(self, name: str) -> State:
         """Remove an endpoint and its route."""

@@ -72,6 +72,10 @@ class BackendView:
     #: Queries waiting and running on it now (live status only).
     queued: int | None = None
     running: int | None = None
+    #: Queries it answered since the router was made, by outcome (``ok``, ``error``,
+    #: ``timed_out``, ``cancelled``, ``no_replica``, ``backpressure``,
+    #: ``replica_died``; only those that happened), over all endpoints (live only).
+    queries: dict[str, int] | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -83,6 +87,11 @@ class EndpointView:
     methods: tuple[str, ...]
     traffic: dict[str, float]
     shadow: dict[str, float]
+    #: Its HTTP requests reach the target as ``servecore.Request`` values, JSON too.
+    http_request: bool = False
+    #: Queries it received since the router was made, by outcome (as
+    #: :attr:`BackendView.queries`), over all its backends (live status only).
+    queries: dict[str, int] | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -136,6 +145,12 @@ def status_of(
     live = runtime is not None
     gone = replicas_gone is not None and not live
     died = dict(unrecorded_deaths or {}) if live else {}
+    by_backend: dict[str, dict[str, int]] = {}
+    by_endpoint: dict[str, dict[str, int]] = {}
+    for (endpoint, backend, outcome), n in statistics.queries.items() if statistics else ():
+        for table, key in ((by_backend, backend), (by_endpoint, endpoint)):
+            counts = table.setdefault(key, {})
+            counts[outcome] = counts.get(outcome, 0) + n
     backends = []
     for tag in sorted(state.backends):
         b = state.backends[tag]
@@ -185,6 +200,7 @@ def status_of(
                 replicas=tuple(replicas),
                 queued=load.queued if load is not None else (0 if live else None),
                 running=load.running if load is not None else (0 if live else None),
+                queries=dict(sorted(by_backend.get(tag, {}).items())) if live else None,
             )
         )
     endpoints = tuple(
@@ -194,6 +210,8 @@ def status_of(
             methods=tuple(ep.methods),
             traffic=dict(sorted(ep.traffic.items())),
             shadow=dict(sorted(ep.shadow.items())),
+            http_request=ep.http_request,
+            queries=dict(sorted(by_endpoint.get(name, {}).items())) if live else None,
         )
         for name, ep in sorted(state.endpoints.items())
     )

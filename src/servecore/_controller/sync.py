@@ -68,9 +68,16 @@ class SyncHandle:
         """The endpoint this handle queries."""
         return self._handle.endpoint
 
-    def options(self, *, timeout_s: float | None = None) -> SyncHandle:
-        """A copy with ``timeout_s`` (``TimeoutError`` past it; None waits as needed)."""
-        return SyncHandle(self._handle.options(timeout_s=timeout_s), self._token)
+    def options(
+        self, *, timeout_s: float | None = None, multiplexed_model_id: str | None = None
+    ) -> SyncHandle:
+        """A copy with ``timeout_s`` (``TimeoutError`` past it; None waits as needed)
+        and, if given, ``multiplexed_model_id`` (see
+        :meth:`servecore.router.Handle.options`)."""
+        handle = self._handle.options(
+            timeout_s=timeout_s, multiplexed_model_id=multiplexed_model_id
+        )
+        return SyncHandle(handle, self._token)
 
     def call(self, *args: Any, **kwargs: Any) -> Any:
         """Run one query on the endpoint from any thread; block for its result.
@@ -294,17 +301,32 @@ class SyncController:
         return self._run(self.controller.submit, command)
 
     def create_endpoint(
-        self, name: str, route: str | None = None, methods: Any = ("GET",)
+        self,
+        name: str,
+        route: str | None = None,
+        methods: Any = ("GET",),
+        *,
+        http_request: bool = False,
     ) -> State:
-        """Register an endpoint, with an optional HTTP route."""
-        return self._run(self.controller.create_endpoint, name, route, methods)
+        """Register an endpoint, with an optional HTTP route; see
+        :meth:`servecore.Controller.create_endpoint`."""
+        return self._run(
+            self.controller.create_endpoint, name, route, methods, http_request=http_request
+        )
 
     def update_endpoint(
-        self, name: str, route: str | None = None, methods: Any = ("GET",)
+        self,
+        name: str,
+        route: str | None = None,
+        methods: Any = ("GET",),
+        *,
+        http_request: bool = False,
     ) -> State:
-        """Give an endpoint a new route or methods in place; see
+        """Give an endpoint a new route, methods or ``http_request`` in place; see
         :meth:`servecore.Controller.update_endpoint`."""
-        return self._run(self.controller.update_endpoint, name, route, methods)
+        return self._run(
+            self.controller.update_endpoint, name, route, methods, http_request=http_request
+        )
 
     def delete_endpoint(self, name: str) -> State:
         """Remove an endpoint and its route."""

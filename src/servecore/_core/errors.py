@@ -26,6 +26,7 @@ __all__ = [
     "CheckpointVersionError",
     "CommandError",
     "ControllerClosed",
+    "DeadlineExceeded",
     "EndpointExists",
     "EndpointNotFound",
     "InvalidCommand",
@@ -99,8 +100,9 @@ class EndpointExists(CommandError):
     def __init__(self, name: str) -> None:
         self.name = name
         super().__init__(
-            f"endpoint {name!r} already exists with a different route or methods; "
-            f"delete it first or choose another name"
+            f"endpoint {name!r} already exists with a different route, methods or "
+            f"http_request; update_endpoint changes them in place, or "
+            f"delete it first, or choose another name"
         )
 
 
@@ -755,4 +757,19 @@ class CallDepthExceeded(ServecoreError):
             f"calling endpoint {endpoint!r} from the call chain {' -> '.join(self.chain)} "
             f"would nest {len(self.chain) + 1} replicas deep, past the limit of {limit}; "
             f"flatten the calls"
+        )
+
+
+class DeadlineExceeded(ServecoreError, TimeoutError):
+    """A query reached the front of a queue (the router's or its replica's) after its
+    deadline had passed, so it was dropped without running: its caller had stopped
+    waiting for it by then."""
+
+    def __init__(self, where: str, late_s: float) -> None:
+        self.where = where
+        self.late_s = late_s
+        super().__init__(
+            f"a query was dropped without running: its deadline passed {late_s:.3f}s "
+            f"before {where} could begin it; give the caller a longer timeout_s, or add "
+            f"replicas (or max_concurrent_queries) so that queries wait less"
         )

@@ -112,6 +112,11 @@ def _methods(endpoint: str, value: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _flag(instance: Any, attribute: Any, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise InvalidRoute(instance.name, attribute.name, value, "must be true or false")
+
+
 def _is_config(value: Any) -> None:
     if not isinstance(value, BackendConfig):
         raise InvalidConfig("config", value, "must be a servecore.BackendConfig")
@@ -119,11 +124,13 @@ def _is_config(value: Any) -> None:
 
 @attrs.frozen(kw_only=True)
 class CreateEndpoint:
-    """Register an endpoint, with an optional HTTP route."""
+    """Register an endpoint, with an optional HTTP route. With ``http_request`` the
+    HTTP ingress passes its target a ``servecore.Request`` for every request."""
 
     name: str = attrs.field(validator=_name("endpoint"))
     route: str | None = attrs.field(default=None, validator=_route)
     methods: tuple[str, ...] = ("GET",)
+    http_request: bool = attrs.field(default=False, validator=_flag)
 
     def __attrs_post_init__(self) -> None:
         # Validated here, not by a converter, so the error can name the endpoint.
@@ -132,13 +139,14 @@ class CreateEndpoint:
 
 @attrs.frozen(kw_only=True)
 class UpdateEndpoint:
-    """Give an existing endpoint a new route or methods in place: its traffic split,
-    shadows and handles stay, so its queries never meet a gap (deleting and creating
-    it again would answer 404 in between)."""
+    """Give an existing endpoint a new route, methods or ``http_request`` in place: its
+    traffic split, shadows and handles stay, so its queries never meet a gap (deleting
+    and creating it again would answer 404 in between)."""
 
     name: str = attrs.field(validator=_name("endpoint"))
     route: str | None = attrs.field(default=None, validator=_route)
     methods: tuple[str, ...] = ("GET",)
+    http_request: bool = attrs.field(default=False, validator=_flag)
 
     def __attrs_post_init__(self) -> None:
         object.__setattr__(self, "methods", _methods(self.name, self.methods))

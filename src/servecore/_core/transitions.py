@@ -586,10 +586,16 @@ def _backend(state: State, tag: str) -> Backend:
 
 
 def _create_endpoint(state: State, cmd: CreateEndpoint) -> Transition:
-    new = Endpoint(name=cmd.name, route=cmd.route, methods=cmd.methods)
+    new = Endpoint(
+        name=cmd.name, route=cmd.route, methods=cmd.methods, http_request=cmd.http_request
+    )
     old = state.endpoints.get(cmd.name)
     if old is not None:
-        if (old.route, old.methods) == (new.route, new.methods):
+        if (old.route, old.methods, old.http_request) == (
+            new.route,
+            new.methods,
+            new.http_request,
+        ):
             return _unchanged(state)
         raise EndpointExists(cmd.name)
     if cmd.route is not None:
@@ -603,14 +609,20 @@ def _create_endpoint(state: State, cmd: CreateEndpoint) -> Transition:
 
 def _update_endpoint(state: State, cmd: UpdateEndpoint) -> Transition:
     old = _endpoint(state, cmd.name)
-    if (old.route, tuple(old.methods)) == (cmd.route, cmd.methods):
+    if (old.route, tuple(old.methods), old.http_request) == (
+        cmd.route,
+        cmd.methods,
+        cmd.http_request,
+    ):
         return _unchanged(state)
     if cmd.route is not None:
         for other in state.endpoints.values():
             if other.name != cmd.name and other.route == cmd.route:
                 raise RouteConflict(cmd.route, cmd.name, other.name)
     tx = _TransitionBuilder(state)
-    tx.put_endpoint(attrs.evolve(old, route=cmd.route, methods=cmd.methods))
+    tx.put_endpoint(
+        attrs.evolve(old, route=cmd.route, methods=cmd.methods, http_request=cmd.http_request)
+    )
     return tx.finish()
 
 

@@ -279,6 +279,10 @@ class Endpoint:
     name: str
     route: str | None = None
     methods: tuple[str, ...] = ("GET",)
+    #: The HTTP ingress passes the target a ``servecore.Request`` for every request,
+    #: JSON ones too (by default only where the JSON value would lose what was sent).
+    #: Checkpoints written before it have no such key and load as ``False``.
+    http_request: bool = False
     traffic: Map[str, float] = attrs.field(default=EMPTY, converter=_traffic_map)
     shadow: Map[str, float] = attrs.field(default=EMPTY, converter=_traffic_map)
 

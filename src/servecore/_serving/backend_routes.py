@@ -22,7 +22,21 @@ import trio
 from servecore._core.transitions import BackendRoute, Endpoint
 from servecore.runtimes._protocol import Query
 
-__all__ = ["BackendState", "EndpointRoute", "Waiter", "no_replica_why", "waits_for_replicas"]
+__all__ = [
+    "MODELS_REMEMBERED",
+    "MODEL_HOLDERS",
+    "BackendState",
+    "EndpointRoute",
+    "Waiter",
+    "no_replica_why",
+    "waits_for_replicas",
+]
+
+#: Multiplexed model ids a backend's routing remembers replicas for (least recently
+#: used dropped): enough for a large model zoo, bounded for ids a client makes up.
+MODELS_REMEMBERED = 4096
+#: Replicas remembered per model id: a popular model spreads over a few replicas.
+MODEL_HOLDERS = 4
 
 
 class Waiter:
@@ -81,6 +95,9 @@ class BackendState:
         self.waiting: deque[Waiter] = deque()
         self.n_waiting = 0
         self._turn = itertools.count()
+        #: Multiplexed model id -> the replicas it was last sent to, most recent last
+        #: (they likely hold it loaded); at most MODELS_REMEMBERED ids, oldest dropped.
+        self.models: dict[str, list[str]] = {}
 
     def set_route(self, route: BackendRoute | None) -> None:
         """Adopt the backend's new route (None: the backend is gone)."""
@@ -96,13 +113,41 @@ class BackendState:
             for t in self.live:
                 self.outstanding.setdefault(t, 0)
 
-    def acquire(self, limit: int) -> str | None:
-        """Pick a replica below ``limit`` outstanding queries and count one more on it."""
+    def acquire(self, limit: int, model: str | None = None) -> str | None:
+        """Pick a replica below ``limit`` outstanding queries and count one more on it.
+
+        For a query naming a multiplexed ``model``, a replica it was sent to recently
+        (which likely holds it loaded) is preferred while one has a free slot; the
+        least loaded replica otherwise, which is then remembered for the model.
+        """
         with self.lock:
-            tag = self.pick(limit)
+            tag = self._pick_holding(model, limit) if model else None
+            if tag is None:
+                tag = self.pick(limit)
             if tag is not None:
                 self.outstanding[tag] += 1
+                if model:
+                    self._remember(model, tag)
             return tag
+
+    def _pick_holding(self, model: str, limit: int) -> str | None:
+        best: str | None = None
+        best_load = limit
+        for tag in reversed(self.models.get(model, ())):
+            load = self.outstanding.get(tag)
+            if load is not None and load < best_load and tag in self.live:
+                best, best_load = tag, load
+        return best
+
+    def _remember(self, model: str, tag: str) -> None:
+        holders = self.models.pop(model, None) or []
+        if tag in holders:
+            holders.remove(tag)
+        holders.append(tag)
+        del holders[:-MODEL_HOLDERS]
+        self.models[model] = holders  # re-inserted: the most recently used id last
+        if len(self.models) > MODELS_REMEMBERED:
+            del self.models[next(iter(self.models))]
 
     def add(self, tag: str, n: int) -> None:
         """Count ``n`` more queries on ``tag`` (negative: fewer)."""

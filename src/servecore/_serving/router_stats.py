@@ -63,7 +63,7 @@ def outcome_of(error: BaseException | None) -> str:
     if isinstance(error, ReplicaDiedError):
         return "replica_died"
     if isinstance(error, TimeoutError):
-        return "timeout"
+        return "timed_out"  # the caller's timeout, or a deadline that passed in a queue
     if isinstance(error, (Exception, RemoteError)):
         return "error"
     return "cancelled"  # trio.Cancelled and other BaseExceptions: the caller gave up

@@ -89,7 +89,11 @@ def plan(state: State, app: App) -> list[Command]:
                 delete_endpoint(name)  # its route is about to be taken
         elif ep.traffic and not spec.traffic:
             delete_endpoint(name)  # no command takes an endpoint's traffic away
-        elif (ep.route, tuple(ep.methods)) != (spec.route, spec.methods):
+        elif (ep.route, tuple(ep.methods), ep.http_request) != (
+            spec.route,
+            spec.methods,
+            spec.http_request,
+        ):
             holder = next(
                 (
                     other
@@ -100,7 +104,14 @@ def plan(state: State, app: App) -> list[Command]:
             )
             if holder is None:
                 # Moved in place: its traffic and handles stay, and queries meet no gap.
-                detach.append(UpdateEndpoint(name=name, route=spec.route, methods=spec.methods))
+                detach.append(
+                    UpdateEndpoint(
+                        name=name,
+                        route=spec.route,
+                        methods=spec.methods,
+                        http_request=spec.http_request,
+                    )
+                )
             else:
                 delete_endpoint(name)  # another endpoint gives up that route first
 
@@ -135,7 +146,14 @@ def plan(state: State, app: App) -> list[Command]:
     for name, spec in sorted(app.endpoints.items()):
         current_ep = endpoints.get(name)
         if current_ep is None:
-            wire.append(CreateEndpoint(name=name, route=spec.route, methods=spec.methods))
+            wire.append(
+                CreateEndpoint(
+                    name=name,
+                    route=spec.route,
+                    methods=spec.methods,
+                    http_request=spec.http_request,
+                )
+            )
             traffic: dict[str, float] = {}
             shadow: dict[str, float] = {}
         else:
@@ -258,6 +276,7 @@ def declared(state: State) -> App:
                 name=name,
                 route=ep.route,
                 methods=tuple(ep.methods),
+                http_request=ep.http_request,
                 traffic=dict(sorted(ep.traffic.items())),
                 shadow=dict(sorted(ep.shadow.items())),
             )

@@ -10,6 +10,7 @@
     route = "/sentiment"
     methods = ["GET", "POST"]
     traffic = { sentiment_v1 = 1.0 }
+    http_request = false         # true: the target gets a servecore.Request for every request
 
     [server]                     # optional: how ``servecore run`` serves this app
     runtime = "subprocess"       # threads, subprocess, ray, or a plugin's name
@@ -122,6 +123,7 @@ class _EndpointFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Unset: "/<endpoint name>", as Ray Serve's route_prefix; "" serves no HTTP route.
     route: str | UnsetType = UNSET
     methods: list[str] | UnsetType = UNSET
+    http_request: bool = False
     traffic: dict[str, float] = msgspec.field(default_factory=dict)
     shadow: dict[str, float] = msgspec.field(default_factory=dict)
 
@@ -173,6 +175,7 @@ class EndpointSpec:
     route: str | None
     methods: tuple[str, ...]
     traffic: dict[str, float] = attrs.field(factory=dict)
+    http_request: bool = False
     shadow: dict[str, float] = attrs.field(factory=dict)
 
 
@@ -362,7 +365,7 @@ def _endpoint_spec(
 ) -> EndpointSpec:
     at = f"endpoints.{name}" if re.fullmatch(r"[A-Za-z0-9_-]+", name) else f'endpoints."{name}"'
     route: str | None = f"/{name}" if e.route is UNSET else (e.route or None)
-    kwargs: dict[str, Any] = {"name": name, "route": route}
+    kwargs: dict[str, Any] = {"name": name, "route": route, "http_request": e.http_request}
     if e.methods is not UNSET:
         kwargs["methods"] = e.methods
     try:
@@ -400,6 +403,7 @@ def _endpoint_spec(
         name=name,
         route=cmd.route,
         methods=cmd.methods,
+        http_request=cmd.http_request,
         traffic=dict(sorted(traffic.items())),
         shadow=dict(sorted(shadow.items())),
     )

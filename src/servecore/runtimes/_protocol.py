@@ -100,6 +100,12 @@ class Query:
 
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = attrs.field(factory=dict)
+    #: When the caller stops waiting, in seconds since the epoch (``time.time()``), or
+    #: ``None``: no deadline. Set from the handle's ``timeout_s``; a runtime carries it
+    #: to the replica, which drops the query unrun once it has passed and tells user
+    #: code the time left (``servecore.time_remaining()``). The wall clock, not a
+    #: monotonic one: it is compared in other processes (same host: the same clock).
+    deadline: float | None = None
 
 
 @runtime_checkable

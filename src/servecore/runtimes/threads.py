@@ -692,8 +692,16 @@ class _RouterComposer:
         backends: Sequence[str] = self.router.backends_of(endpoint)
         return backends
 
-    def call(self, endpoint: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        return self.router.call_blocking(endpoint, Query(args=args, kwargs=kwargs))
+    def call(
+        self,
+        endpoint: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        deadline: float | None = None,
+    ) -> Any:
+        query = Query(args=args, kwargs=kwargs, deadline=deadline)
+        timeout_s = None if deadline is None else max(0.0, deadline - time.time())
+        return self.router.call_blocking(endpoint, query, timeout_s)
 
 
 def _unlock(lock: threading.Lock) -> None:

@@ -73,7 +73,7 @@ from typing import Any, TypeVar
 
 import attrs
 
-from servecore._calls import Composer, wrap_async_runner, wrap_runner
+from servecore._calls import Composer, enter_stream, leave, wrap_async_runner, wrap_runner
 from servecore._core.errors import InvalidConfig, ServecoreError, StreamMismatch
 from servecore._core.transitions import StartReplica
 from servecore.runtimes._protocol import Query
@@ -639,9 +639,10 @@ class StreamRun:
 
     def _produce_sync(self) -> None:
         error: BaseException | None = None
+        q = self._query
+        kwargs, token = enter_stream(q.kwargs)  # this thread's context, for every item
         try:
-            q = self._query
-            gen = self._code.obj(*q.args, **q.kwargs)
+            gen = self._code.obj(*q.args, **kwargs)
             try:
                 while self._take_credit():
                     try:
@@ -656,13 +657,17 @@ class StreamRun:
             error = exc
         except BaseException as exc:
             error = UserCodeEscaped(exc)
+        finally:
+            if token is not None:
+                leave(token)
         self._finish(error, self._cancelled and error is None)
 
     async def _produce_async(self) -> None:
         more = self._more
         assert more is not None
         q = self._query
-        agen = self._code.obj(*q.args, **q.kwargs)
+        kwargs, _ = enter_stream(q.kwargs)  # in this task's own context, left with it
+        agen = self._code.obj(*q.args, **kwargs)
         try:
             while True:
                 while True:

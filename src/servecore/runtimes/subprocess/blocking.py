@@ -24,7 +24,16 @@ from servecore._core.errors import ReplicaDiedError
 from servecore.runtimes._protocol import Query
 from servecore.runtimes._remote_errors import decode_reply
 from servecore.runtimes.subprocess.replica import answer_of
-from servecore.runtimes.subprocess.wire import CALL, CANCEL, DRAINED, HEADER, OK, PING, dumps, frame
+from servecore.runtimes.subprocess.wire import (
+    CALL,
+    CANCEL,
+    DRAINED,
+    HEADER,
+    OK,
+    PING,
+    encode_call,
+    frame,
+)
 
 __all__ = ["BlockingCalls"]
 
@@ -79,7 +88,7 @@ class BlockingCalls:
             except (OSError, ValueError):
                 return None  # not reachable from here now: trio's path decides
         try:
-            body = dumps([(q.args, q.kwargs) for q in batch])
+            body = encode_call(batch)
         except Exception as exc:
             raise TypeError(
                 f"the arguments of a query to replica {tag!r} cannot be pickled: {exc}"

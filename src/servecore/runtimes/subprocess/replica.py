@@ -33,6 +33,7 @@ from servecore.runtimes.subprocess.wire import (
     REFUSED,
     STREAM,
     dumps,
+    encode_call,
     frame,
 )
 from servecore.runtimes.toolkit import DEFAULT_STREAM_WINDOW
@@ -168,7 +169,7 @@ class ReplicaConnection:
         if self.stopping or self.draining:
             raise not_begun(self.tag, "the replica is stopping; the query was not sent")
         try:
-            body = dumps([(q.args, q.kwargs) for q in batch])
+            body = encode_call(batch)
         except Exception as exc:
             raise TypeError(
                 f"the arguments of a query to replica {self.tag!r} cannot be pickled: {exc}"

@@ -71,6 +71,7 @@ from servecore.runtimes.subprocess.wire import (
     PING,
     REFUSED,
     STREAM,
+    decode_call,
     dumps,
     encodable,
     encode_results,
@@ -101,22 +102,25 @@ class _Terminate(Exception):
 
 
 class _Query:
-    """What the shared batch runner reads of a query (``args``, ``kwargs``): a plain
-    slotted pair, a few microseconds cheaper per query than the frozen attrs
-    ``servecore.Query`` on the replica's hot path."""
+    """What the shared batch runner reads of a query (``args``, ``kwargs``,
+    ``deadline``): a plain slotted record, a few microseconds cheaper per query than
+    the frozen attrs ``servecore.Query`` on the replica's hot path."""
 
-    __slots__ = ("args", "kwargs")
+    __slots__ = ("args", "deadline", "kwargs")
 
-    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def __init__(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], deadline: float | None = None
+    ) -> None:
         self.args = args
         self.kwargs = kwargs
+        self.deadline = deadline
 
 
 def _build(
     spec: dict[str, Any],
-) -> tuple[Callable[[list[tuple[Any, Any]]], list[Any]], ReplicaCode]:
+) -> tuple[Callable[[list[tuple[Any, Any, Any]]], list[Any]], ReplicaCode]:
     """Import and construct the target exactly as the threads runtime does; return
-    ``run(batch)`` taking ``(args, kwargs)`` pairs, and the built code (its
+    ``run(batch)`` taking ``(args, kwargs, deadline)`` triples, and the built code (its
     ``check_health``, and for an async target its loop and ``run_async``).
 
     servecore itself is imported here, not at the top of the file: only after the
@@ -140,8 +144,8 @@ def _build(
     )
     runner = code.run
 
-    def run(batch: list[tuple[Any, Any]]) -> list[Any]:
-        queries: Any = [_Query(args, kwargs) for args, kwargs in batch]
+    def run(batch: list[tuple[Any, Any, Any]]) -> list[Any]:
+        queries: Any = [_Query(args, kwargs, deadline) for args, kwargs, deadline in batch]
         return runner(queries)
 
     return run, code
@@ -153,7 +157,7 @@ class _Server:
     def __init__(
         self,
         *,
-        run: Callable[[list[tuple[Any, Any]]], list[Any]],
+        run: Callable[[list[tuple[Any, Any, Any]]], list[Any]],
         listener: socket.socket,
         files: ReplicaFiles,
         tag: str,
@@ -179,6 +183,8 @@ class _Server:
         self.idle = threading.Condition()
         #: Calls refused because they arrived while draining (never begun).
         self.refused = 0
+        #: Calls dropped unrun because their deadline had passed when their turn came.
+        self.late = 0
         #: Open host connections, told DRAINED before the process exits.
         self.connections: set[_Connection] = set()
 
@@ -197,6 +203,13 @@ class _Server:
         with self.idle:
             self.refused += 1
             return self.refused
+
+    def dropped_late(self, exc: BaseException) -> None:
+        """Count (and log) a call whose deadline passed before it could begin."""
+        with self.idle:
+            self.late += 1
+            n = self.late
+        print(f"replica {self.tag} dropped a call: {exc} ({n} so far)", flush=True)
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self.stopping = True
@@ -470,7 +483,7 @@ class _Connection:
             return
         assert server.loop is not None and server.run_async is not None
         try:
-            queries = [_Query(args, kwargs) for args, kwargs in pickle.loads(body)]
+            queries = [_Query(*query) for query in decode_call(body)]
         except Exception as exc:
             self._reply(ERROR, request_id, dumps(error_info(exc)))
             return
@@ -492,6 +505,8 @@ class _Connection:
                 self._reply(GONE, request_id, dumps("the query was cancelled"))
                 return
             exc = task.exception()
+            if exc is not None and _is_late(exc):
+                server.dropped_late(exc)
             if isinstance(exc, UserCodeEscaped):
                 self._reply(GONE, request_id, dumps(str(exc)))
                 server.die(str(exc))
@@ -526,8 +541,10 @@ class _Connection:
             self._reply(REFUSED, request_id, dumps("the replica is draining"))
             return
         try:
-            results = server.run(pickle.loads(body))
+            results = server.run(decode_call(body))
         except Exception as exc:
+            if _is_late(exc):
+                server.dropped_late(exc)
             self._reply(ERROR, request_id, dumps(error_info(exc)))
             return
         except BaseException as exc:
@@ -542,6 +559,13 @@ class _Connection:
             self._reply(ERROR, request_id, dumps(error_info(exc)))
             return
         self._reply(OK, request_id, out)
+
+
+def _is_late(exc: BaseException) -> bool:
+    """Whether ``exc`` says the call was dropped unrun, its deadline past."""
+    from servecore._core.errors import DeadlineExceeded  # loaded with the target already
+
+    return isinstance(exc, DeadlineExceeded)
 
 
 def _send_status(status: BinaryIO | None, kind: int, body: bytes) -> None:

@@ -7,10 +7,19 @@ body. Pickle carries the user's query arguments, results and exceptions over a s
 that only this user can reach (the runtime directory is mode 0700); it never carries
 controller state, which is checkpointed as JSON. A malformed frame closes the
 connection.
+
+A CALL body may end with a *deadline trailer* after the pickle: one big-endian double
+per query (its deadline in wall-clock seconds, NaN for none), their count
+(:data:`COUNT`) and :data:`DEADLINES_MAGIC`. ``pickle.loads`` ignores bytes past the
+pickled value, so a replica of an older servecore reads such a body as before (and
+runs queries without their deadlines), and a body without the trailer (from an older
+host) reads as queries without deadlines; a pickle ends with its STOP opcode
+(``b"."``), never with the magic, so the two cannot be confused.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import struct
@@ -24,6 +33,7 @@ __all__ = [
     "CANCEL",
     "COUNT",
     "CREDIT",
+    "DEADLINES_MAGIC",
     "DRAINED",
     "END",
     "ERROR",
@@ -34,8 +44,10 @@ __all__ = [
     "PING",
     "REFUSED",
     "STREAM",
+    "decode_call",
     "dumps",
     "encodable",
+    "encode_call",
     "encode_results",
     "error_info",
     "frame",
@@ -82,6 +94,10 @@ CREDIT = 12
 #: The body of a CREDIT frame.
 COUNT = struct.Struct("!I")
 
+#: The last bytes of a CALL body that ends with a deadline trailer.
+DEADLINES_MAGIC = b"SCDL"
+_TRAILER_TAIL = COUNT.size + len(DEADLINES_MAGIC)
+
 #: Longest socket path that ``bind``/``connect`` take (``sun_path`` is 108 bytes on Linux).
 _MAX_SOCKET_PATH = 100
 
@@ -120,6 +136,33 @@ def _unpicklable(tag: str, results: Any, exc: Exception, runtime: str) -> Except
     cls = type(culprit)
     reason = encodable(f"{type(exc).__name__}: {exception_message(exc)}")
     return UnpicklableResult(tag, f"{cls.__module__}.{cls.__qualname__}", reason, runtime=runtime)
+
+
+def encode_call(batch: Any) -> bytes:
+    """(host) The body of a CALL frame for ``batch`` (queries with ``args``, ``kwargs``
+    and ``deadline``): the pickled ``(args, kwargs)`` pairs, and the deadline trailer
+    when any query has a deadline (see the module doc). Raises what pickle raises."""
+    body = dumps([(q.args, q.kwargs) for q in batch])
+    deadlines = [getattr(q, "deadline", None) for q in batch]
+    if all(d is None for d in deadlines):
+        return body
+    values = [math.nan if d is None else float(d) for d in deadlines]
+    n = len(values)
+    return body + struct.pack(f"!{n}d", *values) + COUNT.pack(n) + DEADLINES_MAGIC
+
+
+def decode_call(body: bytes) -> list[tuple[Any, Any, float | None]]:
+    """(replica) The ``(args, kwargs, deadline)`` of each query of a CALL body
+    (``deadline`` is ``None`` when the host sent none). Raises what unpickling raises."""
+    pairs = pickle.loads(body)  # stops at the pickle's end: a trailer is not read
+    deadlines: list[float | None] = [None] * len(pairs)
+    if body.endswith(DEADLINES_MAGIC) and len(body) >= _TRAILER_TAIL:
+        (n,) = COUNT.unpack_from(body, len(body) - _TRAILER_TAIL)
+        start = len(body) - _TRAILER_TAIL - 8 * n
+        if n == len(pairs) and start >= 0:
+            values = struct.unpack_from(f"!{n}d", body, start)
+            deadlines = [None if math.isnan(v) else v for v in values]
+    return [(args, kwargs, d) for (args, kwargs), d in zip(pairs, deadlines, strict=True)]
 
 
 def frame(kind: int, request_id: int, body: bytes) -> bytes:
