@@ -105,11 +105,11 @@ traffic = { nested = 1.0 }
 
 @pytest.mark.slow
 def test_a_nested_call_from_a_subprocess_replica_carries_the_deadline(tmp_path: Path) -> None:
-    from test_connect import Server
+    from cli_server import CliServer
 
-    server = Server(tmp_path)
+    server = CliServer(tmp_path)
     try:
-        server.run(
+        server.serve(
             server.write("app.toml", NESTED_APP), "--runtime", "subprocess", "--workers", "0"
         )
         with servecore.connect(server.store) as client:
