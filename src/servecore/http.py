@@ -39,12 +39,13 @@ hypercorn is an optional extra: ``pip install 'servecore[http]'``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import math
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 from urllib.parse import parse_qsl
 
 import trio
@@ -134,8 +135,12 @@ class HTTPIngress:
         max_body_bytes: int = 16 * 1024 * 1024,
         max_depth: int = 100,
         ops: OpsAnswer | None = None,
+        loop: Literal["trio", "asyncio"] = "trio",
     ) -> None:
+        if loop not in ("trio", "asyncio"):
+            raise ValueError(f"loop={loop!r} is not 'trio' or 'asyncio'")
         self.source = source
+        self.loop = loop
         self.ops: OpsAnswer = ops if ops is not None else functools.partial(answer_ops, source)
         self.timeout_s = check_timeout(timeout_s)
         self.max_body_bytes = max_body_bytes
@@ -206,34 +211,8 @@ class HTTPIngress:
                 "headers": [(b"content-type", media), (b"cache-control", b"no-cache")],
             }
         )
-        reading = trio.CancelScope()
-        async with trio.open_nursery() as nursery:
-
-            async def watch_disconnect() -> None:
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-                reading.cancel()  # the client left: stop the generator
-
-            nursery.start_soon(watch_disconnect)
-            tail = b""
-            with reading:
-                try:
-                    if first is not _NOTHING:
-                        await send(_chunk(first, sse, answer.endpoint))
-                        async for item in items:
-                            await send(_chunk(item, sse, answer.endpoint))
-                    tail = b"event: end\ndata: {}\n\n" if sse else b""
-                except Exception as exc:
-                    # The status is gone already: the error is the stream's last record.
-                    _, body, _ = _failure(exc)
-                    tail = b"event: error\ndata: " + body + b"\n\n" if sse else body + b"\n"
-                finally:
-                    await items.aclose()
-            if not reading.cancelled_caught:
-                # Outside the reading scope: a disconnect now must not cut this send
-                # short (the server closes the connection from inside it).
-                await send({"type": "http.response.body", "body": tail})
-            nursery.cancel_scope.cancel()
+        pump = _send_items_asyncio if self.loop == "asyncio" else _send_items_trio
+        await pump(items, first, sse, answer.endpoint, receive, send)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -285,7 +264,8 @@ class HTTPIngress:
             if not message.get("more_body", False):
                 break
         query = scope.get("query_string", b"").decode("latin-1")
-        media = _header(scope, b"content-type").split(b";")[0].strip()
+        content_type, accept = _content_type_and_accept(scope)
+        media = content_type.split(b";")[0].strip()
         if rest or (body and not _is_json(media, body)):
             # The JSON value alone would lose what the client sent: the target gets it all.
             payload: Any = Request(
@@ -304,15 +284,7 @@ class HTTPIngress:
         else:
             payload = dict(parse_qsl(query))
         handle = self.source.get_handle(endpoint.name).options(timeout_s=self.timeout_s)
-        accept = _header(scope, b"accept")
         sse = b"text/event-stream" in accept
-        if not hasattr(handle, "stream"):
-            # An ingress worker on asyncio (servecore run --workers N) does not stream
-            # yet: it answers every endpoint with one value.
-            try:
-                return await self._call(endpoint.name, handle, payload)
-            except StreamMismatch as exc:
-                return _error(501, "StreamingNotServedHere", f"{exc}; {_NO_WORKER_STREAMS}")
         if sse or b"application/x-ndjson" in accept or endpoint.name in self._streaming:
             cached = not sse and b"application/x-ndjson" not in accept
             return _Streaming(endpoint.name, handle.stream(payload), sse, handle, payload, cached)
@@ -365,12 +337,6 @@ class HTTPIngress:
             return _error(500, "ResultNotJSON", why)
 
 
-_NO_WORKER_STREAMS = (
-    "ingress workers do not stream yet: serve streaming endpoints with "
-    "'servecore run --workers 0' (the controller's own ingress)"
-)
-
-
 class _Streaming:
     """An answer that streams: the endpoint's items, sent as they come."""
 
@@ -389,6 +355,71 @@ class _Streaming:
 
 
 _NOTHING = object()
+
+
+async def _send_all_items(items: Any, first: Any, sse: bool, endpoint: str, send: Send) -> bytes:
+    """Send ``first`` and every later item as chunks; return the stream's last chunk
+    (an SSE ``end`` event, or the error that ended the stream as its last record)."""
+    try:
+        if first is not _NOTHING:
+            await send(_chunk(first, sse, endpoint))
+            async for item in items:
+                await send(_chunk(item, sse, endpoint))
+        return b"event: end\ndata: {}\n\n" if sse else b""
+    except Exception as exc:
+        # The status is gone already: the error is the stream's last record.
+        _, body, _ = _failure(exc)
+        return b"event: error\ndata: " + body + b"\n\n" if sse else body + b"\n"
+    finally:
+        await items.aclose()
+
+
+async def _send_items_trio(
+    items: Any, first: Any, sse: bool, endpoint: str, receive: Receive, send: Send
+) -> None:
+    """The items of a stream, on trio; a client that disconnects stops the generator."""
+    reading = trio.CancelScope()
+    tail = b""
+    async with trio.open_nursery() as nursery:
+
+        async def watch_disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            reading.cancel()  # the client left: stop the generator
+
+        nursery.start_soon(watch_disconnect)
+        with reading:
+            tail = await _send_all_items(items, first, sse, endpoint, send)
+        if not reading.cancelled_caught:
+            # Outside the reading scope: a disconnect now must not cut this send
+            # short (the server closes the connection from inside it).
+            await send({"type": "http.response.body", "body": tail})
+        nursery.cancel_scope.cancel()
+
+
+async def _send_items_asyncio(
+    items: Any, first: Any, sse: bool, endpoint: str, receive: Receive, send: Send
+) -> None:
+    """The items of a stream, on asyncio (an ingress worker); a client that
+    disconnects stops the generator."""
+    import asyncio
+
+    async def disconnected() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    producing = asyncio.ensure_future(_send_all_items(items, first, sse, endpoint, send))
+    watching = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait((producing, watching), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watching.cancel()
+        if not producing.done():  # the client left (or we were cancelled): stop it
+            producing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await producing
+    if not producing.cancelled():
+        await send({"type": "http.response.body", "body": producing.result()})
 
 
 def _is_json(media: bytes, body: bytes | bytearray) -> bool:
@@ -459,11 +490,16 @@ def _response(result: Response) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
     return status, data, headers
 
 
-def _header(scope: Scope, name: bytes) -> bytes:
+def _content_type_and_accept(scope: Scope) -> tuple[bytes, bytes]:
+    """The request's ``Content-Type`` and ``Accept`` headers, lower case (``b""`` when
+    absent), in one pass over the headers: every request reads both."""
+    content_type = accept = None
     for key, value in scope.get("headers", ()):
-        if key.lower() == name:
-            return bytes(value).lower()
-    return b""
+        if content_type is None and (key == b"content-type" or key.lower() == b"content-type"):
+            content_type = bytes(value).lower()
+        elif accept is None and (key == b"accept" or key.lower() == b"accept"):
+            accept = bytes(value).lower()
+    return content_type or b"", accept or b""
 
 
 def _chunk(item: Any, sse: bool, endpoint: str) -> MutableMapping[str, Any]:
@@ -605,10 +641,15 @@ def _describe(exc: BaseException) -> str:
     return str(exc)
 
 
+#: ``json.dumps(value, allow_nan=False, ensure_ascii=False)`` without making an
+#: encoder per call (non-default options do): a few microseconds of every answer.
+_ENCODE = json.JSONEncoder(allow_nan=False, ensure_ascii=False).encode
+
+
 def _dumps(value: Any) -> bytes:
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(_NOT_FINITE)
-    return json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    return _ENCODE(value).encode("utf-8")
 
 
 def _error(status: int, kind: str, message: str) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
