@@ -265,7 +265,8 @@ def test_a_draining_replica_refuses_a_query_unbegun_and_it_is_sent_to_another(
             assert await queries.call("slow", Query(args=(0,)), 5.0) == "slept 0"
         # A call the router does not count keeps the first replica busy while it drains.
         other = ReplicaLinks(worker.replicas.address_of)
-        busy = asyncio.ensure_future((await other.open(first)).call(Query(args=(1.5,))))
+        busy = asyncio.get_running_loop().create_future()
+        (await other.open(first)).send_call(Query(args=(1.5,)), busy, lambda: None)
         await asyncio.sleep(0.2)
         os.kill(_pid_of(ctl, first), signal.SIGTERM)
         await asyncio.sleep(0.3)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
@@ -43,7 +44,7 @@ from servecore._core.errors import (
 )
 from servecore._core.transitions import RoutingTable
 from servecore._serving.backend_routes import BackendState, no_replica_why, waits_for_replicas
-from servecore._serving.replica_links import ReplicaLinks
+from servecore._serving.replica_links import ReplicaLink, ReplicaLinks
 from servecore._serving.router_stats import outcome_of
 from servecore.router import MAX_RESENDS, Router, never_ran
 from servecore.runtimes._protocol import Query
@@ -58,17 +59,30 @@ class TrioRunner(Protocol):
     async def run(self, afn: Callable[..., Awaitable[Any]], *args: Any) -> Any: ...
 
 
-#: A waiter's answer that sends its query through trio instead (the backend lost its
-#: last replica and may wake one from zero).
-_TO_TRIO = ""
+#: What a waiter's future holds when the query must take trio's path instead (the
+#: backend lost its last replica and may wake one from zero).
+_TO_TRIO: Any = object()
+#: What it holds when the waiter was handed a slot (``replica``) but its query was not
+#: sent for it: a stream, or a replica with no connection open yet.
+_GRANTED: Any = object()
 
 
 class _Waiter:
-    __slots__ = ("endpoint", "future")
+    """One query (or stream, with no ``query``) on the asyncio path. Its ``future``
+    gets the query's answer: sent by the waiter itself when it found a free slot, or,
+    when it had to queue, sent for it by whoever gave the slot back (so a slot passes
+    from one query to the next within the turn of the loop the answer came in)."""
 
-    def __init__(self, endpoint: str, future: asyncio.Future[str]) -> None:
+    __slots__ = ("endpoint", "future", "last", "link", "query", "replica", "request_id")
+
+    def __init__(self, endpoint: str, query: Query | None, future: asyncio.Future[Any]) -> None:
         self.endpoint = endpoint
+        self.query = query
         self.future = future
+        self.replica: str | None = None  # the slot it holds (counted), if any
+        self.last: str | None = None  # the replica it was last handed
+        self.link: ReplicaLink | None = None  # where its query went, if it went
+        self.request_id = 0
 
 
 class AsyncioQueries:
@@ -126,40 +140,80 @@ class AsyncioQueries:
             replica = self.router.claim_direct(b)
             if replica is None:
                 return
-            queue.popleft().future.set_result(replica)
+            self._dispatch(b, queue.popleft(), replica)
 
-    def release(self, b: BackendState, replica: str) -> None:
-        """Give back a slot :meth:`take_slot` counted; the next waiting query takes it."""
-        self.router.release_direct(b, replica)
-        if self._waiting.get(b.tag):
-            self._pump(b.tag)
+    def _dispatch(self, b: BackendState, w: _Waiter, replica: str) -> None:
+        """Hand ``replica``'s slot to waiter ``w``, sending its query if a connection
+        is open (else ``w`` opens one itself when it wakes)."""
+        w.replica = w.last = replica
+        link = self.links.get(replica) if w.query is not None else None
+        if link is None:
+            w.future.set_result(_GRANTED)
+            return
+        try:
+            self._send(b, w, link)
+        except BaseException as exc:
+            w.future.set_exception(exc)
 
-    async def take_slot(self, endpoint: str, b: BackendState) -> str:
-        """A replica slot of ``b`` (counted), waiting for one if need be; ``_TO_TRIO``
-        when the query must take trio's path."""
-        replica = self.router.claim_direct(b)
-        if replica is not None:
-            return replica
-        if not b.live or b.route.max_batch_size is not None or b.n_waiting:
-            return _TO_TRIO  # no replica (fail, or wake), batching, or trio's queue first
+    def _send(self, b: BackendState, w: _Waiter, link: ReplicaLink) -> None:
+        """Send ``w``'s query on ``link`` (its slot taken); the slot is given back when
+        the answer comes, or at once if it cannot be sent."""
+        replica = w.replica
+        assert replica is not None and w.query is not None
+        try:
+            w.request_id = link.send_call(
+                w.query, w.future, functools.partial(self.release, b, replica)
+            )
+        except BaseException:
+            w.replica = None
+            self.release(b, replica)
+            raise
+        w.link = link
+
+    def _abandon(self, b: BackendState, w: _Waiter) -> None:
+        """``w``'s caller gave up (timeout, a client that left): its query is
+        forgotten (``CANCEL``), its slot given back, or it leaves the queue."""
+        if w.link is not None:
+            w.link.forget_call(w.request_id)  # gives the slot back if still running
+        elif w.replica is not None:
+            replica, w.replica = w.replica, None
+            self.release(b, replica)  # handed a slot it will not use
+        else:
+            w.future.cancel()
+            queue = self._waiting.get(b.tag)
+            if queue is not None:
+                with contextlib.suppress(ValueError):
+                    queue.remove(w)
+
+    def _enqueue(self, b: BackendState, w: _Waiter) -> None:
         queue = self._waiting.setdefault(b.tag, deque())
         queued = len(queue) + b.n_waiting
         if queued >= self.router.max_queued_queries:
             raise BackpressureError(b.tag, queued, self.router.max_queued_queries)
-        w = _Waiter(endpoint, self.loop.create_future())
         queue.append(w)
+
+    def release(self, b: BackendState, replica: str) -> None:
+        """Give back a replica slot; the next waiting query takes it."""
+        self.router.release_direct(b, replica)
+        if self._waiting.get(b.tag):
+            self._pump(b.tag)
+
+    async def take_slot(self, endpoint: str, b: BackendState) -> str | None:
+        """A replica slot of ``b`` (counted), waiting for one if need be; ``None``
+        when the stream must take trio's path."""
+        replica = self.router.claim_direct(b)
+        if replica is not None:
+            return replica
+        if not b.live or b.route.max_batch_size is not None or b.n_waiting:
+            return None  # no replica (fail, or wake), batching, or trio's queue first
+        w = _Waiter(endpoint, None, self.loop.create_future())
+        self._enqueue(b, w)
         try:
-            return await w.future
+            answer = await w.future
         except BaseException:
-            future = w.future
-            if future.done() and not future.cancelled() and future.exception() is None:
-                if future.result() != _TO_TRIO:
-                    self.release(b, future.result())  # handed a slot it will not use
-            else:
-                future.cancel()
-                with contextlib.suppress(ValueError):
-                    queue.remove(w)
+            self._abandon(b, w)
             raise
+        return None if answer is _TO_TRIO else w.replica
 
     def lost(self, b: BackendState, replica: str) -> None:
         """``replica`` died or refused a query: skip it from now on."""
@@ -195,28 +249,51 @@ class AsyncioQueries:
         resends = 0
         try:
             while True:
-                replica = await self.take_slot(endpoint, b)
-                if replica == _TO_TRIO:
-                    break
+                w = _Waiter(endpoint, query, self.loop.create_future())
+                replica = router.claim_direct(b)
+                if replica is None:
+                    if not b.live or b.route.max_batch_size is not None or b.n_waiting:
+                        break  # no replica (fail, or wake), batching, or trio's queue first
+                    self._enqueue(b, w)
+                else:
+                    w.replica = w.last = replica
+                    w.future.set_result(_GRANTED)
                 try:
-                    link = self.links.get(replica) or await self.links.open(replica)
-                    result = await link.call(query)
+                    answer = await w.future
+                    while answer is _GRANTED:  # a slot, and no connection yet: open one
+                        w.future = self.loop.create_future()
+                        await self._open_and_send(b, w)
+                        answer = await w.future
                 except ReplicaDiedError as exc:
-                    if exc.tag != replica:
+                    if exc.tag != w.last:
                         raise
-                    self.lost(b, replica)
+                    self.lost(b, exc.tag)
                     if not never_ran(exc) or resends >= MAX_RESENDS:
                         raise
                     resends += 1
                     continue
-                finally:
-                    self.release(b, replica)
+                except BaseException:
+                    self._abandon(b, w)
+                    raise
+                if answer is _TO_TRIO:
+                    break
                 router.stats.record(endpoint, tag, "ok", time.perf_counter() - started)
-                return result
+                return answer
         except BaseException as exc:
             router.stats.record(endpoint, tag, outcome_of(exc), time.perf_counter() - started)
             raise
         return await self.trio.run(router.call_timed, endpoint, query, None, tag)
+
+    async def _open_and_send(self, b: BackendState, w: _Waiter) -> None:
+        replica = w.replica
+        assert replica is not None
+        try:
+            link = self.links.get(replica) or await self.links.open(replica)
+        except BaseException:
+            w.replica = None
+            self.release(b, replica)
+            raise
+        self._send(b, w, link)
 
     async def open_stream(self, endpoint: str, query: Query) -> Any:
         """Open a stream on ``endpoint`` (a generator target); its items are read with
@@ -296,7 +373,7 @@ class AsyncioStream:
             replica: str | None = None
             try:
                 replica = await queries.take_slot(self._endpoint, b)
-                if replica == _TO_TRIO:
+                if replica is None:
                     return False
                 try:
                     link = queries.links.get(replica) or await queries.links.open(replica)

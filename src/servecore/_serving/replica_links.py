@@ -69,7 +69,8 @@ class ReplicaLink(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[Any]] = {}
+        # request id -> the future its answer goes to, and what to call once answered
+        self._pending: dict[int, tuple[asyncio.Future[Any], Callable[[], object]]] = {}
         self._streams: dict[int, ItemStream] = {}
         self._hello: asyncio.Future[Any] | None = None
         # Frames written in one turn of the loop, sent together at its end.
@@ -131,12 +132,16 @@ class ReplicaLink(asyncio.Protocol):
         if request_id == 0 and self._hello is not None and not self._hello.done():
             self._hello.set_result((kind, body))
             return
-        future = self._pending.pop(request_id, None)
-        if future is None or future.done():  # its caller gave up; drop the answer
+        entry = self._pending.pop(request_id, None)
+        if entry is None:  # its caller gave up; drop the answer
+            return
+        future, answered = entry
+        answered()
+        if future.done():
             return
         answer = answer_of(kind, body, self.tag)
         if isinstance(answer, outcome.Value):
-            future.set_result(answer.value)
+            future.set_result(answer.value[0])
         elif isinstance(answer, outcome.Error):
             future.set_exception(answer.error)
 
@@ -156,7 +161,8 @@ class ReplicaLink(asyncio.Protocol):
 
     def _fail_all(self, error: Callable[[], BaseException]) -> None:
         pending, self._pending = self._pending, {}
-        for future in pending.values():
+        for future, answered in pending.values():
+            answered()
             if not future.done():
                 future.set_exception(error())
         streams, self._streams = self._streams, {}
@@ -201,11 +207,12 @@ class ReplicaLink(asyncio.Protocol):
             raise ValueError(f"replica {self.tag!r} answered the handshake with kind {kind}")
         return decode_reply(body, self.tag, "subprocess")
 
-    async def call(self, query: Query) -> Any:
-        """Run one query on the replica and return its result (or raise its error).
-
-        A caller that gives up (cancelled) sends ``CANCEL``: the replica cancels the
-        call's task if it runs on its loop (an async target)."""
+    def send_call(
+        self, query: Query, future: asyncio.Future[Any], answered: Callable[[], object]
+    ) -> int:
+        """Send one query; its result (or error) goes to ``future``, and ``answered()``
+        is called first, once: when the answer comes, when the connection fails, or on
+        :meth:`forget_call`. Returns the request id."""
         if not self.usable:
             raise not_begun(self.tag, "the replica is stopping; the query was not sent")
         try:
@@ -215,16 +222,17 @@ class ReplicaLink(asyncio.Protocol):
                 f"the arguments of a query to replica {self.tag!r} cannot be pickled: {exc}"
             ) from exc
         request_id = next(self._ids)
-        future: asyncio.Future[Any] = self._loop.create_future()
         self._write(frame(CALL, request_id, body))
-        self._pending[request_id] = future
-        try:
-            results = await future
-        except asyncio.CancelledError:
-            if self._pending.pop(request_id, None) is not None:
-                self._send_quietly(frame(CANCEL, request_id, b""))
-            raise
-        return results[0]
+        self._pending[request_id] = (future, answered)
+        return request_id
+
+    def forget_call(self, request_id: int) -> None:
+        """The caller of ``request_id`` gave up: drop its answer, and send ``CANCEL``
+        (the replica cancels the call's task if it runs on its loop, an async target)."""
+        entry = self._pending.pop(request_id, None)
+        if entry is not None:
+            self._send_quietly(frame(CANCEL, request_id, b""))
+            entry[1]()
 
     def stream(self, query: Query, window: int = DEFAULT_STREAM_WINDOW) -> ItemStream:
         """Open a stream of a generator target (the credit scheme of the trio path:
