@@ -136,11 +136,13 @@ class HTTPIngress:
         max_depth: int = 100,
         ops: OpsAnswer | None = None,
         loop: Literal["trio", "asyncio"] = "trio",
+        count_responses: bool = True,
     ) -> None:
         if loop not in ("trio", "asyncio"):
             raise ValueError(f"loop={loop!r} is not 'trio' or 'asyncio'")
         self.source = source
         self.loop = loop
+        self.count_responses = count_responses
         self.ops: OpsAnswer = ops if ops is not None else functools.partial(answer_ops, source)
         self.timeout_s = check_timeout(timeout_s)
         self.max_body_bytes = max_body_bytes
@@ -152,7 +154,8 @@ class HTTPIngress:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
         elif scope["type"] == "http":
-            send = _counting(self.source, send)
+            if self.count_responses:
+                send = _counting(self.source, send)
             if scope["path"].startswith(OPS_PREFIX) and await self.ops(scope, receive, send):
                 return  # /-/healthz, /-/routes, /-/metrics, /-/dashboard, ...
             try:

@@ -325,6 +325,7 @@ async def _serve_asyncio(
         timeout_s=timeout_s,
         ops=functools.partial(answer_worker_ops, client),
         loop="asyncio",
+        count_responses=False,  # a worker serves no /-/metrics to count them for
     )
     try:
         if server == "uvicorn":
