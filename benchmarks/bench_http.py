@@ -270,14 +270,20 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: ``--main PATH``: the ``src/`` of an older servecore checkout, for the "before" row.
+MAIN: dict[str, Path] = {}
+
+
 def _start(kind: str) -> tuple[subprocess.Popen[bytes], int]:
     port = _free_port()
     env = dict(os.environ)
+    src = MAIN["src"] if kind.endswith("-main") else ROOT / "src"
     env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(ROOT / "src"), str(HERE), env.get("PYTHONPATH", "")) if p
+        p for p in (str(src), str(HERE), env.get("PYTHONPATH", "")) if p
     )
+    serve_as = kind.removesuffix("-main")
     proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "--serve", kind, "--port", str(port)],
+        [sys.executable, str(Path(__file__).resolve()), "--serve", serve_as, "--port", str(port)],
         env=env,
     )
     deadline = time.monotonic() + 120
@@ -325,6 +331,7 @@ SAME_STACK = {
     "run-workers-2": "bare-uvicorn-x2",
     "run-workers-1-asyncio": "bare-asyncio",
     "run-workers-1-trio": "bare",
+    "run-workers-1-main": "bare-uvicorn",
 }
 
 
@@ -348,6 +355,12 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="comma-separated rows to run (bare, and each row's same-stack bare app, always run)",
     )
+    parser.add_argument(
+        "--main",
+        default=None,
+        help="the src/ of an older servecore checkout: adds a row 'servecore run --workers 1 "
+        "(before)' served by it",
+    )
     parser.add_argument("--out", default=str(HERE / "results" / "bench_http.json"))
     parser.add_argument("--serve", choices=sorted(ROWS), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -360,8 +373,11 @@ def main(argv: list[str] | None = None) -> None:
     seconds = args.seconds or (1.0 if args.quick else 3.0)
     rounds = 2 if args.quick else ROUNDS
     kinds = _available()
+    if args.main:
+        MAIN["src"] = Path(args.main).resolve()
+        kinds["run-workers-1-main"] = f"servecore run --workers 1 (before: {args.main})"
     if args.only:
-        wanted = {"bare", *args.only.split(",")}
+        wanted = {"bare", *args.only.split(","), *(["run-workers-1-main"] if args.main else [])}
         wanted |= {SAME_STACK[kind] for kind in wanted if kind in SAME_STACK}
         kinds = {kind: name for kind, name in kinds.items() if kind in wanted}
     servers = {kind: _start(kind) for kind in kinds}

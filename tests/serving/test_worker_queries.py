@@ -344,3 +344,72 @@ def test_a_worker_streams_json_lines_and_sse_and_a_client_that_leaves_stops_the_
         assert worker.replicas.connected == frozenset()  # streamed without trio
 
     run_worker(ctl, body)
+
+
+STREAM_APP = """
+[backends.counter]
+target = "stream_targets:Counter"
+
+[endpoints.count]
+route = "/count"
+methods = ["POST"]
+traffic = { counter = 1.0 }
+"""
+
+
+def test_a_real_worker_process_streams_json_lines_and_sse(tmp_path: Path) -> None:
+    """``servecore run --workers 1`` end to end: the worker process streams."""
+    import http.client
+    import socket
+    import subprocess
+
+    (tmp_path / "app.toml").write_text(STREAM_APP)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root / "src"), SUPPORT]))
+    server = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "servecore", "run", str(tmp_path / "app.toml")),
+            *("--runtime", "subprocess", "--workers", "1", "--port", str(port)),
+            *("--store", str(tmp_path / "state.db"), "--stop-replicas"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        for line in server.stdout:
+            if line.startswith("servecore: serving"):
+                assert "1 ingress worker" in line
+                break
+        else:
+            raise AssertionError("servecore run exited before serving")
+
+        def post(accept: str, body: Any) -> tuple[int, str, str]:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            try:
+                headers = {"Accept": accept, "Content-Type": "application/json"}
+                conn.request("POST", "/count", body=json.dumps(body), headers=headers)
+                response = conn.getresponse()
+                return response.status, response.getheader("content-type"), response.read().decode()
+            finally:
+                conn.close()
+
+        status, media, text = post("application/x-ndjson", [4, 0])
+        assert (status, media) == (200, "application/x-ndjson")
+        assert [json.loads(line)[0] for line in text.splitlines()] == [0, 1, 2, 3]
+        status, media, text = post("text/event-stream", [2, 0])
+        assert (status, media) == (200, "text/event-stream")
+        assert text.endswith("event: end\ndata: {}\n\n") and text.count("data: [") == 2
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()

@@ -430,7 +430,8 @@ class AsyncioStream:
                         self._queries.release(self._backend, replica)
                         self._replica = None
                         if not await self.open():
-                            raise  # no replica left to take it
+                            self._finish("replica_died")
+                            raise  # no replica left here to take it
                         continue
                 self._finish("replica_died")
                 raise
