@@ -43,6 +43,7 @@ from servecore._core.errors import (
     StreamMismatch,
 )
 from servecore._core.transitions import RoutingTable
+from servecore._serving.asyncio_deadlines import Deadlines
 from servecore._serving.backend_routes import BackendState, no_replica_why, waits_for_replicas
 from servecore._serving.replica_links import ReplicaLink, ReplicaLinks
 from servecore._serving.router_stats import outcome_of
@@ -103,6 +104,7 @@ class AsyncioQueries:
         self.links = links
         self.trio = trio
         self._waiting: dict[str, deque[_Waiter]] = {}
+        self._deadlines = Deadlines(loop)
 
     # -- load and table changes --------------------------------------------------------
 
@@ -227,7 +229,7 @@ class AsyncioQueries:
         """Run one query on ``endpoint``; ``TimeoutError`` past ``timeout_s``."""
         if timeout_s is None:
             return await self._call(endpoint, query)
-        with _Deadline(self.loop, timeout_s) as deadline:
+        with self._deadlines.after(timeout_s) as deadline:
             try:
                 return await self._call(endpoint, query)
             except asyncio.CancelledError:
@@ -312,43 +314,6 @@ class AsyncioQueries:
         # Trio's path: the router's own stream, each item fetched through the guest.
         items = await self.trio.run(router.open_stream, endpoint, query)
         return _TrioStream(self.trio, items)
-
-
-class _Deadline:
-    """Cancels the current task ``seconds`` from now, as ``asyncio.timeout`` does, for
-    less than it costs (no lookup of the running loop, which makes a system call):
-    every query with a timeout enters one."""
-
-    __slots__ = ("_fired", "_handle", "_loop", "_seconds", "_task")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
-        self._loop = loop
-        self._seconds = seconds
-        self._fired = False
-        self._task: asyncio.Task[Any] | None = None
-        self._handle: asyncio.TimerHandle | None = None
-
-    def __enter__(self) -> _Deadline:
-        self._task = asyncio.current_task(self._loop)
-        self._handle = self._loop.call_later(self._seconds, self._fire)
-        return self
-
-    def _fire(self) -> None:
-        if self._task is not None and not self._task.done():
-            self._fired = True
-            self._task.cancel()
-
-    def expired(self) -> bool:
-        """Whether this deadline (not the caller's own cancellation) cancelled the task;
-        if so, the cancellation is taken back, so the task goes on to raise
-        ``TimeoutError``."""
-        if not self._fired or self._task is None:
-            return False
-        return self._task.uncancel() == 0
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
 
 
 class AsyncioStream:
