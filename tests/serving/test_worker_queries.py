@@ -245,6 +245,14 @@ def test_a_query_past_its_timeout_answers_504_and_frees_its_slot(
             "type": "TimeoutError",
         }
         assert worker.router.ongoing_queries() == {"slow": 0}
+        # One waiting in the queue past its timeout leaves the queue, holding nothing.
+        running = asyncio.ensure_future(worker.queries.call("slow", Query(args=(0.5,)), 5.0))
+        await asyncio.sleep(0.05)
+        with pytest.raises(TimeoutError, match="within 0.1s"):
+            await worker.queries.call("slow", Query(args=(0,)), 0.1)
+        assert worker.queries.waiting() == {}
+        assert await running == "slept 0.5"
+        assert worker.router.ongoing_queries() == {"slow": 0}
         await asyncio.sleep(1.0)  # the sync call runs to its end in the replica
         assert await worker.queries.call("slow", Query(args=(0,)), 5.0) == "slept 0"
 

@@ -16,7 +16,11 @@ so the common case stays on asyncio:
 
 When every replica of the backend is busy, the query waits in this module's FIFO queue
 for the backend (bounded, with the router's, by ``max_queued_queries``:
-:class:`~servecore.BackpressureError` past it) and takes the next slot given back. A
+:class:`~servecore.BackpressureError` past it) and takes the next slot given back: the
+answer's own callback sends the next waiting query's frame, so a slot passes on
+within the turn of the loop the answer came in. A timeout (a
+:class:`~servecore._serving.asyncio_deadlines.Deadlines` timer) sends ``CANCEL`` and
+frees the slot, or takes the query out of the queue. A
 replica that refuses a query unbegun (draining), drains with it queued, or cannot be
 reached is skipped and the query sent to another, up to
 :data:`~servecore.router.MAX_RESENDS` times; a replica that dies mid-query gives
