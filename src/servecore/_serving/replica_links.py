@@ -324,6 +324,9 @@ class ReplicaLinks:
     def _forget(self, link: ReplicaLink) -> None:
         if self._links.get(link.tag) is link:
             del self._links[link.tag]
+            lock = self._connecting.get(link.tag)
+            if lock is not None and not lock.locked():  # tags are never reused
+                del self._connecting[link.tag]
 
     def close(self) -> None:
         """Close every link; queries in flight fail with ReplicaDiedError."""
