@@ -103,9 +103,22 @@ def read_http_stream(port: int, path: str, n: int) -> tuple[float, float]:
             if data.endswith(b"\r\n0\r\n\r\n"):
                 break
         elapsed = time.perf_counter() - start
-    lines = data.partition(b"\r\n\r\n")[2].count(b"\n\r\n")
+    lines = _dechunk(data.partition(b"\r\n\r\n")[2]).count(b"\n")
     assert lines >= n, (lines, data[-200:])
     return first, n / elapsed
+
+
+def _dechunk(body: bytes) -> bytes:
+    """The data of a chunked body (a chunk may hold many JSON lines)."""
+    out = bytearray()
+    while body:
+        size, _, body = body.partition(b"\r\n")
+        length = int(size, 16)
+        if not length:
+            break
+        out += body[:length]
+        body = body[length + 2 :]
+    return bytes(out)
 
 
 async def bare_asgi(scope: Any, receive: Any, send: Any) -> None:

@@ -363,11 +363,21 @@ _NOTHING = object()
 async def _send_all_items(items: Any, first: Any, sse: bool, endpoint: str, send: Send) -> bytes:
     """Send ``first`` and every later item as chunks; return the stream's last chunk
     (an SSE ``end`` event, or the error that ended the stream as its last record)."""
+    # Items that arrived while the last chunk was being sent go out in one chunk (a
+    # stream on the asyncio path offers them): a chunk costs the server a write each.
+    buffered = getattr(items, "take_buffered", None)
     try:
         if first is not _NOTHING:
-            await send(_chunk(first, sse, endpoint))
+            await send(_chunk(_record(first, sse, endpoint)))
             async for item in items:
-                await send(_chunk(item, sse, endpoint))
+                body = _record(item, sse, endpoint)
+                for more in buffered() if buffered is not None else ():
+                    try:
+                        body += _record(more, sse, endpoint)
+                    except _ItemNotJSON:
+                        await send(_chunk(body))  # the items before it, then the error
+                        raise
+                await send(_chunk(body))
         return b"event: end\ndata: {}\n\n" if sse else b""
     except Exception as exc:
         # The status is gone already: the error is the stream's last record.
@@ -505,13 +515,16 @@ def _content_type_and_accept(scope: Scope) -> tuple[bytes, bytes]:
     return content_type or b"", accept or b""
 
 
-def _chunk(item: Any, sse: bool, endpoint: str) -> MutableMapping[str, Any]:
-    """One item as a body chunk: a JSON line, or an SSE ``data:`` event."""
+def _record(item: Any, sse: bool, endpoint: str) -> bytes:
+    """One item as a record of the body: a JSON line, or an SSE ``data:`` event."""
     try:
         data = _dumps(item)
     except (TypeError, ValueError, RecursionError) as exc:
         raise _ItemNotJSON(endpoint, _describe(exc)) from None
-    body = b"data: " + data + b"\n\n" if sse else data + b"\n"
+    return b"data: " + data + b"\n\n" if sse else data + b"\n"
+
+
+def _chunk(body: bytes) -> MutableMapping[str, Any]:
     return {"type": "http.response.body", "body": body, "more_body": True}
 
 

@@ -248,7 +248,7 @@ def test_a_query_past_its_timeout_answers_504_and_frees_its_slot(
         # One waiting in the queue past its timeout leaves the queue, holding nothing.
         running = asyncio.ensure_future(worker.queries.call("slow", Query(args=(0.5,)), 5.0))
         await asyncio.sleep(0.05)
-        with pytest.raises(TimeoutError, match="within 0.1s"):
+        with pytest.raises(TimeoutError, match=r"within 0\.1s"):
             await worker.queries.call("slow", Query(args=(0,)), 0.1)
         assert worker.queries.waiting() == {}
         assert await running == "slept 0.5"
@@ -350,6 +350,34 @@ def test_a_worker_streams_json_lines_and_sse_and_a_client_that_leaves_stops_the_
         assert len(record["stopped"]) == 1 and record["stopped"][0] < 100
         assert worker.router.ongoing_queries() == {"counter": 0}
         assert worker.replicas.connected == frozenset()  # streamed without trio
+
+    run_worker(ctl, body)
+
+
+def test_a_worker_stream_ends_with_its_error_after_every_item_before_it(
+    ctl: servecore.SyncController,
+) -> None:
+    ctl.create_backend("failing", "stream_targets:failing")
+    ctl.create_endpoint("failing", route="/failing", methods=("POST",))
+    ctl.set_traffic("failing", {"failing": 1.0})
+    ctl.create_backend("odd", "stream_targets:not_json_after")
+    ctl.create_endpoint("odd", route="/odd", methods=("POST",))
+    ctl.set_traffic("odd", {"odd": 1.0})
+
+    async def body(worker: Worker) -> None:
+        app = worker.app()
+        status, text = await _http(app, "POST", "/failing", 50, b"application/x-ndjson")
+        records = [json.loads(line) for line in text.splitlines()]
+        assert status == 200 and records[:50] == list(range(50))
+        assert records[50:] == [{"error": "no more after 50", "type": "LookupError"}]
+        # Items arrive faster than they are sent, and go out several to a chunk: those
+        # before one that is not JSON are all sent, then the error ends the stream.
+        status, text = await _http(app, "POST", "/odd", 40, b"application/x-ndjson")
+        records = [json.loads(line) for line in text.splitlines()]
+        assert status == 200 and records[:40] == list(range(40))
+        [error] = records[40:]
+        assert error["type"] == "_ItemNotJSON" and "'odd'" in error["error"]
+        assert worker.router.ongoing_queries() == {"failing": 0, "odd": 0}
 
     run_worker(ctl, body)
 

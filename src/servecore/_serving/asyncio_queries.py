@@ -408,6 +408,12 @@ class AsyncioStream:
                 self.close(outcome_of(exc))
                 raise
 
+    def take_buffered(self) -> list[Any]:
+        """The items that have already arrived, without waiting."""
+        if self._finished or self._items is None:
+            return []
+        return self._items.take_buffered()
+
     def close(self, outcome: str = "cancelled") -> None:
         """Stop reading; a stream still running is cancelled in its replica."""
         if self._finished:
@@ -506,6 +512,11 @@ class _HandleStream:
             handle = self._handle
             self._stream = await handle.queries.open_stream(handle.endpoint, self._query)
         return await self._stream.__anext__()
+
+    def take_buffered(self) -> list[Any]:
+        """The items that have already arrived, without waiting (none on trio's path)."""
+        take = getattr(self._stream, "take_buffered", None)
+        return [] if take is None or self._closed else take()
 
     async def aclose(self) -> None:
         """Stop reading: the generator in the replica is cancelled if still running."""

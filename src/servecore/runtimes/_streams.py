@@ -101,6 +101,20 @@ class ItemStream:
             self._wake = self._event()
             await self._wake.wait()
 
+    def take_buffered(self) -> list[Any]:
+        """The items already here, without waiting (and credit given back for them)."""
+        if self._closed or not self._items:
+            return []
+        items = list(self._items)
+        self._items.clear()
+        self.delivered += len(items)
+        if not self._ended:
+            self._taken += len(items)
+            if self._taken >= self._grant_every:
+                taken, self._taken = self._taken, 0
+                self._grant(taken)
+        return items
+
     def close(self) -> None:
         """Stop reading: a stream still running is cancelled in the replica."""
         if self._closed:
