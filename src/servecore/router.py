@@ -37,7 +37,12 @@ caller gets the ``ReplicaDiedError``.
 
 Host threads: :meth:`Router.call_blocking` (behind :class:`~servecore.SyncHandle`)
 sends a query from the calling thread straight to a free replica when the runtime
-offers ``call_blocking`` (the threads runtime does), and through trio otherwise.
+offers ``call_blocking`` (the threads and subprocess runtimes do), and through trio
+otherwise. It is built on the direct-path methods (:meth:`Router.direct_route`,
+:meth:`Router.claim_direct`, :meth:`Router.release_direct`,
+:meth:`Router.lost_direct`), which an ingress worker's asyncio query path uses too
+(``servecore._serving.asyncio_queries``): the backend chosen and the replica slots
+counted here, the query sent by the caller's own means.
 """
 
 from __future__ import annotations
