@@ -14,7 +14,8 @@ Rows (each server in a process of its own, started by this script with ``--serve
   accepting on one inherited listening socket, as ``servecore run --workers 2`` does.
 * ``servecore run --workers 1`` / ``2`` -- a real ``servecore run --runtime subprocess``
   whose HTTP is served by ingress worker processes (the default stack: uvicorn on
-  asyncio, the client's router on trio as its guest), one replica; the rows marked
+  asyncio; queries go from asyncio straight to the replica, the client's table feed on
+  trio as its guest), one replica; the rows marked
   ``(hypercorn/asyncio)`` and ``(hypercorn/trio)`` run the workers on those stacks
   instead, for the choice of stack.
 
@@ -23,7 +24,8 @@ alternate the rows in ABBA order, so noise from other work on the machine spread
 all rows alike. The Python load generator this replaced saturated before the servers
 did (it reported 1.00x); wrk does not. Results print as a table and go to
 ``benchmarks/results/bench_http.json``. Goal: the ingress within 1.3x of the bare app
-on the same stack (hypercorn/trio).
+on the same stack (hypercorn/trio for the controller's ingress; uvicorn, in as many
+processes, for ``--workers N``): the column "same stack/this".
 
 Run: ``.venv/bin/python benchmarks/bench_http.py [--quick]`` (needs ``wrk``: ``apt-get
 install wrk``; ``make bench`` installs it).
@@ -268,14 +270,20 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: ``--main PATH``: the ``src/`` of an older servecore checkout, for the "before" row.
+MAIN: dict[str, Path] = {}
+
+
 def _start(kind: str) -> tuple[subprocess.Popen[bytes], int]:
     port = _free_port()
     env = dict(os.environ)
+    src = MAIN["src"] if kind.endswith("-main") else ROOT / "src"
     env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(ROOT / "src"), str(HERE), env.get("PYTHONPATH", "")) if p
+        p for p in (str(src), str(HERE), env.get("PYTHONPATH", "")) if p
     )
+    serve_as = kind.removesuffix("-main")
     proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "--serve", kind, "--port", str(port)],
+        [sys.executable, str(Path(__file__).resolve()), "--serve", serve_as, "--port", str(port)],
         env=env,
     )
     deadline = time.monotonic() + 120
@@ -314,6 +322,19 @@ ROWS = {
 }
 
 
+#: The bare app each servecore row is compared with: the same server stack, as many
+#: processes (the column "same stack / this").
+SAME_STACK = {
+    "ingress-threads": "bare",
+    "ingress-subprocess": "bare",
+    "run-workers-1": "bare-uvicorn",
+    "run-workers-2": "bare-uvicorn-x2",
+    "run-workers-1-asyncio": "bare-asyncio",
+    "run-workers-1-trio": "bare",
+    "run-workers-1-main": "bare-uvicorn",
+}
+
+
 def _available() -> dict[str, str]:
     rows = dict(ROWS)
     try:
@@ -330,7 +351,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--connections", type=int, default=CONNECTIONS)
     parser.add_argument("--seconds", type=float, default=None)
     parser.add_argument(
-        "--only", default=None, help="comma-separated rows to run (bare is always run)"
+        "--only",
+        default=None,
+        help="comma-separated rows to run (bare, and each row's same-stack bare app, always run)",
+    )
+    parser.add_argument(
+        "--main",
+        default=None,
+        help="the src/ of an older servecore checkout: adds a row 'servecore run --workers 1 "
+        "(before)' served by it",
     )
     parser.add_argument("--out", default=str(HERE / "results" / "bench_http.json"))
     parser.add_argument("--serve", choices=sorted(ROWS), help=argparse.SUPPRESS)
@@ -344,8 +373,12 @@ def main(argv: list[str] | None = None) -> None:
     seconds = args.seconds or (1.0 if args.quick else 3.0)
     rounds = 2 if args.quick else ROUNDS
     kinds = _available()
+    if args.main:
+        MAIN["src"] = Path(args.main).resolve()
+        kinds["run-workers-1-main"] = f"servecore run --workers 1 (before: {args.main})"
     if args.only:
-        wanted = {"bare", *args.only.split(",")}
+        wanted = {"bare", *args.only.split(","), *(["run-workers-1-main"] if args.main else [])}
+        wanted |= {SAME_STACK[kind] for kind in wanted if kind in SAME_STACK}
         kinds = {kind: name for kind, name in kinds.items() if kind in wanted}
     servers = {kind: _start(kind) for kind in kinds}
     per_round: dict[str, list[dict[str, float]]] = {kind: [] for kind in kinds}
@@ -390,18 +423,36 @@ def main(argv: list[str] | None = None) -> None:
         )
         for kind in kinds
     }
-    head = f"{'':<48}{'requests/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'bare/this':>11}"
+    same_stack = {
+        kind: statistics.median(
+            b["rps"] / x["rps"]
+            for b, x in zip(per_round[SAME_STACK[kind]], per_round[kind], strict=True)
+        )
+        for kind in kinds
+        if SAME_STACK.get(kind) in per_round
+    }
+    for r in rows:
+        if r["kind"] in same_stack:
+            r["same_stack"] = SAME_STACK[r["kind"]]
+            r["same_stack_rps_over_this"] = same_stack[r["kind"]]
+    head = (
+        f"{'':<48}{'requests/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'bare/this':>11}"
+        f"{'same stack/this':>17}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
+        mine = same_stack.get(r["kind"])
         print(
             f"{r['name']:<48}{r['requests_per_s']:>12,.0f}{r['p50_ms']:>10.2f}"
             f"{r['p99_ms']:>10.2f}{ratios[r['kind']]:>11.2f}"
+            f"{(f'{mine:.2f}' if mine is not None else ''):>17}"
         )
     print(
         f"(wrk -t1 -c{args.connections}; {rounds} alternating rounds of {seconds:g} s per row, "
-        f"medians; bare/this is the median of per-round ratios to hypercorn/trio; "
-        f"{os.cpu_count()} CPUs; goal: servecore ingress <= 1.3)"
+        f"medians; bare/this: the median of per-round ratios to hypercorn/trio; same "
+        f"stack/this: to the bare app on the row's own stack and process count; "
+        f"{os.cpu_count()} CPUs; goal: servecore within 1.3 of its stack)"
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -421,6 +472,7 @@ def main(argv: list[str] | None = None) -> None:
                 },
                 "rows": rows,
                 "bare_over_this_median": ratios,
+                "same_stack_over_this_median": same_stack,
             },
             indent=2,
         )

@@ -8,8 +8,12 @@ Rows, all measured in the same run:
 * ``bare trio memory channel`` -- a trio task sends to a server task and receives the
   reply over memory channels: the cost of trio scheduling alone.
 * per runtime (``RUNTIMES``): ``runtime.call`` (the runtime alone, no router),
-  ``handle.call`` (trio), ``handle.call`` on a batching backend, and
-  ``SyncHandle.call`` from host threads (``servecore.start``).
+  ``handle.call`` (trio), and ``handle.call`` on a batching backend.
+
+A second table (``host_threads.py``): ``SyncHandle.call`` from host threads
+(``servecore.start``) beside each runtime's bare transport -- a thread pool for
+threads, a Unix-socket echo for subprocess -- one caller's p50/p99 and the throughput
+of 1 and of 16 calling threads.
 
 Latency is sequential (one query at a time; p50/p99 of single round trips), measured
 in ``ROUNDS`` rounds that visit every row in turn, so that noise from other work on the
@@ -32,13 +36,13 @@ import argparse
 import collections
 import concurrent.futures
 import contextlib
+import functools
 import json
 import os
 import platform
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -54,6 +58,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 )
 
 import bench_targets  # noqa: E402
+import host_threads  # noqa: E402
 
 import servecore  # noqa: E402
 from servecore.runtimes import Query, Runtime, resolve_runtime  # noqa: E402
@@ -215,20 +220,19 @@ async def stop_replicas_left_in(
 async def servecore_rows(
     label: str, make: Callable[[Path], str | Runtime], workdir: Path
 ) -> AsyncIterator[list[Row]]:
-    """Rows for one runtime: raw runtime.call, handle.call, batched, and SyncHandle."""
-    name, sync_name = f"bench-{label}", f"bench-sync-{label}"
-    directory, sync_directory = workdir / name, workdir / sync_name
+    """Rows for one runtime: raw runtime.call, handle.call, and batched."""
+    name = f"bench-{label}"
+    directory = workdir / name
     try:
-        async with _servecore_rows(label, make, directory, sync_directory) as rows:
+        async with _servecore_rows(label, make, directory) as rows:
             yield rows
     finally:
         await stop_replicas_left_in(make, directory, name)
-        await stop_replicas_left_in(make, sync_directory, sync_name)
 
 
 @contextlib.asynccontextmanager
 async def _servecore_rows(
-    label: str, make: Callable[[Path], str | Runtime], directory: Path, sync_directory: Path
+    label: str, make: Callable[[Path], str | Runtime], directory: Path
 ) -> AsyncIterator[list[Row]]:
     runtime = make(directory)
     async with servecore.open_controller(
@@ -297,61 +301,59 @@ async def _servecore_rows(
             ),
         ]
 
-        # The sync facade runs its own controller (and trio) in a background thread;
-        # the probes run in worker threads, as a synchronous host's threads would.
-        # (Its blocking methods refuse to run on a thread that runs trio, hence to_thread.)
-        def sync_setup() -> tuple[servecore.SyncController, servecore.SyncHandle]:
-            c = servecore.start(
-                runtime=make(sync_directory),
+        yield rows
+
+
+# -- host threads: SyncHandle beside each runtime's bare transport ------------------------
+
+
+def _delete_echo(ctl: servecore.SyncController) -> None:
+    ctl.delete_endpoint("echo")  # then the backend is no longer in use
+    ctl.delete_backend("echo")  # which stops its replicas
+
+
+def host_thread_rows(labels: list[str], workdir: Path, n: int, rounds: int) -> list[dict[str, Any]]:
+    """``SyncHandle.call`` from host threads (``servecore.start``: its own controller and
+    trio in a background thread) beside the bare transport of each runtime: a
+    ``ThreadPoolExecutor(4)`` for threads (4 replicas, as many as the pool's workers),
+    a Unix-socket echo with a connection per thread for subprocess (1 replica)."""
+    rows: dict[str, tuple[Callable[[int], Any], str | None]] = {}
+    closers: list[Callable[[], None]] = []
+    try:
+        for label in labels:
+            if label == "threads":
+                call, close = host_threads.thread_pool_call(bench_targets.echo)
+                closers.append(close)
+                rows["bare ThreadPoolExecutor(4)"] = (call, None)
+                replicas, bare = 4, "bare ThreadPoolExecutor(4)"
+            elif label == "subprocess":
+                echo = host_threads.SocketEcho(workdir)
+                closers.append(echo.close)
+                rows["bare Unix-socket echo (a connection per thread)"] = (echo.call, None)
+                replicas, bare = 1, "bare Unix-socket echo (a connection per thread)"
+            else:
+                continue
+            ctl = servecore.start(
+                runtime=RUNTIMES[label](workdir / f"sync-{label}"),
                 name=f"bench-sync-{label}",
                 resync_interval_s=RESYNC["interval_s"],
             )
-            try:
-                c.create_backend("echo", "bench_targets:echo", max_concurrent_queries=64)
-                c.create_endpoint("echo")
-                c.set_traffic("echo", {"echo": 1.0})
-                return c, c.get_handle("echo")
-            except BaseException:
-                c.close()
-                raise
-
-        sync_ctl, sync_handle = await trio.to_thread.run_sync(sync_setup)
-        try:
-
-            def sync_latency(n: int) -> list[int]:
-                lat = []
-                for i in range(n):
-                    t0 = time.perf_counter_ns()
-                    sync_handle.call(i)
-                    lat.append(time.perf_counter_ns() - t0)
-                return lat
-
-            def sync_throughput(n: int) -> float:
-                def client(k: int) -> None:
-                    for i in range(k):
-                        sync_handle.call(i)
-
-                threads = [
-                    threading.Thread(target=client, args=(n // CONCURRENCY,))
-                    for _ in range(CONCURRENCY)
-                ]
-                began = time.perf_counter()
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-                return (time.perf_counter() - began) * n / (n // CONCURRENCY * CONCURRENCY)
-
-            rows.append(
-                Row(
-                    f"{label}: SyncHandle.call (host threads)",
-                    lambda n: trio.to_thread.run_sync(sync_latency, n),
-                    lambda n: trio.to_thread.run_sync(sync_throughput, n),
-                )
+            closers.append(ctl.close)
+            ctl.create_backend(
+                "echo",
+                "bench_targets:echo",
+                num_replicas=replicas,
+                max_concurrent_queries=host_threads.CALLERS,
             )
-            yield rows
-        finally:
-            await trio.to_thread.run_sync(sync_ctl.close)
+            ctl.create_endpoint("echo")
+            ctl.set_traffic("echo", {"echo": 1.0})
+            closers.append(functools.partial(_delete_echo, ctl))
+            name = f"{label}: SyncHandle.call ({replicas} replica{'s' if replicas > 1 else ''})"
+            rows[name] = (ctl.get_handle("echo").call, bare)
+        return host_threads.measure(rows, n=n, rounds=rounds)
+    finally:
+        for close in reversed(closers):
+            close()
 
 
 # -- report -------------------------------------------------------------------------------
@@ -435,6 +437,10 @@ def main(argv: list[str] | None = None) -> None:
         f"({time.perf_counter() - began:.0f} s; {os.cpu_count()} CPUs; {ROUNDS} interleaved "
         f"rounds; {CONCURRENCY} in flight for throughput, {BATCH_CONCURRENCY} with batching)"
     )
+    with tempfile.TemporaryDirectory(prefix="bench-router-threads-") as tmp:
+        threads = host_thread_rows(labels, Path(tmp), latency_n // 2, ROUNDS)
+    print()
+    print(host_threads.table(threads))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
@@ -455,6 +461,7 @@ def main(argv: list[str] | None = None) -> None:
                     "max_batch_size": MAX_BATCH_SIZE,
                 },
                 "rows": results,
+                "host_threads": threads,
             },
             indent=2,
         )

@@ -12,6 +12,10 @@ Rows (N items of a tiny generator that yields at once, ``--items``; each row run
   what HTTP alone costs.
 * ``servecore ingress, subprocess`` -- ``POST /stream`` (JSON lines) through servecore's
   ingress to a subprocess replica, read by the same raw-socket client.
+* ``bare ASGI streaming, uvicorn`` and ``servecore run --workers 1 (uvicorn)`` -- the
+  bare app on uvicorn in a process of its own, and a real ``servecore run --runtime
+  subprocess --workers 1`` whose worker streams from its replica: the stack of the
+  ingress workers, and a worker on it.
 
 Time to first item (TTFT) is from sending the request (opening the stream) to the first
 item; items/s counts the whole stream. wrk cannot read a stream item by item, hence the
@@ -27,8 +31,10 @@ import asyncio
 import functools
 import os
 import platform
+import signal
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -97,9 +103,22 @@ def read_http_stream(port: int, path: str, n: int) -> tuple[float, float]:
             if data.endswith(b"\r\n0\r\n\r\n"):
                 break
         elapsed = time.perf_counter() - start
-    lines = data.partition(b"\r\n\r\n")[2].count(b"\n\r\n")
+    lines = _dechunk(data.partition(b"\r\n\r\n")[2]).count(b"\n")
     assert lines >= n, (lines, data[-200:])
     return first, n / elapsed
+
+
+def _dechunk(body: bytes) -> bytes:
+    """The data of a chunked body (a chunk may hold many JSON lines)."""
+    out = bytearray()
+    while body:
+        size, _, body = body.partition(b"\r\n")
+        length = int(size, 16)
+        if not length:
+            break
+        out += body[:length]
+        body = body[length + 2 :]
+    return bytes(out)
 
 
 async def bare_asgi(scope: Any, receive: Any, send: Any) -> None:
@@ -191,6 +210,87 @@ async def bench(items: int, rounds: int) -> list[tuple[str, float, float]]:
                         nursery.cancel_scope.cancel()
                 await ctl.delete_endpoint("stream")
                 await ctl.delete_backend("tokens")
+    rows.extend(await _process_rows(items, rounds))
+    return rows
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+STREAM_APP = """
+[backends.tokens]
+target = "bench_stream:tokens"
+
+[endpoints.stream]
+route = "/stream"
+methods = ["POST"]
+traffic = { tokens = 1.0 }
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start(command: list[str], port: int, cwd: str) -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    src = os.path.join(os.path.dirname(HERE), "src")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, HERE, env.get("PYTHONPATH")) if p)
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{command[:4]} exited with {proc.returncode}")
+        try:
+            read_http_stream(port, "/stream", 1)
+            return proc
+        except (OSError, AssertionError):
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"{command[:4]} did not serve within 120 s")
+
+
+async def _process_rows(items: int, rounds: int) -> list[tuple[str, float, float]]:
+    """The bare app on uvicorn, and a real ``servecore run --workers 1``, each a process."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "app.toml"), "w") as f:
+            f.write(STREAM_APP)
+        bare_port, run_port = _free_port(), _free_port()
+        servers = [
+            (
+                "bare ASGI streaming, uvicorn",
+                [
+                    *(sys.executable, "-m", "uvicorn", "bench_stream:bare_asgi"),
+                    *("--port", str(bare_port), "--log-level", "warning", "--lifespan", "off"),
+                ],
+                bare_port,
+            ),
+            (
+                "servecore run --workers 1 (uvicorn), subprocess",
+                [
+                    *(sys.executable, "-m", "servecore", "run", os.path.join(tmp, "app.toml")),
+                    *("--runtime", "subprocess", "--workers", "1", "--port", str(run_port)),
+                    *("--store", os.path.join(tmp, "state.db"), "--app-dir", HERE),
+                    *("--stop-replicas", "--log-level", "WARNING"),
+                ],
+                run_port,
+            ),
+        ]
+        for name, command, port in servers:
+            proc = await trio.to_thread.run_sync(_start, command, port, tmp)
+            try:
+                ttft, rate = await median_of(
+                    rounds,
+                    functools.partial(
+                        trio.to_thread.run_sync, read_http_stream, port, "/stream", items
+                    ),
+                )
+                rows.append((name, ttft, rate))
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                await trio.to_thread.run_sync(proc.wait)
     return rows
 
 

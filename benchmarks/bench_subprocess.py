@@ -16,6 +16,10 @@ rows are measured in interleaved rounds (load from elsewhere on the machine then
 on all alike); each figure is the median over rounds, and ``p50/raw`` the median of the
 per-round ratios.
 
+Host threads (``host_threads.py``): ``SyncHandle.call`` from a ``servecore.start``'s
+host threads beside a bare Unix-socket echo with a connection per thread -- one
+caller's p50/p99, and the throughput of 1 and of 16 calling threads.
+
 Start time: ``python -c pass`` (spawn and exit), ``python -c "import servecore"``, and
 ``start_replica`` of a fresh replica (spawn, import, construct, connect), each the
 median of ``starts`` runs.
@@ -45,6 +49,8 @@ import trio
 HERE = Path(__file__).resolve().parent
 # Replicas import targets with the host's sys.path, so this is enough for them too.
 sys.path.insert(0, str(HERE))
+
+import host_threads  # noqa: E402
 
 import servecore  # noqa: E402
 from servecore import BackendConfig, StartReplica  # noqa: E402
@@ -305,15 +311,39 @@ async def stop_replicas_left_in(directory: Path) -> None:
             await runtime.close()
 
 
+def bench_host_threads(settings: Settings, workdir: Path) -> list[dict[str, Any]]:
+    """``SyncHandle.call`` from host threads (the direct path: each thread's own
+    connection to the replica) beside a bare Unix-socket echo with a connection per
+    thread; see ``host_threads.py``."""
+    echo = host_threads.SocketEcho(workdir)
+    ctl = servecore.start(SubprocessRuntime(workdir / "runtime-sync"), None, name="bench-sync")
+    try:
+        ctl.create_backend(
+            "echo", "bench_targets:echo", max_concurrent_queries=host_threads.CALLERS
+        )
+        ctl.create_endpoint("echo")
+        ctl.set_traffic("echo", {"echo": 1.0})
+        bare = "bare Unix-socket echo (a connection per thread)"
+        rows = {bare: (echo.call, None), "SyncHandle.call": (ctl.get_handle("echo").call, bare)}
+        results = host_threads.measure(rows, n=settings.latency_n, rounds=settings.rounds)
+        ctl.delete_endpoint("echo")
+        ctl.delete_backend("echo")
+        return results
+    finally:
+        ctl.close()
+        echo.close()
+
+
 async def main(quick: bool) -> dict[str, Any]:
     settings = Settings(quick)
     with tempfile.TemporaryDirectory(prefix="bench-subprocess-") as tmp:
         workdir = Path(tmp)
         try:
             round_trips = await bench_round_trips(settings, workdir)
+            threads = await trio.to_thread.run_sync(bench_host_threads, settings, workdir)
             start_ms = await bench_start(settings, workdir)
         finally:
-            for directory in ("runtime", "runtime-handle", "runtime-start"):
+            for directory in ("runtime", "runtime-handle", "runtime-start", "runtime-sync"):
                 await stop_replicas_left_in(workdir / directory)
     bare_ms = await bench_spawn(settings, "pass")
     import_ms = await bench_spawn(settings, "import servecore")
@@ -325,6 +355,7 @@ async def main(quick: bool) -> dict[str, Any]:
         "concurrency": CONCURRENCY,
         "rounds": settings.rounds,
         "round_trips": round_trips,
+        "host_threads": threads,
         "start_ms": {
             "python -c pass": bare_ms,
             "python -c 'import servecore'": import_ms,
@@ -342,6 +373,8 @@ def print_table(result: dict[str, Any]) -> None:
             f"{row['name']:<24}{row['p50_us']:>9.1f}{row['p99_us']:>9.1f}"
             f"{row['seq_qps']:>10.0f}{row['conc_qps']:>10.0f}{row['p50_vs_raw']:>8.2f}x"
         )
+    print()
+    print(host_threads.table(result["host_threads"]))
     print()
     print(f"{'start':<32}{'median ms':>10}")
     for name, ms in result["start_ms"].items():

@@ -39,12 +39,13 @@ hypercorn is an optional extra: ``pip install 'servecore[http]'``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import math
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 from urllib.parse import parse_qsl
 
 import trio
@@ -134,8 +135,15 @@ class HTTPIngress:
         max_body_bytes: int = 16 * 1024 * 1024,
         max_depth: int = 100,
         ops: OpsAnswer | None = None,
+        loop: Literal["trio", "asyncio"] = "trio",
+        count_responses: bool = True,
     ) -> None:
+        if loop not in ("trio", "asyncio"):
+            raise ValueError(f"loop={loop!r} is not 'trio' or 'asyncio'")
         self.source = source
+        self.loop = loop
+        self._unless_gone = _unless_gone_asyncio if loop == "asyncio" else _unless_gone
+        self.count_responses = count_responses
         self.ops: OpsAnswer = ops if ops is not None else functools.partial(answer_ops, source)
         self.timeout_s = check_timeout(timeout_s)
         self.max_body_bytes = max_body_bytes
@@ -147,7 +155,8 @@ class HTTPIngress:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
         elif scope["type"] == "http":
-            send = _counting(self.source, send)
+            if self.count_responses:
+                send = _counting(self.source, send)
             if scope["path"].startswith(OPS_PREFIX) and await self.ops(scope, receive, send):
                 return  # /-/healthz, /-/routes, /-/metrics, /-/dashboard, ...
             try:
@@ -184,7 +193,7 @@ class HTTPIngress:
         try:
             try:
                 # Watched: a client may leave while a model works on its first item.
-                first = await _unless_gone(receive, _next_item, items)
+                first = await self._unless_gone(receive, _next_item, items)
             except StopAsyncIteration:
                 first = _NOTHING
             if isinstance(first, _Gone):
@@ -217,34 +226,8 @@ class HTTPIngress:
                 "headers": [(b"content-type", media), (b"cache-control", b"no-cache")],
             }
         )
-        reading = trio.CancelScope()
-        async with trio.open_nursery() as nursery:
-
-            async def watch_disconnect() -> None:
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-                reading.cancel()  # the client left: stop the generator
-
-            nursery.start_soon(watch_disconnect)
-            tail = b""
-            with reading:
-                try:
-                    if first is not _NOTHING:
-                        await send(_chunk(first, sse, answer.endpoint))
-                        async for item in items:
-                            await send(_chunk(item, sse, answer.endpoint))
-                    tail = b"event: end\ndata: {}\n\n" if sse else b""
-                except Exception as exc:
-                    # The status is gone already: the error is the stream's last record.
-                    _, body, _ = _failure(exc)
-                    tail = b"event: error\ndata: " + body + b"\n\n" if sse else body + b"\n"
-                finally:
-                    await items.aclose()
-            if not reading.cancelled_caught:
-                # Outside the reading scope: a disconnect now must not cut this send
-                # short (the server closes the connection from inside it).
-                await send({"type": "http.response.body", "body": tail})
-            nursery.cancel_scope.cancel()
+        pump = _send_items_asyncio if self.loop == "asyncio" else _send_items_trio
+        await pump(items, first, sse, answer.endpoint, receive, send)
 
     async def _stream_response(
         self, answer: _Streaming, head: Response, receive: Receive, send: Send
@@ -270,37 +253,11 @@ class HTTPIngress:
         if not any(name == b"content-type" for name, _ in headers):
             headers.insert(0, (b"content-type", b"application/octet-stream"))
         await send({"type": "http.response.start", "status": status, "headers": headers})
-        reading = trio.CancelScope()
-        complete = False
-        async with trio.open_nursery() as nursery:
-
-            async def watch_disconnect() -> None:
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-                reading.cancel()  # the client left: stop the generator
-
-            nursery.start_soon(watch_disconnect)
-            with reading:
-                try:
-                    for data in chunks:
-                        await send({"type": "http.response.body", "body": data, "more_body": True})
-                    async for item in items:
-                        data = _raw_chunk(item)
-                        await send({"type": "http.response.body", "body": data, "more_body": True})
-                    complete = True
-                except Exception as exc:
-                    log.error(
-                        "servecore.http: endpoint %r: its stream failed after the status was "
-                        "sent, so the response is cut short: %s: %s",
-                        answer.endpoint,
-                        type(exc).__name__,
-                        exc,
-                    )
-                finally:
-                    await items.aclose()
-            if complete and not reading.cancelled_caught:
-                await send({"type": "http.response.body", "body": b""})
-            nursery.cancel_scope.cancel()
+        complete = await self._unless_gone(
+            receive, functools.partial(_send_raw, items, chunks, answer.endpoint), send
+        )
+        if complete is True:  # not cut short by an error, nor by the client leaving
+            await send({"type": "http.response.body", "body": b""})
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -352,7 +309,8 @@ class HTTPIngress:
             if not message.get("more_body", False):
                 break
         query = scope.get("query_string", b"").decode("latin-1")
-        media = _header(scope, b"content-type").split(b";")[0].strip()
+        content_type, accept = _content_type_and_accept(scope)
+        media = content_type.split(b";")[0].strip()
         if endpoint.http_request or rest or (body and not _is_json(media, body)):
             # Asked for, or the JSON value alone would lose what the client sent: the
             # target gets it all.
@@ -381,20 +339,12 @@ class HTTPIngress:
                 return _error(501, "MultiplexingNotServedHere", f"{why}; {_NO_WORKER_MODELS}")
         else:
             handle = handle.options(timeout_s=self.timeout_s)
-        accept = _header(scope, b"accept")
         sse = b"text/event-stream" in accept
-        if not hasattr(handle, "stream"):
-            # An ingress worker on asyncio (servecore run --workers N) does not stream
-            # yet: it answers every endpoint with one value.
-            try:
-                return await self._call(endpoint.name, handle, payload)
-            except StreamMismatch as exc:
-                return _error(501, "StreamingNotServedHere", f"{exc}; {_NO_WORKER_STREAMS}")
         if sse or b"application/x-ndjson" in accept or endpoint.name in self._streaming:
             cached = not sse and b"application/x-ndjson" not in accept
             return _Streaming(endpoint.name, handle.stream(payload), sse, handle, payload, cached)
         try:
-            result = await _unless_gone(receive, handle.call, payload)
+            result = await self._unless_gone(receive, handle.call, payload)
         except StreamMismatch as exc:
             if not exc.streams:
                 return _failure(exc)
@@ -448,11 +398,6 @@ class HTTPIngress:
 MODEL_HEADER = b"serve_multiplexed_model_id"
 
 _NO_WORKER_MODELS = "serve this endpoint with 'servecore run --workers 0'"
-
-_NO_WORKER_STREAMS = (
-    "ingress workers do not stream yet: serve streaming endpoints with "
-    "'servecore run --workers 0' (the controller's own ingress)"
-)
 
 
 class _Streaming:
@@ -514,6 +459,137 @@ async def _unless_gone(receive: Receive, call: Callable[[Any], Awaitable[Any]], 
     if error is not None:
         raise error
     return result
+
+
+async def _unless_gone_asyncio(
+    receive: Receive, call: Callable[[Any], Awaitable[Any]], arg: Any
+) -> Any:
+    """:func:`_unless_gone` on asyncio (an ingress worker): ``await call(arg)``, or
+    :data:`_GONE` once the client disconnects, having cancelled it."""
+    import asyncio
+
+    gone = False
+    work = asyncio.ensure_future(call(arg))
+
+    async def watch() -> None:
+        nonlocal gone
+        try:
+            message = await receive()
+        except Exception:
+            return
+        if message.get("type") == "http.disconnect":
+            gone = True
+            work.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await work
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if gone and (task is None or not task.cancelling()):
+            return _GONE
+        raise
+    finally:
+        watcher.cancel()
+
+
+async def _send_raw(items: Any, chunks: list[bytes], endpoint: str, send: Send) -> bool:
+    """Send ``chunks``, then each item of ``items`` raw (a stream under its own
+    :class:`Response`); whether it ended without an error, which is logged (the status
+    is gone already, so the body is cut short)."""
+    try:
+        for data in chunks:
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+        async for item in items:
+            data = _raw_chunk(item)
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+        return True
+    except Exception as exc:
+        log.error(
+            "servecore.http: endpoint %r: its stream failed after the status was sent, so "
+            "the response is cut short: %s: %s",
+            endpoint,
+            type(exc).__name__,
+            exc,
+        )
+        return False
+    finally:
+        await items.aclose()
+
+
+async def _send_all_items(items: Any, first: Any, sse: bool, endpoint: str, send: Send) -> bytes:
+    """Send ``first`` and every later item as chunks; return the stream's last chunk
+    (an SSE ``end`` event, or the error that ended the stream as its last record)."""
+    # Items that arrived while the last chunk was being sent go out in one chunk (a
+    # stream on the asyncio path offers them): a chunk costs the server a write each.
+    buffered = getattr(items, "take_buffered", None)
+    try:
+        if first is not _NOTHING:
+            await send(_chunk(_record(first, sse, endpoint)))
+            async for item in items:
+                body = _record(item, sse, endpoint)
+                for more in buffered() if buffered is not None else ():
+                    try:
+                        body += _record(more, sse, endpoint)
+                    except _ItemNotJSON:
+                        await send(_chunk(body))  # the items before it, then the error
+                        raise
+                await send(_chunk(body))
+        return b"event: end\ndata: {}\n\n" if sse else b""
+    except Exception as exc:
+        # The status is gone already: the error is the stream's last record.
+        _, body, _ = _failure(exc)
+        return b"event: error\ndata: " + body + b"\n\n" if sse else body + b"\n"
+    finally:
+        await items.aclose()
+
+
+async def _send_items_trio(
+    items: Any, first: Any, sse: bool, endpoint: str, receive: Receive, send: Send
+) -> None:
+    """The items of a stream, on trio; a client that disconnects stops the generator."""
+    reading = trio.CancelScope()
+    tail = b""
+    async with trio.open_nursery() as nursery:
+
+        async def watch_disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            reading.cancel()  # the client left: stop the generator
+
+        nursery.start_soon(watch_disconnect)
+        with reading:
+            tail = await _send_all_items(items, first, sse, endpoint, send)
+        if not reading.cancelled_caught:
+            # Outside the reading scope: a disconnect now must not cut this send
+            # short (the server closes the connection from inside it).
+            await send({"type": "http.response.body", "body": tail})
+        nursery.cancel_scope.cancel()
+
+
+async def _send_items_asyncio(
+    items: Any, first: Any, sse: bool, endpoint: str, receive: Receive, send: Send
+) -> None:
+    """The items of a stream, on asyncio (an ingress worker); a client that
+    disconnects stops the generator."""
+    import asyncio
+
+    async def disconnected() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    producing = asyncio.ensure_future(_send_all_items(items, first, sse, endpoint, send))
+    watching = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait((producing, watching), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watching.cancel()
+        if not producing.done():  # the client left (or we were cancelled): stop it
+            producing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await producing
+    if not producing.cancelled():
+        await send({"type": "http.response.body", "body": producing.result()})
 
 
 def _is_json(media: bytes, body: bytes | bytearray) -> bool:
@@ -613,13 +689,28 @@ def _header(scope: Scope, name: bytes, *, lower: bool = True) -> bytes:
     return b""
 
 
-def _chunk(item: Any, sse: bool, endpoint: str) -> MutableMapping[str, Any]:
-    """One item as a body chunk: a JSON line, or an SSE ``data:`` event."""
+def _content_type_and_accept(scope: Scope) -> tuple[bytes, bytes]:
+    """The request's ``Content-Type`` and ``Accept`` headers, lower case (``b""`` when
+    absent), in one pass over the headers: every request reads both."""
+    content_type = accept = None
+    for key, value in scope.get("headers", ()):
+        if content_type is None and (key == b"content-type" or key.lower() == b"content-type"):
+            content_type = bytes(value).lower()
+        elif accept is None and (key == b"accept" or key.lower() == b"accept"):
+            accept = bytes(value).lower()
+    return content_type or b"", accept or b""
+
+
+def _record(item: Any, sse: bool, endpoint: str) -> bytes:
+    """One item as a record of the body: a JSON line, or an SSE ``data:`` event."""
     try:
         data = _dumps(item)
     except (TypeError, ValueError, RecursionError) as exc:
         raise _ItemNotJSON(endpoint, _describe(exc)) from None
-    body = b"data: " + data + b"\n\n" if sse else data + b"\n"
+    return b"data: " + data + b"\n\n" if sse else data + b"\n"
+
+
+def _chunk(body: bytes) -> MutableMapping[str, Any]:
     return {"type": "http.response.body", "body": body, "more_body": True}
 
 
@@ -752,10 +843,15 @@ def _describe(exc: BaseException) -> str:
     return str(exc)
 
 
+#: ``json.dumps(value, allow_nan=False, ensure_ascii=False)`` without making an
+#: encoder per call (non-default options do): a few microseconds of every answer.
+_ENCODE = json.JSONEncoder(allow_nan=False, ensure_ascii=False).encode
+
+
 def _dumps(value: Any) -> bytes:
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(_NOT_FINITE)
-    return json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    return _ENCODE(value).encode("utf-8")
 
 
 def _error(status: int, kind: str, message: str) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:

@@ -37,7 +37,12 @@ caller gets the ``ReplicaDiedError``.
 
 Host threads: :meth:`Router.call_blocking` (behind :class:`~servecore.SyncHandle`)
 sends a query from the calling thread straight to a free replica when the runtime
-offers ``call_blocking`` (the threads runtime does), and through trio otherwise.
+offers ``call_blocking`` (the threads and subprocess runtimes do), and through trio
+otherwise. It is built on the direct-path methods (:meth:`Router.direct_route`,
+:meth:`Router.claim_direct`, :meth:`Router.release_direct`,
+:meth:`Router.lost_direct`), which an ingress worker's asyncio query path uses too
+(``servecore._serving.asyncio_queries``): the backend chosen and the replica slots
+counted here, the query sent by the caller's own means.
 """
 
 from __future__ import annotations
@@ -76,7 +81,14 @@ from servecore._serving.router_stats import BackendLoad, QueryStats, RouterStati
 from servecore.runtimes._protocol import Query, Runtime
 from servecore.runtimes.toolkit import batch_argument
 
-__all__ = ["DEFAULT_MAX_QUEUED_QUERIES", "MAX_RESENDS", "Handle", "HandleStream", "Router"]
+__all__ = [
+    "DEFAULT_MAX_QUEUED_QUERIES",
+    "MAX_RESENDS",
+    "Handle",
+    "HandleStream",
+    "Router",
+    "never_ran",
+]
 
 log = logging.getLogger("servecore.router")
 
@@ -327,7 +339,7 @@ class Router:
             if exc.tag != rtag:
                 raise
             self._lost_replica(b, rtag)
-            if not _never_ran(exc):
+            if not never_ran(exc):
                 raise
         else:
             return results[0]
@@ -359,7 +371,7 @@ class Router:
             if exc.tag != tag:
                 raise
             self._lost_replica(b, tag)
-            if not _never_ran(exc) or resends >= MAX_RESENDS:
+            if not never_ran(exc) or resends >= MAX_RESENDS:
                 raise
         else:
             return results[0]
@@ -523,7 +535,7 @@ class Router:
                 b.mark_dead(tag)
             again: list[Waiter] = []
             for w in batch:
-                if died_here and _never_ran(exc) and w.resends < MAX_RESENDS and not w.done:
+                if died_here and never_ran(exc) and w.resends < MAX_RESENDS and not w.done:
                     w.resends += 1  # the batch never ran: queue it again, at the front
                     w.dispatched = False
                     again.append(w)
@@ -605,7 +617,7 @@ class Router:
                 if exc.tag != tag:
                     raise
                 self._lost_replica(b, tag)
-                if not _never_ran(exc) or resends >= MAX_RESENDS:
+                if not never_ran(exc) or resends >= MAX_RESENDS:
                     raise
                 resends += 1
                 continue
@@ -613,6 +625,56 @@ class Router:
                 self._release(b, tag, 1)
                 raise
             return tag, items
+
+    # -- direct paths: queries sent outside trio ------------------------------------------
+
+    def direct_route(self, endpoint: str, query: Query) -> tuple[str, BackendState | None] | None:
+        """Choose the backend of a query sent outside trio (a host thread's, or an ingress
+        worker's asyncio path) and post its shadow copies to trio. ``None`` when only
+        trio's path can answer it (an unknown endpoint, no traffic, the router closed or
+        refusing); the state is ``None`` for a backend no longer in the table. Safe from
+        any thread; the backend is chosen once, so a query that then falls back to trio
+        goes there with this backend (``call_timed(..., backend)``)."""
+        ep = self._endpoints.get(endpoint)
+        token = self._token
+        if ep is None or not ep.tags or self._closed or self._refusal is not None or token is None:
+            return None
+        tag = ep.choose(self.rng)
+        for shadow_tag, proportion in ep.shadows:
+            if proportion >= 1.0 or self.rng.random() < proportion:
+                _post(token, self._send_shadow, endpoint, shadow_tag, query)
+        return tag, self._backends.get(tag)
+
+    @staticmethod
+    def claim_direct(b: BackendState, model: str | None = None) -> str | None:
+        """A replica of ``b`` with a free slot, counted, for a query sent outside trio
+        (preferring one that served multiplexed ``model`` lately); ``None`` when the
+        query has to wait (a queue in trio, batching, or every replica at
+        ``max_concurrent_queries``). Safe from any thread."""
+        route = b.route
+        if route.max_batch_size is not None or b.n_waiting:
+            return None
+        return b.acquire(route.max_concurrent_queries, model)
+
+    def release_direct(self, b: BackendState, replica: str) -> None:
+        """Give back the slot :meth:`claim_direct` counted on ``replica``; queries
+        queued in trio get it next. Safe from any thread."""
+        b.add(replica, -1)
+        if b.n_waiting and self._token is not None:
+            _post(self._token, self._pump_waiting, b)
+
+    def lost_direct(self, b: BackendState, replica: str) -> None:
+        """``replica`` answered :class:`~servecore.ReplicaDiedError` to a query sent
+        outside trio: skip it at once, everywhere, until the table drops it. Safe from
+        any thread."""
+        b.mark_dead(replica)
+        if self._token is not None:
+            _post(self._token, self._lost_replica, b, replica)
+
+    def backend_state(self, tag: str) -> BackendState | None:
+        """The routing state of backend ``tag`` (its live replicas, their load), or
+        ``None`` once it has left the table."""
+        return self._backends.get(tag)
 
     # -- host threads ---------------------------------------------------------------------
 
@@ -632,30 +694,24 @@ class Router:
             raise RuntimeError("the router was not started; use it through a controller")
         if threading.get_ident() == self._trio_thread:
             raise RuntimeError("call_blocking() would block trio; use 'await handle.call()'")
-        ep = self._endpoints.get(endpoint)
         direct = self._direct
-        if direct is None or ep is None or not ep.tags or self._closed or self._refusal:
+        chosen = self.direct_route(endpoint, query) if direct is not None else None
+        if chosen is None or direct is None:
             return _from_thread(token, self.call_timed, endpoint, query, timeout_s)
-        tag = ep.choose(self.rng)
-        for shadow_tag, proportion in ep.shadows:
-            if proportion >= 1.0 or self.rng.random() < proportion:
-                _post(token, self._send_shadow, endpoint, shadow_tag, query)
-        b = self._backends.get(tag)
-        rtag = None
-        if b is not None and b.route.max_batch_size is None and not b.n_waiting:
-            rtag = b.acquire(b.route.max_concurrent_queries, _model_of(query))
+        tag, b = chosen
+        rtag = None if b is None else self.claim_direct(b, _model_of(query))
         if b is None or rtag is None:
             return _from_thread(token, self.call_timed, endpoint, query, timeout_s, tag)
         started = time.perf_counter()
         try:
             results = direct(rtag, (query,), timeout_s)
         except ReplicaDiedError as exc:
-            if exc.tag != rtag or not _never_ran(exc):
+            if exc.tag != rtag or not never_ran(exc):
                 self.stats.record(endpoint, tag, "replica_died", time.perf_counter() - started)
             if exc.tag != rtag:
                 raise
-            _post(token, self._lost_replica, b, rtag)
-            if not _never_ran(exc):
+            self.lost_direct(b, rtag)
+            if not never_ran(exc):
                 raise
             results = None  # it never ran: route it again, in trio
         except TimeoutError:
@@ -667,9 +723,7 @@ class Router:
             self.stats.record(endpoint, tag, outcome_of(exc), time.perf_counter() - started)
             raise
         finally:
-            b.add(rtag, -1)
-            if b.n_waiting:
-                _post(token, self._pump_waiting, b)
+            self.release_direct(b, rtag)
         if results is None:  # the replica is leaving the table: route again, in trio
             return _from_thread(token, self.call_timed, endpoint, query, timeout_s, tag)
         self.stats.record(endpoint, tag, "ok", time.perf_counter() - started)
@@ -753,7 +807,7 @@ class _RouterStream:
                 tag = self.tag
                 if exc.tag == tag and tag is not None:
                     self.router._lost_replica(self.backend, tag)
-                    if _never_ran(exc) and self.items.delivered == 0 and self.resends < MAX_RESENDS:
+                    if never_ran(exc) and self.items.delivered == 0 and self.resends < MAX_RESENDS:
                         # Refused unbegun (a draining replica): open it elsewhere.
                         self.resends += 1
                         self.router._release(self.backend, tag, 1)
@@ -984,6 +1038,6 @@ def _drop_late(b: BackendState, w: Waiter) -> bool:
     return True
 
 
-def _never_ran(error: BaseException) -> bool:
+def never_ran(error: BaseException) -> bool:
     """Whether the runtime says the query never began (so it is safe to send again)."""
     return getattr(error, "retry_safe", False) is True

@@ -90,3 +90,10 @@ def pid_then_wait(n: int) -> Any:
 def plain(value: Any) -> Any:
     """Not a stream: answers once."""
     return value
+
+
+def not_json_after(n: int) -> Any:
+    """Yields ``n`` integers, then a set (picklable, but not JSON), then one more."""
+    yield from range(n)
+    yield {1, 2}
+    yield n

@@ -36,7 +36,7 @@ import random
 import secrets
 import socket
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -157,6 +157,8 @@ class Client:
         self.reports_sent = 0
         self._waking: set[str] = set()
         self._report_now = trio.Event()
+        self._table_listeners: list[Callable[[RoutingTable], None]] = []
+        self._load_sources: list[Callable[[], Mapping[str, int]]] = []
 
     @property
     def table(self) -> VersionedTable | None:
@@ -177,6 +179,24 @@ class Client:
         """A handle sending queries to ``endpoint`` (looked up on each call)."""
         return self.router.handle(endpoint)
 
+    def add_table_listener(self, listener: Callable[[RoutingTable], None]) -> None:
+        """Call ``listener(table)`` (on the client's trio thread) after the router has
+        adopted each new table."""
+        self._table_listeners.append(listener)
+
+    def add_load_source(self, source: Callable[[], Mapping[str, int]]) -> None:
+        """Add ``source()`` (queries waiting per backend outside the router, such as an
+        ingress worker's asyncio path) to the load this client reports."""
+        self._load_sources.append(source)
+
+    def ongoing_queries(self) -> dict[str, int]:
+        """Queries running on or waiting for each backend from this client now."""
+        ongoing = self.router.ongoing_queries()
+        for source in self._load_sources:
+            for tag, n in source().items():
+                ongoing[tag] = ongoing.get(tag, 0) + n
+        return ongoing
+
     async def wait_for_seq(self, seq: int) -> VersionedTable:
         """Wait until a table of checkpoint ``seq`` or later is in use; return it."""
         while self._table is None or self._table.seq < seq:
@@ -190,6 +210,11 @@ class Client:
             return False
         self._table = versioned
         self.router.update(versioned.table)
+        for listener in self._table_listeners:
+            try:
+                listener(versioned.table)
+            except Exception:
+                log.exception("a table listener failed; the table is in use all the same")
         self._changed.set()
         self._changed = trio.Event()
         return True
@@ -242,7 +267,7 @@ class Client:
                 await self._report_now.wait()
             self._report_now = trio.Event()
             wake, self._waking = sorted(self._waking), set()
-            ongoing = {tag: n for tag, n in self.router.ongoing_queries().items() if n}
+            ongoing = {tag: n for tag, n in self.ongoing_queries().items() if n}
             if not (ongoing or wake or reported_load):
                 continue
             request = {"op": "load", "reporter": self.reporter, "ongoing": ongoing, "wake": wake}

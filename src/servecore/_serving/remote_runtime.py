@@ -61,7 +61,7 @@ class ReplicaClient:
         self._nursery: trio.Nursery | None = None
         self._connections: dict[str, ReplicaConnection] = {}
         self._connecting: dict[str, trio.Lock] = {}
-        self._blocking = BlockingCalls(self._address_for_threads)
+        self._blocking = BlockingCalls(self.address_of)
 
     def __repr__(self) -> str:
         return f"ReplicaClient({str(self.directory)!r})"
@@ -114,12 +114,14 @@ class ReplicaClient:
         when it cannot be reached that way (the router then uses :meth:`call`)."""
         return self._blocking.call(tag, batch, timeout_s)
 
-    def _address_for_threads(self, tag: str) -> tuple[str, object] | None:
+    def address_of(self, tag: str) -> tuple[str, object] | None:
+        """The socket address of replica ``tag`` (and ``None`` for its pid: tags are
+        never reused), for connections of this process's own (host threads' blocking
+        calls, an ingress worker's asyncio path); ``None`` before :meth:`start`."""
         dir_fd = self._dir_fd
         if dir_fd is None:
             return None
         files = ReplicaFiles(str(self.directory), replica_key(tag))
-        # Tags are never reused, so a tag names one process: no pid to compare.
         return socket_address(files.socket, dir_fd), None
 
     async def _connect(self, tag: str) -> ReplicaConnection:

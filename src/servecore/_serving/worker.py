@@ -15,10 +15,13 @@ Three server stacks (``--stack``):
 
 * ``uvicorn`` (the default when uvicorn is installed) and ``asyncio`` (hypercorn on
   asyncio, the default otherwise): trio runs as a *guest* of the asyncio loop on the
-  same thread (``trio.lowlevel.start_guest_run``). The ingress's request handling
-  runs on asyncio; each query hops to a trio task running the client's router
-  (:class:`_TrioGuest`) and its result comes back through an asyncio future, without
-  a second thread.
+  same thread (``trio.lowlevel.start_guest_run``), keeping the client's table feed
+  and load reports. Requests are handled on asyncio, and so are their queries and
+  streams in the common case: the worker's own asyncio connections to the replicas,
+  replica slots from the client's router (:mod:`servecore._serving.asyncio_queries`).
+  Only the unusual cases (no replica, waking from zero, batching) hop to a trio task
+  running the client's router (:class:`_TrioGuest`), whose result comes back through
+  an asyncio future, without a second thread.
 * ``trio``: hypercorn on trio, as the controller's own ingress.
 
 Why asyncio is the default is measured in docs/benchmarks.md ("HTTP").
@@ -52,8 +55,10 @@ from typing import Any, TypeVar
 
 import trio
 
+from servecore._serving.asyncio_queries import AsyncioHandle, AsyncioQueries
 from servecore._serving.connect import Client, open_client
 from servecore._serving.ops_http import PREFIX, _send
+from servecore._serving.replica_links import ReplicaLinks
 from servecore._serving.socket_handoff import serve_handoff
 from servecore._store_choice import StoreChoice, store_from_environment
 
@@ -202,33 +207,25 @@ class _TrioGuest:
             self._token.run_sync_soon(scope.cancel)
             raise
 
-
-class _GuestHandle:
-    def __init__(self, guest: _TrioGuest, handle: Any) -> None:
-        self._guest = guest
-        self._handle = handle
-
-    def options(self, *, timeout_s: float | None = None) -> _GuestHandle:
-        return _GuestHandle(self._guest, self._handle.options(timeout_s=timeout_s))
-
-    async def call(self, *args: Any, **kwargs: Any) -> Any:
-        return await self._guest.run(functools.partial(self._handle.call, *args, **kwargs))
+    def run_soon(self, fn: Callable[[], object]) -> None:
+        """Call ``fn()`` on trio soon (from any thread)."""
+        self._token.run_sync_soon(fn)
 
 
-class _GuestSource:
+class _AsyncioSource:
     """A :class:`~servecore.http.HandleSource` for asyncio: the client's table, and
-    handles whose calls run on the client's router in trio."""
+    handles on the asyncio query path (:mod:`servecore._serving.asyncio_queries`)."""
 
-    def __init__(self, client: Client, guest: _TrioGuest) -> None:
+    def __init__(self, client: Client, queries: AsyncioQueries) -> None:
         self._client = client
-        self._guest = guest
+        self._queries = queries
 
     @property
     def routing_table(self) -> Any:
         return self._client.routing_table
 
-    def get_handle(self, endpoint: str) -> _GuestHandle:
-        return _GuestHandle(self._guest, self._client.get_handle(endpoint))
+    def get_handle(self, endpoint: str) -> AsyncioHandle:
+        return AsyncioHandle(self._queries, endpoint)
 
 
 # -- serving -------------------------------------------------------------------------------
@@ -323,10 +320,16 @@ async def _serve_asyncio(
         host_uses_signal_set_wakeup_fd=True,
     )
     client, guest = await started
+    links = ReplicaLinks(client.replicas.address_of)
+    queries = AsyncioQueries(client.router, links, guest, loop)
+    client.add_table_listener(queries.on_table)
+    client.add_load_source(queries.waiting)
     app = HTTPIngress(
-        _GuestSource(client, guest),
+        _AsyncioSource(client, queries),
         timeout_s=timeout_s,
         ops=functools.partial(answer_worker_ops, client),
+        loop="asyncio",
+        count_responses=False,  # a worker serves no /-/metrics to count them for
     )
     try:
         if server == "uvicorn":
@@ -334,7 +337,8 @@ async def _serve_asyncio(
         else:
             await _run_hypercorn_asyncio(app, fd, ready_fd)
     finally:
-        guest._token.run_sync_soon(release.set)
+        links.close()
+        guest.run_soon(release.set)
         await finished
 
 

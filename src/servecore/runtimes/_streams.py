@@ -1,4 +1,4 @@
-"""The host's end of a stream: items as a replica sends them, read on trio.
+"""The host's end of a stream: items as a replica sends them, read on trio or asyncio.
 
 A runtime that streams (``stream(tag, query)``, see ``servecore.runtimes._protocol``)
 returns an :class:`ItemStream`. The replica produces only against credit (see
@@ -19,7 +19,8 @@ __all__ = ["ItemStream"]
 
 
 class ItemStream:
-    """The items of one stream, in order, then its end (trio thread only).
+    """The items of one stream, in order, then its end (on the loop that reads it:
+    trio by default, asyncio with ``event=asyncio.Event``).
 
     The runtime calls :meth:`push` for each item and :meth:`end` once (with the error
     that ends it, if any); the consumer iterates (``async for item in stream``) and
@@ -34,13 +35,16 @@ class ItemStream:
         grant: Callable[[int], object],
         cancel: Callable[[], object],
         grant_every: int = 1,
+        event: Callable[[], Any] = trio.Event,
     ) -> None:
         self.tag = tag
         self._grant = grant
         self._cancel = cancel
         self._grant_every = max(1, grant_every)
         self._items: deque[Any] = deque()
-        self._wake = trio.Event()
+        # trio's Event on trio; asyncio's (the same set/wait) on an asyncio loop.
+        self._event = event
+        self._wake = event()
         self._ended = False
         self._error: BaseException | None = None
         self._closed = False
@@ -94,8 +98,22 @@ class ItemStream:
                     self._closed = True
                     raise error
                 raise StopAsyncIteration
-            self._wake = trio.Event()
+            self._wake = self._event()
             await self._wake.wait()
+
+    def take_buffered(self) -> list[Any]:
+        """The items already here, without waiting (and credit given back for them)."""
+        if self._closed or not self._items:
+            return []
+        items = list(self._items)
+        self._items.clear()
+        self.delivered += len(items)
+        if not self._ended:
+            self._taken += len(items)
+            if self._taken >= self._grant_every:
+                taken, self._taken = self._taken, 0
+                self._grant(taken)
+        return items
 
     def close(self) -> None:
         """Stop reading: a stream still running is cancelled in the replica."""

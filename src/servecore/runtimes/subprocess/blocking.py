@@ -44,12 +44,32 @@ HANDSHAKE_S = 5.0
 class _Connection:
     """One thread's connection to one replica (used by that thread only)."""
 
-    __slots__ = ("ids", "pid", "sock")
+    __slots__ = ("ids", "inbox", "pid", "sock", "timeout")
 
     def __init__(self, sock: socket.socket, pid: object) -> None:
         self.sock = sock
         self.pid = pid
         self.ids = itertools.count(1)
+        #: What was read past the last frame (normally nothing: one answer at a time).
+        self.inbox = bytearray()
+        #: The socket's timeout now: set only when it changes (each set is a syscall).
+        self.timeout: float | str | None = "unset"
+
+    def read_frame(self) -> tuple[int, int, bytes]:
+        """The next frame: usually one ``recv`` for its header and body together."""
+        inbox = self.inbox
+        while True:
+            if len(inbox) >= HEADER.size:
+                length, kind, request_id = HEADER.unpack_from(inbox)
+                end = HEADER.size + length
+                if len(inbox) >= end:
+                    body = bytes(inbox[HEADER.size : end])
+                    del inbox[:end]
+                    return kind, request_id, body
+            chunk = self.sock.recv(1 << 16)
+            if not chunk:
+                raise EOFError("the replica closed the connection")
+            inbox += chunk
 
 
 class BlockingCalls:
@@ -95,10 +115,12 @@ class BlockingCalls:
             ) from exc
         request_id = next(conn.ids)
         try:
-            conn.sock.settimeout(timeout_s)
+            if conn.timeout != timeout_s:
+                conn.sock.settimeout(timeout_s)
+                conn.timeout = timeout_s
             conn.sock.sendall(frame(CALL, request_id, body))
             while True:
-                kind, answered, payload = _read_frame(conn.sock)
+                kind, answered, payload = conn.read_frame()
                 if kind == DRAINED:
                     self._forget(tag)
                     raise ReplicaDiedError(tag, "the replica drained before beginning the query")

@@ -46,6 +46,7 @@ __all__ = [
     "not_begun",
     "open_replica_channel",
     "rebuild_remote_exception",
+    "stream_end_error",
 ]
 
 
@@ -128,6 +129,29 @@ def answer_of(kind: int, body: bytes, tag: str) -> outcome.Outcome[Any]:
         return outcome.Error(
             ResultDecodeError(tag, "error description", repr(exc), runtime="subprocess")
         )
+
+
+def stream_end_error(kind: int, body: bytes, tag: str) -> BaseException | None:
+    """How a frame other than ``ITEM`` ends a stream of replica ``tag``: ``None`` for
+    ``END``, else the error its consumer raises after the items already delivered
+    (marked safe to send elsewhere for ``REFUSED``). Shared by the trio path and the
+    asyncio one of ingress workers."""
+    try:
+        if kind == END:
+            return None
+        if kind == ERROR:
+            return rebuild_remote_exception(decode_reply(body, tag, "subprocess"), tag)
+        if kind == REFUSED:
+            reason = encodable(str(decode_reply(body, tag, "subprocess")))
+            return not_begun(tag, f"{reason}; it did not begin the stream")
+        if kind == GONE:
+            reason = encodable(str(decode_reply(body, tag, "subprocess")))
+            return ReplicaDiedError(tag, reason)
+        return RuntimeError(f"replica {tag!r} sent message kind {kind}")
+    except ResultDecodeError as exc:
+        return exc
+    except Exception as exc:
+        return ResultDecodeError(tag, "error description", repr(exc), runtime="subprocess")
 
 
 class ReplicaConnection:
@@ -268,28 +292,9 @@ class ReplicaConnection:
             return
         self.streams.pop(request_id, None)
         self._maybe_idle()
-        error: BaseException | None = None
-        try:
-            if kind == END:
-                error = None
-            elif kind == ERROR:
-                info = decode_reply(body, self.tag, "subprocess")
-                error = rebuild_remote_exception(info, self.tag)
-            elif kind == REFUSED:
-                self.draining = True
-                reason = encodable(str(decode_reply(body, self.tag, "subprocess")))
-                error = not_begun(self.tag, f"{reason}; it did not begin the stream")
-            elif kind == GONE:
-                reason = encodable(str(decode_reply(body, self.tag, "subprocess")))
-                error = ReplicaDiedError(self.tag, reason)
-            else:
-                error = RuntimeError(f"replica {self.tag!r} sent message kind {kind}")
-        except ResultDecodeError as exc:
-            error = exc
-        except Exception as exc:
-            error = ResultDecodeError(
-                self.tag, "error description", repr(exc), runtime="subprocess"
-            )
+        if kind == REFUSED:
+            self.draining = True
+        error = stream_end_error(kind, body, self.tag)
         items.end(error)
 
     def deliver(self, kind: int, request_id: int, body: bytes) -> None:

@@ -307,6 +307,11 @@ class _Connection:
         self.running = 0  # calls running on this connection
         self.inline_since: float | None = None  # when the inline call began
         self.role_passed = False  # the watchdog passed the inline reader's role on
+        # The watchdog parks while no call runs inline (an idle connection must not wake
+        # the process 200 times a second: with many connections, those wake-ups hold
+        # the GIL when an answer is due); the next inline call wakes it.
+        self.watchdog_parked = False
+        self.watchdog_wake = threading.Event()
         self.call_time = 0.0  # moving average of how long calls take, in seconds
 
     def start(self) -> None:
@@ -342,6 +347,7 @@ class _Connection:
                 with self.server.idle:
                     self.server.connections.discard(self)
                 self.closed = True
+                self.watchdog_wake.set()  # a parked watchdog sees the connection closed
                 for task in list(self.tasks.values()):
                     task.cancel()  # nobody is left to read their answers
                 for stream in list(self.streams.values()):
@@ -372,6 +378,9 @@ class _Connection:
                 self.running += 1
                 if inline:
                     self.inline_since = time.monotonic()
+                    if self.watchdog_parked:
+                        self.watchdog_parked = False
+                        self.watchdog_wake.set()
             if not inline:
                 self.read_lock.release()
             started = time.monotonic()
@@ -391,6 +400,13 @@ class _Connection:
     def _watchdog(self) -> None:
         while not self.closed:
             time.sleep(_WATCHDOG_S)
+            with self.state_lock:
+                if self.inline_since is None:  # nothing runs inline: park until it does
+                    self.watchdog_parked = True
+                    self.watchdog_wake.clear()
+            if self.watchdog_parked:
+                self.watchdog_wake.wait()
+                continue
             with self.state_lock:
                 since = self.inline_since
                 overdue = since is not None and time.monotonic() - since >= _WATCHDOG_S

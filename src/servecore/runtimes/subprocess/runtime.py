@@ -111,6 +111,7 @@ class SubprocessRuntime:
         self._report: Report | None = None
         self._replicas: dict[str, Replica] = {}
         self._blocking = BlockingCalls(self._address_for_threads)
+        self._thread_addresses: dict[str, str] = {}
         #: tag -> the starts of it in flight (a stop cuts them all short)
         self._starting: dict[str, list[Starting]] = {}
         self._key_locks: dict[str, trio.Lock] = {}
@@ -181,6 +182,7 @@ class SubprocessRuntime:
             replica.channel.close()
             replica.process.close()
         opened, self._opened = self._opened, None
+        self._thread_addresses.clear()  # they name the directory's descriptor
         if opened is not None:
             opened.close()
 
@@ -306,7 +308,10 @@ class SubprocessRuntime:
             return None
         if replica.dead or replica.stopping or replica.draining:
             return None
-        address = socket_address(str(replica.files.socket), opened.dir_fd)
+        address = self._thread_addresses.get(tag)
+        if address is None:  # the same for the replica's life: worked out once
+            address = socket_address(str(replica.files.socket), opened.dir_fd)
+            self._thread_addresses[tag] = address
         return address, replica.process.pid
 
     async def call(self, tag: str, batch: Sequence[Query]) -> list[Any]:
@@ -723,5 +728,6 @@ class SubprocessRuntime:
         replica.probe_scope.cancel()
         if self._replicas.get(replica.tag) is replica:
             del self._replicas[replica.tag]
+            self._thread_addresses.pop(replica.tag, None)
         replica.channel.close()
         replica.process.close()
