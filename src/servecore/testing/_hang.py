@@ -180,6 +180,15 @@ class HangingStore:
         result: tuple[int, Mapping[str, bytes]] = self._call("load", self.inner.load)
         return result
 
+    def committed_seq(self) -> int:
+        """The inner store's ``committed_seq()`` (its ``load()``'s if it has none): a
+        store call like the others, counted, and hung when armed."""
+        ask = getattr(self.inner, "committed_seq", None)
+        result: int = self._call(
+            "committed_seq", ask if ask is not None else lambda: self.inner.load()[0]
+        )
+        return result
+
     def commit(self, seq: int, puts: Mapping[str, bytes], deletes: Collection[str]) -> None:
         self._call(f"commit {seq}", lambda: self.inner.commit(seq, puts, deletes))
 
