@@ -6,7 +6,6 @@ Runs against a private PostgreSQL server started for the session (see conftest.p
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import signal
@@ -23,7 +22,7 @@ from hypothesis import settings
 from test_stores import CORRUPT, GOOD, _edit, _too_new, commit_state, loaded, states
 
 from checkpoints import encode_v1
-from postgres_setup import postgres_or_skip
+from postgres_setup import postgres_or_skip, server_pids
 from servecore import (
     BackendConfig,
     BlobAdapter,
@@ -655,19 +654,6 @@ def test_a_standby_with_a_wrong_password_fails_at_once_naming_the_user(
     assert "password authentication failed" in text
 
 
-def _server_pids(server: PostgresServer) -> list[int]:
-    """The postmaster this test's server started, and its children (the backends)."""
-    assert server.pid is not None
-    pids = [server.pid]
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                stat = (entry / "stat").read_text()
-                if int(stat.rsplit(")", 1)[1].split()[1]) == server.pid:
-                    pids.append(int(entry.name))
-    return pids
-
-
 async def test_a_hung_database_fails_a_command_within_the_deadline_and_frees_the_store() -> None:
     postgres_or_skip()
     with PostgresServer() as server:
@@ -676,7 +662,7 @@ async def test_a_hung_database_fails_a_command_within_the_deadline_and_frees_the
         async with open_controller(runtime=runtime, store=store, resync_interval_s=None) as ctl:
             await ctl.create_backend("a", ECHO, num_replicas=1)
             state = ctl.state
-            pids = _server_pids(server)
+            pids = server_pids(server)
             for pid in pids:
                 os.kill(pid, signal.SIGSTOP)
             try:
@@ -709,7 +695,7 @@ async def test_after_a_frozen_database_the_next_command_works_without_a_reopen()
         runtime = InMemoryRuntime()
         async with open_controller(runtime=runtime, store=store, resync_interval_s=None) as ctl:
             await ctl.create_backend("a", ECHO, num_replicas=1)
-            pids = _server_pids(server)
+            pids = server_pids(server)
             for pid in pids:
                 os.kill(pid, signal.SIGSTOP)
             try:
