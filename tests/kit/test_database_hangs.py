@@ -1,6 +1,6 @@
 """The kit's "database hangs" fault: every store call of a script hung in turn, on each
-built-in store (PostgreSQL with real hangs: a locked table, a frozen server), and the kit catching a controller or a
-store that mishandles a hang (docs/design.md §7)."""
+built-in store (PostgreSQL with real hangs: a locked table, a frozen server), and the
+kit catching a controller or a store that mishandles a hang (docs/design.md §7)."""
 
 from __future__ import annotations
 
