@@ -191,12 +191,6 @@ class Committer:
         """The store call given up on that has not answered yet, in words, or ``None``."""
         return None if self._unanswered is None else self._unanswered.answer.what
 
-    @property
-    def uncertain(self) -> int | None:
-        """The sequence number of a commit whose outcome is not known yet (the store
-        lost the answer), or ``None``."""
-        return None if self._uncertain is None else self._uncertain.seq
-
     def after_unanswered(self, fn: Callable[[], object]) -> bool:
         """If a store call is still unanswered, hand ``fn`` to the writer thread to run
         after it (closing the store must not cut a call in progress) and return True;
