@@ -1,6 +1,6 @@
 """The kit's "database hangs" fault: every store call of a script hung in turn, on each
-built-in store (PostgreSQL with a real hang), and the kit catching a controller or a
-store that mishandles a hang (docs/design.md §7)."""
+built-in store (PostgreSQL with real hangs: a locked table, a frozen server), and the
+kit catching a controller or a store that mishandles a hang (docs/design.md §7)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from checkpoints import MemoryBlob
-from postgres_setup import postgres_or_skip
+from postgres_setup import postgres_or_skip, server_pids
 from servecore import FileStore, MemoryStore, SQLiteStore, Store
 from servecore._controller.committer import Committer
 from servecore.testing import HangingStore, StoreFault, check_store_hangs
@@ -103,6 +103,54 @@ def test_every_call_of_the_script_is_hung_on_postgres(postgres_server: Any) -> N
         assert check_store_hangs(make, store_call_timeout_s=10.0) == CALLS
     finally:
         thaw()
+
+
+def test_every_call_of_the_script_is_hung_on_a_frozen_postgres() -> None:
+    """The whole server is frozen (SIGSTOP): the store's own deadline gives up on the
+    call, and the write it had sent lands when the server resumes (thaw: SIGCONT). The
+    controller learns that from the store before its next commit, adopts the write and
+    carries it out, so later commands work without a reopen."""
+    postgres_or_skip()
+    import os
+    import signal
+
+    from servecore import PostgresStore
+    from servecore.testing.postgres import PostgresServer
+
+    counter = itertools.count()
+    stopped: list[int] = []
+
+    with PostgresServer() as server:
+
+        def freeze() -> None:
+            for pid in server_pids(server):
+                os.kill(pid, signal.SIGSTOP)
+                stopped.append(pid)
+
+        def thaw() -> None:
+            while stopped:
+                os.kill(stopped.pop(), signal.SIGCONT)
+
+        def make() -> HangingStore:
+            store = PostgresStore(
+                server.dsn,
+                checkpoint=f"frozen-{next(counter)}",
+                lease_s=30,
+                call_timeout_s=0.5,
+                connect_timeout_s=2,
+            )
+            return HangingStore(store.records, freeze=freeze, thaw=thaw)
+
+        # Not the calls of opening (the load, and the commit of the runtime record):
+        # opening fails, and a store closed while the server is frozen cannot give its
+        # lease back, so the kit's second open would meet that lease for lease_s (the
+        # locked-table test above covers those calls).
+        try:
+            assert check_store_hangs(make, store_call_timeout_s=10.0, points=range(2, CALLS)) == (
+                CALLS - 2
+            )
+        finally:
+            thaw()
 
 
 # -- the kit catches what mishandles a hang ----------------------------------------------

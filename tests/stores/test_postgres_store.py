@@ -6,7 +6,6 @@ Runs against a private PostgreSQL server started for the session (see conftest.p
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import signal
@@ -23,7 +22,7 @@ from hypothesis import settings
 from test_stores import CORRUPT, GOOD, _edit, _too_new, commit_state, loaded, states
 
 from checkpoints import encode_v1
-from postgres_setup import postgres_or_skip
+from postgres_setup import postgres_or_skip, server_pids
 from servecore import (
     BackendConfig,
     BlobAdapter,
@@ -567,6 +566,7 @@ class _AnswerLost:
 
     def __init__(self, conn: Any, *, runs: bool) -> None:
         self.conn, self.runs = conn, runs
+        self.info = conn.info
         self.closed = False
 
     def execute(self, *args: Any, **kwargs: Any) -> Any:
@@ -654,19 +654,6 @@ def test_a_standby_with_a_wrong_password_fails_at_once_naming_the_user(
     assert "password authentication failed" in text
 
 
-def _server_pids(server: PostgresServer) -> list[int]:
-    """The postmaster this test's server started, and its children (the backends)."""
-    assert server.pid is not None
-    pids = [server.pid]
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                stat = (entry / "stat").read_text()
-                if int(stat.rsplit(")", 1)[1].split()[1]) == server.pid:
-                    pids.append(int(entry.name))
-    return pids
-
-
 async def test_a_hung_database_fails_a_command_within_the_deadline_and_frees_the_store() -> None:
     postgres_or_skip()
     with PostgresServer() as server:
@@ -675,7 +662,7 @@ async def test_a_hung_database_fails_a_command_within_the_deadline_and_frees_the
         async with open_controller(runtime=runtime, store=store, resync_interval_s=None) as ctl:
             await ctl.create_backend("a", ECHO, num_replicas=1)
             state = ctl.state
-            pids = _server_pids(server)
+            pids = server_pids(server)
             for pid in pids:
                 os.kill(pid, signal.SIGSTOP)
             try:
@@ -696,6 +683,44 @@ async def test_a_hung_database_fails_a_command_within_the_deadline_and_frees_the
         async with open_controller(runtime=runtime, store=store, resync_interval_s=None) as ctl:
             await ctl.create_backend("c", ECHO, num_replicas=1)
             assert {"a", "c"} <= set(ctl.state.backends)
+
+
+async def test_after_a_frozen_database_the_next_command_works_without_a_reopen() -> None:
+    """The write sent to a frozen server lands when it resumes, after the store gave up
+    on it (CheckpointOutcomeUnknown): the controller asks the store before its next
+    commit, so that commit does not reuse the sequence number and is not refused."""
+    postgres_or_skip()
+    with PostgresServer() as server:
+        store = PostgresStore(server.dsn, lease_s=30, call_timeout_s=1.0, connect_timeout_s=2)
+        runtime = InMemoryRuntime()
+        async with open_controller(runtime=runtime, store=store, resync_interval_s=None) as ctl:
+            await ctl.create_backend("a", ECHO, num_replicas=1)
+            pids = server_pids(server)
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                with trio.fail_after(60), pytest.raises(CheckpointOutcomeUnknown):
+                    await ctl.create_backend("b", ECHO, num_replicas=1)
+            finally:
+                for pid in pids:
+                    os.kill(pid, signal.SIGCONT)
+            assert "b" not in ctl.state.backends and set(runtime.live) == {"a#0"}
+            with trio.fail_after(60):
+                await ctl.create_endpoint("after")  # no reopen: the store is asked first
+                await ctl.settle()
+            fresh = PostgresStore(server.dsn, lease_s=30).records
+            state, seq = await trio.to_thread.run_sync(loaded, fresh)
+            assert seq == ctl.seq
+            assert set(state.backends) == set(ctl.state.backends)
+            assert set(state.endpoints) == set(ctl.state.endpoints) == {"after"}
+            # All or nothing, and its effects once: the frozen server had the write, so
+            # it landed when it resumed (unless its process was ended first).
+            landed = "b" in ctl.state.backends
+            assert sorted(runtime.started) == (["a#0", "b#1"] if landed else ["a#0"])
+            assert sorted(runtime.live) == sorted(runtime.started)
+            await ctl.create_backend("c", ECHO, num_replicas=1)
+        again = PostgresStore(server.dsn, lease_s=30).records
+        assert {"a", "c"} <= set(loaded(again)[0].backends)
 
 
 async def test_the_first_command_after_a_database_restart_succeeds() -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from pathlib import Path
 
 import pytest
 
-from servecore.testing.postgres import find_postgres_bin
+from servecore.testing.postgres import PostgresServer, find_postgres_bin
 
 
 def postgres_or_skip(*, module: bool = False) -> None:
@@ -24,3 +26,17 @@ def postgres_or_skip(*, module: bool = False) -> None:
         if os.environ.get("CI"):
             pytest.fail(f"{why}; .ci/run installs them")
         pytest.skip(why, allow_module_level=module)
+
+
+def server_pids(server: PostgresServer) -> list[int]:
+    """The postmaster ``server`` started, and its children (the backends): what to
+    SIGSTOP to freeze that server, and only it."""
+    assert server.pid is not None
+    pids = [server.pid]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stat = (entry / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == server.pid:
+                    pids.append(int(entry.name))
+    return pids

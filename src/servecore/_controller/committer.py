@@ -13,6 +13,14 @@ state and hands each message's effects to the controller, in order. For each mes
   saying what it means for that message, a lost answer's
   :class:`~servecore.CheckpointOutcomeUnknown` as it is), the state stays as it was
   and no effect runs;
+* its outcome is unknown (:class:`~servecore.CheckpointOutcomeUnknown`: the store lost
+  the answer and could not say): the batch is remembered as *uncertain*, and before the
+  next commit the committer asks the store which sequence number it holds
+  (``committed_seq()``, or a ``load()`` for a store without it). If the uncertain
+  commit landed it is adopted and its effects carried out then; if not it is
+  forgotten; if the store still cannot say, the next batch fails unsent (as during a
+  hang), and the one after asks again. Without this the next commit would reuse the
+  sequence number, and a store that checks it would refuse every commit after;
 * it has no effect and changed nothing checkpointed (a no-op, or a load report that
   only refreshed the state's ``observations``): an empty change set, so no commit; the
   new state is adopted with its batch;
@@ -95,6 +103,28 @@ def deterministic_batches(cushion_s: float = 0.0) -> Iterator[None]:
         _GATHER.reset(token)
 
 
+class _Unanswered:
+    """A store call given up on: its answer, the commit's seq (``None``: not a commit)
+    and what to do if it landed."""
+
+    __slots__ = ("answer", "landed", "seq")
+
+    def __init__(
+        self, answer: Answer[Any], seq: int | None, landed: Callable[[], None] | None
+    ) -> None:
+        self.answer, self.seq, self.landed = answer, seq, landed
+
+
+class _Uncertain:
+    """A commit whose answer was lost: its seq, and what to do if it landed (adopt its
+    state and carry out its effects)."""
+
+    __slots__ = ("landed", "seq")
+
+    def __init__(self, seq: int, landed: Callable[[], None]) -> None:
+        self.seq, self.landed = seq, landed
+
+
 class _Item:
     """One message waiting for its commit."""
 
@@ -152,12 +182,14 @@ class Committer:
         # that caused them have already been told StoreUnresponsive).
         self._late_group = late_group
         # A store call given up on and not answered yet, and what to do if it landed.
-        self._unanswered: tuple[Answer[Any], Callable[[], None] | None] | None = None
+        self._unanswered: _Unanswered | None = None
+        # A commit whose outcome the store could not tell: asked about before the next.
+        self._uncertain: _Uncertain | None = None
 
     @property
     def unanswered(self) -> str | None:
         """The store call given up on that has not answered yet, in words, or ``None``."""
-        return None if self._unanswered is None else self._unanswered[0].what
+        return None if self._unanswered is None else self._unanswered.answer.what
 
     def after_unanswered(self, fn: Callable[[], object]) -> bool:
         """If a store call is still unanswered, hand ``fn`` to the writer thread to run
@@ -207,7 +239,7 @@ class Committer:
             await answer.wait()
         if answer.answered:
             return answer.unwrap()
-        self._unanswered = (answer, landed)
+        self._unanswered = _Unanswered(answer, seq, landed)
         answer.on_answer(self._wake.set)  # the committer heeds the late answer at once
         log.error(
             "the checkpoint store %s has not answered %s within %gs (store_call_timeout_s)",
@@ -220,7 +252,7 @@ class Committer:
         answer. Return False if it is still unanswered."""
         if self._unanswered is None:
             return True
-        answer = self._unanswered[0]
+        answer = self._unanswered.answer
         with trio.CancelScope(shield=True), trio.move_on_after(self.call_timeout_s):
             await answer.wait()
         if not answer.answered:
@@ -231,8 +263,8 @@ class Committer:
     def _heed_late(self) -> None:
         """The store answered a call given up on: adopt the commit if it landed."""
         assert self._unanswered is not None
-        answer, landed = self._unanswered
-        self._unanswered = None
+        unanswered, self._unanswered = self._unanswered, None
+        answer, seq, landed = unanswered.answer, unanswered.seq, unanswered.landed
         try:
             answer.unwrap()
         except LeaseLost as exc:
@@ -240,6 +272,8 @@ class Committer:
             return
         except CheckpointOutcomeUnknown as exc:
             log.error("the store answered %s late, and could not say more: %s", answer.what, exc)
+            if seq is not None and landed is not None:
+                self._uncertain = _Uncertain(seq, landed)  # asked before the next commit
             return
         except Exception as exc:
             log.warning(
@@ -253,6 +287,59 @@ class Committer:
         )  # fmt: skip
         if landed is not None:
             landed()
+
+    async def _resolve_uncertain(self) -> CheckpointError | None:
+        """Ask the store whether the uncertain commit landed; adopt and carry it out if
+        it did, forget it if not. Return the error the batch waiting on the answer fails
+        with (unsent) if the store cannot say, or ``None``: go on."""
+        assert self._uncertain is not None
+        seq = self._uncertain.seq
+        try:
+            held = await self.call(self._committed_seq, "committed_seq")
+        except LeaseLost as exc:  # fenced: no later commit could go through
+            return exc.with_outcome(
+                "nothing was sent for this: it was not applied, and nothing was started or "
+                "stopped for it"
+            )
+        except Exception as exc:
+            return CheckpointError(
+                f"the checkpoint store {self.where} could not say whether checkpoint {seq} "
+                f"(whose answer was lost) landed: {exc}; so nothing more was sent to it: this "
+                f"was not applied or recorded, and nothing was started or stopped for it; "
+                f"the next command asks again (check that the store answers)"
+            )
+        if self._uncertain is None or self._uncertain.seq != seq:  # (heeded meanwhile)
+            return None
+        landed = self._uncertain.landed
+        if held == seq:
+            self._uncertain = None
+            log.warning(
+                "checkpoint %d, whose answer was lost, did land in %s: it is adopted now and "
+                "its effects carried out", seq, self.where,
+            )  # fmt: skip
+            landed()
+            return None
+        if held == self.seq:
+            self._uncertain = None
+            log.warning(
+                "checkpoint %d, whose answer was lost, did not land in %s (it holds %d): "
+                "forgotten, nothing of it was carried out", seq, self.where, held,
+            )  # fmt: skip
+            return None
+        return CheckpointError(
+            f"the checkpoint store {self.where} holds sequence number {held}, but this "
+            f"controller has {self.seq} and sent {seq} last (whose answer was lost): "
+            f"something else writes to it; nothing more was sent to it: this was not "
+            f"applied or recorded, and nothing was started or stopped for it; close and "
+            f"reopen the controller to load what it holds"
+        )
+
+    def _committed_seq(self) -> int:
+        """The sequence number the store holds now (on the writer thread)."""
+        ask = getattr(self.store, "committed_seq", None)
+        if ask is not None:
+            return int(ask())
+        return int(self.store.load()[0])
 
     async def run(
         self, message: Message | Callable[[State], Message | None], group: Any
@@ -278,7 +365,7 @@ class Committer:
             gather = _GATHER.get()
             if gather is not None:
                 await gather()
-            if self._unanswered is not None and self._unanswered[0].answered:
+            if self._unanswered is not None and self._unanswered.answer.answered:
                 self._heed_late()
             batch, self._queue = self._queue, []
             if not batch:
@@ -303,6 +390,12 @@ class Committer:
             for item in batch:  # (not stepped: builders see only committed states)
                 item.fail(error)
             return
+        if self._uncertain is not None:
+            unsure = await self._resolve_uncertain()
+            if unsure is not None:
+                for item in batch:  # not stepped, not sent
+                    item.fail(unsure)
+                return
         state, seq = self.state, self.seq + 1
         records: dict[str, bytes | None] = {}
         stepped: list[tuple[_Item, Transition | None]] = []
@@ -361,7 +454,18 @@ class Committer:
                 assert item.message is not None
                 item.fail(exc.with_outcome(_fenced(item.message)))
             return
+        except StoreUnresponsive as exc:  # given up on: its answer is heeded when it comes
+            for item, _ in stepped:
+                item.fail(exc)
+            return
         except CheckpointOutcomeUnknown as exc:  # it says itself what is not known
+            # Ask before the next commit: it may have landed (then it is adopted and
+            # carried out), and the next commit must not reuse its sequence number.
+            self._uncertain = _Uncertain(seq, landed)
+            log.error(
+                "the outcome of checkpoint %d is unknown (%s); the store is asked whether it "
+                "landed before the next commit", seq, exc.reason,
+            )  # fmt: skip
             for item, _ in stepped:
                 item.fail(exc)
             return

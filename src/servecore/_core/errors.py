@@ -254,8 +254,9 @@ class CheckpointVersionError(ServecoreError):
 class CheckpointOutcomeUnknown(CheckpointError):
     """A write was sent to the store and its answer was lost (the connection broke), and
     the store could not find out whether it landed. The controller's state is as it was
-    and no effect ran, but the checkpoint may hold the write: reopening the controller
-    (or ``servecore.read_state``) shows which."""
+    and no effect ran, but the checkpoint may hold the write: before its next commit
+    the controller asks the store, and adopts the write and carries out its effects if
+    it landed (``servecore.read_state`` shows the checkpoint meanwhile)."""
 
     def __init__(self, where: str, seq: int, reason: str) -> None:
         self.where = where
@@ -263,9 +264,9 @@ class CheckpointOutcomeUnknown(CheckpointError):
         self.reason = reason
         super().__init__(
             f"the answer to writing checkpoint {seq} to {where} was lost ({reason}) and the "
-            f"store could not say whether it landed; read the store (servecore.read_state) "
-            f"or reopen the controller to find out: a reopened controller finishes it if it "
-            f"landed"
+            f"store could not say whether it landed; the controller asks the store before "
+            f"its next commit and, if it landed, adopts it and carries out its effects then "
+            f"(read the store with servecore.read_state to see it now)"
         )
 
 

@@ -16,6 +16,13 @@ class Store(Protocol):
     number. The controller calls :meth:`load` once when it opens, then :meth:`commit`
     once per batch of changes. Stores that belong to one controller at a time may also
     have ``open()`` and ``close()``; the controller calls them around its life.
+
+    A store may also have ``committed_seq() -> int``: the sequence number it holds now,
+    asked after a commit whose answer was lost
+    (:class:`~servecore.CheckpointOutcomeUnknown`) to learn whether that commit landed.
+    It should be cheap and must not guess: raise (a
+    :class:`~servecore.CheckpointError`) if it cannot say, and answer only once a commit
+    in doubt can no longer land. Without it the controller calls :meth:`load`.
     """
 
     def load(self) -> tuple[int, Mapping[str, bytes]]:

@@ -231,6 +231,13 @@ class FileStore:
             self._compact()  # the old format becomes a snapshot and an empty log
         return seq, dict(records)
 
+    def committed_seq(self) -> int:
+        """The sequence number of the last commit (a commit that raised appended
+        nothing: its frame was cut off)."""
+        if self._records is None:
+            return self.load()[0]
+        return self._seq
+
     def _read_snapshot(self) -> tuple[int, dict[str, bytes], bool]:
         try:
             data = self.resolved.read_bytes()

@@ -34,6 +34,10 @@ class MemoryStore:
         """The records and sequence number of the last commit (a copy)."""
         return self.seq, dict(self.records)
 
+    def committed_seq(self) -> int:
+        """The sequence number of the last commit."""
+        return self.seq
+
     def commit(self, seq: int, puts: Mapping[str, bytes], deletes: Collection[str]) -> None:
         """Apply one change set; nothing can fail half-way in memory."""
         if self.midway_hook is not None:

@@ -138,6 +138,17 @@ SELECT holder, epoch, seq, extract(epoch FROM expires_at - now())::float8
 FROM servecore_leases WHERE checkpoint = %(cp)s
 """
 
+# A write whose answer was lost may still be running in its server process (a frozen
+# server resumes and commits it): end that process, and only then read the lease row,
+# so that what it says is final. Only a servecore connection of this role is ended.
+_END_DOUBTFUL = """
+SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+WHERE pid = %(pid)s AND usename = current_user AND application_name = 'servecore'
+"""
+_RUNNING = "SELECT 1 FROM pg_stat_activity WHERE pid = %(pid)s"
+#: How often, at most, the end of a doubtful write's server process is looked for.
+_DOUBTFUL_POLL_S = 0.02
+
 # The fence: the first part of every write. It yields the checkpoint's name only if the
 # write may go ahead, and the rest of the statement joins on it, so a refused fence
 # writes nothing. The holder's fence checks its epoch; an unleased write (a store used
@@ -358,6 +369,8 @@ class PostgresStore:
         self._conn: psycopg.Connection[Any] | None = None
         self._lease: _Lease | None = None
         self._seq = 0  # the lease row's sequence number after our last write
+        # The server process of a write whose answer was lost, until it is known ended.
+        self._doubtful_pid: int | None = None
         self._holder_seen: tuple[Any, ...] | None = None  # the lease row that locked us out
         #: A renewal is refused when the holder's last heartbeat is older than this.
         self.heartbeat_max_age_s = self.lease_s / 2
@@ -736,6 +749,7 @@ class PostgresStore:
             for attempt in (1, 2):
                 reused = self._conn is not None and not self._conn.closed
                 conn = self._connection()
+                pid = conn.info.backend_pid
                 try:
                     row = conn.execute(sql, params, prepare=True).fetchone()
                     break
@@ -744,6 +758,8 @@ class PostgresStore:
                     # closed it" is what tells a restart from an error it answered.
                     server_closed = conn.closed
                     self._drop_connection()
+                    if getattr(exc, "sqlstate", None) is None:
+                        self._doubtful_pid = pid  # it may still be running there
                     hung = getattr(conn, "timed_out", False)
                     if lease is None:
                         raise CheckpointError(
@@ -788,8 +804,10 @@ class PostgresStore:
 
     def _landed(self, lease: _Lease, target: int) -> bool | None:
         """After a write whose answer never came: did it land? Asked once, on a new
-        connection; ``None`` if the database cannot say."""
+        connection, once the write's server process has ended; ``None`` if the
+        database cannot say."""
         with contextlib.suppress(Exception):
+            self._end_doubtful()
             row = self._connection().execute(_LEASE_ROW, self._params()).fetchone()
             return (
                 row is not None
@@ -799,6 +817,59 @@ class PostgresStore:
             )
         self._drop_connection()
         return None
+
+    def _end_doubtful(self) -> None:
+        """End the server process of a write whose answer was lost, and wait (at most
+        ``call_timeout_s``) until it is gone: then the write has landed or never will.
+        Raises :class:`~servecore.CheckpointError` if it outlives the wait."""
+        pid = self._doubtful_pid
+        if pid is None:
+            return
+        conn = self._connection()
+        conn.execute(_END_DOUBTFUL, {"pid": pid})
+        deadline = time.monotonic() + self.call_timeout_s
+        while conn.execute(_RUNNING, {"pid": pid}).fetchone() is not None:
+            if time.monotonic() >= deadline:
+                raise CheckpointError(
+                    f"the server process {pid} of {self.where} that received a write whose "
+                    f"answer was lost is still running {self.call_timeout_s:g}s after it was "
+                    f"told to end, so whether the write lands is not known yet"
+                )
+            time.sleep(_DOUBTFUL_POLL_S)
+        self._doubtful_pid = None
+
+    def committed_seq(self) -> int:
+        """The sequence number the checkpoint holds now: the lease row's, one read.
+
+        Asked by the controller after a write whose answer was lost
+        (:class:`~servecore.CheckpointOutcomeUnknown`): the server process that received
+        that write is ended first (a frozen server resumes and commits what it had
+        received), so the answer is final. Raises :class:`~servecore.LeaseLost` if
+        another holder took the lease, :class:`~servecore.CheckpointError` if the
+        database cannot be asked (or the write's process will not end).
+        """
+        pg = _import_psycopg()
+        with self._mutex:
+            lease = self._lease
+            if lease is not None and lease.lost_to is not None:
+                raise self._lost_error(lease)
+            try:
+                self._end_doubtful()
+                row = self._call(lambda conn: conn.execute(_LEASE_ROW, self._params()).fetchone())
+            except pg.Error as exc:
+                self._drop_connection()
+                raise CheckpointError(
+                    f"asking {self.where} for its sequence number failed: {_reason(exc)}"
+                ) from exc
+            if lease is not None and (
+                row is None or row[0] != self.holder or int(row[1]) != lease.epoch
+            ):
+                self._lose(lease, row)
+                raise self._lost_error(lease)
+            seq = 0 if row is None else int(row[2])
+            if lease is not None:
+                self._seq = seq
+            return seq
 
     def _refused(self, lease: _Lease | None, target: int) -> None:
         """The fence refused a write: say why (a newer holder, or a stale sequence)."""
@@ -1031,6 +1102,10 @@ class PostgresRecords:
         records[META_KEY] = meta_record(seq, read_meta(records, found, self.where))
         self._upgrade = dict(records)
         return seq, records
+
+    def committed_seq(self) -> int:
+        """See :meth:`PostgresStore.committed_seq`."""
+        return self.store.committed_seq()
 
     def commit(self, seq: int, puts: Mapping[str, bytes], deletes: Collection[str]) -> None:
         """See :meth:`PostgresStore.commit_records`."""

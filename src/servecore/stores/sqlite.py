@@ -244,5 +244,19 @@ class SQLiteStore:
                 raise CheckpointCorrupt(self.where, f"cannot read the tables ({exc})") from exc
             return seq, {key: bytes(value) for key, value in rows}
 
+    def committed_seq(self) -> int:
+        """The sequence number of the last commit, read from the database."""
+        with self._mutex:
+            if self._db is None and not self.resolved.exists():
+                return 0
+            db = self._connect()
+            try:
+                (seq,) = db.execute("SELECT seq FROM meta WHERE id = 1").fetchone()
+            except sqlite3.DatabaseError as exc:
+                raise self._failure(exc, "cannot read the tables") from exc
+            except TypeError as exc:
+                raise CheckpointCorrupt(self.where, f"cannot read the tables ({exc})") from exc
+            return int(seq)
+
     def __repr__(self) -> str:
         return f"SQLiteStore({self.where!r})"

@@ -40,7 +40,8 @@ class HangingStore:
       deadline answers or :meth:`release` runs ``thaw()``; ``land`` is then the
       medium's to decide.
 
-    :attr:`labels` names every call seen (``"load"``, ``"commit 3"``: of checkpoint 3),
+    :attr:`labels` names every call seen (``"load"``, ``"commit 3"``: of checkpoint 3,
+    ``"committed_seq"``: the controller asking whether a commit in doubt landed),
     so a test can count the calls of a scenario and then hang each one in turn. A call
     blocked ``max_hang_s`` without a release raises :class:`StoreFault`, so a test that
     forgets to release leaves no thread blocked for ever.
@@ -61,7 +62,7 @@ class HangingStore:
         self.freeze = freeze
         self.thaw = thaw
         self.max_hang_s = max_hang_s
-        #: Every call seen, in order: ``"load"`` or ``"commit <seq>"``.
+        #: Every call seen, in order: ``"load"``, ``"commit <seq>"`` or ``"committed_seq"``.
         self.labels: list[str] = []
         #: How many calls have hung so far.
         self.hung = 0
@@ -178,6 +179,15 @@ class HangingStore:
 
     def load(self) -> tuple[int, Mapping[str, bytes]]:
         result: tuple[int, Mapping[str, bytes]] = self._call("load", self.inner.load)
+        return result
+
+    def committed_seq(self) -> int:
+        """The inner store's ``committed_seq()`` (its ``load()``'s if it has none): a
+        store call like the others, counted, and hung when armed."""
+        ask = getattr(self.inner, "committed_seq", None)
+        result: int = self._call(
+            "committed_seq", ask if ask is not None else lambda: self.inner.load()[0]
+        )
         return result
 
     def commit(self, seq: int, puts: Mapping[str, bytes], deletes: Collection[str]) -> None:
