@@ -911,27 +911,8 @@ class PostgresStore:
     def load_records(self) -> tuple[int, dict[str, bytes]]:
         """The sequence number and every record, read from one snapshot; ``(0, {})`` for
         a checkpoint never written."""
-        pg = _import_psycopg()
-
-        def read(conn: psycopg.Connection[Any]) -> tuple[Any, list[Any]]:
-            with conn.transaction():
-                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                row = conn.execute(_LEASE_ROW, self._params()).fetchone()
-                rows = conn.execute(
-                    "SELECT key, value FROM servecore_records WHERE checkpoint = %s",
-                    (self.checkpoint,),
-                ).fetchall()
-            return row, rows
-
-        with self._mutex:
-            try:
-                row, rows = self._call(read)
-            except pg.Error as exc:
-                self._drop_connection()
-                raise CheckpointError(
-                    f"reading the checkpoint from {self.where} failed: {_reason(exc)}"
-                ) from exc
-        return (0 if row is None else int(row[2])), {k: bytes(v) for k, v in rows}
+        committed = self.load_committed()
+        return committed.seq, committed.records
 
     def load_committed(self) -> Committed:
         """What is committed now, read from one snapshot: the lease's epoch, the
