@@ -131,6 +131,7 @@ if TYPE_CHECKING:
         step,
     )
     from servecore._multiplex import multiplexed
+    from servecore._serving.asyncio_client import AsyncioClient, open_asyncio_client
     from servecore._serving.connect import Client, SyncClient, connect, open_client
     from servecore.app import App, AppFileError, Applied, apply, load_app
     from servecore.router import (
@@ -226,6 +227,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     ),
     "servecore._core.invariants": ("validate_state",),
     "servecore._serving.connect": ("Client", "SyncClient", "connect", "open_client"),
+    "servecore._serving.asyncio_client": ("AsyncioClient", "open_asyncio_client"),
     "servecore._calls": (
         "NotInReplica",
         "ReplicaHandle",

@@ -261,3 +261,37 @@ def test_a_connected_handle_streams_from_a_subprocess_replica(server: CliServer)
         with count.stream("stats") as items:
             record = next(items)
         assert 1 <= record["produced"] <= 5 + 1 + 16
+
+
+STREAM_APP = """
+[backends.counter]
+target = "stream_targets:Counter"
+
+[endpoints.count]
+traffic = { counter = 1.0 }
+"""
+
+
+def test_an_asyncio_program_queries_and_streams_through_open_asyncio_client(
+    server: CliServer,
+) -> None:
+    import asyncio
+
+    app = server.write("app.toml", APP.format(n=1) + STREAM_APP)
+    server.serve(app, "--runtime", "subprocess", "--workers", "0")
+
+    async def main() -> None:
+        async with servecore.open_asyncio_client(server.store) as client:
+            echo = client.get_handle("echo")
+            assert await echo.call("hi") == "v1:hi"
+            answers = await asyncio.gather(*(echo.call(i) for i in range(50)))
+            assert answers == [f"v1:{i}" for i in range(50)]
+            assert client.client.seq >= 0
+            items = [item[0] async for item in client.get_handle("count").stream(4, 0)]
+            assert items == [0, 1, 2, 3]
+            with pytest.raises(TimeoutError):
+                await client.get_handle("echo").options(timeout_s=1e-9).call("late")
+            with pytest.raises(servecore.EndpointNotFound):
+                await client.get_handle("nowhere").call(1)
+
+    asyncio.run(main())

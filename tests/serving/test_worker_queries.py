@@ -449,3 +449,50 @@ def test_a_real_worker_process_streams_json_lines_and_sse(tmp_path: Path) -> Non
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+def test_a_client_that_leaves_cancels_its_query_in_the_replica(
+    ctl: servecore.SyncController,
+) -> None:
+    ctl.create_backend("rec", "async_targets:Recorder", max_concurrent_queries=4)
+    ctl.create_endpoint("rec", route="/rec", methods=("POST",))
+    ctl.set_traffic("rec", {"rec": 1.0})
+
+    async def body(worker: Worker) -> None:
+        app = worker.app()
+        sent: list[dict[str, Any]] = []
+        gone = asyncio.Event()
+        requested = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal requested
+            if not requested:
+                requested = True
+                return {"type": "http.request", "body": b'"hang"', "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/rec",
+            "query_string": b"",
+            "headers": [(b"content-type", b"application/json")],
+        }
+        request = asyncio.ensure_future(app(scope, receive, send))
+        deadline = time.monotonic() + 20
+        while not await worker.queries.call("rec", Query(args=("hanging",)), 5.0):
+            assert time.monotonic() < deadline and not request.done()
+            await asyncio.sleep(0.02)
+        gone.set()  # the client goes away while its query runs
+        await asyncio.wait_for(request, 20)
+        assert sent == []  # nobody to answer
+        while "hang" not in await worker.queries.call("rec", Query(args=("cancelled",)), 5.0):
+            assert time.monotonic() < deadline, "the replica's task was never cancelled"
+            await asyncio.sleep(0.02)
+        assert worker.router.ongoing_queries() == {"rec": 0}
+
+    run_worker(ctl, body)
