@@ -58,6 +58,9 @@ class ReplicaClient:
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
         self._dir_fd: int | None = None
+        # Socket addresses by tag, worked out once (a regex and a path join per query
+        # otherwise); valid while the directory descriptor they name stays open.
+        self._addresses: dict[str, tuple[str, object]] = {}
         self._nursery: trio.Nursery | None = None
         self._connections: dict[str, ReplicaConnection] = {}
         self._connecting: dict[str, trio.Lock] = {}
@@ -80,6 +83,7 @@ class ReplicaClient:
             connection.fail_pending(connection.dead_reason)
             connection.channel.close()
         if self._dir_fd is not None:
+            self._addresses.clear()  # they name the descriptor closed now
             os.close(self._dir_fd)
             self._dir_fd = None
 
@@ -118,11 +122,17 @@ class ReplicaClient:
         """The socket address of replica ``tag`` (and ``None`` for its pid: tags are
         never reused), for connections of this process's own (host threads' blocking
         calls, an ingress worker's asyncio path); ``None`` before :meth:`start`."""
+        found = self._addresses.get(tag)
+        if found is not None:
+            return found
         dir_fd = self._dir_fd
         if dir_fd is None:
             return None
         files = ReplicaFiles(str(self.directory), replica_key(tag))
-        return socket_address(files.socket, dir_fd), None
+        if len(self._addresses) >= 4096:  # tags are never reused: forget old ones
+            self._addresses.clear()
+        found = self._addresses[tag] = (socket_address(files.socket, dir_fd), None)
+        return found
 
     async def _connect(self, tag: str) -> ReplicaConnection:
         if self._nursery is None or self._dir_fd is None:
