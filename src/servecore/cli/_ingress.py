@@ -1,6 +1,6 @@
 """``servecore ingress``: serve HTTP from ingress worker processes, with no controller in
-this process, for a store whose controller runs elsewhere (docs/operating.md, "More
-ingress: `servecore ingress`").
+this process, for a store whose controller runs elsewhere (docs/operating.md, "Ingress on
+other hosts").
 
 The command binds the HTTP port, starts ``--workers`` ingress workers on the listening
 socket with the same :class:`~servecore.cli._workers.WorkerPool` as ``servecore run
