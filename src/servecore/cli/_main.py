@@ -4,6 +4,7 @@
 
     servecore run app.toml [--runtime threads|subprocess|ray|PLUGIN] [--store PATH|DSN]
                            [--host 127.0.0.1] [--port 8000] [--workers N] [--standby]
+    servecore ingress [--store PATH|DSN] [--host H] [--port P] [--workers N]
     servecore status [--store PATH|DSN] [--json] [-w/--watch]
     servecore apply app.toml [--store PATH|DSN] [--dry-run]
     servecore retry BACKEND
@@ -630,3 +631,81 @@ def logs(target: str, store: StoreChoice, follow: bool) -> None:
     from servecore.cli._logs import show_logs
 
     show_logs(target, store.anchor, follow=follow, console=_console())
+
+
+@main.command()
+@_store_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port",
+    default=8000,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port to listen on (0: any free port).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="Ingress worker processes serving HTTP on the port. [default: the CPU count]",
+)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=float,
+    default=30.0,
+    show_default=True,
+    callback=_timeout,
+    help="Seconds a request may take before 504.",
+)
+@click.option(
+    "--worker-stack",
+    type=click.Choice(["uvicorn", "asyncio", "trio"]),
+    default=None,
+    hidden=True,  # for benchmarks: the workers' server stack
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    default="INFO",
+    show_default=True,
+)
+@_one_paragraph
+def ingress(
+    store: StoreChoice,
+    host: str,
+    port: int,
+    workers: int | None,
+    timeout_s: float,
+    worker_stack: str | None,
+    log_level: str,
+) -> None:
+    """Serve HTTP for the controller of --store from ingress worker processes, with no
+    controller here, until Ctrl-C or SIGTERM.
+
+    On a SQLite store the controller (servecore run, --runtime subprocess or ray) runs
+    on this host and the workers follow its control socket; on a PostgreSQL store they
+    follow the checkpoint in the database, so this may run on other hosts (Ray runtime).
+    The workers keep serving on the last table while the controller is down.
+    """
+    from servecore.cli._ingress import IngressOptions, check_store, claim_ingress, run_ingress
+
+    err = _console(stderr=True)
+    logging.basicConfig(
+        level=log_level.upper(),
+        format="%(message)s",
+        handlers=[RichHandler(console=err, show_path=False, rich_tracebacks=True)],
+        force=True,
+    )
+    options = IngressOptions(
+        store=store,
+        host=host,
+        port=port,
+        workers=workers if workers is not None else (os.cpu_count() or 1),
+        timeout_s=timeout_s,
+        worker_stack=worker_stack,
+    )
+    # Before anything is bound: a controller whose replicas the workers can reach.
+    check_store(store)
+    claim = claim_ingress(options)
+    sys.exit(trio.run(run_ingress, options, err, claim))

@@ -82,8 +82,12 @@ class WorkerPool:
         timeout_s: float | None,
         stack: str | None = None,
         environment: dict[str, str] | None = None,
+        record: str = WORKERS_RECORD,
     ) -> None:
         self.store = store.absolute()
+        #: The file in the state directory the workers' pids are kept in
+        #: (``servecore ingress`` keeps its own, apart from ``servecore run``'s).
+        self.record = record
         #: Added to the workers' environment (a PostgreSQL store, see
         #: :func:`servecore._store_choice.store_environment`).
         self.environment = dict(environment or {})
@@ -101,8 +105,8 @@ class WorkerPool:
         return [p.pid for p in self.processes if p is not None and p.returncode is None]
 
     def _record(self) -> None:
-        path = self.store.parent / WORKERS_RECORD
-        temp = path.with_name(f".{WORKERS_RECORD}.tmp")
+        path = self.store.parent / self.record
+        temp = path.with_name(f".{self.record}.tmp")
         try:
             temp.write_text(json.dumps({"pids": self.pids, "store": str(self.store)}))
             os.replace(temp, path)
@@ -229,12 +233,12 @@ def _cmdline(pid: int) -> list[str]:
     return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
-def find_stale_workers(state_dir: Path) -> list[int]:
+def find_stale_workers(state_dir: Path, record: str = WORKERS_RECORD) -> list[int]:
     """The pids of the workers a previous server on ``state_dir`` left serving (it was
-    killed, or it was a leader a standby took over from): only processes that are this
-    state directory's workers (their command line runs the worker module on this
-    store) count."""
-    path = state_dir / WORKERS_RECORD
+    killed, or it was a leader a standby took over from), as its ``record`` keeps them:
+    only processes that are this state directory's workers (their command line runs
+    the worker module on this store) count."""
+    path = state_dir / record
     try:
         data: Any = json.loads(path.read_text())
         pids = [int(p) for p in data["pids"]]
