@@ -54,7 +54,7 @@ from servecore._control_socket import (
 from servecore._core.errors import ServecoreError
 from servecore._serving.socket_handoff import take_listening_socket
 from servecore._store_choice import StoreChoice, store_environment
-from servecore.cli._run import CannotListen
+from servecore.cli._run import bind_http, http_address
 from servecore.cli._workers import WorkerPool, WorkersFailed, find_stale_workers, stop_workers
 from servecore.http import LISTEN_BACKLOG
 
@@ -278,26 +278,6 @@ def _lock(state_dir: Path, host: str, port: int) -> int:
     return fd
 
 
-def _resolve(host: str, port: int) -> tuple[Any, ...]:
-    try:
-        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    except (socket.gaierror, OverflowError, UnicodeError) as exc:
-        raise CannotListen(host, port, str(exc)) from exc
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    family, kind, proto, _, address = _resolve(host, port)
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind(address)
-    except OSError as exc:
-        sock.close()
-        raise CannotListen(host, port, exc.strerror or str(exc)) from exc
-    return sock
-
-
 def claim_ingress(options: IngressOptions) -> Claim:
     """Prepare the state directory, take the lock and the HTTP socket (bound, not yet
     listening): the listening socket of the workers a killed ingress on this address
@@ -309,7 +289,7 @@ def claim_ingress(options: IngressOptions) -> Claim:
     host, port = options.host, options.port
     if port == 0:
         # Any free port: no previous ingress can hold it.
-        sock = _bind(host, port)
+        sock = bind_http(host, port)
         port = sock.getsockname()[1]
         try:
             lock = _lock(state_dir, host, port)
@@ -322,7 +302,7 @@ def claim_ingress(options: IngressOptions) -> Claim:
     try:
         stale = find_stale_workers(state_dir, record)
         if stale:
-            taken = take_listening_socket(state_dir, stale, tuple(_resolve(host, port)[4]))
+            taken = take_listening_socket(state_dir, stale, http_address(host, port))
             if taken is not None:
                 log.warning(
                     "took over the HTTP socket of %d ingress worker(s) a previous servecore "
@@ -337,7 +317,7 @@ def claim_ingress(options: IngressOptions) -> Claim:
                 len(stale),
                 ", ".join(map(str, stale)),
             )
-        return Claim(_bind(host, port), lock, record, [])
+        return Claim(bind_http(host, port), lock, record, [])
     except BaseException:
         os.close(lock)
         raise

@@ -63,6 +63,8 @@ __all__ = [
     "AlreadyRunning",
     "CannotListen",
     "RunOptions",
+    "bind_http",
+    "http_address",
     "last_run",
     "preflight",
     "run_server",
@@ -187,12 +189,12 @@ def _resolve(host: str, port: int) -> tuple[Any, ...]:
         raise CannotListen(host, port, str(exc)) from exc
 
 
-def _address(host: str, port: int) -> tuple[Any, ...]:
+def http_address(host: str, port: int) -> tuple[Any, ...]:
     """The address ``host:port`` is bound at (as a socket's ``getsockname`` gives it)."""
     return tuple(_resolve(host, port)[4])
 
 
-def _bind_http(host: str, port: int) -> socket.socket:
+def bind_http(host: str, port: int) -> socket.socket:
     """A socket bound to ``host:port`` (not yet listening), or :class:`CannotListen`."""
     family, kind, proto, _, address = _resolve(host, port)
     sock = socket.socket(family, kind, proto)
@@ -232,7 +234,7 @@ def claim_http(options: RunOptions, *, leader_gone: bool = False) -> socket.sock
     stale = find_stale_workers(options.state_dir)
     if stale:
         try:
-            address = _address(options.host, options.port)
+            address = http_address(options.host, options.port)
         except CannotListen:
             address = None
         sock = None
@@ -253,7 +255,7 @@ def claim_http(options: RunOptions, *, leader_gone: bool = False) -> socket.sock
             len(stale),
             ", ".join(map(str, stale)),
         )
-    return _bind_http(options.host, options.port)
+    return bind_http(options.host, options.port)
 
 
 async def _retire_predecessors(options: RunOptions) -> None:
