@@ -10,7 +10,8 @@ so the common case stays on asyncio:
    (:meth:`~servecore.router.Router.direct_route`, which posts shadow copies to trio);
 2. a replica slot is taken from the same per-backend counts the router keeps
    (:meth:`~servecore.router.Router.claim_direct`), so ``max_concurrent_queries``
-   holds across both paths and the load reports count these queries too;
+   holds across both paths and the load reports count these queries too; a query
+   naming a multiplexed model prefers a replica that served it lately;
 3. the query goes over this loop's own connection to the replica
    (:mod:`servecore._serving.replica_links`).
 
@@ -40,6 +41,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
+from servecore._calls import MODEL_KEY
 from servecore._core.errors import (
     BackpressureError,
     NoReplicaError,
@@ -51,7 +53,7 @@ from servecore._serving.asyncio_deadlines import Deadlines
 from servecore._serving.backend_routes import BackendState, no_replica_why, waits_for_replicas
 from servecore._serving.replica_links import ReplicaLink, ReplicaLinks
 from servecore._serving.router_stats import outcome_of
-from servecore.router import MAX_RESENDS, Router, never_ran
+from servecore.router import MAX_RESENDS, Router, model_of, never_ran
 from servecore.runtimes._protocol import Query
 from servecore.runtimes._streams import ItemStream
 
@@ -78,12 +80,20 @@ class _Waiter:
     when it had to queue, sent for it by whoever gave the slot back (so a slot passes
     from one query to the next within the turn of the loop the answer came in)."""
 
-    __slots__ = ("endpoint", "future", "last", "link", "query", "replica", "request_id")
+    __slots__ = ("endpoint", "future", "last", "link", "model", "query", "replica", "request_id")
 
-    def __init__(self, endpoint: str, query: Query | None, future: asyncio.Future[Any]) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        query: Query | None,
+        future: asyncio.Future[Any],
+        model: str | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self.query = query
         self.future = future
+        #: The multiplexed model it is for: a replica that served it lately is preferred.
+        self.model = model
         self.replica: str | None = None  # the slot it holds (counted), if any
         self.last: str | None = None  # the replica it was last handed
         self.link: ReplicaLink | None = None  # where its query went, if it went
@@ -143,7 +153,7 @@ class AsyncioQueries:
             if queue[0].future.done():
                 queue.popleft()
                 continue
-            replica = self.router.claim_direct(b)
+            replica = self.router.claim_direct(b, queue[0].model)
             if replica is None:
                 return
             self._dispatch(b, queue.popleft(), replica)
@@ -204,15 +214,18 @@ class AsyncioQueries:
         if self._waiting.get(b.tag):
             self._pump(b.tag)
 
-    async def take_slot(self, endpoint: str, b: BackendState) -> str | None:
-        """A replica slot of ``b`` (counted), waiting for one if need be; ``None``
-        when the stream must take trio's path."""
-        replica = self.router.claim_direct(b)
+    async def take_slot(
+        self, endpoint: str, b: BackendState, model: str | None = None
+    ) -> str | None:
+        """A replica slot of ``b`` (counted; one that served multiplexed ``model``
+        lately if it has one free), waiting for one if need be; ``None`` when the
+        stream must take trio's path."""
+        replica = self.router.claim_direct(b, model)
         if replica is not None:
             return replica
         if not b.live or b.route.max_batch_size is not None or b.n_waiting:
             return None  # no replica (fail, or wake), batching, or trio's queue first
-        w = _Waiter(endpoint, None, self.loop.create_future())
+        w = _Waiter(endpoint, None, self.loop.create_future(), model)
         self._enqueue(b, w)
         try:
             answer = await w.future
@@ -253,10 +266,11 @@ class AsyncioQueries:
             return await self.trio.run(router.call_timed, endpoint, query, None, tag)
         started = time.perf_counter()
         resends = 0
+        model = model_of(query)
         try:
             while True:
-                w = _Waiter(endpoint, query, self.loop.create_future())
-                replica = router.claim_direct(b)
+                w = _Waiter(endpoint, query, self.loop.create_future(), model)
+                replica = router.claim_direct(b, model)
                 if replica is None:
                     if not b.live or b.route.max_batch_size is not None or b.n_waiting:
                         break  # no replica (fail, or wake), batching, or trio's queue first
@@ -341,7 +355,7 @@ class AsyncioStream:
         while True:
             replica: str | None = None
             try:
-                replica = await queries.take_slot(self._endpoint, b)
+                replica = await queries.take_slot(self._endpoint, b, model_of(self._query))
                 if replica is None:
                     return False
                 try:
@@ -450,28 +464,49 @@ async def _close(items: Any) -> None:
 
 class AsyncioHandle:
     """A handle on the asyncio path, as :class:`~servecore.router.Handle` is on trio:
-    ``call``, ``stream`` and ``options(timeout_s=...)``."""
+    ``call``, ``stream`` and ``options(timeout_s=..., multiplexed_model_id=...)``."""
 
-    __slots__ = ("_queries", "endpoint", "timeout_s")
+    __slots__ = ("_queries", "endpoint", "multiplexed_model_id", "timeout_s")
 
     def __init__(
-        self, queries: AsyncioQueries, endpoint: str, *, timeout_s: float | None = None
+        self,
+        queries: AsyncioQueries,
+        endpoint: str,
+        *,
+        timeout_s: float | None = None,
+        multiplexed_model_id: str = "",
     ) -> None:
+        if not isinstance(multiplexed_model_id, str):
+            raise ValueError(
+                f"multiplexed_model_id={multiplexed_model_id!r} must be a string (a model "
+                f'id; "" for none)'
+            )
         self._queries = queries
         self.endpoint = endpoint
         self.timeout_s = timeout_s
+        self.multiplexed_model_id = multiplexed_model_id
 
     @property
     def queries(self) -> AsyncioQueries:
         """The query path this handle sends through."""
         return self._queries
 
-    def options(self, *, timeout_s: float | None = None) -> AsyncioHandle:
-        """A copy with ``timeout_s`` (``TimeoutError`` past it)."""
-        return AsyncioHandle(self._queries, self.endpoint, timeout_s=timeout_s)
+    def options(
+        self, *, timeout_s: float | None = None, multiplexed_model_id: str | None = None
+    ) -> AsyncioHandle:
+        """A copy with ``timeout_s`` (``TimeoutError`` past it) and, if given,
+        ``multiplexed_model_id``: the model its queries are for (kept from this handle
+        when not given), as :meth:`servecore.router.Handle.options`."""
+        model = self.multiplexed_model_id if multiplexed_model_id is None else multiplexed_model_id
+        return AsyncioHandle(
+            self._queries, self.endpoint, timeout_s=timeout_s, multiplexed_model_id=model
+        )
 
     async def call(self, *args: Any, **kwargs: Any) -> Any:
         """Run one query on the endpoint and return its result."""
+        if self.multiplexed_model_id:
+            # Carried as the controller's handle carries it: the runner strips it.
+            kwargs[MODEL_KEY] = self.multiplexed_model_id
         timeout_s = self.timeout_s
         # The deadline travels with the query (the replica drops it unrun once past).
         deadline = None if timeout_s is None else time.time() + timeout_s
@@ -482,6 +517,8 @@ class AsyncioHandle:
     def stream(self, *args: Any, **kwargs: Any) -> _HandleStream:
         """The items a generator target yields for one query (opened on the first
         item asked for; with ``timeout_s``, each item must come within it)."""
+        if self.multiplexed_model_id:
+            kwargs[MODEL_KEY] = self.multiplexed_model_id
         return _HandleStream(self, Query(args=args, kwargs=kwargs))
 
 
