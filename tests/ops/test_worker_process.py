@@ -1,17 +1,22 @@
-"""A real ``servecore run --runtime subprocess --workers 1`` as a user runs it: what its
-ingress worker serves beyond plain queries -- model multiplexing (the
-``serve_multiplexed_model_id`` header, calls and streams) and ``/-/metrics``
-(docs/design.md §5, "Ingress workers"). One server for the module; every process it
-started is stopped by pid at the end."""
+"""A real ``servecore run --runtime subprocess --workers N`` as a user runs it: what its
+ingress workers serve beyond plain queries -- model multiplexing (the
+``serve_multiplexed_model_id`` header, calls and streams) and ``/-/metrics`` summed
+over the workers (docs/design.md §5, "Ingress workers"). Every process a test started
+is stopped by pid at the end."""
 
 from __future__ import annotations
 
 import http.client
 import json
+import os
+import signal
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from cli_server import CliServer, free_port
 
@@ -101,3 +106,101 @@ def test_a_stream_through_a_worker_reads_its_model_id(server: Server) -> None:
     assert [json.loads(line) for line in data.splitlines()] == ["m", "m", "m"]
     status, _, data = server.request("POST", "/ids", 2, {"Accept": "text/event-stream"})
     assert status == 200 and data.count(b'data: ""') == 2
+
+
+METRICS_APP = """
+[backends.echo]
+target = "subprocess_targets:Echo"
+num_replicas = 2
+
+[backends.slow]
+target = "subprocess_targets:Slow"
+
+[endpoints.echo]
+route = "/echo"
+methods = ["POST"]
+traffic = { echo = 1.0 }
+
+[endpoints.slow]
+route = "/slow"
+methods = ["POST"]
+traffic = { slow = 1.0 }
+"""
+
+
+def _scrape(server: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    status, media, data = server.request("GET", "/-/metrics")
+    assert status == 200 and media.startswith("text/plain"), data
+    out = {}
+    for family in text_string_to_metric_families(data.decode()):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def _ok(samples: dict[Any, float]) -> float:
+    key = (
+        "servecore_queries_total",
+        (("backend", "echo"), ("endpoint", "echo"), ("outcome", "ok")),
+    )
+    return samples.get(key, 0.0)
+
+
+def _until(predicate: Any) -> Any:
+    """Poll ``predicate()`` until it is true (a bound against hanging, not a timing)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        got = predicate()
+        if got:
+            return got
+        time.sleep(0.1)
+    raise AssertionError("never happened")
+
+
+def test_every_worker_answers_metrics_summed_over_all_workers_of_the_server(
+    tmp_path: Path,
+) -> None:
+    deployment = CliServer(tmp_path)
+    try:
+        app = deployment.write("app.toml", METRICS_APP)
+        port = free_port()
+        options = ("--runtime", "subprocess", "--workers", "2", "--timeout", "2")
+        deployment.run(app, port, *options)
+        server = Server(deployment, port)
+        workers = deployment.worker_pids()
+        assert len(workers) == 2
+
+        for i in range(30):  # a connection each: the kernel spreads them over the workers
+            assert server.json("POST", "/echo", i) == str(i)
+        status, _, body = server.request("POST", "/slow", 30)
+        assert status == 504, body
+        assert server.request("GET", "/nowhere")[0] == 404
+
+        # Whichever worker answers, it counts every worker's queries (each copies its
+        # own within a second): one series per label set, for the whole server.
+        _until(lambda: _ok(_scrape(server)) == 30)
+        for _ in range(10):
+            samples = _scrape(server)
+            assert _ok(samples) == 30
+            assert samples[("servecore_http_responses_total", (("code", "404"),))] == 1
+            timed_out = (("backend", "slow"), ("endpoint", "slow"), ("outcome", "timed_out"))
+            assert samples.get(("servecore_queries_total", timed_out)) == 1  # not "cancelled"
+            count = (
+                "servecore_query_latency_seconds_count",
+                (("backend", "echo"), ("endpoint", "echo")),
+            )
+            assert samples[count] == 30
+            assert not any("pid" in dict(labels) for _, labels in samples)
+        files = {p.name for p in (tmp_path / ".servecore" / "worker-metrics").glob("*.db")}
+        assert {f"counter_{pid}.db" for pid in workers} <= files
+
+        # A worker that dies leaves its counts: the sums never go down.
+        victim = min(workers)
+        os.kill(victim, signal.SIGKILL)
+        _until(lambda: len(deployment.worker_pids() - {victim}) == 2)
+        for _ in range(5):
+            assert _ok(_scrape(server)) == 30
+        assert server.json("POST", "/echo", "after") == "after"
+        _until(lambda: _ok(_scrape(server)) == 31)
+    finally:
+        deployment.stop_everything()

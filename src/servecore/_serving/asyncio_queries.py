@@ -49,7 +49,7 @@ from servecore._core.errors import (
     StreamMismatch,
 )
 from servecore._core.transitions import RoutingTable
-from servecore._serving.asyncio_deadlines import Deadlines
+from servecore._serving.asyncio_deadlines import Deadline, Deadlines
 from servecore._serving.backend_routes import BackendState, no_replica_why, waits_for_replicas
 from servecore._serving.replica_links import ReplicaLink, ReplicaLinks
 from servecore._serving.router_stats import outcome_of
@@ -248,7 +248,7 @@ class AsyncioQueries:
             return await self._call(endpoint, query)
         with self._deadlines.after(timeout_s) as deadline:
             try:
-                return await self._call(endpoint, query)
+                return await self._call(endpoint, query, deadline)
             except asyncio.CancelledError:
                 if deadline.expired():
                     raise TimeoutError(
@@ -256,7 +256,7 @@ class AsyncioQueries:
                     ) from None
                 raise
 
-    async def _call(self, endpoint: str, query: Query) -> Any:
+    async def _call(self, endpoint: str, query: Query, deadline: Deadline | None = None) -> Any:
         router = self.router
         chosen = router.direct_route(endpoint, query)
         if chosen is None:
@@ -300,7 +300,10 @@ class AsyncioQueries:
                 router.stats.record(endpoint, tag, "ok", time.perf_counter() - started)
                 return answer
         except BaseException as exc:
-            router.stats.record(endpoint, tag, outcome_of(exc), time.perf_counter() - started)
+            # Cancelled by its own timeout: timed_out, as on trio's path.
+            timed_out = deadline is not None and deadline.expired()
+            outcome = "timed_out" if timed_out else outcome_of(exc)
+            router.stats.record(endpoint, tag, outcome, time.perf_counter() - started)
             raise
         return await self.trio.run(router.call_timed, endpoint, query, None, tag)
 
@@ -540,7 +543,7 @@ class _HandleStream:
             async with asyncio.timeout(timeout_s):
                 return await self._next()
         except TimeoutError:
-            await self.aclose()
+            await self.aclose("timed_out")
             raise TimeoutError(
                 f"stream from endpoint {self._handle.endpoint!r} gave no item within {timeout_s}s"
             ) from None
@@ -558,9 +561,12 @@ class _HandleStream:
         take = getattr(self._stream, "take_buffered", None)
         return [] if take is None or self._closed else take()
 
-    async def aclose(self) -> None:
-        """Stop reading: the generator in the replica is cancelled if still running."""
+    async def aclose(self, outcome: str = "cancelled") -> None:
+        """Stop reading: the generator in the replica is cancelled if still running
+        (counted as ``outcome`` on the asyncio path)."""
         self._closed = True
         stream, self._stream = self._stream, None
-        if stream is not None:
+        if isinstance(stream, AsyncioStream):
+            stream.close(outcome)
+        elif stream is not None:
             await stream.aclose()
