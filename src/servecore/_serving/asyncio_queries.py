@@ -104,7 +104,10 @@ class AsyncioQueries:
     """The asyncio query path of one client (see the module). ``router`` is the
     client's, ``links`` this loop's connections to the replicas, ``trio`` runs the
     router's own path for everything else. Call :meth:`on_table` after the router
-    adopts each table, and count :meth:`waiting` in the client's load."""
+    adopts each table, and count :meth:`waiting` in the client's load.
+
+    ``direct=False`` sends every query and stream through trio's router: for replicas
+    this loop cannot connect to (Ray actors, reached by the client's Ray driver)."""
 
     def __init__(
         self,
@@ -112,7 +115,10 @@ class AsyncioQueries:
         links: ReplicaLinks,
         trio: TrioRunner,
         loop: asyncio.AbstractEventLoop,
+        *,
+        direct: bool = True,
     ) -> None:
+        self.direct = direct
         self.router = router
         self.loop = loop
         self.links = links
@@ -244,6 +250,8 @@ class AsyncioQueries:
 
     async def call(self, endpoint: str, query: Query, timeout_s: float | None = None) -> Any:
         """Run one query on ``endpoint``; ``TimeoutError`` past ``timeout_s``."""
+        if not self.direct:  # the router times it out itself (counted timed_out)
+            return await self.trio.run(self.router.call_timed, endpoint, query, timeout_s)
         if timeout_s is None:
             return await self._call(endpoint, query)
         with self._deadlines.after(timeout_s) as deadline:
@@ -322,7 +330,7 @@ class AsyncioQueries:
         """Open a stream on ``endpoint`` (a generator target); its items are read with
         ``__anext__``, and ``aclose`` stops it (see :class:`AsyncioStream`)."""
         router = self.router
-        chosen = router.direct_route(endpoint, query)
+        chosen = router.direct_route(endpoint, query) if self.direct else None
         b = chosen[1] if chosen is not None else None
         if chosen is not None and b is not None:
             if b.route.max_batch_size is not None:

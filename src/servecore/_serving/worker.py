@@ -4,12 +4,13 @@ workers").
 Each worker is a process of its own that opens a client of the controller
 (:func:`servecore._serving.connect.open_client`: the routing-table feed over the
 control socket, its own :class:`~servecore.router.Router`, calls straight to the
-subprocess replicas) and serves :class:`~servecore.http.HTTPIngress` -- the same
-routes, JSON in and out, and error mapping as the controller's own ingress -- on the
-listening socket it inherited from ``servecore run`` (descriptor ``--fd``). All the
-workers accept on that one socket, and the kernel hands each connection to one of
-them. The controller is not on the query path: while it is down, a worker keeps
-routing on the last table it received, and resubscribes in the background.
+subprocess replicas, or to the Ray actors as a Ray driver of its own) and serves
+:class:`~servecore.http.HTTPIngress` -- the same routes, JSON in and out, and error
+mapping as the controller's own ingress -- on the listening socket it inherited from
+``servecore run`` (descriptor ``--fd``). All the workers accept on that one socket,
+and the kernel hands each connection to one of them. The controller is not on the
+query path: while it is down, a worker keeps routing on the last table it received,
+and resubscribes in the background.
 
 Three server stacks (``--stack``):
 
@@ -21,7 +22,8 @@ Three server stacks (``--stack``):
   replica slots from the client's router (:mod:`servecore._serving.asyncio_queries`).
   Only the unusual cases (no replica, waking from zero, batching) hop to a trio task
   running the client's router (:class:`_TrioGuest`), whose result comes back through
-  an asyncio future, without a second thread.
+  an asyncio future, without a second thread; on the Ray runtime every query does
+  (the asyncio connections speak the subprocess wire only).
 * ``trio``: hypercorn on trio, as the controller's own ingress.
 
 Why asyncio is the default is measured in docs/benchmarks.md ("HTTP").
@@ -59,6 +61,7 @@ import trio
 from servecore._serving.asyncio_queries import AsyncioHandle, AsyncioQueries
 from servecore._serving.connect import Client, open_client
 from servecore._serving.ops_http import PREFIX, _send, http_responses
+from servecore._serving.remote_runtime import ReplicaClient
 from servecore._serving.replica_links import ReplicaLinks
 from servecore._serving.socket_handoff import serve_handoff
 from servecore._serving.worker_metrics import METRICS_DIR, WorkerMetrics
@@ -365,8 +368,11 @@ async def _serve_asyncio(
         host_uses_signal_set_wakeup_fd=True,
     )
     client, guest = await started
-    links = ReplicaLinks(client.replicas.address_of)
-    queries = AsyncioQueries(client.router, links, guest, loop)
+    # Subprocess replicas are reached over this loop's own connections; others (Ray
+    # actors, through the client's Ray driver) only through trio's router.
+    direct = isinstance(client.replicas, ReplicaClient)
+    links = ReplicaLinks(client.replicas.address_of if direct else _unreachable)
+    queries = AsyncioQueries(client.router, links, guest, loop, direct=direct)
     client.add_table_listener(queries.on_table)
     client.add_load_source(queries.waiting)
     source = _AsyncioSource(client, queries)
@@ -387,6 +393,10 @@ async def _serve_asyncio(
         links.close()
         guest.run_soon(release.set)
         await finished
+
+
+def _unreachable(tag: str) -> None:
+    return None
 
 
 def _on_stop_signals(callback: Callable[[], object]) -> None:

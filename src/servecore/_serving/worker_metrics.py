@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -166,20 +167,11 @@ class WorkerMetrics:
         """Every worker's counts, summed, in the Prometheus text format (this worker's
         copied first, so a scrape sees its own queries up to now)."""
         from prometheus_client import CollectorRegistry, generate_latest
-        from prometheus_client.multiprocess import MultiProcessCollector
 
         self.sync()
-        for attempt in range(3):
-            registry = CollectorRegistry(auto_describe=False)
-            MultiProcessCollector(registry, path=str(self.directory))  # type: ignore[no-untyped-call]
-            try:
-                return generate_latest(registry)
-            except FileNotFoundError:
-                # A new server cleared the directory between the listing and the
-                # reading (it is taking over): list it again.
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Summed(_merge(self.directory)))
+        return generate_latest(registry)
 
     def close(self) -> None:
         """A last copy of the counts (they stay for the others to sum), then stop."""
@@ -192,3 +184,38 @@ class WorkerMetrics:
                 if files is not None:
                     files.close()  # type: ignore[no-untyped-call]
             self._counters = self._histograms = None  # type: ignore[assignment]
+
+
+def _merge(directory: Path) -> list[Any]:
+    """The metric families of every worker's files in ``directory``, summed."""
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    for attempt in range(3):
+        # A file of a worker that is starting may not be sized yet (or one killed
+        # then never will be): it holds nothing to read.
+        files = [str(p) for p in directory.glob("*.db") if _size(p) >= 8]
+        try:
+            return list(MultiProcessCollector.merge(files, accumulate=True))  # type: ignore[no-untyped-call]
+        except (FileNotFoundError, struct.error):
+            # A new server cleared the directory between the listing and the reading
+            # (it is taking over), or a file was caught being sized: list them again.
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+class _Summed:
+    """A collector of families already merged (prometheus-client's ``Collector``)."""
+
+    def __init__(self, families: list[Any]) -> None:
+        self._families = families
+
+    def collect(self) -> list[Any]:
+        return self._families
