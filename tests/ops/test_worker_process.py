@@ -178,18 +178,21 @@ def test_every_worker_answers_metrics_summed_over_all_workers_of_the_server(
 
         # Whichever worker answers, it counts every worker's queries (each copies its
         # own within a second): one series per label set, for the whole server.
-        _until(lambda: _ok(_scrape(server)) == 30)
+        timed_out = (("backend", "slow"), ("endpoint", "slow"), ("outcome", "timed_out"))
+        echo = (("backend", "echo"), ("endpoint", "echo"))
+        expected = {
+            ("servecore_queries_total", timed_out): 1,  # not "cancelled"
+            ("servecore_http_responses_total", (("code", "404"),)): 1,
+            ("servecore_query_latency_seconds_count", echo): 30,
+        }
+
+        def complete(samples: dict[Any, float]) -> bool:
+            return _ok(samples) == 30 and all(samples.get(k) == v for k, v in expected.items())
+
+        _until(lambda: complete(_scrape(server)))
         for _ in range(10):
             samples = _scrape(server)
-            assert _ok(samples) == 30
-            assert samples[("servecore_http_responses_total", (("code", "404"),))] == 1
-            timed_out = (("backend", "slow"), ("endpoint", "slow"), ("outcome", "timed_out"))
-            assert samples.get(("servecore_queries_total", timed_out)) == 1  # not "cancelled"
-            count = (
-                "servecore_query_latency_seconds_count",
-                (("backend", "echo"), ("endpoint", "echo")),
-            )
-            assert samples[count] == 30
+            assert complete(samples), samples
             assert not any("pid" in dict(labels) for _, labels in samples)
         directory = tmp_path / ".servecore" / "worker-metrics"
         files = {p.name for p in directory.glob("*.db")}
