@@ -157,14 +157,17 @@ def _until(predicate: Any) -> Any:
     raise AssertionError("never happened")
 
 
+@pytest.mark.parametrize("stack", ["default", "trio"])
 def test_every_worker_answers_metrics_summed_over_all_workers_of_the_server(
-    tmp_path: Path,
+    tmp_path: Path, stack: str
 ) -> None:
     deployment = CliServer(tmp_path)
     try:
         app = deployment.write("app.toml", METRICS_APP)
         port = free_port()
         options = ("--runtime", "subprocess", "--workers", "2", "--timeout", "2")
+        if stack != "default":
+            options += ("--worker-stack", stack)
         deployment.run(app, port, *options)
         server = Server(deployment, port)
         workers = deployment.worker_pids()
