@@ -332,11 +332,7 @@ class HTTPIngress:
         handle = self.source.get_handle(endpoint.name)
         model = _header(scope, MODEL_HEADER, lower=False).decode("latin-1").strip()
         if model:
-            try:
-                handle = handle.options(timeout_s=self.timeout_s, multiplexed_model_id=model)
-            except TypeError:  # an ingress worker's handle (asyncio) does not take it yet
-                why = f"the {MODEL_HEADER.decode()} header is not served by ingress workers yet"
-                return _error(501, "MultiplexingNotServedHere", f"{why}; {_NO_WORKER_MODELS}")
+            handle = handle.options(timeout_s=self.timeout_s, multiplexed_model_id=model)
         else:
             handle = handle.options(timeout_s=self.timeout_s)
         sse = b"text/event-stream" in accept
@@ -396,8 +392,6 @@ class HTTPIngress:
 
 #: The request header naming the multiplexed model a request is for (Ray Serve's name).
 MODEL_HEADER = b"serve_multiplexed_model_id"
-
-_NO_WORKER_MODELS = "serve this endpoint with 'servecore run --workers 0'"
 
 
 class _Streaming:

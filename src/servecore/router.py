@@ -87,6 +87,7 @@ __all__ = [
     "Handle",
     "HandleStream",
     "Router",
+    "model_of",
     "never_ran",
 ]
 
@@ -330,7 +331,7 @@ class Router:
         route = b.route
         if self._closed or route.max_batch_size is not None or b.n_waiting:
             return await self._query(endpoint, b, query)
-        rtag = b.acquire(route.max_concurrent_queries, _model_of(query))
+        rtag = b.acquire(route.max_concurrent_queries, model_of(query))
         if rtag is None:
             return await self._query(endpoint, b, query)
         try:
@@ -352,7 +353,7 @@ class Router:
             raise NoReplicaError(endpoint, "the controller is closed")
         if b.route.max_batch_size is not None:
             return await self._query_batched(endpoint, b, query, resends)
-        tag = None if b.n_waiting else b.acquire(b.route.max_concurrent_queries, _model_of(query))
+        tag = None if b.n_waiting else b.acquire(b.route.max_concurrent_queries, model_of(query))
         if tag is None:
             tag = await self._wait_for_slot(endpoint, b, query)  # its slot comes counted
         return await self._send_one(endpoint, b, tag, query, resends)
@@ -477,7 +478,7 @@ class Router:
             if head.query.deadline is not None and _drop_late(b, head):
                 continue
             if not head.batched:
-                tag = b.acquire(route.max_concurrent_queries, _model_of(head.query))
+                tag = b.acquire(route.max_concurrent_queries, model_of(head.query))
                 if tag is None:
                     return None
                 waiting.popleft()
@@ -606,7 +607,7 @@ class Router:
         while True:
             if self._closed:
                 raise NoReplicaError(endpoint, "the controller is closed")
-            model = _model_of(query)
+            model = model_of(query)
             tag = None if b.n_waiting else b.acquire(b.route.max_concurrent_queries, model)
             if tag is None:
                 tag = await self._wait_for_slot(endpoint, b, query)  # its slot comes counted
@@ -699,7 +700,7 @@ class Router:
         if chosen is None or direct is None:
             return _from_thread(token, self.call_timed, endpoint, query, timeout_s)
         tag, b = chosen
-        rtag = None if b is None else self.claim_direct(b, _model_of(query))
+        rtag = None if b is None else self.claim_direct(b, model_of(query))
         if b is None or rtag is None:
             return _from_thread(token, self.call_timed, endpoint, query, timeout_s, tag)
         started = time.perf_counter()
@@ -1011,7 +1012,7 @@ def _from_thread(
         raise ControllerClosed("the query") from None
 
 
-def _model_of(query: Query) -> str | None:
+def model_of(query: Query) -> str | None:
     """The multiplexed model id ``query`` is for, if any (a replica that served it
     recently is preferred; see ``BackendState.acquire``)."""
     kwargs = query.kwargs

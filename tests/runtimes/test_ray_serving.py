@@ -208,3 +208,82 @@ async def test_a_client_says_a_query_never_reached_a_replica_it_cannot_find(
             client.close()
     assert getattr(caught.value, "retry_safe", False)
     assert caught.value.tag == "gone#1" and namespace in str(caught.value)
+
+
+HTTP_APP = """
+[backends.echo]
+target = "ray_driver:Echo"
+init_kwargs = { prefix = "v1:" }
+num_replicas = 2
+runtime_options = { num_cpus = 0 }
+
+[backends.counter]
+target = "stream_targets:Counter"
+runtime_options = { num_cpus = 0 }
+
+[endpoints.echo]
+route = "/echo"
+methods = ["POST"]
+traffic = { echo = 1.0 }
+
+[endpoints.counter]
+route = "/count"
+methods = ["POST"]
+traffic = { counter = 1.0 }
+"""
+
+
+def _post(port: int, path: str, body: Any, accept: str = "application/json") -> tuple[int, bytes]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT_S)
+    try:
+        headers = {"Content-Type": "application/json", "Accept": accept}
+        conn.request("POST", path, body=json.dumps(body), headers=headers)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def _get_text(port: int, path: str) -> str:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT_S)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().read().decode()
+    finally:
+        conn.close()
+
+
+def test_ingress_workers_serve_ray_replicas_and_outlive_the_controller(
+    server: CliServer, cluster: Any, namespace: str
+) -> None:
+    """``servecore run --runtime ray --workers 2``: each worker a Ray driver of its own,
+    querying the actors through its client's router (calls, streams, /-/metrics)."""
+    from cli_server import free_port
+
+    port = free_port()
+    text = SERVER.format(address=cluster.address, path=WORKER_PATH) + HTTP_APP
+    controller, _ = server.run(
+        server.write("app.toml", text), port, "--name", namespace, "--workers", "2"
+    )
+    workers = server.worker_pids()
+    assert len(workers) == 2 and controller.pid not in workers
+    for i in range(10):  # a connection each: the kernel spreads them over the workers
+        assert _post(port, "/echo", f"q{i}") == (200, json.dumps(f"v1:q{i}").encode())
+    status, body = _post(port, "/count", 3, "application/x-ndjson")
+    assert status == 200 and [json.loads(line)[0] for line in body.splitlines()] == [0, 1, 2]
+    ok = 'servecore_queries_total{backend="echo",endpoint="echo",outcome="ok"} 10.0'
+    deadline = time.monotonic() + WAIT_S  # each worker copies its counts every second
+    while ok not in _get_text(port, "/-/metrics") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ok in _get_text(port, "/-/metrics")
+
+    # The controller dies: the workers still answer, straight from the actors.
+    controller.send_signal(signal.SIGKILL)
+    controller.wait(timeout=WAIT_S)
+    for i in range(10):
+        assert _post(port, "/echo", f"after{i}") == (200, json.dumps(f"v1:after{i}").encode())
+    assert server.worker_pids() == workers

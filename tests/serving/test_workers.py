@@ -134,10 +134,22 @@ def test_a_worker_answers_the_operator_routes_from_its_table() -> None:
     client = _Client(_table(("echo#0",)))
     assert _ops(client, "/-/healthz") == (200, {"status": "ok"})
     assert _ops(client, "/-/routes") == (200, {"/echo": "echo"})
-    status, body = _ops(client, "/-/metrics")
-    assert status == 501 and "--workers 0" in body["error"]
+    status, body = _ops(client, "/-/metrics")  # a worker given no metric files
+    assert status == 501 and "no /-/metrics here" in body["error"]
     for page in ("/-/dashboard", "/-/status.json", "/-/events"):
         status, body = _ops(client, page)
         assert status == 501 and page in body["error"] and "--workers 0" in body["error"]
     assert _ops(client, "/-/readyz", "POST")[0] == 405
     assert _ops(client, "/-/nope")[0] == 404
+
+
+def test_a_worker_handle_keeps_its_model_id_across_options_and_refuses_a_bad_one() -> None:
+    from servecore._serving.asyncio_queries import AsyncioHandle
+
+    handle = AsyncioHandle(None, "models")  # type: ignore[arg-type]
+    named = handle.options(multiplexed_model_id="m").options(timeout_s=5)
+    assert (named.multiplexed_model_id, named.timeout_s) == ("m", 5)
+    assert named.options(multiplexed_model_id="").multiplexed_model_id == ""
+    with pytest.raises(ValueError, match="multiplexed_model_id=3 must be a string"):
+        handle.options(multiplexed_model_id=3)  # type: ignore[arg-type]
+    assert handle.multiplexed_model_id == ""  # unchanged

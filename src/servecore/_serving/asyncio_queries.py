@@ -10,7 +10,8 @@ so the common case stays on asyncio:
    (:meth:`~servecore.router.Router.direct_route`, which posts shadow copies to trio);
 2. a replica slot is taken from the same per-backend counts the router keeps
    (:meth:`~servecore.router.Router.claim_direct`), so ``max_concurrent_queries``
-   holds across both paths and the load reports count these queries too;
+   holds across both paths and the load reports count these queries too; a query
+   naming a multiplexed model prefers a replica that served it lately;
 3. the query goes over this loop's own connection to the replica
    (:mod:`servecore._serving.replica_links`).
 
@@ -40,6 +41,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
+from servecore._calls import MODEL_KEY
 from servecore._core.errors import (
     BackpressureError,
     NoReplicaError,
@@ -47,11 +49,11 @@ from servecore._core.errors import (
     StreamMismatch,
 )
 from servecore._core.transitions import RoutingTable
-from servecore._serving.asyncio_deadlines import Deadlines
+from servecore._serving.asyncio_deadlines import Deadline, Deadlines
 from servecore._serving.backend_routes import BackendState, no_replica_why, waits_for_replicas
 from servecore._serving.replica_links import ReplicaLink, ReplicaLinks
 from servecore._serving.router_stats import outcome_of
-from servecore.router import MAX_RESENDS, Router, never_ran
+from servecore.router import MAX_RESENDS, Router, model_of, never_ran
 from servecore.runtimes._protocol import Query
 from servecore.runtimes._streams import ItemStream
 
@@ -78,12 +80,20 @@ class _Waiter:
     when it had to queue, sent for it by whoever gave the slot back (so a slot passes
     from one query to the next within the turn of the loop the answer came in)."""
 
-    __slots__ = ("endpoint", "future", "last", "link", "query", "replica", "request_id")
+    __slots__ = ("endpoint", "future", "last", "link", "model", "query", "replica", "request_id")
 
-    def __init__(self, endpoint: str, query: Query | None, future: asyncio.Future[Any]) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        query: Query | None,
+        future: asyncio.Future[Any],
+        model: str | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self.query = query
         self.future = future
+        #: The multiplexed model it is for: a replica that served it lately is preferred.
+        self.model = model
         self.replica: str | None = None  # the slot it holds (counted), if any
         self.last: str | None = None  # the replica it was last handed
         self.link: ReplicaLink | None = None  # where its query went, if it went
@@ -94,7 +104,10 @@ class AsyncioQueries:
     """The asyncio query path of one client (see the module). ``router`` is the
     client's, ``links`` this loop's connections to the replicas, ``trio`` runs the
     router's own path for everything else. Call :meth:`on_table` after the router
-    adopts each table, and count :meth:`waiting` in the client's load."""
+    adopts each table, and count :meth:`waiting` in the client's load.
+
+    ``direct=False`` sends every query and stream through trio's router: for replicas
+    this loop cannot connect to (Ray actors, reached by the client's Ray driver)."""
 
     def __init__(
         self,
@@ -102,7 +115,10 @@ class AsyncioQueries:
         links: ReplicaLinks,
         trio: TrioRunner,
         loop: asyncio.AbstractEventLoop,
+        *,
+        direct: bool = True,
     ) -> None:
+        self.direct = direct
         self.router = router
         self.loop = loop
         self.links = links
@@ -143,7 +159,7 @@ class AsyncioQueries:
             if queue[0].future.done():
                 queue.popleft()
                 continue
-            replica = self.router.claim_direct(b)
+            replica = self.router.claim_direct(b, queue[0].model)
             if replica is None:
                 return
             self._dispatch(b, queue.popleft(), replica)
@@ -204,15 +220,18 @@ class AsyncioQueries:
         if self._waiting.get(b.tag):
             self._pump(b.tag)
 
-    async def take_slot(self, endpoint: str, b: BackendState) -> str | None:
-        """A replica slot of ``b`` (counted), waiting for one if need be; ``None``
-        when the stream must take trio's path."""
-        replica = self.router.claim_direct(b)
+    async def take_slot(
+        self, endpoint: str, b: BackendState, model: str | None = None
+    ) -> str | None:
+        """A replica slot of ``b`` (counted; one that served multiplexed ``model``
+        lately if it has one free), waiting for one if need be; ``None`` when the
+        stream must take trio's path."""
+        replica = self.router.claim_direct(b, model)
         if replica is not None:
             return replica
         if not b.live or b.route.max_batch_size is not None or b.n_waiting:
             return None  # no replica (fail, or wake), batching, or trio's queue first
-        w = _Waiter(endpoint, None, self.loop.create_future())
+        w = _Waiter(endpoint, None, self.loop.create_future(), model)
         self._enqueue(b, w)
         try:
             answer = await w.future
@@ -231,11 +250,13 @@ class AsyncioQueries:
 
     async def call(self, endpoint: str, query: Query, timeout_s: float | None = None) -> Any:
         """Run one query on ``endpoint``; ``TimeoutError`` past ``timeout_s``."""
+        if not self.direct:  # the router times it out itself (counted timed_out)
+            return await self.trio.run(self.router.call_timed, endpoint, query, timeout_s)
         if timeout_s is None:
             return await self._call(endpoint, query)
         with self._deadlines.after(timeout_s) as deadline:
             try:
-                return await self._call(endpoint, query)
+                return await self._call(endpoint, query, deadline)
             except asyncio.CancelledError:
                 if deadline.expired():
                     raise TimeoutError(
@@ -243,7 +264,7 @@ class AsyncioQueries:
                     ) from None
                 raise
 
-    async def _call(self, endpoint: str, query: Query) -> Any:
+    async def _call(self, endpoint: str, query: Query, deadline: Deadline | None = None) -> Any:
         router = self.router
         chosen = router.direct_route(endpoint, query)
         if chosen is None:
@@ -253,10 +274,11 @@ class AsyncioQueries:
             return await self.trio.run(router.call_timed, endpoint, query, None, tag)
         started = time.perf_counter()
         resends = 0
+        model = model_of(query)
         try:
             while True:
-                w = _Waiter(endpoint, query, self.loop.create_future())
-                replica = router.claim_direct(b)
+                w = _Waiter(endpoint, query, self.loop.create_future(), model)
+                replica = router.claim_direct(b, model)
                 if replica is None:
                     if not b.live or b.route.max_batch_size is not None or b.n_waiting:
                         break  # no replica (fail, or wake), batching, or trio's queue first
@@ -286,7 +308,10 @@ class AsyncioQueries:
                 router.stats.record(endpoint, tag, "ok", time.perf_counter() - started)
                 return answer
         except BaseException as exc:
-            router.stats.record(endpoint, tag, outcome_of(exc), time.perf_counter() - started)
+            # Cancelled by its own timeout: timed_out, as on trio's path.
+            timed_out = deadline is not None and deadline.expired()
+            outcome = "timed_out" if timed_out else outcome_of(exc)
+            router.stats.record(endpoint, tag, outcome, time.perf_counter() - started)
             raise
         return await self.trio.run(router.call_timed, endpoint, query, None, tag)
 
@@ -305,7 +330,7 @@ class AsyncioQueries:
         """Open a stream on ``endpoint`` (a generator target); its items are read with
         ``__anext__``, and ``aclose`` stops it (see :class:`AsyncioStream`)."""
         router = self.router
-        chosen = router.direct_route(endpoint, query)
+        chosen = router.direct_route(endpoint, query) if self.direct else None
         b = chosen[1] if chosen is not None else None
         if chosen is not None and b is not None:
             if b.route.max_batch_size is not None:
@@ -341,7 +366,7 @@ class AsyncioStream:
         while True:
             replica: str | None = None
             try:
-                replica = await queries.take_slot(self._endpoint, b)
+                replica = await queries.take_slot(self._endpoint, b, model_of(self._query))
                 if replica is None:
                     return False
                 try:
@@ -450,28 +475,49 @@ async def _close(items: Any) -> None:
 
 class AsyncioHandle:
     """A handle on the asyncio path, as :class:`~servecore.router.Handle` is on trio:
-    ``call``, ``stream`` and ``options(timeout_s=...)``."""
+    ``call``, ``stream`` and ``options(timeout_s=..., multiplexed_model_id=...)``."""
 
-    __slots__ = ("_queries", "endpoint", "timeout_s")
+    __slots__ = ("_queries", "endpoint", "multiplexed_model_id", "timeout_s")
 
     def __init__(
-        self, queries: AsyncioQueries, endpoint: str, *, timeout_s: float | None = None
+        self,
+        queries: AsyncioQueries,
+        endpoint: str,
+        *,
+        timeout_s: float | None = None,
+        multiplexed_model_id: str = "",
     ) -> None:
+        if not isinstance(multiplexed_model_id, str):
+            raise ValueError(
+                f"multiplexed_model_id={multiplexed_model_id!r} must be a string (a model "
+                f'id; "" for none)'
+            )
         self._queries = queries
         self.endpoint = endpoint
         self.timeout_s = timeout_s
+        self.multiplexed_model_id = multiplexed_model_id
 
     @property
     def queries(self) -> AsyncioQueries:
         """The query path this handle sends through."""
         return self._queries
 
-    def options(self, *, timeout_s: float | None = None) -> AsyncioHandle:
-        """A copy with ``timeout_s`` (``TimeoutError`` past it)."""
-        return AsyncioHandle(self._queries, self.endpoint, timeout_s=timeout_s)
+    def options(
+        self, *, timeout_s: float | None = None, multiplexed_model_id: str | None = None
+    ) -> AsyncioHandle:
+        """A copy with ``timeout_s`` (``TimeoutError`` past it) and, if given,
+        ``multiplexed_model_id``: the model its queries are for (kept from this handle
+        when not given), as :meth:`servecore.router.Handle.options`."""
+        model = self.multiplexed_model_id if multiplexed_model_id is None else multiplexed_model_id
+        return AsyncioHandle(
+            self._queries, self.endpoint, timeout_s=timeout_s, multiplexed_model_id=model
+        )
 
     async def call(self, *args: Any, **kwargs: Any) -> Any:
         """Run one query on the endpoint and return its result."""
+        if self.multiplexed_model_id:
+            # Carried as the controller's handle carries it: the runner strips it.
+            kwargs[MODEL_KEY] = self.multiplexed_model_id
         timeout_s = self.timeout_s
         # The deadline travels with the query (the replica drops it unrun once past).
         deadline = None if timeout_s is None else time.time() + timeout_s
@@ -482,6 +528,8 @@ class AsyncioHandle:
     def stream(self, *args: Any, **kwargs: Any) -> _HandleStream:
         """The items a generator target yields for one query (opened on the first
         item asked for; with ``timeout_s``, each item must come within it)."""
+        if self.multiplexed_model_id:
+            kwargs[MODEL_KEY] = self.multiplexed_model_id
         return _HandleStream(self, Query(args=args, kwargs=kwargs))
 
 
@@ -503,7 +551,7 @@ class _HandleStream:
             async with asyncio.timeout(timeout_s):
                 return await self._next()
         except TimeoutError:
-            await self.aclose()
+            await self.aclose("timed_out")
             raise TimeoutError(
                 f"stream from endpoint {self._handle.endpoint!r} gave no item within {timeout_s}s"
             ) from None
@@ -521,9 +569,12 @@ class _HandleStream:
         take = getattr(self._stream, "take_buffered", None)
         return [] if take is None or self._closed else take()
 
-    async def aclose(self) -> None:
-        """Stop reading: the generator in the replica is cancelled if still running."""
+    async def aclose(self, outcome: str = "cancelled") -> None:
+        """Stop reading: the generator in the replica is cancelled if still running
+        (counted as ``outcome`` on the asyncio path)."""
         self._closed = True
         stream, self._stream = self._stream, None
-        if stream is not None:
+        if isinstance(stream, AsyncioStream):
+            stream.close(outcome)
+        elif stream is not None:
             await stream.aclose()

@@ -4,12 +4,13 @@ workers").
 Each worker is a process of its own that opens a client of the controller
 (:func:`servecore._serving.connect.open_client`: the routing-table feed over the
 control socket, its own :class:`~servecore.router.Router`, calls straight to the
-subprocess replicas) and serves :class:`~servecore.http.HTTPIngress` -- the same
-routes, JSON in and out, and error mapping as the controller's own ingress -- on the
-listening socket it inherited from ``servecore run`` (descriptor ``--fd``). All the
-workers accept on that one socket, and the kernel hands each connection to one of
-them. The controller is not on the query path: while it is down, a worker keeps
-routing on the last table it received, and resubscribes in the background.
+subprocess replicas, or to the Ray actors as a Ray driver of its own) and serves
+:class:`~servecore.http.HTTPIngress` -- the same routes, JSON in and out, and error
+mapping as the controller's own ingress -- on the listening socket it inherited from
+``servecore run`` (descriptor ``--fd``). All the workers accept on that one socket,
+and the kernel hands each connection to one of them. The controller is not on the
+query path: while it is down, a worker keeps routing on the last table it received,
+and resubscribes in the background.
 
 Three server stacks (``--stack``):
 
@@ -21,16 +22,18 @@ Three server stacks (``--stack``):
   replica slots from the client's router (:mod:`servecore._serving.asyncio_queries`).
   Only the unusual cases (no replica, waking from zero, batching) hop to a trio task
   running the client's router (:class:`_TrioGuest`), whose result comes back through
-  an asyncio future, without a second thread.
+  an asyncio future, without a second thread; on the Ray runtime every query does
+  (the asyncio connections speak the subprocess wire only).
 * ``trio``: hypercorn on trio, as the controller's own ingress.
 
 Why asyncio is the default is measured in docs/benchmarks.md ("HTTP").
 
 The ``/-/`` routes of a worker answer from what the worker knows: ``/-/healthz``
 (alive), ``/-/readyz`` (every endpoint with a route has a replica or wakes on demand in
-the worker's table), ``/-/routes``; ``/-/metrics`` and the status page
-(``/-/dashboard``, ``/-/status.json``, ``/-/events``) are the controller's business and
-are not served by workers (501, saying where to look instead).
+the worker's table), ``/-/routes``, ``/-/metrics`` (the queries, latencies and HTTP
+responses of every worker of the server, summed: :mod:`servecore._serving.worker_metrics`);
+the status page (``/-/dashboard``, ``/-/status.json``, ``/-/events``) is the
+controller's business and is not served by workers (501, saying where to look instead).
 
 Start-up: the worker writes one line, ``ready``, to descriptor ``--ready-fd`` once its
 client holds the first table, then closes it. SIGTERM or SIGINT: stop taking
@@ -57,9 +60,11 @@ import trio
 
 from servecore._serving.asyncio_queries import AsyncioHandle, AsyncioQueries
 from servecore._serving.connect import Client, open_client
-from servecore._serving.ops_http import PREFIX, _send
+from servecore._serving.ops_http import PREFIX, _send, http_responses
+from servecore._serving.remote_runtime import ReplicaClient
 from servecore._serving.replica_links import ReplicaLinks
 from servecore._serving.socket_handoff import serve_handoff
+from servecore._serving.worker_metrics import METRICS_DIR, WorkerMetrics
 from servecore._store_choice import StoreChoice, store_from_environment
 
 __all__ = [
@@ -114,7 +119,7 @@ def worker_readyz(client: Client) -> tuple[int, dict[str, Any]]:
 
 
 #: The controller's own routes, which a worker answers with 501 and a way out.
-_CONTROLLER_ONLY = {"metrics", "status.json", "events", "dashboard"}
+_CONTROLLER_ONLY = {"status.json", "events", "dashboard"}
 
 
 async def answer_worker_ops(
@@ -122,14 +127,18 @@ async def answer_worker_ops(
     scope: MutableMapping[str, Any],
     receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
     send: Send,
+    *,
+    metrics: WorkerMetrics | str | None = None,
 ) -> bool:
-    """Answer ``scope`` if its path is one of the ``/-/`` routes; return whether it was."""
+    """Answer ``scope`` if its path is one of the ``/-/`` routes; return whether it was.
+
+    ``metrics`` serves ``/-/metrics``; a string instead says why there are none (501)."""
     path = scope["path"]
     if not path.startswith(PREFIX):
         return False
     name = path[len(PREFIX) :]
     json_type = b"application/json"
-    if name not in {"healthz", "readyz", "routes"} | _CONTROLLER_ONLY:
+    if name not in {"healthz", "readyz", "routes", "metrics"} | _CONTROLLER_ONLY:
         body = {"error": f"no operator route {path}; try /-/healthz, /-/readyz, /-/routes"}
         await _send(send, 404, json.dumps({**body, "type": "NotFound"}).encode(), json_type)
     elif scope["method"] not in {"GET", "HEAD"}:
@@ -145,12 +154,14 @@ async def answer_worker_ops(
         found = {ep.route: n for n, ep in sorted(table.endpoints.items()) if ep.route}
         await _send(send, 200, json.dumps(found).encode(), json_type)
     elif name == "metrics":
-        body = {
-            "error": "ingress workers (servecore run --workers) do not serve /-/metrics; "
-            "run with --workers 0 to scrape the ingress, or read servecore status",
-            "type": "NotImplemented",
-        }
-        await _send(send, 501, json.dumps(body).encode(), json_type)
+        if isinstance(metrics, WorkerMetrics):
+            from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+            await _send(send, 200, metrics.exposition(), CONTENT_TYPE_LATEST.encode())
+        else:
+            why = metrics or "this worker keeps no metrics"
+            body = {"error": f"no /-/metrics here: {why}", "type": "NotImplemented"}
+            await _send(send, 501, json.dumps(body).encode(), json_type)
     else:
         # The status page reads the controller's state, events and router: a worker
         # holds none of them, and the controller serves no HTTP beside its workers.
@@ -250,8 +261,34 @@ def _say_ready(ready_fd: int | None) -> None:
         os.close(ready_fd)  # nothing more is ever written: the server may be gone
 
 
+def _open_metrics(
+    directory: Path | None, client: Client, source: object
+) -> WorkerMetrics | str | None:
+    """The worker's metrics (counting ``source``'s HTTP responses), or why there are none."""
+    if directory is None:
+        return None
+    try:
+        metrics = WorkerMetrics(
+            directory, client.router.stats, functools.partial(http_responses, source)
+        )
+    except (ImportError, OSError) as exc:
+        log.warning("no /-/metrics: %s", exc)
+        return str(exc)
+    metrics.start()
+    return metrics
+
+
+def _close_metrics(metrics: WorkerMetrics | str | None) -> None:
+    if isinstance(metrics, WorkerMetrics):
+        metrics.close()
+
+
 async def _serve_trio(
-    store: Path | StoreChoice, fd: int, timeout_s: float | None, ready_fd: int | None
+    store: Path | StoreChoice,
+    fd: int,
+    timeout_s: float | None,
+    ready_fd: int | None,
+    metrics_dir: Path | None,
 ) -> None:
     from hypercorn.trio import serve
 
@@ -267,8 +304,11 @@ async def _serve_trio(
                     return
 
             nursery.start_soon(watch)
+            metrics = _open_metrics(metrics_dir, client, client)
             app = HTTPIngress(
-                client, timeout_s=timeout_s, ops=functools.partial(answer_worker_ops, client)
+                client,
+                timeout_s=timeout_s,
+                ops=functools.partial(answer_worker_ops, client, metrics=metrics),
             )
             await nursery.start(
                 functools.partial(
@@ -280,13 +320,21 @@ async def _serve_trio(
                 )
             )
             _say_ready(ready_fd)
-            await stop.wait()
-            # serve returns once connections drained; then the client closes.
-            nursery.cancel_scope.deadline = trio.current_time() + GRACEFUL_TIMEOUT_S + 1
+            try:
+                await stop.wait()
+                # serve returns once connections drained; then the client closes.
+                nursery.cancel_scope.deadline = trio.current_time() + GRACEFUL_TIMEOUT_S + 1
+            finally:
+                _close_metrics(metrics)
 
 
 async def _serve_asyncio(
-    store: Path | StoreChoice, fd: int, timeout_s: float | None, ready_fd: int | None, server: str
+    store: Path | StoreChoice,
+    fd: int,
+    timeout_s: float | None,
+    ready_fd: int | None,
+    server: str,
+    metrics_dir: Path | None,
 ) -> None:
     from servecore.http import HTTPIngress
 
@@ -320,16 +368,20 @@ async def _serve_asyncio(
         host_uses_signal_set_wakeup_fd=True,
     )
     client, guest = await started
-    links = ReplicaLinks(client.replicas.address_of)
-    queries = AsyncioQueries(client.router, links, guest, loop)
+    # Subprocess replicas are reached over this loop's own connections; others (Ray
+    # actors, through the client's Ray driver) only through trio's router.
+    direct = isinstance(client.replicas, ReplicaClient)
+    links = ReplicaLinks(client.replicas.address_of if direct else _unreachable)
+    queries = AsyncioQueries(client.router, links, guest, loop, direct=direct)
     client.add_table_listener(queries.on_table)
     client.add_load_source(queries.waiting)
+    source = _AsyncioSource(client, queries)
+    metrics = _open_metrics(metrics_dir, client, source)
     app = HTTPIngress(
-        _AsyncioSource(client, queries),
+        source,
         timeout_s=timeout_s,
-        ops=functools.partial(answer_worker_ops, client),
+        ops=functools.partial(answer_worker_ops, client, metrics=metrics),
         loop="asyncio",
-        count_responses=False,  # a worker serves no /-/metrics to count them for
     )
     try:
         if server == "uvicorn":
@@ -337,9 +389,14 @@ async def _serve_asyncio(
         else:
             await _run_hypercorn_asyncio(app, fd, ready_fd)
     finally:
+        _close_metrics(metrics)
         links.close()
         guest.run_soon(release.set)
         await finished
+
+
+def _unreachable(tag: str) -> None:
+    return None
 
 
 def _on_stop_signals(callback: Callable[[], object]) -> None:
@@ -398,16 +455,18 @@ def serve_worker(
     timeout_s: float | None = 30.0,
     stack: str | None = None,
     ready_fd: int | None = None,
+    metrics_dir: Path | None = None,
 ) -> None:
     """Serve the ingress of the controller on ``store`` at the listening socket ``fd``
     until SIGTERM or SIGINT (see the module). ``stack`` is one of :data:`STACKS`
-    (None: :func:`default_stack`)."""
+    (None: :func:`default_stack`); ``metrics_dir`` holds the metric files of the
+    server's workers (None: no ``/-/metrics``)."""
     stack = stack or default_stack()
     if stack == "trio":
-        trio.run(_serve_trio, store, fd, timeout_s, ready_fd)
+        trio.run(_serve_trio, store, fd, timeout_s, ready_fd, metrics_dir)
     elif stack in {"uvicorn", "asyncio"}:
         server = "uvicorn" if stack == "uvicorn" else "hypercorn"
-        asyncio.run(_serve_asyncio(store, fd, timeout_s, ready_fd, server))
+        asyncio.run(_serve_asyncio(store, fd, timeout_s, ready_fd, server, metrics_dir))
     else:
         raise ValueError(f"stack={stack!r} is not one of {', '.join(STACKS)}")
 
@@ -430,7 +489,12 @@ def main(argv: list[str] | None = None) -> None:
         if args.handoff:
             serve_handoff(args.store.parent, args.fd)
         serve_worker(
-            store, args.fd, timeout_s=args.timeout, stack=args.stack, ready_fd=args.ready_fd
+            store,
+            args.fd,
+            timeout_s=args.timeout,
+            stack=args.stack,
+            ready_fd=args.ready_fd,
+            metrics_dir=args.store.parent / METRICS_DIR,
         )
     except KeyboardInterrupt:
         pass

@@ -298,7 +298,8 @@ def run(
     Ray replicas are adopted, not restarted), then applies the file again.
 
     With --runtime subprocess, HTTP is served by --workers processes (default: one per
-    CPU) that query the replicas directly and keep serving while this process is down.
+    CPU) that query the replicas directly and keep serving while this process is down;
+    with --runtime ray too when asked for (each worker joins the cluster as a driver).
 
     Settings not given here come from the app file's [server] table (runtime,
     runtime_options, host, port, workers, store, state_dir, name), then the defaults.
@@ -329,11 +330,13 @@ def run(
         workers = server.workers
     if workers is None:
         workers = (os.cpu_count() or 1) if runtime == "subprocess" else 0
-    elif workers and runtime != "subprocess":
-        where = "threads of this process" if runtime == "threads" else "reached through Ray"
+    elif workers and runtime not in ("subprocess", "ray"):
+        # Ray actors are reached by name from any Ray driver, a worker's too; threads
+        # (or a plugin's replicas, as far as servecore knows) only from this process.
+        where = "threads of this process" if runtime == "threads" else "not reachable by a client"
         _fail(
-            f"--workers {workers} needs --runtime subprocess: {runtime} replicas are {where}, "
-            f"so worker processes cannot query them. "
+            f"--workers {workers} needs --runtime subprocess or ray: {runtime} replicas are "
+            f"{where}, so worker processes cannot query them. "
             f"Use --workers 0 to serve HTTP from this process, or --runtime subprocess"
         )
     from servecore.cli._run import RunOptions, add_app_dir, preflight, run_server

@@ -34,6 +34,7 @@ import trio
 
 from servecore._core.errors import ServecoreError
 from servecore._serving.socket_handoff import handoff_path
+from servecore._serving.worker_metrics import clear_worker_metrics
 
 __all__ = [
     "WORKERS_RECORD",
@@ -196,7 +197,12 @@ class WorkerPool:
 
     async def run(self, *, task_status: trio.TaskStatus[list[int]]) -> None:
         """Start every worker (``task_status.started(pids)`` once all serve), keep them
-        serving until cancelled, then stop them (:meth:`stop`)."""
+        serving until cancelled, then stop them (:meth:`stop`).
+
+        The metric files of an earlier server's workers are removed first: the sums
+        its workers serve at ``/-/metrics`` start again from zero, as a restarted
+        process's counters do."""
+        clear_worker_metrics(self.store.parent)
         try:
             async with trio.open_nursery() as nursery:
                 for slot in range(self.count):
