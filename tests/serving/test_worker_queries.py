@@ -25,10 +25,10 @@ import trio
 
 import servecore
 from servecore._core.errors import BackpressureError
+from servecore._serving.asyncio_client import TrioGuest
 from servecore._serving.asyncio_queries import AsyncioHandle, AsyncioQueries
 from servecore._serving.remote_runtime import ReplicaClient
 from servecore._serving.replica_links import ReplicaLinks
-from servecore._serving.worker import _TrioGuest
 from servecore.http import HTTPIngress
 from servecore.router import Router
 from servecore.runtimes._protocol import Query
@@ -87,7 +87,7 @@ def run_worker(
 
     async def main() -> Any:
         loop = asyncio.get_running_loop()
-        started: asyncio.Future[tuple[Router, ReplicaClient, _TrioGuest]] = loop.create_future()
+        started: asyncio.Future[tuple[Router, ReplicaClient, TrioGuest]] = loop.create_future()
         finished: asyncio.Future[None] = loop.create_future()
         release = trio.Event()
 
@@ -98,7 +98,7 @@ def run_worker(
                 replicas.start(nursery)
                 router.start(nursery)
                 router.update(ctl.routing_table)
-                guest = _TrioGuest(loop, trio.lowlevel.current_trio_token(), nursery)
+                guest = TrioGuest(loop, trio.lowlevel.current_trio_token(), nursery)
                 started.set_result((router, replicas, guest))
                 await release.wait()
                 nursery.cancel_scope.cancel()

@@ -13,7 +13,8 @@ import trio
 
 from servecore._core.maps import Map
 from servecore._core.transitions import BackendRoute, Endpoint, RoutingTable
-from servecore._serving.worker import _TrioGuest, answer_worker_ops, worker_readyz
+from servecore._serving.asyncio_client import TrioGuest
+from servecore._serving.worker import answer_worker_ops, worker_readyz
 
 
 def _with_guest(body: Any) -> Any:
@@ -21,13 +22,13 @@ def _with_guest(body: Any) -> Any:
 
     async def main() -> Any:
         loop = asyncio.get_running_loop()
-        started: asyncio.Future[_TrioGuest] = loop.create_future()
+        started: asyncio.Future[TrioGuest] = loop.create_future()
         finished: asyncio.Future[None] = loop.create_future()
         release = trio.Event()
 
         async def trio_main() -> None:
             async with trio.open_nursery() as nursery:
-                started.set_result(_TrioGuest(loop, trio.lowlevel.current_trio_token(), nursery))
+                started.set_result(TrioGuest(loop, trio.lowlevel.current_trio_token(), nursery))
                 await release.wait()
                 nursery.cancel_scope.cancel()
 
@@ -56,7 +57,7 @@ def test_a_query_from_asyncio_runs_on_trio_and_returns_its_result_or_error() -> 
         await trio.sleep(0)
         raise KeyError("from trio")
 
-    async def body(guest: _TrioGuest) -> Any:
+    async def body(guest: TrioGuest) -> Any:
         answers = await asyncio.gather(*(guest.run(on_trio, i) for i in range(5)))
         with pytest.raises(KeyError, match="from trio"):
             await guest.run(fails)
@@ -75,7 +76,7 @@ def test_a_caller_that_goes_away_cancels_the_trio_task() -> None:
             cancelled.append(True)
             raise
 
-    async def body(guest: _TrioGuest) -> None:
+    async def body(guest: TrioGuest) -> None:
         task = asyncio.ensure_future(guest.run(forever))
         await asyncio.sleep(0.01)
         task.cancel()

@@ -4,17 +4,17 @@
 The client itself (table feed, load reports, the router) is trio code, so it runs as a
 *guest* of the program's asyncio loop, on the same thread
 (``trio.lowlevel.start_guest_run``), as in an ingress worker: no second thread, no lock.
-On the subprocess runtime a query never enters trio in the common case: it goes over
-this loop's own connection to the replica (:mod:`servecore._serving.asyncio_queries`,
-the ingress workers' path). On the Ray runtime each call is a task of the guest, whose
-result comes back in an asyncio future; cancelling the asyncio side cancels it.
+Queries take the ingress workers' path (:mod:`servecore._serving.asyncio_queries`): on
+the subprocess runtime a query never enters trio in the common case but goes over this
+loop's own connection to the replica; on the Ray runtime it runs on the client's router
+as a task of the guest, whose result comes back in an asyncio future (cancelling the
+asyncio side cancels it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -23,11 +23,11 @@ import trio
 
 from servecore._serving.asyncio_queries import AsyncioHandle, AsyncioQueries
 from servecore._serving.connect import Client, open_client
+from servecore._serving.remote_runtime import ReplicaClient
 from servecore._serving.replica_links import ReplicaLinks
 from servecore._store_choice import DEFAULT_STORE
-from servecore.router import Handle
 
-__all__ = ["AsyncioClient", "GuestHandle", "TrioGuest", "open_asyncio_client"]
+__all__ = ["AsyncioClient", "TrioGuest", "client_in_guest", "open_asyncio_client"]
 
 T = TypeVar("T")
 
@@ -123,57 +123,12 @@ async def client_in_guest(
         await asyncio.shield(finished)
 
 
-class GuestHandle:
-    """A handle for asyncio whose queries run on the guest trio loop (runtimes without
-    an asyncio path of their own, such as Ray): ``call``, ``stream``, ``options``."""
-
-    __slots__ = ("_guest", "_handle")
-
-    def __init__(self, guest: TrioGuest, handle: Handle) -> None:
-        self._guest = guest
-        self._handle = handle
-
-    @property
-    def endpoint(self) -> str:
-        """The endpoint this handle queries."""
-        return self._handle.endpoint
-
-    def options(self, **options: Any) -> GuestHandle:
-        """A copy with other options (``timeout_s``, ``multiplexed_model_id``)."""
-        return GuestHandle(self._guest, self._handle.options(**options))
-
-    async def call(self, *args: Any, **kwargs: Any) -> Any:
-        """Run one query on the endpoint and return its result."""
-        return await self._guest.run(functools.partial(self._handle.call, *args, **kwargs))
-
-    def stream(self, *args: Any, **kwargs: Any) -> _GuestStream:
-        """The items a generator target yields for one query (async iteration)."""
-        return _GuestStream(self._guest, self._handle.stream(*args, **kwargs))
-
-
-class _GuestStream:
-    def __init__(self, guest: TrioGuest, stream: Any) -> None:
-        self._guest = guest
-        self._stream = stream
-
-    def __aiter__(self) -> _GuestStream:
-        return self
-
-    async def __anext__(self) -> Any:
-        return await self._guest.run(self._stream.__anext__)
-
-    async def aclose(self) -> None:
-        """Stop reading: the generator in the replica is cancelled if still running."""
-        await self._guest.run(self._stream.aclose)
-
-
 class AsyncioClient:
     """Handles to the endpoints of a ``servecore run`` from an asyncio program (from
     :func:`open_asyncio_client`)."""
 
-    def __init__(self, client: Client, guest: TrioGuest, queries: AsyncioQueries | None) -> None:
+    def __init__(self, client: Client, queries: AsyncioQueries) -> None:
         self._client = client
-        self._guest = guest
         self._queries = queries
 
     @property
@@ -181,12 +136,11 @@ class AsyncioClient:
         """The trio client underneath: its table (``table``, ``seq``) and feed."""
         return self._client
 
-    def get_handle(self, endpoint: str) -> AsyncioHandle | GuestHandle:
+    def get_handle(self, endpoint: str) -> AsyncioHandle:
         """A handle sending queries to ``endpoint``: ``await handle.call(...)``,
-        ``async for item in handle.stream(...)``, ``handle.options(timeout_s=...)``."""
-        if self._queries is not None:
-            return AsyncioHandle(self._queries, endpoint)
-        return GuestHandle(self._guest, self._client.get_handle(endpoint))
+        ``async for item in handle.stream(...)``, ``handle.options(timeout_s=...,
+        multiplexed_model_id=...)``."""
+        return AsyncioHandle(self._queries, endpoint)
 
 
 @contextlib.asynccontextmanager
@@ -202,16 +156,20 @@ async def open_asyncio_client(
     trio twin), which it runs as a guest of the running asyncio loop. On the subprocess
     runtime queries go straight from this loop to the replicas' sockets."""
     async with client_in_guest(store, options) as (client, guest):
-        address_of = getattr(client.replicas, "address_of", None)
-        if address_of is None:  # Ray: every call through the guest
-            yield AsyncioClient(client, guest, None)
-            return
-        links = ReplicaLinks(address_of)
-        loop = asyncio.get_running_loop()
-        queries = AsyncioQueries(client.router, links, guest, loop)
+        # Subprocess replicas are reached over this loop's own connections; Ray actors
+        # through the client's router on trio.
+        direct = isinstance(client.replicas, ReplicaClient)
+        links = ReplicaLinks(client.replicas.address_of if direct else _unreachable)
+        queries = AsyncioQueries(
+            client.router, links, guest, asyncio.get_running_loop(), direct=direct
+        )
         client.add_table_listener(queries.on_table)
         client.add_load_source(queries.waiting)
         try:
-            yield AsyncioClient(client, guest, queries)
+            yield AsyncioClient(client, queries)
         finally:
             links.close()
+
+
+def _unreachable(tag: str) -> None:
+    return None

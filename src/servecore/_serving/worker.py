@@ -21,8 +21,9 @@ Three server stacks (``--stack``):
   streams in the common case: the worker's own asyncio connections to the replicas,
   replica slots from the client's router (:mod:`servecore._serving.asyncio_queries`).
   Only the unusual cases (no replica, waking from zero, batching) hop to a trio task
-  running the client's router (:class:`_TrioGuest`), whose result comes back through
-  an asyncio future, without a second thread; on the Ray runtime every query does
+  running the client's router (:class:`~servecore._serving.asyncio_client.TrioGuest`),
+  whose result comes back through an asyncio future, without a second thread; on the
+  Ray runtime every query does
   (the asyncio connections speak the subprocess wire only).
 * ``trio``: hypercorn on trio, as the controller's own ingress.
 
@@ -58,6 +59,7 @@ from typing import Any, TypeVar
 
 import trio
 
+from servecore._serving.asyncio_client import client_in_guest
 from servecore._serving.asyncio_queries import AsyncioHandle, AsyncioQueries
 from servecore._serving.connect import Client, open_client
 from servecore._serving.ops_http import PREFIX, _send, http_responses
@@ -175,52 +177,7 @@ async def answer_worker_ops(
     return True
 
 
-# -- trio as a guest of asyncio ------------------------------------------------------------
-
-
-class _TrioGuest:
-    """Runs trio functions from asyncio, with trio a guest of the same loop and thread.
-
-    :meth:`run` starts ``afn`` as a trio task and awaits its result in an asyncio
-    future; cancelling the asyncio side (a client that went away) cancels the trio task.
-    """
-
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, token: trio.lowlevel.TrioToken, nursery: Any
-    ) -> None:
-        self._loop = loop
-        self._token = token
-        self._nursery = nursery
-
-    async def run(self, afn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        future: asyncio.Future[T] = self._loop.create_future()
-        scope = trio.CancelScope()
-
-        async def task() -> None:
-            # Trio tasks of a guest run on the host loop's thread: the future may be
-            # completed directly.
-            try:
-                with scope:
-                    result = await afn(*args)
-                    if not future.done():
-                        future.set_result(result)
-            except Exception as exc:
-                if not future.done():
-                    future.set_exception(exc)
-            finally:
-                if not future.done():
-                    future.cancel()
-
-        self._token.run_sync_soon(self._nursery.start_soon, task)
-        try:
-            return await future
-        except asyncio.CancelledError:
-            self._token.run_sync_soon(scope.cancel)
-            raise
-
-    def run_soon(self, fn: Callable[[], object]) -> None:
-        """Call ``fn()`` on trio soon (from any thread)."""
-        self._token.run_sync_soon(fn)
+# -- the asyncio side ----------------------------------------------------------------------
 
 
 class _AsyncioSource:
@@ -339,60 +296,30 @@ async def _serve_asyncio(
     from servecore.http import HTTPIngress
 
     loop = asyncio.get_running_loop()
-    started: asyncio.Future[tuple[Client, _TrioGuest]] = loop.create_future()
-    finished: asyncio.Future[None] = loop.create_future()
-    release = trio.Event()
-
-    async def trio_main() -> None:
-        async with open_client(store) as client, trio.open_nursery() as nursery:
-            guest = _TrioGuest(loop, trio.lowlevel.current_trio_token(), nursery)
-            started.set_result((client, guest))
-            await release.wait()
-            nursery.cancel_scope.cancel()
-
-    def done(outcome: Any) -> None:
-        if not started.done():
-            try:
-                outcome.unwrap()
-                started.set_exception(RuntimeError("the client stopped before its first table"))
-            except BaseException as exc:
-                started.set_exception(exc)
-        if not finished.done():
-            finished.set_result(None)
-
-    trio.lowlevel.start_guest_run(
-        trio_main,
-        run_sync_soon_threadsafe=loop.call_soon_threadsafe,
-        run_sync_soon_not_threadsafe=loop.call_soon,
-        done_callback=done,
-        host_uses_signal_set_wakeup_fd=True,
-    )
-    client, guest = await started
-    # Subprocess replicas are reached over this loop's own connections; others (Ray
-    # actors, through the client's Ray driver) only through trio's router.
-    direct = isinstance(client.replicas, ReplicaClient)
-    links = ReplicaLinks(client.replicas.address_of if direct else _unreachable)
-    queries = AsyncioQueries(client.router, links, guest, loop, direct=direct)
-    client.add_table_listener(queries.on_table)
-    client.add_load_source(queries.waiting)
-    source = _AsyncioSource(client, queries)
-    metrics = _open_metrics(metrics_dir, client, source)
-    app = HTTPIngress(
-        source,
-        timeout_s=timeout_s,
-        ops=functools.partial(answer_worker_ops, client, metrics=metrics),
-        loop="asyncio",
-    )
-    try:
-        if server == "uvicorn":
-            await _run_uvicorn(app, fd, ready_fd)
-        else:
-            await _run_hypercorn_asyncio(app, fd, ready_fd)
-    finally:
-        _close_metrics(metrics)
-        links.close()
-        guest.run_soon(release.set)
-        await finished
+    async with client_in_guest(store, {}) as (client, guest):
+        # Subprocess replicas are reached over this loop's own connections; others (Ray
+        # actors, through the client's Ray driver) only through trio's router.
+        direct = isinstance(client.replicas, ReplicaClient)
+        links = ReplicaLinks(client.replicas.address_of if direct else _unreachable)
+        queries = AsyncioQueries(client.router, links, guest, loop, direct=direct)
+        client.add_table_listener(queries.on_table)
+        client.add_load_source(queries.waiting)
+        source = _AsyncioSource(client, queries)
+        metrics = _open_metrics(metrics_dir, client, source)
+        app = HTTPIngress(
+            source,
+            timeout_s=timeout_s,
+            ops=functools.partial(answer_worker_ops, client, metrics=metrics),
+            loop="asyncio",
+        )
+        try:
+            if server == "uvicorn":
+                await _run_uvicorn(app, fd, ready_fd)
+            else:
+                await _run_hypercorn_asyncio(app, fd, ready_fd)
+        finally:
+            _close_metrics(metrics)
+            links.close()
 
 
 def _unreachable(tag: str) -> None:
