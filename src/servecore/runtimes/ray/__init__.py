@@ -84,9 +84,10 @@ driver's working directory and script directory on the workers' path.
 ``runtime_env``, ``scheduling_strategy``, ``label_selector``). Any other key makes the
 start fail with :class:`~servecore.InvalidConfig` naming it and the known ones.
 
-:class:`LocalRayCluster` starts a private single-node Ray head on loopback (a free
-port, a temporary directory) and stops exactly the processes it started -- for tests,
-benchmarks and demos.
+:class:`LocalRayCluster` starts a private Ray head on loopback (a free port, a
+temporary directory) and stops exactly the processes it started -- for tests,
+benchmarks and demos; its ``add_node()`` joins a worker node (a raylet of its own, a
+:class:`LocalRayNode`) on the same machine, for tests of node loss.
 
 Where things live: :mod:`~servecore.runtimes.ray.runtime` (the controller's side),
 :mod:`~servecore.runtimes.ray.actor` (the replica actor, in the Ray workers),
@@ -99,14 +100,15 @@ Where things live: :mod:`~servecore.runtimes.ray.runtime` (the controller's side
 :mod:`~servecore.runtimes.ray.errors` (exceptions on their way home),
 :mod:`~servecore.runtimes.ray.options` (actor options),
 :mod:`~servecore.runtimes.ray.connection` (the driver's connection to Ray),
-:mod:`~servecore.runtimes.ray.local_cluster` (:class:`LocalRayCluster`).
+:mod:`~servecore.runtimes.ray.local_cluster` (:class:`LocalRayCluster`, :class:`LocalRayNode`),
+:mod:`~servecore.runtimes.ray._ray_start` (``ray start`` of a loopback worker node).
 """
 
 # Ray first, so that a missing Ray fails here even if submodules are already imported.
 import ray  # noqa: F401
 
-from servecore.runtimes.ray.local_cluster import LocalRayCluster
+from servecore.runtimes.ray.local_cluster import LocalRayCluster, LocalRayNode
 from servecore.runtimes.ray.options import RUNTIME_OPTIONS, actor_options
 from servecore.runtimes.ray.runtime import RayRuntime
 
-__all__ = ["RUNTIME_OPTIONS", "LocalRayCluster", "RayRuntime", "actor_options"]
+__all__ = ["RUNTIME_OPTIONS", "LocalRayCluster", "LocalRayNode", "RayRuntime", "actor_options"]
