@@ -33,6 +33,7 @@ from servecore.runtimes.toolkit import (
     ReplicaLoop,
     StreamRun,
     prepare_replica_code,
+    run_health_check,
 )
 
 __all__ = ["PROTOCOL", "ServecoreReplica"]
@@ -255,17 +256,22 @@ class ServecoreReplica:
 
     def check_health(self) -> bool:
         """Run the object's ``check_health()``: between batches, like a batch (an async
-        one on the replica's loop)."""
+        one on the replica's loop), for at most the backend's ``health_check_timeout_s``
+        once it has begun (its wait for its turn not counted): one that does not return
+        by then raises ``TimeoutError``, a failed check."""
         code = self._code
         check = None if code is None else code.check_health
         if check is None:
             return False
+        timeout = self._spec.get("health_check_timeout_s")
+        bound = float(timeout) if isinstance(timeout, (int, float)) else None
+        tag = self._spec["tag"]
         try:
             if code is not None and code.loop is not None:
-                check()
+                run_health_check(check, bound, tag)
             else:
                 with self._turns:
-                    check()
+                    run_health_check(check, bound, tag)
         except Exception as exc:
             raise carry(exc) from None
         return True
