@@ -45,8 +45,9 @@ Deaths
     and reported dead. Calls in flight on a dead actor raise
     :class:`~servecore.ReplicaDiedError`. As in Ray Serve (and the threads runtime), a
     replica object with a ``check_health()`` method has it called every
-    ``health_check_period_s`` of the runtime, between batches; if it raises, the
-    replica is killed and reported dead.
+    ``health_check_period_s`` of the runtime, between batches; if it raises, or does
+    not return within ``health_check_timeout_s`` of beginning, the replica is killed
+    and reported dead.
 
 High availability
     Opened with a store's lease epoch, the runtime records it in the cluster (Ray's
@@ -66,7 +67,9 @@ Calls
     :class:`~servecore.ResultDecodeError` for that call, and one that cannot be pickled
     an :class:`~servecore.UnpicklableResult` naming its type. A user exception is raised
     as its own type (rebuilt even when its constructor takes other arguments than its
-    ``args``), with the replica's traceback as a note.
+    ``args``), with the replica's traceback as a note. Each query's deadline goes along
+    (``servecore.time_remaining()`` in replica code); a batch late when its turn comes
+    in the actor is dropped unrun (:class:`~servecore.DeadlineExceeded`).
 
 Streams and clients
     A generator target streams (``RayRuntime.stream``): the actor produces against

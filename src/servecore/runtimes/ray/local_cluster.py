@@ -142,7 +142,8 @@ class LocalRayNode:
 
 
 class LocalRayCluster:
-    """A single-node Ray head on loopback, private to its owner, stopped exactly.
+    """A Ray head on loopback, private to its owner, stopped exactly; worker nodes of
+    its own on the same machine with :meth:`add_node`.
 
     It listens on free ports of 127.0.0.1 only, keeps its files in a fresh short
     temporary directory (Ray's socket paths must stay short), and marks the processes
