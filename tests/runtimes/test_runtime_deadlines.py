@@ -1,5 +1,5 @@
-"""Deadlines reach replicas of the threads, subprocess and Ray runtimes (docs/design.md
-§5).
+"""Deadlines reach replicas of every runtime: threads, subprocess and Ray
+(docs/design.md §5).
 
 Each test runs on every runtime, straight through the Runtime protocol (Ray on the
 session's private cluster, in a namespace of the test's own). No wall-clock
