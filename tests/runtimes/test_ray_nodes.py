@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import psutil
 import pytest
 import trio
 
@@ -121,3 +122,20 @@ async def test_replicas_lost_with_a_node_are_replaced_on_another_before_ray_says
         assert f"lost with its node {worker.node_id}" in caplog.text
         for i in range(4):
             assert await ctl.get_handle("echo").call(i) == str(i)
+
+
+async def test_a_worker_node_stops_alone(two_nodes: tuple[LocalRayCluster, LocalRayNode]) -> None:
+    head, _worker = two_nodes
+    extra = await trio.to_thread.run_sync(lambda: head.add_node(num_cpus=1))
+    assert extra.pids() and set(extra.pids()) < set(head.pids())
+    daemons = {
+        pid: psutil.Process(pid).name()
+        for pid in set(head.pids()) - set(extra.pids())
+        if psutil.Process(pid).name() in ("raylet", "gcs_server")
+    }
+    assert {"raylet", "gcs_server"} <= set(daemons.values())  # the head's
+    await trio.to_thread.run_sync(extra.stop)
+    assert not extra.pids()
+    assert set(daemons) <= set(head.pids())  # the rest of the cluster goes on
+    nodes = await trio.to_thread.run_sync(ray.nodes)  # the GCS still answers
+    assert extra.node_id in {n["NodeID"] for n in nodes}
