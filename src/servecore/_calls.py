@@ -175,8 +175,9 @@ def time_remaining() -> float | None:
     In a batch, the earliest deadline of its queries (none if one of them has none).
     A nested call
     (``servecore.get_handle(...).call``) waits at most this long. Works on the
-    threads and subprocess runtimes; not carried to Ray replicas, nor into generator
-    (streaming) targets, where it is ``None``.
+    threads, subprocess and Ray runtimes (not in a Ray replica started by a servecore
+    before deadlines reached Ray); not carried into generator (streaming) targets,
+    where it is ``None``.
     """
     context = _current.get()
     if context is None or context.deadline is None:

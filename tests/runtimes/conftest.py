@@ -19,16 +19,13 @@ def cluster() -> Iterator[Any]:
     ray = pytest.importorskip(
         "ray", reason="the Ray runtime tests need the 'ray' extra: pip install 'servecore[ray]'"
     )
-    from ray_helpers import WORKER_PATH
+    from ray_helpers import connect_driver
     from servecore.runtimes.ray import LocalRayCluster
 
     head = LocalRayCluster(num_cpus=2, object_store_memory=200 * 1024 * 1024)
     head.start()
     try:
-        head.connect(
-            namespace="servecore-tests",
-            runtime_env={"env_vars": {"PYTHONPATH": WORKER_PATH}},
-        )
+        connect_driver(head)
         yield head
     finally:
         if ray.is_initialized():

@@ -52,6 +52,7 @@ from servecore._core.errors import (  # noqa: E402
 )
 from servecore._core.transitions import BackendConfig, ReplicaStatus, StartReplica  # noqa: E402
 from servecore._core.values import backend_of  # noqa: E402
+from servecore.runtimes import Query  # noqa: E402
 from servecore.runtimes.ray import (  # noqa: E402
     RUNTIME_OPTIONS,
     LocalRayCluster,
@@ -410,15 +411,21 @@ async def test_actors_of_other_servecore_versions_when_adopted(rt: Opened, names
             ray.remote(ray_driver.ReplicaOfProtocol).options(
                 name=tag, namespace=namespace, lifetime="detached", num_cpus=0, max_concurrency=3
             ).remote(protocol)
+        ray.remote(ray_driver.ReplicaOfProtocol4).options(
+            name="four#3", namespace=namespace, lifetime="detached", num_cpus=0
+        ).remote()
 
     await trio.to_thread.run_sync(older_and_newer)
     # An actor of an earlier servecore (an upgrade) is adopted and serves on as it did;
     # one of a newer servecore (a downgrade) speaks what this one does not: it is killed,
     # and the controller replaces it.
-    assert await rt.runtime.list_replicas() == {"new#0", "old#1"}
+    assert await rt.runtime.list_replicas() == {"new#0", "old#1", "four#3"}
     assert await rt.runtime.call("old#1", [q("x"), q("y")]) == ["old:x", "old:y"]
     assert await rt.runtime.call("new#0", [q("x")]) == ["n:x"]
-    assert await alive_in(namespace) == {"new#0", "old#1"}
+    # One from before deadlines gets its calls without them (and answers them).
+    soon = Query(args=("x",), deadline=time.time() + 60)
+    assert await rt.runtime.call("four#3", [soon]) == ["four:x"]
+    assert await alive_in(namespace) == {"new#0", "old#1", "four#3"}
 
 
 # ---------------------------------------------------------------------------------------

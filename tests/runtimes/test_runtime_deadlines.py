@@ -1,6 +1,8 @@
-"""Deadlines reach replicas of the threads and subprocess runtimes (docs/design.md §5).
+"""Deadlines reach replicas of every runtime: threads, subprocess and Ray
+(docs/design.md §5).
 
-Each test runs on both runtimes, straight through the Runtime protocol. No wall-clock
+Each test runs on every runtime, straight through the Runtime protocol (Ray on the
+session's private cluster, in a namespace of the test's own). No wall-clock
 thresholds: a deadline a minute away is "some time left", one a second ago "passed".
 """
 
@@ -28,9 +30,24 @@ BOUND_S = 30.0  # only ever a guard against hanging
 MINUTE = 60.0
 
 
-@pytest.fixture(params=["threads", "subprocess"])
+def _ray_runtime(request: pytest.FixtureRequest) -> Any:
+    pytest.importorskip("ray", reason="the Ray runtime needs the 'ray' extra")
+    from servecore.runtimes.ray import RayRuntime
+
+    cluster = request.getfixturevalue("cluster")
+    namespace = request.getfixturevalue("namespace")  # whatever is left in it is killed
+    return RayRuntime(address=cluster.address, namespace=namespace, start_timeout_s=BOUND_S)
+
+
+@pytest.fixture(params=["threads", "subprocess", pytest.param("ray", marks=pytest.mark.ray)])
 async def runtime(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
-    rt: Any = ThreadRuntime() if request.param == "threads" else SubprocessRuntime(tmp_path / "rt")
+    rt: Any
+    if request.param == "threads":
+        rt = ThreadRuntime()
+    elif request.param == "subprocess":
+        rt = SubprocessRuntime(tmp_path / "rt")
+    else:
+        rt = _ray_runtime(request)
     rt.events = []
     await rt.open(namespace="deadlines", report=rt.events.append)
     try:
@@ -42,6 +59,8 @@ async def runtime(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
 
 
 async def start(rt: Any, tag: str, target: str, *init_args: Any, **config: Any) -> str:
+    if type(rt).__name__ == "RayRuntime":
+        config.setdefault("runtime_options", {"num_cpus": 0})  # the cluster has 2 CPUs
     await rt.start_replica(
         StartReplica(
             tag=tag,

@@ -203,6 +203,25 @@ class ReplicaOfProtocol:
         return True
 
 
+class ReplicaOfProtocol4:
+    """A stand-in for a replica actor of the servecore before deadlines (protocol 4):
+    its ``run()`` takes no deadlines, and says whether it got any extra argument."""
+
+    def ready(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "health_check": False, "protocol": 4}
+
+    def run(
+        self, batch: list[tuple[tuple[Any, ...], dict[str, Any]]], request_id: str | None = None
+    ) -> bytes:
+        from servecore.runtimes.subprocess.wire import encode_results
+
+        return encode_results("four#3", [f"four:{args[0]}" for args, _kwargs in batch], "ray")
+
+    def watch(self, period_s: float) -> bool:
+        time.sleep(period_s)
+        return True
+
+
 # ---------------------------------------------------------------------------------------
 # The driver
 

@@ -23,6 +23,18 @@ WAIT = 60.0  # seconds; only ever a guard against hanging
 NO_CPU = {"num_cpus": 0}  # replicas need no CPU slot: 2 CPUs would fit only 2 of them
 
 
+#: The namespace of the test driver's own connection (each test works in one of its own).
+DRIVER_NAMESPACE = "servecore-tests"
+
+
+def connect_driver(cluster: Any) -> None:
+    """Connect this process to ``cluster`` (a ``LocalRayCluster``) as the test driver,
+    its workers importing the test targets."""
+    cluster.connect(
+        namespace=DRIVER_NAMESPACE, runtime_env={"env_vars": {"PYTHONPATH": WORKER_PATH}}
+    )
+
+
 def named_actors(ns: str) -> set[str]:
     """What Ray itself lists alive in namespace ``ns``."""
     return {

@@ -102,6 +102,7 @@ __all__ = [
     "make_runner",
     "prepare_replica",
     "prepare_replica_code",
+    "run_health_check",
 ]
 
 #: The attribute :func:`batch` sets on what it marks.
@@ -438,6 +439,40 @@ def find_health_check(obj: Any) -> Callable[[], object] | None:
     """
     check = getattr(obj, "check_health", None)
     return check if callable(check) else None
+
+
+def run_health_check(check: Callable[[], object], timeout_s: float | None, tag: str) -> None:
+    """Call ``check`` (a replica object's ``check_health()``) and wait for it at most
+    ``timeout_s`` (the backend's ``health_check_timeout_s``; ``None``: for ever).
+
+    A check that raises fails with its own exception; one that does not return in time
+    raises ``TimeoutError``: the replica is taken for hung, as one that does not answer
+    its health probe is, and the runtime ends it. The check runs on a thread of its own,
+    which is left behind if it hangs (the replica is about to end anyway).
+    """
+    if timeout_s is None or not timeout_s > 0:
+        check()
+        return
+    done = threading.Event()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            check()
+        except BaseException as exc:  # handed to the waiting thread, raised there
+            failure.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name=f"check_health {tag}", daemon=True).start()
+    if not done.wait(timeout_s):
+        raise TimeoutError(
+            f"check_health() of replica {tag} did not return within {timeout_s:g}s "
+            f"(health_check_timeout_s), so the replica is taken for hung; make "
+            f"check_health() return sooner, or raise the backend's health_check_timeout_s"
+        )
+    if failure:
+        raise failure[0]
 
 
 def apply_user_config(obj: Any, user_config: Any) -> None:

@@ -45,8 +45,9 @@ Deaths
     and reported dead. Calls in flight on a dead actor raise
     :class:`~servecore.ReplicaDiedError`. As in Ray Serve (and the threads runtime), a
     replica object with a ``check_health()`` method has it called every
-    ``health_check_period_s`` of the runtime, between batches; if it raises, the
-    replica is killed and reported dead.
+    ``health_check_period_s`` of the runtime, between batches; if it raises, or does
+    not return within ``health_check_timeout_s`` of beginning, the replica is killed
+    and reported dead.
 
 High availability
     Opened with a store's lease epoch, the runtime records it in the cluster (Ray's
@@ -66,7 +67,9 @@ Calls
     :class:`~servecore.ResultDecodeError` for that call, and one that cannot be pickled
     an :class:`~servecore.UnpicklableResult` naming its type. A user exception is raised
     as its own type (rebuilt even when its constructor takes other arguments than its
-    ``args``), with the replica's traceback as a note.
+    ``args``), with the replica's traceback as a note. Each query's deadline goes along
+    (``servecore.time_remaining()`` in replica code); a batch late when its turn comes
+    in the actor is dropped unrun (:class:`~servecore.DeadlineExceeded`).
 
 Streams and clients
     A generator target streams (``RayRuntime.stream``): the actor produces against
@@ -84,9 +87,10 @@ driver's working directory and script directory on the workers' path.
 ``runtime_env``, ``scheduling_strategy``, ``label_selector``). Any other key makes the
 start fail with :class:`~servecore.InvalidConfig` naming it and the known ones.
 
-:class:`LocalRayCluster` starts a private single-node Ray head on loopback (a free
-port, a temporary directory) and stops exactly the processes it started -- for tests,
-benchmarks and demos.
+:class:`LocalRayCluster` starts a private Ray head on loopback (a free port, a
+temporary directory) and stops exactly the processes it started -- for tests,
+benchmarks and demos; its ``add_node()`` joins a worker node (a raylet of its own, a
+:class:`LocalRayNode`) on the same machine, for tests of node loss.
 
 Where things live: :mod:`~servecore.runtimes.ray.runtime` (the controller's side),
 :mod:`~servecore.runtimes.ray.actor` (the replica actor, in the Ray workers),
@@ -99,14 +103,15 @@ Where things live: :mod:`~servecore.runtimes.ray.runtime` (the controller's side
 :mod:`~servecore.runtimes.ray.errors` (exceptions on their way home),
 :mod:`~servecore.runtimes.ray.options` (actor options),
 :mod:`~servecore.runtimes.ray.connection` (the driver's connection to Ray),
-:mod:`~servecore.runtimes.ray.local_cluster` (:class:`LocalRayCluster`).
+:mod:`~servecore.runtimes.ray.local_cluster` (:class:`LocalRayCluster`, :class:`LocalRayNode`),
+:mod:`~servecore.runtimes.ray._ray_start` (``ray start`` of a loopback worker node).
 """
 
 # Ray first, so that a missing Ray fails here even if submodules are already imported.
 import ray  # noqa: F401
 
-from servecore.runtimes.ray.local_cluster import LocalRayCluster
+from servecore.runtimes.ray.local_cluster import LocalRayCluster, LocalRayNode
 from servecore.runtimes.ray.options import RUNTIME_OPTIONS, actor_options
 from servecore.runtimes.ray.runtime import RayRuntime
 
-__all__ = ["RUNTIME_OPTIONS", "LocalRayCluster", "RayRuntime", "actor_options"]
+__all__ = ["RUNTIME_OPTIONS", "LocalRayCluster", "LocalRayNode", "RayRuntime", "actor_options"]

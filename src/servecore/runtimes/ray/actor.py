@@ -24,6 +24,7 @@ from typing import Any
 import ray
 
 from servecore._calls import Composer, ConnectComposer
+from servecore._core.errors import DeadlineExceeded
 from servecore.runtimes._protocol import Query
 from servecore.runtimes.ray.errors import carry
 from servecore.runtimes.subprocess.wire import encode_results
@@ -32,11 +33,16 @@ from servecore.runtimes.toolkit import (
     ReplicaLoop,
     StreamRun,
     prepare_replica_code,
+    run_health_check,
 )
 
 __all__ = ["PROTOCOL", "ServecoreReplica"]
 
-#: What this actor speaks, reported by ``ready()`` as ``"protocol"``. 4: a generator
+#: What this actor speaks, reported by ``ready()`` as ``"protocol"``. 5: ``run()``
+#: takes each query's deadline (``run(batch, request_id, deadlines)``): user code reads
+#: the time left (``servecore.time_remaining()``), and a batch whose every deadline has
+#: passed when its turn comes is dropped unrun (:class:`~servecore.DeadlineExceeded`).
+#: 4: a generator
 #: target streams (``stream_open``, ``stream_credit`` and ``stream_cancel`` on the
 #: control threads, ``stream_next`` on the default group's), and ``ready()`` says whether the
 #: target streams and whether it may compose. 3: ``ready()``
@@ -47,7 +53,7 @@ __all__ = ["PROTOCOL", "ServecoreReplica"]
 #: servecore before versions existed (1: ``run()`` returns the list itself, for Ray to
 #: pickle) report none. Detached actors outlive an upgrade of the controller, which may
 #: adopt them.
-PROTOCOL = 4
+PROTOCOL = 5
 
 #: The concurrency group of the runtime's own calls, and its threads: the long
 #: ``watch()``, a ``watch(0)`` probe, an adoption's ``ready()`` and a spare.
@@ -188,6 +194,7 @@ class ServecoreReplica:
         self._running = _Running()
         self._streams: dict[str, _Stream] = {}
         self._streams_lock = threading.Lock()
+        self._late = 0  # batches dropped unrun, their deadline past
 
     def _build(self) -> ReplicaCode:
         with self._lock:
@@ -249,17 +256,22 @@ class ServecoreReplica:
 
     def check_health(self) -> bool:
         """Run the object's ``check_health()``: between batches, like a batch (an async
-        one on the replica's loop)."""
+        one on the replica's loop), for at most the backend's ``health_check_timeout_s``
+        once it has begun (its wait for its turn not counted): one that does not return
+        by then raises ``TimeoutError``, a failed check."""
         code = self._code
         check = None if code is None else code.check_health
         if check is None:
             return False
+        timeout = self._spec.get("health_check_timeout_s")
+        bound = float(timeout) if isinstance(timeout, (int, float)) else None
+        tag = self._spec["tag"]
         try:
             if code is not None and code.loop is not None:
-                check()
+                run_health_check(check, bound, tag)
             else:
                 with self._turns:
-                    check()
+                    run_health_check(check, bound, tag)
         except Exception as exc:
             raise carry(exc) from None
         return True
@@ -268,11 +280,15 @@ class ServecoreReplica:
         self,
         batch: Sequence[tuple[tuple[Any, ...], dict[str, Any]]],
         request_id: str | None = None,
+        deadlines: Sequence[float | None] | None = None,
     ) -> bytes:
         """Run one batch of ``(args, kwargs)`` pairs; one result per query, in order,
         pickled (see the module docstring). A result pickle refuses raises
         :class:`~servecore.UnpicklableResult` naming its type. ``request_id`` names
-        the call for :meth:`cancel` (async targets).
+        the call for :meth:`cancel` (async targets). ``deadlines`` (one per query,
+        wall-clock seconds or ``None``; ``None``: no query has one) are checked when
+        the batch's turn comes: a batch whose every deadline has passed raises
+        :class:`~servecore.DeadlineExceeded` without running.
 
         Pairs, not :class:`Query` objects, cross the wire: Ray serializes plain tuples
         faster than objects it has to pickle.
@@ -281,7 +297,13 @@ class ServecoreReplica:
             code = self._code
             if code is None:
                 code = self._build()
-            queries = [Query(args=args, kwargs=kwargs) for args, kwargs in batch]
+            if deadlines is None:
+                queries = [Query(args=args, kwargs=kwargs) for args, kwargs in batch]
+            else:
+                queries = [
+                    Query(args=args, kwargs=kwargs, deadline=deadline)
+                    for (args, kwargs), deadline in zip(batch, deadlines, strict=True)
+                ]
             if code.loop is not None and code.run_async is not None:
                 results = self._run_async(code.loop, code.run_async, queries, request_id)
                 if results is None:
@@ -290,8 +312,19 @@ class ServecoreReplica:
                 with self._turns:
                     results = code.run(queries)
             return encode_results(self._spec["tag"], results, "ray")
+        except DeadlineExceeded as exc:
+            self._dropped_late(exc)
+            raise carry(exc) from None
         except Exception as exc:
             raise carry(exc) from None
+
+    def _dropped_late(self, exc: DeadlineExceeded) -> None:
+        """Count (and log, in the worker's log) a batch whose deadline passed before it
+        could begin."""
+        with self._lock:
+            self._late += 1
+            n = self._late
+        print(f"replica {self._spec['tag']} dropped a call: {exc} ({n} so far)", flush=True)
 
     def _run_async(
         self,

@@ -27,10 +27,12 @@ from servecore.runtimes._streams import ItemStream
 from servecore.runtimes.ray.errors import short, user_error
 from servecore.runtimes.ray.results import Results
 
-__all__ = ["STREAMS_SINCE", "ActorCalls", "batch_results", "ray_error"]
+__all__ = ["DEADLINES_SINCE", "STREAMS_SINCE", "ActorCalls", "batch_results", "ray_error"]
 
 #: The first actor protocol that streams (``stream_open`` and the rest).
 STREAMS_SINCE = 4
+#: The first actor protocol whose ``run()`` takes the queries' deadlines.
+DEADLINES_SINCE = 5
 #: How long one ``stream_next()`` waits in the replica for an item before it answers
 #: with none (so that a stream waiting on a slow generator holds a thread of the
 #: actor's stream group for at most this long at a time).
@@ -83,20 +85,38 @@ class ActorCalls:
         self, tag: str, handle: Any, info: Mapping[str, Any], batch: Sequence[Query]
     ) -> list[Any]:
         """Run ``batch`` on the actor ``handle`` of replica ``tag``, whose ``ready()``
-        said ``info`` (empty: not asked)."""
+        said ``info`` (empty: not asked).
+
+        The queries' deadlines go along to an actor that takes them (protocol
+        :data:`DEADLINES_SINCE` and later); an older one, or one never asked its
+        protocol, gets the call without them and runs the queries as before.
+        """
         pairs = [(q.args, q.kwargs) for q in batch]
+        protocol = info.get("protocol") if info else None
+        protocol = protocol if isinstance(protocol, int) else None
+        deadlines: list[float | None] | None = None
+        if protocol is not None and protocol >= DEADLINES_SINCE:
+            deadlines = [q.deadline for q in batch]
+            if all(d is None for d in deadlines):
+                deadlines = None
         if info.get("async"):
-            value = await self._run_async(handle, pairs)
+            value = await self._run_async(handle, pairs, deadlines)
+        elif deadlines is not None:
+            value = await self.results.wait(handle.run.remote(pairs, None, deadlines))
         else:
             value = await self.results.wait(handle.run.remote(pairs))
-        protocol = info.get("protocol") if info else None
-        return batch_results(tag, value, protocol if isinstance(protocol, int) else None)
+        return batch_results(tag, value, protocol)
 
-    async def _run_async(self, handle: Any, pairs: list[Any]) -> Any:
+    async def _run_async(
+        self, handle: Any, pairs: list[Any], deadlines: list[float | None] | None
+    ) -> Any:
         """A call of an async target: one whose caller gives up cancels its task in the
         replica (``cancel(request_id)``, on the actor's control threads)."""
         request_id = uuid.uuid4().hex
-        ref = handle.run.remote(pairs, request_id)
+        if deadlines is None:
+            ref = handle.run.remote(pairs, request_id)
+        else:
+            ref = handle.run.remote(pairs, request_id, deadlines)
         try:
             return await self.results.wait(ref)
         except trio.Cancelled:

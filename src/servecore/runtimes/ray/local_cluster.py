@@ -1,4 +1,6 @@
-"""A private single-node Ray cluster on loopback, for tests, benchmarks and demos."""
+"""A private Ray cluster on loopback, for tests, benchmarks and demos: a head node, and
+worker nodes (raylets of their own) on the same machine when a test needs more than
+one node."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,10 @@ import ray
 
 from servecore.runtimes.ray.connection import keep_loopback
 
-__all__ = ["LocalRayCluster"]
+__all__ = ["LocalRayCluster", "LocalRayNode"]
+
+#: The script that runs ``ray start`` for a worker node on loopback (see its docstring).
+_RAY_START = Path(__file__).with_name("_ray_start.py")
 
 
 def _free_port() -> int:
@@ -29,8 +34,116 @@ def _free_port() -> int:
         return port
 
 
+def _ports() -> list[str]:
+    """Free ports for the per-node services Ray would otherwise put on fixed ports
+    (two nodes on one machine must not share them)."""
+    return [
+        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--dashboard-agent-grpc-port={_free_port()}",
+        f"--metrics-export-port={_free_port()}",
+        f"--runtime-env-agent-port={_free_port()}",
+    ]
+
+
+def _marked(marker: str, mark: str) -> list[int]:
+    """The processes whose environment has ``marker=mark`` or whose command line names
+    ``mark``, and their descendants (Ray renames its workers, which can hide their
+    environment); never this process."""
+    import psutil
+
+    me = os.getpid()
+    found: dict[int, Any] = {}
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if proc.pid == me:
+            continue
+        try:
+            hit = mark in " ".join(proc.info["cmdline"] or ())
+            hit = hit or proc.environ().get(marker) == mark
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        if hit:
+            found[proc.pid] = proc
+    for proc in list(found.values()):
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            for child in proc.children(recursive=True):
+                if child.pid != me:
+                    found.setdefault(child.pid, child)
+    return sorted(found)
+
+
+def _terminate(pids: Iterable[int], timeout_s: float) -> None:
+    """SIGTERM ``pids``, SIGKILL those left after ``timeout_s`` (a throwaway cluster has
+    nothing to save: Ray's daemons can take 10 s and more to go on SIGTERM)."""
+    import psutil
+
+    procs = []
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            procs.append(psutil.Process(pid))
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _gone, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=10.0)
+
+
+class LocalRayNode:
+    """A worker node of a :class:`LocalRayCluster`: a raylet of its own (with its
+    agents and workers) on the same machine, joined to the private head on loopback.
+    Made by :meth:`LocalRayCluster.add_node`; stopped with the cluster, or on its own
+    (:meth:`stop`), or crashed (:meth:`kill_raylet`)."""
+
+    #: The environment variable that marks this node's processes with its directory.
+    MARKER = "SERVECORE_RAY_NODE"
+
+    def __init__(self, node_id: str, temp_dir: str) -> None:
+        #: The node's Ray id (hex), as ``ray.nodes()`` and replicas report it.
+        self.node_id = node_id
+        #: The node's own temporary directory (inside the head's).
+        self.temp_dir = temp_dir
+
+    def __repr__(self) -> str:
+        return f"LocalRayNode(node_id={self.node_id!r})"
+
+    def pids(self) -> list[int]:
+        """The processes of this node: its raylet, agents and workers."""
+        return _marked(self.MARKER, self.temp_dir)
+
+    def raylet_pid(self) -> int | None:
+        """The process id of this node's raylet (``None`` once it is gone)."""
+        import psutil
+
+        for pid in self.pids():
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                if psutil.Process(pid).name() == "raylet":
+                    return pid
+        return None
+
+    def kill_raylet(self) -> int:
+        """SIGKILL this node's raylet, as a crash of its machine would end it (its
+        workers go with it; the GCS notices only by its own health checks). Return the
+        pid killed. Raises ``RuntimeError`` if the raylet is already gone."""
+        import psutil
+
+        pid = self.raylet_pid()
+        if pid is None:
+            raise RuntimeError(f"{self!r} has no raylet running (already killed or stopped)")
+        proc = psutil.Process(pid)
+        proc.kill()
+        proc.wait(timeout=10.0)
+        return pid
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        """Terminate exactly this node's processes (the head and other nodes go on)."""
+        _terminate(self.pids(), timeout_s)
+
+
 class LocalRayCluster:
-    """A single-node Ray head on loopback, private to its owner, stopped exactly.
+    """A Ray head on loopback, private to its owner, stopped exactly; worker nodes of
+    its own on the same machine with :meth:`add_node`.
 
     It listens on free ports of 127.0.0.1 only, keeps its files in a fresh short
     temporary directory (Ray's socket paths must stay short), and marks the processes
@@ -55,11 +168,18 @@ class LocalRayCluster:
         object_store_memory: int = 200 * 1024 * 1024,
         resources: Mapping[str, float] | None = None,
         ray_executable: str | os.PathLike[str] | None = None,
+        system_config: Mapping[str, Any] | None = None,
     ) -> None:
         self.num_cpus = num_cpus
         self.object_store_memory = object_store_memory
         self.resources = dict(resources or {})
         self.ray_executable = Path(ray_executable or Path(sys.executable).parent / "ray")
+        #: Ray's internal settings for the whole cluster (``ray start --system-config``),
+        #: e.g. ``{"health_check_failure_threshold": 100}`` to make Ray slow to declare
+        #: a lost node dead.
+        self.system_config = dict(system_config or {})
+        #: The worker nodes added so far (:meth:`add_node`).
+        self.nodes: list[LocalRayNode] = []
         #: The GCS address, ``"127.0.0.1:PORT"`` (once started).
         self.address: str | None = None
         #: The cluster's temporary directory (once started).
@@ -90,15 +210,7 @@ class LocalRayCluster:
         # Ray puts Unix socket paths under the temp dir; keep it short.
         self.temp_dir = tempfile.mkdtemp(prefix="rsc-", dir="/tmp" if os.name == "posix" else None)
         port = _free_port()
-        env = dict(
-            os.environ,
-            RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # keep 127.0.0.1, do not go outward
-            RAY_USAGE_STATS_ENABLED="0",
-            AUTOSCALER_METRIC_PORT=str(_free_port()),
-            DASHBOARD_METRIC_PORT=str(_free_port()),
-        )
-        env[self.MARKER] = self.temp_dir
-        env.pop("RAY_ADDRESS", None)
+        env = self._environment()
         command = [
             str(self.ray_executable),
             "start",
@@ -113,13 +225,12 @@ class LocalRayCluster:
             "--disable-usage-stats",
             f"--ray-client-server-port={_free_port()}",
             f"--dashboard-port={_free_port()}",
-            f"--dashboard-agent-listen-port={_free_port()}",
-            f"--dashboard-agent-grpc-port={_free_port()}",
-            f"--metrics-export-port={_free_port()}",
-            f"--runtime-env-agent-port={_free_port()}",
+            *_ports(),
         ]
         if self.resources:
             command.append(f"--resources={json.dumps(self.resources)}")
+        if self.system_config:
+            command.append(f"--system-config={json.dumps(self.system_config)}")
         try:
             done = subprocess.run(
                 command, env=env, capture_output=True, text=True, timeout=timeout_s, check=False
@@ -136,52 +247,97 @@ class LocalRayCluster:
         self.address = f"127.0.0.1:{port}"
         return self.address
 
-    def pids(self) -> list[int]:
-        """The processes of this cluster: marked ones, and their descendants."""
-        import psutil
+    def _environment(self) -> dict[str, str]:
+        """The environment of the processes ``ray start`` starts for this cluster."""
+        assert self.temp_dir is not None
+        env = dict(
+            os.environ,
+            RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # keep 127.0.0.1, do not go outward
+            RAY_USAGE_STATS_ENABLED="0",
+            AUTOSCALER_METRIC_PORT=str(_free_port()),
+            DASHBOARD_METRIC_PORT=str(_free_port()),
+        )
+        env[self.MARKER] = self.temp_dir
+        env.pop("RAY_ADDRESS", None)
+        env.pop(LocalRayNode.MARKER, None)
+        return env
 
+    def add_node(
+        self,
+        *,
+        num_cpus: int = 1,
+        object_store_memory: int = 100 * 1024 * 1024,
+        resources: Mapping[str, float] | None = None,
+        labels: Mapping[str, str] | None = None,
+        timeout_s: float = 120.0,
+    ) -> LocalRayNode:
+        """Start a worker node (a raylet of its own, on loopback, with free ports) and
+        join it to this cluster's head; return it once the GCS lists it.
+
+        Several raylets on one machine is how Ray's own multi-node tests run
+        (``ray.cluster_utils``). The node's files live in a directory of its own inside
+        the cluster's, and its processes carry both marks, so :meth:`stop` ends them
+        too, and :meth:`LocalRayNode.stop` ends exactly them.
+        """
+        if self.address is None or self.temp_dir is None:
+            raise RuntimeError("the cluster is not started: start() it before add_node()")
+        node_dir = tempfile.mkdtemp(prefix="n", dir=self.temp_dir)
+        id_file = os.path.join(node_dir, "node_id")
+        env = self._environment()
+        env[LocalRayNode.MARKER] = node_dir
+        env["SERVECORE_RAY_NODE_ID_FILE"] = id_file
+        python = self.ray_executable.parent / "python"
+        command = [
+            str(python if python.exists() else sys.executable),
+            str(_RAY_START),
+            "start",
+            f"--address={self.address}",
+            "--node-ip-address=127.0.0.1",
+            f"--temp-dir={node_dir}",
+            f"--num-cpus={num_cpus}",
+            f"--object-store-memory={object_store_memory}",
+            "--include-log-monitor=false",
+            "--disable-usage-stats",
+            f"--node-manager-port={_free_port()}",
+            f"--object-manager-port={_free_port()}",
+            *_ports(),
+        ]
+        if resources:
+            command.append(f"--resources={json.dumps(dict(resources))}")
+        if labels:
+            command.append("--labels=" + ",".join(f"{k}={v}" for k, v in labels.items()))
+        node = LocalRayNode("", node_dir)
+        try:
+            done = subprocess.run(
+                command, env=env, capture_output=True, text=True, timeout=timeout_s, check=False
+            )
+            if done.returncode != 0:
+                raise RuntimeError(
+                    f"`ray start --address={self.address}` failed (exit {done.returncode}):\n"
+                    f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+                )
+            node.node_id = Path(id_file).read_text(encoding="utf-8").strip()
+        except BaseException:
+            node.stop()
+            raise
+        self.nodes.append(node)
+        return node
+
+    def pids(self) -> list[int]:
+        """The processes of this cluster (its nodes' too): marked ones, and their
+        descendants."""
         if self.temp_dir is None:
             return []
-        me = os.getpid()
-        found: dict[int, Any] = {}
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            if proc.pid == me:
-                continue
-            try:
-                hit = self.temp_dir in " ".join(proc.info["cmdline"] or ())
-                hit = hit or proc.environ().get(self.MARKER) == self.temp_dir
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                continue
-            if hit:
-                found[proc.pid] = proc
-        for proc in list(found.values()):
-            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                for child in proc.children(recursive=True):
-                    if child.pid != me:
-                        found.setdefault(child.pid, child)
-        return sorted(found)
+        return _marked(self.MARKER, self.temp_dir)
 
     def stop(self, timeout_s: float = 2.0) -> None:
-        """Terminate exactly this cluster's processes, SIGKILL those left after
-        ``timeout_s`` (a throwaway cluster has nothing to save: Ray's daemons can take
-        10 s and more to go on SIGTERM), and remove its directory."""
-        import psutil
-
-        procs = []
-        for pid in self.pids():
-            with contextlib.suppress(psutil.NoSuchProcess):
-                procs.append(psutil.Process(pid))
-        for proc in procs:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.terminate()
-        _gone, alive = psutil.wait_procs(procs, timeout=timeout_s)
-        for proc in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
-        psutil.wait_procs(alive, timeout=10.0)
+        """Terminate exactly this cluster's processes (its worker nodes' too), SIGKILL
+        those left after ``timeout_s``, and remove its directory."""
+        _terminate(self.pids(), timeout_s)
         if self.temp_dir is not None:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
         self.address = None
+        self.nodes.clear()
 
     def __enter__(self) -> LocalRayCluster:
         self.start()

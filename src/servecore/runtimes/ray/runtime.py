@@ -79,7 +79,16 @@ def _unusable(tag: str, info: Mapping[str, Any]) -> str | None:
     elif protocol == 3:
         log.info(
             "replica %s was started by an earlier servecore (actor protocol 3, this one "
-            "speaks %d): it serves on; it cannot stream and its code cannot compose",
+            "speaks %d): it serves on; it cannot stream, its code cannot compose, and its "
+            "queries carry no deadlines",
+            tag,
+            PROTOCOL,
+        )
+    elif protocol == 4:
+        log.info(
+            "replica %s was started by an earlier servecore (actor protocol 4, this one "
+            "speaks %d): it serves on; its queries carry no deadlines "
+            "(servecore.time_remaining() is None there, and a late query still runs)",
             tag,
             PROTOCOL,
         )

@@ -19,7 +19,9 @@ killed and reported dead. A replica busy with a long query answers its probe: it
 killed.
 
 A replica object with a ``check_health()`` method has it called on each renewal of the
-watch, between batches; if it raises, the replica is killed and reported dead.
+watch, between batches; if it raises, or does not return within the backend's
+``health_check_timeout_s`` of beginning (the actor bounds it, not counting its wait for
+a turn), the replica is killed and reported dead.
 
 A fenced runtime (a newer leader owns the namespace) kills nothing: its successor's
 probes judge the replicas.

@@ -225,13 +225,19 @@ class _Server:
         sys.stdout.flush()
         os._exit(70)
 
-    def check_health_forever(self, check_health: Callable[[], object], period: float) -> None:
+    def check_health_forever(
+        self, check_health: Callable[[], object], period: float, timeout: float | None
+    ) -> None:
         """Call the target's ``check_health()`` every ``period`` seconds; if it raises,
-        the replica is dead (as in the threads runtime) and its process ends."""
+        or does not return within ``timeout`` seconds (the backend's
+        ``health_check_timeout_s``), the replica is dead (as in the threads runtime) and
+        its process ends."""
+        from servecore.runtimes.toolkit import run_health_check  # loaded with the target
+
         while not self.stopping:
             time.sleep(period)
             try:
-                check_health()
+                run_health_check(check_health, timeout, self.tag)
             except BaseException as exc:
                 self.die(f"health check failed: {type(exc).__name__}: {exc}")
 
@@ -670,8 +676,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     if check_health is not None:
         period = float(spec["health_check_period_s"])
+        bound = spec.get("probe_timeout_s")
+        timeout = float(bound) if isinstance(bound, (int, float)) else None
         threading.Thread(
-            target=server.check_health_forever, args=(check_health, period), daemon=True
+            target=server.check_health_forever,
+            args=(check_health, period, timeout),
+            daemon=True,
         ).start()
     server.serve()
     return 0

@@ -63,8 +63,9 @@ class SubprocessRuntime:
     backend's ``runtime_options["startup_timeout_s"]`` overrides it). ``env`` adds
     environment variables for every replica. A target with a ``check_health()`` method
     has it called every ``health_check_period_s`` on a thread of its replica; if it
-    raises, the replica's process ends and it is reported dead with that error (as in
-    the threads runtime). ``control_socket`` is the control socket of the
+    raises (as in the threads runtime), or does not return within its backend's
+    ``health_check_timeout_s``, the replica's process ends and it is reported dead
+    with that error. ``control_socket`` is the control socket of the
     ``servecore run`` serving this runtime's controller (the CLI passes it): replica
     code's ``servecore.get_handle`` connects there (``servecore.connect``), on first use.
 
