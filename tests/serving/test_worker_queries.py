@@ -496,3 +496,22 @@ def test_a_client_that_leaves_cancels_its_query_in_the_replica(
         assert worker.router.ongoing_queries() == {"rec": 0}
 
     run_worker(ctl, body)
+
+
+def test_a_query_on_trios_path_that_times_out_counts_timed_out(
+    ctl: servecore.SyncController,
+) -> None:
+    # Batching goes through trio's router: its own timer must fire first.
+    ctl.create_backend("sb", "subprocess_targets:slow_batch", max_batch_size=2)
+    ctl.create_endpoint("sb", route="/sb", methods=("POST",))
+    ctl.set_traffic("sb", {"sb": 1.0})
+
+    async def body(worker: Worker) -> None:
+        assert await worker.queries.call("sb", Query(args=(0,)), 30.0) == "slept 0"
+        status, _ = await _http(worker.app(timeout_s=0.2), "POST", "/sb", 1.0)
+        assert status == 504
+        counts = worker.router.statistics().queries
+        assert counts.get(("sb", "sb", "timed_out")) == 1, counts
+        assert ("sb", "sb", "cancelled") not in counts
+
+    run_worker(ctl, body)

@@ -171,6 +171,13 @@ def lengths(items: list[str]) -> list[int]:
     return [len(item) for item in items]
 
 
+@servecore.batch
+def slow_batch(seconds: list[float]) -> list[str]:
+    """A batch target that sleeps the longest of its items' seconds."""
+    time.sleep(max(seconds))
+    return [f"slept {s}" for s in seconds]
+
+
 class Meeting:
     """Each call waits at a barrier of ``parties`` and returns its arrival index."""
 

@@ -268,10 +268,10 @@ class AsyncioQueries:
         router = self.router
         chosen = router.direct_route(endpoint, query)
         if chosen is None:
-            return await self.trio.run(router.call, endpoint, query)
+            return await self.trio.run(router.call_timed, endpoint, query, _left(query))
         tag, b = chosen
         if b is None:
-            return await self.trio.run(router.call_timed, endpoint, query, None, tag)
+            return await self.trio.run(router.call_timed, endpoint, query, _left(query), tag)
         started = time.perf_counter()
         resends = 0
         model = model_of(query)
@@ -313,7 +313,7 @@ class AsyncioQueries:
             outcome = "timed_out" if timed_out else outcome_of(exc)
             router.stats.record(endpoint, tag, outcome, time.perf_counter() - started)
             raise
-        return await self.trio.run(router.call_timed, endpoint, query, None, tag)
+        return await self.trio.run(router.call_timed, endpoint, query, _left(query), tag)
 
     async def _open_and_send(self, b: BackendState, w: _Waiter) -> None:
         replica = w.replica
@@ -467,6 +467,13 @@ class _TrioStream:
 
     async def aclose(self) -> None:
         await self._trio.run(_close, self._items)
+
+
+def _left(query: Query) -> float | None:
+    """The time left before ``query``'s deadline, for a query handed to trio's router:
+    its own timer then fires first, so it counts ``timed_out`` (not ``cancelled``)."""
+    deadline = query.deadline
+    return None if deadline is None else max(0.0, deadline - time.time())
 
 
 async def _close(items: Any) -> None:
