@@ -515,3 +515,22 @@ def test_a_query_on_trios_path_that_times_out_counts_timed_out(
         assert ("sb", "sb", "cancelled") not in counts
 
     run_worker(ctl, body)
+
+
+def test_a_stream_item_later_than_the_timeout_raises_timeout_and_stops_the_generator(
+    ctl: servecore.SyncController,
+) -> None:
+    ctl.create_backend("counter", "stream_targets:Counter")
+    ctl.create_endpoint("count", methods=("POST",))
+    ctl.set_traffic("count", {"counter": 1.0})
+
+    async def body(worker: Worker) -> None:
+        handle = AsyncioHandle(worker.queries, "count").options(timeout_s=0.3)
+        items = handle.stream(3, 0.05)
+        assert [item[0] async for item in items] == [0, 1, 2]  # each within the timeout
+        slow = handle.stream(3, 2.0)
+        with pytest.raises(TimeoutError, match=r"gave no item within 0\.3s"):
+            await slow.__anext__()
+        assert worker.router.ongoing_queries() == {"counter": 0}
+
+    run_worker(ctl, body)
