@@ -170,3 +170,45 @@ async def test_a_client_follows_the_controller_that_took_the_lease(
             stop.set()
     assert {key: p.pid for key, p in replica_processes(deployment.replicas).items()} == pids
     assert answered == [f"v1:{i}" for i in range(len(answered))]
+
+
+async def test_a_clients_load_reaches_the_leader_through_the_database(
+    deployment: Deployment,
+) -> None:
+    """A client on a PostgreSQL store reports its load as a row in the database (it
+    may be on another host, where the leader's control socket is out of reach); the
+    leader's reader (what ``servecore run`` starts) counts it, and ages it out once
+    the client stops renewing it."""
+    import sys
+
+    from servecore.cli._run import _read_load_reports
+
+    support = str(Path(__file__).resolve().parents[1] / "support")
+    sys.path.insert(0, support)  # replicas import their target with the host's path
+    store = deployment.store()
+    try:
+        async with deployment.controller(store) as ctl:
+            await ctl.create_backend("slow", "subprocess_targets:Slow", max_concurrent_queries=4)
+            await ctl.create_endpoint("slow")
+            await ctl.set_traffic("slow", {"slow": 1.0})
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_read_load_reports, ctl, store)
+                async with open_client(
+                    deployment.store_arg,
+                    state_dir=deployment.state_dir,
+                    load_report_interval_s=0.1,
+                ) as client:
+                    assert client.load_table is not None  # not the control socket
+                    handle = client.get_handle("slow")
+                    async with trio.open_nursery() as queries:
+                        for _ in range(3):
+                            queries.start_soon(handle.call, 3.0)
+                        with trio.fail_after(20):
+                            while ctl.remote_load().get(client.reporter) != {"slow": 3}:
+                                await trio.sleep(0.05)
+                with trio.fail_after(20):  # the client is gone: its row goes stale
+                    while client.reporter in ctl.remote_load():
+                        await trio.sleep(0.05)
+                nursery.cancel_scope.cancel()
+    finally:
+        sys.path.remove(support)

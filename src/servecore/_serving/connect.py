@@ -159,6 +159,9 @@ class Client:
         self._report_now = trio.Event()
         self._table_listeners: list[Callable[[RoutingTable], None]] = []
         self._load_sources: list[Callable[[], Mapping[str, int]]] = []
+        #: Where load reports go when the store is PostgreSQL (a row per reporter the
+        #: leader reads, from any host); ``None``: the controller's control socket.
+        self.load_table: Any = None
 
     @property
     def table(self) -> VersionedTable | None:
@@ -273,7 +276,17 @@ class Client:
             request = {"op": "load", "reporter": self.reporter, "ongoing": ongoing, "wake": wake}
             try:
                 with trio.fail_after(REPORT_TIMEOUT_S):
-                    answer = await _request(self.where, request)
+                    if self.load_table is not None:  # PostgreSQL: a row the leader reads
+                        await trio.to_thread.run_sync(
+                            self.load_table.write,
+                            self.reporter,
+                            ongoing,
+                            wake,
+                            abandon_on_cancel=True,
+                        )
+                        answer = {"ok": True}
+                    else:
+                        answer = await _request(self.where, request)
             except Exception as exc:  # includes TooSlowError
                 log.debug("load report to %s failed: %r", self.where, exc)
                 continue  # the next report carries the load of its own moment
@@ -425,6 +438,9 @@ async def open_client(
                 )
                 client.feed_source = "postgresql"
                 pg_feed.start()
+                from servecore.stores.postgres_load import PostgresLoadReports
+
+                client.load_table = PostgresLoadReports(pg_store)
             else:
                 nursery.start_soon(client._follow, feed)
                 feed = None  # _follow owns it now
@@ -435,6 +451,8 @@ async def open_client(
         finally:
             nursery.cancel_scope.cancel()
             replicas.close()
+            if client.load_table is not None:
+                client.load_table.close()
             if feed is not None:
                 await feed.stream.aclose()
             if pg_feed is not None:

@@ -44,8 +44,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from servecore._control_socket import check_socket_path, check_state_dir, is_live, socket_path
 from servecore._controller.controller import Controller, open_controller
+from servecore._controller.remote_load import LOAD_REPORT_INTERVAL_S, STALE_AFTER_S
 from servecore._controller.standby import open_store
-from servecore._core.errors import ServecoreError, SteppedDown
+from servecore._core.errors import InvalidConfig, ServecoreError, SteppedDown
 from servecore._core.transitions import ReplicaStatus
 from servecore._serving.dashboard import end_streams
 from servecore._serving.socket_handoff import take_listening_socket
@@ -56,6 +57,7 @@ from servecore.cli._stores import StoreChoice, choose_store
 from servecore.cli._workers import WorkerPool, find_stale_workers, stop_workers
 from servecore.http import LISTEN_BACKLOG, HTTPIngress, hypercorn_config
 from servecore.replica_logs import forward_replica_logs
+from servecore.stores.postgres import PostgresStore
 
 __all__ = [
     "RUN_RECORD",
@@ -439,6 +441,8 @@ async def _run(options: RunOptions, console: Console, http_socket: socket.socket
                             return
 
                     nursery.start_soon(watch_signals)
+                    if isinstance(store, PostgresStore):
+                        nursery.start_soon(_read_load_reports, ctl, store)
                     if options.replica_logs:
                         nursery.start_soon(forward_replica_logs, ctl)
                     applying = trio.CancelScope()
@@ -484,6 +488,36 @@ async def _run(options: RunOptions, console: Console, http_socket: socket.socket
     if stepped_down:
         return STEPPED_DOWN_EXIT
     return 128 + received[0] if interrupted and received else 0
+
+
+async def _read_load_reports(ctl: Controller, store: PostgresStore) -> None:
+    """Count the load reported by routers on any host (clients and ingress workers
+    of a PostgreSQL store write it to the database, not to the control socket): the
+    fresh rows, twice a second, each new report once."""
+    from servecore.stores.postgres_load import PostgresLoadReports
+
+    reports = PostgresLoadReports(store)
+    seen: dict[str, int] = {}
+    try:
+        while True:
+            await trio.sleep(LOAD_REPORT_INTERVAL_S)
+            try:
+                rows = await trio.to_thread.run_sync(
+                    reports.read, STALE_AFTER_S, abandon_on_cancel=True
+                )
+            except Exception as exc:  # the database is away: the next round retries
+                log.debug("reading load reports from %s failed: %r", store.where, exc)
+                continue
+            for row in rows:
+                if seen.get(row.reporter) == row.serial:
+                    continue  # already counted; it ages out unless renewed
+                seen[row.reporter] = row.serial
+                try:
+                    ctl.report_router_load(row.reporter, row.ongoing, row.wake)
+                except InvalidConfig as exc:
+                    log.warning("ignored a malformed load report from %s: %s", row.reporter, exc)
+    finally:
+        reports.close()
 
 
 async def _serve(

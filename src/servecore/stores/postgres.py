@@ -417,6 +417,12 @@ class PostgresStore:
 
     # -- connections ----------------------------------------------------------------------
 
+    def open_connection(self) -> psycopg.Connection[Any]:
+        """A new connection to this store's database with the store's deadlines
+        (autocommit), for work beside the checkpoint's own connection; the caller
+        closes it."""
+        return self._connect()
+
     def _connect(self, *, deadline: bool = True) -> psycopg.Connection[Any]:
         """A new connection; ``deadline``: every wait on the server is bounded by the
         call timeout (not for a connection that waits for notifications)."""
