@@ -15,8 +15,6 @@ import http.client
 import json
 import signal
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from cli_server import WAIT_S, CliServer, free_port, servecore_env
+from cli_server import CliServer, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -75,33 +73,8 @@ def _one_paragraph(result: subprocess.CompletedProcess[str], *expected: str) -> 
 def _ingress(deployment: CliServer, port: int, *extra: str) -> tuple[subprocess.Popen[str], Path]:
     """Start ``servecore ingress`` on ``port`` and wait until it says it serves; it is
     stopped with the deployment's servers (its workers by their command line)."""
-    log = deployment.directory / f"ingress-{len(deployment.servers)}.log"
-    with open(log, "w") as err:
-        proc = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "servecore", "ingress", "--port", str(port)),
-                *(*deployment.store_args, *extra),
-            ],
-            cwd=deployment.directory,
-            env=servecore_env(),
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-        )
-    deployment.servers.append(proc)
-    serving = threading.Event()
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if line.startswith("servecore: serving"):
-                serving.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    deadline = time.monotonic() + WAIT_S
-    while not serving.wait(timeout=0.5):
-        assert proc.poll() is None, f"servecore ingress exited: {log.read_text()}"
-        assert time.monotonic() < deadline, f"servecore ingress never served: {log.read_text()}"
+    proc, log, serving = deployment.spawn_command("ingress", "ingress", "--port", str(port), *extra)
+    deployment.wait_serving(proc, log, serving)
     return proc, log
 
 

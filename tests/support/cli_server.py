@@ -92,14 +92,19 @@ class CliServer:
         self, app: Path, port: int | None, *extra: str
     ) -> tuple[subprocess.Popen[str], Path, threading.Event]:
         """Start ``servecore run``; the event is set once it says it serves."""
-        log = self.directory / f"server-{len(self.servers)}.log"
         port_args = () if port is None else ("--port", str(port))
+        return self.spawn_command("server", "run", str(app), *port_args, *extra)
+
+    def spawn_command(
+        self, log_name: str, command: str, *args: str
+    ) -> tuple[subprocess.Popen[str], Path, threading.Event]:
+        """Start ``servecore COMMAND`` on this store, then ``ARGS`` (which may override
+        it); a server, stopped with the others. The event is set once it says it
+        serves. Its stderr goes to a log of its own."""
+        log = self.directory / f"{log_name}-{len(self.servers)}.log"
         with open(log, "w") as err:
             proc = subprocess.Popen(
-                [
-                    *(sys.executable, "-m", "servecore", "run", str(app)),
-                    *(*port_args, *self.store_args, *extra),
-                ],
+                [sys.executable, "-m", "servecore", command, *self.store_args, *args],
                 cwd=self.directory,
                 env=servecore_env(),
                 stdout=subprocess.PIPE,
@@ -127,8 +132,8 @@ class CliServer:
             if serving.wait(timeout=0.5):
                 return
             if proc.poll() is not None:
-                raise AssertionError(f"servecore run exited: {log.read_text()}")
-        raise AssertionError(f"servecore run did not start serving: {log.read_text()}")
+                raise AssertionError(f"servecore exited: {log.read_text()}")
+        raise AssertionError(f"servecore did not start serving: {log.read_text()}")
 
     def status(self) -> dict[str, Any]:
         """``servecore status --json``; remembers the replica pids it names."""

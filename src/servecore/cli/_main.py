@@ -174,6 +174,30 @@ def _timeout(ctx: click.Context, param: click.Parameter, value: float) -> float:
     return checked
 
 
+# Options that `run` and `ingress` share.
+_timeout_option = click.option(
+    "--timeout",
+    "timeout_s",
+    type=float,
+    default=30.0,
+    show_default=True,
+    callback=_timeout,
+    help="Seconds a request may take before 504.",
+)
+_worker_stack_option = click.option(
+    "--worker-stack",
+    type=click.Choice(["uvicorn", "asyncio", "trio"]),
+    default=None,
+    hidden=True,  # for benchmarks: the workers' server stack
+)
+_log_level_option = click.option(
+    "--log-level",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    default="INFO",
+    show_default=True,
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="servecore")
 @click.option("--debug", is_flag=True, help="On an error, print its traceback too.")
@@ -245,15 +269,7 @@ def _ask(store: StoreChoice, message: dict[str, Any], timeout_s: float | None = 
     show_default=True,
     help="Forward what out-of-process replicas print to this command's log.",
 )
-@click.option(
-    "--timeout",
-    "timeout_s",
-    type=float,
-    default=30.0,
-    show_default=True,
-    callback=_timeout,
-    help="Seconds a request may take before 504.",
-)
+@_timeout_option
 @click.option(
     "--workers",
     type=click.IntRange(0, 256),
@@ -262,18 +278,8 @@ def _ask(store: StoreChoice, message: dict[str, Any], timeout_s: float | None = 
     "same port; they keep serving while this process is down. 0: serve HTTP from this "
     "process. [default: the CPU count with --runtime subprocess, else 0]",
 )
-@click.option(
-    "--worker-stack",
-    type=click.Choice(["uvicorn", "asyncio", "trio"]),
-    default=None,
-    hidden=True,  # for benchmarks: the workers' server stack
-)
-@click.option(
-    "--log-level",
-    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-    default="INFO",
-    show_default=True,
-)
+@_worker_stack_option
+@_log_level_option
 @_one_paragraph
 def run(
     app_file: Path,
@@ -652,27 +658,9 @@ def logs(target: str, store: StoreChoice, follow: bool) -> None:
     default=None,
     help="Ingress worker processes serving HTTP on the port. [default: the CPU count]",
 )
-@click.option(
-    "--timeout",
-    "timeout_s",
-    type=float,
-    default=30.0,
-    show_default=True,
-    callback=_timeout,
-    help="Seconds a request may take before 504.",
-)
-@click.option(
-    "--worker-stack",
-    type=click.Choice(["uvicorn", "asyncio", "trio"]),
-    default=None,
-    hidden=True,  # for benchmarks: the workers' server stack
-)
-@click.option(
-    "--log-level",
-    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-    default="INFO",
-    show_default=True,
-)
+@_timeout_option
+@_worker_stack_option
+@_log_level_option
 @_one_paragraph
 def ingress(
     store: StoreChoice,
