@@ -44,9 +44,9 @@ from servecore.runtimes.subprocess.wire import (
     PING,
     REFUSED,
     STREAM,
-    dumps,
-    encode_call,
+    call_body,
     frame,
+    stream_body,
 )
 from servecore.runtimes.toolkit import DEFAULT_STREAM_WINDOW
 
@@ -216,12 +216,7 @@ class ReplicaLink(asyncio.Protocol):
         :meth:`forget_call`. Returns the request id."""
         if not self.usable:
             raise not_begun(self.tag, "the replica is stopping; the query was not sent")
-        try:
-            body = encode_call([query])
-        except Exception as exc:
-            raise TypeError(
-                f"the arguments of a query to replica {self.tag!r} cannot be pickled: {exc}"
-            ) from exc
+        body = call_body([query], self.tag)
         request_id = next(self._ids)
         self._write(frame(CALL, request_id, body))
         self._pending[request_id] = (future, answered)
@@ -241,12 +236,7 @@ class ReplicaLink(asyncio.Protocol):
         sends ``CANCEL``)."""
         if not self.usable:
             raise not_begun(self.tag, "the replica is stopping; the stream was not opened")
-        try:
-            body = dumps((query.args, query.kwargs, window))
-        except Exception as exc:
-            raise TypeError(
-                f"the arguments of a stream to replica {self.tag!r} cannot be pickled: {exc}"
-            ) from exc
+        body = stream_body(query, window, self.tag)
         request_id = next(self._ids)
 
         def grant(n: int) -> None:

@@ -31,7 +31,7 @@ from servecore.runtimes.subprocess.wire import (
     HEADER,
     OK,
     PING,
-    encode_call,
+    call_body,
     frame,
 )
 
@@ -107,12 +107,7 @@ class BlockingCalls:
                 conn = connections[tag] = _connect(address, tag, pid)
             except (OSError, ValueError):
                 return None  # not reachable from here now: trio's path decides
-        try:
-            body = encode_call(batch)
-        except Exception as exc:
-            raise TypeError(
-                f"the arguments of a query to replica {tag!r} cannot be pickled: {exc}"
-            ) from exc
+        body = call_body(batch, tag)
         request_id = next(conn.ids)
         try:
             if conn.timeout != timeout_s:

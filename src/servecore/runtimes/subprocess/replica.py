@@ -32,9 +32,9 @@ from servecore.runtimes.subprocess.wire import (
     PING,
     REFUSED,
     STREAM,
-    dumps,
-    encode_call,
+    call_body,
     frame,
+    stream_body,
 )
 from servecore.runtimes.toolkit import DEFAULT_STREAM_WINDOW
 
@@ -192,12 +192,7 @@ class ReplicaConnection:
             raise ReplicaDiedError(self.tag, self.dead_reason)
         if self.stopping or self.draining:
             raise not_begun(self.tag, "the replica is stopping; the query was not sent")
-        try:
-            body = encode_call(batch)
-        except Exception as exc:
-            raise TypeError(
-                f"the arguments of a query to replica {self.tag!r} cannot be pickled: {exc}"
-            ) from exc
+        body = call_body(batch, self.tag)
         request_id = next(self.ids)
         try:
             self.channel.send(frame(CALL, request_id, body))
@@ -236,12 +231,7 @@ class ReplicaConnection:
             raise ReplicaDiedError(self.tag, self.dead_reason)
         if self.stopping or self.draining:
             raise not_begun(self.tag, "the replica is stopping; the stream was not opened")
-        try:
-            body = dumps((query.args, query.kwargs, window))
-        except Exception as exc:
-            raise TypeError(
-                f"the arguments of a stream to replica {self.tag!r} cannot be pickled: {exc}"
-            ) from exc
+        body = stream_body(query, window, self.tag)
         request_id = next(self.ids)
 
         def grant(n: int) -> None:

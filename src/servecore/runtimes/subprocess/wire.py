@@ -44,6 +44,7 @@ __all__ = [
     "PING",
     "REFUSED",
     "STREAM",
+    "call_body",
     "decode_call",
     "dumps",
     "encodable",
@@ -53,6 +54,7 @@ __all__ = [
     "frame",
     "parse_frame",
     "socket_address",
+    "stream_body",
 ]
 
 #: body length (bytes), message kind, request id
@@ -149,6 +151,28 @@ def encode_call(batch: Any) -> bytes:
     values = [math.nan if d is None else float(d) for d in deadlines]
     n = len(values)
     return body + struct.pack(f"!{n}d", *values) + COUNT.pack(n) + DEADLINES_MAGIC
+
+
+def call_body(batch: Any, tag: str) -> bytes:
+    """(host) :func:`encode_call` for replica ``tag``; arguments pickle cannot take
+    raise ``TypeError`` naming the replica (nothing was sent)."""
+    try:
+        return encode_call(batch)
+    except Exception as exc:
+        raise TypeError(
+            f"the arguments of a query to replica {tag!r} cannot be pickled: {exc}"
+        ) from exc
+
+
+def stream_body(query: Any, window: int, tag: str) -> bytes:
+    """(host) The body of a STREAM frame: the query's arguments and the credit
+    ``window``; ``TypeError`` naming the replica if they cannot be pickled."""
+    try:
+        return dumps((query.args, query.kwargs, window))
+    except Exception as exc:
+        raise TypeError(
+            f"the arguments of a stream to replica {tag!r} cannot be pickled: {exc}"
+        ) from exc
 
 
 def decode_call(body: bytes) -> list[tuple[Any, Any, float | None]]:
