@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import logging
 import os
 import socket
@@ -48,8 +47,6 @@ import uuid
 from collections.abc import Callable, Collection, Mapping
 from math import ceil, inf
 from typing import TYPE_CHECKING, Any, TypeVar
-
-import attrs
 
 from servecore._core.errors import (
     CheckpointError,
@@ -63,6 +60,7 @@ from servecore._core.errors import (
 )
 from servecore._core.records import META_KEY, decode_blob, meta_record, read_meta
 from servecore._text import describe_exception
+from servecore.stores.postgres_commits import COMMIT_CHANNEL, CommitListener, Committed
 
 if TYPE_CHECKING:
     import psycopg
@@ -83,9 +81,6 @@ log = logging.getLogger("servecore.stores.postgres")
 SCHEMA_VERSION = 1
 #: The record a whole-blob checkpoint (``save``/``load``) is kept in.
 BLOB_KEY = "checkpoint"
-#: The channel every write NOTIFYs on, in its own statement (so only once it commits);
-#: the payload is the md5 of the checkpoint's name (a name may be longer than a payload).
-COMMIT_CHANNEL = "servecore_commits"
 #: How often, at most, a waiting standby asks the database about the lease.
 _STANDBY_POLL_S = 0.25
 # Any constant: serializes the schema's creation between openers racing on a new database.
@@ -958,73 +953,6 @@ class PostgresStore:
 
     def __repr__(self) -> str:
         return f"PostgresStore({self.where!r})"
-
-
-@attrs.frozen(kw_only=True)
-class Committed:
-    """A checkpoint as committed (:meth:`PostgresStore.load_committed`)."""
-
-    #: The epoch of the lease row (the last holder's); None if no one ever held it.
-    epoch: int | None
-    seq: int
-    records: dict[str, bytes]
-
-
-class CommitListener:
-    """Waits for commits to one checkpoint: ``LISTEN`` on :data:`COMMIT_CHANNEL`, on a
-    connection of its own. Blocking (run it in a thread); one thread at a time.
-
-    A notification says only that something committed: the listener's owner reads the
-    checkpoint (:meth:`PostgresStore.load_committed`). Notifications sent while the
-    connection was down are lost, so every (re)connection counts as one.
-    """
-
-    def __init__(
-        self, checkpoint: str, where: str, connect: Callable[[], psycopg.Connection[Any]]
-    ) -> None:
-        self.where = where
-        self._connect = connect
-        self._payload = hashlib.md5(checkpoint.encode(), usedforsecurity=False).hexdigest()
-        self._conn: psycopg.Connection[Any] | None = None
-        self._closed = False
-
-    def wait(self, timeout_s: float) -> bool:
-        """Block until a commit to the checkpoint is notified (``True``) or ``timeout_s``
-        passed (``False``). Listening anew returns ``True`` at once. Raises
-        :class:`~servecore.CheckpointError` if the database cannot be reached (the next
-        call connects again)."""
-        pg = _import_psycopg()
-        if self._closed:
-            raise CheckpointError(f"the commit listener on {self.where} is closed")
-        try:
-            if self._conn is None or self._conn.closed:
-                conn = self._connect()
-                try:
-                    conn.execute(f"LISTEN {COMMIT_CHANNEL}")
-                except BaseException:
-                    conn.close()
-                    raise
-                self._conn = conn
-                return True
-            deadline = time.monotonic() + timeout_s
-            while (left := deadline - time.monotonic()) > 0:
-                for notify in self._conn.notifies(timeout=left, stop_after=1):
-                    if notify.payload == self._payload:
-                        return True
-            return False
-        except pg.Error as exc:
-            self.close(final=False)
-            raise CheckpointError(
-                f"listening for commits on {self.where} failed: {_reason(exc)}"
-            ) from exc
-
-    def close(self, *, final: bool = True) -> None:
-        """Close the connection (``final``: for good)."""
-        self._closed = self._closed or final
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.close()
 
 
 class PostgresRecords:
