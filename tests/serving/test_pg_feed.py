@@ -212,3 +212,25 @@ async def test_a_clients_load_reaches_the_leader_through_the_database(
                 nursery.cancel_scope.cancel()
     finally:
         sys.path.remove(support)
+
+
+def test_a_load_row_of_the_wrong_shape_is_skipped(deployment: Deployment) -> None:
+    from servecore.stores.postgres_load import PostgresLoadReports
+
+    store = deployment.store()
+    reports = PostgresLoadReports(store)
+    try:
+        reports.write("good", {"a": 2}, ["a"])
+        conn = store.open_connection()
+        try:  # a hostile writer: valid JSON, wrong shape
+            conn.execute(
+                "INSERT INTO servecore_load (checkpoint, reporter, ongoing, wake) "
+                "VALUES (%s, 'bad', '[1, 2]'::jsonb, '{}'::jsonb)",
+                (deployment.checkpoint,),
+            )
+        finally:
+            conn.close()
+        rows = reports.read(60.0)
+        assert [(r.reporter, r.ongoing, r.wake) for r in rows] == [("good", {"a": 2}, ("a",))]
+    finally:
+        reports.close()

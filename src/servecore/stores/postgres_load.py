@@ -125,10 +125,13 @@ class PostgresLoadReports:
         self._reads += 1
         if self._reads % 100 == 0:
             self._execute(_FORGET, {"cp": self._store.checkpoint, "forget_after": FORGET_AFTER_S})
-        return [
-            LoadRow(str(r), dict(ongoing), tuple(wake), int(serial))
-            for r, ongoing, wake, serial in rows
-        ]
+        found = []
+        for reporter, ongoing, wake, serial in rows:
+            # Any process that reaches the database may write a row: one of the wrong
+            # shape is skipped, never allowed to stop the others being read.
+            if isinstance(ongoing, dict) and isinstance(wake, list):
+                found.append(LoadRow(str(reporter), ongoing, tuple(wake), int(serial)))
+        return found
 
     def close(self) -> None:
         """Close the connection (a later call opens another). Never waits for a call in
