@@ -62,6 +62,8 @@ from servecore._core.errors import (
 )
 from servecore._core.transitions import RoutingTable
 from servecore._core.validation import MAX_SECONDS, positive_number
+from servecore._serving.disconnect_watch import GONE as _GONE
+from servecore._serving.disconnect_watch import Gone as _Gone
 from servecore._serving.ops_http import PREFIX as OPS_PREFIX
 from servecore._serving.ops_http import answer_ops, count_response
 from servecore.web import Request, Response
@@ -142,7 +144,9 @@ class HTTPIngress:
             raise ValueError(f"loop={loop!r} is not 'trio' or 'asyncio'")
         self.source = source
         self.loop = loop
-        self._unless_gone = _unless_gone_asyncio if loop == "asyncio" else _unless_gone
+        self._unless_gone: Callable[..., Awaitable[Any]] = (
+            self._watch_on_asyncio if loop == "asyncio" else _unless_gone
+        )
         self.count_responses = count_responses
         self.ops: OpsAnswer = ops if ops is not None else functools.partial(answer_ops, source)
         self.timeout_s = check_timeout(timeout_s)
@@ -150,21 +154,22 @@ class HTTPIngress:
         self.max_depth = max_depth
         # Endpoints whose target answered a call with StreamMismatch (it streams).
         self._streaming: set[str] = set()
+        self._handles: dict[str, Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
         elif scope["type"] == "http":
-            if self.count_responses:
-                send = _counting(self.source, send)
-            if scope["path"].startswith(OPS_PREFIX) and await self.ops(scope, receive, send):
+            if scope["path"].startswith(OPS_PREFIX) and await self.ops(
+                scope, receive, self._counted(send)
+            ):
                 return  # /-/healthz, /-/routes, /-/metrics, /-/dashboard, ...
             try:
                 answer = await self._answer(scope, receive)
                 if isinstance(answer, _Gone):
                     return  # the client left before its answer: nobody to send it to
                 if isinstance(answer, _Streaming):
-                    await self._stream(answer, scope, receive, send)
+                    await self._stream(answer, scope, receive, self._counted(send))
                     return
                 status, body, headers = answer
             except Exception:
@@ -176,8 +181,14 @@ class HTTPIngress:
                 status, body, headers = _error(
                     500, "InternalError", "the server failed to answer; see its log"
                 )
+            if self.count_responses:  # here, not by wrapping send: one call fewer
+                count_response(self.source, status)
             # A length, not chunks: one write fewer per answer.
             await _send_whole(send, status, body, headers)
+
+    def _counted(self, send: Send) -> Send:
+        """``send``, counting responses if this app counts them."""
+        return _counting(self.source, send) if self.count_responses else send
 
     async def _stream(self, answer: _Streaming, scope: Scope, receive: Receive, send: Send) -> None:
         """Answer a stream: JSON lines (chunked), or Server-Sent Events when asked for,
@@ -259,6 +270,18 @@ class HTTPIngress:
         if complete is True:  # not cut short by an error, nor by the client leaving
             await send({"type": "http.response.body", "body": b""})
 
+    async def _watch_on_asyncio(
+        self, receive: Receive, call: Callable[[Any], Awaitable[Any]], arg: Any
+    ) -> Any:
+        """The first request's :func:`_unless_gone` on asyncio: make the loop's
+        watches (the app may be built before its loop runs), then use them."""
+        import asyncio
+
+        from servecore._serving.disconnect_watch import DisconnectWatches
+
+        self._unless_gone = DisconnectWatches(asyncio.get_running_loop()).unless_gone
+        return await self._unless_gone(receive, call, arg)
+
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
@@ -329,12 +352,10 @@ class HTTPIngress:
                 return _error(400, "BadRequest", str(exc))
         else:
             payload = dict(parse_qsl(query))
-        handle = self.source.get_handle(endpoint.name)
+        handle = self._handle(endpoint.name)
         model = _header(scope, MODEL_HEADER, lower=False).decode("latin-1").strip()
         if model:
             handle = handle.options(timeout_s=self.timeout_s, multiplexed_model_id=model)
-        else:
-            handle = handle.options(timeout_s=self.timeout_s)
         sse = b"text/event-stream" in accept
         if sse or b"application/x-ndjson" in accept or endpoint.name in self._streaming:
             cached = not sse and b"application/x-ndjson" not in accept
@@ -352,6 +373,18 @@ class HTTPIngress:
         if isinstance(result, _Gone):
             return result
         return self._result(endpoint.name, path, result)
+
+    def _handle(self, name: str) -> Any:
+        """A handle to endpoint ``name`` with this app's timeout, made once per name
+        (a handle looks its endpoint up on each call, so it never goes stale)."""
+        handle = self._handles.get(name)
+        if handle is None:
+            if len(self._handles) > 2 * len(self.source.routing_table.endpoints) + 16:
+                self._handles.clear()  # endpoints deleted since: do not keep theirs
+            handle = self._handles[name] = self.source.get_handle(name).options(
+                timeout_s=self.timeout_s
+            )
+        return handle
 
     async def _call(
         self, name: str, handle: Any, payload: Any
@@ -418,13 +451,6 @@ async def _next_item(items: Any) -> Any:
     return await items.__anext__()
 
 
-class _Gone:
-    """The client disconnected before its answer (its query was cancelled)."""
-
-
-_GONE = _Gone()
-
-
 async def _unless_gone(receive: Receive, call: Callable[[Any], Awaitable[Any]], arg: Any) -> Any:
     """``await call(arg)``, cancelled if the client disconnects first (then
     :data:`_GONE`): the query is cancelled in the router (counted ``cancelled``) and,
@@ -453,38 +479,6 @@ async def _unless_gone(receive: Receive, call: Callable[[Any], Awaitable[Any]], 
     if error is not None:
         raise error
     return result
-
-
-async def _unless_gone_asyncio(
-    receive: Receive, call: Callable[[Any], Awaitable[Any]], arg: Any
-) -> Any:
-    """:func:`_unless_gone` on asyncio (an ingress worker): ``await call(arg)``, or
-    :data:`_GONE` once the client disconnects, having cancelled it."""
-    import asyncio
-
-    gone = False
-    work = asyncio.ensure_future(call(arg))
-
-    async def watch() -> None:
-        nonlocal gone
-        try:
-            message = await receive()
-        except Exception:
-            return
-        if message.get("type") == "http.disconnect":
-            gone = True
-            work.cancel()
-
-    watcher = asyncio.ensure_future(watch())
-    try:
-        return await work
-    except asyncio.CancelledError:
-        task = asyncio.current_task()
-        if gone and (task is None or not task.cancelling()):
-            return _GONE
-        raise
-    finally:
-        watcher.cancel()
 
 
 async def _send_raw(items: Any, chunks: list[bytes], endpoint: str, send: Send) -> bool:
