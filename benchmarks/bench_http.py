@@ -133,11 +133,16 @@ def _serve_bare_processes(port: int, count: int, server: str) -> None:
     for _ in range(count):
         pid = os.fork()
         if pid == 0:
-            if server == "uvicorn":
+            if server.startswith("uvicorn"):
                 import uvicorn
 
                 config = uvicorn.Config(
-                    _bare_app, lifespan="off", ws="none", log_level="warning", access_log=False
+                    _bare_app,
+                    http=_uvicorn_http(server),
+                    lifespan="off",
+                    ws="none",
+                    log_level="warning",
+                    access_log=False,
                 )
                 uvicorn.Server(config).run(sockets=[sock])
             else:
@@ -185,10 +190,27 @@ def _exec_run(port: int, workers: int, stack: str | None) -> None:
     os.execv(sys.executable, command)
 
 
-def _serve_bare_uvicorn(port: int) -> None:
+def _uvicorn_http(server: str) -> Any:
+    """uvicorn's h11 protocol as it comes, or writing one segment per response as the
+    ingress workers run it (``servecore._serving.coalesced_writes``)."""
+    if server == "uvicorn-coalesced":
+        from servecore._serving.coalesced_writes import coalescing_h11_protocol
+
+        return coalescing_h11_protocol()
+    return "h11"
+
+
+def _serve_bare_uvicorn(port: int, server: str = "uvicorn") -> None:
     import uvicorn
 
-    uvicorn.run(_bare_app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    uvicorn.run(
+        _bare_app,
+        host="127.0.0.1",
+        port=port,
+        http=_uvicorn_http(server),
+        log_level="warning",
+        access_log=False,
+    )
 
 
 async def _serve_ingress(port: int, runtime: str) -> None:
@@ -221,6 +243,10 @@ def serve(kind: str, port: int) -> None:
         _serve_bare_asyncio(port)
     elif kind == "bare-uvicorn":
         _serve_bare_uvicorn(port)
+    elif kind == "bare-uvicorn-coalesced":
+        _serve_bare_uvicorn(port, "uvicorn-coalesced")
+    elif kind == "bare-uvicorn-coalesced-x2":
+        _serve_bare_processes(port, 2, "uvicorn-coalesced")
     elif kind == "bare-asyncio-x2":
         _serve_bare_processes(port, 2, "hypercorn")
     elif kind == "bare-uvicorn-x2":
@@ -311,10 +337,12 @@ ROWS = {
     "bare": "bare ASGI, hypercorn/trio",
     "bare-asyncio": "bare ASGI, hypercorn/asyncio",
     "bare-uvicorn": "bare ASGI, uvicorn",
+    "bare-uvicorn-coalesced": "bare ASGI, uvicorn, a write per response",
     "ingress-threads": "servecore ingress (threads)",
     "ingress-subprocess": "servecore ingress (subprocess)",
     "bare-asyncio-x2": "bare ASGI, hypercorn/asyncio x2",
     "bare-uvicorn-x2": "bare ASGI, uvicorn x2",
+    "bare-uvicorn-coalesced-x2": "bare ASGI, uvicorn x2, a write per response",
     "run-workers-1": "servecore run --workers 1",
     "run-workers-2": "servecore run --workers 2",
     "run-workers-1-asyncio": "servecore run --workers 1 (hypercorn/asyncio)",
@@ -327,8 +355,8 @@ ROWS = {
 SAME_STACK = {
     "ingress-threads": "bare",
     "ingress-subprocess": "bare",
-    "run-workers-1": "bare-uvicorn",
-    "run-workers-2": "bare-uvicorn-x2",
+    "run-workers-1": "bare-uvicorn-coalesced",
+    "run-workers-2": "bare-uvicorn-coalesced-x2",
     "run-workers-1-asyncio": "bare-asyncio",
     "run-workers-1-trio": "bare",
     "run-workers-1-main": "bare-uvicorn",
@@ -340,7 +368,8 @@ def _available() -> dict[str, str]:
     try:
         import uvicorn  # noqa: F401
     except ImportError:
-        del rows["bare-uvicorn"], rows["bare-uvicorn-x2"]  # pip install uvicorn
+        for kind in [kind for kind in rows if kind.startswith("bare-uvicorn")]:
+            del rows[kind]  # pip install uvicorn
     return rows
 
 
@@ -379,6 +408,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.only:
         wanted = {"bare", *args.only.split(","), *(["run-workers-1-main"] if args.main else [])}
         wanted |= {SAME_STACK[kind] for kind in wanted if kind in SAME_STACK}
+        if any(kind.startswith("run-workers") for kind in wanted):
+            wanted.add("bare-uvicorn")  # the stock stack, for the column uvicorn/this
         kinds = {kind: name for kind, name in kinds.items() if kind in wanted}
     servers = {kind: _start(kind) for kind in kinds}
     per_round: dict[str, list[dict[str, float]]] = {kind: [] for kind in kinds}
@@ -431,27 +462,40 @@ def main(argv: list[str] | None = None) -> None:
         for kind in kinds
         if SAME_STACK.get(kind) in per_round
     }
+    stock = {
+        kind: statistics.median(
+            b["rps"] / x["rps"]
+            for b, x in zip(per_round["bare-uvicorn"], per_round[kind], strict=True)
+        )
+        for kind in kinds
+        if "bare-uvicorn" in per_round
+    }
     for r in rows:
         if r["kind"] in same_stack:
             r["same_stack"] = SAME_STACK[r["kind"]]
             r["same_stack_rps_over_this"] = same_stack[r["kind"]]
+        if r["kind"] in stock:
+            r["stock_uvicorn_rps_over_this"] = stock[r["kind"]]
     head = (
         f"{'':<48}{'requests/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'bare/this':>11}"
-        f"{'same stack/this':>17}"
+        f"{'uvicorn/this':>14}{'same stack/this':>17}"
     )
     print(head)
     print("-" * len(head))
     for r in rows:
         mine = same_stack.get(r["kind"])
+        plain = stock.get(r["kind"])
         print(
             f"{r['name']:<48}{r['requests_per_s']:>12,.0f}{r['p50_ms']:>10.2f}"
             f"{r['p99_ms']:>10.2f}{ratios[r['kind']]:>11.2f}"
+            f"{(f'{plain:.2f}' if plain is not None else ''):>14}"
             f"{(f'{mine:.2f}' if mine is not None else ''):>17}"
         )
     print(
         f"(wrk -t1 -c{args.connections}; {rounds} alternating rounds of {seconds:g} s per row, "
-        f"medians; bare/this: the median of per-round ratios to hypercorn/trio; same "
-        f"stack/this: to the bare app on the row's own stack and process count; "
+        f"medians; bare/this: the median of per-round ratios to hypercorn/trio; "
+        f"uvicorn/this: to the bare app on uvicorn as it comes; same stack/this: to the "
+        f"bare app on the row's own stack and process count; "
         f"{os.cpu_count()} CPUs; goal: servecore within 1.3 of its stack)"
     )
     out = Path(args.out)

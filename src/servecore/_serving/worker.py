@@ -354,8 +354,11 @@ async def _run_uvicorn(app: Any, fd: int, ready_fd: int | None) -> None:
             # re-raise the signal after it, and kill the worker before its client closes.
             yield
 
+    from servecore._serving.coalesced_writes import coalescing_h11_protocol
+
     config = uvicorn.Config(
         app,
+        http=coalescing_h11_protocol(),  # a response's head and body in one write
         lifespan="off",
         ws="none",
         log_level="warning",

@@ -91,6 +91,12 @@ __all__ = ["main"]
 _FAST_CALL_S = 0.001
 #: How often a connection checks that an inline call has not held up reading too long.
 _WATCHDOG_S = 0.005
+#: Answers held back for one write at most (see ``_Connection._reply_soon``).
+_HOLD_AT_MOST = 64
+#: Bytes asked of the socket per read, and how far read frames may pile up before the
+#: buffer drops them.
+_RECV_SIZE = 256 * 1024
+_COMPACT_AT = 256 * 1024
 
 
 # ---------------------------------------------------------------------------------------
@@ -297,7 +303,9 @@ class _Connection:
     def __init__(self, server: _Server, conn: socket.socket) -> None:
         self.server = server
         self.conn = conn
-        self.rfile: BinaryIO = conn.makefile("rb")
+        # What has been received and not yet read as frames (see _read).
+        self.buffer = bytearray()
+        self.position = 0
         self.read_lock = threading.Lock()
         self.write_lock = threading.Lock()
         self.closed = False
@@ -319,6 +327,9 @@ class _Connection:
         self.watchdog_parked = False
         self.watchdog_wake = threading.Event()
         self.call_time = 0.0  # moving average of how long calls take, in seconds
+        # Answers of inline calls held while more frames wait in the buffer, sent in one
+        # write before the reader next waits (or with the next answer sent at once).
+        self.pending: list[bytes] = []
 
     def start(self) -> None:
         with self.server.idle:
@@ -329,17 +340,34 @@ class _Connection:
             threading.Thread(target=self._watchdog, name="replica-watchdog", daemon=True).start()
 
     def _read(self) -> tuple[int, int, bytes] | None:
-        try:
-            header = self.rfile.read(HEADER.size)
-            if len(header) < HEADER.size:
+        """The next frame, or ``None`` once the host closed the connection. Before it
+        waits for bytes it sends the answers held back (see :meth:`_reply_soon`)."""
+        buffer = self.buffer
+        while True:
+            start = self.position
+            if len(buffer) - start >= HEADER.size:
+                length, kind, request_id = HEADER.unpack_from(buffer, start)
+                end = start + HEADER.size + length
+                if len(buffer) >= end:
+                    with memoryview(buffer) as view:
+                        body = bytes(view[start + HEADER.size : end])
+                    if end == len(buffer):
+                        buffer.clear()
+                        self.position = 0
+                    elif end > _COMPACT_AT:
+                        del buffer[:end]
+                        self.position = 0
+                    else:
+                        self.position = end
+                    return kind, request_id, body
+            self._flush()
+            try:
+                data = self.conn.recv(_RECV_SIZE)
+            except OSError:
                 return None
-            length, kind, request_id = HEADER.unpack(header)
-            body = self.rfile.read(length)
-        except (OSError, ValueError):
-            return None
-        if len(body) < length:
-            return None
-        return kind, request_id, body
+            if not data:
+                return None
+            buffer += data
 
     def _worker(self) -> None:
         try:
@@ -358,7 +386,6 @@ class _Connection:
                     task.cancel()  # nobody is left to read their answers
                 for stream in list(self.streams.values()):
                     stream.cancel()
-                self.rfile.close()
                 self.conn.close()
 
     def _lead(self) -> bool:
@@ -391,7 +418,7 @@ class _Connection:
                 self.read_lock.release()
             started = time.monotonic()
             try:
-                self._handle(*message)
+                self._handle(*message, inline=inline and self.threads > 1)
             finally:
                 self.server.end()
                 with self.state_lock:
@@ -422,6 +449,37 @@ class _Connection:
 
     def _reply(self, kind: int, request_id: int, body: bytes) -> None:
         data = frame(kind, request_id, body)
+        if self.pending:  # answers held back go first, so DRAINED follows them
+            with self.state_lock:
+                held, self.pending = self.pending, []
+            data = b"".join([*held, data])
+        self._send(data)
+
+    def _reply_soon(self, kind: int, request_id: int, body: bytes) -> None:
+        """Answer an inline call: held back while more of the host's frames wait in the
+        buffer (their answers go out with it, in one write: one system call here and
+        one read for the host instead of one each), else sent now."""
+        data = frame(kind, request_id, body)
+        with self.state_lock:
+            held = self.pending
+            held.append(data)
+            # Held only by the thread that still reads: a reader flushes before it
+            # waits, so nothing held can wait for the host's next frame.
+            more = not self.role_passed and len(self.buffer) > self.position
+            if more and len(held) < _HOLD_AT_MOST:
+                return
+            self.pending = []
+        self._send(data if len(held) == 1 else b"".join(held))
+
+    def _flush(self) -> None:
+        """Send the answers held back (before the reader waits for the host)."""
+        if self.pending:
+            with self.state_lock:
+                held, self.pending = self.pending, []
+            if held:
+                self._send(b"".join(held))
+
+    def _send(self, data: bytes) -> None:
         with self.write_lock:
             try:  # noqa: SIM105 - the hot path; contextlib.suppress costs more
                 self.conn.sendall(data)
@@ -545,42 +603,43 @@ class _Connection:
         finally:
             server.end()
 
-    def _handle(self, kind: int, request_id: int, body: bytes) -> None:
+    def _handle(self, kind: int, request_id: int, body: bytes, *, inline: bool = False) -> None:
         server = self.server
+        reply = self._reply_soon if inline else self._reply
         if kind == CANCEL:
             return  # a sync call cannot be cancelled: it runs to its end
         if kind == PING:
             answer = {"tag": server.tag, "pid": os.getpid(), "key": server.files.key}
-            self._reply(OK, request_id, dumps(answer))
+            reply(OK, request_id, dumps(answer))
             return
         if kind != CALL:
-            self._reply(GONE, request_id, dumps(f"unknown message kind {kind}"))
+            reply(GONE, request_id, dumps(f"unknown message kind {kind}"))
             return
         if server.stopping:
             # Checked after begin(): a call past this line is drained, never refused.
             n = server.refuse()
             print(f"replica {server.tag} refused a call: draining ({n} so far)", flush=True)
-            self._reply(REFUSED, request_id, dumps("the replica is draining"))
+            reply(REFUSED, request_id, dumps("the replica is draining"))
             return
         try:
             results = server.run(decode_call(body))
         except Exception as exc:
             if _is_late(exc):
                 server.dropped_late(exc)
-            self._reply(ERROR, request_id, dumps(error_info(exc)))
+            reply(ERROR, request_id, dumps(error_info(exc)))
             return
         except BaseException as exc:
             # SystemExit & co. escaping user code end the replica, as they would end
             # the thread of a threads-runtime replica: the host reports it dead.
             reason = f"{type(exc).__name__} escaped the user code: {exc}"
-            self._reply(GONE, request_id, dumps(reason))
+            reply(GONE, request_id, dumps(reason))
             server.die(reason)
         try:
             out = encode_results(server.tag, results, "subprocess")
         except Exception as exc:  # UnpicklableResult, naming the value's type
-            self._reply(ERROR, request_id, dumps(error_info(exc)))
+            reply(ERROR, request_id, dumps(error_info(exc)))
             return
-        self._reply(OK, request_id, out)
+        reply(OK, request_id, out)
 
 
 def _is_late(exc: BaseException) -> bool:
