@@ -129,10 +129,10 @@ _RUNNING = "SELECT 1 FROM pg_stat_activity WHERE pid = %(pid)s"
 #: How often, at most, the end of a doubtful write's server process is looked for.
 _DOUBTFUL_POLL_S = 0.02
 
-# The rest of a write joins on the fence (:func:`~servecore.stores.postgres_lease.fence_sql`).
-# Its shape follows the change set (one record
-# put, several, none; deletes or not), since the general one costs a bare upsert's time
-# again on the commonest write, one record: each shape is its own prepared statement.
+# The rest of a write joins on the fence (postgres_lease.fence_sql). Its shape follows
+# the change set (one record put, several, none; deletes or not), since the general one
+# costs a bare upsert's time again on the commonest write, one record: each shape is its
+# own prepared statement.
 # The records are written through ``notified``, so the commit's notification is sent
 # by the same statement (delivered by PostgreSQL only if it commits) and only when the
 # fence let it through: a CTE calling a volatile function is evaluated once, never
