@@ -19,7 +19,8 @@ It converges whatever it loses, the way Kubernetes controllers do (level-trigger
   the store takes it (the command waiting on it is told exactly what was applied);
 * every ``resync_interval_s`` the runtime's live replicas are compared with the state
   (:class:`~servecore.Resync`), correcting whatever a lost event left behind; when the
-  two agree nothing is written;
+  two agree nothing is written (that, and recovery at open, is
+  :mod:`servecore._controller.recovery`);
 * nothing user code or a caller sends can kill it: bad arguments are typed errors,
   text is made encodable before it reaches the state, and a failure in an effect task
   is raised to the command that caused it, never into the controller's nursery.
@@ -34,7 +35,6 @@ host's ``on_step_down`` is called once (docs/design.md §3).
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import sys
@@ -49,6 +49,7 @@ import trio
 from servecore._controller.autoscaler import AUTOSCALE_INTERVAL_S, Autoscaler, check_report_time
 from servecore._controller.committer import Committer
 from servecore._controller.effects import EffectGroup, EffectRunner
+from servecore._controller.recovery import Recovery
 from servecore._controller.remote_load import RemoteLoad, check_load_report
 from servecore._controller.replica_lifecycle import (
     LifecycleCounts,
@@ -65,12 +66,9 @@ from servecore._core.errors import (
     InvalidTarget,
     LeaseLost,
     RuntimeFenced,
-    RuntimeMismatch,
-    RuntimeUnresponsive,
     SteppedDown,
 )
 from servecore._core.limits import Limits
-from servecore._core.records import RUNTIME_KEY, load_records, read_runtime, runtime_record
 from servecore._core.transitions import (
     BackendConfig,
     BackendStatus,
@@ -81,8 +79,6 @@ from servecore._core.transitions import (
     DeleteEndpoint,
     LoadReport,
     Message,
-    Recover,
-    Resync,
     RetryBackend,
     RoutingTable,
     SetBackendConfig,
@@ -91,7 +87,6 @@ from servecore._core.transitions import (
     State,
     UpdateBackend,
     UpdateEndpoint,
-    same_checkpoint,
 )
 from servecore._core.validation import check_name, check_namespace
 from servecore._serving.router_stats import RouterStatistics
@@ -211,6 +206,20 @@ class Controller:
             report=self._report_load,
             background=self._effects.background,
             start_soon=nursery.start_soon,
+        )
+        self._recovery = Recovery(
+            runtime=runtime,
+            runtime_name=runtime_name,
+            namespace=name,
+            store=store,
+            committer=self._committer,
+            effects=self._effects,
+            lifecycle=self._lifecycle,
+            execute=self._execute,
+            on_fenced=self._runtime_fenced,
+            stepped_down=lambda: self._stepped_down is not None,
+            start_soon=nursery.start_soon,
+            call_timeout_s=runtime_call_timeout_s,
         )
 
     # -- queries (never block) ------------------------------------------------------------
@@ -582,48 +591,7 @@ class Controller:
         """Compare the runtime's live replicas with the state now and correct the state
         (what the periodic resync does); return whether anything changed. A controller
         that stepped down does nothing (its successor resyncs)."""
-        if self._stepped_down is not None:
-            return False
-        seq = self._seq
-        try:
-            live = await self._list_replicas("a resync")
-        except RuntimeUnresponsive as exc:
-            log.warning("%s; this resync is skipped (the next one tries again)", exc)
-            return False
-        except RuntimeFenced as exc:
-            self._runtime_fenced(exc)
-            return False
-        now = trio.current_time()
-
-        listed = self._state
-
-        def message(state: State) -> Resync | None:
-            # (Only what is checkpointed counts: load reports refresh observations all
-            # the time, and must not keep a slow listing from ever being used.)
-            if self._seq != seq or not same_checkpoint(listed, state):
-                return None  # the state moved while we listed: the next round decides
-            return Resync(
-                live=live, busy=self._effects.busy(), proven=self._effects.proven(state, now)
-            )
-
-        await self._execute(message, self._effects.background)
-        return self._seq != seq
-
-    async def _resync_forever(self, interval_s: float) -> None:
-        while True:
-            await trio.sleep(interval_s)
-            try:
-                await self.resync()
-            except Exception as exc:
-                log.warning("resync with the runtime failed (next try in %gs): %r", interval_s, exc)
-
-    async def _list_replicas(self, during: str) -> frozenset[str]:
-        """The runtime's live replicas, within ``runtime_call_timeout_s``."""
-        with trio.move_on_after(self.runtime_call_timeout_s):
-            return await self.runtime.list_replicas()
-        raise RuntimeUnresponsive(
-            repr(self.runtime), "list_replicas", self.runtime_call_timeout_s, during
-        )
+        return await self._recovery.resync()
 
     # -- the lease: heartbeats and stepping down -----------------------------------------
 
@@ -687,66 +655,21 @@ class Controller:
     # -- life -----------------------------------------------------------------------------
 
     async def _recover(self) -> None:
+        """Keep the store's lease (if it has one), recover (:mod:`.recovery`), then start
+        the periodic loops."""
         heartbeat = getattr(self.store, "heartbeat", None)
         lost = getattr(self.store, "lease_lost", None)
         if callable(heartbeat) and callable(lost):
             self._nursery.start_soon(self._keep_lease, heartbeat, lost)
-        seq, records = await self._committer.call(self.store.load)
-        state = load_records(seq, records, self._where)
-        record_runtime = self._claim_runtime(read_runtime(records, self._where), state)
-        self._committer.adopt_loaded(state, seq)
-        if record_runtime:
-            assert self.runtime_name is not None
-            self._committer.pending_records[RUNTIME_KEY] = runtime_record(self.runtime_name)
-            if seq > 0:
-                # An existing checkpoint learns its runtime now, not at some later
-                # command; a new one gets it with its first commit.
-                await self._committer.commit_pending()
-        self._nursery.start_soon(self._committer.serve)
-        opener = getattr(self.runtime, "open", None)
-        opened = False
-        if opener is not None:
-            with trio.move_on_after(self.runtime_call_timeout_s):
-                await opener(
-                    **_open_kwargs(
-                        opener,
-                        namespace=self.name,
-                        report=self._effects.report,
-                        store_id=_store_id(self.store),
-                        epoch=_store_epoch(self.store),
-                    )
-                )
-                opened = True
-            if not opened:
-                raise RuntimeUnresponsive(
-                    repr(self.runtime), "open", self.runtime_call_timeout_s, "recovery"
-                )
-        live = await self._list_replicas("recovery")
-        self._lifecycle.recovered(self._state, live)
-        group = EffectGroup()
-        await self._execute(Recover(live=live), group)
-        self._effects.adopted(live)
-        await group.wait()
+        await self._recovery.recover()
         if self.resync_interval_s is not None:
-            self._nursery.start_soon(self._periodic, self._resync_forever, self.resync_interval_s)
+            self._nursery.start_soon(
+                self._periodic, self._recovery.resync_forever, self.resync_interval_s
+            )
         if self.autoscale_interval_s is not None:
             self._nursery.start_soon(
                 self._periodic, self._autoscaler.run, self.autoscale_interval_s
             )
-
-    def _claim_runtime(self, recorded: str | None, state: State) -> bool:
-        """Refuse a checkpoint whose replicas run on another runtime (before any replica
-        is touched); return whether the checkpoint should record this runtime."""
-        given = self.runtime_name
-        if given is None or recorded == given:
-            return False
-        # Threads replicas lived in the process of the controller that wrote the
-        # checkpoint, and cannot outlive it: none is left to leak, so any runtime may
-        # take over (Recover finds them dead and starts them again on it).
-        if recorded is not None and recorded != "threads" and state.replicas:
-            raise RuntimeMismatch(self._where, recorded, given, len(state.replicas))
-        # No record (an older checkpoint), or no replica left to leak: this runtime's.
-        return True
 
     async def settle(self) -> None:
         """Wait until background work (replacements of dead replicas, retries of
@@ -793,33 +716,6 @@ class Controller:
         The endpoint is looked up on each call, so a handle may be made before it exists.
         """
         return self.router.handle(endpoint)
-
-
-def _store_id(store: Store) -> str | None:
-    """What identifies ``store`` to a runtime, so replicas are adopted only by a
-    controller on the same store; ``None`` for a store that cannot say (nothing is
-    checked then)."""
-    found = getattr(store, "store_id", None)
-    return found if isinstance(found, str) else None
-
-
-def _store_epoch(store: Store) -> int | None:
-    """The lease epoch ``store`` holds (a :class:`~servecore.PostgresStore`), passed to
-    the runtime so that its ownership follows the lease; ``None`` without a lease."""
-    found = getattr(store, "epoch", None)
-    return found if isinstance(found, int) and not isinstance(found, bool) else None
-
-
-def _open_kwargs(opener: Callable[..., Any], **kwargs: Any) -> dict[str, Any]:
-    """The keywords ``opener`` accepts: newer ones (``store_id``, ``epoch``) only if it takes them,
-    so plugins written against an older protocol keep working."""
-    try:
-        params = inspect.signature(opener).parameters
-    except (TypeError, ValueError):
-        return kwargs
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return kwargs
-    return {k: v for k, v in kwargs.items() if k in params or k in ("namespace", "report")}
 
 
 @asynccontextmanager

@@ -10,7 +10,7 @@ import json
 import math
 
 from servecore._core.autoscaling import ScaleDirection
-from servecore._core.transitions import MAX_START_FAILURES, State, _failures, _status_of
+from servecore._core.state import MAX_START_FAILURES, State, failures, status_of
 from servecore._core.values import (
     WEIGHT_TOLERANCE,
     BackendRoute,
@@ -82,14 +82,14 @@ def validate_state(state: State) -> None:
                 up = pending.direction is ScaleDirection.UP
                 assert (pending.replicas > want) == up and pending.replicas != want, pending
         if b.status is BackendStatus.FAILED:
-            assert len(idx) <= want and _failures(b) >= MAX_START_FAILURES, b
+            assert len(idx) <= want and failures(b) >= MAX_START_FAILURES, b
         else:
             # All wanted replicas are active, or a roll runs as many as max_surge allows.
             active = len(idx) + len(idx.outdated)
             assert len(idx) == want or (
                 len(idx) < want and active == want + b.config.surge(want)
             ), f"{tag} has {len(idx)} active replicas, wants {want} ({len(idx.outdated)} outdated)"
-            assert b.status is _status_of(b, idx), b
+            assert b.status is status_of(b, idx), b
     # The JSON shape of every stored value is what a round trip gives back.
     for b in state.backends.values():
         assert json.loads(json.dumps([b.init_args, b.init_kwargs])) == [

@@ -31,6 +31,11 @@ A second opener gets :class:`~servecore.StoreLocked`; ``open(standby=True)`` ins
 waits for the lease to expire (or be released by ``close()``), takes it with the next
 epoch and returns, which is how a standby controller takes over.
 
+The lease itself (its statements, the fence, a holding and its renewer) is
+:mod:`servecore.stores.postgres_lease`; following commits from another process is
+:mod:`servecore.stores.postgres_commits`. This module is the store: its connections,
+taking and giving back the lease, writing and reading.
+
 psycopg 3 is imported only when a store is made: ``pip install 'servecore[postgres]'``.
 """
 
@@ -54,13 +59,20 @@ from servecore._core.errors import (
     CheckpointVersionError,
     InvalidConfig,
     LeaseLost,
-    ServecoreError,
     StoreAccessDenied,
     StoreLocked,
 )
 from servecore._core.records import META_KEY, decode_blob, meta_record, read_meta
 from servecore._text import describe_exception
 from servecore.stores.postgres_commits import COMMIT_CHANNEL, CommitListener, Committed
+from servecore.stores.postgres_lease import (
+    ACQUIRE,
+    LEASE_ROW,
+    RELEASE,
+    Lease,
+    fence_sql,
+    locked_error,
+)
 
 if TYPE_CHECKING:
     import psycopg
@@ -106,33 +118,6 @@ CREATE TABLE IF NOT EXISTS servecore_records (
 );
 """
 
-# Take the lease if nobody holds it, or its holder let it expire: the epoch grows by one.
-_ACQUIRE = """
-INSERT INTO servecore_leases AS l (checkpoint, holder, epoch, expires_at, seq)
-VALUES (%(cp)s, %(holder)s, 1, now() + %(lease_s)s * interval '1 second', 0)
-ON CONFLICT (checkpoint) DO UPDATE
-    SET holder = EXCLUDED.holder, epoch = l.epoch + 1, expires_at = EXCLUDED.expires_at
-    WHERE l.holder IS NULL OR l.expires_at <= now()
-RETURNING l.epoch, l.seq
-"""
-
-_RENEW = """
-UPDATE servecore_leases SET expires_at = now() + %(lease_s)s * interval '1 second'
-WHERE checkpoint = %(cp)s AND holder = %(holder)s AND epoch = %(epoch)s
-RETURNING 1
-"""
-
-# Released, not deleted: the epoch (and the sequence number) must keep growing.
-_RELEASE = """
-UPDATE servecore_leases SET holder = NULL, expires_at = now()
-WHERE checkpoint = %(cp)s AND holder = %(holder)s AND epoch = %(epoch)s
-"""
-
-_LEASE_ROW = """
-SELECT holder, epoch, seq, extract(epoch FROM expires_at - now())::float8
-FROM servecore_leases WHERE checkpoint = %(cp)s
-"""
-
 # A write whose answer was lost may still be running in its server process (a frozen
 # server resumes and commits it): end that process, and only then read the lease row,
 # so that what it says is final. Only a servecore connection of this role is ended.
@@ -144,28 +129,10 @@ _RUNNING = "SELECT 1 FROM pg_stat_activity WHERE pid = %(pid)s"
 #: How often, at most, the end of a doubtful write's server process is looked for.
 _DOUBTFUL_POLL_S = 0.02
 
-# The fence: the first part of every write. It yields the checkpoint's name only if the
-# write may go ahead, and the rest of the statement joins on it, so a refused fence
-# writes nothing. The holder's fence checks its epoch; an unleased write (a store used
-# without open()) is a lease taken and given back within the statement: it goes ahead
-# only if nobody holds the lease, and bumps the epoch, so a holder that let its lease
-# expire while paused is fenced out by it too.
-_FENCE_HELD = """
-UPDATE servecore_leases SET seq = {seq}
-WHERE checkpoint = %(cp)s AND holder = %(holder)s AND epoch = %(epoch)s {seq_check}
-RETURNING checkpoint, seq
-"""
-_FENCE_FREE = """
-INSERT INTO servecore_leases AS l (checkpoint, holder, epoch, expires_at, seq)
-VALUES (%(cp)s, NULL, 1, now(), {first_seq})
-ON CONFLICT (checkpoint) DO UPDATE
-    SET holder = NULL, epoch = l.epoch + 1, expires_at = now(), seq = {seq}
-    WHERE (l.holder IS NULL OR l.expires_at <= now()) {seq_check}
-RETURNING checkpoint, seq
-"""
-# The rest of a write joins on the fence. Its shape follows the change set (one record
-# put, several, none; deletes or not), since the general one costs a bare upsert's time
-# again on the commonest write, one record: each shape is its own prepared statement.
+# The rest of a write joins on the fence (postgres_lease.fence_sql). Its shape follows
+# the change set (one record put, several, none; deletes or not), since the general one
+# costs a bare upsert's time again on the commonest write, one record: each shape is its
+# own prepared statement.
 # The records are written through ``notified``, so the commit's notification is sent
 # by the same statement (delivered by PostgreSQL only if it commits) and only when the
 # fence let it through: a CTE calling a volatile function is evaluated once, never
@@ -201,15 +168,7 @@ def _write_sql(*, held: bool, keyed: bool, puts: int, deletes: bool) -> str:
     the fence refused it. A blob save bumps the sequence number by one; a keyed commit
     sets it, and only forwards (see :meth:`PostgresStore.commit_records`). ``puts`` is
     0, 1 or 2 for "several"."""
-    if held:
-        seq = "%(seq)s" if keyed else "seq + 1"
-        check = "AND seq < %(seq)s" if keyed else ""
-        fence = _FENCE_HELD.format(seq=seq, seq_check=check)
-    else:
-        seq = "%(seq)s" if keyed else "l.seq + 1"
-        check = "AND l.seq < %(seq)s" if keyed else ""
-        first = "%(seq)s" if keyed else "1"
-        fence = _FENCE_FREE.format(seq=seq, seq_check=check, first_seq=first)
+    fence = fence_sql(held=held, keyed=keyed)
     body = (_PUT_NONE, _PUT_ONE, _PUT_MANY)[puts]
     gone = _DELETE if deletes else ""
     return f"WITH fence AS ({fence.strip()}){gone}{_NOTIFIED}\n{body.strip()}"
@@ -276,21 +235,6 @@ def _deadline_connection() -> Any:
 
 def _default_holder() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-class _Lease:
-    """One holding of the lease: its epoch, its renewer, and whether it was lost."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.stop = threading.Event()
-        self.thread: threading.Thread | None = None
-        # Set by the renewer (or a refused write) once another holder took the lease.
-        self.lost_to: tuple[str | None, int] | None = None
-        # time.monotonic() past which the lease may have expired unless renewed: counted
-        # from when the last acquire or renewal was *sent*, so it is never later than
-        # the expiry the database computed.
-        self.valid_until = -inf
 
 
 class PostgresStore:
@@ -362,16 +306,13 @@ class PostgresStore:
         self.where = f"postgresql://{user + '@' if user else ''}{self._address} ({checkpoint!r})"
         self._mutex = threading.Lock()  # one writer on the connection; saves come from threads
         self._conn: psycopg.Connection[Any] | None = None
-        self._lease: _Lease | None = None
+        self._lease: Lease | None = None
         self._seq = 0  # the lease row's sequence number after our last write
         # The server process of a write whose answer was lost, until it is known ended.
         self._doubtful_pid: int | None = None
         self._holder_seen: tuple[Any, ...] | None = None  # the lease row that locked us out
         #: A renewal is refused when the holder's last heartbeat is older than this.
         self.heartbeat_max_age_s = self.lease_s / 2
-        # time.monotonic() of the holder's last heartbeat; None: no heartbeats (a store
-        # used without a controller), and the lease is renewed unconditionally.
-        self._heartbeat: float | None = None
         self._warned_unreachable = False
 
     # -- identity -------------------------------------------------------------------------
@@ -404,7 +345,7 @@ class PostgresStore:
         ``{"holder": str | None, "epoch": int, "expires_in_s": float}`` (``holder``
         ``None``: released; ``expires_in_s`` at most 0: expired, so free to take), or
         ``None`` if no controller ever held it. Reads only; needs no lease."""
-        row = self._call(lambda conn: conn.execute(_LEASE_ROW, {"cp": self.checkpoint}).fetchone())
+        row = self._call(lambda conn: conn.execute(LEASE_ROW, {"cp": self.checkpoint}).fetchone())
         if row is None:
             return None
         holder, epoch, _seq, left_s = row
@@ -552,10 +493,10 @@ class PostgresStore:
         sent = time.monotonic()
         try:
             # Taking the lease twice is harmless: a second _ACQUIRE finds it ours, unexpired,
-            # and returns no row, and _LEASE_ROW shows our own holder name; so repeat it.
-            row = self._call(lambda conn: conn.execute(_ACQUIRE, self._params()).fetchone())
+            # and returns no row, and LEASE_ROW shows our own holder name; so repeat it.
+            row = self._call(lambda conn: conn.execute(ACQUIRE, self._params()).fetchone())
             if row is None:
-                held = self._call(lambda conn: conn.execute(_LEASE_ROW, self._params()).fetchone())
+                held = self._call(lambda conn: conn.execute(LEASE_ROW, self._params()).fetchone())
                 self._holder_seen = held
                 return 0.0 if held is None else max(0.0, float(held[3]))
         except pg.Error as exc:
@@ -564,120 +505,35 @@ class PostgresStore:
                 f"cannot take the lease on {self.where}: {_reason(exc)}; nothing was written"
             ) from exc
         epoch, seq = int(row[0]), int(row[1])
-        lease = _Lease(epoch)
-        lease.valid_until = sent + self.lease_s
+        # A new holding: heartbeats (if any) begin again.
+        lease = Lease(epoch, where=self.where, holder=self.holder, lease_s=self.lease_s, sent=sent)
         self._lease, self._seq = lease, seq
-        self._heartbeat = None  # a new holding: heartbeats (if any) begin again
-        lease.thread = threading.Thread(
-            target=self._renew_forever,
-            args=(lease,),
+        lease.start_renewing(
+            connect=self._connect,
+            params=self._params(epoch=epoch),
+            heartbeat_max_age_s=lambda: self.heartbeat_max_age_s,
             name=f"servecore-lease-{self.checkpoint}",
-            daemon=True,
         )
-        lease.thread.start()
         log.info("took the lease on %s (epoch %d, as %s)", self.where, epoch, self.holder)
         return None
 
     def _locked(self) -> StoreLocked:
-        held = self._holder_seen
-        if held is None or held[0] is None:
-            return StoreLocked(self.where, "its lease was just taken")
-        return StoreLocked(
-            self.where,
-            f"lease held by {held[0]!r}, epoch {held[1]}, {max(0.0, float(held[3])):.1f}s "
-            f"left unless renewed; open_controller(..., standby=True) waits for it instead",
-        )
+        return locked_error(self.where, self._holder_seen)
 
     def heartbeat(self) -> None:
         """Say that the holder's own loop is alive (a controller calls this from its
         trio loop, well within :attr:`heartbeat_max_age_s`). Once called, the lease is
         renewed only while the heartbeats keep coming."""
-        self._heartbeat = time.monotonic()
+        lease = self._lease
+        if lease is not None:
+            lease.heartbeat()
 
     def lease_lost(self) -> LeaseLost | None:
         """Why this store no longer holds its lease, or ``None`` while it does (or
         holds none): another holder took it, or it was not renewed before it expired.
         A loss is final: the lease is never renewed again by this store."""
         lease = self._lease
-        if lease is None:
-            return None
-        if lease.lost_to is not None:
-            return self._lost_error(lease)
-        if time.monotonic() >= lease.valid_until:
-            return LeaseLost(self.where, self.holder, lease.epoch, None, lease.epoch, expired=True)
-        return None
-
-    def _stalled_s(self) -> float | None:
-        """Seconds since the holder's last heartbeat, if that is too long to renew."""
-        beat = self._heartbeat
-        if beat is None:
-            return None
-        age = time.monotonic() - beat
-        return age if age > self.heartbeat_max_age_s else None
-
-    def _renew_forever(self, lease: _Lease) -> None:
-        """Renew every third of the lease, on a connection of its own (so a renewal
-        never queues behind a write), while the holder's heartbeats come. A failure to
-        reach the database is retried: the lease may still be ours when it is back.
-        Seeing it taken, or letting it expire, is final."""
-        pg = _import_psycopg()
-        conn: psycopg.Connection[Any] | None = None
-        failing = False
-        stalled = False
-        try:
-            while not lease.stop.wait(self.lease_s / 3):
-                if time.monotonic() >= lease.valid_until:
-                    log.error("%s", self.lease_lost())
-                    return  # expired: another may hold it now; never renew it again
-                age = self._stalled_s()
-                if age is not None:
-                    if not stalled:
-                        log.warning(
-                            "not renewing the lease on %s: its holder's loop has not ticked "
-                            "for %.1fs (more than %.1fs); it expires unless the loop recovers",
-                            self.where,
-                            age,
-                            self.heartbeat_max_age_s,
-                        )
-                    stalled = True
-                    continue
-                stalled = False
-                try:
-                    if conn is None:
-                        conn = self._connect()
-                    sent = time.monotonic()
-                    row = conn.execute(_RENEW, self._params(epoch=lease.epoch)).fetchone()
-                    if row is None:
-                        if lease.stop.is_set():
-                            return  # released by close() meanwhile: not lost
-                        held = conn.execute(_LEASE_ROW, self._params()).fetchone()
-                        self._lose(lease, held)
-                        return
-                    lease.valid_until = sent + self.lease_s
-                    if failing:
-                        log.info("renewed the lease on %s again", self.where)
-                    failing = False
-                except (pg.Error, ServecoreError) as exc:
-                    if not failing:
-                        log.warning("cannot renew the lease on %s (retrying): %s", self.where, exc)
-                    failing = True
-                    if conn is not None:
-                        with contextlib.suppress(Exception):
-                            conn.close()
-                    conn = None
-        finally:
-            if conn is not None:
-                with contextlib.suppress(Exception):
-                    conn.close()
-
-    def _lose(self, lease: _Lease, held: tuple[Any, ...] | None) -> None:
-        if lease.lost_to is None:
-            lease.lost_to = (None, lease.epoch) if held is None else (held[0], int(held[1]))
-            log.error("%s", self._lost_error(lease))
-
-    def _lost_error(self, lease: _Lease) -> LeaseLost:
-        holder, epoch = lease.lost_to or (None, lease.epoch)
-        return LeaseLost(self.where, self.holder, lease.epoch, holder, epoch)
+        return None if lease is None else lease.lost()
 
     def close(self) -> None:
         """Give the lease back (a standby may take it at once) and disconnect."""
@@ -685,13 +541,11 @@ class PostgresStore:
             lease, self._lease = self._lease, None
         if lease is not None:
             # The renewer first, so that no renewal lands after the release.
-            lease.stop.set()
-            if lease.thread is not None:
-                lease.thread.join(timeout=self.connect_timeout_s + 1)
+            lease.stop_renewing(self.connect_timeout_s + 1)
         with self._mutex:
             if lease is not None and lease.lost_to is None:
                 try:
-                    self._connection().execute(_RELEASE, self._params(epoch=lease.epoch))
+                    self._connection().execute(RELEASE, self._params(epoch=lease.epoch))
                 except Exception as exc:
                     # It expires by itself; a standby just waits a little longer.
                     log.warning("could not release the lease on %s: %s", self.where, exc)
@@ -733,7 +587,7 @@ class PostgresStore:
         with self._mutex:
             lease = self._lease
             if lease is not None and lease.lost_to is not None:
-                raise self._lost_error(lease)  # known lost: fail fast, no round trip
+                raise lease.lost_error()  # known lost: fail fast, no round trip
             target = seq if seq is not None else self._seq + 1
             params = self._params(
                 epoch=None if lease is None else lease.epoch,
@@ -803,13 +657,13 @@ class PostgresStore:
                     f"be asked why: {_reason(exc)}; nothing was written"
                 ) from exc
 
-    def _landed(self, lease: _Lease, target: int) -> bool | None:
+    def _landed(self, lease: Lease, target: int) -> bool | None:
         """After a write whose answer never came: did it land? Asked once, on a new
         connection, once the write's server process has ended; ``None`` if the
         database cannot say."""
         with contextlib.suppress(Exception):
             self._end_doubtful()
-            row = self._connection().execute(_LEASE_ROW, self._params()).fetchone()
+            row = self._connection().execute(LEASE_ROW, self._params()).fetchone()
             return (
                 row is not None
                 and row[0] == self.holder
@@ -853,10 +707,10 @@ class PostgresStore:
         with self._mutex:
             lease = self._lease
             if lease is not None and lease.lost_to is not None:
-                raise self._lost_error(lease)
+                raise lease.lost_error()
             try:
                 self._end_doubtful()
-                row = self._call(lambda conn: conn.execute(_LEASE_ROW, self._params()).fetchone())
+                row = self._call(lambda conn: conn.execute(LEASE_ROW, self._params()).fetchone())
             except pg.Error as exc:
                 self._drop_connection()
                 raise CheckpointError(
@@ -865,23 +719,23 @@ class PostgresStore:
             if lease is not None and (
                 row is None or row[0] != self.holder or int(row[1]) != lease.epoch
             ):
-                self._lose(lease, row)
-                raise self._lost_error(lease)
+                lease.lose(row)
+                raise lease.lost_error()
             seq = 0 if row is None else int(row[2])
             if lease is not None:
                 self._seq = seq
             return seq
 
-    def _refused(self, lease: _Lease | None, target: int) -> None:
+    def _refused(self, lease: Lease | None, target: int) -> None:
         """The fence refused a write: say why (a newer holder, or a stale sequence)."""
-        row = self._connection().execute(_LEASE_ROW, self._params()).fetchone()
+        row = self._connection().execute(LEASE_ROW, self._params()).fetchone()
         if lease is None:
             if row is not None and row[0] is not None and float(row[3]) > 0:
                 self._holder_seen = row
                 raise self._locked()
         elif row is None or row[0] != self.holder or int(row[1]) != lease.epoch:
-            self._lose(lease, row)
-            raise self._lost_error(lease)
+            lease.lose(row)
+            raise lease.lost_error()
         stored = None if row is None else int(row[2])
         raise CheckpointError(
             f"commit {target} to {self.where} refused: the checkpoint is already at "
@@ -924,7 +778,7 @@ class PostgresStore:
         def read(conn: psycopg.Connection[Any]) -> tuple[Any, list[Any]]:
             with conn.transaction():
                 conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                row = conn.execute(_LEASE_ROW, self._params()).fetchone()
+                row = conn.execute(LEASE_ROW, self._params()).fetchone()
                 rows = conn.execute(
                     "SELECT key, value FROM servecore_records WHERE checkpoint = %s",
                     (self.checkpoint,),
