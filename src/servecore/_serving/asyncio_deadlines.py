@@ -34,6 +34,10 @@ class Deadline:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        self.done()
+
+    def done(self) -> None:
+        """The task no longer needs this deadline (it finished, one way or another)."""
         self._bucket.discard(self)
 
     def fire(self) -> None:

@@ -49,7 +49,7 @@ from servecore._core.errors import (
     StreamMismatch,
 )
 from servecore._core.transitions import RoutingTable
-from servecore._serving.asyncio_deadlines import Deadline, Deadlines
+from servecore._serving.asyncio_deadlines import Deadlines
 from servecore._serving.backend_routes import BackendState, no_replica_why, waits_for_replicas
 from servecore._serving.replica_links import ReplicaLink, ReplicaLinks
 from servecore._serving.router_stats import outcome_of
@@ -248,72 +248,79 @@ class AsyncioQueries:
 
     # -- queries -----------------------------------------------------------------------
 
-    async def call(self, endpoint: str, query: Query, timeout_s: float | None = None) -> Any:
-        """Run one query on ``endpoint``; ``TimeoutError`` past ``timeout_s``."""
+    def call(self, endpoint: str, query: Query, timeout_s: float | None = None) -> Awaitable[Any]:
+        """Run one query on ``endpoint`` (await the result); ``TimeoutError`` past
+        ``timeout_s``."""
         if not self.direct:  # the router times it out itself (counted timed_out)
-            return await self.trio.run(self.router.call_timed, endpoint, query, timeout_s)
-        if timeout_s is None:
-            return await self._call(endpoint, query)
-        with self._deadlines.after(timeout_s) as deadline:
-            try:
-                return await self._call(endpoint, query, deadline)
-            except asyncio.CancelledError:
-                if deadline.expired():
-                    raise TimeoutError(
-                        f"query to endpoint {endpoint!r} got no answer within {timeout_s}s"
-                    ) from None
-                raise
+            return self.trio.run(self.router.call_timed, endpoint, query, timeout_s)
+        return self._call(endpoint, query, timeout_s)
 
-    async def _call(self, endpoint: str, query: Query, deadline: Deadline | None = None) -> Any:
+    async def _call(self, endpoint: str, query: Query, timeout_s: float | None) -> Any:
+        # One coroutine from the handle to the reply's future: each level of await
+        # costs every query a frame to resume.
+        deadline = None if timeout_s is None else self._deadlines.after(timeout_s)
+        expired: bool | None = None  # asked once: Deadline.expired takes the cancel back
         router = self.router
-        chosen = router.direct_route(endpoint, query)
-        if chosen is None:
-            return await self.trio.run(router.call_timed, endpoint, query, _left(query))
-        tag, b = chosen
-        if b is None:
-            return await self.trio.run(router.call_timed, endpoint, query, _left(query), tag)
-        started = time.perf_counter()
-        resends = 0
-        model = model_of(query)
         try:
-            while True:
-                w = _Waiter(endpoint, query, self.loop.create_future(), model)
-                replica = router.claim_direct(b, model)
-                if replica is None:
-                    if not b.live or b.route.max_batch_size is not None or b.n_waiting:
-                        break  # no replica (fail, or wake), batching, or trio's queue first
-                    self._enqueue(b, w)
-                else:
-                    w.replica = w.last = replica
-                    w.future.set_result(_GRANTED)
-                try:
-                    answer = await w.future
-                    while answer is _GRANTED:  # a slot, and no connection yet: open one
-                        w.future = self.loop.create_future()
-                        await self._open_and_send(b, w)
+            chosen = router.direct_route(endpoint, query)
+            if chosen is None:
+                return await self.trio.run(router.call_timed, endpoint, query, _left(query))
+            tag, b = chosen
+            if b is None:
+                return await self.trio.run(router.call_timed, endpoint, query, _left(query), tag)
+            started = time.perf_counter()
+            resends = 0
+            model = model_of(query)
+            try:
+                while True:
+                    w = _Waiter(endpoint, query, self.loop.create_future(), model)
+                    replica = router.claim_direct(b, model)
+                    if replica is None:
+                        if not b.live or b.route.max_batch_size is not None or b.n_waiting:
+                            break  # no replica (fail, or wake), batching, or trio's queue first
+                        self._enqueue(b, w)
+                    else:
+                        w.replica = w.last = replica
+                        w.future.set_result(_GRANTED)
+                    try:
                         answer = await w.future
-                except ReplicaDiedError as exc:
-                    if exc.tag != w.last:
+                        while answer is _GRANTED:  # a slot, and no connection yet: open one
+                            w.future = self.loop.create_future()
+                            await self._open_and_send(b, w)
+                            answer = await w.future
+                    except ReplicaDiedError as exc:
+                        if exc.tag != w.last:
+                            raise
+                        self.lost(b, exc.tag)
+                        if not never_ran(exc) or resends >= MAX_RESENDS:
+                            raise
+                        resends += 1
+                        continue
+                    except BaseException:
+                        self._abandon(b, w)
                         raise
-                    self.lost(b, exc.tag)
-                    if not never_ran(exc) or resends >= MAX_RESENDS:
-                        raise
-                    resends += 1
-                    continue
-                except BaseException:
-                    self._abandon(b, w)
-                    raise
-                if answer is _TO_TRIO:
-                    break
-                router.stats.record(endpoint, tag, "ok", time.perf_counter() - started)
-                return answer
-        except BaseException as exc:
-            # Cancelled by its own timeout: timed_out, as on trio's path.
-            timed_out = deadline is not None and deadline.expired()
-            outcome = "timed_out" if timed_out else outcome_of(exc)
-            router.stats.record(endpoint, tag, outcome, time.perf_counter() - started)
+                    if answer is _TO_TRIO:
+                        break
+                    router.stats.record(endpoint, tag, "ok", time.perf_counter() - started)
+                    return answer
+            except BaseException as exc:
+                # Cancelled by its own timeout: timed_out, as on trio's path.
+                expired = deadline is not None and deadline.expired()
+                outcome = "timed_out" if expired else outcome_of(exc)
+                router.stats.record(endpoint, tag, outcome, time.perf_counter() - started)
+                raise
+            return await self.trio.run(router.call_timed, endpoint, query, _left(query), tag)
+        except asyncio.CancelledError:
+            if expired is None:
+                expired = deadline is not None and deadline.expired()
+            if expired:
+                raise TimeoutError(
+                    f"query to endpoint {endpoint!r} got no answer within {timeout_s}s"
+                ) from None
             raise
-        return await self.trio.run(router.call_timed, endpoint, query, _left(query), tag)
+        finally:
+            if deadline is not None:
+                deadline.done()
 
     async def _open_and_send(self, b: BackendState, w: _Waiter) -> None:
         replica = w.replica
@@ -520,15 +527,15 @@ class AsyncioHandle:
             self._queries, self.endpoint, timeout_s=timeout_s, multiplexed_model_id=model
         )
 
-    async def call(self, *args: Any, **kwargs: Any) -> Any:
-        """Run one query on the endpoint and return its result."""
+    def call(self, *args: Any, **kwargs: Any) -> Awaitable[Any]:
+        """Run one query on the endpoint: ``await handle.call(x)`` is its result."""
         if self.multiplexed_model_id:
             # Carried as the controller's handle carries it: the runner strips it.
             kwargs[MODEL_KEY] = self.multiplexed_model_id
         timeout_s = self.timeout_s
         # The deadline travels with the query (the replica drops it unrun once past).
         deadline = None if timeout_s is None else time.time() + timeout_s
-        return await self._queries.call(
+        return self._queries.call(
             self.endpoint, Query(args=args, kwargs=kwargs, deadline=deadline), timeout_s
         )
 

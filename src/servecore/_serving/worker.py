@@ -359,6 +359,9 @@ async def _run_uvicorn(app: Any, fd: int, ready_fd: int | None) -> None:
     config = uvicorn.Config(
         app,
         http=coalescing_h11_protocol(),  # a response's head and body in one write
+        # No X-Forwarded-* rewriting: the ingress reads neither the client's address
+        # nor the scheme, and the middleware is a layer every request goes through.
+        proxy_headers=False,
         lifespan="off",
         ws="none",
         log_level="warning",
