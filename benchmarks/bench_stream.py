@@ -21,7 +21,9 @@ Time to first item (TTFT) is from sending the request (opening the stream) to th
 item; items/s counts the whole stream. wrk cannot read a stream item by item, hence the
 raw socket reader (it reads the chunked body and stamps the first chunk).
 
-Run: ``.venv/bin/python benchmarks/bench_stream.py [--items 2000] [--rounds 5]``.
+Run: ``.venv/bin/python benchmarks/bench_stream.py [--items 2000] [--rounds 5]``; the
+table (with each HTTP row's rate beside the bare app's on its stack) is also written to
+``benchmarks/results/bench_stream.json`` (``--out``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import json
 import os
 import platform
 import signal
@@ -298,12 +301,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "bench_stream.json"))
     args = parser.parse_args()
     rows = trio.run(bench, args.items, args.rounds)
+    rates = {name: rate for name, _, rate in rows}
     print(f"{args.items} items per stream, median of {args.rounds}; {platform.python_version()}")
-    print(f"{'row':<40} {'TTFT (ms)':>10} {'items/s':>10}")
+    print(f"{'row':<48} {'TTFT (ms)':>10} {'items/s':>10} {'bare/row':>9}")
+    out = []
     for name, ttft, rate in rows:
-        print(f"{name:<40} {ttft * 1000:>10.2f} {rate:>10,.0f}")
+        bare = next((rates[b] for key, b in SAME_STACK.items() if name.startswith(key)), None)
+        ratio = None if bare is None else bare / rate
+        shown = "" if ratio is None else f"{ratio:.2f}x"
+        print(f"{name:<48} {ttft * 1000:>10.2f} {rate:>10,.0f} {shown:>9}")
+        out.append({"row": name, "ttft_s": ttft, "items_per_s": rate, "bare_over_row": ratio})
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"items": args.items, "rounds": args.rounds, "rows": out}, f, indent=1)
+
+
+#: Each servecore HTTP row and the bare app on its server stack.
+SAME_STACK = {
+    "servecore ingress": "bare ASGI streaming, hypercorn/trio",
+    "servecore run --workers 1": "bare ASGI streaming, uvicorn",
+}
 
 
 if __name__ == "__main__":

@@ -586,7 +586,7 @@ class ReplicaCode:
 
 #: Items a stream's producer may run ahead of its consumer (the credit a host grants
 #: first): a slow consumer holds the generator at most this many items ahead.
-DEFAULT_STREAM_WINDOW = 16
+DEFAULT_STREAM_WINDOW = 32
 
 
 class StreamRun:
