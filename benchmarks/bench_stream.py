@@ -17,7 +17,9 @@ Rows (N items of a tiny generator that yields at once, ``--items``; each row run
   subprocess --workers 1`` whose worker streams from its replica: the stack of the
   ingress workers, and a worker on it.
 
-Time to first item (TTFT) is from sending the request (opening the stream) to the first
+Each HTTP row is read in the same interleaved rounds as the bare app on its stack
+(ABBA), and the table gives the bare app's rate over the row's. Time to first item
+(TTFT) is from sending the request (opening the stream) to the first
 item; items/s counts the whole stream. wrk cannot read a stream item by item, hence the
 raw socket reader (it reads the chunked body and stamps the first chunk).
 
@@ -157,6 +159,20 @@ async def median_of(rounds: int, one: Callable[[], Awaitable[tuple[float, float]
     return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
 
+async def interleaved(rounds: int, items: int, ports: list[int]) -> list[tuple[float, float]]:
+    """(TTFT, items/s) medians of HTTP streams from each port, read in interleaved
+    rounds (ABBA: each goes first in half of them), so that a busy spell of the shared
+    machine weighs on both sides of a ratio alike."""
+    runs: list[list[tuple[float, float]]] = [[] for _ in ports]
+    for i in range(rounds):
+        order = list(enumerate(ports)) if i % 2 == 0 else list(enumerate(ports))[::-1]
+        for k, port in order:
+            runs[k].append(await trio.to_thread.run_sync(read_http_stream, port, "/stream", items))
+    return [
+        (statistics.median(r[0] for r in run), statistics.median(r[1] for r in run)) for run in runs
+    ]
+
+
 async def bench(items: int, rounds: int) -> list[tuple[str, float, float]]:
     rows: list[tuple[str, float, float]] = []
     runs = [bare_generator(items) for _ in range(rounds)]
@@ -172,47 +188,44 @@ async def bench(items: int, rounds: int) -> list[tuple[str, float, float]]:
 
     from servecore.http import hypercorn_config
 
-    async with trio.open_nursery() as nursery:
+    async with trio.open_nursery() as bare:
+        # The bare app on hypercorn/trio runs beside servecore's ingress (same stack, same
+        # process), and the two are read in interleaved rounds.
         config = hypercorn_config(Config(), "127.0.0.1:0")
-        binds = await nursery.start(
+        binds = await bare.start(
             lambda task_status: serve(bare_asgi, config, mode="asgi", task_status=task_status)
         )
-        port = int(binds[0].rsplit(":", 1)[1])
-        ttft, rate = await median_of(
-            rounds, lambda: trio.to_thread.run_sync(read_http_stream, port, "/", items)
-        )
-        rows.append(("bare ASGI streaming, hypercorn/trio", ttft, rate))
-        nursery.cancel_scope.cancel()
-
-    for runtime in ("threads", "subprocess"):
-        with tempfile.TemporaryDirectory() as tmp:
-            kwargs = {"runtime_kwargs": {"directory": tmp}} if runtime == "subprocess" else {}
-            async with servecore.open_controller(
-                runtime=runtime, name=f"bench-stream-{os.getpid()}", **kwargs
-            ) as ctl:
-                await ctl.create_backend("tokens", "bench_stream:tokens")
-                await ctl.create_endpoint("stream", route="/stream", methods=["POST"])
-                await ctl.set_traffic("stream", {"tokens": 1.0})
-                handle = ctl.get_handle("stream")
-                await through_handle(handle, 10)  # warm up
-                ttft, rate = await median_of(
-                    rounds, functools.partial(through_handle, handle, items)
-                )
-                rows.append((f"handle.stream, {runtime}", ttft, rate))
-                if runtime == "subprocess":
-                    async with trio.open_nursery() as nursery:
-                        binds = await nursery.start(serve_http, ctl, "127.0.0.1:0")
-                        port = int(binds[0].rsplit(":", 1)[1])
-                        ttft, rate = await median_of(
-                            rounds,
-                            functools.partial(
-                                trio.to_thread.run_sync, read_http_stream, port, "/stream", items
-                            ),
-                        )
-                        rows.append(("servecore ingress, subprocess", ttft, rate))
-                        nursery.cancel_scope.cancel()
-                await ctl.delete_endpoint("stream")
-                await ctl.delete_backend("tokens")
+        bare_port = int(binds[0].rsplit(":", 1)[1])
+        await trio.to_thread.run_sync(read_http_stream, bare_port, "/", 10)  # warm up
+        for runtime in ("threads", "subprocess"):
+            with tempfile.TemporaryDirectory() as tmp:
+                kwargs = {"runtime_kwargs": {"directory": tmp}} if runtime == "subprocess" else {}
+                async with servecore.open_controller(
+                    runtime=runtime, name=f"bench-stream-{os.getpid()}", **kwargs
+                ) as ctl:
+                    await ctl.create_backend("tokens", "bench_stream:tokens")
+                    await ctl.create_endpoint("stream", route="/stream", methods=["POST"])
+                    await ctl.set_traffic("stream", {"tokens": 1.0})
+                    handle = ctl.get_handle("stream")
+                    await through_handle(handle, 10)  # warm up
+                    ttft, rate = await median_of(
+                        rounds, functools.partial(through_handle, handle, items)
+                    )
+                    rows.append((f"handle.stream, {runtime}", ttft, rate))
+                    if runtime == "subprocess":
+                        async with trio.open_nursery() as nursery:
+                            binds = await nursery.start(serve_http, ctl, "127.0.0.1:0")
+                            port = int(binds[0].rsplit(":", 1)[1])
+                            await trio.to_thread.run_sync(read_http_stream, port, "/stream", 10)
+                            bare_row, ingress_row = await interleaved(
+                                rounds, items, [bare_port, port]
+                            )
+                            rows.append(("bare ASGI streaming, hypercorn/trio", *bare_row))
+                            rows.append(("servecore ingress, subprocess", *ingress_row))
+                            nursery.cancel_scope.cancel()
+                    await ctl.delete_endpoint("stream")
+                    await ctl.delete_backend("tokens")
+        bare.cancel_scope.cancel()
     rows.extend(await _process_rows(items, rounds))
     return rows
 
@@ -281,17 +294,16 @@ async def _process_rows(items: int, rounds: int) -> list[tuple[str, float, float
                 run_port,
             ),
         ]
-        for name, command, port in servers:
-            proc = await trio.to_thread.run_sync(_start, command, port, tmp)
-            try:
-                ttft, rate = await median_of(
-                    rounds,
-                    functools.partial(
-                        trio.to_thread.run_sync, read_http_stream, port, "/stream", items
-                    ),
-                )
-                rows.append((name, ttft, rate))
-            finally:
+        procs = []
+        try:
+            for _, command, port in servers:
+                procs.append(await trio.to_thread.run_sync(_start, command, port, tmp))
+            results = await interleaved(rounds, items, [port for _, _, port in servers])
+            rows.extend(
+                (name, *result) for (name, _, _), result in zip(servers, results, strict=True)
+            )
+        finally:
+            for proc in procs:
                 proc.send_signal(signal.SIGTERM)
                 await trio.to_thread.run_sync(proc.wait)
     return rows
