@@ -17,11 +17,15 @@ Rows (N items of a tiny generator that yields at once, ``--items``; each row run
   subprocess --workers 1`` whose worker streams from its replica: the stack of the
   ingress workers, and a worker on it.
 
-Time to first item (TTFT) is from sending the request (opening the stream) to the first
+Each HTTP row is read in the same interleaved rounds as the bare app on its stack
+(ABBA), and the table gives the bare app's rate over the row's. Time to first item
+(TTFT) is from sending the request (opening the stream) to the first
 item; items/s counts the whole stream. wrk cannot read a stream item by item, hence the
 raw socket reader (it reads the chunked body and stamps the first chunk).
 
-Run: ``.venv/bin/python benchmarks/bench_stream.py [--items 2000] [--rounds 5]``.
+Run: ``.venv/bin/python benchmarks/bench_stream.py [--items 2000] [--rounds 5]``; the
+table (with each HTTP row's rate beside the bare app's on its stack) is also written to
+``benchmarks/results/bench_stream.json`` (``--out``).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import json
 import os
 import platform
 import signal
@@ -154,6 +159,20 @@ async def median_of(rounds: int, one: Callable[[], Awaitable[tuple[float, float]
     return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
 
+async def interleaved(rounds: int, items: int, ports: list[int]) -> list[tuple[float, float]]:
+    """(TTFT, items/s) medians of HTTP streams from each port, read in interleaved
+    rounds (ABBA: each goes first in half of them), so that a busy spell of the shared
+    machine weighs on both sides of a ratio alike."""
+    runs: list[list[tuple[float, float]]] = [[] for _ in ports]
+    for i in range(rounds):
+        order = list(enumerate(ports)) if i % 2 == 0 else list(enumerate(ports))[::-1]
+        for k, port in order:
+            runs[k].append(await trio.to_thread.run_sync(read_http_stream, port, "/stream", items))
+    return [
+        (statistics.median(r[0] for r in run), statistics.median(r[1] for r in run)) for run in runs
+    ]
+
+
 async def bench(items: int, rounds: int) -> list[tuple[str, float, float]]:
     rows: list[tuple[str, float, float]] = []
     runs = [bare_generator(items) for _ in range(rounds)]
@@ -169,47 +188,44 @@ async def bench(items: int, rounds: int) -> list[tuple[str, float, float]]:
 
     from servecore.http import hypercorn_config
 
-    async with trio.open_nursery() as nursery:
+    async with trio.open_nursery() as bare:
+        # The bare app on hypercorn/trio runs beside servecore's ingress (same stack, same
+        # process), and the two are read in interleaved rounds.
         config = hypercorn_config(Config(), "127.0.0.1:0")
-        binds = await nursery.start(
+        binds = await bare.start(
             lambda task_status: serve(bare_asgi, config, mode="asgi", task_status=task_status)
         )
-        port = int(binds[0].rsplit(":", 1)[1])
-        ttft, rate = await median_of(
-            rounds, lambda: trio.to_thread.run_sync(read_http_stream, port, "/", items)
-        )
-        rows.append(("bare ASGI streaming, hypercorn/trio", ttft, rate))
-        nursery.cancel_scope.cancel()
-
-    for runtime in ("threads", "subprocess"):
-        with tempfile.TemporaryDirectory() as tmp:
-            kwargs = {"runtime_kwargs": {"directory": tmp}} if runtime == "subprocess" else {}
-            async with servecore.open_controller(
-                runtime=runtime, name=f"bench-stream-{os.getpid()}", **kwargs
-            ) as ctl:
-                await ctl.create_backend("tokens", "bench_stream:tokens")
-                await ctl.create_endpoint("stream", route="/stream", methods=["POST"])
-                await ctl.set_traffic("stream", {"tokens": 1.0})
-                handle = ctl.get_handle("stream")
-                await through_handle(handle, 10)  # warm up
-                ttft, rate = await median_of(
-                    rounds, functools.partial(through_handle, handle, items)
-                )
-                rows.append((f"handle.stream, {runtime}", ttft, rate))
-                if runtime == "subprocess":
-                    async with trio.open_nursery() as nursery:
-                        binds = await nursery.start(serve_http, ctl, "127.0.0.1:0")
-                        port = int(binds[0].rsplit(":", 1)[1])
-                        ttft, rate = await median_of(
-                            rounds,
-                            functools.partial(
-                                trio.to_thread.run_sync, read_http_stream, port, "/stream", items
-                            ),
-                        )
-                        rows.append(("servecore ingress, subprocess", ttft, rate))
-                        nursery.cancel_scope.cancel()
-                await ctl.delete_endpoint("stream")
-                await ctl.delete_backend("tokens")
+        bare_port = int(binds[0].rsplit(":", 1)[1])
+        await trio.to_thread.run_sync(read_http_stream, bare_port, "/", 10)  # warm up
+        for runtime in ("threads", "subprocess"):
+            with tempfile.TemporaryDirectory() as tmp:
+                kwargs = {"runtime_kwargs": {"directory": tmp}} if runtime == "subprocess" else {}
+                async with servecore.open_controller(
+                    runtime=runtime, name=f"bench-stream-{os.getpid()}", **kwargs
+                ) as ctl:
+                    await ctl.create_backend("tokens", "bench_stream:tokens")
+                    await ctl.create_endpoint("stream", route="/stream", methods=["POST"])
+                    await ctl.set_traffic("stream", {"tokens": 1.0})
+                    handle = ctl.get_handle("stream")
+                    await through_handle(handle, 10)  # warm up
+                    ttft, rate = await median_of(
+                        rounds, functools.partial(through_handle, handle, items)
+                    )
+                    rows.append((f"handle.stream, {runtime}", ttft, rate))
+                    if runtime == "subprocess":
+                        async with trio.open_nursery() as nursery:
+                            binds = await nursery.start(serve_http, ctl, "127.0.0.1:0")
+                            port = int(binds[0].rsplit(":", 1)[1])
+                            await trio.to_thread.run_sync(read_http_stream, port, "/stream", 10)
+                            bare_row, ingress_row = await interleaved(
+                                rounds, items, [bare_port, port]
+                            )
+                            rows.append(("bare ASGI streaming, hypercorn/trio", *bare_row))
+                            rows.append(("servecore ingress, subprocess", *ingress_row))
+                            nursery.cancel_scope.cancel()
+                    await ctl.delete_endpoint("stream")
+                    await ctl.delete_backend("tokens")
+        bare.cancel_scope.cancel()
     rows.extend(await _process_rows(items, rounds))
     return rows
 
@@ -278,17 +294,16 @@ async def _process_rows(items: int, rounds: int) -> list[tuple[str, float, float
                 run_port,
             ),
         ]
-        for name, command, port in servers:
-            proc = await trio.to_thread.run_sync(_start, command, port, tmp)
-            try:
-                ttft, rate = await median_of(
-                    rounds,
-                    functools.partial(
-                        trio.to_thread.run_sync, read_http_stream, port, "/stream", items
-                    ),
-                )
-                rows.append((name, ttft, rate))
-            finally:
+        procs = []
+        try:
+            for _, command, port in servers:
+                procs.append(await trio.to_thread.run_sync(_start, command, port, tmp))
+            results = await interleaved(rounds, items, [port for _, _, port in servers])
+            rows.extend(
+                (name, *result) for (name, _, _), result in zip(servers, results, strict=True)
+            )
+        finally:
+            for proc in procs:
                 proc.send_signal(signal.SIGTERM)
                 await trio.to_thread.run_sync(proc.wait)
     return rows
@@ -298,12 +313,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "bench_stream.json"))
     args = parser.parse_args()
     rows = trio.run(bench, args.items, args.rounds)
+    rates = {name: rate for name, _, rate in rows}
     print(f"{args.items} items per stream, median of {args.rounds}; {platform.python_version()}")
-    print(f"{'row':<40} {'TTFT (ms)':>10} {'items/s':>10}")
+    print(f"{'row':<48} {'TTFT (ms)':>10} {'items/s':>10} {'bare/row':>9}")
+    out = []
     for name, ttft, rate in rows:
-        print(f"{name:<40} {ttft * 1000:>10.2f} {rate:>10,.0f}")
+        bare = next((rates[b] for key, b in SAME_STACK.items() if name.startswith(key)), None)
+        ratio = None if bare is None else bare / rate
+        shown = "" if ratio is None else f"{ratio:.2f}x"
+        print(f"{name:<48} {ttft * 1000:>10.2f} {rate:>10,.0f} {shown:>9}")
+        out.append({"row": name, "ttft_s": ttft, "items_per_s": rate, "bare_over_row": ratio})
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"items": args.items, "rounds": args.rounds, "rows": out}, f, indent=1)
+
+
+#: Each servecore HTTP row and the bare app on its server stack.
+SAME_STACK = {
+    "servecore ingress": "bare ASGI streaming, hypercorn/trio",
+    "servecore run --workers 1": "bare ASGI streaming, uvicorn",
+}
 
 
 if __name__ == "__main__":

@@ -485,12 +485,19 @@ async def _send_raw(items: Any, chunks: list[bytes], endpoint: str, send: Send) 
     """Send ``chunks``, then each item of ``items`` raw (a stream under its own
     :class:`Response`); whether it ended without an error, which is logged (the status
     is gone already, so the body is cut short)."""
+    buffered = getattr(items, "take_buffered", None)  # as in _send_all_items
     try:
         for data in chunks:
             await send({"type": "http.response.body", "body": data, "more_body": True})
         async for item in items:
             data = _raw_chunk(item)
-            await send({"type": "http.response.body", "body": data, "more_body": True})
+            for more in buffered() if buffered is not None else ():
+                try:
+                    data += _raw_chunk(more)
+                except _BadResponse:
+                    await send(_chunk(data))  # the items before it, then the error
+                    raise
+            await send(_chunk(data))
         return True
     except Exception as exc:
         log.error(
@@ -508,8 +515,10 @@ async def _send_raw(items: Any, chunks: list[bytes], endpoint: str, send: Send) 
 async def _send_all_items(items: Any, first: Any, sse: bool, endpoint: str, send: Send) -> bytes:
     """Send ``first`` and every later item as chunks; return the stream's last chunk
     (an SSE ``end`` event, or the error that ended the stream as its last record)."""
-    # Items that arrived while the last chunk was being sent go out in one chunk (a
-    # stream on the asyncio path offers them): a chunk costs the server a write each.
+    # Items that arrived while the last chunk was being sent go out in one chunk (the
+    # router's stream and the asyncio path's offer them): a chunk costs the server a
+    # write each, more than the rest of an item. Items already here are not waited for,
+    # so the handle's timeout (each item within timeout_s) holds as it did.
     buffered = getattr(items, "take_buffered", None)
     try:
         if first is not _NOTHING:

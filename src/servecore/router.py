@@ -822,6 +822,15 @@ class _RouterStream:
                 self.close(_outcome(exc, timer))
                 raise
 
+    def take_buffered(self) -> list[Any]:
+        """The items that have already arrived, without waiting (and credit given back
+        for them); none once the stream finished. An error that ended the stream is
+        raised by the next :meth:`next`, after these."""
+        take = getattr(self.items, "take_buffered", None)  # a runtime's own stream may not
+        if self.finished or take is None:
+            return []
+        return take()  # type: ignore[no-any-return]
+
     def close(self, outcome: str = "cancelled") -> None:
         """Stop reading; a stream still running is cancelled in its replica."""
         if self.finished:
@@ -873,6 +882,13 @@ class HandleStream:
         if self._stream is None:
             self._stream = await router.open_stream(self._handle.endpoint, self._query, timer)
         return await self._stream.next(timer)
+
+    def take_buffered(self) -> list[Any]:
+        """The items that have already arrived, without waiting: a consumer that
+        handles several at once (the HTTP ingress writes them as one chunk) takes them
+        after each :meth:`__anext__`. They came in time, so no timeout applies to them."""
+        stream = self._stream
+        return [] if stream is None else stream.take_buffered()
 
     async def aclose(self) -> None:
         """Stop reading: the generator in the replica is cancelled if still running."""

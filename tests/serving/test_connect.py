@@ -27,6 +27,7 @@ from cli_server import CliServer
 from servecore._core.maps import Map
 from servecore._core.transitions import BackendRoute, Endpoint, RoutingTable
 from servecore._serving.table_feed import VersionedTable, encode_table
+from servecore.runtimes.toolkit import DEFAULT_STREAM_WINDOW
 
 pytestmark = pytest.mark.slow
 
@@ -260,7 +261,7 @@ def test_a_connected_handle_streams_from_a_subprocess_replica(server: CliServer)
             assert next(items)[0] == 0
         with count.stream("stats") as items:
             record = next(items)
-        assert 1 <= record["produced"] <= 5 + 1 + 16
+        assert 1 <= record["produced"] <= 5 + 1 + DEFAULT_STREAM_WINDOW
 
 
 STREAM_APP = """

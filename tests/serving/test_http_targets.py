@@ -34,6 +34,7 @@ async def url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[s
                 ("tokens", "tokens", False),
                 ("fails", "tokens_then_fail", False),
                 ("bad", "bad_head", False),
+                ("second", "second_head", False),
             ):
                 await ctl.create_backend(name, T + target)
                 await ctl.create_endpoint(
@@ -107,6 +108,15 @@ async def test_a_streamed_response_that_fails_midway_is_cut_short_not_completed(
     assert data.startswith(b"INCOMPLETE:")  # no final chunk: the client sees the failure
     assert b"head partial " in data
     assert "ran out of memory" in caplog.text
+
+
+async def test_a_second_response_mid_stream_cuts_it_short_after_the_chunks_before_it(
+    url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    status, _, data = await get(url, "GET", "/second")
+    assert status == 200
+    assert data == b"INCOMPLETE:a b "  # what came before it, then no final chunk
+    assert "yielded a second Response" in caplog.text
 
 
 async def test_a_streamed_response_with_a_bad_status_answers_500(url: str) -> None:

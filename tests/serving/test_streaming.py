@@ -15,6 +15,7 @@ import servecore
 import stream_targets
 from servecore import InvalidTarget, StreamMismatch
 from servecore.http import serve_http
+from servecore.runtimes.toolkit import DEFAULT_STREAM_WINDOW
 
 BOUND_S = 30.0  # only ever a guard against hanging
 
@@ -84,6 +85,28 @@ async def test_a_consumer_that_breaks_out_of_its_loop_stops_the_generator(
             await trio.sleep(0.01)
 
 
+async def test_a_handle_stream_hands_over_the_items_already_arrived_without_waiting(
+    ctl: servecore.Controller,
+) -> None:
+    """What the HTTP ingress writes as one chunk: after an item, ``take_buffered`` gives
+    the items that came meanwhile, in order, and the stream goes on after them (with a
+    per-item timeout too, which items already here cannot miss)."""
+    for handle in (ctl.get_handle("count"), ctl.get_handle("count").options(timeout_s=BOUND_S)):
+        with trio.fail_after(BOUND_S):
+            async with handle.stream(5) as items:
+                assert items.take_buffered() == []  # not opened yet: nothing to take
+                got = [await items.__anext__()]
+                taken: list[Any] = []
+                while not taken:  # the replica produces ahead, within its window
+                    await trio.sleep(0.01)
+                    taken = items.take_buffered()
+                got += taken
+                got += [item async for item in items]
+                assert items.take_buffered() == []  # ended: nothing more
+        assert [i for i, _ in got] == [0, 1, 2, 3, 4]
+    assert running(ctl) == 0
+
+
 async def test_create_backend_refuses_a_batching_generator(ctl: servecore.Controller) -> None:
     seq = ctl.seq
 
@@ -108,7 +131,7 @@ def test_a_synchronous_handle_iterates_a_stream() -> None:
             assert next(items)[0] == 0
         with handle.stream("stats") as items:
             record = next(items)
-        assert record["stopped"] or record["produced"] <= 4 + 1 + 16
+        assert record["stopped"] or record["produced"] <= 4 + 1 + DEFAULT_STREAM_WINDOW
 
 
 def _http(port: int, path: str, body: bytes, accept: str | None) -> tuple[str, bytes]:

@@ -42,6 +42,16 @@ def tokens_then_fail(value: Any) -> Iterator[Any]:
     raise RuntimeError("the model ran out of memory")
 
 
+def second_head(value: Any) -> Iterator[Any]:
+    """A streamed response that yields a second :class:`Response` after some chunks
+    (all at once, so they reach the ingress together)."""
+    yield servecore.Response(headers={"content-type": "text/plain"})
+    yield "a "
+    yield "b "
+    yield servecore.Response(status=500)
+    yield "never sent"
+
+
 def bad_head(value: Any) -> Iterator[Any]:
     """A streamed response with a status no client can read."""
     yield servecore.Response(status=99)

@@ -585,8 +585,10 @@ class ReplicaCode:
 
 
 #: Items a stream's producer may run ahead of its consumer (the credit a host grants
-#: first): a slow consumer holds the generator at most this many items ahead.
-DEFAULT_STREAM_WINDOW = 16
+#: first): a slow consumer holds the generator at most this many items ahead. Not
+#: smaller: a fast stream waits for credit's round trip once a window, and at 16 that
+#: wait, not the work per item, bounded one from a subprocess replica.
+DEFAULT_STREAM_WINDOW = 32
 
 
 class StreamRun:
