@@ -296,6 +296,11 @@ class _Connection:
 
     Either way at most ``concurrency`` calls run at once: there are that many threads.
 
+    Frames are read from a buffer of what one ``recv`` brought. While more frames wait
+    there, the answers of inline calls are held and go out together (one ``send`` here,
+    one read for the host, instead of one each); the reader sends what is held before
+    it waits for bytes, so an answer never waits for the host's next frame.
+
     For an async target one thread reads, hands each call to the replica's loop
     (:meth:`_submit`) and reads on; the loop bounds how many run at once.
     """
