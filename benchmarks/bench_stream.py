@@ -14,8 +14,11 @@ Rows (N items of a tiny generator that yields at once, ``--items``; each row run
   ingress to a subprocess replica, read by the same raw-socket client.
 * ``bare ASGI streaming, uvicorn`` and ``servecore run --workers 1 (uvicorn)`` -- the
   bare app on uvicorn in a process of its own, and a real ``servecore run --runtime
-  subprocess --workers 1`` whose worker streams from its replica: the stack of the
-  ingress workers, and a worker on it.
+  subprocess --workers 1`` whose worker streams from its replica.
+* ``bare ASGI streaming, uvicorn, a write per turn`` -- the bare app on uvicorn as the
+  ingress workers run it (what one turn of the loop writes goes out in one write):
+  the workers' own stack, which their row is compared with. The bare app sends its
+  items without waiting in between, so here they leave in a few large writes.
 
 Each HTTP row is read in the same interleaved rounds as the bare app on its stack
 (ABBA), and the table gives the bare app's rate over the row's. Time to first item
@@ -273,7 +276,7 @@ async def _process_rows(items: int, rounds: int) -> list[tuple[str, float, float
     with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, "app.toml"), "w") as f:
             f.write(STREAM_APP)
-        bare_port, run_port = _free_port(), _free_port()
+        bare_port, run_port, same_port = _free_port(), _free_port(), _free_port()
         servers = [
             (
                 "bare ASGI streaming, uvicorn",
@@ -282,6 +285,14 @@ async def _process_rows(items: int, rounds: int) -> list[tuple[str, float, float
                     *("--port", str(bare_port), "--log-level", "warning", "--lifespan", "off"),
                 ],
                 bare_port,
+            ),
+            (
+                "bare ASGI streaming, uvicorn, a write per turn",
+                [
+                    *(sys.executable, "-c", "import bench_stream as b; b.serve_coalesced()"),
+                    str(same_port),
+                ],
+                same_port,
             ),
             (
                 "servecore run --workers 1 (uvicorn), subprocess",
@@ -309,6 +320,23 @@ async def _process_rows(items: int, rounds: int) -> list[tuple[str, float, float
     return rows
 
 
+def serve_coalesced() -> None:
+    """The bare app on uvicorn as the ingress workers run it (a turn's writes in one
+    write, ``servecore._serving.coalesced_writes``), on the port in ``sys.argv[1]``."""
+    import uvicorn
+
+    from servecore._serving.coalesced_writes import coalescing_h11_protocol
+
+    uvicorn.run(
+        bare_asgi,
+        host="127.0.0.1",
+        port=int(sys.argv[1]),
+        http=coalescing_h11_protocol(),
+        lifespan="off",
+        log_level="warning",
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=2000)
@@ -334,7 +362,7 @@ def main() -> None:
 #: Each servecore HTTP row and the bare app on its server stack.
 SAME_STACK = {
     "servecore ingress": "bare ASGI streaming, hypercorn/trio",
-    "servecore run --workers 1": "bare ASGI streaming, uvicorn",
+    "servecore run --workers 1": "bare ASGI streaming, uvicorn, a write per turn",
 }
 
 
