@@ -103,6 +103,10 @@ MAX_RESENDS = 3
 #: callers, small enough that an overloaded backend pushes back within a few batches.
 DEFAULT_MAX_QUEUED_QUERIES = 256
 
+# Looked up once: the host-thread path calls them on every query.
+_perf_counter = time.perf_counter
+_get_ident = threading.get_ident
+
 
 class Router:
     """Routes queries to replicas through a runtime; fed by the controller's tables.
@@ -385,6 +389,9 @@ class Router:
         w = Waiter(endpoint, query, batched=False, arrival=0.0)
         b.waiting.append(w)
         b.n_waiting += 1
+        # A host thread may have freed its slot after this task found none and before
+        # the count above: it saw no queue, so posted no pump. Look again now.
+        self._pump(b)
         try:
             await w.event.wait()
         except BaseException:
@@ -693,22 +700,25 @@ class Router:
         token = self._token
         if token is None:
             raise RuntimeError("the router was not started; use it through a controller")
-        if threading.get_ident() == self._trio_thread:
+        if _get_ident() == self._trio_thread:
             raise RuntimeError("call_blocking() would block trio; use 'await handle.call()'")
         direct = self._direct
         chosen = self.direct_route(endpoint, query) if direct is not None else None
         if chosen is None or direct is None:
             return _from_thread(token, self.call_timed, endpoint, query, timeout_s)
         tag, b = chosen
-        rtag = None if b is None else self.claim_direct(b, model_of(query))
+        kwargs = query.kwargs  # model_of(query), without the call: this path is hot
+        rtag = (
+            None if b is None else self.claim_direct(b, kwargs.get(MODEL_KEY) if kwargs else None)
+        )
         if b is None or rtag is None:
             return _from_thread(token, self.call_timed, endpoint, query, timeout_s, tag)
-        started = time.perf_counter()
+        started = _perf_counter()
         try:
             results = direct(rtag, (query,), timeout_s)
         except ReplicaDiedError as exc:
             if exc.tag != rtag or not never_ran(exc):
-                self.stats.record(endpoint, tag, "replica_died", time.perf_counter() - started)
+                self.stats.record(endpoint, tag, "replica_died", _perf_counter() - started)
             if exc.tag != rtag:
                 raise
             self.lost_direct(b, rtag)
@@ -716,18 +726,18 @@ class Router:
                 raise
             results = None  # it never ran: route it again, in trio
         except TimeoutError:
-            self.stats.record(endpoint, tag, "timed_out", time.perf_counter() - started)
+            self.stats.record(endpoint, tag, "timed_out", _perf_counter() - started)
             raise TimeoutError(
                 f"query to endpoint {endpoint!r} got no answer within {timeout_s}s"
             ) from None
         except BaseException as exc:
-            self.stats.record(endpoint, tag, outcome_of(exc), time.perf_counter() - started)
+            self.stats.record(endpoint, tag, outcome_of(exc), _perf_counter() - started)
             raise
         finally:
             self.release_direct(b, rtag)
         if results is None:  # the replica is leaving the table: route again, in trio
             return _from_thread(token, self.call_timed, endpoint, query, timeout_s, tag)
-        self.stats.record(endpoint, tag, "ok", time.perf_counter() - started)
+        self.stats.record(endpoint, tag, "ok", _perf_counter() - started)
         return results[0]
 
     def _pump_waiting(self, b: BackendState) -> None:

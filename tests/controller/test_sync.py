@@ -196,3 +196,44 @@ def test_close_fails_queries_in_flight_with_typed_errors() -> None:
         handle.call(9)
     with pytest.raises(ControllerClosed):
         c.create_endpoint("x")
+
+
+def test_a_slot_freed_just_before_a_query_queues_is_not_lost(
+    ctl: SyncController, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host thread's direct query may end (and free its replica slot, seeing no
+    queue) after a query in trio found no free slot and before it joined the queue:
+    the queued query still gets the slot, instead of waiting for a release that has
+    already happened."""
+    ctl.create_backend(
+        "g", targets.Gated, init_args=["sync-freed-before-queueing"], max_concurrent_queries=1
+    )
+    ctl.create_endpoint("g")
+    ctl.set_traffic("g", {"g": 1.0})
+    handle = ctl.get_handle("g")
+    gate = targets.Gate.named("sync-freed-before-queueing")
+    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="caller")
+    try:
+        first = pool.submit(handle.call, "first")  # direct: it holds the only slot
+        assert gate.entered.acquire(timeout=10)
+        b = ctl.router.backend_state("g")
+        assert b is not None
+        acquire = b.acquire
+
+        def slot_freed_right_after_looking(limit: int, model: str | None = None) -> str | None:
+            if threading.current_thread().name.startswith("caller") or b.n_waiting:
+                return acquire(limit, model)
+            # The trio thread looks before the query has queued: the slot is taken,
+            # and the first query ends right after the look.
+            if not gate.release.is_set():
+                gate.release.set()
+                first.result(timeout=10)
+            return None
+
+        monkeypatch.setattr(b, "acquire", slot_freed_right_after_looking)
+        second = pool.submit(handle.call, "second")
+        assert first.result(timeout=10)[1] == "first"
+        assert second.result(timeout=10)[1] == "second"
+    finally:
+        # Not waiting for a query that may hang: closing the controller fails it.
+        pool.shutdown(wait=False)

@@ -58,6 +58,15 @@ class _Connection:
     def read_frame(self) -> tuple[int, int, bytes]:
         """The next frame: usually one ``recv`` for its header and body together."""
         inbox = self.inbox
+        if not inbox:  # the usual case: one answer, whole in one recv, nothing after it
+            chunk = self.sock.recv(1 << 16)
+            if len(chunk) >= HEADER.size:
+                length, kind, request_id = HEADER.unpack_from(chunk)
+                if len(chunk) == HEADER.size + length:
+                    return kind, request_id, chunk[HEADER.size :]
+            elif not chunk:
+                raise EOFError("the replica closed the connection")
+            inbox += chunk
         while True:
             if len(inbox) >= HEADER.size:
                 length, kind, request_id = HEADER.unpack_from(inbox)
@@ -72,6 +81,13 @@ class _Connection:
             inbox += chunk
 
 
+class _ThreadState(threading.local):
+    """What each thread keeps: its connections by replica tag."""
+
+    def __init__(self) -> None:
+        self.connections: dict[str, _Connection] = {}
+
+
 class BlockingCalls:
     """Per-thread connections to replicas; see the module docstring.
 
@@ -81,13 +97,7 @@ class BlockingCalls:
 
     def __init__(self, address_of: Callable[[str], tuple[str, object] | None]) -> None:
         self._address_of = address_of
-        self._local = threading.local()
-
-    def _connections(self) -> dict[str, _Connection]:
-        found: dict[str, _Connection] | None = getattr(self._local, "connections", None)
-        if found is None:
-            found = self._local.connections = {}
-        return found
+        self._local = _ThreadState()
 
     def call(self, tag: str, batch: Sequence[Query], timeout_s: float | None) -> list[Any] | None:
         """Run ``batch`` on replica ``tag`` from this thread; ``None`` if it cannot be
@@ -97,7 +107,7 @@ class BlockingCalls:
         if where is None:
             return None
         address, pid = where
-        connections = self._connections()
+        connections = self._local.connections
         conn = connections.get(tag)
         if conn is not None and conn.pid != pid:  # a new process under the same tag
             self._forget(tag)
@@ -113,14 +123,14 @@ class BlockingCalls:
             if conn.timeout != timeout_s:
                 conn.sock.settimeout(timeout_s)
                 conn.timeout = timeout_s
-            conn.sock.sendall(frame(CALL, request_id, body))
+            conn.sock.sendall(HEADER.pack(len(body), CALL, request_id) + body)
             while True:
                 kind, answered, payload = conn.read_frame()
-                if kind == DRAINED:
-                    self._forget(tag)
-                    raise ReplicaDiedError(tag, "the replica drained before beginning the query")
                 if answered == request_id:
                     break
+                if kind == DRAINED:  # request id 0: never one of ours
+                    self._forget(tag)
+                    raise ReplicaDiedError(tag, "the replica drained before beginning the query")
         except TimeoutError:
             # The answer may still come: this connection is out of step now, so it
             # goes, and the replica is asked to cancel the query (an async target).
@@ -130,11 +140,14 @@ class BlockingCalls:
         except (OSError, EOFError) as exc:
             self._forget(tag)
             raise ReplicaDiedError(tag, f"connection lost: {exc}") from exc
-        result: list[Any] = answer_of(kind, payload, tag).unwrap()
-        return result
+        if kind == OK:  # the usual answer, read without answer_of's Outcome around it
+            results: list[Any] = decode_reply(payload, tag, "subprocess")
+            return results
+        failed: list[Any] = answer_of(kind, payload, tag).unwrap()  # raises
+        return failed
 
     def _forget(self, tag: str) -> None:
-        conn = self._connections().pop(tag, None)
+        conn = self._local.connections.pop(tag, None)
         if conn is not None:
             conn.sock.close()
 

@@ -98,9 +98,9 @@ COUNT = struct.Struct("!I")
 
 #: The last bytes of a CALL body that ends with a deadline trailer.
 DEADLINES_MAGIC = b"SCDL"
-#: One query's deadline trailer before the magic: the deadline, then the count (1).
-_ONE_DEADLINE = struct.Struct("!dI")
 _TRAILER_TAIL = COUNT.size + len(DEADLINES_MAGIC)
+#: The trailer of a one-query CALL body with a deadline, but for the magic.
+_ONE_DEADLINE = struct.Struct("!dI")
 
 #: Longest socket path that ``bind``/``connect`` take (``sun_path`` is 108 bytes on Linux).
 _MAX_SOCKET_PATH = 100
@@ -146,13 +146,13 @@ def encode_call(batch: Any) -> bytes:
     """(host) The body of a CALL frame for ``batch`` (queries with ``args``, ``kwargs``
     and ``deadline``): the pickled ``(args, kwargs)`` pairs, and the deadline trailer
     when any query has a deadline (see the module doc). Raises what pickle raises."""
-    if len(batch) == 1:  # nearly every call: no lists to build and walk
-        q = batch[0]
+    if len(batch) == 1:  # a host thread's query, the usual case: no lists to build
+        (q,) = batch
         body = dumps([(q.args, q.kwargs)])
-        d = getattr(q, "deadline", None)
-        if d is None:
+        deadline = getattr(q, "deadline", None)
+        if deadline is None:
             return body
-        return body + _ONE_DEADLINE.pack(float(d), 1) + DEADLINES_MAGIC
+        return body + _ONE_DEADLINE.pack(float(deadline), 1) + DEADLINES_MAGIC
     body = dumps([(q.args, q.kwargs) for q in batch])
     deadlines = [getattr(q, "deadline", None) for q in batch]
     if all(d is None for d in deadlines):
