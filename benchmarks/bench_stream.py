@@ -16,9 +16,12 @@ Rows (N items of a tiny generator that yields at once, ``--items``; each row run
   bare app on uvicorn in a process of its own, and a real ``servecore run --runtime
   subprocess --workers 1`` whose worker streams from its replica.
 * ``bare ASGI streaming, uvicorn, a write per turn`` -- the bare app on uvicorn as the
-  ingress workers run it (what one turn of the loop writes goes out in one write):
-  the workers' own stack, which their row is compared with. The bare app sends its
-  items without waiting in between, so here they leave in a few large writes.
+  ingress workers run it (what one turn of the loop writes goes out in one write). The
+  bare app sends its items without waiting in between, all in one turn, so here the
+  whole body leaves at its end: a high rate and a late first item, not a stream. The
+  workers' row is compared with the bare app on uvicorn as it comes, which sends each
+  item as it is produced; a worker's items come from its replica over several turns,
+  so they leave as they arrive.
 
 Each HTTP row is read in the same interleaved rounds as the bare app on its stack
 (ABBA), and the table gives the bare app's rate over the row's. Time to first item
@@ -362,7 +365,9 @@ def main() -> None:
 #: Each servecore HTTP row and the bare app on its server stack.
 SAME_STACK = {
     "servecore ingress": "bare ASGI streaming, hypercorn/trio",
-    "servecore run --workers 1": "bare ASGI streaming, uvicorn, a write per turn",
+    # Not the bare app on the workers' own stack: it sends all its items in one turn of
+    # the loop, so there they leave together at the end (see the module doc).
+    "servecore run --workers 1": "bare ASGI streaming, uvicorn",
 }
 
 
