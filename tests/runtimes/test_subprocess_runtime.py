@@ -337,6 +337,31 @@ async def test_calls_run_concurrently_up_to_max_concurrent_queries(
     assert sorted(results) == [0, 1, 2, 3]
 
 
+async def test_large_calls_and_many_in_flight_on_one_connection_all_come_back(
+    runtime: SubprocessRuntime,
+) -> None:
+    # Frames that span many reads (megabytes) and frames that arrive many to a read
+    # (small calls sent at once), on one connection: every answer is its own call's.
+    # Slow calls running beside fast ones pass the reading role between the replica's
+    # threads; it was once taken twice, and a call went unanswered.
+    await runtime.start_replica(effect("echo#1", "Echo", max_concurrent_queries=8))
+    sizes = [0, 1, 1_000, 300_000, 3_000_000, 7] * 4 + [5] * 200
+    for burst in range(4):
+        results: dict[int, Any] = {}
+
+        async def one(i: int, size: int) -> None:
+            results[i] = await call1(runtime, "echo#1", [i, "x" * size])
+
+        with trio.move_on_after(BOUND_S):
+            async with trio.open_nursery() as nursery:
+                for i, size in enumerate(sizes):
+                    nursery.start_soon(one, i, size)
+        missing = sorted(set(range(len(sizes))) - set(results))
+        assert not missing, f"burst {burst}: calls {missing[:10]} never answered"
+        for i, size in enumerate(sizes):
+            assert results[i] == str([i, "x" * size])
+
+
 async def test_user_config_env_and_batch_targets(runtime: SubprocessRuntime) -> None:
     await runtime.start_replica(effect("conf#1", "Configurable", user_config={"k": 1}))
     assert await call1(runtime, "conf#1") == {"k": 1}

@@ -429,9 +429,11 @@ class _Connection:
                 with self.state_lock:
                     self.running -= 1
                     self.call_time += (time.monotonic() - started - self.call_time) * 0.25
-                    kept = inline and not self.role_passed
-                    self.inline_since = None
-                    self.role_passed = False
+                    kept = False
+                    if inline:  # only the inline call's own state: another may run beside
+                        kept = not self.role_passed
+                        self.inline_since = None
+                        self.role_passed = False
             if not kept:
                 return True
 
