@@ -346,16 +346,16 @@ async def test_large_calls_and_many_in_flight_on_one_connection_all_come_back(
     # threads; it was once taken twice, and a call went unanswered.
     await runtime.start_replica(effect("echo#1", "Echo", max_concurrent_queries=8))
     sizes = [0, 1, 1_000, 300_000, 3_000_000, 7] * 4 + [5] * 200
+
+    async def one(results: dict[int, Any], i: int, size: int) -> None:
+        results[i] = await call1(runtime, "echo#1", [i, "x" * size])
+
     for burst in range(4):
         results: dict[int, Any] = {}
-
-        async def one(i: int, size: int) -> None:
-            results[i] = await call1(runtime, "echo#1", [i, "x" * size])
-
         with trio.move_on_after(BOUND_S):
             async with trio.open_nursery() as nursery:
                 for i, size in enumerate(sizes):
-                    nursery.start_soon(one, i, size)
+                    nursery.start_soon(one, results, i, size)
         missing = sorted(set(range(len(sizes))) - set(results))
         assert not missing, f"burst {burst}: calls {missing[:10]} never answered"
         for i, size in enumerate(sizes):
