@@ -77,7 +77,14 @@ from servecore._serving.backend_routes import (
     no_replica_why,
     waits_for_replicas,
 )
-from servecore._serving.router_stats import BackendLoad, QueryStats, RouterStatistics, outcome_of
+from servecore._serving.router_stats import (
+    BackendLoad,
+    QueryStats,
+    RouterStatistics,
+    outcome_of,
+    timed_outcome,
+)
+from servecore.router_streams import HandleStream, RouterStream
 from servecore.runtimes._protocol import Query, Runtime
 from servecore.runtimes.toolkit import batch_argument
 
@@ -293,7 +300,7 @@ class Router:
         try:
             result = await self._query(endpoint, b, query)
         except BaseException as exc:
-            outcome = _outcome(exc, timer)
+            outcome = timed_outcome(exc, timer)
             self.stats.record(endpoint, backend, outcome, time.perf_counter() - started)
             raise
         self.stats.record(endpoint, backend, "ok", time.perf_counter() - started)
@@ -325,7 +332,9 @@ class Router:
         try:
             result = await self._call_backend(endpoint, b, query)
         except BaseException as exc:
-            self.stats.record(endpoint, tag, _outcome(exc, timer), time.perf_counter() - started)
+            self.stats.record(
+                endpoint, tag, timed_outcome(exc, timer), time.perf_counter() - started
+            )
             raise
         self.stats.record(endpoint, tag, "ok", time.perf_counter() - started)
         return result
@@ -576,7 +585,7 @@ class Router:
 
     async def open_stream(
         self, endpoint: str, query: Query, timer: trio.CancelScope | None = None
-    ) -> _RouterStream:
+    ) -> RouterStream:
         """Open a stream on ``endpoint`` (a generator target): a replica slot is taken
         for the stream's whole life, and given back when it ends or is closed.
 
@@ -602,14 +611,17 @@ class Router:
                 f"of backend {b.tag!r} (its runtime {type(self.runtime).__name__} does not stream)",
                 streams=False,
             )
-        stream = _RouterStream(self, endpoint, b, query)
+        stream = RouterStream(self, endpoint, b, query)
         await stream.open(timer)
         return stream
 
-    async def _open_on_replica(
+    async def open_on_replica(
         self, endpoint: str, b: BackendState, query: Query
     ) -> tuple[str, Any]:
-        """Take a slot and open the stream there; resend what a replica never began."""
+        """Take a slot on a replica of ``b`` and open the stream of ``query`` there;
+        resend what a replica never began. Returns the replica's tag (its slot stays
+        counted until :meth:`release_slot`) and the runtime's item iterator. Trio
+        thread only."""
         resends = 0
         while True:
             if self._closed:
@@ -633,6 +645,31 @@ class Router:
                 self._release(b, tag, 1)
                 raise
             return tag, items
+
+    def release_slot(self, b: BackendState, replica: str) -> None:
+        """Give back one slot counted on ``replica`` of ``b`` (a stream that ended);
+        queries queued on ``b`` get it next. Trio thread only."""
+        self._release(b, replica, 1)
+
+    def mark_lost(self, b: BackendState, replica: str) -> None:
+        """``replica`` of ``b`` answered :class:`~servecore.ReplicaDiedError` on the
+        trio thread: skip it at once until the table drops it (and fail the queries
+        queued on ``b`` if it was the last replica). Trio thread only."""
+        self._lost_replica(b, replica)
+
+    @staticmethod
+    def may_resend(error: BaseException, resends: int) -> bool:
+        """Whether what met ``error`` may go to another replica, having been resent
+        ``resends`` times already: the runtime says it never began, and fewer than
+        :data:`MAX_RESENDS` resends were made."""
+        return never_ran(error) and resends < MAX_RESENDS
+
+    def run_soon(self, fn: Callable[..., object], *args: Any) -> None:
+        """Run ``fn(*args)`` on the trio thread soon; nothing if the router never
+        started or trio has finished. Safe from any thread (and from ``__del__``)."""
+        token = self._token
+        if token is not None:
+            _post(token, fn, *args)
 
     # -- direct paths: queries sent outside trio ------------------------------------------
 
@@ -765,165 +802,6 @@ class Router:
             log.debug("shadow copy to backend %r failed: %r", b.tag, exc)
 
 
-class _RouterStream:
-    """A stream through the router: its replica slot, its statistics, resends of a
-    stream no replica began (trio thread)."""
-
-    def __init__(self, router: Router, endpoint: str, b: BackendState, query: Query) -> None:
-        self.router = router
-        self.endpoint = endpoint
-        self.backend = b
-        self.query = query
-        self.tag: str | None = None
-        self.items: Any = None
-        self.resends = 0
-        self.finished = False
-        self.started = time.perf_counter()
-
-    async def open(self, timer: trio.CancelScope | None = None) -> None:
-        try:
-            self.tag, self.items = await self.router._open_on_replica(
-                self.endpoint, self.backend, self.query
-            )
-        except BaseException as exc:
-            self.finished = True
-            self._record(_outcome(exc, timer))
-            raise
-
-    def _record(self, outcome: str) -> None:
-        self.router.stats.record(
-            self.endpoint, self.backend.tag, outcome, time.perf_counter() - self.started
-        )
-
-    def _finish(self, outcome: str) -> None:
-        if self.finished:
-            return
-        self.finished = True
-        if self.tag is not None:
-            self.router._release(self.backend, self.tag, 1)
-        self._record(outcome)
-
-    async def next(self, timer: trio.CancelScope | None = None) -> Any:
-        """The next item; ``StopAsyncIteration`` at the end. ``timer``: the cancel
-        scope of the consumer's timeout, if any (see :meth:`Router.call`)."""
-        while True:
-            if self.finished:
-                raise StopAsyncIteration
-            try:
-                return await self.items.__anext__()
-            except StopAsyncIteration:
-                self._finish("ok")
-                raise
-            except ReplicaDiedError as exc:
-                tag = self.tag
-                if exc.tag == tag and tag is not None:
-                    self.router._lost_replica(self.backend, tag)
-                    if never_ran(exc) and self.items.delivered == 0 and self.resends < MAX_RESENDS:
-                        # Refused unbegun (a draining replica): open it elsewhere.
-                        self.resends += 1
-                        self.router._release(self.backend, tag, 1)
-                        self.tag = None
-                        await self.open(timer)
-                        continue
-                self._finish("replica_died")
-                raise
-            except BaseException as exc:
-                # The consumer gave up mid-wait (cancelled): stop the generator too.
-                self.close(_outcome(exc, timer))
-                raise
-
-    def take_buffered(self) -> list[Any]:
-        """The items that have already arrived, without waiting (and credit given back
-        for them); none once the stream finished. An error that ended the stream is
-        raised by the next :meth:`next`, after these."""
-        take = getattr(self.items, "take_buffered", None)  # a runtime's own stream may not
-        if self.finished or take is None:
-            return []
-        return take()  # type: ignore[no-any-return]
-
-    def close(self, outcome: str = "cancelled") -> None:
-        """Stop reading; a stream still running is cancelled in its replica."""
-        if self.finished:
-            return
-        if self.items is not None:
-            self.items.close()
-        self._finish(outcome)
-
-
-class HandleStream:
-    """The items of one streamed query, as its replica yields them::
-
-        async with handle.stream("a prompt") as tokens:
-            async for token in tokens:
-                ...
-
-    The stream is opened on the first item asked for. Leaving the ``async with``
-    block (or :meth:`aclose`, or dropping the object) before the end cancels the
-    generator in the replica. A replica death mid-stream raises
-    :class:`~servecore.ReplicaDiedError` after the items already delivered; a stream
-    is never restarted. With ``timeout_s`` on the handle, each item must come within
-    it (``TimeoutError``, and the stream is cancelled).
-    """
-
-    __slots__ = ("__weakref__", "_handle", "_query", "_stream")
-
-    def __init__(self, handle: Handle, query: Query) -> None:
-        self._handle = handle
-        self._query = query
-        self._stream: _RouterStream | None = None
-
-    def __aiter__(self) -> HandleStream:
-        return self
-
-    async def __anext__(self) -> Any:
-        router = self._handle.router
-        timeout_s = self._handle.timeout_s
-        if timeout_s is None:
-            return await self._next(router, None)
-        with trio.move_on_after(timeout_s) as timer:
-            return await self._next(router, timer)
-        if self._stream is not None:
-            self._stream.close("timed_out")
-        raise TimeoutError(
-            f"stream from endpoint {self._handle.endpoint!r} gave no item within {timeout_s}s"
-        )
-
-    async def _next(self, router: Router, timer: trio.CancelScope | None) -> Any:
-        if self._stream is None:
-            self._stream = await router.open_stream(self._handle.endpoint, self._query, timer)
-        return await self._stream.next(timer)
-
-    def take_buffered(self) -> list[Any]:
-        """The items that have already arrived, without waiting: a consumer that
-        handles several at once (the HTTP ingress writes them as one chunk) takes them
-        after each :meth:`__anext__`. They came in time, so no timeout applies to them."""
-        stream = self._stream
-        return [] if stream is None else stream.take_buffered()
-
-    async def aclose(self) -> None:
-        """Stop reading: the generator in the replica is cancelled if still running."""
-        self.close()
-
-    def close(self) -> None:
-        """:meth:`aclose` for the trio thread, without awaiting."""
-        stream = self._stream
-        if stream is not None:
-            stream.close()
-
-    async def __aenter__(self) -> HandleStream:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        # A consumer that broke out of its loop and dropped us: stop the generator.
-        stream = self._stream
-        token = self._handle.router._token
-        if stream is not None and not stream.finished and token is not None:
-            _post(token, stream.close)
-
-
 class Handle:
     """Sends queries to one endpoint: ``await ctl.get_handle("echo").call("hi")``.
 
@@ -1043,14 +921,6 @@ def model_of(query: Query) -> str | None:
     recently is preferred; see ``BackendState.acquire``)."""
     kwargs = query.kwargs
     return kwargs.get(MODEL_KEY) if kwargs else None
-
-
-def _outcome(error: BaseException, timer: trio.CancelScope | None) -> str:
-    """The outcome label of a query that ended with ``error``: a cancellation by the
-    caller's own timeout (``timer``) is ``timed_out``, not ``cancelled``."""
-    if timer is not None and timer.cancel_called and isinstance(error, trio.Cancelled):
-        return "timed_out"
-    return outcome_of(error)
 
 
 def _drop_late(b: BackendState, w: Waiter) -> bool:

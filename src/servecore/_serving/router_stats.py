@@ -12,6 +12,7 @@ import threading
 from typing import Any
 
 import attrs
+import trio
 
 from servecore._core.errors import (
     BackpressureError,
@@ -28,6 +29,7 @@ __all__ = [
     "QueryStats",
     "RouterStatistics",
     "outcome_of",
+    "timed_outcome",
 ]
 
 #: Upper bounds (seconds) of the query latency histogram, as Ray Serve's are roughly:
@@ -67,6 +69,14 @@ def outcome_of(error: BaseException | None) -> str:
     if isinstance(error, (Exception, RemoteError)):
         return "error"
     return "cancelled"  # trio.Cancelled and other BaseExceptions: the caller gave up
+
+
+def timed_outcome(error: BaseException, timer: trio.CancelScope | None) -> str:
+    """The outcome label of a query that ended with ``error``: a cancellation by the
+    caller's own timeout (``timer``) is ``timed_out``, not ``cancelled``."""
+    if timer is not None and timer.cancel_called and isinstance(error, trio.Cancelled):
+        return "timed_out"
+    return outcome_of(error)
 
 
 class QueryStats:
