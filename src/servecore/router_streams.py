@@ -25,7 +25,8 @@ from servecore._serving.router_stats import timed_outcome
 from servecore.runtimes._protocol import Query
 
 if TYPE_CHECKING:
-    from servecore.router import Handle, Router
+    from servecore.handle import Handle
+    from servecore.router import Router
 
 __all__ = ["HandleStream", "RouterStream"]
 
