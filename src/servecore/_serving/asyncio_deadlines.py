@@ -21,7 +21,8 @@ GRAIN = 0.01
 
 
 class Deadline:
-    """One task's deadline (a context manager); see :meth:`expired`."""
+    """One task's deadline: ask :meth:`expired` on ``CancelledError``, and call
+    :meth:`done` when the task no longer needs it."""
 
     __slots__ = ("_bucket", "_fired", "_task")
 
@@ -29,12 +30,6 @@ class Deadline:
         self._task = task
         self._bucket = bucket
         self._fired = False
-
-    def __enter__(self) -> Deadline:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.done()
 
     def done(self) -> None:
         """The task no longer needs this deadline (it finished, one way or another)."""
@@ -65,8 +60,8 @@ class Deadlines:
         self._buckets: dict[int, set[Deadline]] = {}
 
     def after(self, seconds: float) -> Deadline:
-        """A deadline ``seconds`` from now for the current task: ``with
-        deadlines.after(s) as d:``, and on ``CancelledError`` ask ``d.expired()``."""
+        """A deadline ``seconds`` from now for the current task: on ``CancelledError``
+        ask ``d.expired()``; call ``d.done()`` when finished, either way."""
         loop = self._loop
         key = math.ceil((loop.time() + seconds) / GRAIN)
         bucket = self._buckets.get(key)
