@@ -347,6 +347,7 @@ ROWS = {
     "run-workers-2": "servecore run --workers 2",
     "run-workers-1-asyncio": "servecore run --workers 1 (hypercorn/asyncio)",
     "run-workers-1-trio": "servecore run --workers 1 (hypercorn/trio)",
+    "run-workers-1-lean": "servecore run --workers 1 (lean)",
 }
 
 

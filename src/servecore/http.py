@@ -309,20 +309,49 @@ class HTTPIngress:
             return None, ""
         return found, path[length:]
 
+    async def respond(
+        self,
+        method: str,
+        path: str,
+        query_string: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+    ) -> tuple[int, bytes, list[tuple[bytes, bytes]]] | None:
+        """The answer to a whole request, for a server that parsed it itself (the ingress
+        workers' own, :mod:`servecore._serving.lean_http`): its status, body and headers
+        (``content-type`` among them), counted like any response; or ``None`` when the
+        answer streams or is a ``/-/`` route, which the server then serves through this
+        app's ASGI interface. ``headers`` have lower-case names. The query is not
+        watched for a disconnect: the server cancels this coroutine when its client
+        leaves."""
+        if path.startswith(OPS_PREFIX):
+            return None
+        try:
+            endpoint, rest, refused = self._route(path, method)
+            answer = refused or await self._answer_whole(
+                endpoint, rest, method, path, query_string, headers, body, None
+            )
+            if isinstance(answer, (_Streaming, _Gone)):
+                return None
+            status, data, extra = answer
+        except Exception:
+            log.exception("servecore.http: answering %s %s failed", method, path)
+            status, data, extra = _error(
+                500, "InternalError", "the server failed to answer; see its log"
+            )
+        if self.count_responses:
+            count_response(self.source, status)
+        if not any(name == b"content-type" for name, _ in extra):
+            extra = [(b"content-type", b"application/json"), *extra]
+        return status, data, extra
+
     async def _answer(
         self, scope: Scope, receive: Receive
     ) -> tuple[int, bytes, list[tuple[bytes, bytes]]] | _Streaming | _Gone:
         path, method = scope["path"], scope["method"]
-        stepped = getattr(self.source, "stepped_down", None)
-        if stepped is not None:  # its table may be stale: answer nothing from it
-            return _error(503, type(stepped).__name__, str(stepped))
-        endpoint, rest = self._endpoint_at(path)
-        if endpoint is None:
-            return _error(404, "NotFound", f"no endpoint serves {path}")
-        if method not in endpoint.methods:
-            allow = ", ".join(endpoint.methods).encode()
-            why = f"endpoint {endpoint.name!r} at {path} takes {', '.join(endpoint.methods)}"
-            return (*_error(405, "MethodNotAllowed", why)[:2], [(b"allow", allow)])
+        endpoint, rest, refused = self._route(path, method)
+        if refused is not None:
+            return refused
         body = bytearray()
         while True:
             message = await receive()
@@ -331,8 +360,47 @@ class HTTPIngress:
                 return _error(413, "PayloadTooLarge", f"body over {self.max_body_bytes} bytes")
             if not message.get("more_body", False):
                 break
-        query = scope.get("query_string", b"").decode("latin-1")
-        content_type, accept = _content_type_and_accept(scope)
+        query_string = scope.get("query_string", b"")
+        headers = scope.get("headers", ())
+        return await self._answer_whole(
+            endpoint, rest, method, path, query_string, headers, body, receive
+        )
+
+    def _route(
+        self, path: str, method: str
+    ) -> tuple[Any, str, tuple[int, bytes, list[tuple[bytes, bytes]]] | None]:
+        """The endpoint serving ``path`` and the rest of the path below its route, or
+        the error that answers the request before its body is read (stepped down, no
+        endpoint there, a method it does not take)."""
+        stepped = getattr(self.source, "stepped_down", None)
+        if stepped is not None:  # its table may be stale: answer nothing from it
+            return None, "", _error(503, type(stepped).__name__, str(stepped))
+        endpoint, rest = self._endpoint_at(path)
+        if endpoint is None:
+            return None, "", _error(404, "NotFound", f"no endpoint serves {path}")
+        if method not in endpoint.methods:
+            allow = ", ".join(endpoint.methods).encode()
+            why = f"endpoint {endpoint.name!r} at {path} takes {', '.join(endpoint.methods)}"
+            return None, "", (*_error(405, "MethodNotAllowed", why)[:2], [(b"allow", allow)])
+        return endpoint, rest, None
+
+    async def _answer_whole(
+        self,
+        endpoint: Any,
+        rest: str,
+        method: str,
+        path: str,
+        query_string: bytes,
+        headers: Any,
+        body: bytes | bytearray,
+        receive: Receive | None,
+    ) -> tuple[int, bytes, list[tuple[bytes, bytes]]] | _Streaming | _Gone:
+        """The answer to a request to ``endpoint`` whose body is read; its query
+        watched for a disconnect through ``receive`` (not at all if ``None``)."""
+        if len(body) > self.max_body_bytes:
+            return _error(413, "PayloadTooLarge", f"body over {self.max_body_bytes} bytes")
+        query = query_string.decode("latin-1")
+        content_type, accept = _content_type_and_accept(headers)
         media = content_type.split(b";")[0].strip()
         if endpoint.http_request or rest or (body and not _is_json(media, body)):
             # Asked for, or the JSON value alone would lose what the client sent: the
@@ -342,7 +410,7 @@ class HTTPIngress:
                 rest,
                 endpoint.route or "",
                 tuple(parse_qsl(query, keep_blank_values=True)),
-                [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope.get("headers", ())],
+                [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers],
                 bytes(body),
             )
         elif body:
@@ -353,7 +421,7 @@ class HTTPIngress:
         else:
             payload = dict(parse_qsl(query))
         handle = self._handle(endpoint.name)
-        model = _header(scope, MODEL_HEADER, lower=False).decode("latin-1").strip()
+        model = _header(headers, MODEL_HEADER, lower=False).decode("latin-1").strip()
         if model:
             handle = handle.options(timeout_s=self.timeout_s, multiplexed_model_id=model)
         sse = b"text/event-stream" in accept
@@ -361,7 +429,10 @@ class HTTPIngress:
             cached = not sse and b"application/x-ndjson" not in accept
             return _Streaming(endpoint.name, handle.stream(payload), sse, handle, payload, cached)
         try:
-            result = await self._unless_gone(receive, handle.call, payload)
+            if receive is None:
+                result = await handle.call(payload)
+            else:
+                result = await self._unless_gone(receive, handle.call, payload)
         except StreamMismatch as exc:
             if not exc.streams:
                 return _failure(exc)
@@ -679,18 +750,18 @@ def _raw_chunk(item: Any) -> bytes:
     return _body(item)[1] + b"\n"
 
 
-def _header(scope: Scope, name: bytes, *, lower: bool = True) -> bytes:
-    for key, value in scope.get("headers", ()):
+def _header(headers: Any, name: bytes, *, lower: bool = True) -> bytes:
+    for key, value in headers:
         if key.lower() == name:
             return bytes(value).lower() if lower else bytes(value)
     return b""
 
 
-def _content_type_and_accept(scope: Scope) -> tuple[bytes, bytes]:
+def _content_type_and_accept(headers: Any) -> tuple[bytes, bytes]:
     """The request's ``Content-Type`` and ``Accept`` headers, lower case (``b""`` when
     absent), in one pass over the headers: every request reads both."""
     content_type = accept = None
-    for key, value in scope.get("headers", ()):
+    for key, value in headers:
         if content_type is None and (key == b"content-type" or key.lower() == b"content-type"):
             content_type = bytes(value).lower()
         elif accept is None and (key == b"accept" or key.lower() == b"accept"):

@@ -85,16 +85,19 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 #: The server stacks a worker can run: uvicorn on asyncio, hypercorn on asyncio,
 #: hypercorn on trio.
-STACKS = ("uvicorn", "asyncio", "trio")
+STACKS = ("lean", "uvicorn", "asyncio", "trio")
 
 
 def default_stack() -> str:
-    """The fastest stack installed: uvicorn if it is, else hypercorn on asyncio."""
-    try:
-        import uvicorn  # noqa: F401
-    except ImportError:
-        return "asyncio"
-    return "uvicorn"
+    """The fastest stack installed: servecore's own server if httptools is installed,
+    else uvicorn if it is, else hypercorn on asyncio."""
+    for module, stack in (("httptools", "lean"), ("uvicorn", "uvicorn")):
+        try:
+            __import__(module)
+        except ImportError:
+            continue
+        return stack
+    return "asyncio"
 
 
 #: How long requests in flight may take to finish after SIGTERM.
@@ -313,7 +316,9 @@ async def _serve_asyncio(
             loop="asyncio",
         )
         try:
-            if server == "uvicorn":
+            if server == "lean":
+                await _run_lean(app, fd, ready_fd)
+            elif server == "uvicorn":
                 await _run_uvicorn(app, fd, ready_fd)
             else:
                 await _run_hypercorn_asyncio(app, fd, ready_fd)
@@ -340,6 +345,16 @@ async def _run_hypercorn_asyncio(app: Any, fd: int, ready_fd: int | None) -> Non
     server = asyncio.ensure_future(serve(app, _config(fd), shutdown_trigger=stop.wait, mode="asgi"))
     _say_ready(ready_fd)
     await server
+
+
+async def _run_lean(app: Any, fd: int, ready_fd: int | None) -> None:
+    from servecore._serving.lean_http import LeanServer
+    from servecore.http import LISTEN_BACKLOG
+
+    stop = asyncio.Event()
+    _on_stop_signals(stop.set)
+    server = LeanServer(app, graceful_s=GRACEFUL_TIMEOUT_S, backlog=LISTEN_BACKLOG)
+    await server.serve(socket.socket(fileno=fd), stop, functools.partial(_say_ready, ready_fd))
 
 
 async def _run_uvicorn(app: Any, fd: int, ready_fd: int | None) -> None:
@@ -397,8 +412,8 @@ def serve_worker(
     stack = stack or default_stack()
     if stack == "trio":
         trio.run(_serve_trio, store, fd, timeout_s, ready_fd, metrics_dir)
-    elif stack in {"uvicorn", "asyncio"}:
-        server = "uvicorn" if stack == "uvicorn" else "hypercorn"
+    elif stack in {"lean", "uvicorn", "asyncio"}:
+        server = "hypercorn" if stack == "asyncio" else stack
         asyncio.run(_serve_asyncio(store, fd, timeout_s, ready_fd, server, metrics_dir))
     else:
         raise ValueError(f"stack={stack!r} is not one of {', '.join(STACKS)}")

@@ -186,7 +186,7 @@ _timeout_option = click.option(
 )
 _worker_stack_option = click.option(
     "--worker-stack",
-    type=click.Choice(["uvicorn", "asyncio", "trio"]),
+    type=click.Choice(["lean", "uvicorn", "asyncio", "trio"]),
     default=None,
     hidden=True,  # for benchmarks: the workers' server stack
 )
