@@ -618,7 +618,7 @@ def _worker_pids_of(log: Path) -> set[int]:
     return set(record["pids"])
 
 
-@pytest.mark.parametrize("stack", ["default", "asyncio", "trio"])
+@pytest.mark.parametrize("stack", ["default", "uvicorn", "asyncio", "trio"])
 def test_ingress_workers_serve_and_survive_a_killed_controller(
     deployment: CliServer, stack: str
 ) -> None:

@@ -231,8 +231,8 @@ class _Connection(asyncio.Protocol):
     # -- asyncio.Protocol ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # Not an isinstance check: uvloop's transports are not asyncio's subclasses.
+        self.transport = transport  # type: ignore[assignment]
         self.server.connections.add(self)
         if self.server.stopping:
             self.closing = True

@@ -12,10 +12,13 @@ and the kernel hands each connection to one of them. The controller is not on th
 query path: while it is down, a worker keeps routing on the last table it received,
 and resubscribes in the background.
 
-Three server stacks (``--stack``):
+Four server stacks (``--stack``):
 
-* ``uvicorn`` (the default when uvicorn is installed) and ``asyncio`` (hypercorn on
-  asyncio, the default otherwise): trio runs as a *guest* of the asyncio loop on the
+* ``lean`` (the default when httptools is installed), ``uvicorn`` (the default when
+  only uvicorn is) and ``asyncio`` (hypercorn on asyncio, the default otherwise).
+  ``lean`` is servecore's own HTTP/1.1 server (:mod:`servecore._serving.lean_http`):
+  a whole request is answered without ASGI messages, anything else through the app's
+  ASGI side. On all three, trio runs as a *guest* of the asyncio loop on the
   same thread (``trio.lowlevel.start_guest_run``), keeping the client's table feed
   and load reports. Requests are handled on asyncio, and so are their queries and
   streams in the common case: the worker's own asyncio connections to the replicas,
