@@ -7,6 +7,10 @@ Rows (each server in a process of its own, started by this script with ``--serve
   ``{"x": "1"}`` as JSON: what servecore's ingress pays for HTTP alone, on the same stack.
 * ``bare ASGI, hypercorn/asyncio`` and ``bare ASGI, uvicorn`` (if installed; uvicorn is
   Ray Serve's proxy server) -- the same app on the other stacks, for the choice of stack.
+* ``bare ASGI, uvicorn/httptools (asyncio)``, ``uvicorn[standard] (httptools, uvloop)``
+  and ``granian`` (one worker, its uvloop loop if uvloop is installed) -- the faster
+  stacks, each only if its packages import; the fastest bare row on one process that ran
+  is the "best" one (the column "best/this").
 * ``servecore ingress (threads)`` / ``(subprocess)`` -- ``GET /echo?x=1`` through
   servecore's ingress, router and a replica of a function returning its argument (the
   same JSON), metrics counters on: what ``servecore run --workers 0`` serves.
@@ -17,7 +21,8 @@ Rows (each server in a process of its own, started by this script with ``--serve
   asyncio; queries go from asyncio straight to the replica, the client's table feed on
   trio as its guest), one replica; the rows marked
   ``(hypercorn/asyncio)`` and ``(hypercorn/trio)`` run the workers on those stacks
-  instead, for the choice of stack.
+  instead, for the choice of stack; ``(lean)`` runs ``--worker-stack lean`` (only if this
+  servecore has that stack), held to the best bare row.
 
 ``wrk -t1 -cCONNECTIONS`` loads each row for ``--seconds`` per round; ``ROUNDS`` rounds
 alternate the rows in ABBA order, so noise from other work on the machine spreads over
@@ -25,7 +30,8 @@ all rows alike. The Python load generator this replaced saturated before the ser
 did (it reported 1.00x); wrk does not. Results print as a table and go to
 ``benchmarks/results/bench_http.json``. Goal: the ingress within 1.3x of the bare app
 on the same stack (hypercorn/trio for the controller's ingress; uvicorn, in as many
-processes, for ``--workers N``): the column "same stack/this".
+processes, for ``--workers N``): the column "same stack/this"; and per worker within
+1.3x of the bare app on the best stack measured: the column "best/this".
 
 Run: ``.venv/bin/python benchmarks/bench_http.py [--quick]`` (needs ``wrk``: ``apt-get
 install wrk``; ``make bench`` installs it).
@@ -467,7 +473,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--only",
         default=None,
-        help="comma-separated rows to run (bare, and each row's same-stack bare app, always run)",
+        help="comma-separated rows to run (bare, each row's same-stack bare app and the stock "
+        "uvicorn row always run; a row held to the best bare app brings every bare row on one "
+        "process)",
     )
     parser.add_argument(
         "--main",
