@@ -7,6 +7,10 @@ Rows (each server in a process of its own, started by this script with ``--serve
   ``{"x": "1"}`` as JSON: what servecore's ingress pays for HTTP alone, on the same stack.
 * ``bare ASGI, hypercorn/asyncio`` and ``bare ASGI, uvicorn`` (if installed; uvicorn is
   Ray Serve's proxy server) -- the same app on the other stacks, for the choice of stack.
+* ``bare ASGI, uvicorn/httptools (asyncio)``, ``uvicorn[standard] (httptools, uvloop)``
+  and ``granian`` (one worker, its uvloop loop if uvloop is installed) -- the faster
+  stacks, each only if its packages import; the fastest bare row on one process that ran
+  is the "best" one (the column "best/this").
 * ``servecore ingress (threads)`` / ``(subprocess)`` -- ``GET /echo?x=1`` through
   servecore's ingress, router and a replica of a function returning its argument (the
   same JSON), metrics counters on: what ``servecore run --workers 0`` serves.
@@ -17,7 +21,8 @@ Rows (each server in a process of its own, started by this script with ``--serve
   asyncio; queries go from asyncio straight to the replica, the client's table feed on
   trio as its guest), one replica; the rows marked
   ``(hypercorn/asyncio)`` and ``(hypercorn/trio)`` run the workers on those stacks
-  instead, for the choice of stack.
+  instead, for the choice of stack; ``(lean)`` runs ``--worker-stack lean`` (only if this
+  servecore has that stack), held to the best bare row.
 
 ``wrk -t1 -cCONNECTIONS`` loads each row for ``--seconds`` per round; ``ROUNDS`` rounds
 alternate the rows in ABBA order, so noise from other work on the machine spreads over
@@ -25,7 +30,8 @@ all rows alike. The Python load generator this replaced saturated before the ser
 did (it reported 1.00x); wrk does not. Results print as a table and go to
 ``benchmarks/results/bench_http.json``. Goal: the ingress within 1.3x of the bare app
 on the same stack (hypercorn/trio for the controller's ingress; uvicorn, in as many
-processes, for ``--workers N``): the column "same stack/this".
+processes, for ``--workers N``): the column "same stack/this"; and per worker within
+1.3x of the bare app on the best stack measured: the column "best/this".
 
 Run: ``.venv/bin/python benchmarks/bench_http.py [--quick]`` (needs ``wrk``: ``apt-get
 install wrk``; ``make bench`` installs it).
@@ -34,6 +40,7 @@ install wrk``; ``make bench`` installs it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -192,11 +199,14 @@ def _exec_run(port: int, workers: int, stack: str | None) -> None:
 
 def _uvicorn_http(server: str) -> Any:
     """uvicorn's h11 protocol as it comes, or writing one segment per response as the
-    ingress workers run it (``servecore._serving.coalesced_writes``)."""
+    ingress workers run it (``servecore._serving.coalesced_writes``), or its httptools
+    protocol (``uvicorn-httptools``, ``uvicorn-standard``)."""
     if server == "uvicorn-coalesced":
         from servecore._serving.coalesced_writes import coalescing_h11_protocol
 
         return coalescing_h11_protocol()
+    if server in {"uvicorn-httptools", "uvicorn-standard"}:
+        return "httptools"
     return "h11"
 
 
@@ -208,9 +218,38 @@ def _serve_bare_uvicorn(port: int, server: str = "uvicorn") -> None:
         host="127.0.0.1",
         port=port,
         http=_uvicorn_http(server),
+        # What ``pip install uvicorn[standard]`` runs: httptools on uvloop.
+        loop="uvloop" if server == "uvicorn-standard" else "asyncio",
         log_level="warning",
         access_log=False,
     )
+
+
+def _granian_loop() -> str:
+    """granian's uvloop loop if uvloop is installed, else plain asyncio."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
+def _serve_bare_granian(port: int) -> None:
+    """The bare app on granian (a Rust HTTP server): one worker process, forked by
+    granian's main process, which stops it on SIGTERM and then exits."""
+    from granian import Granian
+    from granian.constants import Interfaces, Loops
+
+    Granian(
+        "bench_http:_bare_app",  # imported by the worker; benchmarks/ is on its path
+        address="127.0.0.1",
+        port=port,
+        interface=Interfaces.ASGI,
+        workers=1,
+        loop=Loops(_granian_loop()),
+        log_enabled=False,
+        log_access=False,
+    ).serve()
 
 
 async def _serve_ingress(port: int, runtime: str) -> None:
@@ -222,7 +261,10 @@ async def _serve_ingress(port: int, runtime: str) -> None:
     options = {}
     if runtime == "subprocess":
         options = {"directory": tempfile.mkdtemp(prefix="bench-http-")}
-    async with servecore.open_controller(runtime, runtime_kwargs=options) as ctl:
+    # servecore's names load lazily from a table (``__all__`` is computed), which mypy
+    # cannot read.
+    open_controller = servecore.open_controller  # type: ignore[attr-defined]
+    async with open_controller(runtime, runtime_kwargs=options) as ctl:
         await ctl.create_backend("echo", "bench_targets:echo")
         await ctl.create_endpoint("echo", route="/echo")
         await ctl.set_traffic("echo", {"echo": 1.0})
@@ -243,8 +285,10 @@ def serve(kind: str, port: int) -> None:
         _serve_bare_asyncio(port)
     elif kind == "bare-uvicorn":
         _serve_bare_uvicorn(port)
-    elif kind == "bare-uvicorn-coalesced":
-        _serve_bare_uvicorn(port, "uvicorn-coalesced")
+    elif kind in {"bare-uvicorn-coalesced", "bare-uvicorn-httptools", "bare-uvicorn-standard"}:
+        _serve_bare_uvicorn(port, kind.removeprefix("bare-"))
+    elif kind == "bare-granian":
+        _serve_bare_granian(port)
     elif kind == "bare-uvicorn-coalesced-x2":
         _serve_bare_processes(port, 2, "uvicorn-coalesced")
     elif kind == "bare-asyncio-x2":
@@ -311,6 +355,9 @@ def _start(kind: str) -> tuple[subprocess.Popen[bytes], int]:
     proc = subprocess.Popen(
         [sys.executable, str(Path(__file__).resolve()), "--serve", serve_as, "--port", str(port)],
         env=env,
+        # A group of its own, so a server that will not stop is killed with whatever it
+        # forked (granian's worker, servecore run's workers and replica).
+        start_new_session=True,
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -324,8 +371,15 @@ def _start(kind: str) -> tuple[subprocess.Popen[bytes], int]:
         except OSError:
             pass
         time.sleep(0.1)
-    proc.kill()
+    _kill(proc)
     raise RuntimeError(f"the {kind} server did not answer within 120 s")
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a server and its process group (its own: see :func:`_start`)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -338,6 +392,9 @@ ROWS = {
     "bare-asyncio": "bare ASGI, hypercorn/asyncio",
     "bare-uvicorn": "bare ASGI, uvicorn",
     "bare-uvicorn-coalesced": "bare ASGI, uvicorn, a write per response",
+    "bare-uvicorn-httptools": "bare ASGI, uvicorn/httptools (asyncio)",
+    "bare-uvicorn-standard": "bare ASGI, uvicorn[standard] (httptools, uvloop)",
+    "bare-granian": "bare ASGI, granian (uvloop)",
     "ingress-threads": "servecore ingress (threads)",
     "ingress-subprocess": "servecore ingress (subprocess)",
     "bare-asyncio-x2": "bare ASGI, hypercorn/asyncio x2",
@@ -350,6 +407,9 @@ ROWS = {
     "run-workers-1-lean": "servecore run --workers 1 (lean)",
 }
 
+#: The baseline of a row held to the fastest bare app on one process that ran.
+BEST = "best bare"
+
 
 #: The bare app each servecore row is compared with: the same server stack, as many
 #: processes (the column "same stack / this").
@@ -361,16 +421,46 @@ SAME_STACK = {
     "run-workers-1-asyncio": "bare-asyncio",
     "run-workers-1-trio": "bare",
     "run-workers-1-main": "bare-uvicorn",
+    "run-workers-1-lean": BEST,
+}
+
+#: The packages each bare row needs beyond hypercorn (rows whose packages do not import
+#: are left out).
+NEEDS = {
+    "bare-uvicorn": ("uvicorn",),
+    "bare-uvicorn-coalesced": ("uvicorn",),
+    "bare-uvicorn-x2": ("uvicorn",),
+    "bare-uvicorn-coalesced-x2": ("uvicorn",),
+    "bare-uvicorn-httptools": ("uvicorn", "httptools"),
+    "bare-uvicorn-standard": ("uvicorn", "httptools", "uvloop"),
+    "bare-granian": ("granian",),
 }
 
 
-def _available() -> dict[str, str]:
-    rows = dict(ROWS)
+def _imports(*modules: str) -> bool:
     try:
-        import uvicorn  # noqa: F401
+        for module in modules:
+            __import__(module)
     except ImportError:
-        for kind in [kind for kind in rows if kind.startswith("bare-uvicorn")]:
-            del rows[kind]  # pip install uvicorn
+        return False
+    return True
+
+
+def _single_bare(kind: str) -> bool:
+    """A bare app on one process: the rows "best bare" is chosen among (per worker)."""
+    return kind.startswith("bare") and not kind.endswith("-x2")
+
+
+def _available() -> dict[str, str]:
+    rows = {kind: name for kind, name in ROWS.items() if _imports(*NEEDS.get(kind, ()))}
+    if "bare-granian" in rows:
+        rows["bare-granian"] = f"bare ASGI, granian ({_granian_loop()})"
+    from servecore._serving.worker import STACKS
+
+    for kind in [kind for kind in rows if kind.startswith("run-workers-")]:
+        stack = kind.removeprefix("run-workers-").partition("-")[2]
+        if stack and stack not in STACKS:
+            del rows[kind]  # a stack this servecore does not have
     return rows
 
 
@@ -383,7 +473,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--only",
         default=None,
-        help="comma-separated rows to run (bare, and each row's same-stack bare app, always run)",
+        help="comma-separated rows to run (bare, each row's same-stack bare app and the stock "
+        "uvicorn row always run; a row held to the best bare app brings every bare row on one "
+        "process)",
     )
     parser.add_argument(
         "--main",
@@ -408,13 +500,20 @@ def main(argv: list[str] | None = None) -> None:
         kinds["run-workers-1-main"] = f"servecore run --workers 1 (before: {args.main})"
     if args.only:
         wanted = {"bare", *args.only.split(","), *(["run-workers-1-main"] if args.main else [])}
-        wanted |= {SAME_STACK[kind] for kind in wanted if kind in SAME_STACK}
+        if any(SAME_STACK.get(kind) == BEST for kind in wanted):
+            wanted |= {kind for kind in kinds if _single_bare(kind)}  # so "best" is real
+        wanted |= {SAME_STACK[kind] for kind in wanted if SAME_STACK.get(kind, BEST) != BEST}
         if any(kind.startswith("run-workers") for kind in wanted):
             wanted.add("bare-uvicorn")  # the stock stack, for the column uvicorn/this
+        missing = sorted(set(args.only.split(",")) - set(kinds))
+        if missing:
+            print(f"not available here, left out: {', '.join(missing)}", file=sys.stderr)
         kinds = {kind: name for kind, name in kinds.items() if kind in wanted}
-    servers = {kind: _start(kind) for kind in kinds}
+    servers: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
     per_round: dict[str, list[dict[str, float]]] = {kind: [] for kind in kinds}
     try:
+        for kind in kinds:
+            servers[kind] = _start(kind)
         for _, port in servers.values():  # warm-up, not recorded
             load(port, 1.0, args.connections)
         for i in range(rounds):
@@ -430,8 +529,8 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                proc.kill()
-    rows = []
+                _kill(proc)
+    rows: list[dict[str, Any]] = []
     for kind, name in kinds.items():
         runs = per_round[kind]
         rows.append(
@@ -455,13 +554,29 @@ def main(argv: list[str] | None = None) -> None:
         )
         for kind in kinds
     }
+    # The fastest bare app on one process in this run (by its median), for the column
+    # "best / this" and the rows held to it.
+    single = [r for r in rows if _single_bare(r["kind"])]
+    best = max(single, key=lambda r: r["requests_per_s"])["kind"]
+    baselines = {
+        kind: best if SAME_STACK[kind] == BEST else SAME_STACK[kind]
+        for kind in kinds
+        if kind in SAME_STACK
+    }
     same_stack = {
         kind: statistics.median(
             b["rps"] / x["rps"]
-            for b, x in zip(per_round[SAME_STACK[kind]], per_round[kind], strict=True)
+            for b, x in zip(per_round[baselines[kind]], per_round[kind], strict=True)
         )
         for kind in kinds
-        if SAME_STACK.get(kind) in per_round
+        if baselines.get(kind) in per_round
+    }
+    best_ratio = {
+        kind: statistics.median(
+            b["rps"] / x["rps"] for b, x in zip(per_round[best], per_round[kind], strict=True)
+        )
+        for kind in kinds
+        if not kind.startswith("bare")
     }
     stock = {
         kind: statistics.median(
@@ -473,31 +588,38 @@ def main(argv: list[str] | None = None) -> None:
     }
     for r in rows:
         if r["kind"] in same_stack:
-            r["same_stack"] = SAME_STACK[r["kind"]]
+            r["same_stack"] = baselines[r["kind"]]
             r["same_stack_rps_over_this"] = same_stack[r["kind"]]
+        if r["kind"] in best_ratio:
+            r["best_bare"] = best
+            r["best_bare_rps_over_this"] = best_ratio[r["kind"]]
         if r["kind"] in stock:
             r["stock_uvicorn_rps_over_this"] = stock[r["kind"]]
+    width = max(48, *(len(name) + 2 for name in kinds.values()))
     head = (
-        f"{'':<48}{'requests/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'bare/this':>11}"
-        f"{'uvicorn/this':>14}{'same stack/this':>17}"
+        f"{'':<{width}}{'requests/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'bare/this':>11}"
+        f"{'uvicorn/this':>14}{'same stack/this':>17}{'best/this':>11}"
     )
     print(head)
     print("-" * len(head))
     for r in rows:
         mine = same_stack.get(r["kind"])
         plain = stock.get(r["kind"])
+        top = best_ratio.get(r["kind"])
         print(
-            f"{r['name']:<48}{r['requests_per_s']:>12,.0f}{r['p50_ms']:>10.2f}"
+            f"{r['name']:<{width}}{r['requests_per_s']:>12,.0f}{r['p50_ms']:>10.2f}"
             f"{r['p99_ms']:>10.2f}{ratios[r['kind']]:>11.2f}"
             f"{(f'{plain:.2f}' if plain is not None else ''):>14}"
             f"{(f'{mine:.2f}' if mine is not None else ''):>17}"
+            f"{(f'{top:.2f}' if top is not None else ''):>11}"
         )
     print(
         f"(wrk -t1 -c{args.connections}; {rounds} alternating rounds of {seconds:g} s per row, "
         f"medians; bare/this: the median of per-round ratios to hypercorn/trio; "
         f"uvicorn/this: to the bare app on uvicorn as it comes; same stack/this: to the "
-        f"bare app on the row's own stack and process count; "
-        f"{os.cpu_count()} CPUs; goal: servecore within 1.3 of its stack)"
+        f"bare app on the row's own stack and process count; best/this: to the fastest "
+        f"bare app on one process, {kinds[best]}; "
+        f"{os.cpu_count()} CPUs; goal: servecore within 1.3 of the best stack)"
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -518,6 +640,8 @@ def main(argv: list[str] | None = None) -> None:
                 "rows": rows,
                 "bare_over_this_median": ratios,
                 "same_stack_over_this_median": same_stack,
+                "best_bare": best,
+                "best_bare_over_this_median": best_ratio,
             },
             indent=2,
         )
