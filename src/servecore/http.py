@@ -419,7 +419,7 @@ class HTTPIngress:
             except _BadBody as exc:
                 return _error(400, "BadRequest", str(exc))
         else:
-            payload = dict(parse_qsl(query))
+            payload = _query_dict(query)
         handle = self._handle(endpoint.name)
         model = _header(headers, MODEL_HEADER, lower=False).decode("latin-1").strip()
         if model:
@@ -658,6 +658,19 @@ async def _send_items_asyncio(
                 await producing
     if not producing.cancelled():
         await send({"type": "http.response.body", "body": producing.result()})
+
+
+def _query_dict(query: str) -> dict[str, str]:
+    """``dict(parse_qsl(query))``, without its per-pair unquoting when nothing in
+    ``query`` is quoted (most query strings)."""
+    if "%" in query or "+" in query:
+        return dict(parse_qsl(query))
+    pairs: dict[str, str] = {}
+    for pair in query.split("&"):
+        name, equals, value = pair.partition("=")
+        if equals and value:  # as parse_qsl: no blank values, no pair without "="
+            pairs[name] = value
+    return pairs
 
 
 def _is_json(media: bytes, body: bytes | bytearray) -> bool:

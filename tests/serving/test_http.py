@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import hypothesis
 import pytest
 import trio
 
@@ -454,3 +455,12 @@ async def test_a_real_client_sends_text_and_reads_a_custom_answer(
         answer = await trio.to_thread.run_sync(post)
         nursery.cancel_scope.cancel()
     assert answer == (201, "text/csv", b"POST /classify '/a' b'hi' {'b': 'c'}")
+
+
+@hypothesis.given(hypothesis.strategies.text(alphabet="ab=&;%+ x2\u00e9", max_size=20))
+def test_a_query_string_becomes_the_dict_parse_qsl_makes_of_it(query: str) -> None:
+    from urllib.parse import parse_qsl
+
+    from servecore.http import _query_dict
+
+    assert _query_dict(query) == dict(parse_qsl(query))
