@@ -78,8 +78,20 @@ class Running:
         return sock
 
 
-@pytest.fixture
-def server() -> Iterator[Running]:
+def _run(main: Any, loop: str) -> None:
+    factory = None
+    if loop == "uvloop":
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main)
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def server(request: pytest.FixtureRequest) -> Iterator[Running]:
+    if request.param == "uvloop":
+        pytest.importorskip("uvloop")
     app = App()
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -94,7 +106,7 @@ def server() -> Iterator[Running]:
         loop = asyncio.get_running_loop()
         await LeanServer(app, graceful_s=2.0).serve(listener, stop, ready.set)
 
-    thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+    thread = threading.Thread(target=_run, args=(main(), request.param), daemon=True)
     thread.start()
     assert ready.wait(10)
     running = Running(app, port, holder["stop"], thread)
@@ -416,3 +428,17 @@ def test_shutdown_answers_what_is_in_flight_then_closes(server: Running) -> None
     server.thread.join(10)
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", server.port), timeout=2).sendall(_request("/a"))
+
+
+def test_a_request_that_comes_as_the_server_stops_is_answered_then_closed(
+    server: Running,
+) -> None:
+    sock = server.connect()
+    sock.sendall(_request("/a"))
+    _responses(sock)  # accepted, and idle
+    server.stop()
+    sock.sendall(_request("/b"))
+    [(response, body)] = _responses(sock)
+    assert json.loads(body)["path"] == "/b"
+    assert _header(response, b"connection") == b"close"
+    assert _closed(sock)

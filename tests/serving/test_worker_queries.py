@@ -29,6 +29,7 @@ from servecore._serving.asyncio_client import TrioGuest
 from servecore._serving.asyncio_queries import AsyncioHandle, AsyncioQueries
 from servecore._serving.remote_runtime import ReplicaClient
 from servecore._serving.replica_links import ReplicaLinks
+from servecore._serving.worker import LOOPS
 from servecore.http import HTTPIngress
 from servecore.router import Router
 from servecore.runtimes._protocol import Query
@@ -82,8 +83,10 @@ def run_worker(
     body: Callable[[Worker], Awaitable[Any]],
     *,
     max_queued_queries: int = 256,
+    loop: str = "asyncio",
 ) -> Any:
-    """Run ``body(worker)`` on asyncio, with trio as its guest (as a worker does)."""
+    """Run ``body(worker)`` on an asyncio loop of kind ``loop`` (asyncio's own, or
+    uvloop's), with trio as its guest (as a worker does)."""
 
     async def main() -> Any:
         loop = asyncio.get_running_loop()
@@ -109,6 +112,7 @@ def run_worker(
             run_sync_soon_threadsafe=loop.call_soon_threadsafe,
             run_sync_soon_not_threadsafe=loop.call_soon,
             done_callback=lambda outcome: finished.set_result(outcome.unwrap()),
+            host_uses_signal_set_wakeup_fd=True,  # as the worker's (uvloop sets one)
         )
         router, replicas, guest = await started
         links = ReplicaLinks(replicas.address_of)
@@ -121,6 +125,10 @@ def run_worker(
             guest.run_soon(release.set)
             await finished
 
+    if loop == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(main())
     return asyncio.run(main())
 
 
@@ -352,6 +360,65 @@ def test_a_worker_streams_json_lines_and_sse_and_a_client_that_leaves_stops_the_
         assert worker.replicas.connected == frozenset()  # streamed without trio
 
     run_worker(ctl, body)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_on_either_event_loop_a_worker_answers_streams_and_cancels_for_a_client_that_left(
+    ctl: servecore.SyncController, loop: str
+) -> None:
+    # uvloop's transports are not asyncio.Transport's subclasses: the replica links
+    # once refused them, and every query on uvloop failed without reaching a replica.
+    ctl.create_backend("counter", "stream_targets:Counter")
+    ctl.create_endpoint("count", route="/count", methods=("POST",))
+    ctl.set_traffic("count", {"counter": 1.0})
+    ctl.create_backend("rec", "async_targets:Recorder", max_concurrent_queries=4, init_args=(0,))
+    ctl.create_endpoint("rec", route="/rec", methods=("POST",))
+    ctl.set_traffic("rec", {"rec": 1.0})
+
+    async def body(worker: Worker) -> None:
+        assert type(asyncio.get_running_loop()).__module__.partition(".")[0] == loop
+        app = worker.app()
+        status, answer = await _http(app, "POST", "/rec", 7)
+        assert status == 200 and json.loads(answer)[0] == 7
+        status, lines = await _http(app, "POST", "/count", [3, 0], b"application/x-ndjson")
+        assert status == 200
+        assert [json.loads(line)[0] for line in lines.splitlines()] == [0, 1, 2]
+        # A client that leaves while its query runs: the replica's task is cancelled.
+        sent: list[Any] = []
+        gone = asyncio.Event()
+        messages = iter([{"type": "http.request", "body": b'"hang"', "more_body": False}])
+
+        async def receive() -> dict[str, Any]:
+            for message in messages:
+                return message
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/rec",
+            "query_string": b"",
+            "headers": [(b"content-type", b"application/json")],
+        }
+        request = asyncio.ensure_future(app(scope, receive, send))
+        deadline = time.monotonic() + 20
+        while not await worker.queries.call("rec", Query(args=("hanging",)), 5.0):
+            assert time.monotonic() < deadline and not request.done()
+            await asyncio.sleep(0.02)
+        gone.set()
+        await asyncio.wait_for(request, 20)
+        assert sent == []  # nobody to answer
+        while "hang" not in await worker.queries.call("rec", Query(args=("cancelled",)), 5.0):
+            assert time.monotonic() < deadline, "the replica's task was never cancelled"
+            await asyncio.sleep(0.02)
+        assert worker.router.ongoing_queries() == {"counter": 0, "rec": 0}
+        assert worker.replicas.connected == frozenset()  # all on this loop's links
+
+    run_worker(ctl, body, loop=loop)
 
 
 def test_a_worker_stream_ends_with_its_error_after_every_item_before_it(

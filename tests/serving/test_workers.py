@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +16,12 @@ import trio
 from servecore._core.maps import Map
 from servecore._core.transitions import BackendRoute, Endpoint, RoutingTable
 from servecore._serving.asyncio_client import TrioGuest
-from servecore._serving.worker import answer_worker_ops, worker_readyz
+from servecore._serving.worker import (
+    answer_worker_ops,
+    default_loop,
+    serve_worker,
+    worker_readyz,
+)
 
 
 def _with_guest(body: Any) -> Any:
@@ -154,3 +161,17 @@ def test_a_worker_handle_keeps_its_model_id_across_options_and_refuses_a_bad_one
     with pytest.raises(ValueError, match="multiplexed_model_id=3 must be a string"):
         handle.options(multiplexed_model_id=3)  # type: ignore[arg-type]
     assert handle.multiplexed_model_id == ""  # unchanged
+
+
+def test_a_worker_refuses_an_event_loop_it_does_not_know_and_names_those_it_does() -> None:
+    with pytest.raises(ValueError, match=r"loop='tokio' is not one of asyncio, uvloop"):
+        serve_worker(Path("nowhere.db"), -1, loop="tokio")
+
+
+def test_without_uvloop_a_worker_runs_on_asyncio_and_refuses_uvloop_saying_what_to_do(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop: ImportError
+    assert default_loop() == "asyncio"
+    with pytest.raises(ValueError, match=r"loop='uvloop' needs the uvloop package.*'asyncio'"):
+        serve_worker(Path("nowhere.db"), -1, loop="uvloop")

@@ -95,10 +95,14 @@ class CoalescedTransport:
 
 def coalescing_h11_protocol() -> type[asyncio.Protocol]:
     """uvicorn's h11 protocol, writing through a :class:`CoalescedTransport` (pass it
-    as ``uvicorn.Config(http=...)``)."""
+    as ``uvicorn.Config(http=...)``), and stopping without resetting a connection whose
+    request is not read yet
+    (:class:`~servecore._serving.fresh_connections.FreshConnectionDrain`)."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class CoalescingH11Protocol(H11Protocol):
+    from servecore._serving.fresh_connections import FreshConnectionDrain
+
+    class CoalescingH11Protocol(FreshConnectionDrain, H11Protocol):
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             coalesced: Any = CoalescedTransport(transport, asyncio.get_running_loop())
             super().connection_made(coalesced)

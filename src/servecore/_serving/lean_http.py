@@ -27,8 +27,9 @@ What the server does, as HTTP/1.1 asks:
   ends its stream; one that only shuts down its sending side is taken to have left
   (a closed socket looks the same);
 * a ``HEAD`` answer has the headers of the ``GET`` one and no body;
-* shutdown: stop accepting, close idle connections, let the requests in flight be
-  answered, and close what is left after the grace period.
+* shutdown: stop accepting, let the requests in flight be answered (and one that
+  arrives within :data:`FRESH_GRACE_S` on an idle connection), close each connection
+  after its answer, and what is left after the grace period.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from urllib.parse import unquote
 import httptools
 
 __all__ = [
+    "FRESH_GRACE_S",
     "KEEP_ALIVE_S",
     "MAX_HEADERS",
     "MAX_HEAD_BYTES",
@@ -66,6 +68,9 @@ MAX_HEADERS = 100
 KEEP_ALIVE_S = 5.0
 #: Requests read ahead on one connection while one is answered; reading stops beyond.
 MAX_PIPELINED = 16
+#: Seconds an idle connection is kept open once the server stops, for a request already
+#: on its way.
+FRESH_GRACE_S = 0.1
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -172,7 +177,10 @@ class LeanServer:
             server.close()
             self._stopping = True
             for connection in list(self.connections):
-                connection.finish()
+                # Not at once: a request may be on its way (a connection accepted in
+                # the turn the stop came has not been read yet), and closing a socket
+                # with unread data resets it; a request that comes is answered first.
+                connection.finish(FRESH_GRACE_S)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.graceful_s):
                     while self.connections:
@@ -371,11 +379,19 @@ class _Connection(asyncio.Protocol):
             return 0.0
         return now - self.since
 
-    def finish(self) -> None:
-        """Close once the request answered now is (at once if none is)."""
+    def finish(self, grace_s: float = 0.0) -> None:
+        """Close once the request answered now is; if none is, after ``grace_s``
+        unless a request comes meanwhile (then after its answer)."""
         self.closing = True
-        if self.answering is None and self.transport is not None:
-            self.transport.close()
+        if self.answering is None and not self.waiting:
+            if grace_s > 0:
+                self.loop.call_later(grace_s, self._close_if_idle)
+            else:
+                self._close()
+
+    def _close_if_idle(self) -> None:
+        if self.answering is None and not self.waiting:
+            self._close()
 
     def abort(self) -> None:
         """Close at once, dropping what is unanswered."""
