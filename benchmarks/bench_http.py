@@ -17,21 +17,21 @@ Rows (each server in a process of its own, started by this script with ``--serve
 * ``bare ASGI, uvicorn x2`` / ``hypercorn/asyncio x2`` -- the bare app in 2 processes
   accepting on one inherited listening socket, as ``servecore run --workers 2`` does.
 * ``servecore run --workers 1`` / ``2`` -- a real ``servecore run --runtime subprocess``
-  whose HTTP is served by ingress worker processes (the default stack: uvicorn on
-  asyncio; queries go from asyncio straight to the replica, the client's table feed on
-  trio as its guest), one replica; the rows marked
-  ``(hypercorn/asyncio)`` and ``(hypercorn/trio)`` run the workers on those stacks
-  instead, for the choice of stack; ``(lean)`` runs ``--worker-stack lean`` (only if this
-  servecore has that stack), held to the best bare row.
+  whose HTTP is served by ingress worker processes (the default stack: servecore's own
+  HTTP/1.1 server on httptools, on uvloop; queries go from asyncio straight to the
+  replica, the client's table feed on trio as its guest), one replica, held to the best
+  bare row (``--workers 2``: to uvicorn[standard] in 2 processes); the rows marked
+  ``(uvicorn)``, ``(hypercorn/asyncio)`` and ``(hypercorn/trio)`` run the workers on
+  those stacks instead, for the choice of stack, each held to the bare app on its own.
 
 ``wrk -t1 -cCONNECTIONS`` loads each row for ``--seconds`` per round; ``ROUNDS`` rounds
 alternate the rows in ABBA order, so noise from other work on the machine spreads over
 all rows alike. The Python load generator this replaced saturated before the servers
 did (it reported 1.00x); wrk does not. Results print as a table and go to
 ``benchmarks/results/bench_http.json``. Goal: the ingress within 1.3x of the bare app
-on the same stack (hypercorn/trio for the controller's ingress; uvicorn, in as many
-processes, for ``--workers N``): the column "same stack/this"; and per worker within
-1.3x of the bare app on the best stack measured: the column "best/this".
+on the same stack (hypercorn/trio for the controller's ingress): the column "same
+stack/this"; and per worker within 1.3x of the bare app on the best stack measured:
+the column "best/this".
 
 Run: ``.venv/bin/python benchmarks/bench_http.py [--quick]`` (needs ``wrk``: ``apt-get
 install wrk``; ``make bench`` installs it).
@@ -146,6 +146,7 @@ def _serve_bare_processes(port: int, count: int, server: str) -> None:
                 config = uvicorn.Config(
                     _bare_app,
                     http=_uvicorn_http(server),
+                    loop=_uvicorn_loop(server),
                     lifespan="off",
                     ws="none",
                     log_level="warning",
@@ -210,6 +211,11 @@ def _uvicorn_http(server: str) -> Any:
     return "h11"
 
 
+def _uvicorn_loop(server: str) -> str:
+    """What ``pip install uvicorn[standard]`` runs on: uvloop; the others asyncio."""
+    return "uvloop" if server == "uvicorn-standard" else "asyncio"
+
+
 def _serve_bare_uvicorn(port: int, server: str = "uvicorn") -> None:
     import uvicorn
 
@@ -218,8 +224,7 @@ def _serve_bare_uvicorn(port: int, server: str = "uvicorn") -> None:
         host="127.0.0.1",
         port=port,
         http=_uvicorn_http(server),
-        # What ``pip install uvicorn[standard]`` runs: httptools on uvloop.
-        loop="uvloop" if server == "uvicorn-standard" else "asyncio",
+        loop=_uvicorn_loop(server),
         log_level="warning",
         access_log=False,
     )
@@ -295,6 +300,8 @@ def serve(kind: str, port: int) -> None:
         _serve_bare_processes(port, 2, "hypercorn")
     elif kind == "bare-uvicorn-x2":
         _serve_bare_processes(port, 2, "uvicorn")
+    elif kind == "bare-uvicorn-standard-x2":
+        _serve_bare_processes(port, 2, "uvicorn-standard")
     elif kind.startswith("run-workers-"):
         workers, _, stack = kind.removeprefix("run-workers-").partition("-")
         _exec_run(port, int(workers), stack or None)
@@ -400,11 +407,12 @@ ROWS = {
     "bare-asyncio-x2": "bare ASGI, hypercorn/asyncio x2",
     "bare-uvicorn-x2": "bare ASGI, uvicorn x2",
     "bare-uvicorn-coalesced-x2": "bare ASGI, uvicorn x2, a write per response",
+    "bare-uvicorn-standard-x2": "bare ASGI, uvicorn[standard] x2",
     "run-workers-1": "servecore run --workers 1",
     "run-workers-2": "servecore run --workers 2",
     "run-workers-1-asyncio": "servecore run --workers 1 (hypercorn/asyncio)",
     "run-workers-1-trio": "servecore run --workers 1 (hypercorn/trio)",
-    "run-workers-1-lean": "servecore run --workers 1 (lean)",
+    "run-workers-1-uvicorn": "servecore run --workers 1 (uvicorn, one write)",
 }
 
 #: The baseline of a row held to the fastest bare app on one process that ran.
@@ -416,12 +424,12 @@ BEST = "best bare"
 SAME_STACK = {
     "ingress-threads": "bare",
     "ingress-subprocess": "bare",
-    "run-workers-1": "bare-uvicorn-coalesced",
-    "run-workers-2": "bare-uvicorn-coalesced-x2",
+    "run-workers-1": BEST,
+    "run-workers-2": "bare-uvicorn-standard-x2",
+    "run-workers-1-uvicorn": "bare-uvicorn-coalesced",
     "run-workers-1-asyncio": "bare-asyncio",
     "run-workers-1-trio": "bare",
     "run-workers-1-main": "bare-uvicorn",
-    "run-workers-1-lean": BEST,
 }
 
 #: The packages each bare row needs beyond hypercorn (rows whose packages do not import
@@ -433,6 +441,7 @@ NEEDS = {
     "bare-uvicorn-coalesced-x2": ("uvicorn",),
     "bare-uvicorn-httptools": ("uvicorn", "httptools"),
     "bare-uvicorn-standard": ("uvicorn", "httptools", "uvloop"),
+    "bare-uvicorn-standard-x2": ("uvicorn", "httptools", "uvloop"),
     "bare-granian": ("granian",),
 }
 

@@ -65,7 +65,7 @@ from servecore._core.validation import MAX_SECONDS, positive_number
 from servecore._serving.disconnect_watch import GONE as _GONE
 from servecore._serving.disconnect_watch import Gone as _Gone
 from servecore._serving.ops_http import PREFIX as OPS_PREFIX
-from servecore._serving.ops_http import answer_ops, count_response
+from servecore._serving.ops_http import answer_ops, count_response, response_counts
 from servecore.web import Request, Response
 
 __all__ = ["LISTEN_BACKLOG", "HTTPIngress", "HandleSource", "check_timeout", "serve_http"]
@@ -155,6 +155,7 @@ class HTTPIngress:
         # Endpoints whose target answered a call with StreamMismatch (it streams).
         self._streaming: set[str] = set()
         self._handles: dict[str, Any] = {}
+        self._counts: dict[int, int] | None = None  # of responses, once one is counted
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -340,9 +341,14 @@ class HTTPIngress:
                 500, "InternalError", "the server failed to answer; see its log"
             )
         if self.count_responses:
-            count_response(self.source, status)
+            counts = self._counts
+            if counts is None:
+                counts = self._counts = response_counts(self.source)
+            counts[status] = counts.get(status, 0) + 1
+        if not extra:
+            return status, data, _JSON_TYPE
         if not any(name == b"content-type" for name, _ in extra):
-            extra = [(b"content-type", b"application/json"), *extra]
+            extra = [*_JSON_TYPE, *extra]
         return status, data, extra
 
     async def _answer(
@@ -493,6 +499,9 @@ class HTTPIngress:
             why = f"endpoint {name!r} returned a result that is not JSON: {_describe(exc)}"
             return _error(500, "ResultNotJSON", why)
 
+
+#: The headers of a JSON answer (shared: never changed in place).
+_JSON_TYPE: list[tuple[bytes, bytes]] = [(b"content-type", b"application/json")]
 
 #: The request header naming the multiplexed model a request is for (Ray Serve's name).
 MODEL_HEADER = b"serve_multiplexed_model_id"
@@ -929,9 +938,31 @@ def _describe(exc: BaseException) -> str:
 _ENCODE = json.JSONEncoder(allow_nan=False, ensure_ascii=False).encode
 
 
+def _not_json(value: Any) -> Any:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+#: The same encoding, by json's C encoder made once (``encode`` makes one per call, most
+#: of the cost of a small answer), without the check for cycles: a value it cannot
+#: encode (a cycle ends in RecursionError) is encoded again by ``_ENCODE``, whose error
+#: says what is wrong.
+_FAST_ENCODE: Any = (
+    None
+    if json.encoder.c_make_encoder is None  # type: ignore[attr-defined]
+    else json.encoder.c_make_encoder(  # type: ignore[attr-defined]
+        None, _not_json, json.encoder.encode_basestring, None, ": ", ", ", False, False, False
+    )
+)
+
+
 def _dumps(value: Any) -> bytes:
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(_NOT_FINITE)
+    if _FAST_ENCODE is not None:
+        try:
+            return "".join(_FAST_ENCODE(value, 0)).encode("utf-8")
+        except (RecursionError, ValueError, TypeError, UnicodeEncodeError):
+            pass  # said again, and better, below
     return _ENCODE(value).encode("utf-8")
 
 

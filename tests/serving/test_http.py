@@ -464,3 +464,39 @@ def test_a_query_string_becomes_the_dict_parse_qsl_makes_of_it(query: str) -> No
     from servecore.http import _query_dict
 
     assert _query_dict(query) == dict(parse_qsl(query))
+
+
+_JSONISH = hypothesis.strategies.recursive(
+    hypothesis.strategies.none()
+    | hypothesis.strategies.booleans()
+    | hypothesis.strategies.integers()
+    | hypothesis.strategies.floats()
+    | hypothesis.strategies.text(),
+    lambda inner: (
+        hypothesis.strategies.lists(inner, max_size=4)
+        | hypothesis.strategies.dictionaries(hypothesis.strategies.text(), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@hypothesis.given(_JSONISH)
+def test_an_answer_is_encoded_as_strict_json_or_refused_as_before(value: Any) -> None:
+    from servecore.http import _dumps
+
+    try:
+        expected = json.dumps(value, allow_nan=False, ensure_ascii=False).encode()
+    except ValueError:
+        with pytest.raises(ValueError):
+            _dumps(value)
+        return
+    assert _dumps(value) == expected
+
+
+def test_an_answer_that_holds_itself_is_refused_as_circular() -> None:
+    from servecore.http import _dumps
+
+    cycle: list[Any] = []
+    cycle.append(cycle)
+    with pytest.raises(ValueError, match="Circular reference"):
+        _dumps(cycle)

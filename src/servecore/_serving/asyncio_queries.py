@@ -280,8 +280,8 @@ class AsyncioQueries:
                             break  # no replica (fail, or wake), batching, or trio's queue first
                         self._enqueue(b, w)
                     else:
-                        w.replica = w.last = replica
-                        w.future.set_result(_GRANTED)
+                        # Sent at once when a connection is open: no wake-up between.
+                        self._dispatch(b, w, replica)
                     try:
                         answer = await w.future
                         while answer is _GRANTED:  # a slot, and no connection yet: open one

@@ -401,7 +401,13 @@ class _Connection(asyncio.Protocol):
     async def _answer(self, request: _Request) -> None:
         while True:
             try:
-                await self._answer_one(request)
+                raw_path, path, query = _split_target(request.url)
+                method = request.method.decode("latin-1")
+                answer = await self.app.respond(method, path, query, request.headers, request.body)
+                if answer is None:
+                    await self._through_asgi(request, method, path, raw_path, query)
+                else:
+                    self._write_whole(request, *answer)
             except asyncio.CancelledError:
                 return  # the client left: nobody to answer
             except Exception:
@@ -427,27 +433,14 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    async def _answer_one(self, request: _Request) -> None:
-        url = request.url
-        if url[:1] != b"/":  # an absolute URL, or "*": its path and query
-            parsed = httptools.parse_url(url)
-            raw_path, query = parsed.path or b"/", parsed.query or b""
-        else:
-            raw_path, _, query = url.partition(b"?")
-        path = raw_path.decode("latin-1")
-        if "%" in path:
-            path = unquote(path)
-        method = request.method.decode("latin-1")
-        answer = await self.app.respond(method, path, query, request.headers, request.body)
-        if answer is None:
-            self.in_asgi = True
-            try:
-                await _ASGIExchange(self, request, method, path, raw_path, query).run()
-            finally:
-                self.in_asgi = False
-            return
-        status, body, headers = answer
-        self._write_whole(request, status, body, headers)
+    async def _through_asgi(
+        self, request: _Request, method: str, path: str, raw_path: bytes, query: bytes
+    ) -> None:
+        self.in_asgi = True
+        try:
+            await _ASGIExchange(self, request, method, path, raw_path, query).run()
+        finally:
+            self.in_asgi = False
 
     def _write_whole(self, request: _Request, status: int, body: bytes, headers: Headers) -> None:
         parts = [
@@ -518,6 +511,19 @@ class _Connection(asyncio.Protocol):
         if self.gone_event is None:
             self.gone_event = asyncio.Event()
         await self.gone_event.wait()
+
+
+def _split_target(url: bytes) -> tuple[bytes, str, bytes]:
+    """A request target's raw path, its path percent-decoded, and its query string."""
+    if url[:1] != b"/":  # an absolute URL, or "*": its path and query
+        parsed = httptools.parse_url(url)
+        raw_path, query = parsed.path or b"/", parsed.query or b""
+    else:
+        raw_path, _, query = url.partition(b"?")
+    path = raw_path.decode("latin-1")
+    if "%" in path:
+        path = unquote(path)
+    return raw_path, path, query
 
 
 class _Refused(Exception):

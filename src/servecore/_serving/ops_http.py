@@ -28,7 +28,14 @@ from typing import Any
 
 from servecore._core.validation import OPERATOR_PREFIX
 
-__all__ = ["PREFIX", "answer_ops", "count_response", "http_responses", "readyz"]
+__all__ = [
+    "PREFIX",
+    "answer_ops",
+    "count_response",
+    "http_responses",
+    "readyz",
+    "response_counts",
+]
 
 #: The core refuses endpoint routes under it (``InvalidRoute``).
 PREFIX = OPERATOR_PREFIX
@@ -48,6 +55,12 @@ def count_response(controller: Any, status: int) -> None:
     """Count one HTTP response of ``status`` sent for ``controller``."""
     counts = _RESPONSES.setdefault(controller, {})
     counts[status] = counts.get(status, 0) + 1
+
+
+def response_counts(controller: Any) -> dict[int, int]:
+    """The live counts :func:`count_response` keeps for ``controller`` (status code to
+    responses), for a caller that counts many responses itself."""
+    return _RESPONSES.setdefault(controller, {})
 
 
 def http_responses(controller: Any) -> dict[int, int]:
