@@ -333,9 +333,54 @@ def load(port: int, seconds: float, connections: int) -> dict[str, float]:
     if "Non-2xx" in out or "Socket errors" in out:
         raise AssertionError(f"wrk saw failed requests:\n{out}")
     rps = float(re.search(r"Requests/sec:\s+([0-9.]+)", out).group(1))  # type: ignore[union-attr]
+    done = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     p50 = _seconds(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
     p99 = _seconds(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-    return {"rps": rps, "p50": p50, "p99": p99}
+    return {"rps": rps, "p50": p50, "p99": p99, "requests": done}
+
+
+def _cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds so far of the server process ``pid`` and every process under it, by
+    role: ``worker`` (servecore's ingress workers), ``replica``, ``server`` (the rest:
+    a bare app's processes, servecore run itself)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return {}
+    seconds: dict[str, float] = {}
+    for process in processes:
+        try:
+            command = " ".join(process.cmdline())
+            times = process.cpu_times()
+        except psutil.Error:
+            continue  # gone meanwhile
+        role = (
+            "worker"
+            if "servecore._serving.worker" in command
+            else "replica"
+            if "replica_main" in command
+            else "server"
+        )
+        seconds[role] = seconds.get(role, 0.0) + times.user + times.system
+    return seconds
+
+
+def measure(pid: int, port: int, seconds: float, connections: int) -> dict[str, float]:
+    """:func:`load`, and the microseconds of CPU per request each role of the server
+    spent meanwhile (``cpu_worker``, ``cpu_replica``, ``cpu_server``; ``cpu_http``: what
+    the processes serving HTTP spent, the workers' for a servecore row)."""
+    before = _cpu_seconds(pid)
+    result = load(port, seconds, connections)
+    after = _cpu_seconds(pid)
+    requests = max(1.0, result["requests"])
+    for role in ("worker", "replica", "server"):
+        spent = after.get(role, 0.0) - before.get(role, 0.0)
+        result[f"cpu_{role}"] = spent / requests * 1e6
+    result["cpu_http"] = result["cpu_worker"] if "worker" in after else result["cpu_server"]
+    return result
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -528,8 +573,8 @@ def main(argv: list[str] | None = None) -> None:
         for i in range(rounds):
             # ABBA order: each row goes first in half the rounds.
             order = list(servers.items()) if i % 2 == 0 else list(servers.items())[::-1]
-            for kind, (_, port) in order:
-                per_round[kind].append(load(port, seconds, args.connections))
+            for kind, (proc, port) in order:
+                per_round[kind].append(measure(proc.pid, port, seconds, args.connections))
     finally:
         for kind, (proc, _) in servers.items():
             # SIGINT reaches trio as KeyboardInterrupt, so the ingress rows delete their
@@ -550,6 +595,10 @@ def main(argv: list[str] | None = None) -> None:
                 "p50_ms": statistics.median(r["p50"] for r in runs) * 1e3,
                 "p99_ms": statistics.median(r["p99"] for r in runs) * 1e3,
                 "requests_per_s_by_round": [r["rps"] for r in runs],
+                "cpu_us_per_request": {
+                    role: statistics.median(r[f"cpu_{role}"] for r in runs)
+                    for role in ("http", "worker", "replica", "server")
+                },
             }
         )
     bare = rows[0]["requests_per_s"]
@@ -595,7 +644,21 @@ def main(argv: list[str] | None = None) -> None:
         for kind in kinds
         if "bare-uvicorn" in per_round
     }
+    # CPU per request of the processes serving HTTP (a servecore row's workers: the
+    # replica's CPU is on its own, reported beside), over the best bare app's: what a
+    # worker costs per request, whatever else shares the machine's cores.
+    cpu_ratio = {
+        kind: statistics.median(
+            x["cpu_http"] / b["cpu_http"]
+            for b, x in zip(per_round[best], per_round[kind], strict=True)
+            if b["cpu_http"] > 0
+        )
+        for kind in kinds
+        if kind.startswith("run-workers")
+    }
     for r in rows:
+        if r["kind"] in cpu_ratio:
+            r["cpu_http_this_over_best"] = cpu_ratio[r["kind"]]
         if r["kind"] in same_stack:
             r["same_stack"] = baselines[r["kind"]]
             r["same_stack_rps_over_this"] = same_stack[r["kind"]]
@@ -608,6 +671,7 @@ def main(argv: list[str] | None = None) -> None:
     head = (
         f"{'':<{width}}{'requests/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'bare/this':>11}"
         f"{'uvicorn/this':>14}{'same stack/this':>17}{'best/this':>11}"
+        f"{'CPU µs/req':>12}{'replica µs':>12}{'CPU this/best':>15}"
     )
     print(head)
     print("-" * len(head))
@@ -621,13 +685,19 @@ def main(argv: list[str] | None = None) -> None:
             f"{(f'{plain:.2f}' if plain is not None else ''):>14}"
             f"{(f'{mine:.2f}' if mine is not None else ''):>17}"
             f"{(f'{top:.2f}' if top is not None else ''):>11}"
+            f"{r['cpu_us_per_request']['http']:>12.1f}"
+            f"{(f'{replica:.1f}' if (replica := r['cpu_us_per_request']['replica']) else ''):>12}"
+            f"{(f'{c:.2f}' if (c := cpu_ratio.get(r['kind'])) is not None else ''):>15}"
         )
     print(
         f"(wrk -t1 -c{args.connections}; {rounds} alternating rounds of {seconds:g} s per row, "
         f"medians; bare/this: the median of per-round ratios to hypercorn/trio; "
         f"uvicorn/this: to the bare app on uvicorn as it comes; same stack/this: to the "
         f"bare app on the row's own stack and process count; best/this: to the fastest "
-        f"bare app on one process, {kinds[best]}; "
+        f"bare app on one process, {kinds[best]}; CPU µs/req: CPU time per request of "
+        f"the processes serving HTTP (the bare app's; servecore's workers), medians; "
+        f"replica µs: the replica's; CPU this/best: the first over the best bare app's, "
+        f"median of per-round ratios; "
         f"{os.cpu_count()} CPUs; goal: servecore within 1.3 of the best stack)"
     )
     out = Path(args.out)
@@ -651,6 +721,7 @@ def main(argv: list[str] | None = None) -> None:
                 "same_stack_over_this_median": same_stack,
                 "best_bare": best,
                 "best_bare_over_this_median": best_ratio,
+                "cpu_http_this_over_best_median": cpu_ratio,
             },
             indent=2,
         )

@@ -437,6 +437,12 @@ def test_a_request_that_comes_as_the_server_stops_is_answered_then_closed(
     sock.sendall(_request("/a"))
     _responses(sock)  # accepted, and idle
     server.stop()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # until it stopped accepting, which it does first
+        try:
+            socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
+        except OSError:
+            break
     sock.sendall(_request("/b"))
     [(response, body)] = _responses(sock)
     assert json.loads(body)["path"] == "/b"

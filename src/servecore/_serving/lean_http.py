@@ -226,7 +226,11 @@ class _Connection(asyncio.Protocol):
         self.size = 0
         # Requests read whole, waiting for the one answered before them.
         self.waiting: deque[_Request] = deque()
-        self.answering: asyncio.Task[None] | None = None
+        # The connection's task answers its requests one by one, and waits on ``next``
+        # for another between them (cheaper than a task per request).
+        self.task: asyncio.Task[None] | None = None
+        self.next: asyncio.Future[_Request] | None = None
+        self.answering = False  # a request is being answered
         self.reading_paused = False
         self.since = loop.time()  # of the last sign of progress
         self.gone = False
@@ -275,9 +279,9 @@ class _Connection(asyncio.Protocol):
             self.gone_event.set()
         if self.drained is not None:
             self.drained.set()
-        if self.answering is not None and not self.in_asgi:
-            # Its query is cancelled with it. An ASGI app is told instead (receive).
-            self.answering.cancel()
+        if self.task is not None and not self.in_asgi:
+            # A query is cancelled with it. An ASGI app is told instead (receive).
+            self.task.cancel()
 
     def pause_writing(self) -> None:
         self.drained = asyncio.Event()
@@ -335,7 +339,7 @@ class _Connection(asyncio.Protocol):
         if (
             expect is not None
             and expect.lower() == b"100-continue"
-            and self.answering is None
+            and not self.answering
             and not self.waiting
             and self.transport is not None
         ):
@@ -362,8 +366,14 @@ class _Connection(asyncio.Protocol):
             parser.should_keep_alive(),
             parser.get_http_version() == "1.0",
         )
-        if self.answering is None and not self.waiting:
-            self.answering = self.loop.create_task(self._answer(request))
+        if not self.answering and not self.waiting:
+            self.answering = True
+            waiter = self.next
+            if waiter is not None:
+                self.next = None
+                waiter.set_result(request)
+            else:
+                self.task = self.loop.create_task(self._answer(request))
         else:
             self.waiting.append(request)
             if len(self.waiting) >= MAX_PIPELINED and self.transport is not None:
@@ -375,7 +385,7 @@ class _Connection(asyncio.Protocol):
     def idle_for(self, now: float) -> float:
         """Seconds since this connection last made progress, if it waits on its client
         (0 while a request of its own is being answered)."""
-        if self.answering is not None:
+        if self.answering:
             return 0.0
         return now - self.since
 
@@ -383,14 +393,14 @@ class _Connection(asyncio.Protocol):
         """Close once the request answered now is; if none is, after ``grace_s``
         unless a request comes meanwhile (then after its answer)."""
         self.closing = True
-        if self.answering is None and not self.waiting:
+        if not self.answering and not self.waiting:
             if grace_s > 0:
                 self.loop.call_later(grace_s, self._close_if_idle)
             else:
                 self._close()
 
     def _close_if_idle(self) -> None:
-        if self.answering is None and not self.waiting:
+        if not self.answering and not self.waiting:
             self._close()
 
     def abort(self) -> None:
@@ -417,17 +427,21 @@ class _Connection(asyncio.Protocol):
             if self.gone:
                 return
             if not request.keep_alive or (self.closing and not self.waiting):
-                self.answering = None
                 self._close()
                 return
-            if not self.waiting:
-                break
-            request = self.waiting.popleft()
-            if self.reading_paused and self.transport is not None:
-                self.reading_paused = False
-                self.transport.resume_reading()
-        self.answering = None
-        self.since = self.server.now
+            if self.waiting:
+                request = self.waiting.popleft()
+                if self.reading_paused and self.transport is not None:
+                    self.reading_paused = False
+                    self.transport.resume_reading()
+                continue
+            self.answering = False
+            self.since = self.server.now
+            self.next = self.loop.create_future()
+            try:
+                request = await self.next
+            except asyncio.CancelledError:
+                return  # the client left
 
     def _close(self) -> None:
         if self.transport is not None:
@@ -483,7 +497,7 @@ class _Connection(asyncio.Protocol):
             return
         self.refused = self.closing = True
         self.waiting.clear()
-        if self.answering is not None:
+        if self.answering:
             self.transport.abort()
             return
         self.transport.write(_error_response(status, kind, message))
