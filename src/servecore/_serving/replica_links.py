@@ -76,7 +76,6 @@ class ReplicaLink(asyncio.Protocol):
         self._streams: dict[int, ItemStream] = {}
         self._hello: asyncio.Future[Any] | None = None
         # Frames written in one turn of the loop, sent together at its end.
-        self._outbox = bytearray()
         #: Why the connection is unusable (closed, or the replica drained), if it is.
         self.dead_reason: str | None = None
         #: The replica said it is draining: it takes no new query on any connection.
@@ -182,30 +181,22 @@ class ReplicaLink(asyncio.Protocol):
 
     # -- queries -----------------------------------------------------------------------
 
+    # Frames are written at once, not held to the end of the loop's turn: the replica
+    # starts on a query while this loop reads the next requests. Held, the frames of a
+    # turn went out in one send, but each query waited for the turn to end: on 2 shared
+    # cores a worker answered about a fifth fewer requests, for no less CPU (the
+    # transport's buffer still gathers what the socket cannot take at once).
+
     def _write(self, data: bytes) -> None:
         transport = self._transport
         if self.dead_reason is not None or transport is None or transport.is_closing():
             raise ReplicaDiedError(self.tag, self.dead_reason or "the connection is closed")
-        self._queue(data)
+        transport.write(data)
 
     def _send_quietly(self, data: bytes) -> None:
         """Send a frame no answer depends on (a dead connection fails the query anyway)."""
         transport = self._transport
         if transport is not None and not transport.is_closing():
-            self._queue(data)
-
-    def _queue(self, data: bytes) -> None:
-        # Each send wakes the replica's reader, and costs the sender as much as the rest
-        # of a query: the frames of one turn of the loop (queries that found a slot as
-        # answers came in) go out in one send, after the turn.
-        if not self._outbox:
-            self._loop.call_soon(self._flush)
-        self._outbox += data
-
-    def _flush(self) -> None:
-        data, self._outbox = bytes(self._outbox), bytearray()
-        transport = self._transport
-        if data and transport is not None and not transport.is_closing():
             transport.write(data)
 
     async def handshake(self, timeout_s: float) -> Any:
