@@ -12,16 +12,15 @@ Rows (N items of a tiny generator that yields at once, ``--items``; each row run
   what HTTP alone costs.
 * ``servecore ingress, subprocess`` -- ``POST /stream`` (JSON lines) through servecore's
   ingress to a subprocess replica, read by the same raw-socket client.
-* ``bare ASGI streaming, uvicorn`` and ``servecore run --workers 1 (uvicorn)`` -- the
-  bare app on uvicorn in a process of its own, and a real ``servecore run --runtime
-  subprocess --workers 1`` whose worker streams from its replica.
+* ``bare ASGI streaming, uvicorn`` / ``uvicorn[standard]`` (httptools on uvloop) and
+  ``servecore run --workers 1`` -- the bare app on uvicorn in a process of its own,
+  and a real ``servecore run --runtime subprocess --workers 1`` whose worker (its own
+  HTTP server, streams through the ingress's ASGI side) streams from its replica;
+  the worker's row is compared with uvicorn[standard].
 * ``bare ASGI streaming, uvicorn, a write per turn`` -- the bare app on uvicorn as the
   ingress workers run it (what one turn of the loop writes goes out in one write). The
   bare app sends its items without waiting in between, all in one turn, so here the
-  whole body leaves at its end: a high rate and a late first item, not a stream. The
-  workers' row is compared with the bare app on uvicorn as it comes, which sends each
-  item as it is produced; a worker's items come from its replica over several turns,
-  so they leave as they arrive.
+  whole body leaves at its end: a high rate and a late first item, not a stream.
 
 Each HTTP row is read in the same interleaved rounds as the bare app on its stack
 (ABBA), and the table gives the bare app's rate over the row's. Time to first item
@@ -280,6 +279,7 @@ async def _process_rows(items: int, rounds: int) -> list[tuple[str, float, float
         with open(os.path.join(tmp, "app.toml"), "w") as f:
             f.write(STREAM_APP)
         bare_port, run_port, same_port = _free_port(), _free_port(), _free_port()
+        standard_port = _free_port()
         servers = [
             (
                 "bare ASGI streaming, uvicorn",
@@ -290,6 +290,15 @@ async def _process_rows(items: int, rounds: int) -> list[tuple[str, float, float
                 bare_port,
             ),
             (
+                "bare ASGI streaming, uvicorn[standard]",
+                [
+                    *(sys.executable, "-m", "uvicorn", "bench_stream:bare_asgi"),
+                    *("--port", str(standard_port), "--log-level", "warning"),
+                    *("--lifespan", "off", "--http", "httptools", "--loop", "uvloop"),
+                ],
+                standard_port,
+            ),
+            (
                 "bare ASGI streaming, uvicorn, a write per turn",
                 [
                     *(sys.executable, "-c", "import bench_stream as b; b.serve_coalesced()"),
@@ -298,7 +307,7 @@ async def _process_rows(items: int, rounds: int) -> list[tuple[str, float, float
                 same_port,
             ),
             (
-                "servecore run --workers 1 (uvicorn), subprocess",
+                "servecore run --workers 1, subprocess",
                 [
                     *(sys.executable, "-m", "servecore", "run", os.path.join(tmp, "app.toml")),
                     *("--runtime", "subprocess", "--workers", "1", "--port", str(run_port)),
@@ -365,9 +374,9 @@ def main() -> None:
 #: Each servecore HTTP row and the bare app on its server stack.
 SAME_STACK = {
     "servecore ingress": "bare ASGI streaming, hypercorn/trio",
-    # Not the bare app on the workers' own stack: it sends all its items in one turn of
-    # the loop, so there they leave together at the end (see the module doc).
-    "servecore run --workers 1": "bare ASGI streaming, uvicorn",
+    # The workers' own server is not an ASGI server a bare app runs on: the closest
+    # stack a user would run one on, uvicorn with httptools on uvloop.
+    "servecore run --workers 1": "bare ASGI streaming, uvicorn[standard]",
 }
 
 
