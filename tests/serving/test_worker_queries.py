@@ -384,37 +384,7 @@ def test_on_either_event_loop_a_worker_answers_streams_and_cancels_for_a_client_
         assert status == 200
         assert [json.loads(line)[0] for line in lines.splitlines()] == [0, 1, 2]
         # A client that leaves while its query runs: the replica's task is cancelled.
-        sent: list[Any] = []
-        gone = asyncio.Event()
-        messages = iter([{"type": "http.request", "body": b'"hang"', "more_body": False}])
-
-        async def receive() -> dict[str, Any]:
-            for message in messages:
-                return message
-            await gone.wait()
-            return {"type": "http.disconnect"}
-
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
-
-        scope = {
-            "type": "http",
-            "method": "POST",
-            "path": "/rec",
-            "query_string": b"",
-            "headers": [(b"content-type", b"application/json")],
-        }
-        request = asyncio.ensure_future(app(scope, receive, send))
-        deadline = time.monotonic() + 20
-        while not await worker.queries.call("rec", Query(args=("hanging",)), 5.0):
-            assert time.monotonic() < deadline and not request.done()
-            await asyncio.sleep(0.02)
-        gone.set()
-        await asyncio.wait_for(request, 20)
-        assert sent == []  # nobody to answer
-        while "hang" not in await worker.queries.call("rec", Query(args=("cancelled",)), 5.0):
-            assert time.monotonic() < deadline, "the replica's task was never cancelled"
-            await asyncio.sleep(0.02)
+        await _leave_mid_query(worker, app)
         assert worker.router.ongoing_queries() == {"counter": 0, "rec": 0}
         assert worker.replicas.connected == frozenset()  # all on this loop's links
 
@@ -526,40 +496,7 @@ def test_a_client_that_leaves_cancels_its_query_in_the_replica(
     ctl.set_traffic("rec", {"rec": 1.0})
 
     async def body(worker: Worker) -> None:
-        app = worker.app()
-        sent: list[dict[str, Any]] = []
-        gone = asyncio.Event()
-        requested = False
-
-        async def receive() -> dict[str, Any]:
-            nonlocal requested
-            if not requested:
-                requested = True
-                return {"type": "http.request", "body": b'"hang"', "more_body": False}
-            await gone.wait()
-            return {"type": "http.disconnect"}
-
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
-
-        scope = {
-            "type": "http",
-            "method": "POST",
-            "path": "/rec",
-            "query_string": b"",
-            "headers": [(b"content-type", b"application/json")],
-        }
-        request = asyncio.ensure_future(app(scope, receive, send))
-        deadline = time.monotonic() + 20
-        while not await worker.queries.call("rec", Query(args=("hanging",)), 5.0):
-            assert time.monotonic() < deadline and not request.done()
-            await asyncio.sleep(0.02)
-        gone.set()  # the client goes away while its query runs
-        await asyncio.wait_for(request, 20)
-        assert sent == []  # nobody to answer
-        while "hang" not in await worker.queries.call("rec", Query(args=("cancelled",)), 5.0):
-            assert time.monotonic() < deadline, "the replica's task was never cancelled"
-            await asyncio.sleep(0.02)
+        await _leave_mid_query(worker, worker.app())
         assert worker.router.ongoing_queries() == {"rec": 0}
 
     run_worker(ctl, body)
@@ -601,3 +538,42 @@ def test_a_stream_item_later_than_the_timeout_raises_timeout_and_stops_the_gener
         assert worker.router.ongoing_queries() == {"counter": 0}
 
     run_worker(ctl, body)
+
+
+async def _leave_mid_query(worker: Worker, app: Any) -> None:
+    """POST ``"hang"`` to ``/rec`` (an ``async_targets:Recorder``), leave once its
+    replica runs it, and check the app answers nothing and the replica's task is
+    cancelled."""
+    sent: list[dict[str, Any]] = []
+    gone = asyncio.Event()
+    requested = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal requested
+        if not requested:
+            requested = True
+            return {"type": "http.request", "body": b'"hang"', "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/rec",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json")],
+    }
+    request = asyncio.ensure_future(app(scope, receive, send))
+    deadline = time.monotonic() + 20
+    while not await worker.queries.call("rec", Query(args=("hanging",)), 5.0):
+        assert time.monotonic() < deadline and not request.done()
+        await asyncio.sleep(0.02)
+    gone.set()  # the client goes away while its query runs
+    await asyncio.wait_for(request, 20)
+    assert sent == []  # nobody to answer
+    while "hang" not in await worker.queries.call("rec", Query(args=("cancelled",)), 5.0):
+        assert time.monotonic() < deadline, "the replica's task was never cancelled"
+        await asyncio.sleep(0.02)
