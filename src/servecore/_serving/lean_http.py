@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
 from collections import deque
@@ -106,7 +107,7 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 def _error_response(status: int, kind: str, message: str) -> bytes:
-    body = ('{"error": "%s", "type": "%s"}' % (message, kind)).encode()  # noqa: UP031
+    body = json.dumps({"error": message, "type": kind}).encode()
     return b"".join(
         (
             _STATUS_LINES[status],
@@ -261,7 +262,7 @@ class _Connection(asyncio.Protocol):
                 self.data_received(data[offset:])
         except httptools.HttpParserError as exc:
             if not self.refused:  # else: refused from a callback already
-                reason = str(exc).replace('"', "'")[:200]
+                reason = str(exc)[:200]
                 self._refuse(400, "BadRequest", f"the request is not HTTP/1.1: {reason}")
 
     def eof_received(self) -> bool:
