@@ -41,9 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
-import math
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Literal, Protocol
 from urllib.parse import parse_qsl
@@ -64,6 +62,21 @@ from servecore._core.transitions import RoutingTable
 from servecore._core.validation import MAX_SECONDS, positive_number
 from servecore._serving.disconnect_watch import GONE as _GONE
 from servecore._serving.disconnect_watch import Gone as _Gone
+from servecore._serving.http_json import (
+    BadBody,
+    describe,
+    dumps,
+    error_answer,
+    is_json,
+    parse_body,
+    query_dict,
+)
+from servecore._serving.http_responses import (
+    BadResponse,
+    head_of,
+    raw_chunk,
+    response_of,
+)
 from servecore._serving.ops_http import PREFIX as OPS_PREFIX
 from servecore._serving.ops_http import answer_ops, count_response, response_counts
 from servecore.web import Request, Response
@@ -179,7 +192,7 @@ class HTTPIngress:
                 log.exception(
                     "servecore.http: answering %s %s failed", scope.get("method"), scope.get("path")
                 )
-                status, body, headers = _error(
+                status, body, headers = error_answer(
                     500, "InternalError", "the server failed to answer; see its log"
                 )
             if self.count_responses:  # here, not by wrapping send: one call fewer
@@ -194,7 +207,7 @@ class HTTPIngress:
     async def _stream(self, answer: _Streaming, scope: Scope, receive: Receive, send: Send) -> None:
         """Answer a stream: JSON lines (chunked), or Server-Sent Events when asked for,
         or -- when the first item is a :class:`Response` -- that status and those
-        headers, then the items as the body, raw (see :func:`_raw_chunk`).
+        headers, then the items as the body, raw (see :func:`raw_chunk`).
 
         The first item is awaited before the status goes out, so a stream that fails
         at once (no replica, a target that does not stream) still answers with its
@@ -253,13 +266,13 @@ class HTTPIngress:
         """
         items = answer.items
         try:
-            status, headers = _head(head)
-            chunks = [] if head.body in (b"", "", None) else [_raw_chunk(head.body)]
-        except _BadResponse as exc:
+            status, headers = head_of(head)
+            chunks = [] if head.body in (b"", "", None) else [raw_chunk(head.body)]
+        except BadResponse as exc:
             await items.aclose()
             log.error("servecore.http: endpoint %r: %s", answer.endpoint, exc)
             await _send_whole(
-                send, *_error(500, "BadResponse", f"endpoint {answer.endpoint!r} {exc}")
+                send, *error_answer(500, "BadResponse", f"endpoint {answer.endpoint!r} {exc}")
             )
             return
         if not any(name == b"content-type" for name, _ in headers):
@@ -337,7 +350,7 @@ class HTTPIngress:
             status, data, extra = answer
         except Exception:
             log.exception("servecore.http: answering %s %s failed", method, path)
-            status, data, extra = _error(
+            status, data, extra = error_answer(
                 500, "InternalError", "the server failed to answer; see its log"
             )
         if self.count_responses:
@@ -363,7 +376,9 @@ class HTTPIngress:
             message = await receive()
             body += message.get("body", b"")
             if len(body) > self.max_body_bytes:
-                return _error(413, "PayloadTooLarge", f"body over {self.max_body_bytes} bytes")
+                return error_answer(
+                    413, "PayloadTooLarge", f"body over {self.max_body_bytes} bytes"
+                )
             if not message.get("more_body", False):
                 break
         query_string = scope.get("query_string", b"")
@@ -380,14 +395,14 @@ class HTTPIngress:
         endpoint there, a method it does not take)."""
         stepped = getattr(self.source, "stepped_down", None)
         if stepped is not None:  # its table may be stale: answer nothing from it
-            return None, "", _error(503, type(stepped).__name__, str(stepped))
+            return None, "", error_answer(503, type(stepped).__name__, str(stepped))
         endpoint, rest = self._endpoint_at(path)
         if endpoint is None:
-            return None, "", _error(404, "NotFound", f"no endpoint serves {path}")
+            return None, "", error_answer(404, "NotFound", f"no endpoint serves {path}")
         if method not in endpoint.methods:
             allow = ", ".join(endpoint.methods).encode()
             why = f"endpoint {endpoint.name!r} at {path} takes {', '.join(endpoint.methods)}"
-            return None, "", (*_error(405, "MethodNotAllowed", why)[:2], [(b"allow", allow)])
+            return None, "", (*error_answer(405, "MethodNotAllowed", why)[:2], [(b"allow", allow)])
         return endpoint, rest, None
 
     async def _answer_whole(
@@ -404,11 +419,11 @@ class HTTPIngress:
         """The answer to a request to ``endpoint`` whose body is read; its query
         watched for a disconnect through ``receive`` (not at all if ``None``)."""
         if len(body) > self.max_body_bytes:
-            return _error(413, "PayloadTooLarge", f"body over {self.max_body_bytes} bytes")
+            return error_answer(413, "PayloadTooLarge", f"body over {self.max_body_bytes} bytes")
         query = query_string.decode("latin-1")
         content_type, accept = _content_type_and_accept(headers)
         media = content_type.split(b";")[0].strip()
-        if endpoint.http_request or rest or (body and not _is_json(media, body)):
+        if endpoint.http_request or rest or (body and not is_json(media, body)):
             # Asked for, or the JSON value alone would lose what the client sent: the
             # target gets it all.
             payload: Any = Request(
@@ -421,11 +436,11 @@ class HTTPIngress:
             )
         elif body:
             try:
-                payload = _parse(bytes(body), self.max_depth)
-            except _BadBody as exc:
-                return _error(400, "BadRequest", str(exc))
+                payload = parse_body(bytes(body), self.max_depth)
+            except BadBody as exc:
+                return error_answer(400, "BadRequest", str(exc))
         else:
-            payload = _query_dict(query)
+            payload = query_dict(query)
         handle = self._handle(endpoint.name)
         model = _header(headers, MODEL_HEADER, lower=False).decode("latin-1").strip()
         if model:
@@ -481,12 +496,12 @@ class HTTPIngress:
         path = path or (endpoint.route or "" if endpoint is not None else "")
         if isinstance(result, Response):
             try:
-                return _response(result)
-            except _BadResponse as exc:
+                return response_of(result)
+            except BadResponse as exc:
                 log.error("servecore.http: endpoint %r at %s: %s", name, path, exc)
-                return _error(500, "BadResponse", f"endpoint {name!r} {exc}")
+                return error_answer(500, "BadResponse", f"endpoint {name!r} {exc}")
         try:
-            return 200, _dumps(result), []
+            return 200, dumps(result), []
         except (TypeError, ValueError, RecursionError) as exc:
             # The endpoint's own result is at fault: the client learns that much, the
             # log (once, here) gets the details.
@@ -494,10 +509,10 @@ class HTTPIngress:
                 "servecore.http: endpoint %r at %s returned a result that is not JSON: %s",
                 name,
                 path,
-                _describe(exc),
+                describe(exc),
             )
-            why = f"endpoint {name!r} returned a result that is not JSON: {_describe(exc)}"
-            return _error(500, "ResultNotJSON", why)
+            why = f"endpoint {name!r} returned a result that is not JSON: {describe(exc)}"
+            return error_answer(500, "ResultNotJSON", why)
 
 
 #: The headers of a JSON answer (shared: never changed in place).
@@ -570,11 +585,11 @@ async def _send_raw(items: Any, chunks: list[bytes], endpoint: str, send: Send) 
         for data in chunks:
             await send({"type": "http.response.body", "body": data, "more_body": True})
         async for item in items:
-            data = _raw_chunk(item)
+            data = raw_chunk(item)
             for more in buffered() if buffered is not None else ():
                 try:
-                    data += _raw_chunk(more)
-                except _BadResponse:
+                    data += raw_chunk(more)
+                except BadResponse:
                     await send(_chunk(data))  # the items before it, then the error
                     raise
             await send(_chunk(data))
@@ -669,109 +684,6 @@ async def _send_items_asyncio(
         await send({"type": "http.response.body", "body": producing.result()})
 
 
-def _query_dict(query: str) -> dict[str, str]:
-    """``dict(parse_qsl(query))``, without its per-pair unquoting when nothing in
-    ``query`` is quoted (most query strings)."""
-    if "%" in query or "+" in query:
-        return dict(parse_qsl(query))
-    pairs: dict[str, str] = {}
-    for pair in query.split("&"):
-        name, equals, value = pair.partition("=")
-        if equals and value:  # as parse_qsl: no blank values, no pair without "="
-            pairs[name] = value
-    return pairs
-
-
-def _is_json(media: bytes, body: bytes | bytearray) -> bool:
-    """Whether a body of this media type is parsed as JSON: no type (as before request
-    objects), ``application/json``, or a ``+json`` type; and a form type whose body is
-    JSON all the same, since ``curl -d`` and ``urllib`` label every body so and JSON
-    endpoints served such clients before request objects existed."""
-    if media in (b"", b"application/json") or media.endswith(b"+json"):
-        return True
-    if media != b"application/x-www-form-urlencoded":
-        return False
-    try:
-        json.loads(body)
-    except ValueError:
-        return False  # a real form: the target gets the Request
-    return True
-
-
-class _BadResponse(ValueError):
-    """A target's :class:`Response` that cannot be sent; its message says why."""
-
-
-#: Headers the ingress sets itself: a target's own would contradict the body it sends.
-_OWN_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"connection"})
-
-
-def _response(result: Response) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
-    """The status, body and headers of a target's :class:`Response`."""
-    status, headers = _head(result)
-    media, data = _body(result.body)
-    if not any(name == b"content-type" for name, _ in headers):
-        headers.insert(0, (b"content-type", media))
-    return status, data, headers
-
-
-def _head(result: Response) -> tuple[int, list[tuple[bytes, bytes]]]:
-    """The status and headers of a target's :class:`Response`, checked (without the
-    ones the ingress sets itself)."""
-    status = result.status
-    if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
-        raise _BadResponse(f"returned a Response with status {status!r}; use 100 to 599")
-    headers: list[tuple[bytes, bytes]] = []
-    for name, value in result.headers:
-        if any(c in text for text in (name, value) for c in "\r\n\0") or not name:
-            raise _BadResponse(
-                f"returned a Response with header {name!r}: {value!r}, which holds a line "
-                f"break or is empty; send one line per header"
-            )
-        try:
-            raw = (name.encode("latin-1"), value.encode("latin-1"))
-        except UnicodeEncodeError:
-            raise _BadResponse(
-                f"returned a Response with header {name!r} that is not Latin-1 text; "
-                f"percent-encode it"
-            ) from None
-        if raw[0] not in _OWN_HEADERS:
-            headers.append(raw)
-    return status, headers
-
-
-def _body(body: Any) -> tuple[bytes, bytes]:
-    """The default media type and the bytes of a :class:`Response` body."""
-    if isinstance(body, (bytes, bytearray, memoryview)):
-        media = b"application/octet-stream"
-        data = bytes(body)
-    elif isinstance(body, str):
-        media = b"text/plain; charset=utf-8"
-        try:
-            data = body.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise _BadResponse(f"returned a Response body that {_describe(exc)}") from None
-    else:
-        media = b"application/json"
-        try:
-            data = _dumps(body)
-        except (TypeError, ValueError, RecursionError) as exc:
-            raise _BadResponse(
-                f"returned a Response body that is not JSON: {_describe(exc)}"
-            ) from None
-    return media, data
-
-
-def _raw_chunk(item: Any) -> bytes:
-    """One item of a stream that answers with its own :class:`Response`: ``bytes`` as
-    they are, ``str`` as UTF-8, anything else as one JSON line."""
-    if isinstance(item, Response):
-        raise _BadResponse("yielded a second Response; only the first item may be one")
-    if isinstance(item, (bytes, bytearray, memoryview, str)):
-        return _body(item)[1]
-    return _body(item)[1] + b"\n"
-
-
 def _header(headers: Any, name: bytes, *, lower: bool = True) -> bytes:
     for key, value in headers:
         if key.lower() == name:
@@ -794,9 +706,9 @@ def _content_type_and_accept(headers: Any) -> tuple[bytes, bytes]:
 def _record(item: Any, sse: bool, endpoint: str) -> bytes:
     """One item as a record of the body: a JSON line, or an SSE ``data:`` event."""
     try:
-        data = _dumps(item)
+        data = dumps(item)
     except (TypeError, ValueError, RecursionError) as exc:
-        raise _ItemNotJSON(endpoint, _describe(exc)) from None
+        raise _ItemNotJSON(endpoint, describe(exc)) from None
     return b"data: " + data + b"\n\n" if sse else data + b"\n"
 
 
@@ -816,7 +728,7 @@ def _failure(exc: BaseException) -> tuple[int, bytes, list[tuple[bytes, bytes]]]
     status = next((code for kind, code in _STATUS if isinstance(exc, kind)), 500)
     if status == 500 and isinstance(exc, ServecoreError) and exc.__cause__:
         exc = exc.__cause__
-    return _error(status, type(exc).__name__, str(exc))
+    return error_answer(status, type(exc).__name__, str(exc))
 
 
 async def _send_whole(
@@ -848,127 +760,6 @@ def _counting(controller: Any, send: Send) -> Send:
         await send(message)
 
     return counted
-
-
-class _BadBody(ValueError):
-    """A request body that is not strict JSON; its message says why."""
-
-
-def _reject_constant(name: str) -> Any:
-    raise _BadBody(
-        f"the body is not strict JSON: {name} is not a JSON value; send a number or null"
-    )
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        # 1e999 is valid JSON syntax but no float holds it: user code would get inf.
-        raise _BadBody(
-            f"the body is not strict JSON: the number {text[:40]} is too large for a "
-            f"float; send a finite number"
-        )
-    return value
-
-
-def _parse(body: bytes, max_depth: int) -> Any:
-    """``body`` parsed as strict JSON, or :class:`_BadBody` naming what is wrong."""
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise _BadBody(
-            f"the body is not UTF-8: byte 0x{body[exc.start]:02x} at offset {exc.start}"
-        ) from None
-    try:
-        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
-    except RecursionError:
-        raise _BadBody(f"the body nests deeper than {max_depth} levels") from None
-    except _BadBody:
-        raise
-    except ValueError as exc:
-        raise _BadBody(f"the body is not JSON: {exc}") from None
-    _check(value, max_depth)
-    return value
-
-
-def _check(value: Any, max_depth: int) -> None:
-    """Refuse nesting past ``max_depth`` and strings that are not valid Unicode (JSON's
-    ``\\ud800`` escapes parse into lone surrogates, which cannot be encoded again)."""
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, str):
-            _check_text(item)
-        elif isinstance(item, (list, dict)):
-            if depth >= max_depth:
-                raise _BadBody(f"the body nests deeper than {max_depth} levels")
-            if isinstance(item, dict):
-                for key in item:
-                    _check_text(key)
-                stack.extend((v, depth + 1) for v in item.values())
-            else:
-                stack.extend((v, depth + 1) for v in item)
-
-
-def _check_text(text: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise _BadBody(
-            f"the body holds a lone surrogate (\\u{ord(text[exc.start]):04x}), which is not "
-            f"Unicode text"
-        ) from None
-
-
-_NOT_FINITE = "NaN and infinities are not JSON numbers"
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, RecursionError):
-        return "it nests too deeply"
-    if isinstance(exc, UnicodeEncodeError):
-        return f"a string holds a lone surrogate (\\u{ord(exc.object[exc.start]):04x})"
-    if str(exc).startswith("Out of range float"):  # json's wording for a nested NaN
-        return _NOT_FINITE
-    return str(exc)
-
-
-#: ``json.dumps(value, allow_nan=False, ensure_ascii=False)`` without making an
-#: encoder per call (non-default options do): a few microseconds of every answer.
-_ENCODE = json.JSONEncoder(allow_nan=False, ensure_ascii=False).encode
-
-
-def _not_json(value: Any) -> Any:
-    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
-
-
-#: The same encoding, by json's C encoder made once (``encode`` makes one per call, most
-#: of the cost of a small answer), without the check for cycles: a value it cannot
-#: encode (a cycle ends in RecursionError) is encoded again by ``_ENCODE``, whose error
-#: says what is wrong.
-_FAST_ENCODE: Any = (
-    None
-    if json.encoder.c_make_encoder is None  # type: ignore[attr-defined]
-    else json.encoder.c_make_encoder(  # type: ignore[attr-defined]
-        None, _not_json, json.encoder.encode_basestring, None, ": ", ", ", False, False, False
-    )
-)
-
-
-def _dumps(value: Any) -> bytes:
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(_NOT_FINITE)
-    if _FAST_ENCODE is not None:
-        try:
-            return "".join(_FAST_ENCODE(value, 0)).encode("utf-8")
-        except (RecursionError, ValueError, TypeError, UnicodeEncodeError):
-            pass  # said again, and better, below
-    return _ENCODE(value).encode("utf-8")
-
-
-def _error(status: int, kind: str, message: str) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
-    # ASCII escapes keep any message (even one with a lone surrogate) encodable.
-    return status, json.dumps({"error": message, "type": kind}).encode(), []
 
 
 def hypercorn_config(config: Any, bind: str) -> Any:

@@ -461,7 +461,7 @@ async def test_a_real_client_sends_text_and_reads_a_custom_answer(
 def test_a_query_string_becomes_the_dict_parse_qsl_makes_of_it(query: str) -> None:
     from urllib.parse import parse_qsl
 
-    from servecore.http import _query_dict
+    from servecore._serving.http_json import query_dict as _query_dict
 
     assert _query_dict(query) == dict(parse_qsl(query))
 
@@ -482,7 +482,7 @@ _JSONISH = hypothesis.strategies.recursive(
 
 @hypothesis.given(_JSONISH)
 def test_an_answer_is_encoded_as_strict_json_or_refused_as_before(value: Any) -> None:
-    from servecore.http import _dumps
+    from servecore._serving.http_json import dumps as _dumps
 
     try:
         expected = json.dumps(value, allow_nan=False, ensure_ascii=False).encode()
@@ -494,7 +494,7 @@ def test_an_answer_is_encoded_as_strict_json_or_refused_as_before(value: Any) ->
 
 
 def test_an_answer_that_holds_itself_is_refused_as_circular() -> None:
-    from servecore.http import _dumps
+    from servecore._serving.http_json import dumps as _dumps
 
     cycle: list[Any] = []
     cycle.append(cycle)
