@@ -24,7 +24,8 @@ from typing import Any
 __all__ = ["FRESH_GRACE_S", "FreshConnectionDrain"]
 
 #: How long a connection without a request yet may take to send one after the
-#: shutdown began (uvicorn waits for its connections in steps of 0.1 s).
+#: shutdown began (uvicorn waits for its connections in steps of 0.1 s; the workers'
+#: own server, lean_http, gives an idle connection as long).
 FRESH_GRACE_S = 0.1
 
 

@@ -48,8 +48,9 @@ from urllib.parse import unquote
 
 import httptools
 
+from servecore._serving.fresh_connections import FRESH_GRACE_S
+
 __all__ = [
-    "FRESH_GRACE_S",
     "KEEP_ALIVE_S",
     "MAX_HEADERS",
     "MAX_HEAD_BYTES",
@@ -69,9 +70,6 @@ MAX_HEADERS = 100
 KEEP_ALIVE_S = 5.0
 #: Requests read ahead on one connection while one is answered; reading stops beyond.
 MAX_PIPELINED = 16
-#: Seconds an idle connection is kept open once the server stops, for a request already
-#: on its way.
-FRESH_GRACE_S = 0.1
 
 Headers = list[tuple[bytes, bytes]]
 

@@ -90,8 +90,8 @@ log = logging.getLogger("servecore.worker")
 T = TypeVar("T")
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
-#: The server stacks a worker can run: uvicorn on asyncio, hypercorn on asyncio,
-#: hypercorn on trio.
+#: The server stacks a worker can run: servecore's own on asyncio, uvicorn on asyncio,
+#: hypercorn on asyncio, hypercorn on trio.
 STACKS = ("lean", "uvicorn", "asyncio", "trio")
 
 
